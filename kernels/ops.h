@@ -1,0 +1,96 @@
+// defines: the op interface. Every op is declared once (kernels/op_signatures.inc) and implemented
+// by each backend in its own namespace with the same signature:
+//   tf::ref   plain loops that are obviously right (kernels/cpu/ref/)
+//   tf::cpu   the fast CPU versions, checked against tf::ref (kernels/cpu/)
+//   tf::cuda  the CUDA versions, checked against tf::cpu (kernels/cuda/)
+//
+// Conventions shared by all ops:
+// - Activations and gradients are f32, row-major, contiguous unless a leading dimension is given.
+// - Frozen base weights come as a WeightRef: f32, bf16 or f16 elements, row-major [rows, cols]
+//   (nn.Linear layout: [out_features, in_features]).
+// - Token-major layouts: a batch of sequences is n_tokens = batch * seq rows; attention tensors
+//   are [n_tokens, heads, head_dim].
+// - Backward ops ACCUMULATE into their gradient outputs (+=) unless documented otherwise, so the
+//   caller zeroes gradients once and branches (residuals, LoRA) add up naturally.
+#pragma once
+
+#include <cstdint>
+
+#include "src/core/dtype.h"
+
+namespace tf {
+
+// A read-only matrix of base weights in one of the storage dtypes.
+struct WeightRef {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// One operand of a matmul: op(X) is X or X^T, where X is stored row-major with leading dimension
+// ld (elements). dtype f32, bf16 or f16.
+struct MatOperand {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t ld = 0;
+  bool trans = false;
+};
+
+enum class RopeLayout : uint8_t {
+  SplitHalf,    // HF: pairs (i, i + d/2)
+  Interleaved,  // GGUF / original Llama: pairs (2i, 2i + 1)
+};
+
+enum class RopeScalingType : uint8_t { None, Linear, Llama3 };
+
+struct RopeParams {
+  float theta = 10000.0f;
+  int head_dim = 0;  // rotary dimension (all of the head)
+  RopeScalingType scaling = RopeScalingType::None;
+  float factor = 1.0f;             // Linear and Llama3
+  float low_freq_factor = 1.0f;    // Llama3
+  float high_freq_factor = 4.0f;   // Llama3
+  int original_max_positions = 8192;  // Llama3
+};
+
+// Geometry of a causal self-attention call. Tokens are [batch * seq] rows; q is [.., n_heads,
+// head_dim], k and v are [.., n_kv_heads, head_dim] (grouped-query attention: query head h reads
+// kv head h / (n_heads / n_kv_heads)).
+struct AttentionShape {
+  int batch = 1;
+  int seq = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 0.0f;  // usually 1/sqrt(head_dim)
+};
+
+// AdamW hyper-parameters for one update; step is 1-based (bias correction).
+struct AdamWParams {
+  float lr = 1e-4f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;
+  int64_t step = 1;
+};
+
+// Fused lm_head + cross-entropy geometry. Targets equal to kIgnoreIndex contribute nothing.
+constexpr int32_t kIgnoreIndex = -100;
+
+// Inverse rotary frequencies [head_dim / 2] for the given parameters, with rope scaling applied
+// (HF's _compute_default_rope_parameters / _compute_llama3_parameters, computed in f32).
+void rope_inv_freq(const RopeParams& p, float* inv_freq);
+
+namespace ref {
+#include "kernels/op_signatures.inc"
+}  // namespace ref
+
+namespace cpu {
+#include "kernels/op_signatures.inc"
+void set_num_threads(int n);  // 0 = one per core
+int num_threads();
+}  // namespace cpu
+
+}  // namespace tf

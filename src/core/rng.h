@@ -1,0 +1,54 @@
+// defines: tf::philox4x32 (counter-based RNG), tf::Philox (keyed stream), uniform/normal helpers
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+namespace tf {
+
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11). A pure
+// function of (counter, key): any element of any stream can be drawn in any order, so a resumed
+// run, a re-computed block and a CPU/GPU pair all draw the same numbers.
+inline std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t(kM0) * ctr[0];
+    const uint64_t p1 = uint64_t(kM1) * ctr[2];
+    ctr = {uint32_t(p1 >> 32) ^ ctr[1] ^ key[0], uint32_t(p1), uint32_t(p0 >> 32) ^ ctr[3] ^ key[1],
+           uint32_t(p0)};
+    key[0] += kW0;
+    key[1] += kW1;
+  }
+  return ctr;
+}
+
+// Uniform in [0, 1) with 24 random bits, exactly representable in f32.
+inline float uint_to_unit_float(uint32_t x) { return float(x >> 8) * (1.0f / 16777216.0f); }
+
+// A stream of numbers identified by (seed, stream); element i of the stream is a pure function of
+// (seed, stream, i). Streams are e.g. (purpose, step, layer) packed by the caller.
+class Philox {
+ public:
+  Philox(uint64_t seed, uint64_t stream) : key_{uint32_t(seed), uint32_t(seed >> 32)}, stream_(stream) {}
+
+  // Four 32-bit words for block `index` (elements 4*index .. 4*index+3).
+  std::array<uint32_t, 4> block(uint64_t index) const {
+    return philox4x32({uint32_t(index), uint32_t(index >> 32), uint32_t(stream_), uint32_t(stream_ >> 32)}, key_);
+  }
+  uint32_t u32(uint64_t i) const { return block(i >> 2)[i & 3]; }
+  float uniform(uint64_t i) const { return uint_to_unit_float(u32(i)); }
+  // Standard normal by Box-Muller from elements 2i and 2i+1.
+  float normal(uint64_t i) const {
+    const float u1 = (float((u32(2 * i) >> 8)) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]
+    const float u2 = uniform(2 * i + 1);
+    return std::sqrt(-2.0f * std::log(u1)) * std::cos(6.283185307179586f * u2);
+  }
+
+ private:
+  std::array<uint32_t, 2> key_;
+  uint64_t stream_;
+};
+
+}  // namespace tf

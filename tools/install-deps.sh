@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tightfit builds against (DESIGN.md section 9). Idempotent; needs root.
+set -euo pipefail
+packages=(build-essential cmake ninja-build ccache pkg-config libopenblas-dev nlohmann-json3-dev libcli11-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libsentencepiece-dev libpcre2-dev liburing-dev clang python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
