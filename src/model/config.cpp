@@ -1,0 +1,86 @@
+#include "src/model/config.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "src/core/error.h"
+
+namespace tf {
+
+void LlamaConfig::validate(const std::string& source) const {
+  auto positive = [&](int v, const char* field) {
+    TF_CHECK(v > 0, source, ": ", field, " must be positive, got ", v);
+  };
+  positive(hidden, "hidden size");
+  positive(intermediate, "intermediate size");
+  positive(n_layers, "number of layers");
+  positive(n_heads, "number of attention heads");
+  positive(n_kv_heads, "number of key/value heads");
+  positive(head_dim, "head dimension");
+  positive(vocab, "vocabulary size");
+  TF_CHECK(n_heads % n_kv_heads == 0, source, ": attention heads (", n_heads,
+           ") must be a multiple of key/value heads (", n_kv_heads, ")");
+  TF_CHECK(head_dim % 2 == 0, source, ": head dimension must be even for rotary embeddings, got ", head_dim);
+  TF_CHECK(rope.head_dim == head_dim, source, ": rotary dimension ", rope.head_dim,
+           " differs from the head dimension ", head_dim, " (partial rotary is not supported)");
+  TF_CHECK(rope.theta > 0 && std::isfinite(rope.theta), source, ": rope theta must be positive, got ", rope.theta);
+  TF_CHECK(rms_eps > 0 && std::isfinite(rms_eps), source, ": rms norm epsilon must be positive, got ", rms_eps);
+  // Guards the int arithmetic of activation sizes: every per-token row must stay far below 2^31.
+  TF_CHECK(int64_t(n_heads) * head_dim < (1 << 24) && intermediate < (1 << 24) && hidden < (1 << 24),
+           source, ": dimensions are implausibly large");
+}
+
+int64_t LlamaConfig::n_params() const {
+  const int64_t h = hidden, attn = h * q_dim() * 2 + h * kv_dim() * 2;
+  const int64_t mlp = 3 * h * intermediate;
+  const int64_t bias = attention_bias ? q_dim() + 2 * kv_dim() : 0;
+  const int64_t per_layer = attn + mlp + 2 * h + bias;
+  return int64_t(vocab) * h * (tie_embeddings ? 1 : 2) + per_layer * n_layers + h;
+}
+
+const char* lora_target_name(LoraTarget t) {
+  switch (t) {
+    case LoraTarget::Q: return "q_proj";
+    case LoraTarget::K: return "k_proj";
+    case LoraTarget::V: return "v_proj";
+    case LoraTarget::O: return "o_proj";
+    case LoraTarget::Gate: return "gate_proj";
+    case LoraTarget::Up: return "up_proj";
+    case LoraTarget::Down: return "down_proj";
+    case LoraTarget::Count: break;
+  }
+  return "?";
+}
+
+uint32_t parse_lora_targets(const std::string& list) {
+  uint32_t mask = 0;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+    TF_CHECK(b != std::string::npos, "empty entry in LoRA target list '", list, "'");
+    item = item.substr(b, e - b + 1);
+    if (item == "all") {
+      mask |= (1u << kLoraTargetCount) - 1;
+      continue;
+    }
+    bool found = false;
+    for (int i = 0; i < kLoraTargetCount; ++i) {
+      const std::string full = lora_target_name(LoraTarget(i));
+      if (item == full || item == full.substr(0, full.find('_'))) {
+        mask |= 1u << i;
+        found = true;
+      }
+    }
+    TF_CHECK(found, "unknown LoRA target '", item, "'; expected a list of q_proj, k_proj, v_proj, o_proj, ",
+             "gate_proj, up_proj, down_proj (or q, k, v, o, gate, up, down, or all)");
+  }
+  TF_CHECK(mask != 0, "the LoRA target list is empty");
+  return mask;
+}
+
+float LoraConfig::scale() const {
+  return rslora ? alpha / std::sqrt(float(rank)) : alpha / float(rank);
+}
+
+}  // namespace tf

@@ -1,0 +1,256 @@
+#include "src/model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "kernels/ops.h"
+#include "src/core/error.h"
+
+namespace tf {
+
+namespace {
+
+MatOperand f32_mat(const float* data, int64_t ld, bool trans = false) { return {data, DType::F32, ld, trans}; }
+MatOperand weight_mat(const WeightRef& w, bool trans) { return {w.data, w.dtype, w.cols, trans}; }
+
+void zero(float* p, int64_t n) { std::memset(p, 0, size_t(n) * sizeof(float)); }
+
+void add_into(float* y, const float* x, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+float weight_at(const WeightRef& w, int64_t i) {
+  switch (w.dtype) {
+    case DType::F32: return static_cast<const float*>(w.data)[i];
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
+    default: break;
+  }
+  TF_FAIL("weights of dtype ", dtype_name(w.dtype), " cannot be used as a bias");
+}
+
+void add_bias(float* y, const WeightRef& bias, int64_t n, int64_t width) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < width; ++j) y[i * width + j] += weight_at(bias, j);
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens)
+    : weights_(std::move(weights)), lora_(weights_.config, lora), policy_(policy), max_tokens_(max_tokens) {
+  const LlamaConfig& c = weights_.config;
+  c.validate("model config");
+  TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
+  TF_CHECK(int64_t(weights_.blocks.size()) == c.n_layers, "model has ", weights_.blocks.size(),
+           " blocks of weights but its config says ", c.n_layers, " layers");
+  inv_freq_.resize(size_t(c.head_dim / 2));
+  rope_inv_freq(c.rope, inv_freq_.data());
+
+  const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
+  int64_t lora_rows = 0;
+  for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
+  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + 3 * I + lora_rows);
+  const size_t n_sets = policy == CheckpointPolicy::None ? size_t(c.n_layers) : 1;
+  saved_ = Buffer(size_t(N * H * (c.n_layers + 1) + block_floats * int64_t(n_sets)) * sizeof(float),
+                  MemTag::Activations, false);
+  float* cursor = saved_.as<float>();
+  for (int l = 0; l <= c.n_layers; ++l, cursor += N * H) residual_.push_back(cursor);
+  for (size_t s = 0; s < n_sets; ++s) acts_.push_back(carve_block_acts(cursor));
+
+  const int64_t widest = std::max({H, Q, I});
+  workspace_ = Buffer(size_t(N * (1 + 5 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest)) * sizeof(float),
+                      MemTag::Workspace, false);
+  float* w = workspace_.as<float>();
+  auto take = [&w](int64_t n) { return std::exchange(w, w + n); };
+  final_h_ = take(N * H);
+  final_rstd_ = take(N);
+  d_final_h_ = take(N * H);
+  d_res_ = take(N * H);
+  d_h_ = take(N * H);
+  d_att_ = take(N * Q);
+  d_q_ = take(N * Q);
+  d_k_ = take(N * KV);
+  d_v_ = take(N * KV);
+  d_act_ = take(N * I);
+  d_gate_ = take(N * I);
+  d_up_ = take(N * I);
+  lora_dt_ = take(N * lora.rank);
+  lora_xd_ = take(N * widest);
+}
+
+LlamaModel::BlockActs LlamaModel::carve_block_acts(float*& cursor) {
+  const LlamaConfig& c = weights_.config;
+  const int64_t N = max_tokens_;
+  auto take = [&cursor](int64_t n) { return std::exchange(cursor, cursor + n); };
+  BlockActs a{};
+  a.rstd1 = take(N);
+  a.h1 = take(N * c.hidden);
+  a.q = take(N * c.q_dim());
+  a.k = take(N * c.kv_dim());
+  a.v = take(N * c.kv_dim());
+  a.att = take(N * c.q_dim());
+  a.lse = take(N * c.n_heads);
+  a.x2 = take(N * c.hidden);
+  a.rstd2 = take(N);
+  a.h2 = take(N * c.hidden);
+  a.gate = take(N * c.intermediate);
+  a.up = take(N * c.intermediate);
+  a.act = take(N * c.intermediate);
+  for (int t = 0; t < kLoraTargetCount; ++t)
+    a.lora_t[size_t(t)] = lora_.config.has(LoraTarget(t)) ? take(N * lora_.config.rank) : nullptr;
+  return a;
+}
+
+void LlamaModel::check_batch(const Batch& b) const {
+  TF_CHECK(b.batch > 0 && b.seq > 0, "batch of ", b.batch, " x ", b.seq, " tokens is empty");
+  TF_CHECK(b.n_tokens() <= max_tokens_, "micro-batch of ", b.n_tokens(), " tokens exceeds the planned ",
+           max_tokens_);
+  TF_CHECK(b.tokens && b.positions, "batch is missing tokens or positions");
+  for (int64_t i = 0; i < b.n_tokens(); ++i)
+    TF_CHECK(b.positions[i] >= 0, "position ", b.positions[i], " of token ", i, " is negative");
+}
+
+LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t step) const {
+  LoraDropout d;
+  d.p = training ? lora_.config.dropout : 0.0f;
+  d.seed = lora_.config.seed;
+  d.step = step;
+  d.layer = layer;
+  d.target = t;
+  return d;
+}
+
+void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
+                            LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n) {
+  cpu::matmul(y, w.rows, f32_mat(x, w.cols), weight_mat(w, true), n, w.rows, w.cols, 1.0f, 0.0f);
+  if (bias) add_bias(y, *bias, n, w.rows);
+  const LoraAdapter& ad = lora_.at(layer, t);
+  if (ad.active())
+    lora_forward(y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(), dropout(layer, t, training, step), n);
+}
+
+void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w,
+                                     int layer, LoraTarget t, const BlockActs& a, uint64_t step, int64_t n) {
+  cpu::matmul(dx, w.cols, f32_mat(dy, w.rows), weight_mat(w, false), n, w.cols, w.rows, 1.0f, beta);
+  LoraAdapter& ad = lora_.at(layer, t);
+  if (ad.active())
+    lora_backward(dx, dy, x, a.lora_t[size_t(t)], ad, lora_.config.scale(), dropout(layer, t, true, step), n,
+                  lora_dt_, lora_xd_);
+}
+
+void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step) {
+  const LlamaConfig& c = weights_.config;
+  const BlockWeights& w = weights_.blocks[size_t(l)];
+  const int64_t n = b.n_tokens();
+  const float* x = residual_[size_t(l)];
+  float* out = residual_[size_t(l) + 1];
+
+  cpu::rmsnorm_forward(a.h1, a.rstd1, x, w.attn_norm, n, c.hidden, c.rms_eps);
+  const bool bias = c.attention_bias;
+  projection(a.q, a.h1, w.q, bias ? &w.q_bias : nullptr, l, LoraTarget::Q, a, training, step, n);
+  projection(a.k, a.h1, w.k, bias ? &w.k_bias : nullptr, l, LoraTarget::K, a, training, step, n);
+  projection(a.v, a.h1, w.v, bias ? &w.v_bias : nullptr, l, LoraTarget::V, a, training, step, n);
+  cpu::rope_forward(a.q, b.positions, inv_freq_.data(), n, c.n_heads, c.head_dim, c.rope_layout);
+  cpu::rope_forward(a.k, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
+  const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
+  cpu::attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
+  projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
+  add_into(a.x2, x, n * c.hidden);
+
+  cpu::rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
+  projection(a.gate, a.h2, w.gate, nullptr, l, LoraTarget::Gate, a, training, step, n);
+  projection(a.up, a.h2, w.up, nullptr, l, LoraTarget::Up, a, training, step, n);
+  cpu::swiglu_forward(a.act, a.gate, a.up, n * c.intermediate);
+  projection(out, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, n);
+  add_into(out, a.x2, n * c.hidden);
+}
+
+// On entry d_res_ holds the gradient of the block's output; on exit, of its input.
+void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t step) {
+  const LlamaConfig& c = weights_.config;
+  const BlockWeights& w = weights_.blocks[size_t(l)];
+  const int64_t n = b.n_tokens();
+
+  // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
+  projection_backward(d_act_, 0.0f, d_res_, a.act, w.down, l, LoraTarget::Down, a, step, n);
+  zero(d_gate_, n * c.intermediate);
+  zero(d_up_, n * c.intermediate);
+  cpu::swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, n * c.intermediate);
+  projection_backward(d_h_, 0.0f, d_gate_, a.h2, w.gate, l, LoraTarget::Gate, a, step, n);
+  projection_backward(d_h_, 1.0f, d_up_, a.h2, w.up, l, LoraTarget::Up, a, step, n);
+  cpu::rmsnorm_backward(d_res_, nullptr, d_h_, a.x2, w.mlp_norm, a.rstd2, n, c.hidden);
+
+  // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
+  projection_backward(d_att_, 0.0f, d_res_, a.att, w.o, l, LoraTarget::O, a, step, n);
+  zero(d_q_, n * c.q_dim());
+  zero(d_k_, n * c.kv_dim());
+  zero(d_v_, n * c.kv_dim());
+  const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
+  cpu::attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
+  cpu::rope_backward(d_q_, b.positions, inv_freq_.data(), n, c.n_heads, c.head_dim, c.rope_layout);
+  cpu::rope_backward(d_k_, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
+  projection_backward(d_h_, 0.0f, d_q_, a.h1, w.q, l, LoraTarget::Q, a, step, n);
+  projection_backward(d_h_, 1.0f, d_k_, a.h1, w.k, l, LoraTarget::K, a, step, n);
+  projection_backward(d_h_, 1.0f, d_v_, a.h1, w.v, l, LoraTarget::V, a, step, n);
+  cpu::rmsnorm_backward(d_res_, nullptr, d_h_, residual_[size_t(l)], w.attn_norm, a.rstd1, n, c.hidden);
+}
+
+void LlamaModel::forward_stack(const Batch& b, bool training, uint64_t step) {
+  check_batch(b);
+  const LlamaConfig& c = weights_.config;
+  const int64_t n = b.n_tokens();
+  cpu::embedding_forward(residual_[0], b.tokens, n, weights_.embed);
+  for (int l = 0; l < c.n_layers; ++l) {
+    BlockActs& a = acts_[policy_ == CheckpointPolicy::None ? size_t(l) : 0];
+    block_forward(l, b, a, training, step);
+  }
+  cpu::rmsnorm_forward(final_h_, final_rstd_, residual_[size_t(c.n_layers)], weights_.final_norm, n, c.hidden,
+                       c.rms_eps);
+}
+
+LossSum LlamaModel::forward_backward(const Batch& b, float grad_scale, uint64_t step) {
+  TF_CHECK(b.targets, "a training batch needs targets");
+  const LlamaConfig& c = weights_.config;
+  const int64_t n = b.n_tokens();
+  forward_stack(b, true, step);
+
+  LossSum loss;
+  zero(d_final_h_, n * c.hidden);
+  loss.sum = cpu::lm_head_cross_entropy(d_final_h_, &loss.n_valid, final_h_, weights_.lm_head, b.targets, n,
+                                        grad_scale);
+  zero(d_res_, n * c.hidden);
+  cpu::rmsnorm_backward(d_res_, nullptr, d_final_h_, residual_[size_t(c.n_layers)], weights_.final_norm,
+                        final_rstd_, n, c.hidden);
+  for (int l = c.n_layers - 1; l >= 0; --l) {
+    if (policy_ == CheckpointPolicy::None) {
+      block_backward(l, b, acts_[size_t(l)], step);
+    } else {
+      // Recompute this block from its kept input; the same step regenerates the same dropout masks.
+      block_forward(l, b, acts_[0], true, step);
+      block_backward(l, b, acts_[0], step);
+    }
+  }
+  return loss;
+}
+
+LossSum LlamaModel::forward_loss(const Batch& b) {
+  TF_CHECK(b.targets, "computing a loss needs targets");
+  forward_stack(b, false, 0);
+  LossSum loss;
+  loss.sum = cpu::lm_head_cross_entropy(nullptr, &loss.n_valid, final_h_, weights_.lm_head, b.targets,
+                                        b.n_tokens(), 1.0f);
+  return loss;
+}
+
+void LlamaModel::forward_logits(const Batch& b, float* logits) {
+  forward_stack(b, false, 0);
+  const WeightRef& w = weights_.lm_head;
+  cpu::matmul(logits, w.rows, f32_mat(final_h_, w.cols), weight_mat(w, true), b.n_tokens(), w.rows, w.cols, 1.0f,
+              0.0f);
+}
+
+}  // namespace tf

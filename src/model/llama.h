@@ -1,0 +1,88 @@
+// defines: tf::Batch, tf::CheckpointPolicy, tf::LossSum, tf::LlamaModel (forward and backward of a
+// Llama-family decoder with LoRA adapters on frozen base weights)
+#pragma once
+
+#include <vector>
+
+#include "src/core/alloc.h"
+#include "src/model/lora.h"
+#include "src/model/weights.h"
+
+namespace tf {
+
+// A micro-batch of `batch` sequences of `seq` tokens each (token-major: n = batch * seq rows).
+// targets[i] is the token that position i should predict, or kIgnoreIndex; positions restart at 0
+// for every packed document; doc_ids (optional) keep attention inside each document.
+struct Batch {
+  int batch = 1;
+  int seq = 0;
+  const int32_t* tokens = nullptr;
+  const int32_t* targets = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* doc_ids = nullptr;
+  int64_t n_tokens() const { return int64_t(batch) * seq; }
+};
+
+// What the backward pass may recompute instead of keeping: None keeps every block's activations;
+// PerBlock keeps only each block's input and recomputes the block during backward.
+enum class CheckpointPolicy : uint8_t { None, PerBlock };
+
+struct LossSum {
+  double sum = 0;       // sum of token losses
+  int64_t n_valid = 0;  // tokens that had a target
+  double mean() const { return n_valid ? sum / double(n_valid) : 0.0; }
+};
+
+class LlamaModel {
+ public:
+  // All buffers are sized here for up to max_tokens tokens per micro-batch; no step allocates.
+  LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens);
+
+  const LlamaConfig& config() const { return weights_.config; }
+  const LlamaWeights& weights() const { return weights_; }
+  LoraState& lora() { return lora_; }
+  CheckpointPolicy policy() const { return policy_; }
+  int64_t max_tokens() const { return max_tokens_; }
+
+  // Forward and backward of one micro-batch. LoRA gradients ACCUMULATE: the caller zeroes them
+  // once per optimizer step. Gradients are of grad_scale * (sum of token losses). `step` keys the
+  // dropout masks.
+  LossSum forward_backward(const Batch& b, float grad_scale, uint64_t step);
+  // Loss without gradients or dropout.
+  LossSum forward_loss(const Batch& b);
+  // Full logits [n_tokens, vocab] (for generation and tests; training never forms them).
+  void forward_logits(const Batch& b, float* logits);
+
+ private:
+  struct BlockActs {
+    float *rstd1, *h1, *q, *k, *v, *att, *lse, *x2, *rstd2, *h2, *gate, *up, *act;
+    std::array<float*, kLoraTargetCount> lora_t;
+  };
+  BlockActs carve_block_acts(float*& cursor);
+  void check_batch(const Batch& b) const;
+  // Runs the stack: embedding, every block, final norm into final_h_. Keeps activations when
+  // `training` and the policy says so.
+  void forward_stack(const Batch& b, bool training, uint64_t step);
+  void block_forward(int layer, const Batch& b, BlockActs& a, bool training, uint64_t step);
+  void block_backward(int layer, const Batch& b, BlockActs& a, uint64_t step);
+  void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer, LoraTarget t,
+                  BlockActs& a, bool training, uint64_t step, int64_t n);
+  void projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w, int layer,
+                           LoraTarget t, const BlockActs& a, uint64_t step, int64_t n);
+  LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step) const;
+
+  LlamaWeights weights_;
+  LoraState lora_;
+  CheckpointPolicy policy_;
+  int64_t max_tokens_;
+  std::vector<float> inv_freq_;
+
+  Buffer saved_;      // residual stream (n_layers + 1 block inputs) and kept block activations
+  Buffer workspace_;  // gradients in flight and scratch
+  std::vector<float*> residual_;  // [n_layers + 1] pointers of [max_tokens, hidden]
+  std::vector<BlockActs> acts_;   // one per layer (None) or one shared (PerBlock)
+  float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_,
+      *d_gate_, *d_up_, *lora_dt_, *lora_xd_;
+};
+
+}  // namespace tf

@@ -1,0 +1,121 @@
+#include "src/model/lora.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/ops.h"
+#include "src/core/error.h"
+#include "src/core/rng.h"
+
+namespace tf {
+
+std::pair<int, int> lora_target_dims(const LlamaConfig& c, LoraTarget t) {
+  switch (t) {
+    case LoraTarget::Q: return {c.hidden, c.q_dim()};
+    case LoraTarget::K:
+    case LoraTarget::V: return {c.hidden, c.kv_dim()};
+    case LoraTarget::O: return {c.q_dim(), c.hidden};
+    case LoraTarget::Gate:
+    case LoraTarget::Up: return {c.hidden, c.intermediate};
+    case LoraTarget::Down: return {c.intermediate, c.hidden};
+    case LoraTarget::Count: break;
+  }
+  return {0, 0};
+}
+
+// Philox streams are keyed by purpose so that LoRA init, dropout and data order never collide.
+constexpr uint64_t kStreamLoraInit = 1ull << 56;
+constexpr uint64_t kStreamDropout = 2ull << 56;
+
+LoraState::LoraState(const LlamaConfig& model, const LoraConfig& cfg) : config(cfg) {
+  TF_CHECK(cfg.rank > 0 && cfg.rank <= 4096, "LoRA rank must be in [1, 4096], got ", cfg.rank);
+  TF_CHECK(cfg.alpha > 0 && std::isfinite(cfg.alpha), "LoRA alpha must be positive, got ", cfg.alpha);
+  TF_CHECK(cfg.dropout >= 0 && cfg.dropout < 1, "LoRA dropout must be in [0, 1), got ", cfg.dropout);
+  TF_CHECK(cfg.targets != 0, "LoRA needs at least one target projection");
+  for (int l = 0; l < model.n_layers; ++l) {
+    for (int t = 0; t < kLoraTargetCount; ++t) {
+      if (!cfg.has(LoraTarget(t))) continue;
+      const auto [in, out] = lora_target_dims(model, LoraTarget(t));
+      n_params += int64_t(cfg.rank) * (in + out);
+    }
+  }
+  const size_t bytes = size_t(n_params) * sizeof(float);
+  params = Buffer(bytes, MemTag::Lora);
+  grads = Buffer(bytes, MemTag::Grads);
+  adam_m = Buffer(bytes, MemTag::Optimizer);
+  adam_v = Buffer(bytes, MemTag::Optimizer);
+  layers.resize(size_t(model.n_layers));
+  int64_t offset = 0;
+  for (int l = 0; l < model.n_layers; ++l) {
+    for (int t = 0; t < kLoraTargetCount; ++t) {
+      if (!cfg.has(LoraTarget(t))) continue;
+      const auto [in, out] = lora_target_dims(model, LoraTarget(t));
+      LoraAdapter& a = layers[size_t(l)][size_t(t)];
+      a.in = in;
+      a.out = out;
+      a.rank = cfg.rank;
+      a.A = param_data() + offset;
+      a.dA = grad_data() + offset;
+      offset += int64_t(cfg.rank) * in;
+      a.B = param_data() + offset;
+      a.dB = grad_data() + offset;
+      offset += int64_t(cfg.rank) * out;
+      const float bound = 1.0f / std::sqrt(float(in));
+      const Philox rng(cfg.seed, kStreamLoraInit | (uint64_t(l) << 8) | uint64_t(t));
+      for (int64_t i = 0; i < int64_t(cfg.rank) * in; ++i) a.A[i] = (2.0f * rng.uniform(uint64_t(i)) - 1.0f) * bound;
+    }
+  }
+}
+
+void LoraState::zero_grads() { std::memset(grads.data(), 0, grads.bytes()); }
+
+void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
+  const Philox rng(seed, kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target));
+  const float keep_scale = 1.0f / (1.0f - p);
+  const int64_t total = n * in;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < total; ++i) out[i] = rng.uniform(uint64_t(i)) < p ? 0.0f : x[i] * keep_scale;
+}
+
+static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false) {
+  return MatOperand{data, DType::F32, ld, trans};
+}
+
+void lora_forward(float* y, float* t, float* xd, const float* x, const LoraAdapter& a, float scale,
+                  const LoraDropout& drop, int64_t n) {
+  const float* input = x;
+  if (drop.p > 0) {
+    drop.apply(xd, x, n, a.in);
+    input = xd;
+  }
+  cpu::matmul(t, a.rank, f32_operand(input, a.in), f32_operand(a.A, a.in, true), n, a.rank, a.in, 1.0f, 0.0f);
+  cpu::matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale, 1.0f);
+}
+
+void lora_backward(float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a, float scale,
+                   const LoraDropout& drop, int64_t n, float* dt, float* xd) {
+  // dB[out, r] += scale * dy^T t
+  cpu::matmul(a.dB, a.rank, f32_operand(dy, a.out, true), f32_operand(t, a.rank), a.out, a.rank, n, scale, 1.0f);
+  // dt[n, r] = scale * dy B
+  cpu::matmul(dt, a.rank, f32_operand(dy, a.out), f32_operand(a.B, a.rank), n, a.rank, a.out, scale, 0.0f);
+  const float* input = x;
+  if (drop.p > 0) {
+    drop.apply(xd, x, n, a.in);
+    input = xd;
+  }
+  // dA[r, in] += dt^T dropout(x)
+  cpu::matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(input, a.in), a.rank, a.in, n, 1.0f, 1.0f);
+  if (drop.p == 0) {
+    cpu::matmul(dx, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 1.0f);
+    return;
+  }
+  // dropout is x * mask / (1-p), so its Jacobian applies the same mask and scale to the incoming
+  // gradient dt A: compute that product into xd and run it through the regenerated dropout.
+  cpu::matmul(xd, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 0.0f);
+  drop.apply(xd, xd, n, a.in);
+  const int64_t total = n * a.in;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < total; ++i) dx[i] += xd[i];
+}
+
+}  // namespace tf

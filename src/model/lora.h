@@ -1,0 +1,71 @@
+// defines: tf::LoraAdapter (one A/B pair), tf::LoraState (all adapters in flat f32 buffers),
+// lora_forward / lora_backward (the low-rank branch added to a frozen projection)
+#pragma once
+
+#include <array>
+#include <vector>
+
+#include "src/core/alloc.h"
+#include "src/model/config.h"
+
+namespace tf {
+
+// One adapted projection y = x W^T + scale * dropout(x) A^T B^T. A is [rank, in], B is [out, rank]
+// (PEFT's lora_A / lora_B layout). Pointers index into LoraState's flat buffers.
+struct LoraAdapter {
+  float* A = nullptr;
+  float* B = nullptr;
+  float* dA = nullptr;
+  float* dB = nullptr;
+  int in = 0;
+  int out = 0;
+  int rank = 0;
+  bool active() const { return A != nullptr; }
+};
+
+// All LoRA parameters, their gradients and AdamW moments, each one contiguous buffer so the
+// optimizer and gradient clipping see a single flat vector.
+struct LoraState {
+  LoraConfig config;
+  int64_t n_params = 0;
+  Buffer params, grads, adam_m, adam_v;
+  std::vector<std::array<LoraAdapter, kLoraTargetCount>> layers;
+
+  LoraState() = default;
+  // Lays out adapters for every targeted projection of every layer; A is initialised like PEFT
+  // (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) from Philox keyed by
+  // (config.seed, layer, target); B is zero.
+  LoraState(const LlamaConfig& model, const LoraConfig& config);
+  LoraAdapter& at(int layer, LoraTarget t) { return layers[size_t(layer)][size_t(t)]; }
+  const LoraAdapter& at(int layer, LoraTarget t) const { return layers[size_t(layer)][size_t(t)]; }
+  float* param_data() { return params.as<float>(); }
+  float* grad_data() { return grads.as<float>(); }
+  void zero_grads();
+};
+
+// Input and output sizes of a projection.
+std::pair<int, int> lora_target_dims(const LlamaConfig& cfg, LoraTarget t);
+
+// Dropout on the LoRA input: element i of the [n_tokens, in] input is kept with probability 1-p and
+// scaled by 1/(1-p). The mask is a pure function of (seed, step, layer, target, i), so backward and
+// recomputation regenerate it instead of storing it.
+struct LoraDropout {
+  float p = 0.0f;
+  uint64_t seed = 0;
+  uint64_t step = 0;
+  int layer = 0;
+  LoraTarget target = LoraTarget::Q;
+  // Writes dropout(x) into out ([n, in]).
+  void apply(float* out, const float* x, int64_t n, int in) const;
+};
+
+// y[n, out] += scale * dropout(x) A^T B^T. `t` ([n, rank]) receives dropout(x) A^T, kept for
+// backward; `xd` is scratch of [n, in] used only when dropout is on.
+void lora_forward(float* y, float* t, float* xd, const float* x, const LoraAdapter& a, float scale,
+                  const LoraDropout& drop, int64_t n);
+// Given dy [n, out]: dB += scale dy^T t; dA += (scale dy B)^T dropout(x); dx += dropout'(scale dy B A).
+// `dt` ([n, rank]) and `xd` ([n, in]) are scratch.
+void lora_backward(float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a, float scale,
+                   const LoraDropout& drop, int64_t n, float* dt, float* xd);
+
+}  // namespace tf

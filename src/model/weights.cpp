@@ -1,0 +1,125 @@
+#include "src/model/weights.h"
+
+#include "src/core/error.h"
+#include "src/core/rng.h"
+
+namespace tf {
+
+std::string hf_weight_name(WeightSlot slot, int layer) {
+  const std::string p = "model.layers." + std::to_string(layer) + ".";
+  switch (slot) {
+    case WeightSlot::AttnNorm: return p + "input_layernorm.weight";
+    case WeightSlot::Q: return p + "self_attn.q_proj.weight";
+    case WeightSlot::K: return p + "self_attn.k_proj.weight";
+    case WeightSlot::V: return p + "self_attn.v_proj.weight";
+    case WeightSlot::O: return p + "self_attn.o_proj.weight";
+    case WeightSlot::QBias: return p + "self_attn.q_proj.bias";
+    case WeightSlot::KBias: return p + "self_attn.k_proj.bias";
+    case WeightSlot::VBias: return p + "self_attn.v_proj.bias";
+    case WeightSlot::MlpNorm: return p + "post_attention_layernorm.weight";
+    case WeightSlot::Gate: return p + "mlp.gate_proj.weight";
+    case WeightSlot::Up: return p + "mlp.up_proj.weight";
+    case WeightSlot::Down: return p + "mlp.down_proj.weight";
+    case WeightSlot::Embed: return "model.embed_tokens.weight";
+    case WeightSlot::FinalNorm: return "model.norm.weight";
+    case WeightSlot::LmHead: return "lm_head.weight";
+  }
+  return {};
+}
+
+std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& c, WeightSlot slot) {
+  switch (slot) {
+    case WeightSlot::AttnNorm:
+    case WeightSlot::MlpNorm:
+    case WeightSlot::FinalNorm: return {1, c.hidden};
+    case WeightSlot::Q: return {c.q_dim(), c.hidden};
+    case WeightSlot::K:
+    case WeightSlot::V: return {c.kv_dim(), c.hidden};
+    case WeightSlot::O: return {c.hidden, c.q_dim()};
+    case WeightSlot::QBias: return {1, c.q_dim()};
+    case WeightSlot::KBias:
+    case WeightSlot::VBias: return {1, c.kv_dim()};
+    case WeightSlot::Gate:
+    case WeightSlot::Up: return {c.intermediate, c.hidden};
+    case WeightSlot::Down: return {c.hidden, c.intermediate};
+    case WeightSlot::Embed:
+    case WeightSlot::LmHead: return {c.vocab, c.hidden};
+  }
+  return {0, 0};
+}
+
+WeightRef& BlockWeights::slot(WeightSlot s) {
+  switch (s) {
+    case WeightSlot::AttnNorm: return attn_norm;
+    case WeightSlot::Q: return q;
+    case WeightSlot::K: return k;
+    case WeightSlot::V: return v;
+    case WeightSlot::O: return o;
+    case WeightSlot::QBias: return q_bias;
+    case WeightSlot::KBias: return k_bias;
+    case WeightSlot::VBias: return v_bias;
+    case WeightSlot::MlpNorm: return mlp_norm;
+    case WeightSlot::Gate: return gate;
+    case WeightSlot::Up: return up;
+    case WeightSlot::Down: return down;
+    default: break;
+  }
+  TF_FAIL("weight slot ", int(s), " is not a per-layer slot");
+}
+
+WeightRef& LlamaWeights::slot(WeightSlot s, int layer) {
+  switch (s) {
+    case WeightSlot::Embed: return embed;
+    case WeightSlot::FinalNorm: return final_norm;
+    case WeightSlot::LmHead: return lm_head;
+    default: break;
+  }
+  TF_CHECK(layer >= 0 && size_t(layer) < blocks.size(), "layer ", layer, " out of range");
+  return blocks[size_t(layer)].slot(s);
+}
+
+void LlamaWeights::for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn) {
+  fn(WeightSlot::Embed, 0);
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    for (int s = 0; s <= int(WeightSlot::Down); ++s) {
+      const auto slot = WeightSlot(s);
+      const bool bias = slot == WeightSlot::QBias || slot == WeightSlot::KBias || slot == WeightSlot::VBias;
+      if (bias && !cfg.attention_bias) continue;
+      fn(slot, l);
+    }
+  }
+  fn(WeightSlot::FinalNorm, 0);
+  if (!cfg.tie_embeddings) fn(WeightSlot::LmHead, 0);
+}
+
+LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed) {
+  cfg.validate("random model config");
+  TF_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
+           "random weights must be f32, bf16 or f16, not ", dtype_name(dtype));
+  LlamaWeights w;
+  w.config = cfg;
+  w.blocks.resize(size_t(cfg.n_layers));
+  uint64_t stream = 0;
+  for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+    const auto [rows, cols] = weight_shape(cfg, slot);
+    const std::string name = hf_weight_name(slot, layer);
+    Tensor t(dtype, {rows, cols}, MemTag::Weights, name);
+    const bool norm = slot == WeightSlot::AttnNorm || slot == WeightSlot::MlpNorm || slot == WeightSlot::FinalNorm;
+    const bool bias = slot == WeightSlot::QBias || slot == WeightSlot::KBias || slot == WeightSlot::VBias;
+    const Philox rng(seed, ++stream);
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const float x = norm ? 1.0f : bias ? 0.0f : 0.02f * rng.normal(uint64_t(i));
+      switch (dtype) {
+        case DType::F32: t.as<float>()[i] = x; break;
+        case DType::BF16: t.as<uint16_t>()[i] = f32_to_bf16(x); break;
+        default: t.as<uint16_t>()[i] = f32_to_f16(x); break;
+      }
+    }
+    w.slot(slot, layer) = WeightRef{t.view.data, dtype, rows, cols};
+    w.owned.push_back(std::move(t));
+  });
+  if (cfg.tie_embeddings) w.lm_head = w.embed;
+  return w;
+}
+
+}  // namespace tf

@@ -1,0 +1,49 @@
+// defines: tf::BlockWeights, tf::LlamaWeights (the frozen base model), tf::WeightSlot and the HF
+// tensor names, tf::init_random_weights
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "src/core/tensor.h"
+#include "src/model/config.h"
+
+namespace tf {
+
+// Every base tensor of a Llama-family model. Per-layer slots come first.
+enum class WeightSlot : uint8_t {
+  AttnNorm, Q, K, V, O, QBias, KBias, VBias, MlpNorm, Gate, Up, Down,  // per layer
+  Embed, FinalNorm, LmHead,                                             // global
+};
+constexpr bool is_layer_slot(WeightSlot s) { return s < WeightSlot::Embed; }
+// The HF checkpoint name, e.g. "model.layers.3.self_attn.q_proj.weight" (layer ignored for globals).
+std::string hf_weight_name(WeightSlot slot, int layer);
+// Expected shape [rows, cols] of a slot (biases and norms are [1, n]).
+std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& cfg, WeightSlot slot);
+
+struct BlockWeights {
+  WeightRef attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down;
+  WeightRef& slot(WeightSlot s);
+};
+
+// The frozen base model: views of every tensor plus whatever keeps their memory alive (owned
+// tensors, or a mapped file held through `keepalive`).
+struct LlamaWeights {
+  LlamaConfig config;
+  WeightRef embed, final_norm, lm_head;  // lm_head aliases embed when embeddings are tied
+  std::vector<BlockWeights> blocks;
+  std::vector<Tensor> owned;
+  std::vector<std::shared_ptr<const void>> keepalive;
+
+  WeightRef& slot(WeightSlot s, int layer);
+  // Visits every slot the config uses (biases only with attention_bias; no lm_head when tied).
+  static void for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn);
+};
+
+// A model with HF-style random initialisation (normal * 0.02, norms 1, biases 0), stored in `dtype`.
+LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed);
+
+}  // namespace tf

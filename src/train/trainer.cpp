@@ -1,0 +1,81 @@
+#include "src/train/trainer.h"
+
+#include <cmath>
+
+#include "kernels/ops.h"
+#include "src/core/error.h"
+
+namespace tf {
+
+double global_grad_norm(const float* g, int64_t n) {
+  double sum = 0;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+  for (int64_t i = 0; i < n; ++i) sum += double(g[i]) * double(g[i]);
+  return std::sqrt(sum);
+}
+
+Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg) : model_(model), cfg_(cfg) {
+  TF_CHECK(cfg.lr.peak_lr > 0 && std::isfinite(cfg.lr.peak_lr), "learning rate must be positive, got ",
+           cfg.lr.peak_lr);
+  TF_CHECK(cfg.lr.total_steps > 0, "the number of training steps must be positive, got ", cfg.lr.total_steps);
+  TF_CHECK(cfg.lr.warmup_steps >= 0, "warmup steps must not be negative, got ", cfg.lr.warmup_steps);
+  TF_CHECK(cfg.weight_decay >= 0, "weight decay must not be negative, got ", cfg.weight_decay);
+  TF_CHECK(cfg.max_consecutive_skips > 0, "the consecutive-skip limit must be positive");
+}
+
+StepStats Trainer::step(std::span<const Batch> micro_batches) {
+  TF_CHECK(!micro_batches.empty(), "an optimizer step needs at least one micro-batch");
+  StepStats st;
+  st.step = state_.step;
+  for (const Batch& b : micro_batches) {
+    st.tokens += b.n_tokens();
+    for (int64_t i = 0; i < b.n_tokens(); ++i) st.target_tokens += b.targets[i] != kIgnoreIndex;
+  }
+  TF_CHECK(st.target_tokens > 0, "step ", st.step, ": no token of the batch has a training target ",
+           "(every position is masked); check the loss mask and sequence length");
+
+  LoraState& lora = model_.lora();
+  lora.zero_grads();
+  const float grad_scale = 1.0f / float(st.target_tokens);
+  double loss_sum = 0;
+  for (const Batch& b : micro_batches) loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
+  st.loss = loss_sum / double(st.target_tokens);
+  st.lr = learning_rate(cfg_.lr, state_.step);
+  const double norm = global_grad_norm(lora.grad_data(), lora.n_params);
+  st.grad_norm = float(norm);
+
+  ++state_.step;
+  if (!std::isfinite(st.loss) || !std::isfinite(norm)) {
+    st.skipped = true;
+    ++state_.skipped_total;
+    ++state_.consecutive_skips;
+    st.skipped_total = state_.skipped_total;
+    TF_CHECK(state_.consecutive_skips < cfg_.max_consecutive_skips, "aborting at step ", st.step, ": ",
+             state_.consecutive_skips, " consecutive steps had a non-finite loss or gradient (last loss ", st.loss,
+             ", gradient norm ", norm, "); lower the learning rate or check the data");
+    return st;
+  }
+  state_.consecutive_skips = 0;
+  st.skipped_total = state_.skipped_total;
+
+  if (cfg_.clip > 0 && norm > cfg_.clip) {
+    // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6).
+    const float coef = float(cfg_.clip / (norm + 1e-6));
+    float* g = lora.grad_data();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < lora.n_params; ++i) g[i] *= coef;
+  }
+  ++state_.adam_steps;
+  AdamWParams p;
+  p.lr = st.lr;
+  p.beta1 = cfg_.beta1;
+  p.beta2 = cfg_.beta2;
+  p.eps = cfg_.adam_eps;
+  p.weight_decay = cfg_.weight_decay;
+  p.step = state_.adam_steps;
+  cpu::adamw_update(lora.param_data(), lora.grad_data(), lora.adam_m.as<float>(), lora.adam_v.as<float>(),
+                    lora.n_params, p);
+  return st;
+}
+
+}  // namespace tf
