@@ -1,0 +1,377 @@
+// defines: tf::cpu::attention_forward, tf::cpu::attention_backward
+//
+// Flash-attention on the CPU: queries and keys are processed in tiles of kBlockQ x kBlockK, the
+// forward keeps a running max and sum per query row (online softmax), and the backward recomputes
+// each tile's probabilities from the saved log-sum-exp, so no seq x seq matrix is ever stored.
+// Tiles that the causal mask or the document ids rule out entirely are skipped.
+//
+// Every output element is written by exactly one task and each task sums in a fixed order, so the
+// results are bit-identical for any thread count: the forward runs one task per (batch, head,
+// query block); the backward runs one pass with a task per (batch, kv head, key block) that owns
+// dk/dv of those keys, and a second with a task per (batch, head, query block) that owns dq.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kernels/cpu/ref/attention.h"
+#include "kernels/ops.h"
+#include "src/core/alloc.h"
+
+namespace tf::cpu {
+
+namespace {
+
+// 64 x 64 tiles: a score row fits in eight AVX2 (four AVX-512) registers, and a thread's tiles for
+// head_dim 128 stay inside L2 (about 200 KiB).
+constexpr int kBlockQ = 64;
+constexpr int kBlockK = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Strides and pointers of one call, in elements.
+struct Geometry {
+  int64_t seq, n_heads, n_kv_heads, head_dim, group;
+  int64_t q_row, kv_row;  // distance between consecutive tokens in q (and d_out, out) and in k, v
+  float scale;
+  explicit Geometry(const AttentionShape& s)
+      : seq(s.seq),
+        n_heads(s.n_heads),
+        n_kv_heads(s.n_kv_heads),
+        head_dim(s.head_dim),
+        group(s.n_heads / s.n_kv_heads),
+        q_row(int64_t(s.n_heads) * s.head_dim),
+        kv_row(int64_t(s.n_kv_heads) * s.head_dim),
+        scale(s.scale) {}
+};
+
+// A tile: query positions [q0, q0 + nq) against key positions [k0, k0 + nk) of one sequence.
+struct Tile {
+  int64_t q0, nq, k0, nk;
+};
+
+enum class TileMask { Skip, Full, Partial };
+
+// What the causal mask and the document ids leave of a tile. doc is the sequence's doc ids or null.
+TileMask classify(const int32_t* doc, const Tile& t) {
+  if (t.k0 > t.q0 + t.nq - 1) return TileMask::Skip;
+  const bool causal_full = t.k0 + t.nk - 1 <= t.q0;
+  if (!doc) return causal_full ? TileMask::Full : TileMask::Partial;
+  const auto [qmin, qmax] = std::minmax_element(doc + t.q0, doc + t.q0 + t.nq);
+  const auto [kmin, kmax] = std::minmax_element(doc + t.k0, doc + t.k0 + t.nk);
+  if (*qmax < *kmin || *kmax < *qmin) return TileMask::Skip;
+  const bool one_doc = *qmin == *qmax && *kmin == *kmax && *qmin == *kmin;
+  return causal_full && one_doc ? TileMask::Full : TileMask::Partial;
+}
+
+// dst[d][c] = src row c (stride src_row), zero-padded to kBlockK columns so score rows always have
+// the full, compile-time width.
+void transpose_block(float* dst, const float* src, int64_t src_row, int64_t n, int64_t head_dim) {
+  for (int64_t d = 0; d < head_dim; ++d) {
+    float* out = dst + d * kBlockK;
+    for (int64_t c = 0; c < n; ++c) out[c] = src[c * src_row + d];
+    for (int64_t c = n; c < kBlockK; ++c) out[c] = 0.0f;
+  }
+}
+
+// S[r][c] = scale * sum_d A[r][d] * Bt[d][c] for r < n_rows, all kBlockK columns. A's rows are
+// strided (rows of q or d_out); Bt is a transposed key or value block. Four rows by 16 columns
+// at a time: eight AVX2 accumulators that stay in registers across the head_dim loop.
+void tile_scores(float* S, const float* A, int64_t a_row, int64_t n_rows, const float* Bt, int64_t head_dim,
+                 float scale) {
+  constexpr int kRows = 4, kCols = 16;
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+    const int64_t nr = std::min<int64_t>(kRows, n_rows - r0);
+    // Rows past n_rows repeat the last one: their sums are computed and dropped.
+    const float* a[kRows];
+    for (int i = 0; i < kRows; ++i) a[i] = A + (r0 + std::min<int64_t>(i, nr - 1)) * a_row;
+    for (int c0 = 0; c0 < kBlockK; c0 += kCols) {
+      float acc[kRows][kCols] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float* bt = Bt + d * kBlockK + c0;
+        for (int i = 0; i < kRows; ++i) {
+          const float x = a[i][d];
+#pragma omp simd
+          for (int c = 0; c < kCols; ++c) acc[i][c] += x * bt[c];
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        float* srow = S + (r0 + i) * kBlockK + c0;
+#pragma omp simd
+        for (int c = 0; c < kCols; ++c) srow[c] = scale * acc[i][c];
+      }
+    }
+  }
+}
+
+// acc[i][:] += sum_j C(i, j) * src[j][:] for i < n_acc, j < n_src, with C(i, j) = C[i * ci + j * cj].
+// Four source rows per pass give four FMAs per load and store of the accumulator row.
+void accumulate_rows(float* acc, int64_t n_acc, const float* C, int64_t ci, int64_t cj, const float* src,
+                     int64_t src_row, int64_t n_src, int64_t head_dim) {
+  for (int64_t i = 0; i < n_acc; ++i) {
+    float* __restrict a = acc + i * head_dim;
+    const float* c = C + i * ci;
+    int64_t j = 0;
+    for (; j + 4 <= n_src; j += 4) {
+      const float c0 = c[j * cj], c1 = c[(j + 1) * cj], c2 = c[(j + 2) * cj], c3 = c[(j + 3) * cj];
+      if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;
+      const float* __restrict s0 = src + j * src_row;
+      const float* __restrict s1 = s0 + src_row;
+      const float* __restrict s2 = s1 + src_row;
+      const float* __restrict s3 = s2 + src_row;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += c0 * s0[d] + c1 * s1[d] + c2 * s2[d] + c3 * s3[d];
+    }
+    for (; j < n_src; ++j) {
+      const float c0 = c[j * cj];
+      const float* __restrict s0 = src + j * src_row;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += c0 * s0[d];
+    }
+  }
+}
+
+// Sets the scores of pairs the mask forbids to -inf (their probabilities become exactly 0).
+void mask_scores(float* S, const int32_t* doc, const Tile& t) {
+  for (int64_t r = 0; r < t.nq; ++r) {
+    float* s = S + r * kBlockK;
+    for (int64_t c = 0; c < t.nk; ++c) {
+      if (!ref::attention_allowed(doc, t.q0 + r, t.k0 + c)) s[c] = kNegInf;
+    }
+  }
+}
+
+// Per-thread scratch, carved from one tracked allocation made per call.
+class Scratch {
+ public:
+  Scratch(size_t floats_per_thread, int n_threads)
+      : stride_((floats_per_thread + 15) / 16 * 16),
+        buf_(stride_ * size_t(n_threads) * sizeof(float), MemTag::Workspace, /*zero=*/false) {}
+  float* thread(int t) { return buf_.as<float>() + stride_ * size_t(t); }
+
+ private:
+  size_t stride_;
+  Buffer buf_;
+};
+
+int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       const int32_t* doc_ids, const AttentionShape& s) {
+  ref::check_attention_shape(s);
+  const Geometry g(s);
+  const int64_t D = g.head_dim;
+  const int64_t n_qb = blocks(g.seq, kBlockQ);
+  const int64_t n_tasks = int64_t(s.batch) * g.n_heads * n_qb;
+  if (n_tasks == 0) return;
+  const int n_threads = omp_get_max_threads();
+  // Kt [D][kBlockK], S [kBlockQ][kBlockK], O [kBlockQ][D], running max and sum [kBlockQ] each.
+  Scratch scratch(size_t(D * kBlockK + kBlockQ * kBlockK + kBlockQ * D + 2 * kBlockQ), n_threads);
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    // qb varies fastest, so long (late) and short (early) query blocks interleave in the queue.
+    const int64_t b = task / (g.n_heads * n_qb), h = task / n_qb % g.n_heads, qb = task % n_qb;
+    const int64_t kvh = h / g.group;
+    const int64_t q0 = qb * kBlockQ, nq = std::min<int64_t>(kBlockQ, g.seq - q0);
+    const int64_t tok0 = b * g.seq;
+    const int32_t* doc = doc_ids ? doc_ids + tok0 : nullptr;
+    const float* qblk = q + (tok0 + q0) * g.q_row + h * D;
+
+    float* Kt = scratch.thread(omp_get_thread_num());
+    float* S = Kt + D * kBlockK;
+    float* O = S + kBlockQ * kBlockK;
+    float* row_max = O + kBlockQ * D;
+    float* row_sum = row_max + kBlockQ;
+    std::fill(O, O + nq * D, 0.0f);
+    std::fill(row_max, row_max + nq, kNegInf);
+    std::fill(row_sum, row_sum + nq, 0.0f);
+
+    for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlockK) {
+      const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
+      const TileMask mask = classify(doc, t);
+      if (mask == TileMask::Skip) continue;
+      const float* kblk = k + (tok0 + k0) * g.kv_row + kvh * D;
+      const float* vblk = v + (tok0 + k0) * g.kv_row + kvh * D;
+      transpose_block(Kt, kblk, g.kv_row, t.nk, D);
+      tile_scores(S, qblk, g.q_row, nq, Kt, D, g.scale);
+      if (mask == TileMask::Partial) mask_scores(S, doc, t);
+
+      // Online softmax: rescale what was accumulated so far to the new running max.
+      for (int64_t r = 0; r < nq; ++r) {
+        float* srow = S + r * kBlockK;
+        float tile_max = kNegInf;
+        for (int64_t c = 0; c < t.nk; ++c) tile_max = std::max(tile_max, srow[c]);
+        if (tile_max == kNegInf) {  // the whole row is masked in this tile
+          std::fill(srow, srow + t.nk, 0.0f);
+          continue;
+        }
+        const float new_max = std::max(row_max[r], tile_max);
+        const float rescale = std::exp(row_max[r] - new_max);
+        float sum = 0.0f;
+        for (int64_t c = 0; c < t.nk; ++c) {
+          srow[c] = std::exp(srow[c] - new_max);
+          sum += srow[c];
+        }
+        row_sum[r] = row_sum[r] * rescale + sum;
+        row_max[r] = new_max;
+        if (rescale != 1.0f) {
+          float* o = O + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
+        }
+      }
+      accumulate_rows(O, nq, S, kBlockK, 1, vblk, g.kv_row, t.nk, D);
+    }
+
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t tok = tok0 + q0 + r;
+      float* o = out + tok * g.q_row + h * D;
+      const float inv = 1.0f / row_sum[r];
+      for (int64_t d = 0; d < D; ++d) o[d] = O[r * D + d] * inv;
+      lse[tok * g.n_heads + h] = row_max[r] + std::log(row_sum[r]);
+    }
+  }
+}
+
+namespace {
+
+// The probabilities P = exp(S - lse) and dS = P * (dP - delta) of one tile, given its (scaled)
+// scores in S and dP = dO V^T in dP; P overwrites S and dS overwrites dP. Identical arithmetic in
+// both backward passes, so they see the same P.
+void tile_softmax_grad(float* S, float* dP, const Tile& t, const float* lse_rows, const float* delta_rows,
+                       int64_t lse_row) {
+  for (int64_t r = 0; r < t.nq; ++r) {
+    const float l = lse_rows[r * lse_row];
+    const float dl = delta_rows[r * lse_row];
+    float* p = S + r * kBlockK;
+    float* dp = dP + r * kBlockK;
+    for (int64_t c = 0; c < t.nk; ++c) {
+      p[c] = std::exp(p[c] - l);
+      dp[c] = p[c] * (dp[c] - dl);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_backward(float* dq, float* dk, float* dv, const float* d_out, const float* q, const float* k,
+                        const float* v, const float* out, const float* lse, const int32_t* doc_ids,
+                        const AttentionShape& s) {
+  ref::check_attention_shape(s);
+  const Geometry g(s);
+  const int64_t D = g.head_dim;
+  const int64_t n_tokens = int64_t(s.batch) * g.seq;
+  if (n_tokens == 0) return;
+  const int64_t n_qb = blocks(g.seq, kBlockQ), n_kb = blocks(g.seq, kBlockK);
+  const int n_threads = omp_get_max_threads();
+
+  // delta[t, h] = dO . O, the row sums of P * dP that the softmax backward subtracts.
+  Buffer delta_buf(size_t(n_tokens * g.n_heads) * sizeof(float), MemTag::Workspace, /*zero=*/false);
+  float* delta = delta_buf.as<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n_tokens * g.n_heads; ++i) {
+    const float* o = out + i * D;
+    const float* go = d_out + i * D;
+    float acc = 0.0f;
+    for (int64_t d = 0; d < D; ++d) acc += o[d] * go[d];
+    delta[i] = acc;
+  }
+
+  // Kt, Vt [D][kBlockK]; S and dP [kBlockQ][kBlockK]; dK and dV [kBlockK][D], or dQ [kBlockQ][D].
+  static_assert(kBlockQ == kBlockK, "the accumulators are sized for either block");
+  Scratch scratch(size_t(2 * D * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * D), n_threads);
+
+  // Pass 1: dk and dv, one task per (batch, kv head, key block), over every query head of the group.
+  const int64_t n_kv_tasks = int64_t(s.batch) * g.n_kv_heads * n_kb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_kv_tasks; ++task) {
+    const int64_t b = task / (g.n_kv_heads * n_kb), kvh = task / n_kb % g.n_kv_heads, kb = task % n_kb;
+    const int64_t k0 = kb * kBlockK, nk = std::min<int64_t>(kBlockK, g.seq - k0);
+    const int64_t tok0 = b * g.seq;
+    const int32_t* doc = doc_ids ? doc_ids + tok0 : nullptr;
+    const float* kblk = k + (tok0 + k0) * g.kv_row + kvh * D;
+    const float* vblk = v + (tok0 + k0) * g.kv_row + kvh * D;
+
+    float* Kt = scratch.thread(omp_get_thread_num());
+    float* Vt = Kt + D * kBlockK;
+    float* S = Vt + D * kBlockK;
+    float* dP = S + kBlockQ * kBlockK;
+    float* dK = dP + kBlockQ * kBlockK;
+    float* dV = dK + kBlockK * D;
+    transpose_block(Kt, kblk, g.kv_row, nk, D);
+    transpose_block(Vt, vblk, g.kv_row, nk, D);
+    std::fill(dK, dK + nk * D, 0.0f);
+    std::fill(dV, dV + nk * D, 0.0f);
+
+    for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
+      for (int64_t q0 = k0 / kBlockQ * kBlockQ; q0 < g.seq; q0 += kBlockQ) {
+        const Tile t{q0, std::min<int64_t>(kBlockQ, g.seq - q0), k0, nk};
+        const TileMask mask = classify(doc, t);
+        if (mask == TileMask::Skip) continue;
+        const int64_t row0 = (tok0 + q0) * g.n_heads + h;
+        const float* qblk = q + row0 * D;
+        const float* doblk = d_out + row0 * D;
+        tile_scores(S, qblk, g.q_row, t.nq, Kt, D, g.scale);
+        if (mask == TileMask::Partial) mask_scores(S, doc, t);
+        tile_scores(dP, doblk, g.q_row, t.nq, Vt, D, 1.0f);
+        tile_softmax_grad(S, dP, t, lse + row0, delta + row0, g.n_heads);
+        accumulate_rows(dV, nk, S, 1, kBlockK, doblk, g.q_row, t.nq, D);
+        accumulate_rows(dK, nk, dP, 1, kBlockK, qblk, g.q_row, t.nq, D);
+      }
+    }
+    for (int64_t c = 0; c < nk; ++c) {
+      float* dkr = dk + (tok0 + k0 + c) * g.kv_row + kvh * D;
+      float* dvr = dv + (tok0 + k0 + c) * g.kv_row + kvh * D;
+      for (int64_t d = 0; d < D; ++d) {
+        dkr[d] += g.scale * dK[c * D + d];
+        dvr[d] += dV[c * D + d];
+      }
+    }
+  }
+
+  // Pass 2: dq, one task per (batch, head, query block), recomputing P and dS tile by tile.
+  const int64_t n_q_tasks = int64_t(s.batch) * g.n_heads * n_qb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_q_tasks; ++task) {
+    const int64_t b = task / (g.n_heads * n_qb), h = task / n_qb % g.n_heads, qb = task % n_qb;
+    const int64_t kvh = h / g.group;
+    const int64_t q0 = qb * kBlockQ, nq = std::min<int64_t>(kBlockQ, g.seq - q0);
+    const int64_t tok0 = b * g.seq;
+    const int32_t* doc = doc_ids ? doc_ids + tok0 : nullptr;
+    const int64_t row0 = (tok0 + q0) * g.n_heads + h;
+    const float* qblk = q + row0 * D;
+    const float* doblk = d_out + row0 * D;
+
+    float* Kt = scratch.thread(omp_get_thread_num());
+    float* Vt = Kt + D * kBlockK;
+    float* S = Vt + D * kBlockK;
+    float* dP = S + kBlockQ * kBlockK;
+    float* dQ = dP + kBlockQ * kBlockK;
+    std::fill(dQ, dQ + nq * D, 0.0f);
+
+    for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlockK) {
+      const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
+      const TileMask mask = classify(doc, t);
+      if (mask == TileMask::Skip) continue;
+      const float* kblk = k + (tok0 + k0) * g.kv_row + kvh * D;
+      const float* vblk = v + (tok0 + k0) * g.kv_row + kvh * D;
+      transpose_block(Kt, kblk, g.kv_row, t.nk, D);
+      transpose_block(Vt, vblk, g.kv_row, t.nk, D);
+      tile_scores(S, qblk, g.q_row, nq, Kt, D, g.scale);
+      if (mask == TileMask::Partial) mask_scores(S, doc, t);
+      tile_scores(dP, doblk, g.q_row, nq, Vt, D, 1.0f);
+      tile_softmax_grad(S, dP, t, lse + row0, delta + row0, g.n_heads);
+      accumulate_rows(dQ, nq, dP, kBlockK, 1, kblk, g.kv_row, t.nk, D);
+    }
+    for (int64_t r = 0; r < nq; ++r) {
+      float* dqr = dq + (row0 + r * g.n_heads) * D;
+      for (int64_t d = 0; d < D; ++d) dqr[d] += g.scale * dQ[r * D + d];
+    }
+  }
+}
+
+}  // namespace tf::cpu

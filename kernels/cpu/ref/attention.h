@@ -1,0 +1,132 @@
+// defines: tf::ref::attention_forward<T>, tf::ref::attention_backward<T>: causal GQA attention as
+// plain loops over any scalar type (tests run them in double). One query row at a time: its full
+// row of scores, a plain softmax, then the weighted sum.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "src/core/error.h"
+
+namespace tf::ref {
+
+// The geometry every attention implementation accepts.
+inline void check_attention_shape(const AttentionShape& s) {
+  TF_CHECK(s.batch >= 0 && s.seq >= 0, "attention batch and seq must be non-negative, got ", s.batch, " and ", s.seq);
+  TF_CHECK(s.head_dim > 0, "attention head_dim must be positive, got ", s.head_dim);
+  TF_CHECK(s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+           "attention n_heads (", s.n_heads, ") must be a positive multiple of n_kv_heads (", s.n_kv_heads, ")");
+}
+
+// Whether query position i of a sequence may attend to key position j of the same sequence;
+// doc is that sequence's slice of doc_ids (or null).
+inline bool attention_allowed(const int32_t* doc, int64_t i, int64_t j) {
+  return j <= i && (doc == nullptr || doc[j] == doc[i]);
+}
+
+template <typename T>
+void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const int32_t* doc_ids,
+                       const AttentionShape& s) {
+  check_attention_shape(s);
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq;
+  const int group = s.n_heads / s.n_kv_heads;
+  std::vector<T> p(static_cast<size_t>(S));
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = doc_ids ? doc_ids + b * S : nullptr;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / group;
+      for (int64_t i = 0; i < S; ++i) {
+        const T* qi = q + ((b * S + i) * H + h) * D;
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          const T* kj = k + ((b * S + j) * KV + g) * D;
+          T dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
+          p[size_t(j)] = T(s.scale) * dot;
+          m = std::max(m, p[size_t(j)]);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          p[size_t(j)] = std::exp(p[size_t(j)] - m);
+          sum += p[size_t(j)];
+        }
+        T* oi = out + ((b * S + i) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) oi[d] = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          const T* vj = v + ((b * S + j) * KV + g) * D;
+          for (int64_t d = 0; d < D; ++d) oi[d] += p[size_t(j)] / sum * vj[d];
+        }
+        lse[(b * S + i) * H + h] = m + std::log(sum);
+      }
+    }
+  }
+}
+
+// Recomputes each softmax row from q and k (the saved out and lse are not used, so the reference
+// checks the fast version's use of them independently). With P the softmax row, dP_j = dO.v_j and
+// dS_j = P_j (dP_j - sum_l P_l dP_l): dq += scale dS k, dk_j += scale dS_j q, dv_j += P_j dO.
+template <typename T>
+void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T* k, const T* v,
+                        const int32_t* doc_ids, const AttentionShape& s) {
+  check_attention_shape(s);
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq;
+  const int group = s.n_heads / s.n_kv_heads;
+  std::vector<T> p(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = doc_ids ? doc_ids + b * S : nullptr;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / group;
+      for (int64_t i = 0; i < S; ++i) {
+        const T* qi = q + ((b * S + i) * H + h) * D;
+        const T* doi = d_out + ((b * S + i) * H + h) * D;
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          const T* kj = k + ((b * S + j) * KV + g) * D;
+          T dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
+          p[size_t(j)] = T(s.scale) * dot;
+          m = std::max(m, p[size_t(j)]);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          p[size_t(j)] = std::exp(p[size_t(j)] - m);
+          sum += p[size_t(j)];
+        }
+        T row_dot = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          p[size_t(j)] /= sum;
+          const T* vj = v + ((b * S + j) * KV + g) * D;
+          T dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += doi[d] * vj[d];
+          dp[size_t(j)] = dot;
+          row_dot += p[size_t(j)] * dot;
+        }
+        T* dqi = dq + ((b * S + i) * H + h) * D;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!attention_allowed(doc, i, j)) continue;
+          const T ds = p[size_t(j)] * (dp[size_t(j)] - row_dot);
+          const T* kj = k + ((b * S + j) * KV + g) * D;
+          T* dkj = dk + ((b * S + j) * KV + g) * D;
+          T* dvj = dv + ((b * S + j) * KV + g) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            dqi[d] += T(s.scale) * ds * kj[d];
+            dkj[d] += T(s.scale) * ds * qi[d];
+            dvj[d] += p[size_t(j)] * doi[d];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace tf::ref

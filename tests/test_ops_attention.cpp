@@ -1,0 +1,265 @@
+// Tests: tf::cpu attention (tiled, online softmax) against the plain reference; the reference
+// backward against float64 finite differences; determinism across thread counts; no S x S buffer.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/ref/attention.h"
+#include "kernels/ops.h"
+#include "src/core/alloc.h"
+#include "tests/op_test_util.h"
+
+namespace tf {
+namespace {
+
+using test::random_floats;
+using test::rel_norm_error;
+using test::to_double;
+
+// Floor for the error bounds when the naive f32 error happens to be tiny: a relative norm error of
+// a few f32 ulps (4 * 2^-24) is what any change of summation order gives.
+constexpr double kF32Floor = 4 * 5.96e-8;
+
+AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
+  AttentionShape s;
+  s.batch = batch;
+  s.seq = seq;
+  s.n_heads = heads;
+  s.n_kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  s.scale = 1.0f / std::sqrt(float(head_dim));
+  return s;
+}
+
+enum class Docs { None, Packed, Interleaved };
+
+// Packed: increasing ids with documents starting at random positions (about three per sequence)
+// and always one starting mid-sequence. Interleaved: ids i % 3, so no tile holds a single
+// document and every tile needs the per-element mask.
+std::vector<int32_t> make_doc_ids(const AttentionShape& s, Docs docs, uint64_t seed) {
+  std::vector<int32_t> ids(size_t(s.batch) * size_t(s.seq));
+  Philox rng(seed, 0xd0c);
+  for (int b = 0; b < s.batch; ++b) {
+    int32_t id = 10 * b;
+    for (int i = 0; i < s.seq; ++i) {
+      const size_t t = size_t(b) * size_t(s.seq) + size_t(i);
+      if (docs == Docs::Interleaved) {
+        ids[t] = i % 3;
+        continue;
+      }
+      if (i > 0 && (i == s.seq / 2 + b || rng.uniform(t) < 3.0f / float(s.seq))) ++id;
+      ids[t] = id;
+    }
+  }
+  return ids;
+}
+
+struct Inputs {
+  AttentionShape shape;
+  std::vector<float> q, k, v, d_out;
+  std::vector<int32_t> doc;
+  const int32_t* doc_ptr() const { return doc.empty() ? nullptr : doc.data(); }
+  size_t q_size() const { return size_t(shape.batch) * size_t(shape.seq) * size_t(shape.n_heads * shape.head_dim); }
+  size_t kv_size() const {
+    return size_t(shape.batch) * size_t(shape.seq) * size_t(shape.n_kv_heads * shape.head_dim);
+  }
+  size_t lse_size() const { return size_t(shape.batch) * size_t(shape.seq) * size_t(shape.n_heads); }
+};
+
+// q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
+// uniform and a wrong mask or a lost rescale shows up.
+Inputs make_inputs(const AttentionShape& s, Docs docs, uint64_t seed) {
+  Inputs in;
+  in.shape = s;
+  in.q = random_floats(in.q_size(), seed, 2.0f);
+  in.k = random_floats(in.kv_size(), seed + 1, 2.0f);
+  in.v = random_floats(in.kv_size(), seed + 2);
+  in.d_out = random_floats(in.q_size(), seed + 3);
+  if (docs != Docs::None) in.doc = make_doc_ids(s, docs, seed + 4);
+  return in;
+}
+
+struct Outputs {
+  std::vector<float> out, lse, dq, dk, dv;
+};
+
+Outputs run_cpu(const Inputs& in) {
+  Outputs o{std::vector<float>(in.q_size()), std::vector<float>(in.lse_size()), std::vector<float>(in.q_size()),
+            std::vector<float>(in.kv_size()), std::vector<float>(in.kv_size())};
+  cpu::attention_forward(o.out.data(), o.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(), in.shape);
+  cpu::attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.d_out.data(), in.q.data(), in.k.data(),
+                          in.v.data(), o.out.data(), o.lse.data(), in.doc_ptr(), in.shape);
+  return o;
+}
+
+// The reference forward and backward in precision T.
+template <typename T>
+struct RefOutputs {
+  std::vector<T> out, lse, dq, dk, dv;
+};
+
+template <typename T>
+RefOutputs<T> run_ref(const Inputs& in) {
+  const std::vector<T> q(in.q.begin(), in.q.end()), k(in.k.begin(), in.k.end()), v(in.v.begin(), in.v.end()),
+      d_out(in.d_out.begin(), in.d_out.end());
+  RefOutputs<T> o{std::vector<T>(in.q_size()), std::vector<T>(in.lse_size()), std::vector<T>(in.q_size()),
+                  std::vector<T>(in.kv_size()), std::vector<T>(in.kv_size())};
+  ref::attention_forward<T>(o.out.data(), o.lse.data(), q.data(), k.data(), v.data(), in.doc_ptr(), in.shape);
+  ref::attention_backward<T>(o.dq.data(), o.dk.data(), o.dv.data(), d_out.data(), q.data(), k.data(), v.data(),
+                             in.doc_ptr(), in.shape);
+  return o;
+}
+
+struct Case {
+  int batch, seq, heads, kv_heads, head_dim;
+  Docs docs;
+};
+
+std::string case_name(const Case& c) {
+  const char* docs[] = {"nodocs", "packed", "interleaved"};
+  return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) + "_kv" +
+         std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
+}
+
+class AttentionVsRef : public ::testing::TestWithParam<Case> {};
+
+// The fast kernel's error against the float64 reference is bounded by a small multiple of the
+// naive f32 reference's own error: both round the same dot products and exponentials, the tiled
+// version adds the online-softmax rescaling (a few more roundings per row), sums in a different
+// order and its backward takes dO.O from the rounded output (measured: up to 2.8x the naive
+// error, in dq). 4x that error (or of kF32Floor) leaves room for those extra roundings yet fails
+// on any masking or indexing mistake, whose errors are of order 1.
+TEST_P(AttentionVsRef, ForwardAndBackwardMatchReference) {
+  const Case c = GetParam();
+  const Inputs in = make_inputs(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim), c.docs, 1234 + c.seq);
+  const Outputs fast = run_cpu(in);
+  const RefOutputs<double> exact = run_ref<double>(in);
+  const RefOutputs<float> naive = run_ref<float>(in);
+
+  const double d_out_norm = std::sqrt(std::inner_product(in.d_out.begin(), in.d_out.end(), in.d_out.begin(), 0.0));
+  auto check = [&](const char* what, const std::vector<float>& got, const std::vector<float>& naive_f32,
+                   const std::vector<double>& want) {
+    const double want_norm = std::sqrt(std::inner_product(want.begin(), want.end(), want.begin(), 0.0));
+    if (want_norm < 1e-12 * d_out_norm) {
+      // The exact gradient vanishes (a query alone in its document: its softmax is constant), and
+      // what remains is the cancellation in dP - dO.O of two f32 dot products of length head_dim
+      // (<= 80 * 2^-24 = 5e-6 relative to |dO||v|), times scale * |k| <= 1.
+      const double got_norm = std::sqrt(std::inner_product(got.begin(), got.end(), got.begin(), 0.0));
+      EXPECT_LE(got_norm, 1e-5 * d_out_norm) << what;
+      return;
+    }
+    const double err = rel_norm_error(got, want);
+    const double naive_err = rel_norm_error(naive_f32, want);
+    EXPECT_LE(err, 4.0 * std::max(naive_err, kF32Floor)) << what << ": fast " << err << ", naive f32 " << naive_err;
+  };
+  check("out", fast.out, naive.out, exact.out);
+  check("lse", fast.lse, naive.lse, exact.lse);
+  check("dq", fast.dq, naive.dq, exact.dq);
+  check("dk", fast.dk, naive.dk, exact.dk);
+  check("dv", fast.dv, naive.dv, exact.dv);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionVsRef,
+    ::testing::Values(Case{2, 1, 4, 2, 32, Docs::None}, Case{2, 1, 4, 2, 32, Docs::Packed},
+                      Case{2, 7, 4, 4, 80, Docs::None}, Case{2, 7, 4, 4, 80, Docs::Packed},
+                      Case{2, 33, 8, 2, 64, Docs::None}, Case{2, 33, 8, 2, 64, Docs::Packed},
+                      Case{2, 100, 4, 1, 32, Docs::None}, Case{2, 100, 4, 1, 32, Docs::Packed},
+                      Case{2, 100, 2, 2, 64, Docs::Interleaved}, Case{1, 1025, 2, 1, 64, Docs::None},
+                      Case{1, 1025, 2, 1, 64, Docs::Packed}),
+    [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
+
+// Backward ops accumulate: starting from nonzero gradients gives start + gradient. Each element
+// receives one addition of the same scaled value, which may be fused with the scaling (one
+// rounding instead of two), so the sums agree to within an ulp of the operands (2^-23 of
+// |start| + |gradient|).
+TEST(Attention, BackwardAccumulates) {
+  const Inputs in = make_inputs(make_shape(2, 70, 4, 2, 32), Docs::Packed, 77);
+  const Outputs zero_start = run_cpu(in);
+  const std::vector<float> dq0 = random_floats(in.q_size(), 5), dk0 = random_floats(in.kv_size(), 6),
+                           dv0 = random_floats(in.kv_size(), 7);
+  std::vector<float> dq = dq0, dk = dk0, dv = dv0;
+  cpu::attention_backward(dq.data(), dk.data(), dv.data(), in.d_out.data(), in.q.data(), in.k.data(), in.v.data(),
+                          zero_start.out.data(), zero_start.lse.data(), in.doc_ptr(), in.shape);
+  auto check = [](const char* what, const std::vector<float>& got, const std::vector<float>& start,
+                  const std::vector<float>& grad) {
+    for (size_t i = 0; i < got.size(); ++i) {
+      const float want = start[i] + grad[i];
+      ASSERT_NEAR(got[i], want, 1.2e-7 * (std::abs(start[i]) + std::abs(grad[i]))) << what << "[" << i << "]";
+    }
+  };
+  check("dq", dq, dq0, zero_start.dq);
+  check("dk", dk, dk0, zero_start.dk);
+  check("dv", dv, dv0, zero_start.dv);
+}
+
+// Every output element is owned by one task that sums in a fixed order, so 1, 2 and 3 threads
+// give the same bits.
+TEST(Attention, BitIdenticalAcrossThreadCounts) {
+  const Inputs in = make_inputs(make_shape(2, 150, 4, 2, 64), Docs::Packed, 99);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const Outputs one = run_cpu(in);
+  for (int threads : {2, 3}) {
+    omp_set_num_threads(threads);
+    const Outputs many = run_cpu(in);
+    EXPECT_EQ(0, std::memcmp(one.out.data(), many.out.data(), one.out.size() * sizeof(float))) << threads;
+    EXPECT_EQ(0, std::memcmp(one.lse.data(), many.lse.data(), one.lse.size() * sizeof(float))) << threads;
+    EXPECT_EQ(0, std::memcmp(one.dq.data(), many.dq.data(), one.dq.size() * sizeof(float))) << threads;
+    EXPECT_EQ(0, std::memcmp(one.dk.data(), many.dk.data(), one.dk.size() * sizeof(float))) << threads;
+    EXPECT_EQ(0, std::memcmp(one.dv.data(), many.dv.data(), one.dv.size() * sizeof(float))) << threads;
+  }
+  omp_set_num_threads(saved);
+}
+
+// The tiled kernels' scratch is per-thread tiles plus one float per (token, head): far below the
+// seq x seq score matrix a naive implementation would allocate.
+TEST(Attention, NoSeqBySeqWorkspace) {
+  const Inputs in = make_inputs(make_shape(1, 1025, 2, 1, 64), Docs::None, 3);
+  MemTracker::instance().reset_peaks();
+  const size_t before = MemTracker::instance().current(MemTag::Workspace);
+  run_cpu(in);
+  const size_t used = MemTracker::instance().peak(MemTag::Workspace) - before;
+  EXPECT_GT(used, 0u);
+  EXPECT_LT(used, size_t(1025) * 1025 * sizeof(float) / 4);
+}
+
+// The double-precision reference backward against central differences of the double-precision
+// reference forward, for L = sum(out * W). The finite differences are accurate to about 1e-10
+// relative (see numeric_gradient); 1e-7 is far above that and far below the error of any wrong
+// term in the backward.
+TEST(Attention, ReferenceBackwardMatchesFiniteDifferences) {
+  for (const Docs docs : {Docs::None, Docs::Packed}) {
+    const AttentionShape s = make_shape(2, 6, 4, 2, 3);
+    const Inputs in = make_inputs(s, docs, 555);
+    std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v), w = to_double(in.d_out);
+    std::vector<double> out(in.q_size()), lse(in.lse_size());
+    auto loss = [&] {
+      ref::attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), in.doc_ptr(), s);
+      double l = 0;
+      for (size_t i = 0; i < out.size(); ++i) l += out[i] * w[i];
+      return l;
+    };
+    std::vector<double> dq(q.size()), dk(k.size()), dv(v.size());
+    ref::attention_backward<double>(dq.data(), dk.data(), dv.data(), w.data(), q.data(), k.data(), v.data(),
+                                    in.doc_ptr(), s);
+    EXPECT_LT(rel_norm_error(dq, test::numeric_gradient(q, loss)), 1e-7);
+    EXPECT_LT(rel_norm_error(dk, test::numeric_gradient(k, loss)), 1e-7);
+    EXPECT_LT(rel_norm_error(dv, test::numeric_gradient(v, loss)), 1e-7);
+  }
+}
+
+TEST(Attention, RejectsBadShapes) {
+  float x = 0;
+  AttentionShape s = make_shape(1, 1, 3, 2, 4);
+  EXPECT_THROW(cpu::attention_forward(&x, &x, &x, &x, &x, nullptr, s), Error);
+  s = make_shape(1, 1, 2, 2, 0);
+  EXPECT_THROW(cpu::attention_forward(&x, &x, &x, &x, &x, nullptr, s), Error);
+}
+
+}  // namespace
+}  // namespace tf
