@@ -62,7 +62,8 @@ void rope_rotate(float* x, const int32_t* pos, const float* inv_freq, int64_t n_
   TF_CHECK(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024, "rope head_dim must be even and in [2, 1024], got ",
            head_dim);
   const int half = head_dim / 2;
-#pragma omp parallel for schedule(static)
+  // Below about 32k elements the OpenMP fork/join costs more than the rotation.
+#pragma omp parallel for schedule(static) if (n_tokens * n_heads * head_dim >= (1 << 15))
   for (int64_t t = 0; t < n_tokens; ++t) {
     float cs[512], sn[512];
     for (int i = 0; i < half; ++i) {
