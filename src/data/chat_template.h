@@ -1,0 +1,67 @@
+// defines: tf::data::Example (one JSONL record in any of the four shapes), tf::data::ChatTemplate,
+// tf::data::Segment, template_by_name, detect_template, render_example, segments_to_text
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace tf::data {
+
+struct Message {
+  std::string role;  // "system", "user" or "assistant"
+  std::string content;
+};
+
+// One training record. Which fields are meaningful depends on `shape`.
+struct Example {
+  enum class Shape { Text, PromptCompletion, Messages, Instruction };
+  Shape shape = Shape::Text;
+  std::string text;                                // Text
+  std::string prompt, completion;                  // PromptCompletion
+  std::vector<Message> messages;                   // Messages
+  std::string instruction, input, output;          // Instruction (input may be empty)
+  size_t line = 0;                                 // 1-based line in its file, for error messages
+};
+
+enum class TemplateKind { Plain, Alpaca, ChatML, Llama3, Llama2, Mistral };
+
+struct ChatTemplate {
+  TemplateKind kind = TemplateKind::Plain;
+  // The system prompt the model's own template inserts when a conversation has none (SmolLM2 and
+  // Qwen2 do this); empty: none is inserted.
+  std::string default_system;
+};
+
+// A piece of rendered text. `bos` / `eos` say that the tokenizer's BOS token comes right before the
+// text / its EOS token right after it: those are ids, not text, so that a template does not depend on
+// how a vocabulary spells them. A trainable segment's EOS is trainable too.
+struct Segment {
+  std::string text;
+  bool trainable = false;
+  bool bos = false;
+  bool eos = false;
+};
+
+// "plain", "alpaca", "chatml", "llama3", "llama2", "mistral"; anything else is an error listing these.
+ChatTemplate template_by_name(std::string_view name);
+std::string_view template_name(TemplateKind kind);
+
+// Recognises a model's Jinja chat template (tokenizer_config.json `chat_template`, GGUF
+// `tokenizer.chat_template`) by its markers. `source` names where the text came from in errors; an
+// unrecognised template is an error that suggests --template.
+ChatTemplate detect_template(std::string_view jinja, std::string_view source);
+
+// Renders one example as the model's template would, split into prompt (not trainable) and response
+// (trainable) segments: assistant turns with their end-of-turn marker, completions and outputs with
+// EOS; a {"text"} record is trainable as a whole. `tokenizer_adds_bos` decides BOS for the plain and
+// Alpaca formats, which have no opinion of their own; the chat templates write BOS where the
+// model's template does. Throws a tf::Error (without a location; the caller adds file:line) when the
+// example does not fit the template, e.g. Llama-2 and Mistral demand alternating user/assistant turns.
+std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos);
+
+// The segments as one string with BOS/EOS spelled out, for display and tests.
+std::string segments_to_text(const std::vector<Segment>& segs, std::string_view bos, std::string_view eos);
+
+}  // namespace tf::data
