@@ -1,0 +1,246 @@
+#include "src/train/checkpoint.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "src/core/error.h"
+#include "src/core/rng.h"
+#include "tests/model_test_util.h"
+
+namespace tf {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fresh run directory per test, removed afterwards.
+struct TempRun {
+  fs::path dir;
+  TempRun() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir = fs::temp_directory_path() / ("tf-ckpt-" + std::to_string(::getpid()) + "-" + info->name());
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  ~TempRun() { fs::remove_all(dir); }
+  std::string str() const { return dir.string(); }
+};
+
+LoraConfig lora_cfg(int rank = 4, uint32_t targets = (1u << kLoraTargetCount) - 1) {
+  LoraConfig c;
+  c.rank = rank;
+  c.targets = targets;
+  c.seed = 7;
+  return c;
+}
+
+// Distinct values in all three buffers, so a swap of params and moments or of two adapters shows.
+void fill(LoraState& s, uint64_t seed) {
+  Buffer* bufs[3] = {&s.params, &s.adam_m, &s.adam_v};
+  for (int b = 0; b < 3; ++b) {
+    const Philox rng(seed, uint64_t(b));
+    float* p = bufs[b]->as<float>();
+    for (int64_t i = 0; i < s.n_params; ++i) p[i] = rng.normal(uint64_t(i));
+  }
+}
+
+bool same_bits(const LoraState& a, const LoraState& b) {
+  return a.n_params == b.n_params && std::memcmp(a.params.data(), b.params.data(), a.params.bytes()) == 0 &&
+         std::memcmp(a.adam_m.data(), b.adam_m.data(), a.adam_m.bytes()) == 0 &&
+         std::memcmp(a.adam_v.data(), b.adam_v.data(), a.adam_v.bytes()) == 0;
+}
+
+CheckpointMeta meta(const std::string& hash = "h1", const std::string& config = R"({"lr":0.001,"lora_rank":4})") {
+  CheckpointMeta m;
+  m.config_hash = hash;
+  m.config_json = config;
+  m.data_cursor = R"({"epoch":1,"position":17})";
+  m.seed = 1234;
+  return m;
+}
+
+TrainerState trainer_at(int64_t step) { return TrainerState{step, step - 1, 1, 0}; }
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Checkpoint, RoundTripIsBitExact) {
+  TempRun run;
+  const LlamaConfig model = test::tiny_config();
+  LoraState saved(model, lora_cfg());
+  fill(saved, 1);
+  const std::string path = save_checkpoint(run.str(), saved, trainer_at(12), meta(), 3);
+  EXPECT_EQ(fs::path(path).filename(), "step-12");
+
+  LoraState loaded(model, lora_cfg());
+  ASSERT_FALSE(same_bits(saved, loaded));
+  const LoadedCheckpoint ck = load_checkpoint(path, "h1", meta().config_json, loaded);
+  EXPECT_TRUE(same_bits(saved, loaded));
+  EXPECT_EQ(ck.trainer.step, 12);
+  EXPECT_EQ(ck.trainer.adam_steps, 11);
+  EXPECT_EQ(ck.trainer.skipped_total, 1);
+  EXPECT_EQ(ck.trainer.consecutive_skips, 0);
+  EXPECT_EQ(ck.seed, 1234u);
+  EXPECT_EQ(nlohmann::json::parse(ck.data_cursor), nlohmann::json::parse(meta().data_cursor));
+
+  const auto latest = latest_checkpoint(run.str());
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->step, 12);
+  // Nothing of the write is left beside it.
+  int entries = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(run.dir / "checkpoints")) ++entries;
+  EXPECT_EQ(entries, 1);
+}
+
+TEST(Checkpoint, KeepsTheNewest) {
+  TempRun run;
+  LoraState s(test::tiny_config(), lora_cfg());
+  for (int64_t step : {10, 20, 30, 40}) {
+    fill(s, uint64_t(step));
+    save_checkpoint(run.str(), s, trainer_at(step), meta(), 2);
+  }
+  const auto all = list_checkpoints(run.str());
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].step, 30);
+  EXPECT_EQ(all[1].step, 40);
+  // Resuming from 30 and saving at 35 supersedes 40, which belonged to the abandoned continuation.
+  save_checkpoint(run.str(), s, trainer_at(35), meta(), 2);
+  const auto after = list_checkpoints(run.str());
+  ASSERT_EQ(after.size(), 2u);
+  EXPECT_EQ(after[0].step, 30);
+  EXPECT_EQ(after[1].step, 35);
+  EXPECT_EQ(latest_checkpoint(run.str())->step, 35);
+  EXPECT_NE(error_of([&] { save_checkpoint(run.str(), s, trainer_at(36), meta(), 0); }).find("at least 1"),
+            std::string::npos);
+}
+
+TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
+  TempRun run;
+  const LlamaConfig model = test::tiny_config();
+  LoraState good(model, lora_cfg());
+  fill(good, 1);
+  save_checkpoint(run.str(), good, trainer_at(10), meta(), 5);
+  LoraState later(model, lora_cfg());
+  fill(later, 2);
+  const fs::path ckpts = run.dir / "checkpoints";
+
+  // A save that died before its rename: a half-filled temporary directory.
+  fs::create_directories(ckpts / ".tmp-step-50-99999");
+  std::ofstream(ckpts / ".tmp-step-50-99999" / "lora.safetensors") << "partial";
+
+  // Damaged later checkpoints: truncated tensors, a flipped byte, no state.json.
+  save_checkpoint(run.str(), later, trainer_at(20), meta(), 5);
+  const fs::path t20 = ckpts / "step-20" / "lora.safetensors";
+  fs::resize_file(t20, fs::file_size(t20) / 2);
+  save_checkpoint(run.str(), later, trainer_at(30), meta(), 5);
+  {
+    std::fstream f(ckpts / "step-30" / "lora.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  save_checkpoint(run.str(), later, trainer_at(40), meta(), 5);
+  fs::remove(ckpts / "step-40" / "state.json");
+  fs::create_directories(ckpts / ".tmp-step-50-99999");
+
+  std::vector<std::string> rejected;
+  const auto latest = latest_checkpoint(run.str(), &rejected);
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->step, 10);
+  ASSERT_EQ(rejected.size(), 3u);
+  EXPECT_NE(rejected[0].find("state.json: missing"), std::string::npos) << rejected[0];
+  EXPECT_NE(rejected[1].find("checksum mismatch"), std::string::npos) << rejected[1];
+  EXPECT_NE(rejected[2].find("truncated"), std::string::npos) << rejected[2];
+
+  LoraState resumed(model, lora_cfg());
+  load_checkpoint(latest->path, "h1", meta().config_json, resumed);
+  EXPECT_TRUE(same_bits(good, resumed));
+  // Loading a damaged one directly is refused too.
+  EXPECT_NE(error_of([&] { load_checkpoint((ckpts / "step-30").string(), "h1", "", resumed); }).find("checksum"),
+            std::string::npos);
+  EXPECT_TRUE(same_bits(good, resumed));
+
+  // The next save cleans up the stale temporary directory and replaces the damaged step-20.
+  save_checkpoint(run.str(), later, trainer_at(20), meta(), 5);
+  EXPECT_FALSE(fs::exists(ckpts / ".tmp-step-50-99999"));
+  EXPECT_EQ(latest_checkpoint(run.str())->step, 20);
+  LoraState again(model, lora_cfg());
+  load_checkpoint((ckpts / "step-20").string(), "h1", "", again);
+  EXPECT_TRUE(same_bits(later, again));
+}
+
+TEST(Checkpoint, ConfigChangeIsRefusedNamingTheOption) {
+  TempRun run;
+  const LlamaConfig model = test::tiny_config();
+  LoraState s(model, lora_cfg());
+  fill(s, 1);
+  const std::string path = save_checkpoint(run.str(), s, trainer_at(5), meta(), 1);
+  LoraState other(model, lora_cfg());
+  fill(other, 2);
+  const std::string msg =
+      error_of([&] { load_checkpoint(path, "h2", R"({"lr":0.002,"lora_rank":4,"pack":true})", other); });
+  EXPECT_NE(msg.find("configuration changed"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("lr: 0.001 -> 0.002"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("pack: (absent) -> true"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find("lora_rank"), std::string::npos) << msg;
+  // Without a config JSON the message still says what differs.
+  const std::string bare = error_of([&] { load_checkpoint(path, "h2", "", other); });
+  EXPECT_NE(bare.find("config hash h1 -> h2"), std::string::npos) << bare;
+  LoraState untouched(model, lora_cfg());
+  fill(untouched, 2);
+  EXPECT_TRUE(same_bits(other, untouched));
+}
+
+TEST(Checkpoint, LayoutChangeIsRefused) {
+  TempRun run;
+  const LlamaConfig model = test::tiny_config();
+  LoraState s(model, lora_cfg(4));
+  fill(s, 1);
+  const std::string path = save_checkpoint(run.str(), s, trainer_at(5), meta(), 1);
+
+  LoraState rank8(model, lora_cfg(8));
+  const std::string rank_msg = error_of([&] { load_checkpoint(path, "h1", "", rank8); });
+  EXPECT_NE(rank_msg.find("LoRA rank 4 but this run uses rank 8"), std::string::npos) << rank_msg;
+
+  LoraState qv(model, lora_cfg(4, (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V))));
+  const std::string tgt_msg = error_of([&] { load_checkpoint(path, "h1", "", qv); });
+  EXPECT_NE(tgt_msg.find("[\"q_proj\",\"v_proj\"]"), std::string::npos) << tgt_msg;
+
+  LlamaConfig deeper = model;
+  deeper.n_layers = 3;
+  LoraState deep(deeper, lora_cfg(4));
+  const std::string layer_msg = error_of([&] { load_checkpoint(path, "h1", "", deep); });
+  EXPECT_NE(layer_msg.find("2 layers, this one has 3"), std::string::npos) << layer_msg;
+
+  LlamaConfig wider = model;
+  wider.intermediate = 96;
+  LoraState wide(wider, lora_cfg(4));
+  const std::string shape_msg = error_of([&] { load_checkpoint(path, "h1", "", wide); });
+  EXPECT_NE(shape_msg.find("gate_proj.B is F32 [64, 4] but this run's layout needs F32 [96, 4]"), std::string::npos)
+      << shape_msg;
+}
+
+TEST(Checkpoint, BadInputsAreRefused) {
+  TempRun run;
+  LoraState s(test::tiny_config(), lora_cfg());
+  CheckpointMeta bad = meta();
+  bad.data_cursor = "{not json";
+  EXPECT_NE(error_of([&] { save_checkpoint(run.str(), s, trainer_at(1), bad, 1); }).find("data cursor"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_checkpoint(run.str(), "h1", "", s); }).find("expected a name step-N"),
+            std::string::npos);
+  EXPECT_FALSE(latest_checkpoint(run.str()).has_value());
+}
+
+}  // namespace
+}  // namespace tf
