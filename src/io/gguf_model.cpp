@@ -1,0 +1,143 @@
+#include "src/io/gguf_model.h"
+
+#include <charconv>
+#include <climits>
+#include <cmath>
+
+#include "src/core/error.h"
+
+namespace tf::io {
+namespace {
+
+int positive_int(const GgufFile& f, const std::string& key) {
+  const int64_t v = f.get_int(key);
+  if (v <= 0 || v > INT_MAX) TF_FAIL(f.path(), ": metadata key '", key, "' must be a positive int, got ", v);
+  return int(v);
+}
+
+float positive_float(const GgufFile& f, const std::string& key) {
+  const double v = f.get_float(key);
+  if (!(v > 0) || !std::isfinite(float(v)))
+    TF_FAIL(f.path(), ": metadata key '", key, "' must be a positive finite number, got ", v);
+  return float(v);
+}
+
+}  // namespace
+
+LlamaConfig llama_config_from_gguf(const GgufFile& f) {
+  const std::string_view arch = f.get_string("general.architecture");
+  if (arch != "llama")
+    TF_FAIL(f.path(), ": general.architecture is '", arch, "'; only 'llama' GGUF models are supported");
+  const std::string p = "llama.";
+  LlamaConfig c;
+  c.architecture = "llama";
+  c.hidden = positive_int(f, p + "embedding_length");
+  c.intermediate = positive_int(f, p + "feed_forward_length");
+  c.n_layers = positive_int(f, p + "block_count");
+  c.n_heads = positive_int(f, p + "attention.head_count");
+  c.n_kv_heads = f.has(p + "attention.head_count_kv") ? positive_int(f, p + "attention.head_count_kv") : c.n_heads;
+  if (f.has(p + "attention.key_length")) {
+    c.head_dim = positive_int(f, p + "attention.key_length");
+  } else {
+    if (c.hidden % c.n_heads != 0)
+      TF_FAIL(f.path(), ": embedding_length ", c.hidden, " is not a multiple of head_count ", c.n_heads);
+    c.head_dim = c.hidden / c.n_heads;
+  }
+  if (f.has(p + "attention.value_length") && positive_int(f, p + "attention.value_length") != c.head_dim)
+    TF_FAIL(f.path(), ": attention.value_length differs from the key length ", c.head_dim);
+  c.rms_eps = positive_float(f, p + "attention.layer_norm_rms_epsilon");
+  c.max_positions = f.has(p + "context_length") ? positive_int(f, p + "context_length") : c.max_positions;
+
+  c.rope.head_dim = f.has(p + "rope.dimension_count") ? positive_int(f, p + "rope.dimension_count") : c.head_dim;
+  c.rope.theta = f.has(p + "rope.freq_base") ? positive_float(f, p + "rope.freq_base") : 10000.0f;
+  const std::string scaling_type = f.has(p + "rope.scaling.type") ? std::string(f.get_string(p + "rope.scaling.type"))
+                                                                  : std::string("none");
+  if (scaling_type == "linear") {
+    c.rope.scaling = RopeScalingType::Linear;
+    c.rope.factor = positive_float(f, p + "rope.scaling.factor");
+  } else if (scaling_type == "none" && f.has(p + "rope.scale_linear")) {
+    // Older files spell linear scaling as a bare factor.
+    c.rope.factor = positive_float(f, p + "rope.scale_linear");
+    c.rope.scaling = c.rope.factor == 1.0f ? RopeScalingType::None : RopeScalingType::Linear;
+  } else if (scaling_type != "none") {
+    TF_FAIL(f.path(), ": rope scaling type '", scaling_type, "' is not supported (none or linear)");
+  }
+  // Llama 3.1-style scaling is stored as precomputed per-frequency factors, not as the parameters
+  // tightfit's rope takes; refusing is better than silently rotating with the wrong frequencies.
+  if (f.find_tensor("rope_freqs.weight"))
+    TF_FAIL(f.path(), ": rope_freqs.weight (per-frequency rope factors, Llama 3.1 style) is not supported");
+  c.rope_layout = RopeLayout::Interleaved;
+
+  const GgufTensorInfo& embd = f.tensor("token_embd.weight");
+  if (embd.n_dims != 2 || embd.ne[0] != c.hidden)
+    TF_FAIL(f.path(), ": token_embd.weight has ne [", embd.ne[0], ", ", embd.ne[1], "] (", embd.n_dims,
+            " dims); expected [", c.hidden, ", vocab]");
+  if (f.has(p + "vocab_size")) {
+    c.vocab = positive_int(f, p + "vocab_size");
+  } else if (f.has("tokenizer.ggml.tokens")) {
+    const GgufValue& toks = f.get_array("tokenizer.ggml.tokens", GgufValueType::String);
+    if (toks.count == 0 || toks.count > uint64_t(INT_MAX))
+      TF_FAIL(f.path(), ": tokenizer.ggml.tokens has ", toks.count, " entries");
+    c.vocab = int(toks.count);
+  } else {
+    c.vocab = int(embd.ne[1]);
+  }
+  if (embd.ne[1] != c.vocab)
+    TF_FAIL(f.path(), ": token_embd.weight has ", embd.ne[1], " rows but the vocabulary has ", c.vocab, " tokens");
+  c.tie_embeddings = f.find_tensor("output.weight") == nullptr;
+  c.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  c.validate(f.path());
+  return c;
+}
+
+namespace {
+struct RoleName {
+  GgufLlamaRole role;
+  std::string_view name;  // the part after "blk.N." for per-block roles, the full name otherwise
+  bool per_block;
+};
+constexpr RoleName kRoleNames[] = {
+    {GgufLlamaRole::TokenEmbd, "token_embd.weight", false},
+    {GgufLlamaRole::AttnNorm, "attn_norm.weight", true},
+    {GgufLlamaRole::AttnQ, "attn_q.weight", true},
+    {GgufLlamaRole::AttnK, "attn_k.weight", true},
+    {GgufLlamaRole::AttnV, "attn_v.weight", true},
+    {GgufLlamaRole::AttnOutput, "attn_output.weight", true},
+    {GgufLlamaRole::FfnNorm, "ffn_norm.weight", true},
+    {GgufLlamaRole::FfnGate, "ffn_gate.weight", true},
+    {GgufLlamaRole::FfnUp, "ffn_up.weight", true},
+    {GgufLlamaRole::FfnDown, "ffn_down.weight", true},
+    {GgufLlamaRole::OutputNorm, "output_norm.weight", false},
+    {GgufLlamaRole::Output, "output.weight", false},
+};
+}  // namespace
+
+std::optional<GgufLlamaTensor> parse_gguf_llama_tensor_name(std::string_view name) {
+  constexpr std::string_view kBlk = "blk.";
+  if (name.substr(0, kBlk.size()) == kBlk) {
+    const std::string_view rest = name.substr(kBlk.size());
+    int layer = -1;
+    const auto [end, ec] = std::from_chars(rest.data(), rest.data() + rest.size(), layer);
+    if (ec != std::errc() || end == rest.data() || layer < 0 || *end != '.') return std::nullopt;
+    if (rest[0] == '0' && end - rest.data() > 1) return std::nullopt;  // "blk.01." is not a canonical name
+    const std::string_view suffix = rest.substr(size_t(end - rest.data()) + 1);
+    for (const RoleName& r : kRoleNames)
+      if (r.per_block && r.name == suffix) return GgufLlamaTensor{r.role, layer};
+    return std::nullopt;
+  }
+  for (const RoleName& r : kRoleNames)
+    if (!r.per_block && r.name == name) return GgufLlamaTensor{r.role, -1};
+  return std::nullopt;
+}
+
+std::string gguf_llama_tensor_name(GgufLlamaTensor t) {
+  for (const RoleName& r : kRoleNames) {
+    if (r.role != t.role) continue;
+    if (!r.per_block) return std::string(r.name);
+    TF_CHECK(t.layer >= 0, "gguf tensor name: ", r.name, " needs a block index");
+    return "blk." + std::to_string(t.layer) + "." + std::string(r.name);
+  }
+  TF_FAIL("gguf tensor name: unknown role ", int(t.role));
+}
+
+}  // namespace tf::io

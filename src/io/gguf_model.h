@@ -1,0 +1,48 @@
+// defines: tf::io::llama_config_from_gguf (llama-architecture GGUF metadata -> tf::LlamaConfig),
+//          tf::io::GgufLlamaTensor and the GGUF tensor-name mapping (blk.N.attn_q.weight, ...)
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "src/io/gguf.h"
+#include "src/model/config.h"
+
+namespace tf::io {
+
+// Reads the `llama.*` hyper-parameters (general.architecture must be "llama"; Mistral, SmolLM and
+// TinyLlama files use it too) and checks them against the token embedding's shape. GGUF stores
+// q/k rows permuted for the interleaved rotation, so rope_layout is Interleaved; a file without
+// output.weight ties the lm_head to the embedding. Throws tf::Error naming the file and key.
+LlamaConfig llama_config_from_gguf(const GgufFile& f);
+
+// What a Llama-architecture GGUF tensor is.
+enum class GgufLlamaRole : uint8_t {
+  TokenEmbd,   // token_embd.weight            [vocab, hidden]
+  AttnNorm,    // blk.N.attn_norm.weight       [hidden]
+  AttnQ,       // blk.N.attn_q.weight          [q_dim, hidden]  (rows permuted for interleaved rope)
+  AttnK,       // blk.N.attn_k.weight          [kv_dim, hidden] (rows permuted for interleaved rope)
+  AttnV,       // blk.N.attn_v.weight          [kv_dim, hidden]
+  AttnOutput,  // blk.N.attn_output.weight     [hidden, q_dim]
+  FfnNorm,     // blk.N.ffn_norm.weight        [hidden]
+  FfnGate,     // blk.N.ffn_gate.weight        [intermediate, hidden]
+  FfnUp,       // blk.N.ffn_up.weight          [intermediate, hidden]
+  FfnDown,     // blk.N.ffn_down.weight        [hidden, intermediate]
+  OutputNorm,  // output_norm.weight           [hidden]
+  Output,      // output.weight                [vocab, hidden]
+};
+
+struct GgufLlamaTensor {
+  GgufLlamaRole role = GgufLlamaRole::TokenEmbd;
+  int layer = -1;  // block index for the per-block roles, -1 otherwise
+
+  bool operator==(const GgufLlamaTensor&) const = default;
+};
+
+// "blk.3.attn_q.weight" -> {AttnQ, 3}; nullopt for names outside the mapping.
+std::optional<GgufLlamaTensor> parse_gguf_llama_tensor_name(std::string_view name);
+// The inverse: {AttnQ, 3} -> "blk.3.attn_q.weight".
+std::string gguf_llama_tensor_name(GgufLlamaTensor t);
+
+}  // namespace tf::io
