@@ -196,7 +196,7 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
   auto race = [&](const char* what, uint16_t other, const char* other_did) {
     fail(detail::concat("shared-memory race (", what, ") in ", fmt_block(L), ": ", fmt_thread(t),
                         kind == AccessKind::Read ? " reads " : " writes ", fmt_place(r, addr), ", which ",
-                        fmt_thread(L.threads[other]), " ", other_did,
+                        other == tid ? std::string("another thread") : fmt_thread(L.threads[other]), " ", other_did,
                         " with no barrier between (missing __syncthreads?)"));
   };
   for (size_t i = 0; i < bytes; ++i) {
@@ -217,7 +217,7 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
     }
     if (other_writer && !(kind == AccessKind::Atomic && s.w_atomic)) race("write after write", s.w_tid, "wrote");
     if (s.r_epoch && !ordered(s.r_tid, s.r_epoch, s.r_wepoch) && (s.r_tid != tid || s.r_multi)) {
-      race("write after read", s.r_tid != tid ? s.r_tid : tid, s.r_tid != tid ? "read" : "and another thread read");
+      race("write after read", s.r_tid, "read");
     }
     s.w_tid = tid;
     s.w_epoch = e;
