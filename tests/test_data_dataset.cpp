@@ -130,13 +130,14 @@ TEST(DataJsonl, BadLinesNameFileLineAndProblem) {
       {"{\"messages\": [7]}", "messages[0] must be an object, not number"},
       {"{\"messages\": [{\"role\": \"user\"}]}", "missing field \"content\" in messages[0]"},
       {"{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}", "messages[0] has role 'tool'"},
-      {"{\"messages\": [{\"role\": \"user\", \"content\": null}]}", "\"content\" in messages[0] must be a string"},
+      {"{\"messages\": [{\"role\": \"user\", \"content\": null}]}",
+       "\"content\" in messages[0] must be a string"},
       {"{\"instruction\": \"x\", \"input\": 3, \"output\": \"y\"}", "field \"input\" must be a string"},
       {"{\"id\": 1}", "no known fields"},
       {"{\"text\": \"a\", \"prompt\": \"b\", \"completion\": \"c\"}", "more than one record shape"},
       {"{\"text\": \"caf\xC3\"}", "invalid UTF-8 at byte 13"},
       {"{\"text\": \"\xED\xA0\x80\"}", "invalid UTF-8 at byte 10"},  // an encoded surrogate
-      {"{\"text\": \"\\ud800\"}", "malformed JSON"},                    // an unpaired escaped surrogate
+      {"{\"text\": \"\\ud800\"}", "malformed JSON"},                 // an unpaired escaped surrogate
       {std::string(40, '[') + std::string(40, ']'), "nested deeper than 16"},
   };
   TempDir dir;
@@ -150,8 +151,8 @@ TEST(DataJsonl, BadLinesNameFileLineAndProblem) {
 
 TEST(DataJsonl, SkipModeCountsBadLines) {
   TempDir dir;
-  const std::string path = dir.write("mixed.jsonl",
-                                     "{\"text\": \"one\"}\nnot json\n{\"text\": 1}\n{\"text\": \"two\"}\n");
+  const std::string path =
+      dir.write("mixed.jsonl", "{\"text\": \"one\"}\nnot json\n{\"text\": 1}\n{\"text\": \"two\"}\n");
   const Dataset ds = load_jsonl(path, {.skip_bad_lines = true});
   EXPECT_EQ(ds.examples.size(), 2u);
   EXPECT_EQ(ds.skipped_lines, 2u);
@@ -169,7 +170,8 @@ TEST(DataJsonl, EmptyAndMissingFiles) {
     const std::string path = dir.write("empty.jsonl", body);
     EXPECT_CONTAINS(expect_error([&] { load_jsonl(path); }), path + ": no examples");
   }
-  EXPECT_CONTAINS(expect_error([&] { load_jsonl("/nonexistent/x.jsonl"); }), "/nonexistent/x.jsonl: cannot open");
+  EXPECT_CONTAINS(expect_error([&] { load_jsonl("/nonexistent/x.jsonl"); }),
+                  "/nonexistent/x.jsonl: cannot open");
 }
 
 TEST(DataJsonl, HostileLinesCostBoundedTime) {
@@ -206,12 +208,13 @@ Dataset in_memory(std::string path, std::vector<Example> examples) {
 Example messages_example() {
   Example ex;
   ex.shape = Example::Shape::Messages;
-  ex.messages = {{"system", "S"}, {"user", "Hi"}, {"assistant", "Yo"}, {"user", "Again"}, {"assistant", "Ok"}};
+  ex.messages = {
+      {"system", "S"}, {"user", "Hi"}, {"assistant", "Yo"}, {"user", "Again"}, {"assistant", "Ok"}};
   return ex;
 }
 
-std::string decode_where(const tok::Tokenizer& tk, std::span<const int32_t> ids, std::span<const uint8_t> mask,
-                         bool want) {
+std::string decode_where(const tok::Tokenizer& tk, std::span<const int32_t> ids,
+                         std::span<const uint8_t> mask, bool want) {
   std::vector<int32_t> picked;
   for (size_t i = 0; i < ids.size(); ++i)
     if (bool(mask[i]) == want) picked.push_back(ids[i]);
@@ -227,7 +230,8 @@ TEST(DataTokenize, LossMasksCoverExactlyTheResponses) {
   };
   const std::vector<Case> cases = {
       {"chatml", "Yo<|im_end|>Ok<|im_end|>",
-       "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+       "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>"
+       "\n"
        "<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\nOk<|im_end|>\n"},
       {"llama3", "Yo<|eot_id|>Ok<|eot_id|>", ""},
       {"llama2", " Yo </s> Ok </s>", ""},

@@ -151,7 +151,8 @@ TEST(DataTemplate, RefusesWhatTheTemplatesRefuse) {
 // string literals keep their backslash escapes ("\\n" here is the two characters \ and n).
 constexpr const char* kSmolLM2 =
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 constexpr const char* kQwen2 =
@@ -165,7 +166,8 @@ constexpr const char* kLlama3 =
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
     "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
     "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% "
+    "endif %}";
 constexpr const char* kLlama2 =
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
     "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
@@ -182,7 +184,8 @@ constexpr const char* kMistral =
 // fixed default prompt counts.
 constexpr const char* kQwen25Tools =
     "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
-    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are "
+    "a "
     "helpful assistant.<|im_end|>\\n' }}{%- endif %}";
 
 TEST(DataTemplate, DetectsRealTemplates) {
@@ -215,9 +218,10 @@ TEST(DataTemplate, DefaultSystemPromptIsInsertedOnlyWhenMissing) {
   const std::string with_default = segments_to_text(render_example(smol, conversation(false), false), "", "");
   const std::string with_own = segments_to_text(render_example(smol, conversation(true), false), "", "");
   const std::string rest = "<|im_start|>user\nHi<|im_end|>\n";
-  EXPECT_EQ(with_default.substr(0, 98 + rest.size()),
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" +
-                rest);
+  EXPECT_EQ(
+      with_default.substr(0, 98 + rest.size()),
+      "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" +
+          rest);
   EXPECT_EQ(with_own.substr(0, 39 + rest.size()), "<|im_start|>system\nBe brief.<|im_end|>\n" + rest);
 }
 

@@ -13,8 +13,8 @@ size_t TokenBatch::target_count() const {
 
 bool next_batch(const TokenizedDataset& data, Sampler& sampler, const BatchOptions& opt, TokenBatch& out) {
   TF_CHECK(opt.batch > 0 && opt.seq > 0, "batch and seq must be positive, not ", opt.batch, " x ", opt.seq);
-  TF_CHECK(sampler.size() == data.size(), "the sampler covers ", sampler.size(), " examples but the dataset has ",
-           data.size());
+  TF_CHECK(sampler.size() == data.size(), "the sampler covers ", sampler.size(),
+           " examples but the dataset has ", data.size());
   const size_t b = size_t(opt.batch), s = size_t(opt.seq), n = b * s;
   out.batch = opt.batch;
   out.seq = opt.seq;

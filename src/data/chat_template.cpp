@@ -61,9 +61,7 @@ std::vector<Message> as_conversation(const ChatTemplate& tmpl, const Example& ex
   std::vector<Message> msgs;
   switch (ex.shape) {
     case Example::Shape::Messages: msgs = ex.messages; break;
-    case Example::Shape::PromptCompletion:
-      msgs = {{"user", ex.prompt}, {"assistant", ex.completion}};
-      break;
+    case Example::Shape::PromptCompletion: msgs = {{"user", ex.prompt}, {"assistant", ex.completion}}; break;
     case Example::Shape::Instruction:
       msgs = {{"user", ex.input.empty() ? ex.instruction : ex.instruction + "\n\n" + ex.input},
               {"assistant", ex.output}};
@@ -80,9 +78,10 @@ std::vector<Message> as_conversation(const ChatTemplate& tmpl, const Example& ex
 void check_alternating(const std::vector<Message>& msgs, size_t first, std::string_view name) {
   for (size_t i = first; i < msgs.size(); ++i) {
     const char* want = (i - first) % 2 == 0 ? "user" : "assistant";
-    TF_CHECK(msgs[i].role == want, "the ", name, " template needs a conversation of alternating user/assistant "
-             "turns after an optional first system message, but message ", i + 1, " has role '", msgs[i].role,
-             "' where '", want, "' belongs");
+    TF_CHECK(msgs[i].role == want, "the ", name,
+             " template needs a conversation of alternating user/assistant "
+             "turns after an optional first system message, but message ",
+             i + 1, " has role '", msgs[i].role, "' where '", want, "' belongs");
   }
 }
 
@@ -151,8 +150,8 @@ std::vector<Segment> render_mistral(const std::vector<Message>& msgs) {
   return w.take();
 }
 
-std::vector<Segment> render_alpaca(std::string_view instruction, std::string_view input, std::string_view output,
-                                   bool bos) {
+std::vector<Segment> render_alpaca(std::string_view instruction, std::string_view input,
+                                   std::string_view output, bool bos) {
   std::string prompt(input.empty() ? kAlpacaNoInput : kAlpacaWithInput);
   prompt.append("### Instruction:\n").append(instruction).append("\n\n");
   if (!input.empty()) prompt.append("### Input:\n").append(input).append("\n\n");
@@ -215,7 +214,8 @@ ChatTemplate detect_template(std::string_view jinja, std::string_view source) {
   if (has("<|start_header_id|>")) return {TemplateKind::Llama3, {}};
   if (has("[INST]")) return {has("<<SYS>>") ? TemplateKind::Llama2 : TemplateKind::Mistral, {}};
   if (has("### Instruction:")) return {TemplateKind::Alpaca, {}};
-  TF_FAIL(source, ": the model's chat template is not one tightfit recognises (it looks for <|im_start|>, "
+  TF_FAIL(source,
+          ": the model's chat template is not one tightfit recognises (it looks for <|im_start|>, "
           "<|start_header_id|>, [INST], ### Instruction:); choose a format with --template (",
           kNameList, ")");
 }
@@ -232,7 +232,8 @@ std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex,
       if (ex.shape == Example::Shape::Instruction)
         return render_alpaca(ex.instruction, ex.input, ex.output, tokenizer_adds_bos);
       if (ex.shape == Example::Shape::PromptCompletion) {
-        if (tmpl.kind == TemplateKind::Alpaca) return render_alpaca(ex.prompt, {}, ex.completion, tokenizer_adds_bos);
+        if (tmpl.kind == TemplateKind::Alpaca)
+          return render_alpaca(ex.prompt, {}, ex.completion, tokenizer_adds_bos);
         SegmentWriter w;
         w.add(ex.prompt, false, tokenizer_adds_bos);
         w.add(ex.completion, true, false, true);

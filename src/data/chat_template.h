@@ -18,11 +18,11 @@ struct Message {
 struct Example {
   enum class Shape { Text, PromptCompletion, Messages, Instruction };
   Shape shape = Shape::Text;
-  std::string text;                                // Text
-  std::string prompt, completion;                  // PromptCompletion
-  std::vector<Message> messages;                   // Messages
-  std::string instruction, input, output;          // Instruction (input may be empty)
-  size_t line = 0;                                 // 1-based line in its file, for error messages
+  std::string text;                        // Text
+  std::string prompt, completion;          // PromptCompletion
+  std::vector<Message> messages;           // Messages
+  std::string instruction, input, output;  // Instruction (input may be empty)
+  size_t line = 0;                         // 1-based line in its file, for error messages
 };
 
 enum class TemplateKind { Plain, Alpaca, ChatML, Llama3, Llama2, Mistral };

@@ -73,7 +73,9 @@ class LineReader {
   size_t pos_ = 0, len_ = 0;
 };
 
-const char* type_name(const json& j) { return j.type_name(); }
+const char* type_name(const json& j) {
+  return j.type_name();
+}
 
 const std::string& string_field(const json& obj, const char* key, const std::string& where) {
   const auto it = obj.find(key);
@@ -99,7 +101,9 @@ std::vector<Message> parse_messages(const json& arr) {
   return out;
 }
 
-bool is_blank(std::string_view s) { return s.find_first_not_of(" \t\r") == std::string_view::npos; }
+bool is_blank(std::string_view s) {
+  return s.find_first_not_of(" \t\r") == std::string_view::npos;
+}
 
 // Longest common prefix of two id sequences.
 size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
@@ -128,9 +132,11 @@ Example parse_record(std::string_view line) {
   const bool has_pc = j.contains("prompt") || j.contains("completion");
   const bool has_inst = j.contains("instruction") || j.contains("output");
   const int shapes = int(has_text) + int(has_messages) + int(has_pc) + int(has_inst);
-  TF_CHECK(shapes > 0, "no known fields: expected \"text\", \"prompt\"+\"completion\", \"messages\" or "
+  TF_CHECK(shapes > 0,
+           "no known fields: expected \"text\", \"prompt\"+\"completion\", \"messages\" or "
            "\"instruction\"+\"output\"");
-  TF_CHECK(shapes == 1, "fields of more than one record shape (text, prompt/completion, messages, "
+  TF_CHECK(shapes == 1,
+           "fields of more than one record shape (text, prompt/completion, messages, "
            "instruction/output) in one record");
 
   Example ex;
@@ -215,7 +221,8 @@ void tokenize_segments(const std::vector<Segment>& segs, const tok::Tokenizer& t
     for (size_t k = s; k <= e; ++k) {
       size_t to = full.size();
       if (k < e && ids.size() + from < max_tokens)
-        to = std::max(from, common_prefix(tok.encode(std::string_view(text).substr(0, ends[k - s]), plain), full));
+        to = std::max(from,
+                      common_prefix(tok.encode(std::string_view(text).substr(0, ends[k - s]), plain), full));
       for (size_t i = from; i < to; ++i) push(full[i], segs[k].trainable);
       from = to;
     }
@@ -226,7 +233,8 @@ void tokenize_segments(const std::vector<Segment>& segs, const tok::Tokenizer& t
 
 TokenizedDataset tokenize_dataset(const Dataset& data, const ChatTemplate& tmpl, const tok::Tokenizer& tok,
                                   const TokenizeOptions& opt) {
-  TF_CHECK(opt.seq_len >= 2, "seq_len must be at least 2 (one token and the next to predict), not ", opt.seq_len);
+  TF_CHECK(opt.seq_len >= 2, "seq_len must be at least 2 (one token and the next to predict), not ",
+           opt.seq_len);
   TokenizedDataset out;
   std::vector<int32_t> ids;
   std::vector<uint8_t> train;
