@@ -96,6 +96,8 @@ TEST(Gguf, ReadsMinimalV2AndV3) {
     EXPECT_EQ(a.row_length(), 8);
     EXPECT_EQ(a.n_rows(), 2);
     EXPECT_EQ(a.n_bytes, 64u);
+    EXPECT_EQ(a.row_bytes(), 32u);
+    EXPECT_EQ(f.tensor("b").row_bytes(), 34u);
     EXPECT_EQ(a.data, bytes.data() + f.data_offset());
     EXPECT_EQ(f.tensor("b").bytes().size(), 34u);
     EXPECT_EQ(f.tensor("b").data[0], 0x11);
@@ -269,6 +271,10 @@ TEST(GgufBad, HeaderFields) {
     std::memcpy(f.data() + 4, &version, 4);
     EXPECT_GGUF_ERROR(f, "unsupported GGUF version");
   }
+  f = valid_file();
+  std::swap(f[4], f[7]);
+  std::swap(f[5], f[6]);
+  EXPECT_GGUF_ERROR(f, "big-endian");
   EXPECT_GGUF_ERROR(Bytes().header(~0ull >> 1, 0).b, "tensor count");
   EXPECT_GGUF_ERROR(Bytes().header(0, ~0ull).b, "metadata count");
   EXPECT_GGUF_ERROR(Bytes().header(1000, 0).data(100).b, "tensor count 1000 cannot fit");

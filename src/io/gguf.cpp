@@ -263,6 +263,8 @@ void GgufFile::parse() {
   const uint8_t* magic = c.take(4, "magic");
   if (std::memcmp(magic, "GGUF", 4) != 0) TF_FAIL(path_, ": not a GGUF file (bad magic)");
   version_ = c.read<uint32_t>("version");
+  if (__builtin_bswap32(version_) >= kMinVersion && __builtin_bswap32(version_) <= kMaxVersion)
+    TF_FAIL(path_, ": big-endian GGUF files are not supported");
   if (version_ < kMinVersion || version_ > kMaxVersion)
     TF_FAIL(path_, ": unsupported GGUF version ", version_, " (supported: ", kMinVersion, "-",
             kMaxVersion, ")");

@@ -71,6 +71,11 @@ struct GgufTensorInfo {
 
   int64_t row_length() const { return ne[0]; }
   int64_t n_rows() const { return ne[0] == 0 ? 0 : n_elements / ne[0]; }
+  // Bytes of one row (ne[0] elements); rows start on block boundaries.
+  uint64_t row_bytes() const {
+    const GgmlTypeInfo info = ggml_type_info(uint32_t(type));
+    return uint64_t(ne[0]) / uint64_t(info.block_elems) * uint64_t(info.block_bytes);
+  }
   // Row-major shape, outermost first: a GGUF matrix with ne = [cols, rows] is [rows, cols], the
   // nn.Linear [out_features, in_features] layout.
   std::vector<int64_t> shape() const;
