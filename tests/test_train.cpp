@@ -35,7 +35,8 @@ TrainConfig train_config(int64_t steps, float lr) {
 
 TEST(Trainer, TinyModelHalvesItsLossIn100Steps) {
   const LlamaConfig cfg = tiny_config(64);
-  LlamaModel model(init_random_weights(cfg, DType::BF16, 42), lora_r8(), CheckpointPolicy::PerBlock, 4 * 32);
+  // std 0.25 lets logits reach ~8 through the frozen head, enough to express the rule.
+  LlamaModel model(init_random_weights(cfg, DType::BF16, 42, 0.25f), lora_r8(), CheckpointPolicy::PerBlock, 4 * 32);
   Trainer trainer(model, train_config(100, 1e-2f));
   const BatchData eval = synthetic_batch(4, 32, cfg.vocab, 1000, 16);
   const double before = model.forward_loss(eval.view(true)).mean();
@@ -50,8 +51,9 @@ TEST(Trainer, TinyModelHalvesItsLossIn100Steps) {
     last = st.loss;
   }
   const double after = model.forward_loss(eval.view(true)).mean();
-  // A random model starts near ln(64) = 4.16; the successor rule is learnable by the adapters.
-  EXPECT_NEAR(first, std::log(64.0), 0.3);
+  // A random model starts at or above the uniform guess, ln(64) = 4.16 (random logits of std ~1
+  // only add to it); the successor rule is learnable by the adapters.
+  EXPECT_GT(first, std::log(64.0) - 0.1);
   EXPECT_LT(last, first / 2);
   EXPECT_LT(after, before / 2);
   EXPECT_EQ(trainer.state().adam_steps, 100);

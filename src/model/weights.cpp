@@ -92,7 +92,7 @@ void LlamaWeights::for_each_slot(const LlamaConfig& cfg, const std::function<voi
   if (!cfg.tie_embeddings) fn(WeightSlot::LmHead, 0);
 }
 
-LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed) {
+LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed, float std) {
   cfg.validate("random model config");
   TF_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
            "random weights must be f32, bf16 or f16, not ", dtype_name(dtype));
@@ -100,7 +100,7 @@ LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t s
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
   uint64_t stream = 0;
-  for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     const auto [rows, cols] = weight_shape(cfg, slot);
     const std::string name = hf_weight_name(slot, layer);
     Tensor t(dtype, {rows, cols}, MemTag::Weights, name);
@@ -108,7 +108,7 @@ LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t s
     const bool bias = slot == WeightSlot::QBias || slot == WeightSlot::KBias || slot == WeightSlot::VBias;
     const Philox rng(seed, ++stream);
     for (int64_t i = 0; i < rows * cols; ++i) {
-      const float x = norm ? 1.0f : bias ? 0.0f : 0.02f * rng.normal(uint64_t(i));
+      const float x = norm ? 1.0f : bias ? 0.0f : std * rng.normal(uint64_t(i));
       switch (dtype) {
         case DType::F32: t.as<float>()[i] = x; break;
         case DType::BF16: t.as<uint16_t>()[i] = f32_to_bf16(x); break;

@@ -43,7 +43,9 @@ struct LlamaWeights {
   static void for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn);
 };
 
-// A model with HF-style random initialisation (normal * 0.02, norms 1, biases 0), stored in `dtype`.
-LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed);
+// A model with HF-style random initialisation (normal * std, norms 1, biases 0), stored in `dtype`.
+// HF's std is 0.02; tests that must learn through a frozen random lm_head use a larger one, since
+// the final norm bounds every logit by |h| * |w_row| ~ hidden * std.
+LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed, float std = 0.02f);
 
 }  // namespace tf

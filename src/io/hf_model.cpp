@@ -1,0 +1,161 @@
+#include "src/io/hf_model.h"
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <nlohmann/json.hpp>
+
+#include "src/core/error.h"
+
+namespace tf::io {
+
+namespace {
+
+using nlohmann::json;
+
+const json* find_key(const json& j, const char* key) {
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? nullptr : &*it;
+}
+
+int get_int(const json& j, const char* key, const std::string& source, std::optional<int> fallback = {}) {
+  const json* v = find_key(j, key);
+  if (!v) {
+    TF_CHECK(fallback.has_value(), source, ": missing required field \"", key, "\"");
+    return *fallback;
+  }
+  TF_CHECK(v->is_number_integer(), source, ": field \"", key, "\" must be an integer, got ", v->dump());
+  const int64_t x = v->get<int64_t>();
+  TF_CHECK(x >= 0 && x <= (int64_t(1) << 30), source, ": field \"", key, "\" is out of range: ", x);
+  return int(x);
+}
+
+float get_float(const json& j, const char* key, const std::string& source, float fallback) {
+  const json* v = find_key(j, key);
+  if (!v) return fallback;
+  TF_CHECK(v->is_number(), source, ": field \"", key, "\" must be a number, got ", v->dump());
+  return v->get<float>();
+}
+
+bool get_bool(const json& j, const char* key, const std::string& source, bool fallback) {
+  const json* v = find_key(j, key);
+  if (!v) return fallback;
+  TF_CHECK(v->is_boolean(), source, ": field \"", key, "\" must be true or false, got ", v->dump());
+  return v->get<bool>();
+}
+
+void parse_rope_scaling(const json& r, const std::string& source, RopeParams& rope) {
+  TF_CHECK(r.is_object(), source, ": rope scaling must be an object, got ", r.dump());
+  std::string type = "default";
+  for (const char* key : {"rope_type", "type"}) {
+    if (const json* t = find_key(r, key)) {
+      TF_CHECK(t->is_string(), source, ": rope scaling \"", key, "\" must be a string");
+      type = t->get<std::string>();
+      break;
+    }
+  }
+  if (type == "default") return;
+  const std::string where = source + " rope scaling";
+  rope.factor = get_float(r, "factor", where, 1.0f);
+  TF_CHECK(rope.factor > 0, where, ": factor must be positive, got ", rope.factor);
+  if (type == "linear") {
+    rope.scaling = RopeScalingType::Linear;
+  } else if (type == "llama3") {
+    rope.scaling = RopeScalingType::Llama3;
+    rope.low_freq_factor = get_float(r, "low_freq_factor", where, 1.0f);
+    rope.high_freq_factor = get_float(r, "high_freq_factor", where, 4.0f);
+    rope.original_max_positions = get_int(r, "original_max_position_embeddings", where, 8192);
+    TF_CHECK(rope.high_freq_factor > rope.low_freq_factor && rope.low_freq_factor > 0, where,
+             ": need 0 < low_freq_factor < high_freq_factor");
+    TF_CHECK(rope.original_max_positions > 0, where, ": original_max_position_embeddings must be positive");
+  } else {
+    TF_FAIL(where, ": rope type \"", type, "\" is not supported (supported: default, linear, llama3)");
+  }
+}
+
+}  // namespace
+
+LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
+  TF_CHECK(j.is_object(), source, ": a model config must be a JSON object");
+  std::string arch;
+  if (const json* a = find_key(j, "architectures")) {
+    TF_CHECK(a->is_array() && !a->empty() && (*a)[0].is_string(), source,
+             ": \"architectures\" must be a non-empty list of names");
+    arch = (*a)[0].get<std::string>();
+  } else if (const json* m = find_key(j, "model_type"); m && m->is_string()) {
+    const std::string t = m->get<std::string>();
+    arch = t == "llama" ? "LlamaForCausalLM" : t == "mistral" ? "MistralForCausalLM" : t == "qwen2" ? "Qwen2ForCausalLM" : t;
+  }
+  TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM", source,
+           ": architecture \"", arch, "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, ",
+           "Qwen2ForCausalLM)");
+
+  LlamaConfig c;
+  c.architecture = arch == "Qwen2ForCausalLM" ? "qwen2" : arch == "MistralForCausalLM" ? "mistral" : "llama";
+  c.hidden = get_int(j, "hidden_size", source);
+  c.intermediate = get_int(j, "intermediate_size", source);
+  c.n_layers = get_int(j, "num_hidden_layers", source);
+  c.n_heads = get_int(j, "num_attention_heads", source);
+  TF_CHECK(c.n_heads > 0, source, ": num_attention_heads must be positive");
+  c.n_kv_heads = get_int(j, "num_key_value_heads", source, c.n_heads);
+  c.head_dim = get_int(j, "head_dim", source, c.hidden / c.n_heads);
+  c.vocab = get_int(j, "vocab_size", source);
+  c.rms_eps = get_float(j, "rms_norm_eps", source, 1e-6f);
+  c.max_positions = get_int(j, "max_position_embeddings", source, 2048);
+  c.tie_embeddings = get_bool(j, "tie_word_embeddings", source, false);
+  // Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
+  c.attention_bias = arch == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", source, false);
+  TF_CHECK(!get_bool(j, "mlp_bias", source, false), source, ": MLP biases (mlp_bias) are not supported");
+  c.rope.head_dim = c.head_dim;
+  c.rope.theta = get_float(j, "rope_theta", source, 10000.0f);
+  if (const json* rp = find_key(j, "rope_parameters")) {
+    c.rope.theta = get_float(*rp, "rope_theta", source + " rope_parameters", c.rope.theta);
+    parse_rope_scaling(*rp, source + " rope_parameters", c.rope);
+  } else if (const json* rs = find_key(j, "rope_scaling")) {
+    parse_rope_scaling(*rs, source, c.rope);
+  }
+  c.rope_layout = RopeLayout::SplitHalf;
+  c.validate(source);
+  return c;
+}
+
+LlamaConfig read_hf_config(const std::string& path) {
+  std::ifstream in(path);
+  TF_CHECK(in, path, ": cannot open model config");
+  json j = json::parse(in, nullptr, false);
+  TF_CHECK(!j.is_discarded(), path, ": not valid JSON");
+  return llama_config_from_hf(j, path);
+}
+
+LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg) {
+  LlamaWeights w;
+  w.config = cfg;
+  w.blocks.resize(size_t(cfg.n_layers));
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+    const std::string name = hf_weight_name(slot, layer);
+    const SafetensorsTensor& t = model->get(name);
+    const auto [rows, cols] = weight_shape(cfg, slot);
+    const bool vector = rows == 1;
+    const bool shape_ok = vector ? (t.shape.size() == 1 && t.shape[0] == cols)
+                                 : (t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == cols);
+    TF_CHECK(shape_ok, model->source(), ": tensor ", name, " has shape ", t.shape_str(), ", expected ",
+             vector ? "[" + std::to_string(cols) + "]" : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+    const TensorView v = model->view(name);
+    TF_CHECK(v.dtype == DType::F32 || v.dtype == DType::BF16 || v.dtype == DType::F16, model->source(),
+             ": tensor ", name, " has dtype ", dtype_name(v.dtype), "; weights must be F32, BF16 or F16");
+    w.slot(slot, layer) = WeightRef{v.data, v.dtype, rows, cols};
+  });
+  if (cfg.tie_embeddings) w.lm_head = w.embed;
+  w.keepalive.push_back(std::move(model));
+  return w;
+}
+
+LlamaWeights load_hf_model(const std::string& dir) {
+  const std::filesystem::path d(dir);
+  TF_CHECK(std::filesystem::is_directory(d), dir, ": not a model directory");
+  const LlamaConfig cfg = read_hf_config((d / "config.json").string());
+  auto model = std::make_shared<const SafetensorsModel>(SafetensorsModel::open(dir));
+  return weights_from_safetensors(std::move(model), cfg);
+}
+
+}  // namespace tf::io
