@@ -1,5 +1,3 @@
-#include "src/train/checkpoint.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -11,6 +9,7 @@
 
 #include "src/core/error.h"
 #include "src/core/rng.h"
+#include "src/train/checkpoint.h"
 #include "tests/model_test_util.h"
 
 namespace tf {
@@ -55,7 +54,8 @@ bool same_bits(const LoraState& a, const LoraState& b) {
          std::memcmp(a.adam_v.data(), b.adam_v.data(), a.adam_v.bytes()) == 0;
 }
 
-CheckpointMeta meta(const std::string& hash = "h1", const std::string& config = R"({"lr":0.001,"lora_rank":4})") {
+CheckpointMeta meta(const std::string& hash = "h1",
+                    const std::string& config = R"({"lr":0.001,"lora_rank":4})") {
   CheckpointMeta m;
   m.config_hash = hash;
   m.config_json = config;
@@ -64,7 +64,9 @@ CheckpointMeta meta(const std::string& hash = "h1", const std::string& config = 
   return m;
 }
 
-TrainerState trainer_at(int64_t step) { return TrainerState{step, step - 1, 1, 0}; }
+TrainerState trainer_at(int64_t step) {
+  return TrainerState{step, step - 1, 1, 0};
+}
 
 std::string error_of(const std::function<void()>& fn) {
   try {
@@ -166,8 +168,9 @@ TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
   load_checkpoint(latest->path, "h1", meta().config_json, resumed);
   EXPECT_TRUE(same_bits(good, resumed));
   // Loading a damaged one directly is refused too.
-  EXPECT_NE(error_of([&] { load_checkpoint((ckpts / "step-30").string(), "h1", "", resumed); }).find("checksum"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { load_checkpoint((ckpts / "step-30").string(), "h1", "", resumed); }).find("checksum"),
+      std::string::npos);
   EXPECT_TRUE(same_bits(good, resumed));
 
   // The next save cleans up the stale temporary directory and replaces the damaged step-20.
@@ -226,7 +229,8 @@ TEST(Checkpoint, LayoutChangeIsRefused) {
   wider.intermediate = 96;
   LoraState wide(wider, lora_cfg(4));
   const std::string shape_msg = error_of([&] { load_checkpoint(path, "h1", "", wide); });
-  EXPECT_NE(shape_msg.find("gate_proj.B is F32 [64, 4] but this run's layout needs F32 [96, 4]"), std::string::npos)
+  EXPECT_NE(shape_msg.find("gate_proj.B is F32 [64, 4] but this run's layout needs F32 [96, 4]"),
+            std::string::npos)
       << shape_msg;
 }
 

@@ -1,5 +1,3 @@
-#include "src/train/metrics.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -9,6 +7,7 @@
 #include <sstream>
 
 #include "src/core/error.h"
+#include "src/train/metrics.h"
 
 namespace tf {
 namespace {
@@ -36,8 +35,14 @@ std::string slurp(const std::string& path) {
 
 StepMetrics step_line(int64_t s) {
   // Values with long binary expansions: the text must carry every bit of a double.
-  return StepMetrics{s, 4.0 / double(s + 3), 1e-4 * double(s) / 7.0, 0.1 + double(s) / 3.0, 512 * (s + 1),
-                     1234.5678 + double(s), int64_t(1) << 33, s == 2};
+  return StepMetrics{s,
+                     4.0 / double(s + 3),
+                     1e-4 * double(s) / 7.0,
+                     0.1 + double(s) / 3.0,
+                     512 * (s + 1),
+                     1234.5678 + double(s),
+                     int64_t(1) << 33,
+                     s == 2};
 }
 
 // Writes the lines an uninterrupted run of `steps` steps writes, evaluating every 2 steps.
@@ -136,12 +141,19 @@ TEST(Metrics, MalformedLinesNameFileAndLine) {
       EXPECT_NE(msg.find(needle), std::string::npos) << msg;
     }
   };
-  const std::string good = R"({"eval_step":0,"eval_loss":1,"eval_ppl":2.7})" "\n";
+  const std::string good = R"({"eval_step":0,"eval_loss":1,"eval_ppl":2.7})"
+                           "\n";
   expect_error(good + "{oops\n", "not a JSON line");
   expect_error(good + "[1,2]\n", "expected a JSON object");
-  expect_error(good + R"({"hello":1})" "\n", "neither a step line");
-  expect_error(good + R"({"step":"three","loss":1})" "\n", "malformed metrics line");
-  expect_error(good + R"({"step":3,"loss":1})" "\n", "malformed metrics line");
+  expect_error(good + R"({"hello":1})"
+                      "\n",
+               "neither a step line");
+  expect_error(good + R"({"step":"three","loss":1})"
+                      "\n",
+               "malformed metrics line");
+  expect_error(good + R"({"step":3,"loss":1})"
+                      "\n",
+               "malformed metrics line");
   EXPECT_THROW(read_metrics(f.str() + ".absent"), Error);
 }
 

@@ -1,5 +1,3 @@
-#include "src/io/peft.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -12,6 +10,7 @@
 
 #include "src/core/error.h"
 #include "src/core/rng.h"
+#include "src/io/peft.h"
 #include "src/io/safetensors.h"
 #include "tests/model_test_util.h"
 
@@ -32,7 +31,8 @@ struct TempDir {
   ~TempDir() { fs::remove_all(dir); }
 };
 
-constexpr uint32_t kQVDown = (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V)) | (1u << int(LoraTarget::Down));
+constexpr uint32_t kQVDown =
+    (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V)) | (1u << int(LoraTarget::Down));
 
 LoraState make_lora(const LlamaConfig& model, uint64_t seed) {
   LoraConfig c;
@@ -52,7 +52,9 @@ json read_json(const fs::path& p) {
   return json::parse(in);
 }
 
-void write_json(const fs::path& p, const json& j) { std::ofstream(p, std::ios::trunc) << j.dump(2); }
+void write_json(const fs::path& p, const json& j) {
+  std::ofstream(p, std::ios::trunc) << j.dump(2);
+}
 
 std::string error_of(const std::function<void()>& fn) {
   try {
@@ -142,7 +144,8 @@ TEST(Peft, ReadsHalfPrecisionAdapters) {
       h[i] = f32_to_bf16(v);
     }
     halves.push_back(std::move(h));
-    tensors.push_back({t.name, StDType::BF16, t.shape, std::as_bytes(std::span<const uint16_t>(halves.back()))});
+    tensors.push_back(
+        {t.name, StDType::BF16, t.shape, std::as_bytes(std::span<const uint16_t>(halves.back()))});
   }
   const fs::path bf = tmp.dir / "bf16.safetensors";
   write_safetensors(bf.string(), tensors);
@@ -234,7 +237,9 @@ TEST_F(PeftBadInput, ShapeMismatch) {
 
 TEST_F(PeftBadInput, MissingTensor) {
   edit_tensors([](std::vector<SafetensorsWriteTensor>& t) {
-    std::erase_if(t, [](const auto& x) { return x.name.find("layers.1.self_attn.v_proj.lora_B") != std::string::npos; });
+    std::erase_if(t, [](const auto& x) {
+      return x.name.find("layers.1.self_attn.v_proj.lora_B") != std::string::npos;
+    });
   });
   expect_error("tensor base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight is missing");
 }

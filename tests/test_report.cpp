@@ -1,5 +1,3 @@
-#include "src/train/report.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -9,6 +7,7 @@
 #include <sstream>
 
 #include "src/core/error.h"
+#include "src/train/report.h"
 
 namespace tf {
 namespace {
@@ -21,11 +20,13 @@ ReportInput synthetic(int steps) {
   for (int s = 0; s < steps; ++s) {
     // A falling, noisy curve, with one skipped (NaN) step.
     const bool skip = s == 7;
-    in.metrics.steps.push_back(StepMetrics{s, skip ? std::nan("") : 3.0 * std::exp(-s / 20.0) + 0.1 * std::sin(s),
-                                           1e-4, 0.5, 1024, 2048.0, int64_t(300) << 20, skip});
+    in.metrics.steps.push_back(
+        StepMetrics{s, skip ? std::nan("") : 3.0 * std::exp(-s / 20.0) + 0.1 * std::sin(s), 1e-4, 0.5, 1024,
+                    2048.0, int64_t(300) << 20, skip});
     if (s % 10 == 9) in.metrics.evals.push_back(EvalMetrics{s + 1, 2.5 * std::exp(-s / 25.0), 0});
   }
-  in.config_json = R"({"lora_rank":16,"lr":0.0002,"template":"<|user|> & \"q\"","targets":["q_proj","v_proj"]})";
+  in.config_json =
+      R"({"lora_rank":16,"lr":0.0002,"template":"<|user|> & \"q\"","targets":["q_proj","v_proj"]})";
   in.eval_loss_before = 2.75;
   in.eval_loss_after = 1.25;
   return in;

@@ -17,7 +17,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
 void write_all(int fd, std::string_view content, const std::string& path) {
   const char* p = content.data();
@@ -43,7 +45,9 @@ void write_sync_close(int fd, std::string_view content, const std::string& path)
   TF_CHECK(::close(fd) == 0, path, ": close failed: ", errno_text());
 }
 
-fs::path parent_of(const fs::path& p) { return p.has_parent_path() ? p.parent_path() : fs::path("."); }
+fs::path parent_of(const fs::path& p) {
+  return p.has_parent_path() ? p.parent_path() : fs::path(".");
+}
 
 }  // namespace
 
@@ -81,8 +85,8 @@ void write_file_atomic(const std::string& path, std::string_view content) {
   }
   try {
     write_sync_close(fd, content, path);
-    TF_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, path, ": cannot rename the temporary file over it: ",
-             errno_text());
+    TF_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, path,
+             ": cannot rename the temporary file over it: ", errno_text());
   } catch (...) {
     ::unlink(tmp.c_str());
     throw;
@@ -94,14 +98,15 @@ void replace_dir(const std::string& staged, const std::string& target) {
   const fs::path dir = parent_of(fs::path(target));
   std::error_code ec;
   if (!fs::exists(target, ec)) {
-    TF_CHECK(::rename(staged.c_str(), target.c_str()) == 0, target, ": cannot rename ", staged, " to it: ",
-             errno_text());
+    TF_CHECK(::rename(staged.c_str(), target.c_str()) == 0, target, ": cannot rename ", staged,
+             " to it: ", errno_text());
     fsync_dir(dir.string());
     return;
   }
   TF_CHECK(fs::is_directory(target, ec), target, ": exists and is not a directory; refusing to replace it");
   if (::renameat2(AT_FDCWD, staged.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) != 0) {
-    TF_CHECK(errno == EINVAL || errno == ENOSYS, target, ": cannot exchange it with ", staged, ": ", errno_text());
+    TF_CHECK(errno == EINVAL || errno == ENOSYS, target, ": cannot exchange it with ", staged, ": ",
+             errno_text());
     // No atomic exchange here: move the old directory aside, then the new one in.
     const std::string aside = staged + ".old";
     TF_CHECK(::rename(target.c_str(), aside.c_str()) == 0, target, ": cannot move it aside: ", errno_text());

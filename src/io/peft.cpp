@@ -122,9 +122,13 @@ void export_peft(const std::string& dir, const LoraState& lora, const std::strin
       for (int t = 0; t < kLoraTargetCount; ++t) {
         const LoraAdapter& a = lora.at(l, LoraTarget(t));
         if (!a.active()) continue;
-        tensors.push_back({peft_tensor_name(l, LoraTarget(t), false), StDType::F32, {a.rank, a.in},
+        tensors.push_back({peft_tensor_name(l, LoraTarget(t), false),
+                           StDType::F32,
+                           {a.rank, a.in},
                            std::as_bytes(std::span<const float>(a.A, size_t(a.rank) * size_t(a.in)))});
-        tensors.push_back({peft_tensor_name(l, LoraTarget(t), true), StDType::F32, {a.out, a.rank},
+        tensors.push_back({peft_tensor_name(l, LoraTarget(t), true),
+                           StDType::F32,
+                           {a.out, a.rank},
                            std::as_bytes(std::span<const float>(a.B, size_t(a.out) * size_t(a.rank)))});
       }
     }
@@ -176,10 +180,12 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
     TF_CHECK(cfg.contains("peft_type") && cfg.at("peft_type").is_string(), where, ": no peft_type");
     const std::string type = cfg.at("peft_type").get<std::string>();
     TF_CHECK(type == "LORA", where, ": peft_type is '", type, "'; only LORA adapters can be loaded");
-    TF_CHECK(cfg.contains("r") && cfg.at("r").is_number_integer(), where, ": r (the LoRA rank) must be an integer");
+    TF_CHECK(cfg.contains("r") && cfg.at("r").is_number_integer(), where,
+             ": r (the LoRA rank) must be an integer");
     lc.rank = cfg.at("r").get<int>();
     TF_CHECK(lc.rank >= 1 && lc.rank <= 4096, where, ": r = ", lc.rank, " is outside [1, 4096]");
-    TF_CHECK(cfg.contains("lora_alpha") && cfg.at("lora_alpha").is_number(), where, ": lora_alpha must be a number");
+    TF_CHECK(cfg.contains("lora_alpha") && cfg.at("lora_alpha").is_number(), where,
+             ": lora_alpha must be a number");
     lc.alpha = cfg.at("lora_alpha").get<float>();
     TF_CHECK(lc.alpha > 0, where, ": lora_alpha must be positive, got ", lc.alpha);
     lc.rslora = cfg.value("use_rslora", false);
@@ -201,8 +207,8 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
     const std::string bias = cfg.value("bias", "none");
     TF_CHECK(bias == "none", where, ": bias = '", bias, "' (trained biases) is not supported by tightfit");
     const json& tm = cfg.contains("target_modules") ? cfg.at("target_modules") : json();
-    TF_CHECK(tm.is_array() && !tm.empty(), where, ": target_modules must be a non-empty list of module names, got ",
-             tm.dump());
+    TF_CHECK(tm.is_array() && !tm.empty(), where,
+             ": target_modules must be a non-empty list of module names, got ", tm.dump());
     lc.targets = 0;
     for (const json& m : tm) {
       TF_CHECK(m.is_string(), where, ": target_modules holds a non-string ", m.dump());
@@ -214,7 +220,8 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
           known = true;
         }
       }
-      TF_CHECK(known, where, ": target module '", mod, "' is not a projection of the Llama block (q_proj, k_proj, ",
+      TF_CHECK(known, where, ": target module '", mod,
+               "' is not a projection of the Llama block (q_proj, k_proj, ",
                "v_proj, o_proj, gate_proj, up_proj, down_proj)");
     }
     base_model = cfg.value("base_model_name_or_path", "");
@@ -225,9 +232,10 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
   const fs::path weights_path = root / kWeightsFile;
   std::error_code ec;
   TF_CHECK(fs::exists(weights_path, ec), weights_path.string(), ": missing",
-           fs::exists(root / "adapter_model.bin", ec) ? " (only adapter_model.bin is present: pickled adapters are "
-                                                        "not read; re-save it with safe_serialization=True)"
-                                                      : "");
+           fs::exists(root / "adapter_model.bin", ec)
+               ? " (only adapter_model.bin is present: pickled adapters are "
+                 "not read; re-save it with safe_serialization=True)"
+               : "");
   const SafetensorsFile file = SafetensorsFile::open(weights_path.string());
   PeftAdapter out{LoraState(model, lc), base_model};
   LoraState& lora = out.lora;
@@ -238,21 +246,22 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
     const auto parsed = parse_tensor_name(t.name);
     TF_CHECK(parsed.has_value(), file.path(), ": unexpected tensor ", t.name,
              " (expected base_model.model.model.layers.N.<self_attn|mlp>.<module>.lora_<A|B>.weight)");
-    TF_CHECK(parsed->layer < model.n_layers, file.path(), ": tensor ", t.name, " is for layer ", parsed->layer,
-             " but the model has ", model.n_layers, " layers");
-    TF_CHECK(lc.has(parsed->target), file.path(), ": tensor ", t.name, " adapts ", lora_target_name(parsed->target),
-             ", which is not in target_modules of ", where);
+    TF_CHECK(parsed->layer < model.n_layers, file.path(), ": tensor ", t.name, " is for layer ",
+             parsed->layer, " but the model has ", model.n_layers, " layers");
+    TF_CHECK(lc.has(parsed->target), file.path(), ": tensor ", t.name, " adapts ",
+             lora_target_name(parsed->target), ", which is not in target_modules of ", where);
     const LoraAdapter& a = lora.at(parsed->layer, parsed->target);
-    TF_CHECK(t.dtype == StDType::F32 || t.dtype == StDType::BF16 || t.dtype == StDType::F16, file.path(), ": tensor ",
-             t.name, " is ", st_dtype_name(t.dtype), "; LoRA weights must be F32, BF16 or F16");
-    const std::vector<int64_t> want = parsed->is_b ? std::vector<int64_t>{a.out, a.rank} : std::vector<int64_t>{a.rank, a.in};
+    TF_CHECK(t.dtype == StDType::F32 || t.dtype == StDType::BF16 || t.dtype == StDType::F16, file.path(),
+             ": tensor ", t.name, " is ", st_dtype_name(t.dtype), "; LoRA weights must be F32, BF16 or F16");
+    const std::vector<int64_t> want =
+        parsed->is_b ? std::vector<int64_t>{a.out, a.rank} : std::vector<int64_t>{a.rank, a.in};
     if (t.shape.size() == 2) {
       const int64_t rank = parsed->is_b ? t.shape[1] : t.shape[0];
-      TF_CHECK(rank == a.rank, file.path(), ": tensor ", t.name, " ", t.shape_str(), " has rank ", rank, " but ",
-               where, " says r = ", a.rank);
+      TF_CHECK(rank == a.rank, file.path(), ": tensor ", t.name, " ", t.shape_str(), " has rank ", rank,
+               " but ", where, " says r = ", a.rank);
     }
-    TF_CHECK(t.shape == want, file.path(), ": tensor ", t.name, " has shape ", t.shape_str(), " but the model needs [",
-             want[0], ", ", want[1], "]");
+    TF_CHECK(t.shape == want, file.path(), ": tensor ", t.name, " has shape ", t.shape_str(),
+             " but the model needs [", want[0], ", ", want[1], "]");
     to_f32(parsed->is_b ? a.B : a.A, t);
     seen.insert(t.name);
   }
@@ -262,7 +271,8 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
       for (bool is_b : {false, true}) {
         const std::string name = peft_tensor_name(l, LoraTarget(t), is_b);
         TF_CHECK(seen.count(name), file.path(), ": tensor ", name, " is missing (target_modules in ", where,
-                 " lists ", lora_target_name(LoraTarget(t)), " and the model has ", model.n_layers, " layers)");
+                 " lists ", lora_target_name(LoraTarget(t)), " and the model has ", model.n_layers,
+                 " layers)");
       }
     }
   }

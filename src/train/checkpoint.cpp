@@ -59,7 +59,8 @@ std::optional<int64_t> parse_step_name(const std::string& name, std::string_view
   const char* first = name.data() + prefix.size();
   const char* last = name.data() + name.size();
   const auto [end, ec] = std::from_chars(first, last, step);
-  if (ec != std::errc() || end != last || step < 0 || (*first == '0' && last - first > 1)) return std::nullopt;
+  if (ec != std::errc() || end != last || step < 0 || (*first == '0' && last - first > 1))
+    return std::nullopt;
   return step;
 }
 
@@ -155,11 +156,13 @@ std::vector<CheckpointInfo> list_checkpoints(const std::string& run_dir) {
     if (step && entry.is_directory(ec)) out.push_back({*step, entry.path().string()});
   }
   TF_CHECK(!ec, dir.string(), ": cannot list: ", ec.message());
-  std::sort(out.begin(), out.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) { return a.step < b.step; });
+  std::sort(out.begin(), out.end(),
+            [](const CheckpointInfo& a, const CheckpointInfo& b) { return a.step < b.step; });
   return out;
 }
 
-std::optional<CheckpointInfo> latest_checkpoint(const std::string& run_dir, std::vector<std::string>* rejected) {
+std::optional<CheckpointInfo> latest_checkpoint(const std::string& run_dir,
+                                                std::vector<std::string>* rejected) {
   const std::vector<CheckpointInfo> all = list_checkpoints(run_dir);
   for (auto it = all.rbegin(); it != all.rend(); ++it) {
     try {
@@ -177,7 +180,8 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   TF_CHECK(keep >= 1, "the number of checkpoints to keep must be at least 1, got ", keep);
   TF_CHECK(trainer.step >= 0, "checkpoint step must not be negative, got ", trainer.step);
   const json cursor = parse_json(meta.data_cursor, "the data cursor of the checkpoint");
-  const json config = meta.config_json.empty() ? json(nullptr) : parse_json(meta.config_json, "the run config");
+  const json config =
+      meta.config_json.empty() ? json(nullptr) : parse_json(meta.config_json, "the run config");
   TF_CHECK(config.is_null() || config.is_object(), "the run config of a checkpoint must be a JSON object");
 
   const fs::path ckpt_root = fs::path(run_dir) / "checkpoints";
@@ -207,9 +211,13 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
         const auto span_of = [&](const float* view, int64_t n) {
           return std::as_bytes(std::span<const float>(buf + (view - base), size_t(n)));
         };
-        tensors.push_back({tensor_name(kParts[p], l, LoraTarget(t), "A"), io::StDType::F32, {a.rank, a.in},
+        tensors.push_back({tensor_name(kParts[p], l, LoraTarget(t), "A"),
+                           io::StDType::F32,
+                           {a.rank, a.in},
                            span_of(a.A, int64_t(a.rank) * a.in)});
-        tensors.push_back({tensor_name(kParts[p], l, LoraTarget(t), "B"), io::StDType::F32, {a.out, a.rank},
+        tensors.push_back({tensor_name(kParts[p], l, LoraTarget(t), "B"),
+                           io::StDType::F32,
+                           {a.out, a.rank},
                            span_of(a.B, int64_t(a.out) * a.rank)});
       }
     }
@@ -278,19 +286,21 @@ LoadedCheckpoint load_checkpoint(const std::string& dir, const std::string& conf
       const json now_cfg = config_json.empty() ? json(nullptr) : parse_json(config_json, "the run config");
       std::string changed;
       if (saved_cfg.is_object() && now_cfg.is_object()) changed = config_diff(saved_cfg, now_cfg);
-      TF_FAIL("cannot resume from ", dir, ": the run's configuration changed since the checkpoint was written (",
+      TF_FAIL("cannot resume from ", dir,
+              ": the run's configuration changed since the checkpoint was written (",
               changed.empty() ? "config hash " + saved_hash + " -> " + config_hash : changed,
               "); start a new run directory, or restore the original options");
     }
     const json& lj = state.at("lora");
     const json want_targets = target_list(lora.config.targets);
-    TF_CHECK(lj.at("rank").get<int>() == lora.config.rank, "cannot resume from ", dir, ": the checkpoint has LoRA rank ",
-             lj.at("rank").get<int>(), " but this run uses rank ", lora.config.rank);
+    TF_CHECK(lj.at("rank").get<int>() == lora.config.rank, "cannot resume from ", dir,
+             ": the checkpoint has LoRA rank ", lj.at("rank").get<int>(), " but this run uses rank ",
+             lora.config.rank);
     TF_CHECK(lj.at("targets") == want_targets, "cannot resume from ", dir, ": the checkpoint adapts ",
              lj.at("targets").dump(), " but this run adapts ", want_targets.dump());
     TF_CHECK(lj.at("n_layers").get<size_t>() == lora.layers.size(), "cannot resume from ", dir,
-             ": the checkpoint is for a model with ", lj.at("n_layers").get<size_t>(), " layers, this one has ",
-             lora.layers.size());
+             ": the checkpoint is for a model with ", lj.at("n_layers").get<size_t>(),
+             " layers, this one has ", lora.layers.size());
     const json& tj = state.at("trainer");
     out.trainer.step = tj.at("step").get<int64_t>();
     out.trainer.adam_steps = tj.at("adam_steps").get<int64_t>();
@@ -318,15 +328,16 @@ LoadedCheckpoint load_checkpoint(const std::string& dir, const std::string& conf
       for (int t = 0; t < kLoraTargetCount; ++t) {
         const LoraAdapter& a = lora.at(l, LoraTarget(t));
         if (!a.active()) continue;
-        const std::pair<const char*, std::vector<int64_t>> halves[2] = {{"A", {a.rank, a.in}}, {"B", {a.out, a.rank}}};
+        const std::pair<const char*, std::vector<int64_t>> halves[2] = {{"A", {a.rank, a.in}},
+                                                                        {"B", {a.out, a.rank}}};
         for (const auto& [which, shape] : halves) {
           const std::string name = tensor_name(kParts[p], l, LoraTarget(t), which);
           expected.insert(name);
           const io::SafetensorsTensor* st = file.find(name);
           TF_CHECK(st, "cannot resume from ", dir, ": tensor ", name, " is missing from ", file.path());
-          TF_CHECK(st->dtype == io::StDType::F32 && st->shape == shape, "cannot resume from ", dir, ": tensor ", name,
-                   " is ", io::st_dtype_name(st->dtype), " ", st->shape_str(), " but this run's layout needs F32 [",
-                   shape[0], ", ", shape[1], "]");
+          TF_CHECK(st->dtype == io::StDType::F32 && st->shape == shape, "cannot resume from ", dir,
+                   ": tensor ", name, " is ", io::st_dtype_name(st->dtype), " ", st->shape_str(),
+                   " but this run's layout needs F32 [", shape[0], ", ", shape[1], "]");
           const float* view = which[0] == 'A' ? a.A : a.B;
           copies.push_back({buf + (view - base), st});
         }

@@ -19,7 +19,9 @@ namespace {
 
 using nlohmann::ordered_json;
 
-ordered_json number_or_null(double v) { return std::isfinite(v) ? ordered_json(v) : ordered_json(nullptr); }
+ordered_json number_or_null(double v) {
+  return std::isfinite(v) ? ordered_json(v) : ordered_json(nullptr);
+}
 
 double read_number(const nlohmann::json& j, const char* key) {
   const auto& v = j.at(key);
@@ -132,7 +134,9 @@ void MetricsWriter::write(const EvalMetrics& m) {
   write_line(j.dump() + "\n");
 }
 
-void MetricsWriter::sync() { TF_CHECK(::fdatasync(fd_) == 0, path_, ": fdatasync failed: ", std::strerror(errno)); }
+void MetricsWriter::sync() {
+  TF_CHECK(::fdatasync(fd_) == 0, path_, ": fdatasync failed: ", std::strerror(errno));
+}
 
 MetricsLog read_metrics(const std::string& path) {
   MetricsLog log;

@@ -66,10 +66,11 @@ std::string line_chart(const std::string& title, const std::string& x_label, con
   std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 " + num(kW) + " " + num(kH) +
                     "\" width=\"" + num(kW) + "\" height=\"" + num(kH) + "\" role=\"img\">\n";
   svg += "<title>" + html_escape(title) + "</title>\n";
-  svg += "<text x=\"" + num(kW / 2) + "\" y=\"24\" text-anchor=\"middle\" class=\"chart-title\">" + html_escape(title) +
-         "</text>\n";
+  svg += "<text x=\"" + num(kW / 2) + "\" y=\"24\" text-anchor=\"middle\" class=\"chart-title\">" +
+         html_escape(title) + "</text>\n";
   if (!std::isfinite(xmin)) {
-    svg += "<text x=\"" + num(kW / 2) + "\" y=\"" + num(kH / 2) + "\" text-anchor=\"middle\">no data</text>\n</svg>\n";
+    svg += "<text x=\"" + num(kW / 2) + "\" y=\"" + num(kH / 2) +
+           "\" text-anchor=\"middle\">no data</text>\n</svg>\n";
     return svg;
   }
   const Axis ax = make_axis(xmin, xmax, true), ay = make_axis(ymin, ymax, false);
@@ -80,21 +81,25 @@ std::string line_chart(const std::string& title, const std::string& x_label, con
   svg += "<g class=\"grid\" stroke=\"#ddd\" stroke-width=\"1\">\n";
   std::string labels;
   // Ticks are counted, not accumulated, so rounding cannot add or drop the last one.
-  const int nx = int(std::lround((ax.hi - ax.lo) / ax.step)), ny = int(std::lround((ay.hi - ay.lo) / ay.step));
+  const int nx = int(std::lround((ax.hi - ax.lo) / ax.step)),
+            ny = int(std::lround((ay.hi - ay.lo) / ay.step));
   for (int i = 0; i <= nx; ++i) {
     const double v = ax.lo + i * ax.step, x = px(v);
-    svg += "<line x1=\"" + num(x) + "\" y1=\"" + num(kTop) + "\" x2=\"" + num(x) + "\" y2=\"" + num(kTop + ph) + "\"/>\n";
-    labels += "<text x=\"" + num(x) + "\" y=\"" + num(kTop + ph + 18) + "\" text-anchor=\"middle\">" + num(v) + "</text>\n";
+    svg += "<line x1=\"" + num(x) + "\" y1=\"" + num(kTop) + "\" x2=\"" + num(x) + "\" y2=\"" +
+           num(kTop + ph) + "\"/>\n";
+    labels += "<text x=\"" + num(x) + "\" y=\"" + num(kTop + ph + 18) + "\" text-anchor=\"middle\">" +
+              num(v) + "</text>\n";
   }
   for (int i = 0; i <= ny; ++i) {
     const double v = ay.lo + i * ay.step, y = py(v);
-    svg += "<line x1=\"" + num(kLeft) + "\" y1=\"" + num(y) + "\" x2=\"" + num(kLeft + pw) + "\" y2=\"" + num(y) + "\"/>\n";
+    svg += "<line x1=\"" + num(kLeft) + "\" y1=\"" + num(y) + "\" x2=\"" + num(kLeft + pw) + "\" y2=\"" +
+           num(y) + "\"/>\n";
     labels += "<text x=\"" + num(kLeft - 6) + "\" y=\"" + num(y + 4) + "\" text-anchor=\"end\">" +
               num(std::abs(v) < ay.step * 1e-9 ? 0.0 : v, 4) + "</text>\n";
   }
   svg += "</g>\n<g class=\"tick-labels\" font-size=\"12\" fill=\"#333\">\n" + labels + "</g>\n";
-  svg += "<rect x=\"" + num(kLeft) + "\" y=\"" + num(kTop) + "\" width=\"" + num(pw) + "\" height=\"" + num(ph) +
-         "\" fill=\"none\" stroke=\"#333\"/>\n";
+  svg += "<rect x=\"" + num(kLeft) + "\" y=\"" + num(kTop) + "\" width=\"" + num(pw) + "\" height=\"" +
+         num(ph) + "\" fill=\"none\" stroke=\"#333\"/>\n";
   svg += "<text x=\"" + num(kLeft + pw / 2) + "\" y=\"" + num(kH - 10) + "\" text-anchor=\"middle\">" +
          html_escape(x_label) + "</text>\n";
   svg += "<text transform=\"translate(16 " + num(kTop + ph / 2) + ") rotate(-90)\" text-anchor=\"middle\">" +
@@ -102,14 +107,14 @@ std::string line_chart(const std::string& title, const std::string& x_label, con
   double legend_x = kLeft + 10;
   for (const Series& s : series) {
     if (!s.x.empty()) {
-      svg += "<polyline class=\"" + s.css_class + "\" fill=\"none\" stroke=\"" + s.color + "\" stroke-width=\"" +
-             num(s.width) + "\" points=\"";
+      svg += "<polyline class=\"" + s.css_class + "\" fill=\"none\" stroke=\"" + s.color +
+             "\" stroke-width=\"" + num(s.width) + "\" points=\"";
       for (size_t i = 0; i < s.x.size(); ++i) svg += (i ? " " : "") + num(px(s.x[i])) + "," + num(py(s.y[i]));
       svg += "\"/>\n";
     }
-    svg += "<rect x=\"" + num(legend_x) + "\" y=\"" + num(kTop + 8) + "\" width=\"14\" height=\"4\" fill=\"" + s.color +
-           "\"/><text x=\"" + num(legend_x + 18) + "\" y=\"" + num(kTop + 14) + "\" font-size=\"12\">" +
-           html_escape(s.name) + "</text>\n";
+    svg += "<rect x=\"" + num(legend_x) + "\" y=\"" + num(kTop + 8) + "\" width=\"14\" height=\"4\" fill=\"" +
+           s.color + "\"/><text x=\"" + num(legend_x + 18) + "\" y=\"" + num(kTop + 14) +
+           "\" font-size=\"12\">" + html_escape(s.name) + "</text>\n";
     legend_x += 30 + 7 * double(s.name.size());
   }
   svg += "</svg>\n";
@@ -123,7 +128,9 @@ std::string bytes_text(double b) {
   return num(b, 4) + " " + units[u];
 }
 
-std::string value_text(const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); }
+std::string value_text(const nlohmann::json& v) {
+  return v.is_string() ? v.get<std::string>() : v.dump();
+}
 
 }  // namespace
 
@@ -183,8 +190,10 @@ std::string render_report(const ReportInput& in) {
                   html_escape(in.title) + "</title>\n";
   h += "<style>body{font-family:sans-serif;margin:2em;color:#222;max-width:780px}"
        "table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:4px 10px;"
-       "text-align:left;vertical-align:top}th{background:#f4f4f4}td.v{font-family:monospace;word-break:break-all}"
-       ".chart-title{font-size:16px;font-weight:bold}svg{display:block;margin:1em 0}</style>\n</head>\n<body>\n";
+       "text-align:left;vertical-align:top}th{background:#f4f4f4}td.v{font-family:monospace;word-break:break-"
+       "all}"
+       ".chart-title{font-size:16px;font-weight:bold}svg{display:block;margin:1em "
+       "0}</style>\n</head>\n<body>\n";
   h += "<h1>" + html_escape(in.title) + "</h1>\n<h2>Results</h2>\n<table class=\"figures\">\n";
   const auto row = [&](const std::string& k, const std::string& v) {
     h += "<tr><th>" + html_escape(k) + "</th><td>" + html_escape(v) + "</td></tr>\n";
@@ -214,7 +223,8 @@ std::string render_report(const ReportInput& in) {
     TF_CHECK(cfg.is_object(), "the report's config must be a JSON object, got ", cfg.type_name());
     h += "<table class=\"config\">\n<tr><th>option</th><th>value</th></tr>\n";
     for (const auto& [k, v] : cfg.items()) {
-      h += "<tr><td>" + html_escape(k) + "</td><td class=\"v\">" + html_escape(value_text(v)) + "</td></tr>\n";
+      h +=
+          "<tr><td>" + html_escape(k) + "</td><td class=\"v\">" + html_escape(value_text(v)) + "</td></tr>\n";
     }
     h += "</table>\n";
   }
@@ -222,6 +232,8 @@ std::string render_report(const ReportInput& in) {
   return h;
 }
 
-void write_report(const std::string& path, const ReportInput& in) { io::write_file_atomic(path, render_report(in)); }
+void write_report(const std::string& path, const ReportInput& in) {
+  io::write_file_atomic(path, render_report(in));
+}
 
 }  // namespace tf
