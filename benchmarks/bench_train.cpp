@@ -114,7 +114,8 @@ int main(int argc, char** argv) {
   tc.lr.total_steps = steps + 1;
   Trainer trainer(model, tc);
 
-  std::vector<int32_t> ids(size_t(tokens)), targets(size_t(tokens)), pos(size_t(tokens));
+  const auto n = static_cast<size_t>(tokens);
+  std::vector<int32_t> ids(n), targets(n), pos(n);
   const Philox rng(3, 0);
   for (int64_t i = 0; i < tokens; ++i) {
     ids[size_t(i)] = int32_t(rng.u32(uint64_t(i)) % uint32_t(c.vocab));
