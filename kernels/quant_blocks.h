@@ -37,8 +37,8 @@ enum class GgmlType : uint32_t {
   BF16 = 30,
 };
 
-constexpr int kQK0 = 32;   // elements per block of the 32-element formats (Q8_0, Q4_0, Q4_1)
-constexpr int kQKK = 256;  // elements per super-block of the k-quants
+constexpr int kQK0 = 32;          // elements per block of the 32-element formats (Q8_0, Q4_0, Q4_1)
+constexpr int kQKK = 256;         // elements per super-block of the k-quants
 constexpr int kKScaleBytes = 12;  // Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins
 
 // x = d * q

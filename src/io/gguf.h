@@ -64,7 +64,7 @@ struct GgufTensorInfo {
   GgmlType type = GgmlType::F32;
   int n_dims = 0;
   std::array<int64_t, kGgufMaxDims> ne{1, 1, 1, 1};  // GGUF order: ne[0] = row length (innermost)
-  uint64_t offset = 0;     // from the start of the data section
+  uint64_t offset = 0;                               // from the start of the data section
   int64_t n_elements = 0;
   uint64_t n_bytes = 0;
   const uint8_t* data = nullptr;

@@ -35,7 +35,8 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   c.intermediate = positive_int(f, p + "feed_forward_length");
   c.n_layers = positive_int(f, p + "block_count");
   c.n_heads = positive_int(f, p + "attention.head_count");
-  c.n_kv_heads = f.has(p + "attention.head_count_kv") ? positive_int(f, p + "attention.head_count_kv") : c.n_heads;
+  c.n_kv_heads =
+      f.has(p + "attention.head_count_kv") ? positive_int(f, p + "attention.head_count_kv") : c.n_heads;
   if (f.has(p + "attention.key_length")) {
     c.head_dim = positive_int(f, p + "attention.key_length");
   } else {
@@ -48,10 +49,12 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   c.rms_eps = positive_float(f, p + "attention.layer_norm_rms_epsilon");
   c.max_positions = f.has(p + "context_length") ? positive_int(f, p + "context_length") : c.max_positions;
 
-  c.rope.head_dim = f.has(p + "rope.dimension_count") ? positive_int(f, p + "rope.dimension_count") : c.head_dim;
+  c.rope.head_dim =
+      f.has(p + "rope.dimension_count") ? positive_int(f, p + "rope.dimension_count") : c.head_dim;
   c.rope.theta = f.has(p + "rope.freq_base") ? positive_float(f, p + "rope.freq_base") : 10000.0f;
-  const std::string scaling_type = f.has(p + "rope.scaling.type") ? std::string(f.get_string(p + "rope.scaling.type"))
-                                                                  : std::string("none");
+  const std::string scaling_type = f.has(p + "rope.scaling.type")
+                                       ? std::string(f.get_string(p + "rope.scaling.type"))
+                                       : std::string("none");
   if (scaling_type == "linear") {
     c.rope.scaling = RopeScalingType::Linear;
     c.rope.factor = positive_float(f, p + "rope.scaling.factor");
@@ -83,7 +86,8 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     c.vocab = int(embd.ne[1]);
   }
   if (embd.ne[1] != c.vocab)
-    TF_FAIL(f.path(), ": token_embd.weight has ", embd.ne[1], " rows but the vocabulary has ", c.vocab, " tokens");
+    TF_FAIL(f.path(), ": token_embd.weight has ", embd.ne[1], " rows but the vocabulary has ", c.vocab,
+            " tokens");
   c.tie_embeddings = f.find_tensor("output.weight") == nullptr;
   c.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.validate(f.path());
