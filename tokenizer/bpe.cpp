@@ -1,0 +1,260 @@
+// Byte-level BPE: PCRE2 split patterns, the GPT-2 byte <-> unicode mapping, and a merge loop that is
+// O(n log n) in the piece length (a heap of candidate pairs over a linked list of symbols), so a
+// megabyte-long piece encodes in bounded time without capping or changing the result.
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <array>
+#include <queue>
+#include <unordered_map>
+
+#include "src/core/error.h"
+#include "tokenizer/token_model.h"
+#include "tokenizer/utf8.h"
+
+namespace tf::tok {
+
+const char* const kGpt2SplitPattern =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+const char* const kLlama3SplitPattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+const char* const kQwen2SplitPattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+namespace {
+
+struct CodeDeleter {
+  void operator()(pcre2_code* c) const { pcre2_code_free(c); }
+};
+struct MatchDataDeleter {
+  void operator()(pcre2_match_data* m) const { pcre2_match_data_free(m); }
+};
+
+std::string pcre2_message(int code) {
+  std::array<PCRE2_UCHAR, 256> buf{};
+  pcre2_get_error_message(code, buf.data(), buf.size());
+  return reinterpret_cast<const char*>(buf.data());
+}
+
+// One split pattern. MATCH_INVALID_UTF lets raw (non-UTF-8) bytes through: they never match, so they
+// end up in the gaps, which are kept as pieces and then encoded byte by byte like everything else.
+class SplitRegex {
+ public:
+  SplitRegex(const std::string& pattern, const std::string& source) : pattern_(pattern) {
+    int err = 0;
+    PCRE2_SIZE err_off = 0;
+    code_.reset(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                              PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &err_off, nullptr));
+    TF_CHECK(code_, source, ": pre-tokenizer pattern /", pattern, "/ does not compile at offset ", err_off,
+             ": ", pcre2_message(err));
+    // The JIT is an optional speed-up; the interpreter gives the same matches where it is absent.
+    pcre2_jit_compile(code_.get(), PCRE2_JIT_COMPLETE);
+  }
+
+  // Splits text[begin, end) into matches and the non-empty gaps between them, in order.
+  void split(std::string_view text, size_t begin, size_t end, std::vector<std::pair<size_t, size_t>>& out) const {
+    std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(pcre2_match_data_create_from_pattern(code_.get(), nullptr));
+    TF_CHECK(md, "out of memory creating PCRE2 match data");
+    const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data() + begin);
+    const size_t len = end - begin;
+    size_t pos = 0, gap = 0;
+    while (pos < len) {
+      const int rc = pcre2_match(code_.get(), subject, len, pos, 0, md.get(), nullptr);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      TF_CHECK(rc >= 0, "pre-tokenizer pattern /", pattern_, "/ failed: ", pcre2_message(rc));
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
+      const size_t m0 = ov[0], m1 = ov[1];
+      if (m1 == m0) {  // an empty match splits nothing; step over one character and look again
+        const size_t n = utf8_char_len(std::string_view(text.data() + begin, len), m0);
+        pos = m0 + (n == 0 ? 1 : n);
+        continue;
+      }
+      if (m0 > gap) out.emplace_back(begin + gap, m0 - gap);
+      out.emplace_back(begin + m0, m1 - m0);
+      pos = gap = m1;
+    }
+    if (len > gap) out.emplace_back(begin + gap, len - gap);
+  }
+
+ private:
+  std::string pattern_;
+  std::unique_ptr<pcre2_code, CodeDeleter> code_;
+};
+
+// GPT-2's reversible byte -> printable code point mapping: printable Latin-1 bytes map to themselves,
+// the other 68 bytes to U+0100 onwards in byte order.
+std::array<uint32_t, 256> byte_to_codepoint_table() {
+  std::array<uint32_t, 256> t{};
+  uint32_t next = 256;
+  for (uint32_t b = 0; b < 256; ++b) {
+    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
+    t[b] = printable ? b : next++;
+  }
+  return t;
+}
+
+struct MergeRule {
+  uint32_t rank;
+  int32_t merged;
+};
+
+uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
+
+class ByteLevelBpe final : public TokenModel {
+ public:
+  explicit ByteLevelBpe(const BpeSpec& spec)
+      : source_(spec.source),
+        vocab_(spec.vocab),
+        add_prefix_space_(spec.add_prefix_space),
+        ignore_merges_(spec.ignore_merges),
+        unk_id_(spec.unk_id) {
+    for (size_t i = 0; i < vocab_.size(); ++i) {
+      TF_CHECK(vocab_[i].size() <= kMaxPieceBytes, source_, ": token ", i, " is ", vocab_[i].size(),
+               " bytes long; pieces over ", kMaxPieceBytes, " bytes are refused");
+      if (vocab_[i].empty()) continue;
+      const bool fresh = ids_.emplace(vocab_[i], int32_t(i)).second;
+      TF_CHECK(fresh, source_, ": token '", shown(vocab_[i]), "' appears twice in the vocab");
+    }
+    const auto to_cp = byte_to_codepoint_table();
+    for (uint32_t b = 0; b < 256; ++b) {
+      byte_str_[b].clear();
+      append_utf8(byte_str_[b], to_cp[b]);
+      cp_to_byte_[to_cp[b]] = uint8_t(b);
+      const auto it = ids_.find(byte_str_[b]);
+      byte_id_[b] = it == ids_.end() ? -1 : it->second;
+    }
+    merges_.reserve(spec.merges.size());
+    for (size_t r = 0; r < spec.merges.size(); ++r) {
+      const auto& [a, b] = spec.merges[r];
+      const int32_t ia = lookup_for_merge(a, r, a, b), ib = lookup_for_merge(b, r, a, b);
+      const int32_t im = lookup_for_merge(a + b, r, a, b);
+      // The first occurrence of a pair holds its rank, as in llama.cpp.
+      merges_.emplace(pair_key(ia, ib), MergeRule{uint32_t(r), im});
+    }
+    for (const auto& p : spec.split_patterns) splitters_.emplace_back(p, source_);
+  }
+
+  void encode(std::string_view text, std::vector<int32_t>& out) const override {
+    std::string prefixed;
+    if (add_prefix_space_ && !text.empty() && text[0] != ' ') {
+      prefixed = " ";
+      prefixed += text;
+      text = prefixed;
+    }
+    std::vector<std::pair<size_t, size_t>> pieces{{0, text.size()}}, next;
+    for (const auto& re : splitters_) {
+      next.clear();
+      for (const auto& [off, len] : pieces) re.split(text, off, off + len, next);
+      pieces.swap(next);
+    }
+    for (const auto& [off, len] : pieces) encode_piece(text.substr(off, len), out);
+  }
+
+  void decode(std::span<const int32_t> ids, bool, std::string& out) const override {
+    for (const int32_t id : ids) {
+      const std::string& p = vocab_[size_t(id)];
+      for (size_t i = 0; i < p.size();) {
+        size_t n = utf8_char_len(p, i);
+        if (n == 0) n = 1;
+        uint32_t cp = 0;
+        if (n == 1) cp = uint8_t(p[i]);
+        else if (n == 2) cp = ((uint8_t(p[i]) & 0x1Fu) << 6) | (uint8_t(p[i + 1]) & 0x3Fu);
+        const auto it = n <= 2 ? cp_to_byte_.find(cp) : cp_to_byte_.end();
+        if (it != cp_to_byte_.end()) out += char(it->second);
+        else out.append(p, i, n);  // not a byte-level character: its own UTF-8
+        i += n;
+      }
+    }
+  }
+
+  const std::string& piece(int32_t id) const override { return vocab_[size_t(id)]; }
+  std::optional<int32_t> find(std::string_view p) const override {
+    const auto it = ids_.find(std::string(p));
+    if (it == ids_.end()) return std::nullopt;
+    return it->second;
+  }
+  size_t size() const override { return vocab_.size(); }
+
+ private:
+  int32_t lookup_for_merge(const std::string& s, size_t rank, const std::string& a, const std::string& b) const {
+    const auto it = ids_.find(s);
+    TF_CHECK(it != ids_.end(), source_, ": merge #", rank, " '", shown(a), " ", shown(b), "' needs '", shown(s),
+             "', which is not in the vocab");
+    return it->second;
+  }
+
+  void encode_piece(std::string_view bytes, std::vector<int32_t>& out) const {
+    if (ignore_merges_) {
+      std::string mapped;
+      for (const char c : bytes) mapped += byte_str_[uint8_t(c)];
+      const auto it = ids_.find(mapped);
+      if (it != ids_.end()) {
+        out.push_back(it->second);
+        return;
+      }
+    }
+    struct Sym {
+      int32_t id, prev, next;
+    };
+    std::vector<Sym> syms;
+    syms.reserve(bytes.size());
+    for (const char c : bytes) {
+      int32_t id = byte_id_[uint8_t(c)];
+      // Like HF's BPE without an unk token, a byte missing from the vocab is dropped.
+      if (id < 0) id = unk_id_;
+      if (id < 0) continue;
+      const int32_t i = int32_t(syms.size());
+      syms.push_back({id, i - 1, i + 1});
+    }
+    if (syms.empty()) return;
+    syms.back().next = -1;
+
+    struct Cand {
+      uint32_t rank;
+      int32_t left, right, left_id, right_id, merged;
+      bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+    };
+    std::priority_queue<Cand, std::vector<Cand>, std::greater<>> heap;
+    const auto push = [&](int32_t l) {
+      if (l < 0 || syms[size_t(l)].next < 0) return;
+      const int32_t r = syms[size_t(l)].next;
+      const auto it = merges_.find(pair_key(syms[size_t(l)].id, syms[size_t(r)].id));
+      if (it != merges_.end())
+        heap.push({it->second.rank, l, r, syms[size_t(l)].id, syms[size_t(r)].id, it->second.merged});
+    };
+    for (int32_t i = 0; i + 1 < int32_t(syms.size()); ++i) push(i);
+    while (!heap.empty()) {
+      const Cand c = heap.top();
+      heap.pop();
+      Sym& l = syms[size_t(c.left)];
+      // Stale candidates (a side was merged away since it was pushed) no longer match the list.
+      if (l.id != c.left_id || l.next != c.right || syms[size_t(c.right)].id != c.right_id) continue;
+      Sym& r = syms[size_t(c.right)];
+      l.id = c.merged;
+      l.next = r.next;
+      if (r.next >= 0) syms[size_t(r.next)].prev = c.left;
+      r.id = -1;
+      push(l.prev);
+      push(c.left);
+    }
+    for (int32_t i = 0; i >= 0; i = syms[size_t(i)].next) out.push_back(syms[size_t(i)].id);
+  }
+
+  std::string source_;
+  std::vector<std::string> vocab_;
+  std::unordered_map<std::string, int32_t> ids_;
+  std::unordered_map<uint64_t, MergeRule> merges_;
+  std::vector<SplitRegex> splitters_;
+  std::array<std::string, 256> byte_str_;
+  std::array<int32_t, 256> byte_id_{};
+  std::unordered_map<uint32_t, uint8_t> cp_to_byte_;
+  bool add_prefix_space_;
+  bool ignore_merges_;
+  int32_t unk_id_;
+};
+
+}  // namespace
+
+std::unique_ptr<TokenModel> make_byte_level_bpe(const BpeSpec& spec) { return std::make_unique<ByteLevelBpe>(spec); }
+
+}  // namespace tf::tok
