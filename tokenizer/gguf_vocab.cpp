@@ -16,7 +16,7 @@ struct PreTokenizer {
 
 // The pre-tokenizers llama.cpp knows by these names, expressed as our split-pattern sequences.
 PreTokenizer gpt2_pre_tokenizer(const std::string& pre, const std::string& source) {
-  if (pre == "gpt2") return {{kGpt2SplitPattern}};
+  if (pre == "gpt2" || pre == "gpt-2" || pre == "phi-2") return {{kGpt2SplitPattern}};
   // SmolLM and StarCoder isolate every digit before the GPT-2 split.
   if (pre == "smollm" || pre == "starcoder" || pre == "refact") return {{R"(\p{N})", kGpt2SplitPattern}};
   if (pre == "llama3" || pre == "llama-v3" || pre == "llama-bpe") return {{kLlama3SplitPattern}, true, true};
@@ -25,7 +25,7 @@ PreTokenizer gpt2_pre_tokenizer(const std::string& pre, const std::string& sourc
   if (pre == "default" || pre.empty())
     return {{R"([\p{P}\$\+<=>\^~\|]+)", kGpt2SplitPattern, R"(\p{N}+)", "[0-9][0-9][0-9]"}};
   TF_FAIL(source, ": tokenizer.ggml.pre '", shown(pre),
-          "' is not supported (known: gpt2, smollm, starcoder, refact, llama3, llama-bpe, qwen2, default)");
+          "' is not supported (known: gpt2, gpt-2, phi-2, smollm, starcoder, refact, llama3, llama-bpe, qwen2, default)");
 }
 
 TokenType type_of(const GgufVocab& v, size_t i) {
