@@ -1,0 +1,11 @@
+// libFuzzer target: tf::fuzz::run_safetensors (fuzz/entry_points.h) over arbitrary bytes.
+// Build and run: tools/fuzz.sh safetensors [seconds]
+#include <cstddef>
+#include <cstdint>
+
+#include "fuzz/entry_points.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  tf::fuzz::run_safetensors(data, size);
+  return 0;
+}
