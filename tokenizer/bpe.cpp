@@ -52,8 +52,10 @@ class SplitRegex {
   }
 
   // Splits text[begin, end) into matches and the non-empty gaps between them, in order.
-  void split(std::string_view text, size_t begin, size_t end, std::vector<std::pair<size_t, size_t>>& out) const {
-    std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(pcre2_match_data_create_from_pattern(code_.get(), nullptr));
+  void split(std::string_view text, size_t begin, size_t end,
+             std::vector<std::pair<size_t, size_t>>& out) const {
+    std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(
+        pcre2_match_data_create_from_pattern(code_.get(), nullptr));
     TF_CHECK(md, "out of memory creating PCRE2 match data");
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data() + begin);
     const size_t len = end - begin;
@@ -98,7 +100,9 @@ struct MergeRule {
   int32_t merged;
 };
 
-uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
+uint64_t pair_key(int32_t a, int32_t b) {
+  return (uint64_t(uint32_t(a)) << 32) | uint32_t(b);
+}
 
 class ByteLevelBpe final : public TokenModel {
  public:
@@ -157,11 +161,15 @@ class ByteLevelBpe final : public TokenModel {
         size_t n = utf8_char_len(p, i);
         if (n == 0) n = 1;
         uint32_t cp = 0;
-        if (n == 1) cp = uint8_t(p[i]);
-        else if (n == 2) cp = ((uint8_t(p[i]) & 0x1Fu) << 6) | (uint8_t(p[i + 1]) & 0x3Fu);
+        if (n == 1)
+          cp = uint8_t(p[i]);
+        else if (n == 2)
+          cp = ((uint8_t(p[i]) & 0x1Fu) << 6) | (uint8_t(p[i + 1]) & 0x3Fu);
         const auto it = n <= 2 ? cp_to_byte_.find(cp) : cp_to_byte_.end();
-        if (it != cp_to_byte_.end()) out += char(it->second);
-        else out.append(p, i, n);  // not a byte-level character: its own UTF-8
+        if (it != cp_to_byte_.end())
+          out += char(it->second);
+        else
+          out.append(p, i, n);  // not a byte-level character: its own UTF-8
         i += n;
       }
     }
@@ -176,10 +184,11 @@ class ByteLevelBpe final : public TokenModel {
   size_t size() const override { return vocab_.size(); }
 
  private:
-  int32_t lookup_for_merge(const std::string& s, size_t rank, const std::string& a, const std::string& b) const {
+  int32_t lookup_for_merge(const std::string& s, size_t rank, const std::string& a,
+                           const std::string& b) const {
     const auto it = ids_.find(s);
-    TF_CHECK(it != ids_.end(), source_, ": merge #", rank, " '", shown(a), " ", shown(b), "' needs '", shown(s),
-             "', which is not in the vocab");
+    TF_CHECK(it != ids_.end(), source_, ": merge #", rank, " '", shown(a), " ", shown(b), "' needs '",
+             shown(s), "', which is not in the vocab");
     return it->second;
   }
 
@@ -255,6 +264,15 @@ class ByteLevelBpe final : public TokenModel {
 
 }  // namespace
 
-std::unique_ptr<TokenModel> make_byte_level_bpe(const BpeSpec& spec) { return std::make_unique<ByteLevelBpe>(spec); }
+std::unique_ptr<TokenModel> make_byte_level_bpe(const BpeSpec& spec) {
+  return std::make_unique<ByteLevelBpe>(spec);
+}
+
+std::string byte_level_piece(uint8_t b) {
+  static const auto table = byte_to_codepoint_table();
+  std::string s;
+  append_utf8(s, table[b]);
+  return s;
+}
 
 }  // namespace tf::tok

@@ -14,17 +14,24 @@
 namespace tf::tok {
 
 // GGUF's tokenizer.ggml.token_type values (the same numbering as sentencepiece's piece types).
-enum class TokenType : int32_t { Normal = 1, Unknown = 2, Control = 3, UserDefined = 4, Unused = 5, Byte = 6 };
+enum class TokenType : int32_t {
+  Normal = 1,
+  Unknown = 2,
+  Control = 3,
+  UserDefined = 4,
+  Unused = 5,
+  Byte = 6
+};
 
 // Everything a GGUF file says about its vocabulary, as plain data, so that the GGUF reader and the
 // tokenizer stay independent: the reader fills this from the tokenizer.ggml.* keys.
 struct GgufVocab {
-  std::string model;                  // tokenizer.ggml.model: "gpt2" or "llama"
-  std::string pre;                    // tokenizer.ggml.pre (gpt2 only): "smollm", "llama-bpe", "qwen2", ...
-  std::vector<std::string> tokens;    // tokenizer.ggml.tokens
-  std::vector<float> scores;          // tokenizer.ggml.scores (llama; may be empty for gpt2)
-  std::vector<int32_t> token_types;   // tokenizer.ggml.token_type (may be empty: all Normal)
-  std::vector<std::string> merges;    // tokenizer.ggml.merges (gpt2), "left right"
+  std::string model;                 // tokenizer.ggml.model: "gpt2" or "llama"
+  std::string pre;                   // tokenizer.ggml.pre (gpt2 only): "smollm", "llama-bpe", "qwen2", ...
+  std::vector<std::string> tokens;   // tokenizer.ggml.tokens
+  std::vector<float> scores;         // tokenizer.ggml.scores (llama; may be empty for gpt2)
+  std::vector<int32_t> token_types;  // tokenizer.ggml.token_type (may be empty: all Normal)
+  std::vector<std::string> merges;   // tokenizer.ggml.merges (gpt2), "left right"
   int32_t bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;
   std::optional<bool> add_bos, add_eos, add_space_prefix;  // absent: the model's convention
 };
@@ -61,6 +68,8 @@ class Tokenizer {
   Tokenizer& operator=(Tokenizer&&) noexcept;
   ~Tokenizer();
 
+  // Byte-level BPE encodes any bytes (text that is not UTF-8 decodes back to the same bytes);
+  // sentencepiece-style vocabularies refuse it with an error giving the offset of the bad byte.
   std::vector<int32_t> encode(std::string_view text, const EncodeOptions& opt = {}) const;
   // Added tokens decode to their text (special ones are dropped when skip_special is set).
   std::string decode(std::span<const int32_t> ids, bool skip_special = false) const;
@@ -97,5 +106,9 @@ class Tokenizer {
   int32_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1;
   bool add_bos_ = false, add_eos_ = false;
 };
+
+// The printable string byte-level BPE vocabularies use for byte `b` (GPT-2's byte -> code point
+// mapping, UTF-8 encoded), for writing byte-level tokenizer files.
+std::string byte_level_piece(uint8_t b);
 
 }  // namespace tf::tok

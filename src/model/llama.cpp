@@ -48,6 +48,7 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   TF_CHECK(int64_t(weights_.blocks.size()) == c.n_layers, "model has ", weights_.blocks.size(),
            " blocks of weights but its config says ", c.n_layers, " layers");
   inv_freq_.resize(size_t(c.head_dim / 2));
+  decode_positions_.resize(size_t(max_tokens));
   rope_inv_freq(c.rope, inv_freq_.data());
 
   const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
@@ -142,7 +143,7 @@ void LlamaModel::projection_backward(float* dx, float beta, const float* dy, con
                   lora_dt_, lora_xd_);
 }
 
-void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step) {
+void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step, KvCache* cache) {
   const LlamaConfig& c = weights_.config;
   const BlockWeights& w = weights_.blocks[size_t(l)];
   const int64_t n = b.n_tokens();
@@ -156,8 +157,19 @@ void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool trainin
   projection(a.v, a.h1, w.v, bias ? &w.v_bias : nullptr, l, LoraTarget::V, a, training, step, n);
   cpu::rope_forward(a.q, b.positions, inv_freq_.data(), n, c.n_heads, c.head_dim, c.rope_layout);
   cpu::rope_forward(a.k, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
-  const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
-  cpu::attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
+  const float scale = 1.0f / std::sqrt(float(c.head_dim));
+  if (cache) {
+    const int64_t kv = c.kv_dim(), offset = (int64_t(l) * cache->capacity + cache->n_past) * kv;
+    float* k_layer = cache->k.as<float>() + int64_t(l) * cache->capacity * kv;
+    float* v_layer = cache->v.as<float>() + int64_t(l) * cache->capacity * kv;
+    std::memcpy(cache->k.as<float>() + offset, a.k, size_t(n * kv) * sizeof(float));
+    std::memcpy(cache->v.as<float>() + offset, a.v, size_t(n * kv) * sizeof(float));
+    cpu::attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
+                                  c.head_dim, scale);
+  } else {
+    const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, scale};
+    cpu::attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
+  }
   projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
   add_into(a.x2, x, n * c.hidden);
 
@@ -199,14 +211,14 @@ void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t st
   cpu::rmsnorm_backward(d_res_, nullptr, d_h_, residual_[size_t(l)], w.attn_norm, a.rstd1, n, c.hidden);
 }
 
-void LlamaModel::forward_stack(const Batch& b, bool training, uint64_t step) {
+void LlamaModel::forward_stack(const Batch& b, bool training, uint64_t step, KvCache* cache) {
   check_batch(b);
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
   cpu::embedding_forward(residual_[0], b.tokens, n, weights_.embed);
   for (int l = 0; l < c.n_layers; ++l) {
     BlockActs& a = acts_[policy_ == CheckpointPolicy::None ? size_t(l) : 0];
-    block_forward(l, b, a, training, step);
+    block_forward(l, b, a, training, step, cache);
   }
   cpu::rmsnorm_forward(final_h_, final_rstd_, residual_[size_t(c.n_layers)], weights_.final_norm, n, c.hidden,
                        c.rms_eps);
@@ -251,6 +263,30 @@ void LlamaModel::forward_logits(const Batch& b, float* logits) {
   const WeightRef& w = weights_.lm_head;
   cpu::matmul(logits, w.rows, f32_mat(final_h_, w.cols), weight_mat(w, true), b.n_tokens(), w.rows, w.cols, 1.0f,
               0.0f);
+}
+
+KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
+  const LlamaConfig& c = weights_.config;
+  TF_CHECK(capacity > 0, "a KV cache needs a positive capacity");
+  KvCache cache;
+  cache.capacity = capacity;
+  const size_t bytes = size_t(c.n_layers) * size_t(capacity) * size_t(c.kv_dim()) * sizeof(float);
+  cache.k = Buffer(bytes, MemTag::Activations, false);
+  cache.v = Buffer(bytes, MemTag::Activations, false);
+  return cache;
+}
+
+void LlamaModel::decode(KvCache& cache, const int32_t* tokens, int64_t n, float* logits) {
+  TF_CHECK(n > 0 && n <= max_tokens_, "decode of ", n, " tokens; at most ", max_tokens_, " per call");
+  TF_CHECK(cache.n_past + n <= cache.capacity, "KV cache full: ", cache.n_past, " + ", n, " tokens exceed its ",
+           cache.capacity);
+  for (int64_t i = 0; i < n; ++i) decode_positions_[size_t(i)] = int32_t(cache.n_past + i);
+  const Batch b{1, int(n), tokens, nullptr, decode_positions_.data(), nullptr};
+  forward_stack(b, false, 0, &cache);
+  cache.n_past += n;
+  const WeightRef& w = weights_.lm_head;
+  cpu::matmul(logits, w.rows, f32_mat(final_h_ + (n - 1) * w.cols, w.cols), weight_mat(w, true), 1, w.rows, w.cols,
+              1.0f, 0.0f);
 }
 
 }  // namespace tf

@@ -33,6 +33,13 @@ struct LossSum {
   double mean() const { return n_valid ? sum / double(n_valid) : 0.0; }
 };
 
+// Keys and values of the tokens seen so far in one sequence, per layer, for incremental decoding.
+struct KvCache {
+  int64_t capacity = 0;  // tokens
+  int64_t n_past = 0;    // tokens already in the cache
+  Buffer k, v;           // [n_layers][capacity][kv_dim], keys after rope
+};
+
 class LlamaModel {
  public:
   // All buffers are sized here for up to max_tokens tokens per micro-batch; no step allocates.
@@ -50,8 +57,14 @@ class LlamaModel {
   LossSum forward_backward(const Batch& b, float grad_scale, uint64_t step);
   // Loss without gradients or dropout.
   LossSum forward_loss(const Batch& b);
-  // Full logits [n_tokens, vocab] (for generation and tests; training never forms them).
+  // Full logits [n_tokens, vocab] (for tests and scoring; training never forms them).
   void forward_logits(const Batch& b, float* logits);
+
+  // Incremental decoding of one sequence: runs `n` new tokens (n <= max_tokens) at positions
+  // cache.n_past.., appends their keys and values to the cache, and writes the logits of the last
+  // one into logits[vocab]. No dropout; the adapters apply.
+  KvCache make_kv_cache(int64_t capacity) const;
+  void decode(KvCache& cache, const int32_t* tokens, int64_t n, float* logits);
 
  private:
   struct BlockActs {
@@ -62,8 +75,9 @@ class LlamaModel {
   void check_batch(const Batch& b) const;
   // Runs the stack: embedding, every block, final norm into final_h_. Keeps activations when
   // `training` and the policy says so.
-  void forward_stack(const Batch& b, bool training, uint64_t step);
-  void block_forward(int layer, const Batch& b, BlockActs& a, bool training, uint64_t step);
+  void forward_stack(const Batch& b, bool training, uint64_t step, KvCache* cache = nullptr);
+  void block_forward(int layer, const Batch& b, BlockActs& a, bool training, uint64_t step,
+                     KvCache* cache = nullptr);
   void block_backward(int layer, const Batch& b, BlockActs& a, uint64_t step);
   void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer, LoraTarget t,
                   BlockActs& a, bool training, uint64_t step, int64_t n);
@@ -76,6 +90,7 @@ class LlamaModel {
   CheckpointPolicy policy_;
   int64_t max_tokens_;
   std::vector<float> inv_freq_;
+  std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
 
   Buffer saved_;      // residual stream (n_layers + 1 block inputs) and kept block activations
   Buffer workspace_;  // gradients in flight and scratch

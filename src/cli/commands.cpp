@@ -1,0 +1,228 @@
+#include "src/cli/commands.h"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "kernels/ops.h"
+#include "src/cli/common.h"
+#include "src/core/error.h"
+#include "src/io/durable.h"
+#include "src/io/gguf_lora.h"
+#include "src/io/hf_model.h"
+#include "src/io/merge.h"
+#include "src/io/peft.h"
+#include "src/train/checkpoint.h"
+
+namespace tf::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Evaluation and generation need no training state: a rank-1 adapter with B = 0 leaves the base
+// model's outputs exactly unchanged and is replaced by --adapter when one is given.
+LoraConfig inert_lora() {
+  LoraConfig l;
+  l.rank = 1;
+  l.alpha = 1;
+  l.targets = parse_lora_targets("q");
+  return l;
+}
+
+CheckpointPolicy no_checkpointing(const LlamaConfig&) { return CheckpointPolicy::None; }
+
+std::string trim(std::string s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return {};
+  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
+}
+
+// The ids of a user turn rendered by the template, up to where the assistant's reply begins.
+std::vector<int32_t> chat_prompt_ids(const data::ChatTemplate& tmpl, const tok::Tokenizer& tok,
+                                     const std::vector<data::Message>& messages) {
+  data::Example ex;
+  ex.shape = data::Example::Shape::Messages;
+  ex.messages = messages;
+  ex.messages.push_back({"assistant", ""});
+  std::vector<data::Segment> segs = data::render_example(tmpl, ex, tok.adds_bos());
+  // Drop the (empty) assistant reply and what follows it: the prompt ends where the model speaks.
+  while (!segs.empty() && segs.back().trainable) segs.pop_back();
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> trainable;
+  data::tokenize_segments(segs, tok, true, SIZE_MAX, ids, trainable);
+  return ids;
+}
+
+}  // namespace
+
+int run_inspect(const std::string& path, bool all_tensors) {
+  const io::LoadedModel m = io::load_model(path);
+  const LlamaConfig& c = m.weights.config;
+  std::printf("model       %s (%s)\n", path.c_str(), m.format == io::ModelFormat::Gguf ? "GGUF" : "HF directory");
+  std::printf("arch        %s: %d layers, hidden %d, intermediate %d, heads %d (kv %d, dim %d), vocab %d\n",
+              c.architecture.c_str(), c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads, c.head_dim,
+              c.vocab);
+  std::printf("            rms eps %g, rope theta %g%s, rope layout %s, tied embeddings %s, attention bias %s, "
+              "max positions %d\n",
+              double(c.rms_eps), double(c.rope.theta),
+              c.rope.scaling == RopeScalingType::Llama3   ? " (llama3 scaling)"
+              : c.rope.scaling == RopeScalingType::Linear ? " (linear scaling)"
+                                                          : "",
+              c.rope_layout == RopeLayout::Interleaved ? "interleaved (GGUF)" : "split-half (HF)",
+              c.tie_embeddings ? "yes" : "no", c.attention_bias ? "yes" : "no", c.max_positions);
+  std::printf("parameters  %.1fM\n", double(c.n_params()) / 1e6);
+  if (m.format == io::ModelFormat::Gguf) {
+    std::map<std::string, std::pair<int, uint64_t>> by_type;
+    for (const auto& t : m.gguf->tensors()) {
+      auto& e = by_type[ggml_type_info(uint32_t(t.type)).name];
+      ++e.first;
+      e.second += t.n_bytes;
+    }
+    std::printf("tensors     %zu:", m.gguf->tensors().size());
+    for (const auto& [type, e] : by_type) std::printf(" %d %s (%s)", e.first, type.c_str(), format_bytes(double(e.second)).c_str());
+    std::printf("\n");
+    size_t shown = 0;
+    for (const auto& t : m.gguf->tensors()) {
+      if (!all_tensors && shown++ >= 12) {
+        std::printf("  ... %zu more (--all-tensors lists them)\n", m.gguf->tensors().size() - 12);
+        break;
+      }
+      std::string shape;
+      for (int64_t d : t.shape()) shape += (shape.empty() ? "" : " x ") + std::to_string(d);
+      std::printf("  %-32s %-6s %-14s %s\n", t.name.c_str(), ggml_type_info(uint32_t(t.type)).name, shape.c_str(),
+                  format_bytes(double(t.n_bytes)).c_str());
+    }
+  } else {
+    size_t shown = 0, n = 0;
+    LlamaWeights::for_each_slot(c, [&](WeightSlot, int) { ++n; });
+    std::printf("tensors     %zu\n", n);
+    LlamaWeights::for_each_slot(c, [&](WeightSlot slot, int layer) {
+      if (!all_tensors && shown++ >= 12) return;
+      const WeightRef& w = const_cast<LlamaWeights&>(m.weights).slot(slot, layer);
+      std::printf("  %-48s %-5s %lld x %lld  %s\n", hf_weight_name(slot, layer).c_str(),
+                  std::string(dtype_name(w.dtype)).c_str(), (long long)w.rows, (long long)w.cols,
+                  format_bytes(double(w.rows * w.cols) * double(dtype_size(w.dtype))).c_str());
+    });
+    if (!all_tensors && n > 12) std::printf("  ... %zu more (--all-tensors lists them)\n", n - 12);
+  }
+  if (m.tokenizer) {
+    const tok::Tokenizer& t = *m.tokenizer;
+    auto piece = [&](int32_t id) { return id < 0 ? std::string("none") : "\"" + t.token_to_piece(id) + "\" (" + std::to_string(id) + ")"; };
+    std::printf("tokenizer   %zu tokens (%zu added), bos %s, eos %s, pad %s, adds bos %s\n", t.vocab_size(),
+                t.added_tokens().size(), piece(t.bos_id()).c_str(), piece(t.eos_id()).c_str(), piece(t.pad_id()).c_str(),
+                t.adds_bos() ? "yes" : "no");
+  } else {
+    std::printf("tokenizer   none\n");
+  }
+  if (m.chat_template.empty()) {
+    std::printf("template    none (plain)\n");
+  } else {
+    const data::ChatTemplate tmpl = data::detect_template(m.chat_template, path);
+    std::printf("template    %s%s (%zu characters of Jinja)\n", std::string(data::template_name(tmpl.kind)).c_str(),
+                tmpl.default_system.empty() ? "" : ", with a default system prompt", m.chat_template.size());
+  }
+  return 0;
+}
+
+int run_generate(const GenerateOptions& o) {
+  TF_CHECK(!o.model.empty(), "--model is required");
+  TF_CHECK(o.max_new_tokens > 0, "--max-new-tokens must be positive");
+  TF_CHECK(o.temperature >= 0, "--temperature must not be negative");
+  cpu::set_num_threads(o.threads);
+  Session s = open_session(o.model, inert_lora(), 256, no_checkpointing, o.adapter);
+  const tok::Tokenizer& tok = s.tokenizer();
+  std::vector<int32_t> ids;
+  if (o.chat) {
+    ids = chat_prompt_ids(choose_template(o.template_name, s.loaded), tok, {{"user", o.prompt}});
+  } else {
+    ids = tok.encode(o.prompt);
+  }
+  const std::vector<int32_t> out = generate_tokens(*s.model, ids, o.max_new_tokens, tok.eos_id(), o.temperature, o.seed);
+  std::printf("%s\n", tok.decode(out, /*skip_special=*/true).c_str());
+  return 0;
+}
+
+int run_eval(const EvalOptions& o) {
+  TF_CHECK(!o.model.empty() && !o.data.empty(), "--model and --data are required");
+  cpu::set_num_threads(o.threads);
+  Session s = open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, no_checkpointing, o.adapter);
+  const tok::Tokenizer& tok = s.tokenizer();
+  const data::ChatTemplate tmpl = choose_template(o.template_name, s.loaded);
+  const data::Dataset raw = data::load_jsonl(o.data);
+  data::TokenizeOptions to;
+  to.seq_len = size_t(o.seq_len);
+  const data::TokenizedDataset d = data::tokenize_dataset(raw, tmpl, tok, to);
+  const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : std::max(tok.eos_id(), 0);
+  const LossSum loss = evaluate_loss(*s.model, d, o.micro_batch, o.seq_len, pad);
+  std::printf("examples    %zu (%lld target tokens)\n", d.size(), (long long)loss.n_valid);
+  std::printf("loss        %.4f\nperplexity  %.3f\n", loss.mean(), std::exp(loss.mean()));
+
+  // Exact match: the greedy completion of each prompt equals the reference completion (trimmed).
+  size_t total = 0, correct = 0;
+  for (const data::Example& ex : raw.examples) {
+    std::vector<data::Message> messages;
+    std::string want;
+    if (ex.shape == data::Example::Shape::PromptCompletion) {
+      messages = {{"user", ex.prompt}};
+      want = ex.completion;
+    } else if (ex.shape == data::Example::Shape::Messages && !ex.messages.empty() &&
+               ex.messages.back().role == "assistant") {
+      messages.assign(ex.messages.begin(), ex.messages.end() - 1);
+      want = ex.messages.back().content;
+    } else {
+      continue;
+    }
+    const std::vector<int32_t> prompt = chat_prompt_ids(tmpl, tok, messages);
+    const std::vector<int32_t> out = generate_tokens(*s.model, prompt, o.max_new_tokens, tok.eos_id());
+    const bool ok = trim(tok.decode(out, true)) == trim(want);
+    correct += ok;
+    ++total;
+  }
+  if (total) std::printf("exact match %.1f%% (%zu of %zu greedy completions)\n", 100.0 * double(correct) / double(total), correct, total);
+  return 0;
+}
+
+int run_export(const ExportOptions& o) {
+  TF_CHECK(!o.run.empty() && !o.out.empty(), "--run and --out are required");
+  const fs::path run(o.run);
+  const std::string config_path = (run / "config.json").string();
+  TF_CHECK(fs::exists(config_path), o.run, ": not a run directory (no config.json)");
+  std::ifstream in(config_path);
+  const nlohmann::json cfg = nlohmann::json::parse(in, nullptr, false);
+  TF_CHECK(cfg.is_object() && cfg.contains("model") && cfg["model"].is_string(), config_path,
+           ": has no \"model\" entry");
+  const std::string base_path = cfg["model"].get<std::string>();
+  const fs::path adapter_dir = run / "adapter";
+  TF_CHECK(fs::exists(adapter_dir / "adapter_config.json"), o.run, ": has no adapter/ yet (the run has not ",
+           "finished; resume it, or export its latest checkpoint by finishing the run)");
+
+  if (o.format == "peft") {
+    io::LoadedModel base = io::load_model(base_path);
+    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
+    io::export_peft(o.out, a.lora, base_path);
+  } else if (o.format == "gguf") {
+    io::LoadedModel base = io::load_model(base_path);
+    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
+    io::export_gguf_lora(o.out, a.lora, base.weights.config);
+  } else if (o.format == "merged") {
+    io::LoadedModel base = io::load_model(base_path);
+    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
+    if (base.format == io::ModelFormat::Gguf) {
+      io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout);
+    } else {
+      io::MergedHfOptions mo;
+      mo.base_dir = base_path;
+      io::export_merged_hf(o.out, base.weights, a.lora, mo);
+    }
+  } else {
+    TF_FAIL("--format must be peft, gguf or merged, got '", o.format, "'");
+  }
+  std::printf("exported %s adapter of %s to %s\n", o.format.c_str(), o.run.c_str(), o.out.c_str());
+  return 0;
+}
+
+}  // namespace tf::cli

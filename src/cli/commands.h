@@ -1,0 +1,43 @@
+// defines: the subcommands other than finetune: init, inspect, generate, eval, export
+#pragma once
+
+#include <string>
+
+namespace tf::cli {
+
+struct InitOptions {
+  std::string config = "tiny";  // tiny | small | path to an HF config.json
+  std::string out;
+  uint64_t seed = 0;
+};
+int run_init(const InitOptions& o);
+
+int run_inspect(const std::string& model, bool all_tensors);
+
+struct GenerateOptions {
+  std::string model, adapter, prompt;
+  int max_new_tokens = 64;
+  float temperature = 0.0f;
+  uint64_t seed = 0;
+  bool chat = false;  // wrap the prompt as a user turn of the model's chat template
+  std::string template_name = "auto";
+  int threads = 0;
+};
+int run_generate(const GenerateOptions& o);
+
+struct EvalOptions {
+  std::string model, adapter, data;
+  std::string template_name = "auto";
+  int seq_len = 512;
+  int micro_batch = 4;
+  int max_new_tokens = 64;
+  int threads = 0;
+};
+int run_eval(const EvalOptions& o);
+
+struct ExportOptions {
+  std::string run, format = "peft", out;
+};
+int run_export(const ExportOptions& o);
+
+}  // namespace tf::cli

@@ -1,0 +1,121 @@
+#include "src/cli/common.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "src/core/error.h"
+#include "src/core/rng.h"
+#include "src/data/sampler.h"
+#include "src/io/peft.h"
+
+namespace tf::cli {
+
+namespace fs = std::filesystem;
+
+const tok::Tokenizer& Session::tokenizer() const {
+  TF_CHECK(loaded.tokenizer, loaded.source, ": the model has no tokenizer (tokenizer.json, tokenizer.model ",
+           "or an embedded GGUF vocabulary)");
+  return *loaded.tokenizer;
+}
+
+Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
+                     const std::function<CheckpointPolicy(const LlamaConfig&)>& policy, const std::string& adapter) {
+  Session s;
+  s.loaded = io::load_model(model_path);
+  std::optional<io::PeftAdapter> peft;
+  if (!adapter.empty()) {
+    const fs::path run_adapter = fs::path(adapter) / "adapter";
+    const std::string dir = fs::exists(run_adapter / "adapter_config.json") ? run_adapter.string() : adapter;
+    peft = io::import_peft(dir, s.loaded.weights.config);
+    lora = peft->lora.config;
+  }
+  const CheckpointPolicy p = policy(s.loaded.weights.config);
+  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens);
+  if (peft) {
+    LoraState& dst = s.model->lora();
+    TF_CHECK(dst.n_params == peft->lora.n_params, adapter, ": adapter layout does not match the model");
+    std::memcpy(dst.param_data(), peft->lora.param_data(), size_t(dst.n_params) * sizeof(float));
+  }
+  return s;
+}
+
+data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m) {
+  if (name != "auto") return data::template_by_name(name);
+  if (m.chat_template.empty()) return data::template_by_name("plain");
+  return data::detect_template(m.chat_template, m.source);
+}
+
+Batch batch_view(const data::TokenBatch& b) {
+  return Batch{b.batch, b.seq, b.tokens.data(), b.targets.data(), b.positions.data(), b.doc_ids.data()};
+}
+
+LossSum evaluate_loss(LlamaModel& model, const data::TokenizedDataset& data, int micro_batch, int seq_len,
+                      int32_t pad_id) {
+  data::Sampler sampler(data.size(), 0, /*shuffle=*/false, /*epochs=*/1);
+  data::BatchOptions opt;
+  opt.batch = micro_batch;
+  opt.seq = seq_len;
+  opt.pack = true;
+  opt.pad_id = pad_id;
+  data::TokenBatch batch;
+  LossSum total;
+  while (data::next_batch(data, sampler, opt, batch)) {
+    const LossSum l = model.forward_loss(batch_view(batch));
+    total.sum += l.sum;
+    total.n_valid += l.n_valid;
+  }
+  return total;
+}
+
+std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
+                                     int32_t eos_id, float temperature, uint64_t seed) {
+  TF_CHECK(!prompt_ids.empty(), "generation needs a non-empty prompt");
+  const int vocab = model.config().vocab;
+  KvCache cache = model.make_kv_cache(int64_t(prompt_ids.size()) + max_new);
+  std::vector<float> logits(size_t(vocab), 0.0f);
+  for (size_t i = 0; i < prompt_ids.size(); i += size_t(model.max_tokens())) {
+    const int64_t n = std::min<int64_t>(model.max_tokens(), int64_t(prompt_ids.size() - i));
+    model.decode(cache, prompt_ids.data() + i, n, logits.data());
+  }
+  std::vector<int32_t> out;
+  const Philox rng(seed, 0x5a3b1e);
+  for (int t = 0; t < max_new; ++t) {
+    int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    if (temperature > 0) {
+      // Sample from softmax(logits / T) by inverting the cumulative distribution.
+      const float mx = logits[size_t(next)];
+      double sum = 0;
+      for (float& l : logits) sum += (l = std::exp((l - mx) / temperature));
+      double u = double(rng.uniform(uint64_t(t))) * sum;
+      for (int i = 0; i < vocab; ++i)
+        if ((u -= logits[size_t(i)]) <= 0) {
+          next = i;
+          break;
+        }
+    }
+    out.push_back(next);
+    if (next == eos_id || t + 1 == max_new) break;
+    model.decode(cache, &next, 1, logits.data());
+  }
+  return out;
+}
+
+std::string format_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.2f %s", bytes, units[u]);
+  return buf;
+}
+
+bool stdout_is_terminal() { return isatty(STDOUT_FILENO) == 1; }
+
+}  // namespace tf::cli

@@ -1,0 +1,49 @@
+// defines: pieces shared by the subcommands: opening a model with an optional adapter, choosing
+// the chat template, tokenising a dataset, evaluation loss, greedy generation, progress output
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "src/data/batcher.h"
+#include "src/data/chat_template.h"
+#include "src/data/dataset.h"
+#include "src/io/model_loader.h"
+#include "src/model/llama.h"
+
+namespace tf::cli {
+
+// A loaded base model, its tokenizer, and a LlamaModel ready to run with LoRA attached.
+struct Session {
+  io::LoadedModel loaded;
+  std::unique_ptr<LlamaModel> model;
+  const tok::Tokenizer& tokenizer() const;
+};
+
+// Opens `model_path` with LoRA `lora` (fresh adapters, B = 0) sized for `max_tokens` per
+// micro-batch, with the checkpointing `policy` chooses for the model's config. With `adapter` (a
+// run directory or a PEFT adapter directory), the adapter's configuration and weights replace
+// `lora`.
+Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
+                     const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
+                     const std::string& adapter = {});
+
+// "auto" uses the model's own template (or plain when it has none); otherwise a name.
+data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m);
+
+// Mean token loss over every example of `data`, in unshuffled micro-batches.
+LossSum evaluate_loss(LlamaModel& model, const data::TokenizedDataset& data, int micro_batch, int seq_len,
+                      int32_t pad_id);
+
+// Greedy (temperature 0) or sampled continuation of `prompt_ids`; stops at EOS or max_new tokens.
+std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
+                                     int32_t eos_id, float temperature = 0.0f, uint64_t seed = 0);
+
+Batch batch_view(const data::TokenBatch& b);
+std::string format_bytes(double bytes);
+bool stdout_is_terminal();
+
+}  // namespace tf::cli

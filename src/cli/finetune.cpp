@@ -1,0 +1,300 @@
+#include "src/cli/finetune.h"
+
+#include <csignal>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "kernels/ops.h"
+#include "src/cli/common.h"
+#include "src/core/error.h"
+#include "src/data/sampler.h"
+#include "src/io/durable.h"
+#include "src/io/peft.h"
+#include "src/train/checkpoint.h"
+#include "src/train/metrics.h"
+#include "src/train/report.h"
+#include "src/train/trainer.h"
+
+namespace tf::cli {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+void check_options(const FinetuneOptions& o) {
+  TF_CHECK(!o.model.empty(), "--model is required");
+  TF_CHECK(!o.data.empty(), "--data is required");
+  TF_CHECK(!o.out.empty(), "--out is required");
+  TF_CHECK(o.seq_len >= 8 && o.seq_len <= (1 << 20), "--seq-len must be in [8, 1048576], got ", o.seq_len);
+  TF_CHECK(o.micro_batch >= 1 && o.micro_batch <= 4096, "--micro-batch must be in [1, 4096], got ", o.micro_batch);
+  TF_CHECK(o.grad_accum >= 1, "--grad-accum must be at least 1, got ", o.grad_accum);
+  TF_CHECK(o.steps >= 0, "--steps must not be negative, got ", o.steps);
+  TF_CHECK(o.steps > 0 || o.epochs > 0, "give --steps or a positive --epochs");
+  TF_CHECK(o.train_on == "completion" || o.train_on == "all", "--train-on must be completion or all, got '",
+           o.train_on, "'");
+  TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block",
+           "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
+  TF_CHECK(o.device == "auto" || o.device == "cpu", "--device ", o.device,
+           " is not available: this build trains on the CPU backend (use --device cpu or auto)");
+  TF_CHECK(o.save_every >= 0 && o.keep >= 1 && o.eval_every >= 0, "--save-every and --eval-every must not be ",
+           "negative and --keep must be at least 1");
+  TF_CHECK(o.warmup >= 0, "--warmup must not be negative");
+}
+
+CheckpointPolicy choose_policy(const FinetuneOptions& o, const LlamaConfig& c) {
+  if (o.checkpointing == "none") return CheckpointPolicy::None;
+  if (o.checkpointing == "block") return CheckpointPolicy::PerBlock;
+  // auto: keep every block's activations while they take under 2 GiB, else recompute per block.
+  const double per_token = 4.0 * (3.0 * c.hidden + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 3.0 * c.intermediate);
+  const double bytes = per_token * double(o.micro_batch) * o.seq_len * c.n_layers;
+  return bytes < 2.0 * (1ull << 30) ? CheckpointPolicy::None : CheckpointPolicy::PerBlock;
+}
+
+// Counts the optimizer steps of `epochs` passes over the data (packing makes this data-dependent).
+int64_t steps_for_epochs(const data::TokenizedDataset& d, const data::BatchOptions& bo, double epochs, int accum,
+                         uint64_t seed) {
+  data::Sampler s(d.size(), seed, true, 1);
+  data::TokenBatch b;
+  int64_t batches = 0;
+  while (data::next_batch(d, s, bo, b)) ++batches;
+  return std::max<int64_t>(1, int64_t(std::ceil(double(batches) * epochs / accum)));
+}
+
+std::string cursor_json(const data::SamplerCursor& c) {
+  return nlohmann::json{{"epoch", c.epoch}, {"index", c.index}}.dump();
+}
+
+data::SamplerCursor parse_cursor(const std::string& text, const std::string& where) {
+  const auto j = nlohmann::json::parse(text, nullptr, false);
+  TF_CHECK(j.is_object() && j.contains("epoch") && j.contains("index"), where, ": bad data cursor ", text);
+  return {j["epoch"].get<uint64_t>(), j["index"].get<uint64_t>()};
+}
+
+class Progress {
+ public:
+  Progress(int64_t total, int64_t start) : total_(total), start_step_(start), tty_(stdout_is_terminal()) {}
+  void step(const StepStats& st, double tok_s, size_t peak) {
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t0_).count();
+    const int64_t done = st.step + 1 - start_step_;
+    const double eta = done > 0 ? elapsed / double(done) * double(total_ - st.step - 1) : 0;
+    if (tty_) {
+      const int width = 24, filled = int(double(width) * double(st.step + 1) / double(total_));
+      std::printf("\r[%s%s] %lld/%lld loss %.4f  %.0f tok/s  ETA %s  mem %s%s   ", std::string(size_t(filled), '#').c_str(),
+                  std::string(size_t(width - filled), '.').c_str(), (long long)(st.step + 1), (long long)total_,
+                  st.loss, tok_s, duration(eta).c_str(), format_bytes(double(peak)).c_str(), st.skipped ? " SKIPPED" : "");
+      std::fflush(stdout);
+    } else if (elapsed - last_log_ >= 10.0 || st.step + 1 == total_ || done == 1) {
+      last_log_ = elapsed;
+      std::printf("step %lld/%lld  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s  ETA %s  peak mem %s%s\n",
+                  (long long)(st.step + 1), (long long)total_, st.loss, st.lr, st.grad_norm, tok_s, duration(eta).c_str(),
+                  format_bytes(double(peak)).c_str(), st.skipped ? "  (skipped: non-finite)" : "");
+      std::fflush(stdout);
+    }
+  }
+  void message(const std::string& m) {
+    if (tty_) std::printf("\n");
+    std::printf("%s\n", m.c_str());
+    std::fflush(stdout);
+  }
+
+ private:
+  static std::string duration(double s) {
+    char buf[32];
+    const long t = long(s);
+    std::snprintf(buf, sizeof buf, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+    return buf;
+  }
+  int64_t total_, start_step_;
+  bool tty_;
+  Clock::time_point t0_ = Clock::now();
+  double last_log_ = -1e9;
+};
+
+}  // namespace
+
+int run_finetune(const FinetuneOptions& o) {
+  check_options(o);
+  cpu::set_num_threads(o.threads);
+  const fs::path run(o.out);
+  const std::string config_path = (run / "config.json").string();
+  if (!o.resume) {
+    TF_CHECK(!fs::exists(config_path), o.out, " already holds a run; pass --resume to continue it or choose ",
+             "another --out");
+  } else {
+    TF_CHECK(fs::exists(config_path), o.out, ": nothing to resume (no config.json)");
+  }
+  fs::create_directories(run);
+
+  LoraConfig lora;
+  lora.rank = o.lora_rank;
+  lora.alpha = o.lora_alpha;
+  lora.dropout = o.lora_dropout;
+  lora.rslora = o.rslora;
+  lora.targets = parse_lora_targets(o.lora_targets);
+  lora.seed = o.seed;
+
+  std::printf("loading %s\n", o.model.c_str());
+  Session s = open_session(o.model, lora, int64_t(o.micro_batch) * o.seq_len,
+                           [&](const LlamaConfig& c) { return choose_policy(o, c); });
+  const LlamaConfig& cfg = s.model->config();
+  const CheckpointPolicy policy = s.model->policy();
+  const tok::Tokenizer& tokenizer = s.tokenizer();
+  const data::ChatTemplate tmpl = choose_template(o.template_name, s.loaded);
+
+  data::LoadOptions lo;
+  lo.skip_bad_lines = o.skip_bad_lines;
+  data::TokenizeOptions to;
+  to.seq_len = size_t(o.seq_len);
+  to.train_on_all = o.train_on == "all";
+  to.skip_bad_lines = o.skip_bad_lines;
+  const data::Dataset train_raw = data::load_jsonl(o.data, lo);
+  const data::TokenizedDataset train = data::tokenize_dataset(train_raw, tmpl, tokenizer, to);
+  std::optional<data::TokenizedDataset> eval;
+  if (!o.eval_data.empty()) eval = data::tokenize_dataset(data::load_jsonl(o.eval_data, lo), tmpl, tokenizer, to);
+  if (train_raw.skipped_lines) std::printf("warning: skipped %zu bad lines of %s\n", train_raw.skipped_lines, o.data.c_str());
+  if (train.truncated) std::printf("note: %zu examples were truncated to %d tokens\n", train.truncated, o.seq_len);
+
+  const int32_t pad_id = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : std::max(tokenizer.eos_id(), 0);
+  data::BatchOptions bo;
+  bo.batch = o.micro_batch;
+  bo.seq = o.seq_len;
+  bo.pack = o.pack;
+  bo.pad_id = pad_id;
+  const int64_t total_steps = o.steps > 0 ? o.steps : steps_for_epochs(train, bo, o.epochs, o.grad_accum, o.seed);
+
+  TrainConfig tc;
+  tc.lr.peak_lr = o.lr;
+  tc.lr.warmup_steps = o.warmup;
+  tc.lr.total_steps = total_steps;
+  tc.lr.schedule = parse_lr_schedule(o.schedule);
+  tc.weight_decay = o.weight_decay;
+  tc.clip = o.clip;
+  LlamaModel& model = *s.model;
+  Trainer trainer(model, tc);
+  data::Sampler sampler(train.size(), o.seed, true, 0);
+
+  const nlohmann::json resolved = to_json(o);
+  const nlohmann::json relevant = resume_relevant(o);
+  const std::string hash = config_hash(relevant);
+  const std::string metrics_path = (run / "metrics.jsonl").string();
+  int64_t start = 0;
+  if (o.resume) {
+    std::vector<std::string> rejected;
+    const auto latest = latest_checkpoint(o.out, &rejected);
+    for (const auto& r : rejected) std::printf("warning: ignoring checkpoint %s\n", r.c_str());
+    TF_CHECK(latest.has_value(), o.out, ": no complete checkpoint to resume from");
+    const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), model.lora());
+    trainer.restore(ck.trainer);
+    sampler.restore(parse_cursor(ck.data_cursor, latest->path));
+    start = ck.trainer.step;
+    truncate_metrics_for_resume(metrics_path, start);
+    std::printf("resuming from %s (step %lld)\n", latest->path.c_str(), (long long)start);
+  } else {
+    io::write_file_atomic(config_path, resolved.dump(2) + "\n");
+  }
+
+  std::printf("model: %s, %d layers, hidden %d, vocab %d; LoRA r=%d alpha=%g on %s (%lld parameters)\n",
+              cfg.architecture.c_str(), cfg.n_layers, cfg.hidden, cfg.vocab, lora.rank, double(lora.alpha),
+              o.lora_targets.c_str(), (long long)model.lora().n_params);
+  std::printf("data: %zu training examples (%zu target tokens), template %s; %lld steps of %d x %d x %d tokens; "
+              "checkpointing %s; %d threads\n",
+              train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
+              (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
+              policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
+
+  std::optional<double> eval_before;
+  if (eval && start == 0) {
+    eval_before = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
+    std::printf("eval loss before training: %.4f (perplexity %.2f)\n", *eval_before, std::exp(*eval_before));
+  }
+
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  MetricsWriter metrics(metrics_path);
+  MemTracker::instance().reset_peaks();
+  Progress progress(total_steps, start);
+  auto save = [&] {
+    CheckpointMeta meta;
+    meta.config_hash = hash;
+    meta.config_json = relevant.dump();
+    meta.data_cursor = cursor_json(sampler.cursor());
+    meta.seed = o.seed;
+    return save_checkpoint(o.out, model.lora(), trainer.state(), meta, o.keep);
+  };
+  auto run_eval = [&](int64_t step) {
+    const double loss = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
+    metrics.write(EvalMetrics{step, loss, std::exp(loss)});
+    return loss;
+  };
+
+  std::vector<data::TokenBatch> micro(size_t(o.grad_accum));
+  std::vector<Batch> views(size_t(o.grad_accum));
+  double last_loss = NAN, tok_s_sum = 0;
+  int64_t tok_s_n = 0;
+  int64_t step = start;
+  for (; step < total_steps; ++step) {
+    for (int m = 0; m < o.grad_accum; ++m) {
+      TF_CHECK(data::next_batch(train, sampler, bo, micro[size_t(m)]), o.data, ": ran out of examples");
+      views[size_t(m)] = batch_view(micro[size_t(m)]);
+    }
+    const auto t0 = Clock::now();
+    const StepStats st = trainer.step(views);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double tok_s = double(st.tokens) / secs;
+    tok_s_sum += tok_s;
+    ++tok_s_n;
+    last_loss = st.loss;
+    const size_t peak = MemTracker::instance().peak_total();
+    metrics.write(StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak), st.skipped});
+    progress.step(st, tok_s, peak);
+    const int64_t done = step + 1;
+    if (eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps) run_eval(done);
+    metrics.sync();
+    const bool stop = g_stop_signal.load() != 0;
+    if ((o.save_every > 0 && done % o.save_every == 0 && done < total_steps) || stop) {
+      const std::string path = save();
+      if (stop) {
+        progress.message("stopped by signal " + std::to_string(g_stop_signal.load()) + " after step " +
+                         std::to_string(done) + "; saved " + path + " (continue with --resume)");
+        return 0;
+      }
+    }
+  }
+
+  std::optional<double> eval_after;
+  if (eval) {
+    eval_after = run_eval(total_steps);
+    metrics.sync();
+  }
+  const std::string ck = save();
+  io::export_peft((run / "adapter").string(), model.lora(), o.model);
+  ReportInput report;
+  report.title = o.out;
+  report.metrics = read_metrics(metrics_path);
+  report.config_json = resolved.dump();
+  report.eval_loss_before = eval_before;
+  report.eval_loss_after = eval_after;
+  write_report((run / "report.html").string(), report);
+
+  progress.message("done: " + std::to_string(total_steps) + " steps");
+  std::printf("final train loss %.4f", last_loss);
+  if (eval_after) std::printf(", eval loss %.4f (perplexity %.2f)", *eval_after, std::exp(*eval_after));
+  std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s (weights %s, activations %s)\n",
+              tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(MemTracker::instance().peak_total())).c_str(),
+              format_bytes(double(MemTracker::instance().peak(MemTag::Weights))).c_str(),
+              format_bytes(double(MemTracker::instance().peak(MemTag::Activations))).c_str());
+  std::printf("checkpoint %s\nadapter %s (PEFT)\nreport %s\n", ck.c_str(), (run / "adapter").c_str(),
+              (run / "report.html").c_str());
+  return 0;
+}
+
+}  // namespace tf::cli

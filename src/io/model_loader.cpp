@@ -1,0 +1,165 @@
+#include "src/io/model_loader.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "kernels/cpu/dequant.h"
+#include "src/core/error.h"
+#include "src/io/gguf_model.h"
+#include "src/io/hf_model.h"
+
+namespace tf::io {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+WeightSlot slot_of(GgufLlamaRole role) {
+  switch (role) {
+    case GgufLlamaRole::TokenEmbd: return WeightSlot::Embed;
+    case GgufLlamaRole::AttnNorm: return WeightSlot::AttnNorm;
+    case GgufLlamaRole::AttnQ: return WeightSlot::Q;
+    case GgufLlamaRole::AttnK: return WeightSlot::K;
+    case GgufLlamaRole::AttnV: return WeightSlot::V;
+    case GgufLlamaRole::AttnOutput: return WeightSlot::O;
+    case GgufLlamaRole::FfnNorm: return WeightSlot::MlpNorm;
+    case GgufLlamaRole::FfnGate: return WeightSlot::Gate;
+    case GgufLlamaRole::FfnUp: return WeightSlot::Up;
+    case GgufLlamaRole::FfnDown: return WeightSlot::Down;
+    case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
+    case GgufLlamaRole::Output: return WeightSlot::LmHead;
+  }
+  TF_FAIL("unknown GGUF tensor role");
+}
+
+GgufLlamaTensor gguf_tensor_of(WeightSlot slot, int layer) {
+  for (int r = 0; r <= int(GgufLlamaRole::Output); ++r)
+    if (slot_of(GgufLlamaRole(r)) == slot) {
+      const bool global = !is_layer_slot(slot);
+      return {GgufLlamaRole(r), global ? -1 : layer};
+    }
+  TF_FAIL("weight ", hf_weight_name(slot, layer), " has no GGUF tensor (biases are not in llama GGUF files)");
+}
+
+LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg) {
+  LlamaWeights w;
+  w.config = cfg;
+  w.blocks.resize(size_t(cfg.n_layers));
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+    const std::string name = gguf_llama_tensor_name(gguf_tensor_of(slot, layer));
+    const GgufTensorInfo& t = f->tensor(name);
+    const auto [rows, cols] = weight_shape(cfg, slot);
+    TF_CHECK(t.row_length() == cols && t.n_rows() == rows, f->path(), ": tensor ", name, " has ", t.n_rows(),
+             " rows of ", t.row_length(), ", expected ", rows, " rows of ", cols);
+    switch (t.type) {
+      case GgmlType::F32: w.slot(slot, layer) = {t.data, DType::F32, rows, cols}; return;
+      case GgmlType::F16: w.slot(slot, layer) = {t.data, DType::F16, rows, cols}; return;
+      case GgmlType::BF16: w.slot(slot, layer) = {t.data, DType::BF16, rows, cols}; return;
+      default: break;
+    }
+    // Quantized: dequantize exactly to f32 once. (Training directly on quantized blocks is the
+    // QLoRA path of the quantized-matmul work.)
+    Tensor d(DType::F32, {rows, cols}, MemTag::Weights, name);
+    ref::dequantize_rows(t.type, t.data, rows * cols, d.as<float>());
+    w.slot(slot, layer) = {d.view.data, DType::F32, rows, cols};
+    w.owned.push_back(std::move(d));
+  });
+  if (cfg.tie_embeddings) w.lm_head = w.embed;
+  w.keepalive.push_back(f);
+  return w;
+}
+
+std::unique_ptr<tok::Tokenizer> gguf_tokenizer(const GgufFile& f) {
+  if (!f.has("tokenizer.ggml.model")) return nullptr;
+  tok::GgufVocab v;
+  v.model = std::string(f.get_string("tokenizer.ggml.model"));
+  if (f.has("tokenizer.ggml.pre")) v.pre = std::string(f.get_string("tokenizer.ggml.pre"));
+  for (std::string_view s : f.get_string_array("tokenizer.ggml.tokens")) v.tokens.emplace_back(s);
+  if (f.has("tokenizer.ggml.scores")) v.scores = f.get_f32_array("tokenizer.ggml.scores");
+  if (f.has("tokenizer.ggml.token_type")) v.token_types = f.get_i32_array("tokenizer.ggml.token_type");
+  if (f.has("tokenizer.ggml.merges"))
+    for (std::string_view s : f.get_string_array("tokenizer.ggml.merges")) v.merges.emplace_back(s);
+  auto id = [&](const char* key) { return f.has(key) ? int32_t(f.get_int(key)) : -1; };
+  v.bos_id = id("tokenizer.ggml.bos_token_id");
+  v.eos_id = id("tokenizer.ggml.eos_token_id");
+  v.unk_id = id("tokenizer.ggml.unknown_token_id");
+  v.pad_id = id("tokenizer.ggml.padding_token_id");
+  if (f.has("tokenizer.ggml.add_bos_token")) v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
+  if (f.has("tokenizer.ggml.add_eos_token")) v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token");
+  if (f.has("tokenizer.ggml.add_space_prefix")) v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
+  return std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(v, f.path()));
+}
+
+nlohmann::json read_json_if_present(const fs::path& p) {
+  if (!fs::exists(p)) return nullptr;
+  std::ifstream in(p);
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  TF_CHECK(!j.is_discarded(), p.string(), ": not valid JSON");
+  return j;
+}
+
+// tokenizer_config.json's special tokens may be strings or {"content": ...} objects.
+std::string token_text(const nlohmann::json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  return {};
+}
+
+void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
+  if (fs::exists(dir / "tokenizer.json")) {
+    m.tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_tokenizer_json((dir / "tokenizer.json").string()));
+  } else if (fs::exists(dir / "tokenizer.model")) {
+    m.tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_sentencepiece((dir / "tokenizer.model").string()));
+  }
+  const nlohmann::json cfg = read_json_if_present(dir / "tokenizer_config.json");
+  if (!cfg.is_object()) return;
+  const std::string where = (dir / "tokenizer_config.json").string();
+  if (cfg.contains("chat_template")) {
+    TF_CHECK(cfg["chat_template"].is_string(), where, ": chat_template must be a string (named template lists ",
+             "are not supported)");
+    m.chat_template = cfg["chat_template"].get<std::string>();
+  }
+  if (!m.tokenizer) return;
+  auto id_of = [&](const char* key, int32_t fallback) {
+    if (!cfg.contains(key)) return fallback;
+    const std::string text = token_text(cfg[key]);
+    if (text.empty()) return fallback;
+    const auto id = m.tokenizer->token_to_id(text);
+    TF_CHECK(id.has_value(), where, ": ", key, " \"", text, "\" is not in the vocabulary");
+    return *id;
+  };
+  m.tokenizer->set_special_ids(id_of("bos_token", m.tokenizer->bos_id()), id_of("eos_token", m.tokenizer->eos_id()),
+                               id_of("pad_token", m.tokenizer->pad_id()));
+  auto flag = [&](const char* key, bool fallback) {
+    return cfg.contains(key) && cfg[key].is_boolean() ? cfg[key].get<bool>() : fallback;
+  };
+  m.tokenizer->set_add_bos_eos(flag("add_bos_token", m.tokenizer->adds_bos()), flag("add_eos_token", m.tokenizer->adds_eos()));
+}
+
+}  // namespace
+
+LoadedModel load_model(const std::string& path) {
+  LoadedModel m;
+  m.source = path;
+  TF_CHECK(fs::exists(path), path, ": no such model file or directory");
+  if (fs::is_directory(path)) {
+    m.format = ModelFormat::HfDirectory;
+    m.weights = load_hf_model(path);
+    load_hf_tokenizer(path, m);
+  } else {
+    m.format = ModelFormat::Gguf;
+    auto f = std::make_shared<const GgufFile>(GgufFile::open(path));
+    const LlamaConfig cfg = llama_config_from_gguf(*f);
+    m.weights = gguf_weights(f, cfg);
+    m.tokenizer = gguf_tokenizer(*f);
+    if (f->has("tokenizer.chat_template")) m.chat_template = std::string(f->get_string("tokenizer.chat_template"));
+    m.gguf = std::move(f);
+  }
+  if (m.tokenizer)
+    TF_CHECK(m.tokenizer->vocab_size() <= size_t(m.weights.config.vocab), path, ": the tokenizer has ",
+             m.tokenizer->vocab_size(), " tokens but the model's vocabulary is ", m.weights.config.vocab);
+  return m;
+}
+
+}  // namespace tf::io

@@ -1,0 +1,30 @@
+// defines: tf::io::LoadedModel, load_model (an HF model directory or a GGUF file: weights,
+// tokenizer and the model's own chat template)
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "src/io/gguf.h"
+#include "src/model/weights.h"
+#include "tokenizer/tokenizer.h"
+
+namespace tf::io {
+
+enum class ModelFormat : uint8_t { HfDirectory, Gguf };
+
+struct LoadedModel {
+  std::string source;  // the path given
+  ModelFormat format = ModelFormat::HfDirectory;
+  LlamaWeights weights;
+  std::unique_ptr<tok::Tokenizer> tokenizer;  // null when the model ships none
+  std::string chat_template;                  // the model's Jinja template text; empty if none
+  std::shared_ptr<const GgufFile> gguf;       // the open GGUF file (format Gguf), for exports
+};
+
+// Loads `path`: a directory with config.json + safetensors (+ tokenizer.json or tokenizer.model,
+// tokenizer_config.json), or a .gguf file (quantized tensors are dequantized to f32 once at load;
+// f32/f16/bf16 tensors are used in place from the mapping). Throws tf::Error naming the path.
+LoadedModel load_model(const std::string& path);
+
+}  // namespace tf::io
