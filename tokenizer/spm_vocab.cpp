@@ -20,7 +20,10 @@ constexpr std::string_view kSpace = "\xE2\x96\x81";  // U+2581, sentencepiece's 
 class ScoreSpm final : public TokenModel {
  public:
   explicit ScoreSpm(const SpmSpec& spec)
-      : source_(spec.source), pieces_(spec.pieces), types_(spec.types), unk_id_(spec.unk_id),
+      : source_(spec.source),
+        pieces_(spec.pieces),
+        types_(spec.types),
+        unk_id_(spec.unk_id),
         add_space_prefix_(spec.add_space_prefix) {
     TF_CHECK(spec.scores.size() == pieces_.size(), source_, ": ", pieces_.size(), " tokens but ",
              spec.scores.size(), " scores");
@@ -31,19 +34,21 @@ class ScoreSpm final : public TokenModel {
     byte_id_.fill(-1);
     for (size_t i = 0; i < pieces_.size(); ++i) {
       const std::string& p = pieces_[i];
-      TF_CHECK(p.size() <= kMaxPieceBytes, source_, ": token ", i, " is ", p.size(), " bytes long; pieces over ",
-               kMaxPieceBytes, " bytes are refused");
+      TF_CHECK(p.size() <= kMaxPieceBytes, source_, ": token ", i, " is ", p.size(),
+               " bytes long; pieces over ", kMaxPieceBytes, " bytes are refused");
       TF_CHECK(std::isfinite(scores_[i]), source_, ": token ", i, " has a non-finite score");
       const int32_t t = int32_t(types_[i]);
       TF_CHECK(t >= 1 && t <= 6, source_, ": token ", i, " has unknown token type ", t);
       const bool fresh = all_ids_.emplace(p, int32_t(i)).second;
       TF_CHECK(fresh, source_, ": token '", shown(p), "' appears twice in the vocab");
       // Only normal and user-defined pieces are reachable by merging, as in sentencepiece.
-      if (types_[i] == TokenType::Normal || types_[i] == TokenType::UserDefined) mergeable_.emplace(p, int32_t(i));
+      if (types_[i] == TokenType::Normal || types_[i] == TokenType::UserDefined)
+        mergeable_.emplace(p, int32_t(i));
       unsigned byte = 0;
       if (types_[i] == TokenType::Byte) {
         int consumed = 0;
-        const bool ok = p.size() == 6 && std::sscanf(p.c_str(), "<0x%2X>%n", &byte, &consumed) == 1 && consumed == 6;
+        const bool ok =
+            p.size() == 6 && std::sscanf(p.c_str(), "<0x%2X>%n", &byte, &consumed) == 1 && consumed == 6;
         TF_CHECK(ok, source_, ": byte token ", i, " is '", shown(p), "', not <0xNN>");
         byte_id_[byte] = int32_t(i);
       }
@@ -59,8 +64,10 @@ class ScoreSpm final : public TokenModel {
     s.reserve(text.size() + 8);
     if (add_space_prefix_) s += kSpace;
     for (const char c : text) {
-      if (c == ' ') s += kSpace;
-      else s += c;
+      if (c == ' ')
+        s += kSpace;
+      else
+        s += c;
     }
     struct Sym {
       uint32_t off, len;
@@ -113,10 +120,13 @@ class ScoreSpm final : public TokenModel {
       }
       for (const char c : sv) {
         const int32_t b = byte_id_[uint8_t(c)];
-        if (b >= 0) out.push_back(b);
-        else if (unk_id_ >= 0) out.push_back(unk_id_);
-        else TF_FAIL(source_, ": text needs a token for byte ", int(uint8_t(c)), " and the vocab has no <0x",
-                     std::hex, int(uint8_t(c)), "> and no unknown token");
+        if (b >= 0)
+          out.push_back(b);
+        else if (unk_id_ >= 0)
+          out.push_back(unk_id_);
+        else
+          TF_FAIL(source_, ": text needs a token for byte ", int(uint8_t(c)), " and the vocab has no <0x",
+                  std::hex, int(uint8_t(c)), "> and no unknown token");
       }
     }
   }
@@ -173,6 +183,8 @@ class ScoreSpm final : public TokenModel {
 
 }  // namespace
 
-std::unique_ptr<TokenModel> make_score_spm(const SpmSpec& spec) { return std::make_unique<ScoreSpm>(spec); }
+std::unique_ptr<TokenModel> make_score_spm(const SpmSpec& spec) {
+  return std::make_unique<ScoreSpm>(spec);
+}
 
 }  // namespace tf::tok

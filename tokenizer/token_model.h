@@ -33,9 +33,9 @@ class TokenModel {
 // Byte-level BPE (GPT-2 family). Split patterns are PCRE2 regexes applied one after another, each
 // keeping both its matches and the gaps between them as pieces (HF's "Isolated" behaviour).
 struct BpeSpec {
-  std::string source;                                        // file name for error messages
-  std::vector<std::string> vocab;                            // id -> piece; "" marks an unused id
-  std::vector<std::pair<std::string, std::string>> merges;   // in rank order
+  std::string source;                                       // file name for error messages
+  std::vector<std::string> vocab;                           // id -> piece; "" marks an unused id
+  std::vector<std::pair<std::string, std::string>> merges;  // in rank order
   std::vector<std::string> split_patterns;
   bool add_prefix_space = false;
   bool ignore_merges = false;  // a piece that is a whole vocab entry is emitted without merging

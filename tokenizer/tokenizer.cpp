@@ -24,8 +24,8 @@ void Tokenizer::set_added_tokens(std::vector<AddedToken> added) {
     TF_CHECK(!t.content.empty(), source_, ": added token ", t.id, " has empty content");
     TF_CHECK(t.content.size() <= kMaxPieceBytes, source_, ": added token ", t.id, " is ", t.content.size(),
              " bytes long; pieces over ", kMaxPieceBytes, " bytes are refused");
-    TF_CHECK(t.id >= 0 && size_t(t.id) < vocab_size_, source_, ": added token '", shown(t.content), "' has id ", t.id,
-             ", outside the vocabulary of ", vocab_size_);
+    TF_CHECK(t.id >= 0 && size_t(t.id) < vocab_size_, source_, ": added token '", shown(t.content),
+             "' has id ", t.id, ", outside the vocabulary of ", vocab_size_);
     TF_CHECK(added_index_.emplace(t.id, k).second, source_, ": id ", t.id, " is given to two added tokens");
     uint32_t node = 0;
     for (const char c : t.content) {
@@ -33,7 +33,8 @@ void Tokenizer::set_added_tokens(std::vector<AddedToken> added) {
       if (fresh) ++nodes;
       node = it->second;
     }
-    TF_CHECK(trie_terminal_.emplace(node, k).second, source_, ": added token '", shown(t.content), "' appears twice");
+    TF_CHECK(trie_terminal_.emplace(node, k).second, source_, ": added token '", shown(t.content),
+             "' appears twice");
   }
 }
 
@@ -83,7 +84,8 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special) c
     }
     if (i > run) model_->decode(ids.subspan(run, i - run), true, out);
     run = i + 1;
-    if (i < ids.size() && !(skip_special && added_[added->second].special)) out += added_[added->second].content;
+    if (i < ids.size() && !(skip_special && added_[added->second].special))
+      out += added_[added->second].content;
   }
   return out;
 }

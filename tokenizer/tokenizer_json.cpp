@@ -17,7 +17,9 @@ using nlohmann::json;
 // Real tokenizer.json files are under 20 MB; the bound keeps a hostile path from exhausting memory.
 constexpr uintmax_t kMaxTokenizerJsonBytes = 512ull << 20;
 
-std::string type_name(const json& j) { return j.is_object() && j.contains("type") && j["type"].is_string() ? j["type"].get<std::string>() : "?"; }
+std::string type_name(const json& j) {
+  return j.is_object() && j.contains("type") && j["type"].is_string() ? j["type"].get<std::string>() : "?";
+}
 
 struct Reader {
   const std::string& path;
@@ -44,8 +46,8 @@ struct Reader {
   void require_unset(const json& obj, const char* key, const char* where) const {
     if (!obj.contains(key) || obj[key].is_null()) return;
     const json& v = obj[key];
-    const bool unset = (v.is_string() && v.get<std::string>().empty()) || (v.is_boolean() && !v.get<bool>()) ||
-                       (v.is_number() && v.get<double>() == 0.0);
+    const bool unset = (v.is_string() && v.get<std::string>().empty()) ||
+                       (v.is_boolean() && !v.get<bool>()) || (v.is_number() && v.get<double>() == 0.0);
     if (!unset) fail(std::string(where) + " \"" + key + "\" = " + v.dump() + " is not supported");
   }
 
@@ -95,7 +97,8 @@ struct Reader {
       if (byte_level) fail("pre-tokenizer steps after ByteLevel are not supported");
       byte_level = pre_step(*steps[i], spec);
     }
-    if (!byte_level) fail("pre-tokenizer has no ByteLevel step; only byte-level BPE tokenizers are supported");
+    if (!byte_level)
+      fail("pre-tokenizer has no ByteLevel step; only byte-level BPE tokenizers are supported");
   }
 
   // Returns the ids TemplateProcessing puts before and after the text of a single sequence.
@@ -114,7 +117,8 @@ struct Reader {
       const std::string type = type_name(*q);
       if (type == "ByteLevel") continue;  // only adjusts offsets
       if (type != "TemplateProcessing")
-        fail("post-processor type '" + type + "' is not supported (known: TemplateProcessing, ByteLevel, Sequence)");
+        fail("post-processor type '" + type +
+             "' is not supported (known: TemplateProcessing, ByteLevel, Sequence)");
       const json& single = field(*q, "single", "TemplateProcessing");
       const json& specials = field(*q, "special_tokens", "TemplateProcessing");
       if (!single.is_array()) fail("TemplateProcessing \"single\" is not an array");
@@ -126,7 +130,8 @@ struct Reader {
         }
         if (!item.is_object() || !item.contains("SpecialToken"))
           fail("TemplateProcessing item " + item.dump() + " is not supported");
-        const std::string name = str(field(item["SpecialToken"], "id", "TemplateProcessing SpecialToken"), "token");
+        const std::string name =
+            str(field(item["SpecialToken"], "id", "TemplateProcessing SpecialToken"), "token");
         const json& ids = field(field(specials, name.c_str(), "TemplateProcessing special_tokens"), "ids",
                                 "TemplateProcessing special token");
         if (!ids.is_array()) fail("TemplateProcessing ids of '" + name + "' are not an array");
@@ -180,7 +185,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
   const json& vocab = rd.field(model, "vocab", "BPE model");
   if (!vocab.is_object()) rd.fail("model vocab is not an object");
   const json empty_list = json::array();
-  const json& added_json = root.contains("added_tokens") && !root["added_tokens"].is_null() ? root["added_tokens"] : empty_list;
+  const json& added_json =
+      root.contains("added_tokens") && !root["added_tokens"].is_null() ? root["added_tokens"] : empty_list;
   if (!added_json.is_array()) rd.fail("\"added_tokens\" is not an array");
   // Ids must fit the number of entries: a dense vocabulary plus added tokens beyond it.
   const size_t max_ids = vocab.size() + added_json.size();
@@ -193,7 +199,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
       rd.fail("vocab id " + std::to_string(id) + " of '" + shown(piece) + "' is out of range (0.." +
               std::to_string(max_ids - 1) + ")");
     if (size_t(id) >= spec.vocab.size()) spec.vocab.resize(size_t(id) + 1);
-    if (!spec.vocab[size_t(id)].empty()) rd.fail("vocab id " + std::to_string(id) + " is given to two pieces");
+    if (!spec.vocab[size_t(id)].empty())
+      rd.fail("vocab id " + std::to_string(id) + " is given to two pieces");
     if (piece.empty()) rd.fail("vocab has an empty piece");
     spec.vocab[size_t(id)] = piece;
   }
@@ -211,7 +218,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
       const std::string s = rd.str(m, "merge");
       const size_t sp = s.find(' ', 1);
       if (sp == std::string::npos || sp + 1 >= s.size() || s.find(' ', sp + 1) != std::string::npos)
-        rd.fail("merge #" + std::to_string(r) + " '" + shown(s) + "' is not two tokens separated by one space");
+        rd.fail("merge #" + std::to_string(r) + " '" + shown(s) +
+                "' is not two tokens separated by one space");
       spec.merges.emplace_back(s.substr(0, sp), s.substr(sp + 1));
     } else if (m.is_array() && m.size() == 2) {
       spec.merges.emplace_back(rd.str(m[0], "merge"), rd.str(m[1], "merge"));
@@ -230,14 +238,17 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
     const int64_t id = idj.get<int64_t>();
     t.content = rd.str(rd.field(a, "content", "added token"), "added token content");
     if (id < 0 || uint64_t(id) >= max_ids)
-      rd.fail("added token '" + shown(t.content) + "' id " + std::to_string(id) + " is out of range (0.." + std::to_string(max_ids - 1) + ")");
+      rd.fail("added token '" + shown(t.content) + "' id " + std::to_string(id) + " is out of range (0.." +
+              std::to_string(max_ids - 1) + ")");
     t.id = int32_t(id);
     t.special = rd.flag(a, "special", false);
     for (const char* key : {"single_word", "lstrip", "rstrip"})
-      if (rd.flag(a, key, false)) rd.fail("added token '" + shown(t.content) + "' with " + key + " = true is not supported");
-    if (size_t(id) < spec.vocab.size() && !spec.vocab[size_t(id)].empty() && spec.vocab[size_t(id)] != t.content)
-      rd.fail("added token '" + shown(t.content) + "' has id " + std::to_string(id) + ", which the vocab gives to '" +
-              shown(spec.vocab[size_t(id)]) + "'");
+      if (rd.flag(a, key, false))
+        rd.fail("added token '" + shown(t.content) + "' with " + key + " = true is not supported");
+    if (size_t(id) < spec.vocab.size() && !spec.vocab[size_t(id)].empty() &&
+        spec.vocab[size_t(id)] != t.content)
+      rd.fail("added token '" + shown(t.content) + "' has id " + std::to_string(id) +
+              ", which the vocab gives to '" + shown(spec.vocab[size_t(id)]) + "'");
     size = std::max(size, size_t(id) + 1);
     added.push_back(std::move(t));
   }
@@ -245,7 +256,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
   std::vector<int32_t> prefix, suffix;
   rd.post_processor(root, prefix, suffix);
   if (prefix.size() > 1 || suffix.size() > 1)
-    rd.fail("TemplateProcessing adds more than one token before or after the text; only BOS/EOS are supported");
+    rd.fail(
+        "TemplateProcessing adds more than one token before or after the text; only BOS/EOS are supported");
 
   Tokenizer t;
   t.source_ = path;
