@@ -373,3 +373,35 @@ TEST(Tokenizer, ByteLevelPiecesAreGpt2sMapping) {
     EXPECT_EQ(tok.token_to_piece(*id), std::string(1, char(b)));
   }
 }
+
+// Cut short anywhere, a tokenizer file either still parses into a valid tokenizer (a protobuf cut
+// at a field boundary is a smaller valid message) or fails with an error naming the file; it never
+// crashes. 97 offsets spread over each file, plus the first few bytes.
+TEST(Tokenizer, TruncatedFilesFailCleanly) {
+  for (const char* name : {"bpe_llama3.json", "spm_bpe.model"}) {
+    std::ifstream in(kDir + name, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_GT(bytes.size(), 1000u);
+    const bool is_json = std::string(name).ends_with(".json");
+    int refused = 0;
+    std::vector<size_t> cuts = {0, 1, 2, 3};
+    for (size_t k = 1; k <= 97; ++k) cuts.push_back(bytes.size() * k / 98);
+    for (const size_t cut : cuts) {
+      const std::string path = write_temp(std::string("cut_") + name, bytes.substr(0, cut));
+      try {
+        const Tokenizer tok =
+            is_json ? Tokenizer::from_tokenizer_json(path) : Tokenizer::from_sentencepiece(path);
+        tok.encode("Hello world, café 123!");
+      } catch (const Error& e) {
+        ++refused;
+        EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+      }
+      std::filesystem::remove(path);
+    }
+    // JSON cut anywhere is malformed; most cuts of the protobuf lose required pieces.
+    if (is_json)
+      EXPECT_EQ(refused, int(cuts.size()));
+    else
+      EXPECT_GT(refused, int(cuts.size()) / 2);
+  }
+}
