@@ -105,7 +105,8 @@ TEST(QkPermutation, PermutedWeightUnderInterleavedRopeEqualsSplitHalf) {
       return y;
     };
     std::vector<float> q_hf = project(w_hf), q_gguf = project(w_gguf);
-    cpu::rope_forward(q_hf.data(), pos.data(), inv_freq.data(), n_tokens, heads, head_dim, RopeLayout::SplitHalf);
+    cpu::rope_forward(q_hf.data(), pos.data(), inv_freq.data(), n_tokens, heads, head_dim,
+                      RopeLayout::SplitHalf);
     cpu::rope_forward(q_gguf.data(), pos.data(), inv_freq.data(), n_tokens, heads, head_dim,
                       RopeLayout::Interleaved);
     double max_abs = 0, max_diff = 0;
@@ -186,7 +187,8 @@ TEST(GgufLora, RoundTripsThroughTheImporter) {
       // Only an HF llama base has its q rows permuted in the file.
       const GgufFile f = GgufFile::open(path);
       const LoraAdapter& q = lora.at(0, LoraTarget::Q);
-      const bool same = std::memcmp(f.tensor("blk.0.attn_q.weight.lora_b").data, q.B, size_t(q.out * q.rank) * 4) == 0;
+      const bool same =
+          std::memcmp(f.tensor("blk.0.attn_q.weight.lora_b").data, q.B, size_t(q.out * q.rank) * 4) == 0;
       EXPECT_EQ(same, m != &hf) << model.architecture;
       EXPECT_EQ(f.get_string("general.architecture"), model.architecture == "qwen2" ? "qwen2" : "llama");
     }
@@ -204,9 +206,11 @@ std::string write_adapter(const fs::path& dir, const std::function<void(GgufWrit
     w.add_string("adapter.type", "lora");
   }
   for (int l = 0; l < 2; ++l) {
-    w.add_tensor(gguf_lora_tensor_name(l, LoraTarget::Q, false), GgmlType::F32, {32, 4}, a.data(), a.size() * 4);
+    w.add_tensor(gguf_lora_tensor_name(l, LoraTarget::Q, false), GgmlType::F32, {32, 4}, a.data(),
+                 a.size() * 4);
     if (l == 0 || standard_keys)
-      w.add_tensor(gguf_lora_tensor_name(l, LoraTarget::Q, true), GgmlType::F32, {4, 32}, b.data(), b.size() * 4);
+      w.add_tensor(gguf_lora_tensor_name(l, LoraTarget::Q, true), GgmlType::F32, {4, 32}, b.data(),
+                   b.size() * 4);
   }
   edit(w);
   const std::string path = (dir / "edited.gguf").string();
@@ -272,7 +276,9 @@ TEST(GgufLoraBad, RefusesMalformedAdapters) {
     w.add_string("adapter.type", "lora");
     const std::string path = (tmp.dir / "qwen.gguf").string();
     w.write(path);
-    EXPECT_NE(error_of([&] { import_gguf_lora(path, model); }).find("architecture 'qwen2' but the model is 'llama'"),
+    EXPECT_NE(error_of([&] {
+                import_gguf_lora(path, model);
+              }).find("architecture 'qwen2' but the model is 'llama'"),
               std::string::npos);
   }
   // Block 1 has its lora_a but no lora_b.
@@ -287,8 +293,9 @@ TEST(GgufLoraBad, RefusesMalformedAdapters) {
     w.add_tensor("blk.1.attn_q.weight.lora_a", GgmlType::F32, {32, 4}, a.data(), 512);
     const std::string path = (tmp.dir / "unpaired.gguf").string();
     w.write(path);
-    EXPECT_NE(error_of([&] { import_gguf_lora(path, model); }).find("'blk.1.attn_q.weight.lora_b' is missing"),
-              std::string::npos);
+    EXPECT_NE(
+        error_of([&] { import_gguf_lora(path, model); }).find("'blk.1.attn_q.weight.lora_b' is missing"),
+        std::string::npos);
   }
   // A truncated adapter is refused by the reader, naming the file.
   {

@@ -42,7 +42,9 @@ std::optional<LoraTarget> target_of(GgufLlamaRole r) {
   return std::nullopt;
 }
 
-bool is_qk(LoraTarget t) { return t == LoraTarget::Q || t == LoraTarget::K; }
+bool is_qk(LoraTarget t) {
+  return t == LoraTarget::Q || t == LoraTarget::K;
+}
 
 // B's q/k rows must be reordered between the adapter's base and a GGUF base of its family.
 bool needs_permutation(const LlamaConfig& cfg) {
@@ -55,9 +57,13 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 
 }  // namespace
 
-std::string gguf_architecture(const LlamaConfig& cfg) { return cfg.architecture == "qwen2" ? "qwen2" : "llama"; }
+std::string gguf_architecture(const LlamaConfig& cfg) {
+  return cfg.architecture == "qwen2" ? "qwen2" : "llama";
+}
 
-bool gguf_permutes_qk(const LlamaConfig& cfg) { return gguf_architecture(cfg) == "llama"; }
+bool gguf_permutes_qk(const LlamaConfig& cfg) {
+  return gguf_architecture(cfg) == "llama";
+}
 
 int64_t gguf_qk_row_source(int64_t gguf_row, int head_dim) {
   TF_CHECK(head_dim > 0 && head_dim % 2 == 0, "q/k row permutation: head_dim ", head_dim, " must be even");
@@ -98,7 +104,8 @@ void export_gguf_lora(const std::string& path, const LoraState& lora, const Llam
       if (!a.active()) continue;
       const size_t a_bytes = size_t(a.rank) * size_t(a.in) * sizeof(float);
       const size_t b_bytes = size_t(a.out) * size_t(a.rank) * sizeof(float);
-      w.add_tensor(gguf_lora_tensor_name(l, LoraTarget(t), false), GgmlType::F32, {a.in, a.rank}, a.A, a_bytes);
+      w.add_tensor(gguf_lora_tensor_name(l, LoraTarget(t), false), GgmlType::F32, {a.in, a.rank}, a.A,
+                   a_bytes);
       const float* b = a.B;
       if (permute && is_qk(LoraTarget(t))) {
         permuted.emplace_back(b_bytes, MemTag::Lora, false);
@@ -122,7 +129,8 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
   const std::string_view general_type = string_key("general.type");
   TF_CHECK(general_type == "adapter", path, ": general.type is '", general_type, "', expected 'adapter'");
   const std::string_view adapter_type = string_key("adapter.type");
-  TF_CHECK(adapter_type == "lora", path, ": adapter.type is '", adapter_type, "'; only 'lora' adapters are read");
+  TF_CHECK(adapter_type == "lora", path, ": adapter.type is '", adapter_type,
+           "'; only 'lora' adapters are read");
   const std::string_view arch = string_key("general.architecture");
   TF_CHECK(arch == gguf_architecture(model), path, ": adapter is for architecture '", arch,
            "' but the model is '", gguf_architecture(model), "'");
@@ -151,14 +159,15 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
     const auto [in, out] = lora_target_dims(model, *target);
     TF_CHECK(ti.n_dims == 2, path, ": tensor '", ti.name, "' has ", ti.n_dims, " dims, expected 2");
     const int64_t r = is_b ? ti.ne[0] : ti.ne[1];
-    TF_CHECK(r >= 1 && r <= kMaxRank, path, ": tensor '", ti.name, "' has rank ", r, ", outside [1, ", kMaxRank, "]");
-    TF_CHECK(rank < 0 || r == rank, path, ": tensor '", ti.name, "' has rank ", r, " but other tensors have rank ",
-             rank, "; tightfit needs one rank for all projections");
+    TF_CHECK(r >= 1 && r <= kMaxRank, path, ": tensor '", ti.name, "' has rank ", r, ", outside [1, ",
+             kMaxRank, "]");
+    TF_CHECK(rank < 0 || r == rank, path, ": tensor '", ti.name, "' has rank ", r,
+             " but other tensors have rank ", rank, "; tightfit needs one rank for all projections");
     rank = r;
     const int64_t want0 = is_b ? r : in;
     const int64_t want1 = is_b ? out : r;
-    TF_CHECK(ti.ne[0] == want0 && ti.ne[1] == want1, path, ": tensor '", ti.name, "' has ne [", ti.ne[0], ", ",
-             ti.ne[1], "] but the model needs [", want0, ", ", want1, "]");
+    TF_CHECK(ti.ne[0] == want0 && ti.ne[1] == want1, path, ": tensor '", ti.name, "' has ne [", ti.ne[0],
+             ", ", ti.ne[1], "] but the model needs [", want0, ", ", want1, "]");
     pairs[{parsed->layer, *target}][is_b ? 1 : 0] = &ti;
   }
   TF_CHECK(!pairs.empty(), path, ": the adapter holds no LoRA tensors");
