@@ -1,4 +1,4 @@
-// defines: tf::cpu::attention_forward, tf::cpu::attention_backward
+// defines: tf::cpu::attention_forward, tf::cpu::attention_backward, tf::cpu::attention_cached_forward
 //
 // Flash-attention on the CPU: queries and keys are processed in tiles of kBlockQ x kBlockK, the
 // forward keeps a running max and sum per query row (online softmax), and the backward recomputes
@@ -370,6 +370,143 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
     for (int64_t r = 0; r < nq; ++r) {
       float* dqr = dq + (row0 + r * g.n_heads) * D;
       for (int64_t d = 0; d < D; ++d) dqr[d] += g.scale * dQ[r * D + d];
+    }
+  }
+}
+
+// ---- attention_cached_forward --------------------------------------------------------------
+//
+// A task owns query rows: some query heads of one kv group at a block of query positions, so the
+// heads that share a kv head read each key and value once per task (a decoding step is bound by
+// streaming the cache). The group's heads are split over more tasks only when there would be
+// fewer tasks than threads. Every row's arithmetic is independent of which other rows share its
+// task, and keys go in kBlockK tiles from position 0, so the results are bit-identical for any
+// thread count.
+namespace {
+
+// Per-thread scratch kept across calls: a decoding loop calls this op once per layer per token,
+// and a fresh allocation each time would cost more than the attention of a short context.
+float* cached_scratch(size_t floats) {
+  thread_local Buffer buf;
+  if (buf.bytes() < floats * sizeof(float))
+    buf = Buffer(floats * sizeof(float), MemTag::Workspace, /*zero=*/false);
+  return buf.as<float>();
+}
+
+// S[r][c] = scale * A_r . K_c for n_rows rows of A (stride a_row) against nk key rows (stride
+// k_row), read in place. For few query positions per task (decoding) this beats tile_scores: it
+// skips the strided transpose of every key tile (measured 1.5x faster for one token against 4096
+// cached keys, 32 heads, 8 kv heads, head_dim 128).
+void row_scores(float* S, const float* A, int64_t a_row, int64_t n_rows, const float* K, int64_t k_row,
+                int64_t nk, int64_t head_dim, float scale) {
+  for (int64_t c = 0; c < nk; ++c) {
+    const float* __restrict kc = K + c * k_row;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const float* __restrict a = A + r * a_row;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot += a[d] * kc[d];
+      S[r * kBlockK + c] = scale * dot;
+    }
+  }
+}
+
+}  // namespace
+
+void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
+                              int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
+                              float scale) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
+  if (n_new == 0) return;
+  const int64_t D = head_dim, H = n_heads, KV = n_kv_heads, group = H / KV;
+  const int64_t q_row = H * D, kv_row = KV * D;
+  // Query positions per task: about kBlockQ rows in all, and at least one position.
+  const int64_t nq_max = std::max<int64_t>(1, kBlockQ / group);
+  const int64_t n_qb = blocks(n_new, nq_max);
+  const int n_threads = omp_get_max_threads();
+  const int64_t head_slices = std::min<int64_t>(group, blocks(n_threads, KV * n_qb));
+  const int64_t heads_per_task = blocks(group, head_slices);
+  const int64_t n_slices = blocks(group, heads_per_task);
+  const int64_t n_tasks = KV * n_slices * n_qb;
+  const int64_t max_rows = heads_per_task * nq_max;
+  // Kt [D][kBlockK], S [rows][kBlockK], O [rows][D], running max and sum [rows] each.
+  const size_t scratch_floats = size_t(D * kBlockK + max_rows * (kBlockK + D + 2));
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    const int64_t kvh = task / (n_slices * n_qb), slice = task / n_qb % n_slices, qb = task % n_qb;
+    const int64_t h0 = kvh * group + slice * heads_per_task;
+    const int64_t nh = std::min(heads_per_task, (kvh + 1) * group - h0);
+    const int64_t q0 = qb * nq_max, nq = std::min(nq_max, n_new - q0);
+    const int64_t rows = nh * nq;  // row r is head h0 + r / nq at query position q0 + r % nq
+    const int64_t first_pos = n_past + q0, n_keys = first_pos + nq;
+    const float* kbase = k_cache + kvh * D;
+    const float* vbase = v_cache + kvh * D;
+    // Fewer than one 4-row block of tile_scores per head: score keys in place.
+    const bool in_place = nq < 4;
+
+    float* Kt = cached_scratch(scratch_floats);
+    float* S = Kt + D * kBlockK;
+    float* O = S + max_rows * kBlockK;
+    float* row_max = O + max_rows * D;
+    float* row_sum = row_max + max_rows;
+    std::fill(O, O + rows * D, 0.0f);
+    std::fill(row_max, row_max + rows, kNegInf);
+    std::fill(row_sum, row_sum + rows, 0.0f);
+
+    for (int64_t k0 = 0; k0 < n_keys; k0 += kBlockK) {
+      const int64_t nk = std::min<int64_t>(kBlockK, n_keys - k0);
+      const float* kblk = kbase + k0 * kv_row;
+      if (!in_place) transpose_block(Kt, kblk, kv_row, nk, D);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        const float* qrows = q + (q0 * H + h0 + hh) * D;
+        float* srows = S + hh * nq * kBlockK;
+        if (in_place) {
+          row_scores(srows, qrows, q_row, nq, kblk, kv_row, nk, D, scale);
+        } else {
+          tile_scores(srows, qrows, q_row, nq, Kt, D, scale);
+        }
+      }
+      // Keys past a row's own position: only in the tiles that reach beyond the first position.
+      if (k0 + nk - 1 > first_pos) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t pos = first_pos + r % nq;
+          float* srow = S + r * kBlockK;
+          for (int64_t c = std::max<int64_t>(0, pos + 1 - k0); c < nk; ++c) srow[c] = kNegInf;
+        }
+      }
+
+      // Online softmax: rescale what was accumulated so far to the new running max.
+      for (int64_t r = 0; r < rows; ++r) {
+        float* srow = S + r * kBlockK;
+        float tile_max = kNegInf;
+        for (int64_t c = 0; c < nk; ++c) tile_max = std::max(tile_max, srow[c]);
+        if (tile_max == kNegInf) {  // every key of this tile lies after the row's position
+          std::fill(srow, srow + nk, 0.0f);
+          continue;
+        }
+        const float new_max = std::max(row_max[r], tile_max);
+        const float rescale = std::exp(row_max[r] - new_max);
+        float sum = 0.0f;
+        for (int64_t c = 0; c < nk; ++c) {
+          srow[c] = std::exp(srow[c] - new_max);
+          sum += srow[c];
+        }
+        row_sum[r] = row_sum[r] * rescale + sum;
+        row_max[r] = new_max;
+        if (rescale != 1.0f) {
+          float* o = O + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
+        }
+      }
+      accumulate_rows(O, rows, S, kBlockK, 1, vbase + k0 * kv_row, kv_row, nk, D);
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out + ((q0 + r % nq) * H + h0 + r / nq) * D;
+      const float inv = 1.0f / row_sum[r];
+      for (int64_t d = 0; d < D; ++d) o[d] = O[r * D + d] * inv;
     }
   }
 }

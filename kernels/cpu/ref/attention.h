@@ -1,4 +1,5 @@
-// defines: tf::ref::attention_forward<T>, tf::ref::attention_backward<T>: causal GQA attention as
+// defines: tf::ref::attention_forward<T>, tf::ref::attention_backward<T>,
+// tf::ref::attention_cached_forward<T>: causal GQA attention as
 // plain loops over any scalar type (tests run them in double). One query row at a time: its full
 // row of scores, a plain softmax, then the weighted sum.
 #pragma once
@@ -124,6 +125,54 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
             dvj[d] += p[size_t(j)] * doi[d];
           }
         }
+      }
+    }
+  }
+}
+
+// The geometry attention_cached_forward accepts.
+inline void check_attention_cached_shape(int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads,
+                                         int head_dim) {
+  TF_CHECK(n_past >= 0 && n_new >= 0, "cached attention n_past and n_new must be non-negative, got ", n_past,
+           " and ", n_new);
+  TF_CHECK(head_dim > 0, "cached attention head_dim must be positive, got ", head_dim);
+  TF_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "cached attention n_heads (", n_heads,
+           ") must be a positive multiple of n_kv_heads (", n_kv_heads, ")");
+}
+
+// Query i runs the loops of attention_forward's row n_past + i, in the same order, with the cache
+// rows as that sequence's keys and values: on a cache holding a sequence's k and v the two
+// references agree bit for bit, which the tests use to pin the cached indexing to the training op.
+template <typename T>
+void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, int64_t n_past,
+                              int64_t n_new, int n_heads, int n_kv_heads, int head_dim, float scale) {
+  check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
+  const int64_t H = n_heads, KV = n_kv_heads, D = head_dim;
+  const int group = n_heads / n_kv_heads;
+  std::vector<T> p(static_cast<size_t>(n_past + n_new));
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t g = h / group;
+    for (int64_t i = 0; i < n_new; ++i) {
+      const int64_t pos = n_past + i;
+      const T* qi = q + (i * H + h) * D;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j <= pos; ++j) {
+        const T* kj = k_cache + (j * KV + g) * D;
+        T dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
+        p[size_t(j)] = T(scale) * dot;
+        m = std::max(m, p[size_t(j)]);
+      }
+      T sum = 0;
+      for (int64_t j = 0; j <= pos; ++j) {
+        p[size_t(j)] = std::exp(p[size_t(j)] - m);
+        sum += p[size_t(j)];
+      }
+      T* oi = out + (i * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] = 0;
+      for (int64_t j = 0; j <= pos; ++j) {
+        const T* vj = v_cache + (j * KV + g) * D;
+        for (int64_t d = 0; d < D; ++d) oi[d] += p[size_t(j)] / sum * vj[d];
       }
     }
   }
