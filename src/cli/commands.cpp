@@ -15,6 +15,7 @@
 #include "src/io/hf_model.h"
 #include "src/io/merge.h"
 #include "src/io/peft.h"
+#include "src/io/safetensors.h"
 #include "src/train/checkpoint.h"
 
 namespace tf::cli {
@@ -159,7 +160,31 @@ int run_eval(const EvalOptions& o) {
   const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : std::max(tok.eos_id(), 0);
   const LossSum loss = evaluate_loss(*s.model, d, o.micro_batch, o.seq_len, pad);
   std::printf("examples    %zu (%lld target tokens)\n", d.size(), (long long)loss.n_valid);
-  std::printf("loss        %.4f\nperplexity  %.3f\n", loss.mean(), std::exp(loss.mean()));
+  std::printf("loss        %.6f\nperplexity  %.4f\n", loss.mean(), std::exp(loss.mean()));
+
+  if (!o.logits_out.empty()) {
+    std::vector<std::vector<float>> logits;
+    std::vector<std::vector<int32_t>> ids;
+    const size_t n = std::min(d.size(), size_t(std::max(o.logits_examples, 0)));
+    for (size_t i = 0; i < n; ++i) {
+      const auto ex = d.example_ids(i);
+      ids.emplace_back(ex.begin(), ex.end());
+      std::vector<int32_t> pos(ex.size());
+      for (size_t t = 0; t < pos.size(); ++t) pos[t] = int32_t(t);
+      logits.emplace_back(ex.size() * size_t(s.model->config().vocab));
+      s.model->forward_logits(Batch{1, int(ex.size()), ids.back().data(), nullptr, pos.data(), nullptr},
+                              logits.back().data());
+    }
+    std::vector<io::SafetensorsWriteTensor> tensors;
+    for (size_t i = 0; i < n; ++i) {
+      const auto len = int64_t(ids[i].size());
+      tensors.push_back({"logits." + std::to_string(i), io::StDType::F32, {len, s.model->config().vocab},
+                         std::as_bytes(std::span(logits[i]))});
+      tensors.push_back({"input_ids." + std::to_string(i), io::StDType::I32, {len}, std::as_bytes(std::span(ids[i]))});
+    }
+    io::write_safetensors(o.logits_out, tensors);
+    std::printf("logits      %zu examples written to %s\n", n, o.logits_out.c_str());
+  }
 
   // Exact match: the greedy completion of each prompt equals the reference completion (trimmed).
   size_t total = 0, correct = 0;

@@ -32,6 +32,11 @@ struct EvalOptions {
   int micro_batch = 4;
   int max_new_tokens = 64;
   int threads = 0;
+  // When set: the full logits of the first `logits_examples` examples (each run alone, unpacked)
+  // are written to this safetensors file as logits.<i> [tokens, vocab] and input_ids.<i>, for
+  // comparing with other implementations.
+  std::string logits_out;
+  int logits_examples = 4;
 };
 int run_eval(const EvalOptions& o);
 

@@ -95,6 +95,8 @@ int run(int argc, char** argv) {
   eval->add_option("--micro-batch", ev.micro_batch, "Sequences per forward")->capture_default_str();
   eval->add_option("--max-new-tokens", ev.max_new_tokens, "Greedy completion length for exact match")->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per core)")->capture_default_str();
+  eval->add_option("--logits-out", ev.logits_out, "Write the first examples' full logits to this safetensors file");
+  eval->add_option("--logits-examples", ev.logits_examples, "Examples whose logits --logits-out writes")->capture_default_str();
 
   ExportOptions ex;
   CLI::App* export_cmd = app.add_subcommand("export", "Export a run's adapter: peft, gguf (llama.cpp LoRA) or merged");
