@@ -290,6 +290,11 @@ TEST(TokenizerJson, RefusesBadFiles) {
   }
   {
     json j = base_json();
+    j["added_tokens"][2]["content"] = "<" + std::string(1024, 'x') + ">";
+    expect_json_refused("longadded.json", j.dump(), "added tokens over 1024 bytes are refused");
+  }
+  {
+    json j = base_json();
     j["added_tokens"][2]["lstrip"] = true;
     expect_json_refused("lstrip.json", j.dump(), "lstrip = true is not supported");
   }

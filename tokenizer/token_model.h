@@ -72,6 +72,11 @@ std::unique_ptr<TokenModel> make_sentencepiece(const std::string& path, Sentence
 // the bound keeps a hostile file from making each lookup and copy arbitrarily expensive.
 constexpr size_t kMaxPieceBytes = 100 * 1024;
 
+// The longest added (special) token accepted. Matching added tokens in text costs, at worst, the
+// text length times this; real added tokens stay under 32 bytes (llama.cpp's test vocabularies,
+// SmolLM2), so 1 KiB refuses nothing real and keeps a hostile vocabulary from making encoding slow.
+constexpr size_t kMaxAddedTokenBytes = 1024;
+
 // A piece as error messages show it: cut to 64 bytes, so a hostile piece cannot flood the log.
 inline std::string shown(std::string_view s) {
   return s.size() <= 64 ? std::string(s) : std::string(s.substr(0, 64)) + "...";

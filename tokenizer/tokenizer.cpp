@@ -1,6 +1,6 @@
-// The shared tokenizer flow: split added tokens out of the text (longest match, through a byte
-// trie so long inputs cost O(length x longest added token)), hand the stretches between them to the
-// vocabulary's model, and add BOS/EOS as configured.
+// The shared tokenizer flow: split added tokens out of the text (longest match through a byte trie,
+// so a long input costs at most its length x kMaxAddedTokenBytes), hand the stretches between them
+// to the vocabulary's model, and add BOS/EOS as configured.
 #include "tokenizer/tokenizer.h"
 
 #include "src/core/error.h"
@@ -22,8 +22,8 @@ void Tokenizer::set_added_tokens(std::vector<AddedToken> added) {
   for (size_t k = 0; k < added_.size(); ++k) {
     const AddedToken& t = added_[k];
     TF_CHECK(!t.content.empty(), source_, ": added token ", t.id, " has empty content");
-    TF_CHECK(t.content.size() <= kMaxPieceBytes, source_, ": added token ", t.id, " is ", t.content.size(),
-             " bytes long; pieces over ", kMaxPieceBytes, " bytes are refused");
+    TF_CHECK(t.content.size() <= kMaxAddedTokenBytes, source_, ": added token ", t.id, " is ",
+             t.content.size(), " bytes long; added tokens over ", kMaxAddedTokenBytes, " bytes are refused");
     TF_CHECK(t.id >= 0 && size_t(t.id) < vocab_size_, source_, ": added token '", shown(t.content),
              "' has id ", t.id, ", outside the vocabulary of ", vocab_size_);
     TF_CHECK(added_index_.emplace(t.id, k).second, source_, ": id ", t.id, " is given to two added tokens");
