@@ -12,6 +12,7 @@
 #include "src/data/chat_template.h"
 #include "src/data/dataset.h"
 #include "src/io/model_loader.h"
+#include "src/model/generate.h"
 #include "src/model/llama.h"
 
 namespace tf::cli {
@@ -37,10 +38,6 @@ data::ChatTemplate choose_template(const std::string& name, const io::LoadedMode
 // Mean token loss over every example of `data`, in unshuffled micro-batches.
 LossSum evaluate_loss(LlamaModel& model, const data::TokenizedDataset& data, int micro_batch, int seq_len,
                       int32_t pad_id);
-
-// Greedy (temperature 0) or sampled continuation of `prompt_ids`; stops at EOS or max_new tokens.
-std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
-                                     int32_t eos_id, float temperature = 0.0f, uint64_t seed = 0);
 
 Batch batch_view(const data::TokenBatch& b);
 std::string format_bytes(double bytes);

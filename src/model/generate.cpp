@@ -1,0 +1,44 @@
+#include "src/model/generate.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "src/core/error.h"
+#include "src/core/rng.h"
+
+namespace tf {
+
+std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
+                                     int32_t eos_id, float temperature, uint64_t seed) {
+  TF_CHECK(!prompt_ids.empty(), "generation needs a non-empty prompt");
+  const int vocab = model.config().vocab;
+  KvCache cache = model.make_kv_cache(int64_t(prompt_ids.size()) + max_new);
+  std::vector<float> logits(size_t(vocab), 0.0f);
+  for (size_t i = 0; i < prompt_ids.size(); i += size_t(model.max_tokens())) {
+    const int64_t n = std::min<int64_t>(model.max_tokens(), int64_t(prompt_ids.size() - i));
+    model.decode(cache, prompt_ids.data() + i, n, logits.data());
+  }
+  std::vector<int32_t> out;
+  const Philox rng(seed, 0x5a3b1e);
+  for (int t = 0; t < max_new; ++t) {
+    int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    if (temperature > 0) {
+      // Sample from softmax(logits / T) by inverting the cumulative distribution.
+      const float mx = logits[size_t(next)];
+      double sum = 0;
+      for (float& l : logits) sum += (l = std::exp((l - mx) / temperature));
+      double u = double(rng.uniform(uint64_t(t))) * sum;
+      for (int i = 0; i < vocab; ++i)
+        if ((u -= logits[size_t(i)]) <= 0) {
+          next = i;
+          break;
+        }
+    }
+    out.push_back(next);
+    if (next == eos_id || t + 1 == max_new) break;
+    model.decode(cache, &next, 1, logits.data());
+  }
+  return out;
+}
+
+}  // namespace tf

@@ -1,0 +1,16 @@
+// defines: tf::generate_tokens (greedy or sampled continuation with a KV cache)
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "src/model/llama.h"
+
+namespace tf {
+
+// Continues `prompt_ids`: greedy when temperature is 0, else sampled from softmax(logits / T) with
+// Philox keyed by `seed`. Stops after EOS (included in the result) or max_new tokens.
+std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
+                                     int32_t eos_id, float temperature = 0.0f, uint64_t seed = 0);
+
+}  // namespace tf
