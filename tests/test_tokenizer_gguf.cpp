@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "src/io/gguf.h"
+#include "src/io/model_loader.h"
 #include "tokenizer/tokenizer.h"
 
 using namespace tf;
@@ -20,30 +21,9 @@ using namespace tf::tok;
 namespace {
 
 // The glue between the GGUF reader and the tokenizer: the tokenizer.ggml.* keys as plain data.
-GgufVocab vocab_from_gguf(const io::GgufFile& f) {
-  GgufVocab v;
-  v.model = std::string(f.get_string("tokenizer.ggml.model"));
-  if (f.has("tokenizer.ggml.pre")) v.pre = std::string(f.get_string("tokenizer.ggml.pre"));
-  for (const auto s : f.get_string_array("tokenizer.ggml.tokens")) v.tokens.emplace_back(s);
-  if (f.has("tokenizer.ggml.scores")) v.scores = f.get_f32_array("tokenizer.ggml.scores");
-  if (f.has("tokenizer.ggml.token_type")) v.token_types = f.get_i32_array("tokenizer.ggml.token_type");
-  if (f.has("tokenizer.ggml.merges"))
-    for (const auto s : f.get_string_array("tokenizer.ggml.merges")) v.merges.emplace_back(s);
-  const auto id = [&](const char* key) { return f.has(key) ? int32_t(f.get_int(key)) : -1; };
-  v.bos_id = id("tokenizer.ggml.bos_token_id");
-  v.eos_id = id("tokenizer.ggml.eos_token_id");
-  v.unk_id = id("tokenizer.ggml.unknown_token_id");
-  v.pad_id = id("tokenizer.ggml.padding_token_id");
-  if (f.has("tokenizer.ggml.add_bos_token")) v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
-  if (f.has("tokenizer.ggml.add_eos_token")) v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token");
-  if (f.has("tokenizer.ggml.add_space_prefix"))
-    v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
-  return v;
-}
-
 Tokenizer open_gguf_tokenizer(const std::string& path) {
   const io::GgufFile f = io::GgufFile::open(path);
-  return Tokenizer::from_gguf_vocab(vocab_from_gguf(f), path);
+  return Tokenizer::from_gguf_vocab(io::gguf_vocab(f), path);
 }
 
 std::string read_text(const std::string& path) {

@@ -70,27 +70,6 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
   return w;
 }
 
-std::unique_ptr<tok::Tokenizer> gguf_tokenizer(const GgufFile& f) {
-  if (!f.has("tokenizer.ggml.model")) return nullptr;
-  tok::GgufVocab v;
-  v.model = std::string(f.get_string("tokenizer.ggml.model"));
-  if (f.has("tokenizer.ggml.pre")) v.pre = std::string(f.get_string("tokenizer.ggml.pre"));
-  for (std::string_view s : f.get_string_array("tokenizer.ggml.tokens")) v.tokens.emplace_back(s);
-  if (f.has("tokenizer.ggml.scores")) v.scores = f.get_f32_array("tokenizer.ggml.scores");
-  if (f.has("tokenizer.ggml.token_type")) v.token_types = f.get_i32_array("tokenizer.ggml.token_type");
-  if (f.has("tokenizer.ggml.merges"))
-    for (std::string_view s : f.get_string_array("tokenizer.ggml.merges")) v.merges.emplace_back(s);
-  auto id = [&](const char* key) { return f.has(key) ? int32_t(f.get_int(key)) : -1; };
-  v.bos_id = id("tokenizer.ggml.bos_token_id");
-  v.eos_id = id("tokenizer.ggml.eos_token_id");
-  v.unk_id = id("tokenizer.ggml.unknown_token_id");
-  v.pad_id = id("tokenizer.ggml.padding_token_id");
-  if (f.has("tokenizer.ggml.add_bos_token")) v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
-  if (f.has("tokenizer.ggml.add_eos_token")) v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token");
-  if (f.has("tokenizer.ggml.add_space_prefix")) v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
-  return std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(v, f.path()));
-}
-
 nlohmann::json read_json_if_present(const fs::path& p) {
   if (!fs::exists(p)) return nullptr;
   std::ifstream in(p);
@@ -139,6 +118,26 @@ void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
 
 }  // namespace
 
+tok::GgufVocab gguf_vocab(const GgufFile& f) {
+  tok::GgufVocab v;
+  v.model = std::string(f.get_string("tokenizer.ggml.model"));
+  if (f.has("tokenizer.ggml.pre")) v.pre = std::string(f.get_string("tokenizer.ggml.pre"));
+  for (std::string_view s : f.get_string_array("tokenizer.ggml.tokens")) v.tokens.emplace_back(s);
+  if (f.has("tokenizer.ggml.scores")) v.scores = f.get_f32_array("tokenizer.ggml.scores");
+  if (f.has("tokenizer.ggml.token_type")) v.token_types = f.get_i32_array("tokenizer.ggml.token_type");
+  if (f.has("tokenizer.ggml.merges"))
+    for (std::string_view s : f.get_string_array("tokenizer.ggml.merges")) v.merges.emplace_back(s);
+  auto id = [&](const char* key) { return f.has(key) ? int32_t(f.get_int(key)) : -1; };
+  v.bos_id = id("tokenizer.ggml.bos_token_id");
+  v.eos_id = id("tokenizer.ggml.eos_token_id");
+  v.unk_id = id("tokenizer.ggml.unknown_token_id");
+  v.pad_id = id("tokenizer.ggml.padding_token_id");
+  if (f.has("tokenizer.ggml.add_bos_token")) v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
+  if (f.has("tokenizer.ggml.add_eos_token")) v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token");
+  if (f.has("tokenizer.ggml.add_space_prefix")) v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
+  return v;
+}
+
 LoadedModel load_model(const std::string& path) {
   LoadedModel m;
   m.source = path;
@@ -152,7 +151,8 @@ LoadedModel load_model(const std::string& path) {
     auto f = std::make_shared<const GgufFile>(GgufFile::open(path));
     const LlamaConfig cfg = llama_config_from_gguf(*f);
     m.weights = gguf_weights(f, cfg);
-    m.tokenizer = gguf_tokenizer(*f);
+    if (f->has("tokenizer.ggml.model"))
+      m.tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(gguf_vocab(*f), f->path()));
     if (f->has("tokenizer.chat_template")) m.chat_template = std::string(f->get_string("tokenizer.chat_template"));
     m.gguf = std::move(f);
   }

@@ -27,4 +27,8 @@ struct LoadedModel {
 // f32/f16/bf16 tensors are used in place from the mapping). Throws tf::Error naming the path.
 LoadedModel load_model(const std::string& path);
 
+// The tokenizer.ggml.* keys of a GGUF file as plain vocabulary data (the file must have
+// tokenizer.ggml.model). Strings are copied, so the result outlives the file.
+tok::GgufVocab gguf_vocab(const GgufFile& f);
+
 }  // namespace tf::io
