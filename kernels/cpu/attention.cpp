@@ -157,6 +157,82 @@ class Scratch {
 
 int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
+// The running state of online softmax for up to max_rows query rows, carved from caller scratch
+// (max_rows * (D + 2) floats): the unnormalized output O [rows][D] and each row's running max and
+// running sum of exp(score - max).
+class OnlineSoftmax {
+ public:
+  static size_t floats(int64_t max_rows, int64_t D) { return size_t(max_rows * (D + 2)); }
+  OnlineSoftmax(float* mem, int64_t max_rows, int64_t D)
+      : O_(mem), row_max_(mem + max_rows * D), row_sum_(row_max_ + max_rows), D_(D) {}
+
+  void reset(int64_t rows) {
+    std::fill(O_, O_ + rows * D_, 0.0f);
+    std::fill(row_max_, row_max_ + rows, kNegInf);
+    std::fill(row_sum_, row_sum_ + rows, 0.0f);
+  }
+
+  // Folds in a tile of masked scores S [rows][kBlockK] against nk keys whose values are rows of
+  // vblk (stride v_row): what was accumulated so far is rescaled to the new running max, S becomes
+  // exp(S - max) (0 in rows that the mask leaves no key of this tile), and O += S V.
+  void add_tile(float* S, int64_t rows, int64_t nk, const float* vblk, int64_t v_row) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = S + r * kBlockK;
+      float tile_max = kNegInf;
+      for (int64_t c = 0; c < nk; ++c) tile_max = std::max(tile_max, srow[c]);
+      if (tile_max == kNegInf) {  // the mask leaves this row no key of the tile
+        std::fill(srow, srow + nk, 0.0f);
+        continue;
+      }
+      const float new_max = std::max(row_max_[r], tile_max);
+      const float rescale = std::exp(row_max_[r] - new_max);
+      float sum = 0.0f;
+      for (int64_t c = 0; c < nk; ++c) {
+        srow[c] = std::exp(srow[c] - new_max);
+        sum += srow[c];
+      }
+      row_sum_[r] = row_sum_[r] * rescale + sum;
+      row_max_[r] = new_max;
+      if (rescale != 1.0f) {
+        float* o = O_ + r * D_;
+#pragma omp simd
+        for (int64_t d = 0; d < D_; ++d) o[d] *= rescale;
+      }
+    }
+    accumulate_rows(O_, rows, S, kBlockK, 1, vblk, v_row, nk, D_);
+  }
+
+  // Row r's attention output O / sum into out.
+  void store(int64_t r, float* out) const {
+    const float inv = 1.0f / row_sum_[r];
+    for (int64_t d = 0; d < D_; ++d) out[d] = O_[r * D_ + d] * inv;
+  }
+
+  float lse(int64_t r) const { return row_max_[r] + std::log(row_sum_[r]); }
+
+ private:
+  float* O_;
+  float* row_max_;
+  float* row_sum_;
+  int64_t D_;
+};
+
+// The work of a task that owns one (batch, head, query block): the forward's tasks and those of the
+// backward's dq pass. qb varies fastest, so long (late) and short (early) query blocks interleave in
+// the queue.
+struct QueryBlockTask {
+  int64_t b, h, kvh, q0, nq, tok0;
+  const int32_t* doc;  // the sequence's doc ids, or null
+  QueryBlockTask(int64_t task, const Geometry& g, int64_t n_qb, const int32_t* doc_ids)
+      : b(task / (g.n_heads * n_qb)),
+        h(task / n_qb % g.n_heads),
+        kvh(h / g.group),
+        q0(task % n_qb * kBlockQ),
+        nq(std::min<int64_t>(kBlockQ, g.seq - q0)),
+        tok0(b * g.seq),
+        doc(doc_ids ? doc_ids + tok0 : nullptr) {}
+};
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
@@ -168,85 +244,56 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const int64_t n_tasks = int64_t(s.batch) * g.n_heads * n_qb;
   if (n_tasks == 0) return;
   const int n_threads = omp_get_max_threads();
-  // Kt [D][kBlockK], S [kBlockQ][kBlockK], O [kBlockQ][D], running max and sum [kBlockQ] each.
-  Scratch scratch(size_t(D * kBlockK + kBlockQ * kBlockK + kBlockQ * D + 2 * kBlockQ), n_threads);
+  // Kt [D][kBlockK], S [kBlockQ][kBlockK], then the online softmax state of kBlockQ rows.
+  Scratch scratch(size_t(D * kBlockK + kBlockQ * kBlockK) + OnlineSoftmax::floats(kBlockQ, D), n_threads);
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < n_tasks; ++task) {
-    // qb varies fastest, so long (late) and short (early) query blocks interleave in the queue.
-    const int64_t b = task / (g.n_heads * n_qb), h = task / n_qb % g.n_heads, qb = task % n_qb;
-    const int64_t kvh = h / g.group;
-    const int64_t q0 = qb * kBlockQ, nq = std::min<int64_t>(kBlockQ, g.seq - q0);
-    const int64_t tok0 = b * g.seq;
-    const int32_t* doc = doc_ids ? doc_ids + tok0 : nullptr;
-    const float* qblk = q + (tok0 + q0) * g.q_row + h * D;
+    const QueryBlockTask qt(task, g, n_qb, doc_ids);
+    const int64_t q0 = qt.q0, nq = qt.nq, tok0 = qt.tok0;
+    const float* qblk = q + (tok0 + q0) * g.q_row + qt.h * D;
 
     float* Kt = scratch.thread(omp_get_thread_num());
     float* S = Kt + D * kBlockK;
-    float* O = S + kBlockQ * kBlockK;
-    float* row_max = O + kBlockQ * D;
-    float* row_sum = row_max + kBlockQ;
-    std::fill(O, O + nq * D, 0.0f);
-    std::fill(row_max, row_max + nq, kNegInf);
-    std::fill(row_sum, row_sum + nq, 0.0f);
+    OnlineSoftmax acc(S + kBlockQ * kBlockK, kBlockQ, D);
+    acc.reset(nq);
 
     for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlockK) {
       const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
-      const TileMask mask = classify(doc, t);
+      const TileMask mask = classify(qt.doc, t);
       if (mask == TileMask::Skip) continue;
-      const float* kblk = k + (tok0 + k0) * g.kv_row + kvh * D;
-      const float* vblk = v + (tok0 + k0) * g.kv_row + kvh * D;
+      const float* kblk = k + (tok0 + k0) * g.kv_row + qt.kvh * D;
+      const float* vblk = v + (tok0 + k0) * g.kv_row + qt.kvh * D;
       transpose_block(Kt, kblk, g.kv_row, t.nk, D);
       tile_scores(S, qblk, g.q_row, nq, Kt, D, g.scale);
-      if (mask == TileMask::Partial) mask_scores(S, doc, t);
-
-      // Online softmax: rescale what was accumulated so far to the new running max.
-      for (int64_t r = 0; r < nq; ++r) {
-        float* srow = S + r * kBlockK;
-        float tile_max = kNegInf;
-        for (int64_t c = 0; c < t.nk; ++c) tile_max = std::max(tile_max, srow[c]);
-        if (tile_max == kNegInf) {  // the whole row is masked in this tile
-          std::fill(srow, srow + t.nk, 0.0f);
-          continue;
-        }
-        const float new_max = std::max(row_max[r], tile_max);
-        const float rescale = std::exp(row_max[r] - new_max);
-        float sum = 0.0f;
-        for (int64_t c = 0; c < t.nk; ++c) {
-          srow[c] = std::exp(srow[c] - new_max);
-          sum += srow[c];
-        }
-        row_sum[r] = row_sum[r] * rescale + sum;
-        row_max[r] = new_max;
-        if (rescale != 1.0f) {
-          float* o = O + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
-        }
-      }
-      accumulate_rows(O, nq, S, kBlockK, 1, vblk, g.kv_row, t.nk, D);
+      if (mask == TileMask::Partial) mask_scores(S, qt.doc, t);
+      acc.add_tile(S, nq, t.nk, vblk, g.kv_row);
     }
 
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t tok = tok0 + q0 + r;
-      float* o = out + tok * g.q_row + h * D;
-      const float inv = 1.0f / row_sum[r];
-      for (int64_t d = 0; d < D; ++d) o[d] = O[r * D + d] * inv;
-      lse[tok * g.n_heads + h] = row_max[r] + std::log(row_sum[r]);
+      acc.store(r, out + tok * g.q_row + qt.h * D);
+      lse[tok * g.n_heads + qt.h] = acc.lse(r);
     }
   }
 }
 
 namespace {
 
-// The probabilities P = exp(S - lse) and dS = P * (dP - delta) of one tile, given its (scaled)
-// scores in S and dP = dO V^T in dP; P overwrites S and dS overwrites dP. Identical arithmetic in
-// both backward passes, so they see the same P.
-void tile_softmax_grad(float* S, float* dP, const Tile& t, const float* lse_rows, const float* delta_rows,
-                       int64_t lse_row) {
+// The probabilities P = exp(S - lse) of one tile into S and dS = P * (dP - delta) into dP, from
+// the scaled, masked scores of the query rows qblk against the transposed keys Kt and from
+// dP = dO V^T of the d_out rows doblk against the transposed values Vt. lse_rows and delta_rows
+// point at the tile's first query row (stride n_heads). Both backward passes call this, so they
+// see the same P.
+void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const int32_t* doc, const float* qblk,
+                       const float* doblk, const float* Kt, const float* Vt, const float* lse_rows,
+                       const float* delta_rows, const Geometry& g) {
+  tile_scores(S, qblk, g.q_row, t.nq, Kt, g.head_dim, g.scale);
+  if (mask == TileMask::Partial) mask_scores(S, doc, t);
+  tile_scores(dP, doblk, g.q_row, t.nq, Vt, g.head_dim, 1.0f);
   for (int64_t r = 0; r < t.nq; ++r) {
-    const float l = lse_rows[r * lse_row];
-    const float dl = delta_rows[r * lse_row];
+    const float l = lse_rows[r * g.n_heads];
+    const float dl = delta_rows[r * g.n_heads];
     float* p = S + r * kBlockK;
     float* dp = dP + r * kBlockK;
     for (int64_t c = 0; c < t.nk; ++c) {
@@ -315,10 +362,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
         const int64_t row0 = (tok0 + q0) * g.n_heads + h;
         const float* qblk = q + row0 * D;
         const float* doblk = d_out + row0 * D;
-        tile_scores(S, qblk, g.q_row, t.nq, Kt, D, g.scale);
-        if (mask == TileMask::Partial) mask_scores(S, doc, t);
-        tile_scores(dP, doblk, g.q_row, t.nq, Vt, D, 1.0f);
-        tile_softmax_grad(S, dP, t, lse + row0, delta + row0, g.n_heads);
+        tile_softmax_grad(S, dP, t, mask, doc, qblk, doblk, Kt, Vt, lse + row0, delta + row0, g);
         accumulate_rows(dV, nk, S, 1, kBlockK, doblk, g.q_row, t.nq, D);
         accumulate_rows(dK, nk, dP, 1, kBlockK, qblk, g.q_row, t.nq, D);
       }
@@ -337,12 +381,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   const int64_t n_q_tasks = int64_t(s.batch) * g.n_heads * n_qb;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < n_q_tasks; ++task) {
-    const int64_t b = task / (g.n_heads * n_qb), h = task / n_qb % g.n_heads, qb = task % n_qb;
-    const int64_t kvh = h / g.group;
-    const int64_t q0 = qb * kBlockQ, nq = std::min<int64_t>(kBlockQ, g.seq - q0);
-    const int64_t tok0 = b * g.seq;
-    const int32_t* doc = doc_ids ? doc_ids + tok0 : nullptr;
-    const int64_t row0 = (tok0 + q0) * g.n_heads + h;
+    const QueryBlockTask qt(task, g, n_qb, doc_ids);
+    const int64_t q0 = qt.q0, nq = qt.nq, tok0 = qt.tok0;
+    const int64_t row0 = (tok0 + q0) * g.n_heads + qt.h;
     const float* qblk = q + row0 * D;
     const float* doblk = d_out + row0 * D;
 
@@ -355,16 +396,13 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
 
     for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlockK) {
       const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
-      const TileMask mask = classify(doc, t);
+      const TileMask mask = classify(qt.doc, t);
       if (mask == TileMask::Skip) continue;
-      const float* kblk = k + (tok0 + k0) * g.kv_row + kvh * D;
-      const float* vblk = v + (tok0 + k0) * g.kv_row + kvh * D;
+      const float* kblk = k + (tok0 + k0) * g.kv_row + qt.kvh * D;
+      const float* vblk = v + (tok0 + k0) * g.kv_row + qt.kvh * D;
       transpose_block(Kt, kblk, g.kv_row, t.nk, D);
       transpose_block(Vt, vblk, g.kv_row, t.nk, D);
-      tile_scores(S, qblk, g.q_row, nq, Kt, D, g.scale);
-      if (mask == TileMask::Partial) mask_scores(S, doc, t);
-      tile_scores(dP, doblk, g.q_row, nq, Vt, D, 1.0f);
-      tile_softmax_grad(S, dP, t, lse + row0, delta + row0, g.n_heads);
+      tile_softmax_grad(S, dP, t, mask, qt.doc, qblk, doblk, Kt, Vt, lse + row0, delta + row0, g);
       accumulate_rows(dQ, nq, dP, kBlockK, 1, kblk, g.kv_row, t.nk, D);
     }
     for (int64_t r = 0; r < nq; ++r) {
@@ -429,8 +467,8 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
   const int64_t n_slices = blocks(group, heads_per_task);
   const int64_t n_tasks = KV * n_slices * n_qb;
   const int64_t max_rows = heads_per_task * nq_max;
-  // Kt [D][kBlockK], S [rows][kBlockK], O [rows][D], running max and sum [rows] each.
-  const size_t scratch_floats = size_t(D * kBlockK + max_rows * (kBlockK + D + 2));
+  // Kt [D][kBlockK], S [rows][kBlockK], then the online softmax state of the rows.
+  const size_t scratch_floats = size_t(D * kBlockK + max_rows * kBlockK) + OnlineSoftmax::floats(max_rows, D);
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < n_tasks; ++task) {
@@ -447,12 +485,8 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
 
     float* Kt = cached_scratch(scratch_floats);
     float* S = Kt + D * kBlockK;
-    float* O = S + max_rows * kBlockK;
-    float* row_max = O + max_rows * D;
-    float* row_sum = row_max + max_rows;
-    std::fill(O, O + rows * D, 0.0f);
-    std::fill(row_max, row_max + rows, kNegInf);
-    std::fill(row_sum, row_sum + rows, 0.0f);
+    OnlineSoftmax acc(S + max_rows * kBlockK, max_rows, D);
+    acc.reset(rows);
 
     for (int64_t k0 = 0; k0 < n_keys; k0 += kBlockK) {
       const int64_t nk = std::min<int64_t>(kBlockK, n_keys - k0);
@@ -475,38 +509,11 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
           for (int64_t c = std::max<int64_t>(0, pos + 1 - k0); c < nk; ++c) srow[c] = kNegInf;
         }
       }
-
-      // Online softmax: rescale what was accumulated so far to the new running max.
-      for (int64_t r = 0; r < rows; ++r) {
-        float* srow = S + r * kBlockK;
-        float tile_max = kNegInf;
-        for (int64_t c = 0; c < nk; ++c) tile_max = std::max(tile_max, srow[c]);
-        if (tile_max == kNegInf) {  // every key of this tile lies after the row's position
-          std::fill(srow, srow + nk, 0.0f);
-          continue;
-        }
-        const float new_max = std::max(row_max[r], tile_max);
-        const float rescale = std::exp(row_max[r] - new_max);
-        float sum = 0.0f;
-        for (int64_t c = 0; c < nk; ++c) {
-          srow[c] = std::exp(srow[c] - new_max);
-          sum += srow[c];
-        }
-        row_sum[r] = row_sum[r] * rescale + sum;
-        row_max[r] = new_max;
-        if (rescale != 1.0f) {
-          float* o = O + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
-        }
-      }
-      accumulate_rows(O, rows, S, kBlockK, 1, vbase + k0 * kv_row, kv_row, nk, D);
+      acc.add_tile(S, rows, nk, vbase + k0 * kv_row, kv_row);
     }
 
     for (int64_t r = 0; r < rows; ++r) {
-      float* o = out + ((q0 + r % nq) * H + h0 + r / nq) * D;
-      const float inv = 1.0f / row_sum[r];
-      for (int64_t d = 0; d < D; ++d) o[d] = O[r * D + d] * inv;
+      acc.store(r, out + ((q0 + r % nq) * H + h0 + r / nq) * D);
     }
   }
 }
