@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Check that transformers + PEFT load tightfit's exports and give the same logits as `tightfit eval`.
+
+Run by hand (never by CI). Needs:
+  - a built tightfit binary (cmake --build BUILD --target tightfit), passed with --tightfit or found
+    as build*/tightfit under the repository root;
+  - a Python with torch, transformers, peft and safetensors (here: the venv /opt/tfref).
+Run:
+    /opt/tfref/bin/python tools/check_peft.py [--tightfit build/tightfit] [--keep DIR]
+
+Steps, for plain LoRA scaling (alpha/r) and for rsLoRA (alpha/sqrt(r)):
+  1. `tightfit init --config tiny` writes a random HF directory; transformers must load it
+     (AutoModelForCausalLM, AutoTokenizer) and its tokenizer must give tightfit's ids.
+  2. `tightfit finetune` runs a few steps at a high learning rate so that every B is clearly non-zero.
+  3. `tightfit export --format peft` and `--format merged`.
+  4. `tightfit eval --adapter RUN --logits-out F` writes input_ids.<i> and logits.<i>; the HF base with
+     PeftModel.from_pretrained(base, PEFT_DIR), and the merged directory alone, run on exactly those
+     ids.
+Pass: relative norm error ||hf - tightfit|| / ||hf|| <= 1e-4 for every example, and the same bound
+on the adapter's own contribution (logits with adapter minus base logits, both sides), so that a
+wrong LoRA scale cannot hide behind base logits that agree. 1e-4 is the issue's bound for f32: both
+sides accumulate in f32 (unit roundoff 6e-8) over sums of at most a few hundred terms, so honest
+differences stay near 1e-6; a wrong scale or a transposed factor gives errors of order 1.
+Exits 1 on any mismatch and prints a table of the errors.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "LoRA adds a low-rank update B A to each frozen weight matrix.",
+    "tightfit fine-tunes Llama models on small machines.",
+    "Ein kleiner Test mit Umlauten: äöü ß, und Zahlen 12345.",
+    "Pack my box with five dozen liquor jugs!",
+    "A rose by any other name would smell as sweet.",
+    "Numbers: 3.14159, 2.71828, 1.41421, 1.73205.",
+    "The end of the data, with a newline\nin the middle.",
+]
+
+
+def find_tightfit(arg):
+    if arg:
+        return arg
+    found = sorted(glob.glob(os.path.join(REPO, "build*", "tightfit")), key=os.path.getmtime, reverse=True)
+    if not found:
+        sys.exit("error: no tightfit binary found; build it and pass --tightfit")
+    return found[0]
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} exited {r.returncode}:\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@torch.no_grad()
+def hf_logits(model, ids):
+    return model(input_ids=torch.tensor([ids], dtype=torch.long)).logits[0].float()
+
+
+def check_variant(tightfit, work, base_dir, data, rslora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name = "rslora" if rslora else "lora"
+    run_dir = os.path.join(work, f"run-{name}")
+    peft_dir = os.path.join(work, f"peft-{name}")
+    merged_dir = os.path.join(work, f"merged-{name}")
+    logits_file = os.path.join(work, f"logits-{name}.safetensors")
+    run([tightfit, "finetune", "--model", base_dir, "--data", data, "--out", run_dir, "--steps", "5", "--lr", "1e-2",
+         "--warmup", "0", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "all", "--seq-len", "64",
+         "--micro-batch", "2", "--threads", "2", "--rslora" if rslora else "--no-rslora"])
+    run([tightfit, "export", "--run", run_dir, "--format", "peft", "--out", peft_dir])
+    run([tightfit, "export", "--run", run_dir, "--format", "merged", "--out", merged_dir])
+    run([tightfit, "eval", "--model", base_dir, "--adapter", run_dir, "--data", data, "--template", "plain",
+         "--seq-len", "64", "--logits-out", logits_file, "--logits-examples", str(len(TEXTS)), "--threads", "2"])
+
+    cfg = json.load(open(os.path.join(peft_dir, "adapter_config.json")))
+    weights = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    b_norms = [float(t.norm()) for k, t in weights.items() if "lora_B" in k]
+    zero_b = sum(1 for n in b_norms if n == 0.0)
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base_logits = {}
+    tf = load_file(logits_file)
+    n = sum(1 for k in tf if k.startswith("logits."))
+    for i in range(n):
+        base_logits[i] = hf_logits(base, tf[f"input_ids.{i}"].tolist())
+    peft_model = PeftModel.from_pretrained(base, peft_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+
+    worst = {"peft": 0.0, "peft delta": 0.0, "merged": 0.0}
+    effect = 0.0
+    for i in range(n):
+        ids = tf[f"input_ids.{i}"].tolist()
+        want = tf[f"logits.{i}"].float()
+        got = hf_logits(peft_model, ids)
+        worst["peft"] = max(worst["peft"], rel(want, got))
+        worst["peft delta"] = max(worst["peft delta"], rel(want - base_logits[i], got - base_logits[i]))
+        worst["merged"] = max(worst["merged"], rel(want, hf_logits(merged, ids)))
+        effect = max(effect, rel(got, base_logits[i]))
+    print(f"[{name}] adapter_config: r={cfg['r']} lora_alpha={cfg['lora_alpha']} use_rslora={cfg.get('use_rslora')} "
+          f"targets={sorted(cfg['target_modules'])}; {len(b_norms)} lora_B tensors, {zero_b} all-zero; "
+          f"adapter changes logits by up to {effect:.3e} (relative)")
+    return name, n, zero_b, effect, worst
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tightfit")
+    ap.add_argument("--keep", help="keep the work files in this directory instead of a temporary one")
+    args = ap.parse_args()
+    tightfit = find_tightfit(args.tightfit)
+
+    import peft
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"tightfit {tightfit}")
+    work = args.keep or tempfile.mkdtemp(prefix="check_peft_")
+    if args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+    failures = []
+    try:
+        base_dir = os.path.join(work, "base")
+        data = os.path.join(work, "data.jsonl")
+        run([tightfit, "init", "--config", "tiny", "--out", base_dir, "--seed", "7"])
+        with open(data, "w") as f:
+            for t in TEXTS:
+                f.write(json.dumps({"text": t}) + "\n")
+
+        # transformers must load the random model and its tokenizer as they are written.
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(base_dir)
+
+        rows = [check_variant(tightfit, work, base_dir, data, rs) for rs in (False, True)]
+
+        # tightfit's ids for a text record are the text's then EOS; the HF tokenizer must agree.
+        tf = load_file(os.path.join(work, "logits-lora.safetensors"))
+        tok_mismatch = 0
+        for i, t in enumerate(TEXTS):
+            ids = tf[f"input_ids.{i}"].tolist()
+            hf_ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            if ids != hf_ids:
+                tok_mismatch += 1
+                print(f"tokenizer mismatch on {json.dumps(t)}: tightfit {ids[:12]}... HF {hf_ids[:12]}...")
+        if tok_mismatch:
+            failures.append(f"{tok_mismatch} tokenizations differ")
+
+        print(f"\n{'variant':<8} {'ex':>3} {'zero B':>6} {'effect':>10} {'peft rel':>10} {'delta rel':>10} "
+              f"{'merged rel':>10}  result")
+        for name, n, zero_b, effect, worst in rows:
+            ok = zero_b == 0 and all(v <= TOL for v in worst.values())
+            if not ok:
+                failures.append(name)
+            print(f"{name:<8} {n:>3} {zero_b:>6} {effect:>10.3e} {worst['peft']:>10.3e} {worst['peft delta']:>10.3e} "
+                  f"{worst['merged']:>10.3e}  {'pass' if ok else 'FAIL'}")
+        print(f"tokenizer: {len(TEXTS) - tok_mismatch} of {len(TEXTS)} texts tokenize as in transformers")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\nPASS" if not failures else f"\nFAIL: {', '.join(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
