@@ -29,6 +29,49 @@ inline bool attention_allowed(const int32_t* doc, int64_t i, int64_t j) {
   return j <= i && (doc == nullptr || doc[j] == doc[i]);
 }
 
+// The largest score of a softmax row and the sum of exp(score - max) over the row.
+template <typename T>
+struct SoftmaxRow {
+  T max, sum;
+};
+
+// One softmax row: p[j] = exp(scale * qi . k_j - max) for each key j <= i that query position i
+// may attend to, with k_j = keys + j * key_row; p[j] of other keys is left as it was. Every
+// reference computes its rows here.
+template <typename T>
+SoftmaxRow<T> softmax_numerators(T* p, const T* qi, const T* keys, int64_t key_row, const int32_t* doc,
+                                 int64_t i, int64_t D, float scale) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j <= i; ++j) {
+    if (!attention_allowed(doc, i, j)) continue;
+    const T* kj = keys + j * key_row;
+    T dot = 0;
+    for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
+    p[size_t(j)] = T(scale) * dot;
+    m = std::max(m, p[size_t(j)]);
+  }
+  T sum = 0;
+  for (int64_t j = 0; j <= i; ++j) {
+    if (!attention_allowed(doc, i, j)) continue;
+    p[size_t(j)] = std::exp(p[size_t(j)] - m);
+    sum += p[size_t(j)];
+  }
+  return {m, sum};
+}
+
+// oi = sum_j p[j] / sum * v_j over the keys j <= i that query position i may attend to, with
+// v_j = values + j * value_row.
+template <typename T>
+void weighted_values(T* oi, const T* p, T sum, const T* values, int64_t value_row, const int32_t* doc,
+                     int64_t i, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) oi[d] = 0;
+  for (int64_t j = 0; j <= i; ++j) {
+    if (!attention_allowed(doc, i, j)) continue;
+    const T* vj = values + j * value_row;
+    for (int64_t d = 0; d < D; ++d) oi[d] += p[size_t(j)] / sum * vj[d];
+  }
+}
+
 template <typename T>
 void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const int32_t* doc_ids,
                        const AttentionShape& s) {
@@ -42,29 +85,11 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
       const int64_t g = h / group;
       for (int64_t i = 0; i < S; ++i) {
         const T* qi = q + ((b * S + i) * H + h) * D;
-        T m = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
-          const T* kj = k + ((b * S + j) * KV + g) * D;
-          T dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
-          p[size_t(j)] = T(s.scale) * dot;
-          m = std::max(m, p[size_t(j)]);
-        }
-        T sum = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
-          p[size_t(j)] = std::exp(p[size_t(j)] - m);
-          sum += p[size_t(j)];
-        }
-        T* oi = out + ((b * S + i) * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) oi[d] = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
-          const T* vj = v + ((b * S + j) * KV + g) * D;
-          for (int64_t d = 0; d < D; ++d) oi[d] += p[size_t(j)] / sum * vj[d];
-        }
-        lse[(b * S + i) * H + h] = m + std::log(sum);
+        const SoftmaxRow<T> row =
+            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, D, s.scale);
+        weighted_values(out + ((b * S + i) * H + h) * D, p.data(), row.sum, v + (b * S * KV + g) * D, KV * D,
+                        doc, i, D);
+        lse[(b * S + i) * H + h] = row.max + std::log(row.sum);
       }
     }
   }
@@ -87,21 +112,8 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
       for (int64_t i = 0; i < S; ++i) {
         const T* qi = q + ((b * S + i) * H + h) * D;
         const T* doi = d_out + ((b * S + i) * H + h) * D;
-        T m = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
-          const T* kj = k + ((b * S + j) * KV + g) * D;
-          T dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
-          p[size_t(j)] = T(s.scale) * dot;
-          m = std::max(m, p[size_t(j)]);
-        }
-        T sum = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
-          p[size_t(j)] = std::exp(p[size_t(j)] - m);
-          sum += p[size_t(j)];
-        }
+        const T sum =
+            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, D, s.scale).sum;
         T row_dot = 0;
         for (int64_t j = 0; j <= i; ++j) {
           if (!attention_allowed(doc, i, j)) continue;
@@ -140,9 +152,9 @@ inline void check_attention_cached_shape(int64_t n_past, int64_t n_new, int n_he
            ") must be a positive multiple of n_kv_heads (", n_kv_heads, ")");
 }
 
-// Query i runs the loops of attention_forward's row n_past + i, in the same order, with the cache
-// rows as that sequence's keys and values: on a cache holding a sequence's k and v the two
-// references agree bit for bit, which the tests use to pin the cached indexing to the training op.
+// Query i is attention_forward's row n_past + i, computed by the same helpers with the cache rows as
+// that sequence's keys and values: on a cache holding a sequence's k and v the two references
+// agree bit for bit, which the tests use to pin the cached indexing to the training op.
 template <typename T>
 void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, int64_t n_past,
                               int64_t n_new, int n_heads, int n_kv_heads, int head_dim, float scale) {
@@ -155,25 +167,8 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
     for (int64_t i = 0; i < n_new; ++i) {
       const int64_t pos = n_past + i;
       const T* qi = q + (i * H + h) * D;
-      T m = -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j <= pos; ++j) {
-        const T* kj = k_cache + (j * KV + g) * D;
-        T dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
-        p[size_t(j)] = T(scale) * dot;
-        m = std::max(m, p[size_t(j)]);
-      }
-      T sum = 0;
-      for (int64_t j = 0; j <= pos; ++j) {
-        p[size_t(j)] = std::exp(p[size_t(j)] - m);
-        sum += p[size_t(j)];
-      }
-      T* oi = out + (i * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) oi[d] = 0;
-      for (int64_t j = 0; j <= pos; ++j) {
-        const T* vj = v_cache + (j * KV + g) * D;
-        for (int64_t d = 0; d < D; ++d) oi[d] += p[size_t(j)] / sum * vj[d];
-      }
+      const T sum = softmax_numerators(p.data(), qi, k_cache + g * D, KV * D, nullptr, pos, D, scale).sum;
+      weighted_values(out + (i * H + h) * D, p.data(), sum, v_cache + g * D, KV * D, nullptr, pos, D);
     }
   }
 }
