@@ -1,4 +1,5 @@
-// defines: tiny model configs and synthetic batches shared by model and training tests
+// defines: tiny model configs, synthetic batches and random LoRA parameters shared by model,
+// training and adapter tests
 #pragma once
 
 #include <vector>
@@ -20,6 +21,13 @@ inline LlamaConfig tiny_config(int vocab = 64) {
   c.rope.head_dim = 8;
   c.max_positions = 256;
   return c;
+}
+
+// Seeded normal values times scale in every LoRA parameter: LoRA's own init leaves B at zero,
+// which would hide a wrong B in an export, an import or a merge.
+inline void fill_lora_params(LoraState& s, uint64_t seed, uint64_t stream, float scale = 1.0f) {
+  const Philox rng(seed, stream);
+  for (int64_t i = 0; i < s.n_params; ++i) s.param_data()[i] = scale * rng.normal(uint64_t(i));
 }
 
 // Owns the arrays a Batch points into.

@@ -1,34 +1,22 @@
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 #include "src/core/rng.h"
 #include "src/train/checkpoint.h"
 #include "tests/model_test_util.h"
+#include "tests/test_util.h"
 
 namespace tf {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A fresh run directory per test, removed afterwards.
-struct TempRun {
-  fs::path dir;
-  TempRun() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::temp_directory_path() / ("tf-ckpt-" + std::to_string(::getpid()) + "-" + info->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempRun() { fs::remove_all(dir); }
-  std::string str() const { return dir.string(); }
-};
+using test::error_of;
+using test::TempDir;
 
 LoraConfig lora_cfg(int rank = 4, uint32_t targets = (1u << kLoraTargetCount) - 1) {
   LoraConfig c;
@@ -68,17 +56,8 @@ TrainerState trainer_at(int64_t step) {
   return TrainerState{step, step - 1, 1, 0};
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 TEST(Checkpoint, RoundTripIsBitExact) {
-  TempRun run;
+  TempDir run;
   const LlamaConfig model = test::tiny_config();
   LoraState saved(model, lora_cfg());
   fill(saved, 1);
@@ -106,7 +85,7 @@ TEST(Checkpoint, RoundTripIsBitExact) {
 }
 
 TEST(Checkpoint, KeepsTheNewest) {
-  TempRun run;
+  TempDir run;
   LoraState s(test::tiny_config(), lora_cfg());
   for (int64_t step : {10, 20, 30, 40}) {
     fill(s, uint64_t(step));
@@ -128,7 +107,7 @@ TEST(Checkpoint, KeepsTheNewest) {
 }
 
 TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
-  TempRun run;
+  TempDir run;
   const LlamaConfig model = test::tiny_config();
   LoraState good(model, lora_cfg());
   fill(good, 1);
@@ -183,7 +162,7 @@ TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
 }
 
 TEST(Checkpoint, ConfigChangeIsRefusedNamingTheOption) {
-  TempRun run;
+  TempDir run;
   const LlamaConfig model = test::tiny_config();
   LoraState s(model, lora_cfg());
   fill(s, 1);
@@ -205,7 +184,7 @@ TEST(Checkpoint, ConfigChangeIsRefusedNamingTheOption) {
 }
 
 TEST(Checkpoint, LayoutChangeIsRefused) {
-  TempRun run;
+  TempDir run;
   const LlamaConfig model = test::tiny_config();
   LoraState s(model, lora_cfg(4));
   fill(s, 1);
@@ -235,7 +214,7 @@ TEST(Checkpoint, LayoutChangeIsRefused) {
 }
 
 TEST(Checkpoint, BadInputsAreRefused) {
-  TempRun run;
+  TempDir run;
   LoraState s(test::tiny_config(), lora_cfg());
   CheckpointMeta bad = meta();
   bad.data_cursor = "{not json";

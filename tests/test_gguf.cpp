@@ -15,6 +15,7 @@
 #include "src/core/error.h"
 #include "src/io/gguf.h"
 #include "src/io/gguf_model.h"
+#include "tests/test_util.h"
 
 namespace tf::io {
 namespace {
@@ -134,24 +135,16 @@ TEST(Gguf, ReadsEveryValueTypeFromGgufPyFixture) {
 
 TEST(Gguf, GettersNameFileKeyAndProblem) {
   const GgufFile f = GgufFile::open(kFixture);
-  const auto msg = [](const std::function<void()>& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
-  std::string m = msg([&] { f.get_u32("test.i32"); });
+  std::string m = test::error_of([&] { f.get_u32("test.i32"); });
   EXPECT_NE(m.find(kFixture), std::string::npos) << m;
   EXPECT_NE(m.find("'test.i32' has type i32, expected u32"), std::string::npos) << m;
-  m = msg([&] { f.get_u32("no.such.key"); });
+  m = test::error_of([&] { f.get_u32("no.such.key"); });
   EXPECT_NE(m.find("'no.such.key' is missing"), std::string::npos) << m;
-  m = msg([&] { f.get_string_array("test.array_i32"); });
+  m = test::error_of([&] { f.get_string_array("test.array_i32"); });
   EXPECT_NE(m.find("array of i32, expected an array of string"), std::string::npos) << m;
-  m = msg([&] { f.tensor("nope.weight"); });
+  m = test::error_of([&] { f.tensor("nope.weight"); });
   EXPECT_NE(m.find("tensor 'nope.weight' is not in the file"), std::string::npos) << m;
-  m = msg([&] { f.get_int("test.string"); });
+  m = test::error_of([&] { f.get_int("test.string"); });
   EXPECT_NE(m.find("expected an integer"), std::string::npos) << m;
 }
 

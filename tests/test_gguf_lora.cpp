@@ -3,7 +3,6 @@
 // folded into alpha, B's q/k rows permuted only for an HF llama base) round-tripping through
 // GgufFile and import_gguf_lora, and the importer's refusals of malformed adapters.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -17,31 +16,14 @@
 #include "src/io/gguf.h"
 #include "src/io/gguf_lora.h"
 #include "tests/model_test_util.h"
+#include "tests/test_util.h"
 
 namespace tf::io {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::temp_directory_path() / ("tf-gguf-lora-" + std::to_string(::getpid()) + "-" + info->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() { fs::remove_all(dir); }
-};
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
+using test::TempDir;
 
 constexpr uint32_t kQKVDown = (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::K)) |
                               (1u << int(LoraTarget::V)) | (1u << int(LoraTarget::Down));
@@ -53,8 +35,7 @@ LoraState random_lora(const LlamaConfig& model, bool rslora, uint64_t seed) {
   c.rslora = rslora;
   c.targets = kQKVDown;
   LoraState s(model, c);
-  const Philox rng(seed, 7);
-  for (int64_t i = 0; i < s.n_params; ++i) s.param_data()[i] = rng.normal(uint64_t(i));
+  test::fill_lora_params(s, seed, 7);
   return s;
 }
 

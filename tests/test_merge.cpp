@@ -4,7 +4,6 @@
 // merged GGUF export (metadata copied, untouched tensors byte-identical, merged q/k in GGUF row
 // order, a quantized tensor merged as F32) read back by GgufFile.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -24,22 +23,13 @@
 #include "src/model/llama.h"
 #include "tests/model_test_util.h"
 #include "tests/op_test_util.h"
+#include "tests/test_util.h"
 
 namespace tf::io {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::temp_directory_path() / ("tf-merge-" + std::to_string(::getpid()) + "-" + info->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() { fs::remove_all(dir); }
-};
+using test::TempDir;
 
 std::string slurp(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -52,11 +42,6 @@ LoraConfig lora_config() {
   c.alpha = 8.0f;
   c.rslora = true;  // scale 8 / sqrt(4) = 4, not alpha / r = 2: a wrong scale shows
   return c;
-}
-
-void randomize(LoraState& s, uint64_t seed) {
-  const Philox rng(seed, 5);
-  for (int64_t i = 0; i < s.n_params; ++i) s.param_data()[i] = 0.1f * rng.normal(uint64_t(i));
 }
 
 std::vector<float> logits_of(LlamaModel& m, const test::BatchData& data) {
@@ -100,7 +85,7 @@ TEST(MergedHf, LogitsEqualTheAdaptedModelAndShardsReadBack) {
   const LlamaConfig cfg = test::tiny_config();
   const test::BatchData data = test::synthetic_batch(2, 12, cfg.vocab, 3);
   LlamaModel adapted(init_random_weights(cfg, DType::F32, 7), lora_config(), CheckpointPolicy::None, 24);
-  randomize(adapted.lora(), 1);
+  test::fill_lora_params(adapted.lora(), 1, 5, 0.1f);
   const std::vector<float> want = logits_of(adapted, data);
 
   const fs::path one = tmp.dir / "merged", sharded = tmp.dir / "sharded";
@@ -171,7 +156,7 @@ TEST(MergedHf, KeepsBf16AndCopiesConfigAndTokenizerFromTheBase) {
 
   const LlamaWeights base = load_hf_model(base_dir.string());
   LoraState lora(cfg, lora_config());
-  randomize(lora, 2);
+  test::fill_lora_params(lora, 2, 5, 0.1f);
   const fs::path out = tmp.dir / "merged";
   export_merged_hf(out.string(), base, lora, {base_dir.string()});
   EXPECT_EQ(slurp(out / "config.json"), slurp(base_dir / "config.json"));
@@ -232,7 +217,7 @@ TEST(MergedHf, GgufOrderedBaseComesOutInHfOrder) {
   const LlamaConfig cfg = test::tiny_config();
   const LlamaWeights hf = init_random_weights(cfg, DType::F32, 4);
   LoraState lora(cfg, lora_config());
-  randomize(lora, 3);
+  test::fill_lora_params(lora, 3, 5, 0.1f);
   const GgufOrdered g = to_gguf_order(hf, lora);
 
   export_merged_hf((tmp.dir / "from_hf").string(), hf, lora);
@@ -341,7 +326,7 @@ TEST(MergedGguf, CopiesMetadataAndUntouchedTensorsAndMergesInGgufOrder) {
   LoraConfig lc = lora_config();
   lc.targets = (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V)) | (1u << int(LoraTarget::Down));
   LoraState lora(cfg, lc);  // in HF row order: trained on the HF original
-  randomize(lora, 6);
+  test::fill_lora_params(lora, 6, 5, 0.1f);
   const std::string out = (tmp.dir / "merged.gguf").string();
   export_merged_gguf(out, base, lora, RopeLayout::SplitHalf);
 

@@ -1,5 +1,4 @@
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -9,27 +8,18 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
-#include "src/core/rng.h"
 #include "src/io/peft.h"
 #include "src/io/safetensors.h"
 #include "tests/model_test_util.h"
+#include "tests/test_util.h"
 
 namespace tf::io {
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-struct TempDir {
-  fs::path dir;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::temp_directory_path() / ("tf-peft-" + std::to_string(::getpid()) + "-" + info->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~TempDir() { fs::remove_all(dir); }
-};
+using test::error_of;
+using test::TempDir;
 
 constexpr uint32_t kQVDown =
     (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V)) | (1u << int(LoraTarget::Down));
@@ -42,8 +32,7 @@ LoraState make_lora(const LlamaConfig& model, uint64_t seed) {
   c.dropout = 0.05f;
   c.targets = kQVDown;
   LoraState s(model, c);
-  const Philox rng(seed, 3);
-  for (int64_t i = 0; i < s.n_params; ++i) s.param_data()[i] = rng.normal(uint64_t(i));
+  test::fill_lora_params(s, seed, 3);
   return s;
 }
 
@@ -54,15 +43,6 @@ json read_json(const fs::path& p) {
 
 void write_json(const fs::path& p, const json& j) {
   std::ofstream(p, std::ios::trunc) << j.dump(2);
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 TEST(Peft, ExportWritesPeftNamesShapesAndConfig) {
