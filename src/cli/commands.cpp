@@ -1,5 +1,6 @@
 #include "src/cli/commands.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -42,19 +43,13 @@ std::string trim(std::string s) {
   return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
 }
 
-// The ids of a user turn rendered by the template, up to where the assistant's reply begins.
+// The ids of a conversation rendered by the template up to where the assistant's reply begins.
 std::vector<int32_t> chat_prompt_ids(const data::ChatTemplate& tmpl, const tok::Tokenizer& tok,
                                      const std::vector<data::Message>& messages) {
-  data::Example ex;
-  ex.shape = data::Example::Shape::Messages;
-  ex.messages = messages;
-  ex.messages.push_back({"assistant", ""});
-  std::vector<data::Segment> segs = data::render_example(tmpl, ex, tok.adds_bos());
-  // Drop the (empty) assistant reply and what follows it: the prompt ends where the model speaks.
-  while (!segs.empty() && segs.back().trainable) segs.pop_back();
   std::vector<int32_t> ids;
   std::vector<uint8_t> trainable;
-  data::tokenize_segments(segs, tok, true, SIZE_MAX, ids, trainable);
+  data::tokenize_segments(data::render_generation_prompt(tmpl, messages, tok.adds_bos()), tok, true, SIZE_MAX, ids,
+                          trainable);
   return ids;
 }
 

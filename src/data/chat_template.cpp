@@ -4,6 +4,7 @@
 // so do we, so that training sees exactly what inference will.
 #include "src/data/chat_template.h"
 
+#include <algorithm>
 #include <array>
 
 #include "src/core/error.h"
@@ -247,6 +248,20 @@ std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex,
     case TemplateKind::Mistral: return render_mistral(as_conversation(tmpl, ex));
   }
   TF_FAIL("internal: template kind ", int(tmpl.kind), " not handled");
+}
+
+std::vector<Segment> render_generation_prompt(const ChatTemplate& tmpl, const std::vector<Message>& messages,
+                                              bool tokenizer_adds_bos) {
+  Example ex;
+  ex.shape = Example::Shape::Messages;
+  ex.messages = messages;
+  ex.messages.push_back({"assistant", ""});
+  std::vector<Segment> segs = render_example(tmpl, ex, tokenizer_adds_bos);
+  // The empty reply is the last trainable segment; it and whatever closes the turn go.
+  const auto reply = std::find_if(segs.rbegin(), segs.rend(), [](const Segment& s) { return s.trainable; });
+  TF_CHECK(reply != segs.rend(), "template ", template_name(tmpl.kind), " rendered no assistant turn");
+  segs.erase(std::prev(reply.base()), segs.end());
+  return segs;
 }
 
 std::string segments_to_text(const std::vector<Segment>& segs, std::string_view bos, std::string_view eos) {

@@ -1,5 +1,6 @@
 // defines: tf::data::Example (one JSONL record in any of the four shapes), tf::data::ChatTemplate,
-// tf::data::Segment, template_by_name, detect_template, render_example, segments_to_text
+// tf::data::Segment, template_by_name, detect_template, render_example, render_generation_prompt,
+// segments_to_text
 #pragma once
 
 #include <cstddef>
@@ -60,6 +61,12 @@ ChatTemplate detect_template(std::string_view jinja, std::string_view source);
 // model's template does. Throws a tf::Error (without a location; the caller adds file:line) when the
 // example does not fit the template, e.g. Llama-2 and Mistral demand alternating user/assistant turns.
 std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos);
+
+// The prompt for generating the next assistant turn after `messages`: the conversation rendered up
+// to where the assistant's reply begins (its header included, nothing of the reply or the turn's
+// closing text), all segments untrainable.
+std::vector<Segment> render_generation_prompt(const ChatTemplate& tmpl, const std::vector<Message>& messages,
+                                              bool tokenizer_adds_bos);
 
 // The segments as one string with BOS/EOS spelled out, for display and tests.
 std::string segments_to_text(const std::vector<Segment>& segs, std::string_view bos, std::string_view eos);
