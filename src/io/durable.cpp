@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -21,11 +22,14 @@ std::string errno_text() {
   return std::strerror(errno);
 }
 
-void write_all(int fd, std::string_view content, const std::string& path) {
-  const char* p = content.data();
-  size_t n = content.size();
+// At most 1 GiB per call: Linux moves at most 2 GiB - 4 KiB per write() and some systems refuse
+// (EINVAL) a count above INT_MAX instead of writing part of it.
+constexpr size_t kMaxWriteChunk = size_t(1) << 30;
+
+void write_all(int fd, const void* data, size_t n, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
   while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
+    const ssize_t w = ::write(fd, p, std::min(n, kMaxWriteChunk));
     if (w < 0 && errno == EINTR) continue;
     TF_CHECK(w > 0, path, ": write failed: ", errno_text());
     p += w;
@@ -36,7 +40,7 @@ void write_all(int fd, std::string_view content, const std::string& path) {
 // Writes, fsyncs and closes; the descriptor is closed even when a step fails.
 void write_sync_close(int fd, std::string_view content, const std::string& path) {
   try {
-    write_all(fd, content, path);
+    write_all(fd, content.data(), content.size(), path);
     TF_CHECK(::fsync(fd) == 0, path, ": fsync failed: ", errno_text());
   } catch (...) {
     ::close(fd);
@@ -49,15 +53,79 @@ fs::path parent_of(const fs::path& p) {
   return p.has_parent_path() ? p.parent_path() : fs::path(".");
 }
 
-}  // namespace
-
-void fsync_dir(const std::string& dir) {
+// fsyncs `dir`; errors begin with `who`: the directory itself, or the file whose rename into it is
+// being made durable.
+void fsync_dir_for(const std::string& dir, const std::string& who) {
+  std::string what = "the directory";
+  if (who != dir) what.append(" ").append(dir);
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  TF_CHECK(fd >= 0, dir, ": cannot open the directory to fsync it: ", errno_text());
+  TF_CHECK(fd >= 0, who, ": cannot open ", what, " to fsync it: ", errno_text());
   const int rc = ::fsync(fd);
   const int err = errno;
   ::close(fd);
-  TF_CHECK(rc == 0, dir, ": fsync of the directory failed: ", std::strerror(err));
+  TF_CHECK(rc == 0, who, ": fsync of ", what, " failed: ", std::strerror(err));
+}
+
+}  // namespace
+
+void fsync_dir(const std::string& dir) {
+  fsync_dir_for(dir, dir);
+}
+
+AtomicFile::AtomicFile(const std::string& path) : path_(path) {
+  const fs::path target(path);
+  const fs::path dir = parent_of(target);
+  dir_ = dir.string();
+  // A hidden name, so listings of the directory never show the partial file as an output.
+  // Built by append: GCC 12 warns falsely (-Wrestrict) on "." + std::string.
+  std::string tmp = (dir / target.filename()).string();
+  tmp.insert(tmp.size() - target.filename().string().size(), ".");
+  tmp.append(".tmp.XXXXXX");
+  fd_ = ::mkstemp(tmp.data());
+  TF_CHECK(fd_ >= 0, path, ": cannot create a temporary file in ", dir_, ": ", errno_text());
+  tmp_ = std::move(tmp);
+  // mkstemp creates 0600; outputs (models, adapters, reports) are meant to be readable like any
+  // other file.
+  if (::fchmod(fd_, 0644) != 0) fail("cannot set permissions");
+}
+
+AtomicFile::~AtomicFile() {
+  discard();
+}
+
+void AtomicFile::write(const void* data, size_t n) {
+  TF_CHECK(fd_ >= 0, path_, ": written after commit() or after a failed step");
+  try {
+    write_all(fd_, data, n, path_);
+  } catch (...) {
+    discard();
+    throw;
+  }
+}
+
+void AtomicFile::commit() {
+  TF_CHECK(fd_ >= 0, path_, ": committed twice or after a failed step");
+  if (::fsync(fd_) != 0) fail("fsync failed");
+  const int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) fail("close failed");
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail("cannot rename the temporary file over it");
+  tmp_.clear();
+  // The rename is durable only once the directory entry is on disk.
+  fsync_dir_for(dir_, path_);
+}
+
+void AtomicFile::fail(const char* what) {
+  const std::string err = errno_text();
+  discard();
+  TF_FAIL(path_, ": ", what, ": ", err);
+}
+
+void AtomicFile::discard() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+  tmp_.clear();
 }
 
 void write_file_synced(const std::string& path, std::string_view content) {
@@ -67,31 +135,9 @@ void write_file_synced(const std::string& path, std::string_view content) {
 }
 
 void write_file_atomic(const std::string& path, std::string_view content) {
-  const fs::path target(path);
-  const fs::path dir = parent_of(target);
-  // Built by append: GCC 12 warns falsely (-Wrestrict) on "." + std::string.
-  std::string tmp = (dir / target.filename()).string();
-  tmp.insert(tmp.size() - target.filename().string().size(), ".");
-  tmp.append(".tmp.XXXXXX");
-  const int fd = ::mkstemp(tmp.data());
-  TF_CHECK(fd >= 0, path, ": cannot create a temporary file in ", dir.string(), ": ", errno_text());
-  try {
-    // mkstemp creates 0600; outputs are meant to be readable like any other file.
-    TF_CHECK(::fchmod(fd, 0644) == 0, path, ": cannot set permissions: ", errno_text());
-  } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  try {
-    write_sync_close(fd, content, path);
-    TF_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, path,
-             ": cannot rename the temporary file over it: ", errno_text());
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  fsync_dir(dir.string());
+  AtomicFile file(path);
+  file.write(content.data(), content.size());
+  file.commit();
 }
 
 void replace_dir(const std::string& staged, const std::string& target) {

@@ -1,11 +1,41 @@
-// defines: tf::io durable file helpers: write_file_atomic, write_file_synced, fsync_dir,
-//          replace_dir (crash-safe writes of small outputs and whole output directories)
+// defines: tf::io durable file helpers: AtomicFile, write_file_atomic, write_file_synced, fsync_dir,
+//          replace_dir (crash-safe writes of single files, streamed or whole, and of output
+//          directories)
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <string_view>
 
 namespace tf::io {
+
+// A file written to a temporary beside `path` and published by commit(): fsync, close, rename over
+// `path`, fsync the directory, so that a crash leaves either the old file or the complete new one.
+// Streamed, so outputs larger than memory (merged models) need no second copy. Destroyed without
+// commit(), or after a failure, the temporary is removed and `path` is untouched. The published
+// file is 0644. Errors are tf::Error naming `path` and the step that failed; after one, the file
+// accepts no further write() or commit().
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, size_t n);
+  void commit();
+
+ private:
+  // Discards the temporary and throws "<path>: <what>: <errno text>".
+  [[noreturn]] void fail(const char* what);
+  // Closes the descriptor and removes the temporary, if still there.
+  void discard() noexcept;
+
+  std::string path_;
+  std::string dir_;
+  std::string tmp_;  // empty once renamed or removed
+  int fd_ = -1;
+};
 
 // Writes `content` to `path` so that a crash leaves either the old file or the complete new one: a
 // temporary file beside it is written, fsync'ed and renamed over `path`, then the directory is

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -667,45 +666,14 @@ void GgufWriter::write(const std::string& path) const {
 
   // Streamed to a temporary file beside the target (merged models do not fit in memory twice),
   // fsync'ed and renamed over it, so a crash leaves the old file or the complete new one.
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
-  std::string tmp = path + ".tmp.XXXXXX";
-  const int fd = ::mkstemp(tmp.data());
-  if (fd < 0) TF_FAIL(path, ": cannot create a temporary file beside it: ", std::strerror(errno));
-  auto fail = [&](const char* what) {
-    const int err = errno;
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    TF_FAIL(path, ": ", what, ": ", std::strerror(err));
-  };
-  auto write_all = [&](const void* p, uint64_t n) {
-    const auto* b = static_cast<const uint8_t*>(p);
-    while (n > 0) {
-      const ssize_t w = ::write(fd, b, size_t(std::min<uint64_t>(n, uint64_t(1) << 30)));
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) fail("write failed");
-      b += w;
-      n -= uint64_t(w);
-    }
-  };
-  write_all(head.data(), head.size());
+  AtomicFile file(path);
+  file.write(head.data(), head.size());
   const std::vector<uint8_t> zeros(alignment_, 0);
   for (const PendingTensor& t : tensors_) {
-    write_all(t.data, t.n_bytes);
-    write_all(zeros.data(), align_up(t.n_bytes, alignment_) - t.n_bytes);
+    file.write(t.data, t.n_bytes);
+    file.write(zeros.data(), align_up(t.n_bytes, alignment_) - t.n_bytes);
   }
-  if (::fsync(fd) != 0) fail("fsync failed");
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    TF_FAIL(path, ": close failed: ", std::strerror(err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    TF_FAIL(path, ": cannot rename the temporary file into place: ", std::strerror(err));
-  }
-  fsync_dir(dir);
+  file.commit();
 }
 
 }  // namespace tf::io

@@ -17,6 +17,7 @@
 #include <unordered_set>
 
 #include "src/core/error.h"
+#include "src/io/durable.h"
 
 namespace tf::io {
 
@@ -192,28 +193,6 @@ std::string read_bounded_text_file(const std::string& path) {
   TF_CHECK(in.gcount() == std::streamsize(size), path, ": read ", in.gcount(), " of ", size, " bytes");
   return text;
 }
-
-void write_all(int fd, const void* data, size_t n, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    TF_CHECK(w > 0, path, ": write failed: ", errno_text());
-    p += w;
-    n -= size_t(w);
-  }
-}
-
-// The temporary file of an atomic write; removed unless the rename happened.
-struct TempFile {
-  std::string path;
-  int fd = -1;
-  bool renamed = false;
-  ~TempFile() {
-    if (fd >= 0) ::close(fd);
-    if (!renamed && !path.empty()) ::unlink(path.c_str());
-  }
-};
 
 }  // namespace
 
@@ -568,33 +547,11 @@ void write_safetensors(const std::string& path, std::span<const SafetensorsWrite
   std::byte len[8];
   for (int i = 0; i < 8; ++i) len[i] = std::byte((uint64_t(text.size()) >> (8 * i)) & 0xff);
 
-  const fs::path target(path);
-  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  TempFile tmp;
-  std::string templ = (dir / target.filename()).string();
-  templ.append(".tmp.XXXXXX");
-  tmp.fd = ::mkstemp(templ.data());
-  TF_CHECK(tmp.fd >= 0, path, ": cannot create a temporary file in ", dir.string(), ": ", errno_text());
-  tmp.path = templ;
-  // mkstemp creates 0600; a model or adapter file is meant to be readable like any other output.
-  TF_CHECK(::fchmod(tmp.fd, 0644) == 0, path, ": cannot set permissions: ", errno_text());
-  write_all(tmp.fd, len, sizeof(len), path);
-  write_all(tmp.fd, text.data(), text.size(), path);
-  for (size_t i : order) write_all(tmp.fd, tensors[i].bytes.data(), tensors[i].bytes.size(), path);
-  TF_CHECK(::fsync(tmp.fd) == 0, path, ": fsync failed: ", errno_text());
-  const int close_rc = ::close(tmp.fd);
-  tmp.fd = -1;
-  TF_CHECK(close_rc == 0, path, ": close failed: ", errno_text());
-  TF_CHECK(::rename(tmp.path.c_str(), path.c_str()) == 0, path, ": cannot rename the temporary file over it: ",
-           errno_text());
-  tmp.renamed = true;
-  // The rename is durable only once the directory entry is on disk.
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  TF_CHECK(dir_fd >= 0, path, ": cannot open its directory to fsync it: ", errno_text());
-  const int sync_rc = ::fsync(dir_fd);
-  const int sync_errno = errno;
-  ::close(dir_fd);
-  TF_CHECK(sync_rc == 0, path, ": fsync of its directory failed: ", std::strerror(sync_errno));
+  AtomicFile file(path);
+  file.write(len, sizeof(len));
+  file.write(text.data(), text.size());
+  for (size_t i : order) file.write(tensors[i].bytes.data(), tensors[i].bytes.size());
+  file.commit();
 }
 
 }  // namespace tf::io
