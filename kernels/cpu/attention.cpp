@@ -142,17 +142,24 @@ void mask_scores(float* S, const int32_t* doc, const Tile& t) {
   }
 }
 
-// Per-thread scratch, carved from one tracked allocation made per call.
+// Scratch of the calling thread, kept across calls and grown on demand (one buffer per purpose), so
+// the training step does not allocate in every attention call.
+enum ScratchSlot { kSlotTiles, kSlotDelta, kSlotCached, kSlotCount };
+float* scratch_floats(ScratchSlot slot, size_t floats) {
+  thread_local Buffer buffers[kSlotCount];
+  return static_cast<float*>(grow_scratch(buffers[slot], floats * sizeof(float)));
+}
+
+// Per-thread tiles for the threads of one parallel region, carved from the caller's scratch.
 class Scratch {
  public:
   Scratch(size_t floats_per_thread, int n_threads)
-      : stride_((floats_per_thread + 15) / 16 * 16),
-        buf_(stride_ * size_t(n_threads) * sizeof(float), MemTag::Workspace, /*zero=*/false) {}
-  float* thread(int t) { return buf_.as<float>() + stride_ * size_t(t); }
+      : stride_((floats_per_thread + 15) / 16 * 16), base_(scratch_floats(kSlotTiles, stride_ * size_t(n_threads))) {}
+  float* thread(int t) { return base_ + stride_ * size_t(t); }
 
  private:
   size_t stride_;
-  Buffer buf_;
+  float* base_;
 };
 
 int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
@@ -317,8 +324,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   const int n_threads = omp_get_max_threads();
 
   // delta[t, h] = dO . O, the row sums of P * dP that the softmax backward subtracts.
-  Buffer delta_buf(size_t(n_tokens * g.n_heads) * sizeof(float), MemTag::Workspace, /*zero=*/false);
-  float* delta = delta_buf.as<float>();
+  float* delta = scratch_floats(kSlotDelta, size_t(n_tokens * g.n_heads));
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n_tokens * g.n_heads; ++i) {
     const float* o = out + i * D;
@@ -422,15 +428,6 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
 // thread count.
 namespace {
 
-// Per-thread scratch kept across calls: a decoding loop calls this op once per layer per token,
-// and a fresh allocation each time would cost more than the attention of a short context.
-float* cached_scratch(size_t floats) {
-  thread_local Buffer buf;
-  if (buf.bytes() < floats * sizeof(float))
-    buf = Buffer(floats * sizeof(float), MemTag::Workspace, /*zero=*/false);
-  return buf.as<float>();
-}
-
 // S[r][c] = scale * A_r . K_c for n_rows rows of A (stride a_row) against nk key rows (stride
 // k_row), read in place. For few query positions per task (decoding) this beats tile_scores: it
 // skips the strided transpose of every key tile (measured 1.5x faster for one token against 4096
@@ -468,7 +465,7 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
   const int64_t n_tasks = KV * n_slices * n_qb;
   const int64_t max_rows = heads_per_task * nq_max;
   // Kt [D][kBlockK], S [rows][kBlockK], then the online softmax state of the rows.
-  const size_t scratch_floats = size_t(D * kBlockK + max_rows * kBlockK) + OnlineSoftmax::floats(max_rows, D);
+  const size_t scratch_size = size_t(D * kBlockK + max_rows * kBlockK) + OnlineSoftmax::floats(max_rows, D);
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < n_tasks; ++task) {
@@ -483,7 +480,7 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
     // Fewer than one 4-row block of tile_scores per head: score keys in place.
     const bool in_place = nq < 4;
 
-    float* Kt = cached_scratch(scratch_floats);
+    float* Kt = scratch_floats(kSlotCached, scratch_size);
     float* S = Kt + D * kBlockK;
     OnlineSoftmax acc(S + max_rows * kBlockK, max_rows, D);
     acc.reset(rows);

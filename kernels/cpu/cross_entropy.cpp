@@ -21,8 +21,9 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
   const int64_t dim = W.cols;
   ref::check_targets(targets, n_tokens, vocab);
   const int64_t chunk = std::min(n_tokens, kChunkRows);
-  Buffer logits_buffer(size_t(chunk * vocab) * sizeof(float), MemTag::Workspace, false);
-  float* logits = logits_buffer.as<float>();
+  // Kept per calling thread across calls: the training step runs this once per micro-batch.
+  thread_local Buffer logits_buffer;
+  auto* logits = static_cast<float*>(grow_scratch(logits_buffer, size_t(chunk * vocab) * sizeof(float)));
   const MatOperand w_transposed{W.data, W.dtype, dim, true};
   const MatOperand w{W.data, W.dtype, dim, false};
   double loss = 0;

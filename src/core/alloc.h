@@ -66,4 +66,12 @@ class Buffer {
   MemTag tag_ = MemTag::Workspace;
 };
 
+// Grows `b` to at least `bytes` (contents not kept) and returns its data. Ops called in a hot loop
+// keep such a buffer per calling thread, so they allocate when a larger size first appears rather
+// than on every call.
+inline void* grow_scratch(Buffer& b, size_t bytes) {
+  if (b.bytes() < bytes) b = Buffer(bytes, MemTag::Workspace, /*zero=*/false);
+  return b.data();
+}
+
 }  // namespace tf
