@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages tightfit builds against (DESIGN.md section 9). Idempotent; needs root.
 set -euo pipefail
-packages=(build-essential cmake ninja-build ccache pkg-config libopenblas-dev nlohmann-json3-dev libcli11-dev
+packages=(build-essential cmake ninja-build ccache pkg-config libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev libsentencepiece-dev libpcre2-dev liburing-dev clang python3)
 missing=()
 for p in "${packages[@]}"; do
