@@ -7,6 +7,7 @@
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
+#include "src/core/parallel.h"
 
 namespace tf {
 
@@ -18,7 +19,7 @@ MatOperand weight_mat(const WeightRef& w, bool trans) { return {w.data, w.dtype,
 void zero(float* p, int64_t n) { std::memset(p, 0, size_t(n) * sizeof(float)); }
 
 void add_into(float* y, const float* x, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
@@ -33,7 +34,7 @@ float weight_at(const WeightRef& w, int64_t i) {
 }
 
 void add_bias(float* y, const WeightRef& bias, int64_t n, int64_t width) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (n * width >= kMinParallelElems) schedule(static)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < width; ++j) y[i * width + j] += weight_at(bias, j);
 }

@@ -5,6 +5,7 @@
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
+#include "src/core/parallel.h"
 #include "src/core/rng.h"
 
 namespace tf {
@@ -73,7 +74,7 @@ void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
   const Philox rng(seed, kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target));
   const float keep_scale = 1.0f / (1.0f - p);
   const int64_t total = n * in;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (total >= kMinParallelElems) schedule(static)
   for (int64_t i = 0; i < total; ++i) out[i] = rng.uniform(uint64_t(i)) < p ? 0.0f : x[i] * keep_scale;
 }
 
@@ -114,7 +115,7 @@ void lora_backward(float* dx, const float* dy, const float* x, const float* t, L
   cpu::matmul(xd, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 0.0f);
   drop.apply(xd, xd, n, a.in);
   const int64_t total = n * a.in;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (total >= kMinParallelElems) schedule(static)
   for (int64_t i = 0; i < total; ++i) dx[i] += xd[i];
 }
 
