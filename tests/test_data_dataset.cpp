@@ -258,6 +258,30 @@ TEST(DataTokenize, LossMasksCoverExactlyTheResponses) {
   EXPECT_EQ(std::count(ids.begin(), ids.end(), tk.bos_id()), 2);
 }
 
+// Whatever seq_len truncates to, the kept tokens carry the same ids and mask as without truncation:
+// the limit only decides where the example ends.
+TEST(DataTokenize, MaskDoesNotDependOnSeqLen) {
+  const tok::Tokenizer tk = test_tokenizer();
+  Dataset ds = in_memory("mem.jsonl", {messages_example()});
+  for (const char* name : {"chatml", "llama3", "llama2", "mistral"}) {
+    const TokenizedDataset whole = tokenize_dataset(ds, template_by_name(name), tk, {.seq_len = 4096});
+    const auto ids = whole.example_ids(0);
+    const auto mask = whole.example_trainable(0);
+    for (size_t len = ids.size() + 2; len >= 2; --len) {
+      bool trainable_left = false;  // within the first len tokens (a token predicted by another)
+      for (size_t i = 1; i < std::min(len, ids.size()); ++i) trainable_left |= mask[i] != 0;
+      if (!trainable_left) continue;
+      const TokenizedDataset cut = tokenize_dataset(ds, template_by_name(name), tk, {.seq_len = len});
+      const size_t n = std::min(len, ids.size());
+      ASSERT_EQ(cut.length(0), n) << name << " seq_len " << len;
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(cut.example_ids(0)[i], ids[i]) << name << " seq_len " << len << " token " << i;
+        ASSERT_EQ(cut.example_trainable(0)[i], mask[i]) << name << " seq_len " << len << " token " << i;
+      }
+    }
+  }
+}
+
 TEST(DataTokenize, PromptCompletionAndTextMasks) {
   const tok::Tokenizer tk = test_tokenizer();
   Example pc;

@@ -217,10 +217,12 @@ void tokenize_segments(const std::vector<Segment>& segs, const tok::Tokenizer& t
       ends.push_back(text.size());
     }
     const std::vector<int32_t> full = tok.encode(text, plain);
+    const size_t run_start = ids.size();
     size_t from = 0;
     for (size_t k = s; k <= e; ++k) {
       size_t to = full.size();
-      if (k < e && ids.size() + from < max_tokens)
+      // Past max_tokens the boundary no longer matters (the rest is truncated away).
+      if (k < e && run_start + from < max_tokens)
         to = std::max(from,
                       common_prefix(tok.encode(std::string_view(text).substr(0, ends[k - s]), plain), full));
       for (size_t i = from; i < to; ++i) push(full[i], segs[k].trainable);
