@@ -27,22 +27,26 @@ namespace {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Best-of-3 sgemm rate over the GEMM shapes one training step runs (tokens x in -> out).
+// sgemm rate over the GEMM shapes one training step runs: tokens x in -> out forward (B
+// transposed, as nn.Linear) and the input gradient tokens x out -> in (B plain), each the best of
+// 5 calls so that thread start-up and first-touch paging are not counted against the baseline.
 double measure_sgemm_gflops(int64_t tokens, const LlamaConfig& c) {
   const int64_t shapes[][2] = {{c.hidden, c.q_dim()}, {c.hidden, c.intermediate}, {c.intermediate, c.hidden}};
   double flops = 0, secs = 0;
   for (const auto& s : shapes) {
-    const int64_t K = s[0], N = s[1];
-    std::vector<float> A(size_t(tokens * K), 0.01f), B(size_t(N * K), 0.02f), C(size_t(tokens * N));
-    double best = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
-      const auto t0 = Clock::now();
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(tokens), int(N), int(K), 1.0f, A.data(), int(K),
-                  B.data(), int(K), 0.0f, C.data(), int(N));
-      best = std::min(best, seconds_since(t0));
+    for (const bool forward : {true, false}) {
+      const int64_t K = forward ? s[0] : s[1], N = forward ? s[1] : s[0];
+      std::vector<float> A(size_t(tokens * K), 0.01f), B(size_t(N * K), 0.02f), C(size_t(tokens * N));
+      double best = 1e30;
+      for (int rep = 0; rep < 5; ++rep) {
+        const auto t0 = Clock::now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, forward ? CblasTrans : CblasNoTrans, int(tokens), int(N), int(K),
+                    1.0f, A.data(), int(K), B.data(), forward ? int(K) : int(N), 0.0f, C.data(), int(N));
+        best = std::min(best, seconds_since(t0));
+      }
+      flops += 2.0 * double(tokens) * double(N) * double(K);
+      secs += best;
     }
-    flops += 2.0 * double(tokens) * double(N) * double(K);
-    secs += best;
   }
   return flops / secs / 1e9;
 }
