@@ -25,18 +25,16 @@ Exits 1 on any mismatch and prints a table of the errors.
 """
 
 import argparse
-import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 import torch
 from safetensors.torch import load_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from interop_common import find_tightfit, run
 TOL = 1e-4
 
 TEXTS = [
@@ -49,22 +47,6 @@ TEXTS = [
     "Numbers: 3.14159, 2.71828, 1.41421, 1.73205.",
     "The end of the data, with a newline\nin the middle.",
 ]
-
-
-def find_tightfit(arg):
-    if arg:
-        return arg
-    found = sorted(glob.glob(os.path.join(REPO, "build*", "tightfit")), key=os.path.getmtime, reverse=True)
-    if not found:
-        sys.exit("error: no tightfit binary found; build it and pass --tightfit")
-    return found[0]
-
-
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd)} exited {r.returncode}:\n{r.stdout}{r.stderr}")
-    return r.stdout
 
 
 def rel(a, b):
