@@ -25,7 +25,10 @@ compares the generated texts exactly. On a mismatch it reports the first divergi
 llama.cpp's top-2 logit margin there and tightfit's own top-2 at the same position (from
 `tightfit eval --logits-out` on the common prefix), so a near-tie (llama.cpp quantizes activations to
 Q8_1 for its Q4_1 matmuls; tightfit dequantizes weights and computes in f32) can be told apart from a
-real bug. Exits 1 if any prompt differs or the prompt tokenizations differ.
+real bug. A divergence counts as a near-tie, not a failure, when the prompt ids agree and llama.cpp's
+top-2 margin at the diverging token is at most twice the largest logit difference between the two
+implementations measured on the prompt positions (where both see identical ids): only then can
+that noise flip the order. Exits 1 if a prompt differs otherwise or the prompt tokenizations differ.
 """
 
 import argparse
@@ -72,9 +75,11 @@ def top2(row):
 
 
 def llama_greedy(llm, prompt_ids, n, eos):
-    """Pure greedy decoding on llama.cpp's logits; returns tokens and each step's top-2 margin."""
+    """Pure greedy decoding on llama.cpp's logits; returns tokens, each step's top-2 margin and the
+    logits of the prompt positions."""
     llm.reset()
     llm.eval(prompt_ids)
+    prompt_logits = np.array(llm.scores[: len(prompt_ids)], dtype=np.float32)
     toks, margins = [], []
     for _ in range(n):
         row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
@@ -84,7 +89,7 @@ def llama_greedy(llm, prompt_ids, n, eos):
         if best == eos:
             break
         llm.eval([best])
-    return toks, margins
+    return toks, margins, prompt_logits
 
 
 def main():
@@ -110,11 +115,13 @@ def main():
         for prompt in PROMPTS:
             # add_bos=True asks llama.cpp to add BOS only where the vocabulary says so.
             llama_prompt = llm.tokenize(prompt.encode(), add_bos=True, special=False)
-            tf_prompt, _ = tightfit_ids_and_logits(tightfit, model, prompt, args.threads, work)
+            tf_prompt, tf_prompt_logits = tightfit_ids_and_logits(tightfit, model, prompt, args.threads, work)
             prompt_ok = llama_prompt == tf_prompt
             bos_note = "BOS" if llama_prompt and llama_prompt[0] == bos else "no BOS"
 
-            toks, margins = llama_greedy(llm, llama_prompt, args.max_new_tokens, eos)
+            toks, margins, llama_prompt_logits = llama_greedy(llm, llama_prompt, args.max_new_tokens, eos)
+            # How far apart the two implementations' logits are where both see the same ids.
+            noise = float(np.max(np.abs(llama_prompt_logits - tf_prompt_logits))) if prompt_ok else float("nan")
             llama_text = llm.detokenize([t for t in toks if t != eos], special=False).decode("utf-8", "replace")
             r = subprocess.run(
                 [tightfit, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens",
@@ -126,7 +133,6 @@ def main():
             if llama_text == tf_text and prompt_ok:
                 status = "match"
             else:
-                failures += 1
                 status = "DIFF" if prompt_ok else "PROMPT-IDS-DIFF"
                 if not prompt_ok:
                     detail = f"llama.cpp ids {llama_prompt} vs tightfit {tf_prompt}"
@@ -144,10 +150,16 @@ def main():
                     tf_ids, tf_logits = tightfit_ids_and_logits(tightfit, model, prefix_text, args.threads, work)
                     same_ids = tf_ids == llama_prompt + toks[:k]
                     tb, ts, tm = top2(tf_logits[-1])
+                    # With every logit within `noise` of the other implementation's, the order of
+                    # llama.cpp's top two can flip only when their margin is at most 2 * noise.
+                    margin = margins[k] if k < len(margins) else float("inf")
+                    if same_ids and margin <= 2 * noise:
+                        status = "near-tie"
                     detail = (f"first diverging token {k}: llama.cpp picks {toks[k] if k < len(toks) else 'EOS'} "
                               f"(margin {margins[k] if k < len(margins) else float('nan'):.4f}); tightfit's top-2 at "
                               f"that position {tb}, {ts} (margin {tm:.4f}){'' if same_ids else ' [prefix ids differ]'}")
-            print(f"{json.dumps(prompt)[:48]}: {status}", flush=True)
+            failures += status not in ("match", "near-tie")
+            print(f"{json.dumps(prompt)[:48]}: {status} (logit noise on the prompt {noise:.3f})", flush=True)
             rows.append((prompt, bos_note, len(llama_prompt), len(toks), min(margins) if margins else 0.0, status,
                          llama_text, tf_text, detail))
 
@@ -157,7 +169,10 @@ def main():
     for p, _, _, _, _, st, lt, tt, d in rows:
         if st != "match":
             print(f"\n{json.dumps(p)}: {d}\n  llama.cpp: {json.dumps(lt)}\n  tightfit:  {json.dumps(tt)}")
-    print(f"\n{len(rows) - failures} of {len(rows)} prompts match token for token")
+    matches = sum(r[5] == "match" for r in rows)
+    print(f"\n{matches} of {len(rows)} prompts match token for token; {len(rows) - matches - failures} diverge at a "
+          f"near-tie (llama.cpp's top-2 margin within twice the logit noise measured on the prompt); "
+          f"{failures} differ otherwise")
     return 1 if failures else 0
 
 

@@ -32,8 +32,9 @@ Steps:
        twice that (capped at 0.5).
      - greedy continuations with the adapter, compared as text.
 Exits 1 if the adapter's effect differs beyond the bound, the prompt ids differ, or a continuation
-differs; a continuation difference is reported with llama.cpp's top-2 margin at the diverging token
-(a near-tie there is quantization noise rather than a wrong adapter).
+differs other than at a near-tie: llama.cpp's top-2 margin at the diverging token at most twice the
+largest logit difference between the two implementations (with the adapter) on the prompt
+positions, the only case in which that noise can flip the order.
 """
 
 import argparse
@@ -175,10 +176,18 @@ def main():
                         break
                     acc += piece
                     k += 1
-                status = "TEXT-DIFF" if status == "match" else status + "+TEXT-DIFF"
-                failures.append(f"prompt {i} text")
-                detail = (f"first diverging token {k}, llama.cpp margin there "
-                          f"{margins[k] if k < len(margins) else float('nan'):.4f}\n  llama.cpp: {json.dumps(llama_text)}"
+                # With every logit within `noise` of the other implementation's (measured with the
+                # adapter on the prompt positions, where both see identical ids), the order of
+                # llama.cpp's top two can flip only when their margin is at most 2 * noise.
+                noise = float(np.max(np.abs(llama_prompt_logits(tuned, ids) - tf_tuned[i][1])))
+                margin = margins[k] if k < len(margins) else float("inf")
+                if margin <= 2 * noise:
+                    status = "near-tie" if status == "match" else status + "+near-tie"
+                else:
+                    status = "TEXT-DIFF" if status == "match" else status + "+TEXT-DIFF"
+                    failures.append(f"prompt {i} text")
+                detail = (f"first diverging token {k}, llama.cpp margin there {margin:.4f}, logit noise on the "
+                          f"prompt {noise:.3f}\n  llama.cpp: {json.dumps(llama_text)}"
                           f"\n  tightfit:  {json.dumps(tf_text)}")
             print(f"{json.dumps(QUESTIONS[i])[:40]}: effect err {effect_err:.3e} (bound {bound:.3e}) {status}",
                   flush=True)
