@@ -35,33 +35,13 @@ class TempDir {
   fs::path path_;
 };
 
-// GPT-2's byte -> code point map: printable bytes stand for themselves, the rest move past U+0100.
-std::string byte_piece(int b) {
-  const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-  int cp = b;
-  if (!printable) {
-    int k = 0;
-    for (int x = 0; x < b; ++x)
-      if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255))) ++k;
-    cp = 256 + k;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += char(cp);
-  } else {
-    s += char(0xC0 | (cp >> 6));
-    s += char(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-
 // A byte-level BPE vocabulary: one token per byte, the chat templates' control tokens, and one merge
 // ("b" + "c") to exercise a token that straddles a segment boundary.
 tok::Tokenizer test_tokenizer() {
   tok::GgufVocab v;
   v.model = "gpt2";
   v.pre = "gpt2";
-  for (int b = 0; b < 256; ++b) v.tokens.push_back(byte_piece(b));
+  for (int b = 0; b < 256; ++b) v.tokens.push_back(tok::byte_level_piece(uint8_t(b)));
   v.tokens.push_back("bc");
   v.merges = {"b c"};
   v.token_types.assign(v.tokens.size(), 1);

@@ -98,7 +98,7 @@ int run_inspect(const std::string& path, bool all_tensors) {
     std::printf("tensors     %zu\n", n);
     LlamaWeights::for_each_slot(c, [&](WeightSlot slot, int layer) {
       if (!all_tensors && shown++ >= 12) return;
-      const WeightRef& w = const_cast<LlamaWeights&>(m.weights).slot(slot, layer);
+      const WeightRef& w = m.weights.slot(slot, layer);
       std::printf("  %-48s %-5s %lld x %lld  %s\n", hf_weight_name(slot, layer).c_str(),
                   std::string(dtype_name(w.dtype)).c_str(), (long long)w.rows, (long long)w.cols,
                   format_bytes(double(w.rows * w.cols) * double(dtype_size(w.dtype))).c_str());
@@ -220,26 +220,20 @@ int run_export(const ExportOptions& o) {
   TF_CHECK(fs::exists(adapter_dir / "adapter_config.json"), o.run, ": has no adapter/ yet (the run has not ",
            "finished; resume it, or export its latest checkpoint by finishing the run)");
 
+  TF_CHECK(o.format == "peft" || o.format == "gguf" || o.format == "merged",
+           "--format must be peft, gguf or merged, got '", o.format, "'");
+  io::LoadedModel base = io::load_model(base_path);
+  const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
   if (o.format == "peft") {
-    io::LoadedModel base = io::load_model(base_path);
-    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
     io::export_peft(o.out, a.lora, base_path);
   } else if (o.format == "gguf") {
-    io::LoadedModel base = io::load_model(base_path);
-    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
     io::export_gguf_lora(o.out, a.lora, base.weights.config);
-  } else if (o.format == "merged") {
-    io::LoadedModel base = io::load_model(base_path);
-    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
-    if (base.format == io::ModelFormat::Gguf) {
-      io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout);
-    } else {
-      io::MergedHfOptions mo;
-      mo.base_dir = base_path;
-      io::export_merged_hf(o.out, base.weights, a.lora, mo);
-    }
+  } else if (base.format == io::ModelFormat::Gguf) {
+    io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout);
   } else {
-    TF_FAIL("--format must be peft, gguf or merged, got '", o.format, "'");
+    io::MergedHfOptions mo;
+    mo.base_dir = base_path;
+    io::export_merged_hf(o.out, base.weights, a.lora, mo);
   }
   std::printf("exported %s adapter of %s to %s\n", o.format.c_str(), o.run.c_str(), o.out.c_str());
   return 0;

@@ -90,7 +90,7 @@ int run_init(const InitOptions& o) {
   const fs::path dir(o.out);
   std::vector<io::SafetensorsWriteTensor> tensors;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    const WeightRef& ref = const_cast<LlamaWeights&>(w).slot(slot, layer);
+    const WeightRef& ref = w.slot(slot, layer);
     io::SafetensorsWriteTensor t;
     t.name = hf_weight_name(slot, layer);
     t.dtype = io::StDType::F32;

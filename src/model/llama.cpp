@@ -160,11 +160,11 @@ void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool trainin
   cpu::rope_forward(a.k, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
   const float scale = 1.0f / std::sqrt(float(c.head_dim));
   if (cache) {
-    const int64_t kv = c.kv_dim(), offset = (int64_t(l) * cache->capacity + cache->n_past) * kv;
+    const int64_t kv = c.kv_dim();
     float* k_layer = cache->k.as<float>() + int64_t(l) * cache->capacity * kv;
     float* v_layer = cache->v.as<float>() + int64_t(l) * cache->capacity * kv;
-    std::memcpy(cache->k.as<float>() + offset, a.k, size_t(n * kv) * sizeof(float));
-    std::memcpy(cache->v.as<float>() + offset, a.v, size_t(n * kv) * sizeof(float));
+    std::memcpy(k_layer + cache->n_past * kv, a.k, size_t(n * kv) * sizeof(float));
+    std::memcpy(v_layer + cache->n_past * kv, a.v, size_t(n * kv) * sizeof(float));
     cpu::attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
                                   c.head_dim, scale);
   } else {

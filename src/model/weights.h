@@ -27,6 +27,7 @@ std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& cfg, WeightSlot slot
 struct BlockWeights {
   WeightRef attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down;
   WeightRef& slot(WeightSlot s);
+  const WeightRef& slot(WeightSlot s) const { return const_cast<BlockWeights*>(this)->slot(s); }
 };
 
 // The frozen base model: views of every tensor plus whatever keeps their memory alive (owned
@@ -39,6 +40,7 @@ struct LlamaWeights {
   std::vector<std::shared_ptr<const void>> keepalive;
 
   WeightRef& slot(WeightSlot s, int layer);
+  const WeightRef& slot(WeightSlot s, int layer) const { return const_cast<LlamaWeights*>(this)->slot(s, layer); }
   // Visits every slot the config uses (biases only with attention_bias; no lm_head when tied).
   static void for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn);
 };
