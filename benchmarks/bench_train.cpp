@@ -25,7 +25,9 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 // sgemm rate over the GEMM shapes one training step runs: tokens x in -> out forward (B
 // transposed, as nn.Linear) and the input gradient tokens x out -> in (B plain), each the best of
@@ -40,8 +42,9 @@ double measure_sgemm_gflops(int64_t tokens, const LlamaConfig& c) {
       double best = 1e30;
       for (int rep = 0; rep < 5; ++rep) {
         const auto t0 = Clock::now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, forward ? CblasTrans : CblasNoTrans, int(tokens), int(N), int(K),
-                    1.0f, A.data(), int(K), B.data(), forward ? int(K) : int(N), 0.0f, C.data(), int(N));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, forward ? CblasTrans : CblasNoTrans, int(tokens), int(N),
+                    int(K), 1.0f, A.data(), int(K), B.data(), forward ? int(K) : int(N), 0.0f, C.data(),
+                    int(N));
         best = std::min(best, seconds_since(t0));
       }
       flops += 2.0 * double(tokens) * double(N) * double(K);
@@ -84,11 +87,16 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--steps") steps = std::atoi(next());
-    else if (a == "--seq") seq = std::atoi(next());
-    else if (a == "--batch") batch = std::atoi(next());
-    else if (a == "--threads") threads = std::atoi(next());
-    else if (a == "--checkpoint") policy = std::strcmp(next(), "block") == 0 ? CheckpointPolicy::PerBlock : CheckpointPolicy::None;
+    if (a == "--steps")
+      steps = std::atoi(next());
+    else if (a == "--seq")
+      seq = std::atoi(next());
+    else if (a == "--batch")
+      batch = std::atoi(next());
+    else if (a == "--threads")
+      threads = std::atoi(next());
+    else if (a == "--checkpoint")
+      policy = std::strcmp(next(), "block") == 0 ? CheckpointPolicy::PerBlock : CheckpointPolicy::None;
     else {
       std::fprintf(stderr, "error: unknown option %s\n", a.c_str());
       return 1;
@@ -125,7 +133,8 @@ int main(int argc, char** argv) {
     ids[size_t(i)] = int32_t(rng.u32(uint64_t(i)) % uint32_t(c.vocab));
     pos[size_t(i)] = int32_t(i % seq);
   }
-  for (int64_t i = 0; i < tokens; ++i) targets[size_t(i)] = (i + 1) % seq == 0 ? kIgnoreIndex : ids[size_t(i + 1)];
+  for (int64_t i = 0; i < tokens; ++i)
+    targets[size_t(i)] = (i + 1) % seq == 0 ? kIgnoreIndex : ids[size_t(i + 1)];
   const Batch b{batch, seq, ids.data(), targets.data(), pos.data(), nullptr};
 
   trainer.step({&b, 1});  // warm-up: page in weights, spin up threads
@@ -136,8 +145,9 @@ int main(int argc, char** argv) {
 
   const double tok_s = double(tokens) * steps / secs;
   const double gflops = train_flops_per_token(c, l, seq) * tok_s / 1e9;
-  std::printf("model: %.1fM params (hidden %d, %d layers, vocab %d, bf16 weights), LoRA r=%d on all 7 projections\n",
-              double(c.n_params()) / 1e6, c.hidden, c.n_layers, c.vocab, l.rank);
+  std::printf(
+      "model: %.1fM params (hidden %d, %d layers, vocab %d, bf16 weights), LoRA r=%d on all 7 projections\n",
+      double(c.n_params()) / 1e6, c.hidden, c.n_layers, c.vocab, l.rank);
   std::printf("run: %d steps of %d x %d tokens, threads %d, checkpointing %s\n", steps, batch, seq,
               cpu::num_threads(), policy == CheckpointPolicy::None ? "none" : "per block");
   std::printf("step time        %8.3f s\n", secs / steps);

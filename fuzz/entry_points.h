@@ -47,8 +47,9 @@ inline void require(bool ok, const char* what) {
 class ScratchFile {
  public:
   explicit ScratchFile(std::string_view tag) {
-    const std::filesystem::path dir =
-        std::filesystem::is_directory("/dev/shm") ? std::filesystem::path("/dev/shm") : std::filesystem::temp_directory_path();
+    const std::filesystem::path dir = std::filesystem::is_directory("/dev/shm")
+                                          ? std::filesystem::path("/dev/shm")
+                                          : std::filesystem::temp_directory_path();
     path_ = (dir / ("tightfit-fuzz-" + std::to_string(::getpid()) + "-" + std::string(tag))).string();
   }
   ScratchFile(const ScratchFile&) = delete;
@@ -83,7 +84,8 @@ inline bool run_safetensors(const uint8_t* data, size_t size) {
     const io::SafetensorsFile f = io::SafetensorsFile::open(path);
     for (const io::SafetensorsTensor& t : f.tensors()) {
       require(f.find(t.name) == &t, "a listed tensor is not found by its name");
-      require(uint64_t(t.numel()) * io::st_dtype_size(t.dtype) == t.bytes.size(), "span disagrees with dtype x shape");
+      require(uint64_t(t.numel()) * io::st_dtype_size(t.dtype) == t.bytes.size(),
+              "span disagrees with dtype x shape");
       touch(t.bytes.data(), t.bytes.size());
       try {
         const TensorView v = f.view(t.name);
@@ -107,17 +109,13 @@ inline size_t gguf_scalar_size(io::GgufValueType t) {
   switch (t) {
     case io::GgufValueType::U8:
     case io::GgufValueType::I8:
-    case io::GgufValueType::Bool:
-      return 1;
+    case io::GgufValueType::Bool: return 1;
     case io::GgufValueType::U16:
-    case io::GgufValueType::I16:
-      return 2;
+    case io::GgufValueType::I16: return 2;
     case io::GgufValueType::U64:
     case io::GgufValueType::I64:
-    case io::GgufValueType::F64:
-      return 8;
-    default:
-      return 4;
+    case io::GgufValueType::F64: return 8;
+    default: return 4;
   }
 }
 
@@ -127,7 +125,8 @@ inline bool run_gguf(const uint8_t* data, size_t size) {
     for (const auto& [key, v] : f.metadata()) {
       require(f.find(key) == &v, "a metadata key is not found by its name");
       touch(v.str.data(), v.str.size());
-      if (v.type == io::GgufValueType::Array && v.raw != nullptr) touch(v.raw, size_t(v.count) * gguf_scalar_size(v.elem_type));
+      if (v.type == io::GgufValueType::Array && v.raw != nullptr)
+        touch(v.raw, size_t(v.count) * gguf_scalar_size(v.elem_type));
       for (std::string_view s : v.strings) touch(s.data(), s.size());
     }
     for (const io::GgufTensorInfo& t : f.tensors()) {
@@ -156,7 +155,8 @@ inline bool run_tokenizer_json(const uint8_t* data, size_t size) {
     const tok::Tokenizer t = tok::Tokenizer::from_tokenizer_json(path);
     for (std::string_view text : {"Hello world", " 12345 \n\t  x", "caf\xc3\xa9 \xf0\x9f\x98\x80!"}) {
       const std::vector<int32_t> ids = t.encode(text);
-      for (int32_t id : ids) require(id >= 0 && size_t(id) < t.vocab_size(), "encode produced an id outside the vocabulary");
+      for (int32_t id : ids)
+        require(id >= 0 && size_t(id) < t.vocab_size(), "encode produced an id outside the vocabulary");
       (void)t.decode(ids);
     }
     return true;
@@ -191,7 +191,8 @@ inline bool run_tokenizer_encode(const uint8_t* data, size_t size) {
   const std::string_view text(reinterpret_cast<const char*>(data + 1), size - 1);
   try {
     const std::vector<int32_t> ids = t.encode(text, opt);
-    for (int32_t id : ids) require(id >= 0 && size_t(id) < t.vocab_size(), "encode produced an id outside the vocabulary");
+    for (int32_t id : ids)
+      require(id >= 0 && size_t(id) < t.vocab_size(), "encode produced an id outside the vocabulary");
     const std::string back = t.decode(ids);
     // Byte-level BPE has no normaliser in these fixtures: every byte string must come back as it was
     // when nothing was added and no special token was parsed out of the text.
@@ -231,7 +232,8 @@ inline bool run_jsonl(const uint8_t* data, size_t size) {
       try {
         const data::TokenizedDataset td = data::tokenize_dataset(ds, tmpl, t, topt);
         require(td.ids.size() == td.trainable.size(), "ids and trainable flags differ in length");
-        for (size_t i = 0; i < td.size(); ++i) require(td.length(i) <= topt.seq_len, "an example longer than seq_len");
+        for (size_t i = 0; i < td.size(); ++i)
+          require(td.length(i) <= topt.seq_len, "an example longer than seq_len");
       } catch (const Error&) {
         // No example left after skipping is an error by contract.
       }

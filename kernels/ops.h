@@ -48,9 +48,9 @@ struct RopeParams {
   float theta = 10000.0f;
   int head_dim = 0;  // rotary dimension (all of the head)
   RopeScalingType scaling = RopeScalingType::None;
-  float factor = 1.0f;             // Linear and Llama3
-  float low_freq_factor = 1.0f;    // Llama3
-  float high_freq_factor = 4.0f;   // Llama3
+  float factor = 1.0f;                // Linear and Llama3
+  float low_freq_factor = 1.0f;       // Llama3
+  float high_freq_factor = 4.0f;      // Llama3
   int original_max_positions = 8192;  // Llama3
 };
 

@@ -35,14 +35,16 @@ struct BatchData {
   int batch = 0, seq = 0;
   std::vector<int32_t> tokens, targets, positions, doc_ids;
   Batch view(bool with_docs = false) const {
-    return Batch{batch, seq, tokens.data(), targets.data(), positions.data(), with_docs ? doc_ids.data() : nullptr};
+    return Batch{
+        batch, seq, tokens.data(), targets.data(), positions.data(), with_docs ? doc_ids.data() : nullptr};
   }
 };
 
 // Sequences following a fixed rule (next = (a * cur + c) mod vocab, a new random start every
 // `doc_len` tokens) so the rule is learnable; the first `masked` positions of each sequence have no
 // target. Documents are marked for packing tests.
-inline BatchData synthetic_batch(int batch, int seq, int vocab, uint64_t seed, int doc_len = 1 << 30, int masked = 0) {
+inline BatchData synthetic_batch(int batch, int seq, int vocab, uint64_t seed, int doc_len = 1 << 30,
+                                 int masked = 0) {
   BatchData d;
   d.batch = batch;
   d.seq = seq;

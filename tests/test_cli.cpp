@@ -80,19 +80,46 @@ class Cli : public ::testing::Test {
     ASSERT_EQ(run({"init", "--config", "tiny", "--out", (dir_ / "model").string(), "--seed", "3"}).status, 0);
     std::ofstream data(dir_ / "train.jsonl");
     for (int i = 0; i < 40; ++i) {
-      data << nlohmann::json{{"text", "the quick brown fox " + std::to_string(i) + " jumps over the lazy dog"}}.dump() << "\n";
-      data << nlohmann::json{{"messages", {{{"role", "user"}, {"content", "count to " + std::to_string(i % 7)}},
-                                           {{"role", "assistant"}, {"content", "1 2 3 " + std::to_string(i)}}}}}
+      data << nlohmann::json{{"text",
+                              "the quick brown fox " + std::to_string(i) + " jumps over the lazy dog"}}
+                  .dump()
+           << "\n";
+      data << nlohmann::json{{"messages",
+                              {{{"role", "user"}, {"content", "count to " + std::to_string(i % 7)}},
+                               {{"role", "assistant"}, {"content", "1 2 3 " + std::to_string(i)}}}}}
                   .dump()
            << "\n";
     }
   }
 
   std::vector<std::string> finetune_args(const std::string& out, int steps) {
-    return {"finetune", "--model", (dir_ / "model").string(), "--data", (dir_ / "train.jsonl").string(), "--out",
-            (dir_ / out).string(), "--steps", std::to_string(steps), "--seq-len", "48", "--micro-batch", "2",
-            "--lr", "5e-3", "--warmup", "2", "--lora-rank", "4", "--lora-dropout", "0.1", "--save-every", "1",
-            "--keep", "2", "--threads", "1"};
+    return {"finetune",
+            "--model",
+            (dir_ / "model").string(),
+            "--data",
+            (dir_ / "train.jsonl").string(),
+            "--out",
+            (dir_ / out).string(),
+            "--steps",
+            std::to_string(steps),
+            "--seq-len",
+            "48",
+            "--micro-batch",
+            "2",
+            "--lr",
+            "5e-3",
+            "--warmup",
+            "2",
+            "--lora-rank",
+            "4",
+            "--lora-dropout",
+            "0.1",
+            "--save-every",
+            "1",
+            "--keep",
+            "2",
+            "--threads",
+            "1"};
   }
 
   static std::vector<double> losses(const fs::path& metrics) {
@@ -112,10 +139,10 @@ class Cli : public ::testing::Test {
 TEST_F(Cli, UserErrorsExitOneWithOneErrorLine) {
   make_model_and_data();
   const std::vector<std::vector<std::string>> cases = {
-      {"finetune", "--data", "x.jsonl", "--out", "r"},                            // missing --model
+      {"finetune", "--data", "x.jsonl", "--out", "r"},  // missing --model
       {"finetune", "--model", "/nonexistent", "--data", "x", "--out", (dir_ / "r1").string()},
-      {"generate", "--model", (dir_ / "model").string()},                          // missing --prompt
-      {"inspect", (dir_ / "train.jsonl").string()},                                // not a model
+      {"generate", "--model", (dir_ / "model").string()},  // missing --prompt
+      {"inspect", (dir_ / "train.jsonl").string()},        // not a model
       {"bogus-subcommand"},
       {"finetune", "--model", (dir_ / "model").string(), "--data", (dir_ / "train.jsonl").string(), "--out",
        (dir_ / "r2").string(), "--lora-targets", "q,nonsense"},
@@ -129,8 +156,8 @@ TEST_F(Cli, UserErrorsExitOneWithOneErrorLine) {
   }
   // A malformed dataset line is named by file and line.
   std::ofstream(dir_ / "bad.jsonl") << "{\"text\": \"fine\"}\n{\"text\": 5}\n";
-  const Result r = run({"finetune", "--model", (dir_ / "model").string(), "--data", (dir_ / "bad.jsonl").string(),
-                        "--out", (dir_ / "r3").string(), "--steps", "1"});
+  const Result r = run({"finetune", "--model", (dir_ / "model").string(), "--data",
+                        (dir_ / "bad.jsonl").string(), "--out", (dir_ / "r3").string(), "--steps", "1"});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("bad.jsonl:2"), std::string::npos) << r.err;
 }
@@ -149,7 +176,8 @@ TEST_F(Cli, KilledRunResumesToTheSameLossesBitForBit) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   kill(pid, SIGKILL);
   EXPECT_EQ(wait_status(pid), 128 + SIGKILL);
-  ASSERT_LT(losses(dir_ / "killed" / "metrics.jsonl").size(), size_t(kSteps)) << "the run finished before the kill";
+  ASSERT_LT(losses(dir_ / "killed" / "metrics.jsonl").size(), size_t(kSteps))
+      << "the run finished before the kill";
 
   std::vector<std::string> resume = finetune_args("killed", kSteps);
   resume.push_back("--resume");
@@ -161,7 +189,8 @@ TEST_F(Cli, KilledRunResumesToTheSameLossesBitForBit) {
 
   // Rotation kept the newest --keep checkpoints only.
   std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir_ / "killed" / "checkpoints")) names.push_back(e.path().filename());
+  for (const auto& e : fs::directory_iterator(dir_ / "killed" / "checkpoints"))
+    names.push_back(e.path().filename());
   std::sort(names.begin(), names.end());
   EXPECT_EQ(names, (std::vector<std::string>{"step-10", "step-9"}));
 }
@@ -197,23 +226,24 @@ TEST_F(Cli, ResumeRefusesAChangedConfig) {
 
 TEST_F(Cli, ConfigFileSuppliesOptionsAndRunWritesItsFiles) {
   make_model_and_data();
-  std::ofstream(dir_ / "run.json") << nlohmann::json{{"model", (dir_ / "model").string()},
-                                                     {"data", (dir_ / "train.jsonl").string()},
-                                                     {"steps", 3},
-                                                     {"seq_len", 48},
-                                                     {"micro_batch", 2},
-                                                     {"lora_rank", 4},
-                                                     {"pack", false},
-                                                     {"threads", 1}}
-                                          .dump();
-  const Result r = run({"finetune", "--config", (dir_ / "run.json").string(), "--out", (dir_ / "cfg").string(),
-                        "--lora-rank", "2"});
+  std::ofstream(dir_ / "run.json") << nlohmann::json{
+      {"model", (dir_ / "model").string()},
+      {"data", (dir_ / "train.jsonl").string()},
+      {"steps", 3},
+      {"seq_len", 48},
+      {"micro_batch", 2},
+      {"lora_rank", 4},
+      {"pack", false},
+      {"threads", 1}}.dump();
+  const Result r = run({"finetune", "--config", (dir_ / "run.json").string(), "--out",
+                        (dir_ / "cfg").string(), "--lora-rank", "2"});
   ASSERT_EQ(r.status, 0) << r.err;
   const auto cfg = nlohmann::json::parse(slurp(dir_ / "cfg" / "config.json"));
   EXPECT_EQ(cfg["steps"], 3);
   EXPECT_EQ(cfg["lora_rank"], 2);  // the command line overrides the file
   EXPECT_EQ(cfg["pack"], false);
-  for (const char* f : {"metrics.jsonl", "report.html", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"})
+  for (const char* f :
+       {"metrics.jsonl", "report.html", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"})
     EXPECT_TRUE(fs::exists(dir_ / "cfg" / f)) << f;
   EXPECT_NE(slurp(dir_ / "cfg" / "report.html").find("<svg"), std::string::npos);
 }
@@ -221,23 +251,33 @@ TEST_F(Cli, ConfigFileSuppliesOptionsAndRunWritesItsFiles) {
 TEST_F(Cli, ExportsRoundTripThroughOurReaders) {
   make_model_and_data();
   ASSERT_EQ(run(finetune_args("run", 2)).status, 0);
-  ASSERT_EQ(run({"export", "--run", (dir_ / "run").string(), "--format", "peft", "--out", (dir_ / "peft").string()}).status, 0);
+  ASSERT_EQ(
+      run({"export", "--run", (dir_ / "run").string(), "--format", "peft", "--out", (dir_ / "peft").string()})
+          .status,
+      0);
   const auto peft = tf::io::SafetensorsFile::open((dir_ / "peft" / "adapter_model.safetensors").string());
   const auto& a = peft.get("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
   EXPECT_EQ(a.shape, (std::vector<int64_t>{4, 64}));
   const auto& b = peft.get("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight");
   EXPECT_EQ(b.shape, (std::vector<int64_t>{64, 4}));
 
-  ASSERT_EQ(run({"export", "--run", (dir_ / "run").string(), "--format", "gguf", "--out", (dir_ / "a.gguf").string()}).status, 0);
+  ASSERT_EQ(run({"export", "--run", (dir_ / "run").string(), "--format", "gguf", "--out",
+                 (dir_ / "a.gguf").string()})
+                .status,
+            0);
   const auto g = tf::io::GgufFile::open((dir_ / "a.gguf").string());
   EXPECT_EQ(g.get_string("general.type"), "adapter");
   EXPECT_EQ(g.get_string("adapter.type"), "lora");
   EXPECT_NE(g.find_tensor("blk.1.ffn_down.weight.lora_b"), nullptr);
 
-  ASSERT_EQ(run({"export", "--run", (dir_ / "run").string(), "--format", "merged", "--out", (dir_ / "merged").string()}).status, 0);
-  const Result gen_merged = run({"generate", "--model", (dir_ / "merged").string(), "--prompt", "the quick", "--max-new-tokens", "8"});
-  const Result gen_adapter = run({"generate", "--model", (dir_ / "model").string(), "--adapter", (dir_ / "run").string(),
-                                  "--prompt", "the quick", "--max-new-tokens", "8"});
+  ASSERT_EQ(run({"export", "--run", (dir_ / "run").string(), "--format", "merged", "--out",
+                 (dir_ / "merged").string()})
+                .status,
+            0);
+  const Result gen_merged = run(
+      {"generate", "--model", (dir_ / "merged").string(), "--prompt", "the quick", "--max-new-tokens", "8"});
+  const Result gen_adapter = run({"generate", "--model", (dir_ / "model").string(), "--adapter",
+                                  (dir_ / "run").string(), "--prompt", "the quick", "--max-new-tokens", "8"});
   ASSERT_EQ(gen_merged.status, 0) << gen_merged.err;
   ASSERT_EQ(gen_adapter.status, 0) << gen_adapter.err;
   // Merging W + scale*B*A is exact up to f32 rounding; greedy tokens of a tiny model agree.

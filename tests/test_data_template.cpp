@@ -241,19 +241,22 @@ TEST(DataTemplate, GenerationPromptEndsWhereTheAssistantSpeaks) {
     return segments_to_text(segs, "<s>", "</s>");
   };
   EXPECT_EQ(prompt("chatml"), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
-  EXPECT_EQ(prompt("llama3"), "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                              "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  EXPECT_EQ(prompt("llama3"),
+            "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
   EXPECT_EQ(prompt("llama2"), "<s>[INST] Hi [/INST]");
   EXPECT_EQ(prompt("mistral"), "<s>[INST] Hi [/INST]");
   const ChatTemplate smol = detect_template(
-      "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+      "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+      "'<|im_start|>system\n"
       "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
       "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
       "smollm2");
-  EXPECT_EQ(segments_to_text(render_generation_prompt(smol, msgs, false), "", ""),
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_EQ(
+      segments_to_text(render_generation_prompt(smol, msgs, false), "", ""),
+      "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+      "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }
 
 }  // namespace

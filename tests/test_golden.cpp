@@ -22,7 +22,8 @@ struct Golden {
 
 Golden load(const std::string& name) {
   Golden g;
-  g.file = std::make_shared<const io::SafetensorsModel>(io::SafetensorsModel::open(std::string(TIGHTFIT_FIXTURES) + "/" + name));
+  g.file = std::make_shared<const io::SafetensorsModel>(
+      io::SafetensorsModel::open(std::string(TIGHTFIT_FIXTURES) + "/" + name));
   const auto& meta = g.file->shards().at(0).metadata();
   nlohmann::json j;
   j["architectures"] = {"LlamaForCausalLM"};
@@ -87,19 +88,28 @@ void run_golden(const std::string& fixture, CheckpointPolicy policy) {
   const LossSum loss = model.forward_backward(batch_view, 1.0f / float(n_targets), 0);
   ASSERT_EQ(loss.n_valid, n_targets);
   const double want = f32(g, "loss")[0];
-  EXPECT_LT(std::abs(loss.mean() - want) / want, 1e-5) << fixture << " loss " << loss.mean() << " vs " << want;
+  EXPECT_LT(std::abs(loss.mean() - want) / want, 1e-5)
+      << fixture << " loss " << loss.mean() << " vs " << want;
 
   for (int l = 0; l < g.config.n_layers; ++l)
     for (int t = 0; t < kLoraTargetCount; ++t) {
       const LoraAdapter& a = lora.at(l, LoraTarget(t));
       const std::string na = lora_name(l, LoraTarget(t), "A"), nb = lora_name(l, LoraTarget(t), "B");
-      EXPECT_LT(test::rel_norm_error(a.dA, f32(g, na + ".grad"), size_t(a.rank) * a.in), 1e-4) << fixture << " " << na;
-      EXPECT_LT(test::rel_norm_error(a.dB, f32(g, nb + ".grad"), size_t(a.rank) * a.out), 1e-4) << fixture << " " << nb;
+      EXPECT_LT(test::rel_norm_error(a.dA, f32(g, na + ".grad"), size_t(a.rank) * a.in), 1e-4)
+          << fixture << " " << na;
+      EXPECT_LT(test::rel_norm_error(a.dB, f32(g, nb + ".grad"), size_t(a.rank) * a.out), 1e-4)
+          << fixture << " " << nb;
     }
 }
 
 }  // namespace
 
-TEST(Golden, MatchesPytorchAndPeft) { run_golden("golden_tiny.safetensors", CheckpointPolicy::None); }
-TEST(Golden, MatchesWithCheckpointing) { run_golden("golden_tiny.safetensors", CheckpointPolicy::PerBlock); }
-TEST(Golden, MatchesWithLlama3RopeScaling) { run_golden("golden_tiny_llama3.safetensors", CheckpointPolicy::None); }
+TEST(Golden, MatchesPytorchAndPeft) {
+  run_golden("golden_tiny.safetensors", CheckpointPolicy::None);
+}
+TEST(Golden, MatchesWithCheckpointing) {
+  run_golden("golden_tiny.safetensors", CheckpointPolicy::PerBlock);
+}
+TEST(Golden, MatchesWithLlama3RopeScaling) {
+  run_golden("golden_tiny_llama3.safetensors", CheckpointPolicy::None);
+}

@@ -35,7 +35,8 @@ void check_against_transformers(const std::string& name) {
   model.forward_logits(Batch{1, int(n), ids, nullptr, pos.data(), nullptr}, logits.data());
   // transformers ran the same f32 maths; the summation order differs (~1e-6 relative), while a
   // wrong weight mapping, bias or rope moves logits by O(1).
-  EXPECT_LT(test::rel_norm_error(logits.data(), static_cast<const float*>(expected.view("logits").data), logits.size()),
+  EXPECT_LT(test::rel_norm_error(logits.data(), static_cast<const float*>(expected.view("logits").data),
+                                 logits.size()),
             1e-4)
       << name;
 
@@ -46,8 +47,13 @@ void check_against_transformers(const std::string& name) {
 }
 
 nlohmann::json llama_json() {
-  return {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 64}, {"intermediate_size", 128},
-          {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"vocab_size", 256}};
+  return {{"architectures", {"LlamaForCausalLM"}},
+          {"hidden_size", 64},
+          {"intermediate_size", 128},
+          {"num_hidden_layers", 2},
+          {"num_attention_heads", 4},
+          {"num_key_value_heads", 2},
+          {"vocab_size", 256}};
 }
 
 void expect_error(const nlohmann::json& j, const std::string& needle) {
@@ -62,12 +68,19 @@ void expect_error(const nlohmann::json& j, const std::string& needle) {
 
 }  // namespace
 
-TEST(HfModel, LlamaBf16TiedMatchesTransformers) { check_against_transformers("llama"); }
-TEST(HfModel, Qwen2WithBiasesMatchesTransformers) { check_against_transformers("qwen2"); }
+TEST(HfModel, LlamaBf16TiedMatchesTransformers) {
+  check_against_transformers("llama");
+}
+TEST(HfModel, Qwen2WithBiasesMatchesTransformers) {
+  check_against_transformers("qwen2");
+}
 
 TEST(HfConfig, ReadsArchitecturesAndRopeSpellings) {
   nlohmann::json j = llama_json();
-  j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+  j["rope_scaling"] = {{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 4.0},
                        {"original_max_position_embeddings", 8192}};
   j["rope_theta"] = 500000.0;
   LlamaConfig c = io::llama_config_from_hf(j, "config.json");

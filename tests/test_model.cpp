@@ -3,8 +3,8 @@
 #include <cmath>
 #include <vector>
 
-#include "op_test_util.h"
 #include "model_test_util.h"
+#include "op_test_util.h"
 #include "src/core/error.h"
 
 using namespace tf;
@@ -40,14 +40,16 @@ TEST(LlamaModel, CheckpointingGivesIdenticalLoraGradients) {
   const BatchData data = synthetic_batch(2, 24, cfg.vocab, 1, 10, 3);
   for (float dropout : {0.0f, 0.1f}) {
     LlamaModel keep(init_random_weights(cfg, DType::BF16, 5), test_lora(dropout), CheckpointPolicy::None, 48);
-    LlamaModel recompute(init_random_weights(cfg, DType::BF16, 5), test_lora(dropout), CheckpointPolicy::PerBlock, 48);
+    LlamaModel recompute(init_random_weights(cfg, DType::BF16, 5), test_lora(dropout),
+                         CheckpointPolicy::PerBlock, 48);
     randomise_lora(keep.lora(), 11);
     randomise_lora(recompute.lora(), 11);
     const auto g1 = grads_of(keep, data.view(true));
     const auto g2 = grads_of(recompute, data.view(true));
     ASSERT_EQ(g1.size(), g2.size());
     // Recomputation runs the same deterministic ops on the same inputs: bit-identical, not close.
-    for (size_t i = 0; i < g1.size(); ++i) ASSERT_EQ(g1[i], g2[i]) << "gradient " << i << " dropout " << dropout;
+    for (size_t i = 0; i < g1.size(); ++i)
+      ASSERT_EQ(g1[i], g2[i]) << "gradient " << i << " dropout " << dropout;
     double norm = 0;
     for (float g : g1) norm += double(g) * g;
     EXPECT_GT(norm, 0.0);

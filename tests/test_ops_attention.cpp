@@ -63,7 +63,9 @@ struct Inputs {
   std::vector<float> q, k, v, d_out;
   std::vector<int32_t> doc;
   const int32_t* doc_ptr() const { return doc.empty() ? nullptr : doc.data(); }
-  size_t q_size() const { return size_t(shape.batch) * size_t(shape.seq) * size_t(shape.n_heads * shape.head_dim); }
+  size_t q_size() const {
+    return size_t(shape.batch) * size_t(shape.seq) * size_t(shape.n_heads * shape.head_dim);
+  }
   size_t kv_size() const {
     return size_t(shape.batch) * size_t(shape.seq) * size_t(shape.n_kv_heads * shape.head_dim);
   }
@@ -88,9 +90,11 @@ struct Outputs {
 };
 
 Outputs run_cpu(const Inputs& in) {
-  Outputs o{std::vector<float>(in.q_size()), std::vector<float>(in.lse_size()), std::vector<float>(in.q_size()),
-            std::vector<float>(in.kv_size()), std::vector<float>(in.kv_size())};
-  cpu::attention_forward(o.out.data(), o.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(), in.shape);
+  Outputs o{std::vector<float>(in.q_size()), std::vector<float>(in.lse_size()),
+            std::vector<float>(in.q_size()), std::vector<float>(in.kv_size()),
+            std::vector<float>(in.kv_size())};
+  cpu::attention_forward(o.out.data(), o.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(),
+                         in.shape);
   cpu::attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.d_out.data(), in.q.data(), in.k.data(),
                           in.v.data(), o.out.data(), o.lse.data(), in.doc_ptr(), in.shape);
   return o;
@@ -109,8 +113,8 @@ RefOutputs<T> run_ref(const Inputs& in) {
   RefOutputs<T> o{std::vector<T>(in.q_size()), std::vector<T>(in.lse_size()), std::vector<T>(in.q_size()),
                   std::vector<T>(in.kv_size()), std::vector<T>(in.kv_size())};
   ref::attention_forward<T>(o.out.data(), o.lse.data(), q.data(), k.data(), v.data(), in.doc_ptr(), in.shape);
-  ref::attention_backward<T>(o.dq.data(), o.dk.data(), o.dv.data(), d_out.data(), q.data(), k.data(), v.data(),
-                             in.doc_ptr(), in.shape);
+  ref::attention_backward<T>(o.dq.data(), o.dk.data(), o.dv.data(), d_out.data(), q.data(), k.data(),
+                             v.data(), in.doc_ptr(), in.shape);
   return o;
 }
 
@@ -121,8 +125,8 @@ struct Case {
 
 std::string case_name(const Case& c) {
   const char* docs[] = {"nodocs", "packed", "interleaved"};
-  return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) + "_kv" +
-         std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
+  return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
+         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
 }
 
 class AttentionVsRef : public ::testing::TestWithParam<Case> {};
@@ -135,12 +139,14 @@ class AttentionVsRef : public ::testing::TestWithParam<Case> {};
 // on any masking or indexing mistake, whose errors are of order 1.
 TEST_P(AttentionVsRef, ForwardAndBackwardMatchReference) {
   const Case c = GetParam();
-  const Inputs in = make_inputs(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim), c.docs, 1234 + c.seq);
+  const Inputs in =
+      make_inputs(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim), c.docs, 1234 + c.seq);
   const Outputs fast = run_cpu(in);
   const RefOutputs<double> exact = run_ref<double>(in);
   const RefOutputs<float> naive = run_ref<float>(in);
 
-  const double d_out_norm = std::sqrt(std::inner_product(in.d_out.begin(), in.d_out.end(), in.d_out.begin(), 0.0));
+  const double d_out_norm =
+      std::sqrt(std::inner_product(in.d_out.begin(), in.d_out.end(), in.d_out.begin(), 0.0));
   auto check = [&](const char* what, const std::vector<float>& got, const std::vector<float>& naive_f32,
                    const std::vector<double>& want) {
     const double want_norm = std::sqrt(std::inner_product(want.begin(), want.end(), want.begin(), 0.0));
@@ -154,7 +160,8 @@ TEST_P(AttentionVsRef, ForwardAndBackwardMatchReference) {
     }
     const double err = rel_norm_error(got, want);
     const double naive_err = rel_norm_error(naive_f32, want);
-    EXPECT_LE(err, 4.0 * std::max(naive_err, kF32Floor)) << what << ": fast " << err << ", naive f32 " << naive_err;
+    EXPECT_LE(err, 4.0 * std::max(naive_err, kF32Floor))
+        << what << ": fast " << err << ", naive f32 " << naive_err;
   };
   check("out", fast.out, naive.out, exact.out);
   check("lse", fast.lse, naive.lse, exact.lse);
@@ -183,8 +190,8 @@ TEST(Attention, BackwardAccumulates) {
   const std::vector<float> dq0 = random_floats(in.q_size(), 5), dk0 = random_floats(in.kv_size(), 6),
                            dv0 = random_floats(in.kv_size(), 7);
   std::vector<float> dq = dq0, dk = dk0, dv = dv0;
-  cpu::attention_backward(dq.data(), dk.data(), dv.data(), in.d_out.data(), in.q.data(), in.k.data(), in.v.data(),
-                          zero_start.out.data(), zero_start.lse.data(), in.doc_ptr(), in.shape);
+  cpu::attention_backward(dq.data(), dk.data(), dv.data(), in.d_out.data(), in.q.data(), in.k.data(),
+                          in.v.data(), zero_start.out.data(), zero_start.lse.data(), in.doc_ptr(), in.shape);
   auto check = [](const char* what, const std::vector<float>& got, const std::vector<float>& start,
                   const std::vector<float>& grad) {
     for (size_t i = 0; i < got.size(); ++i) {
@@ -236,7 +243,8 @@ TEST(Attention, ReferenceBackwardMatchesFiniteDifferences) {
   for (const Docs docs : {Docs::None, Docs::Packed}) {
     const AttentionShape s = make_shape(2, 6, 4, 2, 3);
     const Inputs in = make_inputs(s, docs, 555);
-    std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v), w = to_double(in.d_out);
+    std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v),
+                        w = to_double(in.d_out);
     std::vector<double> out(in.q_size()), lse(in.lse_size());
     auto loss = [&] {
       ref::attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), in.doc_ptr(), s);

@@ -23,7 +23,9 @@ constexpr double kEpsF32 = std::numeric_limits<float>::epsilon();
 
 // Absolute error of one f32 logit: a length-dim dot product of terms of size <= h_scale (h and W
 // are uniform in [-h_scale, h_scale] and [-1, 1]), whose rounding errors add like a random walk.
-double logit_error(int64_t dim, double h_scale) { return std::sqrt(double(dim)) * kEpsF32 * h_scale; }
+double logit_error(int64_t dim, double h_scale) {
+  return std::sqrt(double(dim)) * kEpsF32 * h_scale;
+}
 
 // A row's loss, lse(z) - z[target], moves by at most twice the largest logit error, plus about one
 // eps for the f32 exponentials (their sum is accumulated in double).
@@ -51,7 +53,8 @@ struct StoredWeight {
   std::vector<uint16_t> narrow;
   WeightRef ref;
 
-  StoredWeight(int64_t vocab, int64_t dim, DType dt, uint64_t seed) : values(random_floats(size_t(vocab * dim), seed)) {
+  StoredWeight(int64_t vocab, int64_t dim, DType dt, uint64_t seed)
+      : values(random_floats(size_t(vocab * dim), seed)) {
     if (dt != DType::F32) {
       narrow.resize(values.size());
       for (size_t i = 0; i < values.size(); ++i) {
@@ -59,7 +62,8 @@ struct StoredWeight {
         values[i] = dt == DType::BF16 ? bf16_to_f32(narrow[i]) : f16_to_f32(narrow[i]);
       }
     }
-    ref = WeightRef{dt == DType::F32 ? static_cast<const void*>(values.data()) : narrow.data(), dt, vocab, dim};
+    ref =
+        WeightRef{dt == DType::F32 ? static_cast<const void*>(values.data()) : narrow.data(), dt, vocab, dim};
   }
 };
 
@@ -73,13 +77,16 @@ TEST(LmHeadCrossEntropy, FastMatchesReference) {
   // 130 rows span three 64-row chunks (the last partial); rows 64..127 are all ignored, so one
   // chunk is skipped entirely. h_scale 30 gives logits in the hundreds: the log-softmax must be
   // the stable one.
-  const CeCase cases[] = {{1, 7, 33, DType::F32, 1.0f},       {33, 1025, 100, DType::F32, 1.0f},
-                          {130, 1025, 33, DType::BF16, 1.0f}, {130, 100, 7, DType::F16, 1.0f},
+  const CeCase cases[] = {{1, 7, 33, DType::F32, 1.0f},
+                          {33, 1025, 100, DType::F32, 1.0f},
+                          {130, 1025, 33, DType::BF16, 1.0f},
+                          {130, 100, 7, DType::F16, 1.0f},
                           {33, 1025, 33, DType::BF16, 30.0f}};
   uint64_t seed = 1;
   for (const CeCase& c : cases) {
-    SCOPED_TRACE("n=" + std::to_string(c.n_tokens) + " vocab=" + std::to_string(c.vocab) + " dim=" +
-                 std::to_string(c.dim) + " " + std::string(dtype_name(c.dtype)) + " scale=" + std::to_string(c.h_scale));
+    SCOPED_TRACE("n=" + std::to_string(c.n_tokens) + " vocab=" + std::to_string(c.vocab) +
+                 " dim=" + std::to_string(c.dim) + " " + std::string(dtype_name(c.dtype)) +
+                 " scale=" + std::to_string(c.h_scale));
     const StoredWeight w(c.vocab, c.dim, c.dtype, seed++);
     const std::vector<float> h = random_floats(size_t(c.n_tokens * c.dim), seed++, c.h_scale);
     std::vector<int32_t> targets = make_targets(c.n_tokens, c.vocab, seed++);
@@ -93,10 +100,10 @@ TEST(LmHeadCrossEntropy, FastMatchesReference) {
     const std::vector<float> dh0 = random_floats(h.size(), seed++, 0.01f);
     std::vector<float> dh_fast = dh0, dh_ref = dh0;
     int64_t valid_fast = -1, valid_ref = -1;
-    const double loss_fast =
-        cpu::lm_head_cross_entropy(dh_fast.data(), &valid_fast, h.data(), w.ref, targets.data(), c.n_tokens, grad_scale);
-    const double loss_ref =
-        ref::lm_head_cross_entropy(dh_ref.data(), &valid_ref, h.data(), w.ref, targets.data(), c.n_tokens, grad_scale);
+    const double loss_fast = cpu::lm_head_cross_entropy(dh_fast.data(), &valid_fast, h.data(), w.ref,
+                                                        targets.data(), c.n_tokens, grad_scale);
+    const double loss_ref = ref::lm_head_cross_entropy(dh_ref.data(), &valid_ref, h.data(), w.ref,
+                                                       targets.data(), c.n_tokens, grad_scale);
     EXPECT_EQ(valid_fast, expect_valid);
     EXPECT_EQ(valid_ref, expect_valid);
     EXPECT_LE(std::abs(loss_fast - loss_ref), loss_tolerance(expect_valid, c.dim, c.h_scale));
@@ -133,11 +140,12 @@ TEST(LmHeadCrossEntropy, GradientMatchesFiniteDifferences) {
   const auto w = [&wd](int64_t v, int64_t d) { return wd[size_t(v * dim + d)]; };
   int64_t n_valid = 0;
   const auto loss = [&] {
-    return grad_scale *
-           ref::lm_head_cross_entropy_loops<double>(nullptr, &n_valid, h.data(), w, vocab, dim, targets.data(), n, 1.0);
+    return grad_scale * ref::lm_head_cross_entropy_loops<double>(nullptr, &n_valid, h.data(), w, vocab, dim,
+                                                                 targets.data(), n, 1.0);
   };
   std::vector<double> dh(h.size(), 0.0);
-  ref::lm_head_cross_entropy_loops(dh.data(), &n_valid, h.data(), w, vocab, dim, targets.data(), n, grad_scale);
+  ref::lm_head_cross_entropy_loops(dh.data(), &n_valid, h.data(), w, vocab, dim, targets.data(), n,
+                                   grad_scale);
   EXPECT_EQ(n_valid, n - 1);
   const std::vector<double> numeric = test::numeric_gradient(h, loss);
   // Central differences of a smooth double function with h = 1e-6: truncation (~h^2 * f''')
@@ -148,8 +156,9 @@ TEST(LmHeadCrossEntropy, GradientMatchesFiniteDifferences) {
   // The fast f32 version against the same float64 gradient (h in [-2, 2]).
   const std::vector<float> hf(h.begin(), h.end());
   std::vector<float> dh_fast(h.size(), 0.0f);
-  cpu::lm_head_cross_entropy(dh_fast.data(), &n_valid, hf.data(), WeightRef{wf.data(), DType::F32, vocab, dim},
-                             targets.data(), n, float(grad_scale));
+  cpu::lm_head_cross_entropy(dh_fast.data(), &n_valid, hf.data(),
+                             WeightRef{wf.data(), DType::F32, vocab, dim}, targets.data(), n,
+                             float(grad_scale));
   EXPECT_LE(rel_norm_error(dh_fast, numeric), dh_tolerance(vocab, dim, 2.0));
 }
 

@@ -27,7 +27,9 @@ constexpr double kEpsF32 = std::numeric_limits<float>::epsilon();
 // once. Rounding errors of the K products and partial sums add like a random walk, so the relative
 // norm error of C grows as sqrt(K) * eps, plus one eps for rounding alpha * sum + beta * C
 // (measured: 5-10x below this bound). Narrow operands add nothing: bf16 and f16 widen exactly.
-double gemm_tolerance(int64_t K) { return (std::sqrt(double(K)) + 1.0) * kEpsF32; }
+double gemm_tolerance(int64_t K) {
+  return (std::sqrt(double(K)) + 1.0) * kEpsF32;
+}
 
 // A stored operand in one dtype, with its f32 values kept for building the reference.
 struct StoredMatrix {
@@ -61,9 +63,10 @@ struct GemmCase {
 
 std::string describe(const GemmCase& c) {
   return "M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) + " K=" + std::to_string(c.K) +
-         " ta=" + std::to_string(c.trans_a) + " tb=" + std::to_string(c.trans_b) + " A=" +
-         std::string(dtype_name(c.a_dtype)) + " B=" + std::string(dtype_name(c.b_dtype)) +
-         " pad=" + std::to_string(c.pad) + " alpha=" + std::to_string(c.alpha) + " beta=" + std::to_string(c.beta);
+         " ta=" + std::to_string(c.trans_a) + " tb=" + std::to_string(c.trans_b) +
+         " A=" + std::string(dtype_name(c.a_dtype)) + " B=" + std::string(dtype_name(c.b_dtype)) +
+         " pad=" + std::to_string(c.pad) + " alpha=" + std::to_string(c.alpha) +
+         " beta=" + std::to_string(c.beta);
 }
 
 void check_fast_matches_reference(const GemmCase& c, uint64_t seed) {
@@ -86,7 +89,8 @@ void check_fast_matches_reference(const GemmCase& c, uint64_t seed) {
         want_valid.push_back(want[at]);
       } else {
         // The padding between rows of C belongs to someone else.
-        ASSERT_TRUE(std::memcmp(&fast[at], &c_init[at], sizeof(float)) == 0) << "padding written at " << i << "," << j;
+        ASSERT_TRUE(std::memcmp(&fast[at], &c_init[at], sizeof(float)) == 0)
+            << "padding written at " << i << "," << j;
       }
     }
   }
@@ -96,8 +100,8 @@ void check_fast_matches_reference(const GemmCase& c, uint64_t seed) {
 TEST(Matmul, FastMatchesReferenceAcrossShapesTransposesAndDtypes) {
   // Shapes mix 1, 7, 33, 100 and 1025: single rows/columns, sizes off SIMD multiples, and (1025)
   // sizes that split a widened bf16/f16 operand into several tiles along N or K.
-  const int64_t shapes[][3] = {{1, 1, 1}, {7, 33, 100}, {33, 7, 1025}, {100, 1025, 7}, {1, 1025, 100},
-                               {7, 1025, 1025}};
+  const int64_t shapes[][3] = {{1, 1, 1},      {7, 33, 100},   {33, 7, 1025},
+                               {100, 1025, 7}, {1, 1025, 100}, {7, 1025, 1025}};
   const DType b_dtypes[] = {DType::F32, DType::BF16, DType::F16};
   uint64_t seed = 1;
   for (const auto& s : shapes) {
@@ -115,7 +119,8 @@ TEST(Matmul, NarrowLeftOperandAndBothNarrow) {
   uint64_t seed = 100;
   for (int t = 0; t < 4; ++t) {
     for (DType ad : dts) {
-      check_fast_matches_reference({1025, 7, 1025, bool(t & 1), bool(t & 2), ad, DType::F32, 0, 1.0f, 0.0f}, seed++);
+      check_fast_matches_reference({1025, 7, 1025, bool(t & 1), bool(t & 2), ad, DType::F32, 0, 1.0f, 0.0f},
+                                   seed++);
       check_fast_matches_reference({33, 1025, 100, bool(t & 1), bool(t & 2), ad, DType::BF16, 0, 1.0f, 0.0f},
                                    seed++);
     }
@@ -126,10 +131,11 @@ TEST(Matmul, PaddedLeadingDimensionsAlphaBeta) {
   uint64_t seed = 200;
   for (int t = 0; t < 4; ++t) {
     for (DType bd : {DType::F32, DType::BF16}) {
-      check_fast_matches_reference({33, 100, 1025, bool(t & 1), bool(t & 2), DType::F32, bd, 5, 1.5f, 0.5f}, seed++);
-      // N = K = 1025 splits an untransposed bf16 B along K: beta must apply to the first chunk only.
-      check_fast_matches_reference({7, 1025, 1025, bool(t & 1), bool(t & 2), DType::F32, bd, 3, -0.25f, 0.75f},
+      check_fast_matches_reference({33, 100, 1025, bool(t & 1), bool(t & 2), DType::F32, bd, 5, 1.5f, 0.5f},
                                    seed++);
+      // N = K = 1025 splits an untransposed bf16 B along K: beta must apply to the first chunk only.
+      check_fast_matches_reference(
+          {7, 1025, 1025, bool(t & 1), bool(t & 2), DType::F32, bd, 3, -0.25f, 0.75f}, seed++);
     }
   }
 }
@@ -137,25 +143,26 @@ TEST(Matmul, PaddedLeadingDimensionsAlphaBeta) {
 TEST(Matmul, EmptyInnerDimensionScalesC) {
   std::vector<float> c = {1.0f, 2.0f, 3.0f, 4.0f};
   const float dummy = 0.0f;
-  cpu::matmul(c.data(), 2, {&dummy, DType::F32, 1, false}, {&dummy, DType::F32, 2, false}, 2, 2, 0, 1.0f, 0.5f);
+  cpu::matmul(c.data(), 2, {&dummy, DType::F32, 1, false}, {&dummy, DType::F32, 2, false}, 2, 2, 0, 1.0f,
+              0.5f);
   EXPECT_EQ(c, (std::vector<float>{0.5f, 1.0f, 1.5f, 2.0f}));
 }
 
 TEST(Matmul, RejectsBadOperands) {
   std::vector<float> a(64), b(64), c(64);
   // lda 3 < K = 4 for an untransposed A.
-  EXPECT_THROW(cpu::matmul(c.data(), 4, {a.data(), DType::F32, 3, false}, {b.data(), DType::F32, 4, false}, 4, 4, 4,
-                           1.0f, 0.0f),
+  EXPECT_THROW(cpu::matmul(c.data(), 4, {a.data(), DType::F32, 3, false}, {b.data(), DType::F32, 4, false}, 4,
+                           4, 4, 1.0f, 0.0f),
                Error);
   // ldb 2 < K = 4 for a transposed B [N, K].
-  EXPECT_THROW(cpu::matmul(c.data(), 4, {a.data(), DType::F32, 4, false}, {b.data(), DType::BF16, 2, true}, 4, 4, 4,
-                           1.0f, 0.0f),
+  EXPECT_THROW(cpu::matmul(c.data(), 4, {a.data(), DType::F32, 4, false}, {b.data(), DType::BF16, 2, true}, 4,
+                           4, 4, 1.0f, 0.0f),
                Error);
-  EXPECT_THROW(cpu::matmul(c.data(), 4, {a.data(), DType::I32, 4, false}, {b.data(), DType::F32, 4, false}, 4, 4, 4,
-                           1.0f, 0.0f),
+  EXPECT_THROW(cpu::matmul(c.data(), 4, {a.data(), DType::I32, 4, false}, {b.data(), DType::F32, 4, false}, 4,
+                           4, 4, 1.0f, 0.0f),
                Error);
-  EXPECT_THROW(cpu::matmul(c.data(), 3, {a.data(), DType::F32, 4, false}, {b.data(), DType::F32, 4, false}, 4, 4, 4,
-                           1.0f, 0.0f),
+  EXPECT_THROW(cpu::matmul(c.data(), 3, {a.data(), DType::F32, 4, false}, {b.data(), DType::F32, 4, false}, 4,
+                           4, 4, 1.0f, 0.0f),
                Error);
 }
 
@@ -179,7 +186,8 @@ TEST(MatmulBackward, ReferenceMatchesFiniteDifferences) {
     // L = sum_ij G_ij C_ij, so dL/dA and dL/dB are exactly the backward's outputs for dC = G.
     const auto loss = [&] {
       std::vector<double> c(size_t(M * ldc), 0.0);
-      ref::matmul_loops(c.data(), ldc, DoubleReader{&a, lda, ta}, DoubleReader{&b, ldb, tb}, M, N, K, 1.0, 0.0);
+      ref::matmul_loops(c.data(), ldc, DoubleReader{&a, lda, ta}, DoubleReader{&b, ldb, tb}, M, N, K, 1.0,
+                        0.0);
       double l = 0;
       for (int64_t i = 0; i < M; ++i) {
         for (int64_t j = 0; j < N; ++j) l += g[size_t(i * ldc + j)] * c[size_t(i * ldc + j)];
@@ -187,8 +195,8 @@ TEST(MatmulBackward, ReferenceMatchesFiniteDifferences) {
       return l;
     };
     std::vector<double> da(a.size(), 0.0), db(b.size(), 0.0);
-    ref::matmul_backward_loops(da.data(), lda, ta, db.data(), ldb, tb, g.data(), ldc, DoubleReader{&a, lda, ta},
-                               DoubleReader{&b, ldb, tb}, M, N, K);
+    ref::matmul_backward_loops(da.data(), lda, ta, db.data(), ldb, tb, g.data(), ldc,
+                               DoubleReader{&a, lda, ta}, DoubleReader{&b, ldb, tb}, M, N, K);
     // L is bilinear, so central differences are exact up to rounding: ~1e-16 * |L| / h = 1e-10
     // relative (padding entries have zero gradient on both sides).
     EXPECT_LE(rel_norm_error(da, test::numeric_gradient(a, loss)), 1e-8);
@@ -203,7 +211,8 @@ TEST(MatmulBackward, FastMatchesReference) {
   for (int t = 0; t < 4; ++t) {
     for (DType bd : {DType::F32, DType::BF16}) {
       const bool ta = t & 1, tb = t & 2;
-      SCOPED_TRACE("ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) + " B=" + std::string(dtype_name(bd)));
+      SCOPED_TRACE("ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) +
+                   " B=" + std::string(dtype_name(bd)));
       const int64_t pad = 3;
       const StoredMatrix a(ta ? K : M, ta ? M : K, pad, DType::F32, seed++);
       const StoredMatrix b(tb ? N : K, tb ? K : N, pad, bd, seed++);
@@ -213,8 +222,10 @@ TEST(MatmulBackward, FastMatchesReference) {
       const std::vector<float> da0 = random_floats(a.values.size(), seed++);
       const std::vector<float> db0 = random_floats(b.values.size(), seed++);
       std::vector<float> da_fast = da0, db_fast = db0, da_ref = da0, db_ref = db0;
-      cpu::matmul_backward(da_fast.data(), db_fast.data(), dc.data(), ldc, a.operand(ta), b.operand(tb), M, N, K);
-      ref::matmul_backward(da_ref.data(), db_ref.data(), dc.data(), ldc, a.operand(ta), b.operand(tb), M, N, K);
+      cpu::matmul_backward(da_fast.data(), db_fast.data(), dc.data(), ldc, a.operand(ta), b.operand(tb), M, N,
+                           K);
+      ref::matmul_backward(da_ref.data(), db_ref.data(), dc.data(), ldc, a.operand(ta), b.operand(tb), M, N,
+                           K);
       // dA sums over N, dB over M: the same sqrt(length) * eps argument as the forward.
       EXPECT_LE(rel_norm_error(da_fast, da_ref), gemm_tolerance(N));
       EXPECT_LE(rel_norm_error(db_fast, db_ref), gemm_tolerance(M));

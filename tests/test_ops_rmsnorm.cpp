@@ -61,12 +61,15 @@ TEST(RmsNorm, FastMatchesReference) {
         cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.ref, rows, dim, eps);
         cpu::rmsnorm_backward(dx.data(), dw.data(), g.data(), x.data(), w.ref, rstd.data(), rows, dim);
 
-        const std::vector<double> xd = test::to_double(x), gd = test::to_double(g), wd = test::to_double(w.f32);
-        std::vector<double> out64(n), rstd64(static_cast<size_t>(rows)), dx64(n), dw64(static_cast<size_t>(dim));
+        const std::vector<double> xd = test::to_double(x), gd = test::to_double(g),
+                                  wd = test::to_double(w.f32);
+        std::vector<double> out64(n), rstd64(static_cast<size_t>(rows)), dx64(n),
+            dw64(static_cast<size_t>(dim));
         ref::rmsnorm_forward<double>(out64.data(), rstd64.data(), xd.data(), wd.data(), rows, dim, eps);
-        ref::rmsnorm_backward<double>(dx64.data(), dw64.data(), gd.data(), xd.data(), wd.data(), rstd64.data(),
-                                      rows, dim);
-        std::vector<float> out32(n), rstd32(static_cast<size_t>(rows)), dx32(n), dw32(static_cast<size_t>(dim));
+        ref::rmsnorm_backward<double>(dx64.data(), dw64.data(), gd.data(), xd.data(), wd.data(),
+                                      rstd64.data(), rows, dim);
+        std::vector<float> out32(n), rstd32(static_cast<size_t>(rows)), dx32(n),
+            dw32(static_cast<size_t>(dim));
         ref::rmsnorm_forward(out32.data(), rstd32.data(), x.data(), w.ref, rows, dim, eps);
         ref::rmsnorm_backward(dx32.data(), dw32.data(), g.data(), x.data(), w.ref, rstd32.data(), rows, dim);
 
@@ -170,11 +173,11 @@ TEST(RmsNorm, ReferenceBackwardMatchesFiniteDifferences) {
 TEST(RmsNorm, RejectsBadWeights) {
   std::vector<float> x(8, 1.0f), out(8), rstd(1);
   const std::vector<int32_t> ints(8, 1);
-  EXPECT_THROW(cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), WeightRef{ints.data(), DType::I32, 1, 8}, 1,
-                                    8, 1e-6f),
+  EXPECT_THROW(cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(),
+                                    WeightRef{ints.data(), DType::I32, 1, 8}, 1, 8, 1e-6f),
                Error);
-  EXPECT_THROW(cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), WeightRef{x.data(), DType::F32, 1, 7}, 1, 8,
-                                    1e-6f),
+  EXPECT_THROW(cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), WeightRef{x.data(), DType::F32, 1, 7},
+                                    1, 8, 1e-6f),
                Error);
 }
 

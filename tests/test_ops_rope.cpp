@@ -113,7 +113,8 @@ struct RopeCase {
 // contracted into FMAs differently, which moves each element by at most an ulp or two of its
 // operands: 4 ulps of relative norm error.
 TEST(Rope, FastMatchesReference) {
-  for (const RopeCase c : {RopeCase{1, 3, 32}, RopeCase{7, 3, 64}, RopeCase{33, 2, 80}, RopeCase{100, 4, 128}}) {
+  for (const RopeCase c :
+       {RopeCase{1, 3, 32}, RopeCase{7, 3, 64}, RopeCase{33, 2, 80}, RopeCase{100, 4, 128}}) {
     const std::vector<float> inv_freq = inv_freq_for(c.head_dim, 500000.0f);
     const size_t n = size_t(c.tokens) * size_t(c.heads * c.head_dim);
     const std::vector<int32_t> pos = random_positions(size_t(c.tokens), 11, 131072);

@@ -24,17 +24,21 @@ constexpr double kF32Floor = 4 * 5.96e-8;
 // the parallel path (>= 32k elements) and gates in [-12, 12), deep into both saturated tails.
 TEST(SwiGlu, FastMatchesReference) {
   for (const int64_t n : {1, 7, 33, 100, 100003}) {
-    const std::vector<float> gate = random_floats(size_t(n), 1, 12.0f), up = random_floats(size_t(n), 2, 2.0f),
-                             g = random_floats(size_t(n), 3);
-    std::vector<float> out(static_cast<size_t>(n)), d_gate(static_cast<size_t>(n)), d_up(static_cast<size_t>(n));
+    const std::vector<float> gate = random_floats(size_t(n), 1, 12.0f),
+                             up = random_floats(size_t(n), 2, 2.0f), g = random_floats(size_t(n), 3);
+    std::vector<float> out(static_cast<size_t>(n)), d_gate(static_cast<size_t>(n)),
+        d_up(static_cast<size_t>(n));
     cpu::swiglu_forward(out.data(), gate.data(), up.data(), n);
     cpu::swiglu_backward(d_gate.data(), d_up.data(), g.data(), gate.data(), up.data(), n);
 
-    const std::vector<double> gate64 = test::to_double(gate), up64 = test::to_double(up), g64 = test::to_double(g);
-    std::vector<double> out64(static_cast<size_t>(n)), d_gate64(static_cast<size_t>(n)), d_up64(static_cast<size_t>(n));
+    const std::vector<double> gate64 = test::to_double(gate), up64 = test::to_double(up),
+                              g64 = test::to_double(g);
+    std::vector<double> out64(static_cast<size_t>(n)), d_gate64(static_cast<size_t>(n)),
+        d_up64(static_cast<size_t>(n));
     ref::swiglu_forward<double>(out64.data(), gate64.data(), up64.data(), n);
     ref::swiglu_backward<double>(d_gate64.data(), d_up64.data(), g64.data(), gate64.data(), up64.data(), n);
-    std::vector<float> out32(static_cast<size_t>(n)), d_gate32(static_cast<size_t>(n)), d_up32(static_cast<size_t>(n));
+    std::vector<float> out32(static_cast<size_t>(n)), d_gate32(static_cast<size_t>(n)),
+        d_up32(static_cast<size_t>(n));
     ref::swiglu_forward(out32.data(), gate.data(), up.data(), n);
     ref::swiglu_backward(d_gate32.data(), d_up32.data(), g.data(), gate.data(), up.data(), n);
 

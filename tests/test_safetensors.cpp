@@ -60,13 +60,16 @@ void expect_error(const std::function<void()>& f, const std::vector<std::string>
     f();
   } catch (const Error& e) {
     const std::string msg = e.what();
-    for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+    for (const std::string& p : parts)
+      EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
     return;
   }
   ADD_FAILURE() << "no tf::Error thrown; expected one mentioning '" << parts.back() << "'";
 }
 
-std::span<const std::byte> as_bytes_of(const std::vector<float>& v) { return std::as_bytes(std::span(v)); }
+std::span<const std::byte> as_bytes_of(const std::vector<float>& v) {
+  return std::as_bytes(std::span(v));
+}
 
 template <typename T>
 std::vector<T> values_of(const SafetensorsTensor& t) {
@@ -119,7 +122,8 @@ TEST_F(SafetensorsTest, RoundTripKeepsBytesShapesAndMetadataAndAlignsEveryTensor
   // Data order: element sizes never grow, and within one size the given order is kept.
   std::vector<std::string> order;
   for (const SafetensorsTensor& t : f.tensors()) order.push_back(t.name);
-  EXPECT_EQ(order, (std::vector<std::string>{"layers.0.weight", "ids", "scalar", "empty", "bf16.odd", "half"}));
+  EXPECT_EQ(order,
+            (std::vector<std::string>{"layers.0.weight", "ids", "scalar", "empty", "bf16.odd", "half"}));
   EXPECT_EQ(f.view("layers.0.weight").as<const float>()[14], f32[14]);
   EXPECT_EQ(f.view("layers.0.weight").shape_str(), "[3, 5]");
 
@@ -137,25 +141,40 @@ TEST_F(SafetensorsTest, WriteReplacesAtomicallyAndCleansUpOnFailure) {
   EXPECT_EQ(values_of<float>(SafetensorsFile::open(path).get("x")), b);
 
   // Invalid input is refused before anything is written: the old file stays.
-  expect_error([&] {
-    write_safetensors(path, std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {2}, as_bytes_of(a)},
-                                                                {"x", StDType::F32, {2}, as_bytes_of(a)}});
-  }, {path, "'x'", "given twice"});
-  expect_error([&] {
-    write_safetensors(path, std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {3}, as_bytes_of(a)}});
-  }, {path, "needs 12 bytes but 8 were given"});
-  expect_error([&] {
-    write_safetensors(path, std::vector<SafetensorsWriteTensor>{{"__metadata__", StDType::F32, {2}, as_bytes_of(a)}});
-  }, {path, "reserved"});
-  expect_error([&] {
-    write_safetensors(path, std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {1, 1, 1, 1, 2}, as_bytes_of(a)}});
-  }, {path, "5 dimensions"});
+  expect_error(
+      [&] {
+        write_safetensors(path,
+                          std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {2}, as_bytes_of(a)},
+                                                              {"x", StDType::F32, {2}, as_bytes_of(a)}});
+      },
+      {path, "'x'", "given twice"});
+  expect_error(
+      [&] {
+        write_safetensors(path,
+                          std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {3}, as_bytes_of(a)}});
+      },
+      {path, "needs 12 bytes but 8 were given"});
+  expect_error(
+      [&] {
+        write_safetensors(
+            path, std::vector<SafetensorsWriteTensor>{{"__metadata__", StDType::F32, {2}, as_bytes_of(a)}});
+      },
+      {path, "reserved"});
+  expect_error(
+      [&] {
+        write_safetensors(
+            path, std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {1, 1, 1, 1, 2}, as_bytes_of(a)}});
+      },
+      {path, "5 dimensions"});
   EXPECT_EQ(values_of<float>(SafetensorsFile::open(path).get("x")), b);
 
   const std::string missing_dir = file("no/such/dir/w.safetensors");
-  expect_error([&] {
-    write_safetensors(missing_dir, std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {2}, as_bytes_of(a)}});
-  }, {missing_dir, "temporary file"});
+  expect_error(
+      [&] {
+        write_safetensors(missing_dir,
+                          std::vector<SafetensorsWriteTensor>{{"x", StDType::F32, {2}, as_bytes_of(a)}});
+      },
+      {missing_dir, "temporary file"});
   size_t entries = 0;
   for (const auto& e : fs::directory_iterator(dir_)) entries += e.path().filename() != "no" ? 1 : 0;
   EXPECT_EQ(entries, 1u) << "a temporary file was left behind";
@@ -165,7 +184,7 @@ TEST_F(SafetensorsTest, ReadsAFileWrittenByThePythonPackage) {
   const std::string path = std::string(TIGHTFIT_FIXTURES) + "/python_small.safetensors";
   const SafetensorsFile f = SafetensorsFile::open(path);
   EXPECT_EQ(f.metadata(), (std::map<std::string, std::string>{{"format", "pt"},
-                                                               {"source", "make_safetensors_fixture.py"}}));
+                                                              {"source", "make_safetensors_fixture.py"}}));
   EXPECT_EQ(f.tensors().size(), 8u);
   EXPECT_EQ(values_of<float>(f.get("f32")), (std::vector<float>{-1.0f, -0.5f, 0.0f, 0.5f, 1.0f, 1.5f}));
   EXPECT_EQ(f.get("f32").shape, (std::vector<int64_t>{2, 3}));
@@ -178,8 +197,7 @@ TEST_F(SafetensorsTest, ReadsAFileWrittenByThePythonPackage) {
   EXPECT_EQ(f16_to_f32(h.as<const uint16_t>()[0]), 0.5f);
   EXPECT_EQ(f16_to_f32(h.as<const uint16_t>()[1]), -65504.0f);
   EXPECT_EQ(f16_to_f32(h.as<const uint16_t>()[2]), std::ldexp(1.0f, -14));
-  EXPECT_EQ(values_of<int32_t>(f.get("i32")),
-            (std::vector<int32_t>{INT32_MIN, -1, 0, 1, INT32_MAX}));
+  EXPECT_EQ(values_of<int32_t>(f.get("i32")), (std::vector<int32_t>{INT32_MIN, -1, 0, 1, INT32_MAX}));
   EXPECT_EQ(f.view("scalar").ndim, 0);
   EXPECT_EQ(f.view("scalar").as<const float>()[0], 42.0f);
   EXPECT_EQ(f.get("empty").shape, (std::vector<int64_t>{0, 3}));
@@ -215,10 +233,11 @@ TEST_F(SafetensorsTest, EveryTruncationIsRefused) {
   const std::vector<float> a = {1, 2, 3};
   const std::vector<int32_t> b = {4, 5};
   const std::string good = file("good.safetensors");
-  write_safetensors(good, std::vector<SafetensorsWriteTensor>{
-                              {"a", StDType::F32, {3}, as_bytes_of(a)},
-                              {"b", StDType::I32, {2}, std::as_bytes(std::span(b))}},
-                    {{"k", "v"}});
+  write_safetensors(
+      good,
+      std::vector<SafetensorsWriteTensor>{{"a", StDType::F32, {3}, as_bytes_of(a)},
+                                          {"b", StDType::I32, {2}, std::as_bytes(std::span(b))}},
+      {{"k", "v"}});
   const std::string bytes = read_bytes(good);
   const std::string cut = file("cut.safetensors");
   for (size_t n = 0; n < bytes.size(); ++n) {
@@ -226,18 +245,24 @@ TEST_F(SafetensorsTest, EveryTruncationIsRefused) {
     write_bytes(cut, bytes.substr(0, n));
     expect_error([&] { (void)SafetensorsFile::open(cut); }, {cut});
   }
-  expect_error([&] {
-    write_bytes(cut, bytes.substr(0, 5));
-    (void)SafetensorsFile::open(cut);
-  }, {"5 bytes, too short"});
-  expect_error([&] {
-    write_bytes(cut, bytes.substr(0, 20));
-    (void)SafetensorsFile::open(cut);
-  }, {"runs past the end of the file"});
-  expect_error([&] {
-    write_bytes(cut, bytes.substr(0, bytes.size() - 1));
-    (void)SafetensorsFile::open(cut);
-  }, {"run past the end of the data section"});
+  expect_error(
+      [&] {
+        write_bytes(cut, bytes.substr(0, 5));
+        (void)SafetensorsFile::open(cut);
+      },
+      {"5 bytes, too short"});
+  expect_error(
+      [&] {
+        write_bytes(cut, bytes.substr(0, 20));
+        (void)SafetensorsFile::open(cut);
+      },
+      {"runs past the end of the file"});
+  expect_error(
+      [&] {
+        write_bytes(cut, bytes.substr(0, bytes.size() - 1));
+        (void)SafetensorsFile::open(cut);
+      },
+      {"run past the end of the data section"});
 }
 
 TEST_F(SafetensorsTest, HeaderLengthIsCheckedBeforeUse) {
@@ -247,7 +272,8 @@ TEST_F(SafetensorsTest, HeaderLengthIsCheckedBeforeUse) {
   write_bytes(p, u64_le(kMaxSafetensorsHeader + 1) + "{}");
   expect_error([&] { (void)SafetensorsFile::open(p); }, {p, "exceeds the 100000000-byte limit"});
   write_bytes(p, u64_le(50) + std::string(12, ' '));
-  expect_error([&] { (void)SafetensorsFile::open(p); }, {p, "header length 50 runs past the end of the file (20 bytes)"});
+  expect_error([&] { (void)SafetensorsFile::open(p); },
+               {p, "header length 50 runs past the end of the file (20 bytes)"});
   // A sparse file larger than the limit: the length is refused without reading (or allocating) it.
   write_bytes(p, u64_le(kMaxSafetensorsHeader + 8));
   ASSERT_EQ(::truncate(p.c_str(), off_t(2 * kMaxSafetensorsHeader)), 0);
@@ -279,15 +305,18 @@ TEST_F(SafetensorsTest, MalformedHeadersNameTheFileTensorAndProblem) {
       {R"({"a":)" + entry("F7", "[2]", "[0,8]") + "}", 8, "tensor 'a': unknown dtype 'F7' (known: F64, F32"},
       {R"({"a":{"shape":[2],"data_offsets":[0,8]}})", 8, "tensor 'a': 'dtype' is missing"},
       {R"({"a":)" + entry("F32", "[-2]", "[0,8]") + "}", 8, "tensor 'a': shape dimension 0 is negative (-2)"},
-      {R"({"a":)" + entry("F32", "[2.0]", "[0,8]") + "}", 8, "tensor 'a': shape dimension 0 is not an integer"},
+      {R"({"a":)" + entry("F32", "[2.0]", "[0,8]") + "}", 8,
+       "tensor 'a': shape dimension 0 is not an integer"},
       {R"({"a":)" + entry("F32", R"(["2"])", "[0,8]") + "}", 8, "shape dimension 0 is not an integer"},
       {R"({"a":)" + entry("F32", "2", "[0,8]") + "}", 8, "tensor 'a': 'shape' is missing or not an array"},
       {R"({"a":)" + entry("F32", "[1,1,1,1,2]", "[0,8]") + "}", 8, "tensor 'a': shape has 5 dimensions"},
-      {R"({"a":)" + entry("U8", "[4294967296,4294967296,2]", "[0,8]") + "}", 8, "has more elements than 2^64"},
+      {R"({"a":)" + entry("U8", "[4294967296,4294967296,2]", "[0,8]") + "}", 8,
+       "has more elements than 2^64"},
       {R"({"a":)" + entry("F32", "[4611686018427387904]", "[0,8]") + "}", 8, "needs more than 2^64 bytes"},
       {R"({"a":)" + entry("U8", "[9223372036854775808]", "[0,8]") + "}", 8, "does not fit in int64"},
       {R"({"a":)" + entry("F32", "[1e30]", "[0,8]") + "}", 8, "is not an integer"},
-      {R"({"a":)" + entry("F32", "[2]", "[0,400]") + "}", 8, "tensor 'a': data_offsets [0, 400] run past the end"},
+      {R"({"a":)" + entry("F32", "[2]", "[0,400]") + "}", 8,
+       "tensor 'a': data_offsets [0, 400] run past the end"},
       {R"({"a":)" + entry("F32", "[2]", "[0]") + "}", 8, "not a [begin, end] pair"},
       {R"({"a":)" + entry("F32", "[2]", "[8,0]") + "}", 8, "end before they begin"},
       {R"({"a":)" + entry("F32", "[2]", "[-8,0]") + "}", 8, "are not non-negative integers"},
@@ -296,7 +325,8 @@ TEST_F(SafetensorsTest, MalformedHeadersNameTheFileTensorAndProblem) {
        "tensor 'b' [4, 12) overlaps tensor 'a' [0, 8)"},
       {"{" + a_ok + R"(,"b":)" + entry("I32", "[1]", "[12,16]") + "}", 16,
        "gap of 4 bytes between tensor 'a' (ends at 8) and tensor 'b' (begins at 12)"},
-      {R"({"a":)" + entry("F32", "[2]", "[4,12]") + "}", 12, "does not start at offset 0: the first tensor, 'a'"},
+      {R"({"a":)" + entry("F32", "[2]", "[4,12]") + "}", 12,
+       "does not start at offset 0: the first tensor, 'a'"},
       {"{" + a_ok + "}", 12, "the tensors end at data offset 8 but the data section holds 12 bytes"},
       {"{}", 4, "the tensors end at data offset 0 but the data section holds 4 bytes"},
       {"{" + a_ok + "," + a_ok + "}", 8, "duplicate name 'a'"},
@@ -315,17 +345,18 @@ TEST_F(SafetensorsTest, MalformedHeadersNameTheFileTensorAndProblem) {
     expect_error([&] { (void)SafetensorsFile::open(p); }, {p + ": ", c.expected});
   }
   // Zero-sized tensors may share an offset with each other and with the next tensor's start.
-  write_raw(p, R"({"e":)" + entry("F32", "[0]", "[0,0]") + R"(,"z":)" + entry("F16", "[3,0]", "[0,0]") + "," +
-                   a_ok + "}",
+  write_raw(p,
+            R"({"e":)" + entry("F32", "[0]", "[0,0]") + R"(,"z":)" + entry("F16", "[3,0]", "[0,0]") + "," +
+                a_ok + "}",
             8);
   EXPECT_EQ(SafetensorsFile::open(p).tensors().size(), 3u);
 }
 
 TEST_F(SafetensorsTest, ShardedModelsLookUpAcrossShardsAndValidateTheIndex) {
   const std::vector<float> a = {1, 2}, b = {3}, c = {4, 5, 6};
-  write_safetensors(file("s1.safetensors"), std::vector<SafetensorsWriteTensor>{
-                                                {"a", StDType::F32, {2}, as_bytes_of(a)},
-                                                {"b", StDType::F32, {1}, as_bytes_of(b)}});
+  write_safetensors(file("s1.safetensors"),
+                    std::vector<SafetensorsWriteTensor>{{"a", StDType::F32, {2}, as_bytes_of(a)},
+                                                        {"b", StDType::F32, {1}, as_bytes_of(b)}});
   write_safetensors(file("s2.safetensors"),
                     std::vector<SafetensorsWriteTensor>{{"c", StDType::F32, {3}, as_bytes_of(c)}});
   const std::string index = file("model.safetensors.index.json");
@@ -343,15 +374,18 @@ TEST_F(SafetensorsTest, ShardedModelsLookUpAcrossShardsAndValidateTheIndex) {
   EXPECT_EQ(m.find("d"), nullptr);
 
   write_index(R"({"a":"s1.safetensors","b":"s1.safetensors","c":"s3.safetensors"})");
-  expect_error([&] { (void)SafetensorsModel::open(index); }, {index, "shard 's3.safetensors'", "does not exist"});
+  expect_error([&] { (void)SafetensorsModel::open(index); },
+               {index, "shard 's3.safetensors'", "does not exist"});
   for (const std::string bad : {"../s2.safetensors", "sub/s2.safetensors", "/tmp/s2.safetensors", "..", "",
                                 "s2.safetensors\\u0000x", R"(..\\s2.safetensors)"}) {
     SCOPED_TRACE(bad);
     write_index(R"({"a":"s1.safetensors","b":"s1.safetensors","c":")" + bad + R"("})");
-    expect_error([&] { (void)SafetensorsModel::open(index); }, {index, "tensor 'c'", "not a plain file name"});
+    expect_error([&] { (void)SafetensorsModel::open(index); },
+                 {index, "tensor 'c'", "not a plain file name"});
   }
   // Control bytes in a name are escaped so the message is neither cut short nor a terminal sequence.
-  write_index(R"({"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors","d\u0000\u001b":"s2.safetensors"})");
+  write_index(
+      R"({"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors","d\u0000\u001b":"s2.safetensors"})");
   expect_error([&] { (void)SafetensorsModel::open(index); }, {index, "tensor 'd\\x00\\x1b' is mapped"});
   write_index(R"({"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors","d":"s2.safetensors"})");
   expect_error([&] { (void)SafetensorsModel::open(index); },
@@ -360,9 +394,11 @@ TEST_F(SafetensorsTest, ShardedModelsLookUpAcrossShardsAndValidateTheIndex) {
   expect_error([&] { (void)SafetensorsModel::open(index); },
                {index, "shard 's1.safetensors' holds tensor 'b', which the weight_map does not list"});
   write_index(R"({"a":"s1.safetensors","b":"s1.safetensors","c":"s2.safetensors","c":"s1.safetensors"})");
-  expect_error([&] { (void)SafetensorsModel::open(index); }, {index, "duplicate key 'c' inside 'weight_map'"});
+  expect_error([&] { (void)SafetensorsModel::open(index); },
+               {index, "duplicate key 'c' inside 'weight_map'"});
   write_index(R"(["s1.safetensors"])");
-  expect_error([&] { (void)SafetensorsModel::open(index); }, {index, "'weight_map' is missing or not an object"});
+  expect_error([&] { (void)SafetensorsModel::open(index); },
+               {index, "'weight_map' is missing or not an object"});
   write_index("{}");
   expect_error([&] { (void)SafetensorsModel::open(index); }, {index, "'weight_map' is empty"});
   write_bytes(index, "{\"weight_map\":");

@@ -30,7 +30,8 @@ std::string launch_error(const std::function<void()>& launch) {
 
 void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
   EXPECT_FALSE(msg.empty()) << "the launch did not fail";
-  for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
+  for (const char* p : parts)
+    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
 }
 
 // Every test with a planted bug runs under several seeds: a checker that only catches a bug under
@@ -60,10 +61,12 @@ TEST(SimtPlantedBug, MissingBarrierIsReportedAsARace) {
   DeviceBuffer out(sizeof(float), "out", sizeof(float));
   for (uint64_t seed : kSeeds) {
     tf::sim::set_seed(seed);
-    const std::string msg = launch_error(
-        [&] { tf::sim::launch("tree_sum_missing_barrier", tree_sum<false>, 1, 128, 0, dx.as<float>(), out.as<float>()); });
-    expect_contains(msg, {"shared-memory race", "kernel 'tree_sum_missing_barrier'", "block (0,0,0)", "'vals'[",
-                          "no barrier between"});
+    const std::string msg = launch_error([&] {
+      tf::sim::launch("tree_sum_missing_barrier", tree_sum<false>, 1, 128, 0, dx.as<float>(),
+                      out.as<float>());
+    });
+    expect_contains(msg, {"shared-memory race", "kernel 'tree_sum_missing_barrier'", "block (0,0,0)",
+                          "'vals'[", "no barrier between"});
   }
   tf::sim::set_seed(1);
   tf::sim::launch("tree_sum", tree_sum<true>, 1, 128, 0, dx.as<float>(), out.as<float>());
@@ -134,7 +137,8 @@ TEST(SimtPlantedBug, OffByOneTileEdgeIsCaught) {
   for (uint64_t seed : kSeeds) {
     tf::sim::set_seed(seed);
     const std::string msg = launch_error([&] {
-      tf::sim::launch("transpose_edge_off_by_one", transpose<true>, grid, block, 0, din.as<float>(), dout.as<float>(), n);
+      tf::sim::launch("transpose_edge_off_by_one", transpose<true>, grid, block, 0, din.as<float>(),
+                      dout.as<float>(), n);
     });
     // Inside the matrix the stray column lands in the next row, which only a wrong result shows;
     // either a shared tile element nobody loaded or the end of 'out' gives it away.
@@ -163,8 +167,8 @@ TEST(SimtPlantedBug, OutOfBoundsWriteNamesBufferAndElement) {
   tf::sim::set_seed(1);
   // 100 elements, 2 blocks of 64: threads 100..127 of the grid run past the end. Reads come first,
   // so the first report is the read of v[100] or later.
-  const std::string msg =
-      launch_error([&] { tf::sim::launch("scale_unguarded", scale<false>, 2, 64, 0, v.as<float>(), 100, 2.0f); });
+  const std::string msg = launch_error(
+      [&] { tf::sim::launch("scale_unguarded", scale<false>, 2, 64, 0, v.as<float>(), 100, 2.0f); });
   expect_contains(msg, {"out-of-bounds read of 4 bytes", "kernel 'scale_unguarded'", "block (1,0,0)",
                         "global buffer 'v'[", "bytes past its end"});
   auto fresh = DeviceBuffer::from(std::vector<float>(100, 1.0f), "v");  // the failed launch wrote part of v
@@ -172,12 +176,16 @@ TEST(SimtPlantedBug, OutOfBoundsWriteNamesBufferAndElement) {
   for (float x : fresh.to_vector<float>()) ASSERT_EQ(x, 2.0f);
 }
 
-__global__ void write_past_end(port::gptr<int> v) { v[int(threadIdx.x) + 1] = 7; }
+__global__ void write_past_end(port::gptr<int> v) {
+  v[int(threadIdx.x) + 1] = 7;
+}
 
 TEST(SimtPlantedBug, OutOfBoundsWriteIsCaughtBeforeItLands) {
   auto v = DeviceBuffer::from(std::vector<int>(32, 0), "v");
-  const std::string msg = launch_error([&] { tf::sim::launch("write_past_end", write_past_end, 1, 32, 0, v.as<int>()); });
-  expect_contains(msg, {"out-of-bounds write of 4 bytes", "thread (31,0,0)", "global buffer 'v'[32]", "4 bytes past its end"});
+  const std::string msg =
+      launch_error([&] { tf::sim::launch("write_past_end", write_past_end, 1, 32, 0, v.as<int>()); });
+  expect_contains(msg, {"out-of-bounds write of 4 bytes", "thread (31,0,0)", "global buffer 'v'[32]",
+                        "4 bytes past its end"});
 }
 
 // ---- planted bug: wrong fragment lane mapping ---------------------------------------------------------
@@ -208,13 +216,14 @@ double mma_tile_error(bool wrong) {
   const auto b = tf::test::to_bf16(tf::test::random_floats(128, 4));
   auto da = DeviceBuffer::from(a, "a"), db = DeviceBuffer::from(b, "b");
   DeviceBuffer dd(128 * sizeof(float), "d", sizeof(float));
-  tf::sim::launch(wrong ? "mma_tile_wrong_layout" : "mma_tile", wrong ? mma_tile<true> : mma_tile<false>, 1, 32, 0,
-                  da.as<uint16_t>(), db.as<uint16_t>(), dd.as<float>());
+  tf::sim::launch(wrong ? "mma_tile_wrong_layout" : "mma_tile", wrong ? mma_tile<true> : mma_tile<false>, 1,
+                  32, 0, da.as<uint16_t>(), db.as<uint16_t>(), dd.as<float>());
   std::vector<double> want(128, 0.0);
   for (int r = 0; r < 16; ++r) {
     for (int n = 0; n < 8; ++n) {
       for (int k = 0; k < 16; ++k) {
-        want[size_t(r * 8 + n)] += double(tf::bf16_to_f32(a[size_t(r * 16 + k)])) * tf::bf16_to_f32(b[size_t(k * 8 + n)]);
+        want[size_t(r * 8 + n)] +=
+            double(tf::bf16_to_f32(a[size_t(r * 16 + k)])) * tf::bf16_to_f32(b[size_t(k * 8 + n)]);
       }
     }
   }
@@ -226,7 +235,8 @@ TEST(SimtPlantedBug, WrongFragmentLaneMappingGivesWrongResults) {
   // register mixes in other rows' products, an O(1) relative error.
   EXPECT_LT(mma_tile_error(false), 1e-6);
   const double wrong = mma_tile_error(true);
-  EXPECT_GT(wrong, 0.3) << "mma_tile_wrong_layout: swapping A fragment registers a1/a2 should change D entirely";
+  EXPECT_GT(wrong, 0.3)
+      << "mma_tile_wrong_layout: swapping A fragment registers a1/a2 should change D entirely";
 }
 
 // ---- other checks --------------------------------------------------------------------------------------
@@ -240,8 +250,10 @@ __global__ void read_unwritten(port::gptr<float> out) {
 
 TEST(SimtCheck, UninitialisedSharedReadIsReported) {
   DeviceBuffer out(64 * sizeof(float), "out", sizeof(float));
-  const std::string msg = launch_error([&] { tf::sim::launch("read_unwritten", read_unwritten, 1, 64, 0, out.as<float>()); });
-  expect_contains(msg, {"read of uninitialised shared memory", "kernel 'read_unwritten'", "shared array 'scratch'["});
+  const std::string msg =
+      launch_error([&] { tf::sim::launch("read_unwritten", read_unwritten, 1, 64, 0, out.as<float>()); });
+  expect_contains(
+      msg, {"read of uninitialised shared memory", "kernel 'read_unwritten'", "shared array 'scratch'["});
 }
 
 __global__ void early_exit_then_barrier(port::gptr<float> out) {
@@ -263,14 +275,17 @@ TEST(SimtCheck, BarrierNotReachedByEveryThreadIsReported) {
   DeviceBuffer out(64 * sizeof(float), "out", sizeof(float));
   for (uint64_t seed : kSeeds) {
     tf::sim::set_seed(seed);
-    const std::string msg = launch_error(
-        [&] { tf::sim::launch("early_exit_then_barrier", early_exit_then_barrier, 1, 64, 0, out.as<float>()); });
-    expect_contains(msg, {"barrier not reached by every thread", "kernel 'early_exit_then_barrier'", "exited"});
+    const std::string msg = launch_error([&] {
+      tf::sim::launch("early_exit_then_barrier", early_exit_then_barrier, 1, 64, 0, out.as<float>());
+    });
+    expect_contains(msg,
+                    {"barrier not reached by every thread", "kernel 'early_exit_then_barrier'", "exited"});
   }
   tf::sim::set_seed(1);
-  const std::string msg =
-      launch_error([&] { tf::sim::launch("divergent_barriers", divergent_barriers, 1, 64, 0, out.as<float>()); });
-  expect_contains(msg, {"meet at different __syncthreads", "kernel 'divergent_barriers'", "test_simt_checks.cpp:"});
+  const std::string msg = launch_error(
+      [&] { tf::sim::launch("divergent_barriers", divergent_barriers, 1, 64, 0, out.as<float>()); });
+  expect_contains(
+      msg, {"meet at different __syncthreads", "kernel 'divergent_barriers'", "test_simt_checks.cpp:"});
 }
 
 __global__ void mismatched_masks(port::gptr<int> out) {
@@ -291,9 +306,11 @@ TEST(SimtCheck, WarpCollectiveMaskProblemsAreReported) {
     expect_contains(msg, {"warp collective mismatch", "kernel 'mismatched_masks'", "0xffff", "0xffffffff"});
   }
   tf::sim::set_seed(1);
-  const std::string msg = launch_error(
-      [&] { tf::sim::launch("shuffle_from_outside_mask", shuffle_from_outside_mask, 1, 32, 0, out.as<int>()); });
-  expect_contains(msg, {"reads lane 1", "which is not in the mask 0xffff", "kernel 'shuffle_from_outside_mask'"});
+  const std::string msg = launch_error([&] {
+    tf::sim::launch("shuffle_from_outside_mask", shuffle_from_outside_mask, 1, 32, 0, out.as<int>());
+  });
+  expect_contains(msg,
+                  {"reads lane 1", "which is not in the mask 0xffff", "kernel 'shuffle_from_outside_mask'"});
 }
 
 __global__ void big_static_smem(port::gptr<float> out) {
@@ -311,35 +328,45 @@ __global__ void use_dynamic(port::gptr<float> out) {
 
 TEST(SimtCheck, LimitsOfSm90AreEnforced) {
   DeviceBuffer out(1024 * sizeof(float), "out", sizeof(float));
-  expect_contains(
-      launch_error([&] { tf::sim::launch("too_many_threads", use_dynamic, 1, dim3(512, 3), 0, out.as<float>()); }),
-      {"1536 threads per block", "limit of 1024", "too_many_threads"});
-  expect_contains(launch_error([&] { tf::sim::launch("deep_block", use_dynamic, 1, dim3(1, 1, 65), 0, out.as<float>()); }),
+  expect_contains(launch_error([&] {
+                    tf::sim::launch("too_many_threads", use_dynamic, 1, dim3(512, 3), 0, out.as<float>());
+                  }),
+                  {"1536 threads per block", "limit of 1024", "too_many_threads"});
+  expect_contains(launch_error([&] {
+                    tf::sim::launch("deep_block", use_dynamic, 1, dim3(1, 1, 65), 0, out.as<float>());
+                  }),
                   {"block dimensions exceed", "deep_block"});
-  expect_contains(launch_error([&] { tf::sim::launch("wide_block", use_dynamic, 1, 1025, 0, out.as<float>()); }),
-                  {"block dimensions exceed", "wide_block"});
+  expect_contains(
+      launch_error([&] { tf::sim::launch("wide_block", use_dynamic, 1, 1025, 0, out.as<float>()); }),
+      {"block dimensions exceed", "wide_block"});
   expect_contains(launch_error([&] {
                     tf::sim::launch("too_much_dynamic", use_dynamic, 1, 32, 227 * 1024 + 1, out.as<float>());
                   }),
                   {"232449 bytes of dynamic shared memory", "too_much_dynamic"});
-  expect_contains(launch_error([&] { tf::sim::launch("big_static_smem", big_static_smem, 1, 32, 0, out.as<float>()); }),
-                  {"static shared memory", "'big'", "48 KB", "big_static_smem"});
+  expect_contains(
+      launch_error([&] { tf::sim::launch("big_static_smem", big_static_smem, 1, 32, 0, out.as<float>()); }),
+      {"static shared memory", "'big'", "48 KB", "big_static_smem"});
   // Dynamic shared memory up to the opt-in limit works, and its bounds are its launch size.
   tf::sim::launch("use_dynamic", use_dynamic, 1, 1024, 227 * 1024, out.as<float>());
   EXPECT_EQ(out.to_vector<float>()[5], 6.0f);
-  expect_contains(launch_error([&] { tf::sim::launch("use_dynamic", use_dynamic, 1, 64, 128, out.as<float>()); }),
-                  {"out-of-bounds write", "shared array 'dynamic'", "of 128)", "past its end"});
+  expect_contains(
+      launch_error([&] { tf::sim::launch("use_dynamic", use_dynamic, 1, 64, 128, out.as<float>()); }),
+      {"out-of-bounds write", "shared array 'dynamic'", "of 128)", "past its end"});
 }
 
-__global__ void copy_one(port::gptr<const float> in, port::gptr<float> out) { out[threadIdx.x] = in[threadIdx.x]; }
+__global__ void copy_one(port::gptr<const float> in, port::gptr<float> out) {
+  out[threadIdx.x] = in[threadIdx.x];
+}
 
 TEST(SimtCheck, HostPointersAndNullPointersAreRejected) {
   std::vector<float> host(32, 1.0f);
   DeviceBuffer out(32 * sizeof(float), "out", sizeof(float));
-  expect_contains(launch_error([&] { tf::sim::launch("copy_one", copy_one, 1, 32, 0, host.data(), out.as<float>()); }),
-                  {"not in any sim::DeviceBuffer"});
+  expect_contains(
+      launch_error([&] { tf::sim::launch("copy_one", copy_one, 1, 32, 0, host.data(), out.as<float>()); }),
+      {"not in any sim::DeviceBuffer"});
   expect_contains(launch_error([&] {
-                    tf::sim::launch("copy_one", copy_one, 1, 32, 0, static_cast<const float*>(nullptr), out.as<float>());
+                    tf::sim::launch("copy_one", copy_one, 1, 32, 0, static_cast<const float*>(nullptr),
+                                    out.as<float>());
                   }),
                   {"read of 4 bytes through a null pointer", "kernel 'copy_one'"});
 }
@@ -360,9 +387,11 @@ TEST(SimtCheck, CpAsyncDataIsVisibleOnlyAfterItsWait) {
   const auto x = tf::test::random_floats(128, 2);
   auto din = DeviceBuffer::from(x, "in");
   DeviceBuffer out(32 * sizeof(float), "out", sizeof(float));
-  expect_contains(
-      launch_error([&] { tf::sim::launch("async_copy_no_wait", async_copy<false>, 1, 32, 0, din.as<float>(), out.as<float>()); }),
-      {"read of uninitialised shared memory", "'stage'["});
+  expect_contains(launch_error([&] {
+                    tf::sim::launch("async_copy_no_wait", async_copy<false>, 1, 32, 0, din.as<float>(),
+                                    out.as<float>());
+                  }),
+                  {"read of uninitialised shared memory", "'stage'["});
   tf::sim::launch("async_copy", async_copy<true>, 1, 32, 0, din.as<float>(), out.as<float>());
   const auto got = out.to_vector<float>();
   for (size_t t = 0; t < 32; ++t) ASSERT_EQ(got[t], x[(4 * t + 5) % 128]);

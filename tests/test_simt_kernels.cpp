@@ -30,7 +30,8 @@ void expect_bijection(int rows, int cols, int per_lane, F coord) {
   for (int lane = 0; lane < 32; ++lane) {
     for (int i = 0; i < per_lane; ++i) {
       const tf::sim::FragCoord p = coord(lane, i);
-      ASSERT_TRUE(p.row >= 0 && p.row < rows && p.col >= 0 && p.col < cols) << "lane " << lane << " element " << i;
+      ASSERT_TRUE(p.row >= 0 && p.row < rows && p.col >= 0 && p.col < cols)
+          << "lane " << lane << " element " << i;
       EXPECT_TRUE(seen.insert({p.row, p.col}).second) << "lane " << lane << " element " << i << " repeats";
     }
   }
@@ -88,8 +89,8 @@ void check_ldmatrix() {
       const int r0 = kTrans ? 2 * (lane % 4) : lane / 4, c0 = kTrans ? lane / 4 : 2 * (lane % 4);
       const int r1 = kTrans ? r0 + 1 : r0, c1 = kTrans ? c0 : c0 + 1;
       const uint32_t want = uint32_t(8 * (8 * j + r0) + c0) | uint32_t(8 * (8 * j + r1) + c1) << 16;
-      EXPECT_EQ(got[size_t(lane * 4 + j)], want) << "x" << kNum << (kTrans ? ".trans" : "") << " lane " << lane
-                                                 << " register " << j;
+      EXPECT_EQ(got[size_t(lane * 4 + j)], want)
+          << "x" << kNum << (kTrans ? ".trans" : "") << " lane " << lane << " register " << j;
     }
   }
 }
@@ -108,8 +109,8 @@ TEST(SimtLdmatrix, DistributesRowsAsThePtxIsaSays) {
 // One warp computes D = A B + C for A [16,16] and B [16,8] (row-major, 16-bit bit patterns) and C,
 // D [16,8] f32, gathering its fragments with the PTX ISA's formulas written out here.
 template <bool kF16>
-__global__ void mma_probe(port::gptr<const uint16_t> a, port::gptr<const uint16_t> b, port::gptr<const float> c,
-                          port::gptr<float> d) {
+__global__ void mma_probe(port::gptr<const uint16_t> a, port::gptr<const uint16_t> b,
+                          port::gptr<const float> c, port::gptr<float> d) {
   const int lane = int(threadIdx.x), group = lane / 4, in_group = lane % 4;
   auto pack = [](uint16_t lo, uint16_t hi) { return uint32_t(lo) | uint32_t(hi) << 16; };
   uint32_t af[4], bf[2];
@@ -140,8 +141,8 @@ void check_mma() {
   for (size_t i = 0; i < b.size(); ++i) b[i] = kF16 ? tf::f32_to_f16(bf[i]) : tf::f32_to_bf16(bf[i]);
   auto da = DeviceBuffer::from(a, "a"), db = DeviceBuffer::from(b, "b"), dc = DeviceBuffer::from(cf, "c");
   DeviceBuffer dd(16 * 8 * sizeof(float), "d", sizeof(float));
-  tf::sim::launch("mma_probe", mma_probe<kF16>, 1, 32, 0, da.as<uint16_t>(), db.as<uint16_t>(), dc.as<float>(),
-                  dd.as<float>());
+  tf::sim::launch("mma_probe", mma_probe<kF16>, 1, 32, 0, da.as<uint16_t>(), db.as<uint16_t>(),
+                  dc.as<float>(), dd.as<float>());
   const auto d = dd.to_vector<float>();
   auto val = [&](uint16_t h) { return double(kF16 ? tf::f16_to_f32(h) : tf::bf16_to_f32(h)); };
   for (int r = 0; r < 16; ++r) {
@@ -152,7 +153,8 @@ void check_mma() {
         mag += std::fabs(val(a[size_t(r * 16 + k)]) * val(b[size_t(k * 8 + n)]));
       }
       // 16 products (exact in f32) and C summed in f32: at most 17 roundings of partial sums.
-      EXPECT_NEAR(d[size_t(r * 8 + n)], want, 17 * kU32 * mag) << (kF16 ? "f16" : "bf16") << " D[" << r << "][" << n << "]";
+      EXPECT_NEAR(d[size_t(r * 8 + n)], want, 17 * kU32 * mag)
+          << (kF16 ? "f16" : "bf16") << " D[" << r << "][" << n << "]";
     }
   }
 }
@@ -217,15 +219,17 @@ void check_gemm(const GemmCase& g, uint64_t seed) {
     for (int j = 0; j < g.n; ++j) {
       double want = 0, mag = 0;
       for (int p = 0; p < g.k; ++p) {
-        const size_t bi = g.b_is_nk ? size_t(j) * size_t(g.k) + size_t(p) : size_t(p) * size_t(g.n) + size_t(j);
-        const double prod = double(tf::bf16_to_f32(a[size_t(i) * size_t(g.k) + size_t(p)])) * tf::bf16_to_f32(b[bi]);
+        const size_t bi =
+            g.b_is_nk ? size_t(j) * size_t(g.k) + size_t(p) : size_t(p) * size_t(g.n) + size_t(j);
+        const double prod =
+            double(tf::bf16_to_f32(a[size_t(i) * size_t(g.k) + size_t(p)])) * tf::bf16_to_f32(b[bi]);
         want += prod;
         mag += std::fabs(prod);
       }
       const double got = c[size_t(i) * size_t(g.n) + size_t(j)];
       if (!(std::fabs(got - want) <= gamma * mag) && bad++ < 3) {
-        ADD_FAILURE() << "C[" << i << "][" << j << "] = " << got << ", CPU reference " << want << " (m " << g.m
-                      << " n " << g.n << " k " << g.k << (g.b_is_nk ? ", B [n,k])" : ", B [k,n])");
+        ADD_FAILURE() << "C[" << i << "][" << j << "] = " << got << ", CPU reference " << want << " (m "
+                      << g.m << " n " << g.n << " k " << g.k << (g.b_is_nk ? ", B [n,k])" : ", B [k,n])");
       }
     }
   }

@@ -36,7 +36,8 @@ TrainConfig train_config(int64_t steps, float lr) {
 TEST(Trainer, TinyModelHalvesItsLossIn100Steps) {
   const LlamaConfig cfg = tiny_config(64);
   // std 0.25 lets logits reach ~8 through the frozen head, enough to express the rule.
-  LlamaModel model(init_random_weights(cfg, DType::BF16, 42, 0.25f), lora_r8(), CheckpointPolicy::PerBlock, 4 * 32);
+  LlamaModel model(init_random_weights(cfg, DType::BF16, 42, 0.25f), lora_r8(), CheckpointPolicy::PerBlock,
+                   4 * 32);
   Trainer trainer(model, train_config(100, 1e-2f));
   const BatchData eval = synthetic_batch(4, 32, cfg.vocab, 1000, 16);
   const double before = model.forward_loss(eval.view(true)).mean();
@@ -64,7 +65,8 @@ TEST(Trainer, AccumulationMatchesOneLargeBatch) {
   const BatchData whole = synthetic_batch(2, 16, cfg.vocab, 3, 8, 2);
   BatchData half0 = whole, half1 = whole;
   for (BatchData* h : {&half0, &half1}) h->batch = 1;
-  for (auto* v : {&half1.tokens, &half1.targets, &half1.positions, &half1.doc_ids}) v->erase(v->begin(), v->begin() + 16);
+  for (auto* v : {&half1.tokens, &half1.targets, &half1.positions, &half1.doc_ids})
+    v->erase(v->begin(), v->begin() + 16);
   LlamaModel a(init_random_weights(cfg, DType::F32, 1), lora_r8(), CheckpointPolicy::None, 32);
   LlamaModel b(init_random_weights(cfg, DType::F32, 1), lora_r8(), CheckpointPolicy::None, 32);
   Trainer ta(a, train_config(10, 1e-3f)), tb(b, train_config(10, 1e-3f));

@@ -20,8 +20,8 @@ struct TempDir {
   std::filesystem::path dir;
   TempDir() {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::string name = std::string("tf-") + info->test_suite_name() + "-" + info->name() + "-" +
-                       std::to_string(::getpid());
+    std::string name =
+        std::string("tf-") + info->test_suite_name() + "-" + info->name() + "-" + std::to_string(::getpid());
     std::replace(name.begin(), name.end(), '/', '_');  // parameterized names hold a '/'
     dir = std::filesystem::temp_directory_path() / name;
     std::filesystem::remove_all(dir);

@@ -1,7 +1,8 @@
 // defines: tf::cpu::adamw_update
+#include "kernels/cpu/ref/adamw.h"
+
 #include <cmath>
 
-#include "kernels/cpu/ref/adamw.h"
 #include "kernels/ops.h"
 
 namespace tf::cpu {

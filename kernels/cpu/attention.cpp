@@ -9,6 +9,8 @@
 // results are bit-identical for any thread count: the forward runs one task per (batch, head,
 // query block); the backward runs one pass with a task per (batch, kv head, key block) that owns
 // dk/dv of those keys, and a second with a task per (batch, head, query block) that owns dq.
+#include "kernels/cpu/ref/attention.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -16,7 +18,6 @@
 #include <cstdint>
 #include <limits>
 
-#include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
 
@@ -154,7 +155,8 @@ float* scratch_floats(ScratchSlot slot, size_t floats) {
 class Scratch {
  public:
   Scratch(size_t floats_per_thread, int n_threads)
-      : stride_((floats_per_thread + 15) / 16 * 16), base_(scratch_floats(kSlotTiles, stride_ * size_t(n_threads))) {}
+      : stride_((floats_per_thread + 15) / 16 * 16),
+        base_(scratch_floats(kSlotTiles, stride_ * size_t(n_threads))) {}
   float* thread(int t) { return base_ + stride_ * size_t(t); }
 
  private:
@@ -162,7 +164,9 @@ class Scratch {
   float* base_;
 };
 
-int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+int64_t blocks(int64_t n, int64_t block) {
+  return (n + block - 1) / block;
+}
 
 // The running state of online softmax for up to max_rows query rows, carved from caller scratch
 // (max_rows * (D + 2) floats): the unnormalized output O [rows][D] and each row's running max and
@@ -215,7 +219,9 @@ class OnlineSoftmax {
     for (int64_t d = 0; d < D_; ++d) out[d] = O_[r * D_ + d] * inv;
   }
 
-  float lse(int64_t r) const { return row_max_[r] + std::log(row_sum_[r]); }
+  float lse(int64_t r) const {
+    return row_max_[r] + std::log(row_sum_[r]);
+  }
 
  private:
   float* O_;
@@ -292,9 +298,9 @@ namespace {
 // dP = dO V^T of the d_out rows doblk against the transposed values Vt. lse_rows and delta_rows
 // point at the tile's first query row (stride n_heads). Both backward passes call this, so they
 // see the same P.
-void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const int32_t* doc, const float* qblk,
-                       const float* doblk, const float* Kt, const float* Vt, const float* lse_rows,
-                       const float* delta_rows, const Geometry& g) {
+void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const int32_t* doc,
+                       const float* qblk, const float* doblk, const float* Kt, const float* Vt,
+                       const float* lse_rows, const float* delta_rows, const Geometry& g) {
   tile_scores(S, qblk, g.q_row, t.nq, Kt, g.head_dim, g.scale);
   if (mask == TileMask::Partial) mask_scores(S, doc, t);
   tile_scores(dP, doblk, g.q_row, t.nq, Vt, g.head_dim, 1.0f);

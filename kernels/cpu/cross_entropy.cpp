@@ -1,9 +1,10 @@
 // defines: tf::cpu::lm_head_cross_entropy (chunks of rows: logits via tf::cpu::matmul, stable
 // log-softmax, d_h through a second matmul; the [n_tokens, vocab] logits never exist)
+#include "kernels/cpu/ref/cross_entropy.h"
+
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/cpu/ref/cross_entropy.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
 
@@ -15,8 +16,8 @@ namespace {
 constexpr int64_t kChunkRows = 64;
 }  // namespace
 
-double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W, const int32_t* targets,
-                             int64_t n_tokens, float grad_scale) {
+double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
+                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
   const int64_t vocab = W.rows;
   const int64_t dim = W.cols;
   ref::check_targets(targets, n_tokens, vocab);
@@ -32,8 +33,8 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
     const int64_t rows = std::min(kChunkRows, n_tokens - r0);
     const int32_t* t = targets + r0;
     if (std::all_of(t, t + rows, [](int32_t x) { return x == kIgnoreIndex; })) continue;
-    matmul(logits, vocab, MatOperand{h + r0 * dim, DType::F32, dim, false}, w_transposed, rows, vocab, dim, 1.0f,
-           0.0f);
+    matmul(logits, vocab, MatOperand{h + r0 * dim, DType::F32, dim, false}, w_transposed, rows, vocab, dim,
+           1.0f, 0.0f);
     double chunk_loss = 0;
     int64_t chunk_count = 0;
 #pragma omp parallel for schedule(static) reduction(+ : chunk_loss, chunk_count)
@@ -61,7 +62,9 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
     }
     loss += chunk_loss;
     count += chunk_count;
-    if (d_h) matmul(d_h + r0 * dim, dim, MatOperand{logits, DType::F32, vocab, false}, w, rows, dim, vocab, 1.0f, 1.0f);
+    if (d_h)
+      matmul(d_h + r0 * dim, dim, MatOperand{logits, DType::F32, vocab, false}, w, rows, dim, vocab, 1.0f,
+             1.0f);
   }
   *n_valid = count;
   return loss;

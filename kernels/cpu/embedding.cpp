@@ -1,8 +1,9 @@
 // defines: tf::cpu::embedding_forward, tf::cpu::embedding_backward
+#include "kernels/cpu/ref/embedding.h"
+
 #include <algorithm>
 
 #include "kernels/cpu/ref/element.h"
-#include "kernels/cpu/ref/embedding.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
 
@@ -20,14 +21,15 @@ void embedding_forward(float* out, const int32_t* tokens, int64_t n_tokens, Weig
   const char* base = static_cast<const char*>(table.data);
   const int64_t row_bytes = dim * int64_t(dtype_size(table.dtype));
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < n_tokens; ++n) widen_to_f32(out + n * dim, base + tokens[n] * row_bytes, table.dtype, dim);
+  for (int64_t n = 0; n < n_tokens; ++n)
+    widen_to_f32(out + n * dim, base + tokens[n] * row_bytes, table.dtype, dim);
 }
 
 // Repeated tokens add into the same row, so the work is split by columns rather than tokens: no
 // two threads touch the same element, and each element sums its tokens in order, exactly as the
 // reference does.
-void embedding_backward(float* d_table, const float* d_out, const int32_t* tokens, int64_t n_tokens, int64_t vocab,
-                        int64_t dim) {
+void embedding_backward(float* d_table, const float* d_out, const int32_t* tokens, int64_t n_tokens,
+                        int64_t vocab, int64_t dim) {
   ref::check_tokens("embedding_backward", tokens, n_tokens, vocab);
   const int64_t blocks = (dim + kBackwardColumnBlock - 1) / kBackwardColumnBlock;
 #pragma omp parallel for schedule(static) if (n_tokens * dim >= (int64_t(1) << 16))

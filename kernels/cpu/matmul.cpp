@@ -40,8 +40,8 @@ void check_operand(const char* name, const MatOperand& x, bool outer_major, int6
   TF_CHECK(x.dtype == DType::F32 || x.dtype == DType::BF16 || x.dtype == DType::F16, "matmul: operand ", name,
            " has dtype ", dtype_name(x.dtype), "; expected f32, bf16 or f16");
   const int64_t cols = outer_major ? K : outer;
-  TF_CHECK(x.ld >= std::max<int64_t>(1, cols) && x.ld <= INT_MAX, "matmul: operand ", name, " has leading dimension ",
-           x.ld, " but its stored rows hold ", cols, " elements");
+  TF_CHECK(x.ld >= std::max<int64_t>(1, cols) && x.ld <= INT_MAX, "matmul: operand ", name,
+           " has leading dimension ", x.ld, " but its stored rows hold ", cols, " elements");
   TF_CHECK(x.data != nullptr || outer == 0 || K == 0, "matmul: operand ", name, " is null");
 }
 
@@ -51,7 +51,8 @@ MatOperand widen_tile(const MatOperand& x, bool outer_major, int64_t o0, int64_t
                       float* dst) {
   const int64_t rows = outer_major ? on : kn;
   const int64_t cols = outer_major ? kn : on;
-  const char* first = static_cast<const char*>(x.data) + stored_offset(x, outer_major, o0, k0) * int64_t(dtype_size(x.dtype));
+  const char* first =
+      static_cast<const char*>(x.data) + stored_offset(x, outer_major, o0, k0) * int64_t(dtype_size(x.dtype));
   const int64_t row_bytes = x.ld * int64_t(dtype_size(x.dtype));
 #pragma omp parallel for schedule(static) if (rows * cols >= kParallelWidenElems)
   for (int64_t r = 0; r < rows; ++r) widen_to_f32(dst + r * cols, first + r * row_bytes, x.dtype, cols);
@@ -59,15 +60,15 @@ MatOperand widen_tile(const MatOperand& x, bool outer_major, int64_t o0, int64_t
 }
 
 MatOperand f32_block(const MatOperand& x, bool outer_major, int64_t o0, int64_t k0) {
-  return MatOperand{static_cast<const float*>(x.data) + stored_offset(x, outer_major, o0, k0), DType::F32, x.ld,
-                    x.trans};
+  return MatOperand{static_cast<const float*>(x.data) + stored_offset(x, outer_major, o0, k0), DType::F32,
+                    x.ld, x.trans};
 }
 
 void sgemm(float* C, int64_t ldc, const MatOperand& a, const MatOperand& b, int64_t M, int64_t N, int64_t K,
            float alpha, float beta) {
   cblas_sgemm(CblasRowMajor, a.trans ? CblasTrans : CblasNoTrans, b.trans ? CblasTrans : CblasNoTrans, int(M),
-              int(N), int(K), alpha, static_cast<const float*>(a.data), int(a.ld), static_cast<const float*>(b.data),
-              int(b.ld), beta, C, int(ldc));
+              int(N), int(K), alpha, static_cast<const float*>(a.data), int(a.ld),
+              static_cast<const float*>(b.data), int(b.ld), beta, C, int(ldc));
 }
 
 // Tile length along K preferred by a narrow operand: whole stored rows (up to kMaxTileRow) when
@@ -88,8 +89,8 @@ int64_t outer_extent(bool outer_major, int64_t outer, int64_t kc) {
 
 void matmul(float* C, int64_t ldc, MatOperand A, MatOperand B, int64_t M, int64_t N, int64_t K, float alpha,
             float beta) {
-  TF_CHECK(M >= 0 && N >= 0 && K >= 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX, "matmul: bad shape M=", M,
-           " N=", N, " K=", K);
+  TF_CHECK(M >= 0 && N >= 0 && K >= 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX,
+           "matmul: bad shape M=", M, " N=", N, " K=", K);
   const bool a_outer_major = !A.trans;
   const bool b_outer_major = B.trans;
   check_operand("A", A, a_outer_major, M, K);
@@ -135,8 +136,8 @@ void matmul(float* C, int64_t ldc, MatOperand A, MatOperand B, int64_t M, int64_
 
 // With G = dC: dA += G op(B)^T, stored transposed (dA^T += op(B) G^T) when A is; likewise
 // dB += op(A)^T G, or dB^T += G^T op(A).
-void matmul_backward(float* dA, float* dB, const float* dC, int64_t ldc, MatOperand A, MatOperand B, int64_t M,
-                     int64_t N, int64_t K) {
+void matmul_backward(float* dA, float* dB, const float* dC, int64_t ldc, MatOperand A, MatOperand B,
+                     int64_t M, int64_t N, int64_t K) {
   const MatOperand g{dC, DType::F32, ldc, false};
   const MatOperand g_t{dC, DType::F32, ldc, true};
   if (dA) {

@@ -12,7 +12,8 @@ namespace tf {
 // then a multiply), so the frequencies agree with the Python ones to within an ulp or two (powf
 // and division-by-scalar rounding may differ between libraries).
 void rope_inv_freq(const RopeParams& p, float* inv_freq) {
-  TF_CHECK(p.head_dim > 0 && p.head_dim % 2 == 0, "rope head_dim must be positive and even, got ", p.head_dim);
+  TF_CHECK(p.head_dim > 0 && p.head_dim % 2 == 0, "rope head_dim must be positive and even, got ",
+           p.head_dim);
   TF_CHECK(p.theta > 0.0f, "rope theta must be positive, got ", p.theta);
   const int half = p.head_dim / 2;
   for (int i = 0; i < half; ++i) {
@@ -59,8 +60,8 @@ namespace {
 // and shared by all heads; the values are the same float32 expressions as the reference.
 void rope_rotate(float* x, const int32_t* pos, const float* inv_freq, int64_t n_tokens, int n_heads,
                  int head_dim, RopeLayout layout, float sign) {
-  TF_CHECK(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024, "rope head_dim must be even and in [2, 1024], got ",
-           head_dim);
+  TF_CHECK(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024,
+           "rope head_dim must be even and in [2, 1024], got ", head_dim);
   const int half = head_dim / 2;
   // Below about 32k elements the OpenMP fork/join costs more than the rotation.
 #pragma omp parallel for schedule(static) if (n_tokens * n_heads * head_dim >= (1 << 15))

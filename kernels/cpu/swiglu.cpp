@@ -9,7 +9,9 @@ namespace {
 // Below this many elements the OpenMP fork/join costs more than the loop.
 constexpr int64_t kParallelMin = 1 << 15;
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float sigmoid(float x) {
+  return 1.0f / (1.0f + std::exp(-x));
+}
 }  // namespace
 
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) {

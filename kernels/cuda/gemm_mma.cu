@@ -23,8 +23,8 @@ constexpr int kChunk = 8;              // bf16 elements per 16-byte cp.async
 
 template <bool kBIsNK>
 __global__ void __launch_bounds__(kThreads)
-    gemm_bf16_mma_kernel(port::gptr<const uint16_t> a, port::gptr<const uint16_t> b, port::gptr<float> c, int m,
-                         int n, int k) {
+    gemm_bf16_mma_kernel(port::gptr<const uint16_t> a, port::gptr<const uint16_t> b, port::gptr<float> c,
+                         int m, int n, int k) {
   constexpr int kStageA = kTileM * kLdA;
   constexpr int kStageB = kBIsNK ? kTileN * kLdBnk : kTileK * kLdBkn;
   TF_SHARED(uint16_t, a_tile, 2 * kStageA);
@@ -48,14 +48,16 @@ __global__ void __launch_bounds__(kThreads)
         const int row = i / (kTileK / kChunk), col = i % (kTileK / kChunk) * kChunk;
         const bool inside = n0 + row < n && k0 + col < k;
         port::cp_async_16(b_tile + stage * kStageB + row * kLdBnk + col,
-                          inside ? b + (size_t(n0 + row) * size_t(k) + size_t(k0 + col)) : b, inside ? 16 : 0);
+                          inside ? b + (size_t(n0 + row) * size_t(k) + size_t(k0 + col)) : b,
+                          inside ? 16 : 0);
       }
     } else {
       for (int i = tid; i < kTileK * kTileN / kChunk; i += kThreads) {
         const int row = i / (kTileN / kChunk), col = i % (kTileN / kChunk) * kChunk;
         const bool inside = k0 + row < k && n0 + col < n;
         port::cp_async_16(b_tile + stage * kStageB + row * kLdBkn + col,
-                          inside ? b + (size_t(k0 + row) * size_t(n) + size_t(n0 + col)) : b, inside ? 16 : 0);
+                          inside ? b + (size_t(k0 + row) * size_t(n) + size_t(n0 + col)) : b,
+                          inside ? 16 : 0);
       }
     }
   };
@@ -90,9 +92,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int np = 0; np < 2; ++np) {
         uint32_t r[4];
         if constexpr (kBIsNK) {
-          port::ldmatrix<4>(r, bs + (warp_n + np * 16 + lane % 8 + lane / 16 * 8) * kLdBnk + kk + lane / 8 % 2 * 8);
+          port::ldmatrix<4>(
+              r, bs + (warp_n + np * 16 + lane % 8 + lane / 16 * 8) * kLdBnk + kk + lane / 8 % 2 * 8);
         } else {
-          port::ldmatrix<4, true>(r, bs + (kk + lane % 8 + lane / 8 % 2 * 8) * kLdBkn + warp_n + np * 16 + lane / 16 * 8);
+          port::ldmatrix<4, true>(
+              r, bs + (kk + lane % 8 + lane / 8 % 2 * 8) * kLdBkn + warp_n + np * 16 + lane / 16 * 8);
         }
         bf[2 * np][0] = r[0];
         bf[2 * np][1] = r[1];
@@ -138,8 +142,8 @@ void gemm_bf16_mma(const GemmBf16Args& args) {
   if (args.m == 0 || args.n == 0) return;
   const dim3 grid(unsigned((args.n + kTileN - 1) / kTileN), unsigned((args.m + kTileM - 1) / kTileM));
   port::launch(args.b_is_nk ? gemm_bf16_mma_kernel<true> : gemm_bf16_mma_kernel<false>,
-               port::LaunchConfig{"gemm_bf16_mma", grid, dim3(kThreads)}, args.a, args.b, args.c, args.m, args.n,
-               args.k);
+               port::LaunchConfig{"gemm_bf16_mma", grid, dim3(kThreads)}, args.a, args.b, args.c, args.m,
+               args.n, args.k);
 }
 
 }  // namespace tf::TF_PORT_BACKEND

@@ -58,7 +58,7 @@ struct type_identity {
 
 #define TF_UNROLL _Pragma("unroll")
 #define TF_SHARED(T, name, count) __shared__ __align__(16) T name[count]
-#define TF_DYNAMIC_SHARED(T, name)                                \
+#define TF_DYNAMIC_SHARED(T, name)                                  \
   extern __shared__ __align__(16) unsigned char tf_dynamic_smem_[]; \
   T* name = reinterpret_cast<T*>(tf_dynamic_smem_)
 
@@ -75,8 +75,8 @@ __device__ __forceinline__ U* ptr_cast(T* p) {
   return reinterpret_cast<U*>(p);
 }
 
-__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                                  const float (&c)[4]) {
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2], const float (&c)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%10,%11,%12,%13};\n"
@@ -85,8 +85,8 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
         "f"(c[3]));
 }
 
-__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                                 const float (&c)[4]) {
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2], const float (&c)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%10,%11,%12,%13};\n"
@@ -104,7 +104,9 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kNum], const T* row) {
   } else if constexpr (kNum == 1) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
   } else if constexpr (kNum == 2 && !kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
   } else if constexpr (kNum == 2) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                  : "=r"(r[0]), "=r"(r[1])
@@ -121,12 +123,16 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kNum], const T* row) {
 }
 
 template <typename T>
-__device__ __forceinline__ void cp_async_16(T* dst, const typename type_identity<T>::type* src, int src_bytes = 16) {
+__device__ __forceinline__ void cp_async_16(T* dst, const typename type_identity<T>::type* src,
+                                            int src_bytes = 16) {
   const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(src_bytes) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(src_bytes)
+               : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -148,7 +154,7 @@ __device__ __forceinline__ void cp_async_wait() {
 #define blockDim (::tf::sim::block_dim())
 #define gridDim (::tf::sim::grid_dim())
 
-#define TF_SHARED(T, name, count)                                                           \
+#define TF_SHARED(T, name, count)                                                         \
   static const ::tf::sim::SharedDecl name##_decl_{#name, sizeof(T) * (count), sizeof(T)}; \
   const ::tf::sim::Ptr<T> name = ::tf::sim::region_ptr<T>(::tf::sim::static_shared(name##_decl_))
 #define TF_DYNAMIC_SHARED(T, name) \
@@ -161,7 +167,8 @@ inline constexpr int warpSize = ::tf::sim::kWarpSize;
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
   ::tf::sim::syncthreads(loc);
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu, std::source_location loc = std::source_location::current()) {
+inline void __syncwarp(unsigned mask = 0xffffffffu,
+                       std::source_location loc = std::source_location::current()) {
   ::tf::sim::syncwarp(mask, loc);
 }
 template <typename T>
@@ -184,7 +191,8 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize,
                   std::source_location loc = std::source_location::current()) {
   return ::tf::sim::shfl(::tf::sim::ShflKind::Xor, mask, v, lane_mask, width, loc);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
+inline unsigned __ballot_sync(unsigned mask, int pred,
+                              std::source_location loc = std::source_location::current()) {
   return ::tf::sim::vote(::tf::sim::VoteKind::Ballot, mask, pred != 0, loc);
 }
 inline int __any_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
@@ -225,11 +233,13 @@ using sptr = sim::Ptr<T>;
 using stream_t = void*;
 using sim::ptr_cast;
 
-inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                              const float (&c)[4],
                               std::source_location loc = std::source_location::current()) {
   sim::mma_m16n8k16(sim::MmaType::BF16, d, a, b, c, loc);
 }
-inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const float (&c)[4],
                              std::source_location loc = std::source_location::current()) {
   sim::mma_m16n8k16(sim::MmaType::F16, d, a, b, c, loc);
 }
@@ -245,7 +255,9 @@ void cp_async_16(sptr<T> dst, typename type_identity<gptr<const T>>::type src, i
                  std::source_location loc = std::source_location::current()) {
   sim::cp_async(dst.region(), dst.addr(), src.region(), src.addr(), 16, src_bytes, loc);
 }
-inline void cp_async_commit() { sim::cp_async_commit(); }
+inline void cp_async_commit() {
+  sim::cp_async_commit();
+}
 template <int kPending>
 void cp_async_wait() {
   sim::cp_async_wait(kPending);
@@ -272,7 +284,8 @@ void launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) 
   sim::launch(cfg.name, kernel, cfg.grid, cfg.block, cfg.dynamic_smem, std::forward<Args>(args)...);
 #else
   auto check = [&](cudaError_t e) {
-    if (e != cudaSuccess) throw Error(detail::concat("launch of kernel '", cfg.name, "': ", cudaGetErrorString(e)));
+    if (e != cudaSuccess)
+      throw Error(detail::concat("launch of kernel '", cfg.name, "': ", cudaGetErrorString(e)));
   };
   if (cfg.dynamic_smem > 48 * 1024) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cfg.dynamic_smem)));

@@ -142,7 +142,9 @@ Launch& current() {
   return *g_launch;
 }
 
-std::string fmt_dim(const Dim3& d) { return detail::concat("(", d.x, ",", d.y, ",", d.z, ")"); }
+std::string fmt_dim(const Dim3& d) {
+  return detail::concat("(", d.x, ",", d.y, ",", d.z, ")");
+}
 std::string fmt_loc(const std::source_location& l) {
   std::string f = l.file_name();
   const size_t slash = f.find_last_of('/');
@@ -154,7 +156,8 @@ std::string fmt_mask(unsigned m) {
   return os.str();
 }
 std::string fmt_thread(const Thread& t) {
-  return detail::concat("thread ", fmt_dim(t.idx), " [warp ", t.tid / kWarpSize, " lane ", t.tid % kWarpSize, "]");
+  return detail::concat("thread ", fmt_dim(t.idx), " [warp ", t.tid / kWarpSize, " lane ", t.tid % kWarpSize,
+                        "]");
 }
 std::string fmt_block(const Launch& L) {
   return detail::concat("kernel '", L.spec.kernel, "', block ", fmt_dim(L.block_idx));
@@ -162,8 +165,10 @@ std::string fmt_block(const Launch& L) {
 // "'tile'[12] (byte 48 of 1024)" for the element of region r at addr.
 std::string fmt_place(const Region& r, uintptr_t addr) {
   const auto off = std::ptrdiff_t(addr - uintptr_t(r.base));
-  std::string s = detail::concat(r.space == Space::Shared ? "shared array '" : "global buffer '", r.name, "'");
-  if (r.elem_size && off >= 0 && off % std::ptrdiff_t(r.elem_size) == 0) s += detail::concat("[", off / std::ptrdiff_t(r.elem_size), "]");
+  std::string s =
+      detail::concat(r.space == Space::Shared ? "shared array '" : "global buffer '", r.name, "'");
+  if (r.elem_size && off >= 0 && off % std::ptrdiff_t(r.elem_size) == 0)
+    s += detail::concat("[", off / std::ptrdiff_t(r.elem_size), "]");
   return s + detail::concat(" (byte offset ", off, " of ", r.bytes, ")");
 }
 
@@ -185,7 +190,8 @@ void suspend(Launch& L, Thread& t) {
 
 // ---- memory checks ------------------------------------------------------------------------------
 
-void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, size_t bytes, AccessKind kind) {
+void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, size_t bytes,
+                  AccessKind kind) {
   const size_t off = addr - uintptr_t(L.arena.data());
   const uint32_t e = L.epoch, we = L.warp_epoch[t.tid / kWarpSize];
   const auto tid = uint16_t(t.tid);
@@ -196,26 +202,28 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
   auto race = [&](const char* what, uint16_t other, const char* other_did) {
     fail(detail::concat("shared-memory race (", what, ") in ", fmt_block(L), ": ", fmt_thread(t),
                         kind == AccessKind::Read ? " reads " : " writes ", fmt_place(r, addr), ", which ",
-                        other == tid ? std::string("another thread") : fmt_thread(L.threads[other]), " ", other_did,
-                        " with no barrier between (missing __syncthreads?)"));
+                        other == tid ? std::string("another thread") : fmt_thread(L.threads[other]), " ",
+                        other_did, " with no barrier between (missing __syncthreads?)"));
   };
   for (size_t i = 0; i < bytes; ++i) {
     Shadow& s = L.shadow[off + i];
     if (kind != AccessKind::Write && !s.init) {
-      fail(detail::concat("read of uninitialised shared memory in ", fmt_block(L), ": ", fmt_thread(t), " reads ",
-                          fmt_place(r, addr), ", which no thread of this block has written"));
+      fail(detail::concat("read of uninitialised shared memory in ", fmt_block(L), ": ", fmt_thread(t),
+                          " reads ", fmt_place(r, addr), ", which no thread of this block has written"));
     }
     const bool other_writer = s.w_epoch && s.w_tid != tid && !ordered(s.w_tid, s.w_epoch, s.w_wepoch);
     if (kind == AccessKind::Read) {
       if (other_writer) race("read after write", s.w_tid, "wrote");
-      const bool prev_other = s.r_epoch && !ordered(s.r_tid, s.r_epoch, s.r_wepoch) && (s.r_tid != tid || s.r_multi);
+      const bool prev_other =
+          s.r_epoch && !ordered(s.r_tid, s.r_epoch, s.r_wepoch) && (s.r_tid != tid || s.r_multi);
       s.r_multi = prev_other;
       s.r_tid = tid;
       s.r_epoch = e;
       s.r_wepoch = we;
       continue;
     }
-    if (other_writer && !(kind == AccessKind::Atomic && s.w_atomic)) race("write after write", s.w_tid, "wrote");
+    if (other_writer && !(kind == AccessKind::Atomic && s.w_atomic))
+      race("write after write", s.w_tid, "wrote");
     if (s.r_epoch && !ordered(s.r_tid, s.r_epoch, s.r_wepoch) && (s.r_tid != tid || s.r_multi)) {
       race("write after read", s.r_tid, "read");
     }
@@ -227,9 +235,12 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
   }
 }
 
-void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr, size_t bytes, AccessKind kind) {
+void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr, size_t bytes,
+                     AccessKind kind) {
   const char* verb = kind == AccessKind::Read ? "read" : kind == AccessKind::Write ? "write" : "atomic";
-  auto who = [&] { return L && t ? detail::concat(" in ", fmt_block(*L), ", ", fmt_thread(*t)) : std::string(); };
+  auto who = [&] {
+    return L && t ? detail::concat(" in ", fmt_block(*L), ", ", fmt_thread(*t)) : std::string();
+  };
   if (!r) {
     fail(detail::concat(verb, " of ", bytes, " bytes through a null pointer (address ",
                         reinterpret_cast<const void*>(addr), ")", who()));
@@ -238,8 +249,8 @@ void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr
   if (addr < base || addr + bytes > end) {
     const std::string side = addr < base ? detail::concat(base - addr, " bytes before its start")
                                          : detail::concat(addr + bytes - end, " bytes past its end");
-    fail(detail::concat("out-of-bounds ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr), ", ",
-                        side));
+    fail(detail::concat("out-of-bounds ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr),
+                        ", ", side));
   }
   if ((bytes & (bytes - 1)) == 0 && addr % bytes != 0) {
     fail(detail::concat("misaligned ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr)));
@@ -289,21 +300,25 @@ void check_not_awaited(Launch& L, const Thread& t, const char* doing) {
     const Thread& o = L.threads[warp * kWarpSize + j];
     if (o.state == State::Warp && ((o.op_mask >> lane) & 1)) {
       fail(detail::concat("warp collective never completes in ", fmt_block(L), ": lane ", j, " waits in ",
-                          op_name(o.op), " (mask ", fmt_mask(o.op_mask), ") at ", fmt_loc(o.loc), ", but lane ",
-                          lane, " ", doing));
+                          op_name(o.op), " (mask ", fmt_mask(o.op_mask), ") at ", fmt_loc(o.loc),
+                          ", but lane ", lane, " ", doing));
     }
   }
 }
 
-float to_float(MmaType type, uint16_t bits) { return type == MmaType::BF16 ? bf16_to_f32(bits) : f16_to_f32(bits); }
-uint16_t half_of(uint32_t reg, int i) { return uint16_t(i & 1 ? reg >> 16 : reg & 0xffff); }
+float to_float(MmaType type, uint16_t bits) {
+  return type == MmaType::BF16 ? bf16_to_f32(bits) : f16_to_f32(bits);
+}
+uint16_t half_of(uint32_t reg, int i) {
+  return uint16_t(i & 1 ? reg >> 16 : reg & 0xffff);
+}
 
 void complete(Launch& L, unsigned warp, unsigned mask, WarpOp op, Thread& last) {
   Thread* lanes = &L.threads[warp * kWarpSize];
   auto data = [&](unsigned j) { return lanes[j].op_data; };
   auto fail_arg = [&](unsigned j, const char* what) {
-    fail(detail::concat(op_name(op), " in ", fmt_block(L), ", warp ", warp, ": lane ", j, " at ", fmt_loc(lanes[j].loc),
-                        " ", what));
+    fail(detail::concat(op_name(op), " in ", fmt_block(L), ", warp ", warp, ": lane ", j, " at ",
+                        fmt_loc(lanes[j].loc), " ", what));
   };
   switch (op) {
     case WarpOp::Shfl:
@@ -311,7 +326,8 @@ void complete(Launch& L, unsigned warp, unsigned mask, WarpOp op, Thread& last) 
         if (!((mask >> j) & 1)) continue;
         auto* d = static_cast<ShflData*>(data(j));
         const int w = d->width;
-        if (w < 1 || w > kWarpSize || (w & (w - 1))) fail_arg(j, "passes a width that is not a power of two <= 32");
+        if (w < 1 || w > kWarpSize || (w & (w - 1)))
+          fail_arg(j, "passes a width that is not a power of two <= 32");
         const int seg = int(j) / w * w;
         int src = int(j);
         switch (d->kind) {
@@ -336,13 +352,16 @@ void complete(Launch& L, unsigned warp, unsigned mask, WarpOp op, Thread& last) 
       for (unsigned j = 0; j < kWarpSize; ++j) {
         if (!((mask >> j) & 1)) continue;
         auto* d = static_cast<VoteData*>(data(j));
-        d->result = d->kind == VoteKind::Ballot ? ballot : d->kind == VoteKind::Any ? ballot != 0 : ballot == mask;
+        d->result = d->kind == VoteKind::Ballot ? ballot
+                    : d->kind == VoteKind::Any  ? ballot != 0
+                                                : ballot == mask;
       }
       break;
     }
     case WarpOp::SyncWarp: ++L.warp_epoch[warp]; break;
     case WarpOp::Mma: {
-      if (mask != ~0u) fail_arg(last.tid % kWarpSize, "runs with fewer than 32 lanes; mma.sync needs the full warp");
+      if (mask != ~0u)
+        fail_arg(last.tid % kWarpSize, "runs with fewer than 32 lanes; mma.sync needs the full warp");
       const MmaType type = static_cast<MmaData*>(data(0))->type;
       float a[16][16], b[16][8], c[16][8];
       for (unsigned j = 0; j < kWarpSize; ++j) {
@@ -371,14 +390,17 @@ void complete(Launch& L, unsigned warp, unsigned mask, WarpOp op, Thread& last) 
       break;
     }
     case WarpOp::LdMatrix: {
-      if (mask != ~0u) fail_arg(last.tid % kWarpSize, "runs with fewer than 32 lanes; ldmatrix needs the full warp");
+      if (mask != ~0u)
+        fail_arg(last.tid % kWarpSize, "runs with fewer than 32 lanes; ldmatrix needs the full warp");
       const auto* first = static_cast<LdMatrixData*>(data(0));
       uint16_t rows[4][8][8];
       for (unsigned j = 0; j < kWarpSize; ++j) {
         const auto* d = static_cast<LdMatrixData*>(data(j));
-        if (d->num != first->num || d->trans != first->trans) fail_arg(j, "uses a different .num or .trans than lane 0");
+        if (d->num != first->num || d->trans != first->trans)
+          fail_arg(j, "uses a different .num or .trans than lane 0");
         if (int(j) >= 8 * d->num) continue;  // only lanes 0..8*num-1 supply row addresses
-        if (!d->region || d->region->space != Space::Shared) fail_arg(j, "passes a row address outside shared memory");
+        if (!d->region || d->region->space != Space::Shared)
+          fail_arg(j, "passes a row address outside shared memory");
         check_access_by(&L, &lanes[j], d->region, d->addr, 16, AccessKind::Read);
         std::memcpy(rows[j / 8][j % 8], reinterpret_cast<const void*>(d->addr), 16);
       }
@@ -405,8 +427,9 @@ void warp_collective(WarpOp op, unsigned mask, void* op_data, std::source_locati
                         " passes mask ", fmt_mask(mask), ", which does not include its own lane"));
   }
   if (mask & ~existing) {
-    fail(detail::concat(op_name(op), " in ", fmt_block(L), ": ", fmt_thread(t), " at ", fmt_loc(loc), " passes mask ",
-                        fmt_mask(mask), ", which names lanes this warp does not have (lanes ", fmt_mask(existing), ")"));
+    fail(detail::concat(op_name(op), " in ", fmt_block(L), ": ", fmt_thread(t), " at ", fmt_loc(loc),
+                        " passes mask ", fmt_mask(mask),
+                        ", which names lanes this warp does not have (lanes ", fmt_mask(existing), ")"));
   }
   Thread* lanes = &L.threads[warp * kWarpSize];
   for (unsigned j = 0; j < kWarpSize; ++j) {
@@ -414,18 +437,19 @@ void warp_collective(WarpOp op, unsigned mask, void* op_data, std::source_locati
     const Thread& o = lanes[j];
     const bool named = (mask >> j) & 1;
     if (o.state == State::Warp && (named || ((o.op_mask >> lane) & 1)) && (o.op_mask != mask || o.op != op)) {
-      fail(detail::concat("warp collective mismatch in ", fmt_block(L), ", warp ", warp, ": lane ", lane, " calls ",
-                          op_name(op), " with mask ", fmt_mask(mask), " at ", fmt_loc(loc), ", while lane ", j,
-                          " waits in ", op_name(o.op), " with mask ", fmt_mask(o.op_mask), " at ", fmt_loc(o.loc)));
+      fail(detail::concat("warp collective mismatch in ", fmt_block(L), ", warp ", warp, ": lane ", lane,
+                          " calls ", op_name(op), " with mask ", fmt_mask(mask), " at ", fmt_loc(loc),
+                          ", while lane ", j, " waits in ", op_name(o.op), " with mask ", fmt_mask(o.op_mask),
+                          " at ", fmt_loc(o.loc)));
     }
     if (named && o.state == State::Done) {
-      fail(detail::concat(op_name(op), " in ", fmt_block(L), ": lane ", lane, " at ", fmt_loc(loc), " passes mask ",
-                          fmt_mask(mask), ", but lane ", j, " of that mask has exited"));
+      fail(detail::concat(op_name(op), " in ", fmt_block(L), ": lane ", lane, " at ", fmt_loc(loc),
+                          " passes mask ", fmt_mask(mask), ", but lane ", j, " of that mask has exited"));
     }
     if (named && o.state == State::Barrier) {
-      fail(detail::concat(op_name(op), " in ", fmt_block(L), ": lane ", lane, " at ", fmt_loc(loc), " passes mask ",
-                          fmt_mask(mask), ", but lane ", j, " of that mask waits at __syncthreads at ",
-                          fmt_loc(o.loc)));
+      fail(detail::concat(op_name(op), " in ", fmt_block(L), ": lane ", lane, " at ", fmt_loc(loc),
+                          " passes mask ", fmt_mask(mask), ", but lane ", j,
+                          " of that mask waits at __syncthreads at ", fmt_loc(o.loc)));
     }
   }
   t.op = op;
@@ -455,8 +479,9 @@ void thread_exit(Launch& L, Thread& t) {
       if (o.state == State::Barrier) waiter = &o;
     }
     fail(detail::concat("barrier not reached by every thread in ", fmt_block(L), ": ", fmt_thread(t),
-                        " exited while ", L.at_barrier, " of ", L.nthreads, " threads wait at __syncthreads at ",
-                        fmt_loc(waiter->loc), " (e.g. ", fmt_thread(*waiter), ")"));
+                        " exited while ", L.at_barrier, " of ", L.nthreads,
+                        " threads wait at __syncthreads at ", fmt_loc(waiter->loc), " (e.g. ",
+                        fmt_thread(*waiter), ")"));
   }
   check_not_awaited(L, t, "exited");
   t.state = State::Done;
@@ -472,7 +497,8 @@ void fiber_main() {
     thread_exit(L, t);
   } catch (const AbortFiber&) {
   } catch (const std::exception& e) {
-    if (L.error.empty()) L.error = detail::concat("exception in ", fmt_block(L), ", ", fmt_thread(t), ": ", e.what());
+    if (L.error.empty())
+      L.error = detail::concat("exception in ", fmt_block(L), ", ", fmt_thread(t), ": ", e.what());
   } catch (...) {
     if (L.error.empty()) L.error = detail::concat("unknown exception in ", fmt_block(L), ", ", fmt_thread(t));
   }
@@ -490,8 +516,8 @@ void report_stall(Launch& L) {
     ++shown;
     msg += t.state == State::Barrier
                ? detail::concat(" ", fmt_thread(t), " waits at __syncthreads at ", fmt_loc(t.loc), ";")
-               : detail::concat(" ", fmt_thread(t), " waits in ", op_name(t.op), " (mask ", fmt_mask(t.op_mask),
-                                ") at ", fmt_loc(t.loc), ";");
+               : detail::concat(" ", fmt_thread(t), " waits in ", op_name(t.op), " (mask ",
+                                fmt_mask(t.op_mask), ") at ", fmt_loc(t.loc), ";");
   }
   L.error = msg + " a barrier or collective that not every named thread reaches";
 }
@@ -541,16 +567,21 @@ void run_block(Launch& L) {
 
 void check_config(const LaunchSpec& s) {
   const Dim3 b = s.block, g = s.grid;
-  auto where = [&] { return detail::concat("launch of kernel '", s.kernel, "' with grid ", fmt_dim(g), ", block ", fmt_dim(b)); };
-  if (b.x == 0 || b.y == 0 || b.z == 0 || g.x == 0 || g.y == 0 || g.z == 0) fail(where() + ": a dimension is 0");
+  auto where = [&] {
+    return detail::concat("launch of kernel '", s.kernel, "' with grid ", fmt_dim(g), ", block ", fmt_dim(b));
+  };
+  if (b.x == 0 || b.y == 0 || b.z == 0 || g.x == 0 || g.y == 0 || g.z == 0)
+    fail(where() + ": a dimension is 0");
   if (b.x > kMaxBlockDim.x || b.y > kMaxBlockDim.y || b.z > kMaxBlockDim.z) {
     fail(detail::concat(where(), ": block dimensions exceed sm_90's ", fmt_dim(kMaxBlockDim)));
   }
   const uint64_t threads = uint64_t(b.x) * b.y * b.z;
   if (threads > kMaxThreadsPerBlock) {
-    fail(detail::concat(where(), ": ", threads, " threads per block, above sm_90's limit of ", kMaxThreadsPerBlock));
+    fail(detail::concat(where(), ": ", threads, " threads per block, above sm_90's limit of ",
+                        kMaxThreadsPerBlock));
   }
-  if (g.x > kMaxGridX || g.y > kMaxGridYZ || g.z > kMaxGridYZ) fail(where() + ": grid dimensions exceed sm_90's limits");
+  if (g.x > kMaxGridX || g.y > kMaxGridYZ || g.z > kMaxGridYZ)
+    fail(where() + ": grid dimensions exceed sm_90's limits");
   if (s.dynamic_smem > kMaxSmemPerBlock) {
     fail(detail::concat(where(), ": ", s.dynamic_smem, " bytes of dynamic shared memory, above sm_90's ",
                         kMaxSmemPerBlock, " (227 KB) per block"));
@@ -588,7 +619,8 @@ DeviceBuffer::DeviceBuffer(size_t bytes, std::string name, size_t elem_size)
   }
 }
 
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept : storage_(std::move(o.storage_)), region_(std::move(o.region_)) {}
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : storage_(std::move(o.storage_)), region_(std::move(o.region_)) {}
 
 DeviceBuffer::~DeviceBuffer() {
   if (!region_ || !region_->bytes) return;
@@ -622,13 +654,15 @@ const Region* static_shared(const SharedDecl& decl) {
   }
   L.static_bytes += (decl.bytes + 15) / 16 * 16;
   if (L.static_bytes > kMaxStaticSmem) {
-    fail(detail::concat("kernel '", L.spec.kernel, "' declares ", L.static_bytes, " bytes of static shared memory (",
-                        "'", decl.name, "' of ", decl.bytes, " bytes the last), above sm_90's ", kMaxStaticSmem,
+    fail(detail::concat("kernel '", L.spec.kernel, "' declares ", L.static_bytes,
+                        " bytes of static shared memory (", "'", decl.name, "' of ", decl.bytes,
+                        " bytes the last), above sm_90's ", kMaxStaticSmem,
                         " (48 KB); use dynamic shared memory"));
   }
   if (L.used + decl.bytes > kMaxSmemPerBlock) {
     fail(detail::concat("kernel '", L.spec.kernel, "' uses ", L.used + decl.bytes,
-                        " bytes of shared memory (static + dynamic), above sm_90's ", kMaxSmemPerBlock, " per block"));
+                        " bytes of shared memory (static + dynamic), above sm_90's ", kMaxSmemPerBlock,
+                        " per block"));
   }
   Region r;
   r.base = static_cast<std::byte*>(L.arena.data()) + L.used;
@@ -641,12 +675,22 @@ const Region* static_shared(const SharedDecl& decl) {
   return &L.statics.back().second;
 }
 
-const Region* dynamic_shared() { return &current().dynamic; }
+const Region* dynamic_shared() {
+  return &current().dynamic;
+}
 
-const Dim3& thread_index() { return current().cur->idx; }
-const Dim3& block_index() { return current().block_idx; }
-const Dim3& block_dim() { return current().spec.block; }
-const Dim3& grid_dim() { return current().spec.grid; }
+const Dim3& thread_index() {
+  return current().cur->idx;
+}
+const Dim3& block_index() {
+  return current().block_idx;
+}
+const Dim3& block_dim() {
+  return current().spec.block;
+}
+const Dim3& grid_dim() {
+  return current().spec.grid;
+}
 
 void syncthreads(std::source_location loc) {
   Launch& L = current();
@@ -662,8 +706,8 @@ void syncthreads(std::source_location loc) {
   if (++L.at_barrier == L.nthreads) {
     for (const Thread& o : L.threads) {
       if (o.loc.line() != loc.line() || std::strcmp(o.loc.file_name(), loc.file_name()) != 0) {
-        fail(detail::concat("threads of ", fmt_block(L), " meet at different __syncthreads: ", fmt_thread(t), " at ",
-                            fmt_loc(loc), ", ", fmt_thread(o), " at ", fmt_loc(o.loc)));
+        fail(detail::concat("threads of ", fmt_block(L), " meet at different __syncthreads: ", fmt_thread(t),
+                            " at ", fmt_loc(loc), ", ", fmt_thread(o), " at ", fmt_loc(o.loc)));
       }
     }
     ++L.epoch;
@@ -677,9 +721,12 @@ void syncthreads(std::source_location loc) {
   suspend(L, t);
 }
 
-void syncwarp(unsigned mask, std::source_location loc) { warp_collective(WarpOp::SyncWarp, mask, nullptr, loc); }
+void syncwarp(unsigned mask, std::source_location loc) {
+  warp_collective(WarpOp::SyncWarp, mask, nullptr, loc);
+}
 
-uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t value, int arg, int width, std::source_location loc) {
+uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t value, int arg, int width,
+                   std::source_location loc) {
   ShflData d{kind, value, arg, width, 0};
   warp_collective(WarpOp::Shfl, mask, &d, loc);
   return d.result;
@@ -699,7 +746,8 @@ void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, 
   std::memcpy(d, out, sizeof(out));  // d may alias c, as it may in the PTX instruction
 }
 
-void ldmatrix(int num, bool trans, uint32_t* regs, const Region* region, uintptr_t addr, std::source_location loc) {
+void ldmatrix(int num, bool trans, uint32_t* regs, const Region* region, uintptr_t addr,
+              std::source_location loc) {
   LdMatrixData d{num, trans, region, addr, regs};
   warp_collective(WarpOp::LdMatrix, ~0u, &d, loc);
 }
@@ -711,8 +759,10 @@ void cp_async(const Region* dst_region, uintptr_t dst, const Region* src_region,
   auto bad = [&](const std::string& what) {
     fail(detail::concat("cp.async in ", fmt_block(L), ", ", fmt_thread(t), " at ", fmt_loc(loc), ": ", what));
   };
-  if (cp_size != 4 && cp_size != 8 && cp_size != 16) bad(detail::concat("copy size ", cp_size, " is not 4, 8 or 16"));
-  if (src_size < 0 || src_size > cp_size) bad(detail::concat("source size ", src_size, " is not in 0..", cp_size));
+  if (cp_size != 4 && cp_size != 8 && cp_size != 16)
+    bad(detail::concat("copy size ", cp_size, " is not 4, 8 or 16"));
+  if (src_size < 0 || src_size > cp_size)
+    bad(detail::concat("source size ", src_size, " is not in 0..", cp_size));
   if (!dst_region || dst_region->space != Space::Shared) bad("the destination is not shared memory");
   if (dst % unsigned(cp_size) != 0) bad(detail::concat("the destination is not ", cp_size, "-byte aligned"));
   CpCopy c{dst, dst_region, cp_size, {}};

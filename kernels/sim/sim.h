@@ -116,18 +116,12 @@ class Ref {
     std::memcpy(&v, reinterpret_cast<const void*>(addr_), sizeof(V));
     return v;
   }
-  Ref& operator=(const V& v)
-    requires(!std::is_const_v<T>)
-  {
+  Ref& operator=(const V& v) requires(!std::is_const_v<T>) {
     check_access(region_, addr_, sizeof(V), AccessKind::Write);
     std::memcpy(reinterpret_cast<void*>(addr_), &v, sizeof(V));
     return *this;
   }
-  Ref& operator=(const Ref& other)
-    requires(!std::is_const_v<T>)
-  {
-    return *this = V(other);
-  }
+  Ref& operator=(const Ref& other) requires(!std::is_const_v<T>) { return *this = V(other); }
   template <typename U>
   Ref& operator+=(const U& u) {
     return *this = V(V(*this) + u);
@@ -175,8 +169,8 @@ class Ptr {
   Ptr(T* p) : addr_(reinterpret_cast<uintptr_t>(p)), region_(find_global(p)) {}
   Ptr(uintptr_t addr, const Region* region) : addr_(addr), region_(region) {}
   template <typename U>
-    requires(std::is_convertible_v<U*, T*> && !std::is_same_v<U, T>)
-  Ptr(const Ptr<U>& other) : addr_(other.addr()), region_(other.region()) {}
+  requires(std::is_convertible_v<U*, T*> && !std::is_same_v<U, T>) Ptr(const Ptr<U>& other)
+      : addr_(other.addr()), region_(other.region()) {}
 
   Ref<T> operator*() const { return Ref<T>(addr_, region_); }
   Ref<T> operator[](std::ptrdiff_t i) const { return Ref<T>(at(i), region_); }
@@ -233,7 +227,8 @@ void syncthreads(std::source_location loc);
 void syncwarp(unsigned mask, std::source_location loc);
 
 enum class ShflKind : uint8_t { Idx, Up, Down, Xor };
-uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t value, int arg, int width, std::source_location loc);
+uint64_t shfl_bits(ShflKind kind, unsigned mask, uint64_t value, int arg, int width,
+                   std::source_location loc);
 template <typename T>
 T shfl(ShflKind kind, unsigned mask, T value, int arg, int width, std::source_location loc) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move values of up to 8 bytes");
@@ -252,7 +247,8 @@ enum class MmaType : uint8_t { BF16, F16 };
 void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c,
                   std::source_location loc);
 // ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 with this lane's row address.
-void ldmatrix(int num, bool trans, uint32_t* regs, const Region* region, uintptr_t addr, std::source_location loc);
+void ldmatrix(int num, bool trans, uint32_t* regs, const Region* region, uintptr_t addr,
+              std::source_location loc);
 
 // cp.async.{ca,cg}.shared.global: copies cp_size bytes (src_size of them read, the rest zero) at
 // the thread's next cp_async_wait that retires its group, as the hardware may.

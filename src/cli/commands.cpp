@@ -35,7 +35,9 @@ LoraConfig inert_lora() {
   return l;
 }
 
-CheckpointPolicy no_checkpointing(const LlamaConfig&) { return CheckpointPolicy::None; }
+CheckpointPolicy no_checkpointing(const LlamaConfig&) {
+  return CheckpointPolicy::None;
+}
 
 std::string trim(std::string s) {
   const auto b = s.find_first_not_of(" \t\r\n");
@@ -48,8 +50,8 @@ std::vector<int32_t> chat_prompt_ids(const data::ChatTemplate& tmpl, const tok::
                                      const std::vector<data::Message>& messages) {
   std::vector<int32_t> ids;
   std::vector<uint8_t> trainable;
-  data::tokenize_segments(data::render_generation_prompt(tmpl, messages, tok.adds_bos()), tok, true, SIZE_MAX, ids,
-                          trainable);
+  data::tokenize_segments(data::render_generation_prompt(tmpl, messages, tok.adds_bos()), tok, true, SIZE_MAX,
+                          ids, trainable);
   return ids;
 }
 
@@ -58,18 +60,20 @@ std::vector<int32_t> chat_prompt_ids(const data::ChatTemplate& tmpl, const tok::
 int run_inspect(const std::string& path, bool all_tensors) {
   const io::LoadedModel m = io::load_model(path);
   const LlamaConfig& c = m.weights.config;
-  std::printf("model       %s (%s)\n", path.c_str(), m.format == io::ModelFormat::Gguf ? "GGUF" : "HF directory");
+  std::printf("model       %s (%s)\n", path.c_str(),
+              m.format == io::ModelFormat::Gguf ? "GGUF" : "HF directory");
   std::printf("arch        %s: %d layers, hidden %d, intermediate %d, heads %d (kv %d, dim %d), vocab %d\n",
-              c.architecture.c_str(), c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads, c.head_dim,
-              c.vocab);
-  std::printf("            rms eps %g, rope theta %g%s, rope layout %s, tied embeddings %s, attention bias %s, "
-              "max positions %d\n",
-              double(c.rms_eps), double(c.rope.theta),
-              c.rope.scaling == RopeScalingType::Llama3   ? " (llama3 scaling)"
-              : c.rope.scaling == RopeScalingType::Linear ? " (linear scaling)"
-                                                          : "",
-              c.rope_layout == RopeLayout::Interleaved ? "interleaved (GGUF)" : "split-half (HF)",
-              c.tie_embeddings ? "yes" : "no", c.attention_bias ? "yes" : "no", c.max_positions);
+              c.architecture.c_str(), c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads,
+              c.head_dim, c.vocab);
+  std::printf(
+      "            rms eps %g, rope theta %g%s, rope layout %s, tied embeddings %s, attention bias %s, "
+      "max positions %d\n",
+      double(c.rms_eps), double(c.rope.theta),
+      c.rope.scaling == RopeScalingType::Llama3   ? " (llama3 scaling)"
+      : c.rope.scaling == RopeScalingType::Linear ? " (linear scaling)"
+                                                  : "",
+      c.rope_layout == RopeLayout::Interleaved ? "interleaved (GGUF)" : "split-half (HF)",
+      c.tie_embeddings ? "yes" : "no", c.attention_bias ? "yes" : "no", c.max_positions);
   std::printf("parameters  %.1fM\n", double(c.n_params()) / 1e6);
   if (m.format == io::ModelFormat::Gguf) {
     std::map<std::string, std::pair<int, uint64_t>> by_type;
@@ -79,7 +83,8 @@ int run_inspect(const std::string& path, bool all_tensors) {
       e.second += t.n_bytes;
     }
     std::printf("tensors     %zu:", m.gguf->tensors().size());
-    for (const auto& [type, e] : by_type) std::printf(" %d %s (%s)", e.first, type.c_str(), format_bytes(double(e.second)).c_str());
+    for (const auto& [type, e] : by_type)
+      std::printf(" %d %s (%s)", e.first, type.c_str(), format_bytes(double(e.second)).c_str());
     std::printf("\n");
     size_t shown = 0;
     for (const auto& t : m.gguf->tensors()) {
@@ -89,8 +94,8 @@ int run_inspect(const std::string& path, bool all_tensors) {
       }
       std::string shape;
       for (int64_t d : t.shape()) shape += (shape.empty() ? "" : " x ") + std::to_string(d);
-      std::printf("  %-32s %-6s %-14s %s\n", t.name.c_str(), ggml_type_info(uint32_t(t.type)).name, shape.c_str(),
-                  format_bytes(double(t.n_bytes)).c_str());
+      std::printf("  %-32s %-6s %-14s %s\n", t.name.c_str(), ggml_type_info(uint32_t(t.type)).name,
+                  shape.c_str(), format_bytes(double(t.n_bytes)).c_str());
     }
   } else {
     size_t shown = 0, n = 0;
@@ -107,10 +112,12 @@ int run_inspect(const std::string& path, bool all_tensors) {
   }
   if (m.tokenizer) {
     const tok::Tokenizer& t = *m.tokenizer;
-    auto piece = [&](int32_t id) { return id < 0 ? std::string("none") : "\"" + t.token_to_piece(id) + "\" (" + std::to_string(id) + ")"; };
+    auto piece = [&](int32_t id) {
+      return id < 0 ? std::string("none") : "\"" + t.token_to_piece(id) + "\" (" + std::to_string(id) + ")";
+    };
     std::printf("tokenizer   %zu tokens (%zu added), bos %s, eos %s, pad %s, adds bos %s\n", t.vocab_size(),
-                t.added_tokens().size(), piece(t.bos_id()).c_str(), piece(t.eos_id()).c_str(), piece(t.pad_id()).c_str(),
-                t.adds_bos() ? "yes" : "no");
+                t.added_tokens().size(), piece(t.bos_id()).c_str(), piece(t.eos_id()).c_str(),
+                piece(t.pad_id()).c_str(), t.adds_bos() ? "yes" : "no");
   } else {
     std::printf("tokenizer   none\n");
   }
@@ -118,7 +125,8 @@ int run_inspect(const std::string& path, bool all_tensors) {
     std::printf("template    none (plain)\n");
   } else {
     const data::ChatTemplate tmpl = data::detect_template(m.chat_template, path);
-    std::printf("template    %s%s (%zu characters of Jinja)\n", std::string(data::template_name(tmpl.kind)).c_str(),
+    std::printf("template    %s%s (%zu characters of Jinja)\n",
+                std::string(data::template_name(tmpl.kind)).c_str(),
                 tmpl.default_system.empty() ? "" : ", with a default system prompt", m.chat_template.size());
   }
   return 0;
@@ -137,7 +145,8 @@ int run_generate(const GenerateOptions& o) {
   } else {
     ids = tok.encode(o.prompt);
   }
-  const std::vector<int32_t> out = generate_tokens(*s.model, ids, o.max_new_tokens, tok.eos_id(), o.temperature, o.seed);
+  const std::vector<int32_t> out =
+      generate_tokens(*s.model, ids, o.max_new_tokens, tok.eos_id(), o.temperature, o.seed);
   std::printf("%s\n", tok.decode(out, /*skip_special=*/true).c_str());
   return 0;
 }
@@ -145,7 +154,8 @@ int run_generate(const GenerateOptions& o) {
 int run_eval(const EvalOptions& o) {
   TF_CHECK(!o.model.empty() && !o.data.empty(), "--model and --data are required");
   cpu::set_num_threads(o.threads);
-  Session s = open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, no_checkpointing, o.adapter);
+  Session s =
+      open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, no_checkpointing, o.adapter);
   const tok::Tokenizer& tok = s.tokenizer();
   const data::ChatTemplate tmpl = choose_template(o.template_name, s.loaded);
   const data::Dataset raw = data::load_jsonl(o.data);
@@ -173,9 +183,12 @@ int run_eval(const EvalOptions& o) {
     std::vector<io::SafetensorsWriteTensor> tensors;
     for (size_t i = 0; i < n; ++i) {
       const auto len = int64_t(ids[i].size());
-      tensors.push_back({"logits." + std::to_string(i), io::StDType::F32, {len, s.model->config().vocab},
+      tensors.push_back({"logits." + std::to_string(i),
+                         io::StDType::F32,
+                         {len, s.model->config().vocab},
                          std::as_bytes(std::span(logits[i]))});
-      tensors.push_back({"input_ids." + std::to_string(i), io::StDType::I32, {len}, std::as_bytes(std::span(ids[i]))});
+      tensors.push_back(
+          {"input_ids." + std::to_string(i), io::StDType::I32, {len}, std::as_bytes(std::span(ids[i]))});
     }
     io::write_safetensors(o.logits_out, tensors);
     std::printf("logits      %zu examples written to %s\n", n, o.logits_out.c_str());
@@ -202,7 +215,9 @@ int run_eval(const EvalOptions& o) {
     correct += ok;
     ++total;
   }
-  if (total) std::printf("exact match %.1f%% (%zu of %zu greedy completions)\n", 100.0 * double(correct) / double(total), correct, total);
+  if (total)
+    std::printf("exact match %.1f%% (%zu of %zu greedy completions)\n",
+                100.0 * double(correct) / double(total), correct, total);
   return 0;
 }
 

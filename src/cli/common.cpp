@@ -22,7 +22,8 @@ const tok::Tokenizer& Session::tokenizer() const {
 }
 
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
-                     const std::function<CheckpointPolicy(const LlamaConfig&)>& policy, const std::string& adapter) {
+                     const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
+                     const std::string& adapter) {
   Session s;
   s.loaded = io::load_model(model_path);
   std::optional<io::PeftAdapter> peft;
@@ -82,6 +83,8 @@ std::string format_bytes(double bytes) {
   return buf;
 }
 
-bool stdout_is_terminal() { return isatty(STDOUT_FILENO) == 1; }
+bool stdout_is_terminal() {
+  return isatty(STDOUT_FILENO) == 1;
+}
 
 }  // namespace tf::cli

@@ -1,10 +1,9 @@
 #include "src/cli/finetune.h"
 
-#include <csignal>
-
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -28,14 +27,17 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 std::atomic<int> g_stop_signal{0};
-extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(sig);
+}
 
 void check_options(const FinetuneOptions& o) {
   TF_CHECK(!o.model.empty(), "--model is required");
   TF_CHECK(!o.data.empty(), "--data is required");
   TF_CHECK(!o.out.empty(), "--out is required");
   TF_CHECK(o.seq_len >= 8 && o.seq_len <= (1 << 20), "--seq-len must be in [8, 1048576], got ", o.seq_len);
-  TF_CHECK(o.micro_batch >= 1 && o.micro_batch <= 4096, "--micro-batch must be in [1, 4096], got ", o.micro_batch);
+  TF_CHECK(o.micro_batch >= 1 && o.micro_batch <= 4096, "--micro-batch must be in [1, 4096], got ",
+           o.micro_batch);
   TF_CHECK(o.grad_accum >= 1, "--grad-accum must be at least 1, got ", o.grad_accum);
   TF_CHECK(o.steps >= 0, "--steps must not be negative, got ", o.steps);
   TF_CHECK(o.steps > 0 || o.epochs > 0, "give --steps or a positive --epochs");
@@ -45,8 +47,8 @@ void check_options(const FinetuneOptions& o) {
            "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
   TF_CHECK(o.device == "auto" || o.device == "cpu", "--device ", o.device,
            " is not available: this build trains on the CPU backend (use --device cpu or auto)");
-  TF_CHECK(o.save_every >= 0 && o.keep >= 1 && o.eval_every >= 0, "--save-every and --eval-every must not be ",
-           "negative and --keep must be at least 1");
+  TF_CHECK(o.save_every >= 0 && o.keep >= 1 && o.eval_every >= 0,
+           "--save-every and --eval-every must not be ", "negative and --keep must be at least 1");
   TF_CHECK(o.warmup >= 0, "--warmup must not be negative");
 }
 
@@ -60,8 +62,8 @@ CheckpointPolicy choose_policy(const FinetuneOptions& o, const LlamaConfig& c) {
 }
 
 // Counts the optimizer steps of `epochs` passes over the data (packing makes this data-dependent).
-int64_t steps_for_epochs(const data::TokenizedDataset& d, const data::BatchOptions& bo, double epochs, int accum,
-                         uint64_t seed) {
+int64_t steps_for_epochs(const data::TokenizedDataset& d, const data::BatchOptions& bo, double epochs,
+                         int accum, uint64_t seed) {
   data::Sampler s(d.size(), seed, true, 1);
   data::TokenBatch b;
   int64_t batches = 0;
@@ -88,15 +90,17 @@ class Progress {
     const double eta = done > 0 ? elapsed / double(done) * double(total_ - st.step - 1) : 0;
     if (tty_) {
       const int width = 24, filled = int(double(width) * double(st.step + 1) / double(total_));
-      std::printf("\r[%s%s] %lld/%lld loss %.4f  %.0f tok/s  ETA %s  mem %s%s   ", std::string(size_t(filled), '#').c_str(),
-                  std::string(size_t(width - filled), '.').c_str(), (long long)(st.step + 1), (long long)total_,
-                  st.loss, tok_s, duration(eta).c_str(), format_bytes(double(peak)).c_str(), st.skipped ? " SKIPPED" : "");
+      std::printf("\r[%s%s] %lld/%lld loss %.4f  %.0f tok/s  ETA %s  mem %s%s   ",
+                  std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
+                  (long long)(st.step + 1), (long long)total_, st.loss, tok_s, duration(eta).c_str(),
+                  format_bytes(double(peak)).c_str(), st.skipped ? " SKIPPED" : "");
       std::fflush(stdout);
     } else if (elapsed - last_log_ >= 10.0 || st.step + 1 == total_ || done == 1) {
       last_log_ = elapsed;
       std::printf("step %lld/%lld  loss %.4f  lr %.3g  grad_norm %.3f  %.0f tok/s  ETA %s  peak mem %s%s\n",
-                  (long long)(st.step + 1), (long long)total_, st.loss, st.lr, st.grad_norm, tok_s, duration(eta).c_str(),
-                  format_bytes(double(peak)).c_str(), st.skipped ? "  (skipped: non-finite)" : "");
+                  (long long)(st.step + 1), (long long)total_, st.loss, st.lr, st.grad_norm, tok_s,
+                  duration(eta).c_str(), format_bytes(double(peak)).c_str(),
+                  st.skipped ? "  (skipped: non-finite)" : "");
       std::fflush(stdout);
     }
   }
@@ -159,9 +163,12 @@ int run_finetune(const FinetuneOptions& o) {
   const data::Dataset train_raw = data::load_jsonl(o.data, lo);
   const data::TokenizedDataset train = data::tokenize_dataset(train_raw, tmpl, tokenizer, to);
   std::optional<data::TokenizedDataset> eval;
-  if (!o.eval_data.empty()) eval = data::tokenize_dataset(data::load_jsonl(o.eval_data, lo), tmpl, tokenizer, to);
-  if (train_raw.skipped_lines) std::printf("warning: skipped %zu bad lines of %s\n", train_raw.skipped_lines, o.data.c_str());
-  if (train.truncated) std::printf("note: %zu examples were truncated to %d tokens\n", train.truncated, o.seq_len);
+  if (!o.eval_data.empty())
+    eval = data::tokenize_dataset(data::load_jsonl(o.eval_data, lo), tmpl, tokenizer, to);
+  if (train_raw.skipped_lines)
+    std::printf("warning: skipped %zu bad lines of %s\n", train_raw.skipped_lines, o.data.c_str());
+  if (train.truncated)
+    std::printf("note: %zu examples were truncated to %d tokens\n", train.truncated, o.seq_len);
 
   const int32_t pad_id = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : std::max(tokenizer.eos_id(), 0);
   data::BatchOptions bo;
@@ -169,7 +176,8 @@ int run_finetune(const FinetuneOptions& o) {
   bo.seq = o.seq_len;
   bo.pack = o.pack;
   bo.pad_id = pad_id;
-  const int64_t total_steps = o.steps > 0 ? o.steps : steps_for_epochs(train, bo, o.epochs, o.grad_accum, o.seed);
+  const int64_t total_steps =
+      o.steps > 0 ? o.steps : steps_for_epochs(train, bo, o.epochs, o.grad_accum, o.seed);
 
   TrainConfig tc;
   tc.lr.peak_lr = o.lr;
@@ -205,11 +213,12 @@ int run_finetune(const FinetuneOptions& o) {
   std::printf("model: %s, %d layers, hidden %d, vocab %d; LoRA r=%d alpha=%g on %s (%lld parameters)\n",
               cfg.architecture.c_str(), cfg.n_layers, cfg.hidden, cfg.vocab, lora.rank, double(lora.alpha),
               o.lora_targets.c_str(), (long long)model.lora().n_params);
-  std::printf("data: %zu training examples (%zu target tokens), template %s; %lld steps of %d x %d x %d tokens; "
-              "checkpointing %s; %d threads\n",
-              train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
-              (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
-              policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
+  std::printf(
+      "data: %zu training examples (%zu target tokens), template %s; %lld steps of %d x %d x %d tokens; "
+      "checkpointing %s; %d threads\n",
+      train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
+      (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
+      policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
 
   std::optional<double> eval_before;
   if (eval && start == 0) {
@@ -254,7 +263,8 @@ int run_finetune(const FinetuneOptions& o) {
     ++tok_s_n;
     last_loss = st.loss;
     const size_t peak = MemTracker::instance().peak_total();
-    metrics.write(StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak), st.skipped});
+    metrics.write(
+        StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak), st.skipped});
     progress.step(st, tok_s, peak);
     const int64_t done = step + 1;
     if (eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps) run_eval(done);
@@ -289,7 +299,8 @@ int run_finetune(const FinetuneOptions& o) {
   std::printf("final train loss %.4f", last_loss);
   if (eval_after) std::printf(", eval loss %.4f (perplexity %.2f)", *eval_after, std::exp(*eval_after));
   std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s (weights %s, activations %s)\n",
-              tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(MemTracker::instance().peak_total())).c_str(),
+              tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0,
+              format_bytes(double(MemTracker::instance().peak_total())).c_str(),
               format_bytes(double(MemTracker::instance().peak(MemTag::Weights))).c_str(),
               format_bytes(double(MemTracker::instance().peak(MemTag::Activations))).c_str());
   std::printf("checkpoint %s\nadapter %s (PEFT)\nreport %s\n", ck.c_str(), (run / "adapter").c_str(),

@@ -54,17 +54,24 @@ nlohmann::ordered_json byte_tokenizer_json() {
   int id = kByteTokens;
   for (const char* s : kSpecialTokens) {
     vocab[s] = id;
-    added.push_back({{"id", id++}, {"content", s}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                     {"normalized", false}, {"special", true}});
+    added.push_back({{"id", id++},
+                     {"content", s},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
   }
   return {{"version", "1.0"},
           {"truncation", nullptr},
           {"padding", nullptr},
           {"added_tokens", added},
           {"normalizer", nullptr},
-          {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
+          {"pre_tokenizer",
+           {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
           {"post_processor", nullptr},
-          {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
+          {"decoder",
+           {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
           {"model",
            {{"type", "BPE"},
             {"dropout", nullptr},
@@ -83,8 +90,9 @@ nlohmann::ordered_json byte_tokenizer_json() {
 int run_init(const InitOptions& o) {
   TF_CHECK(!o.out.empty(), "--out is required");
   const LlamaConfig cfg = named_config(o.config);
-  TF_CHECK(cfg.vocab >= kByteTokens + int(std::size(kSpecialTokens)), o.config, ": a random model needs a vocabulary ",
-           "of at least ", kByteTokens + std::size(kSpecialTokens), " tokens for its byte-level tokenizer");
+  TF_CHECK(cfg.vocab >= kByteTokens + int(std::size(kSpecialTokens)), o.config,
+           ": a random model needs a vocabulary ", "of at least ", kByteTokens + std::size(kSpecialTokens),
+           " tokens for its byte-level tokenizer");
   const LlamaWeights w = init_random_weights(cfg, DType::F32, o.seed);
   fs::create_directories(o.out);
   const fs::path dir(o.out);
@@ -108,10 +116,11 @@ int run_init(const InitOptions& o) {
       {"add_bos_token", false},
       {"chat_template",
        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-       "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
+       "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% "
+       "endif %}"}};
   io::write_file_atomic((dir / "tokenizer_config.json").string(), tok_cfg.dump(2) + "\n");
-  std::printf("wrote a random %s model (%.2fM parameters) to %s\n", o.config.c_str(), double(cfg.n_params()) / 1e6,
-              o.out.c_str());
+  std::printf("wrote a random %s model (%.2fM parameters) to %s\n", o.config.c_str(),
+              double(cfg.n_params()) / 1e6, o.out.c_str());
   return 0;
 }
 

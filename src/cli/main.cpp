@@ -1,7 +1,6 @@
 // tightfit: fine-tune Llama-family models with LoRA on small machines. Subcommands: finetune, init,
 // inspect, generate, eval, export. A user error exits 1 with one line "error: ..." on stderr.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -18,40 +17,54 @@ using namespace tf::cli;
 
 void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--model", o.model, "Base model: an HF directory or a .gguf file")->required();
-  c.add_option("--data", o.data, "Training data (JSONL: text, prompt/completion, messages or instruction)")->required();
+  c.add_option("--data", o.data, "Training data (JSONL: text, prompt/completion, messages or instruction)")
+      ->required();
   c.add_option("--eval-data", o.eval_data, "Held-out JSONL evaluated before, during and after training");
   c.add_option("--out", o.out, "Run directory (config, metrics, checkpoints, adapter, report)")->required();
   c.add_option("--lora-rank", o.lora_rank, "LoRA rank r")->capture_default_str();
-  c.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")->capture_default_str();
+  c.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
+      ->capture_default_str();
   c.add_option("--lora-dropout", o.lora_dropout, "Dropout on the LoRA input")->capture_default_str();
-  c.add_option("--lora-targets", o.lora_targets, "Projections to adapt: all, or a list of q,k,v,o,gate,up,down")->capture_default_str();
+  c.add_option("--lora-targets", o.lora_targets,
+               "Projections to adapt: all, or a list of q,k,v,o,gate,up,down")
+      ->capture_default_str();
   c.add_flag("--rslora,!--no-rslora", o.rslora, "Rank-stabilised scaling alpha/sqrt(r)");
   c.add_option("--lr", o.lr, "Peak learning rate")->capture_default_str();
   c.add_option("--weight-decay", o.weight_decay, "AdamW decoupled weight decay")->capture_default_str();
   c.add_option("--clip", o.clip, "Global gradient-norm clip (0 disables)")->capture_default_str();
   c.add_option("--warmup", o.warmup, "Linear warmup steps")->capture_default_str();
-  c.add_option("--schedule", o.schedule, "LR schedule after warmup: cosine, linear or constant")->capture_default_str();
+  c.add_option("--schedule", o.schedule, "LR schedule after warmup: cosine, linear or constant")
+      ->capture_default_str();
   c.add_option("--steps", o.steps, "Optimizer steps (0: derive from --epochs)")->capture_default_str();
   c.add_option("--epochs", o.epochs, "Passes over the data when --steps is 0")->capture_default_str();
-  c.add_option("--seq-len", o.seq_len, "Tokens per sequence (longer examples are truncated)")->capture_default_str();
+  c.add_option("--seq-len", o.seq_len, "Tokens per sequence (longer examples are truncated)")
+      ->capture_default_str();
   c.add_option("--micro-batch", o.micro_batch, "Sequences per forward/backward")->capture_default_str();
   c.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   c.add_flag("--pack,!--no-pack", o.pack, "Pack several examples per sequence (default on)");
-  c.add_option("--template", o.template_name, "Prompt format: auto, chatml, llama3, llama2, mistral, alpaca or plain")->capture_default_str();
-  c.add_option("--train-on", o.train_on, "Loss on the completion/assistant tokens or on all tokens")->capture_default_str();
-  c.add_flag("--skip-bad-lines,!--no-skip-bad-lines", o.skip_bad_lines, "Skip and count malformed JSONL lines instead of failing");
+  c.add_option("--template", o.template_name,
+               "Prompt format: auto, chatml, llama3, llama2, mistral, alpaca or plain")
+      ->capture_default_str();
+  c.add_option("--train-on", o.train_on, "Loss on the completion/assistant tokens or on all tokens")
+      ->capture_default_str();
+  c.add_flag("--skip-bad-lines,!--no-skip-bad-lines", o.skip_bad_lines,
+             "Skip and count malformed JSONL lines instead of failing");
   c.add_option("--seed", o.seed, "Seed of LoRA init, dropout and data order")->capture_default_str();
-  c.add_option("--save-every", o.save_every, "Checkpoint every N steps (0: only at the end)")->capture_default_str();
+  c.add_option("--save-every", o.save_every, "Checkpoint every N steps (0: only at the end)")
+      ->capture_default_str();
   c.add_option("--keep", o.keep, "Checkpoints kept")->capture_default_str();
-  c.add_option("--eval-every", o.eval_every, "Evaluate every N steps (0: before and after only)")->capture_default_str();
-  c.add_option("--checkpointing", o.checkpointing, "Activation checkpointing: auto, none or block")->capture_default_str();
+  c.add_option("--eval-every", o.eval_every, "Evaluate every N steps (0: before and after only)")
+      ->capture_default_str();
+  c.add_option("--checkpointing", o.checkpointing, "Activation checkpointing: auto, none or block")
+      ->capture_default_str();
   c.add_option("--device", o.device, "auto or cpu")->capture_default_str();
   c.add_option("--threads", o.threads, "Worker threads (0: one per core)")->capture_default_str();
   c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
 }
 
 int run(int argc, char** argv) {
-  CLI::App app{"tightfit: LoRA / QLoRA fine-tuning of Llama-family models within a memory budget", "tightfit"};
+  CLI::App app{"tightfit: LoRA / QLoRA fine-tuning of Llama-family models within a memory budget",
+               "tightfit"};
   app.require_subcommand(1);
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.set_version_flag("--version", "tightfit 0.1.0");
@@ -62,14 +75,16 @@ int run(int argc, char** argv) {
   add_finetune_options(*finetune, ft);
 
   InitOptions init;
-  CLI::App* init_cmd = app.add_subcommand("init", "Write a random model as an HF directory (for tests and demos)");
+  CLI::App* init_cmd =
+      app.add_subcommand("init", "Write a random model as an HF directory (for tests and demos)");
   init_cmd->add_option("--config", init.config, "tiny, small, or an HF config.json")->capture_default_str();
   init_cmd->add_option("--out", init.out, "Output directory")->required();
   init_cmd->add_option("--seed", init.seed, "Seed of the random weights")->capture_default_str();
 
   std::string inspect_model;
   bool all_tensors = false;
-  CLI::App* inspect = app.add_subcommand("inspect", "Show a model's architecture, tensors, tokenizer and template");
+  CLI::App* inspect =
+      app.add_subcommand("inspect", "Show a model's architecture, tensors, tokenizer and template");
   inspect->add_option("model", inspect_model, "HF directory or .gguf file")->required();
   inspect->add_flag("--all-tensors", all_tensors, "List every tensor");
 
@@ -78,7 +93,8 @@ int run(int argc, char** argv) {
   generate->add_option("--model", gen.model, "HF directory or .gguf file")->required();
   generate->add_option("--adapter", gen.adapter, "A run directory or a PEFT adapter directory");
   generate->add_option("--prompt", gen.prompt, "Text to continue")->required();
-  generate->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate at most")->capture_default_str();
+  generate->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate at most")
+      ->capture_default_str();
   generate->add_option("--temperature", gen.temperature, "0 is greedy")->capture_default_str();
   generate->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
   generate->add_flag("--chat", gen.chat, "Send the prompt as a user turn of the chat template");
@@ -93,16 +109,21 @@ int run(int argc, char** argv) {
   eval->add_option("--template", ev.template_name, "Prompt format")->capture_default_str();
   eval->add_option("--seq-len", ev.seq_len, "Tokens per sequence")->capture_default_str();
   eval->add_option("--micro-batch", ev.micro_batch, "Sequences per forward")->capture_default_str();
-  eval->add_option("--max-new-tokens", ev.max_new_tokens, "Greedy completion length for exact match")->capture_default_str();
+  eval->add_option("--max-new-tokens", ev.max_new_tokens, "Greedy completion length for exact match")
+      ->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per core)")->capture_default_str();
-  eval->add_option("--logits-out", ev.logits_out, "Write the first examples' full logits to this safetensors file");
-  eval->add_option("--logits-examples", ev.logits_examples, "Examples whose logits --logits-out writes")->capture_default_str();
+  eval->add_option("--logits-out", ev.logits_out,
+                   "Write the first examples' full logits to this safetensors file");
+  eval->add_option("--logits-examples", ev.logits_examples, "Examples whose logits --logits-out writes")
+      ->capture_default_str();
 
   ExportOptions ex;
-  CLI::App* export_cmd = app.add_subcommand("export", "Export a run's adapter: peft, gguf (llama.cpp LoRA) or merged");
+  CLI::App* export_cmd =
+      app.add_subcommand("export", "Export a run's adapter: peft, gguf (llama.cpp LoRA) or merged");
   export_cmd->add_option("--run", ex.run, "Run directory")->required();
   export_cmd->add_option("--format", ex.format, "peft, gguf or merged")->capture_default_str();
-  export_cmd->add_option("--out", ex.out, "Output directory (peft, merged HF) or file (gguf, merged GGUF)")->required();
+  export_cmd->add_option("--out", ex.out, "Output directory (peft, merged HF) or file (gguf, merged GGUF)")
+      ->required();
 
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && args[0] == "finetune") {

@@ -45,7 +45,8 @@ json to_json(const FinetuneOptions& o) {
 json resume_relevant(const FinetuneOptions& o) {
   json all = to_json(o);
   // Options that may change between a run and its resumption without changing its numbers.
-  for (const char* free : {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "threads"})
+  for (const char* free :
+       {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "threads"})
     all.erase(free);
   return all;
 }

@@ -2,10 +2,9 @@
 // and the --config file expansion shared by all subcommands
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace tf::cli {
 
@@ -23,7 +22,7 @@ struct FinetuneOptions {
   float clip = 1.0f;
   int warmup = 10;
   std::string schedule = "cosine";
-  int steps = 0;       // 0: derived from --epochs
+  int steps = 0;        // 0: derived from --epochs
   double epochs = 1.0;  // used when --steps is 0
   // Data
   int seq_len = 512;

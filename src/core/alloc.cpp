@@ -57,7 +57,9 @@ Buffer::Buffer(size_t bytes, MemTag tag, bool zero) : bytes_(bytes), tag_(tag) {
   MemTracker::instance().on_alloc(tag_, bytes_);
 }
 
-Buffer::~Buffer() { release(); }
+Buffer::~Buffer() {
+  release();
+}
 
 void Buffer::release() {
   if (data_) {

@@ -27,8 +27,8 @@ std::string concat(const Args&... args) {
 }  // namespace tf
 
 // TF_CHECK(cond, parts...): throws tf::Error "<parts> (file:line)" when cond is false.
-#define TF_CHECK(cond, ...)                                                            \
-  do {                                                                                 \
+#define TF_CHECK(cond, ...)                                                                        \
+  do {                                                                                             \
     if (!(cond)) ::tf::detail::throw_error(__FILE__, __LINE__, ::tf::detail::concat(__VA_ARGS__)); \
   } while (0)
 #define TF_FAIL(...) ::tf::detail::throw_error(__FILE__, __LINE__, ::tf::detail::concat(__VA_ARGS__))

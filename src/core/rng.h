@@ -25,7 +25,9 @@ inline std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> ctr, std::arra
 }
 
 // Uniform in [0, 1) with 24 random bits, exactly representable in f32.
-inline float uint_to_unit_float(uint32_t x) { return float(x >> 8) * (1.0f / 16777216.0f); }
+inline float uint_to_unit_float(uint32_t x) {
+  return float(x >> 8) * (1.0f / 16777216.0f);
+}
 
 // A stream of numbers identified by (seed, stream); element i of the stream is a pure function of
 // (seed, stream, i). Streams are e.g. (purpose, step, layer) packed by the caller.
@@ -35,7 +37,8 @@ class Philox {
 
   // Four 32-bit words for block `index` (elements 4*index .. 4*index+3).
   std::array<uint32_t, 4> block(uint64_t index) const {
-    return philox4x32({uint32_t(index), uint32_t(index >> 32), uint32_t(stream_), uint32_t(stream_ >> 32)}, key_);
+    return philox4x32({uint32_t(index), uint32_t(index >> 32), uint32_t(stream_), uint32_t(stream_ >> 32)},
+                      key_);
   }
   uint32_t u32(uint64_t i) const { return block(i >> 2)[i & 3]; }
   float uniform(uint64_t i) const { return uint_to_unit_float(u32(i)); }

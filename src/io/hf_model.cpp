@@ -2,8 +2,8 @@
 
 #include <filesystem>
 #include <fstream>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "src/core/error.h"
 
@@ -84,11 +84,14 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
     arch = (*a)[0].get<std::string>();
   } else if (const json* m = find_key(j, "model_type"); m && m->is_string()) {
     const std::string t = m->get<std::string>();
-    arch = t == "llama" ? "LlamaForCausalLM" : t == "mistral" ? "MistralForCausalLM" : t == "qwen2" ? "Qwen2ForCausalLM" : t;
+    arch = t == "llama"     ? "LlamaForCausalLM"
+           : t == "mistral" ? "MistralForCausalLM"
+           : t == "qwen2"   ? "Qwen2ForCausalLM"
+                            : t;
   }
   TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM", source,
-           ": architecture \"", arch, "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, ",
-           "Qwen2ForCausalLM)");
+           ": architecture \"", arch,
+           "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, ", "Qwen2ForCausalLM)");
 
   LlamaConfig c;
   c.architecture = arch == "Qwen2ForCausalLM" ? "qwen2" : arch == "MistralForCausalLM" ? "mistral" : "llama";
@@ -139,7 +142,8 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     const bool shape_ok = vector ? (t.shape.size() == 1 && t.shape[0] == cols)
                                  : (t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == cols);
     TF_CHECK(shape_ok, model->source(), ": tensor ", name, " has shape ", t.shape_str(), ", expected ",
-             vector ? "[" + std::to_string(cols) + "]" : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+             vector ? "[" + std::to_string(cols) + "]"
+                    : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
     const TensorView v = model->view(name);
     TF_CHECK(v.dtype == DType::F32 || v.dtype == DType::BF16 || v.dtype == DType::F16, model->source(),
              ": tensor ", name, " has dtype ", dtype_name(v.dtype), "; weights must be F32, BF16 or F16");

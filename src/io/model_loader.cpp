@@ -81,22 +81,25 @@ nlohmann::json read_json_if_present(const fs::path& p) {
 // tokenizer_config.json's special tokens may be strings or {"content": ...} objects.
 std::string token_text(const nlohmann::json& v) {
   if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string())
+    return v["content"].get<std::string>();
   return {};
 }
 
 void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
   if (fs::exists(dir / "tokenizer.json")) {
-    m.tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_tokenizer_json((dir / "tokenizer.json").string()));
+    m.tokenizer = std::make_unique<tok::Tokenizer>(
+        tok::Tokenizer::from_tokenizer_json((dir / "tokenizer.json").string()));
   } else if (fs::exists(dir / "tokenizer.model")) {
-    m.tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_sentencepiece((dir / "tokenizer.model").string()));
+    m.tokenizer = std::make_unique<tok::Tokenizer>(
+        tok::Tokenizer::from_sentencepiece((dir / "tokenizer.model").string()));
   }
   const nlohmann::json cfg = read_json_if_present(dir / "tokenizer_config.json");
   if (!cfg.is_object()) return;
   const std::string where = (dir / "tokenizer_config.json").string();
   if (cfg.contains("chat_template")) {
-    TF_CHECK(cfg["chat_template"].is_string(), where, ": chat_template must be a string (named template lists ",
-             "are not supported)");
+    TF_CHECK(cfg["chat_template"].is_string(), where,
+             ": chat_template must be a string (named template lists ", "are not supported)");
     m.chat_template = cfg["chat_template"].get<std::string>();
   }
   if (!m.tokenizer) return;
@@ -108,12 +111,14 @@ void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
     TF_CHECK(id.has_value(), where, ": ", key, " \"", text, "\" is not in the vocabulary");
     return *id;
   };
-  m.tokenizer->set_special_ids(id_of("bos_token", m.tokenizer->bos_id()), id_of("eos_token", m.tokenizer->eos_id()),
+  m.tokenizer->set_special_ids(id_of("bos_token", m.tokenizer->bos_id()),
+                               id_of("eos_token", m.tokenizer->eos_id()),
                                id_of("pad_token", m.tokenizer->pad_id()));
   auto flag = [&](const char* key, bool fallback) {
     return cfg.contains(key) && cfg[key].is_boolean() ? cfg[key].get<bool>() : fallback;
   };
-  m.tokenizer->set_add_bos_eos(flag("add_bos_token", m.tokenizer->adds_bos()), flag("add_eos_token", m.tokenizer->adds_eos()));
+  m.tokenizer->set_add_bos_eos(flag("add_bos_token", m.tokenizer->adds_bos()),
+                               flag("add_eos_token", m.tokenizer->adds_eos()));
 }
 
 }  // namespace
@@ -134,7 +139,8 @@ tok::GgufVocab gguf_vocab(const GgufFile& f) {
   v.pad_id = id("tokenizer.ggml.padding_token_id");
   if (f.has("tokenizer.ggml.add_bos_token")) v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token");
   if (f.has("tokenizer.ggml.add_eos_token")) v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token");
-  if (f.has("tokenizer.ggml.add_space_prefix")) v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
+  if (f.has("tokenizer.ggml.add_space_prefix"))
+    v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix");
   return v;
 }
 
@@ -152,8 +158,10 @@ LoadedModel load_model(const std::string& path) {
     const LlamaConfig cfg = llama_config_from_gguf(*f);
     m.weights = gguf_weights(f, cfg);
     if (f->has("tokenizer.ggml.model"))
-      m.tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(gguf_vocab(*f), f->path()));
-    if (f->has("tokenizer.chat_template")) m.chat_template = std::string(f->get_string("tokenizer.chat_template"));
+      m.tokenizer =
+          std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(gguf_vocab(*f), f->path()));
+    if (f->has("tokenizer.chat_template"))
+      m.chat_template = std::string(f->get_string("tokenizer.chat_template"));
     m.gguf = std::move(f);
   }
   if (m.tokenizer)

@@ -26,9 +26,9 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-constexpr StDType kAllDTypes[] = {StDType::F64,  StDType::F32, StDType::F16, StDType::BF16,
+constexpr StDType kAllDTypes[] = {StDType::F64,     StDType::F32,     StDType::F16, StDType::BF16,
                                   StDType::F8_E4M3, StDType::F8_E5M2, StDType::I64, StDType::I32,
-                                  StDType::I16,  StDType::I8,  StDType::U8,  StDType::BOOL};
+                                  StDType::I16,     StDType::I8,      StDType::U8,  StDType::BOOL};
 
 std::optional<StDType> parse_dtype(std::string_view s) {
   for (StDType t : kAllDTypes) {
@@ -65,9 +65,13 @@ std::string shown(std::string_view s) {
   return out.append("...' (").append(std::to_string(s.size())).append(" bytes)");
 }
 
-std::string brief(const json& v) { return shown(v.dump()); }
+std::string brief(const json& v) {
+  return shown(v.dump());
+}
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
 // Parses JSON text and rejects, while parsing, nesting deeper than `max_depth` (the formats here
 // are shallow, so deep input is hostile and would only cost memory) and repeated keys in any
@@ -102,7 +106,9 @@ json parse_strict_json(std::string_view text, const std::string& where, int max_
   }
 }
 
-bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
+bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
 
 uint64_t read_u64_le(const std::byte* p) {
   uint64_t v = 0;
@@ -116,8 +122,7 @@ struct ParsedEntry {
   uint64_t end = 0;
 };
 
-ParsedEntry parse_entry(const std::string& path, const std::string& name, const json& v,
-                        uint64_t data_size) {
+ParsedEntry parse_entry(const std::string& path, const std::string& name, const json& v, uint64_t data_size) {
   const std::string where = path + ": tensor " + shown(name);
   TF_CHECK(!name.empty(), path, ": a tensor has an empty name");
   TF_CHECK(v.is_object(), where, ": entry is not a JSON object but ", brief(v));
@@ -153,8 +158,8 @@ ParsedEntry parse_entry(const std::string& path, const std::string& name, const 
     e.tensor.shape.push_back(int64_t(n));
   }
   uint64_t nbytes = 0;
-  TF_CHECK(!mul_overflows(numel, st_dtype_size(*dtype), &nbytes), where, ": shape ", shape->dump(),
-           " of ", dt_name, " needs more than 2^64 bytes");
+  TF_CHECK(!mul_overflows(numel, st_dtype_size(*dtype), &nbytes), where, ": shape ", shape->dump(), " of ",
+           dt_name, " needs more than 2^64 bytes");
 
   auto offsets = v.find("data_offsets");
   TF_CHECK(offsets != v.end() && offsets->is_array() && offsets->size() == 2, where,
@@ -345,8 +350,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
       TF_CHECK(e.begin >= expected, path, ": tensor ", shown(name), " [", e.begin, ", ", e.end,
                ") overlaps tensor ", shown(prev->tensor.name), " [", prev->begin, ", ", prev->end, ")");
       TF_CHECK(e.begin == expected, path, ": gap of ", e.begin - expected, " bytes between tensor ",
-               shown(prev->tensor.name), " (ends at ", expected, ") and tensor ", shown(name),
-               " (begins at ", e.begin, ")");
+               shown(prev->tensor.name), " (ends at ", expected, ") and tensor ", shown(name), " (begins at ",
+               e.begin, ")");
     }
     expected = e.end;
     prev = &e;
@@ -400,7 +405,9 @@ TensorView make_view(const SafetensorsTensor& t, const std::string& source) {
 
 }  // namespace
 
-TensorView SafetensorsFile::view(std::string_view name) const { return make_view(get(name), path_); }
+TensorView SafetensorsFile::view(std::string_view name) const {
+  return make_view(get(name), path_);
+}
 
 SafetensorsModel SafetensorsModel::open(const std::string& path) {
   SafetensorsModel m;

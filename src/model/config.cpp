@@ -23,11 +23,13 @@ void LlamaConfig::validate(const std::string& source) const {
   TF_CHECK(head_dim % 2 == 0, source, ": head dimension must be even for rotary embeddings, got ", head_dim);
   TF_CHECK(rope.head_dim == head_dim, source, ": rotary dimension ", rope.head_dim,
            " differs from the head dimension ", head_dim, " (partial rotary is not supported)");
-  TF_CHECK(rope.theta > 0 && std::isfinite(rope.theta), source, ": rope theta must be positive, got ", rope.theta);
-  TF_CHECK(rms_eps > 0 && std::isfinite(rms_eps), source, ": rms norm epsilon must be positive, got ", rms_eps);
+  TF_CHECK(rope.theta > 0 && std::isfinite(rope.theta), source, ": rope theta must be positive, got ",
+           rope.theta);
+  TF_CHECK(rms_eps > 0 && std::isfinite(rms_eps), source, ": rms norm epsilon must be positive, got ",
+           rms_eps);
   // Guards the int arithmetic of activation sizes: every per-token row must stay far below 2^31.
-  TF_CHECK(int64_t(n_heads) * head_dim < (1 << 24) && intermediate < (1 << 24) && hidden < (1 << 24),
-           source, ": dimensions are implausibly large");
+  TF_CHECK(int64_t(n_heads) * head_dim < (1 << 24) && intermediate < (1 << 24) && hidden < (1 << 24), source,
+           ": dimensions are implausibly large");
 }
 
 int64_t LlamaConfig::n_params() const {

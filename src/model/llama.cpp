@@ -13,10 +13,16 @@ namespace tf {
 
 namespace {
 
-MatOperand f32_mat(const float* data, int64_t ld, bool trans = false) { return {data, DType::F32, ld, trans}; }
-MatOperand weight_mat(const WeightRef& w, bool trans) { return {w.data, w.dtype, w.cols, trans}; }
+MatOperand f32_mat(const float* data, int64_t ld, bool trans = false) {
+  return {data, DType::F32, ld, trans};
+}
+MatOperand weight_mat(const WeightRef& w, bool trans) {
+  return {w.data, w.dtype, w.cols, trans};
+}
 
-void zero(float* p, int64_t n) { std::memset(p, 0, size_t(n) * sizeof(float)); }
+void zero(float* p, int64_t n) {
+  std::memset(p, 0, size_t(n) * sizeof(float));
+}
 
 void add_into(float* y, const float* x, int64_t n) {
 #pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
@@ -41,7 +47,8 @@ void add_bias(float* y, const WeightRef& bias, int64_t n, int64_t width) {
 
 }  // namespace
 
-LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens)
+LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
+                       int64_t max_tokens)
     : weights_(std::move(weights)), lora_(weights_.config, lora), policy_(policy), max_tokens_(max_tokens) {
   const LlamaConfig& c = weights_.config;
   c.validate("model config");
@@ -132,11 +139,13 @@ void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const 
   if (bias) add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
-    lora_forward(y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(), dropout(layer, t, training, step), n);
+    lora_forward(y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(),
+                 dropout(layer, t, training, step), n);
 }
 
-void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w,
-                                     int layer, LoraTarget t, const BlockActs& a, uint64_t step, int64_t n) {
+void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x,
+                                     const WeightRef& w, int layer, LoraTarget t, const BlockActs& a,
+                                     uint64_t step, int64_t n) {
   cpu::matmul(dx, w.cols, f32_mat(dy, w.rows), weight_mat(w, false), n, w.cols, w.rows, 1.0f, beta);
   LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
@@ -144,7 +153,8 @@ void LlamaModel::projection_backward(float* dx, float beta, const float* dy, con
                   lora_dt_, lora_xd_);
 }
 
-void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step, KvCache* cache) {
+void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step,
+                               KvCache* cache) {
   const LlamaConfig& c = weights_.config;
   const BlockWeights& w = weights_.blocks[size_t(l)];
   const int64_t n = b.n_tokens();
@@ -202,7 +212,8 @@ void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t st
   zero(d_q_, n * c.q_dim());
   zero(d_k_, n * c.kv_dim());
   zero(d_v_, n * c.kv_dim());
-  const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
+  const AttentionShape shape{b.batch,      b.seq,      c.n_heads,
+                             c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
   cpu::attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
   cpu::rope_backward(d_q_, b.positions, inv_freq_.data(), n, c.n_heads, c.head_dim, c.rope_layout);
   cpu::rope_backward(d_k_, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
@@ -262,8 +273,8 @@ LossSum LlamaModel::forward_loss(const Batch& b) {
 void LlamaModel::forward_logits(const Batch& b, float* logits) {
   forward_stack(b, false, 0);
   const WeightRef& w = weights_.lm_head;
-  cpu::matmul(logits, w.rows, f32_mat(final_h_, w.cols), weight_mat(w, true), b.n_tokens(), w.rows, w.cols, 1.0f,
-              0.0f);
+  cpu::matmul(logits, w.rows, f32_mat(final_h_, w.cols), weight_mat(w, true), b.n_tokens(), w.rows, w.cols,
+              1.0f, 0.0f);
 }
 
 KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
@@ -279,15 +290,15 @@ KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
 
 void LlamaModel::decode(KvCache& cache, const int32_t* tokens, int64_t n, float* logits) {
   TF_CHECK(n > 0 && n <= max_tokens_, "decode of ", n, " tokens; at most ", max_tokens_, " per call");
-  TF_CHECK(cache.n_past + n <= cache.capacity, "KV cache full: ", cache.n_past, " + ", n, " tokens exceed its ",
-           cache.capacity);
+  TF_CHECK(cache.n_past + n <= cache.capacity, "KV cache full: ", cache.n_past, " + ", n,
+           " tokens exceed its ", cache.capacity);
   for (int64_t i = 0; i < n; ++i) decode_positions_[size_t(i)] = int32_t(cache.n_past + i);
   const Batch b{1, int(n), tokens, nullptr, decode_positions_.data(), nullptr};
   forward_stack(b, false, 0, &cache);
   cache.n_past += n;
   const WeightRef& w = weights_.lm_head;
-  cpu::matmul(logits, w.rows, f32_mat(final_h_ + (n - 1) * w.cols, w.cols), weight_mat(w, true), 1, w.rows, w.cols,
-              1.0f, 0.0f);
+  cpu::matmul(logits, w.rows, f32_mat(final_h_ + (n - 1) * w.cols, w.cols), weight_mat(w, true), 1, w.rows,
+              w.cols, 1.0f, 0.0f);
 }
 
 }  // namespace tf

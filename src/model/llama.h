@@ -79,10 +79,10 @@ class LlamaModel {
   void block_forward(int layer, const Batch& b, BlockActs& a, bool training, uint64_t step,
                      KvCache* cache = nullptr);
   void block_backward(int layer, const Batch& b, BlockActs& a, uint64_t step);
-  void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer, LoraTarget t,
-                  BlockActs& a, bool training, uint64_t step, int64_t n);
-  void projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w, int layer,
-                           LoraTarget t, const BlockActs& a, uint64_t step, int64_t n);
+  void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
+                  LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n);
+  void projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w,
+                           int layer, LoraTarget t, const BlockActs& a, uint64_t step, int64_t n);
   LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step) const;
 
   LlamaWeights weights_;
@@ -92,12 +92,12 @@ class LlamaModel {
   std::vector<float> inv_freq_;
   std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
 
-  Buffer saved_;      // residual stream (n_layers + 1 block inputs) and kept block activations
-  Buffer workspace_;  // gradients in flight and scratch
+  Buffer saved_;                  // residual stream (n_layers + 1 block inputs) and kept block activations
+  Buffer workspace_;              // gradients in flight and scratch
   std::vector<float*> residual_;  // [n_layers + 1] pointers of [max_tokens, hidden]
   std::vector<BlockActs> acts_;   // one per layer (None) or one shared (PerBlock)
-  float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_,
-      *d_gate_, *d_up_, *lora_dt_, *lora_xd_;
+  float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_, *d_gate_,
+      *d_up_, *lora_dt_, *lora_xd_;
 };
 
 }  // namespace tf

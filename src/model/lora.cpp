@@ -63,12 +63,15 @@ LoraState::LoraState(const LlamaConfig& model, const LoraConfig& cfg) : config(c
       offset += int64_t(cfg.rank) * out;
       const float bound = 1.0f / std::sqrt(float(in));
       const Philox rng(cfg.seed, kStreamLoraInit | (uint64_t(l) << 8) | uint64_t(t));
-      for (int64_t i = 0; i < int64_t(cfg.rank) * in; ++i) a.A[i] = (2.0f * rng.uniform(uint64_t(i)) - 1.0f) * bound;
+      for (int64_t i = 0; i < int64_t(cfg.rank) * in; ++i)
+        a.A[i] = (2.0f * rng.uniform(uint64_t(i)) - 1.0f) * bound;
     }
   }
 }
 
-void LoraState::zero_grads() { std::memset(grads.data(), 0, grads.bytes()); }
+void LoraState::zero_grads() {
+  std::memset(grads.data(), 0, grads.bytes());
+}
 
 void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
   const Philox rng(seed, kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target));
@@ -90,13 +93,15 @@ void lora_forward(float* y, float* t, float* xd, const float* x, const LoraAdapt
     input = xd;
   }
   cpu::matmul(t, a.rank, f32_operand(input, a.in), f32_operand(a.A, a.in, true), n, a.rank, a.in, 1.0f, 0.0f);
-  cpu::matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale, 1.0f);
+  cpu::matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale,
+              1.0f);
 }
 
 void lora_backward(float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a, float scale,
                    const LoraDropout& drop, int64_t n, float* dt, float* xd) {
   // dB[out, r] += scale * dy^T t
-  cpu::matmul(a.dB, a.rank, f32_operand(dy, a.out, true), f32_operand(t, a.rank), a.out, a.rank, n, scale, 1.0f);
+  cpu::matmul(a.dB, a.rank, f32_operand(dy, a.out, true), f32_operand(t, a.rank), a.out, a.rank, n, scale,
+              1.0f);
   // dt[n, r] = scale * dy B
   cpu::matmul(dt, a.rank, f32_operand(dy, a.out), f32_operand(a.B, a.rank), n, a.rank, a.out, scale, 0.0f);
   const float* input = x;
@@ -105,7 +110,8 @@ void lora_backward(float* dx, const float* dy, const float* x, const float* t, L
     input = xd;
   }
   // dA[r, in] += dt^T dropout(x)
-  cpu::matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(input, a.in), a.rank, a.in, n, 1.0f, 1.0f);
+  cpu::matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(input, a.in), a.rank, a.in, n, 1.0f,
+              1.0f);
   if (drop.p == 0) {
     cpu::matmul(dx, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 1.0f);
     return;

@@ -104,7 +104,8 @@ LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t s
     const auto [rows, cols] = weight_shape(cfg, slot);
     const std::string name = hf_weight_name(slot, layer);
     Tensor t(dtype, {rows, cols}, MemTag::Weights, name);
-    const bool norm = slot == WeightSlot::AttnNorm || slot == WeightSlot::MlpNorm || slot == WeightSlot::FinalNorm;
+    const bool norm =
+        slot == WeightSlot::AttnNorm || slot == WeightSlot::MlpNorm || slot == WeightSlot::FinalNorm;
     const bool bias = slot == WeightSlot::QBias || slot == WeightSlot::KBias || slot == WeightSlot::VBias;
     const Philox rng(seed, ++stream);
     for (int64_t i = 0; i < rows * cols; ++i) {

@@ -15,10 +15,25 @@ namespace tf {
 
 // Every base tensor of a Llama-family model. Per-layer slots come first.
 enum class WeightSlot : uint8_t {
-  AttnNorm, Q, K, V, O, QBias, KBias, VBias, MlpNorm, Gate, Up, Down,  // per layer
-  Embed, FinalNorm, LmHead,                                             // global
+  AttnNorm,
+  Q,
+  K,
+  V,
+  O,
+  QBias,
+  KBias,
+  VBias,
+  MlpNorm,
+  Gate,
+  Up,
+  Down,  // per layer
+  Embed,
+  FinalNorm,
+  LmHead,  // global
 };
-constexpr bool is_layer_slot(WeightSlot s) { return s < WeightSlot::Embed; }
+constexpr bool is_layer_slot(WeightSlot s) {
+  return s < WeightSlot::Embed;
+}
 // The HF checkpoint name, e.g. "model.layers.3.self_attn.q_proj.weight" (layer ignored for globals).
 std::string hf_weight_name(WeightSlot slot, int layer);
 // Expected shape [rows, cols] of a slot (biases and norms are [1, n]).
@@ -40,7 +55,9 @@ struct LlamaWeights {
   std::vector<std::shared_ptr<const void>> keepalive;
 
   WeightRef& slot(WeightSlot s, int layer);
-  const WeightRef& slot(WeightSlot s, int layer) const { return const_cast<LlamaWeights*>(this)->slot(s, layer); }
+  const WeightRef& slot(WeightSlot s, int layer) const {
+    return const_cast<LlamaWeights*>(this)->slot(s, layer);
+  }
   // Visits every slot the config uses (biases only with attention_bias; no lm_head when tied).
   static void for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn);
 };

@@ -28,7 +28,8 @@ float learning_rate(const LrScheduleParams& p, int64_t step) {
   if (p.schedule == LrSchedule::Constant) return p.peak_lr;
   const int64_t decay_steps = std::max<int64_t>(1, p.total_steps - p.warmup_steps);
   const double progress = std::clamp(double(step - p.warmup_steps) / double(decay_steps), 0.0, 1.0);
-  const double shape = p.schedule == LrSchedule::Cosine ? 0.5 * (1.0 + std::cos(M_PI * progress)) : 1.0 - progress;
+  const double shape =
+      p.schedule == LrSchedule::Cosine ? 0.5 * (1.0 + std::cos(M_PI * progress)) : 1.0 - progress;
   return float(p.peak_lr * (p.min_lr_ratio + (1.0 - p.min_lr_ratio) * shape));
 }
 

@@ -38,7 +38,8 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   lora.zero_grads();
   const float grad_scale = 1.0f / float(st.target_tokens);
   double loss_sum = 0;
-  for (const Batch& b : micro_batches) loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
+  for (const Batch& b : micro_batches)
+    loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
   st.loss = loss_sum / double(st.target_tokens);
   st.lr = learning_rate(cfg_.lr, state_.step);
   const double norm = global_grad_norm(lora.grad_data(), lora.n_params);
@@ -51,8 +52,8 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
     ++state_.consecutive_skips;
     st.skipped_total = state_.skipped_total;
     TF_CHECK(state_.consecutive_skips < cfg_.max_consecutive_skips, "aborting at step ", st.step, ": ",
-             state_.consecutive_skips, " consecutive steps had a non-finite loss or gradient (last loss ", st.loss,
-             ", gradient norm ", norm, "); lower the learning rate or check the data");
+             state_.consecutive_skips, " consecutive steps had a non-finite loss or gradient (last loss ",
+             st.loss, ", gradient norm ", norm, "); lower the learning rate or check the data");
     return st;
   }
   state_.consecutive_skips = 0;

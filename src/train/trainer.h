@@ -22,12 +22,12 @@ struct TrainConfig {
 };
 
 struct StepStats {
-  int64_t step = 0;          // 0-based index of this optimizer step
-  double loss = 0;           // mean token loss over the accumulation group
+  int64_t step = 0;  // 0-based index of this optimizer step
+  double loss = 0;   // mean token loss over the accumulation group
   float lr = 0;
-  float grad_norm = 0;       // before clipping
-  int64_t tokens = 0;        // tokens processed (all positions)
-  int64_t target_tokens = 0; // tokens that had a target
+  float grad_norm = 0;        // before clipping
+  int64_t tokens = 0;         // tokens processed (all positions)
+  int64_t target_tokens = 0;  // tokens that had a target
   bool skipped = false;
   int64_t skipped_total = 0;
 };

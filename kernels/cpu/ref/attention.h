@@ -17,10 +17,11 @@ namespace tf::ref {
 
 // The geometry every attention implementation accepts.
 inline void check_attention_shape(const AttentionShape& s) {
-  TF_CHECK(s.batch >= 0 && s.seq >= 0, "attention batch and seq must be non-negative, got ", s.batch, " and ", s.seq);
+  TF_CHECK(s.batch >= 0 && s.seq >= 0, "attention batch and seq must be non-negative, got ", s.batch, " and ",
+           s.seq);
   TF_CHECK(s.head_dim > 0, "attention head_dim must be positive, got ", s.head_dim);
-  TF_CHECK(s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
-           "attention n_heads (", s.n_heads, ") must be a positive multiple of n_kv_heads (", s.n_kv_heads, ")");
+  TF_CHECK(s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0, "attention n_heads (",
+           s.n_heads, ") must be a positive multiple of n_kv_heads (", s.n_kv_heads, ")");
 }
 
 // Whether query position i of a sequence may attend to key position j of the same sequence;

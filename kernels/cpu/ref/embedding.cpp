@@ -12,8 +12,8 @@ void embedding_forward(float* out, const int32_t* tokens, int64_t n_tokens, Weig
   embedding_forward_loops(out, tokens, n_tokens, read, table.rows, table.cols);
 }
 
-void embedding_backward(float* d_table, const float* d_out, const int32_t* tokens, int64_t n_tokens, int64_t vocab,
-                        int64_t dim) {
+void embedding_backward(float* d_table, const float* d_out, const int32_t* tokens, int64_t n_tokens,
+                        int64_t vocab, int64_t dim) {
   embedding_backward<float>(d_table, d_out, tokens, n_tokens, vocab, dim);
 }
 

@@ -22,8 +22,8 @@ struct OperandReader {
 // op(B)[k, j]. The sum is accumulated in double and rounded to T once. As in BLAS, C is not read
 // when beta is zero, so it may hold garbage.
 template <typename T, typename ReadA, typename ReadB>
-void matmul_loops(T* C, int64_t ldc, const ReadA& a, const ReadB& b, int64_t M, int64_t N, int64_t K,
-                  T alpha, T beta) {
+void matmul_loops(T* C, int64_t ldc, const ReadA& a, const ReadB& b, int64_t M, int64_t N, int64_t K, T alpha,
+                  T beta) {
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
       double acc = 0;
