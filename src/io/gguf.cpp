@@ -342,6 +342,10 @@ void GgufFile::parse() {
   }
 
   data_offset_ = align_up(c.pos(), alignment_);
+  // Even a tensor of zero elements points into the data section, so it must start inside the file.
+  if (!tensors_.empty() && data_offset_ > size_)
+    TF_FAIL(path_, ": the tensor data section starts at offset ", data_offset_, " (the header rounded up to ",
+            "the alignment ", alignment_, "), past the end of the file (", size_, " bytes)");
   // Tensors lie in order, each at the running sum of the previous sizes rounded up to the
   // alignment, as ggml writes and requires them: no overlap, no gap, no misalignment.
   uint64_t expected = 0;
