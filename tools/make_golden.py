@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the golden fixtures the C++ model tests compare against (DESIGN.md section 8.2).
+"""Writes the golden fixtures the C++ model tests compare against (docs/DESIGN.md, "Tests", item 2).
 
 Run by hand, never by CI. It needs PyTorch, transformers (>= 5, for `rope_parameters`), PEFT and
 safetensors; no GPU and no network (the model is built from a config, not downloaded):
