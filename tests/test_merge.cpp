@@ -14,13 +14,13 @@
 
 #include "kernels/cpu/dequant.h"
 #include "src/core/error.h"
-#include "src/core/rng.h"
 #include "src/io/gguf_lora.h"
 #include "src/io/gguf_model.h"
 #include "src/io/hf_model.h"
 #include "src/io/merge.h"
 #include "src/io/safetensors.h"
 #include "src/model/llama.h"
+#include "tests/gguf_test_util.h"
 #include "tests/model_test_util.h"
 #include "tests/op_test_util.h"
 #include "tests/test_util.h"
@@ -258,69 +258,10 @@ TEST(MergedHf, RefusesAnAdapterOfAnotherShape) {
   EXPECT_FALSE(fs::exists(out));
 }
 
-// A tiny GGUF llama file built from f32 weights: q/k permuted, ffn_down quantized to Q8_0.
-struct GgufBase {
-  LlamaWeights hf;
-  std::vector<std::vector<float>> qk;
-  std::vector<std::vector<uint8_t>> q8;
-  std::string path;
-
-  GgufBase(const LlamaConfig& cfg, const std::string& file)
-      : hf(init_random_weights(cfg, DType::F32, 8)), path(file) {
-    GgufWriter w;
-    w.add_string("general.architecture", "llama");
-    w.add_string("general.name", "tiny");
-    w.add_u32("llama.embedding_length", uint32_t(cfg.hidden));
-    w.add_u32("llama.feed_forward_length", uint32_t(cfg.intermediate));
-    w.add_u32("llama.block_count", uint32_t(cfg.n_layers));
-    w.add_u32("llama.attention.head_count", uint32_t(cfg.n_heads));
-    w.add_u32("llama.attention.head_count_kv", uint32_t(cfg.n_kv_heads));
-    w.add_f32("llama.attention.layer_norm_rms_epsilon", cfg.rms_eps);
-    w.add_string_array("tokenizer.ggml.tokens", std::vector<std::string>(size_t(cfg.vocab), "t"));
-    const auto add = [&](const std::string& name, const WeightRef& r) {
-      const std::vector<int64_t> ne =
-          r.rows == 1 ? std::vector<int64_t>{r.cols} : std::vector<int64_t>{r.cols, r.rows};
-      w.add_tensor(name, GgmlType::F32, ne, r.data, size_t(r.rows * r.cols) * 4);
-    };
-    add("token_embd.weight", hf.embed);
-    add("output_norm.weight", hf.final_norm);
-    add("output.weight", hf.lm_head);
-    const Philox rng(5, 5);
-    for (int l = 0; l < cfg.n_layers; ++l) {
-      const BlockWeights& b = hf.blocks[size_t(l)];
-      const auto name = [&](GgufLlamaRole role) { return gguf_llama_tensor_name({role, l}); };
-      add(name(GgufLlamaRole::AttnNorm), b.attn_norm);
-      for (auto [role, r] : {std::pair{GgufLlamaRole::AttnQ, b.q}, {GgufLlamaRole::AttnK, b.k}}) {
-        qk.emplace_back(size_t(r.rows * r.cols));
-        permute_qk_rows(qk.back().data(), static_cast<const float*>(r.data), r.rows, r.cols, cfg.head_dim,
-                        true);
-        w.add_tensor(name(role), GgmlType::F32, {r.cols, r.rows}, qk.back().data(), qk.back().size() * 4);
-      }
-      add(name(GgufLlamaRole::AttnV), b.v);
-      add(name(GgufLlamaRole::AttnOutput), b.o);
-      add(name(GgufLlamaRole::FfnNorm), b.mlp_norm);
-      add(name(GgufLlamaRole::FfnGate), b.gate);
-      add(name(GgufLlamaRole::FfnUp), b.up);
-      // Q8_0 blocks: an f16 scale and 32 int8 values, here random.
-      const int64_t n_blocks = b.down.rows * b.down.cols / 32;
-      q8.emplace_back(size_t(n_blocks) * sizeof(BlockQ8_0));
-      for (int64_t k = 0; k < n_blocks; ++k) {
-        BlockQ8_0 blk;
-        blk.d = f32_to_f16(0.001f * float(1 + k % 3));
-        for (int j = 0; j < 32; ++j) blk.qs[j] = int8_t(int(rng.u32(uint64_t(k * 32 + j)) % 255) - 127);
-        std::memcpy(q8.back().data() + k * int64_t(sizeof(BlockQ8_0)), &blk, sizeof blk);
-      }
-      w.add_tensor(name(GgufLlamaRole::FfnDown), GgmlType::Q8_0, {b.down.cols, b.down.rows}, q8.back().data(),
-                   q8.back().size());
-    }
-    w.write(path);
-  }
-};
-
 TEST(MergedGguf, CopiesMetadataAndUntouchedTensorsAndMergesInGgufOrder) {
   TempDir tmp;
   const LlamaConfig hf_cfg = test::tiny_config();
-  const GgufBase built(hf_cfg, (tmp.dir / "base.gguf").string());
+  const test::GgufBase built(hf_cfg, (tmp.dir / "base.gguf").string());
   const GgufFile base = GgufFile::open(built.path);
   const LlamaConfig cfg = llama_config_from_gguf(base);
   LoraConfig lc = lora_config();

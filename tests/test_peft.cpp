@@ -1,3 +1,6 @@
+// Tests: the PEFT export (names, shapes, adapter_config.json; q/k rows of a GGUF-based model written
+// in HF order, checked against the HF model's logits) and import (bit-exact round trips, half
+// precision, refusals of adapters tightfit cannot apply).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -8,9 +11,14 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
+#include "src/io/gguf_lora.h"
+#include "src/io/model_loader.h"
 #include "src/io/peft.h"
 #include "src/io/safetensors.h"
+#include "src/model/llama.h"
+#include "tests/gguf_test_util.h"
 #include "tests/model_test_util.h"
+#include "tests/op_test_util.h"
 #include "tests/test_util.h"
 
 namespace tf::io {
@@ -50,7 +58,7 @@ TEST(Peft, ExportWritesPeftNamesShapesAndConfig) {
   const LlamaConfig model = test::tiny_config();
   const LoraState lora = make_lora(model, 1);
   const fs::path out = tmp.dir / "adapter";
-  export_peft(out.string(), lora, "HuggingFaceTB/SmolLM2-135M");
+  export_peft(out.string(), lora, model, "HuggingFaceTB/SmolLM2-135M");
 
   const json cfg = read_json(out / "adapter_config.json");
   EXPECT_EQ(cfg.at("peft_type"), "LORA");
@@ -89,10 +97,10 @@ TEST(Peft, RoundTripIsBitExactAndReplacesAnOldAdapter) {
   TempDir tmp;
   const LlamaConfig model = test::tiny_config();
   const fs::path out = tmp.dir / "adapter";
-  export_peft(out.string(), make_lora(model, 1), "base-a");
+  export_peft(out.string(), make_lora(model, 1), model, "base-a");
   std::ofstream(out / "stale.txt") << "from the old export";
   const LoraState lora = make_lora(model, 2);
-  export_peft(out.string() + "/", lora, "base-b");
+  export_peft(out.string() + "/", lora, model, "base-b");
   EXPECT_FALSE(fs::exists(out / "stale.txt"));
 
   const PeftAdapter back = import_peft(out.string(), model);
@@ -111,7 +119,7 @@ TEST(Peft, ReadsHalfPrecisionAdapters) {
   const LlamaConfig model = test::tiny_config();
   const fs::path out = tmp.dir / "adapter";
   const LoraState lora = make_lora(model, 3);
-  export_peft(out.string(), lora, "base");
+  export_peft(out.string(), lora, model, "base");
   // Re-store every tensor as bf16, as adapters trained in bf16 often are.
   const SafetensorsFile f32 = SafetensorsFile::open((out / "adapter_model.safetensors").string());
   std::vector<std::vector<uint16_t>> halves;
@@ -136,13 +144,74 @@ TEST(Peft, ReadsHalfPrecisionAdapters) {
   for (int64_t i = 0; i < int64_t(a.rank) * a.in; ++i) EXPECT_EQ(a.A[i], bf16_to_f32(f32_to_bf16(want.A[i])));
 }
 
+std::vector<float> logits_of(LlamaModel& m, const test::BatchData& data) {
+  std::vector<float> out(size_t(data.batch * data.seq * m.config().vocab));
+  m.forward_logits(data.view(), out.data());
+  return out;
+}
+
+// PEFT adapters apply to HF checkpoints, so one trained on a GGUF base (q/k rows in interleaved
+// order) is written in HF row order: with it the HF model the GGUF was converted from gives the
+// GGUF model's logits, and importing it into the GGUF model restores the adapter bit for bit.
+TEST(Peft, AdapterOfAGgufBaseIsWrittenInHfRowOrder) {
+  TempDir tmp;
+  const LlamaConfig cfg = test::tiny_config();
+  const test::GgufBase built(cfg, (tmp.dir / "base.gguf").string(), /*quantize_down=*/false);
+  LoadedModel loaded = load_model(built.path);
+  ASSERT_EQ(loaded.weights.config.rope_layout, RopeLayout::Interleaved);
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.alpha = 8.0f;
+  LlamaModel gguf(std::move(loaded.weights), lc, CheckpointPolicy::None, 24);
+  test::fill_lora_params(gguf.lora(), 4, 9, 0.1f);
+  const test::BatchData data = test::synthetic_batch(2, 12, cfg.vocab, 5);
+  const std::vector<float> want = logits_of(gguf, data);
+
+  const fs::path out = tmp.dir / "adapter";
+  export_peft(out.string(), gguf.lora(), gguf.config(), built.path);
+
+  // Row r of q's and k's B (GGUF order) is HF row gguf_qk_row_source(r) in the file; v's rows
+  // are not reordered.
+  const SafetensorsFile f = SafetensorsFile::open((out / "adapter_model.safetensors").string());
+  for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::V}) {
+    const LoraAdapter& a = gguf.lora().at(1, t);
+    const SafetensorsTensor& b = f.get(peft_tensor_name(1, t, true));
+    const size_t row_bytes = size_t(a.rank) * sizeof(float);
+    for (int64_t r = 0; r < a.out; ++r) {
+      const int64_t hf_row = t == LoraTarget::V ? r : gguf_qk_row_source(r, cfg.head_dim);
+      EXPECT_EQ(std::memcmp(b.bytes.data() + size_t(hf_row) * row_bytes, a.B + r * a.rank, row_bytes), 0)
+          << lora_target_name(t) << " row " << r;
+    }
+  }
+
+  // Both models do the same f32 arithmetic on the same values except for order: q/k rows come
+  // out of the projections permuted (each element the same dot product), rope rotates the same
+  // pairs by the same angles, and q.k sums a head's products in another order. That is a few ulps
+  // (~1e-7 relative) per operation, carried through two blocks to ~1e-6 in the logits; 1e-5
+  // keeps a margin. An adapter applied to the wrong q/k rows changes the logits by an amount of
+  // the order of the adapter's own effect, which is checked to be far larger.
+  const PeftAdapter hf_adapter = import_peft(out.string(), cfg);
+  LlamaModel hf(init_random_weights(cfg, DType::F32, test::GgufBase::kSeed), hf_adapter.lora.config,
+                CheckpointPolicy::None, 24);
+  ASSERT_EQ(hf.lora().n_params, hf_adapter.lora.n_params);
+  std::memcpy(hf.lora().params.data(), hf_adapter.lora.params.data(), hf_adapter.lora.params.bytes());
+  EXPECT_LT(test::rel_norm_error(logits_of(hf, data), want), 1e-5);
+  LlamaModel hf_base(init_random_weights(cfg, DType::F32, test::GgufBase::kSeed), lc, CheckpointPolicy::None,
+                     24);
+  EXPECT_GT(test::rel_norm_error(logits_of(hf_base, data), want), 1e-2);
+
+  const PeftAdapter back = import_peft(out.string(), gguf.config());
+  ASSERT_EQ(back.lora.n_params, gguf.lora().n_params);
+  EXPECT_EQ(std::memcmp(back.lora.params.data(), gguf.lora().params.data(), gguf.lora().params.bytes()), 0);
+}
+
 // Each case edits a freshly exported adapter and expects an error containing `needle`.
 class PeftBadInput : public ::testing::Test {
  protected:
   TempDir tmp;
   LlamaConfig model = test::tiny_config();
   fs::path out = tmp.dir / "adapter";
-  void SetUp() override { export_peft(out.string(), make_lora(model, 1), "base"); }
+  void SetUp() override { export_peft(out.string(), make_lora(model, 1), model, "base"); }
   void edit_config(const std::function<void(json&)>& fn) {
     json cfg = read_json(out / "adapter_config.json");
     fn(cfg);

@@ -240,7 +240,7 @@ int run_export(const ExportOptions& o) {
   io::LoadedModel base = io::load_model(base_path);
   const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
   if (o.format == "peft") {
-    io::export_peft(o.out, a.lora, base_path);
+    io::export_peft(o.out, a.lora, base.weights.config, base_path);
   } else if (o.format == "gguf") {
     io::export_gguf_lora(o.out, a.lora, base.weights.config);
   } else if (base.format == io::ModelFormat::Gguf) {

@@ -220,15 +220,16 @@ int run_finetune(const FinetuneOptions& o) {
       (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
       policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
 
-  std::optional<double> eval_before;
+  MetricsWriter metrics(metrics_path);
   if (eval && start == 0) {
-    eval_before = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
-    std::printf("eval loss before training: %.4f (perplexity %.2f)\n", *eval_before, std::exp(*eval_before));
+    // Logged as the eval at step 0, so the report of a resumed run still has it.
+    const double before = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
+    metrics.write(EvalMetrics{0, before, std::exp(before)});
+    std::printf("eval loss before training: %.4f (perplexity %.2f)\n", before, std::exp(before));
   }
 
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
-  MetricsWriter metrics(metrics_path);
   MemTracker::instance().reset_peaks();
   Progress progress(total_steps, start);
   auto save = [&] {
@@ -286,13 +287,11 @@ int run_finetune(const FinetuneOptions& o) {
     metrics.sync();
   }
   const std::string ck = save();
-  io::export_peft((run / "adapter").string(), model.lora(), o.model);
+  io::export_peft((run / "adapter").string(), model.lora(), model.config(), o.model);
   ReportInput report;
   report.title = o.out;
   report.metrics = read_metrics(metrics_path);
   report.config_json = resolved.dump();
-  report.eval_loss_before = eval_before;
-  report.eval_loss_after = eval_after;
   write_report((run / "report.html").string(), report);
 
   progress.message("done: " + std::to_string(total_steps) + " steps");

@@ -14,6 +14,7 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "src/io/durable.h"
+#include "src/io/gguf_lora.h"
 #include "src/io/safetensors.h"
 
 namespace tf::io {
@@ -27,6 +28,12 @@ using nlohmann::ordered_json;
 constexpr const char* kConfigFile = "adapter_config.json";
 constexpr const char* kWeightsFile = "adapter_model.safetensors";
 constexpr std::string_view kPrefix = "base_model.model.model.layers.";
+
+// PEFT files hold q/k rows in HF's split-half order; a model in GGUF's interleaved order needs its
+// B rows of q and k reordered on the way out and in.
+bool reorders_rows(const LlamaConfig& model, LoraTarget t) {
+  return model.rope_layout == RopeLayout::Interleaved && (t == LoraTarget::Q || t == LoraTarget::K);
+}
 
 const char* block_of(LoraTarget t) {
   return t == LoraTarget::Gate || t == LoraTarget::Up || t == LoraTarget::Down ? "mlp" : "self_attn";
@@ -98,7 +105,8 @@ std::string peft_tensor_name(int layer, LoraTarget t, bool is_b) {
          (is_b ? ".lora_B.weight" : ".lora_A.weight");
 }
 
-void export_peft(const std::string& dir, const LoraState& lora, const std::string& base_model_name_or_path) {
+void export_peft(const std::string& dir, const LoraState& lora, const LlamaConfig& model,
+                 const std::string& base_model_name_or_path) {
   fs::path final_dir = fs::path(dir).lexically_normal();
   if (!final_dir.has_filename()) final_dir = final_dir.parent_path();  // "out/adapter/"
   const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
@@ -114,6 +122,8 @@ void export_peft(const std::string& dir, const LoraState& lora, const std::strin
 
   try {
     std::vector<SafetensorsWriteTensor> tensors;
+    // HF-ordered copies of B must outlive write_safetensors, which reads the tensors' bytes.
+    std::vector<Buffer> hf_rows;
     ordered_json modules = ordered_json::array();
     for (int t = 0; t < kLoraTargetCount; ++t) {
       if (lora.config.has(LoraTarget(t))) modules.push_back(lora_target_name(LoraTarget(t)));
@@ -122,6 +132,12 @@ void export_peft(const std::string& dir, const LoraState& lora, const std::strin
       for (int t = 0; t < kLoraTargetCount; ++t) {
         const LoraAdapter& a = lora.at(l, LoraTarget(t));
         if (!a.active()) continue;
+        const float* b = a.B;
+        if (reorders_rows(model, LoraTarget(t))) {
+          hf_rows.emplace_back(size_t(a.out) * size_t(a.rank) * sizeof(float), MemTag::Lora, false);
+          permute_qk_rows(hf_rows.back().as<float>(), a.B, a.out, a.rank, model.head_dim, false);
+          b = hf_rows.back().as<float>();
+        }
         tensors.push_back({peft_tensor_name(l, LoraTarget(t), false),
                            StDType::F32,
                            {a.rank, a.in},
@@ -129,7 +145,7 @@ void export_peft(const std::string& dir, const LoraState& lora, const std::strin
         tensors.push_back({peft_tensor_name(l, LoraTarget(t), true),
                            StDType::F32,
                            {a.out, a.rank},
-                           std::as_bytes(std::span<const float>(a.B, size_t(a.out) * size_t(a.rank)))});
+                           std::as_bytes(std::span<const float>(b, size_t(a.out) * size_t(a.rank)))});
       }
     }
     // save_pretrained writes this metadata; some loaders check it.
@@ -262,7 +278,13 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
     }
     TF_CHECK(t.shape == want, file.path(), ": tensor ", t.name, " has shape ", t.shape_str(),
              " but the model needs [", want[0], ", ", want[1], "]");
-    to_f32(parsed->is_b ? a.B : a.A, t);
+    if (parsed->is_b && reorders_rows(model, parsed->target)) {
+      Buffer hf_order(size_t(t.numel()) * sizeof(float), MemTag::Lora, false);
+      to_f32(hf_order.as<float>(), t);
+      permute_qk_rows(a.B, hf_order.as<float>(), a.out, a.rank, model.head_dim, true);
+    } else {
+      to_f32(parsed->is_b ? a.B : a.A, t);
+    }
     seen.insert(t.name);
   }
   for (int l = 0; l < model.n_layers; ++l) {

@@ -14,12 +14,17 @@ std::string peft_tensor_name(int layer, LoraTarget t, bool is_b);
 
 // Writes `lora`'s parameters as a PEFT adapter directory `dir`: adapter_config.json (LORA,
 // CAUSAL_LM, r, lora_alpha, lora_dropout, use_rslora, target_modules, base_model_name_or_path)
-// and adapter_model.safetensors (f32). The directory is built beside `dir` and swapped in when
-// complete, so an existing adapter there is replaced only by a complete new one.
-void export_peft(const std::string& dir, const LoraState& lora, const std::string& base_model_name_or_path);
+// and adapter_model.safetensors (f32). `model` is the model `lora` belongs to. PEFT adapters
+// apply to HF checkpoints (transformers also reorders a GGUF's q/k rows into HF order when it
+// loads one), so when `model` holds q/k rows in GGUF's interleaved order, B's q and k rows are
+// written un-permuted to HF's split-half order. The directory is built beside `dir` and swapped in
+// when complete, so an existing adapter there is replaced only by a complete new one.
+void export_peft(const std::string& dir, const LoraState& lora, const LlamaConfig& model,
+                 const std::string& base_model_name_or_path);
 
 // A PEFT adapter read back: its LoRA config (rank, alpha, rslora, dropout, targets from
-// adapter_config.json) and weights laid out for `model`; the AdamW moments are zero.
+// adapter_config.json) and weights laid out for `model`, B's q/k rows permuted to GGUF's
+// interleaved order when `model` holds its q/k rows in that order; the AdamW moments are zero.
 struct PeftAdapter {
   LoraState lora;
   std::string base_model_name_or_path;
