@@ -165,17 +165,31 @@ TEST(DataJsonl, HostileLinesCostBoundedTime) {
   EXPECT_CONTAINS(expect_error([&] { load_jsonl(nest); }), ":1: JSON nested deeper than 16");
   const std::string big = dir.write("big.jsonl", "{\"text\": \"" + std::string(mb, 'x') + "\"}\n");
   EXPECT_EQ(load_jsonl(big).examples.at(0).text.size(), mb);
-  // A line past the bound is refused as it is read; the lines after it still count.
-  const std::string longer = dir.write("long.jsonl", std::string(3 * mb, ' ') + "\n{\"text\": \"ok\"}\n");
-  EXPECT_CONTAINS(expect_error([&] { load_jsonl(longer, {.max_line_bytes = mb}); }),
-                  ":1: line is longer than 1048576 bytes");
-  const Dataset ds = load_jsonl(longer, {.skip_bad_lines = true, .max_line_bytes = mb});
-  EXPECT_EQ(ds.skipped_lines, 1u);
-  EXPECT_EQ(ds.examples.at(0).line, 2u);
+  // A line past the bound is refused as it is read, even when bad lines are skipped: where it ends
+  // is not known.
+  const std::string longer =
+      dir.write("long.jsonl", "{\"text\": \"ok\"}\n" + std::string(3 * mb, ' ') + "\n");
+  for (const bool skip : {false, true})
+    EXPECT_CONTAINS(expect_error([&] { load_jsonl(longer, {.skip_bad_lines = skip, .max_line_bytes = mb}); }),
+                    longer + ":2: line is longer than 1048576 bytes");
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // Each file is read and parsed once, linearly: ~7 MiB of work takes well under a second; 10 s
   // leaves room for a loaded CI machine while still catching a quadratic path (minutes at 1 MiB).
   EXPECT_LT(s, 10.0);
+}
+
+TEST(DataJsonl, LineWithoutAnEndStopsAtTheBound) {
+  // /dev/zero never ends a line: reading must stop at the bound rather than wait for a newline.
+  for (const bool skip : {false, true})
+    EXPECT_CONTAINS(
+        expect_error([&] { load_jsonl("/dev/zero", {.skip_bad_lines = skip, .max_line_bytes = 4096}); }),
+        "/dev/zero:1: line is longer than 4096 bytes");
+}
+
+TEST(DataJsonl, DirectoryIsNotReadAsAnEmptyFile) {
+  TempDir dir;
+  const std::string path = fs::path(dir.write("x.jsonl", "")).parent_path().string();
+  EXPECT_CONTAINS(expect_error([&] { load_jsonl(path); }), path + ": is a directory, expected a JSONL file");
 }
 
 Dataset in_memory(std::string path, std::vector<Example> examples) {
@@ -296,7 +310,7 @@ TEST(DataTokenize, StraddlingTokenBelongsToTheLaterSegment) {
             (std::vector<uint8_t>{0, 0, 1, 1, 1}));
 }
 
-TEST(DataTokenize, TruncationKeepsTheStartAndSkipsUntrainable) {
+TEST(DataTokenize, TruncationKeepsTheStartAndCountsWhatItDrops) {
   const tok::Tokenizer tk = test_tokenizer();
   Example keep;  // <s> + 3 prompt + 4 completion + </s> = 9 tokens
   keep.shape = Example::Shape::PromptCompletion;
@@ -304,19 +318,34 @@ TEST(DataTokenize, TruncationKeepsTheStartAndSkipsUntrainable) {
   keep.completion = "pqrs";
   Example lost = keep;  // its completion starts past seq_len
   lost.prompt = "xyzxyzxyz";
+  Example fits = keep;  // 6 tokens: exactly seq_len, not truncated
+  fits.completion = "p";
   const TokenizedDataset td =
-      tokenize_dataset(in_memory("m", {keep, lost}), template_by_name("plain"), tk, {.seq_len = 6});
-  ASSERT_EQ(td.size(), 1u);
-  EXPECT_EQ(td.truncated, 2u);
-  EXPECT_EQ(td.skipped_no_target, 1u);
+      tokenize_dataset(in_memory("m", {keep, lost, fits}), template_by_name("plain"), tk, {.seq_len = 6});
+  ASSERT_EQ(td.size(), 2u);
+  EXPECT_EQ(td.truncated, 1u);
+  EXPECT_EQ(td.dropped_too_long, 1u);
+  EXPECT_EQ(td.dropped_no_target, 0u);
   EXPECT_EQ(tk.decode(td.example_ids(0)), "<s>xyzpq");
-  EXPECT_EQ(td.trainable_tokens(), 2u);
+  EXPECT_EQ(td.length(1), 6u);
+  EXPECT_EQ(td.trainable_tokens(), 2u + 2u);
+
+  // A short example with nothing to train on is dropped too, but not for its length.
+  Example no_reply;
+  no_reply.shape = Example::Shape::Messages;
+  no_reply.messages = {{"user", "u"}};
+  const TokenizedDataset chat = tokenize_dataset(in_memory("m", {no_reply, messages_example()}),
+                                                 template_by_name("chatml"), tk, {.seq_len = 256});
+  EXPECT_EQ(chat.size(), 1u);
+  EXPECT_EQ(chat.dropped_no_target, 1u);
+  EXPECT_EQ(chat.dropped_too_long + chat.truncated, 0u);
 
   EXPECT_CONTAINS(expect_error([&] {
                     tokenize_dataset(in_memory("d.jsonl", {lost}), template_by_name("plain"), tk,
                                      {.seq_len = 6});
                   }),
-                  "d.jsonl: no example is left to train on (1 had no trainable token within seq_len 6");
+                  "d.jsonl: no example is left to train on (1 longer than seq_len 6 had no trainable token "
+                  "within it, 0 had none at all");
 }
 
 TEST(DataTokenize, TemplateRefusalNamesTheLine) {

@@ -3,6 +3,8 @@
 // byte offset), nesting depth is bounded, and every field is checked for presence and type.
 #include "src/data/dataset.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -28,13 +30,18 @@ constexpr size_t kReadChunk = size_t(1) << 20;
 // Reads lines in fixed-size chunks, so a line never grows past the bound before it is refused.
 class LineReader {
  public:
-  LineReader(const std::string& path, size_t max_line) : max_line_(max_line), buf_(kReadChunk) {
+  LineReader(const std::string& path, size_t max_line) : path_(path), max_line_(max_line), buf_(kReadChunk) {
     file_.reset(std::fopen(path.c_str(), "rb"));
     TF_CHECK(file_, path, ": cannot open: ", std::strerror(errno));
+    // fopen accepts a directory on Linux; reading it would fail as if the file were empty.
+    struct stat st {};
+    TF_CHECK(::fstat(::fileno(file_.get()), &st) == 0, path, ": cannot stat: ", std::strerror(errno));
+    TF_CHECK(!S_ISDIR(st.st_mode), path, ": is a directory, expected a JSONL file");
   }
 
-  // The next line without its terminator; `too_long` when it exceeded the bound (its bytes are
-  // then dropped). False at the end of the file.
+  // The next line without its terminator. `too_long` when it exceeds the bound: reading stops
+  // there, since a line without an end (a device, a binary file) would otherwise never be left.
+  // False at the end of the file.
   bool next(std::string& line, bool& too_long) {
     line.clear();
     too_long = false;
@@ -43,18 +50,21 @@ class LineReader {
       if (pos_ == len_) {
         len_ = std::fread(buf_.data(), 1, buf_.size(), file_.get());
         pos_ = 0;
-        if (len_ == 0) return any;
+        if (len_ == 0) {
+          TF_CHECK(!std::ferror(file_.get()), path_, ": read error: ", std::strerror(errno));
+          return any;
+        }
       }
       any = true;
       const char* start = buf_.data() + pos_;
       const void* nl = std::memchr(start, '\n', len_ - pos_);
       const size_t n = nl ? size_t(static_cast<const char*>(nl) - start) : len_ - pos_;
-      if (!too_long && line.size() + n <= max_line_) {
-        line.append(start, n);
-      } else {
+      if (line.size() + n > max_line_) {
         too_long = true;
         line.clear();
+        return true;
       }
+      line.append(start, n);
       pos_ += n;
       if (nl) {
         ++pos_;
@@ -67,6 +77,7 @@ class LineReader {
   struct Closer {
     void operator()(std::FILE* f) const { std::fclose(f); }
   };
+  std::string path_;
   std::unique_ptr<std::FILE, Closer> file_;
   size_t max_line_;
   std::vector<char> buf_;
@@ -168,12 +179,15 @@ Dataset load_jsonl(const std::string& path, const LoadOptions& opt) {
   size_t lineno = 0;
   for (; reader.next(line, too_long);) {
     ++lineno;
+    // Fatal even under skip_bad_lines: where such a line ends is unknown, so nothing after it can
+    // be read.
+    TF_CHECK(!too_long, path, ":", lineno, ": line is longer than ", opt.max_line_bytes,
+             " bytes, the limit for one record; stopped reading there");
     std::string_view text(line);
     if (lineno == 1 && text.starts_with("\xEF\xBB\xBF")) text.remove_prefix(3);  // a UTF-8 byte-order mark
     if (!text.empty() && text.back() == '\r') text.remove_suffix(1);
-    if (!too_long && is_blank(text)) continue;
+    if (is_blank(text)) continue;
     try {
-      TF_CHECK(!too_long, "line is longer than ", opt.max_line_bytes, " bytes");
       Example ex = parse_record(text);
       ex.line = lineno;
       ds.examples.push_back(std::move(ex));
@@ -252,25 +266,27 @@ TokenizedDataset tokenize_dataset(const Dataset& data, const ChatTemplate& tmpl,
     ids.clear();
     train.clear();
     tokenize_segments(segs, tok, opt.train_on_all, opt.seq_len + 1, ids, train);
-    if (ids.size() > opt.seq_len) {
+    const bool too_long = ids.size() > opt.seq_len;
+    if (too_long) {
       ids.resize(opt.seq_len);
       train.resize(opt.seq_len);
-      ++out.truncated;
     }
     // The first token is never predicted, so it alone does not make an example trainable.
     bool any = false;
     for (size_t i = 1; i < train.size() && !any; ++i) any = train[i] != 0;
     if (!any) {
-      ++out.skipped_no_target;
+      ++(too_long ? out.dropped_too_long : out.dropped_no_target);
       continue;
     }
+    if (too_long) ++out.truncated;
     out.ids.insert(out.ids.end(), ids.begin(), ids.end());
     out.trainable.insert(out.trainable.end(), train.begin(), train.end());
     out.offsets.push_back(out.ids.size());
   }
-  TF_CHECK(out.size() > 0, data.path, ": no example is left to train on (", out.skipped_no_target,
-           " had no trainable token within seq_len ", opt.seq_len, ", ", out.skipped_bad,
-           " did not fit the '", template_name(tmpl.kind), "' template)");
+  TF_CHECK(out.size() > 0, data.path, ": no example is left to train on (", out.dropped_too_long,
+           " longer than seq_len ", opt.seq_len, " had no trainable token within it, ", out.dropped_no_target,
+           " had none at all, ", out.skipped_bad, " did not fit the '", template_name(tmpl.kind),
+           "' template)");
   return out;
 }
 

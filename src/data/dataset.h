@@ -21,8 +21,9 @@ namespace tf::data {
 struct LoadOptions {
   // Skip a bad line (and count it) instead of failing on it.
   bool skip_bad_lines = false;
-  // Longer lines are bad lines. The bound keeps a file without newlines from being read into memory
-  // whole; real records are far below it.
+  // A longer line is an error even under skip_bad_lines: reading stops at the bound, so a file
+  // without newlines (a device, a binary file) costs bounded memory and time. Real records are far
+  // below it.
   size_t max_line_bytes = size_t(64) << 20;
 };
 
@@ -36,8 +37,8 @@ struct Dataset {
 // Reads and validates a JSONL file: one JSON object per line in one of the shapes {"text"},
 // {"prompt","completion"}, {"messages":[{"role","content"}...]} or {"instruction","input"?,"output"};
 // blank lines are ignored. A bad line (invalid UTF-8, malformed JSON, not an object, missing or
-// mistyped fields, an unknown role, too long) is a tf::Error "file:line: problem", or is skipped and
-// counted. A file with no example is an error.
+// mistyped fields, an unknown role) is a tf::Error "file:line: problem", or is skipped and counted. A
+// line over max_line_bytes, a directory, and a file with no example are errors.
 Dataset load_jsonl(const std::string& path, const LoadOptions& opt = {});
 
 // One line's record; errors say what is wrong without a location (load_jsonl adds file:line).
@@ -48,8 +49,9 @@ struct TokenizedDataset {
   std::vector<int32_t> ids;
   std::vector<uint8_t> trainable;
   std::vector<size_t> offsets{0};  // example i is [offsets[i], offsets[i+1])
-  size_t truncated = 0;            // examples cut to seq_len
-  size_t skipped_no_target = 0;    // examples with no trainable token left after truncation
+  size_t truncated = 0;            // examples longer than seq_len, kept as their first seq_len tokens
+  size_t dropped_too_long = 0;     // examples longer than seq_len with no trainable token within it
+  size_t dropped_no_target = 0;    // examples no longer than seq_len with no trainable token
   size_t skipped_bad = 0;          // examples the template refused, under skip_bad_lines
 
   size_t size() const { return offsets.size() - 1; }
@@ -77,7 +79,8 @@ void tokenize_segments(const std::vector<Segment>& segs, const tok::Tokenizer& t
 
 // Renders and tokenises every example. Truncation keeps the start of an example (its first seq_len
 // tokens); an example left with no trainable token to predict (none after its first token) is
-// skipped and counted. It is an error when no example is left.
+// dropped and counted, apart from those that lost them to truncation. It is an error when no example
+// is left.
 TokenizedDataset tokenize_dataset(const Dataset& data, const ChatTemplate& tmpl, const tok::Tokenizer& tok,
                                   const TokenizeOptions& opt);
 
