@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "kernels/ops.h"
 #include "src/cli/common.h"
@@ -45,13 +46,33 @@ std::string trim(std::string s) {
   return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
 }
 
-// The ids of a conversation rendered by the template up to where the assistant's reply begins.
-std::vector<int32_t> chat_prompt_ids(const data::ChatTemplate& tmpl, const tok::Tokenizer& tok,
-                                     const std::vector<data::Message>& messages) {
+// The record's final response (completion, output or closing assistant turn), or nothing when it
+// has none to generate.
+std::optional<std::string> final_response(const data::Example& ex) {
+  switch (ex.shape) {
+    case data::Example::Shape::PromptCompletion: return ex.completion;
+    case data::Example::Shape::Instruction: return ex.output;
+    case data::Example::Shape::Messages:
+      if (!ex.messages.empty() && ex.messages.back().role == "assistant") return ex.messages.back().content;
+      return std::nullopt;
+    case data::Example::Shape::Text: return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+// The ids that lead up to `ex`'s final response, rendered exactly as training renders the record
+// under `tmpl` (so plain and Alpaca prompts too, not only chat turns): everything before the
+// response's trainable segment.
+std::vector<int32_t> response_prompt_ids(const data::ChatTemplate& tmpl, const tok::Tokenizer& tok,
+                                         const data::Example& ex) {
+  std::vector<data::Segment> segs = data::render_example(tmpl, ex, tok.adds_bos());
+  const auto response =
+      std::find_if(segs.rbegin(), segs.rend(), [](const data::Segment& seg) { return seg.trainable; });
+  TF_CHECK(response != segs.rend(), "template ", data::template_name(tmpl.kind), " rendered no response");
+  segs.erase(std::prev(response.base()), segs.end());
   std::vector<int32_t> ids;
   std::vector<uint8_t> trainable;
-  data::tokenize_segments(data::render_generation_prompt(tmpl, messages, tok.adds_bos()), tok, true, SIZE_MAX,
-                          ids, trainable);
+  data::tokenize_segments(segs, tok, true, SIZE_MAX, ids, trainable);
   return ids;
 }
 
@@ -141,12 +162,17 @@ int run_generate(const GenerateOptions& o) {
   const tok::Tokenizer& tok = s.tokenizer();
   std::vector<int32_t> ids;
   if (o.chat) {
-    ids = chat_prompt_ids(choose_template(o.template_name, s.loaded), tok, {{"user", o.prompt}});
+    // The prompt as the prompt of a {"prompt","completion"} record: a user turn under a chat
+    // template, the bare text or the Alpaca instruction under plain and alpaca.
+    data::Example ex;
+    ex.shape = data::Example::Shape::PromptCompletion;
+    ex.prompt = o.prompt;
+    ids = response_prompt_ids(choose_template(o.template_name, s.loaded), tok, ex);
   } else {
     ids = tok.encode(o.prompt);
   }
-  const std::vector<int32_t> out =
-      generate_tokens(*s.model, ids, o.max_new_tokens, tok.eos_id(), o.temperature, o.seed);
+  const std::vector<int32_t> out = generate_tokens(*s.model, ids, o.max_new_tokens, tok.eos_id(),
+                                                   int64_t(tok.vocab_size()), o.temperature, o.seed);
   std::printf("%s\n", tok.decode(out, /*skip_special=*/true).c_str());
   return 0;
 }
@@ -197,21 +223,12 @@ int run_eval(const EvalOptions& o) {
   // Exact match: the greedy completion of each prompt equals the reference completion (trimmed).
   size_t total = 0, correct = 0;
   for (const data::Example& ex : raw.examples) {
-    std::vector<data::Message> messages;
-    std::string want;
-    if (ex.shape == data::Example::Shape::PromptCompletion) {
-      messages = {{"user", ex.prompt}};
-      want = ex.completion;
-    } else if (ex.shape == data::Example::Shape::Messages && !ex.messages.empty() &&
-               ex.messages.back().role == "assistant") {
-      messages.assign(ex.messages.begin(), ex.messages.end() - 1);
-      want = ex.messages.back().content;
-    } else {
-      continue;
-    }
-    const std::vector<int32_t> prompt = chat_prompt_ids(tmpl, tok, messages);
-    const std::vector<int32_t> out = generate_tokens(*s.model, prompt, o.max_new_tokens, tok.eos_id());
-    const bool ok = trim(tok.decode(out, true)) == trim(want);
+    const std::optional<std::string> want = final_response(ex);
+    if (!want) continue;
+    const std::vector<int32_t> prompt = response_prompt_ids(tmpl, tok, ex);
+    const std::vector<int32_t> out =
+        generate_tokens(*s.model, prompt, o.max_new_tokens, tok.eos_id(), int64_t(tok.vocab_size()));
+    const bool ok = trim(tok.decode(out, true)) == trim(*want);
     correct += ok;
     ++total;
   }
