@@ -9,26 +9,29 @@
 namespace tf {
 
 std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
-                                     int32_t eos_id, float temperature, uint64_t seed) {
+                                     int32_t eos_id, int64_t n_tokens, float temperature, uint64_t seed) {
   TF_CHECK(!prompt_ids.empty(), "generation needs a non-empty prompt");
   const int vocab = model.config().vocab;
+  TF_CHECK(n_tokens >= 1 && n_tokens <= vocab, "generation: the tokenizer's ", n_tokens,
+           " tokens do not fit the model's vocabulary of ", vocab);
   KvCache cache = model.make_kv_cache(int64_t(prompt_ids.size()) + max_new);
   std::vector<float> logits(size_t(vocab), 0.0f);
   for (size_t i = 0; i < prompt_ids.size(); i += size_t(model.max_tokens())) {
     const int64_t n = std::min<int64_t>(model.max_tokens(), int64_t(prompt_ids.size() - i));
     model.decode(cache, prompt_ids.data() + i, n, logits.data());
   }
+  const auto tokens_end = logits.begin() + n_tokens;
   std::vector<int32_t> out;
   const Philox rng(seed, 0x5a3b1e);
   for (int t = 0; t < max_new; ++t) {
-    int32_t next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    int32_t next = int32_t(std::max_element(logits.begin(), tokens_end) - logits.begin());
     if (temperature > 0) {
       // Sample from softmax(logits / T) by inverting the cumulative distribution.
       const float mx = logits[size_t(next)];
       double sum = 0;
-      for (float& l : logits) sum += (l = std::exp((l - mx) / temperature));
+      for (auto l = logits.begin(); l != tokens_end; ++l) sum += (*l = std::exp((*l - mx) / temperature));
       double u = double(rng.uniform(uint64_t(t))) * sum;
-      for (int i = 0; i < vocab; ++i)
+      for (int32_t i = 0; i < int32_t(n_tokens); ++i)
         if ((u -= logits[size_t(i)]) <= 0) {
           next = i;
           break;
