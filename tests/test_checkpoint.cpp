@@ -1,9 +1,16 @@
+// Tests: checkpoints of a run: bit-exact round trips, rotation, crashes inside a save (through the
+// fault hook), damaged checkpoints, and refused resumes.
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "src/core/error.h"
 #include "src/core/rng.h"
@@ -106,7 +113,91 @@ TEST(Checkpoint, KeepsTheNewest) {
             std::string::npos);
 }
 
-TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
+// Every file of a directory, name -> bytes.
+std::map<std::string, std::string> contents(const fs::path& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::ifstream in(e.path(), std::ios::binary);
+    out[e.path().filename().string()] = {std::istreambuf_iterator<char>(in),
+                                         std::istreambuf_iterator<char>()};
+  }
+  return out;
+}
+
+// A crash inside save_checkpoint at the named stage, through the fault hook; the hook is unset again
+// when the guard goes.
+struct CrashAt {
+  static inline std::string stage;
+  explicit CrashAt(std::string s) {
+    stage = std::move(s);
+    checkpoint_fault_hook = [](const char* at) {
+      if (stage == at) throw std::runtime_error(std::string("simulated crash at ") + at);
+    };
+  }
+  ~CrashAt() { checkpoint_fault_hook = nullptr; }
+  CrashAt(const CrashAt&) = delete;
+  CrashAt& operator=(const CrashAt&) = delete;
+};
+
+TEST(Checkpoint, CrashMidSaveLeavesThePreviousOneUsable) {
+  TempDir run;
+  const LlamaConfig model = test::tiny_config();
+  LoraState at10(model, lora_cfg()), at20(model, lora_cfg()), later(model, lora_cfg());
+  fill(at10, 1);
+  fill(at20, 2);
+  fill(later, 3);
+  const fs::path ckpts = run.dir / "checkpoints";
+  save_checkpoint(run.str(), at10, trainer_at(10), meta(), 5);
+  save_checkpoint(run.str(), at20, trainer_at(20), meta(), 5);
+  const auto step20 = contents(ckpts / "step-20");
+
+  const auto expect_resumes_from = [&](int64_t step, const LoraState& want, const std::string& what) {
+    const auto latest = latest_checkpoint(run.str());
+    ASSERT_TRUE(latest.has_value()) << what;
+    EXPECT_EQ(latest->step, step) << what;
+    LoraState resumed(model, lora_cfg());
+    load_checkpoint(latest->path, "h1", meta().config_json, resumed);
+    EXPECT_TRUE(same_bits(want, resumed)) << what;
+  };
+  for (const char* stage : {"tensors written", "state written"}) {
+    // A new step: nothing of it may appear under its name.
+    {
+      CrashAt crash(stage);
+      EXPECT_THROW(save_checkpoint(run.str(), later, trainer_at(30), meta(), 1), std::runtime_error);
+    }
+    EXPECT_FALSE(fs::exists(ckpts / "step-30")) << stage;
+    expect_resumes_from(20, at20, stage);
+    // A step that exists (a continuation abandoned after resuming from 10 saves step 20 again): the
+    // old one must survive whole until the new one replaces it.
+    {
+      CrashAt crash(stage);
+      EXPECT_THROW(save_checkpoint(run.str(), later, trainer_at(20), meta(), 1), std::runtime_error);
+    }
+    EXPECT_TRUE(contents(ckpts / "step-20") == step20) << stage << ": step-20 was changed";
+    expect_resumes_from(20, at20, stage);
+    EXPECT_TRUE(fs::exists(ckpts / "step-10")) << stage;
+  }
+  const auto entries = [&] {
+    std::set<std::string> names;
+    for (const auto& e : fs::directory_iterator(ckpts)) names.insert(e.path().filename().string());
+    return names;
+  };
+  EXPECT_EQ(entries().size(), 3u) << "the crashed save's temporary directory is left";
+
+  // Once renamed, the new checkpoint is the one picked, and older ones are removed only after that.
+  // This save also clears the temporary directory the crashed one left.
+  {
+    CrashAt crash("committed");
+    EXPECT_THROW(save_checkpoint(run.str(), later, trainer_at(30), meta(), 1), std::runtime_error);
+  }
+  expect_resumes_from(30, later, "committed");
+  EXPECT_EQ(entries(), (std::set<std::string>{"step-10", "step-20", "step-30"}));
+
+  save_checkpoint(run.str(), later, trainer_at(40), meta(), 1);
+  EXPECT_EQ(entries(), std::set<std::string>{"step-40"});
+}
+
+TEST(Checkpoint, DamagedCheckpointsAreNeverPicked) {
   TempDir run;
   const LlamaConfig model = test::tiny_config();
   LoraState good(model, lora_cfg());
@@ -116,11 +207,8 @@ TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
   fill(later, 2);
   const fs::path ckpts = run.dir / "checkpoints";
 
-  // A save that died before its rename: a half-filled temporary directory.
-  fs::create_directories(ckpts / ".tmp-step-50-99999");
-  std::ofstream(ckpts / ".tmp-step-50-99999" / "lora.safetensors") << "partial";
-
-  // Damaged later checkpoints: truncated tensors, a flipped byte, no state.json.
+  // Damage after the commit (a disk fault, a copy cut short): truncated tensors, a flipped byte, no
+  // state.json.
   save_checkpoint(run.str(), later, trainer_at(20), meta(), 5);
   const fs::path t20 = ckpts / "step-20" / "lora.safetensors";
   fs::resize_file(t20, fs::file_size(t20) / 2);
@@ -132,7 +220,6 @@ TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
   }
   save_checkpoint(run.str(), later, trainer_at(40), meta(), 5);
   fs::remove(ckpts / "step-40" / "state.json");
-  fs::create_directories(ckpts / ".tmp-step-50-99999");
 
   std::vector<std::string> rejected;
   const auto latest = latest_checkpoint(run.str(), &rejected);
@@ -152,9 +239,8 @@ TEST(Checkpoint, CrashMidCheckpointLeavesThePreviousOneUsable) {
       std::string::npos);
   EXPECT_TRUE(same_bits(good, resumed));
 
-  // The next save cleans up the stale temporary directory and replaces the damaged step-20.
+  // The next save of step 20 replaces the damaged one.
   save_checkpoint(run.str(), later, trainer_at(20), meta(), 5);
-  EXPECT_FALSE(fs::exists(ckpts / ".tmp-step-50-99999"));
   EXPECT_EQ(latest_checkpoint(run.str())->step, 20);
   LoraState again(model, lora_cfg());
   load_checkpoint((ckpts / "step-20").string(), "h1", "", again);

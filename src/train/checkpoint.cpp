@@ -138,6 +138,10 @@ std::string config_diff(const json& saved, const json& now) {
   return out;
 }
 
+void fault_point(const char* stage) {
+  if (checkpoint_fault_hook) checkpoint_fault_hook(stage);
+}
+
 void remove_dir(const fs::path& p) {
   std::error_code ec;
   fs::remove_all(p, ec);
@@ -145,6 +149,8 @@ void remove_dir(const fs::path& p) {
 }
 
 }  // namespace
+
+void (*checkpoint_fault_hook)(const char* stage) = nullptr;
 
 std::vector<CheckpointInfo> list_checkpoints(const std::string& run_dir) {
   std::vector<CheckpointInfo> out;
@@ -226,6 +232,7 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   io::write_safetensors(tensor_path, tensors);
   const auto sum = file_fnv1a64(tensor_path);
   TF_CHECK(sum.has_value(), tensor_path, ": cannot read back the file just written");
+  fault_point("tensors written");
 
   json state = json::object();
   state["format"] = kFormat;
@@ -246,6 +253,7 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   state["tensors"] = {{"file", kTensorFile}, {"bytes", fs::file_size(tensor_path)}, {"fnv1a64", hex64(*sum)}};
   io::write_file_synced((tmp / kStateFile).string(), state.dump(2) + "\n");
   io::fsync_dir(tmp.string());
+  fault_point("state written");
 
   const fs::path final_dir = ckpt_root / name;
   if (fs::exists(final_dir, ec)) {
@@ -256,6 +264,7 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
              tmp.string(), " to it: ", std::strerror(errno));
     io::fsync_dir(ckpt_root.string());
   }
+  fault_point("committed");
 
   // Only now that the new checkpoint is durable may older ones go.
   std::vector<CheckpointInfo> all = list_checkpoints(run_dir);

@@ -1,5 +1,6 @@
 // defines: tf::CheckpointMeta, CheckpointInfo, save_checkpoint, latest_checkpoint, list_checkpoints,
-//          load_checkpoint (crash-safe, rotated checkpoints of a run in RUN/checkpoints/step-N/)
+//          load_checkpoint, checkpoint_fault_hook (crash-safe, rotated checkpoints of a run in
+//          RUN/checkpoints/step-N/)
 #pragma once
 
 #include <cstdint>
@@ -61,6 +62,13 @@ std::optional<CheckpointInfo> latest_checkpoint(const std::string& run_dir,
 // checkpoint was resumed), then all but the newest `keep` (>= 1).
 std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, const TrainerState& trainer,
                             const CheckpointMeta& meta, int keep);
+
+// Fault injection for tests. When set, save_checkpoint calls it with the name of each point between
+// its steps where a crash would leave a distinct state on disk ("tensors written", "state written",
+// "committed"); a test throws from it to leave the run directory as that crash would (a throw skips
+// the rest of the save just as a crash does: nothing is cleaned up on the way out). Null outside
+// tests, where it costs one untaken branch per point of a save.
+extern void (*checkpoint_fault_hook)(const char* stage);
 
 struct LoadedCheckpoint {
   TrainerState trainer;
