@@ -1,9 +1,12 @@
+// Tests: tf::Trainer (learning, accumulation, the NaN/Inf skip policy, clipping before AdamW) and the
+// learning-rate schedules.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/ref/adamw.h"
 #include "model_test_util.h"
 #include "op_test_util.h"
 #include "src/core/error.h"
@@ -85,24 +88,50 @@ TEST(Trainer, AccumulationMatchesOneLargeBatch) {
 TEST(Trainer, NonFiniteStepsAreSkippedCountedAndAbortAfterTheLimit) {
   const LlamaConfig cfg = tiny_config(64);
   LlamaModel model(init_random_weights(cfg, DType::F32, 1), lora_r8(), CheckpointPolicy::None, 32);
+  LlamaModel twin(init_random_weights(cfg, DType::F32, 1), lora_r8(), CheckpointPolicy::None, 32);
   TrainConfig tc = train_config(10, 1e-3f);
   tc.max_consecutive_skips = 3;
-  Trainer trainer(model, tc);
-  const BatchData data = synthetic_batch(1, 32, cfg.vocab, 1);
-  const Batch b = data.view();
+  // The schedule (and dropout) follow the step counter, which skipped steps advance by design; with
+  // a constant rate and no dropout only AdamW's own step count could tell the two runs apart.
+  tc.lr.schedule = LrSchedule::Constant;
+  tc.lr.warmup_steps = 0;
+  Trainer trainer(model, tc), reference(twin, tc);
+  const BatchData data = synthetic_batch(1, 32, cfg.vocab, 1), data2 = synthetic_batch(1, 32, cfg.vocab, 2);
+  const Batch b = data.view(), b2 = data2.view();
   ASSERT_FALSE(trainer.step({&b, 1}).skipped);
-  std::vector<float> before(model.lora().param_data(), model.lora().param_data() + model.lora().n_params);
+  ASSERT_FALSE(reference.step({&b, 1}).skipped);
+  LoraState& lora = model.lora();
+  const auto copy = [&](const Buffer& buf) {
+    const float* f = buf.as<float>();
+    return std::vector<float>(f, f + lora.n_params);
+  };
+  std::vector<float> params = copy(lora.params);
+  const std::vector<float> m = copy(lora.adam_m), v = copy(lora.adam_v);
   // Poison the adapter: the forward pass now produces NaN everywhere.
-  model.lora().param_data()[0] = std::numeric_limits<float>::quiet_NaN();
-  before[0] = model.lora().param_data()[0];
+  const float good = lora.param_data()[0];
+  lora.param_data()[0] = params[0] = std::numeric_limits<float>::quiet_NaN();
   for (int i = 1; i <= 2; ++i) {
     const StepStats st = trainer.step({&b, 1});
     EXPECT_TRUE(st.skipped);
     EXPECT_EQ(st.skipped_total, i);
   }
-  // Skipped steps leave the parameters untouched (NaN compares unequal, so compare the rest).
-  for (size_t i = 1; i < before.size(); ++i) ASSERT_EQ(before[i], model.lora().param_data()[i]);
+  // Skipped steps leave the parameters and moments untouched (NaN compares unequal: skip it).
+  for (size_t i = 1; i < params.size(); ++i) ASSERT_EQ(params[i], lora.param_data()[i]) << i;
+  EXPECT_EQ(copy(lora.adam_m), m);
+  EXPECT_EQ(copy(lora.adam_v), v);
   EXPECT_EQ(trainer.state().adam_steps, 1);
+
+  // Once the cause is gone, the next step is exactly the step a run without the skips takes.
+  lora.param_data()[0] = good;
+  ASSERT_FALSE(trainer.step({&b2, 1}).skipped);
+  ASSERT_FALSE(reference.step({&b2, 1}).skipped);
+  EXPECT_EQ(trainer.state().adam_steps, 2);
+  EXPECT_EQ(copy(lora.params), copy(twin.lora().params));
+  EXPECT_EQ(copy(lora.adam_m), copy(twin.lora().adam_m));
+  EXPECT_EQ(copy(lora.adam_v), copy(twin.lora().adam_v));
+
+  lora.param_data()[0] = std::numeric_limits<float>::quiet_NaN();
+  for (int i = 1; i <= 2; ++i) EXPECT_TRUE(trainer.step({&b, 1}).skipped);
   try {
     trainer.step({&b, 1});
     FAIL() << "third consecutive skip must abort";
@@ -112,16 +141,59 @@ TEST(Trainer, NonFiniteStepsAreSkippedCountedAndAbortAfterTheLimit) {
 }
 
 TEST(Trainer, ClippingBoundsTheUpdate) {
+  // AdamW divides by sqrt(v) + eps, so its first step is sign(g) * lr whatever the gradient's
+  // scale, except where |g| is near eps. Clipping to a norm of 1e-6 over the ~4k nonzero gradients
+  // (B's: A's are zero while B is) brings them to ~1.6e-8, comparable with eps = 1e-8: the update
+  // then depends on the clipped gradient, and differs from the update of the unclipped one.
   const LlamaConfig cfg = tiny_config(64);
   LlamaModel model(init_random_weights(cfg, DType::F32, 1), lora_r8(), CheckpointPolicy::None, 32);
-  TrainConfig tc = train_config(10, 1e-3f);
+  TrainConfig tc = train_config(10, 1e-2f);
+  tc.lr.warmup_steps = 0;
   tc.clip = 1e-6f;
   Trainer trainer(model, tc);
   const BatchData data = synthetic_batch(1, 32, cfg.vocab, 1);
   const Batch b = data.view();
+  LoraState& lora = model.lora();
+  const size_t n = size_t(lora.n_params);
+
+  // The gradient the step will compute: the same deterministic pass, scaled by 1 / target tokens.
+  int64_t targets = 0;
+  for (int32_t t : data.targets) targets += t != kIgnoreIndex;
+  lora.zero_grads();
+  model.forward_backward(b, 1.0f / float(targets), 0);
+  const std::vector<double> grad(lora.grad_data(), lora.grad_data() + n);
+  const std::vector<double> before(lora.param_data(), lora.param_data() + n);
+  const double norm = global_grad_norm(lora.grad_data(), lora.n_params);
+  ASSERT_GT(norm, 100 * tc.clip);
+
+  // One AdamW step from zero moments, in double, on a given gradient.
+  const auto adamw_from = [&](const std::vector<double>& g) {
+    std::vector<double> p = before, m0(n), v0(n);
+    AdamWParams ap;
+    ap.lr = learning_rate(tc.lr, 0);
+    ap.beta1 = tc.beta1;
+    ap.beta2 = tc.beta2;
+    ap.eps = tc.adam_eps;
+    ap.weight_decay = tc.weight_decay;
+    ap.step = 1;
+    ref::adamw_update<double>(p.data(), g.data(), m0.data(), v0.data(), int64_t(n), ap);
+    return p;
+  };
+  std::vector<double> clipped = grad;
+  for (double& g : clipped) g *= double(tc.clip) / (norm + 1e-6);
+  const std::vector<double> want = adamw_from(clipped), unclipped = adamw_from(grad);
+
   trainer.step({&b, 1});
-  // After clipping, the gradient the optimizer saw has norm ~clip.
-  EXPECT_NEAR(global_grad_norm(model.lora().grad_data(), model.lora().n_params), 1e-6, 1e-8);
+  std::vector<double> got_step(n), want_step(n), unclipped_step(n);
+  for (size_t i = 0; i < n; ++i) {
+    got_step[i] = double(lora.param_data()[i]) - before[i];
+    want_step[i] = want[i] - before[i];
+    unclipped_step[i] = unclipped[i] - before[i];
+  }
+  // The parameters are ~0.2 and move by up to lr = 1e-2, so reading the step off f32 parameters
+  // costs ~1e-6 of it (8e-7 measured); the step of the unclipped gradient is off by 200%.
+  EXPECT_LT(rel_norm_error(got_step, want_step), 1e-4);
+  EXPECT_GT(rel_norm_error(unclipped_step, want_step), 0.1);
 }
 
 TEST(LrSchedule, WarmupThenDecay) {
