@@ -48,14 +48,27 @@ TEST(FuzzRegressions, SeedsAreAccepted) {
 }
 
 // A crash or sanitizer report here fails the test binary; an exception other than tf::Error fails the
-// expectation. Success and tf::Error are both fine: the input only has to be handled.
+// expectation. Success and tf::Error are both fine: the input only has to be handled. Only targets a
+// fuzzer has broken have a folder, so a target without one is fine; but regressions/ itself must hold
+// inputs, and each folder in it must be a target's and hold some, or a renamed or misplaced input
+// would silently stop being replayed.
 TEST(FuzzRegressions, FoundInputsAreHandled) {
-  for (const char* t : kTargets) {
-    for (const fs::path& p : files_in(kFuzzDir / "regressions" / t)) {
+  const fs::path dir = kFuzzDir / "regressions";
+  ASSERT_TRUE(fs::is_directory(dir)) << dir << " is missing";
+  size_t replayed = 0;
+  for (const auto& folder : fs::directory_iterator(dir)) {
+    const tf::fuzz::EntryPoint run = tf::fuzz::entry_point(folder.path().filename().string());
+    ASSERT_TRUE(folder.is_directory() && run != nullptr)
+        << folder.path() << " is not the folder of a fuzz target";
+    const std::vector<fs::path> inputs = files_in(folder.path());
+    EXPECT_FALSE(inputs.empty()) << folder.path() << " holds no inputs";
+    for (const fs::path& p : inputs) {
       const std::vector<uint8_t> bytes = read_bytes(p);
-      EXPECT_NO_THROW(tf::fuzz::entry_point(t)(bytes.data(), bytes.size())) << p;
+      EXPECT_NO_THROW(run(bytes.data(), bytes.size())) << p;
+      ++replayed;
     }
   }
+  EXPECT_GT(replayed, 0u) << dir << " holds no inputs";
 }
 
 // A seed that loses a byte at the end or gains one in the middle is still handled: a quick stand-in
