@@ -180,7 +180,7 @@ __global__ void write_past_end(port::gptr<int> v) {
   v[int(threadIdx.x) + 1] = 7;
 }
 
-TEST(SimtPlantedBug, OutOfBoundsWriteIsCaughtBeforeItLands) {
+TEST(SimtPlantedBug, OutOfBoundsWriteNamesTheThreadAndElement) {
   auto v = DeviceBuffer::from(std::vector<int>(32, 0), "v");
   const std::string msg =
       launch_error([&] { tf::sim::launch("write_past_end", write_past_end, 1, 32, 0, v.as<int>()); });
