@@ -35,9 +35,11 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
     if (std::all_of(t, t + rows, [](int32_t x) { return x == kIgnoreIndex; })) continue;
     matmul(logits, vocab, MatOperand{h + r0 * dim, DType::F32, dim, false}, w_transposed, rows, vocab, dim,
            1.0f, 0.0f);
-    double chunk_loss = 0;
-    int64_t chunk_count = 0;
-#pragma omp parallel for schedule(static) reduction(+ : chunk_loss, chunk_count)
+    // Each row's loss goes to its own slot and the slots are added in row order below: an OpenMP
+    // reduction would combine per-thread partials whose extent depends on the thread count, in the
+    // order the threads finish. So the loss is the same for any thread count, given the logits.
+    double row_loss[kChunkRows];
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       float* row = logits + i * vocab;
       if (t[i] == kIgnoreIndex) {
@@ -52,16 +54,18 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
         row[v] = std::exp(row[v] - mx);
         sum += row[v];
       }
-      chunk_loss += double(mx) + std::log(sum) - double(target_logit);
-      ++chunk_count;
+      row_loss[i] = double(mx) + std::log(sum) - double(target_logit);
       if (d_h) {
         const float scale = float(double(grad_scale) / sum);
         for (int64_t v = 0; v < vocab; ++v) row[v] *= scale;
         row[t[i]] -= grad_scale;
       }
     }
-    loss += chunk_loss;
-    count += chunk_count;
+    for (int64_t i = 0; i < rows; ++i) {
+      if (t[i] == kIgnoreIndex) continue;
+      loss += row_loss[i];
+      ++count;
+    }
     if (d_h)
       matmul(d_h + r0 * dim, dim, MatOperand{logits, DType::F32, vocab, false}, w, rows, dim, vocab, 1.0f,
              1.0f);

@@ -64,6 +64,11 @@ MatOperand f32_block(const MatOperand& x, bool outer_major, int64_t o0, int64_t 
                     x.ld, x.trans};
 }
 
+// Assumed of OpenBLAS (0.3.21 measured): its threads own disjoint blocks of C, and a shape and a
+// thread count always give the same blocks and the same K panels, so a fixed thread count repeats
+// its bits. Another count may not: the threaded driver cuts K into other panels than the
+// single-threaded one. So every product here (projections, LoRA dA and dB, the lm_head logits and
+// d_h) and all that follows from it is reproducible at one thread count, not across counts.
 void sgemm(float* C, int64_t ldc, const MatOperand& a, const MatOperand& b, int64_t M, int64_t N, int64_t K,
            float alpha, float beta) {
   cblas_sgemm(CblasRowMajor, a.trans ? CblasTrans : CblasNoTrans, b.trans ? CblasTrans : CblasNoTrans, int(M),

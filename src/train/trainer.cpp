@@ -1,17 +1,18 @@
+// defines: tf::global_grad_norm, tf::Trainer (one optimizer step: accumulation, skip policy,
+// clipping, AdamW)
 #include "src/train/trainer.h"
 
 #include <cmath>
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
+#include "src/core/parallel.h"
 
 namespace tf {
 
+// The norm decides clipping and so the update: ordered_sum keeps it the same for any thread count.
 double global_grad_norm(const float* g, int64_t n) {
-  double sum = 0;
-#pragma omp parallel for reduction(+ : sum) schedule(static)
-  for (int64_t i = 0; i < n; ++i) sum += double(g[i]) * double(g[i]);
-  return std::sqrt(sum);
+  return std::sqrt(ordered_sum(n, [g](int64_t i) { return double(g[i]) * double(g[i]); }));
 }
 
 Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg) : model_(model), cfg_(cfg) {
