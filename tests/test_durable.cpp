@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -106,6 +107,47 @@ TEST(AtomicFile, WriteFileAtomicReplacesTheTarget) {
   const std::string missing = (tmp.dir / "gone" / "report.md").string();
   const std::string msg = error_of([&] { write_file_atomic(missing, "x"); });
   EXPECT_NE(msg.find(missing), std::string::npos) << msg;
+}
+
+TEST(PublishDir, ReplacesTheTargetOnlyWithACompleteDirectory) {
+  TempDir tmp;
+  const fs::path target = tmp.dir / "out";
+  fs::create_directory(target);
+  write_plain(target / "old.txt", "old");
+  // A fill that fails halfway leaves the old directory as it was and no temporary beside it.
+  EXPECT_THROW(publish_dir(target.string(),
+                           [](const std::string& staged) {
+                             write_plain(fs::path(staged) / "new.txt", "half");
+                             throw Error("simulated failure");
+                           }),
+               Error);
+  EXPECT_EQ(names_in(target), std::vector<std::string>{"old.txt"});
+  EXPECT_EQ(names_in(tmp.dir), std::vector<std::string>{"out"});
+
+  publish_dir(target.string(), [](const std::string& staged) {
+    EXPECT_TRUE(names_in(staged).empty());
+    write_plain(fs::path(staged) / "new.txt", "new");
+  });
+  EXPECT_EQ(names_in(target), std::vector<std::string>{"new.txt"});
+  EXPECT_EQ(read_all(target / "new.txt"), "new");
+  EXPECT_EQ(names_in(tmp.dir), std::vector<std::string>{"out"});
+}
+
+TEST(DirLock, ASecondHolderIsRefusedNamingThePidOfTheFirst) {
+  TempDir tmp;
+  const std::string path = (tmp.dir / ".lock").string();
+  {
+    const DirLock first(path, "runs/a", "wait for it");
+    // flock locks belong to the open file, so a second open in this process conflicts too.
+    const std::string msg = error_of([&] { DirLock second(path, "runs/a", "wait for it"); });
+    EXPECT_NE(msg.find("runs/a is in use by another tightfit process (pid " + std::to_string(::getpid()) +
+                       "); wait for it"),
+              std::string::npos)
+        << msg;
+  }
+  // Released with its holder.
+  const DirLock again(path, "runs/a", "wait for it");
+  EXPECT_EQ(read_all(path), std::to_string(::getpid()) + "\n");
 }
 
 }  // namespace

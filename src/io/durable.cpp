@@ -1,14 +1,19 @@
 #include "src/io/durable.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include "src/core/error.h"
 
@@ -64,6 +69,14 @@ void fsync_dir_for(const std::string& dir, const std::string& who) {
   const int err = errno;
   ::close(fd);
   TF_CHECK(rc == 0, who, ": fsync of ", what, " failed: ", std::strerror(err));
+}
+
+// The pid a DirLock holder wrote, or 0 if it cannot be read (yet).
+long read_holder_pid(int fd) {
+  char buf[32] = {};
+  const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+  if (n <= 0 || !std::isdigit(static_cast<unsigned char>(buf[0]))) return 0;
+  return std::strtol(buf, nullptr, 10);
 }
 
 }  // namespace
@@ -166,6 +179,58 @@ void replace_dir(const std::string& staged, const std::string& target) {
   // `staged` now holds the old contents.
   fs::remove_all(staged, ec);
   TF_CHECK(!ec, staged, ": cannot remove the replaced directory: ", ec.message());
+}
+
+void publish_dir(const std::string& target, const std::function<void(const std::string& staged)>& fill) {
+  fs::path final_dir = fs::path(target).lexically_normal();
+  if (!final_dir.has_filename()) final_dir = final_dir.parent_path();  // "out/model/"
+  const fs::path dir = parent_of(final_dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  TF_CHECK(!ec, dir.string(), ": cannot create: ", ec.message());
+  std::string staged = (dir / ("." + final_dir.filename().string() + ".tmp-XXXXXX")).string();
+  TF_CHECK(::mkdtemp(staged.data()) != nullptr, target, ": cannot create a temporary directory in ",
+           dir.string(), ": ", errno_text());
+  try {
+    fill(staged);
+    fsync_dir(staged);
+    replace_dir(staged, final_dir.string());
+  } catch (...) {
+    fs::remove_all(staged, ec);
+    throw;
+  }
+}
+
+DirLock::DirLock(const std::string& path, const std::string& what, const std::string& advice) {
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  TF_CHECK(fd_ >= 0, path, ": cannot open the lock file: ", errno_text());
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err != EWOULDBLOCK) {
+      ::close(fd_);
+      TF_FAIL(path, ": cannot lock: ", std::strerror(err));
+    }
+    // The holder writes its pid right after locking; a process that lost the race by microseconds
+    // may look before it has.
+    long pid = read_holder_pid(fd_);
+    for (int i = 0; i < 200 && pid == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      pid = read_holder_pid(fd_);
+    }
+    ::close(fd_);
+    TF_FAIL(what, " is in use by another tightfit process (",
+            pid ? "pid " + std::to_string(pid) : "pid unknown", "); ", advice);
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != ssize_t(pid.size())) {
+    const int err = errno;
+    ::close(fd_);
+    TF_FAIL(path, ": cannot write the lock file: ", std::strerror(err));
+  }
+}
+
+DirLock::~DirLock() {
+  ::close(fd_);
 }
 
 }  // namespace tf::io

@@ -1,9 +1,10 @@
 // defines: tf::io durable file helpers: AtomicFile, write_file_atomic, write_file_synced, fsync_dir,
-//          replace_dir (crash-safe writes of single files, streamed or whole, and of output
-//          directories)
+//          replace_dir, publish_dir (crash-safe writes of single files, streamed or whole, and of
+//          output directories), DirLock (one process at a time per directory)
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -55,5 +56,29 @@ void fsync_dir(const std::string& dir);
 // aside first, leaving a short window with no `target`). Both must be in the same directory,
 // which is fsync'ed afterwards. The old contents are removed.
 void replace_dir(const std::string& staged, const std::string& target);
+
+// Builds a directory and makes it appear at `target` whole: `fill` writes into a fresh, empty
+// directory beside `target` (a hidden name), which is fsync'ed and then swapped in by replace_dir,
+// so a directory already at `target` is removed only once the new one is complete. If `fill`
+// throws, the partial directory is removed and `target` is untouched. Whether `target` may be
+// replaced is the caller's decision.
+void publish_dir(const std::string& target, const std::function<void(const std::string& staged)>& fill);
+
+// An exclusive lock on `path` (a lock file, created if missing) held for the object's lifetime,
+// and by no child process: flock(2), so the kernel releases it when the holder exits, however it
+// exits. The holder writes its pid into the file. When another process holds the lock, the
+// constructor throws a tf::Error "<what> is in use by another tightfit process (pid N); <advice>".
+// The file is left in place on release: removing it could let two processes lock two different
+// files of the same name.
+class DirLock {
+ public:
+  DirLock(const std::string& path, const std::string& what, const std::string& advice);
+  ~DirLock();
+  DirLock(const DirLock&) = delete;
+  DirLock& operator=(const DirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 }  // namespace tf::io
