@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -22,10 +23,13 @@ struct Result {
   std::string out, err;
 };
 
-// Runs the binary with `args`, capturing stdout and stderr into files of `dir`.
-inline pid_t spawn(const std::vector<std::string>& args, const fs::path& out, const fs::path& err) {
+// Runs the binary with `args`, capturing stdout and stderr into the files `out` and `err`; in the
+// working directory `cwd` when one is given.
+inline pid_t spawn(const std::vector<std::string>& args, const fs::path& out, const fs::path& err,
+                   const fs::path& cwd = {}) {
   const pid_t pid = fork();
   if (pid == 0) {
+    if (!cwd.empty() && chdir(cwd.c_str()) != 0) _exit(125);
     std::vector<char*> argv;
     std::string bin = TIGHTFIT_BINARY;
     argv.push_back(bin.data());
@@ -62,8 +66,8 @@ class Cli : public ::testing::Test {
     if (!HasFailure()) fs::remove_all(dir_);
   }
 
-  Result run(const std::vector<std::string>& args) {
-    const pid_t pid = spawn(args, dir_ / "stdout", dir_ / "stderr");
+  Result run(const std::vector<std::string>& args, const fs::path& cwd = {}) {
+    const pid_t pid = spawn(args, dir_ / "stdout", dir_ / "stderr", cwd);
     Result r;
     r.status = wait_status(pid);
     r.out = slurp(dir_ / "stdout");
@@ -116,6 +120,18 @@ class Cli : public ::testing::Test {
             "2",
             "--threads",
             "1"};
+  }
+
+  // Sets `option`'s value in `args` (appending the option when it is not there yet).
+  static void set_option(std::vector<std::string>& args, const std::string& option,
+                         const std::string& value) {
+    const auto it = std::find(args.begin(), args.end(), option);
+    if (it != args.end() && it + 1 != args.end()) {
+      *(it + 1) = value;
+    } else {
+      args.push_back(option);
+      args.push_back(value);
+    }
   }
 
   static std::vector<double> losses(const fs::path& metrics) {

@@ -1,6 +1,7 @@
 // The tightfit binary end to end: exit codes and error lines, a run killed with SIGKILL and resumed
 // reproducing the uninterrupted losses bit for bit, SIGTERM stopping cleanly, checkpoint rotation,
-// resume refusing a changed config, and the exports.
+// resume refusing a changed config, and the exports; that exports and init replace only what
+// tightfit wrote unless told to.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -9,7 +10,10 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -168,4 +172,101 @@ TEST_F(Cli, ExportsRoundTripThroughOurReaders) {
   ASSERT_EQ(gen_adapter.status, 0) << gen_adapter.err;
   // Merging W + scale*B*A is exact up to f32 rounding; greedy tokens of a tiny model agree.
   EXPECT_EQ(gen_merged.out, gen_adapter.out);
+}
+
+namespace {
+
+// Every file under `root` (relative path -> size and hash of its bytes) and every directory
+// (relative path -> "<dir>").
+std::map<std::string, std::string> tree(const fs::path& root) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(root)) {
+    const std::string rel = fs::relative(e.path(), root).string();
+    if (e.is_directory()) {
+      out[rel] = "<dir>";
+    } else {
+      const std::string bytes = slurp(e.path());
+      out[rel] =
+          std::to_string(bytes.size()) + " bytes, hash " + std::to_string(std::hash<std::string>()(bytes));
+    }
+  }
+  return out;
+}
+
+std::set<std::string> names(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
+  return out;
+}
+
+void write_notes(const fs::path& dir) {
+  fs::create_directories(dir);
+  std::ofstream(dir / "notes.txt") << "my notes\n";
+}
+
+}  // namespace
+
+TEST_F(Cli, ExportsReplaceOnlyTheirOwnPreviousOutput) {
+  make_model_and_data();
+  ASSERT_EQ(run(finetune_args("run", 2)).status, 0);
+  const auto export_to = [&](const std::string& format, const fs::path& out, bool force) {
+    std::vector<std::string> a = {"export", "--run",     (dir_ / "run").string(), "--format", format,
+                                  "--out",  out.string()};
+    if (force) a.push_back("--force");
+    return run(a);
+  };
+  for (const std::string format : {"peft", "merged"}) {
+    const fs::path out = dir_ / format;
+    write_notes(out);
+    Result r = export_to(format, out, false);
+    EXPECT_EQ(r.status, 1) << format;
+    EXPECT_NE(r.err.find("notes.txt"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;
+    EXPECT_EQ(names(out), std::set<std::string>{"notes.txt"}) << format;
+    // --force replaces the directory whole; a previous export is replaced without it.
+    r = export_to(format, out, true);
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_FALSE(fs::exists(out / "notes.txt")) << format;
+    r = export_to(format, out, false);
+    EXPECT_EQ(r.status, 0) << r.err;
+  }
+  EXPECT_TRUE(fs::exists(dir_ / "peft" / "adapter_model.safetensors"));
+  EXPECT_TRUE(fs::exists(dir_ / "merged" / "model.safetensors"));
+
+  const fs::path gguf = dir_ / "a.gguf";
+  std::ofstream(gguf) << "my file\n";
+  Result r = export_to("gguf", gguf, false);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;
+  EXPECT_EQ(slurp(gguf), "my file\n");
+  r = export_to("gguf", gguf, true);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(tf::io::GgufFile::open(gguf.string()).get_string("general.type"), "adapter");
+  r = export_to("gguf", gguf, false);
+  EXPECT_EQ(r.status, 0) << r.err;
+
+  // No temporary is left beside the outputs.
+  for (const std::string& n : names(dir_)) EXPECT_NE(n[0], '.') << n;
+}
+
+TEST_F(Cli, InitRefusesADirectoryThatIsNotEmpty) {
+  make_model_and_data();
+  const fs::path model = dir_ / "model";
+  const auto before = tree(model);
+  const std::vector<std::string> init = {"init", "--config", "tiny", "--out", model.string(), "--seed", "4"};
+  Result r = run(init);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;
+  EXPECT_EQ(tree(model), before);
+
+  std::ofstream(model / "notes.txt") << "mine\n";
+  std::vector<std::string> forced = init;
+  forced.push_back("--force");
+  r = run(forced);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(tree(model).at("model.safetensors"), before.at("model.safetensors"));
+  EXPECT_FALSE(fs::exists(model / "notes.txt"));  // replaced whole
+
+  fs::create_directories(dir_ / "empty");
+  EXPECT_EQ(run({"init", "--config", "tiny", "--out", (dir_ / "empty").string()}).status, 0);
 }

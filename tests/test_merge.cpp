@@ -272,9 +272,11 @@ TEST(MergedGguf, CopiesMetadataAndUntouchedTensorsAndMergesInGgufOrder) {
   export_merged_gguf(out, base, lora, RopeLayout::SplitHalf);
 
   const GgufFile m = GgufFile::open(out);
-  ASSERT_EQ(m.metadata().size(), base.metadata().size());
+  // Every key of the base in order, then the mark of a tightfit export.
+  ASSERT_EQ(m.metadata().size(), base.metadata().size() + 1);
   for (size_t i = 0; i < base.metadata().size(); ++i)
     EXPECT_EQ(m.metadata()[i].first, base.metadata()[i].first);
+  EXPECT_EQ(m.get_string(kGgufExportKey), "merged");
   EXPECT_EQ(m.get_string("general.name"), "tiny");
   EXPECT_EQ(m.get_string_array("tokenizer.ggml.tokens").size(), size_t(cfg.vocab));
   ASSERT_EQ(m.tensors().size(), base.tensors().size());

@@ -11,6 +11,7 @@
 
 #include "kernels/ops.h"
 #include "src/cli/common.h"
+#include "src/cli/outputs.h"
 #include "src/core/error.h"
 #include "src/io/durable.h"
 #include "src/io/gguf_lora.h"
@@ -248,16 +249,39 @@ int run_export(const ExportOptions& o) {
   TF_CHECK(cfg.is_object() && cfg.contains("model") && cfg["model"].is_string(), config_path,
            ": has no \"model\" entry");
   const std::string base_path = cfg["model"].get<std::string>();
+  // Older versions stored the path as given, relative to where the run was started.
+  TF_CHECK(fs::path(base_path).is_absolute() || fs::exists(base_path), config_path,
+           ": the run's model path '", base_path,
+           "' is relative and is not found from here; run export from the directory the run ",
+           "was started in");
   const fs::path adapter_dir = run / "adapter";
   TF_CHECK(fs::exists(adapter_dir / "adapter_config.json"), o.run, ": has no adapter/ yet (the run has not ",
            "finished; resume it, or export its latest checkpoint by finishing the run)");
 
   TF_CHECK(o.format == "peft" || o.format == "gguf" || o.format == "merged",
            "--format must be peft, gguf or merged, got '", o.format, "'");
+  // Nothing tightfit did not write is replaced without --force, and the run itself never is.
+  std::error_code ec;
+  TF_CHECK(!fs::exists(o.out, ec) || !fs::equivalent(o.out, run, ec), o.out,
+           ": is the run directory; choose another --out");
+  if (o.format == "gguf" || (o.format == "merged" && !fs::is_directory(base_path, ec))) {
+    check_export_file_target(o.out, o.force);
+  } else {
+    const fs::file_status st = fs::symlink_status(o.out, ec);
+    TF_CHECK(!fs::exists(st) || fs::is_directory(st), o.out,
+             ": exists and is not a directory (a file or a symbolic link), but ", o.format,
+             " exports are directories; choose another --out");
+    TF_CHECK(o.force || may_replace_export_dir(o.out), o.out,
+             ": holds files that are not a tightfit export (", describe_entries(o.out),
+             "); choose a new or empty --out, or pass --force to replace the ",
+             "directory and everything in it");
+  }
   io::LoadedModel base = io::load_model(base_path);
   const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
   if (o.format == "peft") {
-    io::export_peft(o.out, a.lora, base.weights.config, base_path);
+    publish_export_dir(o.out, "peft", [&](const std::string& staged) {
+      io::export_peft(staged, a.lora, base.weights.config, base_path);
+    });
   } else if (o.format == "gguf") {
     io::export_gguf_lora(o.out, a.lora, base.weights.config);
   } else if (base.format == io::ModelFormat::Gguf) {
@@ -265,7 +289,9 @@ int run_export(const ExportOptions& o) {
   } else {
     io::MergedHfOptions mo;
     mo.base_dir = base_path;
-    io::export_merged_hf(o.out, base.weights, a.lora, mo);
+    publish_export_dir(o.out, "merged", [&](const std::string& staged) {
+      io::export_merged_hf(staged, base.weights, a.lora, mo);
+    });
   }
   std::printf("exported %s adapter of %s to %s\n", o.format.c_str(), o.run.c_str(), o.out.c_str());
   return 0;

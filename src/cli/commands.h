@@ -9,6 +9,7 @@ struct InitOptions {
   std::string config = "tiny";  // tiny | small | path to an HF config.json
   std::string out;
   uint64_t seed = 0;
+  bool force = false;  // replace a non-empty --out
 };
 int run_init(const InitOptions& o);
 
@@ -42,6 +43,7 @@ int run_eval(const EvalOptions& o);
 
 struct ExportOptions {
   std::string run, format = "peft", out;
+  bool force = false;  // replace an --out that is not a previous tightfit export
 };
 int run_export(const ExportOptions& o);
 

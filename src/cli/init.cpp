@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "src/cli/commands.h"
+#include "src/cli/outputs.h"
 #include "src/core/error.h"
 #include "src/io/durable.h"
 #include "src/io/hf_model.h"
@@ -85,17 +86,8 @@ nlohmann::ordered_json byte_tokenizer_json() {
             {"merges", nlohmann::ordered_json::array()}}}};
 }
 
-}  // namespace
-
-int run_init(const InitOptions& o) {
-  TF_CHECK(!o.out.empty(), "--out is required");
-  const LlamaConfig cfg = named_config(o.config);
-  TF_CHECK(cfg.vocab >= kByteTokens + int(std::size(kSpecialTokens)), o.config,
-           ": a random model needs a vocabulary ", "of at least ", kByteTokens + std::size(kSpecialTokens),
-           " tokens for its byte-level tokenizer");
-  const LlamaWeights w = init_random_weights(cfg, DType::F32, o.seed);
-  fs::create_directories(o.out);
-  const fs::path dir(o.out);
+// The model's files, written into `dir` (which is published whole afterwards).
+void write_model(const fs::path& dir, const LlamaConfig& cfg, const LlamaWeights& w) {
   std::vector<io::SafetensorsWriteTensor> tensors;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     const WeightRef& ref = w.slot(slot, layer);
@@ -107,8 +99,8 @@ int run_init(const InitOptions& o) {
     tensors.push_back(std::move(t));
   });
   io::write_safetensors((dir / "model.safetensors").string(), tensors, {{"format", "pt"}});
-  io::write_file_atomic((dir / "config.json").string(), io::hf_config_json(cfg, DType::F32).dump(2) + "\n");
-  io::write_file_atomic((dir / "tokenizer.json").string(), byte_tokenizer_json().dump(2) + "\n");
+  io::write_file_synced((dir / "config.json").string(), io::hf_config_json(cfg, DType::F32).dump(2) + "\n");
+  io::write_file_synced((dir / "tokenizer.json").string(), byte_tokenizer_json().dump(2) + "\n");
   const nlohmann::ordered_json tok_cfg = {
       {"bos_token", nullptr},
       {"eos_token", "<|im_end|>"},
@@ -118,7 +110,26 @@ int run_init(const InitOptions& o) {
        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
        "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% "
        "endif %}"}};
-  io::write_file_atomic((dir / "tokenizer_config.json").string(), tok_cfg.dump(2) + "\n");
+  io::write_file_synced((dir / "tokenizer_config.json").string(), tok_cfg.dump(2) + "\n");
+}
+
+}  // namespace
+
+int run_init(const InitOptions& o) {
+  TF_CHECK(!o.out.empty(), "--out is required");
+  const LlamaConfig cfg = named_config(o.config);
+  TF_CHECK(cfg.vocab >= kByteTokens + int(std::size(kSpecialTokens)), o.config,
+           ": a random model needs a vocabulary ", "of at least ", kByteTokens + std::size(kSpecialTokens),
+           " tokens for its byte-level tokenizer");
+  std::error_code ec;
+  const fs::file_status st = fs::symlink_status(o.out, ec);
+  TF_CHECK(!fs::exists(st) || fs::is_directory(st), o.out,
+           ": exists and is not a directory (a file or a symbolic link); choose another --out");
+  TF_CHECK(!fs::exists(st) || o.force || is_empty_dir(o.out), o.out, ": is not empty (",
+           describe_entries(o.out),
+           "); choose an empty or new --out, or pass --force to replace the directory and everything in it");
+  const LlamaWeights w = init_random_weights(cfg, DType::F32, o.seed);
+  io::publish_dir(o.out, [&](const std::string& staged) { write_model(staged, cfg, w); });
   std::printf("wrote a random %s model (%.2fM parameters) to %s\n", o.config.c_str(),
               double(cfg.n_params()) / 1e6, o.out.c_str());
   return 0;

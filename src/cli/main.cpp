@@ -80,6 +80,8 @@ int run(int argc, char** argv) {
   init_cmd->add_option("--config", init.config, "tiny, small, or an HF config.json")->capture_default_str();
   init_cmd->add_option("--out", init.out, "Output directory")->required();
   init_cmd->add_option("--seed", init.seed, "Seed of the random weights")->capture_default_str();
+  init_cmd->add_flag("--force", init.force,
+                     "Replace --out even if it is not empty (everything in it is deleted)");
 
   std::string inspect_model;
   bool all_tensors = false;
@@ -124,6 +126,8 @@ int run(int argc, char** argv) {
   export_cmd->add_option("--format", ex.format, "peft, gguf or merged")->capture_default_str();
   export_cmd->add_option("--out", ex.out, "Output directory (peft, merged HF) or file (gguf, merged GGUF)")
       ->required();
+  export_cmd->add_flag("--force", ex.force,
+                       "Replace --out even if tightfit did not write it (a directory is replaced whole)");
 
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && args[0] == "finetune") {

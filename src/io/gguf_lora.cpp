@@ -94,6 +94,7 @@ void export_gguf_lora(const std::string& path, const LoraState& lora, const Llam
   w.add_string("general.architecture", gguf_architecture(base));
   w.add_string("general.type", "adapter");
   w.add_string("adapter.type", "lora");
+  w.add_string(kGgufExportKey, "lora");
   w.add_f32("adapter.lora.alpha", lora.config.scale() * float(lora.config.rank));
 
   // Permuted copies of B must outlive write(), which reads the tensors' bytes.

@@ -41,6 +41,11 @@ void permute_qk_rows(float* dst, const float* src, int64_t rows, int64_t cols, i
 // "blk.3.attn_q.weight.lora_a" for (3, Q, false).
 std::string gguf_lora_tensor_name(int layer, LoraTarget t, bool is_b);
 
+// A string key that every GGUF file tightfit exports carries ("lora" in an adapter, "merged" in a
+// merged model), so that a later export may replace the file without --force. Readers ignore
+// keys they do not know.
+inline constexpr const char* kGgufExportKey = "tightfit.export";
+
 // Writes `lora` as a llama.cpp GGUF LoRA adapter at `path` (atomically: temporary file + rename).
 // `base` is the model the adapter was trained on: its architecture names general.architecture, and
 // when it is an HF model (rope_layout SplitHalf) of a family whose GGUF files permute q/k, B's rows

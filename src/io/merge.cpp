@@ -328,8 +328,10 @@ void export_merged_gguf(const std::string& path, const GgufFile& base, const Lor
 
   GgufWriter w(base.alignment());
   for (const auto& [key, value] : base.metadata()) {
-    if (key != "general.alignment") w.add_value(key, value);  // the writer states its own alignment
+    // The writer states its own alignment; a base that is itself a merged export gets a new mark.
+    if (key != "general.alignment" && key != kGgufExportKey) w.add_value(key, value);
   }
+  w.add_string(kGgufExportKey, "merged");
   std::vector<Buffer> merged;  // must outlive write()
   int n_merged = 0;
   for (const GgufTensorInfo& ti : base.tensors()) {
