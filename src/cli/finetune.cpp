@@ -7,9 +7,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "kernels/ops.h"
 #include "src/cli/common.h"
+#include "src/cli/outputs.h"
 #include "src/core/error.h"
 #include "src/data/sampler.h"
 #include "src/io/durable.h"
@@ -28,9 +30,107 @@ namespace {
 
 std::atomic<int> g_stop_signal{0};
 extern "C" void on_stop_signal(int sig) {
-  g_stop_signal.store(sig);
+  // The first signal stops at the next safe point, which may be after a long phase (loading a
+  // model, an evaluation); a second one stops at once.
+  if (g_stop_signal.exchange(sig) != 0) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+  }
 }
 
+// Held by the process that works on a run directory, for as long as it does.
+constexpr const char* kLockFile = ".lock";
+
+// The options with model, data, eval_data and out as absolute, normalised paths, so that the run
+// directory names the same files from any working directory.
+FinetuneOptions with_absolute_paths(FinetuneOptions o) {
+  for (std::string* p : {&o.model, &o.data, &o.eval_data, &o.out}) {
+    if (p->empty()) continue;
+    std::error_code ec;
+    fs::path abs = fs::weakly_canonical(fs::absolute(*p), ec);
+    if (ec) abs = fs::absolute(*p).lexically_normal();
+    if (!abs.has_filename()) abs = abs.parent_path();
+    *p = abs.string();
+  }
+  return o;
+}
+
+// The config.json of a tightfit run (a JSON object with the options finetune writes), or nothing
+// for any other file or none.
+std::optional<nlohmann::json> read_run_config(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (!j.is_object() || !j.contains("model") || !j["model"].is_string() || !j.contains("data") ||
+      !j["data"].is_string() || !j.contains("lora_rank"))
+    return std::nullopt;
+  return j;
+}
+
+// Refuses an --out this invocation must not write to and returns the run's stored config when
+// resuming. Before the lock is taken (`locked` false) only what needs no lock is checked, so that
+// nothing, not even the lock file, is created in a directory that is not ours.
+std::optional<nlohmann::json> check_run_dir(const FinetuneOptions& o, bool locked) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(o.out, ec);
+  if (!fs::exists(st)) {
+    TF_CHECK(!o.resume, o.out, ": nothing to resume (no such directory)");
+    return std::nullopt;
+  }
+  TF_CHECK(fs::is_directory(st), o.out, ": exists and is not a directory; choose another --out");
+  std::optional<nlohmann::json> stored = read_run_config(fs::path(o.out) / "config.json");
+  TF_CHECK(stored || is_empty_dir(o.out, kLockFile), o.out, ": is not a tightfit run and is not empty (",
+           describe_entries(o.out, 4, kLockFile), "); choose an empty or new --out");
+  if (!locked) return std::nullopt;
+  TF_CHECK(stored || !o.resume, o.out, ": nothing to resume (no config.json)");
+  TF_CHECK(!stored || o.resume, o.out, " already holds a run; pass --resume to continue it or choose ",
+           "another --out");
+  return stored;
+}
+
+// Fits `relevant` (this invocation's options that a resume must keep) to the run's stored config
+// and refuses a change. Files are compared by identity: older versions stored paths as given,
+// relative to the working directory, and the same file may be named differently now (relative,
+// absolute, through a link). Then the stored name is kept, so that the config hash is still the
+// one the run's checkpoints carry.
+void match_stored_config(nlohmann::json& relevant, const nlohmann::json& stored, const std::string& run) {
+  for (const char* key : {"model", "data"}) {
+    if (!relevant.contains(key) || !stored.contains(key) || !stored[key].is_string()) continue;
+    const std::string was = stored[key].get<std::string>();
+    std::error_code ec;
+    if (was != relevant[key] && fs::equivalent(was, relevant[key].get<std::string>(), ec))
+      relevant[key] = was;
+  }
+  std::string changed;
+  for (const auto& [key, now] : relevant.items()) {
+    if (stored.contains(key) && stored[key] == now) continue;
+    changed += (changed.empty() ? "" : "; ") + key + ": " +
+               (stored.contains(key) ? stored[key].dump() : "(absent)") + " -> " + now.dump();
+  }
+  TF_CHECK(changed.empty(), "cannot resume ", run, ": the run's configuration changed (", changed,
+           "); start a new run directory, or restore the original options");
+}
+
+// Whether every LoRA parameter and AdamW moment is finite.
+bool lora_state_finite(const LoraState& lora) {
+  for (const Buffer* b : {&lora.params, &lora.adam_m, &lora.adam_v}) {
+    const float* p = b->as<float>();
+    for (int64_t i = 0; i < lora.n_params; ++i) {
+      if (!std::isfinite(p[i])) return false;
+    }
+  }
+  return true;
+}
+
+float largest_magnitude(const LoraState& lora) {
+  const float* p = lora.params.as<float>();
+  float m = 0;
+  for (int64_t i = 0; i < lora.n_params; ++i) m = std::max(m, std::fabs(p[i]));
+  return m;
+}
+
+// Every finetune option's value, before anything loads (--threads is checked for every subcommand
+// by check_threads).
 void check_options(const FinetuneOptions& o) {
   TF_CHECK(!o.model.empty(), "--model is required");
   TF_CHECK(!o.data.empty(), "--data is required");
@@ -125,18 +225,33 @@ class Progress {
 
 }  // namespace
 
-int run_finetune(const FinetuneOptions& o) {
-  check_options(o);
+int run_finetune(const FinetuneOptions& given) {
+  check_options(given);
+  const FinetuneOptions o = with_absolute_paths(given);
   cpu::set_num_threads(o.threads);
   const fs::path run(o.out);
   const std::string config_path = (run / "config.json").string();
-  if (!o.resume) {
-    TF_CHECK(!fs::exists(config_path), o.out, " already holds a run; pass --resume to continue it or choose ",
-             "another --out");
-  } else {
-    TF_CHECK(fs::exists(config_path), o.out, ": nothing to resume (no config.json)");
-  }
+  const std::string adapter_path = (run / "adapter").string();
+  check_run_dir(o, false);
   fs::create_directories(run);
+  const io::DirLock lock((run / kLockFile).string(), o.out, "wait for it to finish, or stop it");
+  const std::optional<nlohmann::json> stored = check_run_dir(o, true);
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  nlohmann::json relevant = resume_relevant(o);
+  if (stored) {
+    match_stored_config(relevant, *stored, o.out);
+    // The adapter is written last (then the report), so with both the run is complete.
+    if (fs::exists(run / "adapter" / "adapter_config.json") && fs::exists(run / "report.html")) {
+      std::printf(
+          "%s: the run is finished (adapter %s); nothing to resume. Export it with tightfit export, or "
+          "train further in a new --out\n",
+          o.out.c_str(), adapter_path.c_str());
+      return 0;
+    }
+  }
+  TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": was not written by tightfit (",
+           describe_entries(adapter_path), "); move it out of the run directory, then run again");
 
   LoraConfig lora;
   lora.rank = o.lora_rank;
@@ -191,24 +306,48 @@ int run_finetune(const FinetuneOptions& o) {
   data::Sampler sampler(train.size(), o.seed, true, 0);
 
   const nlohmann::json resolved = to_json(o);
-  const nlohmann::json relevant = resume_relevant(o);
   const std::string hash = config_hash(relevant);
   const std::string metrics_path = (run / "metrics.jsonl").string();
   int64_t start = 0;
+  std::string last_checkpoint;
   if (o.resume) {
     std::vector<std::string> rejected;
     const auto latest = latest_checkpoint(o.out, &rejected);
     for (const auto& r : rejected) std::printf("warning: ignoring checkpoint %s\n", r.c_str());
-    TF_CHECK(latest.has_value(), o.out, ": no complete checkpoint to resume from");
-    const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), model.lora());
-    trainer.restore(ck.trainer);
-    sampler.restore(parse_cursor(ck.data_cursor, latest->path));
-    start = ck.trainer.step;
-    truncate_metrics_for_resume(metrics_path, start);
-    std::printf("resuming from %s (step %lld)\n", latest->path.c_str(), (long long)start);
+    if (latest) {
+      const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), model.lora());
+      trainer.restore(ck.trainer);
+      sampler.restore(parse_cursor(ck.data_cursor, latest->path));
+      start = ck.trainer.step;
+      last_checkpoint = latest->path;
+      truncate_metrics_for_resume(metrics_path, start);
+      std::printf("resuming from %s (step %lld)\n", latest->path.c_str(), (long long)start);
+    } else {
+      // Stopped before its first checkpoint: the configuration matched, so start it over.
+      fs::remove(metrics_path);
+      std::printf("no checkpoint in %s yet: training from step 0\n", o.out.c_str());
+    }
   } else {
     io::write_file_atomic(config_path, resolved.dump(2) + "\n");
   }
+  // Once config.json is written: a signal during the long phases before the first step.
+  const auto stopped_before_training = [&] {
+    const int sig = g_stop_signal.load();
+    if (sig == 0) return false;
+    if (start == 0) {
+      std::printf(
+          "stopped by signal %d before training started; nothing was trained yet (continue with "
+          "--resume)\n",
+          sig);
+    } else {
+      std::printf(
+          "stopped by signal %d before training resumed; the run is still at step %lld (continue with "
+          "--resume)\n",
+          sig, (long long)start);
+    }
+    return true;
+  };
+  if (stopped_before_training()) return 0;
 
   std::printf("model: %s, %d layers, hidden %d, vocab %d; LoRA r=%d alpha=%g on %s (%lld parameters)\n",
               cfg.architecture.c_str(), cfg.n_layers, cfg.hidden, cfg.vocab, lora.rank, double(lora.alpha),
@@ -227,18 +366,40 @@ int run_finetune(const FinetuneOptions& o) {
     metrics.write(EvalMetrics{0, before, std::exp(before)});
     std::printf("eval loss before training: %.4f (perplexity %.2f)\n", before, std::exp(before));
   }
+  if (stopped_before_training()) return 0;
 
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
   MemTracker::instance().reset_peaks();
   Progress progress(total_steps, start);
+  std::vector<data::TokenBatch> micro(size_t(o.grad_accum));
+  std::vector<Batch> views(size_t(o.grad_accum));
+  // Diverged weights are never saved. Their values can stay finite (a huge --lr makes them ~1e29)
+  // while every forward pass overflows, so before a save they must also give a finite loss on the
+  // step's last micro-batch (`probe`: false when this process has taken no step).
+  const auto refuse_diverged = [&](int64_t done, bool probe) {
+    std::string why;
+    if (!lora_state_finite(model.lora())) {
+      why = "became non-finite (NaN or infinity)";
+    } else if (probe && !std::isfinite(model.forward_loss(views.back()).sum)) {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "give a non-finite loss (largest |weight| %.3g)",
+                    double(largest_magnitude(model.lora())));
+      why = buf;
+    }
+    TF_CHECK(why.empty(), "training diverged at step ", done, ": the LoRA weights ", why,
+             "; they were not saved (",
+             last_checkpoint.empty() ? "no checkpoint was saved before"
+                                     : "the last checkpoint is " + last_checkpoint,
+             "); lower --lr (now ", o.lr, ") and start a new run");
+  };
   auto save = [&] {
+    refuse_diverged(trainer.state().step, trainer.state().step > start);
     CheckpointMeta meta;
     meta.config_hash = hash;
     meta.config_json = relevant.dump();
     meta.data_cursor = cursor_json(sampler.cursor());
     meta.seed = o.seed;
-    return save_checkpoint(o.out, model.lora(), trainer.state(), meta, o.keep);
+    last_checkpoint = save_checkpoint(o.out, model.lora(), trainer.state(), meta, o.keep);
+    return last_checkpoint;
   };
   auto run_eval = [&](int64_t step) {
     const double loss = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
@@ -246,8 +407,6 @@ int run_finetune(const FinetuneOptions& o) {
     return loss;
   };
 
-  std::vector<data::TokenBatch> micro(size_t(o.grad_accum));
-  std::vector<Batch> views(size_t(o.grad_accum));
   double last_loss = NAN, tok_s_sum = 0;
   int64_t tok_s_n = 0;
   int64_t step = start;
@@ -268,6 +427,7 @@ int run_finetune(const FinetuneOptions& o) {
         StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak), st.skipped});
     progress.step(st, tok_s, peak);
     const int64_t done = step + 1;
+    refuse_diverged(done, false);
     if (eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps) run_eval(done);
     metrics.sync();
     const bool stop = g_stop_signal.load() != 0;
@@ -287,7 +447,11 @@ int run_finetune(const FinetuneOptions& o) {
     metrics.sync();
   }
   const std::string ck = save();
-  io::export_peft((run / "adapter").string(), model.lora(), model.config(), o.model);
+  TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": appeared during training and was not ",
+           "written by tightfit; move it out of the run directory, then continue with --resume");
+  publish_export_dir(adapter_path, "peft", [&](const std::string& staged) {
+    io::export_peft(staged, model.lora(), model.config(), o.model);
+  });
   ReportInput report;
   report.title = o.out;
   report.metrics = read_metrics(metrics_path);

@@ -142,6 +142,32 @@ void fault_point(const char* stage) {
   if (checkpoint_fault_hook) checkpoint_fault_hook(stage);
 }
 
+// Whether `dir` holds a checkpoint of the run whose config hash is `hash`: its state.json parses
+// and names step `step` and that hash. The tensors are not verified: a damaged checkpoint of the
+// run is still the run's to replace or remove, while anything else in checkpoints/ is left alone.
+bool written_by_run(const fs::path& dir, int64_t step, const std::string& hash) {
+  try {
+    const json state = read_state(dir);
+    return state.value("step", int64_t(-1)) == step && state.value("config_hash", std::string()) == hash;
+  } catch (const Error&) {
+    return false;
+  } catch (const json::exception&) {
+    return false;
+  }
+}
+
+// ".tmp-step-N-PID", the name a save fills a checkpoint under.
+bool is_save_temporary(const std::string& name) {
+  constexpr std::string_view prefix = ".tmp-step-";
+  const size_t dash = name.rfind('-');
+  if (name.compare(0, prefix.size(), prefix) != 0 || dash < prefix.size()) return false;
+  const auto digits = [&](size_t from, size_t to) {
+    return to > from && std::all_of(name.begin() + long(from), name.begin() + long(to),
+                                    [](char c) { return c >= '0' && c <= '9'; });
+  };
+  return digits(prefix.size(), dash) && digits(dash + 1, name.size());
+}
+
 void remove_dir(const fs::path& p) {
   std::error_code ec;
   fs::remove_all(p, ec);
@@ -196,8 +222,12 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   TF_CHECK(!ec, ckpt_root.string(), ": cannot create: ", ec.message());
   const std::string name = "step-" + std::to_string(trainer.step);
   const std::string tmp_name = ".tmp-" + name + "-" + std::to_string(::getpid());
+  const fs::path final_dir = ckpt_root / name;
+  TF_CHECK(!fs::exists(final_dir, ec) || written_by_run(final_dir, trainer.step, meta.config_hash),
+           final_dir.string(), ": exists and is not a checkpoint of this run; move it out of ",
+           ckpt_root.string(), ", then run again");
   for (const auto& entry : fs::directory_iterator(ckpt_root, ec)) {
-    if (entry.path().filename().string().rfind(".tmp-", 0) == 0) remove_dir(entry.path());
+    if (is_save_temporary(entry.path().filename().string())) remove_dir(entry.path());
   }
   TF_CHECK(!ec, ckpt_root.string(), ": cannot list: ", ec.message());
   const fs::path tmp = ckpt_root / tmp_name;
@@ -255,7 +285,6 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   io::fsync_dir(tmp.string());
   fault_point("state written");
 
-  const fs::path final_dir = ckpt_root / name;
   if (fs::exists(final_dir, ec)) {
     // A leftover from an abandoned continuation or a damaged copy: the new one replaces it whole.
     io::replace_dir(tmp.string(), final_dir.string());
@@ -266,10 +295,11 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   }
   fault_point("committed");
 
-  // Only now that the new checkpoint is durable may older ones go.
+  // Only now that the new checkpoint is durable may older ones go, and only the run's own.
   std::vector<CheckpointInfo> all = list_checkpoints(run_dir);
   int kept = 0;
   for (auto it = all.rbegin(); it != all.rend(); ++it) {
+    if (!written_by_run(it->path, it->step, meta.config_hash)) continue;
     if (it->step > trainer.step) {
       remove_dir(it->path);
     } else if (++kept > keep) {

@@ -29,8 +29,13 @@ namespace tf {
 // parse and name step N, and lora.safetensors must have the recorded size and checksum. A
 // directory failing either is never picked.
 //
-// Only one process writes a run's checkpoints at a time: a save removes every .tmp-* directory it
-// finds, which can only be left over from a crashed save.
+// Only one process writes a run's checkpoints at a time (the CLI holds a lock on the run): a save
+// removes every .tmp-step-N-PID directory it finds, which can only be left over from a crashed save.
+//
+// Ownership: a save replaces, rotates away and removes only checkpoints of its own run, those whose
+// state.json names the same config hash. Anything else in checkpoints/ (a user's step-3 folder, a
+// checkpoint another configuration wrote) is left alone, and a save whose step-N name is taken by
+// such a directory is refused.
 
 // What the caller (the CLI) provides besides the weights and the trainer counters.
 struct CheckpointMeta {
@@ -58,8 +63,8 @@ std::optional<CheckpointInfo> latest_checkpoint(const std::string& run_dir,
                                                 std::vector<std::string>* rejected = nullptr);
 
 // Writes the checkpoint for step `trainer.step` and returns its path. After it is complete: removes
-// checkpoints numbered above that step (left by a continuation that was abandoned when an older
-// checkpoint was resumed), then all but the newest `keep` (>= 1).
+// the run's checkpoints numbered above that step (left by a continuation that was abandoned when an
+// older checkpoint was resumed), then all but the run's newest `keep` (>= 1).
 std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, const TrainerState& trainer,
                             const CheckpointMeta& meta, int keep);
 
