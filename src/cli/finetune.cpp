@@ -135,21 +135,66 @@ void check_options(const FinetuneOptions& o) {
   TF_CHECK(!o.model.empty(), "--model is required");
   TF_CHECK(!o.data.empty(), "--data is required");
   TF_CHECK(!o.out.empty(), "--out is required");
+  check_input_file("--data", o.data, "a JSONL file");
+  if (!o.eval_data.empty()) check_input_file("--eval-data", o.eval_data, "a JSONL file");
+  TF_CHECK(o.lora_rank >= 1 && o.lora_rank <= 4096, "--lora-rank must be in [1, 4096], got ", o.lora_rank);
+  TF_CHECK(std::isfinite(o.lora_alpha) && o.lora_alpha > 0, "--lora-alpha must be positive, got ",
+           o.lora_alpha);
+  TF_CHECK(o.lora_dropout >= 0 && o.lora_dropout < 1, "--lora-dropout must be in [0, 1), got ",
+           o.lora_dropout);
+  TF_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr must be positive, got ", o.lr);
+  TF_CHECK(std::isfinite(o.weight_decay) && o.weight_decay >= 0, "--weight-decay must not be negative, got ",
+           o.weight_decay);
+  TF_CHECK(std::isfinite(o.clip) && o.clip >= 0, "--clip must be positive, or 0 for no clipping, got ",
+           o.clip);
+  TF_CHECK(o.warmup >= 0, "--warmup must not be negative, got ", o.warmup);
+  parse_lr_schedule(o.schedule);
+  TF_CHECK(o.steps >= 0 && o.steps <= kMaxSteps, "--steps must be in [0, ", kMaxSteps, "], got ", o.steps);
+  TF_CHECK(std::isfinite(o.epochs), "--epochs must be a finite number, got ", o.epochs);
+  TF_CHECK(o.steps > 0 || o.epochs > 0, "--epochs must be positive when --steps is 0, got ", o.epochs);
   TF_CHECK(o.seq_len >= 8 && o.seq_len <= (1 << 20), "--seq-len must be in [8, 1048576], got ", o.seq_len);
   TF_CHECK(o.micro_batch >= 1 && o.micro_batch <= 4096, "--micro-batch must be in [1, 4096], got ",
            o.micro_batch);
-  TF_CHECK(o.grad_accum >= 1, "--grad-accum must be at least 1, got ", o.grad_accum);
-  TF_CHECK(o.steps >= 0, "--steps must not be negative, got ", o.steps);
-  TF_CHECK(o.steps > 0 || o.epochs > 0, "give --steps or a positive --epochs");
+  TF_CHECK(o.grad_accum >= 1 && o.grad_accum <= 4096, "--grad-accum must be in [1, 4096], got ",
+           o.grad_accum);
+  if (o.template_name != "auto") data::template_by_name(o.template_name);
   TF_CHECK(o.train_on == "completion" || o.train_on == "all", "--train-on must be completion or all, got '",
            o.train_on, "'");
   TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block",
            "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
   TF_CHECK(o.device == "auto" || o.device == "cpu", "--device ", o.device,
-           " is not available: this build trains on the CPU backend (use --device cpu or auto)");
-  TF_CHECK(o.save_every >= 0 && o.keep >= 1 && o.eval_every >= 0,
-           "--save-every and --eval-every must not be ", "negative and --keep must be at least 1");
-  TF_CHECK(o.warmup >= 0, "--warmup must not be negative");
+           " is not available: training runs only on the CPU so far (give --device cpu or auto)");
+  TF_CHECK(o.save_every >= 0, "--save-every must not be negative (0: only at the end), got ", o.save_every);
+  TF_CHECK(o.keep >= 1, "--keep must be at least 1, got ", o.keep);
+  TF_CHECK(o.eval_every >= 0, "--eval-every must not be negative (0: before and after training only), got ",
+           o.eval_every);
+}
+
+// Says what tokenisation did to the examples of `path` that were too long or had nothing to train on.
+void print_dropped(const data::TokenizedDataset& d, const std::string& path, const FinetuneOptions& o,
+                   const data::ChatTemplate& tmpl) {
+  const char* target = o.train_on == "all" ? "token" : "completion or assistant token";
+  if (d.truncated)
+    std::printf(
+        "note: %s: %zu examples longer than --seq-len %d tokens were truncated to their first %d tokens\n",
+        path.c_str(), d.truncated, o.seq_len, o.seq_len);
+  if (d.dropped_too_long)
+    std::printf(
+        "note: %s: %zu examples longer than --seq-len %d tokens were dropped: their first %d tokens hold no "
+        "%s to train on\n",
+        path.c_str(), d.dropped_too_long, o.seq_len, o.seq_len, target);
+  if (d.dropped_no_target)
+    std::printf("note: %s: %zu examples were dropped: they hold no %s to train on\n", path.c_str(),
+                d.dropped_no_target, target);
+  if (d.skipped_bad)
+    std::printf("warning: %s: skipped %zu records the '%s' template cannot render\n", path.c_str(),
+                d.skipped_bad, std::string(data::template_name(tmpl.kind)).c_str());
+}
+
+void print_skipped_lines(const data::Dataset& d) {
+  if (d.skipped_lines)
+    std::printf("warning: skipped %zu bad lines of %s (first: %s)\n", d.skipped_lines, d.path.c_str(),
+                d.first_problems.front().c_str());
 }
 
 CheckpointPolicy choose_policy(const FinetuneOptions& o, const LlamaConfig& c) {
@@ -168,7 +213,10 @@ int64_t steps_for_epochs(const data::TokenizedDataset& d, const data::BatchOptio
   data::TokenBatch b;
   int64_t batches = 0;
   while (data::next_batch(d, s, bo, b)) ++batches;
-  return std::max<int64_t>(1, int64_t(std::ceil(double(batches) * epochs / accum)));
+  const double steps = std::ceil(double(batches) * epochs / accum);
+  TF_CHECK(steps <= double(kMaxSteps), "--epochs ", epochs, " makes ", steps, " optimizer steps (", batches,
+           " micro-batches per epoch, --grad-accum ", accum, "), more than the limit of ", kMaxSteps);
+  return std::max<int64_t>(1, int64_t(steps));
 }
 
 std::string cursor_json(const data::SamplerCursor& c) {
@@ -275,15 +323,22 @@ int run_finetune(const FinetuneOptions& given) {
   to.seq_len = size_t(o.seq_len);
   to.train_on_all = o.train_on == "all";
   to.skip_bad_lines = o.skip_bad_lines;
+  if (o.seq_len > cfg.max_positions)
+    std::printf(
+        "warning: --seq-len %d is above the model's max_position_embeddings %d; examples longer than that "
+        "train on positions the model was not trained for\n",
+        o.seq_len, cfg.max_positions);
   const data::Dataset train_raw = data::load_jsonl(o.data, lo);
   const data::TokenizedDataset train = data::tokenize_dataset(train_raw, tmpl, tokenizer, to);
+  print_skipped_lines(train_raw);
+  print_dropped(train, o.data, o, tmpl);
   std::optional<data::TokenizedDataset> eval;
-  if (!o.eval_data.empty())
-    eval = data::tokenize_dataset(data::load_jsonl(o.eval_data, lo), tmpl, tokenizer, to);
-  if (train_raw.skipped_lines)
-    std::printf("warning: skipped %zu bad lines of %s\n", train_raw.skipped_lines, o.data.c_str());
-  if (train.truncated)
-    std::printf("note: %zu examples were truncated to %d tokens\n", train.truncated, o.seq_len);
+  if (!o.eval_data.empty()) {
+    const data::Dataset eval_raw = data::load_jsonl(o.eval_data, lo);
+    eval = data::tokenize_dataset(eval_raw, tmpl, tokenizer, to);
+    print_skipped_lines(eval_raw);
+    print_dropped(*eval, o.eval_data, o, tmpl);
+  }
 
   const int32_t pad_id = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : std::max(tokenizer.eos_id(), 0);
   data::BatchOptions bo;
@@ -358,6 +413,7 @@ int run_finetune(const FinetuneOptions& given) {
       train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
       (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
       policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
+  std::printf("device: cpu%s\n", o.device == "auto" ? " (auto: training runs only on the CPU so far)" : "");
 
   MetricsWriter metrics(metrics_path);
   if (eval && start == 0) {

@@ -1,6 +1,7 @@
 // tightfit: fine-tune Llama-family models with LoRA on small machines. Subcommands: finetune, init,
 // inspect, generate, eval, export. A user error exits 1 with one line "error: ..." on stderr.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -19,7 +20,8 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--model", o.model, "Base model: an HF directory or a .gguf file")->required();
   c.add_option("--data", o.data, "Training data (JSONL: text, prompt/completion, messages or instruction)")
       ->required();
-  c.add_option("--eval-data", o.eval_data, "Held-out JSONL evaluated before, during and after training");
+  c.add_option("--eval-data", o.eval_data,
+               "Held-out JSONL evaluated before and after training (and every --eval-every steps)");
   c.add_option("--out", o.out, "Run directory (config, metrics, checkpoints, adapter, report)")->required();
   c.add_option("--lora-rank", o.lora_rank, "LoRA rank r")->capture_default_str();
   c.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
@@ -35,9 +37,13 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--warmup", o.warmup, "Linear warmup steps")->capture_default_str();
   c.add_option("--schedule", o.schedule, "LR schedule after warmup: cosine, linear or constant")
       ->capture_default_str();
-  c.add_option("--steps", o.steps, "Optimizer steps (0: derive from --epochs)")->capture_default_str();
+  c.add_option("--steps", o.steps, "Optimizer steps, at most 1e9 (0: derive from --epochs)")
+      ->capture_default_str();
   c.add_option("--epochs", o.epochs, "Passes over the data when --steps is 0")->capture_default_str();
-  c.add_option("--seq-len", o.seq_len, "Tokens per sequence (longer examples are truncated)")
+  c.add_option(
+       "--seq-len", o.seq_len,
+       "Tokens per sequence (a longer example keeps its first --seq-len tokens; it is dropped when no "
+       "completion token is left)")
       ->capture_default_str();
   c.add_option("--micro-batch", o.micro_batch, "Sequences per forward/backward")->capture_default_str();
   c.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
@@ -48,30 +54,56 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--train-on", o.train_on, "Loss on the completion/assistant tokens or on all tokens")
       ->capture_default_str();
   c.add_flag("--skip-bad-lines,!--no-skip-bad-lines", o.skip_bad_lines,
-             "Skip and count malformed JSONL lines instead of failing");
+             "Skip and count malformed JSONL records instead of failing (a line over 64 MiB still fails)");
   c.add_option("--seed", o.seed, "Seed of LoRA init, dropout and data order")->capture_default_str();
   c.add_option("--save-every", o.save_every, "Checkpoint every N steps (0: only at the end)")
       ->capture_default_str();
   c.add_option("--keep", o.keep, "Checkpoints kept")->capture_default_str();
   c.add_option("--eval-every", o.eval_every, "Evaluate every N steps (0: before and after only)")
       ->capture_default_str();
-  c.add_option("--checkpointing", o.checkpointing, "Activation checkpointing: auto, none or block")
+  c.add_option("--checkpointing", o.checkpointing,
+               "Activation checkpointing: auto (per block once activations would pass 2 GiB), none or block")
       ->capture_default_str();
-  c.add_option("--device", o.device, "auto or cpu")->capture_default_str();
-  c.add_option("--threads", o.threads, "Worker threads (0: one per core)")->capture_default_str();
+  c.add_option("--device", o.device, "auto or cpu (training runs only on the CPU so far)")
+      ->capture_default_str();
+  c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
   c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
 }
 
+// CLI11 reads integers with strtoll / strtoull in base 0: "010" would be 8, "0x10" 16, and "-1"
+// would wrap to 2^64 - 1 in an unsigned option. Here integers are decimal.
+void require_decimal_integers(CLI::App& app) {
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    for (CLI::Option* opt : sub->get_options()) {
+      const std::string type = opt->get_type_name();
+      if (type != "INT" && type != "UINT") continue;
+      const bool is_unsigned = type == "UINT";
+      opt->transform(CLI::Validator(
+          [is_unsigned](std::string& s) -> std::string {
+            const size_t digits = s.starts_with("-") || s.starts_with("+") ? 1 : 0;
+            if (is_unsigned && s.starts_with("-")) return "must not be negative, got " + s;
+            if (digits == s.size() || s.find_first_not_of("0123456789", digits) != std::string::npos)
+              return "must be a decimal integer, got " + s;
+            const size_t lead = std::min(s.find_first_not_of('0', digits), s.size() - 1);
+            s.erase(digits, lead - digits);  // leading zeros, which base 0 would read as octal
+            return {};
+          },
+          ""));
+    }
+  }
+}
+
 int run(int argc, char** argv) {
-  CLI::App app{"tightfit: LoRA / QLoRA fine-tuning of Llama-family models within a memory budget",
-               "tightfit"};
+  CLI::App app{"tightfit: LoRA fine-tuning of Llama-family models on the CPU", "tightfit"};
   app.require_subcommand(1);
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.set_version_flag("--version", "tightfit 0.1.0");
 
   FinetuneOptions ft;
   CLI::App* finetune = app.add_subcommand("finetune", "Train a LoRA adapter");
-  finetune->add_option("--config", "JSON file of options (explicit options override it)");
+  finetune->add_option("--config",
+                       "JSON file of options; repeatable: a later file overrides an earlier one, and options "
+                       "given here override both");
   add_finetune_options(*finetune, ft);
 
   InitOptions init;
@@ -101,7 +133,8 @@ int run(int argc, char** argv) {
   generate->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
   generate->add_flag("--chat", gen.chat, "Send the prompt as a user turn of the chat template");
   generate->add_option("--template", gen.template_name, "Template for --chat")->capture_default_str();
-  generate->add_option("--threads", gen.threads, "Worker threads (0: one per core)")->capture_default_str();
+  generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
+      ->capture_default_str();
 
   EvalOptions ev;
   CLI::App* eval = app.add_subcommand("eval", "Loss, perplexity and exact-match accuracy on a JSONL set");
@@ -113,7 +146,8 @@ int run(int argc, char** argv) {
   eval->add_option("--micro-batch", ev.micro_batch, "Sequences per forward")->capture_default_str();
   eval->add_option("--max-new-tokens", ev.max_new_tokens, "Greedy completion length for exact match")
       ->capture_default_str();
-  eval->add_option("--threads", ev.threads, "Worker threads (0: one per core)")->capture_default_str();
+  eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
+      ->capture_default_str();
   eval->add_option("--logits-out", ev.logits_out,
                    "Write the first examples' full logits to this safetensors file");
   eval->add_option("--logits-examples", ev.logits_examples, "Examples whose logits --logits-out writes")
@@ -129,12 +163,25 @@ int run(int argc, char** argv) {
   export_cmd->add_flag("--force", ex.force,
                        "Replace --out even if tightfit did not write it (a directory is replaced whole)");
 
+  require_decimal_integers(app);
+  // The subcommands whose --config names a JSON file of options (init's names a model preset).
+  const std::vector<const CLI::App*> config_file_commands = {finetune};
+
   std::vector<std::string> args(argv + 1, argv + argc);
-  if (!args.empty() && args[0] == "finetune") {
-    std::vector<std::string> rest(args.begin() + 1, args.end());
-    rest = expand_config_file(rest);
-    args.assign(1, "finetune");
-    args.insert(args.end(), rest.begin(), rest.end());
+  if (!args.empty() && !args[0].starts_with("-")) {
+    std::string names;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+      known = known || sub->get_name() == args[0];
+    }
+    TF_CHECK(known, "unknown subcommand '", args[0], "'; subcommands: ", names);
+    for (const CLI::App* cmd : config_file_commands) {
+      if (cmd->get_name() != args[0]) continue;
+      const std::vector<std::string> rest = expand_config_files(*cmd, {args.begin() + 1, args.end()});
+      args.resize(1);
+      args.insert(args.end(), rest.begin(), rest.end());
+    }
   }
   std::vector<std::string> reversed(args.rbegin(), args.rend());
   try {
@@ -150,6 +197,12 @@ int run(int argc, char** argv) {
                  app.get_subcommands().empty() ? "" : (app.get_subcommands()[0]->get_name() + " ").c_str());
     return 1;
   }
+
+  const std::string threads_warning = check_threads(*finetune   ? ft.threads
+                                                    : *generate ? gen.threads
+                                                    : *eval     ? ev.threads
+                                                                : 0);
+  if (!threads_warning.empty()) std::fprintf(stderr, "%s\n", threads_warning.c_str());
 
   if (*finetune) return run_finetune(ft);
   if (*init_cmd) return run_init(init);

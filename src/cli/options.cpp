@@ -1,12 +1,24 @@
+// The finetune options' JSON form and hash, the expansion of --config files into options, and the
+// checks of input paths and --threads.
 #include "src/cli/options.h"
 
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <limits>
+#include <map>
 #include <sstream>
+#include <thread>
 
 #include "src/core/error.h"
 
 namespace tf::cli {
 
+namespace fs = std::filesystem;
 using nlohmann::json;
 
 json to_json(const FinetuneOptions& o) {
@@ -63,42 +75,130 @@ std::string config_hash(const json& relevant) {
   return os.str();
 }
 
-std::vector<std::string> expand_config_file(const std::vector<std::string>& args) {
-  std::vector<std::string> out, rest;
-  std::string path;
+namespace {
+
+// A config file holds a few dozen options; the bound keeps a device or a wrong file from being
+// read whole.
+constexpr size_t kMaxConfigBytes = size_t(1) << 20;
+
+json read_config_file(const std::string& path) {
+  check_input_file("--config", path, "a JSON config file");
+  std::ifstream in(path, std::ios::binary);
+  TF_CHECK(in, "--config ", path, ": cannot open: ", std::strerror(errno));
+  std::string text(kMaxConfigBytes + 1, '\0');
+  in.read(text.data(), std::streamsize(text.size()));
+  TF_CHECK(!in.bad(), "--config ", path, ": read error: ", std::strerror(errno));
+  text.resize(size_t(in.gcount()));
+  TF_CHECK(text.size() <= kMaxConfigBytes, "--config ", path, ": larger than ", kMaxConfigBytes,
+           " bytes, which no config file needs");
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    TF_FAIL(path, ": not valid JSON: ", e.what());
+  }
+  TF_CHECK(j.is_object(), path, ": a config file must be a JSON object of option names to values, not ",
+           j.type_name());
+  return j;
+}
+
+// An integer option's value as a command-line token. 1e3 is an integer to a person writing JSON.
+std::string integer_token(const json& value, bool is_unsigned, const std::string& where) {
+  const std::string kind = is_unsigned ? "a non-negative integer" : "an integer";
+  TF_CHECK(value.is_number(), where, " must be ", kind, ", not ", value.dump());
+  if (is_unsigned && value.is_number_unsigned()) return value.dump();  // any uint64, exactly
+  const double v = value.get<double>();
+  TF_CHECK(v == std::floor(v) && (v >= 0 || !is_unsigned), where, " must be ", kind, ", not ", value.dump());
+  // Every signed integer option is a C++ int; the unsigned ones (seeds) are 64-bit.
+  const double lo = is_unsigned ? 0.0 : double(std::numeric_limits<int>::min());
+  const double hi = is_unsigned ? 0x1p64 : double(std::numeric_limits<int>::max()) + 1.0;
+  TF_CHECK(v >= lo && v < hi, where, " is out of range: ", value.dump());
+  return is_unsigned ? std::to_string(uint64_t(v)) : std::to_string(int(v));
+}
+
+// The command-line tokens that give option `opt` a config file's `value`. `name` is the key with '-'
+// for '_' (a flag's --no- form, perhaps); `where` names the file and key for errors.
+std::vector<std::string> config_tokens(const CLI::Option& opt, const std::string& name, const json& value,
+                                       const std::string& where) {
+  if (opt.get_expected_max() == 0) {  // a flag
+    TF_CHECK(value.is_boolean(), where, " is a flag: give true or false, not ", value.dump());
+    const auto& negations = opt.get_fnames();
+    const bool negated = std::find(negations.begin(), negations.end(), name) != negations.end();
+    if (value.get<bool>() != negated) return {opt.get_name()};
+    if (negations.empty()) return {};
+    return {"--" + negations.front()};
+  }
+  const std::string type = opt.get_type_name().substr(0, opt.get_type_name().find(':'));
+  // One token "--name=value", so that a value starting with '-' is not read as an option.
+  const std::string prefix = opt.get_name() + "=";
+  if (type == "INT" || type == "UINT") return {prefix + integer_token(value, type == "UINT", where)};
+  if (type == "FLOAT") {
+    TF_CHECK(value.is_number(), where, " must be a number, not ", value.dump());
+    return {prefix + value.dump()};
+  }
+  TF_CHECK(value.is_string(), where, " must be a string, not ", value.dump());
+  return {prefix + value.get<std::string>()};
+}
+
+}  // namespace
+
+std::vector<std::string> expand_config_files(const CLI::App& cmd, const std::vector<std::string>& args) {
+  std::vector<std::string> paths, rest;
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--config" && i + 1 < args.size()) {
-      path = args[++i];
+      paths.push_back(args[++i]);
     } else if (args[i].rfind("--config=", 0) == 0) {
-      path = args[i].substr(9);
+      paths.push_back(args[i].substr(9));
     } else {
       rest.push_back(args[i]);
     }
   }
-  if (path.empty()) return rest;
-  std::ifstream in(path);
-  TF_CHECK(in, path, ": cannot open config file");
-  const json j = json::parse(in, nullptr, false);
-  TF_CHECK(!j.is_discarded(), path, ": not valid JSON");
-  TF_CHECK(j.is_object(), path, ": a config file must be a JSON object of option names to values");
-  for (const auto& [key, value] : j.items()) {
-    std::string name = key;
-    for (char& c : name)
-      if (c == '_') c = '-';
-    if (value.is_boolean()) {
-      out.push_back((value.get<bool>() ? "--" : "--no-") + name);
-    } else if (value.is_string()) {
-      out.push_back("--" + name);
-      out.push_back(value.get<std::string>());
-    } else if (value.is_number()) {
-      out.push_back("--" + name);
-      out.push_back(value.dump());
-    } else {
-      TF_FAIL(path, ": option \"", key, "\" must be a string, number or boolean, got ", value.dump());
+  // Each option's tokens from the last file that sets it, in the order options were first set.
+  std::vector<std::pair<const CLI::Option*, std::vector<std::string>>> set;
+  for (const std::string& path : paths) {
+    const json j = read_config_file(path);
+    std::map<const CLI::Option*, std::string> keys;  // the key that set each option in this file
+    for (const auto& [key, value] : j.items()) {
+      std::string name = key;
+      for (char& c : name)
+        if (c == '_') c = '-';
+      TF_CHECK(name != "config", path, ": \"", key,
+               "\": a config file cannot name another one (give several ",
+               "--config options instead; a later file overrides an earlier one)");
+      const CLI::Option* opt = cmd.get_option_no_throw("--" + name);
+      TF_CHECK(opt && opt != cmd.get_help_ptr(), path, ": unknown option \"", key, "\" (tightfit ",
+               cmd.get_name(), " --help lists them)");
+      const auto [seen, fresh] = keys.emplace(opt, key);
+      TF_CHECK(fresh, path, ": \"", seen->second, "\" and \"", key, "\" both set ", opt->get_name());
+      std::vector<std::string> tokens =
+          config_tokens(*opt, name, value, path + ": \"" + key + "\" (" + opt->get_name() + ")");
+      const auto it = std::find_if(set.begin(), set.end(), [&](const auto& s) { return s.first == opt; });
+      if (it == set.end()) {
+        set.emplace_back(opt, std::move(tokens));
+      } else {
+        it->second = std::move(tokens);
+      }
     }
   }
+  std::vector<std::string> out;
+  for (const auto& [opt, tokens] : set) out.insert(out.end(), tokens.begin(), tokens.end());
   out.insert(out.end(), rest.begin(), rest.end());
   return out;
+}
+
+void check_input_file(const std::string& option, const std::string& path, const std::string& expected) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  TF_CHECK(fs::exists(st), option, " ", path, ": no such file");
+  TF_CHECK(!fs::is_directory(st), option, " ", path, ": is a directory, expected ", expected);
+}
+
+std::string check_threads(int threads) {
+  TF_CHECK(threads >= 0, "--threads must be 0 (one per hardware thread) or more, got ", threads);
+  const unsigned hardware = std::thread::hardware_concurrency();
+  if (hardware == 0 || unsigned(threads) <= hardware) return {};
+  return "warning: --threads " + std::to_string(threads) + " is more than the " + std::to_string(hardware) +
+         " hardware threads of this machine; the extra threads share cores and slow every step";
 }
 
 }  // namespace tf::cli

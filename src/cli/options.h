@@ -1,12 +1,21 @@
 // defines: tf::cli::FinetuneOptions (every finetune option with its default), their JSON form,
-// and the --config file expansion shared by all subcommands
+// the expansion of --config files, and the checks of option values shared by the subcommands
 #pragma once
 
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+namespace CLI {
+class App;
+}
+
 namespace tf::cli {
+
+// The most optimizer steps a run may have, given as --steps or worked out from --epochs: far beyond
+// any real run, it keeps the step arithmetic clear of overflow.
+constexpr int64_t kMaxSteps = 1'000'000'000;
 
 struct FinetuneOptions {
   std::string model, data, eval_data, out;
@@ -50,9 +59,20 @@ nlohmann::json to_json(const FinetuneOptions& o);
 nlohmann::json resume_relevant(const FinetuneOptions& o);
 std::string config_hash(const nlohmann::json& relevant);
 
-// Expands `--config FILE` (a JSON object of option names to values) into command-line tokens
-// placed before the user's own, so explicit options override the file. Keys may use '-' or '_';
-// true/false become --name / --no-name. Throws tf::Error naming the file and key.
-std::vector<std::string> expand_config_file(const std::vector<std::string>& args);
+// Expands each `--config FILE` among `args` (the arguments of subcommand `cmd`) into command-line
+// tokens placed before the user's own, so explicit options override the files, and a later file an
+// earlier one. A file is a JSON object of `cmd`'s option names (with '-' or '_') to values of the
+// option's kind: a boolean for a flag (false for a flag with no --no- form leaves it unset), an
+// integer or a number with an integral value (1e3) for an integer option, a number for a real one,
+// a string for the rest. Throws tf::Error naming the file and the key.
+std::vector<std::string> expand_config_files(const CLI::App& cmd, const std::vector<std::string>& args);
+
+// Refuses a `path` given to `option` that does not exist or is a directory, saying what was
+// `expected` ("a JSONL file"): checked before a model loads, so a wrong path costs no loading time.
+void check_input_file(const std::string& option, const std::string& path, const std::string& expected);
+
+// Refuses a negative --threads (0 is one per hardware thread); returns a warning line when it asks
+// for more threads than the machine has, else "".
+std::string check_threads(int threads);
 
 }  // namespace tf::cli
