@@ -398,10 +398,14 @@ TEST_F(Cli, RunStoppedBeforeItsFirstCheckpointResumes) {
   }
   std::vector<std::string> args = finetune_args("eval", 3);
   set_option(args, "--eval-data", (dir_ / "eval.jsonl").string());
+  // The header ("data: ...") is printed right before the evaluation.
+  const auto wait_for = [&](const fs::path& file, const std::string& text) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (slurp(file).find(text) == std::string::npos && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  };
   const pid_t pid = spawn(args, dir_ / "t.out", dir_ / "t.err");
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (!fs::exists(dir_ / "eval" / "config.json") && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  wait_for(dir_ / "t.out", "\ndata: ");
   kill(pid, SIGTERM);
   EXPECT_EQ(wait_status(pid), 0) << slurp(dir_ / "t.err");
   const std::string out = slurp(dir_ / "t.out");
@@ -414,6 +418,16 @@ TEST_F(Cli, RunStoppedBeforeItsFirstCheckpointResumes) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(losses(dir_ / "eval" / "metrics.jsonl").size(), 3u);
 
+  // A second signal, once the first is acknowledged, stops at once.
+  std::vector<std::string> twice = finetune_args("twice", 3);
+  set_option(twice, "--eval-data", (dir_ / "eval.jsonl").string());
+  const pid_t p2 = spawn(twice, dir_ / "t2.out", dir_ / "t2.err");
+  wait_for(dir_ / "t2.out", "\ndata: ");
+  kill(p2, SIGTERM);
+  wait_for(dir_ / "t2.err", "a second signal stops at once");
+  kill(p2, SIGTERM);
+  EXPECT_EQ(wait_status(p2), 128 + SIGTERM) << slurp(dir_ / "t2.out");
+
   // SIGKILL before the first checkpoint (--save-every 0): --resume starts again from step 0 and
   // writes what an uninterrupted run writes.
   constexpr int kSteps = 200;
@@ -424,7 +438,7 @@ TEST_F(Cli, RunStoppedBeforeItsFirstCheckpointResumes) {
   std::vector<std::string> killed = finetune_args("killed", kSteps);
   set_option(killed, "--save-every", "0");
   const pid_t k = spawn(killed, dir_ / "k.out", dir_ / "k.err");
-  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (losses(dir_ / "killed" / "metrics.jsonl").size() < 2 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   kill(k, SIGKILL);

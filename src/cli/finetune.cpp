@@ -1,5 +1,7 @@
 #include "src/cli/finetune.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -35,7 +37,11 @@ extern "C" void on_stop_signal(int sig) {
   if (g_stop_signal.exchange(sig) != 0) {
     std::signal(sig, SIG_DFL);
     std::raise(sig);
+    return;
   }
+  // write(2), as printf is not async-signal-safe.
+  static const char note[] = "\ntightfit: stopping at the next safe point; a second signal stops at once\n";
+  [[maybe_unused]] const ssize_t written = ::write(STDERR_FILENO, note, sizeof note - 1);
 }
 
 // Held by the process that works on a run directory, for as long as it does.
@@ -415,6 +421,7 @@ int run_finetune(const FinetuneOptions& given) {
       policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
   std::printf("device: cpu%s\n", o.device == "auto" ? " (auto: training runs only on the CPU so far)" : "");
 
+  std::fflush(stdout);  // the header shows before the evaluation, which can take long
   MetricsWriter metrics(metrics_path);
   if (eval && start == 0) {
     // Logged as the eval at step 0, so the report of a resumed run still has it.
