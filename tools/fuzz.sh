@@ -23,9 +23,14 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${TIGHTFIT_FUZZ_BUILD:-$root/build-fuzz}
 [[ -f $root/fuzz/${name}_fuzz.cpp ]] || { echo "error: no fuzz target fuzz/${name}_fuzz.cpp" >&2; exit 2; }
 
-cmake -S "$root" -B "$build" -G Ninja -DTIGHTFIT_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ >/dev/null
-cmake --build "$build" --target "${name}_fuzz" -j"${TIGHTFIT_FUZZ_JOBS:-2}"
+# Runs of several targets side by side share one build tree: build under a lock, fuzz without it.
+mkdir -p "$build"
+(
+  flock 9
+  cmake -S "$root" -B "$build" -G Ninja -DTIGHTFIT_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ >/dev/null
+  cmake --build "$build" --target "${name}_fuzz" -j"${TIGHTFIT_FUZZ_JOBS:-2}"
+) 9>"$build/.build-lock"
 
 mkdir -p "$build/corpus/$name" "$build/artifacts/$name"
 # A fault inside a parser must stop the run with its input saved, whichever sanitizer saw it.
