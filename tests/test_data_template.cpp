@@ -231,21 +231,43 @@ TEST(DataTemplate, DefaultSystemPromptIsInsertedOnlyWhenMissing) {
 namespace tf::data {
 namespace {
 
-// The generation prompt is the conversation up to the assistant header of the next turn, exactly
-// what add_generation_prompt=True produces in each model's Jinja template.
-TEST(DataTemplate, GenerationPromptEndsWhereTheAssistantSpeaks) {
-  const std::vector<Message> msgs = {{"user", "Hi"}};
-  auto prompt = [&](std::string_view name) {
-    const auto segs = render_generation_prompt(template_by_name(name), msgs, false);
+// The response prompt is the record up to where its final response begins: for a conversation,
+// exactly what add_generation_prompt=True produces in each model's Jinja template; for plain and
+// Alpaca, the text training puts before the completion.
+TEST(DataTemplate, ResponsePromptEndsWhereTheResponseBegins) {
+  Example chat;
+  chat.shape = Example::Shape::Messages;
+  chat.messages = {{"user", "Hi"}, {"assistant", "Hello there"}};
+  Example pc;
+  pc.shape = Example::Shape::PromptCompletion;
+  pc.prompt = "Hi";
+  pc.completion = "Hello there";
+  auto prompt = [&](std::string_view name, const Example& ex) {
+    const auto segs = render_response_prompt(template_by_name(name), ex, false);
     for (const Segment& s : segs) EXPECT_FALSE(s.trainable) << name;
-    return segments_to_text(segs, "<s>", "</s>");
+    const std::string text = segments_to_text(segs, "<s>", "</s>");
+    EXPECT_EQ(text.find("Hello there"), std::string::npos) << name << ": " << text;
+    return text;
   };
-  EXPECT_EQ(prompt("chatml"), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
-  EXPECT_EQ(prompt("llama3"),
-            "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n");
-  EXPECT_EQ(prompt("llama2"), "<s>[INST] Hi [/INST]");
-  EXPECT_EQ(prompt("mistral"), "<s>[INST] Hi [/INST]");
+  for (const Example* ex : {&chat, &pc}) {
+    EXPECT_EQ(prompt("chatml", *ex), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    EXPECT_EQ(prompt("llama3", *ex),
+              "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    EXPECT_EQ(prompt("llama2", *ex), "<s>[INST] Hi [/INST]");
+    EXPECT_EQ(prompt("mistral", *ex), "<s>[INST] Hi [/INST]");
+  }
+  const std::string full_plain =
+      segments_to_text(render_example(template_by_name("plain"), pc, false), "", "");
+  const std::string plain = prompt("plain", pc);
+  EXPECT_EQ(full_plain.substr(0, plain.size()), plain);
+  EXPECT_EQ(full_plain.substr(plain.size()).find("Hello there"), 0u) << full_plain;
+  const std::string full_alpaca =
+      segments_to_text(render_example(template_by_name("alpaca"), pc, false), "", "");
+  const std::string alpaca = prompt("alpaca", pc);
+  EXPECT_NE(alpaca.find("Hi"), std::string::npos);
+  EXPECT_EQ(full_alpaca.substr(0, alpaca.size()), alpaca);
+  EXPECT_EQ(full_alpaca.substr(alpaca.size()).find("Hello there"), 0u) << full_alpaca;
   const ChatTemplate smol = detect_template(
       "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
       "'<|im_start|>system\n"
@@ -254,7 +276,7 @@ TEST(DataTemplate, GenerationPromptEndsWhereTheAssistantSpeaks) {
       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
       "smollm2");
   EXPECT_EQ(
-      segments_to_text(render_generation_prompt(smol, msgs, false), "", ""),
+      segments_to_text(render_response_prompt(smol, chat, false), "", ""),
       "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
       "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }

@@ -61,19 +61,13 @@ std::optional<std::string> final_response(const data::Example& ex) {
   return std::nullopt;
 }
 
-// The ids that lead up to `ex`'s final response, rendered exactly as training renders the record
-// under `tmpl` (so plain and Alpaca prompts too, not only chat turns): everything before the
-// response's trainable segment.
+// The ids that lead up to `ex`'s final response under `tmpl`.
 std::vector<int32_t> response_prompt_ids(const data::ChatTemplate& tmpl, const tok::Tokenizer& tok,
                                          const data::Example& ex) {
-  std::vector<data::Segment> segs = data::render_example(tmpl, ex, tok.adds_bos());
-  const auto response =
-      std::find_if(segs.rbegin(), segs.rend(), [](const data::Segment& seg) { return seg.trainable; });
-  TF_CHECK(response != segs.rend(), "template ", data::template_name(tmpl.kind), " rendered no response");
-  segs.erase(std::prev(response.base()), segs.end());
   std::vector<int32_t> ids;
   std::vector<uint8_t> trainable;
-  data::tokenize_segments(segs, tok, true, SIZE_MAX, ids, trainable);
+  data::tokenize_segments(data::render_response_prompt(tmpl, ex, tok.adds_bos()), tok, true, SIZE_MAX, ids,
+                          trainable);
   return ids;
 }
 

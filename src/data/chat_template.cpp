@@ -250,17 +250,14 @@ std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex,
   TF_FAIL("internal: template kind ", int(tmpl.kind), " not handled");
 }
 
-std::vector<Segment> render_generation_prompt(const ChatTemplate& tmpl, const std::vector<Message>& messages,
-                                              bool tokenizer_adds_bos) {
-  Example ex;
-  ex.shape = Example::Shape::Messages;
-  ex.messages = messages;
-  ex.messages.push_back({"assistant", ""});
+std::vector<Segment> render_response_prompt(const ChatTemplate& tmpl, const Example& ex,
+                                            bool tokenizer_adds_bos) {
   std::vector<Segment> segs = render_example(tmpl, ex, tokenizer_adds_bos);
-  // The empty reply is the last trainable segment; it and whatever closes the turn go.
-  const auto reply = std::find_if(segs.rbegin(), segs.rend(), [](const Segment& s) { return s.trainable; });
-  TF_CHECK(reply != segs.rend(), "template ", template_name(tmpl.kind), " rendered no assistant turn");
-  segs.erase(std::prev(reply.base()), segs.end());
+  // The response is the last trainable segment; it and whatever closes it go.
+  const auto response =
+      std::find_if(segs.rbegin(), segs.rend(), [](const Segment& seg) { return seg.trainable; });
+  TF_CHECK(response != segs.rend(), "template ", template_name(tmpl.kind), " rendered no response");
+  segs.erase(std::prev(response.base()), segs.end());
   return segs;
 }
 

@@ -1,5 +1,5 @@
 // defines: tf::data::Example (one JSONL record in any of the four shapes), tf::data::ChatTemplate,
-// tf::data::Segment, template_by_name, detect_template, render_example, render_generation_prompt,
+// tf::data::Segment, template_by_name, detect_template, render_example, render_response_prompt,
 // segments_to_text
 #pragma once
 
@@ -62,11 +62,12 @@ ChatTemplate detect_template(std::string_view jinja, std::string_view source);
 // example does not fit the template, e.g. Llama-2 and Mistral demand alternating user/assistant turns.
 std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos);
 
-// The prompt for generating the next assistant turn after `messages`: the conversation rendered up
-// to where the assistant's reply begins (its header included, nothing of the reply or the turn's
-// closing text), all segments untrainable.
-std::vector<Segment> render_generation_prompt(const ChatTemplate& tmpl, const std::vector<Message>& messages,
-                                              bool tokenizer_adds_bos);
+// The prompt that leads up to `ex`'s final response (completion, output or closing assistant turn),
+// rendered exactly as training renders the record: every segment before the response's trainable
+// one (a chat template's assistant header included), none of them trainable. Generation from it
+// continues where training taught the model to answer, under any template.
+std::vector<Segment> render_response_prompt(const ChatTemplate& tmpl, const Example& ex,
+                                            bool tokenizer_adds_bos);
 
 // The segments as one string with BOS/EOS spelled out, for display and tests.
 std::string segments_to_text(const std::vector<Segment>& segs, std::string_view bos, std::string_view eos);
