@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -154,10 +153,11 @@ TEST(DataJsonl, EmptyAndMissingFiles) {
                   "/nonexistent/x.jsonl: cannot open");
 }
 
-TEST(DataJsonl, HostileLinesCostBoundedTime) {
+// Each file is read and parsed once, linearly; a quadratic path (minutes at 1 MiB) would run into
+// CTest's per-test timeout. Speed itself belongs in benchmarks, not here.
+TEST(DataJsonl, HostileLinesAreRefusedOrReadWhole) {
   TempDir dir;
   const size_t mb = size_t(1) << 20;
-  const auto t0 = std::chrono::steady_clock::now();
   // One character repeated for 1 MiB: not JSON, a nest of brackets, and a valid record.
   const std::string junk = dir.write("a.jsonl", std::string(mb, 'a') + "\n");
   EXPECT_CONTAINS(expect_error([&] { load_jsonl(junk); }), ":1: malformed JSON");
@@ -172,10 +172,6 @@ TEST(DataJsonl, HostileLinesCostBoundedTime) {
   for (const bool skip : {false, true})
     EXPECT_CONTAINS(expect_error([&] { load_jsonl(longer, {.skip_bad_lines = skip, .max_line_bytes = mb}); }),
                     longer + ":2: line is longer than 1048576 bytes");
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  // Each file is read and parsed once, linearly: ~7 MiB of work takes well under a second; 10 s
-  // leaves room for a loaded CI machine while still catching a quadratic path (minutes at 1 MiB).
-  EXPECT_LT(s, 10.0);
 }
 
 TEST(DataJsonl, LineWithoutAnEndStopsAtTheBound) {

@@ -1,7 +1,6 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -339,10 +338,10 @@ TEST(Tokenizer, DecodeRefusesUnknownIds) {
 }
 
 // A megabyte-long line of one character (or one repeated word) is one pre-token for most split
-// patterns. A quadratic merge loop would need ~10^12 steps there; the heap-based loop needs
-// ~2 * 10^7, a fraction of a second in Release. The 10 s bound leaves room for a slow, shared CI
-// machine and Debug builds while still failing for anything quadratic by orders of magnitude.
-TEST(Tokenizer, MegabyteLinesEncodeInBoundedTime) {
+// patterns. A quadratic merge loop would need ~10^12 steps there and run into CTest's per-test
+// timeout (tests/CMakeLists.txt); the heap-based loop needs ~2 * 10^7. Speed itself is not asserted
+// here: the machine is shared, and timings belong in benchmarks.
+TEST(Tokenizer, MegabyteLinesEncodeAndRoundTrip) {
   const Tokenizer smollm = Tokenizer::from_tokenizer_json(kDir + "bpe_smollm.json");
   const Tokenizer llama3 = Tokenizer::from_tokenizer_json(kDir + "bpe_llama3.json");
   const Tokenizer sp = Tokenizer::from_sentencepiece(kDir + "spm_bpe.model");
@@ -351,10 +350,7 @@ TEST(Tokenizer, MegabyteLinesEncodeInBoundedTime) {
   std::string words;
   while (words.size() < n) words += "the";  // the small vocabularies merge it to about 2 ids per 3 bytes
   const auto check = [](const Tokenizer& tok, const std::string& line, size_t max_ids) {
-    const auto t0 = std::chrono::steady_clock::now();
     const auto ids = tok.encode(line, {.add_special = false});
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    EXPECT_LT(s, 10.0) << tok.source() << " on 1 MiB of '" << line.substr(0, 3) << "...'";
     EXPECT_LE(ids.size(), max_ids) << tok.source() << ": merges should shorten '" << line.substr(0, 3)
                                    << "...'";
     EXPECT_EQ(tok.decode(ids), line) << tok.source();
