@@ -53,8 +53,10 @@ FinetuneOptions with_absolute_paths(FinetuneOptions o) {
   for (std::string* p : {&o.model, &o.data, &o.eval_data, &o.out}) {
     if (p->empty()) continue;
     std::error_code ec;
-    fs::path abs = fs::weakly_canonical(fs::absolute(*p), ec);
-    if (ec) abs = fs::absolute(*p).lexically_normal();
+    // Lexical, not canonical: a path through a link keeps the user's name (an HF cache's snapshot
+    // rather than its blob); resume compares files by identity anyway.
+    fs::path abs = fs::absolute(*p, ec).lexically_normal();
+    if (ec) TF_FAIL(*p, ": cannot make the path absolute: ", ec.message());
     if (!abs.has_filename()) abs = abs.parent_path();
     *p = abs.string();
   }
@@ -295,6 +297,12 @@ int run_finetune(const FinetuneOptions& given) {
   nlohmann::json relevant = resume_relevant(o);
   if (stored) {
     match_stored_config(relevant, *stored, o.out);
+    if (stored->contains("threads") && (*stored)["threads"] != o.threads)
+      std::printf(
+          "note: --threads %d differs from the run's %s; the run continues, but matrix products split "
+          "their sums by thread count, so its losses can differ in the last bits from an "
+          "uninterrupted run\n",
+          o.threads, (*stored)["threads"].dump().c_str());
     // The adapter is written last (then the report), so with both the run is complete.
     if (fs::exists(run / "adapter" / "adapter_config.json") && fs::exists(run / "report.html")) {
       std::printf(

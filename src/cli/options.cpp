@@ -56,7 +56,9 @@ json to_json(const FinetuneOptions& o) {
 
 json resume_relevant(const FinetuneOptions& o) {
   json all = to_json(o);
-  // Options that may change between a run and its resumption without changing its numbers.
+  // Options that may change between a run and its resumption. None changes what is trained;
+  // --threads changes how OpenBLAS splits its sums, so only a resume with the same --threads
+  // repeats an uninterrupted run bit for bit (finetune notes a change).
   for (const char* free :
        {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "threads"})
     all.erase(free);
