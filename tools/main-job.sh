@@ -41,7 +41,15 @@ echo "== before fine-tuning"
 show_generations
 
 echo "== fine-tuning ($steps steps)"
-rm -rf "$run"
+# Start afresh, but remove only a previous run of this job: a directory that is not a tightfit run is
+# the user's, and stays.
+if [[ -e $run ]]; then
+  [[ -f $run/config.json && -d $run/checkpoints ]] || {
+    echo "error: $run exists and is not a tightfit run; move it away or set RUN_DIR" >&2
+    exit 1
+  }
+  rm -rf "$run"
+fi
 "$tf" finetune --model "$model" --data $data/train.jsonl --eval-data $data/eval.jsonl --out "$run" \
   --steps "$steps" --seq-len 128 --micro-batch 4 --lr 1e-3 --warmup 3 --lora-rank 16 --lora-alpha 32 \
   --save-every 10
