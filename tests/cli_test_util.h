@@ -8,10 +8,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace tf::test {
@@ -143,6 +145,38 @@ class Cli : public ::testing::Test {
       if (j.contains("loss")) l.push_back(j["loss"].get<double>());
     }
     return l;
+  }
+
+  // Trains `steps` steps at `threads` threads uninterrupted (in "straight") and again (in "killed"),
+  // SIGKILLs the second once a few steps are logged, mid-step or mid-checkpoint wherever it is,
+  // resumes it, and expects the losses of the uninterrupted run bit for bit. Returns the resume.
+  Result expect_killed_run_resumes_bit_for_bit(int steps, const std::string& threads) {
+    std::vector<std::string> straight = finetune_args("straight", steps),
+                             killed = finetune_args("killed", steps);
+    set_option(straight, "--threads", threads);
+    set_option(killed, "--threads", threads);
+    Result r = run(straight);
+    EXPECT_EQ(r.status, 0) << r.err;
+    const std::vector<double> want = losses(dir_ / "straight" / "metrics.jsonl");
+    EXPECT_EQ(want.size(), size_t(steps));
+
+    const pid_t pid = spawn(killed, dir_ / "k.out", dir_ / "k.err");
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (losses(dir_ / "killed" / "metrics.jsonl").size() < 4 &&
+           std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    kill(pid, SIGKILL);
+    EXPECT_EQ(wait_status(pid), 128 + SIGKILL);
+    EXPECT_LT(losses(dir_ / "killed" / "metrics.jsonl").size(), size_t(steps))
+        << "the run finished before the kill";
+
+    killed.push_back("--resume");
+    r = run(killed);
+    EXPECT_EQ(r.status, 0) << r.err;
+    const std::vector<double> got = losses(dir_ / "killed" / "metrics.jsonl");
+    EXPECT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < std::min(want.size(), got.size()); ++i) EXPECT_EQ(got[i], want[i]) << "step " << i;
+    return r;
   }
 
   fs::path dir_;

@@ -58,28 +58,7 @@ TEST_F(Cli, UserErrorsExitOneWithOneErrorLine) {
 
 TEST_F(Cli, KilledRunResumesToTheSameLossesBitForBit) {
   make_model_and_data();
-  constexpr int kSteps = 10;
-  ASSERT_EQ(run(finetune_args("straight", kSteps)).status, 0) << slurp(dir_ / "stderr");
-  const std::vector<double> want = losses(dir_ / "straight" / "metrics.jsonl");
-  ASSERT_EQ(want.size(), size_t(kSteps));
-
-  // Kill with SIGKILL once a few steps are logged: mid-step or mid-checkpoint, wherever it is.
-  const pid_t pid = spawn(finetune_args("killed", kSteps), dir_ / "k.out", dir_ / "k.err");
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (losses(dir_ / "killed" / "metrics.jsonl").size() < 4 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  kill(pid, SIGKILL);
-  EXPECT_EQ(wait_status(pid), 128 + SIGKILL);
-  ASSERT_LT(losses(dir_ / "killed" / "metrics.jsonl").size(), size_t(kSteps))
-      << "the run finished before the kill";
-
-  std::vector<std::string> resume = finetune_args("killed", kSteps);
-  resume.push_back("--resume");
-  const Result r = run(resume);
-  ASSERT_EQ(r.status, 0) << r.err;
-  const std::vector<double> got = losses(dir_ / "killed" / "metrics.jsonl");
-  ASSERT_EQ(got.size(), want.size());
-  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(got[i], want[i]) << "step " << i;
+  expect_killed_run_resumes_bit_for_bit(10, "1");
 
   // Rotation kept the newest --keep checkpoints only.
   std::vector<std::string> names;
