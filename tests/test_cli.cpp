@@ -3,8 +3,10 @@
 // resume refusing a changed config, and the exports; that no command replaces or deletes files it
 // did not write (run directories, checkpoints, adapters, exports, init), one process per run
 // directory, runs stopped before their first checkpoint, paths stored absolute, diverging runs.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -365,6 +367,25 @@ TEST_F(Cli, OneProcessPerRunDirectory) {
   }
   ASSERT_EQ(steps.size(), size_t(kSteps));
   for (int i = 0; i < kSteps; ++i) EXPECT_EQ(steps[size_t(i)], i);
+}
+
+// The moment between a starting run's lock and its config.json: the directory holds only .lock and
+// config.json's temporary. A second process must be told who holds the run, not that the directory
+// is someone else's.
+TEST_F(Cli, ARunBeingStartedIsReportedAsInUse) {
+  make_model_and_data();
+  fs::create_directories(dir_ / "run");
+  const int fd = ::open((dir_ / "run" / ".lock").c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  const std::string pid = std::to_string(::getpid());
+  ASSERT_EQ(::write(fd, pid.data(), pid.size()), ssize_t(pid.size()));
+  std::ofstream(dir_ / "run" / ".config.json.tmp.Ab12Cd") << "{";
+  const Result r = run(finetune_args("run", 2));
+  ::close(fd);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("in use by another tightfit process (pid " + pid + ")"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ / "run" / "config.json"));
 }
 
 TEST_F(Cli, RunStoppedBeforeItsFirstCheckpointResumes) {

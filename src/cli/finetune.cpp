@@ -75,6 +75,19 @@ std::optional<nlohmann::json> read_run_config(const fs::path& path) {
   return j;
 }
 
+// Until its config.json is committed, a run that another process is starting holds only its lock
+// file and the temporary of that config.json (AtomicFile's ".config.json.tmp.*"); neither makes
+// the directory someone else's. A process killed there leaves the same, and a new run may start.
+bool holds_only_a_starting_run(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name != kLockFile && name.rfind(".config.json.tmp.", 0) != 0) return false;
+  }
+  TF_CHECK(!ec, dir, ": cannot list: ", ec.message());
+  return true;
+}
+
 // Refuses an --out this invocation must not write to and returns the run's stored config when
 // resuming. Before the lock is taken (`locked` false) only what needs no lock is checked, so that
 // nothing, not even the lock file, is created in a directory that is not ours.
@@ -87,7 +100,7 @@ std::optional<nlohmann::json> check_run_dir(const FinetuneOptions& o, bool locke
   }
   TF_CHECK(fs::is_directory(st), o.out, ": exists and is not a directory; choose another --out");
   std::optional<nlohmann::json> stored = read_run_config(fs::path(o.out) / "config.json");
-  TF_CHECK(stored || is_empty_dir(o.out, kLockFile), o.out, ": is not a tightfit run and is not empty (",
+  TF_CHECK(stored || holds_only_a_starting_run(o.out), o.out, ": is not a tightfit run and is not empty (",
            describe_entries(o.out, 4, kLockFile), "); choose an empty or new --out");
   if (!locked) return std::nullopt;
   TF_CHECK(stored || !o.resume, o.out, ": nothing to resume (no config.json)");

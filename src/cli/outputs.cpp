@@ -28,11 +28,9 @@ std::string describe_entries(const std::string& dir, size_t shown, const std::st
   return out;
 }
 
-bool is_empty_dir(const std::string& dir, const std::string& ignore) {
+bool is_empty_dir(const std::string& dir) {
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec)) {
-    if (e.path().filename() != ignore) return false;
-  }
+  if (fs::directory_iterator(dir, ec) != fs::directory_iterator()) return false;
   TF_CHECK(!ec, dir, ": cannot list: ", ec.message());
   return true;
 }

@@ -17,8 +17,8 @@ inline constexpr const char* kExportMarker = ".tightfit-export";
 // directories with a trailing slash; entries named `ignore` are left out.
 std::string describe_entries(const std::string& dir, size_t shown = 4, const std::string& ignore = {});
 
-// Whether `dir` is a directory with no entries other than one named `ignore`.
-bool is_empty_dir(const std::string& dir, const std::string& ignore = {});
+// Whether `dir` is a directory with no entries.
+bool is_empty_dir(const std::string& dir);
 
 // Whether an export may be written to `dir` without --force: nothing is there, an empty
 // directory, or a directory tightfit exported before (it holds kExportMarker).
