@@ -1,5 +1,6 @@
 // defines: tf::GgmlType (ggml tensor type ids), tf::ggml_type_info, the quantized block layouts
-//          BlockQ8_0, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_K, BlockQ6_K (ggml's formats)
+//          BlockQ8_0, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ2_K, BlockQ3_K, BlockQ4_K,
+//          BlockQ5_K, BlockQ6_K (ggml's formats)
 //
 // One definition for host and device code: plain structs of fixed-size arrays, half-precision
 // scales kept as their uint16_t bit patterns (no host/device half type needed), sizes asserted so
@@ -17,8 +18,8 @@
 
 namespace tf {
 
-// ggml's tensor type ids as stored in GGUF tensor infos. Ids 4 and 5 were removed formats and are
-// never valid; the list ends at BF16, the newest type this project knows.
+// ggml's tensor type ids as stored in GGUF tensor infos. Ids 4, 5, 31-33 and 36-38 were removed
+// formats and are never valid; the list ends at MXFP4, the newest type this project knows.
 enum class GgmlType : uint32_t {
   F32 = 0,
   F16 = 1,
@@ -34,10 +35,27 @@ enum class GgmlType : uint32_t {
   Q5_K = 13,
   Q6_K = 14,
   Q8_K = 15,
+  IQ2_XXS = 16,
+  IQ2_XS = 17,
+  IQ3_XXS = 18,
+  IQ1_S = 19,
+  IQ4_NL = 20,
+  IQ3_S = 21,
+  IQ2_S = 22,
+  IQ4_XS = 23,
+  I8 = 24,
+  I16 = 25,
+  I32 = 26,
+  I64 = 27,
+  F64 = 28,
+  IQ1_M = 29,
   BF16 = 30,
+  TQ1_0 = 34,
+  TQ2_0 = 35,
+  MXFP4 = 39,
 };
 
-constexpr int kQK0 = 32;          // elements per block of the 32-element formats (Q8_0, Q4_0, Q4_1)
+constexpr int kQK0 = 32;          // elements per block of the 32-element formats (Q8_0, Q4_*, Q5_*)
 constexpr int kQKK = 256;         // elements per super-block of the k-quants
 constexpr int kKScaleBytes = 12;  // Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins
 
@@ -58,6 +76,42 @@ struct BlockQ4_1 {
   uint16_t d;
   uint16_t m;
   uint8_t qs[kQK0 / 2];
+};
+
+// The fifth bit of element j is bit j of qh (read as a little-endian uint32):
+// x[j] = d * ((qs[j] & 15 | bit j << 4) - 16), x[j + 16] = d * ((qs[j] >> 4 | bit (j + 16) << 4) - 16)
+struct BlockQ5_0 {
+  uint16_t d;
+  uint8_t qh[4];
+  uint8_t qs[kQK0 / 2];
+};
+
+// As Q5_0 with an offset instead of the - 16: x = d * q + m
+struct BlockQ5_1 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qh[4];
+  uint8_t qs[kQK0 / 2];
+};
+
+// Sixteen sub-blocks of 16, each with a 4-bit scale (low nibble of scales[s]) and 4-bit min (high
+// nibble): x = d * sc * q - dmin * mn. Each 32 bytes of qs hold 128 elements as four 2-bit planes:
+// element 32 * p + l of that group is bits 2p..2p+1 of byte l.
+struct BlockQ2_K {
+  uint8_t scales[kQKK / 16];
+  uint8_t qs[kQKK / 4];
+  uint16_t d;
+  uint16_t dmin;
+};
+
+// Sixteen sub-blocks of 16 with 6-bit scales offset by 32 (low nibbles in bytes 0-7, two high bits
+// each in bytes 8-11); 2-bit values in qs laid out as in Q2_K, and a third bit, bit e / 32 of
+// hmask[e % 32], that when clear subtracts 4: x = d * (sc - 32) * (q - (bit ? 0 : 4)).
+struct BlockQ3_K {
+  uint8_t hmask[kQKK / 8];
+  uint8_t qs[kQKK / 4];
+  uint8_t scales[kKScaleBytes];
+  uint16_t d;
 };
 
 // Eight sub-blocks of 32; sub-block s has scale d * sc[s] and min dmin * mn[s], with the 6-bit
@@ -91,13 +145,18 @@ struct BlockQ6_K {
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block is 34 bytes per 32 elements");
 static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 block is 18 bytes per 32 elements");
 static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 block is 20 bytes per 32 elements");
+static_assert(sizeof(BlockQ5_0) == 22, "Q5_0 block is 22 bytes per 32 elements");
+static_assert(sizeof(BlockQ5_1) == 24, "Q5_1 block is 24 bytes per 32 elements");
+static_assert(sizeof(BlockQ2_K) == 84, "Q2_K block is 84 bytes per 256 elements");
+static_assert(sizeof(BlockQ3_K) == 110, "Q3_K block is 110 bytes per 256 elements");
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block is 144 bytes per 256 elements");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K block is 176 bytes per 256 elements");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K block is 210 bytes per 256 elements");
 
 // Storage geometry of a type: a row of n elements (n a multiple of block_elems) takes
 // n / block_elems * block_bytes bytes. `supported` marks the types tightfit can dequantize; the
-// others are known only so that errors can name them.
+// others are known so that a file holding them still opens (and can be inspected) and errors can
+// name them.
 struct GgmlTypeInfo {
   const char* name;
   int block_elems;
@@ -117,12 +176,29 @@ TF_QUANT_HOST_DEVICE constexpr GgmlTypeInfo ggml_type_info(uint32_t id) {
     case GgmlType::Q4_K: return {"Q4_K", kQKK, int(sizeof(BlockQ4_K)), true};
     case GgmlType::Q5_K: return {"Q5_K", kQKK, int(sizeof(BlockQ5_K)), true};
     case GgmlType::Q6_K: return {"Q6_K", kQKK, int(sizeof(BlockQ6_K)), true};
-    case GgmlType::Q5_0: return {"Q5_0", kQK0, 22, false};
-    case GgmlType::Q5_1: return {"Q5_1", kQK0, 24, false};
+    case GgmlType::Q5_0: return {"Q5_0", kQK0, int(sizeof(BlockQ5_0)), true};
+    case GgmlType::Q5_1: return {"Q5_1", kQK0, int(sizeof(BlockQ5_1)), true};
+    case GgmlType::Q2_K: return {"Q2_K", kQKK, int(sizeof(BlockQ2_K)), true};
+    case GgmlType::Q3_K: return {"Q3_K", kQKK, int(sizeof(BlockQ3_K)), true};
     case GgmlType::Q8_1: return {"Q8_1", kQK0, 36, false};
-    case GgmlType::Q2_K: return {"Q2_K", kQKK, 84, false};
-    case GgmlType::Q3_K: return {"Q3_K", kQKK, 110, false};
     case GgmlType::Q8_K: return {"Q8_K", kQKK, 292, false};
+    case GgmlType::IQ2_XXS: return {"IQ2_XXS", kQKK, 66, false};
+    case GgmlType::IQ2_XS: return {"IQ2_XS", kQKK, 74, false};
+    case GgmlType::IQ3_XXS: return {"IQ3_XXS", kQKK, 98, false};
+    case GgmlType::IQ1_S: return {"IQ1_S", kQKK, 50, false};
+    case GgmlType::IQ4_NL: return {"IQ4_NL", kQK0, 18, false};
+    case GgmlType::IQ3_S: return {"IQ3_S", kQKK, 110, false};
+    case GgmlType::IQ2_S: return {"IQ2_S", kQKK, 82, false};
+    case GgmlType::IQ4_XS: return {"IQ4_XS", kQKK, 136, false};
+    case GgmlType::I8: return {"I8", 1, 1, false};
+    case GgmlType::I16: return {"I16", 1, 2, false};
+    case GgmlType::I32: return {"I32", 1, 4, false};
+    case GgmlType::I64: return {"I64", 1, 8, false};
+    case GgmlType::F64: return {"F64", 1, 8, false};
+    case GgmlType::IQ1_M: return {"IQ1_M", kQKK, 56, false};
+    case GgmlType::TQ1_0: return {"TQ1_0", kQKK, 54, false};
+    case GgmlType::TQ2_0: return {"TQ2_0", kQKK, 66, false};
+    case GgmlType::MXFP4: return {"MXFP4", kQK0, 17, false};
   }
   return {nullptr, 0, 0, false};
 }

@@ -62,6 +62,85 @@ TEST(Dequant, Q4_1KnownValues) {
   }
 }
 
+// The fifth bits as one little-endian word: element j's is bit j.
+constexpr uint32_t kQ5High = 0xA5C3F00Fu;
+
+void set_q5_high(uint8_t qh[4]) {
+  for (int i = 0; i < 4; ++i) qh[i] = uint8_t(kQ5High >> (8 * i));
+}
+
+TEST(Dequant, Q5_0KnownValues) {
+  BlockQ5_0 b{};
+  b.d = f32_to_f16(0.5f);
+  set_q5_high(b.qh);
+  for (int j = 0; j < 16; ++j) b.qs[j] = uint8_t(j | ((15 - j) << 4));
+  std::vector<float> y(32);
+  ref::dequantize_q5_0(&b, 32, y.data());
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(y[j], 0.5f * float(j + 16 * int((kQ5High >> j) & 1) - 16)) << j;
+    EXPECT_EQ(y[j + 16], 0.5f * float(15 - j + 16 * int((kQ5High >> (j + 16)) & 1) - 16)) << j;
+  }
+}
+
+TEST(Dequant, Q5_1KnownValues) {
+  BlockQ5_1 b{};
+  b.d = f32_to_f16(2.0f);
+  b.m = f32_to_f16(-1.0f);
+  set_q5_high(b.qh);
+  for (int j = 0; j < 16; ++j) b.qs[j] = uint8_t(j | ((15 - j) << 4));
+  std::vector<float> y(32);
+  ref::dequantize_q5_1(&b, 32, y.data());
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(y[j], 2.0f * float(j + 16 * int((kQ5High >> j) & 1)) - 1.0f) << j;
+    EXPECT_EQ(y[j + 16], 2.0f * float(15 - j + 16 * int((kQ5High >> (j + 16)) & 1)) - 1.0f) << j;
+  }
+}
+
+// Element e of a Q2_K / Q3_K super-block keeps its low two bits in qs byte 32 * (e / 128) + e % 32,
+// at bit 2 * ((e % 128) / 32).
+void put_2bit(uint8_t qs[64], int e, int v) {
+  qs[32 * (e / 128) + e % 32] = uint8_t(qs[32 * (e / 128) + e % 32] | (v << (2 * ((e % 128) / 32))));
+}
+
+TEST(Dequant, Q2_KKnownValues) {
+  BlockQ2_K b{};
+  b.d = f32_to_f16(0.5f);
+  b.dmin = f32_to_f16(0.25f);
+  for (int s = 0; s < 16; ++s) b.scales[s] = uint8_t(((s * 5 + 2) & 0xF) | (((s * 3 + 1) & 0xF) << 4));
+  for (int e = 0; e < 256; ++e) put_2bit(b.qs, e, (e * 7 + e / 5) % 4);
+  std::vector<float> y(256);
+  ref::dequantize_q2_k(&b, 256, y.data());
+  for (int e = 0; e < 256; ++e) {
+    const int s = e / 16;
+    const float sc = float((s * 5 + 2) & 0xF), mn = float((s * 3 + 1) & 0xF);
+    EXPECT_EQ(y[e], 0.5f * sc * float((e * 7 + e / 5) % 4) - 0.25f * mn) << e;
+  }
+}
+
+TEST(Dequant, Q3_KKnownValues) {
+  // 6-bit scales that use both high bits: the low nibble of scale s goes to byte s % 8 (high
+  // nibble for s >= 8), its top two bits to byte 8 + s % 4 at bit 2 * (s / 4).
+  BlockQ3_K b{};
+  b.d = f32_to_f16(0.25f);
+  const auto scale = [](int s) { return (s * 23 + 7) % 64; };
+  for (int s = 0; s < 16; ++s) {
+    b.scales[s % 8] = uint8_t(b.scales[s % 8] | ((scale(s) & 0xF) << (4 * (s / 8))));
+    b.scales[8 + s % 4] = uint8_t(b.scales[8 + s % 4] | ((scale(s) >> 4) << (2 * (s / 4))));
+  }
+  // The third bit of element e is bit e / 32 of hmask[e % 32]; when clear, 4 is subtracted.
+  const auto high = [](int e) { return (e * 5 + e / 7) % 3 == 0; };
+  for (int e = 0; e < 256; ++e) {
+    put_2bit(b.qs, e, (e * 3 + e / 11) % 4);
+    if (high(e)) b.hmask[e % 32] = uint8_t(b.hmask[e % 32] | (1 << (e / 32)));
+  }
+  std::vector<float> y(256);
+  ref::dequantize_q3_k(&b, 256, y.data());
+  for (int e = 0; e < 256; ++e) {
+    const int q = (e * 3 + e / 11) % 4 - (high(e) ? 0 : 4);
+    EXPECT_EQ(y[e], 0.25f * float(scale(e / 16) - 32) * float(q)) << e;
+  }
+}
+
 // Scales and mins that use all six bits, so the split storage of sub-blocks 4-7 matters.
 const int kSc[8] = {1, 17, 33, 63, 5, 40, 62, 48};
 const int kMn[8] = {63, 2, 31, 16, 47, 9, 60, 33};
@@ -119,18 +198,23 @@ TEST(Dequant, Q6_KKnownValues) {
 }
 
 TEST(Dequant, RejectsPartialBlocksAndUnsupportedTypes) {
-  std::vector<uint8_t> raw(64, 0);
-  std::vector<float> y(64);
+  std::vector<uint8_t> raw(256, 0);
+  std::vector<float> y(256);
   EXPECT_THROW(ref::dequantize_rows(GgmlType::Q8_0, raw.data(), 31, y.data()), Error);
-  try {
-    ref::dequantize_rows(GgmlType::Q5_0, raw.data(), 32, y.data());
-    FAIL() << "Q5_0 accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("Q5_0"), std::string::npos) << e.what();
+  EXPECT_THROW(ref::dequantize_rows(GgmlType::Q3_K, raw.data(), 128, y.data()), Error);
+  for (GgmlType type : {GgmlType::IQ4_NL, GgmlType::TQ2_0}) {
+    const char* name = ggml_type_info(uint32_t(type)).name;
+    try {
+      ref::dequantize_rows(type, raw.data(), 256, y.data());
+      FAIL() << name << " accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("ggml type ") + name), std::string::npos) << e.what();
+    }
   }
 }
 
-const char* const kFixtureTypes[] = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"};
+const char* const kFixtureTypes[] = {"F32",  "F16",  "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
+                                     "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"};
 
 TEST(Dequant, MatchesGgufPyFixtureBitForBit) {
   const io::GgufFile f = io::GgufFile::open(std::string(TIGHTFIT_FIXTURES) + "/gguf_dequant.gguf");
@@ -166,6 +250,10 @@ TEST(Dequant, TypedFunctionsAgreeWithDispatch) {
   check("t.Q8_0", ref::dequantize_q8_0, BlockQ8_0{});
   check("t.Q4_0", ref::dequantize_q4_0, BlockQ4_0{});
   check("t.Q4_1", ref::dequantize_q4_1, BlockQ4_1{});
+  check("t.Q5_0", ref::dequantize_q5_0, BlockQ5_0{});
+  check("t.Q5_1", ref::dequantize_q5_1, BlockQ5_1{});
+  check("t.Q2_K", ref::dequantize_q2_k, BlockQ2_K{});
+  check("t.Q3_K", ref::dequantize_q3_k, BlockQ3_K{});
   check("t.Q4_K", ref::dequantize_q4_k, BlockQ4_K{});
   check("t.Q5_K", ref::dequantize_q5_k, BlockQ5_K{});
   check("t.Q6_K", ref::dequantize_q6_k, BlockQ6_K{});

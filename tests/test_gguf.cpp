@@ -306,8 +306,17 @@ TEST(GgufBad, UnknownTypes) {
   for (uint32_t type : {4u, 5u, 99u, 0xffffffffu})
     EXPECT_GGUF_ERROR(Bytes().header(1, 0).tensor("w", {32}, type, 0).pad(32).data(256).b, "tensor 'w'",
                       "unknown ggml type");
-  EXPECT_GGUF_ERROR(Bytes().header(1, 0).tensor("w", {32}, 6, 0).pad(32).data(256).b, "tensor 'w'", "Q5_0",
-                    "does not support");
+}
+
+// A type tightfit cannot dequantize still opens, with its size known, so that the file can be
+// inspected; loading it as a model is what refuses it.
+TEST(Gguf, OpensTensorsOfTypesWithoutADequantizer) {
+  const std::vector<uint8_t> b = Bytes().header(1, 0).tensor("w", {64}, 20, 0).pad(32).data(36).b;
+  const GgufFile f = GgufFile::from_memory(b.data(), b.size(), "iq.gguf");
+  const GgufTensorInfo& t = f.tensor("w");
+  EXPECT_EQ(t.type, GgmlType::IQ4_NL);
+  EXPECT_EQ(t.n_bytes, 36u);
+  EXPECT_FALSE(ggml_type_info(uint32_t(t.type)).supported);
 }
 
 TEST(GgufBad, Dimensions) {

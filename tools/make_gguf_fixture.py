@@ -90,11 +90,38 @@ def formula_q6_k(block):
     return out
 
 
+def formula_q2_k(block):
+    block = [int(b) for b in block]
+    scales, qs = block[0:16], block[16:80]
+    d, dmin = f16(block[80] | block[81] << 8), f16(block[82] | block[83] << 8)
+    out = []
+    for e in range(QK_K):
+        sc = scales[e // 16]
+        dl, ml = np.float32(d * np.float32(sc & 0xF)), np.float32(dmin * np.float32(sc >> 4))
+        q = (qs[32 * (e // 128) + e % 32] >> (2 * (e % 128 // 32))) & 3
+        out.append(np.float32(dl * np.float32(q)) - ml)
+    return out
+
+
+def formula_q3_k(block):
+    block = [int(b) for b in block]
+    hmask, qs, scales = block[0:32], block[32:96], block[96:108]
+    d = f16(block[108] | block[109] << 8)
+    out = []
+    for e in range(QK_K):
+        s = e // 16
+        sc = ((scales[s % 8] >> (4 * (s // 8))) & 0xF) | ((scales[8 + s % 4] >> (2 * (s // 4))) & 3) << 4
+        dl = np.float32(d * np.float32(sc - 32))
+        q = ((qs[32 * (e // 128) + e % 32] >> (2 * (e % 128 // 32))) & 3) - (0 if (hmask[e % 32] >> (e // 32)) & 1 else 4)
+        out.append(np.float32(dl * np.float32(q)))
+    return out
+
+
 def random_k_blocks(rng, qtype, rows, cols):
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     n_blocks = rows * cols // QK_K
     blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
-    d_pos = {T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}[qtype]
+    d_pos = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}[qtype]
     for p in d_pos:
         blocks[:, p:p + 2] = random_f16_bits(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
     return blocks
@@ -141,15 +168,22 @@ def main():
         q = gguf.quants.quantize(values(3, 96), qtype)
         add("t." + qtype.name, qtype, q, gguf.quants.dequantize(q, qtype))
 
-    formulas = {T.Q4_K: formula_q4_k, T.Q5_K: formula_q5_k, T.Q6_K: formula_q6_k}
-    for qtype, formula in formulas.items():
-        rows, cols = 3, 2 * QK_K
+    def add_random_k(qtype, formula, rows, cols):
         blocks = random_k_blocks(rng, qtype, rows, cols)
         ref = gguf.quants.dequantize(blocks.reshape(rows, -1), qtype).reshape(-1)
         mine = np.array([v for b in blocks for v in formula(b)], dtype=np.float32)
         if not np.array_equal(ref.view(np.uint32), mine.view(np.uint32)):
             raise SystemExit(f"{qtype.name}: gguf-py and the documented formula disagree")
         add("t." + qtype.name, qtype, blocks.reshape(rows, -1), ref.reshape(rows, cols))
+
+    for qtype, formula in ((T.Q4_K, formula_q4_k), (T.Q5_K, formula_q5_k), (T.Q6_K, formula_q6_k)):
+        add_random_k(qtype, formula, 3, 2 * QK_K)
+    # Drawn after the types above so that their tensors keep the bytes they had before these.
+    for qtype in (T.Q5_0, T.Q5_1):
+        q = gguf.quants.quantize(values(3, 96), qtype)
+        add("t." + qtype.name, qtype, q, gguf.quants.dequantize(q, qtype))
+    add_random_k(T.Q2_K, formula_q2_k, 2, QK_K)
+    add_random_k(T.Q3_K, formula_q3_k, 2, QK_K)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

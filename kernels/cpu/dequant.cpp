@@ -1,3 +1,4 @@
+// defines: the reference dequantizers of kernels/cpu/dequant.h, one per GGUF block format
 #include "kernels/cpu/dequant.h"
 
 #include <cstring>
@@ -33,6 +34,60 @@ void block_q4_1(const BlockQ4_1& b, float* y) {
     const float hi = float(b.qs[j] >> 4) * d;
     y[j] = lo + m;
     y[j + kQK0 / 2] = hi + m;
+  }
+}
+
+// A Q5 block's qh as the little-endian 32-bit word whose bit j is element j's fifth bit.
+uint32_t q5_high_bits(const uint8_t qh[4]) {
+  return uint32_t(qh[0]) | uint32_t(qh[1]) << 8 | uint32_t(qh[2]) << 16 | uint32_t(qh[3]) << 24;
+}
+
+void block_q5_0(const BlockQ5_0& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  const uint32_t qh = q5_high_bits(b.qh);
+  for (int j = 0; j < kQK0 / 2; ++j) {
+    const int lo = int((b.qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - 16;
+    const int hi = int((b.qs[j] >> 4) | (((qh >> (j + kQK0 / 2)) & 1) << 4)) - 16;
+    y[j] = float(lo) * d;
+    y[j + kQK0 / 2] = float(hi) * d;
+  }
+}
+
+void block_q5_1(const BlockQ5_1& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  const float m = f16_to_f32(b.m);
+  const uint32_t qh = q5_high_bits(b.qh);
+  for (int j = 0; j < kQK0 / 2; ++j) {
+    const float lo = float((b.qs[j] & 0xF) | (((qh >> j) & 1) << 4)) * d;
+    const float hi = float((b.qs[j] >> 4) | (((qh >> (j + kQK0 / 2)) & 1) << 4)) * d;
+    y[j] = lo + m;
+    y[j + kQK0 / 2] = hi + m;
+  }
+}
+
+void block_q2_k(const BlockQ2_K& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  const float dmin = f16_to_f32(b.dmin);
+  for (int e = 0; e < kQKK; ++e) {
+    const uint8_t sc = b.scales[e / 16];
+    const float dl = d * float(sc & 0xF);
+    const float ml = dmin * float(sc >> 4);
+    const int q = (b.qs[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+    const float p = dl * float(q);
+    y[e] = p - ml;
+  }
+}
+
+void block_q3_k(const BlockQ3_K& b, float* y) {
+  const float d = f16_to_f32(b.d);
+  for (int e = 0; e < kQKK; ++e) {
+    const int s = e / 16;
+    const int sc =
+        ((b.scales[s % 8] >> (4 * (s / 8))) & 0xF) | (((b.scales[8 + s % 4] >> (2 * (s / 4))) & 3) << 4);
+    const float dl = d * float(sc - 32);
+    const int low = (b.qs[(e / 128) * 32 + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+    const int q = low - (((b.hmask[e % 32] >> (e / 32)) & 1) ? 0 : 4);
+    y[e] = dl * float(q);
   }
 }
 
@@ -136,6 +191,18 @@ void dequantize_q4_0(const BlockQ4_0* src, int64_t n, float* dst) {
 void dequantize_q4_1(const BlockQ4_1* src, int64_t n, float* dst) {
   run_blocks<BlockQ4_1, kQK0, block_q4_1>(src, n, dst, "Q4_1");
 }
+void dequantize_q5_0(const BlockQ5_0* src, int64_t n, float* dst) {
+  run_blocks<BlockQ5_0, kQK0, block_q5_0>(src, n, dst, "Q5_0");
+}
+void dequantize_q5_1(const BlockQ5_1* src, int64_t n, float* dst) {
+  run_blocks<BlockQ5_1, kQK0, block_q5_1>(src, n, dst, "Q5_1");
+}
+void dequantize_q2_k(const BlockQ2_K* src, int64_t n, float* dst) {
+  run_blocks<BlockQ2_K, kQKK, block_q2_k>(src, n, dst, "Q2_K");
+}
+void dequantize_q3_k(const BlockQ3_K* src, int64_t n, float* dst) {
+  run_blocks<BlockQ3_K, kQKK, block_q3_k>(src, n, dst, "Q3_K");
+}
 void dequantize_q4_k(const BlockQ4_K* src, int64_t n, float* dst) {
   run_blocks<BlockQ4_K, kQKK, block_q4_k>(src, n, dst, "Q4_K");
 }
@@ -162,6 +229,10 @@ void dequantize_rows(GgmlType type, const void* src, int64_t n, float* dst) {
     case GgmlType::Q8_0: return run_unaligned<BlockQ8_0, kQK0, block_q8_0>(src, n, dst, "Q8_0");
     case GgmlType::Q4_0: return run_unaligned<BlockQ4_0, kQK0, block_q4_0>(src, n, dst, "Q4_0");
     case GgmlType::Q4_1: return run_unaligned<BlockQ4_1, kQK0, block_q4_1>(src, n, dst, "Q4_1");
+    case GgmlType::Q5_0: return run_unaligned<BlockQ5_0, kQK0, block_q5_0>(src, n, dst, "Q5_0");
+    case GgmlType::Q5_1: return run_unaligned<BlockQ5_1, kQK0, block_q5_1>(src, n, dst, "Q5_1");
+    case GgmlType::Q2_K: return run_unaligned<BlockQ2_K, kQKK, block_q2_k>(src, n, dst, "Q2_K");
+    case GgmlType::Q3_K: return run_unaligned<BlockQ3_K, kQKK, block_q3_k>(src, n, dst, "Q3_K");
     case GgmlType::Q4_K: return run_unaligned<BlockQ4_K, kQKK, block_q4_k>(src, n, dst, "Q4_K");
     case GgmlType::Q5_K: return run_unaligned<BlockQ5_K, kQKK, block_q5_k>(src, n, dst, "Q5_K");
     case GgmlType::Q6_K: return run_unaligned<BlockQ6_K, kQKK, block_q6_k>(src, n, dst, "Q6_K");
@@ -170,6 +241,15 @@ void dequantize_rows(GgmlType type, const void* src, int64_t n, float* dst) {
   const GgmlTypeInfo info = ggml_type_info(uint32_t(type));
   TF_FAIL("dequantize: ggml type ", info.name ? info.name : "unknown", " (id ", uint32_t(type),
           ") is not supported");
+}
+
+std::string dequantizable_type_names() {
+  std::string names;
+  for (uint32_t id = 0; id <= uint32_t(GgmlType::MXFP4); ++id) {
+    const GgmlTypeInfo info = ggml_type_info(id);
+    if (info.supported) names += (names.empty() ? "" : ", ") + std::string(info.name);
+  }
+  return names;
 }
 
 }  // namespace tf::ref

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "kernels/cpu/dequant.h"
 #include "kernels/ops.h"
 #include "src/cli/common.h"
 #include "src/cli/outputs.h"
@@ -74,7 +75,9 @@ std::vector<int32_t> response_prompt_ids(const data::ChatTemplate& tmpl, const t
 }  // namespace
 
 int run_inspect(const std::string& path, bool all_tensors) {
-  const io::LoadedModel m = io::load_model(path);
+  // A GGUF file's tensors are described, not dequantized, so a file with types tightfit cannot
+  // train on still shows everything else.
+  const io::LoadedModel m = io::load_model(path, false);
   const LlamaConfig& c = m.weights.config;
   std::printf("model       %s (%s)\n", path.c_str(),
               m.format == io::ModelFormat::Gguf ? "GGUF" : "HF directory");
@@ -112,6 +115,27 @@ int run_inspect(const std::string& path, bool all_tensors) {
       for (int64_t d : t.shape()) shape += (shape.empty() ? "" : " x ") + std::to_string(d);
       std::printf("  %-32s %-6s %-14s %s\n", t.name.c_str(), ggml_type_info(uint32_t(t.type)).name,
                   shape.c_str(), format_bytes(double(t.n_bytes)).c_str());
+    }
+    std::map<std::string, std::vector<std::string>> unusable;
+    for (const auto& t : m.gguf->tensors()) {
+      const GgmlTypeInfo info = ggml_type_info(uint32_t(t.type));
+      if (!info.supported) unusable[info.name].push_back(t.name);
+    }
+    if (!unusable.empty()) {
+      std::printf("unusable    tensors of these types cannot be used for training (tightfit reads %s):\n",
+                  ref::dequantizable_type_names().c_str());
+      for (const auto& [type, names] : unusable) {
+        std::string list;
+        for (size_t i = 0; i < names.size(); ++i) {
+          if (!all_tensors && i == 4) {
+            list += ", ... " + std::to_string(names.size() - 4) + " more";
+            break;
+          }
+          list += (i ? ", " : "") + names[i];
+        }
+        std::printf("  %-8s %zu tensor%s: %s\n", type.c_str(), names.size(), names.size() == 1 ? "" : "s",
+                    list.c_str());
+      }
     }
   } else {
     size_t shown = 0, n = 0;

@@ -326,9 +326,6 @@ void GgufFile::parse() {
     const uint32_t type = c.read<uint32_t>("type of tensor '" + name + "'");
     const GgmlTypeInfo info = ggml_type_info(type);
     if (!info.name) TF_FAIL(path_, ": tensor '", name, "' has unknown ggml type ", type);
-    if (!info.supported)
-      TF_FAIL(path_, ": tensor '", name, "' has ggml type ", info.name, " (", type,
-              "), which tightfit does not support");
     ti.type = GgmlType(type);
     if (ti.ne[0] % info.block_elems != 0)
       TF_FAIL(path_, ": tensor '", name, "': row length ", ti.ne[0], " is not a multiple of the ", info.name,

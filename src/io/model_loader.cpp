@@ -52,6 +52,9 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
     const auto [rows, cols] = weight_shape(cfg, slot);
     TF_CHECK(t.row_length() == cols && t.n_rows() == rows, f->path(), ": tensor ", name, " has ", t.n_rows(),
              " rows of ", t.row_length(), ", expected ", rows, " rows of ", cols);
+    const GgmlTypeInfo info = ggml_type_info(uint32_t(t.type));
+    TF_CHECK(info.supported, f->path(), ": tensor ", name, " has ggml type ", info.name,
+             ", which tightfit cannot dequantize (it reads ", ref::dequantizable_type_names(), ")");
     switch (t.type) {
       case GgmlType::F32: w.slot(slot, layer) = {t.data, DType::F32, rows, cols}; return;
       case GgmlType::F16: w.slot(slot, layer) = {t.data, DType::F16, rows, cols}; return;
@@ -144,7 +147,7 @@ tok::GgufVocab gguf_vocab(const GgufFile& f) {
   return v;
 }
 
-LoadedModel load_model(const std::string& path) {
+LoadedModel load_model(const std::string& path, bool with_weights) {
   LoadedModel m;
   m.source = path;
   TF_CHECK(fs::exists(path), path, ": no such model file or directory");
@@ -156,7 +159,11 @@ LoadedModel load_model(const std::string& path) {
     m.format = ModelFormat::Gguf;
     auto f = std::make_shared<const GgufFile>(GgufFile::open(path));
     const LlamaConfig cfg = llama_config_from_gguf(*f);
-    m.weights = gguf_weights(f, cfg);
+    if (with_weights) {
+      m.weights = gguf_weights(f, cfg);
+    } else {
+      m.weights.config = cfg;
+    }
     if (f->has("tokenizer.ggml.model"))
       m.tokenizer =
           std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(gguf_vocab(*f), f->path()));

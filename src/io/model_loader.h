@@ -25,7 +25,9 @@ struct LoadedModel {
 // Loads `path`: a directory with config.json + safetensors (+ tokenizer.json or tokenizer.model,
 // tokenizer_config.json), or a .gguf file (quantized tensors are dequantized to f32 once at load;
 // f32/f16/bf16 tensors are used in place from the mapping). Throws tf::Error naming the path.
-LoadedModel load_model(const std::string& path);
+// Without `with_weights`, a GGUF file's tensors are left in the file (whatever their type) and
+// `weights` holds only the config; a directory's weights are always read.
+LoadedModel load_model(const std::string& path, bool with_weights = true);
 
 // The tokenizer.ggml.* keys of a GGUF file as plain vocabulary data (the file must have
 // tokenizer.ggml.model). Strings are copied, so the result outlives the file.
