@@ -2,7 +2,8 @@
 // equal the adapted model's; dtypes, config.json and tokenizer files; sharding with an index; a
 // GGUF-ordered base comes out in HF order) read back by load_hf_model / SafetensorsModel; the
 // merged GGUF export (metadata copied, untouched tensors byte-identical, merged q/k in GGUF row
-// order, a quantized tensor merged as F32) read back by GgufFile.
+// order, a quantized tensor merged as F16 within f16 rounding, the summary line) read back by
+// GgufFile; a GGUF-ordered base written as f16 is its f32 export rounded once.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -91,7 +92,7 @@ TEST(MergedHf, LogitsEqualTheAdaptedModelAndShardsReadBack) {
   const fs::path one = tmp.dir / "merged", sharded = tmp.dir / "sharded";
   export_merged_hf(one.string(), adapted.weights(), adapted.lora());
   // About 8 KiB per projection here: 16 KiB shards force several files and an index.
-  export_merged_hf(sharded.string(), adapted.weights(), adapted.lora(), {"", 16 << 10});
+  export_merged_hf(sharded.string(), adapted.weights(), adapted.lora(), {"", 16 << 10, {}});
   EXPECT_TRUE(fs::exists(one / "model.safetensors"));
   EXPECT_FALSE(fs::exists(one / "model.safetensors.index.json"));
   EXPECT_TRUE(fs::exists(sharded / "model.safetensors.index.json"));
@@ -158,7 +159,7 @@ TEST(MergedHf, KeepsBf16AndCopiesConfigAndTokenizerFromTheBase) {
   LoraState lora(cfg, lora_config());
   test::fill_lora_params(lora, 2, 5, 0.1f);
   const fs::path out = tmp.dir / "merged";
-  export_merged_hf(out.string(), base, lora, {base_dir.string()});
+  export_merged_hf(out.string(), base, lora, {base_dir.string(), int64_t(2) << 30, {}});
   EXPECT_EQ(slurp(out / "config.json"), slurp(base_dir / "config.json"));
   EXPECT_EQ(slurp(out / "tokenizer.json"), slurp(base_dir / "tokenizer.json"));
   EXPECT_TRUE(fs::exists(out / "tokenizer_config.json"));
@@ -238,6 +239,21 @@ TEST(MergedHf, GgufOrderedBaseComesOutInHfOrder) {
     EXPECT_LT(test::rel_norm_error(vb.as<const float>(), va.as<const float>(), size_t(va.numel())), 1e-6)
         << name;
   }
+
+  // As f16 (what a GGUF base with quantized tensors is written as): every tensor is the f32
+  // export's values rounded once to f16, and config.json says so.
+  export_merged_hf((tmp.dir / "from_gguf_f16").string(), g.w, g.lora, {"", int64_t(2) << 30, DType::F16});
+  const SafetensorsModel h = SafetensorsModel::open((tmp.dir / "from_gguf_f16").string());
+  ASSERT_EQ(h.names(), b.names());
+  for (const std::string& name : b.names()) {
+    ASSERT_EQ(h.get(name).dtype, StDType::F16) << name;
+    const TensorView vf = b.view(name), vh = h.view(name);
+    const float* f = vf.as<const float>();
+    const uint16_t* half = vh.as<const uint16_t>();
+    for (int64_t i = 0; i < vf.numel(); ++i) ASSERT_EQ(half[i], f32_to_f16(f[i])) << name << " " << i;
+  }
+  const nlohmann::json config = nlohmann::json::parse(slurp(tmp.dir / "from_gguf_f16" / "config.json"));
+  EXPECT_EQ(config["torch_dtype"], "float16");
 }
 
 TEST(MergedHf, RefusesAnAdapterOfAnotherShape) {
@@ -269,7 +285,11 @@ TEST(MergedGguf, CopiesMetadataAndUntouchedTensorsAndMergesInGgufOrder) {
   LoraState lora(cfg, lc);  // in HF row order: trained on the HF original
   test::fill_lora_params(lora, 6, 5, 0.1f);
   const std::string out = (tmp.dir / "merged.gguf").string();
-  export_merged_gguf(out, base, lora, RopeLayout::SplitHalf);
+  const MergedGgufSummary summary = export_merged_gguf(out, base, lora, RopeLayout::SplitHalf);
+  // q and v are F32 in this base and stay so; the Q8_0 ffn_down of both layers becomes F16.
+  EXPECT_EQ(describe(summary),
+            "4 adapted tensors written as F32 (were F32); 2 adapted tensors written as F16 (were Q8_0); " +
+                std::to_string(base.tensors().size() - 6) + " tensors copied as they are");
 
   const GgufFile m = GgufFile::open(out);
   // Every key of the base in order, then the mark of a tightfit export.
@@ -280,13 +300,18 @@ TEST(MergedGguf, CopiesMetadataAndUntouchedTensorsAndMergesInGgufOrder) {
   EXPECT_EQ(m.get_string("general.name"), "tiny");
   EXPECT_EQ(m.get_string_array("tokenizer.ggml.tokens").size(), size_t(cfg.vocab));
   ASSERT_EQ(m.tensors().size(), base.tensors().size());
-  for (const char* name :
-       {"token_embd.weight", "output.weight", "blk.0.attn_k.weight", "blk.1.ffn_up.weight"}) {
-    const GgufTensorInfo& a = base.tensor(name);
-    const GgufTensorInfo& b = m.tensor(name);
-    EXPECT_EQ(b.type, a.type);
-    EXPECT_TRUE(std::equal(a.bytes().begin(), a.bytes().end(), b.bytes().begin(), b.bytes().end())) << name;
+  int untouched = 0;
+  for (const GgufTensorInfo& a : base.tensors()) {
+    const GgufTensorInfo& b = m.tensor(a.name);
+    const bool adapted = a.name.find("attn_q.") != std::string::npos ||
+                         a.name.find("attn_v.") != std::string::npos ||
+                         a.name.find("ffn_down.") != std::string::npos;
+    if (adapted) continue;
+    ++untouched;
+    EXPECT_EQ(b.type, a.type) << a.name;
+    EXPECT_TRUE(std::equal(a.bytes().begin(), a.bytes().end(), b.bytes().begin(), b.bytes().end())) << a.name;
   }
+  EXPECT_EQ(untouched, int(base.tensors().size()) - 6);
 
   const float scale = lora.config.scale();
   // q: merged in GGUF row order, i.e. GGUF row r is HF row gguf_qk_row_source(r) of W + scale B A.
@@ -299,17 +324,21 @@ TEST(MergedGguf, CopiesMetadataAndUntouchedTensorsAndMergesInGgufOrder) {
           merged_element(hf_q, lora.at(1, LoraTarget::Q), scale, gguf_qk_row_source(r, cfg.head_dim), i);
       EXPECT_NEAR(reinterpret_cast<const float*>(q.data)[r * q.ne[0] + i], want, 1e-6) << r << "," << i;
     }
-  // down: a Q8_0 base is dequantized, merged and stored as F32.
+  // down: a Q8_0 base is dequantized, merged in f32 and stored as F16. The f32 merge is within
+  // 1e-6 of the double sum (as q above); rounding to f16 adds at most half an ulp, 2^-11 of the
+  // value for normal halves and 2^-25 for subnormal ones.
   const GgufTensorInfo& down = m.tensor("blk.0.ffn_down.weight");
-  EXPECT_EQ(down.type, GgmlType::F32);
+  ASSERT_EQ(down.type, GgmlType::F16);
   std::vector<float> base_down(size_t(base.tensor("blk.0.ffn_down.weight").n_elements));
   ref::dequantize_rows(GgmlType::Q8_0, base.tensor("blk.0.ffn_down.weight").data, int64_t(base_down.size()),
                        base_down.data());
   const WeightRef deq{base_down.data(), DType::F32, down.ne[1], down.ne[0]};
-  for (int64_t o : {int64_t(0), down.ne[1] - 1})
-    for (int64_t i : {int64_t(0), int64_t(40), down.ne[0] - 1}) {
+  const auto* half = reinterpret_cast<const uint16_t*>(down.data);
+  for (int64_t o = 0; o < down.ne[1]; ++o)
+    for (int64_t i = 0; i < down.ne[0]; ++i) {
       const double want = merged_element(deq, lora.at(0, LoraTarget::Down), scale, o, i);
-      EXPECT_NEAR(reinterpret_cast<const float*>(down.data)[o * down.ne[0] + i], want, 1e-6) << o << "," << i;
+      const double bound = 1e-6 + (std::fabs(want) + 1e-6) * std::ldexp(1.0, -11) + std::ldexp(1.0, -25);
+      ASSERT_NEAR(f16_to_f32(half[o * down.ne[0] + i]), want, bound) << o << "," << i;
     }
 
   // The same adapter already in GGUF row order (trained on the GGUF base) gives the same file.

@@ -257,6 +257,46 @@ int run_eval(const EvalOptions& o) {
   return 0;
 }
 
+namespace {
+
+// How far the merged model's logits are from base + adapter on two fixed sequences of 16 token
+// ids spread over the tokenizer's range: a few forward passes, so that every merged export shows
+// what merging and rounding the merged weights cost.
+std::string probe_merged(const std::string& base_path, const std::string& run, const std::string& merged) {
+  constexpr int kSeqs = 2, kLen = 16;
+  Session want = open_session(base_path, inert_lora(), kLen, no_checkpointing, run);
+  Session got = open_session(merged, inert_lora(), kLen, no_checkpointing);
+  const int64_t vocab = want.model->config().vocab;
+  const int64_t range =
+      want.loaded.tokenizer ? std::min(int64_t(want.loaded.tokenizer->vocab_size()), vocab) : vocab;
+  std::vector<int32_t> ids(kLen), pos(kLen);
+  std::vector<float> a(size_t(kLen * vocab)), b(a.size());
+  double max_diff = 0, diff2 = 0, ref2 = 0;
+  for (int s = 0; s < kSeqs; ++s) {
+    for (int t = 0; t < kLen; ++t) {
+      ids[size_t(t)] = int32_t((uint64_t(s * kLen + t) * 2654435761u + 12345u) % uint64_t(range));
+      pos[size_t(t)] = t;
+    }
+    const Batch batch{1, kLen, ids.data(), nullptr, pos.data(), nullptr};
+    want.model->forward_logits(batch, a.data());
+    got.model->forward_logits(batch, b.data());
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double d = double(b[i]) - double(a[i]);
+      max_diff = std::max(max_diff, std::fabs(d));
+      diff2 += d * d;
+      ref2 += double(a[i]) * double(a[i]);
+    }
+  }
+  char line[160];
+  std::snprintf(
+      line, sizeof line,
+      "merged vs base + adapter on %d sequences of %d tokens: max |dlogit| %.3g, relative error %.3g", kSeqs,
+      kLen, max_diff, ref2 > 0 ? std::sqrt(diff2 / ref2) : 0.0);
+  return line;
+}
+
+}  // namespace
+
 int run_export(const ExportOptions& o) {
   TF_CHECK(!o.run.empty() && !o.out.empty(), "--run and --out are required");
   const fs::path run(o.run);
@@ -282,7 +322,14 @@ int run_export(const ExportOptions& o) {
   std::error_code ec;
   TF_CHECK(!fs::exists(o.out, ec) || !fs::equivalent(o.out, run, ec), o.out,
            ": is the run directory; choose another --out");
-  if (o.format == "gguf" || (o.format == "merged" && !fs::is_directory(base_path, ec))) {
+  // A merged export onto a GGUF base is a GGUF file only when --out says so; otherwise it is an HF
+  // model directory, which transformers loads as it is.
+  const bool gguf_base = !fs::is_directory(base_path, ec);
+  const bool out_gguf = fs::path(o.out).extension() == ".gguf";
+  TF_CHECK(o.format != "merged" || gguf_base || !out_gguf, o.out,
+           ": ends in .gguf, but a merged export of a run on an HF directory is an HF directory; ",
+           "choose an --out without .gguf");
+  if (o.format == "gguf" || (o.format == "merged" && out_gguf)) {
     check_export_file_target(o.out, o.force);
   } else {
     const fs::file_status st = fs::symlink_status(o.out, ec);
@@ -294,24 +341,38 @@ int run_export(const ExportOptions& o) {
              "); choose a new or empty --out, or pass --force to replace the ",
              "directory and everything in it");
   }
-  io::LoadedModel base = io::load_model(base_path);
-  const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
-  if (o.format == "peft") {
-    publish_export_dir(o.out, "peft", [&](const std::string& staged) {
-      io::export_peft(staged, a.lora, base.weights.config, base_path);
-    });
-  } else if (o.format == "gguf") {
-    io::export_gguf_lora(o.out, a.lora, base.weights.config);
-  } else if (base.format == io::ModelFormat::Gguf) {
-    io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout);
-  } else {
-    io::MergedHfOptions mo;
-    mo.base_dir = base_path;
-    publish_export_dir(o.out, "merged", [&](const std::string& staged) {
-      io::export_merged_hf(staged, base.weights, a.lora, mo);
-    });
+  std::string summary;
+  {
+    io::LoadedModel base = io::load_model(base_path);
+    const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
+    if (o.format == "peft") {
+      publish_export_dir(o.out, "peft", [&](const std::string& staged) {
+        io::export_peft(staged, a.lora, base.weights.config, base_path);
+      });
+    } else if (o.format == "gguf") {
+      io::export_gguf_lora(o.out, a.lora, base.weights.config);
+    } else if (out_gguf) {
+      summary =
+          io::describe(io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout));
+    } else {
+      io::MergedHfOptions mo;
+      if (base.format == io::ModelFormat::Gguf) {
+        // Quantized tensors were dequantized to f32 at load; bf16 when the base has bf16 tensors.
+        const auto& ts = base.gguf->tensors();
+        const bool bf16 = std::any_of(ts.begin(), ts.end(),
+                                      [](const io::GgufTensorInfo& t) { return t.type == GgmlType::BF16; });
+        mo.dtype = bf16 ? DType::BF16 : DType::F16;
+      } else {
+        mo.base_dir = base_path;
+      }
+      publish_export_dir(o.out, "merged", [&](const std::string& staged) {
+        io::export_merged_hf(staged, base.weights, a.lora, mo);
+      });
+    }
   }
   std::printf("exported %s adapter of %s to %s\n", o.format.c_str(), o.run.c_str(), o.out.c_str());
+  if (!summary.empty()) std::printf("%s\n", summary.c_str());
+  if (o.format == "merged") std::printf("%s\n", probe_merged(base_path, o.run, o.out).c_str());
   return 0;
 }
 

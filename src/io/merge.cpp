@@ -246,7 +246,7 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   int64_t shard_bytes = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
     const WeightRef& w = entries[i].w;
-    const int64_t bytes = w.rows * w.cols * int64_t(dtype_size(w.dtype));
+    const int64_t bytes = w.rows * w.cols * int64_t(dtype_size(options.dtype.value_or(w.dtype)));
     if (!shards.back().empty() && shard_bytes + bytes > options.max_shard_bytes) {
       shards.emplace_back();
       shard_bytes = 0;
@@ -265,13 +265,14 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     for (size_t i : shards[s]) {
       const Entry& e = entries[i];
       const int64_t n = e.w.rows * e.w.cols;
-      const size_t bytes = size_t(n) * dtype_size(e.w.dtype);
+      const DType out_dtype = options.dtype.value_or(e.w.dtype);
+      const size_t bytes = size_t(n) * dtype_size(out_dtype);
       const std::optional<LoraTarget> t = target_of(e.slot);
       const bool adapted = t && lora.at(e.layer, *t).active();
       const bool qk = e.slot == WeightSlot::Q || e.slot == WeightSlot::K || e.slot == WeightSlot::QBias ||
                       e.slot == WeightSlot::KBias;
       data.emplace_back(bytes, MemTag::Weights, false);
-      if (adapted || (unpermute && qk)) {
+      if (adapted || (unpermute && qk) || out_dtype != e.w.dtype) {
         Buffer f32(size_t(n) * sizeof(float), MemTag::Workspace, false);
         to_f32(f32.as<float>(), e.w.data, e.w.dtype, n);
         if (adapted) merge_lora_delta(f32.as<float>(), lora.at(e.layer, *t), scale);
@@ -283,13 +284,13 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
                           cfg.head_dim, false);
           f32 = std::move(hf);
         }
-        from_f32(data.back().data(), f32.as<float>(), e.w.dtype, n);
+        from_f32(data.back().data(), f32.as<float>(), out_dtype, n);
       } else {
         std::memcpy(data.back().data(), e.w.data, bytes);
       }
       std::vector<int64_t> shape =
           e.w.rows == 1 ? std::vector<int64_t>{e.w.cols} : std::vector<int64_t>{e.w.rows, e.w.cols};
-      tensors.push_back({e.name, to_st_dtype(e.w.dtype), std::move(shape),
+      tensors.push_back({e.name, to_st_dtype(out_dtype), std::move(shape),
                          std::span<const std::byte>(data.back().as<std::byte>(), bytes)});
       weight_map[e.name] = file;
       total_bytes += int64_t(bytes);
@@ -307,8 +308,10 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   std::error_code ec;
   const bool have_config = !options.base_dir.empty() && fs::exists(base_dir / "config.json", ec);
   // A base whose q/k rows are interleaved did not come with an HF config (it is a GGUF file).
-  const std::string config = have_config && !unpermute ? read_file(base_dir / "config.json")
-                                                       : hf_config_json(cfg, base.embed.dtype).dump(2) + "\n";
+  const std::string config =
+      have_config && !unpermute && !options.dtype
+          ? read_file(base_dir / "config.json")
+          : hf_config_json(cfg, options.dtype.value_or(base.embed.dtype)).dump(2) + "\n";
   write_file_synced((staged.path() / "config.json").string(), config);
   if (!options.base_dir.empty()) {
     for (const char* name : kTokenizerFiles) {
@@ -319,8 +322,22 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   staged.publish();
 }
 
-void export_merged_gguf(const std::string& path, const GgufFile& base, const LoraState& lora,
-                        RopeLayout lora_rows) {
+std::string describe(const MergedGgufSummary& s) {
+  std::map<GgmlType, std::pair<int, std::string>> by_written;  // count, the base types it replaced
+  for (const auto& [types, n] : s.adapted) {
+    auto& [count, were] = by_written[types.first];
+    count += n;
+    were += std::string(were.empty() ? "" : ", ") + ggml_type_info(uint32_t(types.second)).name;
+  }
+  std::string line;
+  for (const auto& [type, entry] : by_written)
+    line += std::to_string(entry.first) + " adapted tensors written as " +
+            ggml_type_info(uint32_t(type)).name + " (were " + entry.second + "); ";
+  return line + std::to_string(s.copied) + " tensors copied as they are";
+}
+
+MergedGgufSummary export_merged_gguf(const std::string& path, const GgufFile& base, const LoraState& lora,
+                                     RopeLayout lora_rows) {
   const LlamaConfig cfg = llama_config_from_gguf(base);
   check_lora_fits(lora, cfg, base.path());
   const float scale = lora.config.scale();
@@ -333,6 +350,7 @@ void export_merged_gguf(const std::string& path, const GgufFile& base, const Lor
   }
   w.add_string(kGgufExportKey, "merged");
   std::vector<Buffer> merged;  // must outlive write()
+  MergedGgufSummary summary;
   int n_merged = 0;
   for (const GgufTensorInfo& ti : base.tensors()) {
     const std::vector<int64_t> ne(ti.ne.begin(), ti.ne.begin() + ti.n_dims);
@@ -341,6 +359,7 @@ void export_merged_gguf(const std::string& path, const GgufFile& base, const Lor
         parsed && parsed->layer < cfg.n_layers ? target_of(parsed->role) : std::nullopt;
     if (!t || !lora.at(parsed->layer, *t).active()) {
       w.add_tensor(ti.name, ti.type, ne, ti.data, size_t(ti.n_bytes));
+      ++summary.copied;
       continue;
     }
     LoraAdapter a = lora.at(parsed->layer, *t);
@@ -358,7 +377,7 @@ void export_merged_gguf(const std::string& path, const GgufFile& base, const Lor
     merge_lora_delta(f32.as<float>(), a, scale);
 
     const bool keep_type = ti.type == GgmlType::F32 || ti.type == GgmlType::F16 || ti.type == GgmlType::BF16;
-    const GgmlType out_type = keep_type ? ti.type : GgmlType::F32;
+    const GgmlType out_type = keep_type ? ti.type : GgmlType::F16;
     const DType out_dtype = out_type == GgmlType::F16    ? DType::F16
                             : out_type == GgmlType::BF16 ? DType::BF16
                                                          : DType::F32;
@@ -366,6 +385,7 @@ void export_merged_gguf(const std::string& path, const GgufFile& base, const Lor
     merged.emplace_back(bytes, MemTag::Weights, false);
     from_f32(merged.back().data(), f32.as<float>(), out_dtype, ti.n_elements);
     w.add_tensor(ti.name, out_type, ne, merged.back().data(), bytes);
+    ++summary.adapted[{out_type, ti.type}];
     ++n_merged;
   }
   int n_active = 0;
@@ -374,6 +394,7 @@ void export_merged_gguf(const std::string& path, const GgufFile& base, const Lor
   TF_CHECK(n_merged == n_active, base.path(), ": only ", n_merged, " of the adapter's ", n_active,
            " projections have a tensor in the base");
   w.write(path);
+  return summary;
 }
 
 }  // namespace tf::io
