@@ -1,6 +1,6 @@
 // defines: tf::GgmlType (ggml tensor type ids), tf::ggml_type_info, the quantized block layouts
 //          BlockQ8_0, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ2_K, BlockQ3_K, BlockQ4_K,
-//          BlockQ5_K, BlockQ6_K (ggml's formats)
+//          BlockQ5_K, BlockQ6_K (ggml's formats); the NF4 / int8 block sizes and kNf4Code
 //
 // One definition for host and device code: plain structs of fixed-size arrays, half-precision
 // scales kept as their uint16_t bit patterns (no host/device half type needed), sizes asserted so
@@ -215,5 +215,35 @@ TF_QUANT_HOST_DEVICE constexpr void k_scale_min(const uint8_t* scales, int j, ui
     mn = uint8_t((scales[j + 4] >> 4) | ((scales[j] >> 6) << 4));
   }
 }
+
+// ---- bitsandbytes' NF4 (QLoRA) and our linear int8, the formats of quantized base weights.
+// Unlike the GGML blocks above these keep codes and scales in separate arrays (as bitsandbytes
+// stores them), and a vector's last block may be partial.
+
+constexpr int kNf4Block = 64;         // elements per NF4 absmax (bitsandbytes' default blocksize)
+constexpr int kNf4NestedBlock = 256;  // absmax values per nested absmax in double quantization
+constexpr int kInt8Block = 64;        // elements per int8 absmax
+
+// The 16 NormalFloat values of the QLoRA paper (Dettmers et al. 2023, appendix E), the float32
+// constants of bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1], with
+// an exact zero. Code k (0..15) stands for kNf4Code[k] * absmax.
+inline constexpr float kNf4Code[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
 
 }  // namespace tf
