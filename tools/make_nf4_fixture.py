@@ -80,7 +80,8 @@ def cases():
 
 
 def blockwise_nearest(a, code, blocksize):
-    """bitsandbytes' quantize_blockwise as its torch backend (backends/default/ops.py) does it."""
+    """Blockwise quantization of `a` to the nearest value of `code`: scale each block by its absmax,
+    then bucket by the midpoints between code values (what bitsandbytes' CUDA kernel computes)."""
     n = a.numel()
     rem = n % blocksize
     full = n - rem
