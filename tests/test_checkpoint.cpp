@@ -195,6 +195,18 @@ TEST(Checkpoint, CrashMidSaveLeavesThePreviousOneUsable) {
 
   save_checkpoint(run.str(), later, trainer_at(40), meta(), 1);
   EXPECT_EQ(entries(), std::set<std::string>{"step-40"});
+
+  // A crash while rotation removes an old checkpoint (a kill -9 in the middle of remove_all): what
+  // is left is no step-N, so nothing half-deleted is ever listed, and the next save removes it.
+  {
+    CrashAt crash("retired");
+    EXPECT_THROW(save_checkpoint(run.str(), later, trainer_at(50), meta(), 1), std::runtime_error);
+  }
+  expect_resumes_from(50, later, "retired");
+  EXPECT_EQ(list_checkpoints(run.str()).size(), 1u);
+  EXPECT_EQ(entries().size(), 2u) << "the checkpoint being removed is kept under a temporary name";
+  save_checkpoint(run.str(), later, trainer_at(60), meta(), 1);
+  EXPECT_EQ(entries(), std::set<std::string>{"step-60"});
 }
 
 TEST(Checkpoint, DamagedCheckpointsAreNeverPicked) {

@@ -174,6 +174,18 @@ void remove_dir(const fs::path& p) {
   TF_CHECK(!ec, p.string(), ": cannot remove: ", ec.message());
 }
 
+// Removes one of the run's checkpoints. It is first renamed to a save temporary's name, so that a
+// crash in the middle of the removal leaves a directory the next save recognises and removes,
+// never a half-deleted step-N that no longer reads as the run's own and so would stay forever.
+void remove_checkpoint(const fs::path& ckpt) {
+  const fs::path doomed =
+      ckpt.parent_path() / (".tmp-" + ckpt.filename().string() + "-" + std::to_string(::getpid()));
+  TF_CHECK(std::rename(ckpt.c_str(), doomed.c_str()) == 0, ckpt.string(), ": cannot rename to ",
+           doomed.string(), " for removal: ", std::strerror(errno));
+  fault_point("retired");
+  remove_dir(doomed);
+}
+
 }  // namespace
 
 void (*checkpoint_fault_hook)(const char* stage) = nullptr;
@@ -300,11 +312,7 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   int kept = 0;
   for (auto it = all.rbegin(); it != all.rend(); ++it) {
     if (!written_by_run(it->path, it->step, meta.config_hash)) continue;
-    if (it->step > trainer.step) {
-      remove_dir(it->path);
-    } else if (++kept > keep) {
-      remove_dir(it->path);
-    }
+    if (it->step > trainer.step || ++kept > keep) remove_checkpoint(it->path);
   }
   io::fsync_dir(ckpt_root.string());
   return final_dir.string();

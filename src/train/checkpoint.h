@@ -70,9 +70,10 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
 
 // Fault injection for tests. When set, save_checkpoint calls it with the name of each point between
 // its steps where a crash would leave a distinct state on disk ("tensors written", "state written",
-// "committed"); a test throws from it to leave the run directory as that crash would (a throw skips
-// the rest of the save just as a crash does: nothing is cleaned up on the way out). Null outside
-// tests, where it costs one untaken branch per point of a save.
+// "committed", and "retired" when an old checkpoint has been renamed for removal); a test throws from it to
+// leave the run directory as that crash would (a throw skips the rest of the save just as a crash does:
+// nothing is cleaned up on the way out). Null outside tests, where it costs one untaken branch per point of a
+// save.
 extern void (*checkpoint_fault_hook)(const char* stage);
 
 struct LoadedCheckpoint {
