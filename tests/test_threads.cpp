@@ -263,6 +263,9 @@ TEST(OrderedSum, AddsFixedChunksInOrderForAnyThreadCount) {
   }
   EXPECT_EQ(ordered_sum(0, [](int64_t) { return 1.0; }), 0.0);
   EXPECT_EQ(ordered_sum(3, [](int64_t i) { return double(i); }), 3.0);
+  // Past kOrderedSumMaxChunks chunks of the usual size, chunks grow: every term is still counted once.
+  const int64_t big = kOrderedSumChunk * kOrderedSumMaxChunks + 5;
+  EXPECT_EQ(ordered_sum(big, [](int64_t) { return 1.0; }), double(big));
 }
 
 // One 64-row chunk of logits, [64, 257] from dim 15: GEMMs this small OpenBLAS runs on the calling
