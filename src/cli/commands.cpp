@@ -264,28 +264,35 @@ namespace {
 // what merging and rounding the merged weights cost.
 std::string probe_merged(const std::string& base_path, const std::string& run, const std::string& merged) {
   constexpr int kSeqs = 2, kLen = 16;
+  // One model at a time: base + adapter first, then the merged one, so the probe never holds two
+  // copies of the weights.
+  const auto logits_of = [&](Session s, int64_t range) {
+    const int64_t vocab = s.model->config().vocab;
+    std::vector<int32_t> ids(kLen), pos(kLen);
+    std::vector<float> out(size_t(kSeqs * kLen * vocab));
+    for (int q = 0; q < kSeqs; ++q) {
+      for (int t = 0; t < kLen; ++t) {
+        ids[size_t(t)] = int32_t((uint64_t(q * kLen + t) * 2654435761u + 12345u) % uint64_t(range));
+        pos[size_t(t)] = t;
+      }
+      s.model->forward_logits(Batch{1, kLen, ids.data(), nullptr, pos.data(), nullptr},
+                              out.data() + size_t(q * kLen * vocab));
+    }
+    return out;
+  };
   Session want = open_session(base_path, inert_lora(), kLen, no_checkpointing, run);
-  Session got = open_session(merged, inert_lora(), kLen, no_checkpointing);
   const int64_t vocab = want.model->config().vocab;
   const int64_t range =
       want.loaded.tokenizer ? std::min(int64_t(want.loaded.tokenizer->vocab_size()), vocab) : vocab;
-  std::vector<int32_t> ids(kLen), pos(kLen);
-  std::vector<float> a(size_t(kLen * vocab)), b(a.size());
+  const std::vector<float> a = logits_of(std::move(want), range);
+  const std::vector<float> b = logits_of(open_session(merged, inert_lora(), kLen, no_checkpointing), range);
+  TF_CHECK(a.size() == b.size(), merged, ": the merged model's vocabulary differs from the base's");
   double max_diff = 0, diff2 = 0, ref2 = 0;
-  for (int s = 0; s < kSeqs; ++s) {
-    for (int t = 0; t < kLen; ++t) {
-      ids[size_t(t)] = int32_t((uint64_t(s * kLen + t) * 2654435761u + 12345u) % uint64_t(range));
-      pos[size_t(t)] = t;
-    }
-    const Batch batch{1, kLen, ids.data(), nullptr, pos.data(), nullptr};
-    want.model->forward_logits(batch, a.data());
-    got.model->forward_logits(batch, b.data());
-    for (size_t i = 0; i < a.size(); ++i) {
-      const double d = double(b[i]) - double(a[i]);
-      max_diff = std::max(max_diff, std::fabs(d));
-      diff2 += d * d;
-      ref2 += double(a[i]) * double(a[i]);
-    }
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = double(b[i]) - double(a[i]);
+    max_diff = std::max(max_diff, std::fabs(d));
+    diff2 += d * d;
+    ref2 += double(a[i]) * double(a[i]);
   }
   char line[160];
   std::snprintf(
