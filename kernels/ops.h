@@ -6,8 +6,10 @@
 //
 // Conventions shared by all ops:
 // - Activations and gradients are f32, row-major, contiguous unless a leading dimension is given.
-// - Frozen base weights come as a WeightRef: f32, bf16 or f16 elements, row-major [rows, cols]
-//   (nn.Linear layout: [out_features, in_features]).
+// - Frozen base weights come as a WeightRef, row-major [rows, cols] (nn.Linear layout:
+//   [out_features, in_features]), in any storage dtype; the ops that read a quantized one
+//   (linear_*, embedding_forward, lm_head_cross_entropy, dequantize_weight_tile) dequantize a
+//   bounded tile at a time and never form a full-precision copy of the matrix.
 // - Token-major layouts: a batch of sequences is n_tokens = batch * seq rows; attention tensors
 //   are [n_tokens, heads, head_dim].
 // - Backward ops ACCUMULATE into their gradient outputs (+=) unless documented otherwise, so the
@@ -20,12 +22,30 @@
 
 namespace tf {
 
-// A read-only matrix of base weights in one of the storage dtypes.
+// The per-block scales of an NF4 or INT8 weight, whose codes are in WeightRef::data. Block b
+// covers elements [64 b, 64 b + 64) of the flattened [rows * cols] tensor (the last may be
+// partial), so a block may straddle two rows, as in bitsandbytes.
+struct QuantScales {
+  // One per block: f32 absmax, or (NF4 with double quantization, when `nested` is set) uint8 codes
+  // of the signed dynamic map: absmax[b] = dynamic_map[absmax[b]] * nested[b / 256] + offset.
+  const void* absmax = nullptr;
+  const float* nested = nullptr;
+  float offset = 0.0f;
+};
+
+// A read-only matrix of frozen base weights, row-major [rows, cols] in any storage dtype: f32,
+// bf16 or f16 elements, or a quantized dtype (ggml blocks along each row, cols a multiple of the
+// block; NF4 / INT8 codes with `scales`).
 struct WeightRef {
+  WeightRef() = default;
+  WeightRef(const void* data_, DType dtype_, int64_t rows_, int64_t cols_, QuantScales scales_ = {})
+      : data(data_), dtype(dtype_), rows(rows_), cols(cols_), scales(scales_) {}
+
   const void* data = nullptr;
   DType dtype = DType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
+  QuantScales scales;
 };
 
 // One operand of a matmul: op(X) is X or X^T, where X is stored row-major with leading dimension

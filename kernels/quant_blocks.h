@@ -1,6 +1,7 @@
 // defines: tf::GgmlType (ggml tensor type ids), tf::ggml_type_info, the quantized block layouts
 //          BlockQ8_0, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ2_K, BlockQ3_K, BlockQ4_K,
-//          BlockQ5_K, BlockQ6_K (ggml's formats); the NF4 / int8 block sizes and kNf4Code
+//          BlockQ5_K, BlockQ6_K (ggml's formats), dtype_of_ggml / ggml_of_dtype; the NF4 / int8 block
+//          sizes and kNf4Code
 //
 // One definition for host and device code: plain structs of fixed-size arrays, half-precision
 // scales kept as their uint16_t bit patterns (no host/device half type needed), sizes asserted so
@@ -8,6 +9,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+
+#include "src/core/dtype.h"
 
 // Lets the small helpers below be called from CUDA kernels as well as host code.
 #if defined(__CUDACC__)
@@ -152,6 +156,46 @@ static_assert(sizeof(BlockQ3_K) == 110, "Q3_K block is 110 bytes per 256 element
 static_assert(sizeof(BlockQ4_K) == 144, "Q4_K block is 144 bytes per 256 elements");
 static_assert(sizeof(BlockQ5_K) == 176, "Q5_K block is 176 bytes per 256 elements");
 static_assert(sizeof(BlockQ6_K) == 210, "Q6_K block is 210 bytes per 256 elements");
+
+static_assert(sizeof(BlockQ8_0) == dtype_block_bytes(DType::Q8_0) &&
+                  sizeof(BlockQ4_0) == dtype_block_bytes(DType::Q4_0) &&
+                  sizeof(BlockQ4_1) == dtype_block_bytes(DType::Q4_1) &&
+                  sizeof(BlockQ5_0) == dtype_block_bytes(DType::Q5_0) &&
+                  sizeof(BlockQ5_1) == dtype_block_bytes(DType::Q5_1) &&
+                  sizeof(BlockQ2_K) == dtype_block_bytes(DType::Q2_K) &&
+                  sizeof(BlockQ3_K) == dtype_block_bytes(DType::Q3_K) &&
+                  sizeof(BlockQ4_K) == dtype_block_bytes(DType::Q4_K) &&
+                  sizeof(BlockQ5_K) == dtype_block_bytes(DType::Q5_K) &&
+                  sizeof(BlockQ6_K) == dtype_block_bytes(DType::Q6_K),
+              "tf::DType's block sizes are the block structs' sizes");
+
+// The tf::DType that computes with a ggml type's data as it is stored; nullopt for the types
+// tightfit cannot use (IQ*, TQ*, MXFP4, Q8_1, Q8_K, integer and f64 tensors).
+constexpr std::optional<DType> dtype_of_ggml(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: return DType::F32;
+    case GgmlType::F16: return DType::F16;
+    case GgmlType::BF16: return DType::BF16;
+    case GgmlType::Q4_0: return DType::Q4_0;
+    case GgmlType::Q4_1: return DType::Q4_1;
+    case GgmlType::Q5_0: return DType::Q5_0;
+    case GgmlType::Q5_1: return DType::Q5_1;
+    case GgmlType::Q8_0: return DType::Q8_0;
+    case GgmlType::Q2_K: return DType::Q2_K;
+    case GgmlType::Q3_K: return DType::Q3_K;
+    case GgmlType::Q4_K: return DType::Q4_K;
+    case GgmlType::Q5_K: return DType::Q5_K;
+    case GgmlType::Q6_K: return DType::Q6_K;
+    default: return std::nullopt;
+  }
+}
+
+// The ggml type storing a DType's data the same way; nullopt for I32, NF4 and INT8.
+constexpr std::optional<GgmlType> ggml_of_dtype(DType t) {
+  for (uint32_t id = 0; id <= uint32_t(GgmlType::MXFP4); ++id)
+    if (dtype_of_ggml(GgmlType(id)) == t) return GgmlType(id);
+  return std::nullopt;
+}
 
 // Storage geometry of a type: a row of n elements (n a multiple of block_elems) takes
 // n / block_elems * block_bytes bytes. `supported` marks the types tightfit can dequantize; the

@@ -33,7 +33,7 @@ void with_weight(const WeightRef& w, int64_t dim, Fn&& fn) {
       const uint16_t* p = static_cast<const uint16_t*>(w.data);
       return fn([p](int64_t i) { return f16_to_f32(p[i]); });
     }
-    case DType::I32: break;
+    default: break;
   }
   TF_FAIL("rmsnorm weight dtype ", dtype_name(w.dtype), " is not a float type (f32, bf16, f16)");
 }

@@ -101,7 +101,7 @@ void to_f32(float* dst, const void* src, DType dtype, int64_t n) {
       for (int64_t i = 0; i < n; ++i) dst[i] = dtype == DType::BF16 ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
       return;
     }
-    case DType::I32: break;
+    default: break;
   }
   TF_FAIL("merge: base weights must be f32, bf16 or f16, not ", dtype_name(dtype));
 }
@@ -116,7 +116,7 @@ void from_f32(void* dst, const float* src, DType dtype, int64_t n) {
       for (int64_t i = 0; i < n; ++i) h[i] = dtype == DType::BF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
       return;
     }
-    case DType::I32: break;
+    default: break;
   }
   TF_FAIL("merge: cannot store weights as ", dtype_name(dtype));
 }

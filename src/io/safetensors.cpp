@@ -253,8 +253,9 @@ StDType to_st_dtype(DType t) {
     case DType::BF16: return StDType::BF16;
     case DType::F16: return StDType::F16;
     case DType::I32: return StDType::I32;
+    default: break;
   }
-  TF_FAIL("dtype ", int(t), " has no safetensors equivalent");
+  TF_FAIL("dtype ", dtype_name(t), " has no safetensors equivalent");
 }
 
 int64_t SafetensorsTensor::numel() const {

@@ -23,7 +23,7 @@ inline float element_f32(const void* data, DType dtype, int64_t i) {
     case DType::F32: return static_cast<const float*>(data)[i];
     case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(data)[i]);
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[i]);
-    case DType::I32: break;
+    default: break;
   }
   TF_FAIL("expected an f32, bf16 or f16 operand, got ", dtype_name(dtype));
 }
@@ -55,7 +55,7 @@ inline void widen_to_f32(float* dst, const void* src, DType dtype, int64_t n) {
       for (; i < n; ++i) dst[i] = f16_to_f32(s[i]);
       return;
     }
-    case DType::I32: break;
+    default: break;
   }
   TF_FAIL("expected an f32, bf16 or f16 operand, got ", dtype_name(dtype));
 }

@@ -16,7 +16,7 @@ inline float weight_element(const WeightRef& w, int64_t i) {
     case DType::F32: return static_cast<const float*>(w.data)[i];
     case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
-    case DType::I32: break;
+    default: break;
   }
   TF_FAIL("weight dtype ", dtype_name(w.dtype), " is not a float type (f32, bf16, f16)");
 }
