@@ -1,0 +1,48 @@
+// defines: tf::cpu::use_avx512 (whether the AVX-512 kernels of the quantized weight ops run),
+//          tf::cpu::ScopedPortableKernels (forces their portable versions, for tests and comparisons),
+//          TF_HAVE_AVX512_KERNELS (set where those kernels are compiled at all)
+//
+// The AVX-512 kernels are compiled with function-level target options, whatever the build's -march,
+// and chosen when the running CPU has the features: one binary runs on any x86-64 and uses the wide
+// path where there is one.
+#pragma once
+
+#include <atomic>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TF_HAVE_AVX512_KERNELS 1
+#endif
+
+namespace tf::cpu {
+
+namespace detail {
+inline std::atomic<int> g_portable_forced{0};
+}  // namespace detail
+
+// AVX-512 F, BW, VL and DQ (and the F16C / FMA every such CPU has) on this CPU.
+inline bool cpu_has_avx512() {
+#if defined(TF_HAVE_AVX512_KERNELS)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline bool use_avx512() {
+  return cpu_has_avx512() && detail::g_portable_forced.load(std::memory_order_relaxed) == 0;
+}
+
+// While one is alive, the kernels that have an AVX-512 version run their portable one instead, so that a
+// test on an AVX-512 machine covers both.
+class ScopedPortableKernels {
+ public:
+  ScopedPortableKernels() { detail::g_portable_forced.fetch_add(1); }
+  ~ScopedPortableKernels() { detail::g_portable_forced.fetch_sub(1); }
+  ScopedPortableKernels(const ScopedPortableKernels&) = delete;
+  ScopedPortableKernels& operator=(const ScopedPortableKernels&) = delete;
+};
+
+}  // namespace tf::cpu
