@@ -1,10 +1,16 @@
-// defines: tf::cpu::lm_head_cross_entropy (chunks of rows: logits via tf::cpu::matmul, stable
-// log-softmax, d_h through a second matmul; the [n_tokens, vocab] logits never exist)
+// defines: tf::cpu::lm_head_cross_entropy (the [n_tokens, vocab] logits never exist: for an f32 /
+// bf16 / f16 W, chunks of rows with logits via tf::cpu::matmul, stable log-softmax and d_h through
+// a second matmul; for a quantized W, tiles of the vocabulary dequantized once per call each, with
+// an online softmax over them)
 #include "kernels/cpu/ref/cross_entropy.h"
+
+#include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
+#include "kernels/cpu/ref/linear.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
 
@@ -14,13 +20,11 @@ namespace {
 // for a 128k vocabulary); 64 rows keep both GEMMs of a chunk efficient, and the widening of a
 // bf16 W, paid twice per chunk, costs about one element per 128 multiply-adds.
 constexpr int64_t kChunkRows = 64;
-}  // namespace
 
-double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
-                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
+double dense_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W, const int32_t* targets,
+                           int64_t n_tokens, float grad_scale) {
   const int64_t vocab = W.rows;
   const int64_t dim = W.cols;
-  ref::check_targets(targets, n_tokens, vocab);
   const int64_t chunk = std::min(n_tokens, kChunkRows);
   // Kept per calling thread across calls: the training step runs this once per micro-batch.
   thread_local Buffer logits_buffer;
@@ -72,6 +76,123 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
   }
   *n_valid = count;
   return loss;
+}
+
+// A dequantized vocabulary tile holds at most this many f32 (4 MiB, inside the last-level cache),
+// and at most kMaxVocabTileRows rows, which bounds the logits of a token chunk against it.
+constexpr int64_t kVocabTileElems = int64_t(1) << 20;
+constexpr int64_t kMaxVocabTileRows = 4096;
+// Token rows whose logits against one tile are formed at once: [256, <= 4096] f32 is at most 4 MiB,
+// and both GEMMs of a chunk stay efficient.
+constexpr int64_t kTokenRows = 256;
+// A quantized W is dequantized once per call, a vocabulary tile at a time (redoing it per chunk of
+// rows, as the dense path widens, would cost a dequantization per 128 multiply-adds). Each row
+// keeps a running max m and sum s = sum exp(z - m) over the tiles seen, rescaled when m grows (an
+// online softmax), and, for d_h, the unnormalised acc = sum_v exp(z_v - m) W[v] the same way:
+// d(loss)/dh = acc / s - W[target] once the last tile is in. Every row's state is updated by one
+// thread in tile order and the row losses are added in row order, so, as in the dense path, the
+// result is the same for any thread count, given the logits.
+double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
+                               const int32_t* targets, int64_t n_tokens, float grad_scale) {
+  const int64_t vocab = W.rows;
+  const int64_t dim = W.cols;
+  ref::check_linear("lm_head_cross_entropy", h, h, W, n_tokens, true);
+  const int64_t count =
+      std::count_if(targets, targets + n_tokens, [](int32_t x) { return x != kIgnoreIndex; });
+  *n_valid = count;
+  if (count == 0) return 0.0;
+  TF_CHECK(dim > 0, "lm_head_cross_entropy: the ", vocab, " x 0 ", dtype_name(W.dtype),
+           " weight has no columns");
+  const int64_t tile_rows = std::min({vocab, kMaxVocabTileRows, std::max<int64_t>(1, kVocabTileElems / dim)});
+  const int64_t chunk = std::min(n_tokens, kTokenRows);
+  // Kept per calling thread across calls, like the dense path's logits.
+  thread_local Buffer tile_buffer, logits_buffer, acc_buffer, max_buffer, sum_buffer, target_buffer;
+  auto* tile = static_cast<float*>(grow_scratch(tile_buffer, size_t(tile_rows * dim) * sizeof(float)));
+  auto* logits = static_cast<float*>(grow_scratch(logits_buffer, size_t(chunk * tile_rows) * sizeof(float)));
+  auto* run_max = static_cast<float*>(grow_scratch(max_buffer, size_t(n_tokens) * sizeof(float)));
+  auto* run_sum = static_cast<double*>(grow_scratch(sum_buffer, size_t(n_tokens) * sizeof(double)));
+  auto* target_logit = static_cast<float*>(grow_scratch(target_buffer, size_t(n_tokens) * sizeof(float)));
+  float* acc =
+      d_h ? static_cast<float*>(grow_scratch(acc_buffer, size_t(n_tokens * dim) * sizeof(float))) : nullptr;
+  std::fill(run_max, run_max + n_tokens, -std::numeric_limits<float>::infinity());
+  std::fill(run_sum, run_sum + n_tokens, 0.0);
+  if (acc) std::fill(acc, acc + n_tokens * dim, 0.0f);
+  for (int64_t v0 = 0; v0 < vocab; v0 += tile_rows) {
+    const int64_t vn = std::min(tile_rows, vocab - v0);
+    dequantize_weight_tile(tile, dim, W, v0, vn, 0, dim);
+    for (int64_t r0 = 0; r0 < n_tokens; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n_tokens - r0);
+      const int32_t* t = targets + r0;
+      if (std::all_of(t, t + rows, [](int32_t x) { return x == kIgnoreIndex; })) continue;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(vn), int(dim), 1.0f, h + r0 * dim,
+                  int(dim), tile, int(dim), 0.0f, logits, int(vn));
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < rows; ++i) {
+        float* row = logits + i * vn;
+        if (t[i] == kIgnoreIndex) {
+          // A zero row of probabilities makes the acc GEMM add nothing for this row.
+          if (acc) std::fill(row, row + vn, 0.0f);
+          continue;
+        }
+        const int64_t g = r0 + i;
+        const int64_t local = int64_t(t[i]) - v0;
+        const bool has_target = local >= 0 && local < vn;
+        if (has_target) target_logit[g] = row[local];
+        const float mx = *std::max_element(row, row + vn);
+        if (mx > run_max[g]) {
+          // exp(-inf) = 0 on the first tile, where s and acc are still zero.
+          const double rescale = std::exp(double(run_max[g]) - double(mx));
+          run_sum[g] *= rescale;
+          if (acc) {
+            float* a = acc + g * dim;
+            for (int64_t d = 0; d < dim; ++d) a[d] *= float(rescale);
+          }
+          run_max[g] = mx;
+        }
+        const float m = run_max[g];
+        double sum = 0;
+        for (int64_t v = 0; v < vn; ++v) {
+          row[v] = std::exp(row[v] - m);
+          sum += row[v];
+        }
+        run_sum[g] += sum;
+        if (d_h && has_target) {
+          const float* w_target = tile + local * dim;
+          float* dh = d_h + g * dim;
+          for (int64_t d = 0; d < dim; ++d) dh[d] -= grad_scale * w_target[d];
+        }
+      }
+      if (acc)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(dim), int(vn), 1.0f, logits,
+                    int(vn), tile, int(dim), 1.0f, acc + r0 * dim, int(dim));
+    }
+  }
+  double loss = 0;
+  for (int64_t g = 0; g < n_tokens; ++g) {
+    if (targets[g] == kIgnoreIndex) continue;
+    loss += double(run_max[g]) + std::log(run_sum[g]) - double(target_logit[g]);
+  }
+  if (d_h) {
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < n_tokens; ++g) {
+      if (targets[g] == kIgnoreIndex) continue;
+      const float scale = float(double(grad_scale) / run_sum[g]);
+      const float* a = acc + g * dim;
+      float* dh = d_h + g * dim;
+      for (int64_t d = 0; d < dim; ++d) dh[d] += scale * a[d];
+    }
+  }
+  return loss;
+}
+
+}  // namespace
+
+double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
+                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
+  ref::check_targets(targets, n_tokens, W.rows);
+  if (is_quantized(W.dtype))
+    return quantized_cross_entropy(d_h, n_valid, h, W, targets, n_tokens, grad_scale);
+  return dense_cross_entropy(d_h, n_valid, h, W, targets, n_tokens, grad_scale);
 }
 
 }  // namespace tf::cpu
