@@ -2,8 +2,11 @@
 //          same bits as tf::ref::dequantize_weight_tile)
 #include <omp.h>
 
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cpu/avx512_blocks.h"
 #include "kernels/cpu/dequant.h"
-#include "kernels/cpu/ref/quantize.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
 #include "src/core/parallel.h"
@@ -31,23 +34,13 @@ void check_tile(const WeightRef& W, int64_t ld_dst, int64_t r0, int64_t n_rows, 
   }
 }
 
-// The absmax of NF4 / INT8 block b. With double quantization the product is rounded on its own
-// before the offset is added, as bitsandbytes does in two tensor operations; the volatile keeps a
-// compiler from fusing the two into one FMA with a single rounding.
-float block_absmax(const QuantScales& s, int64_t b) {
-  if (!s.nested) return static_cast<const float*>(s.absmax)[b];
-  const uint8_t code = static_cast<const uint8_t*>(s.absmax)[b];
-  const volatile float scaled = ref::dynamic_map()[code] * s.nested[b / kNf4NestedBlock];
-  return scaled + s.offset;
-}
-
 // Elements [i0, i0 + n) of the flattened NF4 / INT8 tensor, one scale block at a time.
 void portable_flat(float* dst, const WeightRef& W, int64_t i0, int64_t n) {
   const int64_t block = dtype_block_elems(W.dtype);
   for (int64_t i = i0; i < i0 + n;) {
     const int64_t b = i / block;
     const int64_t end = std::min(i0 + n, (b + 1) * block);
-    const float absmax = block_absmax(W.scales, b);
+    const float absmax = flat_block_absmax(W.scales, b);
     if (W.dtype == DType::NF4) {
       const auto* codes = static_cast<const uint8_t*>(W.data);
       for (; i < end; ++i) {
@@ -75,14 +68,104 @@ void portable_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t
   ref::dequantize_rows(type, src + dtype_bytes(W.dtype, r * W.cols) + dtype_bytes(W.dtype, c0), n_cols, dst);
 }
 
+#if defined(TF_HAVE_AVX512_KERNELS)
+TF_AVX512_BEGIN
+
+struct StoreSink {
+  float* dst;
+  void operator()(int j, __m512 v) const { _mm512_storeu_ps(dst + 16 * j, v); }
+  void operator()(int64_t o, __m512 v, __mmask16 mask) const { _mm512_mask_storeu_ps(dst + o, mask, v); }
+};
+
+template <DType D>
+void avx512_blocks(float* dst, const uint8_t* src, int64_t n) {
+  constexpr int64_t kElems = dtype_block_elems(D), kBytes = dtype_block_bytes(D);
+  for (int64_t b = 0; b < n / kElems; ++b) {
+    StoreSink sink{dst + b * kElems};
+    avx512::decode_block<D>(src + b * kBytes, sink);
+  }
+}
+
+void avx512_flat(float* dst, const WeightRef& W, int64_t i0, int64_t n) {
+  const int64_t block = dtype_block_elems(W.dtype);
+  for (int64_t i = i0; i < i0 + n;) {
+    const int64_t b = i / block;
+    const int64_t end = std::min(i0 + n, (b + 1) * block);
+    const StoreSink sink{dst + (i - i0)};
+    if (W.dtype == DType::NF4)
+      avx512::nf4_segment(static_cast<const uint8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b),
+                          sink);
+    else
+      avx512::int8_segment(static_cast<const int8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b),
+                           sink);
+    i = end;
+  }
+}
+
+// bf16 is the top half of an f32. F16C's conversion quiets a signalling NaN that the reference keeps,
+// so a run of 16 holding a NaN goes through the reference's conversion.
+void avx512_elements(float* dst, const void* src, DType dtype, int64_t n) {
+  if (dtype == DType::F32) {
+    std::memcpy(dst, src, size_t(n) * sizeof(float));
+    return;
+  }
+  const auto* h = static_cast<const uint16_t*>(src);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 mask = __mmask16((1u << (n - c < 16 ? n - c : 16)) - 1);
+    const __m256i bits = _mm256_maskz_loadu_epi16(mask, h + c);
+    if (dtype == DType::BF16) {
+      _mm512_mask_storeu_ps(dst + c, mask,
+                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+      continue;
+    }
+    const __m512 v = _mm512_cvtph_ps(bits);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) == 0) {
+      _mm512_mask_storeu_ps(dst + c, mask, v);
+    } else {
+      for (int64_t k = c; k < std::min(n, c + 16); ++k) dst[k] = f16_to_f32(h[k]);
+    }
+  }
+}
+
+void avx512_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n_cols) {
+  if (W.dtype == DType::NF4 || W.dtype == DType::INT8) return avx512_flat(dst, W, r * W.cols + c0, n_cols);
+  const auto* src =
+      static_cast<const uint8_t*>(W.data) + dtype_bytes(W.dtype, r * W.cols) + dtype_bytes(W.dtype, c0);
+  switch (W.dtype) {
+    case DType::Q4_0: return avx512_blocks<DType::Q4_0>(dst, src, n_cols);
+    case DType::Q4_1: return avx512_blocks<DType::Q4_1>(dst, src, n_cols);
+    case DType::Q5_0: return avx512_blocks<DType::Q5_0>(dst, src, n_cols);
+    case DType::Q5_1: return avx512_blocks<DType::Q5_1>(dst, src, n_cols);
+    case DType::Q8_0: return avx512_blocks<DType::Q8_0>(dst, src, n_cols);
+    case DType::Q2_K: return avx512_blocks<DType::Q2_K>(dst, src, n_cols);
+    case DType::Q3_K: return avx512_blocks<DType::Q3_K>(dst, src, n_cols);
+    case DType::Q4_K: return avx512_blocks<DType::Q4_K>(dst, src, n_cols);
+    case DType::Q5_K: return avx512_blocks<DType::Q5_K>(dst, src, n_cols);
+    case DType::Q6_K: return avx512_blocks<DType::Q6_K>(dst, src, n_cols);
+    default: return avx512_elements(dst, src, W.dtype, n_cols);
+  }
+}
+
+TF_AVX512_END
+#endif  // TF_HAVE_AVX512_KERNELS
+
 }  // namespace
 
 void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows, int64_t c0,
                             int64_t n_cols) {
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
+  [[maybe_unused]] const bool wide = use_avx512();
   // Callers that already split their rows over threads call this inside their parallel region.
 #pragma omp parallel for schedule(static) if (n_rows * n_cols >= kMinParallelElems && !omp_in_parallel())
-  for (int64_t r = 0; r < n_rows; ++r) portable_row(dst + r * ld_dst, W, r0 + r, c0, n_cols);
+  for (int64_t r = 0; r < n_rows; ++r) {
+#if defined(TF_HAVE_AVX512_KERNELS)
+    if (wide) {
+      avx512_row(dst + r * ld_dst, W, r0 + r, c0, n_cols);
+      continue;
+    }
+#endif
+    portable_row(dst + r * ld_dst, W, r0 + r, c0, n_cols);
+  }
 }
 
 }  // namespace tf::cpu
