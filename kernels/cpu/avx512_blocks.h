@@ -272,14 +272,31 @@ inline void decode_block(const uint8_t* b, Sink& sink) {
   if constexpr (D == DType::Q6_K) block_q6_k(b, sink);
 }
 
+// Sixteen NF4 codes from the 8 bytes at `bytes` (element 2j is the high nibble of byte j, 2j + 1
+// the low one) times absmax; bytes past `byte_mask` read as zero.
+inline __m512 nf4_16(const uint8_t* bytes, __mmask16 byte_mask, __m512 table, __m512 absmax) {
+  const __m128i b = _mm_maskz_loadu_epi8(byte_mask, bytes);
+  const __m128i nibbles = _mm_unpacklo_epi8(high_nibbles(b), low_nibbles(b));
+  return _mm512_mul_ps(_mm512_permutexvar_ps(widen_u8(nibbles), table), absmax);
+}
+
+inline __m512 int8_16(const int8_t* codes, __mmask16 mask, __m512 scale) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, codes))), scale);
+}
+
 // NF4 / INT8: elements [i, i + n) of the flattened codes, all inside one scale block whose absmax
-// (already resolved through any double quantization) is given. Calls sink(o, v, mask) for output
-// offsets o = 0, ... ascending, where the lanes in `mask` of v are elements i + o ...; the other
-// lanes are unspecified and past the segment. Never reads a code byte outside the segment.
+// (already resolved through any double quantization) is given. A whole block starting on a byte
+// goes to sink(j, v) as a ggml block does; any other segment to sink(o, v, mask) for ascending
+// output offsets o, where the lanes in `mask` of v are elements i + o, ... and the others are
+// unspecified. Never reads a code byte outside the segment.
 template <class Sink>
 inline void nf4_segment(const uint8_t* codes, int64_t i, int64_t n, float absmax, Sink& sink) {
   const __m512 table = _mm512_loadu_ps(kNf4Code);
   const __m512 scale = _mm512_set1_ps(absmax);
+  if (n == kNf4Block && i % 2 == 0) {
+    for (int j = 0; j < kNf4Block / 16; ++j) sink(j, nf4_16(codes + i / 2 + 8 * j, 0xFF, table, scale));
+    return;
+  }
   int64_t o = 0;
   if (i % 2 == 1 && n > 0) {  // starts on the low nibble of a byte
     sink(o, _mm512_set1_ps(kNf4Code[codes[i / 2] & 0x0F] * absmax), __mmask16(1));
@@ -287,21 +304,21 @@ inline void nf4_segment(const uint8_t* codes, int64_t i, int64_t n, float absmax
   }
   for (; o < n; o += 16) {
     const int64_t left = n - o < 16 ? n - o : 16;
-    const __m128i bytes = _mm_maskz_loadu_epi8(__mmask16((1u << ((left + 1) / 2)) - 1), codes + (i + o) / 2);
-    // Element 2j is the high nibble of byte j and 2j + 1 the low one.
-    const __m128i nibbles = _mm_unpacklo_epi8(high_nibbles(bytes), low_nibbles(bytes));
-    const __m512 v = _mm512_permutexvar_ps(widen_u8(nibbles), table);
-    sink(o, _mm512_mul_ps(v, scale), __mmask16((1u << left) - 1));
+    const __mmask16 byte_mask = __mmask16((1u << ((left + 1) / 2)) - 1);
+    sink(o, nf4_16(codes + (i + o) / 2, byte_mask, table, scale), __mmask16((1u << left) - 1));
   }
 }
 
 template <class Sink>
 inline void int8_segment(const int8_t* codes, int64_t i, int64_t n, float absmax, Sink& sink) {
   const __m512 scale = _mm512_set1_ps(absmax / 127.0f);
+  if (n == kInt8Block) {
+    for (int j = 0; j < kInt8Block / 16; ++j) sink(j, int8_16(codes + i + 16 * j, 0xFFFF, scale));
+    return;
+  }
   for (int64_t o = 0; o < n; o += 16) {
     const __mmask16 mask = __mmask16((1u << (n - o < 16 ? n - o : 16)) - 1);
-    const __m128i q = _mm_maskz_loadu_epi8(mask, codes + i + o);
-    sink(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scale), mask);
+    sink(o, int8_16(codes + i + o, mask, scale), mask);
   }
 }
 

@@ -64,11 +64,10 @@ struct DotSink {
     for (int t = 0; t < T; ++t)
       acc[t][j & 1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + 16 * j), acc[t][j & 1]);
   }
+  // A partial NF4 / INT8 segment; rare, so one accumulator (a constant index keeps acc in registers).
   void operator()(int64_t o, __m512 w, __mmask16 mask) {
-    for (int t = 0; t < T; ++t) {
-      __m512& a = acc[t][(o >> 4) & 1];
-      a = _mm512_mask3_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + t * ldx + o), a, mask);
-    }
+    for (int t = 0; t < T; ++t)
+      acc[t][0] = _mm512_mask3_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + t * ldx + o), acc[t][0], mask);
   }
 };
 
