@@ -14,10 +14,20 @@ constexpr int64_t kBackwardColumnBlock = 64;
 }  // namespace
 
 void embedding_forward(float* out, const int32_t* tokens, int64_t n_tokens, WeightRef table) {
-  TF_CHECK(table.dtype == DType::F32 || table.dtype == DType::BF16 || table.dtype == DType::F16,
-           "embedding_forward: table dtype ", dtype_name(table.dtype), " is not f32, bf16 or f16");
+  TF_CHECK(table.dtype != DType::I32, "embedding_forward: table dtype ", dtype_name(table.dtype),
+           " is not f32, bf16, f16 or a quantized type");
   ref::check_tokens("embedding_forward", tokens, n_tokens, table.rows);
   const int64_t dim = table.cols;
+  if (is_quantized(table.dtype)) {
+    // Nothing may throw inside the parallel loop: the table's geometry and scales are checked by
+    // dequantizing the first row here.
+    if (n_tokens == 0) return;
+    dequantize_weight_tile(out, dim, table, tokens[0], 1, 0, dim);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 1; n < n_tokens; ++n)
+      dequantize_weight_tile(out + n * dim, dim, table, tokens[n], 1, 0, dim);
+    return;
+  }
   const char* base = static_cast<const char*>(table.data);
   const int64_t row_bytes = dim * int64_t(dtype_size(table.dtype));
 #pragma omp parallel for schedule(static)
