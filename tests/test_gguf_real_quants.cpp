@@ -1,0 +1,108 @@
+// A GGUF file written by llama.cpp's own quantizer decodes in tightfit exactly as gguf-py decodes it:
+// every tensor, as load_model hands it to the model, bit for bit against gguf.quants.dequantize.
+// CI has no such file: tools/make_smollm2_quants.sh makes SmolLM2-135M-Instruct in Q2_K ... Q8_0
+// with llama-quantize, and tools/check_gguf_decode.py writes gguf-py's decoding of a file (every
+// tensor as f32, in the file's tensor order) and runs this test with
+//   TIGHTFIT_GGUF_DECODE_MODEL=FILE.gguf TIGHTFIT_GGUF_DECODE_REFERENCE=DECODED.f32
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "src/io/gguf_model.h"
+#include "src/io/model_loader.h"
+
+namespace tf::io {
+namespace {
+
+WeightSlot slot_of(GgufLlamaRole role) {
+  switch (role) {
+    case GgufLlamaRole::TokenEmbd: return WeightSlot::Embed;
+    case GgufLlamaRole::AttnNorm: return WeightSlot::AttnNorm;
+    case GgufLlamaRole::AttnQ: return WeightSlot::Q;
+    case GgufLlamaRole::AttnK: return WeightSlot::K;
+    case GgufLlamaRole::AttnV: return WeightSlot::V;
+    case GgufLlamaRole::AttnOutput: return WeightSlot::O;
+    case GgufLlamaRole::FfnNorm: return WeightSlot::MlpNorm;
+    case GgufLlamaRole::FfnGate: return WeightSlot::Gate;
+    case GgufLlamaRole::FfnUp: return WeightSlot::Up;
+    case GgufLlamaRole::FfnDown: return WeightSlot::Down;
+    case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
+    case GgufLlamaRole::Output: return WeightSlot::LmHead;
+  }
+  ADD_FAILURE() << "unknown GGUF role " << int(role);
+  return WeightSlot::Embed;
+}
+
+struct TypeTally {
+  int tensors = 0;
+  int64_t values = 0, differing = 0;
+  double max_diff = 0;
+};
+
+TEST(GgufRealQuants, EveryTensorDecodesLikeGgufPy) {
+  const char* model = std::getenv("TIGHTFIT_GGUF_DECODE_MODEL");
+  const char* reference = std::getenv("TIGHTFIT_GGUF_DECODE_REFERENCE");
+  if (!model || !*model || !reference || !*reference)
+    GTEST_SKIP()
+        << "TIGHTFIT_GGUF_DECODE_MODEL and TIGHTFIT_GGUF_DECODE_REFERENCE are not set (a GGUF file "
+           "written by llama.cpp and gguf-py's decoding of it): make the files with "
+           "tools/make_smollm2_quants.sh, then run tools/check_gguf_decode.py FILE.gguf, which sets both";
+
+  const LoadedModel m = load_model(model);
+  ASSERT_TRUE(m.gguf);
+  std::ifstream want_in(reference, std::ios::binary);
+  ASSERT_TRUE(want_in) << "cannot open " << reference;
+
+  std::map<std::string, TypeTally> by_type;
+  std::vector<float> want, got;
+  for (const GgufTensorInfo& t : m.gguf->tensors()) {
+    SCOPED_TRACE(t.name);
+    const auto id = parse_gguf_llama_tensor_name(t.name);
+    ASSERT_TRUE(id.has_value()) << "not a llama tensor";
+    const WeightRef& w = m.weights.slot(slot_of(id->role), id->layer);
+    ASSERT_EQ(w.rows, t.n_rows());
+    ASSERT_EQ(w.cols, t.row_length());
+    const size_t n = size_t(t.n_elements);
+    want.resize(n);
+    got.resize(n);
+    want_in.read(reinterpret_cast<char*>(want.data()), std::streamsize(n * sizeof(float)));
+    ASSERT_TRUE(want_in) << reference << " ends before this tensor";
+    // Decoded the way the kernels read any weight, whatever dtype load_model kept it in.
+    ref::dequantize_weight_tile(got.data(), w.cols, w, 0, w.rows, 0, w.cols);
+    TypeTally& tally = by_type[ggml_type_info(uint32_t(t.type)).name];
+    int64_t differing = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (std::bit_cast<uint32_t>(got[i]) == std::bit_cast<uint32_t>(want[i])) continue;
+      ++differing;
+      tally.max_diff = std::fmax(tally.max_diff, std::fabs(double(got[i]) - double(want[i])));
+    }
+    EXPECT_EQ(differing, 0) << "of " << n << " values differ from gguf-py's";
+    ++tally.tensors;
+    tally.values += int64_t(n);
+    tally.differing += differing;
+  }
+  EXPECT_EQ(want_in.peek(), std::ifstream::traits_type::eof())
+      << reference << " holds more values than the file's tensors";
+  // Every weight the model computes with came from a tensor checked above.
+  size_t slots = 0;
+  LlamaWeights::for_each_slot(m.weights.config, [&](WeightSlot, int) { ++slots; });
+  EXPECT_EQ(slots, m.gguf->tensors().size());
+
+  std::printf("%s: %zu tensors\n", model, m.gguf->tensors().size());
+  for (const auto& [type, tally] : by_type)
+    std::printf("  %-5s %4d tensors %11lld values, %lld differ from gguf-py, max |difference| %g\n",
+                type.c_str(), tally.tensors, static_cast<long long>(tally.values),
+                static_cast<long long>(tally.differing), tally.max_diff);
+}
+
+}  // namespace
+}  // namespace tf::io
