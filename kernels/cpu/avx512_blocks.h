@@ -76,6 +76,24 @@ inline __m128i high_nibbles(__m128i b) {
   return _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
 }
 
+// The 4- and 5-bit formats decode through a table of the block's 16 or 32 possible values, built
+// with the reference's arithmetic on 0, 1, 2, ...: one permute per 16 elements instead of a
+// conversion, a multiply and an add. vpermps reads only the low 4 index bits and vpermt2ps the
+// low 5, so a byte's low nibble needs no masking.
+inline __m512 iota16() {
+  return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline __m512 lookup16(__m512 table, __m512i idx) {
+  return _mm512_permutexvar_ps(idx, table);
+}
+inline __m512 lookup32(__m512 lo, __m512 hi, __m512i idx) {
+  return _mm512_permutex2var_ps(lo, idx, hi);
+}
+// The high nibbles of 16 bytes in 32-bit lanes (widen_u8 gives the low ones, as table indices).
+inline __m512i high_nibble_lanes(__m128i b) {
+  return _mm512_srli_epi32(_mm512_cvtepu8_epi32(b), 4);
+}
+
 // Each decoder reads one block at `b` (any alignment) and calls sink(j, v) once for each j in
 // [0, block elements / 16), in a fixed order: v holds elements [16 j, 16 j + 16) of the block.
 
@@ -89,29 +107,31 @@ inline void block_q8_0(const uint8_t* b, Sink& sink) {
 template <class Sink>
 inline void block_q4_0(const uint8_t* b, Sink& sink) {
   const __m512 d = _mm512_set1_ps(f16_scale(b));
+  const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), d);
   const __m128i q = load16(b + 2);
-  const __m512i eight = _mm512_set1_epi32(8);
-  sink(0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(widen_u8(low_nibbles(q)), eight)), d));
-  sink(1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(widen_u8(high_nibbles(q)), eight)), d));
+  sink(0, lookup16(table, widen_u8(q)));
+  sink(1, lookup16(table, high_nibble_lanes(q)));
 }
 
 template <class Sink>
 inline void block_q4_1(const uint8_t* b, Sink& sink) {
   const __m512 d = _mm512_set1_ps(f16_scale(b));
   const __m512 m = _mm512_set1_ps(f16_scale(b + 2));
+  const __m512 table = _mm512_add_ps(_mm512_mul_ps(iota16(), d), m);
   const __m128i q = load16(b + 4);
-  sink(0, _mm512_add_ps(_mm512_mul_ps(u8_to_ps(low_nibbles(q)), d), m));
-  sink(1, _mm512_add_ps(_mm512_mul_ps(u8_to_ps(high_nibbles(q)), d), m));
+  sink(0, lookup16(table, widen_u8(q)));
+  sink(1, lookup16(table, high_nibble_lanes(q)));
 }
 
-// The 5-bit values of a Q5_0 / Q5_1 block (qh then qs at `qh`), elements 0-15 and 16-31.
-inline void q5_values(const uint8_t* qh_bytes, __m512i& lo, __m512i& hi) {
+// The 5-bit values of a Q5_0 / Q5_1 block (qh then qs at `qh`) as table indices, elements 0-15 and
+// 16-31: the nibble, plus 16 where the element's fifth bit is set.
+inline void q5_indices(const uint8_t* qh_bytes, __m512i& lo, __m512i& hi) {
   uint32_t qh;
   std::memcpy(&qh, qh_bytes, 4);
   const __m128i q = load16(qh_bytes + 4);
   const __m512i sixteen = _mm512_set1_epi32(16);
   lo = widen_u8(low_nibbles(q));
-  hi = widen_u8(high_nibbles(q));
+  hi = high_nibble_lanes(q);
   lo = _mm512_mask_add_epi32(lo, __mmask16(qh), lo, sixteen);
   hi = _mm512_mask_add_epi32(hi, __mmask16(qh >> 16), hi, sixteen);
 }
@@ -119,21 +139,24 @@ inline void q5_values(const uint8_t* qh_bytes, __m512i& lo, __m512i& hi) {
 template <class Sink>
 inline void block_q5_0(const uint8_t* b, Sink& sink) {
   const __m512 d = _mm512_set1_ps(f16_scale(b));
+  const __m512 t_lo = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(16.0f)), d);
+  const __m512 t_hi = _mm512_mul_ps(iota16(), d);
   __m512i lo, hi;
-  q5_values(b + 2, lo, hi);
-  const __m512i sixteen = _mm512_set1_epi32(16);
-  sink(0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, sixteen)), d));
-  sink(1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, sixteen)), d));
+  q5_indices(b + 2, lo, hi);
+  sink(0, lookup32(t_lo, t_hi, lo));
+  sink(1, lookup32(t_lo, t_hi, hi));
 }
 
 template <class Sink>
 inline void block_q5_1(const uint8_t* b, Sink& sink) {
   const __m512 d = _mm512_set1_ps(f16_scale(b));
   const __m512 m = _mm512_set1_ps(f16_scale(b + 2));
+  const __m512 t_lo = _mm512_add_ps(_mm512_mul_ps(iota16(), d), m);
+  const __m512 t_hi = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(iota16(), _mm512_set1_ps(16.0f)), d), m);
   __m512i lo, hi;
-  q5_values(b + 4, lo, hi);
-  sink(0, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m));
-  sink(1, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m));
+  q5_indices(b + 4, lo, hi);
+  sink(0, lookup32(t_lo, t_hi, lo));
+  sink(1, lookup32(t_lo, t_hi, hi));
 }
 
 // The 2-bit values of Q2_K / Q3_K: elements 128 h + 32 p + 16 k + i are bits 2p..2p+1 of
@@ -191,12 +214,14 @@ inline void block_q4_k(const uint8_t* b, Sink& sink) {
     uint8_t sc0, mn0, sc1, mn1;
     k_scale_min(scales, s, sc0, mn0);
     k_scale_min(scales, s + 1, sc1, mn1);
-    const __m512 d0 = _mm512_set1_ps(d * float(sc0)), m0 = _mm512_set1_ps(dmin * float(mn0));
-    const __m512 d1 = _mm512_set1_ps(d * float(sc1)), m1 = _mm512_set1_ps(dmin * float(mn1));
+    const __m512 t0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * float(sc0)), iota16()),
+                                    _mm512_set1_ps(dmin * float(mn0)));
+    const __m512 t1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * float(sc1)), iota16()),
+                                    _mm512_set1_ps(dmin * float(mn1)));
     for (int k = 0; k < 2; ++k) {
       const __m128i q = load16(qs + 16 * s + 16 * k);
-      sink(2 * s + k, _mm512_sub_ps(_mm512_mul_ps(d0, u8_to_ps(low_nibbles(q))), m0));
-      sink(2 * s + 2 + k, _mm512_sub_ps(_mm512_mul_ps(d1, u8_to_ps(high_nibbles(q))), m1));
+      sink(2 * s + k, lookup16(t0, widen_u8(q)));
+      sink(2 * s + 2 + k, lookup16(t1, high_nibble_lanes(q)));
     }
   }
 }
@@ -215,16 +240,21 @@ inline void block_q5_k(const uint8_t* b, Sink& sink) {
     k_scale_min(scales, s + 1, sc1, mn1);
     const __m512 d0 = _mm512_set1_ps(d * float(sc0)), m0 = _mm512_set1_ps(dmin * float(mn0));
     const __m512 d1 = _mm512_set1_ps(d * float(sc1)), m1 = _mm512_set1_ps(dmin * float(mn1));
+    const __m512 iota_hi = _mm512_add_ps(iota16(), _mm512_set1_ps(16.0f));
+    const __m512 t0_lo = _mm512_sub_ps(_mm512_mul_ps(d0, iota16()), m0);
+    const __m512 t0_hi = _mm512_sub_ps(_mm512_mul_ps(d0, iota_hi), m0);
+    const __m512 t1_lo = _mm512_sub_ps(_mm512_mul_ps(d1, iota16()), m1);
+    const __m512 t1_hi = _mm512_sub_ps(_mm512_mul_ps(d1, iota_hi), m1);
     // Sub-blocks s and s + 1 take their fifth bits from bits s and s + 1 of qh[l].
     const __m128i bit0 = _mm_set1_epi8(char(1 << s)), bit1 = _mm_set1_epi8(char(2 << s));
     for (int k = 0; k < 2; ++k) {
       const __m128i q = load16(qs + 16 * s + 16 * k);
       const __m128i h = load16(qh + 16 * k);
-      __m512i lo = widen_u8(low_nibbles(q)), hi = widen_u8(high_nibbles(q));
+      __m512i lo = widen_u8(low_nibbles(q)), hi = high_nibble_lanes(q);
       lo = _mm512_mask_add_epi32(lo, _mm_test_epi8_mask(h, bit0), lo, sixteen);
       hi = _mm512_mask_add_epi32(hi, _mm_test_epi8_mask(h, bit1), hi, sixteen);
-      sink(2 * s + k, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(lo)), m0));
-      sink(2 * s + 2 + k, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(hi)), m1));
+      sink(2 * s + k, lookup32(t0_lo, t0_hi, lo));
+      sink(2 * s + 2 + k, lookup32(t1_lo, t1_hi, hi));
     }
   }
 }
@@ -272,12 +302,13 @@ inline void decode_block(const uint8_t* b, Sink& sink) {
   if constexpr (D == DType::Q6_K) block_q6_k(b, sink);
 }
 
-// Sixteen NF4 codes from the 8 bytes at `bytes` (element 2j is the high nibble of byte j, 2j + 1
-// the low one) times absmax; bytes past `byte_mask` read as zero.
-inline __m512 nf4_16(const uint8_t* bytes, __mmask16 byte_mask, __m512 table, __m512 absmax) {
+// Sixteen NF4 values from the 8 bytes at `bytes` (element 2j is the high nibble of byte j, 2j + 1
+// the low one) through `table`, the codebook times the block's absmax; bytes past `byte_mask`
+// read as zero.
+inline __m512 nf4_16(const uint8_t* bytes, __mmask16 byte_mask, __m512 table) {
   const __m128i b = _mm_maskz_loadu_epi8(byte_mask, bytes);
   const __m128i nibbles = _mm_unpacklo_epi8(high_nibbles(b), low_nibbles(b));
-  return _mm512_mul_ps(_mm512_permutexvar_ps(widen_u8(nibbles), table), absmax);
+  return lookup16(table, widen_u8(nibbles));
 }
 
 inline __m512 int8_16(const int8_t* codes, __mmask16 mask, __m512 scale) {
@@ -291,10 +322,9 @@ inline __m512 int8_16(const int8_t* codes, __mmask16 mask, __m512 scale) {
 // unspecified. Never reads a code byte outside the segment.
 template <class Sink>
 inline void nf4_segment(const uint8_t* codes, int64_t i, int64_t n, float absmax, Sink& sink) {
-  const __m512 table = _mm512_loadu_ps(kNf4Code);
-  const __m512 scale = _mm512_set1_ps(absmax);
+  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kNf4Code), _mm512_set1_ps(absmax));
   if (n == kNf4Block && i % 2 == 0) {
-    for (int j = 0; j < kNf4Block / 16; ++j) sink(j, nf4_16(codes + i / 2 + 8 * j, 0xFF, table, scale));
+    for (int j = 0; j < kNf4Block / 16; ++j) sink(j, nf4_16(codes + i / 2 + 8 * j, 0xFF, table));
     return;
   }
   int64_t o = 0;
@@ -305,7 +335,7 @@ inline void nf4_segment(const uint8_t* codes, int64_t i, int64_t n, float absmax
   for (; o < n; o += 16) {
     const int64_t left = n - o < 16 ? n - o : 16;
     const __mmask16 byte_mask = __mmask16((1u << ((left + 1) / 2)) - 1);
-    sink(o, nf4_16(codes + (i + o) / 2, byte_mask, table, scale), __mmask16((1u << left) - 1));
+    sink(o, nf4_16(codes + (i + o) / 2, byte_mask, table), __mmask16((1u << left) - 1));
   }
 }
 
