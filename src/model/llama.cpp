@@ -13,13 +13,6 @@ namespace tf {
 
 namespace {
 
-MatOperand f32_mat(const float* data, int64_t ld, bool trans = false) {
-  return {data, DType::F32, ld, trans};
-}
-MatOperand weight_mat(const WeightRef& w, bool trans) {
-  return {w.data, w.dtype, w.cols, trans};
-}
-
 void zero(float* p, int64_t n) {
   std::memset(p, 0, size_t(n) * sizeof(float));
 }
@@ -135,7 +128,7 @@ LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t
 
 void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
                             LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n) {
-  cpu::matmul(y, w.rows, f32_mat(x, w.cols), weight_mat(w, true), n, w.rows, w.cols, 1.0f, 0.0f);
+  cpu::linear_forward(y, x, w, n, 0.0f);
   if (bias) add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
@@ -146,7 +139,7 @@ void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const 
 void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x,
                                      const WeightRef& w, int layer, LoraTarget t, const BlockActs& a,
                                      uint64_t step, int64_t n) {
-  cpu::matmul(dx, w.cols, f32_mat(dy, w.rows), weight_mat(w, false), n, w.cols, w.rows, 1.0f, beta);
+  cpu::linear_backward_input(dx, dy, w, n, beta);
   LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
     lora_backward(dx, dy, x, a.lora_t[size_t(t)], ad, lora_.config.scale(), dropout(layer, t, true, step), n,
@@ -272,9 +265,7 @@ LossSum LlamaModel::forward_loss(const Batch& b) {
 
 void LlamaModel::forward_logits(const Batch& b, float* logits) {
   forward_stack(b, false, 0);
-  const WeightRef& w = weights_.lm_head;
-  cpu::matmul(logits, w.rows, f32_mat(final_h_, w.cols), weight_mat(w, true), b.n_tokens(), w.rows, w.cols,
-              1.0f, 0.0f);
+  cpu::linear_forward(logits, final_h_, weights_.lm_head, b.n_tokens(), 0.0f);
 }
 
 KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
@@ -296,9 +287,7 @@ void LlamaModel::decode(KvCache& cache, const int32_t* tokens, int64_t n, float*
   const Batch b{1, int(n), tokens, nullptr, decode_positions_.data(), nullptr};
   forward_stack(b, false, 0, &cache);
   cache.n_past += n;
-  const WeightRef& w = weights_.lm_head;
-  cpu::matmul(logits, w.rows, f32_mat(final_h_ + (n - 1) * w.cols, w.cols), weight_mat(w, true), 1, w.rows,
-              w.cols, 1.0f, 0.0f);
+  cpu::linear_forward(logits, final_h_ + (n - 1) * config().hidden, weights_.lm_head, 1, 0.0f);
 }
 
 }  // namespace tf
