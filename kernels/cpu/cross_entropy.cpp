@@ -78,9 +78,10 @@ double dense_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightR
   return loss;
 }
 
-// A dequantized vocabulary tile holds at most this many f32 (4 MiB, inside the last-level cache),
-// and at most kMaxVocabTileRows rows, which bounds the logits of a token chunk against it.
-constexpr int64_t kVocabTileElems = int64_t(1) << 20;
+// A dequantized vocabulary tile holds at most this many f32 (16 MiB, inside the last-level cache;
+// larger tiles repack h less often, as in linear.cpp), and at most kMaxVocabTileRows rows, which
+// bounds the logits of a token chunk against it.
+constexpr int64_t kVocabTileElems = int64_t(1) << 22;
 constexpr int64_t kMaxVocabTileRows = 4096;
 // Token rows whose logits against one tile are formed at once: [256, <= 4096] f32 is at most 4 MiB,
 // and both GEMMs of a chunk stay efficient.

@@ -15,30 +15,33 @@
 namespace tf::cpu {
 namespace {
 
-// A dequantized tile holds at most this many f32 (4 MiB, inside the last-level cache): at >= 512
-// tokens sgemm does >= 1024 flops on every element dequantized into it, so the dequantization is a
-// small fraction of the product, and the bound holds whatever the matrix size.
-constexpr int64_t kTileElems = int64_t(1) << 20;
-// Longest run of one row in a tile, so that a tile still has >= 64 rows when rows are long.
-constexpr int64_t kMaxTileCols = 16384;
-// Scratch for the dequantized tile, one per calling thread, allocated on first use and reused by
-// every later call.
-float* tile_scratch() {
-  thread_local Buffer buffer;
-  if (!buffer.data()) buffer = Buffer(size_t(kTileElems) * sizeof(float), MemTag::Workspace, false);
-  return buffer.as<float>();
-}
+// A dequantized tile holds at most this many f32 (16 MiB, inside the last-level cache). Every
+// sgemm call packs all the activations it reads, so x (or dy) is repacked once per tile and that
+// cost falls as tiles grow: on a [4096 x 4096] weight at 512 and 4096 tokens (one thread, CPU
+// time), 4 MiB tiles of whole rows took 1.1-1.2x the f32 GEMM, 16 MiB ones 1.01-1.06x. At >= 512
+// tokens sgemm does >= 1024 flops per element dequantized, so the dequantization adds little.
+constexpr int64_t kTileElems = int64_t(1) << 22;
+// A weight larger than one tile is cut into tiles of kTileCols columns (a multiple of every block)
+// and kTileElems / kTileCols rows: square tiles balance the repacking of the activations, once per
+// row tile, against the accumulation of the output over column runs.
+constexpr int64_t kTileCols = 2048;
+static_assert(kTileCols % 256 == 0, "tiles must start and end on whole ggml blocks");
 
 struct TileShape {
   int64_t rows, cols;
 };
 
-// Whole rows when they fit kMaxTileCols, else runs of whole blocks (ggml blocks lie along the row,
-// so a tile may only start and end on one); as many rows as then fit in kTileElems.
 TileShape tile_shape(const WeightRef& W) {
-  const int64_t block = dtype_block_elems(W.dtype);
-  const int64_t cols = W.cols <= kMaxTileCols ? W.cols : kMaxTileCols / block * block;
-  return {std::min(W.rows, std::max<int64_t>(1, kTileElems / cols)), cols};
+  if (W.rows * W.cols <= kTileElems) return {W.rows, W.cols};
+  const int64_t cols = std::min(W.cols, kTileCols);
+  return {std::min(W.rows, kTileElems / cols), cols};
+}
+
+// Scratch for the dequantized tiles, one per calling thread, kept across calls: it grows only
+// when a larger tile first appears, and never past kTileElems.
+float* tile_scratch(const TileShape& ts) {
+  thread_local Buffer buffer;
+  return static_cast<float*>(grow_scratch(buffer, size_t(ts.rows * ts.cols) * sizeof(float)));
 }
 
 // out[n, width] = beta * out, with beta 0 overwriting (a product over an empty inner dimension).
@@ -49,8 +52,8 @@ void scale_rows(float* out, int64_t n, int64_t width, float beta) {
 }  // namespace
 
 // Each tile's product is one sgemm, whose bits repeat at a fixed thread count (see matmul.cpp), and
-// the tiles are fixed by the shape: so are these results. K (the columns) is split only for rows
-// longer than kMaxTileCols, each part summed into y: beta applies with the first part only.
+// the tiles are fixed by the shape: so are these results. K (the columns) is split into runs of
+// kTileCols for a weight larger than one tile, each run summed into y: beta applies with the first.
 void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, float beta) {
   ref::check_linear("linear_forward", y, x, W, n_tokens, true);
   const int64_t rows = W.rows, cols = W.cols;
@@ -69,7 +72,7 @@ void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, flo
     return;
   }
   const TileShape ts = tile_shape(W);
-  float* tile = tile_scratch();
+  float* tile = tile_scratch(ts);
   for (int64_t c0 = 0; c0 < cols; c0 += ts.cols) {
     const int64_t cn = std::min(ts.cols, cols - c0);
     for (int64_t r0 = 0; r0 < rows; r0 += ts.rows) {
@@ -96,7 +99,7 @@ void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_to
     return;
   }
   const TileShape ts = tile_shape(W);
-  float* tile = tile_scratch();
+  float* tile = tile_scratch(ts);
   for (int64_t c0 = 0; c0 < cols; c0 += ts.cols) {
     const int64_t cn = std::min(ts.cols, cols - c0);
     for (int64_t r0 = 0; r0 < rows; r0 += ts.rows) {
