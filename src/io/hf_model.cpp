@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "src/core/error.h"
+#include "src/io/bnb4bit.h"
 
 namespace tf::io {
 
@@ -73,6 +74,14 @@ void parse_rope_scaling(const json& r, const std::string& source, RopeParams& ro
   }
 }
 
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  TF_CHECK(in, path, ": cannot open model config");
+  json j = json::parse(in, nullptr, false);
+  TF_CHECK(!j.is_discarded(), path, ": not valid JSON");
+  return j;
+}
+
 }  // namespace
 
 LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
@@ -123,14 +132,11 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
 }
 
 LlamaConfig read_hf_config(const std::string& path) {
-  std::ifstream in(path);
-  TF_CHECK(in, path, ": cannot open model config");
-  json j = json::parse(in, nullptr, false);
-  TF_CHECK(!j.is_discarded(), path, ": not valid JSON");
-  return llama_config_from_hf(j, path);
+  return llama_config_from_hf(read_json(path), path);
 }
 
-LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg) {
+LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg,
+                                      QuantMode quant, bool bnb4bit) {
   LlamaWeights w;
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
@@ -138,6 +144,16 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     const std::string name = hf_weight_name(slot, layer);
     const SafetensorsTensor& t = model->get(name);
     const auto [rows, cols] = weight_shape(cfg, slot);
+    const bool matrix = is_matrix_slot(slot);
+    if (t.dtype == StDType::U8) {
+      TF_CHECK(
+          bnb4bit, model->source(), ": tensor ", name,
+          " is U8 (a bitsandbytes 4-bit weight?) but config.json has no bitsandbytes quantization_config");
+      TF_CHECK(matrix, model->source(), ": tensor ", name,
+               " is U8, but norms and biases must be F32, BF16 or F16");
+      w.slot(slot, layer) = store_weight(bnb4bit_weight(*model, name, rows, cols), quant, w, name);
+      return;
+    }
     const bool vector = rows == 1;
     const bool shape_ok = vector ? (t.shape.size() == 1 && t.shape[0] == cols)
                                  : (t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == cols);
@@ -147,19 +163,26 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     const TensorView v = model->view(name);
     TF_CHECK(v.dtype == DType::F32 || v.dtype == DType::BF16 || v.dtype == DType::F16, model->source(),
              ": tensor ", name, " has dtype ", dtype_name(v.dtype), "; weights must be F32, BF16 or F16");
-    w.slot(slot, layer) = WeightRef{v.data, v.dtype, rows, cols};
+    w.slot(slot, layer) =
+        store_weight(WeightRef{v.data, v.dtype, rows, cols}, matrix ? quant : QuantMode::None, w, name);
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   w.keepalive.push_back(std::move(model));
   return w;
 }
 
-LlamaWeights load_hf_model(const std::string& dir) {
+LlamaWeights load_hf_model(const std::string& dir, QuantMode quant) {
   const std::filesystem::path d(dir);
   TF_CHECK(std::filesystem::is_directory(d), dir, ": not a model directory");
-  const LlamaConfig cfg = read_hf_config((d / "config.json").string());
+  const std::string config_path = (d / "config.json").string();
+  const json j = read_json(config_path);
+  const LlamaConfig cfg = llama_config_from_hf(j, config_path);
+  const bool bnb4bit = is_bnb4bit_checkpoint(j, config_path);
+  TF_CHECK(!bnb4bit || quant != QuantMode::Int8, config_path,
+           ": a bitsandbytes 4-bit checkpoint cannot be quantized to int8 (its weights are nf4 already): "
+           "use keep or nf4 to compute with them as stored, bf16 or none to dequantize them");
   auto model = std::make_shared<const SafetensorsModel>(SafetensorsModel::open(dir));
-  return weights_from_safetensors(std::move(model), cfg);
+  return weights_from_safetensors(std::move(model), cfg, quant, bnb4bit);
 }
 
 }  // namespace tf::io

@@ -5,6 +5,7 @@
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 
+#include "src/io/quantize_weights.h"
 #include "src/io/safetensors.h"
 #include "src/model/weights.h"
 
@@ -17,10 +18,15 @@ LlamaConfig llama_config_from_hf(const nlohmann::json& j, const std::string& sou
 LlamaConfig read_hf_config(const std::string& config_json_path);
 
 // Views every base tensor of `cfg` in `model` by its HF name, checking shape and dtype (f32, bf16
-// or f16; 1-D norm and bias vectors are [n]). The weights keep `model` alive.
-LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg);
+// or f16; 1-D norm and bias vectors are [n]; with `bnb4bit`, a matrix may also be a bitsandbytes
+// 4-bit NF4 weight, see bnb4bit_weight), then stores each matrix as `quant` says (store_weight).
+// The weights keep `model` alive.
+LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg,
+                                      QuantMode quant = QuantMode::None, bool bnb4bit = false);
 
-// A model directory: config.json plus model.safetensors or a sharded index.
-LlamaWeights load_hf_model(const std::string& dir);
+// A model directory: config.json plus model.safetensors or a sharded index. A bitsandbytes 4-bit
+// checkpoint (quantization_config in config.json) computes with its NF4 weights under keep and
+// nf4, dequantizes them under none (f32) and bf16, and refuses int8 (which would quantize twice).
+LlamaWeights load_hf_model(const std::string& dir, QuantMode quant = QuantMode::None);
 
 }  // namespace tf::io

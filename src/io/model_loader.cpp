@@ -42,7 +42,7 @@ GgufLlamaTensor gguf_tensor_of(WeightSlot slot, int layer) {
   TF_FAIL("weight ", hf_weight_name(slot, layer), " has no GGUF tensor (biases are not in llama GGUF files)");
 }
 
-LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg) {
+LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg, QuantMode quant) {
   LlamaWeights w;
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
@@ -53,20 +53,11 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
     TF_CHECK(t.row_length() == cols && t.n_rows() == rows, f->path(), ": tensor ", name, " has ", t.n_rows(),
              " rows of ", t.row_length(), ", expected ", rows, " rows of ", cols);
     const GgmlTypeInfo info = ggml_type_info(uint32_t(t.type));
-    TF_CHECK(info.supported, f->path(), ": tensor ", name, " has ggml type ", info.name,
+    const std::optional<DType> dtype = dtype_of_ggml(t.type);
+    TF_CHECK(info.supported && dtype, f->path(), ": tensor ", name, " has ggml type ", info.name,
              ", which tightfit cannot dequantize (it reads ", ref::dequantizable_type_names(), ")");
-    switch (t.type) {
-      case GgmlType::F32: w.slot(slot, layer) = {t.data, DType::F32, rows, cols}; return;
-      case GgmlType::F16: w.slot(slot, layer) = {t.data, DType::F16, rows, cols}; return;
-      case GgmlType::BF16: w.slot(slot, layer) = {t.data, DType::BF16, rows, cols}; return;
-      default: break;
-    }
-    // Quantized: dequantize exactly to f32 once. (Training directly on quantized blocks is the
-    // QLoRA path of the quantized-matmul work.)
-    Tensor d(DType::F32, {rows, cols}, MemTag::Weights, name);
-    ref::dequantize_rows(t.type, t.data, rows * cols, d.as<float>());
-    w.slot(slot, layer) = {d.view.data, DType::F32, rows, cols};
-    w.owned.push_back(std::move(d));
+    const WeightRef stored{t.data, *dtype, rows, cols};
+    w.slot(slot, layer) = store_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w, name);
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   w.keepalive.push_back(f);
@@ -147,20 +138,20 @@ tok::GgufVocab gguf_vocab(const GgufFile& f) {
   return v;
 }
 
-LoadedModel load_model(const std::string& path, bool with_weights) {
+LoadedModel load_model(const std::string& path, bool with_weights, QuantMode quant) {
   LoadedModel m;
   m.source = path;
   TF_CHECK(fs::exists(path), path, ": no such model file or directory");
   if (fs::is_directory(path)) {
     m.format = ModelFormat::HfDirectory;
-    m.weights = load_hf_model(path);
+    m.weights = load_hf_model(path, quant);
     load_hf_tokenizer(path, m);
   } else {
     m.format = ModelFormat::Gguf;
     auto f = std::make_shared<const GgufFile>(GgufFile::open(path));
     const LlamaConfig cfg = llama_config_from_gguf(*f);
     if (with_weights) {
-      m.weights = gguf_weights(f, cfg);
+      m.weights = gguf_weights(f, cfg, quant);
     } else {
       m.weights.config = cfg;
     }

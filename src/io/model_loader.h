@@ -1,11 +1,13 @@
-// defines: tf::io::LoadedModel, load_model (an HF model directory or a GGUF file: weights,
-// tokenizer and the model's own chat template)
+// defines: tf::io::LoadedModel, load_model (an HF model directory or a GGUF file: weights stored
+// as a QuantMode says, tokenizer and the model's own chat template); QuantMode and weight_memory
+// come with it from src/io/quantize_weights.h
 #pragma once
 
 #include <memory>
 #include <string>
 
 #include "src/io/gguf.h"
+#include "src/io/quantize_weights.h"
 #include "src/model/weights.h"
 #include "tokenizer/tokenizer.h"
 
@@ -23,11 +25,13 @@ struct LoadedModel {
 };
 
 // Loads `path`: a directory with config.json + safetensors (+ tokenizer.json or tokenizer.model,
-// tokenizer_config.json), or a .gguf file (quantized tensors are dequantized to f32 once at load;
-// f32/f16/bf16 tensors are used in place from the mapping). Throws tf::Error naming the path.
+// tokenizer_config.json), or a .gguf file. Each matrix is stored as `quant` says (QuantMode):
+// under keep a GGUF file's quantized tensors are computed with in place from the mapping, under
+// none they are dequantized to f32 once at load; f32/f16/bf16 tensors that a mode keeps are used
+// in place. Norms stay float. Throws tf::Error naming the path.
 // Without `with_weights`, a GGUF file's tensors are left in the file (whatever their type) and
 // `weights` holds only the config; a directory's weights are always read.
-LoadedModel load_model(const std::string& path, bool with_weights = true);
+LoadedModel load_model(const std::string& path, bool with_weights = true, QuantMode quant = QuantMode::None);
 
 // The tokenizer.ggml.* keys of a GGUF file as plain vocabulary data (the file must have
 // tokenizer.ggml.model). Strings are copied, so the result outlives the file.

@@ -1,0 +1,239 @@
+// defines: QuantMode names, store_weight (chunked conversion and quantization of base weights at
+//          load) and weight_memory
+#include "src/io/quantize_weights.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <numeric>
+
+#include "kernels/cpu/dequant.h"
+#include "kernels/cpu/ref/element.h"
+#include "kernels/cpu/ref/quantize.h"
+#include "src/core/error.h"
+
+namespace tf::io {
+
+namespace {
+
+constexpr size_t kDTypeCount = size_t(DType::INT8) + 1;
+
+// Rows per chunk: about chunk_elems elements, in a multiple of the rows that hold a whole number of
+// 64-element NF4 / INT8 blocks, so that every chunk but the last starts and ends on a block.
+int64_t chunk_rows(int64_t rows, int64_t cols, int64_t chunk_elems) {
+  const int64_t whole = kNf4Block / std::gcd(cols, int64_t(kNf4Block));
+  return std::min(rows, std::max(whole, chunk_elems / cols / whole * whole));
+}
+
+template <typename T>
+T* own(LlamaWeights& w, int64_t count) {
+  auto b = std::make_shared<Buffer>(size_t(count) * sizeof(T), MemTag::Weights, /*zero=*/false);
+  T* p = b->as<T>();
+  w.keepalive.push_back(std::move(b));
+  return p;
+}
+
+// Reads whole rows of a stored weight as f32, exactly: ggml blocks through ggml's reference
+// dequantization, NF4 / INT8 codes times their absmax, the double quantization of an NF4 absmax
+// undone once for the tensor as bitsandbytes does it (the product rounded before the offset).
+class RowReader {
+ public:
+  explicit RowReader(const WeightRef& src) : src_(src) {
+    if (src.dtype != DType::NF4 && src.dtype != DType::INT8) return;
+    TF_CHECK(src.scales.absmax, "a ", dtype_name(src.dtype), " weight without its absmax");
+    absmax_ = static_cast<const float*>(src.scales.absmax);
+    if (!src.scales.nested) return;
+    const int64_t blocks = ref::quant_blocks(src.rows * src.cols, kNf4Block);
+    undone_ = Buffer(size_t(blocks) * sizeof(float), MemTag::Workspace, /*zero=*/false);
+    ref::dequantize_double_absmax(static_cast<const uint8_t*>(src.scales.absmax), src.scales.nested,
+                                  src.scales.offset, blocks, undone_.as<float>());
+    absmax_ = undone_.as<float>();
+  }
+
+  // Rows [r0, r0 + nr) into dst; r0 * cols is a multiple of 64 (chunk_rows makes it so).
+  void read(int64_t r0, int64_t nr, float* dst) const {
+    const int64_t i0 = r0 * src_.cols, n = nr * src_.cols;
+    const auto* bytes = static_cast<const uint8_t*>(src_.data);
+    switch (src_.dtype) {
+      case DType::F32:
+      case DType::BF16:
+      case DType::F16: widen_to_f32(dst, bytes + size_t(i0) * dtype_size(src_.dtype), src_.dtype, n); return;
+      case DType::NF4: ref::dequantize_nf4(bytes + i0 / 2, absmax_ + i0 / kNf4Block, n, dst); return;
+      case DType::INT8:
+        ref::dequantize_int8(reinterpret_cast<const int8_t*>(bytes) + i0, absmax_ + i0 / kInt8Block, n, dst);
+        return;
+      default:
+        ref::dequantize_rows(*ggml_of_dtype(src_.dtype), bytes + dtype_bytes(src_.dtype, i0), n, dst);
+        return;
+    }
+  }
+
+ private:
+  const WeightRef& src_;
+  Buffer undone_;
+  const float* absmax_ = nullptr;
+};
+
+// Calls fn(r0, n_rows, x) for consecutive row chunks of `src`, x holding their f32 values.
+template <typename Fn>
+void for_each_chunk(const WeightRef& src, int64_t chunk_elems, Fn&& fn) {
+  const int64_t step = chunk_rows(src.rows, src.cols, chunk_elems);
+  const RowReader reader(src);
+  Buffer scratch(size_t(step * src.cols) * sizeof(float), MemTag::Workspace, /*zero=*/false);
+  for (int64_t r0 = 0; r0 < src.rows; r0 += step) {
+    const int64_t nr = std::min(step, src.rows - r0);
+    reader.read(r0, nr, scratch.as<float>());
+    fn(r0, nr, scratch.as<const float>());
+  }
+}
+
+// quantize_* name a bad element by its index in the chunk; this names it in the tensor.
+void check_finite(const float* x, int64_t r0, int64_t nr, int64_t cols, const std::string& name,
+                  QuantMode mode) {
+  for (int64_t i = 0; i < nr * cols; ++i)
+    TF_CHECK(std::isfinite(x[i]), name, ": element [", r0 + i / cols, ", ", i % cols, "] is ", x[i],
+             "; a non-finite weight cannot be quantized to ", quant_mode_name(mode));
+}
+
+int64_t stored_bytes(const WeightRef& r) {
+  const int64_t n = r.rows * r.cols;
+  if (r.dtype == DType::NF4 || r.dtype == DType::INT8) {
+    const int64_t blocks = ref::quant_blocks(n, dtype_block_elems(r.dtype));
+    const int64_t scales = r.scales.nested
+                               ? blocks + ref::quant_blocks(blocks, kNf4NestedBlock) * int64_t(sizeof(float))
+                               : blocks * int64_t(sizeof(float));
+    return dtype_bytes(r.dtype, n) + scales;
+  }
+  return is_quantized(r.dtype) ? dtype_bytes(r.dtype, n) : n * int64_t(dtype_size(r.dtype));
+}
+
+std::string format_bytes(int64_t b) {
+  char s[32];
+  const double x = double(b);
+  if (x >= 1024.0 * 1024 * 1024)
+    std::snprintf(s, sizeof s, "%.2f GiB", x / (1024.0 * 1024 * 1024));
+  else if (x >= 1024.0 * 1024)
+    std::snprintf(s, sizeof s, "%.1f MiB", x / (1024.0 * 1024));
+  else
+    std::snprintf(s, sizeof s, "%.1f KiB", x / 1024.0);
+  return s;
+}
+
+}  // namespace
+
+std::optional<QuantMode> parse_quant_mode(std::string_view name) {
+  for (QuantMode m : {QuantMode::Keep, QuantMode::None, QuantMode::Bf16, QuantMode::Int8, QuantMode::Nf4})
+    if (quant_mode_name(m) == name) return m;
+  return std::nullopt;
+}
+
+std::string_view quant_mode_name(QuantMode mode) {
+  switch (mode) {
+    case QuantMode::Keep: return "keep";
+    case QuantMode::None: return "none";
+    case QuantMode::Bf16: return "bf16";
+    case QuantMode::Int8: return "int8";
+    case QuantMode::Nf4: return "nf4";
+  }
+  return "?";
+}
+
+WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
+                       int64_t chunk_elems) {
+  TF_CHECK(chunk_elems > 0, "store_weight: chunk of ", chunk_elems, " elements");
+  const int64_t rows = src.rows, cols = src.cols, n = rows * cols;
+  switch (mode) {
+    case QuantMode::Keep: return src;
+    case QuantMode::None: {
+      if (!is_quantized(src.dtype)) return src;
+      // The target is f32 itself, so each chunk is dequantized straight into it.
+      float* dst = own<float>(w, n);
+      const RowReader reader(src);
+      const int64_t step = chunk_rows(rows, cols, chunk_elems);
+      for (int64_t r0 = 0; r0 < rows; r0 += step) reader.read(r0, std::min(step, rows - r0), dst + r0 * cols);
+      return {dst, DType::F32, rows, cols};
+    }
+    case QuantMode::Bf16: {
+      if (src.dtype == DType::BF16) return src;
+      uint16_t* dst = own<uint16_t>(w, n);
+      for_each_chunk(src, chunk_elems, [&](int64_t r0, int64_t nr, const float* x) {
+        uint16_t* d = dst + r0 * cols;
+        for (int64_t i = 0; i < nr * cols; ++i) d[i] = f32_to_bf16(x[i]);
+      });
+      return {dst, DType::BF16, rows, cols};
+    }
+    case QuantMode::Int8: {
+      if (src.dtype == DType::INT8) return src;
+      int8_t* codes = own<int8_t>(w, n);
+      float* absmax = own<float>(w, ref::quant_blocks(n, kInt8Block));
+      for_each_chunk(src, chunk_elems, [&](int64_t r0, int64_t nr, const float* x) {
+        check_finite(x, r0, nr, cols, name, mode);
+        ref::quantize_int8(x, nr * cols, codes + r0 * cols, absmax + r0 * cols / kInt8Block);
+      });
+      return {codes, DType::INT8, rows, cols, QuantScales{absmax}};
+    }
+    case QuantMode::Nf4: {
+      if (src.dtype == DType::NF4) return src;
+      const int64_t blocks = ref::quant_blocks(n, kNf4Block);
+      uint8_t* codes = own<uint8_t>(w, ref::nf4_packed_bytes(n));
+      // The offset of double quantization is the mean of all of the tensor's absmax, so they are
+      // collected whole before any is quantized.
+      Buffer absmax(size_t(blocks) * sizeof(float), MemTag::Workspace, /*zero=*/false);
+      for_each_chunk(src, chunk_elems, [&](int64_t r0, int64_t nr, const float* x) {
+        check_finite(x, r0, nr, cols, name, mode);
+        ref::quantize_nf4(x, nr * cols, codes + r0 * cols / 2, absmax.as<float>() + r0 * cols / kNf4Block);
+      });
+      uint8_t* absmax_codes = own<uint8_t>(w, blocks);
+      float* nested = own<float>(w, ref::quant_blocks(blocks, kNf4NestedBlock));
+      const float offset = ref::double_quantize_absmax(absmax.as<float>(), blocks, absmax_codes, nested);
+      return {codes, DType::NF4, rows, cols, QuantScales{absmax_codes, nested, offset}};
+    }
+  }
+  TF_FAIL("unknown quantization mode ", int(mode));
+}
+
+int64_t WeightMemory::params() const {
+  int64_t s = 0;
+  for (const Entry& e : by_dtype) s += e.params;
+  return s;
+}
+
+int64_t WeightMemory::bytes() const {
+  int64_t s = 0;
+  for (const Entry& e : by_dtype) s += e.bytes;
+  return s;
+}
+
+double WeightMemory::bits_per_param() const {
+  const int64_t p = params();
+  return p == 0 ? 0.0 : 8.0 * double(bytes()) / double(p);
+}
+
+std::string WeightMemory::summary() const {
+  std::string s = format_bytes(bytes()) + " (";
+  for (size_t i = 0; i < by_dtype.size(); ++i) {
+    if (i) s += ", ";
+    s += std::string(dtype_name(by_dtype[i].dtype)) + " " + format_bytes(by_dtype[i].bytes);
+  }
+  char bits[48];
+  std::snprintf(bits, sizeof bits, "), %.2f bits per parameter", bits_per_param());
+  return s + bits;
+}
+
+WeightMemory weight_memory(const LlamaWeights& w) {
+  std::array<WeightMemory::Entry, kDTypeCount> sums{};
+  LlamaWeights::for_each_slot(w.config, [&](WeightSlot slot, int layer) {
+    const WeightRef& r = w.slot(slot, layer);
+    WeightMemory::Entry& e = sums[size_t(r.dtype)];
+    e.params += r.rows * r.cols;
+    e.bytes += stored_bytes(r);
+  });
+  WeightMemory m;
+  for (size_t t = 0; t < kDTypeCount; ++t)
+    if (sums[t].params) m.by_dtype.push_back({DType(t), sums[t].params, sums[t].bytes});
+  return m;
+}
+
+}  // namespace tf::io

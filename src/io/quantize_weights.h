@@ -1,0 +1,66 @@
+// defines: tf::io::QuantMode (how base weights are stored once loaded), parse_quant_mode,
+//          quant_mode_name, is_matrix_slot, store_weight (converting or quantizing one matrix at
+//          load in bounded chunks), tf::io::WeightMemory and weight_memory (bytes of base weights by
+//          storage dtype)
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "src/model/weights.h"
+
+namespace tf::io {
+
+// How a loaded model stores its matrices (projections, embedding, lm_head); norms and biases
+// always stay in their float type (f32, bf16 or f16; dequantized to f32 if a file quantized one).
+//   Keep  compute with the file's own storage: quantized GGUF blocks and bitsandbytes NF4 in place
+//   None  f32 or the file's float type: quantized tensors become an f32 copy
+//   Bf16  bf16: other types are converted (round to nearest even); bf16 tensors stay in place
+//   Int8  tightfit's linear int8 (per-64 absmax), quantized at load
+//   Nf4   NF4 with double-quantized absmax, quantized at load (bitsandbytes NF4 kept as it is)
+enum class QuantMode : uint8_t { Keep, None, Bf16, Int8, Nf4 };
+
+// "keep", "none", "bf16", "int8", "nf4"; nullopt for anything else.
+std::optional<QuantMode> parse_quant_mode(std::string_view name);
+std::string_view quant_mode_name(QuantMode mode);
+
+// The slots QuantMode applies to: every matrix (not the norms and biases).
+constexpr bool is_matrix_slot(WeightSlot s) {
+  return s == WeightSlot::Q || s == WeightSlot::K || s == WeightSlot::V || s == WeightSlot::O ||
+         s == WeightSlot::Gate || s == WeightSlot::Up || s == WeightSlot::Down || s == WeightSlot::Embed ||
+         s == WeightSlot::LmHead;
+}
+
+// The weight to compute with for `src` (a stored matrix of any dtype, in place in a file mapping)
+// under `mode`: `src` itself when the mode keeps its storage, otherwise a converted or quantized
+// copy whose memory `w` owns (MemTag::Weights). The conversion goes a bounded chunk of rows at a
+// time through at most one f32 scratch chunk (plus, for NF4, the tensor's f32 absmax, which double
+// quantization needs whole); the matrix is never in f32 as a whole unless f32 is the target.
+// A chunk is about `chunk_elems` elements (at least the rows that hold a whole 64-element block).
+// `name` names the tensor in errors (a non-finite element cannot be quantized).
+constexpr int64_t kWeightChunkElems = int64_t(1) << 16;
+WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
+                       int64_t chunk_elems = kWeightChunkElems);
+
+// Bytes of a model's base weights by storage dtype: codes plus their scales (ggml blocks hold
+// theirs; NF4 / INT8 absmax, nested absmax included). A tied lm_head is counted once, as stored.
+struct WeightMemory {
+  struct Entry {
+    DType dtype = DType::F32;
+    int64_t params = 0;
+    int64_t bytes = 0;
+  };
+  std::vector<Entry> by_dtype;  // in DType order, only the dtypes present
+
+  int64_t params() const;
+  int64_t bytes() const;
+  double bits_per_param() const;
+  // "70.1 MiB (q4_1 52.3 MiB, f32 17.8 MiB), 4.52 bits per parameter"
+  std::string summary() const;
+};
+WeightMemory weight_memory(const LlamaWeights& w);
+
+}  // namespace tf::io
