@@ -1,5 +1,7 @@
 // A GGUF file written by llama.cpp's own quantizer decodes in tightfit exactly as gguf-py decodes it:
-// every tensor, as load_model hands it to the model, bit for bit against gguf.quants.dequantize.
+// every tensor, bit for bit against gguf.quants.dequantize, three ways: the weight load_model hands
+// the model, and the file's own blocks through tf::cpu::dequantize_weight_tile (the decoder the
+// quantized kernels use) on its AVX-512 path where the CPU has one and on its portable path.
 // CI has no such file: tools/make_smollm2_quants.sh makes SmolLM2-135M-Instruct in Q2_K ... Q8_0
 // with llama-quantize, and tools/check_gguf_decode.py writes gguf-py's decoding of a file (every
 // tensor as f32, in the file's tensor order) and runs this test with
@@ -16,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/isa.h"
 #include "kernels/ops.h"
 #include "src/io/gguf_model.h"
 #include "src/io/model_loader.h"
@@ -42,10 +45,14 @@ WeightSlot slot_of(GgufLlamaRole role) {
   return WeightSlot::Embed;
 }
 
+constexpr int kDecodings = 3;
+const char* const kDecodingNames[kDecodings] = {"load_model", "tf::cpu", "tf::cpu portable"};
+
 struct TypeTally {
   int tensors = 0;
-  int64_t values = 0, differing = 0;
-  double max_diff = 0;
+  int64_t values = 0;
+  int64_t differing[kDecodings] = {};
+  double max_diff[kDecodings] = {};
 };
 
 TEST(GgufRealQuants, EveryTensorDecodesLikeGgufPy) {
@@ -76,19 +83,31 @@ TEST(GgufRealQuants, EveryTensorDecodesLikeGgufPy) {
     got.resize(n);
     want_in.read(reinterpret_cast<char*>(want.data()), std::streamsize(n * sizeof(float)));
     ASSERT_TRUE(want_in) << reference << " ends before this tensor";
-    // Decoded the way the kernels read any weight, whatever dtype load_model kept it in.
-    ref::dequantize_weight_tile(got.data(), w.cols, w, 0, w.rows, 0, w.cols);
+    const auto dtype = dtype_of_ggml(t.type);
+    ASSERT_TRUE(dtype.has_value());
+    const WeightRef blocks(t.data, *dtype, t.n_rows(), t.row_length());
     TypeTally& tally = by_type[ggml_type_info(uint32_t(t.type)).name];
-    int64_t differing = 0;
-    for (size_t i = 0; i < n; ++i) {
-      if (std::bit_cast<uint32_t>(got[i]) == std::bit_cast<uint32_t>(want[i])) continue;
-      ++differing;
-      tally.max_diff = std::fmax(tally.max_diff, std::fabs(double(got[i]) - double(want[i])));
+    for (int d = 0; d < kDecodings; ++d) {
+      if (d == 0) {
+        // Whatever dtype load_model kept the weight in, decoded the plain way.
+        ref::dequantize_weight_tile(got.data(), w.cols, w, 0, w.rows, 0, w.cols);
+      } else if (d == 1) {
+        cpu::dequantize_weight_tile(got.data(), blocks.cols, blocks, 0, blocks.rows, 0, blocks.cols);
+      } else {
+        const cpu::ScopedPortableKernels portable;
+        cpu::dequantize_weight_tile(got.data(), blocks.cols, blocks, 0, blocks.rows, 0, blocks.cols);
+      }
+      int64_t differing = 0;
+      for (size_t i = 0; i < n; ++i) {
+        if (std::bit_cast<uint32_t>(got[i]) == std::bit_cast<uint32_t>(want[i])) continue;
+        ++differing;
+        tally.max_diff[d] = std::fmax(tally.max_diff[d], std::fabs(double(got[i]) - double(want[i])));
+      }
+      EXPECT_EQ(differing, 0) << "of " << n << " values differ from gguf-py's in " << kDecodingNames[d];
+      tally.differing[d] += differing;
     }
-    EXPECT_EQ(differing, 0) << "of " << n << " values differ from gguf-py's";
     ++tally.tensors;
     tally.values += int64_t(n);
-    tally.differing += differing;
   }
   EXPECT_EQ(want_in.peek(), std::ifstream::traits_type::eof())
       << reference << " holds more values than the file's tensors";
@@ -97,11 +116,16 @@ TEST(GgufRealQuants, EveryTensorDecodesLikeGgufPy) {
   LlamaWeights::for_each_slot(m.weights.config, [&](WeightSlot, int) { ++slots; });
   EXPECT_EQ(slots, m.gguf->tensors().size());
 
-  std::printf("%s: %zu tensors\n", model, m.gguf->tensors().size());
-  for (const auto& [type, tally] : by_type)
-    std::printf("  %-5s %4d tensors %11lld values, %lld differ from gguf-py, max |difference| %g\n",
-                type.c_str(), tally.tensors, static_cast<long long>(tally.values),
-                static_cast<long long>(tally.differing), tally.max_diff);
+  std::printf("%s: %zu tensors; tf::cpu decodes the file's blocks %s\n", model, m.gguf->tensors().size(),
+              cpu::cpu_has_avx512() ? "on AVX-512" : "portable (no AVX-512 on this CPU)");
+  for (const auto& [type, tally] : by_type) {
+    std::printf("  %-5s %4d tensors %11lld values; differing from gguf-py (max |difference|):", type.c_str(),
+                tally.tensors, static_cast<long long>(tally.values));
+    for (int d = 0; d < kDecodings; ++d)
+      std::printf("%s %s %lld (%g)", d ? "," : "", kDecodingNames[d],
+                  static_cast<long long>(tally.differing[d]), tally.max_diff[d]);
+    std::printf("\n");
+  }
 }
 
 }  // namespace

@@ -10,8 +10,9 @@ For each file it
   1. prints the tensor types the file holds (per-type counts, read with gguf-py);
   2. writes gguf.quants.dequantize of every tensor as little-endian f32, in the file's tensor order,
      to a temporary file and runs tests/test_gguf_real_quants.cpp on the pair, which loads the file
-     with load_model and compares every weight bit for bit (it prints, per type, how many values
-     differ and the largest |difference|);
+     with load_model and compares every weight, and the file's blocks decoded by tf::cpu (AVX-512
+     and portable paths), bit for bit (it prints, per type and decoding, how many values differ
+     and the largest |difference|);
   3. runs `tightfit inspect --all-tensors FILE` and checks that its per-type summary has the
      file's counts and that each tensor's line names the tensor's type.
 It exits 1 when any check fails.
@@ -46,10 +47,12 @@ def check_decode(test_binary, model, reference):
     env = dict(os.environ, TIGHTFIT_GGUF_DECODE_MODEL=model, TIGHTFIT_GGUF_DECODE_REFERENCE=reference)
     run = subprocess.run([test_binary], env=env, capture_output=True, text=True)
     out = run.stdout + run.stderr
-    lines = [l for l in out.splitlines() if "differ from gguf-py" in l or "Failure" in l or "error" in l]
-    for line in lines:
-        print("   ", line.strip())
-    diffs = [float(m) for m in re.findall(r"max \|difference\| (\S+)", out)]
+    diffs = []
+    for line in out.splitlines():
+        if "differing from gguf-py" in line:
+            diffs += [float(d) for _, d in re.findall(r"(\d+) \(([^)]+)\)", line.split(":", 1)[1])]
+        if any(k in line for k in ("differing from gguf-py", "tf::cpu decodes", "Failure", "error")):
+            print("   ", line.strip())
     if run.returncode != 0 or "[  PASSED  ] 1 test" not in out or not diffs:
         print(out)
         return False, None
