@@ -358,6 +358,17 @@ TEST(StoreWeight, ChunkedConversionEqualsTheWholeTensorAtAwkwardShapes) {
                          x16f, mode, "f16 " + what);
       }
     }
+    // From NF4 and INT8 sources, read a chunk at a time as well.
+    for (QuantMode from : {QuantMode::Nf4, QuantMode::Int8}) {
+      LlamaWeights w;
+      const WeightRef q = io::store_weight(WeightRef{x.data(), DType::F32, rows, cols}, from, w, "t");
+      const std::vector<float> qx = values_of(q);
+      for (QuantMode to :
+           {QuantMode::None, QuantMode::Bf16, from == QuantMode::Nf4 ? QuantMode::Int8 : QuantMode::Nf4})
+        expect_converted(
+            io::store_weight(q, to, w, "t", 100), qx, to,
+            std::string(io::quant_mode_name(from)) + " " + std::to_string(rows) + "x" + std::to_string(cols));
+    }
     LlamaWeights w;
     const WeightRef f32{x.data(), DType::F32, rows, cols};
     EXPECT_EQ(io::store_weight(f32, QuantMode::None, w, "t").data, x.data());
@@ -736,10 +747,17 @@ TEST(Bnb4bit, EveryMalformedPieceIsANamedError) {
       {"shape not the config's",
        [&](BnbCopy& c) {
          json j = c.state(q);
-         j["shape"] = {32, 128};
+         j["shape"] = {32, 64};
          c.set_state(q, j);
        },
-       {"\"shape\" is [32,128], but the model config makes " + q + " [64, 64]"}},
+       {"\"shape\" is [32,64], but the model config makes " + q + " [64, 64]"}},
+      {"shape with the config's rows",
+       [&](BnbCopy& c) {
+         json j = c.state(q);
+         j["shape"] = {64, 128};
+         c.set_state(q, j);
+       },
+       {"\"shape\" is [64,128], but the model config makes " + q + " [64, 64]"}},
       {"nested_offset a string",
        [&](BnbCopy& c) {
          json j = c.state(q);
