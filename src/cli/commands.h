@@ -17,6 +17,7 @@ int run_inspect(const std::string& model, bool all_tensors);
 
 struct GenerateOptions {
   std::string model, adapter, prompt;
+  std::string quant = "keep";
   int max_new_tokens = 64;
   float temperature = 0.0f;
   uint64_t seed = 0;
@@ -28,6 +29,7 @@ int run_generate(const GenerateOptions& o);
 
 struct EvalOptions {
   std::string model, adapter, data;
+  std::string quant = "keep";
   std::string template_name = "auto";
   int seq_len = 512;
   int micro_batch = 4;

@@ -23,9 +23,9 @@ const tok::Tokenizer& Session::tokenizer() const {
 
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
-                     const std::string& adapter) {
+                     const std::string& adapter, io::QuantMode quant) {
   Session s;
-  s.loaded = io::load_model(model_path);
+  s.loaded = io::load_model(model_path, true, quant);
   std::optional<io::PeftAdapter> peft;
   if (!adapter.empty()) {
     const fs::path run_adapter = fs::path(adapter) / "adapter";
@@ -41,6 +41,12 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
     std::memcpy(dst.param_data(), peft->lora.param_data(), size_t(dst.n_params) * sizeof(float));
   }
   return s;
+}
+
+io::QuantMode quant_option(const std::string& name) {
+  const std::optional<io::QuantMode> mode = io::parse_quant_mode(name);
+  TF_CHECK(mode, "--quant must be keep, none, bf16, int8 or nf4, got '", name, "'");
+  return *mode;
 }
 
 data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m) {

@@ -30,7 +30,10 @@ struct Session {
 // `lora`.
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
-                     const std::string& adapter = {});
+                     const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep);
+
+// The QuantMode named by a --quant value, or tf::Error listing the choices.
+io::QuantMode quant_option(const std::string& name);
 
 // "auto" uses the model's own template (or plain when it has none); otherwise a name.
 data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m);

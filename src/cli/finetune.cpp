@@ -183,6 +183,7 @@ void check_options(const FinetuneOptions& o) {
            o.train_on, "'");
   TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block",
            "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
+  quant_option(o.quant);
   TF_CHECK(o.device == "auto" || o.device == "cpu", "--device ", o.device,
            " is not available: training runs only on the CPU so far (give --device cpu or auto)");
   TF_CHECK(o.save_every >= 0, "--save-every must not be negative (0: only at the end), got ", o.save_every);
@@ -337,8 +338,11 @@ int run_finetune(const FinetuneOptions& given) {
   lora.seed = o.seed;
 
   std::printf("loading %s\n", o.model.c_str());
-  Session s = open_session(o.model, lora, int64_t(o.micro_batch) * o.seq_len,
-                           [&](const LlamaConfig& c) { return choose_policy(o, c); });
+  Session s = open_session(
+      o.model, lora, int64_t(o.micro_batch) * o.seq_len,
+      [&](const LlamaConfig& c) { return choose_policy(o, c); }, {}, quant_option(o.quant));
+  std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
+              io::weight_memory(s.model->weights()).summary().c_str());
   const LlamaConfig& cfg = s.model->config();
   const CheckpointPolicy policy = s.model->policy();
   const tok::Tokenizer& tokenizer = s.tokenizer();

@@ -23,6 +23,10 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--eval-data", o.eval_data,
                "Held-out JSONL evaluated before and after training (and every --eval-every steps)");
   c.add_option("--out", o.out, "Run directory (config, metrics, checkpoints, adapter, report)")->required();
+  c.add_option("--quant", o.quant,
+               "Base weights: keep (compute with the file's own storage, quantized GGUF blocks included), "
+               "none (f32), bf16, int8 or nf4 (quantized at load, QLoRA)")
+      ->capture_default_str();
   c.add_option("--lora-rank", o.lora_rank, "LoRA rank r")->capture_default_str();
   c.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
       ->capture_default_str();
@@ -126,6 +130,8 @@ int run(int argc, char** argv) {
   CLI::App* generate = app.add_subcommand("generate", "Continue a prompt (greedy by default)");
   generate->add_option("--model", gen.model, "HF directory or .gguf file")->required();
   generate->add_option("--adapter", gen.adapter, "A run directory or a PEFT adapter directory");
+  generate->add_option("--quant", gen.quant, "Base weights: keep, none, bf16, int8 or nf4")
+      ->capture_default_str();
   generate->add_option("--prompt", gen.prompt, "Text to continue")->required();
   generate->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate at most")
       ->capture_default_str();
@@ -140,6 +146,7 @@ int run(int argc, char** argv) {
   CLI::App* eval = app.add_subcommand("eval", "Loss, perplexity and exact-match accuracy on a JSONL set");
   eval->add_option("--model", ev.model, "HF directory or .gguf file")->required();
   eval->add_option("--adapter", ev.adapter, "A run directory or a PEFT adapter directory");
+  eval->add_option("--quant", ev.quant, "Base weights: keep, none, bf16, int8 or nf4")->capture_default_str();
   eval->add_option("--data", ev.data, "JSONL data")->required();
   eval->add_option("--template", ev.template_name, "Prompt format")->capture_default_str();
   eval->add_option("--seq-len", ev.seq_len, "Tokens per sequence")->capture_default_str();

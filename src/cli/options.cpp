@@ -25,6 +25,7 @@ json to_json(const FinetuneOptions& o) {
   return json{{"model", o.model},
               {"data", o.data},
               {"eval_data", o.eval_data},
+              {"quant", o.quant},
               {"out", o.out},
               {"lora_rank", o.lora_rank},
               {"lora_alpha", o.lora_alpha},

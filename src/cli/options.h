@@ -19,6 +19,7 @@ constexpr int64_t kMaxSteps = 1'000'000'000;
 
 struct FinetuneOptions {
   std::string model, data, eval_data, out;
+  std::string quant = "keep";  // how base weights are stored: keep, none, bf16, int8, nf4
   // LoRA
   int lora_rank = 16;
   float lora_alpha = 32.0f;
