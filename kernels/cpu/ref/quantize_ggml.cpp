@@ -11,14 +11,6 @@
 namespace tf::ref {
 namespace {
 
-// a * b rounded to f32 on its own. GCC contracts a * b + c into one FMA in C++ (its default is
-// -ffp-contract=fast outside ISO C), rounding once where ggml's reference rounds twice, which moves
-// a value on a truncation boundary to the next code.
-float product(float a, float b) {
-  volatile float p = a * b;
-  return p;
-}
-
 // The value of largest magnitude, the first one on a tie (ggml keeps it with a strict `<`).
 float signed_absmax(const float* x) {
   float amax = 0.0f, max = 0.0f;
@@ -36,7 +28,7 @@ float symmetric_codes(const float* x, int half_range, uint8_t* q) {
   const float d = signed_absmax(x) / float(-half_range);
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   for (int j = 0; j < kQK0; ++j)
-    q[j] = uint8_t(std::min(2 * half_range - 1, int(int8_t(product(x[j], id) + (float(half_range) + 0.5f)))));
+    q[j] = uint8_t(std::min(2 * half_range - 1, int(int8_t(x[j] * id + (float(half_range) + 0.5f)))));
   return d;
 }
 
@@ -51,8 +43,7 @@ float offset_codes(const float* x, int levels, uint8_t* q, float& min) {
   }
   const float d = (max - min) / float(levels);
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  for (int j = 0; j < kQK0; ++j)
-    q[j] = uint8_t(std::min(levels, int(int8_t(product(x[j] - min, id) + 0.5f))));
+  for (int j = 0; j < kQK0; ++j) q[j] = uint8_t(std::min(levels, int(int8_t((x[j] - min) * id + 0.5f))));
   return d;
 }
 
