@@ -37,8 +37,10 @@ constexpr bool is_matrix_slot(WeightSlot s) {
 // The weight to compute with for `src` (a stored matrix of any dtype, in place in a file mapping)
 // under `mode`: `src` itself when the mode keeps its storage, otherwise a converted or quantized
 // copy whose memory `w` owns (MemTag::Weights). The conversion goes a bounded chunk of rows at a
-// time through at most one f32 scratch chunk (plus, for NF4, the tensor's f32 absmax, which double
-// quantization needs whole); the matrix is never in f32 as a whole unless f32 is the target.
+// time through at most one f32 scratch chunk (plus the tensor's f32 absmax when quantizing to NF4,
+// whose double quantization needs them whole, or reading a double-quantized NF4 source); the
+// matrix is never in f32 as a whole unless f32 is the target. Values are read exactly: ggml
+// blocks as ggml's reference dequantizes them, NF4 as bitsandbytes does.
 // A chunk is about `chunk_elems` elements (at least the rows that hold a whole 64-element block).
 // `name` names the tensor in errors (a non-finite element cannot be quantized).
 constexpr int64_t kWeightChunkElems = int64_t(1) << 16;
