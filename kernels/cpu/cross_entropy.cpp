@@ -129,12 +129,9 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
                   int(dim), tile, int(dim), 0.0f, logits, int(vn));
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
+        // An ignored row's acc collects whatever its logits make of it and is never read.
+        if (t[i] == kIgnoreIndex) continue;
         float* row = logits + i * vn;
-        if (t[i] == kIgnoreIndex) {
-          // A zero row of probabilities makes the acc GEMM add nothing for this row.
-          if (acc) std::fill(row, row + vn, 0.0f);
-          continue;
-        }
         const int64_t g = r0 + i;
         const int64_t local = int64_t(t[i]) - v0;
         const bool has_target = local >= 0 && local < vn;
