@@ -10,9 +10,9 @@ For each file it
   1. prints the tensor types the file holds (per-type counts, read with gguf-py);
   2. writes gguf.quants.dequantize of every tensor as little-endian f32, in the file's tensor order,
      to a temporary file and runs tests/test_gguf_real_quants.cpp on the pair, which loads the file
-     with load_model and compares every weight, and the file's blocks decoded by tf::cpu (AVX-512
-     and portable paths), bit for bit (it prints, per type and decoding, how many values differ
-     and the largest |difference|);
+     with load_model and compares, bit for bit, every f32 weight of QuantMode::None and every block
+     QuantMode::Keep keeps as decoded by tf::cpu (AVX-512 and portable paths); it prints, per type
+     and decoding, how many values differ and the largest |difference|;
   3. runs `tightfit inspect --all-tensors FILE` and checks that its per-type summary has the
      file's counts and that each tensor's line names the tensor's type.
 It exits 1 when any check fails.
