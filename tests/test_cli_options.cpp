@@ -247,3 +247,29 @@ TEST_F(CliOptions, HelpAndDeviceSayOnlyWhatExists) {
 }
 
 }  // namespace
+
+// --quant is checked before the model loads, stored in the run's config (it changes the numbers, so
+// a resume must keep it), and each mode prints how the base is stored.
+TEST_F(CliOptions, QuantModesStoreTheBaseAsAsked) {
+  expect_refused(args_with({"--quant", "nf5"}), {"--quant must be keep, none, bf16, int8 or nf4, got 'nf5'"});
+  expect_refused({"eval", "--model", (dir_ / "model").string(), "--data", (dir_ / "train.jsonl").string(),
+                  "--quant", "q4"},
+                 {"--quant must be keep, none, bf16, int8 or nf4, got 'q4'"});
+  const std::vector<std::pair<std::string, std::string>> modes = {
+      {"keep", "f32"}, {"bf16", "bf16"}, {"int8", "int8"}, {"nf4", "nf4"}};
+  for (const auto& [mode, dtype] : modes) {
+    const Result r = run(args_with({"--quant", mode}, mode));
+    ASSERT_EQ(r.status, 0) << mode << "\n" << r.err;
+    EXPECT_NE(r.out.find("base weights (--quant " + mode + "): "), std::string::npos) << r.out;
+    // Matrices take the mode's dtype; the f32 norms stay f32 in every mode.
+    const size_t line = r.out.find("base weights");
+    const std::string summary = r.out.substr(line, r.out.find('\n', line) - line);
+    EXPECT_NE(summary.find(dtype + " "), std::string::npos) << summary;
+    EXPECT_EQ(run_config(mode)["quant"], mode);
+  }
+  std::vector<std::string> resume = args_with({"--quant", "int8", "--resume"}, "nf4");
+  set_option(resume, "--steps", "2");
+  const Result r = run(resume);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("quant"), std::string::npos) << r.err;
+}
