@@ -83,6 +83,7 @@ TEST(GgufRealQuants, EveryTensorDecodesLikeGgufPy) {
     ASSERT_EQ(w.cols, t.row_length());
     ASSERT_EQ(k.rows, t.n_rows());
     ASSERT_EQ(k.cols, t.row_length());
+    ASSERT_FALSE(is_quantized(w.dtype)) << "QuantMode::None kept " << dtype_name(w.dtype);
     // Keep computes with the file's own blocks, never a re-quantization.
     const auto file_dtype = dtype_of_ggml(t.type);
     ASSERT_TRUE(file_dtype.has_value());
