@@ -1,7 +1,10 @@
 // defines: tests of `tightfit export --format merged` onto a GGUF base through the binary: --out
 // ending in .gguf gives a GGUF file (untouched tensors as they were, quantized adapted ones as F16,
-// BF16 ones kept, the summary line), any other --out an HF directory in f16 or bf16; every merged
-// export reports its logits against base + adapter; a .gguf --out for an HF base is refused
+// BF16 ones kept, the summary line), any other --out an HF directory in f16 or bf16; --quant
+// re-quantizes a GGUF's merged tensors (q8_0, q4_0, keep) or writes a bitsandbytes NF4 directory
+// (nf4), and the probe grows with the format's error; every merged export reports its logits
+// against base + adapter; a .gguf --out for an HF base and a --quant that does not fit the export
+// are refused
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -176,6 +179,114 @@ TEST_F(CliMerge, GgufOutForAnHfBaseIsRefused) {
       << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(CliMerge, QuantWritesTheAskedTypesAndTheProbeGrowsWithTheirError) {
+  make_gguf_run(false);
+  const auto export_as = [&](const std::string& quant) {
+    const Result r = run({"export", "--run", (dir_ / "run").string(), "--format", "merged", "--out",
+                          (dir_ / (quant + ".gguf")).string(), "--quant", quant});
+    EXPECT_EQ(r.status, 0) << r.err;
+    return r;
+  };
+  const std::string copied = "; " + std::to_string(n_tensors_ - 14) + " tensors copied as they are\n";
+  const Result f16 = export_as("f16"), q8 = export_as("q8_0"), q4 = export_as("q4_0"),
+               keep = export_as("keep");
+  EXPECT_NE(
+      f16.out.find("\n12 adapted tensors written as F32 (were F32); 2 adapted tensors written as F16 (were "
+                   "Q8_0)" +
+                   copied),
+      std::string::npos)
+      << f16.out;
+  EXPECT_NE(q8.out.find("\n14 adapted tensors written as Q8_0 (were 12 F32, 2 Q8_0)" + copied),
+            std::string::npos)
+      << q8.out;
+  EXPECT_NE(q4.out.find("\n14 adapted tensors written as Q4_0 (were 12 F32, 2 Q8_0)" + copied),
+            std::string::npos)
+      << q4.out;
+  EXPECT_NE(
+      keep.out.find("\n12 adapted tensors written as F32 (were F32); 2 adapted tensors written as Q8_0 (were "
+                    "Q8_0)" +
+                    copied),
+      std::string::npos)
+      << keep.out;
+  EXPECT_EQ(io::GgufFile::open((dir_ / "q4_0.gguf").string()).tensor("blk.1.attn_k.weight").type,
+            GgmlType::Q4_0);
+  // The probe measures the re-quantization: f16 rounding (2^-11 of a weight, on ffn_down only)
+  // below Q8_0's step (up to 1/254 of a block's largest weight, on every projection) below
+  // Q4_0's (1/16 of it, 8 times Q8_0's). Each is a factor of several apart.
+  const Probe pf = probe_of(f16.out), p8 = probe_of(q8.out), p4 = probe_of(q4.out);
+  EXPECT_GT(pf.rel, 0) << f16.out;
+  EXPECT_LT(pf.rel * 3, p8.rel) << f16.out << q8.out;
+  EXPECT_LT(p8.rel * 3, p4.rel) << q8.out << q4.out;
+  EXPECT_LT(p4.max_dlogit, 1.0) << q4.out;
+  // keep re-quantizes only ffn_down to Q8_0: between f16 and an all-Q8_0 file.
+  EXPECT_LT(probe_of(keep.out).rel, p8.rel) << keep.out;
+}
+
+TEST_F(CliMerge, Nf4WritesABitsandbytesDirectoryThatLoadsAsNf4) {
+  make_gguf_run(false);
+  const Result plain = export_to(dir_ / "plain");
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  const Result r = run({"export", "--run", (dir_ / "run").string(), "--format", "merged", "--out",
+                        (dir_ / "nf4").string(), "--quant", "nf4"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find(
+                "\n14 decoder-layer matrices written as NF4 (bitsandbytes 4-bit, double-quantized absmax)\n"),
+            std::string::npos)
+      << r.out;
+  const nlohmann::json config = nlohmann::json::parse(slurp(dir_ / "nf4" / "config.json"));
+  EXPECT_EQ(config["quantization_config"]["quant_method"], "bitsandbytes");
+  EXPECT_EQ(config["torch_dtype"], "float16");
+  const LlamaWeights w = io::load_hf_model((dir_ / "nf4").string(), io::QuantMode::Keep);
+  EXPECT_EQ(w.blocks[0].q.dtype, DType::NF4);
+  EXPECT_EQ(w.blocks[1].down.dtype, DType::NF4);
+  EXPECT_EQ(w.embed.dtype, DType::F16);
+  // 4-bit codes step by up to a third of a block's largest weight: far above f16 rounding.
+  const Probe p = probe_of(r.out);
+  EXPECT_GT(p.rel, 5 * probe_of(plain.out).rel) << r.out << plain.out;
+  EXPECT_LT(p.max_dlogit, 1.0) << r.out;
+}
+
+TEST_F(CliMerge, QuantThatDoesNotFitTheExportIsRefused) {
+  make_gguf_run(false);
+  const std::string run_dir = (dir_ / "run").string();
+  struct Case {
+    std::vector<std::string> args;
+    std::string error;  // the start of the one line on stderr
+  };
+  const std::string gguf_out = (dir_ / "m.gguf").string(), dir_out = (dir_ / "m").string();
+  const std::vector<Case> cases = {
+      {{"--format", "merged", "--out", gguf_out, "--quant", "nf4"},
+       "error: " + gguf_out +
+           ": ends in .gguf, but --quant nf4 writes a bitsandbytes 4-bit HF directory; choose an --out "
+           "without "
+           ".gguf, or a GGUF --quant (f16, q8_0, q4_0, q4_1, q5_0, q5_1 or keep) ("},
+      {{"--format", "merged", "--out", dir_out, "--quant", "q8_0"},
+       "error: --quant q8_0 is for GGUF files, but --out " + dir_out +
+           " is an HF directory (it does not end in .gguf); an HF directory takes --quant nf4, or no --quant "
+           "for "
+           "f16/bf16 ("},
+      {{"--format", "merged", "--out", dir_out, "--quant", "keep"}, "error: --quant keep is for GGUF files"},
+      {{"--format", "merged", "--out", gguf_out, "--quant", "q4_k"},
+       "error: --quant must be nf4 (for an HF directory --out) or f16, q8_0, q4_0, q4_1, q5_0, q5_1 or keep "
+       "(for a "
+       ".gguf --out), got 'q4_k' ("},
+      {{"--format", "peft", "--out", dir_out, "--quant", "nf4"},
+       "error: --quant applies to --format merged only, not peft ("},
+      {{"--format", "gguf", "--out", gguf_out, "--quant", "q8_0"},
+       "error: --quant applies to --format merged only, not gguf ("},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {"export", "--run", run_dir};
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    const Result r = run(args);
+    EXPECT_EQ(r.status, 1) << c.error;
+    EXPECT_EQ(r.err.rfind(c.error, 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_FALSE(fs::exists(gguf_out)) << c.error;
+    EXPECT_FALSE(fs::exists(dir_out)) << c.error;
+  }
 }
 
 }  // namespace

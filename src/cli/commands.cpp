@@ -336,6 +336,25 @@ int run_export(const ExportOptions& o) {
   TF_CHECK(o.format != "merged" || gguf_base || !out_gguf, o.out,
            ": ends in .gguf, but a merged export of a run on an HF directory is an HF directory; ",
            "choose an --out without .gguf");
+  // --quant: how a merged export stores its weights; which values apply depends on --out.
+  io::MergedGgufOptions gguf_options;
+  if (!o.quant.empty()) {
+    static const std::map<std::string, GgmlType> kGgufTypes = {
+        {"f16", GgmlType::F16},   {"q8_0", GgmlType::Q8_0}, {"q4_0", GgmlType::Q4_0},
+        {"q4_1", GgmlType::Q4_1}, {"q5_0", GgmlType::Q5_0}, {"q5_1", GgmlType::Q5_1}};
+    const bool gguf_quant = o.quant == "keep" || kGgufTypes.count(o.quant);
+    TF_CHECK(o.format == "merged", "--quant applies to --format merged only, not ", o.format);
+    TF_CHECK(o.quant == "nf4" || gguf_quant, "--quant must be nf4 (for an HF directory --out) or f16, q8_0, ",
+             "q4_0, q4_1, q5_0, q5_1 or keep (for a .gguf --out), got '", o.quant, "'");
+    TF_CHECK(o.quant != "nf4" || !out_gguf, o.out, ": ends in .gguf, but --quant nf4 writes a bitsandbytes ",
+             "4-bit HF directory; choose an --out without .gguf, or a GGUF --quant (f16, q8_0, q4_0, q4_1, ",
+             "q5_0, q5_1 or keep)");
+    TF_CHECK(!gguf_quant || out_gguf, "--quant ", o.quant, " is for GGUF files, but --out ", o.out,
+             " is an HF directory (it does not end in .gguf); an HF directory takes --quant nf4, or no ",
+             "--quant for f16/bf16");
+    gguf_options.keep_base_types = o.quant == "keep";
+    if (gguf_quant && !gguf_options.keep_base_types) gguf_options.type = kGgufTypes.at(o.quant);
+  }
   if (o.format == "gguf" || (o.format == "merged" && out_gguf)) {
     check_export_file_target(o.out, o.force);
   } else {
@@ -350,7 +369,11 @@ int run_export(const ExportOptions& o) {
   }
   std::string summary;
   {
-    io::LoadedModel base = io::load_model(base_path);
+    // Only a merged HF export reads the base's weights (a merged GGUF reads its tensors from the
+    // file); they are kept in their stored types, quantized ones included, and each tensor is
+    // dequantized a tile at a time as it is merged.
+    const bool merged_hf = o.format == "merged" && !out_gguf;
+    io::LoadedModel base = io::load_model(base_path, merged_hf, io::QuantMode::Keep);
     const io::PeftAdapter a = io::import_peft(adapter_dir.string(), base.weights.config);
     if (o.format == "peft") {
       publish_export_dir(o.out, "peft", [&](const std::string& staged) {
@@ -359,12 +382,14 @@ int run_export(const ExportOptions& o) {
     } else if (o.format == "gguf") {
       io::export_gguf_lora(o.out, a.lora, base.weights.config);
     } else if (out_gguf) {
-      summary =
-          io::describe(io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout));
+      summary = io::describe(
+          io::export_merged_gguf(o.out, *base.gguf, a.lora, base.weights.config.rope_layout, gguf_options));
     } else {
       io::MergedHfOptions mo;
+      mo.nf4 = o.quant == "nf4";
       if (base.format == io::ModelFormat::Gguf) {
-        // Quantized tensors were dequantized to f32 at load; bf16 when the base has bf16 tensors.
+        // f16, or bf16 when the base has bf16 tensors, rather than each tensor's own type (f32 for
+        // the norms of every GGUF file).
         const auto& ts = base.gguf->tensors();
         const bool bf16 = std::any_of(ts.begin(), ts.end(),
                                       [](const io::GgufTensorInfo& t) { return t.type == GgmlType::BF16; });
@@ -372,6 +397,9 @@ int run_export(const ExportOptions& o) {
       } else {
         mo.base_dir = base_path;
       }
+      if (mo.nf4)
+        summary = std::to_string(7 * base.weights.config.n_layers) +
+                  " decoder-layer matrices written as NF4 (bitsandbytes 4-bit, double-quantized absmax)";
       publish_export_dir(o.out, "merged", [&](const std::string& staged) {
         io::export_merged_hf(staged, base.weights, a.lora, mo);
       });

@@ -45,6 +45,10 @@ int run_eval(const EvalOptions& o);
 
 struct ExportOptions {
   std::string run, format = "peft", out;
+  // merged only: "nf4" (an HF directory in bitsandbytes 4-bit), or for a .gguf --out the type of
+  // the merged tensors: "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1" or "keep"; empty for the
+  // default (f16 / bf16)
+  std::string quant;
   bool force = false;  // replace an --out that is not a previous tightfit export
 };
 int run_export(const ExportOptions& o);

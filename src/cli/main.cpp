@@ -167,6 +167,10 @@ int run(int argc, char** argv) {
   export_cmd->add_option("--format", ex.format, "peft, gguf or merged")->capture_default_str();
   export_cmd->add_option("--out", ex.out, "Output directory (peft, merged HF) or file (gguf, merged GGUF)")
       ->required();
+  export_cmd->add_option(
+      "--quant", ex.quant,
+      "merged only: nf4 for an HF directory (bitsandbytes 4-bit); for a .gguf --out the merged "
+      "tensors' type: f16 (default), q8_0, q4_0, q4_1, q5_0, q5_1, or keep (the base's)");
   export_cmd->add_flag("--force", ex.force,
                        "Replace --out even if tightfit did not write it (a directory is replaced whole)");
 

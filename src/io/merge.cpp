@@ -2,16 +2,20 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <optional>
 #include <vector>
 
 #include "kernels/cpu/dequant.h"
+#include "kernels/cpu/ref/quantize.h"
+#include "kernels/cpu/ref/quantize_ggml.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
 #include "src/io/durable.h"
@@ -92,18 +96,21 @@ void check_lora_fits(const LoraState& lora, const LlamaConfig& cfg, const std::s
   }
 }
 
-void to_f32(float* dst, const void* src, DType dtype, int64_t n) {
-  switch (dtype) {
-    case DType::F32: std::memcpy(dst, src, size_t(n) * 4); return;
-    case DType::BF16:
-    case DType::F16: {
-      const auto* h = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = dtype == DType::BF16 ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
-      return;
-    }
-    default: break;
-  }
-  TF_FAIL("merge: base weights must be f32, bf16 or f16, not ", dtype_name(dtype));
+// Rows per tile of a [rows, cols] matrix: a multiple of `unit` (rows that must stay together in a
+// tile) of about `elems` elements, at most all of them.
+int64_t tile_rows(int64_t rows, int64_t cols, int64_t unit, int64_t elems) {
+  return std::min(rows, std::max<int64_t>(1, elems / std::max<int64_t>(cols, 1) / unit) * unit);
+}
+
+// dst ([n, w.cols] f32) = rows [r0, r0 + n) of `w`, of any storage dtype, plus scale * B A for
+// those rows when `a` is given.
+void merged_rows(float* dst, const WeightRef& w, const LoraAdapter* a, float scale, int64_t r0, int64_t n) {
+  cpu::dequantize_weight_tile(dst, w.cols, w, r0, n, 0, w.cols);
+  if (!a) return;
+  LoraAdapter rows = *a;
+  rows.B += r0 * a->rank;
+  rows.out = int(n);
+  merge_lora_delta(dst, rows, scale);
 }
 
 // Stores n f32 values as `dtype` (round to nearest even for bf16 and f16).
@@ -222,37 +229,67 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
   return j;
 }
 
+ordered_json bnb4bit_quantization_config(DType compute_dtype) {
+  ordered_json q;
+  q["_load_in_4bit"] = true;
+  q["_load_in_8bit"] = false;
+  q["bnb_4bit_compute_dtype"] = torch_dtype_name(compute_dtype);
+  q["bnb_4bit_quant_storage"] = "uint8";
+  q["bnb_4bit_quant_type"] = "nf4";
+  q["bnb_4bit_use_double_quant"] = true;
+  q["llm_int8_enable_fp32_cpu_offload"] = false;
+  q["llm_int8_has_fp16_weight"] = false;
+  q["llm_int8_skip_modules"] = nullptr;
+  q["llm_int8_threshold"] = 6.0;
+  q["load_in_4bit"] = true;
+  q["load_in_8bit"] = false;
+  q["quant_method"] = "bitsandbytes";
+  return q;
+}
+
 void export_merged_hf(const std::string& dir, const LlamaWeights& base, const LoraState& lora,
                       const MergedHfOptions& options) {
   const LlamaConfig& cfg = base.config;
   check_lora_fits(lora, cfg, dir);
   TF_CHECK(options.max_shard_bytes > 0, dir, ": max_shard_bytes must be positive");
+  TF_CHECK(!options.dtype || *options.dtype == DType::F16 || *options.dtype == DType::BF16, dir,
+           ": merged weights are stored as f16 or bf16, not ", dtype_name(*options.dtype));
   const float scale = lora.config.scale();
   const bool unpermute = cfg.rope_layout == RopeLayout::Interleaved;
+  const DType quantized_as =
+      options.dtype.value_or(is_quantized(base.embed.dtype) ? DType::F16 : base.embed.dtype);
 
   struct Entry {
     std::string name;
     WeightSlot slot;
     int layer;
     WeightRef w;
+    DType dtype;  // stored as, or (nf4) rounded to before quantizing
+    bool nf4;
+    int64_t bytes;  // in the file, companions included
   };
   std::vector<Entry> entries;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    entries.push_back({hf_weight_name(slot, layer), slot, layer, slot_of(base, slot, layer)});
+    const WeightRef w = slot_of(base, slot, layer);
+    const DType dtype = is_quantized(w.dtype) ? quantized_as : options.dtype.value_or(w.dtype);
+    const bool nf4 = options.nf4 && target_of(slot).has_value();
+    const int64_t n = w.rows * w.cols, blocks = ref::quant_blocks(n, kNf4Block);
+    const int64_t bytes =
+        nf4 ? ref::nf4_packed_bytes(n) + blocks + 4 * (ref::quant_blocks(blocks, kNf4NestedBlock) + 16 + 256)
+            : n * int64_t(dtype_size(dtype));
+    entries.push_back({hf_weight_name(slot, layer), slot, layer, w, dtype, nf4, bytes});
   });
 
   // Greedy shards in slot order, each at most max_shard_bytes unless one tensor alone is larger.
   std::vector<std::vector<size_t>> shards(1);
   int64_t shard_bytes = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
-    const WeightRef& w = entries[i].w;
-    const int64_t bytes = w.rows * w.cols * int64_t(dtype_size(options.dtype.value_or(w.dtype)));
-    if (!shards.back().empty() && shard_bytes + bytes > options.max_shard_bytes) {
+    if (!shards.back().empty() && shard_bytes + entries[i].bytes > options.max_shard_bytes) {
       shards.emplace_back();
       shard_bytes = 0;
     }
     shards.back().push_back(i);
-    shard_bytes += bytes;
+    shard_bytes += entries[i].bytes;
   }
 
   StagedDir staged(dir);
@@ -262,38 +299,81 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     const std::string file = shards.size() == 1 ? "model.safetensors" : shard_name(s, shards.size());
     std::vector<Buffer> data;
     std::vector<SafetensorsWriteTensor> tensors;
+    const auto add = [&](std::string name, StDType dtype, std::vector<int64_t> shape, const void* bytes,
+                         size_t n_bytes) {
+      weight_map[name] = file;
+      total_bytes += int64_t(n_bytes);
+      tensors.push_back({std::move(name), dtype, std::move(shape),
+                         std::span<const std::byte>(static_cast<const std::byte*>(bytes), n_bytes)});
+    };
+    const auto buffer = [&](size_t bytes) { return data.emplace_back(bytes, MemTag::Weights, false).data(); };
     for (size_t i : shards[s]) {
       const Entry& e = entries[i];
-      const int64_t n = e.w.rows * e.w.cols;
-      const DType out_dtype = options.dtype.value_or(e.w.dtype);
-      const size_t bytes = size_t(n) * dtype_size(out_dtype);
+      const int64_t rows = e.w.rows, cols = e.w.cols, n = rows * cols;
       const std::optional<LoraTarget> t = target_of(e.slot);
-      const bool adapted = t && lora.at(e.layer, *t).active();
-      const bool qk = e.slot == WeightSlot::Q || e.slot == WeightSlot::K || e.slot == WeightSlot::QBias ||
-                      e.slot == WeightSlot::KBias;
-      data.emplace_back(bytes, MemTag::Weights, false);
-      if (adapted || (unpermute && qk) || out_dtype != e.w.dtype) {
-        Buffer f32(size_t(n) * sizeof(float), MemTag::Workspace, false);
-        to_f32(f32.as<float>(), e.w.data, e.w.dtype, n);
-        if (adapted) merge_lora_delta(f32.as<float>(), lora.at(e.layer, *t), scale);
-        if (unpermute && qk) {
-          // A bias is one value per row of the projection: permute it as a column.
-          const bool bias = e.w.rows == 1;
-          Buffer hf(size_t(n) * sizeof(float), MemTag::Workspace, false);
-          permute_qk_rows(hf.as<float>(), f32.as<float>(), bias ? e.w.cols : e.w.rows, bias ? 1 : e.w.cols,
-                          cfg.head_dim, false);
-          f32 = std::move(hf);
-        }
-        from_f32(data.back().data(), f32.as<float>(), out_dtype, n);
-      } else {
-        std::memcpy(data.back().data(), e.w.data, bytes);
+      const LoraAdapter* a = t && lora.at(e.layer, *t).active() ? &lora.at(e.layer, *t) : nullptr;
+      const bool permute = unpermute && (e.slot == WeightSlot::Q || e.slot == WeightSlot::K ||
+                                         e.slot == WeightSlot::QBias || e.slot == WeightSlot::KBias);
+      const std::vector<int64_t> shape =
+          rows == 1 ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
+      if (!a && !permute && !e.nf4 && e.dtype == e.w.dtype) {
+        const size_t bytes = size_t(n) * dtype_size(e.dtype);
+        add(e.name, to_st_dtype(e.dtype), shape, e.w.data, bytes);
+        continue;
       }
-      std::vector<int64_t> shape =
-          e.w.rows == 1 ? std::vector<int64_t>{e.w.cols} : std::vector<int64_t>{e.w.rows, e.w.cols};
-      tensors.push_back({e.name, to_st_dtype(out_dtype), std::move(shape),
-                         std::span<const std::byte>(data.back().as<std::byte>(), bytes)});
-      weight_map[e.name] = file;
-      total_bytes += int64_t(bytes);
+      // A bias is one value per row of the projection: it is permuted as a column, in one tile.
+      const bool bias = rows == 1;
+      int64_t unit = permute && !bias ? cfg.head_dim : 1;
+      // NF4 tiles start on a 64-element block (two codes per byte, blocks independent).
+      if (e.nf4) unit = std::lcm(unit, kNf4Block / std::gcd(cols, int64_t(kNf4Block)));
+      const int64_t step = bias ? 1 : tile_rows(rows, cols, unit, options.tile_elems);
+      Buffer tile(size_t(step * cols) * sizeof(float), MemTag::Workspace, false);
+      Buffer hf(permute ? tile.bytes() : 0, MemTag::Workspace, false);
+      const int64_t blocks = ref::quant_blocks(n, kNf4Block);
+      Buffer absmax(e.nf4 ? size_t(blocks) * sizeof(float) : 0, MemTag::Workspace, false);
+      void* out = buffer(e.nf4 ? size_t(ref::nf4_packed_bytes(n)) : size_t(n) * dtype_size(e.dtype));
+      for (int64_t r0 = 0; r0 < rows; r0 += step) {
+        const int64_t nr = std::min(step, rows - r0);
+        merged_rows(tile.as<float>(), e.w, a, scale, r0, nr);
+        float* v = tile.as<float>();
+        if (permute) {
+          permute_qk_rows(hf.as<float>(), v, bias ? cols : nr, bias ? 1 : cols, cfg.head_dim, false);
+          v = hf.as<float>();
+        }
+        if (!e.nf4) {
+          from_f32(static_cast<char*>(out) + r0 * cols * int64_t(dtype_size(e.dtype)), v, e.dtype, nr * cols);
+          continue;
+        }
+        // What bitsandbytes would quantize: the merged weights as this export stores them without nf4.
+        Buffer rounded(size_t(nr * cols) * dtype_size(e.dtype), MemTag::Workspace, false);
+        from_f32(rounded.data(), v, e.dtype, nr * cols);
+        cpu::dequantize_weight_tile(v, cols, WeightRef(rounded.data(), e.dtype, nr, cols), 0, nr, 0, cols);
+        ref::quantize_nf4(v, nr * cols, static_cast<uint8_t*>(out) + r0 * cols / 2,
+                          absmax.as<float>() + r0 * cols / kNf4Block);
+      }
+      if (!e.nf4) {
+        add(e.name, to_st_dtype(e.dtype), shape, out, size_t(n) * dtype_size(e.dtype));
+        continue;
+      }
+      const int64_t nested = ref::quant_blocks(blocks, kNf4NestedBlock);
+      auto* codes = static_cast<uint8_t*>(buffer(size_t(blocks)));
+      auto* nested_absmax = static_cast<float*>(buffer(size_t(nested) * sizeof(float)));
+      const float offset = ref::double_quantize_absmax(absmax.as<float>(), blocks, codes, nested_absmax);
+      // QuantState.as_dict(packed=True)'s JSON, spelled as Python's json.dumps spells it.
+      const std::string state =
+          "{\"quant_type\": \"nf4\", \"blocksize\": " + std::to_string(kNf4Block) + ", \"dtype\": \"" +
+          torch_dtype_name(e.dtype) + "\", \"shape\": [" + std::to_string(rows) + ", " +
+          std::to_string(cols) + "], \"nested_blocksize\": " + std::to_string(kNf4NestedBlock) +
+          ", \"nested_dtype\": \"float32\", \"nested_offset\": " + ordered_json(double(offset)).dump() + "}";
+      void* state_bytes = buffer(state.size());
+      std::memcpy(state_bytes, state.data(), state.size());
+      add(e.name, StDType::U8, {ref::nf4_packed_bytes(n), 1}, out, size_t(ref::nf4_packed_bytes(n)));
+      add(e.name + ".absmax", StDType::U8, {blocks}, codes, size_t(blocks));
+      add(e.name + ".quant_map", StDType::F32, {16}, kNf4Code, sizeof kNf4Code);
+      add(e.name + ".nested_absmax", StDType::F32, {nested}, nested_absmax, size_t(nested) * sizeof(float));
+      add(e.name + ".nested_quant_map", StDType::F32, {256}, ref::dynamic_map(), 256 * sizeof(float));
+      add(e.name + ".quant_state.bitsandbytes__nf4", StDType::U8, {int64_t(state.size())}, state_bytes,
+          state.size());
     }
     write_safetensors((staged.path() / file).string(), tensors, {{"format", "pt"}});
   }
@@ -308,10 +388,24 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   std::error_code ec;
   const bool have_config = !options.base_dir.empty() && fs::exists(base_dir / "config.json", ec);
   // A base whose q/k rows are interleaved did not come with an HF config (it is a GGUF file).
-  const std::string config =
-      have_config && !unpermute && !options.dtype
-          ? read_file(base_dir / "config.json")
-          : hf_config_json(cfg, options.dtype.value_or(base.embed.dtype)).dump(2) + "\n";
+  std::string config;
+  if (have_config && !unpermute && !options.dtype) {
+    config = read_file(base_dir / "config.json");
+    ordered_json j = ordered_json::parse(config, nullptr, false);
+    TF_CHECK(j.is_object(), (base_dir / "config.json").string(), ": is not a JSON object");
+    // A quantized base's quantization_config describes its weights, not these.
+    if (options.nf4 || j.contains("quantization_config")) {
+      j.erase("quantization_config");
+      if (options.nf4) j["quantization_config"] = bnb4bit_quantization_config(quantized_as);
+      config = j.dump(2) + "\n";
+    }
+  } else {
+    const DType embed =
+        is_quantized(base.embed.dtype) ? quantized_as : options.dtype.value_or(base.embed.dtype);
+    ordered_json j = hf_config_json(cfg, embed);
+    if (options.nf4) j["quantization_config"] = bnb4bit_quantization_config(embed);
+    config = j.dump(2) + "\n";
+  }
   write_file_synced((staged.path() / "config.json").string(), config);
   if (!options.base_dir.empty()) {
     for (const char* name : kTokenizerFiles) {
@@ -323,25 +417,68 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
 }
 
 std::string describe(const MergedGgufSummary& s) {
-  std::map<GgmlType, std::pair<int, std::string>> by_written;  // count, the base types it replaced
-  for (const auto& [types, n] : s.adapted) {
-    auto& [count, were] = by_written[types.first];
-    count += n;
-    were += std::string(were.empty() ? "" : ", ") + ggml_type_info(uint32_t(types.second)).name;
-  }
+  // For each written type: the base types it replaced, with how many of each.
+  std::map<GgmlType, std::vector<std::pair<GgmlType, int>>> by_written;
+  for (const auto& [types, n] : s.adapted) by_written[types.first].push_back({types.second, n});
   std::string line;
-  for (const auto& [type, entry] : by_written)
-    line += std::to_string(entry.first) + " adapted tensors written as " +
-            ggml_type_info(uint32_t(type)).name + " (were " + entry.second + "); ";
+  for (const auto& [type, were] : by_written) {
+    int count = 0;
+    std::string from;
+    for (const auto& [base_type, n] : were) {
+      count += n;
+      from += std::string(from.empty() ? "" : ", ") + (were.size() > 1 ? std::to_string(n) + " " : "") +
+              ggml_type_info(uint32_t(base_type)).name;
+    }
+    line += std::to_string(count) + " adapted tensors written as " + ggml_type_info(uint32_t(type)).name +
+            " (were " + from + "); ";
+  }
   return line + std::to_string(s.copied) + " tensors copied as they are";
 }
 
 MergedGgufSummary export_merged_gguf(const std::string& path, const GgufFile& base, const LoraState& lora,
-                                     RopeLayout lora_rows) {
+                                     RopeLayout lora_rows, const MergedGgufOptions& options) {
   const LlamaConfig cfg = llama_config_from_gguf(base);
   check_lora_fits(lora, cfg, base.path());
+  TF_CHECK(options.keep_base_types || options.type == GgmlType::F16 || ref::ggml_quantizable(options.type),
+           path, ": merged tensors are written as F16 or ", ref::quantizable_ggml_type_names(), ", not ",
+           ggml_type_info(uint32_t(options.type)).name);
   const float scale = lora.config.scale();
   const bool permute = lora_rows == RopeLayout::SplitHalf && gguf_permutes_qk(cfg);
+
+  // Each base tensor's adapter, or null for a tensor copied as it is.
+  std::vector<const LoraAdapter*> adapters;
+  int n_active = 0, n_merged = 0;
+  for (const auto& layer : lora.layers)
+    for (const LoraAdapter& a : layer) n_active += a.active() ? 1 : 0;
+  // The base types that cannot be kept, with how many adapted tensors have each.
+  std::map<GgmlType, int> not_writable;
+  for (const GgufTensorInfo& ti : base.tensors()) {
+    const auto parsed = parse_gguf_llama_tensor_name(ti.name);
+    const std::optional<LoraTarget> t =
+        parsed && parsed->layer < cfg.n_layers ? target_of(parsed->role) : std::nullopt;
+    const LoraAdapter* a = t && lora.at(parsed->layer, *t).active() ? &lora.at(parsed->layer, *t) : nullptr;
+    adapters.push_back(a);
+    if (!a) continue;
+    ++n_merged;
+    TF_CHECK(ti.n_dims == 2 && ti.ne[0] == a->in && ti.ne[1] == a->out, base.path(), ": tensor '", ti.name,
+             "' has ne [", ti.ne[0], ", ", ti.ne[1], "] but the adapter needs [", a->in, ", ", a->out, "]");
+    TF_CHECK(dtype_of_ggml(ti.type), base.path(), ": tensor '", ti.name, "' is ",
+             ggml_type_info(uint32_t(ti.type)).name,
+             ", which tightfit cannot dequantize to merge into (it reads ", ref::dequantizable_type_names(),
+             ")");
+    if (options.keep_base_types && is_quantized(*dtype_of_ggml(ti.type)) && !ref::ggml_quantizable(ti.type))
+      ++not_writable[ti.type];
+  }
+  TF_CHECK(n_merged == n_active, base.path(), ": only ", n_merged, " of the adapter's ", n_active,
+           " projections have a tensor in the base");
+  if (!not_writable.empty()) {
+    std::string types;
+    for (const auto& [type, n] : not_writable)
+      types += std::string(types.empty() ? "" : ", ") + ggml_type_info(uint32_t(type)).name + " (" +
+               std::to_string(n) + " tensor" + (n == 1 ? "" : "s") + ")";
+    TF_FAIL(base.path(), ": the adapted tensors cannot all keep their type: tightfit quantizes to ",
+            ref::quantizable_ggml_type_names(), ", not ", types, "; write them as F16 or one of those types");
+  }
 
   GgufWriter w(base.alignment());
   for (const auto& [key, value] : base.metadata()) {
@@ -351,48 +488,49 @@ MergedGgufSummary export_merged_gguf(const std::string& path, const GgufFile& ba
   w.add_string(kGgufExportKey, "merged");
   std::vector<Buffer> merged;  // must outlive write()
   MergedGgufSummary summary;
-  int n_merged = 0;
-  for (const GgufTensorInfo& ti : base.tensors()) {
+  for (size_t k = 0; k < base.tensors().size(); ++k) {
+    const GgufTensorInfo& ti = base.tensors()[k];
     const std::vector<int64_t> ne(ti.ne.begin(), ti.ne.begin() + ti.n_dims);
-    const auto parsed = parse_gguf_llama_tensor_name(ti.name);
-    const std::optional<LoraTarget> t =
-        parsed && parsed->layer < cfg.n_layers ? target_of(parsed->role) : std::nullopt;
-    if (!t || !lora.at(parsed->layer, *t).active()) {
+    if (!adapters[k]) {
       w.add_tensor(ti.name, ti.type, ne, ti.data, size_t(ti.n_bytes));
       ++summary.copied;
       continue;
     }
-    LoraAdapter a = lora.at(parsed->layer, *t);
-    TF_CHECK(ti.n_dims == 2 && ti.ne[0] == a.in && ti.ne[1] == a.out, base.path(), ": tensor '", ti.name,
-             "' has ne [", ti.ne[0], ", ", ti.ne[1], "] but the adapter needs [", a.in, ", ", a.out, "]");
-    Buffer f32(size_t(ti.n_elements) * sizeof(float), MemTag::Workspace, false);
-    ref::dequantize_rows(ti.type, ti.data, ti.n_elements, f32.as<float>());
+    LoraAdapter a = *adapters[k];
     // (P B) A = P (B A): permuting B's rows puts the whole delta in GGUF's row order.
     Buffer b_gguf;
-    if (permute && (*t == LoraTarget::Q || *t == LoraTarget::K)) {
+    const auto parsed = parse_gguf_llama_tensor_name(ti.name);
+    if (permute && (parsed->role == GgufLlamaRole::AttnQ || parsed->role == GgufLlamaRole::AttnK)) {
       b_gguf = Buffer(size_t(a.out) * size_t(a.rank) * sizeof(float), MemTag::Lora, false);
       permute_qk_rows(b_gguf.as<float>(), a.B, a.out, a.rank, cfg.head_dim, true);
       a.B = b_gguf.as<float>();
     }
-    merge_lora_delta(f32.as<float>(), a, scale);
 
-    const bool keep_type = ti.type == GgmlType::F32 || ti.type == GgmlType::F16 || ti.type == GgmlType::BF16;
-    const GgmlType out_type = keep_type ? ti.type : GgmlType::F16;
-    const DType out_dtype = out_type == GgmlType::F16    ? DType::F16
-                            : out_type == GgmlType::BF16 ? DType::BF16
-                                                         : DType::F32;
-    const size_t bytes = size_t(ti.n_elements) * dtype_size(out_dtype);
-    merged.emplace_back(bytes, MemTag::Weights, false);
-    from_f32(merged.back().data(), f32.as<float>(), out_dtype, ti.n_elements);
-    w.add_tensor(ti.name, out_type, ne, merged.back().data(), bytes);
+    const DType in_dtype = *dtype_of_ggml(ti.type);
+    const GgmlType out_type =
+        options.keep_base_types || (options.type == GgmlType::F16 && !is_quantized(in_dtype)) ? ti.type
+                                                                                              : options.type;
+    const int64_t rows = ti.ne[1], cols = ti.ne[0];
+    const GgmlTypeInfo out_info = ggml_type_info(uint32_t(out_type));
+    TF_CHECK(cols % out_info.block_elems == 0, base.path(), ": tensor '", ti.name, "' has rows of ", cols,
+             " elements, not whole ", out_info.name, " blocks of ", out_info.block_elems);
+    const int64_t row_bytes = cols / out_info.block_elems * out_info.block_bytes;
+    merged.emplace_back(size_t(rows * row_bytes), MemTag::Weights, false);
+    auto* out = merged.back().as<char>();
+    const int64_t step = tile_rows(rows, cols, 1, options.tile_elems);
+    Buffer tile(size_t(step * cols) * sizeof(float), MemTag::Workspace, false);
+    const WeightRef wb(ti.data, in_dtype, rows, cols);
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
+      const int64_t nr = std::min(step, rows - r0);
+      merged_rows(tile.as<float>(), wb, &a, scale, r0, nr);
+      if (ref::ggml_quantizable(out_type))
+        ref::quantize_rows_ggml(out_type, tile.as<float>(), nr * cols, out + r0 * row_bytes);
+      else
+        from_f32(out + r0 * row_bytes, tile.as<float>(), *dtype_of_ggml(out_type), nr * cols);
+    }
+    w.add_tensor(ti.name, out_type, ne, out, size_t(rows * row_bytes));
     ++summary.adapted[{out_type, ti.type}];
-    ++n_merged;
   }
-  int n_active = 0;
-  for (const auto& layer : lora.layers)
-    for (const LoraAdapter& a : layer) n_active += a.active() ? 1 : 0;
-  TF_CHECK(n_merged == n_active, base.path(), ": only ", n_merged, " of the adapter's ", n_active,
-           " projections have a tensor in the base");
   w.write(path);
   return summary;
 }
