@@ -115,7 +115,8 @@ struct TestWeight {
 
 // Bound on |fast - reference| for one output element out = sum_k a_k b_k + beta out0. The f32
 // dot product of length K, in any summation order and blocking, with or without FMA, is within
-// gamma_K S of the exact sum, S = sum_k |a_k| |b_k| and gamma_K ~ K eps / 2 (Higham, Theorem 3.5);
+// gamma_K S of the exact sum, S = sum_k |a_k| |b_k| and gamma_K ~ K eps / 2 (each of the K - 1
+// additions and K products rounds once, and an error made early is carried by the later sums);
 // the reference sums in double and rounds once (eps / 2 relative); adding beta out0 rounds once
 // more. (K + 2) eps (S + |beta out0|) covers all three with a factor of two to spare.
 double element_tolerance(int64_t K, double S, double beta_term) {

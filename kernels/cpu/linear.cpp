@@ -1,5 +1,5 @@
 // defines: tf::cpu::linear_forward, tf::cpu::linear_backward_input (f32 / bf16 / f16 weights
-// through tf::cpu::matmul; a quantized weight dequantized one bounded row tile at a time into
+// through tf::cpu::matmul; a quantized weight dequantized one bounded tile at a time into
 // per-thread scratch and multiplied with OpenBLAS sgemm, or through tf::cpu::quant_gemv when there
 // are only a few tokens)
 #include "kernels/cpu/ref/linear.h"
