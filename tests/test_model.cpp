@@ -202,6 +202,33 @@ TEST(LlamaModel, DropoutIsDeterministicPerStepAndOffInEval) {
   EXPECT_EQ(la, lb);
 }
 
+// The mask is Philox's uniform of each element's own index in the (seed, step, layer, target)
+// stream: a resumed run, a recomputed block and another backend draw the same one. Odd sizes reach
+// the last, partial group of four elements, and a large one the parallel loop.
+TEST(LoraDropout, MaskIsEachElementsOwnUniform) {
+  for (const auto& [n, in] : std::vector<std::pair<int64_t, int>>{{3, 7}, {1, 1}, {5, 4}, {257, 513}}) {
+    LoraDropout d;
+    d.p = 0.3f;
+    d.seed = 11;
+    d.step = 4;
+    d.layer = 2;
+    d.target = LoraTarget::Up;
+    std::vector<float> x(size_t(n * in)), out(x.size());
+    for (size_t i = 0; i < x.size(); ++i) x[i] = 1.0f + float(i);
+    d.apply(out.data(), x.data(), n, in);
+    const Philox rng = d.stream();
+    int64_t dropped = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = rng.uniform(i) < d.p ? 0.0f : x[i] * (1.0f / (1.0f - d.p));
+      ASSERT_EQ(out[i], want) << "element " << i << " of " << n << " x " << in;
+      dropped += out[i] == 0.0f;
+    }
+    if (x.size() > 1000) {
+      EXPECT_NEAR(double(dropped) / double(x.size()), 0.3, 0.01);
+    }
+  }
+}
+
 TEST(LlamaModel, ZeroBMeansBaseModelLogits) {
   // A fresh adapter has B = 0, so it must not change the base model's output: compare with the
   // plain references, which have no LoRA branch at all. Only f32 rounding separates the two (as in

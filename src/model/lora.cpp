@@ -1,5 +1,6 @@
 #include "src/model/lora.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -73,12 +74,26 @@ void LoraState::zero_grads() {
   std::memset(grads.data(), 0, grads.bytes());
 }
 
+Philox LoraDropout::stream() const {
+  return Philox(seed, kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target));
+}
+
 void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
-  const Philox rng(seed, kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target));
+  const Philox rng = stream();
   const float keep_scale = 1.0f / (1.0f - p);
   const int64_t total = n * in;
+  // Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)); one block computed per
+  // four elements instead of one per element, which made dropout a third of a training step.
+  const int64_t blocks = (total + 3) / 4;
 #pragma omp parallel for if (total >= kMinParallelElems) schedule(static)
-  for (int64_t i = 0; i < total; ++i) out[i] = rng.uniform(uint64_t(i)) < p ? 0.0f : x[i] * keep_scale;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const std::array<uint32_t, 4> words = rng.block(uint64_t(b));
+    const int64_t i0 = 4 * b;
+    for (int64_t j = 0; j < 4 && i0 + j < total; ++j) {
+      const int64_t i = i0 + j;
+      out[i] = uint_to_unit_float(words[size_t(j)]) < p ? 0.0f : x[i] * keep_scale;
+    }
+  }
 }
 
 static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false) {

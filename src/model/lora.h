@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "src/core/alloc.h"
+#include "src/core/rng.h"
 #include "src/model/config.h"
 
 namespace tf {
@@ -55,8 +56,10 @@ struct LoraDropout {
   uint64_t step = 0;
   int layer = 0;
   LoraTarget target = LoraTarget::Q;
-  // Writes dropout(x) into out ([n, in]).
+  // Writes dropout(x) into out ([n, in]): element i is dropped when stream().uniform(i) < p.
   void apply(float* out, const float* x, int64_t n, int in) const;
+  // The Philox stream of this (seed, step, layer, target).
+  Philox stream() const;
 };
 
 // y[n, out] += scale * dropout(x) A^T B^T. `t` ([n, rank]) receives dropout(x) A^T, kept for
