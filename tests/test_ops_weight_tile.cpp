@@ -1,12 +1,14 @@
 // Tests: tf::cpu::dequantize_weight_tile against tf::ref bit for bit for every storage dtype
 // (AVX-512 and portable paths, awkward tiles, NF4 / INT8 rows that start mid-block and mid-byte,
-// every f16 bit pattern); tf::cpu::quant_gemv against a dequantize-then-dot reference within a
-// derived rounding bound, for 1..8 tokens and beta 0 / 1, on any thread count; their input errors.
+// every f16 bit pattern); tf::cpu::quant_gemv and quant_gemv_t against a dequantize-then-dot
+// reference within a derived rounding bound, for 1..8 tokens and beta 0 / 1, with the same bits on
+// one and two threads; their input errors.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -292,20 +294,55 @@ GemvReference gemv_reference(const WeightRef& W, const std::vector<float>& x, co
   return g;
 }
 
-// Runs quant_gemv on y0 and checks every element against the reference bound; returns the output.
-std::vector<float> expect_gemv_within_bound(const WeightRef& W, const std::vector<float>& x,
-                                            const std::vector<float>& y0, int64_t n_tokens, float beta) {
-  const GemvReference want = gemv_reference(W, x, y0, n_tokens, beta);
+// dx = dy W + beta dx in double, and gemv_reference's bound for its sums over W.rows products.
+GemvReference gemv_t_reference(const WeightRef& W, const std::vector<float>& dy,
+                               const std::vector<float>& dx0, int64_t n_tokens, float beta) {
+  std::vector<float> w(size_t(W.rows * W.cols));
+  ref::dequantize_weight_tile(w.data(), W.cols, W, 0, W.rows, 0, W.cols);
+  GemvReference g{std::vector<double>(size_t(n_tokens * W.cols)),
+                  std::vector<double>(size_t(n_tokens * W.cols))};
+  const double u = std::ldexp(1.0, -24);
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t k = 0; k < W.cols; ++k) {
+      double dot = 0, mag = 0;
+      for (int64_t r = 0; r < W.rows; ++r) {
+        const double p = double(dy[size_t(t * W.rows + r)]) * double(w[size_t(r * W.cols + k)]);
+        dot += p;
+        mag += std::fabs(p);
+      }
+      const size_t i = size_t(t * W.cols + k);
+      const double bx = beta == 0.0f ? 0.0 : double(beta) * double(dx0[i]);
+      g.y[i] = dot + bx;
+      g.bound[i] = double(W.rows + 4) * u * (mag + std::fabs(bx)) + 1e-30;
+    }
+  return g;
+}
+
+// Checks every element of `got` ([tokens, width]) against the reference bound.
+void expect_within_bound(const std::vector<float>& got, const GemvReference& want, int64_t width) {
+  int reported = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::fabs(double(got[i]) - want.y[i]);
+    if (!(err <= want.bound[i]) && reported++ < 5)
+      ADD_FAILURE() << "out[" << i / size_t(width) << ", " << i % size_t(width) << "] = " << got[i]
+                    << ", want " << want.y[i] << " within " << want.bound[i];
+  }
+}
+
+// Runs quant_gemv on y0 and checks every element against the reference bound.
+void expect_gemv_within_bound(const WeightRef& W, const std::vector<float>& x, const std::vector<float>& y0,
+                              int64_t n_tokens, float beta) {
   std::vector<float> y = y0;
   cpu::quant_gemv(y.data(), x.data(), W, n_tokens, beta);
-  int reported = 0;
-  for (size_t i = 0; i < y.size(); ++i) {
-    const double err = std::fabs(double(y[i]) - want.y[i]);
-    if (!(err <= want.bound[i]) && reported++ < 5)
-      ADD_FAILURE() << "y[" << i / size_t(W.rows) << ", " << i % size_t(W.rows) << "] = " << y[i] << ", want "
-                    << want.y[i] << " within " << want.bound[i];
-  }
-  return y;
+  expect_within_bound(y, gemv_reference(W, x, y0, n_tokens, beta), W.rows);
+}
+
+// Runs quant_gemv_t on dx0 and checks every element against the reference bound.
+void expect_gemv_t_within_bound(const WeightRef& W, const std::vector<float>& dy,
+                                const std::vector<float>& dx0, int64_t n_tokens, float beta) {
+  std::vector<float> dx = dx0;
+  cpu::quant_gemv_t(dx.data(), dy.data(), W, n_tokens, beta);
+  expect_within_bound(dx, gemv_t_reference(W, dy, dx0, n_tokens, beta), W.cols);
 }
 
 std::vector<TestWeight> gemv_weights(int64_t rows) {
@@ -314,6 +351,7 @@ std::vector<TestWeight> gemv_weights(int64_t rows) {
     ws.emplace_back(t, rows, dtype_block_elems(t) == 32 ? 160 : 512, uint64_t(rows) + 77);
   ws.emplace_back(DType::NF4, rows, 97, uint64_t(rows) + 78);
   ws.emplace_back(DType::NF4, rows, 576, uint64_t(rows) + 79, true);
+  ws.emplace_back(DType::NF4, rows, 97, uint64_t(rows) + 82, true);
   ws.emplace_back(DType::INT8, rows, 97, uint64_t(rows) + 80);
   ws.emplace_back(DType::INT8, rows, 64, uint64_t(rows) + 81);
   return ws;
@@ -364,6 +402,62 @@ TEST(QuantGemv, SameBitsOnOneAndTwoThreads) {
   cpu::set_num_threads(saved);
 }
 
+// Odd row lengths (97) make the NF4 / INT8 scale blocks straddle rows and the column ranges of the
+// threads end mid-block; 1025 rows with 2 threads split each weight into several ranges, and 8
+// tokens split the 576-column one on a single thread.
+TEST(QuantGemvT, MatchesDequantizedDotWithinRoundingBound) {
+  for (int64_t rows : {1, 7, 33, 1025}) {
+    for (const TestWeight& w : gemv_weights(rows)) {
+      for (int64_t n_tokens = 1; n_tokens <= cpu::kQuantGemvMaxTokens; ++n_tokens) {
+        const std::vector<float> dy = test::random_floats(size_t(n_tokens * rows), uint64_t(n_tokens) + 5);
+        const std::vector<float> dx0 =
+            test::random_floats(size_t(n_tokens * w.cols), uint64_t(n_tokens) + 6, 5.0f);
+        for (float beta : {0.0f, 1.0f}) {
+          for (bool portable : {false, true}) {
+            SCOPED_TRACE(std::string(dtype_name(w.dtype)) + (w.nested ? " nested" : "") + " " +
+                         std::to_string(rows) + "x" + std::to_string(w.cols) + " tokens " +
+                         std::to_string(n_tokens) + " beta " + std::to_string(beta) +
+                         (portable ? " portable" : ""));
+            std::vector<float> start = dx0;
+            // beta 0 overwrites dx: NaNs in it must not survive.
+            if (beta == 0.0f) start.assign(start.size(), std::nanf(""));
+            if (portable) {
+              cpu::ScopedPortableKernels force;
+              expect_gemv_t_within_bound(w.ref(), dy, start, n_tokens, beta);
+            } else {
+              expect_gemv_t_within_bound(w.ref(), dy, start, n_tokens, beta);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(QuantGemvT, SameBitsOnOneAndTwoThreads) {
+  const int saved = cpu::num_threads();
+  for (const TestWeight& w : gemv_weights(1025)) {
+    for (int64_t n_tokens : {1, 3, 8}) {
+      for (bool portable : {false, true}) {
+        SCOPED_TRACE(std::string(dtype_name(w.dtype)) + (w.nested ? " nested " : " ") +
+                     std::to_string(w.cols) + " cols, tokens " + std::to_string(n_tokens) +
+                     (portable ? " portable" : ""));
+        const std::vector<float> dy = test::random_floats(size_t(n_tokens * w.rows), 13);
+        const std::vector<float> dx0 = test::random_floats(size_t(n_tokens * w.cols), 14);
+        std::vector<float> dx1 = dx0, dx2 = dx0;
+        std::optional<cpu::ScopedPortableKernels> force;
+        if (portable) force.emplace();
+        cpu::set_num_threads(1);
+        cpu::quant_gemv_t(dx1.data(), dy.data(), w.ref(), n_tokens, 1.0f);
+        cpu::set_num_threads(2);
+        cpu::quant_gemv_t(dx2.data(), dy.data(), w.ref(), n_tokens, 1.0f);
+        EXPECT_EQ(bits_of(dx1), bits_of(dx2));
+      }
+    }
+  }
+  cpu::set_num_threads(saved);
+}
+
 TEST(QuantGemv, RejectsBadInputs) {
   const TestWeight q(DType::Q4_0, 4, 64, 1), nf4(DType::NF4, 4, 64, 2);
   std::vector<float> x(9 * 64), y(9 * 4);
@@ -381,6 +475,19 @@ TEST(QuantGemv, RejectsBadInputs) {
   expect_error({nf4.data.data(), DType::NF4, 4, 64}, 1, "quant_gemv: nf4 weight without its absmax");
   const std::vector<float> f32(64 * 4);
   expect_error({f32.data(), DType::F32, 4, 64}, 1, "quant_gemv: weight dtype f32 is not quantized");
+  const auto expect_t_error = [&](const WeightRef& W, int64_t n_tokens, const std::string& needle) {
+    try {
+      cpu::quant_gemv_t(x.data(), y.data(), W, n_tokens, 0.0f);
+      ADD_FAILURE() << "accepted: " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_t_error(q.ref(), 9, "quant_gemv_t: 9 tokens, expected 0 to 8");
+  expect_t_error({q.data.data(), DType::Q4_0, 2, 48}, 1,
+                 "quant_gemv_t: q4_0 rows of 48 elements are not whole blocks");
+  expect_t_error({nf4.data.data(), DType::INT8, 4, 64}, 1, "quant_gemv_t: int8 weight without its absmax");
+  expect_t_error({f32.data(), DType::F32, 4, 64}, 1, "quant_gemv_t: weight dtype f32 is not quantized");
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // defines: tf::cpu::linear_forward, tf::cpu::linear_backward_input (f32 / bf16 / f16 weights
 // through tf::cpu::matmul; a quantized weight dequantized one bounded tile at a time into
-// per-thread scratch and multiplied with OpenBLAS sgemm, or through tf::cpu::quant_gemv when there
-// are only a few tokens)
+// per-thread scratch and multiplied with OpenBLAS sgemm, or through tf::cpu::quant_gemv /
+// quant_gemv_t when there are only a few tokens)
 #include "kernels/cpu/ref/linear.h"
 
 #include <cblas.h>
@@ -96,6 +96,10 @@ void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_to
   if (!is_quantized(W.dtype)) {
     matmul(dx, cols, {dy, DType::F32, rows, false}, {W.data, W.dtype, cols, false}, n_tokens, cols, rows,
            1.0f, beta);
+    return;
+  }
+  if (n_tokens <= kQuantGemvMaxTokens) {
+    quant_gemv_t(dx, dy, W, n_tokens, beta);
     return;
   }
   const TileShape ts = tile_shape(W);

@@ -1,4 +1,5 @@
-// defines: tf::cpu::quant_gemv (small-batch matmul straight from quantized blocks)
+// defines: tf::cpu::quant_gemv, tf::cpu::quant_gemv_t (small-batch matmuls by W^T and by W straight
+//          from quantized blocks)
 #include "kernels/cpu/quant_gemv.h"
 
 #include <algorithm>
@@ -20,8 +21,16 @@ constexpr int64_t kPortableChunk = 256;
 // Independent partial sums per dot product, so the compiler can keep them in one vector register.
 constexpr int kLanes = 16;
 
+// The most floats of dx one quant_gemv_t task accumulates into (n_tokens x its columns): 16 KiB,
+// which stays in L1 while every row of W adds into it.
+constexpr int64_t kAccumFloats = 4096;
+
 using RowsFn = void (*)(float* y, const float* x, const WeightRef& W, int64_t n_tokens, float beta,
                         int64_t r0, int64_t r1);
+// dx[t, c0..c1) += sum_r dy[t, r] W[r, c0..c1), one row after another, for c0 and c1 on ggml
+// blocks of a row (c1 may be W.cols).
+using ColsFn = void (*)(float* dx, const float* dy, const WeightRef& W, int64_t n_tokens, int64_t c0,
+                        int64_t c1);
 
 void store(float& out, float dot, float beta) {
   out = beta == 0.0f ? dot : dot + beta * out;
@@ -45,6 +54,23 @@ void portable_rows(float* y, const float* x, const WeightRef& W, int64_t n_token
       float dot = 0.0f;
       for (int l = 0; l < kLanes; ++l) dot += acc[t][l];
       store(y[t * W.rows + r], dot, beta);
+    }
+  }
+}
+
+// Each element takes out + a w in the same instructions wherever the chunks fall (the vector body
+// and the scalar tail contract alike, or not at all), so the chunks may follow the column range.
+void portable_cols(float* dx, const float* dy, const WeightRef& W, int64_t n_tokens, int64_t c0, int64_t c1) {
+  float w[kPortableChunk];
+  for (int64_t r = 0; r < W.rows; ++r) {
+    for (int64_t k0 = c0; k0 < c1; k0 += kPortableChunk) {
+      const int64_t n = std::min(kPortableChunk, c1 - k0);
+      dequantize_weight_tile(w, n, W, r, 1, k0, n);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        const float a = dy[t * W.rows + r];
+        float* out = dx + t * W.cols + k0;
+        for (int64_t k = 0; k < n; ++k) out[k] += a * w[k];
+      }
     }
   }
 }
@@ -104,63 +130,162 @@ void avx512_rows(float* y, const float* x, const WeightRef& W, int64_t n_tokens,
   }
 }
 
-template <DType D>
-RowsFn avx512_for_tokens(int64_t n_tokens) {
-  switch (n_tokens) {
-    case 1: return avx512_rows<D, 1>;
-    case 2: return avx512_rows<D, 2>;
-    case 3: return avx512_rows<D, 3>;
-    case 4: return avx512_rows<D, 4>;
-    case 5: return avx512_rows<D, 5>;
-    case 6: return avx512_rows<D, 6>;
-    case 7: return avx512_rows<D, 7>;
-    default: return avx512_rows<D, 8>;
+// Adds dy[t, r] times each dequantized vector of row r into dx: one FMA per element and row, so
+// each element's sum runs over the rows in order.
+template <int T>
+struct AxpySink {
+  float* dx;  // token 0's output at the first column of the current block or segment
+  int64_t ldx;
+  __m512 a[T];  // dy[t, r] of the current row
+
+  void operator()(int j, __m512 w) {
+    for (int t = 0; t < T; ++t) {
+      float* p = dx + t * ldx + 16 * j;
+      _mm512_storeu_ps(p, _mm512_fmadd_ps(w, a[t], _mm512_loadu_ps(p)));
+    }
+  }
+  // A partial NF4 / INT8 segment: the lanes outside `mask` are neither read nor written.
+  void operator()(int64_t o, __m512 w, __mmask16 mask) {
+    for (int t = 0; t < T; ++t) {
+      float* p = dx + t * ldx + o;
+      _mm512_mask_storeu_ps(p, mask, _mm512_fmadd_ps(w, a[t], _mm512_maskz_loadu_ps(mask, p)));
+    }
+  }
+};
+
+template <DType D, int T>
+void avx512_cols(float* dx, const float* dy, const WeightRef& W, int64_t n_tokens, int64_t c0, int64_t c1) {
+  constexpr int64_t kElems = dtype_block_elems(D), kBytes = dtype_block_bytes(D);
+  const auto* data = static_cast<const uint8_t*>(W.data);
+  AxpySink<T> sink{dx, W.cols, {}};
+  for (int64_t r = 0; r < W.rows; ++r) {
+    for (int t = 0; t < T; ++t) sink.a[t] = _mm512_set1_ps(dy[t * W.rows + r]);
+    if constexpr (D == DType::NF4 || D == DType::INT8) {
+      const int64_t row_begin = r * W.cols;
+      for (int64_t i = row_begin + c0; i < row_begin + c1;) {
+        const int64_t b = i / kElems;
+        const int64_t end = std::min(row_begin + c1, (b + 1) * kElems);
+        sink.dx = dx + (i - row_begin);
+        if constexpr (D == DType::NF4)
+          avx512::nf4_segment(data, i, end - i, flat_block_absmax(W.scales, b), sink);
+        else
+          avx512::int8_segment(reinterpret_cast<const int8_t*>(data), i, end - i,
+                               flat_block_absmax(W.scales, b), sink);
+        i = end;
+      }
+    } else {
+      const uint8_t* row = data + dtype_bytes(D, r * W.cols);
+      for (int64_t b = c0 / kElems; b < c1 / kElems; ++b) {
+        sink.dx = dx + b * kElems;
+        avx512::decode_block<D>(row + b * kBytes, sink);
+      }
+    }
   }
 }
 
-RowsFn avx512_kernel(DType dtype, int64_t n_tokens) {
+// Kernel<D, T> names the kernel template for dtype D and T tokens.
+template <template <DType, int> class Kernel, DType D>
+auto avx512_for_tokens(int64_t n_tokens) {
+  switch (n_tokens) {
+    case 1: return Kernel<D, 1>::fn;
+    case 2: return Kernel<D, 2>::fn;
+    case 3: return Kernel<D, 3>::fn;
+    case 4: return Kernel<D, 4>::fn;
+    case 5: return Kernel<D, 5>::fn;
+    case 6: return Kernel<D, 6>::fn;
+    case 7: return Kernel<D, 7>::fn;
+    default: return Kernel<D, 8>::fn;
+  }
+}
+
+template <DType D, int T>
+struct RowsKernel {
+  static constexpr RowsFn fn = avx512_rows<D, T>;
+};
+template <DType D, int T>
+struct ColsKernel {
+  static constexpr ColsFn fn = avx512_cols<D, T>;
+};
+
+template <template <DType, int> class Kernel>
+auto avx512_kernel(DType dtype, int64_t n_tokens) {
   switch (dtype) {
-    case DType::Q4_0: return avx512_for_tokens<DType::Q4_0>(n_tokens);
-    case DType::Q4_1: return avx512_for_tokens<DType::Q4_1>(n_tokens);
-    case DType::Q5_0: return avx512_for_tokens<DType::Q5_0>(n_tokens);
-    case DType::Q5_1: return avx512_for_tokens<DType::Q5_1>(n_tokens);
-    case DType::Q8_0: return avx512_for_tokens<DType::Q8_0>(n_tokens);
-    case DType::Q2_K: return avx512_for_tokens<DType::Q2_K>(n_tokens);
-    case DType::Q3_K: return avx512_for_tokens<DType::Q3_K>(n_tokens);
-    case DType::Q4_K: return avx512_for_tokens<DType::Q4_K>(n_tokens);
-    case DType::Q5_K: return avx512_for_tokens<DType::Q5_K>(n_tokens);
-    case DType::Q6_K: return avx512_for_tokens<DType::Q6_K>(n_tokens);
-    case DType::NF4: return avx512_for_tokens<DType::NF4>(n_tokens);
-    default: return avx512_for_tokens<DType::INT8>(n_tokens);
+    case DType::Q4_0: return avx512_for_tokens<Kernel, DType::Q4_0>(n_tokens);
+    case DType::Q4_1: return avx512_for_tokens<Kernel, DType::Q4_1>(n_tokens);
+    case DType::Q5_0: return avx512_for_tokens<Kernel, DType::Q5_0>(n_tokens);
+    case DType::Q5_1: return avx512_for_tokens<Kernel, DType::Q5_1>(n_tokens);
+    case DType::Q8_0: return avx512_for_tokens<Kernel, DType::Q8_0>(n_tokens);
+    case DType::Q2_K: return avx512_for_tokens<Kernel, DType::Q2_K>(n_tokens);
+    case DType::Q3_K: return avx512_for_tokens<Kernel, DType::Q3_K>(n_tokens);
+    case DType::Q4_K: return avx512_for_tokens<Kernel, DType::Q4_K>(n_tokens);
+    case DType::Q5_K: return avx512_for_tokens<Kernel, DType::Q5_K>(n_tokens);
+    case DType::Q6_K: return avx512_for_tokens<Kernel, DType::Q6_K>(n_tokens);
+    case DType::NF4: return avx512_for_tokens<Kernel, DType::NF4>(n_tokens);
+    default: return avx512_for_tokens<Kernel, DType::INT8>(n_tokens);
   }
 }
 
 TF_AVX512_END
 #endif  // TF_HAVE_AVX512_KERNELS
 
+// The checks both directions share; `op` names the caller.
+void check_quant_gemv(const char* op, const WeightRef& W, int64_t n_tokens) {
+  TF_CHECK(is_quantized(W.dtype), op, ": weight dtype ", dtype_name(W.dtype), " is not quantized");
+  TF_CHECK(n_tokens >= 0 && n_tokens <= kQuantGemvMaxTokens, op, ": ", n_tokens, " tokens, expected 0 to ",
+           kQuantGemvMaxTokens);
+  TF_CHECK(W.rows >= 0 && W.cols >= 0, op, ": negative weight shape ", W.rows, " x ", W.cols);
+  if (W.dtype == DType::NF4 || W.dtype == DType::INT8) {
+    TF_CHECK(W.scales.absmax, op, ": ", dtype_name(W.dtype), " weight without its absmax");
+  } else {
+    TF_CHECK(W.cols % dtype_block_elems(W.dtype) == 0, op, ": ", dtype_name(W.dtype), " rows of ", W.cols,
+             " elements are not whole blocks of ", dtype_block_elems(W.dtype));
+  }
+}
+
 }  // namespace
 
 void quant_gemv(float* y, const float* x, const WeightRef& W, int64_t n_tokens, float beta) {
-  TF_CHECK(is_quantized(W.dtype), "quant_gemv: weight dtype ", dtype_name(W.dtype), " is not quantized");
-  TF_CHECK(n_tokens >= 0 && n_tokens <= kQuantGemvMaxTokens, "quant_gemv: ", n_tokens,
-           " tokens, expected 0 to ", kQuantGemvMaxTokens);
-  TF_CHECK(W.rows >= 0 && W.cols >= 0, "quant_gemv: negative weight shape ", W.rows, " x ", W.cols);
-  if (W.dtype == DType::NF4 || W.dtype == DType::INT8) {
-    TF_CHECK(W.scales.absmax, "quant_gemv: ", dtype_name(W.dtype), " weight without its absmax");
-  } else {
-    TF_CHECK(W.cols % dtype_block_elems(W.dtype) == 0, "quant_gemv: ", dtype_name(W.dtype), " rows of ",
-             W.cols, " elements are not whole blocks of ", dtype_block_elems(W.dtype));
-  }
+  check_quant_gemv("quant_gemv", W, n_tokens);
   if (n_tokens == 0 || W.rows == 0) return;
   RowsFn rows = portable_rows;
 #if defined(TF_HAVE_AVX512_KERNELS)
-  if (use_avx512()) rows = avx512_kernel(W.dtype, n_tokens);
+  if (use_avx512()) rows = avx512_kernel<RowsKernel>(W.dtype, n_tokens);
 #endif
   const int64_t tasks = (W.rows + kRowsPerTask - 1) / kRowsPerTask;
 #pragma omp parallel for schedule(static) if (W.rows * W.cols >= kMinParallelElems)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t r0 = task * kRowsPerTask;
     rows(y, x, W, n_tokens, beta, r0, std::min(W.rows, r0 + kRowsPerTask));
+  }
+}
+
+// Each element of dx starts as beta dx and takes one product per row, rows in order, whichever task
+// owns its column: so the column ranges may follow the thread count without changing a bit. A
+// range is as wide as its dx slice allows in L1, and narrower where that leaves a thread idle;
+// wide ranges read long runs of each row of W.
+void quant_gemv_t(float* dx, const float* dy, const WeightRef& W, int64_t n_tokens, float beta) {
+  check_quant_gemv("quant_gemv_t", W, n_tokens);
+  if (n_tokens == 0 || W.cols == 0) return;
+  ColsFn cols = portable_cols;
+#if defined(TF_HAVE_AVX512_KERNELS)
+  if (use_avx512()) cols = avx512_kernel<ColsKernel>(W.dtype, n_tokens);
+#endif
+  // Ranges start on a row's ggml blocks; NF4 / INT8 blocks run over the flattened tensor, and any
+  // start works for them, so theirs are merely kept to whole cache lines of dx.
+  const int64_t align = W.dtype == DType::NF4 || W.dtype == DType::INT8 ? 64 : dtype_block_elems(W.dtype);
+  const auto align_up = [align](int64_t n) { return (n + align - 1) / align * align; };
+  const bool parallel = W.rows * W.cols >= kMinParallelElems;
+  const int64_t per_thread = align_up((W.cols + num_threads() - 1) / num_threads());
+  const int64_t fits = std::max(align, kAccumFloats / n_tokens / align * align);
+  const int64_t width = parallel ? std::min(fits, per_thread) : fits;
+  const int64_t tasks = (W.cols + width - 1) / width;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t c0 = task * width, c1 = std::min(W.cols, c0 + width);
+    for (int64_t t = 0; t < n_tokens; ++t)
+      for (float* p = dx + t * W.cols + c0; p < dx + t * W.cols + c1; ++p)
+        *p = beta == 0.0f ? 0.0f : beta * *p;
+    cols(dx, dy, W, n_tokens, c0, c1);
   }
 }
 

@@ -1,5 +1,5 @@
 // defines: tf::cpu::quant_gemv (y = x W^T + beta y for a few tokens, straight from quantized
-//          blocks), tf::cpu::kQuantGemvMaxTokens
+//          blocks), tf::cpu::quant_gemv_t (dx = dy W + beta dx, likewise), tf::cpu::kQuantGemvMaxTokens
 #pragma once
 
 #include <cstdint>
@@ -19,5 +19,11 @@ constexpr int64_t kQuantGemvMaxTokens = 8;
 // threads, and each dot product is summed in f32 in an order that does not depend on the thread
 // count.
 void quant_gemv(float* y, const float* x, const WeightRef& W, int64_t n_tokens, float beta);
+
+// dx[t, k] = sum_r dy[t, r] W[r, k] + beta * dx[t, k] for t < n_tokens <= kQuantGemvMaxTokens, dy
+// [n_tokens, W.rows] and dx [n_tokens, W.cols] contiguous; beta 0 overwrites dx (NaNs included). W
+// is any quantized dtype, decoded in registers as for quant_gemv. Columns are split over threads,
+// and each element is summed in f32 over the rows in order, whatever the thread count.
+void quant_gemv_t(float* dx, const float* dy, const WeightRef& W, int64_t n_tokens, float beta);
 
 }  // namespace tf::cpu
