@@ -330,8 +330,8 @@ void quant_gemv_t(float* dx, const float* dy, const WeightRef& W, int64_t n_toke
 #if defined(TF_HAVE_AVX512_KERNELS)
   if (use_avx512()) cols = avx512_kernel<ColsKernel>(W.dtype, n_tokens);
 #endif
-  // Ranges start on a row's ggml blocks; NF4 / INT8 blocks run over the flattened tensor, and any
-  // start works for them, so theirs are merely kept to whole cache lines of dx.
+  // Ranges start on a row's ggml blocks. NF4 / INT8 blocks run over the flattened tensor and any
+  // start works for them; multiples of 64 keep a range on whole blocks where rows hold whole blocks.
   const int64_t align = W.dtype == DType::NF4 || W.dtype == DType::INT8 ? 64 : dtype_block_elems(W.dtype);
   const auto align_up = [align](int64_t n) { return (n + align - 1) / align * align; };
   const bool parallel = W.rows * W.cols >= kMinParallelElems;
