@@ -23,6 +23,15 @@ inline LlamaConfig tiny_config(int vocab = 64) {
   return c;
 }
 
+// LoRA rank 8, alpha 16 on every projection, seed 1: the adapter of the training tests.
+inline LoraConfig lora_r8() {
+  LoraConfig l;
+  l.rank = 8;
+  l.alpha = 16;
+  l.seed = 1;
+  return l;
+}
+
 // Seeded normal values times scale in every LoRA parameter: LoRA's own init leaves B at zero,
 // which would hide a wrong B in an export, an import or a merge.
 inline void fill_lora_params(LoraState& s, uint64_t seed, uint64_t stream, float scale = 1.0f) {

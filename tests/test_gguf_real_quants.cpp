@@ -27,25 +27,6 @@
 namespace tf::io {
 namespace {
 
-WeightSlot slot_of(GgufLlamaRole role) {
-  switch (role) {
-    case GgufLlamaRole::TokenEmbd: return WeightSlot::Embed;
-    case GgufLlamaRole::AttnNorm: return WeightSlot::AttnNorm;
-    case GgufLlamaRole::AttnQ: return WeightSlot::Q;
-    case GgufLlamaRole::AttnK: return WeightSlot::K;
-    case GgufLlamaRole::AttnV: return WeightSlot::V;
-    case GgufLlamaRole::AttnOutput: return WeightSlot::O;
-    case GgufLlamaRole::FfnNorm: return WeightSlot::MlpNorm;
-    case GgufLlamaRole::FfnGate: return WeightSlot::Gate;
-    case GgufLlamaRole::FfnUp: return WeightSlot::Up;
-    case GgufLlamaRole::FfnDown: return WeightSlot::Down;
-    case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
-    case GgufLlamaRole::Output: return WeightSlot::LmHead;
-  }
-  ADD_FAILURE() << "unknown GGUF role " << int(role);
-  return WeightSlot::Embed;
-}
-
 constexpr int kDecodings = 3;
 const char* const kDecodingNames[kDecodings] = {"none", "keep + tf::cpu", "keep + tf::cpu portable"};
 
@@ -77,8 +58,8 @@ TEST(GgufRealQuants, EveryTensorDecodesLikeGgufPy) {
     SCOPED_TRACE(t.name);
     const auto id = parse_gguf_llama_tensor_name(t.name);
     ASSERT_TRUE(id.has_value()) << "not a llama tensor";
-    const WeightRef& w = m.weights.slot(slot_of(id->role), id->layer);
-    const WeightRef& k = kept.weights.slot(slot_of(id->role), id->layer);
+    const WeightRef& w = m.weights.slot(weight_slot_of(id->role), id->layer);
+    const WeightRef& k = kept.weights.slot(weight_slot_of(id->role), id->layer);
     ASSERT_EQ(w.rows, t.n_rows());
     ASSERT_EQ(w.cols, t.row_length());
     ASSERT_EQ(k.rows, t.n_rows());

@@ -59,14 +59,6 @@ LlamaWeights dequantized_base(const LlamaConfig& c, io::QuantMode mode) {
   return q;
 }
 
-LoraConfig lora_r8() {
-  LoraConfig l;
-  l.rank = 8;
-  l.alpha = 16;
-  l.seed = 1;
-  return l;
-}
-
 TrainConfig train_config() {
   TrainConfig t;
   t.lr.peak_lr = 1e-2f;

@@ -17,14 +17,6 @@ using namespace tf::test;
 
 namespace {
 
-LoraConfig lora_r8() {
-  LoraConfig l;
-  l.rank = 8;
-  l.alpha = 16;
-  l.seed = 1;
-  return l;
-}
-
 TrainConfig train_config(int64_t steps, float lr) {
   TrainConfig t;
   t.lr.peak_lr = lr;

@@ -15,27 +15,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-WeightSlot slot_of(GgufLlamaRole role) {
-  switch (role) {
-    case GgufLlamaRole::TokenEmbd: return WeightSlot::Embed;
-    case GgufLlamaRole::AttnNorm: return WeightSlot::AttnNorm;
-    case GgufLlamaRole::AttnQ: return WeightSlot::Q;
-    case GgufLlamaRole::AttnK: return WeightSlot::K;
-    case GgufLlamaRole::AttnV: return WeightSlot::V;
-    case GgufLlamaRole::AttnOutput: return WeightSlot::O;
-    case GgufLlamaRole::FfnNorm: return WeightSlot::MlpNorm;
-    case GgufLlamaRole::FfnGate: return WeightSlot::Gate;
-    case GgufLlamaRole::FfnUp: return WeightSlot::Up;
-    case GgufLlamaRole::FfnDown: return WeightSlot::Down;
-    case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
-    case GgufLlamaRole::Output: return WeightSlot::LmHead;
-  }
-  TF_FAIL("unknown GGUF tensor role");
-}
-
 GgufLlamaTensor gguf_tensor_of(WeightSlot slot, int layer) {
   for (int r = 0; r <= int(GgufLlamaRole::Output); ++r)
-    if (slot_of(GgufLlamaRole(r)) == slot) {
+    if (weight_slot_of(GgufLlamaRole(r)) == slot) {
       const bool global = !is_layer_slot(slot);
       return {GgufLlamaRole(r), global ? -1 : layer};
     }
@@ -116,6 +98,24 @@ void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
 }
 
 }  // namespace
+
+WeightSlot weight_slot_of(GgufLlamaRole role) {
+  switch (role) {
+    case GgufLlamaRole::TokenEmbd: return WeightSlot::Embed;
+    case GgufLlamaRole::AttnNorm: return WeightSlot::AttnNorm;
+    case GgufLlamaRole::AttnQ: return WeightSlot::Q;
+    case GgufLlamaRole::AttnK: return WeightSlot::K;
+    case GgufLlamaRole::AttnV: return WeightSlot::V;
+    case GgufLlamaRole::AttnOutput: return WeightSlot::O;
+    case GgufLlamaRole::FfnNorm: return WeightSlot::MlpNorm;
+    case GgufLlamaRole::FfnGate: return WeightSlot::Gate;
+    case GgufLlamaRole::FfnUp: return WeightSlot::Up;
+    case GgufLlamaRole::FfnDown: return WeightSlot::Down;
+    case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
+    case GgufLlamaRole::Output: return WeightSlot::LmHead;
+  }
+  TF_FAIL("unknown GGUF tensor role");
+}
 
 tok::GgufVocab gguf_vocab(const GgufFile& f) {
   tok::GgufVocab v;

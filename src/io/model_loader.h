@@ -7,6 +7,7 @@
 #include <string>
 
 #include "src/io/gguf.h"
+#include "src/io/gguf_model.h"
 #include "src/io/quantize_weights.h"
 #include "src/model/weights.h"
 #include "tokenizer/tokenizer.h"
@@ -23,6 +24,9 @@ struct LoadedModel {
   std::string chat_template;                  // the model's Jinja template text; empty if none
   std::shared_ptr<const GgufFile> gguf;       // the open GGUF file (format Gguf), for exports
 };
+
+// The model weight a GGUF llama tensor role holds.
+WeightSlot weight_slot_of(GgufLlamaRole role);
 
 // Loads `path`: a directory with config.json + safetensors (+ tokenizer.json or tokenizer.model,
 // tokenizer_config.json), or a .gguf file. Each matrix is stored as `quant` says (QuantMode):
