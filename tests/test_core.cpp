@@ -52,6 +52,21 @@ TEST(Philox, MatchesPublishedKnownAnswers) {
   EXPECT_EQ(f[3], 0x6d5451fdu);
 }
 
+// The batched blocks are the scalar ones, including where the 32-bit counter carries into its high
+// word and for a stream with both halves set.
+TEST(Philox, BatchedBlocksAreTheScalarBlocks) {
+  const Philox rng(0x123456789abcdefull, (uint64_t(7) << 40) | 5);
+  for (const uint64_t first : {uint64_t(0), uint64_t(3), uint64_t(0xFFFFFFF8u), uint64_t(1) << 40}) {
+    uint32_t words[4][Philox::kBatch];
+    rng.blocks(first, words);
+    for (int b = 0; b < Philox::kBatch; ++b) {
+      const std::array<uint32_t, 4> want = rng.block(first + uint64_t(b));
+      for (int w = 0; w < 4; ++w)
+        ASSERT_EQ(words[w][b], want[size_t(w)]) << "block " << first + b << " word " << w;
+    }
+  }
+}
+
 TEST(Philox, StreamsAreIndependentAndUniform) {
   Philox a(42, 1), b(42, 2), a2(42, 1);
   double sum = 0, sum_sq = 0;

@@ -1,5 +1,6 @@
 #include "src/model/lora.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -82,17 +83,22 @@ void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
   const Philox rng = stream();
   const float keep_scale = 1.0f / (1.0f - p);
   const int64_t total = n * in;
-  // Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)); one block computed per
-  // four elements instead of one per element, which made dropout a third of a training step.
-  const int64_t blocks = (total + 3) / 4;
+  // Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)), the blocks computed
+  // kBatch at a time in vector lanes and every word used: one scalar block per element made the
+  // masks a third of a training step.
+  constexpr int64_t kElems = 4 * Philox::kBatch;
+  const int64_t groups = (total + kElems - 1) / kElems;
 #pragma omp parallel for if (total >= kMinParallelElems) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const std::array<uint32_t, 4> words = rng.block(uint64_t(b));
-    const int64_t i0 = 4 * b;
-    for (int64_t j = 0; j < 4 && i0 + j < total; ++j) {
-      const int64_t i = i0 + j;
-      out[i] = uint_to_unit_float(words[size_t(j)]) < p ? 0.0f : x[i] * keep_scale;
-    }
+  for (int64_t g = 0; g < groups; ++g) {
+    uint32_t words[4][Philox::kBatch];
+    rng.blocks(uint64_t(g) * Philox::kBatch, words);
+    uint32_t element[kElems];
+    for (int b = 0; b < Philox::kBatch; ++b)
+      for (int w = 0; w < 4; ++w) element[4 * b + w] = words[w][b];
+    const int64_t i0 = g * kElems;
+    const int64_t count = std::min(kElems, total - i0);
+    for (int64_t j = 0; j < count; ++j)
+      out[i0 + j] = uint_to_unit_float(element[j]) < p ? 0.0f : x[i0 + j] * keep_scale;
   }
 }
 
