@@ -271,5 +271,17 @@ TEST_F(CliOptions, QuantModesStoreTheBaseAsAsked) {
   set_option(resume, "--steps", "2");
   const Result r = run(resume);
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.err.find("quant"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("quant: \"nf4\" -> \"int8\""), std::string::npos) << r.err;
+
+  // A run written before --quant existed computed with an f32 base: it resumes under none only.
+  nlohmann::json old = run_config("keep");
+  old.erase("quant");
+  std::ofstream(dir_ / "keep" / "config.json") << old.dump(2);
+  std::vector<std::string> old_resume = args_with({"--resume"}, "keep");
+  const Result refused = run(old_resume);
+  EXPECT_EQ(refused.status, 1);
+  EXPECT_NE(refused.err.find("quant: \"none\" -> \"keep\""), std::string::npos) << refused.err;
+  set_option(old_resume, "--quant", "none");
+  const Result resumed = run(old_resume);
+  EXPECT_EQ(resumed.status, 0) << resumed.err;
 }

@@ -122,11 +122,18 @@ void match_stored_config(nlohmann::json& relevant, const nlohmann::json& stored,
     if (was != relevant[key] && fs::equivalent(was, relevant[key].get<std::string>(), ec))
       relevant[key] = was;
   }
+  // A run from before --quant existed computed with its base dequantized to f32 (none).
+  auto stored_value = [&](const std::string& key) -> std::optional<nlohmann::json> {
+    if (stored.contains(key)) return stored[key];
+    if (key == "quant") return nlohmann::json("none");
+    return std::nullopt;
+  };
   std::string changed;
   for (const auto& [key, now] : relevant.items()) {
-    if (stored.contains(key) && stored[key] == now) continue;
-    changed += (changed.empty() ? "" : "; ") + key + ": " +
-               (stored.contains(key) ? stored[key].dump() : "(absent)") + " -> " + now.dump();
+    const std::optional<nlohmann::json> was = stored_value(key);
+    if (was && *was == now) continue;
+    changed +=
+        (changed.empty() ? "" : "; ") + key + ": " + (was ? was->dump() : "(absent)") + " -> " + now.dump();
   }
   TF_CHECK(changed.empty(), "cannot resume ", run, ": the run's configuration changed (", changed,
            "); start a new run directory, or restore the original options");
