@@ -2,43 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <utility>
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
-#include "src/core/parallel.h"
 
 namespace tf {
-
-namespace {
-
-void zero(float* p, int64_t n) {
-  std::memset(p, 0, size_t(n) * sizeof(float));
-}
-
-void add_into(float* y, const float* x, int64_t n) {
-#pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
-  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
-}
-
-float weight_at(const WeightRef& w, int64_t i) {
-  switch (w.dtype) {
-    case DType::F32: return static_cast<const float*>(w.data)[i];
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(w.data)[i]);
-    default: break;
-  }
-  TF_FAIL("weights of dtype ", dtype_name(w.dtype), " cannot be used as a bias");
-}
-
-void add_bias(float* y, const WeightRef& bias, int64_t n, int64_t width) {
-#pragma omp parallel for if (n * width >= kMinParallelElems) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < width; ++j) y[i * width + j] += weight_at(bias, j);
-}
-
-}  // namespace
 
 LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
                        int64_t max_tokens)
@@ -129,7 +98,7 @@ LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t
 void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
                             LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n) {
   cpu::linear_forward(y, x, w, n, 0.0f);
-  if (bias) add_bias(y, *bias, n, w.rows);
+  if (bias) cpu::add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
     lora_forward(y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(),
@@ -166,8 +135,8 @@ void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool trainin
     const int64_t kv = c.kv_dim();
     float* k_layer = cache->k.as<float>() + int64_t(l) * cache->capacity * kv;
     float* v_layer = cache->v.as<float>() + int64_t(l) * cache->capacity * kv;
-    std::memcpy(k_layer + cache->n_past * kv, a.k, size_t(n * kv) * sizeof(float));
-    std::memcpy(v_layer + cache->n_past * kv, a.v, size_t(n * kv) * sizeof(float));
+    cpu::copy(k_layer + cache->n_past * kv, a.k, n * kv);
+    cpu::copy(v_layer + cache->n_past * kv, a.v, n * kv);
     cpu::attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
                                   c.head_dim, scale);
   } else {
@@ -175,14 +144,14 @@ void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool trainin
     cpu::attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
   }
   projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
-  add_into(a.x2, x, n * c.hidden);
+  cpu::add_inplace(a.x2, x, n * c.hidden);
 
   cpu::rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
   projection(a.gate, a.h2, w.gate, nullptr, l, LoraTarget::Gate, a, training, step, n);
   projection(a.up, a.h2, w.up, nullptr, l, LoraTarget::Up, a, training, step, n);
   cpu::swiglu_forward(a.act, a.gate, a.up, n * c.intermediate);
   projection(out, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, n);
-  add_into(out, a.x2, n * c.hidden);
+  cpu::add_inplace(out, a.x2, n * c.hidden);
 }
 
 // On entry d_res_ holds the gradient of the block's output; on exit, of its input.
@@ -193,8 +162,8 @@ void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t st
 
   // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
   projection_backward(d_act_, 0.0f, d_res_, a.act, w.down, l, LoraTarget::Down, a, step, n);
-  zero(d_gate_, n * c.intermediate);
-  zero(d_up_, n * c.intermediate);
+  cpu::fill(d_gate_, 0.0f, n * c.intermediate);
+  cpu::fill(d_up_, 0.0f, n * c.intermediate);
   cpu::swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, n * c.intermediate);
   projection_backward(d_h_, 0.0f, d_gate_, a.h2, w.gate, l, LoraTarget::Gate, a, step, n);
   projection_backward(d_h_, 1.0f, d_up_, a.h2, w.up, l, LoraTarget::Up, a, step, n);
@@ -202,9 +171,9 @@ void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t st
 
   // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
   projection_backward(d_att_, 0.0f, d_res_, a.att, w.o, l, LoraTarget::O, a, step, n);
-  zero(d_q_, n * c.q_dim());
-  zero(d_k_, n * c.kv_dim());
-  zero(d_v_, n * c.kv_dim());
+  cpu::fill(d_q_, 0.0f, n * c.q_dim());
+  cpu::fill(d_k_, 0.0f, n * c.kv_dim());
+  cpu::fill(d_v_, 0.0f, n * c.kv_dim());
   const AttentionShape shape{b.batch,      b.seq,      c.n_heads,
                              c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
   cpu::attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
@@ -236,10 +205,10 @@ LossSum LlamaModel::forward_backward(const Batch& b, float grad_scale, uint64_t 
   forward_stack(b, true, step);
 
   LossSum loss;
-  zero(d_final_h_, n * c.hidden);
+  cpu::fill(d_final_h_, 0.0f, n * c.hidden);
   loss.sum = cpu::lm_head_cross_entropy(d_final_h_, &loss.n_valid, final_h_, weights_.lm_head, b.targets, n,
                                         grad_scale);
-  zero(d_res_, n * c.hidden);
+  cpu::fill(d_res_, 0.0f, n * c.hidden);
   cpu::rmsnorm_backward(d_res_, nullptr, d_final_h_, residual_[size_t(c.n_layers)], weights_.final_norm,
                         final_rstd_, n, c.hidden);
   for (int l = c.n_layers - 1; l >= 0; --l) {

@@ -1,13 +1,10 @@
 #include "src/model/lora.h"
 
-#include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
-#include "src/core/parallel.h"
 #include "src/core/rng.h"
 
 namespace tf {
@@ -75,31 +72,16 @@ void LoraState::zero_grads() {
   std::memset(grads.data(), 0, grads.bytes());
 }
 
+uint64_t LoraDropout::stream_id() const {
+  return kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target);
+}
+
 Philox LoraDropout::stream() const {
-  return Philox(seed, kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target));
+  return Philox(seed, stream_id());
 }
 
 void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
-  const Philox rng = stream();
-  const float keep_scale = 1.0f / (1.0f - p);
-  const int64_t total = n * in;
-  // Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)), the blocks computed
-  // kBatch at a time in vector lanes and every word used: one scalar block per element made the
-  // masks a third of a training step.
-  constexpr int64_t kElems = 4 * Philox::kBatch;
-  const int64_t groups = (total + kElems - 1) / kElems;
-#pragma omp parallel for if (total >= kMinParallelElems) schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
-    uint32_t words[4][Philox::kBatch];
-    rng.blocks(uint64_t(g) * Philox::kBatch, words);
-    uint32_t element[kElems];
-    for (int b = 0; b < Philox::kBatch; ++b)
-      for (int w = 0; w < 4; ++w) element[4 * b + w] = words[w][b];
-    const int64_t i0 = g * kElems;
-    const int64_t count = std::min(kElems, total - i0);
-    for (int64_t j = 0; j < count; ++j)
-      out[i0 + j] = uint_to_unit_float(element[j]) < p ? 0.0f : x[i0 + j] * keep_scale;
-  }
+  cpu::dropout_forward(out, x, n * in, p, seed, stream_id());
 }
 
 static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false) {
@@ -141,9 +123,7 @@ void lora_backward(float* dx, const float* dy, const float* x, const float* t, L
   // gradient dt A: compute that product into xd and run it through the regenerated dropout.
   cpu::matmul(xd, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 0.0f);
   drop.apply(xd, xd, n, a.in);
-  const int64_t total = n * a.in;
-#pragma omp parallel for if (total >= kMinParallelElems) schedule(static)
-  for (int64_t i = 0; i < total; ++i) dx[i] += xd[i];
+  cpu::add_inplace(dx, xd, n * a.in);
 }
 
 }  // namespace tf

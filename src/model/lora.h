@@ -58,8 +58,9 @@ struct LoraDropout {
   LoraTarget target = LoraTarget::Q;
   // Writes dropout(x) into out ([n, in]): element i is dropped when stream().uniform(i) < p.
   void apply(float* out, const float* x, int64_t n, int in) const;
-  // The Philox stream of this (seed, step, layer, target).
+  // The Philox stream of this (seed, step, layer, target), and its id under the seed.
   Philox stream() const;
+  uint64_t stream_id() const;
 };
 
 // y[n, out] += scale * dropout(x) A^T B^T. `t` ([n, rank]) receives dropout(x) A^T, kept for

@@ -6,13 +6,12 @@
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
-#include "src/core/parallel.h"
 
 namespace tf {
 
-// The norm decides clipping and so the update: ordered_sum keeps it the same for any thread count.
+// The norm decides clipping and so the update: sum_squares is the same for any thread count.
 double global_grad_norm(const float* g, int64_t n) {
-  return std::sqrt(ordered_sum(n, [g](int64_t i) { return double(g[i]) * double(g[i]); }));
+  return std::sqrt(cpu::sum_squares(g, n));
 }
 
 Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg) : model_(model), cfg_(cfg) {
@@ -62,10 +61,7 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
 
   if (cfg_.clip > 0 && norm > cfg_.clip) {
     // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6).
-    const float coef = float(cfg_.clip / (norm + 1e-6));
-    float* g = lora.grad_data();
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < lora.n_params; ++i) g[i] *= coef;
+    cpu::scale_inplace(lora.grad_data(), float(cfg_.clip / (norm + 1e-6)), lora.n_params);
   }
   ++state_.adam_steps;
   AdamWParams p;

@@ -1,0 +1,69 @@
+// defines: the fast elementwise ops (tf::cpu::add_inplace, add_bias, fill, scale_inplace, copy,
+//          sum_squares, dropout_forward): OpenMP loops above kMinParallelElems, dropout masks from
+//          sixteen Philox blocks at a time
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cpu/ref/rmsnorm.h"
+#include "kernels/ops.h"
+#include "src/core/error.h"
+#include "src/core/parallel.h"
+#include "src/core/rng.h"
+
+namespace tf::cpu {
+
+void add_inplace(float* y, const float* x, int64_t n) {
+#pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void add_bias(float* y, WeightRef bias, int64_t rows, int64_t width) {
+  TF_CHECK(bias.rows * bias.cols == width, "add_bias: bias of ", bias.rows, " x ", bias.cols,
+           " elements for rows of ", width);
+  ref::weight_element(bias, 0);  // a bias that is not a float type fails here, not in the loop
+#pragma omp parallel for if (rows * width >= kMinParallelElems) schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; ++c) y[r * width + c] += ref::weight_element(bias, c);
+}
+
+void fill(float* x, float value, int64_t n) {
+  std::fill(x, x + n, value);
+}
+
+void scale_inplace(float* x, float s, int64_t n) {
+#pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+void copy(float* dst, const float* src, int64_t n) {
+  std::memcpy(dst, src, size_t(n) * sizeof(float));
+}
+
+double sum_squares(const float* x, int64_t n) {
+  return ordered_sum(n, [x](int64_t i) { return double(x[i]) * double(x[i]); });
+}
+
+// Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)), the blocks computed
+// kBatch at a time in vector lanes and every word used: one scalar block per element made the
+// masks a third of a training step.
+void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream) {
+  TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
+  const Philox rng(seed, stream);
+  const float keep_scale = 1.0f / (1.0f - p);
+  constexpr int64_t kElems = 4 * Philox::kBatch;
+  const int64_t groups = (n + kElems - 1) / kElems;
+#pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    uint32_t words[4][Philox::kBatch];
+    rng.blocks(uint64_t(g) * Philox::kBatch, words);
+    uint32_t element[kElems];
+    for (int b = 0; b < Philox::kBatch; ++b)
+      for (int w = 0; w < 4; ++w) element[4 * b + w] = words[w][b];
+    const int64_t i0 = g * kElems;
+    const int64_t count = std::min(kElems, n - i0);
+    for (int64_t j = 0; j < count; ++j)
+      out[i0 + j] = uint_to_unit_float(element[j]) < p ? 0.0f : x[i0 + j] * keep_scale;
+  }
+}
+
+}  // namespace tf::cpu

@@ -1,0 +1,110 @@
+// Tests: the elementwise ops (add_inplace, add_bias, fill, scale_inplace, copy, sum_squares,
+// dropout_forward): tf::cpu against tf::ref at sizes on both sides of the parallel threshold.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "op_test_util.h"
+#include "src/core/error.h"
+#include "src/core/parallel.h"
+#include "src/core/rng.h"
+
+using namespace tf;
+using namespace tf::test;
+
+namespace {
+
+// Odd sizes reach loop tails; the large ones the parallel loops and several sum chunks.
+const int64_t kSizes[] = {1, 7, 63, 64, 65, kMinParallelElems + 3, 5 * kOrderedSumChunk + 11};
+
+}  // namespace
+
+// Each is one rounding per element in both versions, so they agree bit for bit.
+TEST(Elementwise, AddScaleFillCopyMatchReferenceBitForBit) {
+  for (int64_t n : kSizes) {
+    const std::vector<float> x = random_floats(size_t(n), 1), y0 = random_floats(size_t(n), 2);
+    std::vector<float> a = y0, b = y0;
+    cpu::add_inplace(a.data(), x.data(), n);
+    ref::add_inplace(b.data(), x.data(), n);
+    ASSERT_EQ(a, b) << n;
+    EXPECT_NE(a, y0);
+    cpu::scale_inplace(a.data(), 0.37f, n);
+    ref::scale_inplace(b.data(), 0.37f, n);
+    ASSERT_EQ(a, b) << n;
+    cpu::copy(a.data(), x.data(), n);
+    ASSERT_EQ(a, x) << n;
+    cpu::fill(a.data(), -2.5f, n);
+    ref::fill(b.data(), -2.5f, n);
+    ASSERT_EQ(a, b) << n;
+    EXPECT_EQ(a.back(), -2.5f);
+  }
+}
+
+TEST(Elementwise, AddBiasMatchesReferenceForEveryFloatType) {
+  for (const auto& [rows, width] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {7, 33}, {300, 129}}) {
+    const std::vector<float> bias = random_floats(size_t(width), 3);
+    const std::vector<uint16_t> b16 = to_bf16(bias);
+    std::vector<uint16_t> h16(bias.size());
+    for (size_t i = 0; i < bias.size(); ++i) h16[i] = f32_to_f16(bias[i]);
+    const WeightRef refs[] = {WeightRef(bias.data(), DType::F32, 1, width),
+                              WeightRef(b16.data(), DType::BF16, 1, width),
+                              WeightRef(h16.data(), DType::F16, 1, width)};
+    for (const WeightRef& w : refs) {
+      const std::vector<float> y0 = random_floats(size_t(rows * width), 4);
+      std::vector<float> a = y0, b = y0;
+      cpu::add_bias(a.data(), w, rows, width);
+      ref::add_bias(b.data(), w, rows, width);
+      ASSERT_EQ(a, b) << dtype_name(w.dtype) << " " << rows << " x " << width;
+      // Row r column c moved by bias[c], in every row.
+      EXPECT_FLOAT_EQ(a[size_t((rows - 1) * width)] - y0[size_t((rows - 1) * width)], b[0] - y0[0]);
+    }
+  }
+  const std::vector<float> y(8), bias(4);
+  std::vector<float> out = y;
+  EXPECT_THROW(cpu::add_bias(out.data(), WeightRef(bias.data(), DType::F32, 1, 4), 1, 8), Error);
+  EXPECT_THROW(cpu::add_bias(out.data(), WeightRef(bias.data(), DType::Q8_0, 1, 8), 1, 8), Error);
+}
+
+// The chunked sum differs from the sequential reference only by the order of double additions of
+// non-negative terms: a relative 1e-15 per addition, far below the 1e-12 allowed. At any thread
+// count the chunks are the same, so the bits are too.
+TEST(Elementwise, SumSquaresIsTheReferenceAndIndependentOfThreads) {
+  for (int64_t n : kSizes) {
+    const std::vector<float> x = random_floats(size_t(n), 5);
+    const double want = ref::sum_squares(x.data(), n);
+    cpu::set_num_threads(1);
+    const double one = cpu::sum_squares(x.data(), n);
+    cpu::set_num_threads(2);
+    const double two = cpu::sum_squares(x.data(), n);
+    cpu::set_num_threads(0);
+    EXPECT_NEAR(one, want, 1e-12 * want) << n;
+    EXPECT_EQ(one, two) << n;
+  }
+  EXPECT_EQ(cpu::sum_squares(nullptr, 0), 0.0);
+  const std::vector<float> inf = {1.0f, std::numeric_limits<float>::infinity()};
+  EXPECT_TRUE(std::isinf(cpu::sum_squares(inf.data(), 2)));
+}
+
+// Element i's mask is Philox(seed, stream).uniform(i), so the fast version must drop exactly the
+// reference's elements; kept ones are scaled by one rounding in both.
+TEST(Elementwise, DropoutMatchesReferenceBitForBit) {
+  for (int64_t n : kSizes) {
+    const std::vector<float> x = random_floats(size_t(n), 6);
+    std::vector<float> a(x.size()), b(x.size());
+    cpu::dropout_forward(a.data(), x.data(), n, 0.25f, 77, (uint64_t(3) << 40) | 9);
+    ref::dropout_forward(b.data(), x.data(), n, 0.25f, 77, (uint64_t(3) << 40) | 9);
+    ASSERT_EQ(a, b) << n;
+    if (n > 10000) {
+      int64_t dropped = 0;
+      for (float v : a) dropped += v == 0.0f;
+      EXPECT_NEAR(double(dropped) / double(n), 0.25, 0.01);
+    }
+  }
+  std::vector<float> a(64), x(64, 1.0f);
+  cpu::dropout_forward(a.data(), x.data(), 64, 0.0f, 1, 1);
+  EXPECT_EQ(a, x);
+  EXPECT_THROW(cpu::dropout_forward(a.data(), x.data(), 64, 1.0f, 1, 1), Error);
+}
