@@ -352,6 +352,24 @@ inline void int8_segment(const int8_t* codes, int64_t i, int64_t n, float absmax
   }
 }
 
+// Elements [i0, i1) of an NF4 / INT8 weight's flattened codes, split where scale blocks end: at(i)
+// is called with each segment's first element (to point the sink at its output) before the
+// segment goes to the sink.
+template <class Sink, class At>
+inline void flat_segments(const WeightRef& W, int64_t i0, int64_t i1, Sink& sink, At&& at) {
+  const int64_t block = dtype_block_elems(W.dtype);
+  for (int64_t i = i0; i < i1;) {
+    const int64_t b = i / block;
+    const int64_t end = i1 < (b + 1) * block ? i1 : (b + 1) * block;
+    at(i);
+    if (W.dtype == DType::NF4)
+      nf4_segment(static_cast<const uint8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b), sink);
+    else
+      int8_segment(static_cast<const int8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b), sink);
+    i = end;
+  }
+}
+
 }  // namespace tf::cpu::avx512
 
 TF_AVX512_END

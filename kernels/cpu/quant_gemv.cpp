@@ -110,18 +110,9 @@ void avx512_rows(float* y, const float* x, const WeightRef& W, int64_t n_tokens,
     DotSink<T> sink{x, W.cols, {}};
     for (int t = 0; t < T; ++t) sink.acc[t][0] = sink.acc[t][1] = _mm512_setzero_ps();
     if constexpr (D == DType::NF4 || D == DType::INT8) {
-      const int64_t row_begin = r * W.cols, row_end = row_begin + W.cols;
-      for (int64_t i = row_begin; i < row_end;) {
-        const int64_t b = i / kElems;
-        const int64_t end = std::min(row_end, (b + 1) * kElems);
-        sink.x = x + (i - row_begin);
-        if constexpr (D == DType::NF4)
-          avx512::nf4_segment(data, i, end - i, flat_block_absmax(W.scales, b), sink);
-        else
-          avx512::int8_segment(reinterpret_cast<const int8_t*>(data), i, end - i,
-                               flat_block_absmax(W.scales, b), sink);
-        i = end;
-      }
+      const int64_t row_begin = r * W.cols;
+      avx512::flat_segments(W, row_begin, row_begin + W.cols, sink,
+                            [&](int64_t i) { sink.x = x + (i - row_begin); });
     } else {
       const uint8_t* row = data + dtype_bytes(D, r * W.cols);
       for (int64_t b = 0; b < W.cols / kElems; ++b) {
@@ -222,17 +213,8 @@ void avx512_cols(float* dx, const float* dy, const WeightRef& W, int64_t n_token
     broadcast(sink.a, r);
     if constexpr (kFlat) {
       const int64_t row_begin = r * W.cols;
-      for (int64_t i = row_begin + c0; i < row_begin + c1;) {
-        const int64_t b = i / kElems;
-        const int64_t end = std::min(row_begin + c1, (b + 1) * kElems);
-        sink.dx = dx + (i - row_begin);
-        if constexpr (D == DType::NF4)
-          avx512::nf4_segment(data, i, end - i, flat_block_absmax(W.scales, b), sink);
-        else
-          avx512::int8_segment(reinterpret_cast<const int8_t*>(data), i, end - i,
-                               flat_block_absmax(W.scales, b), sink);
-        i = end;
-      }
+      avx512::flat_segments(W, row_begin + c0, row_begin + c1, sink,
+                            [&](int64_t i) { sink.dx = dx + (i - row_begin); });
     } else {
       const uint8_t* row = data + dtype_bytes(D, r * W.cols);
       for (int64_t b = c0 / kElems; b < c1 / kElems; ++b) {

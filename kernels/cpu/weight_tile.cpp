@@ -87,19 +87,8 @@ void avx512_blocks(float* dst, const uint8_t* src, int64_t n) {
 }
 
 void avx512_flat(float* dst, const WeightRef& W, int64_t i0, int64_t n) {
-  const int64_t block = dtype_block_elems(W.dtype);
-  for (int64_t i = i0; i < i0 + n;) {
-    const int64_t b = i / block;
-    const int64_t end = std::min(i0 + n, (b + 1) * block);
-    const StoreSink sink{dst + (i - i0)};
-    if (W.dtype == DType::NF4)
-      avx512::nf4_segment(static_cast<const uint8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b),
-                          sink);
-    else
-      avx512::int8_segment(static_cast<const int8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b),
-                           sink);
-    i = end;
-  }
+  StoreSink sink{dst};
+  avx512::flat_segments(W, i0, i0 + n, sink, [&](int64_t i) { sink.dst = dst + (i - i0); });
 }
 
 // bf16 is the top half of an f32. F16C's conversion quiets a signalling NaN that the reference keeps,
