@@ -49,6 +49,22 @@ void scale_rows(float* out, int64_t n, int64_t width, float beta) {
   for (int64_t i = 0; i < n * width; ++i) out[i] = beta == 0.0f ? 0.0f : beta * out[i];
 }
 
+// Calls fn(tile, r0, rn, c0, cn) for every tile of W in a fixed order (column runs outer, row tiles
+// inner), the tile holding W[r0 .. r0 + rn, c0 .. c0 + cn] dequantized to f32 with leading dimension cn.
+template <typename Fn>
+void for_each_tile(const WeightRef& W, Fn&& fn) {
+  const TileShape ts = tile_shape(W);
+  float* tile = tile_scratch(ts);
+  for (int64_t c0 = 0; c0 < W.cols; c0 += ts.cols) {
+    const int64_t cn = std::min(ts.cols, W.cols - c0);
+    for (int64_t r0 = 0; r0 < W.rows; r0 += ts.rows) {
+      const int64_t rn = std::min(ts.rows, W.rows - r0);
+      dequantize_weight_tile(tile, cn, W, r0, rn, c0, cn);
+      fn(static_cast<const float*>(tile), r0, rn, c0, cn);
+    }
+  }
+}
+
 }  // namespace
 
 // Each tile's product is one sgemm, whose bits repeat at a fixed thread count (see matmul.cpp), and
@@ -71,17 +87,10 @@ void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, flo
     quant_gemv(y, x, W, n_tokens, beta);
     return;
   }
-  const TileShape ts = tile_shape(W);
-  float* tile = tile_scratch(ts);
-  for (int64_t c0 = 0; c0 < cols; c0 += ts.cols) {
-    const int64_t cn = std::min(ts.cols, cols - c0);
-    for (int64_t r0 = 0; r0 < rows; r0 += ts.rows) {
-      const int64_t rn = std::min(ts.rows, rows - r0);
-      dequantize_weight_tile(tile, cn, W, r0, rn, c0, cn);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n_tokens), int(rn), int(cn), 1.0f, x + c0,
-                  int(cols), tile, int(cn), c0 == 0 ? beta : 1.0f, y + r0, int(rows));
-    }
-  }
+  for_each_tile(W, [&](const float* tile, int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n_tokens), int(rn), int(cn), 1.0f, x + c0,
+                int(cols), tile, int(cn), c0 == 0 ? beta : 1.0f, y + r0, int(rows));
+  });
 }
 
 // dx[:, c0..] accumulates dy[:, r0..] Wtile over the row tiles: beta applies with the first.
@@ -102,17 +111,10 @@ void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_to
     quant_gemv_t(dx, dy, W, n_tokens, beta);
     return;
   }
-  const TileShape ts = tile_shape(W);
-  float* tile = tile_scratch(ts);
-  for (int64_t c0 = 0; c0 < cols; c0 += ts.cols) {
-    const int64_t cn = std::min(ts.cols, cols - c0);
-    for (int64_t r0 = 0; r0 < rows; r0 += ts.rows) {
-      const int64_t rn = std::min(ts.rows, rows - r0);
-      dequantize_weight_tile(tile, cn, W, r0, rn, c0, cn);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n_tokens), int(cn), int(rn), 1.0f, dy + r0,
-                  int(rows), tile, int(cn), r0 == 0 ? beta : 1.0f, dx + c0, int(cols));
-    }
-  }
+  for_each_tile(W, [&](const float* tile, int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n_tokens), int(cn), int(rn), 1.0f, dy + r0,
+                int(rows), tile, int(cn), r0 == 0 ? beta : 1.0f, dx + c0, int(cols));
+  });
 }
 
 }  // namespace tf::cpu
