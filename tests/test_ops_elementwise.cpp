@@ -58,8 +58,14 @@ TEST(Elementwise, AddBiasMatchesReferenceForEveryFloatType) {
       cpu::add_bias(a.data(), w, rows, width);
       ref::add_bias(b.data(), w, rows, width);
       ASSERT_EQ(a, b) << dtype_name(w.dtype) << " " << rows << " x " << width;
-      // Row r column c moved by bias[c], in every row.
-      EXPECT_FLOAT_EQ(a[size_t((rows - 1) * width)] - y0[size_t((rows - 1) * width)], b[0] - y0[0]);
+      // Every row moved by the bias as stored: bias[c] widened exactly, one rounding in the add.
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < width; ++c) {
+          const float add = w.dtype == DType::F32    ? bias[size_t(c)]
+                            : w.dtype == DType::BF16 ? bf16_to_f32(b16[size_t(c)])
+                                                     : f16_to_f32(h16[size_t(c)]);
+          ASSERT_EQ(a[size_t(r * width + c)], y0[size_t(r * width + c)] + add) << r << ", " << c;
+        }
     }
   }
   const std::vector<float> y(8), bias(4);

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "kernels/cpu/ref/rmsnorm.h"
+#include "kernels/cpu/float_weight.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
 #include "src/core/parallel.h"
@@ -18,12 +18,11 @@ void add_inplace(float* y, const float* x, int64_t n) {
 }
 
 void add_bias(float* y, WeightRef bias, int64_t rows, int64_t width) {
-  TF_CHECK(bias.rows * bias.cols == width, "add_bias: bias of ", bias.rows, " x ", bias.cols,
-           " elements for rows of ", width);
-  ref::weight_element(bias, 0);  // a bias that is not a float type fails here, not in the loop
+  with_float_weight("add_bias: bias", bias, width, [&](auto b) {
 #pragma omp parallel for if (rows * width >= kMinParallelElems) schedule(static)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < width; ++c) y[r * width + c] += ref::weight_element(bias, c);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < width; ++c) y[r * width + c] += b(c);
+  });
 }
 
 void fill(float* x, float value, int64_t n) {

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/cpu/float_weight.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
 
@@ -15,35 +16,12 @@ constexpr int64_t kWeightColumns = 64;
 // Below this many elements the OpenMP fork/join costs more than the loops.
 constexpr int64_t kParallelMin = 1 << 15;
 
-// Calls fn(load) with load(i) returning weight element i as f32; one instantiation per storage
-// dtype keeps the inner loops free of a per-element switch.
-template <typename Fn>
-void with_weight(const WeightRef& w, int64_t dim, Fn&& fn) {
-  TF_CHECK(w.rows * w.cols == dim, "rmsnorm weight has ", w.rows, "x", w.cols, " elements, expected ", dim);
-  switch (w.dtype) {
-    case DType::F32: {
-      const float* p = static_cast<const float*>(w.data);
-      return fn([p](int64_t i) { return p[i]; });
-    }
-    case DType::BF16: {
-      const uint16_t* p = static_cast<const uint16_t*>(w.data);
-      return fn([p](int64_t i) { return bf16_to_f32(p[i]); });
-    }
-    case DType::F16: {
-      const uint16_t* p = static_cast<const uint16_t*>(w.data);
-      return fn([p](int64_t i) { return f16_to_f32(p[i]); });
-    }
-    default: break;
-  }
-  TF_FAIL("rmsnorm weight dtype ", dtype_name(w.dtype), " is not a float type (f32, bf16, f16)");
-}
-
 }  // namespace
 
 void rmsnorm_forward(float* out, float* rstd, const float* x, WeightRef weight, int64_t rows, int64_t dim,
                      float eps) {
   const bool parallel = rows * dim >= kParallelMin;
-  with_weight(weight, dim, [&](auto w) {
+  with_float_weight("rmsnorm weight", weight, dim, [&](auto w) {
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * dim;
@@ -62,7 +40,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, WeightRef weight, 
 void rmsnorm_backward(float* dx, float* d_weight, const float* d_out, const float* x, WeightRef weight,
                       const float* rstd, int64_t rows, int64_t dim) {
   const bool parallel = rows * dim >= kParallelMin;
-  with_weight(weight, dim, [&](auto w) {
+  with_float_weight("rmsnorm weight", weight, dim, [&](auto w) {
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * dim;
