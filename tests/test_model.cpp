@@ -216,7 +216,7 @@ TEST(LoraDropout, MaskIsEachElementsOwnUniform) {
     std::vector<float> x(size_t(n * in)), out(x.size());
     for (size_t i = 0; i < x.size(); ++i) x[i] = 1.0f + float(i);
     d.apply(out.data(), x.data(), n, in);
-    const Philox rng = d.stream();
+    const Philox rng(d.seed, d.stream_id());
     int64_t dropped = 0;
     for (size_t i = 0; i < x.size(); ++i) {
       const float want = rng.uniform(i) < d.p ? 0.0f : x[i] * (1.0f / (1.0f - d.p));

@@ -90,10 +90,9 @@ std::vector<double> train(LlamaModel& model) {
   return train(model, [](LlamaModel&, int) {});
 }
 
-void copy_adapter(const LlamaModel& from, LlamaModel& to) {
-  LlamaModel& src = const_cast<LlamaModel&>(from);
-  ASSERT_EQ(src.lora().n_params, to.lora().n_params);
-  std::memcpy(to.lora().param_data(), src.lora().param_data(), size_t(src.lora().n_params) * sizeof(float));
+void copy_adapter(LlamaModel& from, LlamaModel& to) {
+  ASSERT_EQ(from.lora().n_params, to.lora().n_params);
+  std::memcpy(to.lora().param_data(), from.lora().param_data(), size_t(from.lora().n_params) * sizeof(float));
 }
 
 // The mean over the batch's target tokens of max_j |logit_j on a - logit_j on b|.

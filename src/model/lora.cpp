@@ -76,10 +76,6 @@ uint64_t LoraDropout::stream_id() const {
   return kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target);
 }
 
-Philox LoraDropout::stream() const {
-  return Philox(seed, stream_id());
-}
-
 void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
   cpu::dropout_forward(out, x, n * in, p, seed, stream_id());
 }

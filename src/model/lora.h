@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "src/core/alloc.h"
-#include "src/core/rng.h"
 #include "src/model/config.h"
 
 namespace tf {
@@ -56,10 +55,10 @@ struct LoraDropout {
   uint64_t step = 0;
   int layer = 0;
   LoraTarget target = LoraTarget::Q;
-  // Writes dropout(x) into out ([n, in]): element i is dropped when stream().uniform(i) < p.
+  // Writes dropout(x) into out ([n, in]): element i is dropped when
+  // Philox(seed, stream_id()).uniform(i) < p.
   void apply(float* out, const float* x, int64_t n, int in) const;
-  // The Philox stream of this (seed, step, layer, target), and its id under the seed.
-  Philox stream() const;
+  // The Philox stream of this (step, layer, target) under the seed.
   uint64_t stream_id() const;
 };
 
