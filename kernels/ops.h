@@ -103,6 +103,7 @@ constexpr int32_t kIgnoreIndex = -100;
 // (HF's _compute_default_rope_parameters / _compute_llama3_parameters, computed in f32).
 void rope_inv_freq(const RopeParams& p, float* inv_freq);
 
+#define TF_OP(ret, name, params, args) ret name params;
 namespace ref {
 #include "kernels/op_signatures.inc"
 }  // namespace ref
@@ -112,5 +113,6 @@ namespace cpu {
 void set_num_threads(int n);  // 0 = one per core
 int num_threads();
 }  // namespace cpu
+#undef TF_OP
 
 }  // namespace tf

@@ -1,0 +1,117 @@
+// defines: tf::Backend (the one interface the model, LoRA and the trainer run on: memory where the
+// ops run, copies to and from the host, a compute and a copy stream with events, and every op of
+// kernels/op_signatures.inc as a virtual method), tf::DeviceMem, tf::cpu_backend, tf::make_backend
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernels/ops.h"
+#include "src/core/alloc.h"
+
+namespace tf {
+
+class Backend;
+
+// An allocation in a backend's memory (host memory for cpu, device memory for cuda and simt),
+// counted against its tag in the backend's tracker for its lifetime. Move-only; frees itself.
+class DeviceMem {
+ public:
+  DeviceMem() = default;
+  ~DeviceMem() { release(); }
+  DeviceMem(DeviceMem&& o) noexcept { *this = std::move(o); }
+  DeviceMem& operator=(DeviceMem&& o) noexcept;
+  DeviceMem(const DeviceMem&) = delete;
+  DeviceMem& operator=(const DeviceMem&) = delete;
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+  MemTag tag() const { return tag_; }
+
+ private:
+  friend class Backend;
+  void release();
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  MemTag tag_ = MemTag::Workspace;
+};
+
+// The two queues of work a backend has. Work on one stream runs in order; work on different
+// streams is ordered only by events. The cpu backend runs everything at once, in call order.
+enum class Stream : uint8_t { Compute, Copy };
+struct Event {
+  uint64_t id = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  // "cpu", "simt", "cuda:0"; describe() adds what the user should know ("cuda:0 (NVIDIA H200, 139 GiB)").
+  virtual std::string name() const = 0;
+  virtual std::string describe() const { return name(); }
+
+  // ---- memory --------------------------------------------------------------------------------
+  // Bytes in this backend's memory, contents unspecified; `what` names it in errors.
+  DeviceMem alloc(size_t bytes, MemTag tag, std::string_view what);
+  // Current and peak bytes per tag of this backend's memory.
+  virtual const MemTracker& tracker() const = 0;
+  // host -> backend and backend -> backend copies are queued on `s`; download waits for the
+  // stream and returns with the bytes on the host.
+  virtual void upload(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;
+  virtual void download(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;
+  virtual void copy_bytes(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;
+  virtual Event record(Stream s) = 0;
+  virtual void wait(Stream s, Event e) = 0;
+  virtual void synchronize() = 0;
+
+  // ---- frozen weights ------------------------------------------------------------------------
+  // Whether the ops of this backend read a WeightRef of this storage dtype.
+  virtual bool supports_weight(DType dtype) const = 0;
+  // A WeightRef for this backend's ops holding the same values as `host` (a weight in host
+  // memory), uploading into memory appended to `storage` when the backend has its own. `name`
+  // names the tensor in errors (an unsupported dtype among them).
+  virtual WeightRef place_weight(const WeightRef& host, std::string_view name, std::vector<DeviceMem>& storage) = 0;
+
+  // ---- ops -----------------------------------------------------------------------------------
+#define TF_OP(ret, name, params, args) virtual ret name params = 0;
+#include "kernels/op_signatures.inc"
+#undef TF_OP
+
+  // Typed helpers over upload / download.
+  template <typename T>
+  void upload_n(T* dst, const T* src, size_t n, Stream s = Stream::Compute) {
+    upload(dst, src, n * sizeof(T), s);
+  }
+  template <typename T>
+  std::vector<T> download_n(const T* src, size_t n, Stream s = Stream::Compute) {
+    std::vector<T> out(n);
+    download(out.data(), src, n * sizeof(T), s);
+    return out;
+  }
+
+ protected:
+  virtual void* allocate(size_t bytes, MemTag tag, std::string_view what) = 0;
+  virtual void deallocate(void* p, size_t bytes, MemTag tag) = 0;
+
+ private:
+  friend class DeviceMem;
+};
+
+// The process's cpu backend (today's tf::cpu ops on host memory, counted in MemTracker::instance()).
+Backend& cpu_backend();
+
+// The backend a --device value names: "cpu", "simt" (the CUDA backend on the SIMT simulator),
+// "cuda" / "cuda:N" (a GPU; needs a build with the CUDA backend) or "auto" (cuda:0 when a GPU is
+// present, else cpu). `picked` receives one line saying what auto chose and why.
+std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked = nullptr);
+
+}  // namespace tf
