@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "kernels/cuda/runtime.h"
+
 #if defined(__CUDACC__)
 #define TF_PORT_SIM 0
 #include <cuda_runtime.h>
@@ -275,13 +277,16 @@ struct LaunchConfig {
   dim3 grid;
   dim3 block;
   size_t dynamic_smem = 0;
-  stream_t stream = nullptr;
+  TF_PORT_BACKEND::rt::StreamHandle stream = nullptr;
 };
 
+// Queues the kernel on cfg.stream. With rt::sync_after_launch() on, the CUDA build also waits for
+// it, so that a fault is reported at the launch that caused it.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) {
 #if TF_PORT_SIM
-  sim::launch(cfg.name, kernel, cfg.grid, cfg.block, cfg.dynamic_smem, std::forward<Args>(args)...);
+  sim::launch_with(sim::LaunchSpec{cfg.name, cfg.grid, cfg.block, cfg.dynamic_smem, cfg.stream}, kernel,
+                   std::forward<Args>(args)...);
 #else
   auto check = [&](cudaError_t e) {
     if (e != cudaSuccess)
@@ -290,8 +295,10 @@ void launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) 
   if (cfg.dynamic_smem > 48 * 1024) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(cfg.dynamic_smem)));
   }
-  kernel<<<cfg.grid, cfg.block, cfg.dynamic_smem, cfg.stream>>>(std::forward<Args>(args)...);
+  const auto stream = static_cast<cudaStream_t>(cfg.stream);
+  kernel<<<cfg.grid, cfg.block, cfg.dynamic_smem, stream>>>(std::forward<Args>(args)...);
   check(cudaGetLastError());
+  if (cuda::rt::sync_after_launch()) check(cudaStreamSynchronize(stream));
 #endif
 }
 

@@ -245,6 +245,10 @@ void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr
     fail(detail::concat(verb, " of ", bytes, " bytes through a null pointer (address ",
                         reinterpret_cast<const void*>(addr), ")", who()));
   }
+  if (r->freed) {
+    fail(detail::concat("use after free: ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr),
+                        ", which rt::device_free has freed"));
+  }
   const uintptr_t base = uintptr_t(r->base), end = base + r->bytes;
   if (addr < base || addr + bytes > end) {
     const std::string side = addr < base ? detail::concat(base - addr, " bytes before its start")
@@ -613,10 +617,7 @@ DeviceBuffer::DeviceBuffer(size_t bytes, std::string name, size_t elem_size)
   region_->bytes = bytes;
   region_->elem_size = elem_size;
   region_->name = std::move(name);
-  if (bytes) {
-    std::lock_guard lock(registry_mutex());
-    registry()[uintptr_t(region_->base)] = region_.get();
-  }
+  if (bytes) register_global(region_.get());
 }
 
 DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
@@ -628,18 +629,26 @@ DeviceBuffer::~DeviceBuffer() {
   registry().erase(uintptr_t(region_->base));
 }
 
+const Region* global_region(const void* p) {
+  const auto a = uintptr_t(p);
+  std::lock_guard lock(registry_mutex());
+  auto it = registry().upper_bound(a);
+  if (it == registry().begin()) return nullptr;
+  --it;
+  return a <= it->first + it->second->bytes ? it->second : nullptr;
+}
+
+void register_global(const Region* r) {
+  std::lock_guard lock(registry_mutex());
+  registry()[uintptr_t(r->base)] = r;
+}
+
 const Region* find_global(const void* p) {
   if (!p) return nullptr;
-  const auto a = uintptr_t(p);
-  {
-    std::lock_guard lock(registry_mutex());
-    auto it = registry().upper_bound(a);
-    if (it != registry().begin()) {
-      --it;
-      if (a <= it->first + it->second->bytes) return it->second;
-    }
-  }
-  fail(detail::concat("pointer ", p, " passed to a kernel is not in any sim::DeviceBuffer (host memory?)"));
+  if (const Region* r = global_region(p)) return r;
+  fail(detail::concat(
+      "pointer ", p,
+      " passed to a kernel is not in any sim::DeviceBuffer or rt::device_alloc allocation (host memory?)"));
 }
 
 void check_access(const Region* region, uintptr_t addr, size_t bytes, AccessKind kind) {

@@ -51,6 +51,9 @@ struct Region {
   Space space = Space::Global;
   size_t elem_size = 0;  // element size for messages ("'tile'[12]"); 0 when untyped
   std::string name;
+  // Freed by rt::device_free: the region stays registered as a tombstone, so that an access
+  // through a stale pointer is reported as a use after free of this allocation.
+  bool freed = false;
 };
 
 enum class AccessKind : uint8_t { Read, Write, Atomic };
@@ -60,6 +63,10 @@ enum class AccessKind : uint8_t { Read, Write, Atomic };
 void check_access(const Region* region, uintptr_t addr, size_t bytes, AccessKind kind);
 // The global allocation holding p, or nullptr for a null p; reports a pointer no DeviceBuffer owns.
 const Region* find_global(const void* p);
+// The global allocation (live or freed) holding p, or nullptr when none does.
+const Region* global_region(const void* p);
+// Makes a global allocation known to the simulator (DeviceBuffer and rt::device_alloc do this).
+void register_global(const Region* r);
 
 // Device memory for simulated kernels: an ordinary host allocation that the simulator knows, so
 // every access a kernel makes through it is bounds-checked. Filled with 0xff bytes (NaN in f32,
@@ -276,19 +283,26 @@ struct LaunchSpec {
   Dim3 grid;
   Dim3 block;
   size_t dynamic_smem;
+  void* stream = nullptr;  // an rt::StreamHandle: the launch's accesses happen on it
 };
 // Checks the configuration against the sm_90 limits, then runs body once per thread of every block.
 void run(const LaunchSpec& spec, const std::function<void()>& body);
 
 template <typename... Params, typename... Args>
-void launch(const char* name, void (*kernel)(Params...), Dim3 grid, Dim3 block, size_t dynamic_smem,
-            Args&&... args) {
+void launch_with(const LaunchSpec& spec, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong number of arguments");
   static_assert((!std::is_pointer_v<std::decay_t<Params>> && ...),
                 "a kernel parameter that points to device memory must be a port::gptr<T>, so that the "
                 "simulator can check the kernel's accesses through it");
   std::tuple<std::decay_t<Params>...> params(static_cast<std::decay_t<Params>>(std::forward<Args>(args))...);
-  run(LaunchSpec{name, grid, block, dynamic_smem}, [&] { std::apply(kernel, params); });
+  run(spec, [&] { std::apply(kernel, params); });
+}
+
+// A launch on the default stream.
+template <typename... Params, typename... Args>
+void launch(const char* name, void (*kernel)(Params...), Dim3 grid, Dim3 block, size_t dynamic_smem,
+            Args&&... args) {
+  launch_with(LaunchSpec{name, grid, block, dynamic_smem}, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace tf::sim
