@@ -1,5 +1,6 @@
 // defines: tests of the simulated device runtime (tf::simt::rt): allocation, copies both ways,
-// memset, and the bounds and liveness checks of copies and of kernels on rt::device_alloc memory.
+// memset, the bounds and liveness checks of copies and kernels on rt::device_alloc memory, the
+// ordering checks between streams, and the check of raw device pointers in kernel parameter structs.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -11,9 +12,11 @@
 
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/sim/runtime.h"
 #include "src/core/error.h"
 
 namespace port = tf::port;
+using tf::sim::AccessKind;
 namespace rt = tf::simt::rt;
 
 namespace {
@@ -144,6 +147,189 @@ TEST(SimRuntime, SyncAfterLaunchIsASetting) {
   rt::set_sync_after_launch(false);
   EXPECT_FALSE(rt::sync_after_launch());
   rt::set_sync_after_launch(was);
+}
+
+// ---- use after free -------------------------------------------------------------------------------
+
+TEST(SimRuntime, UseAfterFreeByAKernelACopyOrAMemsetNamesTheAllocation) {
+  auto* p = static_cast<float*>(rt::device_alloc(64 * sizeof(float), "kv_cache"));
+  rt::device_free(p);
+  expect_contains(error_of([&] {
+                    port::launch(write_all, port::LaunchConfig{"write_all", dim3(1), dim3(64)}, p, 64);
+                  }),
+                  {"use after free", "kernel 'write_all'", "'kv_cache'", "rt::device_free"});
+  std::vector<float> host(64, 0.0f);
+  expect_contains(error_of([&] { rt::memcpy_h2d(p + 4, host.data(), 16, nullptr); }),
+                  {"use after free", "destination of rt::memcpy_h2d", "'kv_cache'", "byte offset 16"});
+  expect_contains(error_of([&] { rt::memcpy_d2h(host.data(), p, 16, nullptr); }),
+                  {"use after free", "source of rt::memcpy_d2h", "'kv_cache'"});
+  expect_contains(error_of([&] { rt::memset_async(p, 0, 16, nullptr); }),
+                  {"use after free", "destination of rt::memset_async", "'kv_cache'"});
+}
+
+TEST(SimRuntime, DoubleFreeInteriorAndHostPointersAreRefused) {
+  auto* p = static_cast<uint8_t*>(rt::device_alloc(256, "grads"));
+  expect_contains(error_of([&] { rt::device_free(p + 8); }),
+                  {"rt::device_free", "byte offset 8 of 'grads'", "not the start"});
+  rt::device_free(p);
+  expect_contains(error_of([&] { rt::device_free(p); }), {"'grads'", "already freed (double free)"});
+  int host = 0;
+  expect_contains(error_of([&] { rt::device_free(&host); }), {"rt::device_free", "not device memory"});
+}
+
+// ---- ordering between streams -----------------------------------------------------------------------
+
+__global__ void read_all(port::gptr<const float> v, port::gptr<float> out, int n) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = v[i];
+}
+
+// A copy stream and a compute stream, as the device backend has, with two device buffers.
+struct TwoStreams : ::testing::Test {
+  static constexpr int kN = 64;
+  void SetUp() override {
+    copy = rt::stream_create();
+    compute = rt::stream_create();
+    in = static_cast<float*>(rt::device_alloc(kN * sizeof(float), "batch"));
+    out = static_cast<float*>(rt::device_alloc(kN * sizeof(float), "hidden"));
+    host.assign(kN, 2.5f);
+    done = rt::event_create();
+  }
+  void TearDown() override {
+    rt::device_synchronize();
+    rt::event_destroy(done);
+    rt::device_free(in);
+    rt::device_free(out);
+    rt::stream_destroy(copy);
+    rt::stream_destroy(compute);
+  }
+  void launch_read(rt::StreamHandle s) {
+    port::launch(read_all, port::LaunchConfig{"read_all", dim3(1), dim3(kN), 0, s}, in, out, kN);
+  }
+  rt::StreamHandle copy = nullptr, compute = nullptr;
+  rt::EventHandle done = nullptr;
+  float* in = nullptr;
+  float* out = nullptr;
+  std::vector<float> host;
+};
+
+TEST_F(TwoStreams, AKernelReadingAnUploadNotWaitedForIsReported) {
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  expect_contains(error_of([&] { launch_read(compute); }),
+                  {"stream race", "kernel 'read_all' on stream", "reads 'batch'",
+                   "last written by rt::memcpy_h2d on stream", "not ordered before it"});
+}
+
+TEST_F(TwoStreams, AnEventRecordedBeforeTheUploadDoesNotOrderIt) {
+  rt::event_record(done, copy);
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  rt::stream_wait_event(compute, done);
+  expect_contains(error_of([&] { launch_read(compute); }), {"stream race", "reads 'batch'"});
+}
+
+TEST_F(TwoStreams, AnEventOrASynchronisationOrdersTheUpload) {
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  rt::event_record(done, copy);
+  rt::stream_wait_event(compute, done);
+  launch_read(compute);
+  std::vector<float> got(kN, 0.0f);
+  rt::memcpy_d2h(got.data(), out, kN * sizeof(float), compute);
+  rt::stream_synchronize(compute);
+  EXPECT_EQ(got, host);
+
+  // The host waits for the upload, so what it launches next comes after it.
+  rt::stream_synchronize(compute);
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  rt::stream_synchronize(copy);
+  launch_read(compute);
+  rt::device_synchronize();
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  rt::device_synchronize();
+  launch_read(compute);
+}
+
+TEST_F(TwoStreams, AnUploadOverwritingWhatAKernelStillReadsIsReported) {
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  rt::stream_synchronize(copy);
+  launch_read(compute);
+  // The next batch's upload on the copy stream, without waiting for the kernel that reads this one.
+  expect_contains(error_of([&] { rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy); }),
+                  {"stream race", "rt::memcpy_h2d on stream", "writes 'batch'", "kernel 'read_all' on stream",
+                   "reads with no ordering"});
+  // Two writers on different streams.
+  expect_contains(error_of([&] { rt::memset_async(out, 0, 16, copy); }),
+                  {"stream race", "rt::memset_async", "writes 'hidden'", "kernel 'read_all'", "also writes"});
+}
+
+TEST_F(TwoStreams, PiecesOfOneArenaAt256ByteBoundariesDoNotAlias) {
+  auto* arena = static_cast<uint8_t*>(rt::device_alloc(1024, "arena"));
+  auto* a = reinterpret_cast<float*>(arena);
+  auto* b = reinterpret_cast<float*>(arena + 256);
+  rt::memcpy_h2d(a, host.data(), 256, copy);
+  port::launch(write_all, port::LaunchConfig{"write_all", dim3(1), dim3(64), 0, compute}, b, 64);
+  // The same piece, though, is checked.
+  expect_contains(
+      error_of([&] {
+        port::launch(write_all, port::LaunchConfig{"write_all", dim3(1), dim3(64), 0, compute}, a, 64);
+      }),
+      {"stream race", "kernel 'write_all'", "writes 'arena' (byte offset", "rt::memcpy_h2d"});
+  rt::device_synchronize();
+  rt::device_free(arena);
+}
+
+TEST_F(TwoStreams, HostAccessChecksRangesAndOrdersOnTheCurrentStream) {
+  rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
+  rt::set_current_stream(compute);
+  expect_contains(
+      error_of([&] { tf::sim::host_access(in, kN * sizeof(float), AccessKind::Read, "blas::gemm A"); }),
+      {"stream race", "blas::gemm A on stream", "reads 'batch'", "rt::memcpy_h2d"});
+  rt::stream_synchronize(copy);
+  tf::sim::host_access(in, kN * sizeof(float), AccessKind::Read, "blas::gemm A");
+  tf::sim::host_access(out, kN * sizeof(float), AccessKind::Write, "blas::gemm C");
+  expect_contains(
+      error_of([&] { tf::sim::host_access(out, kN * sizeof(float) + 4, AccessKind::Write, "blas::gemm C"); }),
+      {"blas::gemm C", "'hidden'", "4 bytes past its end"});
+  // The kernel's read of 'hidden' after the host stand-in wrote it on the same stream is ordered.
+  port::launch(read_all, port::LaunchConfig{"read_all", dim3(1), dim3(kN), 0, compute}, out, out, kN);
+  rt::set_current_stream(nullptr);
+}
+
+// ---- raw device pointers in parameter structs --------------------------------------------------------
+
+struct RawArgs {
+  float* out;
+  int n;
+};
+struct CheckedArgs {
+  int n;
+  port::gptr<float> out;
+};
+
+__global__ void write_raw(RawArgs a) {
+  const int i = int(threadIdx.x);
+  if (i < a.n) a.out[i] = 1.0f;
+}
+__global__ void write_checked(int pad, CheckedArgs a) {
+  const int i = int(threadIdx.x);
+  if (i < a.n) a.out[i] = float(pad);
+}
+
+TEST(SimRuntime, RawDevicePointersInParameterStructsAreReportedAtLaunch) {
+  auto* p = static_cast<float*>(rt::device_alloc(32 * sizeof(float), "logits"));
+  expect_contains(
+      error_of([&] {
+        port::launch(write_raw, port::LaunchConfig{"write_raw", dim3(1), dim3(32)}, RawArgs{p, 32});
+      }),
+      {"kernel 'write_raw': parameter 1 (a struct) holds a raw device pointer at byte 0", "'logits'",
+       "port::gptr<T>"});
+  // With a checked pointer member the launch runs, and its accesses are checked.
+  port::launch(write_checked, port::LaunchConfig{"write_checked", dim3(1), dim3(32)}, 3, CheckedArgs{32, p});
+  expect_contains(error_of([&] {
+                    port::launch(write_checked, port::LaunchConfig{"write_checked", dim3(1), dim3(64)}, 3,
+                                 CheckedArgs{33, p});
+                  }),
+                  {"out-of-bounds write", "kernel 'write_checked'", "'logits'"});
+  rt::device_free(p);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "kernels/sim/fragments.h"
+#include "kernels/sim/runtime.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 
@@ -260,6 +261,10 @@ void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr
     fail(detail::concat("misaligned ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr)));
   }
   if (r->space == Space::Shared && L && t) check_shared(*L, *t, *r, addr, bytes, kind);
+  if (r->streams) {
+    const std::string race = stream_access(r, addr, bytes, kind);
+    if (!race.empty()) fail(race + who());
+  }
 }
 
 // ---- warp collectives ---------------------------------------------------------------------------
@@ -805,6 +810,11 @@ void cp_async_wait(int pending_groups) {
 void run(const LaunchSpec& spec, const std::function<void()>& body) {
   TF_CHECK(g_launch == nullptr, "simulator: kernel '", spec.kernel, "' launched from inside a kernel");
   check_config(spec);
+  // The launch is one operation on its stream: every global access it makes is ordered by it.
+  begin_stream_op(spec.stream, detail::concat("kernel '", spec.kernel, "'"));
+  struct EndOp {
+    ~EndOp() { end_stream_op(); }
+  } end_op;
   auto L = std::make_unique<Launch>();
   L->spec = spec;
   L->body = &body;

@@ -54,6 +54,9 @@ struct Region {
   // Freed by rt::device_free: the region stays registered as a tombstone, so that an access
   // through a stale pointer is reported as a use after free of this allocation.
   bool freed = false;
+  // rt::device_alloc memory: which stream operations last read and wrote each granule
+  // (kernels/sim/runtime.h); null for memory whose accesses are not ordered by streams.
+  struct StreamShadow* streams = nullptr;
 };
 
 enum class AccessKind : uint8_t { Read, Write, Atomic };
@@ -288,6 +291,16 @@ struct LaunchSpec {
 // Checks the configuration against the sm_90 limits, then runs body once per thread of every block.
 void run(const LaunchSpec& spec, const std::function<void()>& body);
 
+// Reports a struct kernel parameter (parameter `index`, 0-based, of `bytes` bytes at p) with an
+// 8-byte word that points into device memory and is not the address half of a Ptr: accesses
+// through such a raw member would bypass every check.
+void check_struct_param(const char* kernel, size_t index, const void* p, size_t bytes);
+
+template <typename T>
+inline constexpr bool is_ptr_v = false;
+template <typename T>
+inline constexpr bool is_ptr_v<Ptr<T>> = true;
+
 template <typename... Params, typename... Args>
 void launch_with(const LaunchSpec& spec, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong number of arguments");
@@ -295,6 +308,15 @@ void launch_with(const LaunchSpec& spec, void (*kernel)(Params...), Args&&... ar
                 "a kernel parameter that points to device memory must be a port::gptr<T>, so that the "
                 "simulator can check the kernel's accesses through it");
   std::tuple<std::decay_t<Params>...> params(static_cast<std::decay_t<Params>>(std::forward<Args>(args))...);
+  [&]<size_t... I>(std::index_sequence<I...>) {
+    auto check = [&](size_t index, const auto& param) {
+      using P = std::decay_t<decltype(param)>;
+      if constexpr (std::is_class_v<P> && std::is_trivially_copyable_v<P> && !is_ptr_v<P>)
+        check_struct_param(spec.kernel, index, &param, sizeof(P));
+    };
+    (check(I, std::get<I>(params)), ...);
+  }
+  (std::index_sequence_for<Params...>{});
   run(spec, [&] { std::apply(kernel, params); });
 }
 
