@@ -7,6 +7,7 @@
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
+#include "src/core/host_device.h"
 
 namespace tf::ref {
 
@@ -29,9 +30,10 @@ struct AdamWScalars {
   }
 };
 
-// torch.lerp(start, end, w): the two forms keep the result exact at w = 0 and w = 1.
+// torch.lerp(start, end, w): the two forms keep the result exact at w = 0 and w = 1. The CUDA
+// backend's AdamW kernel calls it too.
 template <typename T>
-T lerp(T start, T end, T w) {
+TF_HOST_DEVICE T lerp(T start, T end, T w) {
   return w < T(0.5) ? start + w * (end - start) : end - (end - start) * (T(1) - w);
 }
 
