@@ -79,7 +79,8 @@ class Backend {
   // A WeightRef for this backend's ops holding the same values as `host` (a weight in host
   // memory), uploading into memory appended to `storage` when the backend has its own. `name`
   // names the tensor in errors (an unsupported dtype among them).
-  virtual WeightRef place_weight(const WeightRef& host, std::string_view name, std::vector<DeviceMem>& storage) = 0;
+  virtual WeightRef place_weight(const WeightRef& host, std::string_view name,
+                                 std::vector<DeviceMem>& storage) = 0;
 
   // ---- ops -----------------------------------------------------------------------------------
 #define TF_OP(ret, name, params, args) virtual ret name params = 0;
@@ -113,5 +114,8 @@ Backend& cpu_backend();
 // "cuda" / "cuda:N" (a GPU; needs a build with the CUDA backend) or "auto" (cuda:0 when a GPU is
 // present, else cpu). `picked` receives one line saying what auto chose and why.
 std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked = nullptr);
+// The checks of make_backend that need no device: the spelling of `spec`, and cuda in a build
+// without the CUDA backend. For refusing a bad --device before a model loads.
+void check_device(std::string_view spec);
 
 }  // namespace tf

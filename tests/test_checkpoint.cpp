@@ -35,7 +35,7 @@ LoraConfig lora_cfg(int rank = 4, uint32_t targets = (1u << kLoraTargetCount) - 
 
 // Distinct values in all three buffers, so a swap of params and moments or of two adapters shows.
 void fill(LoraState& s, uint64_t seed) {
-  Buffer* bufs[3] = {&s.params, &s.adam_m, &s.adam_v};
+  DeviceMem* bufs[3] = {&s.params, &s.adam_m, &s.adam_v};
   for (int b = 0; b < 3; ++b) {
     const Philox rng(seed, uint64_t(b));
     float* p = bufs[b]->as<float>();

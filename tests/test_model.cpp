@@ -215,7 +215,7 @@ TEST(LoraDropout, MaskIsEachElementsOwnUniform) {
     d.target = LoraTarget::Up;
     std::vector<float> x(size_t(n * in)), out(x.size());
     for (size_t i = 0; i < x.size(); ++i) x[i] = 1.0f + float(i);
-    d.apply(out.data(), x.data(), n, in);
+    d.apply(cpu_backend(), out.data(), x.data(), n, in);
     const Philox rng(d.seed, d.stream_id());
     int64_t dropped = 0;
     for (size_t i = 0; i < x.size(); ++i) {

@@ -259,7 +259,7 @@ TEST(OrderedSum, AddsFixedChunksInOrderForAnyThreadCount) {
   for (const int threads : {1, 2, 3}) {
     const Threads t(threads);
     EXPECT_EQ(ordered_sum(n, [&g](int64_t i) { return square(g[size_t(i)]); }), want) << threads;
-    EXPECT_EQ(global_grad_norm(g.data(), n), std::sqrt(want)) << threads;
+    EXPECT_EQ(global_grad_norm(cpu_backend(), g.data(), n), std::sqrt(want)) << threads;
   }
   EXPECT_EQ(ordered_sum(0, [](int64_t) { return 1.0; }), 0.0);
   EXPECT_EQ(ordered_sum(3, [](int64_t i) { return double(i); }), 3.0);

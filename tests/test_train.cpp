@@ -93,7 +93,7 @@ TEST(Trainer, NonFiniteStepsAreSkippedCountedAndAbortAfterTheLimit) {
   ASSERT_FALSE(trainer.step({&b, 1}).skipped);
   ASSERT_FALSE(reference.step({&b, 1}).skipped);
   LoraState& lora = model.lora();
-  const auto copy = [&](const Buffer& buf) {
+  const auto copy = [&](const DeviceMem& buf) {
     const float* f = buf.as<float>();
     return std::vector<float>(f, f + lora.n_params);
   };
@@ -155,7 +155,7 @@ TEST(Trainer, ClippingBoundsTheUpdate) {
   model.forward_backward(b, 1.0f / float(targets), 0);
   const std::vector<double> grad(lora.grad_data(), lora.grad_data() + n);
   const std::vector<double> before(lora.param_data(), lora.param_data() + n);
-  const double norm = global_grad_norm(lora.grad_data(), lora.n_params);
+  const double norm = global_grad_norm(lora.backend(), lora.grad_data(), lora.n_params);
   ASSERT_GT(norm, 100 * tc.clip);
 
   // One AdamW step from zero moments, in double, on a given gradient.

@@ -23,8 +23,9 @@ const tok::Tokenizer& Session::tokenizer() const {
 
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
-                     const std::string& adapter, io::QuantMode quant) {
+                     const std::string& adapter, io::QuantMode quant, const std::string& device) {
   Session s;
+  check_device(device);
   s.loaded = io::load_model(model_path, true, quant);
   std::optional<io::PeftAdapter> peft;
   if (!adapter.empty()) {
@@ -34,11 +35,13 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
     lora = peft->lora.config;
   }
   const CheckpointPolicy p = policy(s.loaded.weights.config);
-  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens);
+  s.backend = make_backend(device, &s.device_note);
+  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend);
   if (peft) {
     LoraState& dst = s.model->lora();
     TF_CHECK(dst.n_params == peft->lora.n_params, adapter, ": adapter layout does not match the model");
-    std::memcpy(dst.param_data(), peft->lora.param_data(), size_t(dst.n_params) * sizeof(float));
+    dst.backend().upload(dst.param_data(), peft->lora.param_data(), size_t(dst.n_params) * sizeof(float));
+    dst.backend().synchronize();
   }
   return s;
 }

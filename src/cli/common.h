@@ -17,9 +17,12 @@
 
 namespace tf::cli {
 
-// A loaded base model, its tokenizer, and a LlamaModel ready to run with LoRA attached.
+// A loaded base model, its tokenizer, the backend it runs on and a LlamaModel ready to run with
+// LoRA attached.
 struct Session {
   io::LoadedModel loaded;
+  std::unique_ptr<Backend> backend;
+  std::string device_note;  // what --device auto picked and why; empty otherwise
   std::unique_ptr<LlamaModel> model;
   const tok::Tokenizer& tokenizer() const;
 };
@@ -27,10 +30,11 @@ struct Session {
 // Opens `model_path` with LoRA `lora` (fresh adapters, B = 0) sized for `max_tokens` per
 // micro-batch, with the checkpointing `policy` chooses for the model's config. With `adapter` (a
 // run directory or a PEFT adapter directory), the adapter's configuration and weights replace
-// `lora`.
+// `lora`. The model runs on the backend `device` (a --device value) names.
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
-                     const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep);
+                     const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep,
+                     const std::string& device = "cpu");
 
 // The QuantMode named by a --quant value, or tf::Error listing the choices.
 io::QuantMode quant_option(const std::string& name);

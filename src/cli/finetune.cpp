@@ -139,13 +139,11 @@ void match_stored_config(nlohmann::json& relevant, const nlohmann::json& stored,
            "); start a new run directory, or restore the original options");
 }
 
-// Whether every LoRA parameter and AdamW moment is finite.
+// Whether every LoRA parameter and AdamW moment is finite, computed where they live: a sum of squares
+// in double is finite exactly when every f32 term is.
 bool lora_state_finite(const LoraState& lora) {
-  for (const Buffer* b : {&lora.params, &lora.adam_m, &lora.adam_v}) {
-    const float* p = b->as<float>();
-    for (int64_t i = 0; i < lora.n_params; ++i) {
-      if (!std::isfinite(p[i])) return false;
-    }
+  for (const DeviceMem* b : {&lora.params, &lora.adam_m, &lora.adam_v}) {
+    if (!std::isfinite(lora.backend().sum_squares(b->as<float>(), lora.n_params))) return false;
   }
   return true;
 }
@@ -191,8 +189,7 @@ void check_options(const FinetuneOptions& o) {
   TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block",
            "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
   quant_option(o.quant);
-  TF_CHECK(o.device == "auto" || o.device == "cpu", "--device ", o.device,
-           " is not available: training runs only on the CPU so far (give --device cpu or auto)");
+  check_device(o.device);
   TF_CHECK(o.save_every >= 0, "--save-every must not be negative (0: only at the end), got ", o.save_every);
   TF_CHECK(o.keep >= 1, "--keep must be at least 1, got ", o.keep);
   TF_CHECK(o.eval_every >= 0, "--eval-every must not be negative (0: before and after training only), got ",
@@ -347,7 +344,7 @@ int run_finetune(const FinetuneOptions& given) {
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(
       o.model, lora, int64_t(o.micro_batch) * o.seq_len,
-      [&](const LlamaConfig& c) { return choose_policy(o, c); }, {}, quant_option(o.quant));
+      [&](const LlamaConfig& c) { return choose_policy(o, c); }, {}, quant_option(o.quant), o.device);
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
   const LlamaConfig& cfg = s.model->config();
@@ -408,7 +405,9 @@ int run_finetune(const FinetuneOptions& given) {
     const auto latest = latest_checkpoint(o.out, &rejected);
     for (const auto& r : rejected) std::printf("warning: ignoring checkpoint %s\n", r.c_str());
     if (latest) {
-      const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), model.lora());
+      LoraState host = model.lora().host_copy();
+      const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), host);
+      model.lora().copy_from(host);
       trainer.restore(ck.trainer);
       sampler.restore(parse_cursor(ck.data_cursor, latest->path));
       start = ck.trainer.step;
@@ -451,7 +450,7 @@ int run_finetune(const FinetuneOptions& given) {
       train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
       (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
       policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
-  std::printf("device: cpu%s\n", o.device == "auto" ? " (auto: training runs only on the CPU so far)" : "");
+  std::printf("device: %s\n", s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str());
 
   std::fflush(stdout);  // the header shows before the evaluation, which can take long
   MetricsWriter metrics(metrics_path);
@@ -477,7 +476,7 @@ int run_finetune(const FinetuneOptions& given) {
     } else if (probe && !std::isfinite(model.forward_loss(views.back()).sum)) {
       char buf[96];
       std::snprintf(buf, sizeof buf, "give a non-finite loss (largest |weight| %.3g)",
-                    double(largest_magnitude(model.lora())));
+                    double(largest_magnitude(model.lora().host_copy())));
       why = buf;
     }
     TF_CHECK(why.empty(), "training diverged at step ", done, ": the LoRA weights ", why,
@@ -493,7 +492,7 @@ int run_finetune(const FinetuneOptions& given) {
     meta.config_json = relevant.dump();
     meta.data_cursor = cursor_json(sampler.cursor());
     meta.seed = o.seed;
-    last_checkpoint = save_checkpoint(o.out, model.lora(), trainer.state(), meta, o.keep);
+    last_checkpoint = save_checkpoint(o.out, model.lora().host_copy(), trainer.state(), meta, o.keep);
     return last_checkpoint;
   };
   auto run_eval = [&](int64_t step) {
@@ -545,7 +544,7 @@ int run_finetune(const FinetuneOptions& given) {
   TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": appeared during training and was not ",
            "written by tightfit; move it out of the run directory, then continue with --resume");
   publish_export_dir(adapter_path, "peft", [&](const std::string& staged) {
-    io::export_peft(staged, model.lora(), model.config(), o.model);
+    io::export_peft(staged, model.lora().host_copy(), model.config(), o.model);
   });
   ReportInput report;
   report.title = o.out;

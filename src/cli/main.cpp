@@ -16,6 +16,10 @@ namespace {
 
 using namespace tf::cli;
 
+constexpr const char* kDeviceHelp =
+    "Where the model runs: auto (a GPU when one is present, else the CPU), cpu, cuda, cuda:N, or simt "
+    "(the CUDA backend on the built-in GPU simulator: slow, for checking)";
+
 void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--model", o.model, "Base model: an HF directory or a .gguf file")->required();
   c.add_option("--data", o.data, "Training data (JSONL: text, prompt/completion, messages or instruction)")
@@ -68,8 +72,7 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--checkpointing", o.checkpointing,
                "Activation checkpointing: auto (per block once activations would pass 2 GiB), none or block")
       ->capture_default_str();
-  c.add_option("--device", o.device, "auto or cpu (training runs only on the CPU so far)")
-      ->capture_default_str();
+  c.add_option("--device", o.device, kDeviceHelp)->capture_default_str();
   c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
   c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
 }
@@ -139,6 +142,7 @@ int run(int argc, char** argv) {
   generate->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
   generate->add_flag("--chat", gen.chat, "Send the prompt as a user turn of the chat template");
   generate->add_option("--template", gen.template_name, "Template for --chat")->capture_default_str();
+  generate->add_option("--device", gen.device, kDeviceHelp)->capture_default_str();
   generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
 
@@ -153,6 +157,7 @@ int run(int argc, char** argv) {
   eval->add_option("--micro-batch", ev.micro_batch, "Sequences per forward")->capture_default_str();
   eval->add_option("--max-new-tokens", ev.max_new_tokens, "Greedy completion length for exact match")
       ->capture_default_str();
+  eval->add_option("--device", ev.device, kDeviceHelp)->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
   eval->add_option("--logits-out", ev.logits_out,

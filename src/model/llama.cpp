@@ -9,32 +9,60 @@
 
 namespace tf {
 
-LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
-                       int64_t max_tokens)
-    : weights_(std::move(weights)), lora_(weights_.config, lora), policy_(policy), max_tokens_(max_tokens) {
-  const LlamaConfig& c = weights_.config;
+// The weights are placed before the LoRA state is laid out, so an unsupported dtype is reported
+// before anything else is allocated on the backend.
+static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage) {
+  const LlamaConfig& c = w.config;
   c.validate("model config");
-  TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
-  TF_CHECK(int64_t(weights_.blocks.size()) == c.n_layers, "model has ", weights_.blocks.size(),
+  TF_CHECK(int64_t(w.blocks.size()) == c.n_layers, "model has ", w.blocks.size(),
            " blocks of weights but its config says ", c.n_layers, " layers");
-  inv_freq_.resize(size_t(c.head_dim / 2));
+  LlamaWeights placed;
+  placed.config = c;
+  placed.blocks.resize(w.blocks.size());
+  LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
+    const WeightRef& host = w.slot(s, layer);
+    const std::string name = hf_weight_name(s, layer);
+    TF_CHECK(be.supports_weight(host.dtype), "the ", be.name(), " backend does not run ",
+             dtype_name(host.dtype), " base weights (tensor ", name,
+             "); store the base as bf16 or f32 (finetune --quant bf16)");
+    placed.slot(s, layer) = be.place_weight(host, name, storage);
+  });
+  if (c.tie_embeddings) placed.lm_head = placed.embed;
+  return placed;
+}
+
+LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
+                       int64_t max_tokens, Backend& backend)
+    : be_(&backend),
+      weights_(std::move(weights)),
+      placed_(place_weights(weights_, backend, weight_mem_)),
+      lora_(weights_.config, lora, backend),
+      policy_(policy),
+      max_tokens_(max_tokens) {
+  const LlamaConfig& c = weights_.config;
+  TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
+  std::vector<float> inv_freq(size_t(c.head_dim / 2));
+  rope_inv_freq(c.rope, inv_freq.data());
+  inv_freq_ = be_->alloc(inv_freq.size() * sizeof(float), MemTag::Workspace, "rope frequencies");
+  be_->upload_n(inv_freq_.as<float>(), inv_freq.data(), inv_freq.size());
+  batch_mem_ = be_->alloc(4 * size_t(max_tokens) * sizeof(int32_t), MemTag::Activations, "batch tokens");
   decode_positions_.resize(size_t(max_tokens));
-  rope_inv_freq(c.rope, inv_freq_.data());
 
   const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
   int64_t lora_rows = 0;
   for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
   const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + 3 * I + lora_rows);
   const size_t n_sets = policy == CheckpointPolicy::None ? size_t(c.n_layers) : 1;
-  saved_ = Buffer(size_t(N * H * (c.n_layers + 1) + block_floats * int64_t(n_sets)) * sizeof(float),
-                  MemTag::Activations, false);
+  saved_ = be_->alloc(size_t(N * H * (c.n_layers + 1) + block_floats * int64_t(n_sets)) * sizeof(float),
+                      MemTag::Activations, "saved activations");
   float* cursor = saved_.as<float>();
   for (int l = 0; l <= c.n_layers; ++l, cursor += N * H) residual_.push_back(cursor);
   for (size_t s = 0; s < n_sets; ++s) acts_.push_back(carve_block_acts(cursor));
 
   const int64_t widest = std::max({H, Q, I});
-  workspace_ = Buffer(size_t(N * (1 + 5 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest)) * sizeof(float),
-                      MemTag::Workspace, false);
+  workspace_ =
+      be_->alloc(size_t(N * (1 + 5 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest)) * sizeof(float),
+                 MemTag::Workspace, "activation gradients");
   float* w = workspace_.as<float>();
   auto take = [&w](int64_t n) { return std::exchange(w, w + n); };
   final_h_ = take(N * H);
@@ -85,6 +113,18 @@ void LlamaModel::check_batch(const Batch& b) const {
     TF_CHECK(b.positions[i] >= 0, "position ", b.positions[i], " of token ", i, " is negative");
 }
 
+Batch LlamaModel::stage(const Batch& b) {
+  const size_t n = size_t(b.n_tokens());
+  int32_t* mem = batch_mem_.as<int32_t>();
+  auto put = [&](const int32_t* host, int64_t field) -> const int32_t* {
+    if (!host) return nullptr;
+    int32_t* dst = mem + field * max_tokens_;
+    be_->upload_n(dst, host, n);
+    return dst;
+  };
+  return Batch{b.batch, b.seq, put(b.tokens, 0), put(b.targets, 1), put(b.positions, 2), put(b.doc_ids, 3)};
+}
+
 LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t step) const {
   LoraDropout d;
   d.p = training ? lora_.config.dropout : 0.0f;
@@ -97,119 +137,121 @@ LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t
 
 void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
                             LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n) {
-  cpu::linear_forward(y, x, w, n, 0.0f);
-  if (bias) cpu::add_bias(y, *bias, n, w.rows);
+  be_->linear_forward(y, x, w, n, 0.0f);
+  if (bias) be_->add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
-    lora_forward(y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(),
+    lora_forward(*be_, y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(),
                  dropout(layer, t, training, step), n);
 }
 
 void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x,
                                      const WeightRef& w, int layer, LoraTarget t, const BlockActs& a,
                                      uint64_t step, int64_t n) {
-  cpu::linear_backward_input(dx, dy, w, n, beta);
+  be_->linear_backward_input(dx, dy, w, n, beta);
   LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
-    lora_backward(dx, dy, x, a.lora_t[size_t(t)], ad, lora_.config.scale(), dropout(layer, t, true, step), n,
-                  lora_dt_, lora_xd_);
+    lora_backward(*be_, dx, dy, x, a.lora_t[size_t(t)], ad, lora_.config.scale(),
+                  dropout(layer, t, true, step), n, lora_dt_, lora_xd_);
 }
 
 void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step,
                                KvCache* cache) {
   const LlamaConfig& c = weights_.config;
-  const BlockWeights& w = weights_.blocks[size_t(l)];
+  const BlockWeights& w = placed_.blocks[size_t(l)];
   const int64_t n = b.n_tokens();
   const float* x = residual_[size_t(l)];
   float* out = residual_[size_t(l) + 1];
 
-  cpu::rmsnorm_forward(a.h1, a.rstd1, x, w.attn_norm, n, c.hidden, c.rms_eps);
+  be_->rmsnorm_forward(a.h1, a.rstd1, x, w.attn_norm, n, c.hidden, c.rms_eps);
   const bool bias = c.attention_bias;
   projection(a.q, a.h1, w.q, bias ? &w.q_bias : nullptr, l, LoraTarget::Q, a, training, step, n);
   projection(a.k, a.h1, w.k, bias ? &w.k_bias : nullptr, l, LoraTarget::K, a, training, step, n);
   projection(a.v, a.h1, w.v, bias ? &w.v_bias : nullptr, l, LoraTarget::V, a, training, step, n);
-  cpu::rope_forward(a.q, b.positions, inv_freq_.data(), n, c.n_heads, c.head_dim, c.rope_layout);
-  cpu::rope_forward(a.k, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
+  be_->rope_forward(a.q, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
+  be_->rope_forward(a.k, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
   const float scale = 1.0f / std::sqrt(float(c.head_dim));
   if (cache) {
     const int64_t kv = c.kv_dim();
     float* k_layer = cache->k.as<float>() + int64_t(l) * cache->capacity * kv;
     float* v_layer = cache->v.as<float>() + int64_t(l) * cache->capacity * kv;
-    cpu::copy(k_layer + cache->n_past * kv, a.k, n * kv);
-    cpu::copy(v_layer + cache->n_past * kv, a.v, n * kv);
-    cpu::attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
+    be_->copy(k_layer + cache->n_past * kv, a.k, n * kv);
+    be_->copy(v_layer + cache->n_past * kv, a.v, n * kv);
+    be_->attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
                                   c.head_dim, scale);
   } else {
     const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, scale};
-    cpu::attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
+    be_->attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
   }
   projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
-  cpu::add_inplace(a.x2, x, n * c.hidden);
+  be_->add_inplace(a.x2, x, n * c.hidden);
 
-  cpu::rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
+  be_->rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
   projection(a.gate, a.h2, w.gate, nullptr, l, LoraTarget::Gate, a, training, step, n);
   projection(a.up, a.h2, w.up, nullptr, l, LoraTarget::Up, a, training, step, n);
-  cpu::swiglu_forward(a.act, a.gate, a.up, n * c.intermediate);
+  be_->swiglu_forward(a.act, a.gate, a.up, n * c.intermediate);
   projection(out, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, n);
-  cpu::add_inplace(out, a.x2, n * c.hidden);
+  be_->add_inplace(out, a.x2, n * c.hidden);
 }
 
 // On entry d_res_ holds the gradient of the block's output; on exit, of its input.
 void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t step) {
   const LlamaConfig& c = weights_.config;
-  const BlockWeights& w = weights_.blocks[size_t(l)];
+  const BlockWeights& w = placed_.blocks[size_t(l)];
   const int64_t n = b.n_tokens();
 
   // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
   projection_backward(d_act_, 0.0f, d_res_, a.act, w.down, l, LoraTarget::Down, a, step, n);
-  cpu::fill(d_gate_, 0.0f, n * c.intermediate);
-  cpu::fill(d_up_, 0.0f, n * c.intermediate);
-  cpu::swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, n * c.intermediate);
+  be_->fill(d_gate_, 0.0f, n * c.intermediate);
+  be_->fill(d_up_, 0.0f, n * c.intermediate);
+  be_->swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, n * c.intermediate);
   projection_backward(d_h_, 0.0f, d_gate_, a.h2, w.gate, l, LoraTarget::Gate, a, step, n);
   projection_backward(d_h_, 1.0f, d_up_, a.h2, w.up, l, LoraTarget::Up, a, step, n);
-  cpu::rmsnorm_backward(d_res_, nullptr, d_h_, a.x2, w.mlp_norm, a.rstd2, n, c.hidden);
+  be_->rmsnorm_backward(d_res_, nullptr, d_h_, a.x2, w.mlp_norm, a.rstd2, n, c.hidden);
 
   // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
   projection_backward(d_att_, 0.0f, d_res_, a.att, w.o, l, LoraTarget::O, a, step, n);
-  cpu::fill(d_q_, 0.0f, n * c.q_dim());
-  cpu::fill(d_k_, 0.0f, n * c.kv_dim());
-  cpu::fill(d_v_, 0.0f, n * c.kv_dim());
+  be_->fill(d_q_, 0.0f, n * c.q_dim());
+  be_->fill(d_k_, 0.0f, n * c.kv_dim());
+  be_->fill(d_v_, 0.0f, n * c.kv_dim());
   const AttentionShape shape{b.batch,      b.seq,      c.n_heads,
                              c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
-  cpu::attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
-  cpu::rope_backward(d_q_, b.positions, inv_freq_.data(), n, c.n_heads, c.head_dim, c.rope_layout);
-  cpu::rope_backward(d_k_, b.positions, inv_freq_.data(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
+  be_->attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
+  be_->rope_backward(d_q_, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
+  be_->rope_backward(d_k_, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
   projection_backward(d_h_, 0.0f, d_q_, a.h1, w.q, l, LoraTarget::Q, a, step, n);
   projection_backward(d_h_, 1.0f, d_k_, a.h1, w.k, l, LoraTarget::K, a, step, n);
   projection_backward(d_h_, 1.0f, d_v_, a.h1, w.v, l, LoraTarget::V, a, step, n);
-  cpu::rmsnorm_backward(d_res_, nullptr, d_h_, residual_[size_t(l)], w.attn_norm, a.rstd1, n, c.hidden);
+  be_->rmsnorm_backward(d_res_, nullptr, d_h_, residual_[size_t(l)], w.attn_norm, a.rstd1, n, c.hidden);
 }
 
-void LlamaModel::forward_stack(const Batch& b, bool training, uint64_t step, KvCache* cache) {
-  check_batch(b);
+Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t step, KvCache* cache) {
+  check_batch(host_batch);
+  const Batch b = stage(host_batch);
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
-  cpu::embedding_forward(residual_[0], b.tokens, n, weights_.embed);
+  be_->embedding_forward(residual_[0], b.tokens, n, placed_.embed);
   for (int l = 0; l < c.n_layers; ++l) {
     BlockActs& a = acts_[policy_ == CheckpointPolicy::None ? size_t(l) : 0];
     block_forward(l, b, a, training, step, cache);
   }
-  cpu::rmsnorm_forward(final_h_, final_rstd_, residual_[size_t(c.n_layers)], weights_.final_norm, n, c.hidden,
+  be_->rmsnorm_forward(final_h_, final_rstd_, residual_[size_t(c.n_layers)], placed_.final_norm, n, c.hidden,
                        c.rms_eps);
+  return b;
 }
 
-LossSum LlamaModel::forward_backward(const Batch& b, float grad_scale, uint64_t step) {
-  TF_CHECK(b.targets, "a training batch needs targets");
+LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, uint64_t step) {
+  TF_CHECK(host_batch.targets, "a training batch needs targets");
   const LlamaConfig& c = weights_.config;
+  const Batch b = forward_stack(host_batch, true, step);
   const int64_t n = b.n_tokens();
-  forward_stack(b, true, step);
 
   LossSum loss;
-  cpu::fill(d_final_h_, 0.0f, n * c.hidden);
-  loss.sum = cpu::lm_head_cross_entropy(d_final_h_, &loss.n_valid, final_h_, weights_.lm_head, b.targets, n,
+  be_->fill(d_final_h_, 0.0f, n * c.hidden);
+  loss.sum = be_->lm_head_cross_entropy(d_final_h_, &loss.n_valid, final_h_, placed_.lm_head, b.targets, n,
                                         grad_scale);
-  cpu::fill(d_res_, 0.0f, n * c.hidden);
-  cpu::rmsnorm_backward(d_res_, nullptr, d_final_h_, residual_[size_t(c.n_layers)], weights_.final_norm,
+  be_->fill(d_res_, 0.0f, n * c.hidden);
+  be_->rmsnorm_backward(d_res_, nullptr, d_final_h_, residual_[size_t(c.n_layers)], placed_.final_norm,
                         final_rstd_, n, c.hidden);
   for (int l = c.n_layers - 1; l >= 0; --l) {
     if (policy_ == CheckpointPolicy::None) {
@@ -223,18 +265,21 @@ LossSum LlamaModel::forward_backward(const Batch& b, float grad_scale, uint64_t 
   return loss;
 }
 
-LossSum LlamaModel::forward_loss(const Batch& b) {
-  TF_CHECK(b.targets, "computing a loss needs targets");
-  forward_stack(b, false, 0);
+LossSum LlamaModel::forward_loss(const Batch& host_batch) {
+  TF_CHECK(host_batch.targets, "computing a loss needs targets");
+  const Batch b = forward_stack(host_batch, false, 0);
   LossSum loss;
-  loss.sum = cpu::lm_head_cross_entropy(nullptr, &loss.n_valid, final_h_, weights_.lm_head, b.targets,
+  loss.sum = be_->lm_head_cross_entropy(nullptr, &loss.n_valid, final_h_, placed_.lm_head, b.targets,
                                         b.n_tokens(), 1.0f);
   return loss;
 }
 
 void LlamaModel::forward_logits(const Batch& b, float* logits) {
   forward_stack(b, false, 0);
-  cpu::linear_forward(logits, final_h_, weights_.lm_head, b.n_tokens(), 0.0f);
+  const size_t n = size_t(b.n_tokens()) * size_t(config().vocab);
+  const DeviceMem out = be_->alloc(n * sizeof(float), MemTag::Workspace, "logits");
+  be_->linear_forward(out.as<float>(), final_h_, placed_.lm_head, b.n_tokens(), 0.0f);
+  be_->download(logits, out.data(), n * sizeof(float));
 }
 
 KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
@@ -243,8 +288,9 @@ KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
   KvCache cache;
   cache.capacity = capacity;
   const size_t bytes = size_t(c.n_layers) * size_t(capacity) * size_t(c.kv_dim()) * sizeof(float);
-  cache.k = Buffer(bytes, MemTag::Activations, false);
-  cache.v = Buffer(bytes, MemTag::Activations, false);
+  cache.k = be_->alloc(bytes, MemTag::Activations, "KV cache keys");
+  cache.v = be_->alloc(bytes, MemTag::Activations, "KV cache values");
+  cache.logits = be_->alloc(size_t(c.vocab) * sizeof(float), MemTag::Activations, "decoding logits");
   return cache;
 }
 
@@ -256,7 +302,9 @@ void LlamaModel::decode(KvCache& cache, const int32_t* tokens, int64_t n, float*
   const Batch b{1, int(n), tokens, nullptr, decode_positions_.data(), nullptr};
   forward_stack(b, false, 0, &cache);
   cache.n_past += n;
-  cpu::linear_forward(logits, final_h_ + (n - 1) * config().hidden, weights_.lm_head, 1, 0.0f);
+  float* last = cache.logits.as<float>();
+  be_->linear_forward(last, final_h_ + (n - 1) * config().hidden, placed_.lm_head, 1, 0.0f);
+  be_->download(logits, last, size_t(config().vocab) * sizeof(float));
 }
 
 }  // namespace tf

@@ -4,7 +4,7 @@
 
 #include <vector>
 
-#include "src/core/alloc.h"
+#include "kernels/backend.h"
 #include "src/model/lora.h"
 #include "src/model/weights.h"
 
@@ -33,20 +33,29 @@ struct LossSum {
   double mean() const { return n_valid ? sum / double(n_valid) : 0.0; }
 };
 
-// Keys and values of the tokens seen so far in one sequence, per layer, for incremental decoding.
+// Keys and values of the tokens seen so far in one sequence, per layer, for incremental decoding,
+// in the memory of the model's backend.
 struct KvCache {
   int64_t capacity = 0;  // tokens
   int64_t n_past = 0;    // tokens already in the cache
-  Buffer k, v;           // [n_layers][capacity][kv_dim], keys after rope
+  DeviceMem k, v;        // [n_layers][capacity][kv_dim], keys after rope
+  DeviceMem logits;      // [vocab], the last token's logits before they are downloaded
 };
 
+// The model runs on one backend: its weights (placed there at construction), LoRA state,
+// activations and KV caches live in that backend's memory and every step is that backend's ops.
+// Batches and results cross on the host side of the interface.
 class LlamaModel {
  public:
-  // All buffers are sized here for up to max_tokens tokens per micro-batch; no step allocates.
-  LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens);
+  // All buffers are sized here for up to max_tokens tokens per micro-batch; no step allocates. A
+  // base weight of a dtype the backend cannot run is an error here, before any step.
+  LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens,
+             Backend& backend = cpu_backend());
 
   const LlamaConfig& config() const { return weights_.config; }
+  // The base weights as loaded (host memory).
   const LlamaWeights& weights() const { return weights_; }
+  Backend& backend() const { return *be_; }
   LoraState& lora() { return lora_; }
   CheckpointPolicy policy() const { return policy_; }
   int64_t max_tokens() const { return max_tokens_; }
@@ -73,9 +82,11 @@ class LlamaModel {
   };
   BlockActs carve_block_acts(float*& cursor);
   void check_batch(const Batch& b) const;
-  // Runs the stack: embedding, every block, final norm into final_h_. Keeps activations when
-  // `training` and the policy says so.
-  void forward_stack(const Batch& b, bool training, uint64_t step, KvCache* cache = nullptr);
+  // Uploads the batch's arrays into batch_mem_; the returned Batch points there.
+  Batch stage(const Batch& b);
+  // Checks and stages the batch, then runs the stack: embedding, every block, final norm into
+  // final_h_. Keeps activations when `training` and the policy says so. Returns the staged batch.
+  Batch forward_stack(const Batch& b, bool training, uint64_t step, KvCache* cache = nullptr);
   void block_forward(int layer, const Batch& b, BlockActs& a, bool training, uint64_t step,
                      KvCache* cache = nullptr);
   void block_backward(int layer, const Batch& b, BlockActs& a, uint64_t step);
@@ -85,15 +96,19 @@ class LlamaModel {
                            int layer, LoraTarget t, const BlockActs& a, uint64_t step, int64_t n);
   LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step) const;
 
+  Backend* be_;
   LlamaWeights weights_;
+  LlamaWeights placed_;                // the same tensors as the backend's ops read them
+  std::vector<DeviceMem> weight_mem_;  // storage of placed_ on a backend with memory of its own
   LoraState lora_;
   CheckpointPolicy policy_;
   int64_t max_tokens_;
-  std::vector<float> inv_freq_;
+  DeviceMem inv_freq_;                     // [head_dim / 2]
+  DeviceMem batch_mem_;                    // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
   std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
 
-  Buffer saved_;                  // residual stream (n_layers + 1 block inputs) and kept block activations
-  Buffer workspace_;              // gradients in flight and scratch
+  DeviceMem saved_;               // residual stream (n_layers + 1 block inputs) and kept block activations
+  DeviceMem workspace_;           // gradients in flight and scratch
   std::vector<float*> residual_;  // [n_layers + 1] pointers of [max_tokens, hidden]
   std::vector<BlockActs> acts_;   // one per layer (None) or one shared (PerBlock)
   float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_, *d_gate_,

@@ -1,7 +1,8 @@
 #include "src/model/lora.h"
 
 #include <cmath>
-#include <cstring>
+#include <utility>
+#include <vector>
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
@@ -27,7 +28,8 @@ std::pair<int, int> lora_target_dims(const LlamaConfig& c, LoraTarget t) {
 constexpr uint64_t kStreamLoraInit = 1ull << 56;
 constexpr uint64_t kStreamDropout = 2ull << 56;
 
-LoraState::LoraState(const LlamaConfig& model, const LoraConfig& cfg) : config(cfg) {
+LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backend& backend)
+    : config(cfg), model(model_cfg), backend_(&backend) {
   TF_CHECK(cfg.rank > 0 && cfg.rank <= 4096, "LoRA rank must be in [1, 4096], got ", cfg.rank);
   TF_CHECK(cfg.alpha > 0 && std::isfinite(cfg.alpha), "LoRA alpha must be positive, got ", cfg.alpha);
   TF_CHECK(cfg.dropout >= 0 && cfg.dropout < 1, "LoRA dropout must be in [0, 1), got ", cfg.dropout);
@@ -40,10 +42,13 @@ LoraState::LoraState(const LlamaConfig& model, const LoraConfig& cfg) : config(c
     }
   }
   const size_t bytes = size_t(n_params) * sizeof(float);
-  params = Buffer(bytes, MemTag::Lora);
-  grads = Buffer(bytes, MemTag::Grads);
-  adam_m = Buffer(bytes, MemTag::Optimizer);
-  adam_v = Buffer(bytes, MemTag::Optimizer);
+  params = backend.alloc(bytes, MemTag::Lora, "LoRA parameters");
+  grads = backend.alloc(bytes, MemTag::Grads, "LoRA gradients");
+  adam_m = backend.alloc(bytes, MemTag::Optimizer, "AdamW first moments");
+  adam_v = backend.alloc(bytes, MemTag::Optimizer, "AdamW second moments");
+  for (DeviceMem* m : {&params, &grads, &adam_m, &adam_v}) backend.fill(m->as<float>(), 0.0f, n_params);
+  // A is drawn on the host (Philox is a host function of the index) and uploaded.
+  std::vector<float> host_a;
   layers.resize(size_t(model.n_layers));
   int64_t offset = 0;
   for (int l = 0; l < model.n_layers; ++l) {
@@ -62,64 +67,84 @@ LoraState::LoraState(const LlamaConfig& model, const LoraConfig& cfg) : config(c
       offset += int64_t(cfg.rank) * out;
       const float bound = 1.0f / std::sqrt(float(in));
       const Philox rng(cfg.seed, kStreamLoraInit | (uint64_t(l) << 8) | uint64_t(t));
-      for (int64_t i = 0; i < int64_t(cfg.rank) * in; ++i)
-        a.A[i] = (2.0f * rng.uniform(uint64_t(i)) - 1.0f) * bound;
+      host_a.resize(size_t(cfg.rank) * size_t(in));
+      for (size_t i = 0; i < host_a.size(); ++i) host_a[i] = (2.0f * rng.uniform(uint64_t(i)) - 1.0f) * bound;
+      backend.upload_n(a.A, host_a.data(), host_a.size());
     }
   }
+  backend.synchronize();
 }
 
 void LoraState::zero_grads() {
-  std::memset(grads.data(), 0, grads.bytes());
+  backend_->fill(grad_data(), 0.0f, n_params);
+}
+
+LoraState LoraState::host_copy() const {
+  LoraState host(model, config, cpu_backend());
+  host.copy_from(*this);
+  return host;
+}
+
+void LoraState::copy_from(const LoraState& other) {
+  TF_CHECK(other.n_params == n_params && other.layers.size() == layers.size() &&
+               other.config.rank == config.rank && other.config.targets == config.targets,
+           "LoRA states of different layouts: ", other.n_params, " and ", n_params, " parameters");
+  std::vector<float> staging(static_cast<size_t>(n_params));
+  const std::pair<const DeviceMem*, DeviceMem*> parts[3] = {
+      {&other.params, &params}, {&other.adam_m, &adam_m}, {&other.adam_v, &adam_v}};
+  for (const auto& [src, dst] : parts) {
+    other.backend().download(staging.data(), src->data(), src->bytes());
+    backend_->upload(dst->data(), staging.data(), dst->bytes());
+    backend_->synchronize();
+  }
 }
 
 uint64_t LoraDropout::stream_id() const {
   return kStreamDropout | (step << 16) | (uint64_t(layer) << 3) | uint64_t(target);
 }
 
-void LoraDropout::apply(float* out, const float* x, int64_t n, int in) const {
-  cpu::dropout_forward(out, x, n * in, p, seed, stream_id());
+void LoraDropout::apply(Backend& be, float* out, const float* x, int64_t n, int in) const {
+  be.dropout_forward(out, x, n * in, p, seed, stream_id());
 }
 
 static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false) {
   return MatOperand{data, DType::F32, ld, trans};
 }
 
-void lora_forward(float* y, float* t, float* xd, const float* x, const LoraAdapter& a, float scale,
-                  const LoraDropout& drop, int64_t n) {
+void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
+                  float scale, const LoraDropout& drop, int64_t n) {
   const float* input = x;
   if (drop.p > 0) {
-    drop.apply(xd, x, n, a.in);
+    drop.apply(be, xd, x, n, a.in);
     input = xd;
   }
-  cpu::matmul(t, a.rank, f32_operand(input, a.in), f32_operand(a.A, a.in, true), n, a.rank, a.in, 1.0f, 0.0f);
-  cpu::matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale,
-              1.0f);
+  be.matmul(t, a.rank, f32_operand(input, a.in), f32_operand(a.A, a.in, true), n, a.rank, a.in, 1.0f, 0.0f);
+  be.matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale, 1.0f);
 }
 
-void lora_backward(float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a, float scale,
-                   const LoraDropout& drop, int64_t n, float* dt, float* xd) {
+void lora_backward(Backend& be, float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a,
+                   float scale, const LoraDropout& drop, int64_t n, float* dt, float* xd) {
   // dB[out, r] += scale * dy^T t
-  cpu::matmul(a.dB, a.rank, f32_operand(dy, a.out, true), f32_operand(t, a.rank), a.out, a.rank, n, scale,
-              1.0f);
+  be.matmul(a.dB, a.rank, f32_operand(dy, a.out, true), f32_operand(t, a.rank), a.out, a.rank, n, scale,
+            1.0f);
   // dt[n, r] = scale * dy B
-  cpu::matmul(dt, a.rank, f32_operand(dy, a.out), f32_operand(a.B, a.rank), n, a.rank, a.out, scale, 0.0f);
+  be.matmul(dt, a.rank, f32_operand(dy, a.out), f32_operand(a.B, a.rank), n, a.rank, a.out, scale, 0.0f);
   const float* input = x;
   if (drop.p > 0) {
-    drop.apply(xd, x, n, a.in);
+    drop.apply(be, xd, x, n, a.in);
     input = xd;
   }
   // dA[r, in] += dt^T dropout(x)
-  cpu::matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(input, a.in), a.rank, a.in, n, 1.0f,
-              1.0f);
+  be.matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(input, a.in), a.rank, a.in, n, 1.0f, 1.0f);
   if (drop.p == 0) {
-    cpu::matmul(dx, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 1.0f);
+    be.matmul(dx, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 1.0f);
     return;
   }
   // dropout is x * mask / (1-p), so its Jacobian applies the same mask and scale to the incoming
   // gradient dt A: compute that product into xd and run it through the regenerated dropout.
-  cpu::matmul(xd, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 0.0f);
-  drop.apply(xd, xd, n, a.in);
-  cpu::add_inplace(dx, xd, n * a.in);
+  be.matmul(xd, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 0.0f);
+  drop.apply(be, xd, xd, n, a.in);
+  be.add_inplace(dx, xd, n * a.in);
 }
 
 }  // namespace tf

@@ -5,13 +5,14 @@
 #include <array>
 #include <vector>
 
-#include "src/core/alloc.h"
+#include "kernels/backend.h"
 #include "src/model/config.h"
 
 namespace tf {
 
 // One adapted projection y = x W^T + scale * dropout(x) A^T B^T. A is [rank, in], B is [out, rank]
-// (PEFT's lora_A / lora_B layout). Pointers index into LoraState's flat buffers.
+// (PEFT's lora_A / lora_B layout). Pointers index into LoraState's flat buffers, in the memory of
+// its backend.
 struct LoraAdapter {
   float* A = nullptr;
   float* B = nullptr;
@@ -23,24 +24,34 @@ struct LoraAdapter {
   bool active() const { return A != nullptr; }
 };
 
-// All LoRA parameters, their gradients and AdamW moments, each one contiguous buffer so the
-// optimizer and gradient clipping see a single flat vector.
+// All LoRA parameters, their gradients and AdamW moments, each one contiguous buffer in the memory
+// of a backend, so the optimizer and gradient clipping see a single flat vector.
 struct LoraState {
   LoraConfig config;
+  LlamaConfig model;
   int64_t n_params = 0;
-  Buffer params, grads, adam_m, adam_v;
+  DeviceMem params, grads, adam_m, adam_v;
   std::vector<std::array<LoraAdapter, kLoraTargetCount>> layers;
 
   LoraState() = default;
-  // Lays out adapters for every targeted projection of every layer; A is initialised like PEFT
-  // (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) from Philox keyed by
-  // (config.seed, layer, target); B is zero.
-  LoraState(const LlamaConfig& model, const LoraConfig& config);
+  // Lays out adapters for every targeted projection of every layer in `backend`'s memory; A is
+  // initialised like PEFT (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) from
+  // Philox keyed by (config.seed, layer, target); B, the gradients and the moments are zero.
+  LoraState(const LlamaConfig& model, const LoraConfig& config, Backend& backend = cpu_backend());
   LoraAdapter& at(int layer, LoraTarget t) { return layers[size_t(layer)][size_t(t)]; }
   const LoraAdapter& at(int layer, LoraTarget t) const { return layers[size_t(layer)][size_t(t)]; }
   float* param_data() { return params.as<float>(); }
   float* grad_data() { return grads.as<float>(); }
+  Backend& backend() const { return *backend_; }
   void zero_grads();
+  // A copy in host memory (the cpu backend) of the parameters and moments, for checkpoints and
+  // exports; gradients are not copied.
+  LoraState host_copy() const;
+  // Takes the parameters and moments of `other`, a state of the same layout on any backend.
+  void copy_from(const LoraState& other);
+
+ private:
+  Backend* backend_ = &cpu_backend();
 };
 
 // Input and output sizes of a projection.
@@ -55,20 +66,20 @@ struct LoraDropout {
   uint64_t step = 0;
   int layer = 0;
   LoraTarget target = LoraTarget::Q;
-  // Writes dropout(x) into out ([n, in]): element i is dropped when
+  // Writes dropout(x) into out ([n, in]) on `be`: element i is dropped when
   // Philox(seed, stream_id()).uniform(i) < p.
-  void apply(float* out, const float* x, int64_t n, int in) const;
+  void apply(Backend& be, float* out, const float* x, int64_t n, int in) const;
   // The Philox stream of this (step, layer, target) under the seed.
   uint64_t stream_id() const;
 };
 
-// y[n, out] += scale * dropout(x) A^T B^T. `t` ([n, rank]) receives dropout(x) A^T, kept for
-// backward; `xd` is scratch of [n, in] used only when dropout is on.
-void lora_forward(float* y, float* t, float* xd, const float* x, const LoraAdapter& a, float scale,
-                  const LoraDropout& drop, int64_t n);
+// y[n, out] += scale * dropout(x) A^T B^T on `be`. `t` ([n, rank]) receives dropout(x) A^T, kept
+// for backward; `xd` is scratch of [n, in] used only when dropout is on.
+void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
+                  float scale, const LoraDropout& drop, int64_t n);
 // Given dy [n, out]: dB += scale dy^T t; dA += (scale dy B)^T dropout(x); dx += dropout'(scale dy B A).
 // `dt` ([n, rank]) and `xd` ([n, in]) are scratch.
-void lora_backward(float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a, float scale,
-                   const LoraDropout& drop, int64_t n, float* dt, float* xd);
+void lora_backward(Backend& be, float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a,
+                   float scale, const LoraDropout& drop, int64_t n, float* dt, float* xd);
 
 }  // namespace tf

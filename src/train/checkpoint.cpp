@@ -248,7 +248,7 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
 
   // Every adapter's A and B are views into the flat buffers; the moments share the offsets.
   const float* base = lora.params.as<float>();
-  const Buffer* parts[3] = {&lora.params, &lora.adam_m, &lora.adam_v};
+  const DeviceMem* parts[3] = {&lora.params, &lora.adam_m, &lora.adam_v};
   std::vector<io::SafetensorsWriteTensor> tensors;
   for (int p = 0; p < 3; ++p) {
     const float* buf = parts[p]->as<float>();
@@ -368,7 +368,7 @@ LoadedCheckpoint load_checkpoint(const std::string& dir, const std::string& conf
   std::vector<Copy> copies;
   std::set<std::string> expected;
   float* base = lora.params.as<float>();
-  Buffer* parts[3] = {&lora.params, &lora.adam_m, &lora.adam_v};
+  DeviceMem* parts[3] = {&lora.params, &lora.adam_m, &lora.adam_v};
   for (int p = 0; p < 3; ++p) {
     float* buf = parts[p]->as<float>();
     for (int l = 0; l < int(lora.layers.size()); ++l) {

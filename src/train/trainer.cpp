@@ -4,14 +4,13 @@
 
 #include <cmath>
 
-#include "kernels/ops.h"
 #include "src/core/error.h"
 
 namespace tf {
 
 // The norm decides clipping and so the update: sum_squares is the same for any thread count.
-double global_grad_norm(const float* g, int64_t n) {
-  return std::sqrt(cpu::sum_squares(g, n));
+double global_grad_norm(Backend& be, const float* g, int64_t n) {
+  return std::sqrt(be.sum_squares(g, n));
 }
 
 Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg) : model_(model), cfg_(cfg) {
@@ -42,7 +41,7 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
     loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
   st.loss = loss_sum / double(st.target_tokens);
   st.lr = learning_rate(cfg_.lr, state_.step);
-  const double norm = global_grad_norm(lora.grad_data(), lora.n_params);
+  const double norm = global_grad_norm(lora.backend(), lora.grad_data(), lora.n_params);
   st.grad_norm = float(norm);
 
   ++state_.step;
@@ -61,7 +60,7 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
 
   if (cfg_.clip > 0 && norm > cfg_.clip) {
     // As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6).
-    cpu::scale_inplace(lora.grad_data(), float(cfg_.clip / (norm + 1e-6)), lora.n_params);
+    lora.backend().scale_inplace(lora.grad_data(), float(cfg_.clip / (norm + 1e-6)), lora.n_params);
   }
   ++state_.adam_steps;
   AdamWParams p;
@@ -71,8 +70,8 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   p.eps = cfg_.adam_eps;
   p.weight_decay = cfg_.weight_decay;
   p.step = state_.adam_steps;
-  cpu::adamw_update(lora.param_data(), lora.grad_data(), lora.adam_m.as<float>(), lora.adam_v.as<float>(),
-                    lora.n_params, p);
+  lora.backend().adamw_update(lora.param_data(), lora.grad_data(), lora.adam_m.as<float>(),
+                              lora.adam_v.as<float>(), lora.n_params, p);
   return st;
 }
 

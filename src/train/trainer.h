@@ -58,7 +58,7 @@ class Trainer {
   TrainerState state_;
 };
 
-// sqrt(sum of squares) of a gradient vector, accumulated in double.
-double global_grad_norm(const float* g, int64_t n);
+// sqrt(sum of squares) of a gradient vector in `be`'s memory, accumulated in double.
+double global_grad_norm(Backend& be, const float* g, int64_t n);
 
 }  // namespace tf
