@@ -14,6 +14,7 @@
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <unordered_map>
 
 #include "kernels/sim/fragments.h"
 #include "kernels/sim/runtime.h"
@@ -127,11 +128,19 @@ struct Launch {
   size_t static_bytes = 0;
   Region dynamic;
   std::deque<std::pair<const SharedDecl*, Region>> statics;
+  // With blocks interleaved (set_block_interleave) each resident block is a Launch of its own that
+  // runs as a fiber: its threads' stacks start at stack_base in the pool, and after every thread
+  // switch it yields to the launch's scheduler, `meta`.
+  size_t stack_base = 0;
+  ucontext_t* meta = nullptr;
+  ucontext_t slot_ctx;
+  bool finished = false;
 };
 
 thread_local Launch* g_launch = nullptr;
 thread_local uint64_t g_seed = 0;
 thread_local bool g_seed_set = false;
+thread_local unsigned g_interleave = 0;  // 0: not read from TF_SIM_INTERLEAVE yet
 
 std::vector<std::unique_ptr<Stack>>& stack_pool() {
   thread_local std::vector<std::unique_ptr<Stack>> pool;
@@ -236,6 +245,131 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
   }
 }
 
+// Per byte of global memory a launch touches: its last write and read in this launch, as for shared
+// memory plus the block (1 + its linear index; 0 for none), since no barrier orders threads of
+// different blocks. Kept in pages found by address and dropped when the next launch starts.
+struct GlobalShadow {
+  uint32_t w_block = 0, r_block = 0;
+  uint16_t w_tid = 0, r_tid = 0;
+  uint16_t w_epoch = 0, w_wepoch = 0, r_epoch = 0, r_wepoch = 0;
+  bool w_atomic = false, r_multi = false;
+  bool operator==(const GlobalShadow&) const = default;
+};
+
+class GlobalShadowPages {
+ public:
+  static constexpr size_t kPage = 4096;
+  // Pages kept for the next launch; a launch that touched more gives the rest back.
+  static constexpr size_t kKeep = 256;
+  void reset() {
+    pages_.clear();
+    used_ = 0;
+    cache_.fill(Cached{});
+    if (pool_.size() > kKeep) pool_.resize(kKeep);
+  }
+  GlobalShadow& at(uintptr_t addr) {
+    const uintptr_t page = addr / kPage;
+    Cached& c = cache_[page % kCache];
+    if (c.page != page) {
+      auto [it, fresh] = pages_.try_emplace(page, used_);
+      if (fresh) {
+        if (used_ == pool_.size()) {
+          pool_.push_back(std::make_unique<GlobalShadow[]>(kPage));
+        } else {
+          std::fill_n(pool_[used_].get(), kPage, GlobalShadow{});
+        }
+        ++used_;
+      }
+      c = Cached{page, pool_[it->second].get()};
+    }
+    return c.shadow[addr % kPage];
+  }
+
+ private:
+  struct Cached {
+    uintptr_t page = ~uintptr_t(0);
+    GlobalShadow* shadow = nullptr;
+  };
+  static constexpr size_t kCache = 64;
+  std::array<Cached, kCache> cache_{};
+  std::unordered_map<uintptr_t, size_t> pages_;
+  std::vector<std::unique_ptr<GlobalShadow[]>> pool_;
+  size_t used_ = 0;
+};
+thread_local GlobalShadowPages g_global;
+
+uint32_t block_number(const Launch& L) {
+  const Dim3 &b = L.block_idx, &g = L.spec.grid;
+  return 1 + b.x + g.x * (b.y + g.y * b.z);
+}
+std::string fmt_other(const Launch& L, uint32_t block, uint16_t tid) {
+  const Dim3 &g = L.spec.grid, &d = L.spec.block;
+  const uint32_t n = block - 1;
+  return detail::concat("thread ", fmt_dim(Dim3(tid % d.x, tid / d.x % d.y, tid / (d.x * d.y))), " of block ",
+                        fmt_dim(Dim3(n % g.x, n / g.x % g.y, n / (g.x * g.y))));
+}
+
+// Two accesses to a global byte in one launch race when they come from different threads, at least
+// one writes, they are not both atomics, and they are in different blocks or, in one block, no
+// barrier separates them.
+void check_global(Launch& L, const Thread& t, const Region& r, uintptr_t addr, size_t bytes,
+                  AccessKind kind) {
+  const uint32_t blk = block_number(L);
+  const auto tid = uint16_t(t.tid);
+  const auto e = uint16_t(L.epoch), we = uint16_t(L.warp_epoch[t.tid / kWarpSize]);
+  auto ordered = [&](uint32_t ob, uint16_t ot, uint16_t oe, uint16_t owe) {
+    return ob == blk && (oe != e || (ot / kWarpSize == tid / kWarpSize && owe != we));
+  };
+  auto race = [&](const char* what, uint32_t ob, uint16_t ot, const char* other_did) {
+    const bool self = ob == blk && ot == tid;
+    fail(detail::concat("global-memory race (", what, ") in kernel '", L.spec.kernel,
+                        "': ", fmt_other(L, blk, tid), kind == AccessKind::Read ? " reads " : " writes ",
+                        fmt_place(r, addr), ", which ",
+                        self ? std::string("another thread") : fmt_other(L, ob, ot), " ", other_did,
+                        ob == blk ? " with no barrier between (missing __syncthreads?)"
+                                  : "; threads of different blocks are not ordered within a launch"));
+  };
+  GlobalShadowPages& pages = g_global;
+  GlobalShadow* run = &pages.at(addr);  // the bytes up to the end of addr's page
+  size_t run_left = GlobalShadowPages::kPage - addr % GlobalShadowPages::kPage;
+  GlobalShadow before, after;
+  for (size_t i = 0; i < bytes; ++i, --run_left) {
+    if (run_left == 0) {
+      run = &pages.at(addr + i);
+      run_left = GlobalShadowPages::kPage;
+    }
+    GlobalShadow& s = *run++;
+    // The bytes of one access mostly share their history: one byte's outcome holds for the rest.
+    if (i > 0 && s == before) {
+      s = after;
+      continue;
+    }
+    before = s;
+    const bool other_writer = s.w_block && !(s.w_block == blk && s.w_tid == tid) &&
+                              !ordered(s.w_block, s.w_tid, s.w_epoch, s.w_wepoch);
+    const bool other_reader = s.r_block && !ordered(s.r_block, s.r_tid, s.r_epoch, s.r_wepoch) &&
+                              (s.r_block != blk || s.r_tid != tid || s.r_multi);
+    if (kind == AccessKind::Read) {
+      if (other_writer) race("read after write", s.w_block, s.w_tid, "wrote");
+      s.r_multi = other_reader;
+      s.r_block = blk;
+      s.r_tid = tid;
+      s.r_epoch = e;
+      s.r_wepoch = we;
+    } else {
+      if (other_writer && !(kind == AccessKind::Atomic && s.w_atomic))
+        race("write after write", s.w_block, s.w_tid, "wrote");
+      if (other_reader) race("write after read", s.r_block, s.r_tid, "read");
+      s.w_block = blk;
+      s.w_tid = tid;
+      s.w_epoch = e;
+      s.w_wepoch = we;
+      s.w_atomic = kind == AccessKind::Atomic;
+    }
+    after = s;
+  }
+}
+
 void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr, size_t bytes,
                      AccessKind kind) {
   const char* verb = kind == AccessKind::Read ? "read" : kind == AccessKind::Write ? "write" : "atomic";
@@ -261,6 +395,7 @@ void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr
     fail(detail::concat("misaligned ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr)));
   }
   if (r->space == Space::Shared && L && t) check_shared(*L, *t, *r, addr, bytes, kind);
+  if (r->space == Space::Global && L && t) check_global(*L, *t, *r, addr, bytes, kind);
   if (r->streams) {
     const std::string race = stream_access(r, addr, bytes, kind);
     if (!race.empty()) fail(race + who());
@@ -553,8 +688,8 @@ void run_block(Launch& L) {
     t.uncommitted.clear();
     t.groups.clear();
     getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = pool[i]->base();
-    t.ctx.uc_stack.ss_size = pool[i]->size();
+    t.ctx.uc_stack.ss_sp = pool[L.stack_base + i]->base();
+    t.ctx.uc_stack.ss_size = pool[L.stack_base + i]->size();
     t.ctx.uc_link = nullptr;
     makecontext(&t.ctx, fiber_main, 0);
     L.ready.push_back(&t);
@@ -571,6 +706,7 @@ void run_block(Launch& L) {
     L.cur = t;
     swapcontext(&L.sched, &t->ctx);
     L.cur = nullptr;
+    if (L.meta) swapcontext(&L.slot_ctx, L.meta);
   }
 }
 
@@ -604,6 +740,18 @@ void check_config(const LaunchSpec& s) {
 void set_seed(uint64_t s) {
   g_seed = s;
   g_seed_set = true;
+}
+
+void set_block_interleave(unsigned resident) {
+  g_interleave = std::max(resident, 1u);
+}
+
+unsigned block_interleave() {
+  if (g_interleave == 0) {
+    const char* env = std::getenv("TF_SIM_INTERLEAVE");
+    g_interleave = std::max(env ? unsigned(std::strtoul(env, nullptr, 10)) : 1u, 1u);
+  }
+  return g_interleave;
 }
 
 uint64_t seed() {
@@ -815,38 +963,110 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
   struct EndOp {
     ~EndOp() { end_stream_op(); }
   } end_op;
-  auto L = std::make_unique<Launch>();
-  L->spec = spec;
-  L->body = &body;
-  L->nthreads = spec.block.x * spec.block.y * spec.block.z;
-  L->threads = std::vector<Thread>(L->nthreads);
-  L->warp_epoch.assign((L->nthreads + kWarpSize - 1) / kWarpSize, 1);
-  L->rng.seed(seed());
-  L->dynamic.base = static_cast<std::byte*>(L->arena.data());
-  L->dynamic.bytes = spec.dynamic_smem;
-  L->dynamic.space = Space::Shared;
-  L->dynamic.name = "dynamic";
-  L->used = kMaxSmemPerBlock;  // the first block clears the whole arena
-  auto& pool = stack_pool();
-  while (pool.size() < L->nthreads) pool.push_back(std::make_unique<Stack>());
+  g_global.reset();
+  const unsigned nthreads = spec.block.x * spec.block.y * spec.block.z;
+  auto make_launch = [&](uint64_t rng_seed) {
+    auto L = std::make_unique<Launch>();
+    L->spec = spec;
+    L->body = &body;
+    L->nthreads = nthreads;
+    L->threads = std::vector<Thread>(nthreads);
+    L->warp_epoch.assign((nthreads + kWarpSize - 1) / kWarpSize, 1);
+    L->rng.seed(rng_seed);
+    L->dynamic.base = static_cast<std::byte*>(L->arena.data());
+    L->dynamic.bytes = spec.dynamic_smem;
+    L->dynamic.space = Space::Shared;
+    L->dynamic.name = "dynamic";
+    L->used = kMaxSmemPerBlock;  // the first block clears the whole arena
+    return L;
+  };
+  auto L = make_launch(seed());
 
   // Blocks run in a seeded random order: a kernel must not depend on it.
   const uint64_t nblocks = uint64_t(spec.grid.x) * spec.grid.y * spec.grid.z;
   std::vector<uint64_t> order(nblocks);
   for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
   std::shuffle(order.begin(), order.end(), L->rng);
+  auto block_at = [&](uint64_t i) {
+    return Dim3(unsigned(i % spec.grid.x), unsigned(i / spec.grid.x % spec.grid.y),
+                unsigned(i / (uint64_t(spec.grid.x) * spec.grid.y)));
+  };
 
+  const auto resident = unsigned(std::min<uint64_t>(block_interleave(), nblocks));
+  auto& pool = stack_pool();
+  while (pool.size() < size_t(resident) * nthreads) pool.push_back(std::make_unique<Stack>());
   struct Active {  // clears g_launch however run() leaves
     explicit Active(Launch* l) { g_launch = l; }
     ~Active() { g_launch = nullptr; }
   } active(L.get());
-  for (uint64_t i : order) {
-    L->block_idx = Dim3(unsigned(i % spec.grid.x), unsigned(i / spec.grid.x % spec.grid.y),
-                        unsigned(i / (uint64_t(spec.grid.x) * spec.grid.y)));
-    run_block(*L);
-    if (!L->error.empty()) break;
+  if (resident <= 1) {
+    for (uint64_t i : order) {
+      L->block_idx = block_at(i);
+      run_block(*L);
+      if (!L->error.empty()) break;
+    }
+    if (!L->error.empty()) throw Error("simulator: " + L->error);
+    return;
   }
-  if (!L->error.empty()) throw Error("simulator: " + L->error);
+
+  // Interleaved: `resident` blocks at a time, each a fiber taking the next block of the order when
+  // its block is done; the scheduler switches between them at random after every thread switch
+  // (a barrier, a collective, an exit), so blocks progress side by side in a seeded interleaving.
+  struct Interleave {
+    std::vector<std::unique_ptr<Launch>> slots;
+    std::vector<std::unique_ptr<Stack>> stacks;
+    const std::vector<uint64_t>* order;
+    std::function<Dim3(uint64_t)> block_at;
+    size_t next = 0;
+    ucontext_t meta;
+  };
+  static thread_local Interleave* g_run = nullptr;
+  Interleave I;
+  I.order = &order;
+  I.block_at = block_at;
+  for (unsigned k = 0; k < resident; ++k) {
+    I.slots.push_back(make_launch(seed() + 0x9e3779b97f4a7c15ull * (k + 1)));
+    I.stacks.push_back(std::make_unique<Stack>());
+    Launch& S = *I.slots.back();
+    S.stack_base = size_t(k) * nthreads;
+    S.meta = &I.meta;
+    getcontext(&S.slot_ctx);
+    S.slot_ctx.uc_stack.ss_sp = I.stacks.back()->base();
+    S.slot_ctx.uc_stack.ss_size = I.stacks.back()->size();
+    S.slot_ctx.uc_link = nullptr;
+    makecontext(
+        &S.slot_ctx,
+        [] {
+          Launch& self = *g_launch;
+          Interleave& R = *g_run;
+          while (self.error.empty() && R.next < R.order->size()) {
+            self.block_idx = R.block_at((*R.order)[R.next++]);
+            run_block(self);
+          }
+          self.finished = true;
+          swapcontext(&self.slot_ctx, self.meta);
+        },
+        0);
+  }
+  g_run = &I;
+  struct Done {
+    ~Done() { g_run = nullptr; }
+  } done;
+  std::vector<Launch*> alive;
+  for (auto& S : I.slots) alive.push_back(S.get());
+  const std::string* error = nullptr;
+  while (!alive.empty() && !error) {
+    const size_t k = L->rng() % alive.size();
+    g_launch = alive[k];
+    swapcontext(&I.meta, &alive[k]->slot_ctx);
+    if (!alive[k]->error.empty()) error = &alive[k]->error;
+    if (alive[k]->finished) {
+      alive[k] = alive.back();
+      alive.pop_back();
+    }
+  }
+  g_launch = L.get();
+  if (error) throw Error("simulator: " + *error);
 }
 
 }  // namespace tf::sim

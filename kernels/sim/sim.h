@@ -2,8 +2,9 @@
 // DeviceBuffer (checked device allocations), Ptr / Ref (checked device pointers), launch, and the
 // device-side entry points kernels/cuda/port.h maps CUDA's spellings onto.
 //
-// A launch runs its blocks one after another; inside a block every thread is a fiber with its own
-// stack. A thread runs until it reaches a barrier or a warp collective; the scheduler then picks
+// A launch runs its blocks one after another in a seeded order (or interleaved, see
+// set_block_interleave); inside a block every thread is a fiber with its own stack. A thread
+// runs until it reaches a barrier or a warp collective; the scheduler then picks
 // the next runnable thread at random from a seeded generator, so thread order between barriers
 // changes with the seed (set_seed, or the TF_SIM_SEED environment variable). The first problem a
 // launch finds ends it with a tf::Error naming the kernel, block, threads and address.
@@ -41,6 +42,11 @@ inline constexpr int kWarpSize = 32;
 // Seed of the thread-order shuffle for later launches on this host thread.
 void set_seed(uint64_t seed);
 uint64_t seed();
+// How many blocks of a launch run side by side, interleaved at thread switches in a seeded order,
+// for later launches on this host thread (TF_SIM_INTERLEAVE; 1, the default, runs them one after
+// another). Code that assumes an order between blocks then sees them overlap.
+void set_block_interleave(unsigned resident);
+unsigned block_interleave();
 
 enum class Space : uint8_t { Global, Shared };
 
