@@ -63,6 +63,17 @@ __global__ void pass_between_blocks(port::gptr<float> buf, port::gptr<float> out
   if (blockIdx.x == 1) out[t] = buf[t];
 }
 
+__global__ void pass_across_a_barrier(port::gptr<float> buf, port::gptr<float> out) {
+  const int t = int(threadIdx.x);
+  if (blockIdx.x == 0) {
+    __syncthreads();
+    buf[t] = float(t);
+  } else {
+    out[t] = buf[t];
+    __syncthreads();
+  }
+}
+
 TEST(SimGlobalRace, ABlockReadingWhatAnotherBlockWritesIsReported) {
   DeviceBuffer buf(32 * sizeof(float), "partials", sizeof(float));
   DeviceBuffer out(32 * sizeof(float), "out", sizeof(float));
@@ -77,6 +88,15 @@ TEST(SimGlobalRace, ABlockReadingWhatAnotherBlockWritesIsReported) {
       expect_contains(msg, {"global-memory race", "kernel 'pass_between_blocks'", "global buffer 'partials'[",
                             "of block (0,0,0)", "of block (1,0,0)", "not ordered within a launch"});
     }
+  }
+  // A barrier orders the threads of one block only: block 0 writes after one, block 1 reads before.
+  for (uint64_t seed : kSeeds) {
+    SimSettings settings(seed, 1);
+    expect_contains(launch_error([&] {
+                      tf::sim::launch("pass_across_a_barrier", pass_across_a_barrier, 2, 32, 0,
+                                      buf.as<float>(), out.as<float>());
+                    }),
+                    {"global-memory race", "kernel 'pass_across_a_barrier'", "not ordered within a launch"});
   }
   // Two launches on one stream are ordered: the fixed version passes and moves the values.
   tf::sim::launch("pass_between_blocks", pass_between_blocks<true>, 2, 32, 0, buf.as<float>(),
