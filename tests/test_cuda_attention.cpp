@@ -1,0 +1,647 @@
+// Tests: the CUDA backend's attention launchers (kernels/cuda/attention.cu) run on the SIMT
+// simulator (tf::simt) against tf::cpu at awkward shapes (odd head dims, ragged tiles, GQA ratios
+// 1, 2 and 4, document ids, batches of two), within per-element error bounds derived below; the
+// backward against float64 finite differences; NaN guards around every output; the same bits for
+// any thread order; decoding against the training forward; rejected shapes.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/ref/attention.h"
+#include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/runtime.h"
+#include "kernels/ops.h"
+#include "kernels/sim/sim.h"
+#include "src/core/error.h"
+#include "src/core/rng.h"
+#include "tests/op_test_util.h"
+
+namespace tf {
+namespace {
+
+namespace rt = simt::rt;
+using test::random_floats;
+
+// Unit roundoff of f32.
+constexpr double kU = 1.0 / (1 << 24);
+
+// ---- device arrays with guards ------------------------------------------------------------------
+
+// Floats on each side of an array, holding a NaN no arithmetic produces: a stray write next to an
+// output changes their bits, which the simulator's bounds check (the allocation includes them)
+// does not see.
+constexpr size_t kGuardFloats = 16;
+constexpr uint32_t kGuardBits = 0x7fc0dead;
+
+// A device copy of a host array between two guards.
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray(const std::vector<T>& host, const char* what) : n_(host.size()) {
+    bytes_ = (n_ + 2 * kGuardFloats) * sizeof(T);
+    base_ = static_cast<T*>(rt::device_alloc(bytes_, what));
+    std::vector<T> all(n_ + 2 * kGuardFloats);
+    for (size_t i = 0; i < kGuardFloats; ++i) {
+      std::memcpy(&all[i], &kGuardBits, sizeof(T));
+      std::memcpy(&all[kGuardFloats + n_ + i], &kGuardBits, sizeof(T));
+    }
+    std::copy(host.begin(), host.end(), all.begin() + kGuardFloats);
+    rt::memcpy_h2d(base_, all.data(), bytes_, rt::current_stream());
+  }
+  ~DeviceArray() { rt::device_free(base_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  T* get() { return base_ + kGuardFloats; }
+  // The array's contents; a test failure when a guard changed.
+  std::vector<T> download(const char* what) const {
+    std::vector<T> all(n_ + 2 * kGuardFloats);
+    rt::memcpy_d2h(all.data(), base_, bytes_, rt::current_stream());
+    rt::stream_synchronize(rt::current_stream());
+    for (size_t i = 0; i < kGuardFloats; ++i) {
+      uint32_t before, after;
+      std::memcpy(&before, &all[i], sizeof before);
+      std::memcpy(&after, &all[kGuardFloats + n_ + i], sizeof after);
+      EXPECT_EQ(before, kGuardBits) << what << ": guard " << i << " before the array was written";
+      EXPECT_EQ(after, kGuardBits) << what << ": guard " << i << " after the array was written";
+    }
+    return {all.begin() + kGuardFloats, all.begin() + std::ptrdiff_t(kGuardFloats + n_)};
+  }
+
+ private:
+  size_t n_, bytes_ = 0;
+  T* base_ = nullptr;
+};
+
+static_assert(sizeof(float) == sizeof(kGuardBits) && sizeof(int32_t) == sizeof(kGuardBits));
+
+// ---- inputs -------------------------------------------------------------------------------------
+
+AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
+  AttentionShape s;
+  s.batch = batch;
+  s.seq = seq;
+  s.n_heads = heads;
+  s.n_kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  s.scale = 1.0f / std::sqrt(float(head_dim));
+  return s;
+}
+
+enum class Docs { None, Packed, Interleaved };
+
+// Packed: increasing ids, about three documents per sequence, one always starting mid-sequence
+// (mid-tile for most lengths). Interleaved: ids i % 3, so every tile needs the per-element mask.
+std::vector<int32_t> make_doc_ids(const AttentionShape& s, Docs docs, uint64_t seed) {
+  if (docs == Docs::None) return {};
+  std::vector<int32_t> ids(size_t(s.batch) * size_t(s.seq));
+  Philox rng(seed, 0xd0c);
+  for (int b = 0; b < s.batch; ++b) {
+    int32_t id = 10 * b;
+    for (int i = 0; i < s.seq; ++i) {
+      const size_t t = size_t(b) * size_t(s.seq) + size_t(i);
+      if (docs == Docs::Interleaved) {
+        ids[t] = i % 3;
+        continue;
+      }
+      if (i > 0 && (i == s.seq / 2 + b || rng.uniform(t) < 3.0f / float(s.seq))) ++id;
+      ids[t] = id;
+    }
+  }
+  return ids;
+}
+
+// q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
+// uniform and a wrong mask or a lost rescale shows up.
+struct Inputs {
+  AttentionShape s;
+  std::vector<float> q, k, v, d_out;
+  std::vector<int32_t> doc;
+  Inputs(const AttentionShape& shape, Docs docs, uint64_t seed) : s(shape) {
+    q = random_floats(q_size(), seed, 2.0f);
+    k = random_floats(kv_size(), seed + 1, 2.0f);
+    v = random_floats(kv_size(), seed + 2);
+    d_out = random_floats(q_size(), seed + 3);
+    doc = make_doc_ids(s, docs, seed + 4);
+  }
+  size_t tokens() const { return size_t(s.batch) * size_t(s.seq); }
+  size_t q_size() const { return tokens() * size_t(s.n_heads) * size_t(s.head_dim); }
+  size_t kv_size() const { return tokens() * size_t(s.n_kv_heads) * size_t(s.head_dim); }
+  size_t lse_size() const { return tokens() * size_t(s.n_heads); }
+  const int32_t* doc_ptr() const { return doc.empty() ? nullptr : doc.data(); }
+};
+
+std::vector<float> nans(size_t n) {
+  return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());
+}
+
+// ---- the launchers on the simulator -------------------------------------------------------------
+
+struct Forward {
+  std::vector<float> out, lse;
+};
+
+// attention_forward into NaN-filled outputs, so an element it fails to write stays NaN.
+Forward simt_forward(const Inputs& in) {
+  DeviceArray<float> q(in.q, "q"), k(in.k, "k"), v(in.v, "v");
+  DeviceArray<int32_t> doc(in.doc, "doc_ids");
+  DeviceArray<float> out(nans(in.q_size()), "out"), lse(nans(in.lse_size()), "lse");
+  simt::attention_forward(out.get(), lse.get(), q.get(), k.get(), v.get(),
+                          in.doc.empty() ? nullptr : doc.get(), in.s);
+  return {out.download("out"), lse.download("lse")};
+}
+
+struct Grads {
+  std::vector<float> dq, dk, dv;
+};
+
+// attention_backward from the saved out and lse, adding into start.
+Grads simt_backward(const Inputs& in, const Forward& saved, const Grads& start) {
+  DeviceArray<float> q(in.q, "q"), k(in.k, "k"), v(in.v, "v"), d_out(in.d_out, "d_out");
+  DeviceArray<float> out(saved.out, "out"), lse(saved.lse, "lse");
+  DeviceArray<int32_t> doc(in.doc, "doc_ids");
+  DeviceArray<float> dq(start.dq, "dq"), dk(start.dk, "dk"), dv(start.dv, "dv");
+  simt::attention_backward(dq.get(), dk.get(), dv.get(), d_out.get(), q.get(), k.get(), v.get(), out.get(),
+                           lse.get(), in.doc.empty() ? nullptr : doc.get(), in.s);
+  return {dq.download("dq"), dk.download("dk"), dv.download("dv")};
+}
+
+Grads zero_grads(const Inputs& in) {
+  return {std::vector<float>(in.q_size()), std::vector<float>(in.kv_size()),
+          std::vector<float>(in.kv_size())};
+}
+
+Forward cpu_forward(const Inputs& in) {
+  Forward f{std::vector<float>(in.q_size()), std::vector<float>(in.lse_size())};
+  cpu::attention_forward(f.out.data(), f.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(),
+                         in.s);
+  return f;
+}
+
+Grads cpu_backward(const Inputs& in, const Forward& saved) {
+  Grads g = zero_grads(in);
+  cpu::attention_backward(g.dq.data(), g.dk.data(), g.dv.data(), in.d_out.data(), in.q.data(), in.k.data(),
+                          in.v.data(), saved.out.data(), saved.lse.data(), in.doc_ptr(), in.s);
+  return g;
+}
+
+// ---- error bounds -------------------------------------------------------------------------------
+//
+// Per-element bounds on how far one f32 implementation may be from the exact result of the same
+// formulas, to first order in u = 2^-24; the tests allow twice that between the simulated kernels
+// and tf::cpu, which differ in tiling and summation order only. For a query row with n allowed
+// keys j, scores s_j = scale q.k_j and A_j = scale sum_d |q_d k_jd| (D = head_dim):
+// - a score is a D-term dot product and a scaling: |error| <= (D + 1) u A_j;
+// - online softmax: exp(s_j - max) rounds its argument (u |s_j - max| <= 2 u A) and its result,
+//   and each of the at most n / 16 + 2 rescales by exp(old max - new max) does the same, so each
+//   normalized weight w_j is off by a relative eps <= u ((D + 1) A + (n / 16 + 2)(2 A + 2)) plus
+//   the same again for the score that sets the max, with A = max_j A_j;
+// - out_d = sum_j w_j v_jd: perturbing the weights by relative eps moves it by at most
+//   2 eps sum_j w_j |v_jd| (the normalization's share included), and the n-term sums of the
+//   numerator and of the denominator add 2 (n + 1) u sum_j w_j |v_jd|.
+// So |error of out_d| <= u K M_d with M_d = sum_j w_j |v_jd| and
+// K = 4 (D + 1) A + 4 (n / 16 + 2)(2 A + 2) + 2 n + 2; lse = max + log(sum) is off by at most
+// u (K + |lse|).
+//
+// The backward, given out and lse (the same f32 values for both implementations): with
+// p = exp(s - lse), dP = dO.v, delta = dO.out, B = sum |dO v|, C = sum |dO out| and
+// dS = p (dP - delta), p is off by a relative u e, e = (D + 1) A_j + |s| + |lse| + 1 (score,
+// subtraction, exp), dP and delta by D u B and D u C, so |error of dS| <= u G with
+// G = p ((e + 3) |dP - delta| + D (B + C)). dq_d = scale sum_j dS_j k_jd over n terms is off by
+// u scale sum_j (G_j + (n + 2) |dS_j|) |k_jd|; dk and dv likewise over the N (head, query) terms
+// that reach key j: u scale sum (G + (N + 2) |dS|) |q_d| and u sum p (e + N + 2) |dO_d|.
+
+struct RowBound {
+  std::vector<double> out;  // per element of the row
+  double lse;
+};
+
+// The bound for one query row qi (head_dim D) against keys `keys` (rows of k and v at kv_row
+// floats from each other, starting at kbase and vbase).
+RowBound forward_row_bound(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
+                           const std::vector<int64_t>& keys, int D, float scale) {
+  std::vector<double> s(keys.size());
+  double max_s = -INFINITY, A = 0;
+  for (size_t t = 0; t < keys.size(); ++t) {
+    const float* kj = kbase + keys[t] * kv_row;
+    double dot = 0, mag = 0;
+    for (int d = 0; d < D; ++d) {
+      dot += double(qi[d]) * kj[d];
+      mag += std::fabs(double(qi[d]) * kj[d]);
+    }
+    s[t] = scale * dot;
+    max_s = std::max(max_s, s[t]);
+    A = std::max(A, scale * mag);
+  }
+  double sum = 0;
+  for (double x : s) sum += std::exp(x - max_s);
+  const double n = double(keys.size());
+  const double K = 4 * (D + 1) * A + 4 * (n / 16 + 2) * (2 * A + 2) + 2 * n + 2;
+  RowBound r{std::vector<double>(size_t(D)), 0};
+  for (size_t t = 0; t < keys.size(); ++t) {
+    const double w = std::exp(s[t] - max_s) / sum;
+    const float* vj = vbase + keys[t] * kv_row;
+    for (int d = 0; d < D; ++d) r.out[size_t(d)] += w * std::fabs(double(vj[d]));
+  }
+  for (double& m : r.out) m *= kU * K;
+  r.lse = kU * (K + std::fabs(max_s + std::log(sum)));
+  return r;
+}
+
+struct ForwardBounds {
+  std::vector<double> out, lse;
+};
+
+ForwardBounds forward_bounds(const Inputs& in) {
+  const AttentionShape& s = in.s;
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  ForwardBounds fb{std::vector<double>(in.q_size()), std::vector<double>(in.lse_size())};
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < S; ++i) {
+        std::vector<int64_t> keys;
+        for (int64_t j = 0; j <= i; ++j)
+          if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
+        const int64_t row = (b * S + i) * H + h;
+        const RowBound r =
+            forward_row_bound(in.q.data() + row * D, in.k.data() + (b * S * KV + h / group) * D,
+                              in.v.data() + (b * S * KV + h / group) * D, KV * D, keys, int(D), s.scale);
+        std::copy(r.out.begin(), r.out.end(), fb.out.begin() + row * D);
+        fb.lse[size_t(row)] = r.lse;
+      }
+    }
+  }
+  return fb;
+}
+
+struct GradBounds {
+  std::vector<double> dq, dk, dv;
+};
+
+GradBounds backward_bounds(const Inputs& in, const Forward& saved) {
+  const AttentionShape& s = in.s;
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  const double scale = s.scale;
+  GradBounds gb{std::vector<double>(in.q_size()), std::vector<double>(in.kv_size()),
+                std::vector<double>(in.kv_size())};
+  // dk and dv: the sums of G |q| and |dS| |q| (of p e |dO| and p |dO|), and the count of terms.
+  std::vector<double> dk_g(in.kv_size()), dk_s(in.kv_size()), dv_e(in.kv_size()), dv_p(in.kv_size());
+  std::vector<double> n_terms(in.tokens() * size_t(KV));
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / group;
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t row = (b * S + i) * H + h;
+        const float *qi = in.q.data() + row * D, *doi = in.d_out.data() + row * D,
+                    *oi = saved.out.data() + row * D;
+        const double lse = saved.lse[size_t(row)];
+        double delta = 0, C = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          delta += double(doi[d]) * oi[d];
+          C += std::fabs(double(doi[d]) * oi[d]);
+        }
+        struct Term {
+          int64_t kv;  // (token, kv head) row of k and v
+          double p, e, ds, G;
+        };
+        std::vector<Term> terms;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!ref::attention_allowed(doc, i, j)) continue;
+          const int64_t kv = (b * S + j) * KV + g;
+          const float *kj = in.k.data() + kv * D, *vj = in.v.data() + kv * D;
+          double qk = 0, A = 0, dp = 0, B = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            qk += double(qi[d]) * kj[d];
+            A += std::fabs(double(qi[d]) * kj[d]);
+            dp += double(doi[d]) * vj[d];
+            B += std::fabs(double(doi[d]) * vj[d]);
+          }
+          const double sc = scale * qk, p = std::exp(sc - lse);
+          const double e = double(D + 1) * scale * A + std::fabs(sc) + std::fabs(lse) + 1;
+          const double G = p * ((e + 3) * std::fabs(dp - delta) + double(D) * (B + C));
+          terms.push_back({kv, p, e, p * (dp - delta), G});
+        }
+        const double n = double(terms.size());
+        for (const Term& t : terms) {
+          const float* kj = in.k.data() + t.kv * D;
+          for (int64_t d = 0; d < D; ++d) {
+            gb.dq[size_t(row * D + d)] += kU * scale * (t.G + (n + 2) * std::fabs(t.ds)) * std::fabs(kj[d]);
+            const size_t at = size_t(t.kv * D + d);
+            dk_g[at] += scale * t.G * std::fabs(qi[d]);
+            dk_s[at] += scale * std::fabs(t.ds * qi[d]);
+            dv_e[at] += t.p * t.e * std::fabs(doi[d]);
+            dv_p[at] += t.p * std::fabs(doi[d]);
+          }
+          n_terms[size_t(t.kv)] += 1;
+        }
+      }
+    }
+  }
+  for (size_t at = 0; at < in.kv_size(); ++at) {
+    const double N = n_terms[at / size_t(D)];
+    gb.dk[at] = kU * (dk_g[at] + (N + 2) * dk_s[at]);
+    gb.dv[at] = kU * (dv_e[at] + (N + 2) * dv_p[at]);
+  }
+  return gb;
+}
+
+// |got - want| <= factor * bound for every element (NaN fails); reports the first few misses.
+void expect_within(const char* what, const std::vector<float>& got, const std::vector<float>& want,
+                   const std::vector<double>& bound, double factor) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double diff = std::fabs(double(got[i]) - double(want[i]));
+    if (!(diff <= factor * bound[i]) && bad++ < 3)
+      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", expected " << want[i] << " within "
+                    << factor * bound[i];
+  }
+  EXPECT_EQ(bad, 0) << what << ": elements out of bounds";
+}
+
+// ---- forward and backward against tf::cpu -------------------------------------------------------
+
+struct Case {
+  int batch, seq, heads, kv_heads, head_dim;
+  Docs docs;
+};
+
+std::string case_name(const Case& c) {
+  const char* docs[] = {"nodocs", "packed", "interleaved"};
+  return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
+         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
+}
+
+class SimtAttentionVsCpu : public ::testing::TestWithParam<Case> {};
+
+// Both backward implementations get tf::cpu's saved out and lse, so that each is compared on the
+// same inputs and the bounds of one backward apply.
+TEST_P(SimtAttentionVsCpu, ForwardAndBackwardMatchTheCpu) {
+  const Case c = GetParam();
+  const Inputs in(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim), c.docs,
+                  1234 + uint64_t(c.seq));
+  const Forward cpu_fwd = cpu_forward(in);
+  const Forward sim_fwd = simt_forward(in);
+  const ForwardBounds fb = forward_bounds(in);
+  expect_within("out", sim_fwd.out, cpu_fwd.out, fb.out, 2.0);
+  expect_within("lse", sim_fwd.lse, cpu_fwd.lse, fb.lse, 2.0);
+
+  const Grads cpu_grads = cpu_backward(in, cpu_fwd);
+  const Grads sim_grads = simt_backward(in, cpu_fwd, zero_grads(in));
+  const GradBounds gb = backward_bounds(in, cpu_fwd);
+  expect_within("dq", sim_grads.dq, cpu_grads.dq, gb.dq, 2.0);
+  expect_within("dk", sim_grads.dk, cpu_grads.dk, gb.dk, 2.0);
+  expect_within("dv", sim_grads.dv, cpu_grads.dv, gb.dv, 2.0);
+}
+
+// Sequences of one token, of less than one 16-row tile, of exactly one, of two and a bit; head
+// dims 12, 20, 72 and 128; GQA groups of 1, 2 and 4.
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SimtAttentionVsCpu,
+    ::testing::Values(Case{2, 1, 4, 2, 12, Docs::None}, Case{2, 1, 4, 2, 12, Docs::Packed},
+                      Case{2, 7, 4, 4, 20, Docs::None}, Case{2, 7, 4, 4, 20, Docs::Packed},
+                      Case{2, 16, 2, 1, 20, Docs::Packed}, Case{2, 33, 4, 1, 72, Docs::Packed},
+                      Case{2, 40, 4, 2, 12, Docs::Interleaved}, Case{1, 37, 4, 2, 20, Docs::None},
+                      Case{1, 17, 2, 1, 128, Docs::Packed}),
+    [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
+
+// The f32 backward on the simulator against float64 central differences of the float64 reference
+// forward, for L = sum(out * d_out), given the reference's out and lse rounded to f32. Their
+// rounding is within the C and |lse| terms of the backward bound; the differences are accurate to
+// about 1e-10 (see numeric_gradient), covered by the 1e-8 added.
+TEST(SimtAttention, BackwardMatchesFiniteDifferences) {
+  for (const Docs docs : {Docs::None, Docs::Packed}) {
+    const Inputs in(make_shape(2, 6, 4, 2, 3), docs, 555);
+    std::vector<double> q = test::to_double(in.q), k = test::to_double(in.k), v = test::to_double(in.v),
+                        w = test::to_double(in.d_out);
+    std::vector<double> out(in.q_size()), lse(in.lse_size());
+    auto loss = [&] {
+      ref::attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), in.doc_ptr(),
+                                     in.s);
+      double l = 0;
+      for (size_t i = 0; i < out.size(); ++i) l += out[i] * w[i];
+      return l;
+    };
+    loss();
+    const Forward saved{std::vector<float>(out.begin(), out.end()),
+                        std::vector<float>(lse.begin(), lse.end())};
+    const Grads g = simt_backward(in, saved, zero_grads(in));
+    const GradBounds gb = backward_bounds(in, saved);
+    auto with_fd_error = [](std::vector<double> b) {
+      for (double& x : b) x += 1e-8;
+      return b;
+    };
+    auto as_float = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+    // The differences are compared in double: rounding them to f32 adds u |gradient|.
+    const std::vector<double> fd_q = test::numeric_gradient(q, loss), fd_k = test::numeric_gradient(k, loss),
+                              fd_v = test::numeric_gradient(v, loss);
+    auto check = [&](const char* what, const std::vector<float>& got, const std::vector<double>& fd,
+                     const std::vector<double>& bound) {
+      std::vector<double> b = with_fd_error(bound);
+      for (size_t i = 0; i < b.size(); ++i) b[i] += kU * std::fabs(fd[i]);
+      expect_within(what, got, as_float(fd), b, 1.0);
+    };
+    check("dq", g.dq, fd_q, gb.dq);
+    check("dk", g.dk, fd_k, gb.dk);
+    check("dv", g.dv, fd_v, gb.dv);
+  }
+}
+
+// The backward adds into its outputs: from nonzero starts the result is start + gradient, within
+// the one rounding of that addition (and one more where it is fused with the scaling): 2^-23 of
+// |start| + |gradient|.
+TEST(SimtAttention, BackwardAccumulates) {
+  const Inputs in(make_shape(2, 20, 4, 2, 12), Docs::Packed, 77);
+  const Forward saved = cpu_forward(in);
+  const Grads zero_start = simt_backward(in, saved, zero_grads(in));
+  const Grads start{random_floats(in.q_size(), 5), random_floats(in.kv_size(), 6),
+                    random_floats(in.kv_size(), 7)};
+  const Grads got = simt_backward(in, saved, start);
+  auto check = [](const char* what, const std::vector<float>& sum, const std::vector<float>& from,
+                  const std::vector<float>& grad) {
+    for (size_t i = 0; i < sum.size(); ++i) {
+      ASSERT_NEAR(sum[i], from[i] + grad[i], 1.2e-7 * (std::fabs(from[i]) + std::fabs(grad[i])))
+          << what << "[" << i << "]";
+    }
+  };
+  check("dq", got.dq, start.dq, zero_start.dq);
+  check("dk", got.dk, start.dk, zero_start.dk);
+  check("dv", got.dv, start.dv, zero_start.dv);
+}
+
+// Each output element is summed by one thread in a fixed order, so the simulator's thread order
+// (its seed) does not change a bit of any output.
+TEST(SimtAttention, SameBitsForAnyThreadOrder) {
+  const Inputs in(make_shape(2, 20, 4, 1, 12), Docs::Packed, 99);
+  const uint64_t saved_seed = sim::seed();
+  sim::set_seed(1);
+  const Forward f1 = simt_forward(in);
+  const Grads g1 = simt_backward(in, f1, zero_grads(in));
+  sim::set_seed(2);
+  const Forward f2 = simt_forward(in);
+  const Grads g2 = simt_backward(in, f1, zero_grads(in));
+  sim::set_seed(saved_seed);
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  EXPECT_TRUE(same(f1.out, f2.out));
+  EXPECT_TRUE(same(f1.lse, f2.lse));
+  EXPECT_TRUE(same(g1.dq, g2.dq));
+  EXPECT_TRUE(same(g1.dk, g2.dk));
+  EXPECT_TRUE(same(g1.dv, g2.dv));
+}
+
+TEST(SimtAttention, EmptyBatchWritesNothing) {
+  for (const AttentionShape& s : {make_shape(0, 5, 2, 1, 8), make_shape(2, 0, 2, 1, 8)}) {
+    DeviceArray<float> guard_only(std::vector<float>(), "out");
+    simt::attention_forward(guard_only.get(), guard_only.get(), guard_only.get(), guard_only.get(),
+                            guard_only.get(), nullptr, s);
+    simt::attention_backward(guard_only.get(), guard_only.get(), guard_only.get(), guard_only.get(),
+                             guard_only.get(), guard_only.get(), guard_only.get(), guard_only.get(),
+                             guard_only.get(), nullptr, s);
+    guard_only.download("empty output");
+  }
+}
+
+// The error names what is wrong: the same shape checks as tf::cpu, and a head_dim whose tiles do
+// not fit in a block's shared memory.
+TEST(SimtAttention, RejectsBadShapes) {
+  DeviceArray<float> x(std::vector<float>(64), "x");
+  float* p = x.get();
+  auto message = [&](const AttentionShape& s) -> std::string {
+    try {
+      simt::attention_forward(p, p, p, p, p, nullptr, s);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message(make_shape(1, 1, 3, 2, 4)).find("multiple of n_kv_heads"), std::string::npos);
+  EXPECT_NE(message(make_shape(1, 1, 2, 2, 0)).find("head_dim must be positive"), std::string::npos);
+  EXPECT_NE(message(make_shape(1, 1, 2, 2, 1000)).find("head_dim 1000 needs"), std::string::npos);
+  EXPECT_THROW(simt::attention_backward(p, p, p, p, p, p, p, p, p, nullptr, make_shape(1, 1, 2, 2, 1000)),
+               Error);
+  EXPECT_THROW(simt::attention_cached_forward(p, p, p, p, 0, 1, 3, 2, 4, 0.5f), Error);
+  EXPECT_THROW(simt::attention_cached_forward(p, p, p, p, -1, 1, 2, 2, 4, 0.5f), Error);
+  x.download("x");
+}
+
+// ---- cached (decoding) forward ------------------------------------------------------------------
+
+// Cache rows past the valid ones hold NaN, so reading one turns outputs into NaN.
+constexpr int64_t kSpareCacheRows = 3;
+
+struct CachedCase {
+  int64_t n_past, n_new;
+  int heads, kv_heads, head_dim;
+};
+
+std::string cached_name(const CachedCase& c) {
+  return "past" + std::to_string(c.n_past) + "_new" + std::to_string(c.n_new) + "_h" +
+         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim);
+}
+
+struct CachedInputs {
+  CachedCase c;
+  float scale;
+  std::vector<float> q, k_cache, v_cache;
+  CachedInputs(const CachedCase& cs, uint64_t seed) : c(cs), scale(1.0f / std::sqrt(float(cs.head_dim))) {
+    const int64_t valid = c.n_past + c.n_new, kv_row = int64_t(c.kv_heads) * c.head_dim;
+    q = random_floats(out_size(), seed, 2.0f);
+    k_cache = random_floats(size_t(valid * kv_row), seed + 1, 2.0f);
+    v_cache = random_floats(size_t(valid * kv_row), seed + 2);
+    k_cache.resize(size_t((valid + kSpareCacheRows) * kv_row), std::numeric_limits<float>::quiet_NaN());
+    v_cache.resize(k_cache.size(), std::numeric_limits<float>::quiet_NaN());
+  }
+  size_t out_size() const { return size_t(c.n_new) * size_t(c.heads) * size_t(c.head_dim); }
+};
+
+std::vector<float> simt_cached(const CachedInputs& in) {
+  DeviceArray<float> q(in.q, "q"), k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache");
+  DeviceArray<float> out(nans(in.out_size()), "out");
+  simt::attention_cached_forward(out.get(), q.get(), k.get(), v.get(), in.c.n_past, in.c.n_new, in.c.heads,
+                                 in.c.kv_heads, in.c.head_dim, in.scale);
+  return out.download("out");
+}
+
+class SimtAttentionCachedVsCpu : public ::testing::TestWithParam<CachedCase> {};
+
+// The forward's bound (and factor 2) for query i against cache rows 0 .. n_past + i.
+TEST_P(SimtAttentionCachedVsCpu, MatchesTheCpu) {
+  const CachedCase c = GetParam();
+  const CachedInputs in(c, 4321 + uint64_t(c.n_past * 7 + c.n_new));
+  const std::vector<float> got = simt_cached(in);
+  std::vector<float> want(in.out_size());
+  cpu::attention_cached_forward(want.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), c.n_past,
+                                c.n_new, c.heads, c.kv_heads, c.head_dim, in.scale);
+  const int64_t D = c.head_dim, group = c.heads / c.kv_heads;
+  std::vector<double> bound(in.out_size());
+  for (int64_t i = 0; i < c.n_new; ++i) {
+    std::vector<int64_t> keys;
+    for (int64_t j = 0; j <= c.n_past + i; ++j) keys.push_back(j);
+    for (int64_t h = 0; h < c.heads; ++h) {
+      const RowBound r =
+          forward_row_bound(in.q.data() + (i * c.heads + h) * D, in.k_cache.data() + h / group * D,
+                            in.v_cache.data() + h / group * D, c.kv_heads * D, keys, int(D), in.scale);
+      std::copy(r.out.begin(), r.out.end(), bound.begin() + (i * c.heads + h) * D);
+    }
+  }
+  expect_within("out", got, want, bound, 2.0);
+}
+
+// One token and a few after an empty, a one-row and a 37-row cache; a prefill of two tiles and a
+// bit; GQA 1, 2 and 4; head dims 12, 20, 72 and 128.
+INSTANTIATE_TEST_SUITE_P(Shapes, SimtAttentionCachedVsCpu,
+                         ::testing::Values(CachedCase{0, 1, 4, 4, 12}, CachedCase{0, 5, 4, 2, 20},
+                                           CachedCase{1, 1, 4, 1, 72}, CachedCase{37, 1, 4, 2, 20},
+                                           CachedCase{37, 5, 4, 1, 12}, CachedCase{3, 33, 2, 2, 20},
+                                           CachedCase{20, 3, 2, 1, 128}),
+                         [](const ::testing::TestParamInfo<CachedCase>& p) { return cached_name(p.param); });
+
+// A decoder's calls (a prefill of P tokens, then one token at a time against the cache so far)
+// give exactly the training forward's rows: both run the one kernel over key tiles from position
+// 0, and a tile the causal mask hides from a row leaves its running sums unchanged (rescale 1,
+// weights 0), so any difference is an indexing mistake.
+TEST(SimtAttentionCached, PrefillThenStepsMatchTrainingForwardBitForBit) {
+  const int64_t P = 18, T = 23;
+  const CachedInputs in(CachedCase{0, T, 4, 2, 20}, 777);
+  const int64_t q_row = 4 * 20;
+  Inputs train(make_shape(1, int(T), 4, 2, 20), Docs::None, 1);
+  train.q = in.q;
+  train.k.assign(in.k_cache.begin(), in.k_cache.begin() + T * 2 * 20);
+  train.v.assign(in.v_cache.begin(), in.v_cache.begin() + T * 2 * 20);
+  const Forward whole = simt_forward(train);
+
+  DeviceArray<float> q(in.q, "q"), k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache");
+  DeviceArray<float> out(nans(in.out_size()), "out");
+  auto step = [&](int64_t n_past, int64_t n_new) {
+    simt::attention_cached_forward(out.get() + n_past * q_row, q.get() + n_past * q_row, k.get(), v.get(),
+                                   n_past, n_new, 4, 2, 20, in.scale);
+  };
+  step(0, P);
+  for (int64_t pos = P; pos < T; ++pos) step(pos, 1);
+  const std::vector<float> cached = out.download("out");
+  for (int64_t pos = 0; pos < T; ++pos) {
+    EXPECT_EQ(0,
+              std::memcmp(cached.data() + pos * q_row, whole.out.data() + pos * q_row, q_row * sizeof(float)))
+        << "position " << pos;
+  }
+}
+
+TEST(SimtAttentionCached, NoNewTokensWritesNothing) {
+  const CachedInputs in(CachedCase{10, 0, 2, 1, 8}, 5);
+  DeviceArray<float> k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache"), out(std::vector<float>(), "out");
+  simt::attention_cached_forward(out.get(), out.get(), k.get(), v.get(), 10, 0, 2, 1, 8, 0.5f);
+  out.download("out");
+}
+
+}  // namespace
+}  // namespace tf
