@@ -1,10 +1,11 @@
 // defines: helpers for tests of the CUDA backend's launchers on the simulator: Guarded<T> (a device
-// array between NaN guard elements that must stay untouched), same_value (bitwise equality that
+// array between signalling-NaN guard elements that must stay untouched), same_value (bitwise equality that
 // lets any NaN match any NaN), error_of
 #pragma once
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,19 +20,21 @@ namespace tf::test {
 
 namespace simt_rt = tf::simt::rt;
 
-// n elements of simulated device memory with kGuard elements of 0xff bytes (NaN in f32, bf16 and
-// f16) on each side, inside the same allocation: the simulator's bounds check does not see a write
-// that lands there, the guard check does.
+// n elements of simulated device memory with kGuard guard elements on each side, inside the same
+// allocation: the simulator's bounds check does not see a write that lands there, the guard check
+// does. A guard is a signalling NaN (0x7f800001 in f32, 0x7f81 in bf16): arithmetic returns a
+// quiet NaN with other bits, so even a stray accumulation into a guard (NaN + x) shows, which a
+// quiet NaN would hide by coming back unchanged.
 template <typename T>
 class Guarded {
  public:
   static constexpr size_t kGuard = 37;
 
   Guarded(const std::vector<T>& host, const char* what) : n_(host.size()) {
-    const size_t bytes = (n_ + 2 * kGuard) * sizeof(T);
-    base_ = static_cast<T*>(simt_rt::device_alloc(bytes, what));
-    simt_rt::memset_async(base_, 0xff, bytes, simt_rt::current_stream());
-    if (n_) simt_rt::memcpy_h2d(base_ + kGuard, host.data(), n_ * sizeof(T), simt_rt::current_stream());
+    std::vector<T> all(n_ + 2 * kGuard, guard_value());
+    std::copy(host.begin(), host.end(), all.begin() + kGuard);
+    base_ = static_cast<T*>(simt_rt::device_alloc(all.size() * sizeof(T), what));
+    simt_rt::memcpy_h2d(base_, all.data(), all.size() * sizeof(T), simt_rt::current_stream());
   }
   ~Guarded() { simt_rt::device_free(base_); }
   Guarded(const Guarded&) = delete;
@@ -47,19 +50,30 @@ class Guarded {
     return out;
   }
 
-  // Whether every guard byte still holds 0xff.
+  // Whether every guard element still holds its bits.
   bool guards_intact() const {
-    std::vector<unsigned char> bytes((n_ + 2 * kGuard) * sizeof(T));
-    simt_rt::memcpy_d2h(bytes.data(), base_, bytes.size(), simt_rt::current_stream());
+    std::vector<T> all(n_ + 2 * kGuard);
+    simt_rt::memcpy_d2h(all.data(), base_, all.size() * sizeof(T), simt_rt::current_stream());
     simt_rt::stream_synchronize(simt_rt::current_stream());
-    const size_t guard_bytes = kGuard * sizeof(T);
-    for (size_t i = 0; i < guard_bytes; ++i) {
-      if (bytes[i] != 0xff || bytes[bytes.size() - 1 - i] != 0xff) return false;
+    const T guard = guard_value();
+    for (size_t i = 0; i < kGuard; ++i) {
+      if (std::memcmp(&all[i], &guard, sizeof(T)) != 0 ||
+          std::memcmp(&all[all.size() - 1 - i], &guard, sizeof(T)) != 0)
+        return false;
     }
     return true;
   }
 
  private:
+  static T guard_value() {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 2, "guards are 32- or 16-bit signalling NaNs");
+    const uint32_t bits32 = 0x7f800001u;
+    const uint16_t bits16 = 0x7f81u;
+    T g;
+    std::memcpy(&g, sizeof(T) == 4 ? static_cast<const void*>(&bits32) : &bits16, sizeof(T));
+    return g;
+  }
+
   size_t n_;
   T* base_;
 };
