@@ -246,15 +246,16 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
 }
 
 // Per byte of global memory a launch touches: its last write and read in this launch, as for shared
-// memory plus the block (1 + its linear index; 0 for none), since no barrier orders threads of
-// different blocks. Kept in pages found by address and dropped when the next launch starts.
+// memory plus the block, since no barrier orders threads of different blocks. Kept in pages found
+// by address and dropped when the next launch starts. Each access is one word: block (1 + its
+// linear index, modulo 2^20 - 1; 0 for none) in bits 44-63, thread in 34-43, a flag in 32 (the
+// write was atomic; other unordered threads read too), barrier epoch in 16-31, warp epoch in 0-15.
 struct GlobalShadow {
-  uint32_t w_block = 0, r_block = 0;
-  uint16_t w_tid = 0, r_tid = 0;
-  uint16_t w_epoch = 0, w_wepoch = 0, r_epoch = 0, r_wepoch = 0;
-  bool w_atomic = false, r_multi = false;
+  uint64_t w = 0, r = 0;
   bool operator==(const GlobalShadow&) const = default;
 };
+constexpr int kWhoShift = 34, kBlockShift = 44;
+constexpr uint64_t kFlag = uint64_t(1) << 32;
 
 class GlobalShadowPages {
  public:
@@ -298,13 +299,14 @@ class GlobalShadowPages {
 };
 thread_local GlobalShadowPages g_global;
 
-uint32_t block_number(const Launch& L) {
+uint64_t block_number(const Launch& L) {
   const Dim3 &b = L.block_idx, &g = L.spec.grid;
-  return 1 + b.x + g.x * (b.y + g.y * b.z);
+  return 1 + (b.x + uint64_t(g.x) * (b.y + uint64_t(g.y) * b.z)) % 0xfffff;
 }
-std::string fmt_other(const Launch& L, uint32_t block, uint16_t tid) {
+// "thread (3,0,0) of block (1,0,0)" for the access word x (its block modulo 2^20 - 1).
+std::string fmt_other(const Launch& L, uint64_t x) {
   const Dim3 &g = L.spec.grid, &d = L.spec.block;
-  const uint32_t n = block - 1;
+  const auto n = uint32_t((x >> kBlockShift) - 1), tid = uint32_t(x >> kWhoShift) & 0x3ff;
   return detail::concat("thread ", fmt_dim(Dim3(tid % d.x, tid / d.x % d.y, tid / (d.x * d.y))), " of block ",
                         fmt_dim(Dim3(n % g.x, n / g.x % g.y, n / (g.x * g.y))));
 }
@@ -314,20 +316,23 @@ std::string fmt_other(const Launch& L, uint32_t block, uint16_t tid) {
 // barrier separates them.
 void check_global(Launch& L, const Thread& t, const Region& r, uintptr_t addr, size_t bytes,
                   AccessKind kind) {
-  const uint32_t blk = block_number(L);
-  const auto tid = uint16_t(t.tid);
-  const auto e = uint16_t(L.epoch), we = uint16_t(L.warp_epoch[t.tid / kWarpSize]);
-  auto ordered = [&](uint32_t ob, uint16_t ot, uint16_t oe, uint16_t owe) {
-    return ob == blk && (oe != e || (ot / kWarpSize == tid / kWarpSize && owe != we));
+  const uint64_t e = L.epoch & 0xffff, we = L.warp_epoch[t.tid / kWarpSize] & 0xffff;
+  const uint64_t me = block_number(L) << kBlockShift | uint64_t(t.tid) << kWhoShift | e << 16 | we;
+  const uint64_t me_who = me >> kWhoShift;
+  // Whether the earlier access x is ordered before this one by a barrier of this block.
+  auto ordered = [&](uint64_t x) {
+    return x >> kBlockShift == me >> kBlockShift &&
+           ((x >> 16 & 0xffff) != e ||
+            ((x >> kWhoShift & 0x3ff) / kWarpSize == t.tid / kWarpSize && (x & 0xffff) != we));
   };
-  auto race = [&](const char* what, uint32_t ob, uint16_t ot, const char* other_did) {
-    const bool self = ob == blk && ot == tid;
-    fail(detail::concat("global-memory race (", what, ") in kernel '", L.spec.kernel,
-                        "': ", fmt_other(L, blk, tid), kind == AccessKind::Read ? " reads " : " writes ",
-                        fmt_place(r, addr), ", which ",
-                        self ? std::string("another thread") : fmt_other(L, ob, ot), " ", other_did,
-                        ob == blk ? " with no barrier between (missing __syncthreads?)"
-                                  : "; threads of different blocks are not ordered within a launch"));
+  auto race = [&](const char* what, uint64_t other, const char* other_did) {
+    const bool same_block = other >> kBlockShift == me >> kBlockShift;
+    fail(detail::concat("global-memory race (", what, ") in kernel '", L.spec.kernel, "': ", fmt_other(L, me),
+                        kind == AccessKind::Read ? " reads " : " writes ", fmt_place(r, addr), ", which ",
+                        other >> kWhoShift == me_who ? std::string("another thread") : fmt_other(L, other),
+                        " ", other_did,
+                        same_block ? " with no barrier between (missing __syncthreads?)"
+                                   : "; threads of different blocks are not ordered within a launch"));
   };
   GlobalShadowPages& pages = g_global;
   GlobalShadow* run = &pages.at(addr);  // the bytes up to the end of addr's page
@@ -345,26 +350,18 @@ void check_global(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
       continue;
     }
     before = s;
-    const bool other_writer = s.w_block && !(s.w_block == blk && s.w_tid == tid) &&
-                              !ordered(s.w_block, s.w_tid, s.w_epoch, s.w_wepoch);
-    const bool other_reader = s.r_block && !ordered(s.r_block, s.r_tid, s.r_epoch, s.r_wepoch) &&
-                              (s.r_block != blk || s.r_tid != tid || s.r_multi);
+    const bool other_writer = s.w && s.w >> kWhoShift != me_who && !ordered(s.w);
+    const bool other_reader = s.r && !ordered(s.r) && (s.r >> kWhoShift != me_who || (s.r & kFlag));
     if (kind == AccessKind::Read) {
-      if (other_writer) race("read after write", s.w_block, s.w_tid, "wrote");
-      s.r_multi = other_reader;
-      s.r_block = blk;
-      s.r_tid = tid;
-      s.r_epoch = e;
-      s.r_wepoch = we;
+      if (other_writer) [[unlikely]]
+        race("read after write", s.w, "wrote");
+      s.r = me | (other_reader ? kFlag : 0);
     } else {
-      if (other_writer && !(kind == AccessKind::Atomic && s.w_atomic))
-        race("write after write", s.w_block, s.w_tid, "wrote");
-      if (other_reader) race("write after read", s.r_block, s.r_tid, "read");
-      s.w_block = blk;
-      s.w_tid = tid;
-      s.w_epoch = e;
-      s.w_wepoch = we;
-      s.w_atomic = kind == AccessKind::Atomic;
+      if (other_writer && !(kind == AccessKind::Atomic && (s.w & kFlag))) [[unlikely]]
+        race("write after write", s.w, "wrote");
+      if (other_reader) [[unlikely]]
+        race("write after read", s.r, "read");
+      s.w = me | (kind == AccessKind::Atomic ? kFlag : 0);
     }
     after = s;
   }
