@@ -1,6 +1,7 @@
 // Tests: the CUDA backend's elementwise launchers (add_inplace, add_bias, fill, scale_inplace, copy,
 // sum_squares, dropout_forward, swiglu, adamw_update) run on the SIMT simulator (tf::simt) against
-// tf::cpu, at sizes around the block size, with NaN guards around every output and NaN / Inf inputs.
+// tf::cpu, at sizes around the block size, with NaN guards around every output and NaN / Inf inputs;
+// and every launcher of this family and of test_cuda_norm's queueing on rt::current_stream().
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -253,6 +254,46 @@ TEST(CudaElementwise, AdamWMatchesCpuUpToContraction) {
       EXPECT_TRUE(dv.guards_intact());
     }
   }
+}
+
+// The simulator orders work by streams and reports a read that nothing orders after the write it
+// reads. Inputs uploaded on a fresh current stream are therefore readable only by launchers that
+// queue on that stream (and downloads that wait for it); one that used the default stream instead
+// fails here.
+TEST(CudaLaunchers, QueueOnTheCurrentStream) {
+  const simt::rt::StreamHandle stream = simt::rt::stream_create();
+  simt::rt::set_current_stream(stream);
+  const int64_t n = 40, rows = 5, dim = 8;
+  {
+    const std::vector<float> a = random_floats(size_t(n), 51), b = random_floats(size_t(n), 52);
+    std::vector<float> pos_v = random_floats(size_t(n), 53, 0.5f);
+    for (float& v : pos_v) v = std::abs(v);
+    Guarded<float> x(a, "x"), y(b, "y"), z(b, "z"), w(std::vector<float>(size_t(dim), 1.0f), "weight");
+    Guarded<float> m(a, "m"), v(pos_v, "v"), r(std::vector<float>(size_t(rows)), "rstd");
+    Guarded<int32_t> tok(std::vector<int32_t>{0, 3, 4, 1, 0}, "tokens"),
+        pos(std::vector<int32_t>(size_t(rows), 2), "pos");
+    const WeightRef wt(w.get(), DType::F32, 1, dim), table(x.get(), DType::F32, 5, dim);
+    simt::add_inplace(y.get(), x.get(), n);
+    simt::add_bias(y.get(), wt, rows, dim);
+    simt::scale_inplace(y.get(), 0.5f, n);
+    simt::copy(z.get(), y.get(), n);
+    simt::fill(z.get(), 1.0f, n);
+    EXPECT_GT(simt::sum_squares(y.get(), n), 0.0);
+    simt::dropout_forward(z.get(), y.get(), n, 0.25f, 1, 2);
+    simt::swiglu_forward(z.get(), x.get(), y.get(), n);
+    simt::swiglu_backward(z.get(), m.get(), y.get(), x.get(), y.get(), n);
+    AdamWParams hp;
+    simt::adamw_update(x.get(), y.get(), m.get(), v.get(), n, hp);
+    simt::rmsnorm_forward(z.get(), r.get(), x.get(), wt, rows, dim, 1e-5f);
+    simt::rmsnorm_backward(z.get(), w.get(), y.get(), x.get(), wt, r.get(), rows, dim);
+    simt::rope_forward(z.get(), pos.get(), w.get(), rows, 1, dim, RopeLayout::SplitHalf);
+    simt::rope_backward(z.get(), pos.get(), w.get(), rows, 1, dim, RopeLayout::Interleaved);
+    simt::embedding_forward(y.get(), tok.get(), rows, table);
+    simt::embedding_backward(z.get(), y.get(), tok.get(), rows, 5, dim);
+    EXPECT_EQ(z.download().size(), size_t(n));
+  }
+  simt::rt::set_current_stream(nullptr);
+  simt::rt::stream_destroy(stream);
 }
 
 }  // namespace
