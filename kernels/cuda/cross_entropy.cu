@@ -1,0 +1,126 @@
+// defines: the CUDA backend's fused lm_head + cross-entropy, tf::cuda:: and tf::simt::
+// lm_head_cross_entropy: chunks of rows whose logits (blas::gemm through matmul) turn into losses
+// and, in place, into d_logits, one warp per row; the [n_tokens, vocab] logits never exist
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/ref/cross_entropy.h"
+#include "kernels/cpu/ref/linear.h"
+#include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/kernel_common.h"
+#include "kernels/cuda/port.h"
+#include "src/core/error.h"
+
+namespace tf::TF_PORT_BACKEND {
+
+namespace {
+
+// rt::scratch slots of a chunk's logits and of the per-row losses.
+constexpr int kSlotLogits = 13, kSlotLosses = 14;
+// Rows of logits formed at once: [128, vocab] f32 is 64 MiB for a 128k vocabulary, and 128 rows
+// keep both GEMMs of a chunk on tensor cores at a useful size.
+constexpr int64_t kChunkRows = 128;
+// One warp per row, four rows per block.
+constexpr int kRowsPerBlock = 4;
+
+// Row `warp` of the chunk: loss[row] = log-sum-exp(logits) - logits[target] (0 for an ignored row),
+// and, with `grad`, the row overwritten by grad_scale * (softmax - onehot(target)), or zeros for an
+// ignored row so that the d_h product adds nothing for it. Each lane owns the columns equal to its
+// lane index mod 32 in every pass, and the warp combines lanes by a butterfly, a fixed order: the
+// same bits on every run. exp is summed in double, as the CPU does.
+__global__ void softmax_rows(port::gptr<float> logits, int64_t vocab, int64_t rows,
+                             port::gptr<const int32_t> targets, port::gptr<double> losses, float grad_scale,
+                             int grad) {
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + int64_t(threadIdx.x) / 32;
+  const int lane = int(threadIdx.x) % 32;
+  if (row >= rows) return;  // whole warps leave together
+  const port::gptr<float> z = logits + row * vocab;
+  const int32_t t = targets[row];
+  if (t == kIgnoreIndex) {
+    if (grad) {
+      for (int64_t v = lane; v < vocab; v += 32) z[v] = 0.0f;
+    }
+    if (lane == 0) losses[row] = 0.0;
+    return;
+  }
+  // The lane owning the target column reads it (before any lane writes the row) and shares it.
+  float target_logit = 0.0f;
+  if (lane == t % 32) target_logit = z[t];
+  target_logit = __shfl_sync(0xffffffffu, target_logit, t % 32);
+  float mx = -INFINITY;
+  for (int64_t v = lane; v < vocab; v += 32) {
+    const float zv = z[v];
+    mx = fmaxf(mx, zv);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+  double sum = 0;
+  for (int64_t v = lane; v < vocab; v += 32) {
+    const float zv = z[v];
+    sum += double(expf(zv - mx));
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) losses[row] = double(mx) + log(sum) - double(target_logit);
+  if (!grad) return;
+  const float scale = float(double(grad_scale) / sum);
+  for (int64_t v = lane; v < vocab; v += 32) {
+    const float zv = z[v];
+    const float p = expf(zv - mx) * scale;
+    z[v] = v == t ? p - grad_scale : p;
+  }
+}
+
+}  // namespace
+
+double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
+                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
+  ref::check_linear("lm_head_cross_entropy", h, h, W, n_tokens, true);
+  TF_CHECK(!is_quantized(W.dtype), "lm_head_cross_entropy: the CUDA backend does not run ",
+           dtype_name(W.dtype), " weights yet");
+  TF_CHECK(n_valid != nullptr, "lm_head_cross_entropy: n_valid is null");
+  const int64_t vocab = W.rows, dim = W.cols;
+  const rt::StreamHandle stream = rt::current_stream();
+  // The targets come to the host first: they are checked, with the CPU's message, before any
+  // output is touched, and they say which chunks hold no counted row.
+  std::vector<int32_t> t(static_cast<size_t>(n_tokens));
+  if (n_tokens > 0) {
+    rt::memcpy_d2h(t.data(), targets, size_t(n_tokens) * sizeof(int32_t), stream);
+    rt::stream_synchronize(stream);
+  }
+  ref::check_targets(t.data(), n_tokens, vocab);
+  const int64_t count = std::count_if(t.begin(), t.end(), [](int32_t x) { return x != kIgnoreIndex; });
+  *n_valid = count;
+  if (count == 0) return 0.0;
+
+  const int64_t chunk = std::min(n_tokens, kChunkRows);
+  auto* logits = static_cast<float*>(rt::scratch(kSlotLogits, size_t(chunk * vocab) * sizeof(float)));
+  auto* losses = static_cast<double*>(rt::scratch(kSlotLosses, size_t(n_tokens) * sizeof(double)));
+  const MatOperand w_t{W.data, W.dtype, std::max<int64_t>(1, dim), true};
+  const MatOperand w{W.data, W.dtype, std::max<int64_t>(1, dim), false};
+  for (int64_t r0 = 0; r0 < n_tokens; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n_tokens - r0);
+    if (std::all_of(t.begin() + r0, t.begin() + r0 + rows, [](int32_t x) { return x == kIgnoreIndex; }))
+      continue;
+    matmul(logits, vocab, MatOperand{h + r0 * dim, DType::F32, std::max<int64_t>(1, dim), false}, w_t, rows,
+           vocab, dim, 1.0f, 0.0f);
+    port::launch(softmax_rows,
+                 on_current_stream("lm_head_softmax_rows", (rows + kRowsPerBlock - 1) / kRowsPerBlock,
+                                   32 * kRowsPerBlock),
+                 logits, vocab, rows, targets + r0, losses + r0, grad_scale, d_h ? 1 : 0);
+    if (d_h)
+      matmul(d_h + r0 * dim, std::max<int64_t>(1, dim), MatOperand{logits, DType::F32, vocab, false}, w, rows,
+             dim, vocab, 1.0f, 1.0f);
+  }
+  // The rows' losses are added on the host in row order, a fixed order whatever the chunking.
+  std::vector<double> row_loss(static_cast<size_t>(n_tokens));
+  rt::memcpy_d2h(row_loss.data(), losses, size_t(n_tokens) * sizeof(double), stream);
+  rt::stream_synchronize(stream);
+  double loss = 0;
+  for (int64_t i = 0; i < n_tokens; ++i) {
+    if (t[size_t(i)] != kIgnoreIndex) loss += row_loss[size_t(i)];
+  }
+  return loss;
+}
+
+}  // namespace tf::TF_PORT_BACKEND
