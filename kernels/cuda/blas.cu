@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/blas_check.h"
@@ -33,17 +34,45 @@ namespace {
 constexpr int kWorkspaceSlot = 10;
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 
-// One handle per device, made on first use and kept for the life of the process: destroying it
-// from a static destructor could run after the CUDA runtime has torn the context down.
-cublasLtHandle_t handle() {
-  static std::mutex m;
-  static std::map<int, cublasLtHandle_t> handles;
+int current_device() {
   int device = 0;
   TF_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// One handle per device, made on first use and kept for the life of the process: destroying it
+// from a static destructor could run after the CUDA runtime has torn the context down.
+cublasLtHandle_t handle(int device) {
+  static std::mutex m;
+  static std::map<int, cublasLtHandle_t> handles;
   std::lock_guard<std::mutex> lock(m);
   cublasLtHandle_t& h = handles[device];
   if (!h) TF_CUBLAS_CHECK(cublasLtCreate(&h));
   return h;
+}
+
+// Everything the heuristic's choice depends on: a training step repeats a few dozen product
+// shapes hundreds of times, and querying the heuristic costs host time on every call otherwise.
+struct AlgoKey {
+  int device;
+  int type;
+  bool trans_a, trans_b;
+  int64_t m, n, k, lda, ldb, ldc, batch, stride_a, stride_b, stride_c;
+  uint32_t align_a, align_b, align_c;
+  auto tied() const {
+    return std::tie(device, type, trans_a, trans_b, m, n, k, lda, ldb, ldc, batch, stride_a, stride_b,
+                    stride_c, align_a, align_b, align_c);
+  }
+  bool operator<(const AlgoKey& o) const { return tied() < o.tied(); }
+};
+
+std::mutex& algo_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<AlgoKey, cublasLtMatmulAlgo_t>& algos() {
+  static std::map<AlgoKey, cublasLtMatmulAlgo_t> cache;
+  return cache;
 }
 
 cudaDataType_t cuda_type(ElemType t) {
@@ -144,25 +173,43 @@ void gemm(const Gemm& g) {
   make_layout(&d.b, type, a);
   make_layout(&d.c, CUDA_R_32F, c);
 
-  TF_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
-  const uint64_t workspace_bytes = kWorkspaceBytes;
-  TF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                       &workspace_bytes, sizeof(workspace_bytes)));
-  set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(b));
-  set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(a));
-  set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(c));
-  set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(c));
-
-  const cublasLtHandle_t h = handle();
-  cublasLtMatmulHeuristicResult_t result = {};
-  int found = 0;
-  TF_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(h, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found));
-  TF_CHECK(found > 0, "blas::gemm: cuBLASLt has no algorithm for m=", g.m, " n=", g.n, " k=", g.k,
-           " batch=", g.batch, " lda=", g.lda, " ldb=", g.ldb, " ldc=", g.ldc, " trans_a=", g.trans_a,
-           " trans_b=", g.trans_b, " type=", int(g.type));
+  const int device = current_device();
+  const cublasLtHandle_t h = handle(device);
+  const AlgoKey key{device,     int(g.type), g.trans_a,    g.trans_b,    g.m,         g.n,
+                    g.k,        g.lda,       g.ldb,        g.ldc,        g.batch,     g.stride_a,
+                    g.stride_b, g.stride_c,  alignment(a), alignment(b), alignment(c)};
+  cublasLtMatmulAlgo_t algo;
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> lock(algo_mutex());
+    const auto it = algos().find(key);
+    if (it != algos().end()) {
+      algo = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    TF_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&d.pref));
+    const uint64_t workspace_bytes = kWorkspaceBytes;
+    TF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                         &workspace_bytes, sizeof(workspace_bytes)));
+    set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_b);
+    set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_a);
+    set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_c);
+    set_alignment(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_c);
+    cublasLtMatmulHeuristicResult_t result = {};
+    int found = 0;
+    TF_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(h, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found));
+    TF_CHECK(found > 0, "blas::gemm: cuBLASLt has no algorithm for m=", g.m, " n=", g.n, " k=", g.k,
+             " batch=", g.batch, " lda=", g.lda, " ldb=", g.ldb, " ldc=", g.ldc, " trans_a=", g.trans_a,
+             " trans_b=", g.trans_b, " type=", int(g.type));
+    algo = result.algo;
+    std::lock_guard<std::mutex> lock(algo_mutex());
+    algos().emplace(key, algo);
+  }
   void* workspace = rt::scratch(kWorkspaceSlot, kWorkspaceBytes);
-  TF_CUBLAS_CHECK(cublasLtMatmul(h, d.op, &g.alpha, g.b, d.a, g.a, d.b, &g.beta, g.c, d.c, g.c, d.c,
-                                 &result.algo, workspace, kWorkspaceBytes, stream));
+  TF_CUBLAS_CHECK(cublasLtMatmul(h, d.op, &g.alpha, g.b, d.a, g.a, d.b, &g.beta, g.c, d.c, g.c, d.c, &algo,
+                                 workspace, kWorkspaceBytes, stream));
   if (rt::sync_after_launch()) TF_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
