@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdlib>
 #include <deque>
 #include <map>
@@ -17,8 +18,8 @@
 #include <unordered_map>
 
 #include "kernels/sim/fragments.h"
+#include "kernels/sim/mma.h"
 #include "kernels/sim/runtime.h"
-#include "src/core/dtype.h"
 #include "src/core/error.h"
 
 namespace tf::sim {
@@ -41,7 +42,7 @@ std::map<uintptr_t, const Region*>& registry() {
 struct AbortFiber {};
 
 enum class State : uint8_t { Ready, Barrier, Warp, Done };
-enum class WarpOp : uint8_t { Shfl, Vote, SyncWarp, Mma, LdMatrix };
+enum class WarpOp : uint8_t { Shfl, Vote, SyncWarp, Mma, LdMatrix, Reduce };
 
 const char* op_name(WarpOp op) {
   switch (op) {
@@ -50,6 +51,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::SyncWarp: return "__syncwarp";
     case WarpOp::Mma: return "mma.sync";
     case WarpOp::LdMatrix: return "ldmatrix";
+    case WarpOp::Reduce: return "__reduce_*_sync";
   }
   return "?";
 }
@@ -118,6 +120,7 @@ struct Launch {
   ucontext_t sched;
   std::vector<Thread*> ready;
   unsigned at_barrier = 0, done = 0;
+  unsigned barrier_true = 0, barrier_count = 0;  // __syncthreads_count: so far, and of the last barrier
   const Thread* first_exited = nullptr;
   std::mt19937_64 rng;
   std::string error;
@@ -175,8 +178,10 @@ std::string fmt_block(const Launch& L) {
 // "'tile'[12] (byte 48 of 1024)" for the element of region r at addr.
 std::string fmt_place(const Region& r, uintptr_t addr) {
   const auto off = std::ptrdiff_t(addr - uintptr_t(r.base));
-  std::string s =
-      detail::concat(r.space == Space::Shared ? "shared array '" : "global buffer '", r.name, "'");
+  std::string s = detail::concat(r.space == Space::Shared     ? "shared array '"
+                                 : r.space == Space::Constant ? "__constant__ table '"
+                                                              : "global buffer '",
+                                 r.name, "'");
   if (r.elem_size && off >= 0 && off % std::ptrdiff_t(r.elem_size) == 0)
     s += detail::concat("[", off / std::ptrdiff_t(r.elem_size), "]");
   return s + detail::concat(" (byte offset ", off, " of ", r.bytes, ")");
@@ -391,6 +396,12 @@ void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr
   if ((bytes & (bytes - 1)) == 0 && addr % bytes != 0) {
     fail(detail::concat("misaligned ", verb, " of ", bytes, " bytes", who(), ": ", fmt_place(*r, addr)));
   }
+  if (r->space == Space::Constant && kind != AccessKind::Read)
+    fail(detail::concat(verb, " of ", bytes, " bytes", who(), " into read-only ", fmt_place(*r, addr)));
+  if (r->space == Space::Constant && !r->initialised) {
+    fail(detail::concat("read", who(), " of ", fmt_place(*r, addr),
+                        ", which the host never filled (port::upload_constant)"));
+  }
   if (r->space == Space::Shared && L && t) check_shared(*L, *t, *r, addr, bytes, kind);
   if (r->space == Space::Global && L && t) check_global(*L, *t, *r, addr, bytes, kind);
   if (r->streams) {
@@ -413,12 +424,11 @@ struct VoteData {
   bool pred;
   unsigned result;
 };
-struct MmaData {
-  MmaType type;
-  const uint32_t* a;
-  const uint32_t* b;
-  const float* c;
-  float* d;
+struct ReduceData {
+  ReduceKind kind;
+  bool is_signed;
+  uint32_t value;
+  uint32_t result;
 };
 struct LdMatrixData {
   int num;
@@ -445,13 +455,6 @@ void check_not_awaited(Launch& L, const Thread& t, const char* doing) {
                           ", but lane ", lane, " ", doing));
     }
   }
-}
-
-float to_float(MmaType type, uint16_t bits) {
-  return type == MmaType::BF16 ? bf16_to_f32(bits) : f16_to_f32(bits);
-}
-uint16_t half_of(uint32_t reg, int i) {
-  return uint16_t(i & 1 ? reg >> 16 : reg & 0xffff);
 }
 
 void complete(Launch& L, unsigned warp, unsigned mask, WarpOp op, Thread& last) {
@@ -503,30 +506,33 @@ void complete(Launch& L, unsigned warp, unsigned mask, WarpOp op, Thread& last) 
     case WarpOp::Mma: {
       if (mask != ~0u)
         fail_arg(last.tid % kWarpSize, "runs with fewer than 32 lanes; mma.sync needs the full warp");
-      const MmaType type = static_cast<MmaData*>(data(0))->type;
-      float a[16][16], b[16][8], c[16][8];
+      MmaOperands* ops[kWarpSize];
       for (unsigned j = 0; j < kWarpSize; ++j) {
-        const auto* d = static_cast<MmaData*>(data(j));
-        if (d->type != type) fail_arg(j, "uses a different input type than lane 0");
-        for (int i = 0; i < 8; ++i) {
-          const FragCoord p = mma_a_coord(int(j), i);
-          a[p.row][p.col] = to_float(type, half_of(d->a[i / 2], i));
-        }
-        for (int i = 0; i < 4; ++i) {
-          const FragCoord p = mma_b_coord(int(j), i);
-          b[p.row][p.col] = to_float(type, half_of(d->b[i / 2], i));
-          const FragCoord q = mma_c_coord(int(j), i);
-          c[q.row][q.col] = d->c[i];
+        ops[j] = static_cast<MmaOperands*>(data(j));
+        if (ops[j]->shape != ops[0]->shape || ops[j]->type != ops[0]->type)
+          fail_arg(j, "uses a different shape or input type than lane 0");
+      }
+      mma_execute(ops);
+      break;
+    }
+    case WarpOp::Reduce: {
+      const auto* first = static_cast<ReduceData*>(data(unsigned(std::countr_zero(mask))));
+      uint32_t acc = first->value;
+      for (unsigned j = 0; j < kWarpSize; ++j) {
+        if (!((mask >> j) & 1)) continue;
+        const auto* d = static_cast<ReduceData*>(data(j));
+        if (d->kind != first->kind || d->is_signed != first->is_signed)
+          fail_arg(j, "reduces with a different operation or type than the mask's first lane");
+        if (d == first) continue;
+        const bool less = d->is_signed ? int32_t(d->value) < int32_t(acc) : d->value < acc;
+        switch (d->kind) {
+          case ReduceKind::Add: acc += d->value; break;
+          case ReduceKind::Min: acc = less ? d->value : acc; break;
+          case ReduceKind::Max: acc = less ? acc : d->value; break;
         }
       }
       for (unsigned j = 0; j < kWarpSize; ++j) {
-        auto* d = static_cast<MmaData*>(data(j));
-        for (int i = 0; i < 4; ++i) {
-          const FragCoord q = mma_c_coord(int(j), i);
-          float acc = c[q.row][q.col];
-          for (int k = 0; k < 16; ++k) acc += a[q.row][k] * b[k][q.col];
-          d->d[i] = acc;
-        }
+        if ((mask >> j) & 1) static_cast<ReduceData*>(data(j))->result = acc;
       }
       break;
     }
@@ -852,6 +858,10 @@ const Dim3& grid_dim() {
 }
 
 void syncthreads(std::source_location loc) {
+  syncthreads_count(false, loc);
+}
+
+unsigned syncthreads_count(bool pred, std::source_location loc) {
   Launch& L = current();
   Thread& t = *L.cur;
   t.loc = loc;
@@ -862,6 +872,7 @@ void syncthreads(std::source_location loc) {
   }
   check_not_awaited(L, t, detail::concat("waits at __syncthreads at ", fmt_loc(loc)).c_str());
   t.state = State::Barrier;
+  L.barrier_true += pred ? 1 : 0;
   if (++L.at_barrier == L.nthreads) {
     for (const Thread& o : L.threads) {
       if (o.loc.line() != loc.line() || std::strcmp(o.loc.file_name(), loc.file_name()) != 0) {
@@ -872,12 +883,16 @@ void syncthreads(std::source_location loc) {
     ++L.epoch;
     for (uint32_t& w : L.warp_epoch) ++w;
     L.at_barrier = 0;
+    L.barrier_count = std::exchange(L.barrier_true, 0);
     for (Thread& o : L.threads) {
       o.state = State::Ready;
       L.ready.push_back(&o);
     }
   }
   suspend(L, t);
+  // Nothing else runs between the barrier's release and this read, and the next barrier cannot
+  // complete before every thread has passed this one.
+  return L.barrier_count;
 }
 
 void syncwarp(unsigned mask, std::source_location loc) {
@@ -897,12 +912,15 @@ unsigned vote(VoteKind kind, unsigned mask, bool pred, std::source_location loc)
   return d.result;
 }
 
-void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c,
-                  std::source_location loc) {
-  float out[4];
-  MmaData data{type, a, b, c, out};
-  warp_collective(WarpOp::Mma, ~0u, &data, loc);
-  std::memcpy(d, out, sizeof(out));  // d may alias c, as it may in the PTX instruction
+uint32_t reduce(ReduceKind kind, bool is_signed, unsigned mask, uint32_t value, std::source_location loc) {
+  ReduceData d{kind, is_signed, value, 0};
+  warp_collective(WarpOp::Reduce, mask, &d, loc);
+  return d.result;
+}
+
+void mma(const MmaOperands& lane, std::source_location loc) {
+  MmaOperands ops = lane;
+  warp_collective(WarpOp::Mma, ~0u, &ops, loc);
 }
 
 void ldmatrix(int num, bool trans, uint32_t* regs, const Region* region, uintptr_t addr,

@@ -48,7 +48,7 @@ uint64_t seed();
 void set_block_interleave(unsigned resident);
 unsigned block_interleave();
 
-enum class Space : uint8_t { Global, Shared };
+enum class Space : uint8_t { Global, Shared, Constant };
 
 // Memory a pointer may reach: a global allocation or one shared-memory array of one block.
 struct Region {
@@ -57,6 +57,7 @@ struct Region {
   Space space = Space::Global;
   size_t elem_size = 0;  // element size for messages ("'tile'[12]"); 0 when untyped
   std::string name;
+  bool initialised = true;  // false for a __constant__ table the host has not uploaded yet
   // Freed by rt::device_free: the region stays registered as a tombstone, so that an access
   // through a stale pointer is reported as a use after free of this allocation.
   bool freed = false;
@@ -240,6 +241,8 @@ const Dim3& block_dim();
 const Dim3& grid_dim();
 
 void syncthreads(std::source_location loc);
+// __syncthreads_count: a barrier that also returns how many threads of the block passed pred.
+unsigned syncthreads_count(bool pred, std::source_location loc);
 void syncwarp(unsigned mask, std::source_location loc);
 
 enum class ShflKind : uint8_t { Idx, Up, Down, Xor };
@@ -258,10 +261,11 @@ T shfl(ShflKind kind, unsigned mask, T value, int arg, int width, std::source_lo
 enum class VoteKind : uint8_t { Ballot, Any, All };
 unsigned vote(VoteKind kind, unsigned mask, bool pred, std::source_location loc);
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: d = a * b + c for the warp.
-enum class MmaType : uint8_t { BF16, F16 };
-void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c,
-                  std::source_location loc);
+// __reduce_{add,min,max}_sync over the lanes of mask, on int (is_signed) or unsigned values; add
+// wraps modulo 2^32 like the hardware.
+enum class ReduceKind : uint8_t { Add, Min, Max };
+uint32_t reduce(ReduceKind kind, bool is_signed, unsigned mask, uint32_t value, std::source_location loc);
+
 // ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16 with this lane's row address.
 void ldmatrix(int num, bool trans, uint32_t* regs, const Region* region, uintptr_t addr,
               std::source_location loc);
