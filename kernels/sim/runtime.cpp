@@ -160,17 +160,16 @@ constexpr const char* kHowToOrder =
     " (record an event after the earlier one and make this stream wait for it, or synchronise)";
 
 // Checks that [p, p + bytes) lies in one live device allocation; `role` names the pointer in the
-// message ("destination of rt::memcpy_h2d").
+// message ("the destination of rt::memcpy_h2d").
 const Region* check_device_range(const void* p, size_t bytes, const std::string& role) {
-  TF_CHECK(p, "the ", role, " is a null pointer (", bytes, " bytes)");
+  TF_CHECK(p, role, " is a null pointer (", bytes, " bytes)");
   const Region* r = global_region(p);
-  TF_CHECK(r, "the ", role, " ", p,
-           " is not device memory (no rt::device_alloc or sim::DeviceBuffer holds it)");
+  TF_CHECK(r, role, " ", p, " is not device memory (no rt::device_alloc or sim::DeviceBuffer holds it)");
   const size_t off = size_t(static_cast<const std::byte*>(p) - r->base);
-  TF_CHECK(!r->freed, "use after free: the ", role, " is in '", r->name, "' (byte offset ", off, " of ",
-           r->bytes, "), which rt::device_free has freed");
-  TF_CHECK(off + bytes <= r->bytes, "the ", role, ": ", bytes, " bytes at byte offset ", off, " of '",
-           r->name, "' (", r->bytes, " bytes) run ", off + bytes - r->bytes, " bytes past its end");
+  TF_CHECK(!r->freed, "use after free: ", role, " is in '", r->name, "' (byte offset ", off, " of ", r->bytes,
+           "), which rt::device_free has freed");
+  TF_CHECK(off + bytes <= r->bytes, role, ": ", bytes, " bytes at byte offset ", off, " of '", r->name, "' (",
+           r->bytes, " bytes) run ", off + bytes - r->bytes, " bytes past its end");
   return r;
 }
 
@@ -371,28 +370,28 @@ void device_free(void* p) {
 
 void memcpy_h2d(void* dst, const void* src, size_t bytes, StreamHandle s) {
   StreamOp op(s, "rt::memcpy_h2d");
-  sim::range_access(dst, bytes, sim::AccessKind::Write, "destination of rt::memcpy_h2d");
+  sim::range_access(dst, bytes, sim::AccessKind::Write, "the destination of rt::memcpy_h2d");
   TF_CHECK(src || !bytes, "rt::memcpy_h2d: the host source is a null pointer");
   if (bytes) std::memcpy(dst, src, bytes);
 }
 
 void memcpy_d2h(void* dst, const void* src, size_t bytes, StreamHandle s) {
   StreamOp op(s, "rt::memcpy_d2h");
-  sim::range_access(src, bytes, sim::AccessKind::Read, "source of rt::memcpy_d2h");
+  sim::range_access(src, bytes, sim::AccessKind::Read, "the source of rt::memcpy_d2h");
   TF_CHECK(dst || !bytes, "rt::memcpy_d2h: the host destination is a null pointer");
   if (bytes) std::memcpy(dst, src, bytes);
 }
 
 void memcpy_d2d(void* dst, const void* src, size_t bytes, StreamHandle s) {
   StreamOp op(s, "rt::memcpy_d2d");
-  sim::range_access(src, bytes, sim::AccessKind::Read, "source of rt::memcpy_d2d");
-  sim::range_access(dst, bytes, sim::AccessKind::Write, "destination of rt::memcpy_d2d");
+  sim::range_access(src, bytes, sim::AccessKind::Read, "the source of rt::memcpy_d2d");
+  sim::range_access(dst, bytes, sim::AccessKind::Write, "the destination of rt::memcpy_d2d");
   if (bytes) std::memmove(dst, src, bytes);
 }
 
 void memset_async(void* dst, int value, size_t bytes, StreamHandle s) {
   StreamOp op(s, "rt::memset_async");
-  sim::range_access(dst, bytes, sim::AccessKind::Write, "destination of rt::memset_async");
+  sim::range_access(dst, bytes, sim::AccessKind::Write, "the destination of rt::memset_async");
   if (bytes) std::memset(dst, value, bytes);
 }
 
