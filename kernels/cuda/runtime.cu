@@ -85,9 +85,11 @@ void* device_alloc(size_t bytes, const char* what) {
   if (e != cudaSuccess) {
     cudaGetLastError();
     size_t free_bytes = 0, total_bytes = 0;
-    TF_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-    TF_FAIL("cannot allocate ", bytes, " bytes of device memory for '", what, "' (", free_bytes, " of ",
-            total_bytes, " bytes free): ", cudaGetErrorString(e));
+    const bool known = cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess;
+    cudaGetLastError();
+    TF_FAIL("cannot allocate ", bytes, " bytes of device memory for '", what, "'",
+            known ? detail::concat(" (", free_bytes, " of ", total_bytes, " bytes free)") : std::string(),
+            ": ", cudaGetErrorString(e));
   }
   return p;
 }
