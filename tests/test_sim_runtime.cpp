@@ -175,6 +175,8 @@ TEST(SimRuntime, DoubleFreeInteriorAndHostPointersAreRefused) {
   expect_contains(error_of([&] { rt::device_free(p); }), {"'grads'", "already freed (double free)"});
   int host = 0;
   expect_contains(error_of([&] { rt::device_free(&host); }), {"rt::device_free", "not device memory"});
+  tf::sim::DeviceBuffer owned(64, "owned");
+  expect_contains(error_of([&] { rt::device_free(owned.data()); }), {"'owned' is a sim::DeviceBuffer"});
 }
 
 // ---- ordering between streams -----------------------------------------------------------------------

@@ -350,6 +350,8 @@ void device_free(void* p) {
   auto it = st.allocs.find(uintptr_t(p));
   if (it == st.allocs.end()) {
     const sim::Region* r = sim::global_region(p);
+    TF_CHECK(!r || r->base != p, "rt::device_free(", p, "): '", r->name,
+             "' is a sim::DeviceBuffer, which frees itself, not an rt::device_alloc allocation");
     TF_CHECK(!r, "rt::device_free(", p, "): the pointer is byte offset ",
              static_cast<std::byte*>(p) - r->base, " of '", r->name,
              "', not the start of an rt::device_alloc allocation");

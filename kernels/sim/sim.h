@@ -182,7 +182,7 @@ class Ptr {
   Ptr() = default;
   Ptr(std::nullptr_t) {}
   // Implicit from a raw pointer so that kernel arguments convert at launch; the pointer must lie
-  // in a DeviceBuffer.
+  // in device memory (a DeviceBuffer or rt::device_alloc).
   Ptr(T* p) : addr_(reinterpret_cast<uintptr_t>(p)), region_(find_global(p)) {}
   Ptr(uintptr_t addr, const Region* region) : addr_(addr), region_(region) {}
   template <typename U>
