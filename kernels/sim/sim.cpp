@@ -3,7 +3,6 @@
 #include "kernels/sim/sim.h"
 
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "kernels/sim/fiber.h"
 #include "kernels/sim/fragments.h"
 #include "kernels/sim/mma.h"
 #include "kernels/sim/runtime.h"
@@ -75,7 +75,7 @@ struct CpCopy {
 };
 
 struct Thread {
-  ucontext_t ctx;
+  Fiber fiber;
   unsigned tid = 0;
   Dim3 idx;
   State state = State::Ready;
@@ -117,7 +117,6 @@ struct Launch {
   uint32_t epoch = 1;
   Dim3 block_idx;
   Thread* cur = nullptr;
-  ucontext_t sched;
   std::vector<Thread*> ready;
   unsigned at_barrier = 0, done = 0;
   unsigned barrier_true = 0, barrier_count = 0;  // __syncthreads_count: so far, and of the last barrier
@@ -132,12 +131,11 @@ struct Launch {
   Region dynamic;
   std::deque<std::pair<const SharedDecl*, Region>> statics;
   // With blocks interleaved (set_block_interleave) each resident block is a Launch of its own that
-  // runs as a fiber: its threads' stacks start at stack_base in the pool, and after every thread
-  // switch it yields to the launch's scheduler, `meta`.
+  // runs as a fiber, `slot`: its threads' stacks start at stack_base in the pool, and after every
+  // thread switch it yields to the launch's scheduler.
   size_t stack_base = 0;
-  ucontext_t* meta = nullptr;
-  ucontext_t slot_ctx;
-  bool finished = false;
+  bool interleaved = false;
+  Fiber slot;
 };
 
 thread_local Launch* g_launch = nullptr;
@@ -199,7 +197,7 @@ std::string fmt_place(const Region& r, uintptr_t addr) {
 }
 
 void suspend(Launch& L, Thread& t) {
-  swapcontext(&t.ctx, &L.sched);
+  t.fiber.yield();
   if (!L.error.empty()) throw AbortFiber{};
 }
 
@@ -636,7 +634,7 @@ void thread_exit(Launch& L, Thread& t) {
   if (!L.first_exited) L.first_exited = &t;
 }
 
-void fiber_main() {
+void fiber_main(void*) {
   Launch& L = *g_launch;
   Thread& t = *L.cur;
   try {
@@ -647,10 +645,10 @@ void fiber_main() {
     if (L.error.empty())
       L.error = detail::concat("exception in ", fmt_block(L), ", ", fmt_thread(t), ": ", e.what());
   } catch (...) {
+    rethrow_fiber_unwind();
     if (L.error.empty()) L.error = detail::concat("unknown exception in ", fmt_block(L), ", ", fmt_thread(t));
   }
   t.state = State::Done;
-  swapcontext(&t.ctx, &L.sched);
 }
 
 // Nothing can run but the block is not finished: threads wait at a barrier and in collectives
@@ -690,11 +688,7 @@ void run_block(Launch& L) {
     t.state = State::Ready;
     t.uncommitted.clear();
     t.groups.clear();
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = pool[L.stack_base + i]->base();
-    t.ctx.uc_stack.ss_size = pool[L.stack_base + i]->size();
-    t.ctx.uc_link = nullptr;
-    makecontext(&t.ctx, fiber_main, 0);
+    t.fiber.start(pool[L.stack_base + i]->base(), pool[L.stack_base + i]->size(), fiber_main, nullptr);
     L.ready.push_back(&t);
   }
   while (L.error.empty()) {
@@ -707,9 +701,9 @@ void run_block(Launch& L) {
     L.ready[pick] = L.ready.back();
     L.ready.pop_back();
     L.cur = t;
-    swapcontext(&L.sched, &t->ctx);
+    t->fiber.resume();
     L.cur = nullptr;
-    if (L.meta) swapcontext(&L.slot_ctx, L.meta);
+    if (L.interleaved) L.slot.yield();
   }
 }
 
@@ -1028,12 +1022,11 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
   // its block is done; the scheduler switches between them at random after every thread switch
   // (a barrier, a collective, an exit), so blocks progress side by side in a seeded interleaving.
   struct Interleave {
+    std::vector<std::unique_ptr<Stack>> stacks;  // before slots: a slot's fiber may unwind on its stack
     std::vector<std::unique_ptr<Launch>> slots;
-    std::vector<std::unique_ptr<Stack>> stacks;
     const std::vector<uint64_t>* order;
     std::function<Dim3(uint64_t)> block_at;
     size_t next = 0;
-    ucontext_t meta;
   };
   static thread_local Interleave* g_run = nullptr;
   Interleave I;
@@ -1044,24 +1037,18 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
     I.stacks.push_back(std::make_unique<Stack>());
     Launch& S = *I.slots.back();
     S.stack_base = size_t(k) * nthreads;
-    S.meta = &I.meta;
-    getcontext(&S.slot_ctx);
-    S.slot_ctx.uc_stack.ss_sp = I.stacks.back()->base();
-    S.slot_ctx.uc_stack.ss_size = I.stacks.back()->size();
-    S.slot_ctx.uc_link = nullptr;
-    makecontext(
-        &S.slot_ctx,
-        [] {
+    S.interleaved = true;
+    S.slot.start(
+        I.stacks.back()->base(), I.stacks.back()->size(),
+        [](void*) {
           Launch& self = *g_launch;
           Interleave& R = *g_run;
           while (self.error.empty() && R.next < R.order->size()) {
             self.block_idx = R.block_at((*R.order)[R.next++]);
             run_block(self);
           }
-          self.finished = true;
-          swapcontext(&self.slot_ctx, self.meta);
         },
-        0);
+        nullptr);
   }
   g_run = &I;
   struct Done {
@@ -1073,9 +1060,9 @@ void run(const LaunchSpec& spec, const std::function<void()>& body) {
   while (!alive.empty() && !error) {
     const size_t k = L->rng() % alive.size();
     g_launch = alive[k];
-    swapcontext(&I.meta, &alive[k]->slot_ctx);
+    alive[k]->slot.resume();
     if (!alive[k]->error.empty()) error = &alive[k]->error;
-    if (alive[k]->finished) {
+    if (alive[k]->slot.finished()) {
       alive[k] = alive.back();
       alive.pop_back();
     }
