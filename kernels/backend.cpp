@@ -92,11 +92,9 @@ std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked
   const DeviceSpec d = parse_device(spec);
   switch (d.kind) {
     case DeviceSpec::Kind::Cpu: return make_cpu_backend();
-    case DeviceSpec::Kind::Simt:
-      TF_FAIL("--device ", spec, ": the CUDA backend is not complete yet; use --device cpu");
+    case DeviceSpec::Kind::Simt: return simt::make_device_backend(0);
 #if TIGHTFIT_HAVE_CUDA
-    case DeviceSpec::Kind::Cuda:
-      TF_FAIL("--device ", spec, ": the CUDA backend is not complete yet; use --device cpu");
+    case DeviceSpec::Kind::Cuda: return cuda::make_device_backend(d.index);
 #else
     case DeviceSpec::Kind::Cuda: break;
 #endif
@@ -104,7 +102,11 @@ std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked
   }
   std::string why = "this tightfit was built without the CUDA backend";
 #if TIGHTFIT_HAVE_CUDA
-  if (count_gpus(&why) > 0) why = "a GPU is present, but the CUDA backend is not complete yet";
+  if (count_gpus(&why) > 0) {
+    std::unique_ptr<Backend> gpu = cuda::make_device_backend(0);
+    if (picked) *picked = gpu->describe() + ", picked by --device auto";
+    return gpu;
+  }
 #endif
   if (picked) *picked = "cpu (--device auto: " + why + ")";
   return make_cpu_backend();

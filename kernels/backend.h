@@ -63,7 +63,7 @@ class Backend {
   // Bytes in this backend's memory, contents unspecified; `what` names it in errors.
   DeviceMem alloc(size_t bytes, MemTag tag, std::string_view what);
   // Current and peak bytes per tag of this backend's memory.
-  virtual const MemTracker& tracker() const = 0;
+  virtual MemTracker& tracker() = 0;
   // host -> backend and backend -> backend copies are queued on `s`; download waits for the
   // stream and returns with the bytes on the host.
   virtual void upload(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;

@@ -14,7 +14,7 @@ namespace {
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
-  const MemTracker& tracker() const override { return MemTracker::instance(); }
+  MemTracker& tracker() override { return MemTracker::instance(); }
 
   void upload(void* dst, const void* src, size_t bytes, Stream) override { copy_host(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes, Stream) override { copy_host(dst, src, bytes); }

@@ -462,7 +462,9 @@ int run_finetune(const FinetuneOptions& given) {
   }
   if (stopped_before_training()) return 0;
 
-  MemTracker::instance().reset_peaks();
+  // Memory is tracked where the model runs: host memory on the cpu, device memory on a GPU.
+  MemTracker& mem = s.backend->tracker();
+  mem.reset_peaks();
   Progress progress(total_steps, start);
   std::vector<data::TokenBatch> micro(size_t(o.grad_accum));
   std::vector<Batch> views(size_t(o.grad_accum));
@@ -516,7 +518,7 @@ int run_finetune(const FinetuneOptions& given) {
     tok_s_sum += tok_s;
     ++tok_s_n;
     last_loss = st.loss;
-    const size_t peak = MemTracker::instance().peak_total();
+    const size_t peak = mem.peak_total();
     metrics.write(
         StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak), st.skipped});
     progress.step(st, tok_s, peak);
@@ -555,11 +557,10 @@ int run_finetune(const FinetuneOptions& given) {
   progress.message("done: " + std::to_string(total_steps) + " steps");
   std::printf("final train loss %.4f", last_loss);
   if (eval_after) std::printf(", eval loss %.4f (perplexity %.2f)", *eval_after, std::exp(*eval_after));
-  std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s (weights %s, activations %s)\n",
-              tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0,
-              format_bytes(double(MemTracker::instance().peak_total())).c_str(),
-              format_bytes(double(MemTracker::instance().peak(MemTag::Weights))).c_str(),
-              format_bytes(double(MemTracker::instance().peak(MemTag::Activations))).c_str());
+  std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s on %s (weights %s, activations %s)\n",
+              tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(mem.peak_total())).c_str(),
+              s.backend->name().c_str(), format_bytes(double(mem.peak(MemTag::Weights))).c_str(),
+              format_bytes(double(mem.peak(MemTag::Activations))).c_str());
   std::printf("checkpoint %s\nadapter %s (PEFT)\nreport %s\n", ck.c_str(), (run / "adapter").c_str(),
               (run / "report.html").c_str());
   return 0;

@@ -9,23 +9,24 @@
 
 namespace tf {
 
-// The weights are placed before the LoRA state is laid out, so an unsupported dtype is reported
-// before anything else is allocated on the backend.
+// Every dtype is checked before any weight is placed, and the weights are placed before the LoRA
+// state is laid out, so an unsupported dtype is reported before anything is allocated on the backend.
 static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage) {
   const LlamaConfig& c = w.config;
   c.validate("model config");
   TF_CHECK(int64_t(w.blocks.size()) == c.n_layers, "model has ", w.blocks.size(),
            " blocks of weights but its config says ", c.n_layers, " layers");
+  LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
+    const DType dtype = w.slot(s, layer).dtype;
+    TF_CHECK(be.supports_weight(dtype), "the ", be.name(), " backend does not run ", dtype_name(dtype),
+             " base weights (tensor ", hf_weight_name(s, layer),
+             "); store the base as bf16 or f32 (finetune --quant bf16)");
+  });
   LlamaWeights placed;
   placed.config = c;
   placed.blocks.resize(w.blocks.size());
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
-    const WeightRef& host = w.slot(s, layer);
-    const std::string name = hf_weight_name(s, layer);
-    TF_CHECK(be.supports_weight(host.dtype), "the ", be.name(), " backend does not run ",
-             dtype_name(host.dtype), " base weights (tensor ", name,
-             "); store the base as bf16 or f32 (finetune --quant bf16)");
-    placed.slot(s, layer) = be.place_weight(host, name, storage);
+    placed.slot(s, layer) = be.place_weight(w.slot(s, layer), hf_weight_name(s, layer), storage);
   });
   if (c.tie_embeddings) placed.lm_head = placed.embed;
   return placed;

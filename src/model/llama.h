@@ -98,8 +98,8 @@ class LlamaModel {
 
   Backend* be_;
   LlamaWeights weights_;
-  LlamaWeights placed_;                // the same tensors as the backend's ops read them
   std::vector<DeviceMem> weight_mem_;  // storage of placed_ on a backend with memory of its own
+  LlamaWeights placed_;                // the same tensors as the backend's ops read them
   LoraState lora_;
   CheckpointPolicy policy_;
   int64_t max_tokens_;

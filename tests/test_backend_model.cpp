@@ -1,0 +1,174 @@
+// The whole model on each device backend against the cpu backend: a tiny model trained 20 steps
+// (losses and LoRA weights), logits, KV-cache decoding, and a base dtype the device cannot run
+// refused before anything runs. "simt" (the CUDA backend on the simulator) runs everywhere; "cuda"
+// runs where a GPU is present and otherwise says why it skips.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cuda/runtime.h"
+#include "model_test_util.h"
+#include "src/core/error.h"
+#include "src/train/trainer.h"
+
+namespace tf {
+namespace {
+
+using test::BatchData;
+using test::synthetic_batch;
+using test::tiny_config;
+
+// bf16 unit roundoff: the device rounds every GEMM's f32 activations to bf16 (8 significant bits).
+constexpr double kUBf16 = 1.0 / 256;
+
+std::unique_ptr<Backend> device_or_skip(const std::string& name, std::string* why) {
+  if (name == "cuda") {
+#if TIGHTFIT_HAVE_CUDA
+    int n = 0;
+    try {
+      n = cuda::rt::device_count();
+    } catch (const Error& e) {
+      *why = std::string("no usable CUDA device: ") + e.what();
+      return nullptr;
+    }
+    if (n == 0) {
+      *why = "no CUDA device on this machine";
+      return nullptr;
+    }
+#else
+    *why = "this build has no CUDA backend (TIGHTFIT_CUDA=OFF or no nvcc)";
+    return nullptr;
+#endif
+  }
+  return make_backend(name);
+}
+
+class BackendModel : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    std::string why;
+    device_ = device_or_skip(GetParam(), &why);
+    if (!device_) GTEST_SKIP() << why;
+  }
+  std::unique_ptr<Backend> device_;
+};
+
+TrainConfig train_config(int steps) {
+  TrainConfig t;
+  t.lr.peak_lr = 1e-2f;
+  t.lr.total_steps = steps;
+  t.lr.warmup_steps = 2;
+  t.weight_decay = 0.01f;
+  return t;
+}
+
+LoraConfig lora_with_dropout() {
+  LoraConfig l = test::lora_r8();
+  l.dropout = 0.1f;
+  return l;
+}
+
+// The weights are stored in bf16 on both sides (init in bf16), so the backends differ only in the
+// device's bf16 rounding of GEMM inputs and in summation order.
+TEST_P(BackendModel, TrainingTwentyStepsFollowsTheCpu) {
+  const LlamaConfig cfg = tiny_config(64);
+  constexpr int kSteps = 20;
+  LlamaModel cpu(init_random_weights(cfg, DType::BF16, 42, 0.25f), lora_with_dropout(),
+                 CheckpointPolicy::PerBlock, 2 * 24);
+  LlamaModel dev(init_random_weights(cfg, DType::BF16, 42, 0.25f), lora_with_dropout(),
+                 CheckpointPolicy::PerBlock, 2 * 24, *device_);
+  Trainer tc(cpu, train_config(kSteps)), td(dev, train_config(kSteps));
+  std::vector<double> lc, ld;
+  for (int s = 0; s < kSteps; ++s) {
+    const BatchData data = synthetic_batch(2, 24, cfg.vocab, uint64_t(s), 12, 3);
+    const Batch b = data.view(true);
+    const StepStats a = tc.step({&b, 1}), d = td.step({&b, 1});
+    ASSERT_FALSE(a.skipped || d.skipped) << "step " << s;
+    lc.push_back(a.loss);
+    ld.push_back(d.loss);
+  }
+  // Step 0 runs the same weights: each logit is a chain of 2 * n_layers + 1 matrix products on the
+  // residual stream, each rounding its input once to bf16 (relative kUBf16), and cross-entropy moves
+  // by at most 2 max|d logit|; |logit| stays below ~8 here (std 0.25 through a final norm). The
+  // bound 2 * 5 * kUBf16 * 8 ~ 0.31 absolute is loose but a wrong op gives O(1).
+  const double first_bound = 2.0 * (2 * cfg.n_layers + 1) * kUBf16 * 8.0;
+  EXPECT_NEAR(ld[0], lc[0], first_bound);
+  // Later steps also differ through the updates, which AdamW normalises to ~lr per parameter; the
+  // curves must stay within the same bound and both must learn (a broken backward stays flat).
+  for (int s = 1; s < kSteps; ++s) EXPECT_NEAR(ld[size_t(s)], lc[size_t(s)], first_bound) << "step " << s;
+  EXPECT_LT(ld.back(), ld.front() - 0.5);
+  EXPECT_LT(lc.back(), lc.front() - 0.5);
+
+  // The adapters: AdamW moves each parameter by at most lr per step, so two runs whose gradients
+  // agree in sign drift apart by far less than 20 * lr; relative L2 distance of the whole vector.
+  const LoraState hc = cpu.lora().host_copy(), hd = dev.lora().host_copy();
+  double diff = 0, norm = 0;
+  for (int64_t i = 0; i < hc.n_params; ++i) {
+    const double a = hc.params.as<float>()[i], d = hd.params.as<float>()[i];
+    ASSERT_TRUE(std::isfinite(d)) << "parameter " << i;
+    diff += (a - d) * (a - d);
+    norm += a * a;
+  }
+  EXPECT_LT(std::sqrt(diff / norm), 0.05);
+}
+
+TEST_P(BackendModel, LogitsAndDecodingFollowTheCpu) {
+  const LlamaConfig cfg = tiny_config(50);
+  LlamaModel cpu(init_random_weights(cfg, DType::BF16, 7, 0.2f), test::lora_r8(), CheckpointPolicy::None, 32);
+  LlamaModel dev(init_random_weights(cfg, DType::BF16, 7, 0.2f), test::lora_r8(), CheckpointPolicy::None, 32,
+                 *device_);
+  test::fill_lora_params(cpu.lora(), 3, 1, 0.05f);
+  dev.lora().copy_from(cpu.lora());
+  const BatchData data = synthetic_batch(2, 13, cfg.vocab, 5, 7);
+  std::vector<float> a(size_t(26 * cfg.vocab)), d(a.size());
+  cpu.forward_logits(data.view(true), a.data());
+  dev.forward_logits(data.view(true), d.data());
+  // As in training, step 0: 2 * n_layers + 1 roundings of a product's input to bf16; the logits
+  // themselves are bounded by ~|h| |w| ~ 4 here.
+  const double bound = (2 * cfg.n_layers + 1) * kUBf16 * 4.0;
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(d[i], a[i], bound) << "logit " << i;
+
+  // Decoding through the KV cache: the prompt in two pieces, then one token at a time.
+  KvCache kc = cpu.make_kv_cache(16), kd = dev.make_kv_cache(16);
+  const std::vector<int32_t> prompt = {3, 9, 27, 31, 1, 44, 12};
+  std::vector<float> la(size_t(cfg.vocab)), lb(la.size());
+  for (const auto& [start, n] : {std::pair{0, 4}, std::pair{4, 3}}) {
+    cpu.decode(kc, prompt.data() + start, n, la.data());
+    dev.decode(kd, prompt.data() + start, n, lb.data());
+  }
+  for (int32_t t : {5, 17, 40}) {
+    cpu.decode(kc, &t, 1, la.data());
+    dev.decode(kd, &t, 1, lb.data());
+    for (size_t i = 0; i < la.size(); ++i)
+      ASSERT_NEAR(lb[i], la[i], bound) << "token " << t << " logit " << i;
+  }
+}
+
+TEST_P(BackendModel, RefusesABaseDtypeItCannotRunBeforeAnyStep) {
+  const LlamaConfig cfg = tiny_config(64);
+  LlamaWeights w = init_random_weights(cfg, DType::BF16, 1);
+  ASSERT_FALSE(device_->supports_weight(DType::Q8_0));
+  std::vector<uint8_t> blocks(size_t(dtype_bytes(DType::Q8_0, int64_t(cfg.hidden) * cfg.q_dim())));
+  w.blocks[1].q = WeightRef(blocks.data(), DType::Q8_0, cfg.q_dim(), cfg.hidden);
+  const size_t before = device_->tracker().current_total();
+  try {
+    LlamaModel m(std::move(w), test::lora_r8(), CheckpointPolicy::None, 16, *device_);
+    FAIL() << "a Q8_0 weight was accepted by " << device_->name();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("does not run q8_0 base weights (tensor model.layers.1.self_attn.q_proj.weight)"),
+              std::string::npos)
+        << msg;
+  }
+  EXPECT_EQ(device_->tracker().current_total(), before) << "memory left behind by the refused model";
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, BackendModel, ::testing::Values("simt", "cuda"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+
+}  // namespace
+}  // namespace tf
