@@ -8,7 +8,9 @@
 //     (the simulator's memory is sequentially consistent, so fences are no-ops there; its race
 //     checker does not take a fence + atomic as ordering blocks: communicate between blocks
 //     through a second launch, not the "last block" pattern)
-//   __shfl*_sync, __ballot/__any/__all_sync, __activemask,
+//   __shfl*_sync, __ballot/__any/__all_sync,
+//   __activemask (in simulation the caller alone, the least the GPU may return: a mask for a later
+//     collective must come from __ballot_sync or be known)
 //   __reduce_add_sync / __reduce_min_sync / __reduce_max_sync (int and unsigned)
 //   atomicAdd (int, unsigned, float, double) / Max / Min / Exch / CAS
 //   float2, float4, int2, int4, uint2, uint4, make_float4 and friends, __ldg
@@ -29,6 +31,7 @@
 //   TF_SHARED(T, name, n)     static shared array of n elements; TF_DYNAMIC_SHARED(T, name)
 //   TF_CONSTANT(T, name, n)   a __constant__ table of n elements at namespace scope, read as
 //                             name[i]; upload_constant(name, host, count) fills it from the host
+//                             (not ordered with streams: before the first launch that reads it)
 //   TF_UNROLL                 #pragma unroll where the compiler knows it
 //   ptr_cast<U>(p)            reinterpret a device pointer
 //   mma_m16n8k16_bf16 / _f16  mma.sync.aligned.m16n8k16.row.col, f32 accumulate
