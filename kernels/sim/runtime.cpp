@@ -34,7 +34,9 @@ constexpr uint64_t kCountMask = (uint64_t(1) << kCountBits) - 1;
 struct StreamShadow {
   struct Entry {
     OpId write = 0;
-    OpId read[2] = {0, 0};  // unordered readers from up to two streams (older ones are implied)
+    // The latest reads of up to two streams: a read ordered before a later one is implied by it;
+    // a third stream's unordered read replaces the first (a race with that one may go unseen).
+    OpId read[2] = {0, 0};
   };
   Entry* entries = nullptr;
   size_t count = 0;
