@@ -12,6 +12,7 @@
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/matmul.h"
 #include "kernels/cuda/port.h"
+#include "kernels/matmul_backward.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 
@@ -164,30 +165,9 @@ void matmul_in_tiles(float* C, int64_t ldc, MatOperand A, MatOperand B, int64_t 
   }
 }
 
-// With G = dC: dA += G op(B)^T, stored transposed (dA^T += op(B) G^T) when A is; likewise
-// dB += op(A)^T G, or dB^T += G^T op(A).
 void matmul_backward(float* dA, float* dB, const float* dC, int64_t ldc, MatOperand A, MatOperand B,
                      int64_t M, int64_t N, int64_t K) {
-  const MatOperand g{dC, DType::F32, ldc, false};
-  const MatOperand g_t{dC, DType::F32, ldc, true};
-  if (dA) {
-    if (A.trans) {
-      matmul(dA, A.ld, B, g_t, K, M, N, 1.0f, 1.0f);
-    } else {
-      MatOperand b_t = B;
-      b_t.trans = !B.trans;
-      matmul(dA, A.ld, g, b_t, M, K, N, 1.0f, 1.0f);
-    }
-  }
-  if (dB) {
-    if (B.trans) {
-      matmul(dB, B.ld, g_t, A, N, K, M, 1.0f, 1.0f);
-    } else {
-      MatOperand a_t = A;
-      a_t.trans = !A.trans;
-      matmul(dB, B.ld, a_t, g, K, N, M, 1.0f, 1.0f);
-    }
-  }
+  matmul_backward_by_products(matmul, dA, dB, dC, ldc, A, B, M, N, K);
 }
 
 // y = x W^T + beta y: an f32 W multiplies in f32, a bf16 W with x converted to bf16, an f16 W with
