@@ -45,6 +45,13 @@ class DeviceMem {
   MemTag tag_ = MemTag::Workspace;
 };
 
+// An allocation a component will ask a backend for, as its memory plan lists it.
+struct PlannedAlloc {
+  std::string what;
+  MemTag tag = MemTag::Workspace;
+  size_t bytes = 0;
+};
+
 // The two queues of work a backend has. Work on one stream runs in order; work on different
 // streams is ordered only by events. The cpu backend runs everything at once, in call order.
 enum class Stream : uint8_t { Compute, Copy };
@@ -62,6 +69,30 @@ class Backend {
   // ---- memory --------------------------------------------------------------------------------
   // Bytes in this backend's memory, contents unspecified; `what` names it in errors.
   DeviceMem alloc(size_t bytes, MemTag tag, std::string_view what);
+  // As alloc, for memory made outside any step whose size a run's plan cannot know (a KV cache,
+  // sized by the prompt): a device backend takes it from the device as a block of its own, so that
+  // a reserved arena stays exactly the plan.
+  DeviceMem alloc_unplanned(size_t bytes, MemTag tag, std::string_view what);
+  // Sets aside `bytes` of this backend's memory for a run, before its model is built
+  // (LlamaModel::memory_plan says how much). A device backend takes it from the device as one block,
+  // its arena, and carves every alloc() from it (first fit, pieces of footprint() bytes); from then
+  // on an alloc() that does not fit is an error naming it, the arena's size and its use per tag,
+  // never a device allocation in the middle of a step. Only while nothing is allocated from the
+  // arena. Without it, a device backend's arena grows when a request fits none of its blocks, by a
+  // block of max(the request, 1 MiB, all its blocks so far), so growth takes few device
+  // allocations. The cpu backend allocates host memory per alloc() and ignores it.
+  virtual void reserve(size_t bytes) { (void)bytes; }
+  // Bytes of this backend's memory an alloc() of `bytes` takes, padding included.
+  virtual size_t footprint(size_t bytes) const { return bytes; }
+  // Bytes of this backend's memory place_weight allocates for `host` (0 where the ops read it in
+  // host memory).
+  virtual size_t placed_weight_bytes(const WeightRef& host) const {
+    (void)host;
+    return 0;
+  }
+  // Blocks of device memory this backend has taken from its device so far, for alloc() and
+  // alloc_unplanned() (0 for cpu, which has no device): constant once a run's model is built.
+  virtual size_t device_blocks() const { return 0; }
   // Current and peak bytes per tag of this backend's memory.
   virtual MemTracker& tracker() = 0;
   // host -> backend and backend -> backend copies are queued on `s`; download waits for the
@@ -102,10 +133,22 @@ class Backend {
  protected:
   virtual void* allocate(size_t bytes, MemTag tag, std::string_view what) = 0;
   virtual void deallocate(void* p, size_t bytes, MemTag tag) = 0;
+  virtual void* allocate_unplanned(size_t bytes, MemTag tag, std::string_view what) {
+    return allocate(bytes, tag, what);
+  }
 
  private:
   friend class DeviceMem;
 };
+
+inline DeviceMem Backend::alloc_unplanned(size_t bytes, MemTag tag, std::string_view what) {
+  DeviceMem m;
+  m.owner_ = this;
+  m.bytes_ = bytes;
+  m.tag_ = tag;
+  m.data_ = bytes ? allocate_unplanned(bytes, tag, what) : nullptr;
+  return m;
+}
 
 // The process's cpu backend (today's tf::cpu ops on host memory, counted in MemTracker::instance()).
 Backend& cpu_backend();

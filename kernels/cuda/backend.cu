@@ -2,10 +2,14 @@
 // against the SIMT simulator, tf::simt::make_device_backend: device memory counted per tag, a
 // compute and a copy stream with events, frozen weights placed on the device, and every op of the
 // op list forwarded to this build's launchers (kernels/cuda/device_ops.h).
+#include <algorithm>
 #include <map>
+#include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/arena.h"
 #include "kernels/cuda/device_backend.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/port.h"
@@ -26,6 +30,8 @@ class DeviceBackend final : public Backend {
   ~DeviceBackend() override {
     rt::device_synchronize();
     rt::release_scratch();
+    release_blocks();
+    for (void* p : unplanned_) rt::device_free(p);
     for (const auto& [id, e] : events_) rt::event_destroy(e);
     rt::stream_destroy(copy_);
     rt::stream_destroy(compute_);
@@ -81,9 +87,9 @@ class DeviceBackend final : public Backend {
     TF_CHECK(supports_weight(host.dtype), "the ", name(), " backend does not run ", dtype_name(host.dtype),
              " weights (tensor ", tensor, ")");
     const size_t n = size_t(host.rows) * size_t(host.cols);
-    const bool to_bf16 = host.dtype == DType::F32 && host.rows > 1;
-    const DType dtype = to_bf16 ? DType::BF16 : host.dtype;
-    DeviceMem mem = alloc(size_t(dtype_bytes(dtype, int64_t(n))), MemTag::Weights, tensor);
+    const DType dtype = placed_dtype(host);
+    const bool to_bf16 = dtype != host.dtype;
+    DeviceMem mem = alloc(placed_weight_bytes(host), MemTag::Weights, tensor);
     if (to_bf16) {
       const float* src = static_cast<const float*>(host.data);
       std::vector<uint16_t> rows(std::min<size_t>(n, kStagingElems));
@@ -100,6 +106,22 @@ class DeviceBackend final : public Backend {
     storage.push_back(std::move(mem));
     return placed;
   }
+  size_t placed_weight_bytes(const WeightRef& host) const override {
+    return size_t(dtype_bytes(placed_dtype(host), int64_t(host.rows) * host.cols));
+  }
+
+  void reserve(size_t bytes) override {
+    size_t in_use = 0;
+    for (const auto& a : arenas_) in_use += a->in_use();
+    TF_CHECK(in_use == 0, name(), ": cannot reserve a device arena of ", bytes, " bytes while ", in_use,
+             " bytes are allocated from the arena; reserve before building the model");
+    release_blocks();
+    reserved_ = true;
+    const size_t size = (bytes + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+    if (size) add_block(size, "device arena");
+  }
+  size_t footprint(size_t bytes) const override { return bytes ? arena_footprint(bytes) : 0; }
+  size_t device_blocks() const override { return blocks_taken_; }
 
 #define TF_OP(ret, op, params, args)  \
   ret op params override {            \
@@ -111,17 +133,60 @@ class DeviceBackend final : public Backend {
 
  protected:
   void* allocate(size_t bytes, MemTag tag, std::string_view what) override {
+    void* p = nullptr;
+    for (const auto& a : arenas_)
+      if ((p = a->try_allocate(bytes, tag))) break;
+    if (!p && reserved_) {
+      TF_CHECK(!arenas_.empty(), name(), " device arena: '", what, "' (", bytes,
+               " bytes) does not fit: the arena was reserved with 0 bytes");
+      p = arenas_[0]->allocate(bytes, tag, what);
+    }
+    if (!p) {
+      size_t total = 0;
+      for (const auto& a : arenas_) total += a->size();
+      add_block(std::max({arena_footprint(bytes), kGrowthBlock, total}),
+                "device arena block " + std::to_string(arenas_.size()));
+      p = arenas_.back()->allocate(bytes, tag, what);
+    }
+    tracker_.on_alloc(tag, bytes);
+    return p;
+  }
+  void* allocate_unplanned(size_t bytes, MemTag tag, std::string_view what) override {
     void* p = rt::device_alloc(bytes, std::string(what).c_str());
+    unplanned_.insert(p);
+    ++blocks_taken_;
     tracker_.on_alloc(tag, bytes);
     return p;
   }
   void deallocate(void* p, size_t bytes, MemTag tag) override {
-    rt::device_free(p);
+    const auto in = std::find_if(arenas_.begin(), arenas_.end(), [p](const auto& a) { return a->owns(p); });
+    if (in != arenas_.end()) {
+      (*in)->deallocate(p);
+    } else {
+      TF_CHECK(unplanned_.erase(p) == 1, name(), ": free of ", p,
+               ", which is neither in its device arena nor a block of its own");
+      rt::device_free(p);
+    }
     tracker_.on_free(tag, bytes);
   }
 
  private:
   static constexpr size_t kStagingElems = size_t(1) << 22;  // f32 -> bf16 conversion in 8 MiB pieces
+  static constexpr size_t kGrowthBlock = size_t(1) << 20;   // the smallest block an unreserved arena adds
+
+  // f32 matrices as bf16, vectors as they are (see supports_weight).
+  static DType placed_dtype(const WeightRef& host) {
+    return host.dtype == DType::F32 && host.rows > 1 ? DType::BF16 : host.dtype;
+  }
+  void add_block(size_t bytes, const std::string& what) {
+    void* p = rt::device_alloc(bytes, (name() + " " + what).c_str());
+    ++blocks_taken_;
+    arenas_.push_back(std::make_unique<DeviceArena>(p, bytes, name() + " " + what));
+  }
+  void release_blocks() {
+    for (const auto& a : arenas_) rt::device_free(a->base());
+    arenas_.clear();
+  }
 
   rt::StreamHandle stream(Stream s) const {
     return s == Stream::Compute ? compute_ : copy_;
@@ -132,6 +197,11 @@ class DeviceBackend final : public Backend {
   std::map<uint64_t, rt::EventHandle> events_;
   uint64_t last_event_ = 0;
   MemTracker tracker_;
+  // alloc() carves from these: one reserved arena, or the blocks an unreserved arena grew by.
+  std::vector<std::unique_ptr<DeviceArena>> arenas_;
+  bool reserved_ = false;
+  std::set<void*> unplanned_;  // alloc_unplanned() blocks
+  size_t blocks_taken_ = 0;
 };
 
 }  // namespace

@@ -36,6 +36,8 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
   }
   const CheckpointPolicy p = policy(s.loaded.weights.config);
   s.backend = make_backend(device, &s.device_note);
+  // The model's memory is one device arena, taken before the model is built; its steps allocate nothing.
+  s.backend->reserve(LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend).total);
   s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend);
   if (peft) {
     LoraState& dst = s.model->lora();

@@ -32,6 +32,63 @@ static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vecto
   return placed;
 }
 
+// Logits are formed this many rows at a time: enough rows for a GEMM to be worth launching, few
+// enough that a large vocabulary costs little memory (128k entries: 8 MiB).
+constexpr int64_t kLogitRows = 16;
+
+LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lora, CheckpointPolicy policy,
+                                      int64_t max_tokens) {
+  const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
+  int64_t lora_rows = 0;
+  for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
+  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + 3 * I + lora_rows);
+  const int64_t n_sets = policy == CheckpointPolicy::None ? c.n_layers : 1;
+  const int64_t widest = std::max({H, Q, I});
+  Layout L{};
+  L.rope_floats = c.head_dim / 2;
+  L.batch_ints = 4 * N;
+  L.saved_floats = N * H * (c.n_layers + 1) + block_floats * n_sets;
+  L.workspace_floats = N * (1 + 4 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest);
+  L.logit_rows = std::min(N, kLogitRows);
+  return L;
+}
+
+size_t MemoryPlan::bytes(MemTag tag) const {
+  size_t n = 0;
+  for (const PlannedAlloc& a : allocs) n += a.tag == tag ? a.bytes : 0;
+  return n;
+}
+
+size_t MemoryPlan::requested() const {
+  size_t n = 0;
+  for (const PlannedAlloc& a : allocs) n += a.bytes;
+  return n;
+}
+
+MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora, CheckpointPolicy policy,
+                                   int64_t max_tokens, const Backend& be) {
+  const LlamaConfig& c = w.config;
+  c.validate("model config");
+  TF_CHECK(int64_t(w.blocks.size()) == c.n_layers, "model has ", w.blocks.size(),
+           " blocks of weights but its config says ", c.n_layers, " layers");
+  TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
+  MemoryPlan plan;
+  LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
+    const size_t bytes = be.placed_weight_bytes(w.slot(s, layer));
+    if (bytes) plan.allocs.push_back({hf_weight_name(s, layer), MemTag::Weights, bytes});
+  });
+  for (PlannedAlloc& a : LoraState::memory_plan(c, lora)) plan.allocs.push_back(std::move(a));
+  const Layout L = layout(c, lora, policy, max_tokens);
+  plan.allocs.push_back({"rope frequencies", MemTag::Workspace, size_t(L.rope_floats) * sizeof(float)});
+  plan.allocs.push_back({"batch tokens", MemTag::Activations, size_t(L.batch_ints) * sizeof(int32_t)});
+  plan.allocs.push_back({"saved activations", MemTag::Activations, size_t(L.saved_floats) * sizeof(float)});
+  plan.allocs.push_back(
+      {"activation gradients", MemTag::Workspace, size_t(L.workspace_floats) * sizeof(float)});
+  plan.allocs.push_back({"logits", MemTag::Workspace, size_t(L.logit_rows * c.vocab) * sizeof(float)});
+  for (const PlannedAlloc& a : plan.allocs) plan.total += be.footprint(a.bytes);
+  return plan;
+}
+
 LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
                        int64_t max_tokens, Backend& backend)
     : be_(&backend),
@@ -42,28 +99,26 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
       max_tokens_(max_tokens) {
   const LlamaConfig& c = weights_.config;
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
-  std::vector<float> inv_freq(size_t(c.head_dim / 2));
+  const Layout L = layout(c, lora, policy, max_tokens);
+  std::vector<float> inv_freq(size_t(L.rope_floats));
   rope_inv_freq(c.rope, inv_freq.data());
   inv_freq_ = be_->alloc(inv_freq.size() * sizeof(float), MemTag::Workspace, "rope frequencies");
   be_->upload_n(inv_freq_.as<float>(), inv_freq.data(), inv_freq.size());
-  batch_mem_ = be_->alloc(4 * size_t(max_tokens) * sizeof(int32_t), MemTag::Activations, "batch tokens");
+  batch_mem_ = be_->alloc(size_t(L.batch_ints) * sizeof(int32_t), MemTag::Activations, "batch tokens");
   decode_positions_.resize(size_t(max_tokens));
 
   const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
-  int64_t lora_rows = 0;
-  for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
-  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + 3 * I + lora_rows);
-  const size_t n_sets = policy == CheckpointPolicy::None ? size_t(c.n_layers) : 1;
-  saved_ = be_->alloc(size_t(N * H * (c.n_layers + 1) + block_floats * int64_t(n_sets)) * sizeof(float),
-                      MemTag::Activations, "saved activations");
+  saved_ = be_->alloc(size_t(L.saved_floats) * sizeof(float), MemTag::Activations, "saved activations");
   float* cursor = saved_.as<float>();
   for (int l = 0; l <= c.n_layers; ++l, cursor += N * H) residual_.push_back(cursor);
+  const size_t n_sets = policy == CheckpointPolicy::None ? size_t(c.n_layers) : 1;
   for (size_t s = 0; s < n_sets; ++s) acts_.push_back(carve_block_acts(cursor));
+  TF_CHECK(cursor == saved_.as<float>() + L.saved_floats, "saved activations: the layout has ",
+           L.saved_floats, " floats but the blocks take ", cursor - saved_.as<float>());
 
   const int64_t widest = std::max({H, Q, I});
   workspace_ =
-      be_->alloc(size_t(N * (1 + 5 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest)) * sizeof(float),
-                 MemTag::Workspace, "activation gradients");
+      be_->alloc(size_t(L.workspace_floats) * sizeof(float), MemTag::Workspace, "activation gradients");
   float* w = workspace_.as<float>();
   auto take = [&w](int64_t n) { return std::exchange(w, w + n); };
   final_h_ = take(N * H);
@@ -80,6 +135,10 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   d_up_ = take(N * I);
   lora_dt_ = take(N * lora.rank);
   lora_xd_ = take(N * widest);
+  TF_CHECK(w == workspace_.as<float>() + L.workspace_floats, "activation gradients: the layout has ",
+           L.workspace_floats, " floats but the buffers take ", w - workspace_.as<float>());
+  logit_rows_ = L.logit_rows;
+  logits_ = be_->alloc(size_t(logit_rows_ * c.vocab) * sizeof(float), MemTag::Workspace, "logits");
 }
 
 LlamaModel::BlockActs LlamaModel::carve_block_acts(float*& cursor) {
@@ -277,10 +336,12 @@ LossSum LlamaModel::forward_loss(const Batch& host_batch) {
 
 void LlamaModel::forward_logits(const Batch& b, float* logits) {
   forward_stack(b, false, 0);
-  const size_t n = size_t(b.n_tokens()) * size_t(config().vocab);
-  const DeviceMem out = be_->alloc(n * sizeof(float), MemTag::Workspace, "logits");
-  be_->linear_forward(out.as<float>(), final_h_, placed_.lm_head, b.n_tokens(), 0.0f);
-  be_->download(logits, out.data(), n * sizeof(float));
+  const int64_t vocab = config().vocab, n = b.n_tokens();
+  for (int64_t r = 0; r < n; r += logit_rows_) {
+    const int64_t m = std::min(logit_rows_, n - r);
+    be_->linear_forward(logits_.as<float>(), final_h_ + r * config().hidden, placed_.lm_head, m, 0.0f);
+    be_->download(logits + r * vocab, logits_.data(), size_t(m * vocab) * sizeof(float));
+  }
 }
 
 KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
@@ -289,9 +350,8 @@ KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
   KvCache cache;
   cache.capacity = capacity;
   const size_t bytes = size_t(c.n_layers) * size_t(capacity) * size_t(c.kv_dim()) * sizeof(float);
-  cache.k = be_->alloc(bytes, MemTag::Activations, "KV cache keys");
-  cache.v = be_->alloc(bytes, MemTag::Activations, "KV cache values");
-  cache.logits = be_->alloc(size_t(c.vocab) * sizeof(float), MemTag::Activations, "decoding logits");
+  cache.k = be_->alloc_unplanned(bytes, MemTag::Activations, "KV cache keys");
+  cache.v = be_->alloc_unplanned(bytes, MemTag::Activations, "KV cache values");
   return cache;
 }
 
@@ -303,7 +363,7 @@ void LlamaModel::decode(KvCache& cache, const int32_t* tokens, int64_t n, float*
   const Batch b{1, int(n), tokens, nullptr, decode_positions_.data(), nullptr};
   forward_stack(b, false, 0, &cache);
   cache.n_past += n;
-  float* last = cache.logits.as<float>();
+  float* last = logits_.as<float>();
   be_->linear_forward(last, final_h_ + (n - 1) * config().hidden, placed_.lm_head, 1, 0.0f);
   be_->download(logits, last, size_t(config().vocab) * sizeof(float));
 }

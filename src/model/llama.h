@@ -1,5 +1,5 @@
-// defines: tf::Batch, tf::CheckpointPolicy, tf::LossSum, tf::LlamaModel (forward and backward of a
-// Llama-family decoder with LoRA adapters on frozen base weights)
+// defines: tf::Batch, tf::CheckpointPolicy, tf::LossSum, tf::MemoryPlan, tf::LlamaModel (forward and
+// backward of a Llama-family decoder with LoRA adapters on frozen base weights)
 #pragma once
 
 #include <vector>
@@ -34,12 +34,23 @@ struct LossSum {
 };
 
 // Keys and values of the tokens seen so far in one sequence, per layer, for incremental decoding,
-// in the memory of the model's backend.
+// in the memory of the model's backend: blocks of their own (Backend::alloc_unplanned), since a
+// cache is sized by its prompt, which the model's memory plan cannot know.
 struct KvCache {
   int64_t capacity = 0;  // tokens
   int64_t n_past = 0;    // tokens already in the cache
   DeviceMem k, v;        // [n_layers][capacity][kv_dim], keys after rope
-  DeviceMem logits;      // [vocab], the last token's logits before they are downloaded
+};
+
+// Every allocation a LlamaModel makes on its backend, in the order its constructor makes them:
+// each placed base weight, the LoRA state, the rope table, the batch staging, the saved activations,
+// the workspace and the logits rows.
+struct MemoryPlan {
+  std::vector<PlannedAlloc> allocs;
+  size_t total = 0;  // bytes of the backend's memory they take (Backend::footprint of each, summed)
+  // Bytes requested by the allocations of `tag` (what the backend's tracker counts).
+  size_t bytes(MemTag tag) const;
+  size_t requested() const;
 };
 
 // The model runs on one backend: its weights (placed there at construction), LoRA state,
@@ -51,6 +62,11 @@ class LlamaModel {
   // base weight of a dtype the backend cannot run is an error here, before any step.
   LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens,
              Backend& backend = cpu_backend());
+  // What the constructor with these arguments allocates on `backend`; its total is what
+  // Backend::reserve needs before the model is built. Computed from the same layout the
+  // constructor allocates by, so the two cannot drift.
+  static MemoryPlan memory_plan(const LlamaWeights& weights, const LoraConfig& lora, CheckpointPolicy policy,
+                                int64_t max_tokens, const Backend& backend);
 
   const LlamaConfig& config() const { return weights_.config; }
   // The base weights as loaded (host memory).
@@ -66,7 +82,8 @@ class LlamaModel {
   LossSum forward_backward(const Batch& b, float grad_scale, uint64_t step);
   // Loss without gradients or dropout.
   LossSum forward_loss(const Batch& b);
-  // Full logits [n_tokens, vocab] (for tests and scoring; training never forms them).
+  // Full logits [n_tokens, vocab] (for tests and scoring; training never forms them), computed a
+  // few rows at a time into the model's logits rows and downloaded.
   void forward_logits(const Batch& b, float* logits);
 
   // Incremental decoding of one sequence: runs `n` new tokens (n <= max_tokens) at positions
@@ -76,6 +93,12 @@ class LlamaModel {
   void decode(KvCache& cache, const int32_t* tokens, int64_t n, float* logits);
 
  private:
+  // Element counts of the constructor's buffers besides weights and LoRA state.
+  struct Layout {
+    int64_t rope_floats, batch_ints, saved_floats, workspace_floats, logit_rows;
+  };
+  static Layout layout(const LlamaConfig& c, const LoraConfig& lora, CheckpointPolicy policy,
+                       int64_t max_tokens);
   struct BlockActs {
     float *rstd1, *h1, *q, *k, *v, *att, *lse, *x2, *rstd2, *h2, *gate, *up, *act;
     std::array<float*, kLoraTargetCount> lora_t;
@@ -103,8 +126,10 @@ class LlamaModel {
   LoraState lora_;
   CheckpointPolicy policy_;
   int64_t max_tokens_;
-  DeviceMem inv_freq_;                     // [head_dim / 2]
-  DeviceMem batch_mem_;                    // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
+  DeviceMem inv_freq_;   // [head_dim / 2]
+  DeviceMem batch_mem_;  // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
+  DeviceMem logits_;     // [logit_rows_, vocab]: forward_logits and decode write here
+  int64_t logit_rows_ = 0;
   std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
 
   DeviceMem saved_;               // residual stream (n_layers + 1 block inputs) and kept block activations

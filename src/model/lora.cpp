@@ -28,25 +28,35 @@ std::pair<int, int> lora_target_dims(const LlamaConfig& c, LoraTarget t) {
 constexpr uint64_t kStreamLoraInit = 1ull << 56;
 constexpr uint64_t kStreamDropout = 2ull << 56;
 
+std::array<PlannedAlloc, 4> LoraState::memory_plan(const LlamaConfig& model, const LoraConfig& cfg) {
+  int64_t n = 0;
+  for (int l = 0; l < model.n_layers; ++l) {
+    for (int t = 0; t < kLoraTargetCount; ++t) {
+      if (!cfg.has(LoraTarget(t))) continue;
+      const auto [in, out] = lora_target_dims(model, LoraTarget(t));
+      n += int64_t(cfg.rank) * (in + out);
+    }
+  }
+  const size_t bytes = size_t(n) * sizeof(float);
+  return {PlannedAlloc{"LoRA parameters", MemTag::Lora, bytes},
+          PlannedAlloc{"LoRA gradients", MemTag::Grads, bytes},
+          PlannedAlloc{"AdamW first moments", MemTag::Optimizer, bytes},
+          PlannedAlloc{"AdamW second moments", MemTag::Optimizer, bytes}};
+}
+
 LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backend& backend)
     : config(cfg), model(model_cfg), backend_(&backend) {
   TF_CHECK(cfg.rank > 0 && cfg.rank <= 4096, "LoRA rank must be in [1, 4096], got ", cfg.rank);
   TF_CHECK(cfg.alpha > 0 && std::isfinite(cfg.alpha), "LoRA alpha must be positive, got ", cfg.alpha);
   TF_CHECK(cfg.dropout >= 0 && cfg.dropout < 1, "LoRA dropout must be in [0, 1), got ", cfg.dropout);
   TF_CHECK(cfg.targets != 0, "LoRA needs at least one target projection");
-  for (int l = 0; l < model.n_layers; ++l) {
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      if (!cfg.has(LoraTarget(t))) continue;
-      const auto [in, out] = lora_target_dims(model, LoraTarget(t));
-      n_params += int64_t(cfg.rank) * (in + out);
-    }
+  const std::array<PlannedAlloc, 4> plan = memory_plan(model, cfg);
+  n_params = int64_t(plan[0].bytes / sizeof(float));
+  DeviceMem* const bufs[4] = {&params, &grads, &adam_m, &adam_v};
+  for (size_t i = 0; i < plan.size(); ++i) {
+    *bufs[i] = backend.alloc(plan[i].bytes, plan[i].tag, plan[i].what);
+    backend.fill(bufs[i]->as<float>(), 0.0f, n_params);
   }
-  const size_t bytes = size_t(n_params) * sizeof(float);
-  params = backend.alloc(bytes, MemTag::Lora, "LoRA parameters");
-  grads = backend.alloc(bytes, MemTag::Grads, "LoRA gradients");
-  adam_m = backend.alloc(bytes, MemTag::Optimizer, "AdamW first moments");
-  adam_v = backend.alloc(bytes, MemTag::Optimizer, "AdamW second moments");
-  for (DeviceMem* m : {&params, &grads, &adam_m, &adam_v}) backend.fill(m->as<float>(), 0.0f, n_params);
   // A is drawn on the host (Philox is a host function of the index) and uploaded.
   std::vector<float> host_a;
   layers.resize(size_t(model.n_layers));

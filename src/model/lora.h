@@ -38,6 +38,8 @@ struct LoraState {
   // initialised like PEFT (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) from
   // Philox keyed by (config.seed, layer, target); B, the gradients and the moments are zero.
   LoraState(const LlamaConfig& model, const LoraConfig& config, Backend& backend = cpu_backend());
+  // The four buffers the constructor allocates (parameters, gradients, both moments), in order.
+  static std::array<PlannedAlloc, 4> memory_plan(const LlamaConfig& model, const LoraConfig& config);
   LoraAdapter& at(int layer, LoraTarget t) { return layers[size_t(layer)][size_t(t)]; }
   const LoraAdapter& at(int layer, LoraTarget t) const { return layers[size_t(layer)][size_t(t)]; }
   float* param_data() { return params.as<float>(); }
