@@ -183,12 +183,17 @@ TEST(DeviceBackendArena, WithoutAReserveTheArenaGrowsByBlocksOfAtLeastWhatItHold
   EXPECT_EQ(be->tracker().current_total(), 0u);
 }
 
-TEST(DeviceBackendArena, KvCachesTakeBlocksOfTheirOwnOutsideTheArena) {
+// The arena is reserved exactly for the model here, so any allocation from it would be an error.
+TEST(DeviceBackendArena, LogitsComeFromThePlanAndKvCachesTakeBlocksOfTheirOwn) {
   const LlamaConfig cfg = tiny_config(32);
   LlamaWeights w = init_random_weights(cfg, DType::BF16, 3, 0.2f);
   const std::unique_ptr<Backend> be = make_backend("simt");
   be->reserve(LlamaModel::memory_plan(w, test::lora_r8(), CheckpointPolicy::None, 8, *be).total);
   LlamaModel m(std::move(w), test::lora_r8(), CheckpointPolicy::None, 8, *be);
+  const test::BatchData data = synthetic_batch(1, 8, cfg.vocab, 4);
+  std::vector<float> all(size_t(8 * cfg.vocab));
+  m.forward_logits(data.view(), all.data());
+  EXPECT_EQ(be->device_blocks(), 1u);
   const size_t before = be->tracker().current(MemTag::Activations);
   {
     KvCache kv = m.make_kv_cache(12);
