@@ -165,6 +165,31 @@ TEST(DeviceBackendArena, AReservedArenaTakesOneBlockAndRefusesWhatDoesNotFit) {
   EXPECT_EQ(be->tracker().current(MemTag::Activations), 8192u);
 }
 
+// On the simulator a piece is checked as an allocation of its own: a kernel running past it into
+// its neighbour, or writing to it after it was freed, is reported naming the piece.
+TEST(DeviceBackendArena, SimulatedPiecesAreCheckedLikeAllocationsOfTheirOwn) {
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  be->reserve(4096);
+  DeviceMem first = be->alloc(64 * sizeof(float), MemTag::Workspace, "first piece");
+  const DeviceMem second = be->alloc(64 * sizeof(float), MemTag::Workspace, "second piece");
+  be->fill(first.as<float>(), 1.0f, 64);
+  try {
+    be->fill(first.as<float>(), 1.0f, 65);
+    FAIL() << "a fill running past its piece was not reported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'first piece'"), std::string::npos) << e.what();
+  }
+  float* stale = first.as<float>();
+  first = DeviceMem();
+  try {
+    be->fill(stale, 1.0f, 4);
+    FAIL() << "a fill of a freed piece was not reported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("use after free"), std::string::npos) << e.what();
+  }
+  be->fill(second.as<float>(), 2.0f, 64);
+}
+
 TEST(DeviceBackendArena, WithoutAReserveTheArenaGrowsByBlocksOfAtLeastWhatItHolds) {
   const std::unique_ptr<Backend> be = make_backend("simt");
   EXPECT_EQ(be->device_blocks(), 0u);

@@ -149,7 +149,7 @@ class DeviceBackend final : public Backend {
       p = arenas_.back()->allocate(bytes, tag, what);
     }
     tracker_.on_alloc(tag, bytes);
-    return p;
+    return own_piece(p, bytes, what);
   }
   void* allocate_unplanned(size_t bytes, MemTag tag, std::string_view what) override {
     void* p = rt::device_alloc(bytes, std::string(what).c_str());
@@ -159,9 +159,11 @@ class DeviceBackend final : public Backend {
     return p;
   }
   void deallocate(void* p, size_t bytes, MemTag tag) override {
-    const auto in = std::find_if(arenas_.begin(), arenas_.end(), [p](const auto& a) { return a->owns(p); });
+    void* const slot = arena_address(p);
+    const auto in =
+        std::find_if(arenas_.begin(), arenas_.end(), [slot](const auto& a) { return a->owns(slot); });
     if (in != arenas_.end()) {
-      (*in)->deallocate(p);
+      (*in)->deallocate(slot);
     } else {
       TF_CHECK(unplanned_.erase(p) == 1, name(), ": free of ", p,
                ", which is neither in its device arena nor a block of its own");
@@ -177,6 +179,35 @@ class DeviceBackend final : public Backend {
   // f32 matrices as bf16, vectors as they are (see supports_weight).
   static DType placed_dtype(const WeightRef& host) {
     return host.dtype == DType::F32 && host.rows > 1 ? DType::BF16 : host.dtype;
+  }
+  // On the simulator each piece is also an allocation of its own, so that a kernel running past its
+  // piece into the next, or reading a freed piece or bytes nobody wrote, is reported as for any
+  // device allocation; the arena still decides what fits and where. On a GPU the piece is the
+  // arena's memory itself.
+  void* own_piece(void* slot, size_t bytes, std::string_view what) {
+#if TF_PORT_SIM
+    void* p = rt::device_alloc(std::max<size_t>(bytes, 1), std::string(what).c_str());
+    pieces_[p] = slot;
+    return p;
+#else
+    (void)bytes;
+    (void)what;
+    return slot;
+#endif
+  }
+  // The arena address of what own_piece returned (its own allocation freed on the simulator), or p
+  // itself for a block of its own.
+  void* arena_address(void* p) {
+#if TF_PORT_SIM
+    const auto it = pieces_.find(p);
+    if (it == pieces_.end()) return p;
+    void* slot = it->second;
+    pieces_.erase(it);
+    rt::device_free(p);
+    return slot;
+#else
+    return p;
+#endif
   }
   void add_block(size_t bytes, const std::string& what) {
     void* p = rt::device_alloc(bytes, (name() + " " + what).c_str());
@@ -201,6 +232,9 @@ class DeviceBackend final : public Backend {
   std::vector<std::unique_ptr<DeviceArena>> arenas_;
   bool reserved_ = false;
   std::set<void*> unplanned_;  // alloc_unplanned() blocks
+#if TF_PORT_SIM
+  std::map<void*, void*> pieces_;  // a piece's own simulated allocation -> its place in the arena
+#endif
   size_t blocks_taken_ = 0;
 };
 
