@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Checks tightfit on a machine with an NVIDIA GPU that has only the CUDA toolkit, CMake, ninja, a C++
+# compiler and Python: builds tightfit and the GPU tests for the GPU's architecture (against
+# .gpu-bundle/bundle.tar.xz, from tools/gpu-bundle.sh, for what the system lacks), runs
+# test_backend_ops and test_backend_model on the cuda backend, test_cuda_runtime, and a 20-step
+# `finetune --device cuda` of a tiny model, then prints one table: each case, pass / FAIL, and the
+# max error where a test records one (a GoogleTest property named max_error*), the finetune's first
+# and last loss and tokens/s. Exits 0 when everything passed, 1 when a check failed, 2 when it could
+# not get as far as running them. Logs, GoogleTest XML and the table (table.txt) are in
+# BUILD/gpu-check/.
+# Usage (from anywhere): tools/gpu-check.sh [--build-only] [--arch SM] [--build DIR] [-j N]
+#   --build DIR   the build directory (default build-gpu in the repository)
+#   --arch 90     build for sm_90 instead of the architecture nvidia-smi reports (no GPU needed)
+#   --build-only  configure and build, run nothing
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd) || exit 2
+build=$repo/build-gpu
+arch=
+build_only=0
+jobs=$(nproc)
+while (($#)); do
+  case $1 in
+    --build-only) build_only=1 ;;
+    --arch) arch=${2:?--arch needs a value such as 90}; shift ;;
+    --build) build=$(realpath -m "${2:?--build needs a directory}"); shift ;;
+    -j) jobs=${2:?-j needs a number}; shift ;;
+    *) echo "gpu-check: unknown argument '$1' (see the usage at the top of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+cd "$repo" || exit 2
+die() { echo "gpu-check: $*" >&2; exit 2; }
+step() { echo "gpu-check: $* ($(date -u +%H:%M:%S))"; }
+# The last lines of a log, after a failure that the log explains.
+show() { echo "---- last lines of $1:" >&2; tail -n "${2:-30}" "$1" >&2; }
+
+gpu=
+if [[ -z $arch ]]; then
+  command -v nvidia-smi >/dev/null || die "no NVIDIA GPU found: nvidia-smi is not on PATH (give --arch SM to only build)"
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>&1) ||
+    die "no NVIDIA GPU found: nvidia-smi --query-gpu=compute_cap failed: $(head -n 3 <<<"$cap")"
+  line=$(head -n 1 <<<"$cap")
+  cap=${line// /}
+  [[ $cap =~ ^[0-9]+\.[0-9]+$ ]] || die "no NVIDIA GPU found: nvidia-smi reports no compute capability ('$line')"
+  arch=${cap/./}
+  gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -n 1)
+fi
+[[ $arch =~ ^[0-9]+[a-z]?$ ]] || die "--arch '$arch' is not an architecture such as 90"
+if ! command -v nvcc >/dev/null; then
+  [[ -x /usr/local/cuda/bin/nvcc ]] || die "no CUDA compiler: nvcc is neither on PATH nor in /usr/local/cuda/bin"
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+for tool in cmake ninja python3; do command -v $tool >/dev/null || die "$tool is not on PATH"; done
+
+mkdir -p "$build" || die "cannot create the build directory $build"
+logs=$build/gpu-check
+rm -rf "$logs"
+mkdir -p "$logs"
+
+# The bundle, unpacked into the build directory; its libraries come first on the loader's path so
+# that the ones the build linked are the ones that run, also where the system has other versions.
+bundle_args=(-DTIGHTFIT_BUNDLE=)
+archive=$repo/.gpu-bundle/bundle.tar.xz
+if [[ -f $archive ]]; then
+  step "unpacking $archive"
+  rm -rf "$build/bundle"
+  python3 - "$archive" "$build" <<'EOF' || die "cannot unpack $archive"
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    if hasattr(tarfile, "data_filter"):
+        t.extractall(sys.argv[2], filter="data")
+    else:
+        t.extractall(sys.argv[2])
+EOF
+  read -r _ glibc_needed < <(grep '^glibc ' "$build/bundle/NEEDS")
+  read -r _ glibcxx_needed < <(grep '^libstdc++ ' "$build/bundle/NEEDS")
+  glibc=$(getconf GNU_LIBC_VERSION | awk '{ print $2 }')
+  [[ $(printf '%s\n' "$glibc_needed" "$glibc" | sort -V | head -n 1) == "$glibc_needed" ]] ||
+    die "the bundle's libraries need glibc $glibc_needed or newer; this machine has $glibc"
+  libstdcxx=$("${CXX:-c++}" -print-file-name=libstdc++.so.6)
+  grep -aq "$glibcxx_needed" "$(readlink -f "$libstdcxx")" ||
+    die "the bundle's libraries need a libstdc++ with $glibcxx_needed (GCC 11 or newer); $libstdcxx lacks it"
+  bundle_args=(-DTIGHTFIT_BUNDLE="$build/bundle")
+  export LD_LIBRARY_PATH=$build/bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+else
+  echo "gpu-check: no $archive (tools/gpu-bundle.sh makes it): building against the system's packages alone"
+fi
+
+step "configuring $build for sm_$arch"
+cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTIGHTFIT_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES="$arch" "${bundle_args[@]}" >"$logs/configure.log" 2>&1 ||
+  { show "$logs/configure.log"; die "configuring failed (log: $logs/configure.log)"; }
+targets=(tightfit test_backend_ops test_backend_model test_cuda_runtime)
+step "building ${targets[*]} with -j$jobs"
+cmake --build "$build" -j "$jobs" --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
+  { show "$logs/build.log" 40; die "the build failed (log: $logs/build.log)"; }
+if ((build_only)); then
+  step "built in $build"
+  exit 0
+fi
+
+# Each run adds a line to runs.tsv for the table: group, what, exit status, log, XML or run dir.
+runs=$logs/runs.tsv
+: >"$runs"
+gtest() { # gtest GROUP BINARY FILTER SECONDS
+  local name=$2
+  step "running $name --gtest_filter=$3"
+  timeout "$4" "$build/tests/$name" --gtest_filter="$3" --gtest_output="xml:$logs/$name.xml" \
+    >"$logs/$name.log" 2>&1
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$name" $? "$logs/$name.log" "$logs/$name.xml" >>"$runs"
+}
+gtest ops test_backend_ops '*/cuda' 240
+gtest model test_backend_model '*/cuda' 180
+gtest runtime test_cuda_runtime '*' 60
+
+step "finetune --device cuda, 20 steps of a tiny model"
+ft=$logs/finetune
+mkdir -p "$ft"
+python3 - "$ft/train.jsonl" <<'EOF'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(40):
+        f.write(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i % 7}"},
+                                         {"role": "assistant", "content": f"1 2 3 {i}"}]}) + "\n")
+EOF
+{
+  "$build/tightfit" init --config tiny --out "$ft/model" --seed 3 &&
+    timeout 180 "$build/tightfit" finetune --model "$ft/model" --data "$ft/train.jsonl" --out "$ft/run" \
+      --steps 20 --seq-len 128 --micro-batch 4 --lr 5e-3 --warmup 2 --lora-rank 8 --save-every 0 --device cuda
+} >"$logs/finetune.log" 2>&1
+printf '%s\t%s\t%s\t%s\t%s\n' finetune "finetune --device cuda" $? "$logs/finetune.log" "$ft/run" >>"$runs"
+
+python3 - "$runs" "${gpu:-an unnamed GPU} (sm_$arch)" "$logs" <<'EOF'
+# Prints the table and exits 1 when any row failed.
+import json, math, os, sys
+import xml.etree.ElementTree as ET
+
+runs, gpu, logs = sys.argv[1:4]
+rows = []  # (group, case, ok, detail)
+
+
+def clip(text, n=90):
+    # GoogleTest starts a failure's or skip's message with its file:line on a line of its own.
+    lines = text.strip().splitlines()
+    if len(lines) > 1 and ":" in lines[0] and lines[0].rsplit(":", 1)[1].isdigit():
+        lines = lines[1:]
+    text = " ".join(" ".join(lines).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def max_errors(case):
+    # RecordProperty("max_error...", value): a child <property> in newer GoogleTests, an attribute
+    # of <testcase> in older ones.
+    found = {k: v for k, v in case.attrib.items() if k.startswith("max_error")}
+    for p in case.iter("property"):
+        if p.get("name", "").startswith("max_error"):
+            found[p.get("name")] = p.get("value", "")
+    return " ".join(v if k == "max_error" else f"{k[len('max_error_'):]}={v}" for k, v in sorted(found.items()))
+
+
+def gtest_rows(group, binary, status, log, xml):
+    if not os.path.exists(xml):
+        rows.append((group, binary, False, f"exit {status}, no XML (crashed or timed out?): {log}"))
+        return
+    cases = list(ET.parse(xml).getroot().iter("testcase"))
+    for c in cases:
+        name = c.get("classname", "").split("/")[-1] + "." + c.get("name", "")
+        name = name.replace("BackendOps.", "").replace("BackendModel.", "").replace("CudaRuntime.", "")
+        name = name.removesuffix("/cuda")
+        failures = [f.get("message", "") for f in c.iter("failure")]
+        skipped = c.get("result") == "skipped" or c.find("skipped") is not None
+        if failures:
+            rows.append((group, name, False, clip(failures[0])))
+        elif skipped:
+            msg = c.find("skipped")
+            rows.append((group, name, False, "skipped: " + clip(msg.get("message", "") if msg is not None else "")))
+        elif c.get("status") == "notrun":
+            rows.append((group, name, False, "not run"))
+        else:
+            rows.append((group, name, True, max_errors(c) or "-"))
+    if not cases:
+        rows.append((group, binary, False, f"no test matched: {log}"))
+    elif int(status) != 0 and all(ok for g, _, ok, _ in rows if g == group):
+        rows.append((group, binary, False, f"exit {status} with every case passing: {log}"))
+
+
+def finetune_row(status, log, run):
+    steps = []
+    metrics = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            steps = [r for r in map(json.loads, f) if "loss" in r]
+    with open(log, errors="replace") as f:
+        out = f.read()
+    if int(status) != 0:
+        lines = [l for l in out.splitlines() if l.strip()] or ["no output"]
+        said = next((l for l in lines if l.startswith("error")), lines[-1])
+        rows.append(("finetune", "20 steps --device cuda", False, f"exit {status}: {clip(said)}"))
+        return
+    losses = [r["loss"] for r in steps]
+    rate = [r["tokens_per_s"] for r in steps[1:]]
+    detail = (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {sum(rate) / len(rate):.0f} tokens/s"
+              if len(losses) > 1 and rate else f"{len(losses)} steps in {metrics}")
+    problem = None
+    if "\ndevice: cuda" not in out:
+        problem = "did not run on cuda"
+    elif len(losses) != 20:
+        problem = f"{len(losses)} steps recorded, not 20"
+    elif not all(math.isfinite(x) for x in losses):
+        problem = "a loss is not finite"
+    elif losses[-1] >= losses[0]:
+        problem = "the loss did not fall"
+    rows.append(("finetune", "20 steps --device cuda", problem is None, detail + (f" ({problem})" if problem else "")))
+
+
+with open(runs) as f:
+    for line in f:
+        group, what, status, log, last = line.rstrip("\n").split("\t")
+        if group == "finetune":
+            finetune_row(status, log, last)
+        else:
+            gtest_rows(group, what, status, log, last)
+
+gw = max(len(group) for group, _, _, _ in rows)
+cw = max(len(case) for _, case, _, _ in rows)
+failed = sum(not ok for _, _, ok, _ in rows)
+table = [f"gpu-check on {gpu}: {len(rows) - failed} passed, {failed} failed (logs: {logs})",
+         f"{'':<{gw}}  {'case':<{cw}}  result  max error / detail"]
+table += [f"{group:<{gw}}  {case:<{cw}}  {'pass' if ok else 'FAIL':<6}  {detail}" for group, case, ok, detail in rows]
+with open(os.path.join(logs, "table.txt"), "w") as f:
+    f.write("\n".join(table) + "\n")
+print("\n" + "\n".join(table))
+sys.exit(1 if failed else 0)
+EOF
