@@ -57,14 +57,15 @@ logs=$build/gpu-check
 rm -rf "$logs"
 mkdir -p "$logs"
 
-# The bundle, unpacked into the build directory; its libraries come first on the loader's path so
-# that the ones the build linked are the ones that run, also where the system has other versions.
+# The bundle, unpacked into the build directory. Its libraries come first on the loader's path: a
+# machine may hold another version of one without its -dev package, and the build linked the bundle's.
 bundle_args=(-DTIGHTFIT_BUNDLE=)
 archive=$repo/.gpu-bundle/bundle.tar.xz
 if [[ -f $archive ]]; then
   step "unpacking $archive"
   rm -rf "$build/bundle"
-  python3 - "$archive" "$build" <<'EOF' || die "cannot unpack $archive"
+  # Python's tarfile needs its lzma module, which a Python built without liblzma lacks; tar needs xz.
+  python3 - "$archive" "$build" 2>"$logs/unpack.log" <<'EOF' ||
 import sys, tarfile
 with tarfile.open(sys.argv[1]) as t:
     if hasattr(tarfile, "data_filter"):
@@ -72,6 +73,8 @@ with tarfile.open(sys.argv[1]) as t:
     else:
         t.extractall(sys.argv[2])
 EOF
+    tar -C "$build" -xJf "$archive" 2>>"$logs/unpack.log" ||
+    { show "$logs/unpack.log" 5; die "cannot unpack $archive with python3's tarfile nor with tar -xJ"; }
   read -r _ glibc_needed < <(grep '^glibc ' "$build/bundle/NEEDS")
   read -r _ glibcxx_needed < <(grep '^libstdc++ ' "$build/bundle/NEEDS")
   glibc=$(getconf GNU_LIBC_VERSION | awk '{ print $2 }')
