@@ -65,6 +65,8 @@ class Backend {
   // "cpu", "simt", "cuda:0"; describe() adds what the user should know ("cuda:0 (NVIDIA H200, 139 GiB)").
   virtual std::string name() const = 0;
   virtual std::string describe() const { return name(); }
+  // Whether this backend's memory is host memory the caller may read and write directly.
+  virtual bool host_memory() const { return false; }
 
   // ---- memory --------------------------------------------------------------------------------
   // Bytes in this backend's memory, contents unspecified; `what` names it in errors.

@@ -14,6 +14,7 @@ namespace {
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
+  bool host_memory() const override { return true; }
   MemTracker& tracker() override { return MemTracker::instance(); }
 
   void upload(void* dst, const void* src, size_t bytes, Stream) override { copy_host(dst, src, bytes); }

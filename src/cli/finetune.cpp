@@ -148,6 +148,15 @@ bool lora_state_finite(const LoraState& lora) {
   return true;
 }
 
+// The adapters readable on the host: the model's own where the backend's memory is host memory,
+// else a copy made in `staging` (a copy of a large adapter's moments would otherwise count twice in
+// the run's peak memory on the cpu).
+LoraState& host_lora(LlamaModel& model, LoraState& staging) {
+  if (model.backend().host_memory()) return model.lora();
+  staging = model.lora().host_copy();
+  return staging;
+}
+
 float largest_magnitude(const LoraState& lora) {
   const float* p = lora.params.as<float>();
   float m = 0;
@@ -405,7 +414,8 @@ int run_finetune(const FinetuneOptions& given) {
     const auto latest = latest_checkpoint(o.out, &rejected);
     for (const auto& r : rejected) std::printf("warning: ignoring checkpoint %s\n", r.c_str());
     if (latest) {
-      LoraState host = model.lora().host_copy();
+      LoraState staging;
+      LoraState& host = host_lora(model, staging);
       const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), host);
       model.lora().copy_from(host);
       trainer.restore(ck.trainer);
@@ -476,9 +486,10 @@ int run_finetune(const FinetuneOptions& given) {
     if (!lora_state_finite(model.lora())) {
       why = "became non-finite (NaN or infinity)";
     } else if (probe && !std::isfinite(model.forward_loss(views.back()).sum)) {
+      LoraState staging;
       char buf[96];
       std::snprintf(buf, sizeof buf, "give a non-finite loss (largest |weight| %.3g)",
-                    double(largest_magnitude(model.lora().host_copy())));
+                    double(largest_magnitude(host_lora(model, staging))));
       why = buf;
     }
     TF_CHECK(why.empty(), "training diverged at step ", done, ": the LoRA weights ", why,
@@ -494,7 +505,8 @@ int run_finetune(const FinetuneOptions& given) {
     meta.config_json = relevant.dump();
     meta.data_cursor = cursor_json(sampler.cursor());
     meta.seed = o.seed;
-    last_checkpoint = save_checkpoint(o.out, model.lora().host_copy(), trainer.state(), meta, o.keep);
+    LoraState staging;
+    last_checkpoint = save_checkpoint(o.out, host_lora(model, staging), trainer.state(), meta, o.keep);
     return last_checkpoint;
   };
   auto run_eval = [&](int64_t step) {
@@ -546,7 +558,8 @@ int run_finetune(const FinetuneOptions& given) {
   TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": appeared during training and was not ",
            "written by tightfit; move it out of the run directory, then continue with --resume");
   publish_export_dir(adapter_path, "peft", [&](const std::string& staged) {
-    io::export_peft(staged, model.lora().host_copy(), model.config(), o.model);
+    LoraState staging;
+    io::export_peft(staged, host_lora(model, staging), model.config(), o.model);
   });
   ReportInput report;
   report.title = o.out;

@@ -96,6 +96,7 @@ LoraState LoraState::host_copy() const {
 }
 
 void LoraState::copy_from(const LoraState& other) {
+  if (&other == this) return;
   TF_CHECK(other.n_params == n_params && other.layers.size() == layers.size() &&
                other.config.rank == config.rank && other.config.targets == config.targets,
            "LoRA states of different layouts: ", other.n_params, " and ", n_params, " parameters");

@@ -49,7 +49,8 @@ struct LoraState {
   // A copy in host memory (the cpu backend) of the parameters and moments, for checkpoints and
   // exports; gradients are not copied.
   LoraState host_copy() const;
-  // Takes the parameters and moments of `other`, a state of the same layout on any backend.
+  // Takes the parameters and moments of `other`, a state of the same layout on any backend (itself
+  // included, which changes nothing).
   void copy_from(const LoraState& other);
 
  private:
