@@ -140,7 +140,7 @@ import json, math, os, sys
 import xml.etree.ElementTree as ET
 
 runs, gpu, logs = sys.argv[1:4]
-rows = []  # (group, case, ok, detail)
+rows = []  # (group, case, ok, detail); ok is None for a test disabled in its source (DISABLED_)
 
 
 def clip(text, n=90):
@@ -179,12 +179,12 @@ def gtest_rows(group, binary, status, log, xml):
             msg = c.find("skipped")
             rows.append((group, name, False, "skipped: " + clip(msg.get("message", "") if msg is not None else "")))
         elif c.get("status") == "notrun":
-            rows.append((group, name, False, "not run"))
+            rows.append((group, name, None, "disabled in its source"))
         else:
             rows.append((group, name, True, max_errors(c) or "-"))
     if not cases:
         rows.append((group, binary, False, f"no test matched: {log}"))
-    elif int(status) != 0 and all(ok for g, _, ok, _ in rows if g == group):
+    elif int(status) != 0 and all(ok is not False for g, _, ok, _ in rows if g == group):
         rows.append((group, binary, False, f"exit {status} with every case passing: {log}"))
 
 
@@ -227,10 +227,11 @@ with open(runs) as f:
 
 gw = max(len(group) for group, _, _, _ in rows)
 cw = max(len(case) for _, case, _, _ in rows)
-failed = sum(not ok for _, _, ok, _ in rows)
-table = [f"gpu-check on {gpu}: {len(rows) - failed} passed, {failed} failed (logs: {logs})",
+passed = sum(ok is True for _, _, ok, _ in rows)
+failed = sum(ok is False for _, _, ok, _ in rows)
+table = [f"gpu-check on {gpu}: {passed} passed, {failed} failed (logs: {logs})",
          f"{'':<{gw}}  {'case':<{cw}}  result  max error / detail"]
-table += [f"{group:<{gw}}  {case:<{cw}}  {'pass' if ok else 'FAIL':<6}  {detail}" for group, case, ok, detail in rows]
+table += [f"{group:<{gw}}  {case:<{cw}}  { {True: 'pass', False: 'FAIL', None: 'off'}[ok]:<6}  {detail}" for group, case, ok, detail in rows]
 with open(os.path.join(logs, "table.txt"), "w") as f:
     f.write("\n".join(table) + "\n")
 print("\n" + "\n".join(table))
