@@ -61,6 +61,7 @@ mkdir -p "$logs"
 # machine may hold another version of one without its -dev package, and the build linked the bundle's.
 bundle_args=(-DTIGHTFIT_BUNDLE=)
 archive=$repo/.gpu-bundle/bundle.tar.xz
+hint=
 if [[ -f $archive ]]; then
   step "unpacking $archive"
   rm -rf "$build/bundle"
@@ -87,12 +88,13 @@ EOF
   export LD_LIBRARY_PATH=$build/bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 else
   echo "gpu-check: no $archive (tools/gpu-bundle.sh makes it): building against the system's packages alone"
+  hint=": without the bundle, the system needs every package tools/install-deps.sh names"
 fi
 
 step "configuring $build for sm_$arch"
 cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTIGHTFIT_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="$arch" "${bundle_args[@]}" >"$logs/configure.log" 2>&1 ||
-  { show "$logs/configure.log"; die "configuring failed (log: $logs/configure.log)"; }
+  { show "$logs/configure.log"; die "configuring failed (log: $logs/configure.log)$hint"; }
 targets=(tightfit test_backend_ops test_backend_model test_cuda_runtime)
 step "building ${targets[*]} with -j$jobs"
 cmake --build "$build" -j "$jobs" --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
