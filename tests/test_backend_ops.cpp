@@ -76,12 +76,27 @@ std::unique_ptr<Backend> open_backend(const std::string& name, std::string* why)
 #endif
 }
 
+// The largest |got - want| / bound the running case has compared (at most 1 when it passes; 0 when
+// every comparison was exact), recorded as the case's "max_error" property for the table of
+// tools/gpu-check.sh.
+double g_worst_ratio = 0;
+void note_error(double err, double bound) {
+  if (bound > 0 && std::isfinite(err)) g_worst_ratio = std::max(g_worst_ratio, err / bound);
+}
+
 class BackendOps : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
+    g_worst_ratio = 0;
     std::string why;
     dev_ = open_backend(GetParam(), &why);
     if (!dev_) GTEST_SKIP() << why;
+  }
+  void TearDown() override {
+    if (!dev_) return;
+    char worst[32];
+    std::snprintf(worst, sizeof worst, "%.3g", g_worst_ratio);
+    RecordProperty("max_error", worst);
   }
   Backend& dev() { return *dev_; }
   static Backend& cpu() { return cpu_backend(); }
@@ -201,7 +216,9 @@ void expect_close(const std::string& ctx, const char* what, const std::vector<fl
       [&](size_t i) {
         if (std::isnan(want[i])) return bool(std::isnan(got[i]));
         if (std::isinf(want[i])) return got[i] == want[i];
-        return std::abs(double(got[i]) - double(want[i])) <= bound[i];
+        const double err = std::abs(double(got[i]) - double(want[i]));
+        note_error(err, bound[i]);
+        return err <= bound[i];
       },
       [&](size_t i) {
         return testing::Message() << "got " << got[i] << ", want " << want[i] << ", bound " << bound[i];
@@ -214,6 +231,7 @@ void expect_scalar(const std::string& ctx, const char* what, double got, double 
   } else if (std::isinf(want)) {
     EXPECT_EQ(got, want) << ctx << ": " << what;
   } else {
+    note_error(std::abs(got - want), bound);
     EXPECT_LE(std::abs(got - want), bound)
         << ctx << ": " << what << " got " << got << ", want " << want << ", bound " << bound;
   }
