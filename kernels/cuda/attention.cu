@@ -87,16 +87,29 @@ size_t forward_smem_bytes(int D) {
   return sizeof(float) * (size_t(2 * kTileQ + 2 * kTileK) * size_t(D) + kTileQ * kTileK + 3 * kTileQ);
 }
 
-// Block x = (sequence * n_heads + head) * query tiles + query tile.
+// The query tile a block of the forward or dq kernel owns: block x = (sequence b * n_heads + head h) *
+// query tiles + tile, rows i0 .. i0 + nq of `seq`; kvh is h's kv head (GQA).
+struct QueryTile {
+  int64_t b, i0;
+  int h, kvh, nq;
+};
+__device__ QueryTile query_tile(int64_t seq, int n_heads, int n_kv_heads) {
+  const int64_t n_qt = (seq + kTileQ - 1) / kTileQ;
+  QueryTile t;
+  t.b = int64_t(blockIdx.x) / (n_qt * n_heads);
+  t.h = int(int64_t(blockIdx.x) / n_qt % n_heads);
+  t.kvh = t.h / (n_heads / n_kv_heads);
+  t.i0 = int64_t(blockIdx.x) % n_qt * kTileQ;
+  t.nq = int(min_of<int64_t>(kTileQ, seq - t.i0));
+  return t;
+}
+
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(ForwardArgs a) {
   TF_DYNAMIC_SHARED(float, smem);
   const int D = a.head_dim, tid = int(threadIdx.x);
-  const int64_t n_qt = (a.q_seq + kTileQ - 1) / kTileQ;
-  const int64_t b = int64_t(blockIdx.x) / (n_qt * a.n_heads);
-  const int h = int(int64_t(blockIdx.x) / n_qt % a.n_heads);
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int64_t i0 = int64_t(blockIdx.x) % n_qt * kTileQ;
-  const int nq = int(min_of<int64_t>(kTileQ, a.q_seq - i0));
+  const QueryTile qt = query_tile(a.q_seq, a.n_heads, a.n_kv_heads);
+  const int64_t b = qt.b, i0 = qt.i0;
+  const int h = qt.h, kvh = qt.kvh, nq = qt.nq;
   const int64_t q_row = int64_t(a.n_heads) * D, kv_row = int64_t(a.n_kv_heads) * D;
   const port::gptr<const float> kseq = a.k + b * a.kv_seq * kv_row + kvh * D;
   const port::gptr<const float> vseq = a.v + b * a.kv_seq * kv_row + kvh * D;
@@ -337,17 +350,13 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(BackwardArgs a
   }
 }
 
-// dq += gradient of query rows i0 .. i0 + nq of head h; block x = (sequence * n_heads + h) * query
-// tiles + query tile. acc0 holds dQ / scale.
+// dq += gradient of the block's query tile (query_tile); acc0 holds dQ / scale.
 __global__ void __launch_bounds__(kThreads) attention_dq_kernel(BackwardArgs a) {
   TF_DYNAMIC_SHARED(float, smem);
   const int D = a.head_dim, tid = int(threadIdx.x);
-  const int64_t n_qt = (a.seq + kTileQ - 1) / kTileQ;
-  const int64_t b = int64_t(blockIdx.x) / (n_qt * a.n_heads);
-  const int h = int(int64_t(blockIdx.x) / n_qt % a.n_heads);
-  const int kvh = h / (a.n_heads / a.n_kv_heads);
-  const int64_t i0 = int64_t(blockIdx.x) % n_qt * kTileQ;
-  const int nq = int(min_of<int64_t>(kTileQ, a.seq - i0));
+  const QueryTile qt = query_tile(a.seq, a.n_heads, a.n_kv_heads);
+  const int64_t b = qt.b, i0 = qt.i0;
+  const int h = qt.h, kvh = qt.kvh, nq = qt.nq;
   const int64_t q_row = int64_t(a.n_heads) * D, kv_row = int64_t(a.n_kv_heads) * D;
   const port::gptr<const int32_t> doc = a.doc ? a.doc + b * a.seq : port::gptr<const int32_t>(nullptr);
   const BackwardTiles t = carve_backward(smem, D);

@@ -23,12 +23,14 @@ namespace tf::sim {
 
 // 16-bit floating-point storage types. Only bit patterns live here; arithmetic on them is not
 // provided (CUDA's operator overloads differ between architectures), so a kernel converts to float
-// with __bfloat162float / __half2float, computes, and converts back.
-class Bf16 {
+// with __bfloat162float / __half2float, computes, and converts back. The format tag keeps bf16 and
+// half distinct types, as they are in CUDA.
+template <typename Format>
+class Float16Bits {
  public:
-  Bf16() = default;
-  static constexpr Bf16 from_bits(uint16_t b) {
-    Bf16 v;
+  Float16Bits() = default;
+  static constexpr Float16Bits from_bits(uint16_t b) {
+    Float16Bits v;
     v.bits_ = b;
     return v;
   }
@@ -37,20 +39,10 @@ class Bf16 {
  private:
   uint16_t bits_;
 };
-
-class Half {
- public:
-  Half() = default;
-  static constexpr Half from_bits(uint16_t b) {
-    Half v;
-    v.bits_ = b;
-    return v;
-  }
-  constexpr uint16_t bits() const { return bits_; }
-
- private:
-  uint16_t bits_;
-};
+struct Bf16Format;
+struct HalfFormat;
+using Bf16 = Float16Bits<Bf16Format>;
+using Half = Float16Bits<HalfFormat>;
 
 // CUDA's __nv_bfloat162 / __half2: .x is the low half of the 32-bit word, as in an mma fragment.
 struct alignas(4) Bf16x2 {
