@@ -27,6 +27,7 @@
 #include "src/core/error.h"
 #include "tests/cuda_test_util.h"
 #include "tests/op_test_util.h"
+#include "tests/sim_test_util.h"
 
 namespace rt = tf::simt::rt;
 using tf::DType;
@@ -36,6 +37,8 @@ using tf::test::error_of;
 using tf::test::Guarded;
 
 namespace {
+
+using tf::test::expect_contains;
 
 constexpr double kU = 1.0 / 256;          // bf16 unit roundoff, 2^-8
 constexpr double kU32 = 1.0 / (1 << 24);  // f32 unit roundoff
@@ -472,12 +475,6 @@ TEST(CudaCrossEntropy, AllIgnoredTargetsTouchNothing) {
 }
 
 // ---- reported errors --------------------------------------------------------------------------
-
-void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
-  EXPECT_FALSE(msg.empty()) << "the call did not fail";
-  for (const char* p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-}
 
 TEST(CudaCrossEntropy, ATargetOutsideTheVocabularyIsReportedBeforeAnyOutput) {
   const int64_t n = 6, vocab = 5, dim = 4;

@@ -18,12 +18,15 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "tests/op_test_util.h"
+#include "tests/sim_test_util.h"
 
 using tf::sim::DeviceBuffer;
 using tf::simt::blas::ElemType;
 using tf::simt::blas::Gemm;
 
 namespace {
+
+using tf::test::expect_contains;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -191,12 +194,6 @@ std::string gemm_error(const Gemm& g) {
     return e.what();
   }
   return "";
-}
-
-void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
-  EXPECT_FALSE(msg.empty()) << "the call did not fail";
-  for (const char* p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
 }
 
 // A valid bf16 product C[4, 6] = A[4, 5] B[5, 6] on buffers of exactly the right size.

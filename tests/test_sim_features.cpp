@@ -22,29 +22,18 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "tests/op_test_util.h"
+#include "tests/sim_test_util.h"
 
 using tf::sim::DeviceBuffer;
 namespace port = tf::port;
 
 namespace {
 
+using tf::test::expect_contains;
+using tf::test::launch_error;
+
 // Unit roundoff of f32.
 constexpr double kU32 = 1.0 / (1 << 24);
-
-std::string launch_error(const std::function<void()>& launch) {
-  try {
-    launch();
-  } catch (const tf::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
-  EXPECT_FALSE(msg.empty()) << "the launch did not fail";
-  for (const char* p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-}
 
 std::vector<uint32_t> random_words(size_t n, uint32_t seed) {
   std::mt19937 gen(seed);

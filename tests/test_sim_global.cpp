@@ -11,26 +11,15 @@
 
 #include "kernels/cuda/port.h"
 #include "src/core/error.h"
+#include "tests/sim_test_util.h"
 
 using tf::sim::DeviceBuffer;
 namespace port = tf::port;
 
 namespace {
 
-std::string launch_error(const std::function<void()>& launch) {
-  try {
-    launch();
-  } catch (const tf::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
-  EXPECT_FALSE(msg.empty()) << "the launch did not fail";
-  for (const char* p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-}
+using tf::test::expect_contains;
+using tf::test::launch_error;
 
 // Every planted bug runs under several seeds (thread and block orders change with them), with
 // blocks one after another and interleaved.

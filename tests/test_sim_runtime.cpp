@@ -14,6 +14,7 @@
 #include "kernels/cuda/runtime.h"
 #include "kernels/sim/runtime.h"
 #include "src/core/error.h"
+#include "tests/sim_test_util.h"
 
 namespace port = tf::port;
 using tf::sim::AccessKind;
@@ -21,21 +22,8 @@ namespace rt = tf::simt::rt;
 
 namespace {
 
-// The message of the tf::Error `f` throws, or "" when it succeeds.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const tf::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
-  EXPECT_FALSE(msg.empty()) << "the call did not fail";
-  for (const char* p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-}
+using tf::test::expect_contains;
+using tf::test::launch_error;
 
 __global__ void add_one(port::gptr<float> v, int n) {
   const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
@@ -52,7 +40,7 @@ TEST(SimRuntime, DescribesOneDevice) {
   EXPECT_EQ(rt::device_name(0), "SIMT simulator");
   EXPECT_GT(rt::device_total_memory(0), size_t(0));
   rt::set_device(0);
-  expect_contains(error_of([] { rt::set_device(1); }), {"rt::set_device(1)", "one device"});
+  expect_contains(launch_error([] { rt::set_device(1); }), {"rt::set_device(1)", "one device"});
 }
 
 TEST(SimRuntime, AllocationStartsAsNaNBytes) {
@@ -90,13 +78,13 @@ TEST(SimRuntime, CopiesBothWaysMemsetAndAKernel) {
 TEST(SimRuntime, CopyAndMemsetBoundsNameTheAllocation) {
   auto* p = static_cast<uint8_t*>(rt::device_alloc(64, "weights"));
   std::vector<uint8_t> host(128, 0);
-  expect_contains(error_of([&] { rt::memcpy_h2d(p + 16, host.data(), 64, nullptr); }),
+  expect_contains(launch_error([&] { rt::memcpy_h2d(p + 16, host.data(), 64, nullptr); }),
                   {"destination of rt::memcpy_h2d", "'weights'", "byte offset 16", "16 bytes past its end"});
-  expect_contains(error_of([&] { rt::memcpy_d2h(host.data(), p, 65, nullptr); }),
+  expect_contains(launch_error([&] { rt::memcpy_d2h(host.data(), p, 65, nullptr); }),
                   {"source of rt::memcpy_d2h", "'weights'", "1 bytes past its end"});
-  expect_contains(error_of([&] { rt::memset_async(p + 60, 0, 8, nullptr); }),
+  expect_contains(launch_error([&] { rt::memset_async(p + 60, 0, 8, nullptr); }),
                   {"destination of rt::memset_async", "'weights'", "4 bytes past its end"});
-  expect_contains(error_of([&] { rt::memcpy_d2d(p, host.data(), 8, nullptr); }),
+  expect_contains(launch_error([&] { rt::memcpy_d2d(p, host.data(), 8, nullptr); }),
                   {"source of rt::memcpy_d2d", "is not device memory"});
   rt::device_free(p);
 }
@@ -104,7 +92,7 @@ TEST(SimRuntime, CopyAndMemsetBoundsNameTheAllocation) {
 TEST(SimRuntime, KernelAccessesToDeviceAllocAreBoundsChecked) {
   auto* p = static_cast<float*>(rt::device_alloc(100 * sizeof(float), "activations"));
   // 128 threads over 100 elements with the bound set past the end: the write to element 100 fails.
-  expect_contains(error_of([&] {
+  expect_contains(launch_error([&] {
                     port::launch(write_all, port::LaunchConfig{"write_all", dim3(2), dim3(64)}, p, 128);
                   }),
                   {"out-of-bounds write", "kernel 'write_all'", "global buffer 'activations'"});
@@ -119,7 +107,7 @@ TEST(SimRuntime, ScratchGrowsOnlyForLargerSizes) {
   void* b = rt::scratch(0, 4096);
   EXPECT_NE(b, nullptr);
   rt::memset_async(b, 0, 4096, nullptr);
-  expect_contains(error_of([] { rt::scratch(-1, 8); }), {"rt::scratch: slot -1"});
+  expect_contains(launch_error([] { rt::scratch(-1, 8); }), {"rt::scratch: slot -1"});
   rt::release_scratch();
 }
 
@@ -134,9 +122,9 @@ TEST(SimRuntime, StreamsAndEventsAreValidated) {
   rt::stream_synchronize(s);
   rt::event_destroy(e);
   rt::stream_destroy(s);
-  expect_contains(error_of([&] { rt::stream_synchronize(s); }), {"rt::stream_synchronize", "destroyed"});
+  expect_contains(launch_error([&] { rt::stream_synchronize(s); }), {"rt::stream_synchronize", "destroyed"});
   int not_a_stream = 0;
-  expect_contains(error_of([&] { rt::memset_async(nullptr, 0, 0, &not_a_stream); }),
+  expect_contains(launch_error([&] { rt::memset_async(nullptr, 0, 0, &not_a_stream); }),
                   {"rt::memset_async: stream", "rt::stream_create"});
 }
 
@@ -154,29 +142,29 @@ TEST(SimRuntime, SyncAfterLaunchIsASetting) {
 TEST(SimRuntime, UseAfterFreeByAKernelACopyOrAMemsetNamesTheAllocation) {
   auto* p = static_cast<float*>(rt::device_alloc(64 * sizeof(float), "kv_cache"));
   rt::device_free(p);
-  expect_contains(error_of([&] {
+  expect_contains(launch_error([&] {
                     port::launch(write_all, port::LaunchConfig{"write_all", dim3(1), dim3(64)}, p, 64);
                   }),
                   {"use after free", "kernel 'write_all'", "'kv_cache'", "rt::device_free"});
   std::vector<float> host(64, 0.0f);
-  expect_contains(error_of([&] { rt::memcpy_h2d(p + 4, host.data(), 16, nullptr); }),
+  expect_contains(launch_error([&] { rt::memcpy_h2d(p + 4, host.data(), 16, nullptr); }),
                   {"use after free", "destination of rt::memcpy_h2d", "'kv_cache'", "byte offset 16"});
-  expect_contains(error_of([&] { rt::memcpy_d2h(host.data(), p, 16, nullptr); }),
+  expect_contains(launch_error([&] { rt::memcpy_d2h(host.data(), p, 16, nullptr); }),
                   {"use after free", "source of rt::memcpy_d2h", "'kv_cache'"});
-  expect_contains(error_of([&] { rt::memset_async(p, 0, 16, nullptr); }),
+  expect_contains(launch_error([&] { rt::memset_async(p, 0, 16, nullptr); }),
                   {"use after free", "destination of rt::memset_async", "'kv_cache'"});
 }
 
 TEST(SimRuntime, DoubleFreeInteriorAndHostPointersAreRefused) {
   auto* p = static_cast<uint8_t*>(rt::device_alloc(256, "grads"));
-  expect_contains(error_of([&] { rt::device_free(p + 8); }),
+  expect_contains(launch_error([&] { rt::device_free(p + 8); }),
                   {"rt::device_free", "byte offset 8 of 'grads'", "not the start"});
   rt::device_free(p);
-  expect_contains(error_of([&] { rt::device_free(p); }), {"'grads'", "already freed (double free)"});
+  expect_contains(launch_error([&] { rt::device_free(p); }), {"'grads'", "already freed (double free)"});
   int host = 0;
-  expect_contains(error_of([&] { rt::device_free(&host); }), {"rt::device_free", "not device memory"});
+  expect_contains(launch_error([&] { rt::device_free(&host); }), {"rt::device_free", "not device memory"});
   tf::sim::DeviceBuffer owned(64, "owned");
-  expect_contains(error_of([&] { rt::device_free(owned.data()); }), {"'owned' is a sim::DeviceBuffer"});
+  expect_contains(launch_error([&] { rt::device_free(owned.data()); }), {"'owned' is a sim::DeviceBuffer"});
 }
 
 // ---- ordering between streams -----------------------------------------------------------------------
@@ -217,7 +205,7 @@ struct TwoStreams : ::testing::Test {
 
 TEST_F(TwoStreams, AKernelReadingAnUploadNotWaitedForIsReported) {
   rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
-  expect_contains(error_of([&] { launch_read(compute); }),
+  expect_contains(launch_error([&] { launch_read(compute); }),
                   {"stream race", "kernel 'read_all' on stream", "reads 'batch'",
                    "last written by rt::memcpy_h2d on stream", "not ordered before it"});
 }
@@ -226,7 +214,7 @@ TEST_F(TwoStreams, AnEventRecordedBeforeTheUploadDoesNotOrderIt) {
   rt::event_record(done, copy);
   rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
   rt::stream_wait_event(compute, done);
-  expect_contains(error_of([&] { launch_read(compute); }), {"stream race", "reads 'batch'"});
+  expect_contains(launch_error([&] { launch_read(compute); }), {"stream race", "reads 'batch'"});
 }
 
 TEST_F(TwoStreams, AnEventOrASynchronisationOrdersTheUpload) {
@@ -255,11 +243,11 @@ TEST_F(TwoStreams, AnUploadOverwritingWhatAKernelStillReadsIsReported) {
   rt::stream_synchronize(copy);
   launch_read(compute);
   // The next batch's upload on the copy stream, without waiting for the kernel that reads this one.
-  expect_contains(error_of([&] { rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy); }),
+  expect_contains(launch_error([&] { rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy); }),
                   {"stream race", "rt::memcpy_h2d on stream", "writes 'batch'", "kernel 'read_all' on stream",
                    "reads with no ordering"});
   // Two writers on different streams.
-  expect_contains(error_of([&] { rt::memset_async(out, 0, 16, copy); }),
+  expect_contains(launch_error([&] { rt::memset_async(out, 0, 16, copy); }),
                   {"stream race", "rt::memset_async", "writes 'hidden'", "kernel 'read_all'", "also writes"});
 }
 
@@ -271,7 +259,7 @@ TEST_F(TwoStreams, PiecesOfOneArenaAt256ByteBoundariesDoNotAlias) {
   port::launch(write_all, port::LaunchConfig{"write_all", dim3(1), dim3(64), 0, compute}, b, 64);
   // The same piece, though, is checked.
   expect_contains(
-      error_of([&] {
+      launch_error([&] {
         port::launch(write_all, port::LaunchConfig{"write_all", dim3(1), dim3(64), 0, compute}, a, 64);
       }),
       {"stream race", "kernel 'write_all'", "writes 'arena' (byte offset", "rt::memcpy_h2d"});
@@ -283,14 +271,15 @@ TEST_F(TwoStreams, HostAccessChecksRangesAndOrdersOnTheCurrentStream) {
   rt::memcpy_h2d(in, host.data(), kN * sizeof(float), copy);
   rt::set_current_stream(compute);
   expect_contains(
-      error_of([&] { tf::sim::host_access(in, kN * sizeof(float), AccessKind::Read, "blas::gemm A"); }),
+      launch_error([&] { tf::sim::host_access(in, kN * sizeof(float), AccessKind::Read, "blas::gemm A"); }),
       {"stream race", "blas::gemm A on stream", "reads 'batch'", "rt::memcpy_h2d"});
   rt::stream_synchronize(copy);
   tf::sim::host_access(in, kN * sizeof(float), AccessKind::Read, "blas::gemm A");
   tf::sim::host_access(out, kN * sizeof(float), AccessKind::Write, "blas::gemm C");
-  expect_contains(
-      error_of([&] { tf::sim::host_access(out, kN * sizeof(float) + 4, AccessKind::Write, "blas::gemm C"); }),
-      {"blas::gemm C", "'hidden'", "4 bytes past its end"});
+  expect_contains(launch_error([&] {
+                    tf::sim::host_access(out, kN * sizeof(float) + 4, AccessKind::Write, "blas::gemm C");
+                  }),
+                  {"blas::gemm C", "'hidden'", "4 bytes past its end"});
   // The kernel's read of 'hidden' after the host stand-in wrote it on the same stream is ordered.
   port::launch(read_all, port::LaunchConfig{"read_all", dim3(1), dim3(kN), 0, compute}, out, out, kN);
   rt::set_current_stream(nullptr);
@@ -319,14 +308,14 @@ __global__ void write_checked(int pad, CheckedArgs a) {
 TEST(SimRuntime, RawDevicePointersInParameterStructsAreReportedAtLaunch) {
   auto* p = static_cast<float*>(rt::device_alloc(32 * sizeof(float), "logits"));
   expect_contains(
-      error_of([&] {
+      launch_error([&] {
         port::launch(write_raw, port::LaunchConfig{"write_raw", dim3(1), dim3(32)}, RawArgs{p, 32});
       }),
       {"kernel 'write_raw': parameter 1 (a struct) holds a raw device pointer at byte 0", "'logits'",
        "port::gptr<T>"});
   // With a checked pointer member the launch runs, and its accesses are checked.
   port::launch(write_checked, port::LaunchConfig{"write_checked", dim3(1), dim3(32)}, 3, CheckedArgs{32, p});
-  expect_contains(error_of([&] {
+  expect_contains(launch_error([&] {
                     port::launch(write_checked, port::LaunchConfig{"write_checked", dim3(1), dim3(64)}, 3,
                                  CheckedArgs{33, p});
                   }),

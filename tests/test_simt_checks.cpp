@@ -12,27 +12,15 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "tests/op_test_util.h"
+#include "tests/sim_test_util.h"
 
 using tf::sim::DeviceBuffer;
 namespace port = tf::port;
 
 namespace {
 
-// The message of the tf::Error the launch ends with, or "" when it succeeds.
-std::string launch_error(const std::function<void()>& launch) {
-  try {
-    launch();
-  } catch (const tf::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-void expect_contains(const std::string& msg, std::initializer_list<const char*> parts) {
-  EXPECT_FALSE(msg.empty()) << "the launch did not fail";
-  for (const char* p : parts)
-    EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-}
+using tf::test::expect_contains;
+using tf::test::launch_error;
 
 // Every test with a planted bug runs under several seeds: a checker that only catches a bug under
 // a lucky thread order would fail here.
