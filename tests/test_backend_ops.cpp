@@ -36,6 +36,7 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
+#include "tests/attention_bounds.h"
 #include "tests/op_test_util.h"
 #include "tests/test_util.h"
 
@@ -1042,39 +1043,14 @@ std::vector<int32_t> make_doc_ids(const AttnCase& c, uint64_t seed) {
   return ids;
 }
 
-struct RowBound {
-  std::vector<double> out;
-  double lse;
-};
+using test::RowBound;
 
-// The forward bound of one query row qi against the rows `keys` of k and v (kv_row floats apart).
+// Two f32 implementations of unknown tiling (each key its own tile): twice one's bound.
 RowBound forward_row_bound(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
                            const std::vector<int64_t>& keys, int D, float scale) {
-  std::vector<double> s(keys.size());
-  double max_s = -INFINITY, A = 0;
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const float* kj = kbase + keys[t] * kv_row;
-    double dot = 0, mag = 0;
-    for (int d = 0; d < D; ++d) {
-      dot += double(qi[d]) * kj[d];
-      mag += std::abs(double(qi[d]) * kj[d]);
-    }
-    s[t] = scale * dot;
-    max_s = std::max(max_s, s[t]);
-    A = std::max(A, scale * mag);
-  }
-  double sum = 0;
-  for (const double x : s) sum += std::exp(x - max_s);
-  const double n = double(keys.size());
-  const double K = 4 * (D + 1) * A + 4 * (n + 2) * (2 * A + 2) + 2 * n + 2;
-  RowBound r{std::vector<double>(size_t(D)), 0};
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const double w = std::exp(s[t] - max_s) / sum;
-    const float* vj = vbase + keys[t] * kv_row;
-    for (int d = 0; d < D; ++d) r.out[size_t(d)] += w * std::abs(double(vj[d]));
-  }
-  for (double& m : r.out) m *= 2 * kU * K;
-  r.lse = 2 * kU * (K + std::abs(max_s + std::log(sum)));
+  RowBound r = test::forward_row_bound(qi, kbase, vbase, kv_row, keys, D, scale, 1);
+  for (double& m : r.out) m *= 2;
+  r.lse *= 2;
   return r;
 }
 

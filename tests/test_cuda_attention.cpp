@@ -20,6 +20,7 @@
 #include "kernels/sim/sim.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
+#include "tests/attention_bounds.h"
 #include "tests/op_test_util.h"
 
 namespace tf {
@@ -195,19 +196,9 @@ Grads cpu_backward(const Inputs& in, const Forward& saved) {
 //
 // Per-element bounds on how far one f32 implementation may be from the exact result of the same
 // formulas, to first order in u = 2^-24; the tests allow twice that between the simulated kernels
-// and tf::cpu, which differ in tiling and summation order only. For a query row with n allowed
-// keys j, scores s_j = scale q.k_j and A_j = scale sum_d |q_d k_jd| (D = head_dim):
-// - a score is a D-term dot product and a scaling: |error| <= (D + 1) u A_j;
-// - online softmax: exp(s_j - max) rounds its argument (u |s_j - max| <= 2 u A) and its result,
-//   and each of the at most n / 16 + 2 rescales by exp(old max - new max) does the same, so each
-//   normalized weight w_j is off by a relative eps <= u ((D + 1) A + (n / 16 + 2)(2 A + 2)) plus
-//   the same again for the score that sets the max, with A = max_j A_j;
-// - out_d = sum_j w_j v_jd: perturbing the weights by relative eps moves it by at most
-//   2 eps sum_j w_j |v_jd| (the normalization's share included), and the n-term sums of the
-//   numerator and of the denominator add 2 (n + 1) u sum_j w_j |v_jd|.
-// So |error of out_d| <= u K M_d with M_d = sum_j w_j |v_jd| and
-// K = 4 (D + 1) A + 4 (n / 16 + 2)(2 A + 2) + 2 n + 2; lse = max + log(sum) is off by at most
-// u (K + |lse|).
+// and tf::cpu, which differ in tiling and summation order only. The forward's is
+// tests/attention_bounds.h's, with n allowed keys, scores s_j, A_j = scale sum_d |q_d k_jd| and
+// D = head_dim as there.
 //
 // The backward, given out and lse (the same f32 values for both implementations): with
 // p = exp(s - lse), dP = dO.v, delta = dO.out, B = sum |dO v|, C = sum |dO out| and
@@ -217,41 +208,12 @@ Grads cpu_backward(const Inputs& in, const Forward& saved) {
 // u scale sum_j (G_j + (n + 2) |dS_j|) |k_jd|; dk and dv likewise over the N (head, query) terms
 // that reach key j: u scale sum (G + (N + 2) |dS|) |q_d| and u sum p (e + N + 2) |dO_d|.
 
-struct RowBound {
-  std::vector<double> out;  // per element of the row
-  double lse;
-};
+using test::RowBound;
 
-// The bound for one query row qi (head_dim D) against keys `keys` (rows of k and v at kv_row
-// floats from each other, starting at kbase and vbase).
+// The kernels' tiles hold 16 keys, which bounds the online softmax's rescales.
 RowBound forward_row_bound(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
                            const std::vector<int64_t>& keys, int D, float scale) {
-  std::vector<double> s(keys.size());
-  double max_s = -INFINITY, A = 0;
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const float* kj = kbase + keys[t] * kv_row;
-    double dot = 0, mag = 0;
-    for (int d = 0; d < D; ++d) {
-      dot += double(qi[d]) * kj[d];
-      mag += std::fabs(double(qi[d]) * kj[d]);
-    }
-    s[t] = scale * dot;
-    max_s = std::max(max_s, s[t]);
-    A = std::max(A, scale * mag);
-  }
-  double sum = 0;
-  for (double x : s) sum += std::exp(x - max_s);
-  const double n = double(keys.size());
-  const double K = 4 * (D + 1) * A + 4 * (n / 16 + 2) * (2 * A + 2) + 2 * n + 2;
-  RowBound r{std::vector<double>(size_t(D)), 0};
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const double w = std::exp(s[t] - max_s) / sum;
-    const float* vj = vbase + keys[t] * kv_row;
-    for (int d = 0; d < D; ++d) r.out[size_t(d)] += w * std::fabs(double(vj[d]));
-  }
-  for (double& m : r.out) m *= kU * K;
-  r.lse = kU * (K + std::fabs(max_s + std::log(sum)));
-  return r;
+  return test::forward_row_bound(qi, kbase, vbase, kv_row, keys, D, scale, 16);
 }
 
 struct ForwardBounds {
