@@ -36,14 +36,16 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
-#include "tests/attention_bounds.h"
+#include "tests/attention_test_util.h"
 #include "tests/op_test_util.h"
 #include "tests/test_util.h"
 
 namespace tf {
 namespace {
 
+using test::Docs;
 using test::error_of;
+using test::make_doc_ids;
 using test::random_floats;
 
 constexpr double kU = 1.0 / (1 << 24);            // f32 unit roundoff
@@ -1009,8 +1011,6 @@ TEST_P(BackendOps, RopeBothLayoutsAndDirections) {
 // (head, query) terms that reach key j: u scale sum (G + (N + 2) |dS|) |q_d| and
 // u sum p (e + N + 2) |dO_d|. Accumulating into the start values rounds once more per side.
 
-enum class Docs { None, Packed, Interleaved };
-
 struct AttnCase {
   int batch, seq, heads, kv_heads, head_dim;
   Docs docs;
@@ -1021,26 +1021,6 @@ std::string describe(const AttnCase& c) {
   return "batch " + std::to_string(c.batch) + " seq " + std::to_string(c.seq) + " heads " +
          std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " head_dim " +
          std::to_string(c.head_dim) + " " + docs[int(c.docs)];
-}
-
-// Packed: increasing ids with documents starting at random positions and always one mid-sequence;
-// interleaved: ids i % 3, so every tile needs the per-element mask (as tests/test_ops_attention.cpp).
-std::vector<int32_t> make_doc_ids(const AttnCase& c, uint64_t seed) {
-  std::vector<int32_t> ids(size_t(c.batch) * size_t(c.seq));
-  Philox rng(seed, 0xd0c);
-  for (int b = 0; b < c.batch; ++b) {
-    int32_t id = 10 * b;
-    for (int i = 0; i < c.seq; ++i) {
-      const size_t t = size_t(b) * size_t(c.seq) + size_t(i);
-      if (c.docs == Docs::Interleaved) {
-        ids[t] = i % 3;
-        continue;
-      }
-      if (i > 0 && (i == c.seq / 2 + b || rng.uniform(t) < 3.0f / float(c.seq))) ++id;
-      ids[t] = id;
-    }
-  }
-  return ids;
 }
 
 using test::RowBound;
@@ -1080,7 +1060,7 @@ AttnData make_attention(const AttnCase& c, uint64_t seed) {
   a.k = random_floats(a.kv_size(), seed + 1, 2.0f);
   a.v = random_floats(a.kv_size(), seed + 2);
   a.d_out = random_floats(a.q_size(), seed + 3);
-  if (c.docs != Docs::None) a.doc = make_doc_ids(c, seed + 4);
+  if (c.docs != Docs::None) a.doc = make_doc_ids(c.batch, c.seq, c.docs, seed + 4);
   return a;
 }
 

@@ -20,13 +20,15 @@
 #include "kernels/sim/sim.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
-#include "tests/attention_bounds.h"
+#include "tests/attention_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace tf {
 namespace {
 
 namespace rt = simt::rt;
+using test::Docs;
+using test::make_doc_ids;
 using test::random_floats;
 
 // Unit roundoff of f32.
@@ -95,29 +97,6 @@ AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_
   return s;
 }
 
-enum class Docs { None, Packed, Interleaved };
-
-// Packed: increasing ids, about three documents per sequence, one always starting mid-sequence
-// (mid-tile for most lengths). Interleaved: ids i % 3, so every tile needs the per-element mask.
-std::vector<int32_t> make_doc_ids(const AttentionShape& s, Docs docs, uint64_t seed) {
-  if (docs == Docs::None) return {};
-  std::vector<int32_t> ids(size_t(s.batch) * size_t(s.seq));
-  Philox rng(seed, 0xd0c);
-  for (int b = 0; b < s.batch; ++b) {
-    int32_t id = 10 * b;
-    for (int i = 0; i < s.seq; ++i) {
-      const size_t t = size_t(b) * size_t(s.seq) + size_t(i);
-      if (docs == Docs::Interleaved) {
-        ids[t] = i % 3;
-        continue;
-      }
-      if (i > 0 && (i == s.seq / 2 + b || rng.uniform(t) < 3.0f / float(s.seq))) ++id;
-      ids[t] = id;
-    }
-  }
-  return ids;
-}
-
 // q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
 // uniform and a wrong mask or a lost rescale shows up.
 struct Inputs {
@@ -129,7 +108,7 @@ struct Inputs {
     k = random_floats(kv_size(), seed + 1, 2.0f);
     v = random_floats(kv_size(), seed + 2);
     d_out = random_floats(q_size(), seed + 3);
-    doc = make_doc_ids(s, docs, seed + 4);
+    doc = make_doc_ids(s.batch, s.seq, docs, seed + 4);
   }
   size_t tokens() const { return size_t(s.batch) * size_t(s.seq); }
   size_t q_size() const { return tokens() * size_t(s.n_heads) * size_t(s.head_dim); }

@@ -11,11 +11,14 @@
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
+#include "tests/attention_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace tf {
 namespace {
 
+using test::Docs;
+using test::make_doc_ids;
 using test::random_floats;
 using test::rel_norm_error;
 using test::to_double;
@@ -33,29 +36,6 @@ AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_
   s.head_dim = head_dim;
   s.scale = 1.0f / std::sqrt(float(head_dim));
   return s;
-}
-
-enum class Docs { None, Packed, Interleaved };
-
-// Packed: increasing ids with documents starting at random positions (about three per sequence)
-// and always one starting mid-sequence. Interleaved: ids i % 3, so no tile holds a single
-// document and every tile needs the per-element mask.
-std::vector<int32_t> make_doc_ids(const AttentionShape& s, Docs docs, uint64_t seed) {
-  std::vector<int32_t> ids(size_t(s.batch) * size_t(s.seq));
-  Philox rng(seed, 0xd0c);
-  for (int b = 0; b < s.batch; ++b) {
-    int32_t id = 10 * b;
-    for (int i = 0; i < s.seq; ++i) {
-      const size_t t = size_t(b) * size_t(s.seq) + size_t(i);
-      if (docs == Docs::Interleaved) {
-        ids[t] = i % 3;
-        continue;
-      }
-      if (i > 0 && (i == s.seq / 2 + b || rng.uniform(t) < 3.0f / float(s.seq))) ++id;
-      ids[t] = id;
-    }
-  }
-  return ids;
 }
 
 struct Inputs {
@@ -81,7 +61,7 @@ Inputs make_inputs(const AttentionShape& s, Docs docs, uint64_t seed) {
   in.k = random_floats(in.kv_size(), seed + 1, 2.0f);
   in.v = random_floats(in.kv_size(), seed + 2);
   in.d_out = random_floats(in.q_size(), seed + 3);
-  if (docs != Docs::None) in.doc = make_doc_ids(s, docs, seed + 4);
+  if (docs != Docs::None) in.doc = make_doc_ids(s.batch, s.seq, docs, seed + 4);
   return in;
 }
 

@@ -1,5 +1,5 @@
-// defines: the f32 error bound of one attention output row (tf::test::forward_row_bound), shared by
-// the tests that compare two attention implementations
+// defines: what the tests that compare two attention implementations share: document ids for packed
+// sequences (tf::test::make_doc_ids) and the f32 error bound of one output row (forward_row_bound)
 #pragma once
 
 #include <algorithm>
@@ -7,7 +7,34 @@
 #include <cstdint>
 #include <vector>
 
+#include "src/core/rng.h"
+
 namespace tf::test {
+
+enum class Docs { None, Packed, Interleaved };
+
+// Document ids of `batch` sequences of `seq` tokens (empty for None). Packed: increasing ids with
+// documents starting at random positions (about three per sequence) and always one starting
+// mid-sequence (mid-tile for most lengths). Interleaved: ids i % 3, so no tile holds a single
+// document and every tile needs the per-element mask.
+inline std::vector<int32_t> make_doc_ids(int batch, int seq, Docs docs, uint64_t seed) {
+  if (docs == Docs::None) return {};
+  std::vector<int32_t> ids(size_t(batch) * size_t(seq));
+  const Philox rng(seed, 0xd0c);
+  for (int b = 0; b < batch; ++b) {
+    int32_t id = 10 * b;
+    for (int i = 0; i < seq; ++i) {
+      const size_t t = size_t(b) * size_t(seq) + size_t(i);
+      if (docs == Docs::Interleaved) {
+        ids[t] = i % 3;
+        continue;
+      }
+      if (i > 0 && (i == seq / 2 + b || rng.uniform(t) < 3.0f / float(seq))) ++id;
+      ids[t] = id;
+    }
+  }
+  return ids;
+}
 
 // Per-element bounds on how far one f32 implementation of attention's forward may be from the exact
 // result of the same formulas, to first order in u = 2^-24. For a query row with n allowed keys j,
