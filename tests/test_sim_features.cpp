@@ -29,6 +29,8 @@ namespace port = tf::port;
 
 namespace {
 
+using tf::test::expect_bijection;
+
 using tf::test::expect_contains;
 using tf::test::launch_error;
 
@@ -679,20 +681,6 @@ TEST(SimFeatures, AtomicAddAndCasMatchTheHost) {
 }
 
 // ---- mma.sync shapes ------------------------------------------------------------------------------------
-
-template <typename F>
-void expect_bijection(int rows, int cols, int per_lane, F coord) {
-  std::set<std::pair<int, int>> seen;
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < per_lane; ++i) {
-      const tf::sim::FragCoord p = coord(lane, i);
-      ASSERT_TRUE(p.row >= 0 && p.row < rows && p.col >= 0 && p.col < cols)
-          << "lane " << lane << " element " << i;
-      EXPECT_TRUE(seen.insert({p.row, p.col}).second) << "lane " << lane << " element " << i << " repeats";
-    }
-  }
-  EXPECT_EQ(seen.size(), size_t(rows * cols));
-}
 
 TEST(SimFeatures, NewMmaLayoutsCoverTheirTilesOnce) {
   expect_bijection(16, 8, 4, tf::sim::mma_m16n8k8_a_coord);

@@ -13,29 +13,17 @@
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "tests/op_test_util.h"
+#include "tests/sim_test_util.h"
 
 using tf::sim::DeviceBuffer;
 namespace port = tf::port;
 
 namespace {
 
+using tf::test::expect_bijection;
+
 // Unit roundoff of f32.
 constexpr double kU32 = 1.0 / (1 << 24);
-
-// Each layout must place every element of its tile exactly once across the 32 lanes.
-template <typename F>
-void expect_bijection(int rows, int cols, int per_lane, F coord) {
-  std::set<std::pair<int, int>> seen;
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int i = 0; i < per_lane; ++i) {
-      const tf::sim::FragCoord p = coord(lane, i);
-      ASSERT_TRUE(p.row >= 0 && p.row < rows && p.col >= 0 && p.col < cols)
-          << "lane " << lane << " element " << i;
-      EXPECT_TRUE(seen.insert({p.row, p.col}).second) << "lane " << lane << " element " << i << " repeats";
-    }
-  }
-  EXPECT_EQ(seen.size(), size_t(rows * cols));
-}
 
 TEST(SimtFragments, LayoutsCoverTheirTilesOnce) {
   expect_bijection(16, 16, 8, tf::sim::mma_a_coord);
