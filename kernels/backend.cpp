@@ -62,9 +62,10 @@ DeviceSpec parse_device(std::string_view spec) {
   TF_FAIL("--device must be auto, cpu, simt, cuda or cuda:N (N a GPU index), got '", spec, "'");
 }
 
-#if TIGHTFIT_HAVE_CUDA
-// The number of GPUs, or 0 with the reason when the CUDA runtime finds none (no driver included).
+}  // namespace
+
 int count_gpus(std::string* why) {
+#if TIGHTFIT_HAVE_CUDA
   try {
     const int n = cuda::rt::device_count();
     if (n == 0) *why = "no CUDA device found";
@@ -73,10 +74,11 @@ int count_gpus(std::string* why) {
     *why = e.what();
     return 0;
   }
-}
+#else
+  *why = "this tightfit was built without the CUDA backend";
+  return 0;
 #endif
-
-}  // namespace
+}
 
 void check_device(std::string_view spec) {
   [[maybe_unused]] const DeviceSpec d = parse_device(spec);
@@ -100,14 +102,12 @@ std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked
 #endif
     case DeviceSpec::Kind::Auto: break;
   }
-  std::string why = "this tightfit was built without the CUDA backend";
-#if TIGHTFIT_HAVE_CUDA
+  std::string why;
   if (count_gpus(&why) > 0) {
-    std::unique_ptr<Backend> gpu = cuda::make_device_backend(0);
+    std::unique_ptr<Backend> gpu = make_backend("cuda:0");
     if (picked) *picked = gpu->describe() + ", picked by --device auto";
     return gpu;
   }
-#endif
   if (picked) *picked = "cpu (--device auto: " + why + ")";
   return make_cpu_backend();
 }

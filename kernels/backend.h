@@ -159,6 +159,9 @@ Backend& cpu_backend();
 // "cuda" / "cuda:N" (a GPU; needs a build with the CUDA backend) or "auto" (cuda:0 when a GPU is
 // present, else cpu). `picked` receives one line saying what auto chose and why.
 std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked = nullptr);
+// The number of CUDA devices this build can use, or 0 with the reason in *why (a build without the
+// CUDA backend, no driver, no device).
+int count_gpus(std::string* why);
 // The checks of make_backend that need no device: the spelling of `spec`, and cuda in a build
 // without the CUDA backend. For refusing a bad --device before a model loads.
 void check_device(std::string_view spec);

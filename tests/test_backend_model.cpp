@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "kernels/backend.h"
-#include "kernels/cuda/runtime.h"
 #include "model_test_util.h"
 #include "src/core/error.h"
 #include "src/train/trainer.h"
+#include "tests/backend_test_util.h"
 
 namespace tf {
 namespace {
@@ -25,33 +25,11 @@ using test::tiny_config;
 // bf16 unit roundoff: the device rounds every GEMM's f32 activations to bf16 (8 significant bits).
 constexpr double kUBf16 = 1.0 / 256;
 
-std::unique_ptr<Backend> device_or_skip(const std::string& name, std::string* why) {
-  if (name == "cuda") {
-#if TIGHTFIT_HAVE_CUDA
-    int n = 0;
-    try {
-      n = cuda::rt::device_count();
-    } catch (const Error& e) {
-      *why = std::string("no usable CUDA device: ") + e.what();
-      return nullptr;
-    }
-    if (n == 0) {
-      *why = "no CUDA device on this machine";
-      return nullptr;
-    }
-#else
-    *why = "this build has no CUDA backend (TIGHTFIT_CUDA=OFF or no nvcc)";
-    return nullptr;
-#endif
-  }
-  return make_backend(name);
-}
-
 class BackendModel : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     std::string why;
-    device_ = device_or_skip(GetParam(), &why);
+    device_ = test::open_backend(GetParam(), &why);
     if (!device_) GTEST_SKIP() << why;
   }
   std::unique_ptr<Backend> device_;

@@ -31,12 +31,12 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/ref/adamw.h"
 #include "kernels/cpu/ref/attention.h"
-#include "kernels/cuda/runtime.h"
 #include "kernels/ops.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
 #include "tests/attention_test_util.h"
+#include "tests/backend_test_util.h"
 #include "tests/op_test_util.h"
 #include "tests/test_util.h"
 
@@ -46,6 +46,7 @@ namespace {
 using test::Docs;
 using test::error_of;
 using test::make_doc_ids;
+using test::open_backend;
 using test::random_floats;
 
 constexpr double kU = 1.0 / (1 << 24);            // f32 unit roundoff
@@ -56,28 +57,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr DType kFloatTypes[] = {DType::F32, DType::BF16, DType::F16};
 
 // ---- the backend under test ----------------------------------------------------------------------
-
-// The backend a test parameter names, or null with the reason it is not here.
-std::unique_ptr<Backend> open_backend(const std::string& name, std::string* why) {
-  if (name != "cuda") return make_backend(name);
-#if TIGHTFIT_HAVE_CUDA
-  int gpus = 0;
-  try {
-    gpus = cuda::rt::device_count();
-  } catch (const Error& e) {
-    *why = std::string("no CUDA device: ") + e.what();
-    return nullptr;
-  }
-  if (gpus == 0) {
-    *why = "no CUDA device: the CUDA runtime finds none";
-    return nullptr;
-  }
-  return make_backend("cuda:0");
-#else
-  *why = "no CUDA device: this tightfit was built without the CUDA backend (TIGHTFIT_CUDA=OFF or no nvcc)";
-  return nullptr;
-#endif
-}
 
 // The largest |got - want| / bound the running case has compared (at most 1 when it passes; 0 when
 // every comparison was exact), recorded as the case's "max_error" property for the table of
