@@ -44,7 +44,7 @@ std::array<PlannedAlloc, 4> LoraState::memory_plan(const LlamaConfig& model, con
           PlannedAlloc{"AdamW second moments", MemTag::Optimizer, bytes}};
 }
 
-LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backend& backend)
+LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backend& backend, Uninitialised)
     : config(cfg), model(model_cfg), backend_(&backend) {
   TF_CHECK(cfg.rank > 0 && cfg.rank <= 4096, "LoRA rank must be in [1, 4096], got ", cfg.rank);
   TF_CHECK(cfg.alpha > 0 && std::isfinite(cfg.alpha), "LoRA alpha must be positive, got ", cfg.alpha);
@@ -53,12 +53,7 @@ LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backen
   const std::array<PlannedAlloc, 4> plan = memory_plan(model, cfg);
   n_params = int64_t(plan[0].bytes / sizeof(float));
   DeviceMem* const bufs[4] = {&params, &grads, &adam_m, &adam_v};
-  for (size_t i = 0; i < plan.size(); ++i) {
-    *bufs[i] = backend.alloc(plan[i].bytes, plan[i].tag, plan[i].what);
-    backend.fill(bufs[i]->as<float>(), 0.0f, n_params);
-  }
-  // A is drawn on the host (Philox is a host function of the index) and uploaded.
-  std::vector<float> host_a;
+  for (size_t i = 0; i < plan.size(); ++i) *bufs[i] = backend.alloc(plan[i].bytes, plan[i].tag, plan[i].what);
   layers.resize(size_t(model.n_layers));
   int64_t offset = 0;
   for (int l = 0; l < model.n_layers; ++l) {
@@ -75,9 +70,22 @@ LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backen
       a.B = param_data() + offset;
       a.dB = grad_data() + offset;
       offset += int64_t(cfg.rank) * out;
-      const float bound = 1.0f / std::sqrt(float(in));
+    }
+  }
+}
+
+LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backend& backend)
+    : LoraState(model_cfg, cfg, backend, Uninitialised{}) {
+  for (DeviceMem* m : {&params, &grads, &adam_m, &adam_v}) backend.fill(m->as<float>(), 0.0f, n_params);
+  // A is drawn on the host (Philox is a host function of the index) and uploaded.
+  std::vector<float> host_a;
+  for (int l = 0; l < model.n_layers; ++l) {
+    for (int t = 0; t < kLoraTargetCount; ++t) {
+      const LoraAdapter& a = at(l, LoraTarget(t));
+      if (!a.active()) continue;
+      const float bound = 1.0f / std::sqrt(float(a.in));
       const Philox rng(cfg.seed, kStreamLoraInit | (uint64_t(l) << 8) | uint64_t(t));
-      host_a.resize(size_t(cfg.rank) * size_t(in));
+      host_a.resize(size_t(a.rank) * size_t(a.in));
       for (size_t i = 0; i < host_a.size(); ++i) host_a[i] = (2.0f * rng.uniform(uint64_t(i)) - 1.0f) * bound;
       backend.upload_n(a.A, host_a.data(), host_a.size());
     }
@@ -90,22 +98,34 @@ void LoraState::zero_grads() {
 }
 
 LoraState LoraState::host_copy() const {
-  LoraState host(model, config, cpu_backend());
+  LoraState host(model, config, cpu_backend(), Uninitialised{});
+  cpu_backend().fill(host.grad_data(), 0.0f, n_params);
   host.copy_from(*this);
   return host;
 }
 
+// A copy between two backends goes through the host once: straight into or out of whichever side's
+// memory is host memory, else through a staging buffer.
 void LoraState::copy_from(const LoraState& other) {
   if (&other == this) return;
   TF_CHECK(other.n_params == n_params && other.layers.size() == layers.size() &&
                other.config.rank == config.rank && other.config.targets == config.targets,
            "LoRA states of different layouts: ", other.n_params, " and ", n_params, " parameters");
-  std::vector<float> staging(static_cast<size_t>(n_params));
+  std::vector<float> staging;
   const std::pair<const DeviceMem*, DeviceMem*> parts[3] = {
       {&other.params, &params}, {&other.adam_m, &adam_m}, {&other.adam_v, &adam_v}};
   for (const auto& [src, dst] : parts) {
-    other.backend().download(staging.data(), src->data(), src->bytes());
-    backend_->upload(dst->data(), staging.data(), dst->bytes());
+    if (backend_->host_memory()) {
+      other.backend().download(dst->data(), src->data(), src->bytes());
+      continue;
+    }
+    const void* from = src->data();
+    if (!other.backend().host_memory()) {
+      staging.resize(size_t(n_params));
+      other.backend().download(staging.data(), src->data(), src->bytes());
+      from = staging.data();
+    }
+    backend_->upload(dst->data(), from, dst->bytes());
     backend_->synchronize();
   }
 }

@@ -54,6 +54,10 @@ struct LoraState {
   void copy_from(const LoraState& other);
 
  private:
+  struct Uninitialised {};
+  // Allocates and lays out the buffers; their contents are left to the caller.
+  LoraState(const LlamaConfig& model, const LoraConfig& config, Backend& backend, Uninitialised);
+
   Backend* backend_ = &cpu_backend();
 };
 
