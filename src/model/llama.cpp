@@ -9,13 +9,18 @@
 
 namespace tf {
 
+// The config is consistent and there are weights for each of its layers.
+static void check_weights(const LlamaWeights& w) {
+  w.config.validate("model config");
+  TF_CHECK(int64_t(w.blocks.size()) == w.config.n_layers, "model has ", w.blocks.size(),
+           " blocks of weights but its config says ", w.config.n_layers, " layers");
+}
+
 // Every dtype is checked before any weight is placed, and the weights are placed before the LoRA
 // state is laid out, so an unsupported dtype is reported before anything is allocated on the backend.
 static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage) {
   const LlamaConfig& c = w.config;
-  c.validate("model config");
-  TF_CHECK(int64_t(w.blocks.size()) == c.n_layers, "model has ", w.blocks.size(),
-           " blocks of weights but its config says ", c.n_layers, " layers");
+  check_weights(w);
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const DType dtype = w.slot(s, layer).dtype;
     TF_CHECK(be.supports_weight(dtype), "the ", be.name(), " backend does not run ", dtype_name(dtype),
@@ -68,9 +73,7 @@ size_t MemoryPlan::requested() const {
 MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora, CheckpointPolicy policy,
                                    int64_t max_tokens, const Backend& be) {
   const LlamaConfig& c = w.config;
-  c.validate("model config");
-  TF_CHECK(int64_t(w.blocks.size()) == c.n_layers, "model has ", w.blocks.size(),
-           " blocks of weights but its config says ", c.n_layers, " layers");
+  check_weights(w);
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
   MemoryPlan plan;
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
