@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/cpu/ref/attention.h"
+#include "kernels/ops.h"
 #include "src/core/rng.h"
 
 namespace tf::test {
@@ -87,6 +89,116 @@ inline RowBound forward_row_bound(const float* qi, const float* kbase, const flo
   for (double& m : r.out) m *= kU * K;
   r.lse = kU * (K + std::fabs(max_s + std::log(sum)));
   return r;
+}
+
+struct ForwardBounds {
+  std::vector<double> out, lse;
+};
+
+// The bounds of one implementation's out and lse for every row, with key tiles of key_tile keys.
+inline ForwardBounds forward_bounds(const AttentionShape& s, const std::vector<float>& q,
+                                    const std::vector<float>& k, const std::vector<float>& v,
+                                    const std::vector<int32_t>& docs, int key_tile) {
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  ForwardBounds fb{std::vector<double>(q.size()), std::vector<double>(q.size() / size_t(s.head_dim))};
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = docs.empty() ? nullptr : docs.data() + b * S;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < S; ++i) {
+        std::vector<int64_t> keys;
+        for (int64_t j = 0; j <= i; ++j)
+          if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
+        const int64_t row = (b * S + i) * H + h;
+        const RowBound r = forward_row_bound(q.data() + row * D, k.data() + (b * S * KV + h / group) * D,
+                                             v.data() + (b * S * KV + h / group) * D, KV * D, keys, int(D),
+                                             s.scale, key_tile);
+        std::copy(r.out.begin(), r.out.end(), fb.out.begin() + row * D);
+        fb.lse[size_t(row)] = r.lse;
+      }
+    }
+  }
+  return fb;
+}
+
+// The backward, given out and lse (the same f32 values for both implementations): with
+// p = exp(s - lse), dP = dO.v, delta = dO.out, B = sum |dO v|, C = sum |dO out| and
+// dS = p (dP - delta), p is off by a relative u e, e = (D + 1) A_j + |s| + |lse| + 1 (score,
+// subtraction, exp), dP and delta by D u B and D u C, so |error of dS| <= u G with
+// G = p ((e + 3) |dP - delta| + D (B + C)). dq_d = scale sum_j dS_j k_jd over n terms is off by
+// u scale sum_j (G_j + (n + 2) |dS_j|) |k_jd|; dk and dv likewise over the N (head, query) terms
+// that reach key j: u scale sum (G + (N + 2) |dS|) |q_d| and u sum p (e + N + 2) |dO_d|.
+struct GradBounds {
+  std::vector<double> dq, dk, dv;
+};
+
+// The bounds of one implementation's dq, dk and dv, given the same out and lse.
+inline GradBounds backward_bounds(const AttentionShape& s, const std::vector<float>& q,
+                                  const std::vector<float>& k, const std::vector<float>& v,
+                                  const std::vector<float>& d_out, const std::vector<float>& out,
+                                  const std::vector<float>& lse_saved, const std::vector<int32_t>& docs) {
+  constexpr double kU = 1.0 / (1 << 24);
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  const double scale = s.scale;
+  GradBounds gb{std::vector<double>(q.size()), std::vector<double>(k.size()), std::vector<double>(k.size())};
+  // dk and dv: the sums of G |q| and |dS| |q| (of p e |dO| and p |dO|), and the count of terms.
+  std::vector<double> dk_g(k.size()), dk_s(k.size()), dv_e(k.size()), dv_p(k.size());
+  std::vector<double> n_terms(k.size() / size_t(s.head_dim));
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = docs.empty() ? nullptr : docs.data() + b * S;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / group;
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t row = (b * S + i) * H + h;
+        const float *qi = q.data() + row * D, *doi = d_out.data() + row * D, *oi = out.data() + row * D;
+        const double lse = lse_saved[size_t(row)];
+        double delta = 0, C = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          delta += double(doi[d]) * oi[d];
+          C += std::fabs(double(doi[d]) * oi[d]);
+        }
+        struct Term {
+          int64_t kv;  // (token, kv head) row of k and v
+          double p, e, ds, G;
+        };
+        std::vector<Term> terms;
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!ref::attention_allowed(doc, i, j)) continue;
+          const int64_t kv = (b * S + j) * KV + g;
+          const float *kj = k.data() + kv * D, *vj = v.data() + kv * D;
+          double qk = 0, A = 0, dp = 0, B = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            qk += double(qi[d]) * kj[d];
+            A += std::fabs(double(qi[d]) * kj[d]);
+            dp += double(doi[d]) * vj[d];
+            B += std::fabs(double(doi[d]) * vj[d]);
+          }
+          const double sc = scale * qk, p = std::exp(sc - lse);
+          const double e = double(D + 1) * scale * A + std::fabs(sc) + std::fabs(lse) + 1;
+          const double G = p * ((e + 3) * std::fabs(dp - delta) + double(D) * (B + C));
+          terms.push_back({kv, p, e, p * (dp - delta), G});
+        }
+        const double n = double(terms.size());
+        for (const Term& t : terms) {
+          const float* kj = k.data() + t.kv * D;
+          for (int64_t d = 0; d < D; ++d) {
+            gb.dq[size_t(row * D + d)] += kU * scale * (t.G + (n + 2) * std::fabs(t.ds)) * std::fabs(kj[d]);
+            const size_t at = size_t(t.kv * D + d);
+            dk_g[at] += scale * t.G * std::fabs(qi[d]);
+            dk_s[at] += scale * std::fabs(t.ds * qi[d]);
+            dv_e[at] += t.p * t.e * std::fabs(doi[d]);
+            dv_p[at] += t.p * std::fabs(doi[d]);
+          }
+          n_terms[size_t(t.kv)] += 1;
+        }
+      }
+    }
+  }
+  for (size_t at = 0; at < k.size(); ++at) {
+    const double N = n_terms[at / size_t(D)];
+    gb.dk[at] = kU * (dk_g[at] + (N + 2) * dk_s[at]);
+    gb.dv[at] = kU * (dv_e[at] + (N + 2) * dv_p[at]);
+  }
+  return gb;
 }
 
 }  // namespace tf::test

@@ -1002,6 +1002,8 @@ std::string describe(const AttnCase& c) {
          std::to_string(c.head_dim) + " " + docs[int(c.docs)];
 }
 
+using test::ForwardBounds;
+using test::GradBounds;
 using test::RowBound;
 
 // Two f32 implementations of unknown tiling (each key its own tile): twice one's bound.
@@ -1053,8 +1055,6 @@ TEST_P(BackendOps, AttentionForwardAndBackwardAcrossShapes) {
                             {2, 37, 2, 2, 64, Docs::Interleaved}, {1, 17, 2, 1, 20, Docs::Packed}};
   for (const AttnCase& ac : cases) {
     const AttnData in = make_attention(ac, 1234 + uint64_t(ac.seq));
-    const int64_t H = ac.heads, KV = ac.kv_heads, D = ac.head_dim, S = ac.seq, group = H / KV;
-    const double scale = in.s.scale;
     {
       const std::string c = ctx("attention_forward", describe(ac));
       Buf<float> d_q(dev(), in.q, "q"), d_k(dev(), in.k, "k"), d_v(dev(), in.v, "v");
@@ -1066,23 +1066,11 @@ TEST_P(BackendOps, AttentionForwardAndBackwardAcrossShapes) {
       std::vector<float> out(in.q_size()), lse(in.lse_size());
       cpu().attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(),
                               in.s);
-      std::vector<double> b_out(in.q_size()), b_lse(in.lse_size());
-      for (int64_t b = 0; b < ac.batch; ++b) {
-        const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
-        for (int64_t h = 0; h < H; ++h) {
-          for (int64_t i = 0; i < S; ++i) {
-            std::vector<int64_t> keys;
-            for (int64_t j = 0; j <= i; ++j)
-              if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
-            const int64_t row = (b * S + i) * H + h;
-            const RowBound r = forward_row_bound(
-                in.q.data() + row * D, in.k.data() + (b * S * KV + h / group) * D,
-                in.v.data() + (b * S * KV + h / group) * D, KV * D, keys, int(D), in.s.scale);
-            std::copy(r.out.begin(), r.out.end(), b_out.begin() + row * D);
-            b_lse[size_t(row)] = r.lse;
-          }
-        }
-      }
+      // Two implementations of unknown tiling (each key its own tile): twice one's bound.
+      const ForwardBounds fb = test::forward_bounds(in.s, in.q, in.k, in.v, in.doc, 1);
+      std::vector<double> b_out(fb.out), b_lse(fb.lse);
+      for (double& x : b_out) x *= 2;
+      for (double& x : b_lse) x *= 2;
       expect_close(c, "out", d_out.read(c), out, b_out);
       expect_close(c, "lse", d_lse.read(c), lse, b_lse);
     }
@@ -1103,65 +1091,14 @@ TEST_P(BackendOps, AttentionForwardAndBackwardAcrossShapes) {
     std::vector<float> dq = dq0, dk = dk0, dv = dv0;
     cpu().attention_backward(dq.data(), dk.data(), dv.data(), in.d_out.data(), in.q.data(), in.k.data(),
                              in.v.data(), out.data(), lse.data(), in.doc_ptr(), in.s);
-    std::vector<double> b_dq(in.q_size()), dk_g(in.kv_size()), dk_s(in.kv_size()), dv_e(in.kv_size()),
-        dv_p(in.kv_size()), n_terms(in.kv_size() / size_t(D));
-    for (int64_t b = 0; b < ac.batch; ++b) {
-      const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
-      for (int64_t h = 0; h < H; ++h) {
-        for (int64_t i = 0; i < S; ++i) {
-          const int64_t row = (b * S + i) * H + h;
-          const float *qi = in.q.data() + row * D, *doi = in.d_out.data() + row * D,
-                      *oi = out.data() + row * D;
-          const double l = lse[size_t(row)];
-          double delta = 0, C = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            delta += double(doi[d]) * oi[d];
-            C += std::abs(double(doi[d]) * oi[d]);
-          }
-          struct Term {
-            int64_t kv;
-            double p, e, ds, G;
-          };
-          std::vector<Term> terms;
-          for (int64_t j = 0; j <= i; ++j) {
-            if (!ref::attention_allowed(doc, i, j)) continue;
-            const int64_t kv = (b * S + j) * KV + h / group;
-            const float *kj = in.k.data() + kv * D, *vj = in.v.data() + kv * D;
-            double qk = 0, A = 0, dp = 0, B = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              qk += double(qi[d]) * kj[d];
-              A += std::abs(double(qi[d]) * kj[d]);
-              dp += double(doi[d]) * vj[d];
-              B += std::abs(double(doi[d]) * vj[d]);
-            }
-            const double sc = scale * qk, p = std::exp(sc - l);
-            const double e = double(D + 1) * scale * A + std::abs(sc) + std::abs(l) + 1;
-            const double G = p * ((e + 3) * std::abs(dp - delta) + double(D) * (B + C));
-            terms.push_back({kv, p, e, p * (dp - delta), G});
-          }
-          const double n = double(terms.size());
-          for (const Term& t : terms) {
-            const float* kj = in.k.data() + t.kv * D;
-            for (int64_t d = 0; d < D; ++d) {
-              b_dq[size_t(row * D + d)] += kU * scale * (t.G + (n + 2) * std::abs(t.ds)) * std::abs(kj[d]);
-              const size_t at = size_t(t.kv * D + d);
-              dk_g[at] += scale * t.G * std::abs(qi[d]);
-              dk_s[at] += scale * std::abs(t.ds * qi[d]);
-              dv_e[at] += t.p * t.e * std::abs(doi[d]);
-              dv_p[at] += t.p * std::abs(doi[d]);
-            }
-            n_terms[size_t(t.kv)] += 1;
-          }
-        }
-      }
-    }
-    std::vector<double> b_dk(in.kv_size()), b_dv(in.kv_size());
+    // Twice one implementation's bound, plus the accumulation into the start (2 u |start| per side).
+    const GradBounds gb = test::backward_bounds(in.s, in.q, in.k, in.v, in.d_out, out, lse, in.doc);
+    std::vector<double> b_dq(in.q_size()), b_dk(in.kv_size()), b_dv(in.kv_size());
     for (size_t at = 0; at < in.kv_size(); ++at) {
-      const double N = n_terms[at / size_t(D)];
-      b_dk[at] = 2 * kU * (dk_g[at] + (N + 2) * dk_s[at]) + 4 * kU * std::abs(double(dk0[at]));
-      b_dv[at] = 2 * kU * (dv_e[at] + (N + 2) * dv_p[at]) + 4 * kU * std::abs(double(dv0[at]));
+      b_dk[at] = 2 * gb.dk[at] + 4 * kU * std::abs(double(dk0[at]));
+      b_dv[at] = 2 * gb.dv[at] + 4 * kU * std::abs(double(dv0[at]));
     }
-    for (size_t at = 0; at < in.q_size(); ++at) b_dq[at] = 2 * b_dq[at] + 4 * kU * std::abs(double(dq0[at]));
+    for (size_t at = 0; at < in.q_size(); ++at) b_dq[at] = 2 * gb.dq[at] + 4 * kU * std::abs(double(dq0[at]));
     expect_close(c, "dq", d_dq.read(c), dq, b_dq);
     expect_close(c, "dk", d_dk.read(c), dk, b_dk);
     expect_close(c, "dv", d_dv.read(c), dv, b_dv);

@@ -179,14 +179,9 @@ Grads cpu_backward(const Inputs& in, const Forward& saved) {
 // tests/attention_bounds.h's, with n allowed keys, scores s_j, A_j = scale sum_d |q_d k_jd| and
 // D = head_dim as there.
 //
-// The backward, given out and lse (the same f32 values for both implementations): with
-// p = exp(s - lse), dP = dO.v, delta = dO.out, B = sum |dO v|, C = sum |dO out| and
-// dS = p (dP - delta), p is off by a relative u e, e = (D + 1) A_j + |s| + |lse| + 1 (score,
-// subtraction, exp), dP and delta by D u B and D u C, so |error of dS| <= u G with
-// G = p ((e + 3) |dP - delta| + D (B + C)). dq_d = scale sum_j dS_j k_jd over n terms is off by
-// u scale sum_j (G_j + (n + 2) |dS_j|) |k_jd|; dk and dv likewise over the N (head, query) terms
-// that reach key j: u scale sum (G + (N + 2) |dS|) |q_d| and u sum p (e + N + 2) |dO_d|.
 
+using test::ForwardBounds;
+using test::GradBounds;
 using test::RowBound;
 
 // The kernels' tiles hold 16 keys, which bounds the online softmax's rescales.
@@ -195,105 +190,13 @@ RowBound forward_row_bound(const float* qi, const float* kbase, const float* vba
   return test::forward_row_bound(qi, kbase, vbase, kv_row, keys, D, scale, 16);
 }
 
-struct ForwardBounds {
-  std::vector<double> out, lse;
-};
-
+// The kernels' tiles hold 16 keys, which bounds the online softmax's rescales.
 ForwardBounds forward_bounds(const Inputs& in) {
-  const AttentionShape& s = in.s;
-  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
-  ForwardBounds fb{std::vector<double>(in.q_size()), std::vector<double>(in.lse_size())};
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t i = 0; i < S; ++i) {
-        std::vector<int64_t> keys;
-        for (int64_t j = 0; j <= i; ++j)
-          if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
-        const int64_t row = (b * S + i) * H + h;
-        const RowBound r =
-            forward_row_bound(in.q.data() + row * D, in.k.data() + (b * S * KV + h / group) * D,
-                              in.v.data() + (b * S * KV + h / group) * D, KV * D, keys, int(D), s.scale);
-        std::copy(r.out.begin(), r.out.end(), fb.out.begin() + row * D);
-        fb.lse[size_t(row)] = r.lse;
-      }
-    }
-  }
-  return fb;
+  return test::forward_bounds(in.s, in.q, in.k, in.v, in.doc, 16);
 }
-
-struct GradBounds {
-  std::vector<double> dq, dk, dv;
-};
-
 GradBounds backward_bounds(const Inputs& in, const Forward& saved) {
-  const AttentionShape& s = in.s;
-  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
-  const double scale = s.scale;
-  GradBounds gb{std::vector<double>(in.q_size()), std::vector<double>(in.kv_size()),
-                std::vector<double>(in.kv_size())};
-  // dk and dv: the sums of G |q| and |dS| |q| (of p e |dO| and p |dO|), and the count of terms.
-  std::vector<double> dk_g(in.kv_size()), dk_s(in.kv_size()), dv_e(in.kv_size()), dv_p(in.kv_size());
-  std::vector<double> n_terms(in.tokens() * size_t(KV));
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / group;
-      for (int64_t i = 0; i < S; ++i) {
-        const int64_t row = (b * S + i) * H + h;
-        const float *qi = in.q.data() + row * D, *doi = in.d_out.data() + row * D,
-                    *oi = saved.out.data() + row * D;
-        const double lse = saved.lse[size_t(row)];
-        double delta = 0, C = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          delta += double(doi[d]) * oi[d];
-          C += std::fabs(double(doi[d]) * oi[d]);
-        }
-        struct Term {
-          int64_t kv;  // (token, kv head) row of k and v
-          double p, e, ds, G;
-        };
-        std::vector<Term> terms;
-        for (int64_t j = 0; j <= i; ++j) {
-          if (!ref::attention_allowed(doc, i, j)) continue;
-          const int64_t kv = (b * S + j) * KV + g;
-          const float *kj = in.k.data() + kv * D, *vj = in.v.data() + kv * D;
-          double qk = 0, A = 0, dp = 0, B = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            qk += double(qi[d]) * kj[d];
-            A += std::fabs(double(qi[d]) * kj[d]);
-            dp += double(doi[d]) * vj[d];
-            B += std::fabs(double(doi[d]) * vj[d]);
-          }
-          const double sc = scale * qk, p = std::exp(sc - lse);
-          const double e = double(D + 1) * scale * A + std::fabs(sc) + std::fabs(lse) + 1;
-          const double G = p * ((e + 3) * std::fabs(dp - delta) + double(D) * (B + C));
-          terms.push_back({kv, p, e, p * (dp - delta), G});
-        }
-        const double n = double(terms.size());
-        for (const Term& t : terms) {
-          const float* kj = in.k.data() + t.kv * D;
-          for (int64_t d = 0; d < D; ++d) {
-            gb.dq[size_t(row * D + d)] += kU * scale * (t.G + (n + 2) * std::fabs(t.ds)) * std::fabs(kj[d]);
-            const size_t at = size_t(t.kv * D + d);
-            dk_g[at] += scale * t.G * std::fabs(qi[d]);
-            dk_s[at] += scale * std::fabs(t.ds * qi[d]);
-            dv_e[at] += t.p * t.e * std::fabs(doi[d]);
-            dv_p[at] += t.p * std::fabs(doi[d]);
-          }
-          n_terms[size_t(t.kv)] += 1;
-        }
-      }
-    }
-  }
-  for (size_t at = 0; at < in.kv_size(); ++at) {
-    const double N = n_terms[at / size_t(D)];
-    gb.dk[at] = kU * (dk_g[at] + (N + 2) * dk_s[at]);
-    gb.dv[at] = kU * (dv_e[at] + (N + 2) * dv_p[at]);
-  }
-  return gb;
+  return test::backward_bounds(in.s, in.q, in.k, in.v, in.d_out, saved.out, saved.lse, in.doc);
 }
-
 // |got - want| <= factor * bound for every element (NaN fails); reports the first few misses.
 void expect_within(const char* what, const std::vector<float>& got, const std::vector<float>& want,
                    const std::vector<double>& bound, double factor) {
