@@ -12,6 +12,8 @@
 namespace tf {
 
 #define TF_QMATMUL_LAUNCHERS                                                                       \
+  /* Whether the fused kernels take this weight (its dtype and shape) */                           \
+  bool qmatmul_supports(const WeightRef& W);                                                       \
   /* linear_forward's contract: y[n, W.rows] = x[n, W.cols] W^T + beta * y */                      \
   void qmatmul_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, float beta);       \
   /* linear_backward_input's contract: dx[n, W.cols] = dy[n, W.rows] W + beta * dx, reading the */ \
