@@ -344,15 +344,14 @@ Dims bshd_t(const AttentionShape& s, int64_t heads) {
   return Dims{{int64_t(s.seq) * heads * s.head_dim, s.head_dim, 1, heads * s.head_dim}};
 }
 
-// Q K^T scaled and causally masked: row index >= column index keeps a score, others become the
+// Q K^T times `scale`, causally masked: row index >= column index keeps a score, others become the
 // masked score; `stats` (backward) is subtracted before the mask, as cuDNN's pattern has it.
 const Desc& masked_scores(GraphBuilder& g, const AttentionShape& s, const Desc& q, const Desc& kt,
-                          const Desc* stats) {
+                          const Desc& scale, const Desc* stats) {
   const int64_t B = s.batch, H = s.n_heads, S = s.seq;
   const Dims sd{{B, H, S, S}}, ss{{H * S * S, S * S, S, 1}};
   const Desc& scores = g.virt("scores", CUDNN_DATA_FLOAT, sd, ss);
   g.matmul("q_kt", q, kt, scores);
-  const Desc& scale = g.scalar("scale", kScale);
   const Desc& scaled = g.virt("scaled scores", CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise("scale", CUDNN_POINTWISE_MUL, scores, &scale, nullptr, scaled);
   const Desc* before_mask = &scaled;
@@ -384,7 +383,8 @@ void build_forward(GraphBuilder& g, const AttentionShape& s) {
   const Dims sd{{B, H, S, S}}, ss{{H * S * S, S * S, S, 1}};
   const Dims rd{{B, H, S, 1}}, rs{{H * S, S, 1, 1}};
 
-  const Desc& masked = masked_scores(g, s, q, kt, nullptr);
+  const Desc& scale = g.scalar("scale", kScale);
+  const Desc& masked = masked_scores(g, s, q, kt, scale, nullptr);
   const Desc& row_max = g.virt("row max", CUDNN_DATA_FLOAT, rd, rs);
   g.reduction("max", CUDNN_REDUCE_TENSOR_MAX, masked, row_max);
   const Desc& centred = g.virt("scores - max", CUDNN_DATA_FLOAT, sd, ss);
@@ -428,6 +428,7 @@ void build_backward(GraphBuilder& g, const AttentionShape& s) {
   const Dims td{{B, H, S, S}}, ts{{H * S * S, S * S, 1, S}};  // a score-shaped tensor read transposed
   const Dims rd{{B, H, S, 1}}, rs{{H * S, S, 1, 1}};
   const Desc& stats = g.tensor("stats", CUDNN_DATA_FLOAT, rd, rs, kStats);
+  const Desc& scale = g.scalar("scale", kScale);
 
   // sum_d dO * O per row (the softmax backward's row term), kept in device memory by cuDNN.
   const Desc& do_o = g.virt("dO * O", CUDNN_DATA_FLOAT, Dims{{B, H, S, D}}, bshd(s, H));
@@ -439,7 +440,7 @@ void build_backward(GraphBuilder& g, const AttentionShape& s) {
   g.pointwise("softmax_sum", CUDNN_POINTWISE_MUL, row_dot, &one, nullptr, softmax_sum);
 
   // P from the saved statistics, then dV = P^T dO.
-  const Desc& masked = masked_scores(g, s, q, kt, &stats);
+  const Desc& masked = masked_scores(g, s, q, kt, scale, &stats);
   const Desc& p = g.virt("probabilities", CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise("exp", CUDNN_POINTWISE_EXP, masked, nullptr, nullptr, p);
   const Desc& p_t = g.virt("P^T", CUDNN_DATA_BFLOAT16, td, ts);
@@ -454,7 +455,6 @@ void build_backward(GraphBuilder& g, const AttentionShape& s) {
   g.pointwise("sub_softmax_sum", CUDNN_POINTWISE_SUB, dp, &softmax_sum, nullptr, dp_centred);
   const Desc& ds_unscaled = g.virt("P * (dP - sum)", CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise("mul_p", CUDNN_POINTWISE_MUL, dp_centred, &p, nullptr, ds_unscaled);
-  const Desc& scale = g.scalar("scale", kScale);
   const Desc& ds = g.virt("dS", CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise("mul_scale", CUDNN_POINTWISE_MUL, ds_unscaled, &scale, nullptr, ds);
   const Desc& ds_t = g.virt("dS^T", CUDNN_DATA_BFLOAT16, td, ts);
