@@ -293,7 +293,7 @@ __device__ void dkdv_step(float (&dk)[Tr::kDTiles][4], float (&dv)[Tr::kDTiles][
 
 // dk, dv += the gradients of one key tile of one kv head: block x = (sequence * n_kv_heads + kv
 // head) * tiles + key tile. Query tiles stream through two cp.async stages: the next step's copies
-// fly while this one multiplies.
+// fly while this one multiplies, with one barrier a step.
 template <int kD, bool kDocs>
 __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_kernel(BackwardParams p) {
   using Tr = FlashBackwardTraits<kD>;
@@ -344,15 +344,15 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
   port::cp_async_commit();
   float dk[Tr::kDTiles][4] = {}, dv[Tr::kDTiles][4] = {};
   for (int stage = 0; s < n_steps; stage ^= 1) {
+    port::cp_async_wait<0>();
+    // Every thread's copies of this step have landed, and every thread is done with the previous
+    // step, whose stage the next step's copies overwrite.
+    __syncthreads();
     const int64_t s_next = next_step(s + 1);
     if (s_next < n_steps) {
       load_queries(s_next, stage ^ 1);
       port::cp_async_commit();
-      port::cp_async_wait<1>();
-    } else {
-      port::cp_async_wait<0>();
     }
-    __syncthreads();
     const int64_t qt = tile_of(s);
     const port::sptr<uint16_t> q_stage = qs + stage * Tr::kTileElems, do_stage = dos + stage * Tr::kTileElems;
     const port::sptr<float> st = stats + stage * 2 * kTile;
@@ -363,7 +363,6 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
       dkdv_step<Tr, kD, false, kDocs>(dk, dv, p, ks, vs, q_stage, do_stage, st, doc, qt * kTile, j0, lane,
                                       warp);
     }
-    __syncthreads();  // the next step's copies overwrite the stage just read
     s = s_next;
   }
 
@@ -451,15 +450,13 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dq_ke
   const float lse2[2] = {p.lse2[stat0], p.lse2[stat0 + 8]}, delta[2] = {p.delta[stat0], p.delta[stat0 + 8]};
   float dq[Tr::kDTiles][4] = {};
   for (int stage = 0; kt <= qt; stage ^= 1) {
+    port::cp_async_wait<0>();
+    __syncthreads();  // as in the dk/dv kernel: this step's tiles landed, the other stage is free
     const int64_t kt_next = next_tile(kt + 1);
     if (kt_next <= qt) {
       load_keys(kt_next, stage ^ 1);
       port::cp_async_commit();
-      port::cp_async_wait<1>();
-    } else {
-      port::cp_async_wait<0>();
     }
-    __syncthreads();
     const port::sptr<uint16_t> k_stage = ks + stage * Tr::kTileElems, v_stage = vs + stage * Tr::kTileElems;
     if (classify<kDocs>(p, b, qt, kt, kTile) == TileKind::kMasked) {
       dq_step<Tr, kD, true, kDocs>(dq, p, qs, dos, k_stage, v_stage, lse2, delta, doc, i0, kt * kTile, lane,
@@ -468,7 +465,6 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dq_ke
       dq_step<Tr, kD, false, kDocs>(dq, p, qs, dos, k_stage, v_stage, lse2, delta, doc, i0, kt * kTile, lane,
                                     warp);
     }
-    __syncthreads();  // the next step's copies overwrite the stage just read
     kt = kt_next;
   }
 
