@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cpu/ref/quantize.h"
+#include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/quant_decode.h"
@@ -100,7 +101,10 @@ struct TestWeight {
   float offset = 0.0f;
   std::unique_ptr<DeviceBytes> dev_data, dev_absmax, dev_codes;
 
-  TestWeight(DType t, int64_t r, int64_t c, uint64_t seed, bool double_quant = false)
+  // small_scales: f16 scales within +-1/16 instead of any finite f16, for ops whose error grows
+  // with the size of the values rather than with their relative rounding (softmax).
+  TestWeight(DType t, int64_t r, int64_t c, uint64_t seed, bool double_quant = false,
+             bool small_scales = false)
       : dtype(t), rows(r), cols(c), nested(double_quant) {
     tf::Philox rng(seed, 0xdec0);
     const int64_t n = rows * cols;
@@ -124,6 +128,7 @@ struct TestWeight {
         for (size_t f : f16_fields(t)) {
           uint16_t h = uint16_t(rng.u32(uint64_t(b * 4 + int64_t(f)) + (1ull << 40)));
           if (((h >> 10) & 0x1f) == 0x1f) h = uint16_t(h & ~0x4000u);
+          if (small_scales) h = tf::f32_to_f16(float(int(h % 2001) - 1000) / 16000.0f);
           std::memcpy(&data[size_t(b * block_bytes) + f], &h, 2);
         }
     }
@@ -235,6 +240,180 @@ TEST(CudaDequantDecode, WeightsTheDeviceCannotDecodeAreRefusedByName) {
   f32.dtype = DType::F32;
   expect_contains(error_of([&] { tf::simt::quant_weight(f32, "linear_forward"); }),
                   {"linear_forward: f32 is not a quantized dtype"});
+}
+
+// ---- the ops' quantized cases ----------------------------------------------------------------------
+
+constexpr double kU = 1.0 / 256;          // bf16 unit roundoff, 2^-8
+constexpr double kU32 = 1.0 / (1 << 24);  // f32 unit roundoff
+
+// The error bound of a product whose operands the device rounds to bf16 (x or dy, and the
+// dequantized weight, relative u each) with f32 sums over k terms on both sides (the CPU's sgemm,
+// and cuBLASLt on a GPU; the simulator's stand-in sums in double), counted twice: per element
+// (2u + u^2) sum |a b| + 2 (k + 3) u32 (sum |a b| + |beta c|), the 3 for the beta term's add.
+double product_bound(double abs_products, double abs_beta_term, int64_t k) {
+  return (2 * kU + kU * kU) * abs_products + 2.0 * double(k + 3) * kU32 * (abs_products + abs_beta_term);
+}
+
+std::vector<TestWeight*> op_weights(std::vector<std::unique_ptr<TestWeight>>& keep, int64_t rows,
+                                    bool small_scales = false) {
+  std::vector<TestWeight*> out;
+  for (DType t : kQuantTypes) {
+    const int64_t cols = tf::dtype_block_elems(t) == 256 ? 256 : 64;
+    keep.push_back(std::make_unique<TestWeight>(t, rows, cols, 90 + uint64_t(t), false, small_scales));
+    out.push_back(keep.back().get());
+  }
+  keep.push_back(std::make_unique<TestWeight>(DType::NF4, rows, 40, 99, true, small_scales));
+  out.push_back(keep.back().get());
+  return out;
+}
+
+// The linear ops through tiles of 3 rows (7 = 3 + 3 + 1, a partial last tile) and through the ops
+// themselves (one tile), beta 0 and 1, against tf::cpu on the dequantized weight.
+TEST(CudaDequantOps, LinearForwardAndBackwardInputMatchTheCpuWithinBf16Rounding) {
+  std::vector<std::unique_ptr<TestWeight>> keep;
+  const int64_t n = 5, R = 7;
+  for (TestWeight* w : op_weights(keep, R)) {
+    SCOPED_TRACE(w->what());
+    const int64_t C = w->cols;
+    const std::vector<float> Wf = reference(*w);
+    const std::vector<float> x = tf::test::random_floats(size_t(n * C), 3),
+                             dy = tf::test::random_floats(size_t(n * R), 4);
+    const std::vector<float> y0 = tf::test::random_floats(size_t(n * R), 5),
+                             dx0 = tf::test::random_floats(size_t(n * C), 6);
+    tf::test::Guarded<float> dev_x(x, "x"), dev_dy(dy, "dy");
+    for (float beta : {0.0f, 1.0f}) {
+      for (int64_t tile_rows : {int64_t(3), int64_t(0)}) {
+        SCOPED_TRACE("beta " + std::to_string(beta) + (tile_rows ? ", tiles of 3 rows" : ", the op"));
+        tf::test::Guarded<float> y(y0, "y"), dx(dx0, "dx");
+        if (tile_rows) {
+          tf::simt::quant_linear_forward(y.get(), dev_x.get(), w->device(), n, beta, tile_rows);
+          tf::simt::quant_linear_backward_input(dx.get(), dev_dy.get(), w->device(), n, beta, tile_rows);
+        } else {
+          tf::simt::linear_forward(y.get(), dev_x.get(), w->device(), n, beta);
+          tf::simt::linear_backward_input(dx.get(), dev_dy.get(), w->device(), n, beta);
+        }
+        std::vector<float> want_y = y0, want_dx = dx0;
+        tf::cpu::linear_forward(want_y.data(), x.data(), w->host(), n, beta);
+        tf::cpu::linear_backward_input(want_dx.data(), dy.data(), w->host(), n, beta);
+        const std::vector<float> got_y = y.download(), got_dx = dx.download();
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t r = 0; r < R; ++r) {
+            double abs = 0;
+            for (int64_t c = 0; c < C; ++c)
+              abs += std::fabs(double(x[size_t(t * C + c)]) * Wf[size_t(r * C + c)]);
+            const size_t i = size_t(t * R + r);
+            ASSERT_LE(std::fabs(double(got_y[i]) - want_y[i]), product_bound(abs, std::fabs(beta * y0[i]), C))
+                << "y[" << t << ", " << r << "]";
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            double abs = 0;
+            for (int64_t r = 0; r < R; ++r)
+              abs += std::fabs(double(dy[size_t(t * R + r)]) * Wf[size_t(r * C + c)]);
+            const size_t i = size_t(t * C + c);
+            ASSERT_LE(std::fabs(double(got_dx[i]) - want_dx[i]),
+                      product_bound(abs, std::fabs(beta * dx0[i]), R))
+                << "dx[" << t << ", " << c << "]";
+          }
+        }
+        EXPECT_TRUE(y.guards_intact());
+        EXPECT_TRUE(dx.guards_intact());
+      }
+    }
+  }
+}
+
+TEST(CudaDequantOps, DequantizeWeightTileAndEmbeddingGiveTheCpuBits) {
+  std::vector<std::unique_ptr<TestWeight>> keep;
+  const std::vector<int32_t> tokens = {3, 0, 6, 3, 5, 1};
+  tf::test::Guarded<int32_t> dev_tokens(tokens, "tokens");
+  for (TestWeight* w : op_weights(keep, 7)) {
+    SCOPED_TRACE(w->what());
+    const bool flat = w->dtype == DType::NF4 || w->dtype == DType::INT8;
+    // NF4 / INT8 tiles may start and end anywhere; ggml ones on blocks (the last may end the row).
+    const int64_t c0 = flat ? 3 : tf::dtype_block_elems(w->dtype), n_cols = flat ? 29 : w->cols - c0;
+    const int64_t r0 = 2, n_rows = 4, ld = n_cols + 3;
+    std::vector<float> want(size_t(n_rows * ld), -7.5f);
+    tf::cpu::dequantize_weight_tile(want.data(), ld, w->host(), r0, n_rows, c0, n_cols);
+    tf::test::Guarded<float> got(std::vector<float>(want.size(), -7.5f), "tile");
+    tf::simt::dequantize_weight_tile(got.get(), ld, w->device(), r0, n_rows, c0, n_cols);
+    EXPECT_EQ(bits_of(got.download()), bits_of(want));  // the padding columns included
+    EXPECT_TRUE(got.guards_intact());
+
+    std::vector<float> want_rows(tokens.size() * size_t(w->cols));
+    tf::cpu::embedding_forward(want_rows.data(), tokens.data(), int64_t(tokens.size()), w->host());
+    tf::test::Guarded<float> rows(std::vector<float>(want_rows.size(), 0.0f), "embedding rows");
+    tf::simt::embedding_forward(rows.get(), dev_tokens.get(), int64_t(tokens.size()), w->device());
+    EXPECT_EQ(bits_of(rows.download()), bits_of(want_rows));
+    EXPECT_TRUE(rows.guards_intact());
+  }
+}
+
+// The loss and d_h against a float64 computation on the dequantized weight. Each logit z_v is a
+// product with bf16 operands, within eps_v = product_bound(sum_c |h_c W_vc|, 0, dim); the loss of
+// a row, lse(z) - z_t, moves by at most 2 max_v eps_v (lse is 1-Lipschitz in the max norm), so the
+// sum by that over the counted rows, plus the float64 sums' rounding. The softmax then moves by at
+// most a factor e^(2 eps) - 1 of each p_v, and d_h = sum_v g_v W_v is a second bf16 product:
+// |error| <= scale ((e^(2 eps) - 1) sum_v (p_v + [v = t]) |W_vc| + product_bound(sum_v |g_v W_vc|)).
+TEST(CudaDequantOps, LmHeadCrossEntropyMatchesFloat64WithinBf16Rounding) {
+  std::vector<std::unique_ptr<TestWeight>> keep;
+  const int64_t vocab = 9, n = 6;
+  const std::vector<int32_t> targets = {0, 8, tf::kIgnoreIndex, 2, 5, 8};
+  const float scale = 0.25f;
+  tf::test::Guarded<int32_t> dev_targets(targets, "targets");
+  for (TestWeight* w : op_weights(keep, vocab, true)) {
+    SCOPED_TRACE(w->what());
+    const int64_t dim = w->cols;
+    const std::vector<float> Wf = reference(*w);
+    const std::vector<float> h = tf::test::random_floats(size_t(n * dim), 7),
+                             dh0 = tf::test::random_floats(size_t(n * dim), 8);
+    tf::test::Guarded<float> dev_h(h, "h"), dh(dh0, "d_h");
+    int64_t valid = -1;
+    const double loss = tf::simt::lm_head_cross_entropy(dh.get(), &valid, dev_h.get(), w->device(),
+                                                        dev_targets.get(), n, scale);
+    EXPECT_EQ(valid, 5);
+    double want_loss = 0, loss_bound = 1e-12;
+    std::vector<double> want_dh(dh0.begin(), dh0.end()), dh_bound(dh0.size(), 0.0);
+    for (int64_t t = 0; t < n; ++t) {
+      if (targets[size_t(t)] == tf::kIgnoreIndex) continue;
+      std::vector<double> z(static_cast<size_t>(vocab)), p(static_cast<size_t>(vocab));
+      double eps = 0, mx = -INFINITY, sum = 0;
+      for (int64_t v = 0; v < vocab; ++v) {
+        double dot = 0, abs = 0;
+        for (int64_t c = 0; c < dim; ++c) {
+          dot += double(h[size_t(t * dim + c)]) * Wf[size_t(v * dim + c)];
+          abs += std::fabs(double(h[size_t(t * dim + c)]) * Wf[size_t(v * dim + c)]);
+        }
+        z[size_t(v)] = dot;
+        eps = std::max(eps, product_bound(abs, 0, dim));
+        mx = std::max(mx, dot);
+      }
+      for (int64_t v = 0; v < vocab; ++v) sum += std::exp(z[size_t(v)] - mx);
+      const int32_t tt = targets[size_t(t)];
+      want_loss += mx + std::log(sum) - z[size_t(tt)];
+      loss_bound += 2 * eps;
+      for (int64_t v = 0; v < vocab; ++v) p[size_t(v)] = std::exp(z[size_t(v)] - mx) / sum;
+      const double soft = std::expm1(2 * eps);
+      for (int64_t c = 0; c < dim; ++c) {
+        double g_abs = 0, shift = 0, acc = 0;
+        for (int64_t v = 0; v < vocab; ++v) {
+          const double g = p[size_t(v)] - (v == tt ? 1.0 : 0.0), wv = Wf[size_t(v * dim + c)];
+          acc += g * wv;
+          g_abs += std::fabs(g * wv);
+          shift += (p[size_t(v)] + (v == tt ? 1.0 : 0.0)) * std::fabs(wv);
+        }
+        want_dh[size_t(t * dim + c)] += scale * acc;
+        dh_bound[size_t(t * dim + c)] =
+            scale * (soft * shift + product_bound(g_abs, std::fabs(dh0[size_t(t * dim + c)]), vocab));
+      }
+    }
+    EXPECT_LE(std::fabs(loss - want_loss), loss_bound);
+    const std::vector<float> got = dh.download();
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_LE(std::fabs(double(got[i]) - want_dh[i]), dh_bound[i] + 2 * kU32 * std::fabs(want_dh[i]))
+          << "d_h element " << i;
+    EXPECT_TRUE(dh.guards_intact());
+  }
 }
 
 }  // namespace

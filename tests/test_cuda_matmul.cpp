@@ -494,22 +494,41 @@ TEST(CudaCrossEntropy, ATargetOutsideTheVocabularyIsReportedBeforeAnyOutput) {
   EXPECT_EQ(valid, -1);
 }
 
-TEST(CudaMatmul, QuantizedWeightsAndBadOperandsAreRefused) {
+// Quantized weights run (tests/test_cuda_dequant.cpp); these are the ones that cannot.
+TEST(CudaMatmul, BadQuantizedWeightsAndBadOperandsAreRefused) {
   const std::vector<uint16_t> blocks(64, 0);
   Guarded<uint16_t> q(blocks, "q4_0 weight");
-  const WeightRef wq(q.get(), DType::Q4_0, 2, 32);
+  const WeightRef partial_blocks(q.get(), DType::Q4_0, 2, 48);
   Guarded<float> out(std::vector<float>(64, 0.0f), "out");
-  expect_contains(error_of([&] { tf::simt::linear_forward(out.get(), out.get(), wq, 1, 0.0f); }),
-                  {"linear_forward: the CUDA backend does not run q4_0 weights yet"});
-  expect_contains(error_of([&] { tf::simt::linear_backward_input(out.get(), out.get(), wq, 1, 0.0f); }),
-                  {"linear_backward_input: the CUDA backend does not run q4_0 weights yet"});
-  expect_contains(error_of([&] { tf::simt::dequantize_weight_tile(out.get(), 32, wq, 0, 1, 0, 32); }),
-                  {"dequantize_weight_tile: the CUDA backend does not run q4_0 weights yet"});
+  expect_contains(error_of([&] { tf::simt::linear_forward(out.get(), out.get(), partial_blocks, 1, 0.0f); }),
+                  {"linear_forward: q4_0 weight rows of 48 elements are not whole blocks of 32"});
+  expect_contains(
+      error_of([&] { tf::simt::linear_backward_input(out.get(), out.get(), partial_blocks, 1, 0.0f); }),
+      {"linear_backward_input: q4_0 weight rows of 48 elements are not whole blocks of 32"});
+  expect_contains(
+      error_of([&] { tf::simt::dequantize_weight_tile(out.get(), 48, partial_blocks, 0, 1, 0, 48); }),
+      {"dequantize_weight_tile: q4_0 rows of 48 elements are not whole blocks of 32"});
+  expect_contains(
+      error_of([&] {
+        tf::simt::dequantize_weight_tile(out.get(), 32, WeightRef(q.get(), DType::Q4_0, 2, 64), 0, 1, 16, 32);
+      }),
+      {"dequantize_weight_tile: columns [16, 48) of a q4_0 weight do not start and end on blocks of 32"});
   int64_t valid = 0;
   Guarded<int32_t> t(std::vector<int32_t>{0}, "targets");
+  expect_contains(error_of([&] {
+                    tf::simt::lm_head_cross_entropy(nullptr, &valid, out.get(), partial_blocks, t.get(), 1,
+                                                    1.0f);
+                  }),
+                  {"lm_head_cross_entropy: q4_0 weight rows of 48 elements are not whole blocks of 32"});
+  tf::QuantScales absmax;
+  absmax.absmax = out.get();
   expect_contains(
-      error_of([&] { tf::simt::lm_head_cross_entropy(nullptr, &valid, out.get(), wq, t.get(), 1, 1.0f); }),
-      {"lm_head_cross_entropy: the CUDA backend does not run q4_0 weights yet"});
+      error_of([&] {
+        tf::simt::linear_forward(out.get(), out.get(), WeightRef(q.get(), DType::NF4, 4, 18, absmax), 1,
+                                 0.0f);
+      }),
+      {"linear_forward: the CUDA backend runs nf4 weights whose rows are a multiple of 8 elements; "
+       "this one is 4 x 18"});
   const MatOperand a{out.get(), DType::F32, 3, false}, b{out.get(), DType::F32, 4, false};
   expect_contains(error_of([&] { tf::simt::matmul(out.get(), 4, a, b, 2, 4, 4, 1.0f, 0.0f); }),
                   {"matmul: operand A has leading dimension 3 but its stored rows hold 4 elements"});

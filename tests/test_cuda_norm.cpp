@@ -191,7 +191,7 @@ TEST(CudaRmsnorm, RefusesWrongSizesAndQuantizedWeights) {
     simt::rmsnorm_backward(buf.get(), nullptr, buf.get(), buf.get(), WeightRef(buf.get(), DType::Q4_0, 1, 32),
                            buf.get(), 1, 32);
   });
-  EXPECT_NE(quantized.find("rmsnorm weight: the CUDA backend does not run q4_0 weights yet"),
+  EXPECT_NE(quantized.find("rmsnorm weight dtype q4_0 is not a float type (f32, bf16, f16)"),
             std::string::npos)
       << quantized;
 }
@@ -305,7 +305,7 @@ TEST(CudaEmbedding, ForwardAndBackwardMatchCpuBitForBit) {
 }
 
 // A bad id is reported with its position, the first one when there are several, before anything
-// is written; quantized tables are refused by name.
+// is written; a quantized table the device cannot decode (rows not a multiple of 8) is refused by name.
 TEST(CudaEmbedding, NamesTheFirstBadTokenAndWritesNothing) {
   std::vector<int32_t> tokens = some_tokens(9);
   tokens[5] = int32_t(kVocab);
@@ -332,11 +332,14 @@ TEST(CudaEmbedding, NamesTheFirstBadTokenAndWritesNothing) {
       << bwd;
   EXPECT_EQ(first_difference(d_table.download(), dt0), -1);
 
+  tf::QuantScales absmax;
+  absmax.absmax = table.device.data;
   const std::string quantized = error_of([&] {
     simt::embedding_forward(out.get(), d_tokens2.get(), 1,
-                            WeightRef(table.device.data, DType::Q8_0, kVocab, 32));
+                            WeightRef(table.device.data, DType::INT8, kVocab, 12, absmax));
   });
-  EXPECT_NE(quantized.find("embedding_forward: table: the CUDA backend does not run q8_0 weights yet"),
+  EXPECT_NE(quantized.find("embedding_forward: table: the CUDA backend runs int8 weights whose rows are a "
+                           "multiple of 8 elements; this one is 37 x 12"),
             std::string::npos)
       << quantized;
 }

@@ -1,5 +1,5 @@
 // defines: the CUDA backend's fused lm_head + cross-entropy, tf::cuda:: and tf::simt::
-// lm_head_cross_entropy: chunks of rows whose logits (blas::gemm through matmul) turn into losses
+// lm_head_cross_entropy: chunks of rows whose logits (linear_forward, any weight dtype) turn into losses
 // and, in place, into d_logits, one warp per row; the [n_tokens, vocab] logits never exist
 #include <algorithm>
 #include <cmath>
@@ -76,8 +76,6 @@ __global__ void softmax_rows(port::gptr<float> logits, int64_t vocab, int64_t ro
 double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
                              const int32_t* targets, int64_t n_tokens, float grad_scale) {
   ref::check_linear("lm_head_cross_entropy", h, h, W, n_tokens, true);
-  TF_CHECK(!is_quantized(W.dtype), "lm_head_cross_entropy: the CUDA backend does not run ",
-           dtype_name(W.dtype), " weights yet");
   TF_CHECK(n_valid != nullptr, "lm_head_cross_entropy: n_valid is null");
   const int64_t vocab = W.rows, dim = W.cols;
   const rt::StreamHandle stream = rt::current_stream();
@@ -96,21 +94,16 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
   const int64_t chunk = std::min(n_tokens, kChunkRows);
   auto* logits = static_cast<float*>(rt::scratch(kSlotLogits, size_t(chunk * vocab) * sizeof(float)));
   auto* losses = static_cast<double*>(rt::scratch(kSlotLosses, size_t(n_tokens) * sizeof(double)));
-  const MatOperand w_t{W.data, W.dtype, std::max<int64_t>(1, dim), true};
-  const MatOperand w{W.data, W.dtype, std::max<int64_t>(1, dim), false};
   for (int64_t r0 = 0; r0 < n_tokens; r0 += chunk) {
     const int64_t rows = std::min(chunk, n_tokens - r0);
     if (std::all_of(t.begin() + r0, t.begin() + r0 + rows, [](int32_t x) { return x == kIgnoreIndex; }))
       continue;
-    matmul(logits, vocab, MatOperand{h + r0 * dim, DType::F32, std::max<int64_t>(1, dim), false}, w_t, rows,
-           vocab, dim, 1.0f, 0.0f);
+    linear_forward(logits, h + r0 * dim, W, rows, 0.0f);
     port::launch(softmax_rows,
                  on_current_stream("lm_head_softmax_rows", (rows + kRowsPerBlock - 1) / kRowsPerBlock,
                                    32 * kRowsPerBlock),
                  logits, vocab, rows, targets + r0, losses + r0, grad_scale, d_h ? 1 : 0);
-    if (d_h)
-      matmul(d_h + r0 * dim, std::max<int64_t>(1, dim), MatOperand{logits, DType::F32, vocab, false}, w, rows,
-             dim, vocab, 1.0f, 1.0f);
+    if (d_h) linear_backward_input(d_h + r0 * dim, logits, W, rows, 1.0f);
   }
   // The rows' losses are added on the host in row order, a fixed order whatever the chunking.
   std::vector<double> row_loss(static_cast<size_t>(n_tokens));

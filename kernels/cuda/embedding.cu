@@ -1,11 +1,12 @@
 // defines: the CUDA backend's embedding, tf::cuda:: and tf::simt:: embedding_forward (f32 / bf16 / f16
-// tables) and embedding_backward (one thread per column adding the tokens in order: deterministic,
-// no atomics)
+// tables; quantized ones decoded by kernels/cuda/dequant.cu) and embedding_backward (one thread per column
+// adding the tokens in order: deterministic, no atomics)
 #include <cstdint>
 
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/quant_decode.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
@@ -73,6 +74,12 @@ void check_tokens(const char* op, const int32_t* tokens, int64_t n_tokens, int64
 }  // namespace
 
 void embedding_forward(float* out, const int32_t* tokens, int64_t n_tokens, WeightRef table) {
+  if (is_quantized(table.dtype)) {
+    quant_weight(table, "embedding_forward: table");
+    if (n_tokens <= 0) return;
+    check_tokens("embedding_forward", tokens, n_tokens, table.rows);
+    return quant_embedding_forward(out, tokens, n_tokens, table);
+  }
   with_stored_weight("embedding_forward: table", table, [&](auto w) {
     using W = decltype(w);
     if (n_tokens <= 0) return;

@@ -83,8 +83,6 @@ void with_stored_weight(const char* what, const WeightRef& w, Fn&& fn) {
     case DType::F16: return fn(StoredF16{});
     default: break;
   }
-  TF_CHECK(!is_quantized(w.dtype), what, ": the CUDA backend does not run ", dtype_name(w.dtype),
-           " weights yet");
   TF_FAIL(what, " dtype ", dtype_name(w.dtype), " is not a float type (f32, bf16, f16)");
 }
 

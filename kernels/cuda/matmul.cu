@@ -1,6 +1,7 @@
 // defines: the CUDA backend's dense products, tf::cuda:: and tf::simt:: matmul, matmul_backward,
 // linear_forward, linear_backward_input (blas::gemm on cuBLASLt, operands of different types both
-// converted to bf16 a bounded tile at a time) and dequantize_weight_tile (f32 / bf16 / f16 tiles)
+// converted to bf16 a bounded tile at a time; a quantized weight through kernels/cuda/dequant.cu)
+// and dequantize_weight_tile (any storage dtype)
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/matmul.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/quant_decode.h"
 #include "kernels/matmul_backward.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
@@ -110,10 +112,8 @@ void check_operand(const char* name, const MatOperand& x, bool outer_major, int6
   TF_CHECK(x.data != nullptr || outer == 0 || K == 0, "matmul: operand ", name, " is null");
 }
 
-// A WeightRef as the B operand of y = x W^T (trans) or dx = dy W; quantized weights are refused.
-MatOperand weight_operand(const char* op, const WeightRef& W, bool trans) {
-  TF_CHECK(!is_quantized(W.dtype), op, ": the CUDA backend does not run ", dtype_name(W.dtype),
-           " weights yet");
+// An f32 / bf16 / f16 WeightRef as the B operand of y = x W^T (trans) or dx = dy W.
+MatOperand weight_operand(const WeightRef& W, bool trans) {
   return MatOperand{W.data, W.dtype, std::max<int64_t>(1, W.cols), trans};
 }
 
@@ -171,10 +171,11 @@ void matmul_backward(float* dA, float* dB, const float* dC, int64_t ldc, MatOper
 }
 
 // y = x W^T + beta y: an f32 W multiplies in f32, a bf16 W with x converted to bf16, an f16 W with
-// both converted (see matmul).
+// both converted (see matmul), a quantized W a dequantized bf16 tile of rows at a time.
 void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, float beta) {
   ref::check_linear("linear_forward", y, x, W, n_tokens, true);
-  const MatOperand w = weight_operand("linear_forward", W, true);
+  if (is_quantized(W.dtype)) return quant_linear_forward(y, x, W, n_tokens, beta, quant_tile_rows(W));
+  const MatOperand w = weight_operand(W, true);
   matmul(y, std::max<int64_t>(1, W.rows), MatOperand{x, DType::F32, w.ld, false}, w, n_tokens, W.rows, W.cols,
          1.0f, beta);
 }
@@ -182,7 +183,9 @@ void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, flo
 // dx = dy W + beta dx, with the precisions of linear_forward.
 void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_tokens, float beta) {
   ref::check_linear("linear_backward_input", dx, dy, W, n_tokens, false);
-  const MatOperand w = weight_operand("linear_backward_input", W, false);
+  if (is_quantized(W.dtype))
+    return quant_linear_backward_input(dx, dy, W, n_tokens, beta, quant_tile_rows(W));
+  const MatOperand w = weight_operand(W, false);
   matmul(dx, w.ld, MatOperand{dy, DType::F32, std::max<int64_t>(1, W.rows), false}, w, n_tokens, W.cols,
          W.rows, 1.0f, beta);
 }
@@ -193,6 +196,7 @@ void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0,
            "dequantize_weight_tile: rows [", r0, ", ", r0 + n_rows, ") x cols [", c0, ", ", c0 + n_cols,
            ") outside a ", W.rows, " x ", W.cols, " weight");
   TF_CHECK(ld_dst >= n_cols, "dequantize_weight_tile: ld_dst ", ld_dst, " < ", n_cols, " columns");
+  if (is_quantized(W.dtype)) return dequantize_quant_tile(dst, ld_dst, W, r0, n_rows, c0, n_cols);
   if (n_rows == 0 || n_cols == 0) return;
   with_stored_weight("dequantize_weight_tile", W, [&](auto tag) {
     using S = decltype(tag);
