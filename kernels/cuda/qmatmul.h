@@ -11,14 +11,18 @@
 
 namespace tf {
 
-#define TF_QMATMUL_LAUNCHERS                                                                       \
-  /* Whether the fused kernels take this weight (its dtype and shape) */                           \
-  bool qmatmul_supports(const WeightRef& W);                                                       \
-  /* linear_forward's contract: y[n, W.rows] = x[n, W.cols] W^T + beta * y */                      \
-  void qmatmul_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, float beta);       \
-  /* linear_backward_input's contract: dx[n, W.cols] = dy[n, W.rows] W + beta * dx, reading the */ \
-  /* same blocks transposed */                                                                     \
-  void qmatmul_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_tokens, float beta);
+#define TF_QMATMUL_LAUNCHERS                                                                          \
+  /* Whether the fused kernels take this weight (its dtype and shape) */                              \
+  bool qmatmul_supports(const WeightRef& W);                                                          \
+  /* linear_forward's contract: y[n, W.rows] = x[n, W.cols] W^T + beta * y */                         \
+  void qmatmul_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, float beta);          \
+  /* linear_backward_input's contract: dx[n, W.cols] = dy[n, W.rows] W + beta * dx, reading the */    \
+  /* same blocks transposed */                                                                        \
+  void qmatmul_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_tokens, float beta); \
+  /* Either of them (forward or not) converting the activations to bf16 in passes of at most */       \
+  /* pass_elems elements (the launchers pass 2^24), so a test can cut a small product into many */    \
+  void qmatmul_in_passes(float* out, const float* in, WeightRef W, int64_t n_tokens, float beta,      \
+                         bool forward, int64_t pass_elems);
 
 namespace cuda {
 TF_QMATMUL_LAUNCHERS
