@@ -2,11 +2,13 @@
 # Checks tightfit on a machine with an NVIDIA GPU that has only the CUDA toolkit, CMake, ninja, a C++
 # compiler and Python: builds tightfit and the GPU tests for the GPU's architecture (against
 # .gpu-bundle/bundle.tar.xz, from tools/gpu-bundle.sh, for what the system lacks), runs
-# test_backend_ops and test_backend_model on the cuda backend, test_cuda_runtime, and a 20-step
-# `finetune --device cuda` of a tiny model, then prints one table: each case, pass / FAIL, and the
-# max error where a test records one (a GoogleTest property named max_error*), the finetune's first
-# and last loss and tokens/s. Exits 0 when everything passed, 1 when a check failed, 2 when it could
-# not get as far as running them. Logs, GoogleTest XML and the table (table.txt) are in
+# test_backend_ops and test_backend_model on the cuda backend, test_cuda_runtime,
+# test_cuda_cudnn_attention, a 20-step `finetune --device cuda` of a tiny model and
+# `bench_gpu_kernels --quick`, then prints one table: each case, pass / FAIL, and the max error where
+# a test records one (a GoogleTest property named max_error*), the finetune's first and last loss and
+# tokens/s, and the benchmark's figures beside the bf16 GEMM ceiling it measured in the same run.
+# Exits 0 when everything passed, 1 when a check failed, 2 when it could not get as far as running
+# them. Logs, GoogleTest XML, the benchmark's JSON (bench.json) and the table (table.txt) are in
 # BUILD/gpu-check/.
 # Usage (from anywhere): tools/gpu-check.sh [--build-only] [--arch SM] [--build DIR] [-j N]
 #   --build DIR   the build directory (default build-gpu in the repository)
@@ -95,13 +97,21 @@ step "configuring $build for sm_$arch"
 cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTIGHTFIT_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="$arch" "${bundle_args[@]}" >"$logs/configure.log" 2>&1 ||
   { show "$logs/configure.log"; die "configuring failed (log: $logs/configure.log)$hint"; }
-targets=(tightfit test_backend_ops test_backend_model test_cuda_runtime)
+targets=(tightfit test_backend_ops test_backend_model test_cuda_runtime test_cuda_cudnn_attention)
 step "building ${targets[*]} with -j$jobs"
 cmake --build "$build" -j "$jobs" --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
   { show "$logs/build.log" 40; die "the build failed (log: $logs/build.log)"; }
+# The kernel benchmark builds on its own: when it does not, the table says so and the checks still run.
+step "building bench_gpu_kernels with -j$jobs"
+bench_built=1
+cmake --build "$build" -j "$jobs" --target bench_gpu_kernels >"$logs/build-bench.log" 2>&1 || {
+  bench_built=0
+  show "$logs/build-bench.log" 20
+  echo "gpu-check: building bench_gpu_kernels failed (log: $logs/build-bench.log); going on without it" >&2
+}
 if ((build_only)); then
   step "built in $build"
-  exit 0
+  exit $((bench_built ? 0 : 1))
 fi
 
 # Each run adds a line to runs.tsv for the table: group, what, exit status, log, XML or run dir.
@@ -117,6 +127,7 @@ gtest() { # gtest GROUP BINARY FILTER SECONDS
 gtest ops test_backend_ops '*/cuda' 240
 gtest model test_backend_model '*/cuda' 180
 gtest runtime test_cuda_runtime '*' 60
+gtest cudnn test_cuda_cudnn_attention '*' 180
 
 step "finetune --device cuda, 20 steps of a tiny model"
 ft=$logs/finetune
@@ -135,6 +146,14 @@ EOF
       --steps 20 --seq-len 128 --micro-batch 4 --lr 5e-3 --warmup 2 --lora-rank 8 --save-every 0 --device cuda
 } >"$logs/finetune.log" 2>&1
 printf '%s\t%s\t%s\t%s\t%s\n' finetune "finetune --device cuda" $? "$logs/finetune.log" "$ft/run" >>"$runs"
+
+if ((bench_built)); then
+  step "bench_gpu_kernels --quick"
+  timeout 900 "$build/benchmarks/bench_gpu_kernels" --quick --json "$logs/bench.json" >"$logs/bench.log" 2>&1
+  printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" $? "$logs/bench.log" "$logs/bench.json" >>"$runs"
+else
+  printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" build "$logs/build-bench.log" - >>"$runs"
+fi
 
 python3 - "$runs" "${gpu:-an unnamed GPU} (sm_$arch)" "$logs" <<'EOF'
 # Prints the table and exits 1 when any row failed.
@@ -219,11 +238,69 @@ def finetune_row(status, log, run):
     rows.append(("finetune", "20 steps --device cuda", problem is None, detail + (f" ({problem})" if problem else "")))
 
 
+def bench_rows(status, log, path):
+    # The benchmark's figures, one row per measured case; a case it skipped (cudnn unavailable, plain
+    # too slow) is off, one whose launcher threw a failure with its message.
+    if status == "build":
+        rows.append(("bench", "build bench_gpu_kernels", False, f"the build failed: {log}"))
+        return
+    if not os.path.exists(path):
+        with open(log, errors="replace") as f:
+            lines = [l for l in f.read().splitlines() if l.strip()] or ["no output"]
+        rows.append(("bench", "bench_gpu_kernels --quick", False, f"exit {status}, no JSON: {clip(lines[-1])}"))
+        return
+    with open(path) as f:
+        b = json.load(f)
+    before = len(rows)
+    g = b.get("gemm_bf16", {})
+    measured = g.get("ms") is not None
+    rows.append(("bench", "ceiling: bf16 GEMM 4096^3", measured,
+                 f"{g['tflops']:.1f} TFLOP/s (cuBLASLt)" if measured else clip(g.get("error", "no figure"))))
+    for a in b.get("attention", []):
+        case = f"attention {a['impl']} seq {a['seq']} d {a['head_dim']}"
+        if "skipped" in a:
+            rows.append(("bench", case, None, clip(a["skipped"])))
+            continue
+        parts, ok = [], True
+        for d in ("forward", "backward"):
+            r = a[d]
+            if r.get("ms") is None:
+                ok = False
+                parts.append(f"{d} error: {r.get('error')}")
+            else:
+                parts.append(f"{d} {r['tflops']:.1f} TFLOP/s ({r['percent_of_gemm']:.0f} % of GEMM)")
+        rows.append(("bench", case, ok, clip(", ".join(parts), 120)))
+    for q in b.get("qmatmul", []):
+        case = f"qmatmul {q['dtype']} {q['shape']} x{q['tokens']}"
+        if "fused_forward" not in q:
+            rows.append(("bench", case, False, clip(q.get("error", "not measured"))))
+            continue
+        parts, ok = [], True
+        for label, fwd, bwd in (("fused", "fused_forward", "fused_backward_input"),
+                                ("dequant+cuBLASLt", "dequant_cublaslt_forward", "dequant_cublaslt_backward_input")):
+            f_, b_ = q[fwd], q[bwd]
+            if f_.get("ms") is None or b_.get("ms") is None:
+                ok = False
+                parts.append(f"{label} error: {f_.get('error') or b_.get('error')}")
+            else:
+                parts.append(f"{label} {f_['ms']:.3f}/{b_['ms']:.3f} ms ({f_['ratio_to_bf16'] or 0:.2f}x/"
+                             f"{b_['ratio_to_bf16'] or 0:.2f}x)")
+        bf, bb = q["bf16_forward"], q["bf16_backward_input"]
+        if bf.get("ms") is None or bb.get("ms") is None:
+            ok = False
+        parts.append(f"bf16 {bf.get('ms') or 0:.3f}/{bb.get('ms') or 0:.3f} ms")
+        rows.append(("bench", case, ok, clip(", ".join(parts), 140)))
+    if int(status) != 0 and all(ok is not False for _, _, ok, _ in rows[before:]):
+        rows.append(("bench", "bench_gpu_kernels --quick", False, f"exit {status} with every figure measured: {log}"))
+
+
 with open(runs) as f:
     for line in f:
         group, what, status, log, last = line.rstrip("\n").split("\t")
         if group == "finetune":
             finetune_row(status, log, last)
+        elif group == "bench":
+            bench_rows(status, log, last)
         else:
             gtest_rows(group, what, status, log, last)
 
