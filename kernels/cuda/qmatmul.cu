@@ -32,8 +32,8 @@ namespace tf::TF_PORT_BACKEND {
 namespace {
 
 // One block of kThreads computes a kM x kN tile of C in steps of kK along k, double-buffered: the
-// cp.async copies of A for step t+1 fly while the block decodes the weight tile of t+1 and then
-// multiplies step t. Its warps form a kWarpsM x kWarpsN grid, each owning a kWarpM x kWarpN
+// cp.async copies of A for step t+1 fly while the block decodes the weight tile of t+1 into the
+// other stage and multiplies step t. Its warps form a kWarpsM x kWarpsN grid, each owning a kWarpM x kWarpN
 // sub-tile as (kWarpM / 16) x (kWarpN / 8) mma tiles. 128 tokens per block let one decode of a
 // weight element serve 128 rows of the product, which is what makes the decode affordable at the
 // token counts of training. Shared rows are padded by 8 elements (16 bytes) so that the eight row
@@ -124,15 +124,16 @@ __global__ void __launch_bounds__(QmmTile::kThreads)
   decode_w(0, 0);
   for (int kt = 0; kt < k_tiles; ++kt) {
     const int stage = kt & 1;
+    port::cp_async_wait<0>();
+    // One barrier per step orders both ways: this step's copies and decodes before anyone reads
+    // them, and every read of the other stage (the previous step) before the next step's copies
+    // and decodes overwrite it, which are issued right after, to fly during this step's multiply.
+    __syncthreads();
     if (kt + 1 < k_tiles) {
       load_a(kt + 1, stage ^ 1);
       port::cp_async_commit();
       decode_w(kt + 1, stage ^ 1);
-      port::cp_async_wait<1>();
-    } else {
-      port::cp_async_wait<0>();
     }
-    __syncthreads();
     const port::sptr<uint16_t> as = a_tile + stage * kStageA;
     const port::sptr<uint16_t> ws = w_tile + stage * kStageW;
     TF_UNROLL
@@ -169,7 +170,6 @@ __global__ void __launch_bounds__(QmmTile::kThreads)
           port::mma_m16n8k16_bf16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
       }
     }
-    __syncthreads();  // the next step's copies and decodes overwrite the stage just read
   }
 
   // Accumulator fragment: lane holds rows lane/4 and lane/4 + 8, columns 2(lane%4) and +1.
