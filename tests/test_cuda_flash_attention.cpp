@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <ostream>
 #include <set>
 #include <string>
 #include <vector>
@@ -187,6 +188,10 @@ std::string case_name(const Case& c) {
   return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
          "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" +
          layouts[int(c.layout)];
+}
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << case_name(c);
 }
 
 AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
@@ -378,6 +383,10 @@ std::vector<float> simt_cached(const CachedInputs& in) {
                                        in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale);
   EXPECT_TRUE(out.guards_intact()) << "a write outside out";
   return out.download();
+}
+
+void PrintTo(const CachedCase& c, std::ostream* os) {
+  *os << cached_name(c);
 }
 
 class SimtFlashCached : public ::testing::TestWithParam<CachedCase> {};
