@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -154,6 +155,15 @@ struct Case {
   int batch, seq, heads, kv_heads, dim;
 };
 
+std::string case_name(const Case& c) {
+  return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
+         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.dim);
+}
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << case_name(c);
+}
+
 class CudnnAttention : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
@@ -290,12 +300,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudnnAttention,
                          ::testing::Values(Case{2, 256, 8, 2, 64}, Case{1, 384, 4, 2, 80},
                                            Case{2, 128, 4, 4, 96}, Case{1, 256, 8, 2, 128},
                                            Case{1, 200, 4, 1, 64}),
-                         [](const ::testing::TestParamInfo<Case>& p) {
-                           const Case& c = p.param;
-                           return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" +
-                                  std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" +
-                                  std::to_string(c.dim);
-                         });
+                         [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
 #else
 TEST(CudnnAttentionChecks, NeedsTheCudaBackend) {
   GTEST_SKIP() << "built without the CUDA backend (TIGHTFIT_CUDA=OFF or no nvcc)";
