@@ -232,8 +232,7 @@ void qmatmul_in_passes(float* out, const float* in, WeightRef W, int64_t n_token
   const int64_t pass_rows = std::min(std::max<int64_t>(pass_elems / lda / QmmTile::kM, 1) * QmmTile::kM,
                                      round_up(n_tokens, QmmTile::kM));
   auto* a = static_cast<uint16_t*>(rt::scratch(kSlotActivations, size_t(pass_rows * lda) * sizeof(uint16_t)));
-  const QuantWeight w = quant_weight(W, op);
-  upload_quant_tables();
+  const QuantWeight w = quant_weight(W, op);  // uploads this file's decode tables too
   with_quant_dtype(W.dtype, [&](auto tag) {
     constexpr DType kType = decltype(tag)::value;
     const auto kernel = forward ? qmatmul_kernel<kType, true> : qmatmul_kernel<kType, false>;
