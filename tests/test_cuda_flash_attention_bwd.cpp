@@ -30,7 +30,7 @@ using test::Guarded;
 constexpr double kU = 1.0 / (1 << 24);
 constexpr double kUb = 1.0 / (1 << 8);
 
-enum class Layout { None, Packed, Interleaved, Singletons };
+enum class Layout { None, Packed, Interleaved, Singletons, Long };
 
 struct Case {
   int batch, seq, heads, kv_heads, head_dim;
@@ -38,28 +38,31 @@ struct Case {
 };
 
 std::string case_name(const Case& c) {
-  const char* docs[] = {"nodocs", "packed", "interleaved", "singletons"};
+  const char* docs[] = {"nodocs", "packed", "interleaved", "singletons", "long"};
   return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
          "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
 }
 
 // Singletons: documents of lengths 1, 1, 13, 1, 40, repeated, so that one-token documents sit at a
-// sequence's start and inside tiles, and boundaries fall mid-tile.
+// sequence's start and inside tiles, and boundaries fall mid-tile. Long: 150, 1, 333, 541, so that
+// in a sequence of 1025 whole tiles lie inside one document (unmasked), whole tiles see none of
+// another's keys (skipped) and tiles below the diagonal cross a boundary (masked).
 std::vector<int32_t> doc_ids(const Case& c, uint64_t seed) {
+  std::vector<int> lengths;
   switch (c.docs) {
     case Layout::None: return {};
     case Layout::Packed: return test::make_doc_ids(c.batch, c.seq, test::Docs::Packed, seed);
     case Layout::Interleaved: return test::make_doc_ids(c.batch, c.seq, test::Docs::Interleaved, seed);
-    case Layout::Singletons: break;
+    case Layout::Singletons: lengths = {1, 1, 13, 1, 40}; break;
+    case Layout::Long: lengths = {150, 1, 333, 541}; break;
   }
-  const int lengths[] = {1, 1, 13, 1, 40};
   std::vector<int32_t> ids;
   for (int b = 0; b < c.batch; ++b) {
     int32_t id = 100 * b;
     for (int i = 0, doc = 0, left = lengths[0]; i < c.seq; ++i, --left) {
       if (left == 0) {
         ++id;
-        left = lengths[++doc % 5];
+        left = lengths[size_t(++doc) % lengths.size()];
       }
       ids.push_back(id);
     }
@@ -269,16 +272,15 @@ TEST_P(SimtFlashBackward, MatchesTheFloat64GradientOfTheBf16Inputs) {
 }
 
 // Sequences of 97 (a full tile and a ragged one), 20 (less than one tile), 160 (a full tile wholly
-// below the diagonal: the unmasked path) and 1025 (seventeen tiles, one a single row, documents
-// spanning several tiles so that whole tiles are skipped or unmasked); every head dim taken; GQA
-// groups of 1, 2 and 4; batches of two; documents packed, interleaved (every tile masked) and of
-// length 1.
+// below the diagonal: the unmasked path) and 1025 (seventeen tiles, one a single row, with long
+// documents); every head dim taken; GQA groups of 1, 2 and 4; batches of two; documents packed,
+// interleaved (every tile masked), of length 1 and long.
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SimtFlashBackward,
     ::testing::Values(Case{2, 97, 4, 2, 64, Layout::Packed}, Case{1, 97, 4, 1, 80, Layout::None},
                       Case{2, 97, 2, 2, 96, Layout::Interleaved}, Case{2, 20, 2, 1, 80, Layout::Packed},
                       Case{1, 160, 2, 1, 128, Layout::None}, Case{2, 70, 2, 1, 128, Layout::Singletons},
-                      Case{1, 1025, 2, 1, 64, Layout::Packed}),
+                      Case{1, 1025, 2, 1, 64, Layout::Long}),
     [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
 
 // The backward adds into its outputs: from nonzero starts the result is start + gradient, within
