@@ -101,26 +101,30 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
   auto lse_index = [&](int64_t r) { return (b * a.q_seq + r / group) * a.n_heads + g * group + r % group; };
   const int64_t n_kt = (a.pos0 + i_last + 1 + T::kBlockN - 1) / T::kBlockN;  // tiles up to the diagonal
 
-  // The document ids the block's rows hold lie in [q_lo, q_hi] (the ranges of the at most two key
+  // The document ids the block's rows hold lie in qr (the ranges of the at most two key
   // tiles their tokens span). A key tile whose range is disjoint holds no key any row may see.
   const int64_t n_doc_tiles = (a.kv_seq + kKeyTile - 1) / kKeyTile;
-  int32_t q_lo = 0, q_hi = 0;
+  struct DocRange {
+    int32_t lo, hi;
+  };
+  auto doc_range = [&](int64_t t) {
+    const int64_t at = 2 * (b * n_doc_tiles + t);
+    return DocRange{a.doc_range[at], a.doc_range[at + 1]};
+  };
+  DocRange qr{0, 0};
   if (kDocs) {
     const int64_t t0 = (a.pos0 + i_first) / kKeyTile, t1 = (a.pos0 + i_last) / kKeyTile;
-    q_lo = a.doc_range[2 * (b * n_doc_tiles + t0)];
-    q_hi = a.doc_range[2 * (b * n_doc_tiles + t0) + 1];
+    qr = doc_range(t0);
     if (t1 != t0) {
-      const int32_t lo = a.doc_range[2 * (b * n_doc_tiles + t1)],
-                    hi = a.doc_range[2 * (b * n_doc_tiles + t1) + 1];
-      q_lo = lo < q_lo ? lo : q_lo;
-      q_hi = hi > q_hi ? hi : q_hi;
+      const DocRange r1 = doc_range(t1);
+      qr.lo = r1.lo < qr.lo ? r1.lo : qr.lo;
+      qr.hi = r1.hi > qr.hi ? r1.hi : qr.hi;
     }
   }
   auto visited = [&](int64_t t) {
     if (!kDocs) return true;
-    const int32_t lo = a.doc_range[2 * (b * n_doc_tiles + t)],
-                  hi = a.doc_range[2 * (b * n_doc_tiles + t) + 1];
-    return lo <= q_hi && q_lo <= hi;
+    const DocRange kr = doc_range(t);
+    return kr.lo <= qr.hi && qr.lo <= kr.hi;
   };
   auto next_tile = [&](int64_t t) {
     do ++t;
@@ -131,13 +135,12 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
   auto unmasked = [&](int64_t t) {
     if ((t + 1) * T::kBlockN - 1 > a.pos0 + i_first) return false;
     if (!kDocs) return true;
-    const int32_t lo = a.doc_range[2 * (b * n_doc_tiles + t)],
-                  hi = a.doc_range[2 * (b * n_doc_tiles + t) + 1];
-    return lo == hi && q_lo == q_hi && lo == q_lo;
+    const DocRange kr = doc_range(t);
+    return kr.lo == kr.hi && qr.lo == qr.hi && kr.lo == qr.lo;
   };
 
   // Rows past the end are zero-filled (source size 0), so edge tiles need no special case in the
-  // multiplies; the mask and the stores leave them out.
+  // multiplies; their results are never stored.
   for (int c = tid; c < T::kBlockM * T::kChunks; c += T::kThreads) {
     const int r = c / T::kChunks, col = c % T::kChunks * 8;
     const int64_t row = r0 + r;
