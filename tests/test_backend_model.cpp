@@ -1,7 +1,8 @@
 // The whole model on each device backend against the cpu backend: a tiny model trained 20 steps
-// (losses and LoRA weights), logits, KV-cache decoding, and a base dtype the device cannot run
-// refused before anything runs. "simt" (the CUDA backend on the simulator) runs everywhere; "cuda"
-// runs where a GPU is present and otherwise says why it skips.
+// (losses and LoRA weights), logits, KV-cache decoding, quantized bases (NF4 with double
+// quantization, Q8_0 and Q4_1, tied embeddings) trained a few steps, and a base dtype or shape the
+// device cannot run refused before anything runs. "simt" (the CUDA backend on the simulator) runs everywhere;
+// "cuda" runs where a GPU is present and otherwise says why it skips.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,8 +11,10 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/ref/quantize_ggml.h"
 #include "model_test_util.h"
 #include "src/core/error.h"
+#include "src/io/quantize_weights.h"
 #include "src/train/trainer.h"
 #include "tests/backend_test_util.h"
 
@@ -126,23 +129,96 @@ TEST_P(BackendModel, LogitsAndDecodingFollowTheCpu) {
   }
 }
 
-TEST_P(BackendModel, RefusesABaseDtypeItCannotRunBeforeAnyStep) {
+// A tied model whose matrices are stored as `dtype`: NF4 through finetune's --quant nf4 (double
+// quantized absmax), a ggml type through ggml's reference quantizer, the bytes kept in `keep`.
+LlamaWeights quantized_base(const LlamaConfig& c, DType dtype, std::vector<std::vector<uint8_t>>& keep) {
+  LlamaWeights w = init_random_weights(c, DType::F32, 42, 0.25f);
+  LlamaWeights::for_each_slot(c, [&](WeightSlot slot, int layer) {
+    if (!io::is_matrix_slot(slot) || (slot == WeightSlot::LmHead && c.tie_embeddings)) return;
+    WeightRef& ref = w.slot(slot, layer);
+    if (dtype == DType::NF4) {
+      ref = io::store_weight(ref, io::QuantMode::Nf4, w, hf_weight_name(slot, layer));
+      return;
+    }
+    const int64_t n = ref.rows * ref.cols;
+    keep.emplace_back(size_t(dtype_bytes(dtype, n)));
+    ref::quantize_rows_ggml(*ggml_of_dtype(dtype), static_cast<const float*>(ref.data), n,
+                            keep.back().data());
+    ref = WeightRef(keep.back().data(), dtype, ref.rows, ref.cols);
+  });
+  if (c.tie_embeddings) w.lm_head = w.embed;
+  return w;
+}
+
+// The device computes with the quantized blocks as stored, each dequantized value then rounded to
+// bf16 for the GEMM, and the cpu with the exact dequantized value: each of the 2 * n_layers + 1
+// products on the residual stream rounds its input and its weight once (2 kUBf16), so the first
+// bound of TrainingTwentyStepsFollowsTheCpu doubles: 2 * 5 * 2 kUBf16 * 8 ~ 0.63 absolute, loose
+// but a misdecoded block gives O(1). Both runs must learn over the five steps.
+TEST_P(BackendModel, QuantizedBasesTrainLikeTheCpu) {
+  LlamaConfig cfg = tiny_config(64);
+  cfg.tie_embeddings = true;
+  constexpr int kSteps = 5;
+  for (DType dtype : {DType::NF4, DType::Q8_0, DType::Q4_1}) {
+    SCOPED_TRACE(std::string(dtype_name(dtype)));
+    std::vector<std::vector<uint8_t>> kc, kd;
+    LlamaModel cpu(quantized_base(cfg, dtype, kc), test::lora_r8(), CheckpointPolicy::PerBlock, 2 * 24);
+    LlamaModel dev(quantized_base(cfg, dtype, kd), test::lora_r8(), CheckpointPolicy::PerBlock, 2 * 24,
+                   *device_);
+    ASSERT_EQ(dev.weights().embed.dtype, dtype);
+    Trainer tc(cpu, train_config(kSteps)), td(dev, train_config(kSteps));
+    const double bound = 2.0 * (2 * cfg.n_layers + 1) * 2 * kUBf16 * 8.0;
+    std::vector<double> lc, ld;
+    for (int s = 0; s < kSteps; ++s) {
+      const BatchData data = synthetic_batch(2, 24, cfg.vocab, uint64_t(s), 12, 3);
+      const Batch b = data.view(true);
+      const StepStats a = tc.step({&b, 1}), d = td.step({&b, 1});
+      ASSERT_FALSE(a.skipped || d.skipped) << "step " << s;
+      EXPECT_NEAR(d.loss, a.loss, bound) << "step " << s;
+      lc.push_back(a.loss);
+      ld.push_back(d.loss);
+    }
+    EXPECT_LT(ld.back(), ld.front());
+    EXPECT_LT(lc.back(), lc.front());
+  }
+}
+
+TEST_P(BackendModel, RefusesABaseDtypeOrShapeItCannotRunBeforeAnyStep) {
   const LlamaConfig cfg = tiny_config(64);
   LlamaWeights w = init_random_weights(cfg, DType::BF16, 1);
-  ASSERT_FALSE(device_->supports_weight(DType::Q8_0));
-  std::vector<uint8_t> blocks(size_t(dtype_bytes(DType::Q8_0, int64_t(cfg.hidden) * cfg.q_dim())));
-  w.blocks[1].q = WeightRef(blocks.data(), DType::Q8_0, cfg.q_dim(), cfg.hidden);
+  ASSERT_FALSE(device_->supports_weight(DType::I32));
+  std::vector<int32_t> ints(size_t(cfg.hidden) * size_t(cfg.q_dim()));
+  w.blocks[1].q = WeightRef(ints.data(), DType::I32, cfg.q_dim(), cfg.hidden);
   const size_t before = device_->tracker().current_total();
   try {
     LlamaModel m(std::move(w), test::lora_r8(), CheckpointPolicy::None, 16, *device_);
-    FAIL() << "a Q8_0 weight was accepted by " << device_->name();
+    FAIL() << "an i32 weight was accepted by " << device_->name();
   } catch (const Error& e) {
     const std::string msg = e.what();
-    EXPECT_NE(msg.find("does not run q8_0 base weights (tensor model.layers.1.self_attn.q_proj.weight)"),
+    EXPECT_NE(msg.find("does not run i32 base weights (tensor model.layers.1.self_attn.q_proj.weight)"),
               std::string::npos)
         << msg;
   }
   EXPECT_EQ(device_->tracker().current_total(), before) << "memory left behind by the refused model";
+
+  // NF4 / INT8 scale blocks run over the flattened tensor; the device decodes rows of whole groups of 8.
+  std::vector<uint8_t> codes(4 * 60 / 2);
+  std::vector<float> absmax(4);
+  QuantScales scales;
+  scales.absmax = absmax.data();
+  std::vector<DeviceMem> storage;
+  try {
+    device_->place_weight(WeightRef(codes.data(), DType::NF4, 4, 60, scales), "blk.0.attn_q.weight", storage);
+    FAIL() << "an nf4 weight of 60 columns was accepted by " << device_->name();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("backend runs nf4 weights whose rows are a multiple of 8 elements; tensor "
+                       "blk.0.attn_q.weight is 4 x 60"),
+              std::string::npos)
+        << msg;
+  }
+  EXPECT_TRUE(storage.empty());
+  EXPECT_EQ(device_->tracker().current_total(), before);
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, BackendModel, ::testing::Values("simt", "cuda"),

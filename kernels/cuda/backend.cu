@@ -14,6 +14,7 @@
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/quant_blocks.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
@@ -78,14 +79,13 @@ class DeviceBackend final : public Backend {
 
   // The dense GEMMs run in bf16 with f32 accumulation, so f32 matrices are stored as bf16 (half the
   // memory, and the operand type cuBLASLt multiplies); norm weights and biases ([1, n]) stay f32.
-  // Quantized formats are not device formats yet.
-  bool supports_weight(DType dtype) const override {
-    return dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16;
-  }
+  // Quantized weights are placed as stored (kernels/cuda/quant_decode.h decodes them).
+  bool supports_weight(DType dtype) const override { return dtype != DType::I32; }
   WeightRef place_weight(const WeightRef& host, std::string_view tensor,
                          std::vector<DeviceMem>& storage) override {
     TF_CHECK(supports_weight(host.dtype), "the ", name(), " backend does not run ", dtype_name(host.dtype),
              " weights (tensor ", tensor, ")");
+    if (is_quantized(host.dtype)) return place_quantized(host, tensor, storage);
     const size_t n = size_t(host.rows) * size_t(host.cols);
     const DType dtype = placed_dtype(host);
     const bool to_bf16 = dtype != host.dtype;
@@ -107,6 +107,7 @@ class DeviceBackend final : public Backend {
     return placed;
   }
   size_t placed_weight_bytes(const WeightRef& host) const override {
+    if (is_quantized(host.dtype)) return QuantPlacement(host).bytes;
     return size_t(dtype_bytes(placed_dtype(host), int64_t(host.rows) * host.cols));
   }
 
@@ -179,6 +180,54 @@ class DeviceBackend final : public Backend {
   // f32 matrices as bf16, vectors as they are (see supports_weight).
   static DType placed_dtype(const WeightRef& host) {
     return host.dtype == DType::F32 && host.rows > 1 ? DType::BF16 : host.dtype;
+  }
+  // Where a quantized weight's arrays lie in its one allocation (one piece, so the memory plan's
+  // footprint of placed_weight_bytes is what placing takes): the blocks or codes, then for NF4 /
+  // INT8 the absmax (f32, or uint8 codes with double quantization) and the nested f32 scales, each
+  // starting on 16 bytes.
+  struct QuantPlacement {
+    explicit QuantPlacement(const WeightRef& w) {
+      const int64_t n = w.rows * w.cols;
+      data = size_t(dtype_bytes(w.dtype, n));
+      if (w.dtype == DType::NF4 || w.dtype == DType::INT8) {
+        const int64_t blocks = (n + dtype_block_elems(w.dtype) - 1) / dtype_block_elems(w.dtype);
+        absmax = size_t(blocks) * (w.scales.nested ? 1 : sizeof(float));
+        if (w.scales.nested)
+          nested = size_t((blocks + kNf4NestedBlock - 1) / kNf4NestedBlock) * sizeof(float);
+      }
+      absmax_at = round16(data);
+      nested_at = absmax_at + round16(absmax);
+      bytes = nested_at + nested;
+    }
+    static size_t round16(size_t b) { return (b + 15) / 16 * 16; }
+    size_t data = 0, absmax = 0, nested = 0;
+    size_t absmax_at = 0, nested_at = 0, bytes = 0;
+  };
+  // Uploads the blocks, codes and scales as they are, into memory tagged Weights.
+  WeightRef place_quantized(const WeightRef& host, std::string_view tensor, std::vector<DeviceMem>& storage) {
+    const bool flat = host.dtype == DType::NF4 || host.dtype == DType::INT8;
+    TF_CHECK(!flat || host.cols % 8 == 0, "the ", name(), " backend runs ", dtype_name(host.dtype),
+             " weights whose rows are a multiple of 8 elements; tensor ", tensor, " is ", host.rows, " x ",
+             host.cols);
+    TF_CHECK(!flat || host.scales.absmax, "tensor ", tensor, ": ", dtype_name(host.dtype),
+             " weight without its absmax");
+    const QuantPlacement at(host);
+    DeviceMem mem = alloc(at.bytes, MemTag::Weights, tensor);
+    auto* base = mem.as<unsigned char>();
+    upload(base, host.data, at.data, Stream::Compute);
+    QuantScales scales;
+    if (flat) {
+      upload(base + at.absmax_at, host.scales.absmax, at.absmax, Stream::Compute);
+      scales.absmax = base + at.absmax_at;
+      if (host.scales.nested) {
+        upload(base + at.nested_at, host.scales.nested, at.nested, Stream::Compute);
+        scales.nested = reinterpret_cast<const float*>(base + at.nested_at);
+        scales.offset = host.scales.offset;
+      }
+    }
+    WeightRef placed(mem.data(), host.dtype, host.rows, host.cols, scales);
+    storage.push_back(std::move(mem));
+    return placed;
   }
   // On the simulator each piece is also an allocation of its own, so that a kernel running past its
   // piece into the next, or reading a freed piece or bytes nobody wrote, is reported as for any
