@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -35,7 +36,7 @@ namespace rt = cuda::rt;
 constexpr double kUb = 1.0 / (1 << 8);
 constexpr double kUf = 1.0 / (1 << 24);
 
-std::string error_of(void (*f)()) {
+std::string error_of(const std::function<void()>& f) {
   try {
     f();
   } catch (const Error& e) {
@@ -76,6 +77,26 @@ TEST(CudnnAttentionChecks, HeadDimsCudnnCannotTakeAreRefused) {
                       }}) {
     const std::string msg = error_of(f);
     EXPECT_NE(msg.find("head dimensions that are multiples of 8 up to 128"), std::string::npos) << msg;
+  }
+}
+
+// cuDNN checks each tensor, operation and the operation graph as it is finalized, which needs no
+// device: a shape, type or attribute it would refuse on a GPU fails here. The forward is 14
+// operations (Q K^T, scale, two index generators, the comparison and select of the causal mask,
+// max, subtract, exp, sum, log, add, divide, P V); the backward 22, and 2 more reductions over
+// the query heads of each kv head (dK, dV) with GQA.
+TEST(CudnnAttentionChecks, GraphsPassCudnnsChecksWithoutADevice) {
+  for (const int dim : {64, 80, 96, 128}) {
+    for (const int kv_heads : {2, 8}) {
+      const AttentionShape s = shape(2, 192, 8, kv_heads, dim);
+#if TIGHTFIT_HAVE_CUDNN
+      EXPECT_EQ(cuda::cudnn_attention_graph_size(s, false), 14) << "head dim " << dim;
+      EXPECT_EQ(cuda::cudnn_attention_graph_size(s, true), kv_heads == 8 ? 22 : 24) << "head dim " << dim;
+#else
+      const std::string msg = error_of([&] { cuda::cudnn_attention_graph_size(s, false); });
+      EXPECT_NE(msg.find("built without cuDNN"), std::string::npos) << msg;
+#endif
+    }
   }
 }
 

@@ -72,6 +72,11 @@ bool cudnn_attention_available(std::string* why) {
   return false;
 }
 
+int cudnn_attention_graph_size(const AttentionShape& s, bool backward) {
+  check_shape(nullptr, s, backward ? "backward" : "forward");
+  TF_FAIL("--attention cudnn: ", kNoCudnn);
+}
+
 void cudnn_attention_forward(float*, float*, const float*, const float*, const float*, const int32_t* doc_ids,
                              const AttentionShape& s) {
   check_shape(doc_ids, s, "forward");
@@ -271,13 +276,16 @@ class GraphBuilder {
     add(op);
   }
 
-  // The finalized operation graph; the builder's descriptors move into `keep`.
+  int64_t size() const { return int64_t(ops_.size()); }
+
+  // The finalized operation graph, for the device of `handle` (null: for none, which cuDNN checks
+  // as far as it can without one); the builder's descriptors move into `keep`.
   std::unique_ptr<Desc> finish(cudnnHandle_t handle, std::vector<std::unique_ptr<Desc>>& keep) {
     auto graph =
         std::make_unique<Desc>(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR, "operation graph of " + what_);
     TF_SET(*graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, int64_t(ops_.size()),
            ops_.data());
-    TF_SET(*graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
+    if (handle) TF_SET(*graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
     graph->finalize();
     for (auto& d : owned_) keep.push_back(std::move(d));
     return graph;
@@ -660,6 +668,18 @@ class Carve {
 };
 
 }  // namespace
+
+int cudnn_attention_graph_size(const AttentionShape& s, bool backward) {
+  check_shape(nullptr, s, backward ? "backward" : "forward");
+  GraphBuilder g(describe(s, backward));
+  if (backward)
+    build_backward(g, s);
+  else
+    build_forward(g, s);
+  std::vector<std::unique_ptr<Desc>> keep;
+  g.finish(nullptr, keep);
+  return int(g.size());
+}
 
 bool cudnn_attention_available(std::string* why) {
   const size_t version = cudnnGetVersion();

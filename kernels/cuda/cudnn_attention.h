@@ -17,6 +17,12 @@ namespace tf::cuda {
 // current device cannot run it (cuDNN's fused flash attention needs sm_80 or newer).
 bool cudnn_attention_available(std::string* why);
 
+// Builds the operation graph of the forward (backward false) or the backward for shape s and
+// finalizes it without a device or an execution plan, so that every tensor, operation and the graph
+// itself pass cuDNN's checks where no GPU is (the tests do this). Returns its number of operations;
+// throws tf::Error naming the descriptor cuDNN refused, or saying the build has no cuDNN.
+int cudnn_attention_graph_size(const AttentionShape& s, bool backward);
+
 // attention_forward's contract: q, k, v [n_tokens, heads, head_dim] f32 in device memory, rounded
 // to bf16; out f32, lse [n_tokens, n_heads] the natural-log log-sum-exp of the scaled scores.
 // doc_ids must be null: cuDNN's graph has no per-token document mask, and packed documents are
