@@ -754,6 +754,49 @@ TEST_P(BackendOps, QuantizedWeightsAreRunOrRefusedByName) {
     dev().download(back.data(), placed.data, back.size());
     EXPECT_EQ(back, bytes) << c;
   }
+  // NF4 with double-quantized absmax and INT8 with f32 absmax: codes and scales placed as they are.
+  for (const DType dt : {DType::NF4, DType::INT8}) {
+    const std::string c = ctx("place_weight", describe_dtype(dt) + " 5x40");
+    const int64_t rows = 5, cols = 40, blocks = (rows * cols + 63) / 64;
+    const bool nested = dt == DType::NF4;
+    std::vector<uint8_t> codes(size_t(dtype_bytes(dt, rows * cols))),
+        absmax_codes(static_cast<size_t>(blocks));
+    const Philox rng(uint64_t(dt), 0xa);
+    for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(rng.u32(i));
+    for (size_t i = 0; i < absmax_codes.size(); ++i) absmax_codes[i] = uint8_t(rng.u32(i + (1u << 20)));
+    const std::vector<float> absmax = random_floats(size_t(blocks), 11), scale = {0.5f};
+    QuantScales s;
+    s.absmax = nested ? static_cast<const void*>(absmax_codes.data()) : absmax.data();
+    if (nested) {
+      s.nested = scale.data();
+      s.offset = 0.25f;
+    }
+    std::vector<DeviceMem> storage;
+    const WeightRef host(codes.data(), dt, rows, cols, s);
+    if (!dev().supports_weight(dt)) {
+      const std::string msg = error_of([&] { dev().place_weight(host, "blk.0.attn_q.weight", storage); });
+      EXPECT_NE(msg.find(std::string(dtype_name(dt))), std::string::npos) << c << ": " << msg;
+      continue;
+    }
+    const WeightRef placed = dev().place_weight(host, "blk.0.attn_q.weight", storage);
+    std::vector<uint8_t> back(codes.size());
+    dev().download(back.data(), placed.data, back.size());
+    EXPECT_EQ(back, codes) << c;
+    if (nested) {
+      std::vector<uint8_t> back_codes(absmax_codes.size());
+      float back_scale = 0;
+      dev().download(back_codes.data(), placed.scales.absmax, back_codes.size());
+      dev().download(&back_scale, placed.scales.nested, sizeof(float));
+      EXPECT_EQ(back_codes, absmax_codes) << c;
+      EXPECT_EQ(back_scale, scale[0]) << c;
+      EXPECT_EQ(placed.scales.offset, 0.25f) << c;
+    } else {
+      std::vector<float> back_absmax(absmax.size());
+      dev().download(back_absmax.data(), placed.scales.absmax, back_absmax.size() * sizeof(float));
+      EXPECT_EQ(back_absmax, absmax) << c;
+      EXPECT_EQ(placed.scales.nested, nullptr) << c;
+    }
+  }
 }
 
 // Widening bf16 / f16 / f32 storage to f32 is exact: the cpu op's values on the weight as placed
