@@ -361,7 +361,7 @@ ForwardKernel forward_kernel_for(bool docs) {
           T::kThreads, T::kBlockM};
 }
 
-ForwardKernel forward_kernel(int head_dim, bool docs) {
+ForwardKernel forward_kernel(const char* name, int head_dim, bool docs) {
   switch (head_dim) {
     case 64: return forward_kernel_for<64>(docs);
     case 80: return forward_kernel_for<80>(docs);
@@ -369,14 +369,13 @@ ForwardKernel forward_kernel(int head_dim, bool docs) {
     case 128: return forward_kernel_for<128>(docs);
     default: break;
   }
-  TF_FAIL("flash attention takes head_dim 64, 80, 96 or 128, got ", head_dim);
+  TF_FAIL(name, " takes head_dim 64, 80, 96 or 128, got ", head_dim);
 }
 
-// Converts q (q_tokens rows) and k, v (kv_tokens rows) to bf16 and runs the forward over `batch`
-// sequences.
+// Converts the q, k and v of `batch` sequences of a's geometry to bf16 and runs the forward on them.
 void run_forward(const char* name, FlashArgs a, const float* q, const float* k, const float* v, int64_t batch,
                  int head_dim) {
-  const ForwardKernel fk = forward_kernel(head_dim, bool(a.doc));
+  const ForwardKernel fk = forward_kernel(name, head_dim, bool(a.doc));
   const int group = a.n_heads / a.n_kv_heads;
   const int64_t n_blocks = batch * a.n_kv_heads * ((a.q_seq * group + fk.block_m - 1) / fk.block_m);
   if (n_blocks == 0) return;
@@ -407,8 +406,6 @@ void run_forward(const char* name, FlashArgs a, const float* q, const float* k, 
 void flash_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                              const int32_t* doc_ids, const AttentionShape& s) {
   ref::check_attention_shape(s);
-  TF_CHECK(flash_attention_supports(s.head_dim),
-           "flash_attention_forward takes head_dim 64, 80, 96 or 128, got ", s.head_dim);
   FlashArgs a{out,   lse,   nullptr, nullptr,   nullptr,      doc_ids,         nullptr,
               s.seq, s.seq, 0,       s.n_heads, s.n_kv_heads, s.scale * kLog2e};
   run_forward("flash_attention_forward", a, q, k, v, s.batch, s.head_dim);
@@ -418,8 +415,6 @@ void flash_attention_cached_forward(float* out, const float* q, const float* k_c
                                     int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
                                     float scale) {
   ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
-  TF_CHECK(flash_attention_supports(head_dim),
-           "flash_attention_cached_forward takes head_dim 64, 80, 96 or 128, got ", head_dim);
   FlashArgs a{out,   nullptr,        nullptr, nullptr, nullptr,    nullptr,       nullptr,
               n_new, n_past + n_new, n_past,  n_heads, n_kv_heads, scale * kLog2e};
   run_forward("flash_attention_cached_forward", a, q, k_cache, v_cache, 1, head_dim);
