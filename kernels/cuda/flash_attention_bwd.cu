@@ -37,17 +37,18 @@ namespace {
 // kernel, queries in the dq kernel) and multiply them against a 64-row tile of the other side.
 // Shared rows are padded by 8 bf16 (16 bytes), so that the eight 16-byte rows of one ldmatrix fall
 // in different banks for every head dim taken (strides of 144, 176, 208 and 272 bytes).
-template <int kD>
+template <int kHeadDim>
 struct FlashBackwardTraits {
-  static_assert(kD % 16 == 0, "the head dim is the k of m16n8k16 in S = Q K^T");
+  static_assert(kHeadDim % 16 == 0, "the head dim is the k of m16n8k16 in S = Q K^T");
+  static constexpr int kD = kHeadDim;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kTile = 16 * kWarps;    // rows of a query or key tile
-  static constexpr int kLd = kD + 8;           // shared row stride in bf16
-  static constexpr int kDChunks = kD / 16;     // k16 steps over the head dim
-  static constexpr int kDTiles = kD / 8;       // n8 accumulator tiles over the head dim
-  static constexpr int kRowTiles = kTile / 8;  // n8 accumulator tiles over a tile's rows
-  static constexpr int kRowChunks = kTile / 16;
+  static constexpr int kTile = 16 * kWarps;  // rows of a query or key tile
+  static constexpr int kLd = kD + 8;         // shared row stride in bf16
+  // Queries a dk/dv warp multiplies at once, so that S^T and dP^T take 32 floats per lane beside
+  // the kD of dK and dV: all 64 at once spilled more at head dim 128 (ptxas for sm_90: 140
+  // bytes of spill loads against 92, and 24 against 76 with documents).
+  static constexpr int kSlice = 32;
   static constexpr size_t kTileElems = size_t(kTile) * kLd;
   // dk/dv: K, V, and two stages of Q, dO, lse * log2(e) and delta.
   static constexpr size_t kDkdvSmem = 6 * kTileElems * sizeof(uint16_t) + 2 * 2 * kTile * sizeof(float);
@@ -183,13 +184,13 @@ __device__ bool allowed(port::gptr<const int32_t> doc, int64_t seq, int64_t qp, 
   return true;
 }
 
-// Rows [0, n_rows) of a tile of Tr::kTile rows of kD bf16 (rows row_stride apart in global memory)
+// Rows [0, n_rows) of a tile of Tr::kTile rows of Tr::kD bf16 (rows row_stride apart in global memory)
 // into shared rows Tr::kLd apart, by cp.async; later rows are zero-filled without being read, so
 // that their scores and gradients are finite for the mask to drop.
-template <typename Tr, int kD>
+template <typename Tr>
 __device__ void load_tile(port::sptr<uint16_t> dst, port::gptr<const uint16_t> src, int64_t row_stride,
                           int n_rows) {
-  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kChunksPerRow = Tr::kD / 8;
   for (int c = int(threadIdx.x); c < Tr::kTile * kChunksPerRow; c += Tr::kThreads) {
     const int row = c / kChunksPerRow, col = c % kChunksPerRow * 8;
     const bool inside = row < n_rows;
@@ -202,18 +203,18 @@ __device__ void load_tile(port::sptr<uint16_t> dst, port::gptr<const uint16_t> s
 // Fragment layouts are the PTX ISA's (kernels/sim/fragments.h): lane l holds accumulator rows l/4
 // and l/4 + 8, columns 2(l%4) and +1 of each n8 tile.
 
-// acc[n] += A B^T for the 16 rows of A at a and the Tr::kTile rows of B at b (both kD long, rows
-// Tr::kLd apart): a 16 x kTile product, n8 tile n holding columns 8n .. 8n + 7.
-template <typename Tr, int kD>
-__device__ void mma_abt(float (&acc)[Tr::kRowTiles][4], port::sptr<uint16_t> a, port::sptr<uint16_t> b,
+// acc[n] += A B^T for the 16 rows of A at a and the kCols rows of B at b (both Tr::kD long, rows
+// Tr::kLd apart): a 16 x kCols product, n8 tile n holding columns 8n .. 8n + 7.
+template <typename Tr, int kCols>
+__device__ void mma_abt(float (&acc)[kCols / 8][4], port::sptr<uint16_t> a, port::sptr<uint16_t> b,
                         int lane) {
   TF_UNROLL
-  for (int kc = 0; kc < Tr::kDChunks; ++kc) {
+  for (int kc = 0; kc < Tr::kD / 16; ++kc) {
     // Matrices: rows 0-7 and 8-15 of columns 16kc .. +7, then of +8 .. +15: registers a0a1 .. a6a7.
     uint32_t af[4];
     port::ldmatrix<4>(af, a + ((lane % 16) * Tr::kLd + kc * 16 + lane / 16 * 8));
     TF_UNROLL
-    for (int np = 0; np < Tr::kRowTiles / 2; ++np) {
+    for (int np = 0; np < kCols / 16; ++np) {
       // B is [n][k] in shared memory: an x4 holds (k 0-7, k 8-15) of n8 tile 2np, then of 2np + 1.
       uint32_t r[4];
       port::ldmatrix<4>(r, b + ((np * 16 + lane % 8 + lane / 16 * 8) * Tr::kLd + kc * 16 + lane / 8 % 2 * 8));
@@ -224,12 +225,12 @@ __device__ void mma_abt(float (&acc)[Tr::kRowTiles][4], port::sptr<uint16_t> a, 
   }
 }
 
-// The 16 x kTile accumulator tiles c as bf16 A fragments of m16n8k16, af[j] holding columns
+// The 16 x 8kTiles accumulator tiles c as bf16 A fragments of m16n8k16, af[j] holding columns
 // 16j .. 16j + 15: the accumulator of n8 tiles 2j and 2j + 1 is already the A layout's two halves.
-template <typename Tr>
-__device__ void to_a_fragments(const float (&c)[Tr::kRowTiles][4], uint32_t (&af)[Tr::kRowChunks][4]) {
+template <int kTiles>
+__device__ void to_a_fragments(const float (&c)[kTiles][4], uint32_t (&af)[kTiles / 2][4]) {
   TF_UNROLL
-  for (int j = 0; j < Tr::kRowChunks; ++j) {
+  for (int j = 0; j < kTiles / 2; ++j) {
     af[j][0] = pack_bf16(c[2 * j][0], c[2 * j][1]);
     af[j][1] = pack_bf16(c[2 * j][2], c[2 * j][3]);
     af[j][2] = pack_bf16(c[2 * j + 1][0], c[2 * j + 1][1]);
@@ -237,15 +238,15 @@ __device__ void to_a_fragments(const float (&c)[Tr::kRowTiles][4], uint32_t (&af
   }
 }
 
-// acc[n] += A B for A a 16 x kTile tile in A fragments and B the kTile x kD rows at b (rows
+// acc[n] += A B for A a 16 x kDepth tile in A fragments and B the kDepth x Tr::kD rows at b (rows
 // Tr::kLd apart): n8 tile n of the 16 x kD product holds head-dim columns 8n .. 8n + 7.
-template <typename Tr, int kD>
-__device__ void mma_ab(float (&acc)[Tr::kDTiles][4], const uint32_t (&af)[Tr::kRowChunks][4],
+template <typename Tr, int kDepth>
+__device__ void mma_ab(float (&acc)[Tr::kD / 8][4], const uint32_t (&af)[kDepth / 16][4],
                        port::sptr<uint16_t> b, int lane) {
   TF_UNROLL
-  for (int j = 0; j < Tr::kRowChunks; ++j) {
+  for (int j = 0; j < kDepth / 16; ++j) {
     TF_UNROLL
-    for (int np = 0; np < Tr::kDTiles / 2; ++np) {
+    for (int np = 0; np < Tr::kD / 16; ++np) {
       // B is [k][n] in shared memory, so .trans: an x4 holds (k 0-7, k 8-15) of n8 tile 2np, then
       // of 2np + 1.
       uint32_t r[4];
@@ -260,35 +261,39 @@ __device__ void mma_ab(float (&acc)[Tr::kDTiles][4], const uint32_t (&af)[Tr::kR
 
 // ---- dk and dv -----------------------------------------------------------------------------------
 
-// One (head, query tile) step of a dk/dv warp: its 16 keys against the tile's queries, as S^T and
-// dP^T (keys x queries), then dV += P^T dO and dK += dS^T Q. stats holds the query tile's
-// lse * log2(e), then its delta.
-template <typename Tr, int kD, bool kMask, bool kDocs>
-__device__ void dkdv_step(float (&dk)[Tr::kDTiles][4], float (&dv)[Tr::kDTiles][4], const BackwardParams& p,
+// One (head, query tile) step of a dk/dv warp: its 16 keys against the tile's queries, a slice of
+// them at a time, as S^T and dP^T (keys x queries), then dV += P^T dO and dK += dS^T Q. stats holds
+// the query tile's lse * log2(e), then its delta.
+template <typename Tr, bool kMask, bool kDocs>
+__device__ void dkdv_step(float (&dk)[Tr::kD / 8][4], float (&dv)[Tr::kD / 8][4], const BackwardParams& p,
                           port::sptr<uint16_t> ks, port::sptr<uint16_t> vs, port::sptr<uint16_t> qs,
                           port::sptr<uint16_t> dos, port::sptr<float> stats, port::gptr<const int32_t> doc,
                           int64_t i0, int64_t j0, int lane, int warp) {
-  float st[Tr::kRowTiles][4] = {}, dpt[Tr::kRowTiles][4] = {};
-  mma_abt<Tr, kD>(st, ks + warp * 16 * Tr::kLd, qs, lane);
-  mma_abt<Tr, kD>(dpt, vs + warp * 16 * Tr::kLd, dos, lane);
-  TF_UNROLL
-  for (int n = 0; n < Tr::kRowTiles; ++n) {
+  constexpr int kSlice = Tr::kSlice;
+  // Not unrolled: unrolled, the compiler hoists the second slice's loads and spills more.
+  for (int q0 = 0; q0 < Tr::kTile; q0 += kSlice) {
+    float st[kSlice / 8][4] = {}, dpt[kSlice / 8][4] = {};
+    mma_abt<Tr, kSlice>(st, ks + warp * 16 * Tr::kLd, qs + q0 * Tr::kLd, lane);
+    mma_abt<Tr, kSlice>(dpt, vs + warp * 16 * Tr::kLd, dos + q0 * Tr::kLd, lane);
     TF_UNROLL
-    for (int e = 0; e < 4; ++e) {
-      const int query = n * 8 + lane % 4 * 2 + (e & 1), key = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0);
-      const float l2 = stats[query], dl = stats[Tr::kTile + query];
-      float pv = exp2f(st[n][e] * p.scale_log2 - l2);
-      float ds = pv * (dpt[n][e] - dl);
-      if (kMask && !allowed<kDocs>(doc, p.seq, i0 + query, j0 + key)) pv = ds = 0.0f;
-      st[n][e] = pv;
-      dpt[n][e] = ds;
+    for (int n = 0; n < kSlice / 8; ++n) {
+      TF_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int query = q0 + n * 8 + lane % 4 * 2 + (e & 1), key = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+        const float l2 = stats[query], dl = stats[Tr::kTile + query];
+        float pv = exp2f(st[n][e] * p.scale_log2 - l2);
+        float ds = pv * (dpt[n][e] - dl);
+        if (kMask && !allowed<kDocs>(doc, p.seq, i0 + query, j0 + key)) pv = ds = 0.0f;
+        st[n][e] = pv;
+        dpt[n][e] = ds;
+      }
     }
+    uint32_t pa[kSlice / 16][4], dsa[kSlice / 16][4];
+    to_a_fragments<kSlice / 8>(st, pa);
+    to_a_fragments<kSlice / 8>(dpt, dsa);
+    mma_ab<Tr, kSlice>(dv, pa, dos + q0 * Tr::kLd, lane);
+    mma_ab<Tr, kSlice>(dk, dsa, qs + q0 * Tr::kLd, lane);
   }
-  uint32_t pa[Tr::kRowChunks][4], dsa[Tr::kRowChunks][4];
-  to_a_fragments<Tr>(st, pa);
-  to_a_fragments<Tr>(dpt, dsa);
-  mma_ab<Tr, kD>(dv, pa, dos, lane);
-  mma_ab<Tr, kD>(dk, dsa, qs, lane);
 }
 
 // dk, dv += the gradients of one key tile of one kv head: block x = (sequence * n_kv_heads + kv
@@ -326,8 +331,8 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
     const int h = kvh * group + int(s / q_tiles);
     const int64_t i0 = tile_of(s) * kTile, row0 = ((b * p.seq + i0) * p.n_heads + h) * kD;
     const int n_rows = int(p.seq - i0 < kTile ? p.seq - i0 : kTile);
-    load_tile<Tr, kD>(qs + stage * Tr::kTileElems, p.q + row0, q_row, n_rows);
-    load_tile<Tr, kD>(dos + stage * Tr::kTileElems, p.d_out + row0, q_row, n_rows);
+    load_tile<Tr>(qs + stage * Tr::kTileElems, p.q + row0, q_row, n_rows);
+    load_tile<Tr>(dos + stage * Tr::kTileElems, p.d_out + row0, q_row, n_rows);
     const int64_t stat0 = (b * p.n_heads + h) * p.seq_pad + i0;
     if (tid < kTile / 4) {
       port::cp_async_16(stats + (stage * 2 * kTile + tid * 4), p.lse2 + (stat0 + tid * 4));
@@ -337,12 +342,12 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
     }
   };
 
-  load_tile<Tr, kD>(ks, p.k + key0, kv_row, n_keys);
-  load_tile<Tr, kD>(vs, p.v + key0, kv_row, n_keys);
+  load_tile<Tr>(ks, p.k + key0, kv_row, n_keys);
+  load_tile<Tr>(vs, p.v + key0, kv_row, n_keys);
   int64_t s = next_step(0);
   if (s < n_steps) load_queries(s, 0);
   port::cp_async_commit();
-  float dk[Tr::kDTiles][4] = {}, dv[Tr::kDTiles][4] = {};
+  float dk[Tr::kD / 8][4] = {}, dv[Tr::kD / 8][4] = {};
   for (int stage = 0; s < n_steps; stage ^= 1) {
     port::cp_async_wait<0>();
     // Every thread's copies of this step have landed, and every thread is done with the previous
@@ -357,17 +362,15 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
     const port::sptr<uint16_t> q_stage = qs + stage * Tr::kTileElems, do_stage = dos + stage * Tr::kTileElems;
     const port::sptr<float> st = stats + stage * 2 * kTile;
     if (classify<kDocs>(p, b, qt, kt, kTile) == TileKind::kMasked) {
-      dkdv_step<Tr, kD, true, kDocs>(dk, dv, p, ks, vs, q_stage, do_stage, st, doc, qt * kTile, j0, lane,
-                                     warp);
+      dkdv_step<Tr, true, kDocs>(dk, dv, p, ks, vs, q_stage, do_stage, st, doc, qt * kTile, j0, lane, warp);
     } else {
-      dkdv_step<Tr, kD, false, kDocs>(dk, dv, p, ks, vs, q_stage, do_stage, st, doc, qt * kTile, j0, lane,
-                                      warp);
+      dkdv_step<Tr, false, kDocs>(dk, dv, p, ks, vs, q_stage, do_stage, st, doc, qt * kTile, j0, lane, warp);
     }
     s = s_next;
   }
 
   TF_UNROLL
-  for (int n = 0; n < Tr::kDTiles; ++n) {
+  for (int n = 0; n < Tr::kD / 8; ++n) {
     TF_UNROLL
     for (int e = 0; e < 4; ++e) {
       const int key = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), d = n * 8 + lane % 4 * 2 + (e & 1);
@@ -384,16 +387,16 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
 
 // One key tile step of a dq warp: its 16 queries against the tile's keys, S and dP (queries x
 // keys), then dQ += dS K. lse2 and delta are the warp's rows lane/4 and lane/4 + 8.
-template <typename Tr, int kD, bool kMask, bool kDocs>
-__device__ void dq_step(float (&dq)[Tr::kDTiles][4], const BackwardParams& p, port::sptr<uint16_t> qs,
+template <typename Tr, bool kMask, bool kDocs>
+__device__ void dq_step(float (&dq)[Tr::kD / 8][4], const BackwardParams& p, port::sptr<uint16_t> qs,
                         port::sptr<uint16_t> dos, port::sptr<uint16_t> ks, port::sptr<uint16_t> vs,
                         const float (&lse2)[2], const float (&delta)[2], port::gptr<const int32_t> doc,
                         int64_t i0, int64_t j0, int lane, int warp) {
-  float sc[Tr::kRowTiles][4] = {}, dp[Tr::kRowTiles][4] = {};
-  mma_abt<Tr, kD>(sc, qs + warp * 16 * Tr::kLd, ks, lane);
-  mma_abt<Tr, kD>(dp, dos + warp * 16 * Tr::kLd, vs, lane);
+  float sc[Tr::kTile / 8][4] = {}, dp[Tr::kTile / 8][4] = {};
+  mma_abt<Tr, Tr::kTile>(sc, qs + warp * 16 * Tr::kLd, ks, lane);
+  mma_abt<Tr, Tr::kTile>(dp, dos + warp * 16 * Tr::kLd, vs, lane);
   TF_UNROLL
-  for (int n = 0; n < Tr::kRowTiles; ++n) {
+  for (int n = 0; n < Tr::kTile / 8; ++n) {
     TF_UNROLL
     for (int e = 0; e < 4; ++e) {
       const int query = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), key = n * 8 + lane % 4 * 2 + (e & 1);
@@ -403,9 +406,9 @@ __device__ void dq_step(float (&dq)[Tr::kDTiles][4], const BackwardParams& p, po
       sc[n][e] = ds;
     }
   }
-  uint32_t dsa[Tr::kRowChunks][4];
-  to_a_fragments<Tr>(sc, dsa);
-  mma_ab<Tr, kD>(dq, dsa, ks, lane);
+  uint32_t dsa[Tr::kTile / 16][4];
+  to_a_fragments<Tr::kTile / 8>(sc, dsa);
+  mma_ab<Tr, Tr::kTile>(dq, dsa, ks, lane);
 }
 
 // dq += the gradient of one query tile of one head: block x = (sequence * n_heads + head) * tiles +
@@ -436,19 +439,19 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dq_ke
   auto load_keys = [&](int64_t kt, int stage) {
     const int64_t key0 = (b * p.seq + kt * kTile) * kv_row + int64_t(kvh) * kD;
     const int n_keys = int(p.seq - kt * kTile < kTile ? p.seq - kt * kTile : kTile);
-    load_tile<Tr, kD>(ks + stage * Tr::kTileElems, p.k + key0, kv_row, n_keys);
-    load_tile<Tr, kD>(vs + stage * Tr::kTileElems, p.v + key0, kv_row, n_keys);
+    load_tile<Tr>(ks + stage * Tr::kTileElems, p.k + key0, kv_row, n_keys);
+    load_tile<Tr>(vs + stage * Tr::kTileElems, p.v + key0, kv_row, n_keys);
   };
 
-  load_tile<Tr, kD>(qs, p.q + row0, q_row, n_rows);
-  load_tile<Tr, kD>(dos, p.d_out + row0, q_row, n_rows);
+  load_tile<Tr>(qs, p.q + row0, q_row, n_rows);
+  load_tile<Tr>(dos, p.d_out + row0, q_row, n_rows);
   int64_t kt = next_tile(0);
   if (kt <= qt) load_keys(kt, 0);
   port::cp_async_commit();
   // Rows past seq read the padding's zeros; the mask drops them.
   const int64_t stat0 = (b * p.n_heads + h) * p.seq_pad + i0 + warp * 16 + lane / 4;
   const float lse2[2] = {p.lse2[stat0], p.lse2[stat0 + 8]}, delta[2] = {p.delta[stat0], p.delta[stat0 + 8]};
-  float dq[Tr::kDTiles][4] = {};
+  float dq[Tr::kD / 8][4] = {};
   for (int stage = 0; kt <= qt; stage ^= 1) {
     port::cp_async_wait<0>();
     __syncthreads();  // as in the dk/dv kernel: this step's tiles landed, the other stage is free
@@ -459,17 +462,17 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dq_ke
     }
     const port::sptr<uint16_t> k_stage = ks + stage * Tr::kTileElems, v_stage = vs + stage * Tr::kTileElems;
     if (classify<kDocs>(p, b, qt, kt, kTile) == TileKind::kMasked) {
-      dq_step<Tr, kD, true, kDocs>(dq, p, qs, dos, k_stage, v_stage, lse2, delta, doc, i0, kt * kTile, lane,
-                                   warp);
+      dq_step<Tr, true, kDocs>(dq, p, qs, dos, k_stage, v_stage, lse2, delta, doc, i0, kt * kTile, lane,
+                               warp);
     } else {
-      dq_step<Tr, kD, false, kDocs>(dq, p, qs, dos, k_stage, v_stage, lse2, delta, doc, i0, kt * kTile, lane,
-                                    warp);
+      dq_step<Tr, false, kDocs>(dq, p, qs, dos, k_stage, v_stage, lse2, delta, doc, i0, kt * kTile, lane,
+                                warp);
     }
     kt = kt_next;
   }
 
   TF_UNROLL
-  for (int n = 0; n < Tr::kDTiles; ++n) {
+  for (int n = 0; n < Tr::kD / 8; ++n) {
     TF_UNROLL
     for (int e = 0; e < 4; ++e) {
       const int r = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), d = n * 8 + lane % 4 * 2 + (e & 1);
