@@ -1,14 +1,17 @@
 // defines: what the tests that compare two attention implementations share: document ids for packed
-// sequences (tf::test::make_doc_ids) and the f32 error bound of one output row (forward_row_bound)
+// sequences (tf::test::make_doc_ids), the f32 error bound of one output row (forward_row_bound) and
+// the bf16 tensor-core kernels' bounds (flash_forward_bounds)
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <set>
 #include <vector>
 
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
+#include "src/core/dtype.h"
 #include "src/core/rng.h"
 
 namespace tf::test {
@@ -199,6 +202,123 @@ inline GradBounds backward_bounds(const AttentionShape& s, const std::vector<flo
     gb.dv[at] = kU * (dv_e[at] + (N + 2) * dv_p[at]);
   }
   return gb;
+}
+
+// The bounds of the flash forward (kernels/cuda/flash_attention_fwd.cu: q, k, v rounded to bf16
+// for the tensor cores, P rounded to bf16 before P V, f32 sums and softmax). For one query row
+// with allowed keys j, weights w_j = softmax of the scores and M_d = sum_j w_j |v_jd|:
+// - Against the exact result on the bf16-rounded q, k, v (what the tensor cores multiply): the
+//   products of bf16 values are exact in f32 and the sums f32, so the kernel is an f32 attention
+//   (forward_row_bound) except that P is rounded to bf16 before P V while the row sum keeps f32 P:
+//   that moves out_d by at most 2^-8 sum_j w_j |v_jd| = 2^-8 M_d and leaves lse alone. A naive
+//   kernel of the same precisions would be within 2^-8 M_d + the f32 bound; the bound is twice
+//   that, for the tensor cores' accumulation (which need not round to nearest) and exp2f's 2 ulp.
+//   The online softmax rescales only on key tiles that hold an allowed key of the row (elsewhere
+//   the factor is exp2(0) = 1 and the weights 0, exactly), which sets R of the f32 bound.
+// - Against an f32 implementation on the f32 inputs: add the inputs' rounding and that
+//   implementation's own f32 bound (for any tiling, key tile 1). Rounding q and k to bf16 moves
+//   each score by at most Delta = (2^-7 + 2^-16) A with A = max_j scale sum_d |q_d k_jd|, so each
+//   weight by a factor in [e^-2Delta, e^2Delta]: out_d moves by at most (e^2Delta - 1) M_d,
+//   rounding v adds 2^-8 e^2Delta M_d, and lse moves by at most Delta.
+struct FlashRowBound {
+  std::vector<double> out_exact, out_vs_f32;  // per element of the row
+  double lse_exact, lse_vs_f32;
+};
+
+// sum_j w_j |v_jd| for each d, and A, of one row.
+struct RowMagnitudes {
+  std::vector<double> m;
+  double a;
+};
+inline RowMagnitudes row_magnitudes(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
+                                    const std::vector<int64_t>& keys, int D, float scale) {
+  std::vector<double> s(keys.size());
+  double max_s = -INFINITY, a = 0;
+  for (size_t t = 0; t < keys.size(); ++t) {
+    const float* kj = kbase + keys[t] * kv_row;
+    double dot = 0, mag = 0;
+    for (int d = 0; d < D; ++d) {
+      dot += double(qi[d]) * kj[d];
+      mag += std::fabs(double(qi[d]) * kj[d]);
+    }
+    s[t] = scale * dot;
+    max_s = std::max(max_s, s[t]);
+    a = std::max(a, scale * mag);
+  }
+  double sum = 0;
+  for (const double x : s) sum += std::exp(x - max_s);
+  RowMagnitudes r{std::vector<double>(size_t(D)), a};
+  for (size_t t = 0; t < keys.size(); ++t) {
+    const double w = std::exp(s[t] - max_s) / sum;
+    const float* vj = vbase + keys[t] * kv_row;
+    for (int d = 0; d < D; ++d) r.m[size_t(d)] += w * std::fabs(double(vj[d]));
+  }
+  return r;
+}
+
+// The bounds of one row for a flash kernel of key_tile keys per tile: q, k, v the f32 inputs and
+// qr, kr, vr their bf16 roundings, at the same offsets.
+inline FlashRowBound flash_forward_row_bound(const float* q, const float* qr, const float* k, const float* kr,
+                                             const float* v, const float* vr, int64_t kv_row,
+                                             const std::vector<int64_t>& keys, int D, float scale,
+                                             int key_tile) {
+  constexpr double kBf16U = 1.0 / 256;  // unit roundoff of bf16 (8 significant bits)
+  std::set<int64_t> tiles;
+  for (const int64_t j : keys) tiles.insert(j / key_tile);
+  // n / tile + 2 rescales must cover the tiles that hold one of the row's n keys.
+  const int tile = std::max<int>(1, int(keys.size() / std::max<size_t>(1, tiles.size())));
+  const RowBound f32r = forward_row_bound(qr, kr, vr, kv_row, keys, D, scale, tile);
+  const RowMagnitudes mr = row_magnitudes(qr, kr, vr, kv_row, keys, D, scale);
+  const RowBound f32 = forward_row_bound(q, k, v, kv_row, keys, D, scale, 1);
+  const RowMagnitudes m = row_magnitudes(q, k, v, kv_row, keys, D, scale);
+  const double delta = (1.0 / 128 + 1.0 / 65536) * m.a, grow = std::exp(2 * delta);
+  FlashRowBound b{std::vector<double>(size_t(D)), std::vector<double>(size_t(D)), 2 * f32r.lse, 0};
+  for (size_t d = 0; d < size_t(D); ++d) {
+    b.out_exact[d] = 2 * (kBf16U * mr.m[d] + f32r.out[d]);
+    b.out_vs_f32[d] = b.out_exact[d] + (grow - 1 + kBf16U * grow) * m.m[d] + f32.out[d];
+  }
+  b.lse_vs_f32 = b.lse_exact + delta + f32.lse;
+  return b;
+}
+
+inline std::vector<float> bf16_rounded(const std::vector<float>& x) {
+  std::vector<float> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_f32(f32_to_bf16(x[i]));
+  return r;
+}
+
+// The flash forward's bounds for every row of attention_forward's inputs: against the exact result
+// on the bf16-rounded inputs, and against an f32 implementation on the inputs themselves.
+struct FlashBounds {
+  ForwardBounds exact, vs_f32;
+};
+inline FlashBounds flash_forward_bounds(const AttentionShape& s, const std::vector<float>& q,
+                                        const std::vector<float>& k, const std::vector<float>& v,
+                                        const std::vector<int32_t>& docs, int key_tile) {
+  const std::vector<float> qr = bf16_rounded(q), kr = bf16_rounded(k), vr = bf16_rounded(v);
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  const size_t n_rows = q.size() / size_t(D);
+  FlashBounds fb{{std::vector<double>(q.size()), std::vector<double>(n_rows)},
+                 {std::vector<double>(q.size()), std::vector<double>(n_rows)}};
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = docs.empty() ? nullptr : docs.data() + b * S;
+    for (int64_t i = 0; i < S; ++i) {
+      std::vector<int64_t> keys;
+      for (int64_t j = 0; j <= i; ++j)
+        if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row = (b * S + i) * H + h, kv0 = (b * S * KV + h / group) * D;
+        const FlashRowBound r =
+            flash_forward_row_bound(q.data() + row * D, qr.data() + row * D, k.data() + kv0, kr.data() + kv0,
+                                    v.data() + kv0, vr.data() + kv0, KV * D, keys, int(D), s.scale, key_tile);
+        std::copy(r.out_exact.begin(), r.out_exact.end(), fb.exact.out.begin() + row * D);
+        std::copy(r.out_vs_f32.begin(), r.out_vs_f32.end(), fb.vs_f32.out.begin() + row * D);
+        fb.exact.lse[size_t(row)] = r.lse_exact;
+        fb.vs_f32.lse[size_t(row)] = r.lse_vs_f32;
+      }
+    }
+  }
+  return fb;
 }
 
 }  // namespace tf::test

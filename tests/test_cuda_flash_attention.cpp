@@ -1,20 +1,18 @@
 // Tests: the flash attention forward and decode launchers (kernels/cuda/flash_attention_fwd.cu) on
 // the SIMT simulator (tf::simt): out and lse against a float64 reference computed from the
-// bf16-rounded q, k, v within a bound derived below, and against tf::cpu's f32 op within that
-// bound plus the inputs' bf16 rounding; sequences of 97 and 1025 tokens, head dims 64, 80, 96 and
-// 128, GQA ratios 1, 2 and 4, batches of two, packed documents (boundaries inside tiles, documents
-// of one token, a document spanning whole tiles); cached decoding against the same references
-// and bit for bit against the training forward; the same bits for any thread order; rejected
-// shapes.
+// bf16-rounded q, k, v within a derived bound (tests/attention_test_util.h), and against tf::cpu's
+// f32 op within that bound plus the inputs' bf16 rounding; sequences of 97 and 1025 tokens, head
+// dims 64, 80, 96 and 128, GQA ratios 1, 2 and 4, batches of two, packed documents (boundaries
+// inside tiles, documents of one token, a document spanning whole tiles); cached decoding against
+// the same references and bit for bit against the training forward; the same bits for any thread
+// order; rejected shapes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <ostream>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -23,7 +21,6 @@
 #include "kernels/cuda/runtime.h"
 #include "kernels/ops.h"
 #include "kernels/sim/sim.h"
-#include "src/core/dtype.h"
 #include "src/core/error.h"
 #include "tests/attention_test_util.h"
 #include "tests/cuda_test_util.h"
@@ -35,94 +32,17 @@ namespace {
 using test::Guarded;
 using test::random_floats;
 
-constexpr double kBf16U = 1.0 / 256;  // unit roundoff of bf16 (8 significant bits)
-constexpr int kKeyTile = 64;          // the kernel's keys per tile
+constexpr int kKeyTile = 64;  // the kernel's keys per tile
 
 std::vector<float> nans(size_t n) {
   return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());
 }
 
-std::vector<float> bf16_rounded(const std::vector<float>& x) {
-  std::vector<float> r(x.size());
-  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_f32(f32_to_bf16(x[i]));
-  return r;
-}
-
 // ---- error bounds -------------------------------------------------------------------------------
 //
-// For one query row with allowed keys j, weights w_j = softmax of the scores and
-// M_d = sum_j w_j |v_jd|:
-// - Against the exact result on the bf16-rounded q, k, v (what the tensor cores multiply): the
-//   kernel's products of bf16 values are exact in f32, its sums f32, so it is an f32 attention
-//   (test::forward_row_bound, u = 2^-24) except that P is rounded to bf16 before P V while the
-//   row sum keeps f32 P: that moves out_d by at most 2^-8 sum_j w_j |v_jd| = 2^-8 M_d and leaves
-//   lse alone. A naive kernel of the same precisions would be within 2^-8 M_d + f32 bound; the
-//   tests allow twice that, for the tensor cores' accumulation (which need not round to nearest)
-//   and exp2f's 2 ulp. The online softmax rescales only on tiles that hold an allowed key of the
-//   row (elsewhere the factor is exp2(0) = 1 and the weights 0, exactly), which sets R of the f32
-//   bound.
-// - Against tf::cpu on the f32 inputs: add the inputs' rounding and tf::cpu's own f32 bound (for
-//   any tiling, key tile 1). Rounding q and k to bf16 moves each score by at most
-//   Delta = (2^-7 + 2^-16) A with A = max_j scale sum_d |q_d k_jd|, so each weight by a factor in
-//   [e^-2Delta, e^2Delta]: out_d moves by at most (e^2Delta - 1) M_d, rounding v adds
-//   2^-8 e^2Delta M_d, and lse moves by at most Delta.
-struct RowBounds {
-  std::vector<double> out_exact, out_cpu;  // per element of the row
-  double lse_exact, lse_cpu;
-};
-
-// The weights' sum_j w_j |v_jd| for each d, and A, of one row.
-struct RowMagnitudes {
-  std::vector<double> m;
-  double a;
-};
-RowMagnitudes magnitudes(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
-                         const std::vector<int64_t>& keys, int D, float scale) {
-  std::vector<double> s(keys.size());
-  double max_s = -INFINITY, a = 0;
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const float* kj = kbase + keys[t] * kv_row;
-    double dot = 0, mag = 0;
-    for (int d = 0; d < D; ++d) {
-      dot += double(qi[d]) * kj[d];
-      mag += std::fabs(double(qi[d]) * kj[d]);
-    }
-    s[t] = scale * dot;
-    max_s = std::max(max_s, s[t]);
-    a = std::max(a, scale * mag);
-  }
-  double sum = 0;
-  for (const double x : s) sum += std::exp(x - max_s);
-  RowMagnitudes r{std::vector<double>(size_t(D)), a};
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const double w = std::exp(s[t] - max_s) / sum;
-    const float* vj = vbase + keys[t] * kv_row;
-    for (int d = 0; d < D; ++d) r.m[size_t(d)] += w * std::fabs(double(vj[d]));
-  }
-  return r;
-}
-
-// The bounds of one row: q, k, v the f32 inputs and qr, kr, vr their bf16 roundings, at the same
-// offsets.
-RowBounds row_bounds(const float* q, const float* qr, const float* k, const float* kr, const float* v,
-                     const float* vr, int64_t kv_row, const std::vector<int64_t>& keys, int D, float scale) {
-  std::set<int64_t> tiles;
-  for (const int64_t j : keys) tiles.insert(j / kKeyTile);
-  // n / key_tile + 2 rescales must cover the tiles that hold one of the row's n keys.
-  const int key_tile = std::max<int>(1, int(keys.size() / std::max<size_t>(1, tiles.size())));
-  const test::RowBound f32r = test::forward_row_bound(qr, kr, vr, kv_row, keys, D, scale, key_tile);
-  const RowMagnitudes mr = magnitudes(qr, kr, vr, kv_row, keys, D, scale);
-  const test::RowBound cpu = test::forward_row_bound(q, k, v, kv_row, keys, D, scale, 1);
-  const RowMagnitudes m = magnitudes(q, k, v, kv_row, keys, D, scale);
-  const double delta = (1.0 / 128 + 1.0 / 65536) * m.a, grow = std::exp(2 * delta);
-  RowBounds b{std::vector<double>(size_t(D)), std::vector<double>(size_t(D)), 2 * f32r.lse, 0};
-  for (size_t d = 0; d < size_t(D); ++d) {
-    b.out_exact[d] = 2 * (kBf16U * mr.m[d] + f32r.out[d]);
-    b.out_cpu[d] = b.out_exact[d] + (grow - 1 + kBf16U * grow) * m.m[d] + cpu.out[d];
-  }
-  b.lse_cpu = b.lse_exact + delta + cpu.lse;
-  return b;
-}
+// test::flash_forward_bounds (tests/attention_test_util.h) derives them: against the exact result
+// on the bf16-rounded inputs, twice what a naive kernel of the same precisions (bf16 P, f32 sums)
+// would incur, and against tf::cpu that plus the inputs' rounding and tf::cpu's own f32 bound.
 
 // |got - want| <= bound for every element (NaN fails); reports the first few misses.
 void expect_within(const char* what, const std::vector<float>& got, const std::vector<double>& want,
@@ -240,41 +160,21 @@ Forward simt_flash(const Inputs& in) {
 struct Expected {
   std::vector<double> out_exact, lse_exact;  // float64 on the bf16-rounded inputs
   std::vector<float> out_cpu, lse_cpu;       // tf::cpu on the f32 inputs
-  std::vector<double> out_bound_exact, lse_bound_exact, out_bound_cpu, lse_bound_cpu;
+  test::FlashBounds bounds;
 };
 
 Expected expected(const Inputs& in) {
   const AttentionShape& s = in.s;
-  const std::vector<float> qr = bf16_rounded(in.q), kr = bf16_rounded(in.k), vr = bf16_rounded(in.v);
-  const std::vector<double> qd = as_double(qr), kd = as_double(kr), vd = as_double(vr);
+  const std::vector<double> qd = as_double(test::bf16_rounded(in.q)),
+                            kd = as_double(test::bf16_rounded(in.k)),
+                            vd = as_double(test::bf16_rounded(in.v));
   const size_t n_rows = in.q.size() / size_t(s.head_dim);
-  Expected e{std::vector<double>(in.q.size()), std::vector<double>(n_rows),
-             std::vector<float>(in.q.size()),  std::vector<float>(n_rows),
-             std::vector<double>(in.q.size()), std::vector<double>(n_rows),
-             std::vector<double>(in.q.size()), std::vector<double>(n_rows)};
+  Expected e{std::vector<double>(in.q.size()), std::vector<double>(n_rows), std::vector<float>(in.q.size()),
+             std::vector<float>(n_rows), test::flash_forward_bounds(s, in.q, in.k, in.v, in.doc, kKeyTile)};
   ref::attention_forward<double>(e.out_exact.data(), e.lse_exact.data(), qd.data(), kd.data(), vd.data(),
                                  in.doc_ptr(), s);
   cpu::attention_forward(e.out_cpu.data(), e.lse_cpu.data(), in.q.data(), in.k.data(), in.v.data(),
                          in.doc_ptr(), s);
-  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const int32_t* doc = in.doc.empty() ? nullptr : in.doc.data() + b * S;
-    for (int64_t i = 0; i < S; ++i) {
-      std::vector<int64_t> keys;
-      for (int64_t j = 0; j <= i; ++j)
-        if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t row = (b * S + i) * H + h, kv0 = (b * S * KV + h / group) * D;
-        const RowBounds r =
-            row_bounds(in.q.data() + row * D, qr.data() + row * D, in.k.data() + kv0, kr.data() + kv0,
-                       in.v.data() + kv0, vr.data() + kv0, KV * D, keys, int(D), s.scale);
-        std::copy(r.out_exact.begin(), r.out_exact.end(), e.out_bound_exact.begin() + row * D);
-        std::copy(r.out_cpu.begin(), r.out_cpu.end(), e.out_bound_cpu.begin() + row * D);
-        e.lse_bound_exact[size_t(row)] = r.lse_exact;
-        e.lse_bound_cpu[size_t(row)] = r.lse_cpu;
-      }
-    }
-  }
   return e;
 }
 
@@ -285,10 +185,10 @@ TEST_P(SimtFlashForward, MatchesTheReferenceOnBf16InputsAndTheCpu) {
   const Inputs in(c, 2024 + uint64_t(c.seq * 7 + c.head_dim));
   const Forward got = simt_flash(in);
   const Expected want = expected(in);
-  expect_within("out vs float64 on bf16 inputs", got.out, want.out_exact, want.out_bound_exact);
-  expect_within("lse vs float64 on bf16 inputs", got.lse, want.lse_exact, want.lse_bound_exact);
-  expect_within("out vs tf::cpu", got.out, as_double(want.out_cpu), want.out_bound_cpu);
-  expect_within("lse vs tf::cpu", got.lse, as_double(want.lse_cpu), want.lse_bound_cpu);
+  expect_within("out vs float64 on bf16 inputs", got.out, want.out_exact, want.bounds.exact.out);
+  expect_within("lse vs float64 on bf16 inputs", got.lse, want.lse_exact, want.bounds.exact.lse);
+  expect_within("out vs tf::cpu", got.out, as_double(want.out_cpu), want.bounds.vs_f32.out);
+  expect_within("lse vs tf::cpu", got.lse, as_double(want.lse_cpu), want.bounds.vs_f32.lse);
 }
 
 // 97 and 200 tokens end mid-tile (97 rows per head, 194 or 388 packed rows per kv head); 1025 is
@@ -396,8 +296,8 @@ TEST_P(SimtFlashCached, MatchesTheReferenceOnBf16InputsAndTheCpu) {
   const CachedCase c = GetParam();
   const CachedInputs in(c, 4321 + uint64_t(c.n_past * 7 + c.n_new));
   const std::vector<float> got = simt_cached(in);
-  const std::vector<float> qr = bf16_rounded(in.q), kr = bf16_rounded(in.k_cache),
-                           vr = bf16_rounded(in.v_cache);
+  const std::vector<float> qr = test::bf16_rounded(in.q), kr = test::bf16_rounded(in.k_cache),
+                           vr = test::bf16_rounded(in.v_cache);
   const std::vector<double> qd = as_double(qr), kd = as_double(kr), vd = as_double(vr);
   std::vector<double> exact(in.out_size());
   std::vector<float> cpu_out(in.out_size());
@@ -412,11 +312,11 @@ TEST_P(SimtFlashCached, MatchesTheReferenceOnBf16InputsAndTheCpu) {
     for (int64_t j = 0; j <= c.n_past + i; ++j) keys.push_back(j);
     for (int64_t h = 0; h < c.heads; ++h) {
       const int64_t row = i * c.heads + h, kv0 = h / group * D;
-      const RowBounds r =
-          row_bounds(in.q.data() + row * D, qr.data() + row * D, in.k_cache.data() + kv0, kr.data() + kv0,
-                     in.v_cache.data() + kv0, vr.data() + kv0, kv_row, keys, int(D), in.scale);
+      const test::FlashRowBound r = test::flash_forward_row_bound(
+          in.q.data() + row * D, qr.data() + row * D, in.k_cache.data() + kv0, kr.data() + kv0,
+          in.v_cache.data() + kv0, vr.data() + kv0, kv_row, keys, int(D), in.scale, kKeyTile);
       std::copy(r.out_exact.begin(), r.out_exact.end(), bound_exact.begin() + row * D);
-      std::copy(r.out_cpu.begin(), r.out_cpu.end(), bound_cpu.begin() + row * D);
+      std::copy(r.out_vs_f32.begin(), r.out_vs_f32.end(), bound_cpu.begin() + row * D);
     }
   }
   expect_within("out vs float64 on bf16 inputs", got, exact, bound_exact);
