@@ -89,16 +89,46 @@ TEST(CudnnAttentionChecks, GraphsPassCudnnsChecksWithoutADevice) {
   for (const int dim : {64, 80, 96, 128}) {
     for (const int kv_heads : {2, 8}) {
       const AttentionShape s = shape(2, 192, 8, kv_heads, dim);
+      int ops = 0;
 #if TIGHTFIT_HAVE_CUDNN
-      EXPECT_EQ(cuda::cudnn_attention_graph_size(s, false), 14) << "head dim " << dim;
-      EXPECT_EQ(cuda::cudnn_attention_graph_size(s, true), kv_heads == 8 ? 22 : 24) << "head dim " << dim;
+      EXPECT_EQ(cuda::cudnn_attention_offline_engines(s, false, "", &ops), -1);
+      EXPECT_EQ(ops, 14) << "forward, head dim " << dim;
+      EXPECT_EQ(cuda::cudnn_attention_offline_engines(s, true, "", &ops), -1);
+      EXPECT_EQ(ops, kv_heads == 8 ? 22 : 24) << "backward, head dim " << dim;
 #else
-      const std::string msg = error_of([&] { cuda::cudnn_attention_graph_size(s, false); });
+      const std::string msg = error_of([&] { cuda::cudnn_attention_offline_engines(s, false, "", &ops); });
       EXPECT_NE(msg.find("built without cuDNN"), std::string::npos) << msg;
 #endif
     }
   }
 }
+
+#if TIGHTFIT_HAVE_CUDNN
+// cuDNN's description of an H200 (sm_90, 132 SMs), in the JSON its device properties serialize to:
+// with it cuDNN's heuristics run for the graphs with no GPU present and must propose engines (cuDNN
+// classifies the graphs as its SDPA_FWD and SDPA_BWD patterns). Whether an engine takes a graph is
+// decided when its plan is built, which needs the driver: on a GPU, the parity tests below.
+constexpr const char* kH200 =
+    R"({"maxGridSize":[2147483647,65535,65535],"maxBlockSize":[1024,1024,64],"regsPerBlock":65536,)"
+    R"("multiProcessorCount":132,"warpSize":32,"maxSharedMemoryPerBlock":49152,)"
+    R"("maxSharedMemoryPerBlockOptin":232448,"reservedSharedMemoryPerBlock":1024,"maxRegistersPerSM":65536,)"
+    R"("maxCtasPerSM":32,"maxThreadsPerBlock":1024,"maxThreadsPerSM":2048,"pciDeviceId":8962,"isTccDriver":0,)"
+    R"("supportCoopLaunch":1,"totalGlobalMem":150754820096,"smClockRateKHz":1980000,"memClockRateKHz":3201000,)"
+    R"("l2CacheSize":52428800,"cudaDeviceId":0,"deviceVer":900,"driverVer":13000,"deviceName":"NVIDIA H200"})";
+
+TEST(CudnnAttentionChecks, HeuristicsProposeEnginesForAnH200WithoutOne) {
+  for (const int dim : {64, 80, 96, 128}) {
+    for (const int kv_heads : {2, 8}) {
+      for (const bool backward : {false, true}) {
+        const AttentionShape s = shape(2, 256, 8, kv_heads, dim);
+        int ops = 0;
+        EXPECT_GE(cuda::cudnn_attention_offline_engines(s, backward, kH200, &ops), 1)
+            << (backward ? "backward" : "forward") << ", head dim " << dim << ", kv heads " << kv_heads;
+      }
+    }
+  }
+}
+#endif
 
 TEST(CudnnAttentionChecks, AvailabilityComesWithItsReason) {
   std::string why;

@@ -72,7 +72,7 @@ bool cudnn_attention_available(std::string* why) {
   return false;
 }
 
-int cudnn_attention_graph_size(const AttentionShape& s, bool backward) {
+int64_t cudnn_attention_offline_engines(const AttentionShape& s, bool backward, const std::string&, int*) {
   check_shape(nullptr, s, backward ? "backward" : "forward");
   TF_FAIL("--attention cudnn: ", kNoCudnn);
 }
@@ -487,15 +487,31 @@ std::string describe(const AttentionShape& s, bool backward) {
 }
 
 // The first engine configuration cuDNN's heuristics rank for the graph that it can build a plan for.
-void make_plan(Plan& p, cudnnHandle_t h, const std::string& what) {
-  Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "engine heuristics of " + what);
-  TF_SET_DESC(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, *p.graph);
+// cuDNN's heuristics for a graph: for the device of the graph's handle, or for the device that
+// device_prop describes (which need not be present) when it is given.
+std::unique_ptr<Desc> heuristics(const Desc& graph, const Desc* device_prop, const std::string& what) {
+  auto heur = std::make_unique<Desc>(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR, "engine heuristics of " + what);
+  TF_SET_DESC(*heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph);
+  if (device_prop) TF_SET_DESC(*heur, CUDNN_ATTR_ENGINEHEUR_DEVICEPROP, *device_prop);
   const cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
-  TF_SET(heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
-  heur.finalize();
+  TF_SET(*heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
+  heur->finalize();
+  return heur;
+}
+
+// The number of engine configurations the heuristics rank, before each is checked against what
+// this machine has (a driver to load kernels with, among others).
+int64_t candidates(const Desc& heur) {
   int64_t count = 0;
   TF_CUDNN_CHECK(cudnnBackendGetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
                                           CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr));
+  return count;
+}
+
+void make_plan(Plan& p, cudnnHandle_t h, const std::string& what) {
+  const std::unique_ptr<Desc> heur_desc = heuristics(*p.graph, nullptr, what);
+  const Desc& heur = *heur_desc;
+  const int64_t count = candidates(heur);
   std::vector<std::unique_ptr<Desc>> configs;
   std::vector<cudnnBackendDescriptor_t> raw;
   for (int64_t i = 0; i < count; ++i) {
@@ -669,16 +685,24 @@ class Carve {
 
 }  // namespace
 
-int cudnn_attention_graph_size(const AttentionShape& s, bool backward) {
+int64_t cudnn_attention_offline_engines(const AttentionShape& s, bool backward,
+                                        const std::string& device_json, int* operations) {
   check_shape(nullptr, s, backward ? "backward" : "forward");
-  GraphBuilder g(describe(s, backward));
+  const std::string what = describe(s, backward);
+  GraphBuilder g(what);
   if (backward)
     build_backward(g, s);
   else
     build_forward(g, s);
   std::vector<std::unique_ptr<Desc>> keep;
-  g.finish(nullptr, keep);
-  return int(g.size());
+  const std::unique_ptr<Desc> graph = g.finish(nullptr, keep);
+  *operations = int(g.size());
+  if (device_json.empty()) return -1;
+  Desc device(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, "device properties for " + what);
+  TF_SET(device, CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION, CUDNN_TYPE_CHAR, int64_t(device_json.size()),
+         device_json.data());
+  device.finalize();
+  return candidates(*heuristics(*graph, &device, what));
 }
 
 bool cudnn_attention_available(std::string* why) {

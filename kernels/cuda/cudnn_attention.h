@@ -18,10 +18,14 @@ namespace tf::cuda {
 bool cudnn_attention_available(std::string* why);
 
 // Builds the operation graph of the forward (backward false) or the backward for shape s and
-// finalizes it without a device or an execution plan, so that every tensor, operation and the graph
-// itself pass cuDNN's checks where no GPU is (the tests do this). Returns its number of operations;
-// throws tf::Error naming the descriptor cuDNN refused, or saying the build has no cuDNN.
-int cudnn_attention_graph_size(const AttentionShape& s, bool backward);
+// finalizes it without a device, so that every tensor and operation and the graph pass cuDNN's
+// checks where no GPU is (the tests do this); *operations receives its size. With device_json, cuDNN's
+// JSON description of a device (what a GPU's CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION serializes
+// to), it returns how many engine configurations cuDNN's heuristics propose for the graph on that
+// device, which need not be present (0 when no engine takes the graph's pattern); -1 without.
+// Throws tf::Error naming the descriptor cuDNN refused, or saying the build has no cuDNN.
+int64_t cudnn_attention_offline_engines(const AttentionShape& s, bool backward,
+                                        const std::string& device_json, int* operations);
 
 // attention_forward's contract: q, k, v [n_tokens, heads, head_dim] f32 in device memory, rounded
 // to bf16; out f32, lse [n_tokens, n_heads] the natural-log log-sum-exp of the scaled scores.
