@@ -268,8 +268,9 @@ std::vector<TestWeight*> op_weights(std::vector<std::unique_ptr<TestWeight>>& ke
   return out;
 }
 
-// The linear ops through tiles of 3 rows (7 = 3 + 3 + 1, a partial last tile) and through the ops
-// themselves (one tile), beta 0 and 1, against tf::cpu on the dequantized weight.
+// The dequantized-tile path through tiles of 3 rows (7 = 3 + 3 + 1, a partial last tile) and the ops
+// themselves (whichever path they take for the weight: both round x and W to bf16 and sum in f32),
+// beta 0 and 1, against tf::cpu on the dequantized weight.
 TEST(CudaDequantOps, LinearForwardAndBackwardInputMatchTheCpuWithinBf16Rounding) {
   std::vector<std::unique_ptr<TestWeight>> keep;
   const int64_t n = 5, R = 7;

@@ -11,8 +11,9 @@
 // scale block) per call. NF4 and INT8 run over the flattened tensor, their blocks of 64 crossing
 // rows; a row whose length is a multiple of 8 keeps every group of 8 inside one block, so the device
 // takes NF4 / INT8 weights with cols % 8 == 0 (quant_weight refuses the others by name). The
-// arithmetic is the references' order, each product rounded on its own (mul_rn), so a decoded value
-// has the reference's bits on the simulator and on a GPU.
+// arithmetic is the references' order, each product rounded on its own (mul_rn: __fmul_rn under
+// nvcc, which is never fused into an FMA), so a decoded value has the reference's bits on the
+// simulator (tests/test_cuda_dequant.cpp) and, by the same operations, on a GPU.
 #pragma once
 
 #include <cstdint>
