@@ -64,6 +64,23 @@ DeviceSpec parse_device(std::string_view spec) {
 
 }  // namespace
 
+AttentionKernel parse_attention(std::string_view name) {
+  for (const AttentionKernel k :
+       {AttentionKernel::Auto, AttentionKernel::Flash, AttentionKernel::Plain, AttentionKernel::Cudnn})
+    if (name == attention_name(k)) return k;
+  TF_FAIL("--attention must be auto, flash, plain or cudnn, got '", name, "'");
+}
+
+const char* attention_name(AttentionKernel k) {
+  switch (k) {
+    case AttentionKernel::Auto: return "auto";
+    case AttentionKernel::Flash: return "flash";
+    case AttentionKernel::Plain: return "plain";
+    case AttentionKernel::Cudnn: return "cudnn";
+  }
+  return "?";
+}
+
 int count_gpus(std::string* why) {
 #if TIGHTFIT_HAVE_CUDA
   try {
@@ -80,8 +97,15 @@ int count_gpus(std::string* why) {
 #endif
 }
 
-void check_device(std::string_view spec) {
-  [[maybe_unused]] const DeviceSpec d = parse_device(spec);
+void check_device(std::string_view spec, AttentionKernel attention) {
+  const DeviceSpec d = parse_device(spec);
+  TF_CHECK(d.kind != DeviceSpec::Kind::Cpu || attention == AttentionKernel::Auto, "--attention ",
+           attention_name(attention),
+           " chooses a kernel of the CUDA backend (--device simt or cuda); the cpu ",
+           "backend has one attention kernel (leave --attention auto)");
+  TF_CHECK(d.kind != DeviceSpec::Kind::Simt || attention != AttentionKernel::Cudnn,
+           "--attention cudnn runs cuDNN's fused attention on a GPU (--device cuda); the simt simulator does "
+           "not run cuDNN");
 #if !TIGHTFIT_HAVE_CUDA
   TF_CHECK(d.kind != DeviceSpec::Kind::Cuda, "--device ", spec,
            ": this tightfit was built without the CUDA backend (build it where the CUDA toolkit is "
@@ -89,14 +113,14 @@ void check_device(std::string_view spec) {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked) {
-  check_device(spec);
+std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked, AttentionKernel attention) {
+  check_device(spec, attention);
   const DeviceSpec d = parse_device(spec);
   switch (d.kind) {
     case DeviceSpec::Kind::Cpu: return make_cpu_backend();
-    case DeviceSpec::Kind::Simt: return simt::make_device_backend(0);
+    case DeviceSpec::Kind::Simt: return simt::make_device_backend(0, attention);
 #if TIGHTFIT_HAVE_CUDA
-    case DeviceSpec::Kind::Cuda: return cuda::make_device_backend(d.index);
+    case DeviceSpec::Kind::Cuda: return cuda::make_device_backend(d.index, attention);
 #else
     case DeviceSpec::Kind::Cuda: break;
 #endif
@@ -104,10 +128,13 @@ std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked
   }
   std::string why;
   if (count_gpus(&why) > 0) {
-    std::unique_ptr<Backend> gpu = make_backend("cuda:0");
+    std::unique_ptr<Backend> gpu = make_backend("cuda:0", nullptr, attention);
     if (picked) *picked = gpu->describe() + ", picked by --device auto";
     return gpu;
   }
+  TF_CHECK(attention == AttentionKernel::Auto, "--attention ", attention_name(attention),
+           " chooses a kernel of the CUDA backend, but --device auto found no GPU (", why,
+           "); use --device simt to run it on the simulator, or leave --attention auto");
   if (picked) *picked = "cpu (--device auto: " + why + ")";
   return make_cpu_backend();
 }

@@ -52,6 +52,15 @@ struct PlannedAlloc {
   size_t bytes = 0;
 };
 
+// The attention kernels a device backend runs (--attention): Flash, bf16 on tensor cores; Plain, the
+// tiled f32 kernels (the device reference); Cudnn, cuDNN's fused attention (a GPU with cuDNN only).
+// Auto is flash where it takes the head dimension, else plain. The cpu has one kernel and takes only
+// Auto.
+enum class AttentionKernel : uint8_t { Auto, Flash, Plain, Cudnn };
+// "auto", "flash", "plain", "cudnn"; throws naming --attention for anything else.
+AttentionKernel parse_attention(std::string_view name);
+const char* attention_name(AttentionKernel k);
+
 // The two queues of work a backend has. Work on one stream runs in order; work on different
 // streams is ordered only by events. The cpu backend runs everything at once, in call order.
 enum class Stream : uint8_t { Compute, Copy };
@@ -116,6 +125,10 @@ class Backend {
                                  std::vector<DeviceMem>& storage) = 0;
 
   // ---- ops -----------------------------------------------------------------------------------
+  // The attention kernel this backend runs for a head dimension ("cpu", "flash", "plain", "cudnn"):
+  // a model checks its head dimension here before it is built, so a --attention choice that cannot
+  // run it is refused by name before anything is placed.
+  virtual std::string attention_kernel(int head_dim) const = 0;
 #define TF_OP(ret, name, params, args) virtual ret name params = 0;
 #include "kernels/op_signatures.inc"
 #undef TF_OP
@@ -157,13 +170,16 @@ Backend& cpu_backend();
 
 // The backend a --device value names: "cpu", "simt" (the CUDA backend on the SIMT simulator),
 // "cuda" / "cuda:N" (a GPU; needs a build with the CUDA backend) or "auto" (cuda:0 when a GPU is
-// present, else cpu). `picked` receives one line saying what auto chose and why.
-std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked = nullptr);
+// present, else cpu). `picked` receives one line saying what auto chose and why. `attention` is the
+// --attention choice: anything but Auto needs a device backend, and Cudnn a GPU with cuDNN.
+std::unique_ptr<Backend> make_backend(std::string_view spec, std::string* picked = nullptr,
+                                      AttentionKernel attention = AttentionKernel::Auto);
 // The number of CUDA devices this build can use, or 0 with the reason in *why (a build without the
 // CUDA backend, no driver, no device).
 int count_gpus(std::string* why);
 // The checks of make_backend that need no device: the spelling of `spec`, and cuda in a build
-// without the CUDA backend. For refusing a bad --device before a model loads.
-void check_device(std::string_view spec);
+// without the CUDA backend, and an --attention choice the device cannot take. For refusing a bad
+// --device or --attention before a model loads.
+void check_device(std::string_view spec, AttentionKernel attention = AttentionKernel::Auto);
 
 }  // namespace tf

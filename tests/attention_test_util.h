@@ -1,6 +1,7 @@
 // defines: what the tests that compare two attention implementations share: document ids for packed
-// sequences (tf::test::make_doc_ids), the f32 error bound of one output row (forward_row_bound) and
-// the bf16 tensor-core kernels' bounds (flash_forward_bounds)
+// sequences (tf::test::make_doc_ids), the f32 error bound of one output row (forward_row_bound), the
+// bf16 tensor-core kernels' bounds (flash_forward_bounds, flash_backward_bounds) and the float64
+// backward formulas given out and lse (backward_given)
 #pragma once
 
 #include <algorithm>
@@ -202,6 +203,140 @@ inline GradBounds backward_bounds(const AttentionShape& s, const std::vector<flo
     gb.dv[at] = kU * (dv_e[at] + (N + 2) * dv_p[at]);
   }
   return gb;
+}
+
+// The backward's formulas in float64 given out and lse (p = exp(scale q.k - lse), dP = dO.v,
+// delta = dO.out, dS = p (dP - delta)), on inputs in double: what an implementation that is handed
+// out and lse computes, without rounding. The gradients are returned, not accumulated.
+inline GradBounds backward_given(const AttentionShape& s, const std::vector<double>& q,
+                                 const std::vector<double>& k, const std::vector<double>& v,
+                                 const std::vector<double>& d_out, const std::vector<float>& out,
+                                 const std::vector<float>& lse, const std::vector<int32_t>& docs) {
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  const double scale = s.scale;
+  GradBounds g{std::vector<double>(q.size()), std::vector<double>(k.size()), std::vector<double>(k.size())};
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = docs.empty() ? nullptr : docs.data() + b * S;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t row = (b * S + i) * H + h;
+        const double *qi = q.data() + row * D, *doi = d_out.data() + row * D;
+        double delta = 0;
+        for (int64_t d = 0; d < D; ++d) delta += doi[d] * double(out[size_t(row * D + d)]);
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!ref::attention_allowed(doc, i, j)) continue;
+          const int64_t kv = (b * S + j) * KV + h / group;
+          const double *kj = k.data() + kv * D, *vj = v.data() + kv * D;
+          double qk = 0, dp = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            qk += qi[d] * kj[d];
+            dp += doi[d] * vj[d];
+          }
+          const double p = std::exp(scale * qk - double(lse[size_t(row)])), ds = p * (dp - delta);
+          for (int64_t d = 0; d < D; ++d) {
+            g.dq[size_t(row * D + d)] += scale * ds * kj[d];
+            g.dk[size_t(kv * D + d)] += scale * ds * qi[d];
+            g.dv[size_t(kv * D + d)] += p * doi[d];
+          }
+        }
+      }
+    }
+  }
+  return g;
+}
+
+// The bounds of the flash backward (kernels/cuda/flash_attention_bwd.cu) against the exact
+// gradient of its bf16 inputs qr, kr, vr, dor given the saved out and lse, to first order in
+// u = 2^-24 and u_b = 2^-8. For a (head, query i, key j) term with exact s = scale q.k,
+// A = scale sum_d |q_d k_d|, p = exp(s - lse), dP = dO.v, B = sum |dO_d v_d|, delta = dO.out,
+// C = sum |dO_d out_d|, dS = p (dP - delta), and D the head dim:
+// - the score's mma sums D exact bf16 products in f32 (D u A / scale before scaling); the kernel
+//   computes p as exp2(raw * scale log2 e - lse log2 e), which rounds the product, the constant,
+//   the saved lse, lse log2 e and the difference, and exp2f is good to 2 ulp (4 u): p is off by a
+//   relative u e with e = (D + 1) A + 3 |s| + 3 |lse| + 4;
+// - dP's mma is off by D u B, delta's f32 sum (of bf16 dO and the rounded out) by (D + 1) u C, and
+//   forming dS rounds twice more, so dS is off by u G, G = (e + 2) |dS| + p (D B + (D + 1) C);
+// - P and dS are rounded to bf16 for their mma: u_b p and u_b |dS| more;
+// - the mma products of bf16 are exact; an output summing n terms in f32 (n keys for dq, N
+//   (head, query) terms for dk and dv) and adding the total into the gradient rounds n + 2 times.
+// So |dq_id error| <= scale sum_j ((u_b + (n + 2) u) |dS| + u G) |k_jd|,
+//    |dk_jd error| <= scale sum ((u_b + (N + 2) u) |dS| + u G) |q_id|,
+//    |dv_jd error| <= sum (u_b + u (e + N + 2)) p |dO_id|.
+// Second-order terms (u_b u G and the like) are below 2^-20 of the first-order ones. Scores of a
+// few units keep every p far above f32's subnormals, so no absolute error term is needed.
+inline GradBounds flash_backward_bounds(const AttentionShape& s, const std::vector<double>& qr,
+                                        const std::vector<double>& kr, const std::vector<double>& vr,
+                                        const std::vector<double>& dor, const std::vector<float>& out,
+                                        const std::vector<float>& lse_saved,
+                                        const std::vector<int32_t>& docs) {
+  constexpr double kU = 1.0 / (1 << 24), kUb = 1.0 / (1 << 8);
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, S = s.seq, group = H / KV;
+  const double scale = s.scale;
+  GradBounds bd{std::vector<double>(qr.size()), std::vector<double>(kr.size()),
+                std::vector<double>(kr.size())};
+  // Per key row and element: dk's sums of (u_b |dS| + u G) |q| and of |dS| |q|, dv's of
+  // (u_b + u e) p |dO| and of p |dO|; the count of terms per key row.
+  std::vector<double> dk_a(kr.size()), dk_s(kr.size()), dv_a(kr.size()), dv_p(kr.size());
+  std::vector<double> n_terms(kr.size() / size_t(D));
+  struct Term {
+    int64_t kv;
+    double p, e, ds, G;
+  };
+  std::vector<Term> terms;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int32_t* doc = docs.empty() ? nullptr : docs.data() + b * S;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t row = (b * S + i) * H + h;
+        const double* qi = qr.data() + row * D;
+        const double* doi = dor.data() + row * D;
+        const float* oi = out.data() + row * D;
+        const double lse = lse_saved[size_t(row)];
+        double delta = 0, C = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          delta += doi[d] * oi[d];
+          C += std::fabs(doi[d] * oi[d]);
+        }
+        terms.clear();
+        for (int64_t j = 0; j <= i; ++j) {
+          if (!ref::attention_allowed(doc, i, j)) continue;
+          const int64_t kv = (b * S + j) * KV + h / group;
+          const double *kj = kr.data() + kv * D, *vj = vr.data() + kv * D;
+          double qk = 0, A = 0, dp = 0, B = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            qk += qi[d] * kj[d];
+            A += std::fabs(qi[d] * kj[d]);
+            dp += doi[d] * vj[d];
+            B += std::fabs(doi[d] * vj[d]);
+          }
+          const double sc = scale * qk, p = std::exp(sc - lse), ds = p * (dp - delta);
+          const double e = double(D + 1) * scale * A + 3 * std::fabs(sc) + 3 * std::fabs(lse) + 4;
+          const double G = (e + 2) * std::fabs(ds) + p * (double(D) * B + double(D + 1) * C);
+          terms.push_back({kv, p, e, ds, G});
+        }
+        const double n = double(terms.size());
+        for (const Term& t : terms) {
+          const double* kj = kr.data() + t.kv * D;
+          for (int64_t d = 0; d < D; ++d) {
+            bd.dq[size_t(row * D + d)] +=
+                scale * ((kUb + (n + 2) * kU) * std::fabs(t.ds) + kU * t.G) * std::fabs(kj[d]);
+            const size_t at = size_t(t.kv * D + d);
+            dk_a[at] += (kUb * std::fabs(t.ds) + kU * t.G) * std::fabs(qi[d]);
+            dk_s[at] += std::fabs(t.ds * qi[d]);
+            dv_a[at] += (kUb + kU * t.e) * t.p * std::fabs(doi[d]);
+            dv_p[at] += t.p * std::fabs(doi[d]);
+          }
+          n_terms[size_t(t.kv)] += 1;
+        }
+      }
+    }
+  }
+  for (size_t at = 0; at < kr.size(); ++at) {
+    const double N = n_terms[at / size_t(D)];
+    bd.dk[at] = scale * (dk_a[at] + (N + 2) * kU * dk_s[at]);
+    bd.dv[at] = dv_a[at] + (N + 2) * kU * dv_p[at];
+  }
+  return bd;
 }
 
 // The bounds of the flash forward (kernels/cuda/flash_attention_fwd.cu: q, k, v rounded to bf16

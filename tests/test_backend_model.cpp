@@ -129,6 +129,62 @@ TEST_P(BackendModel, LogitsAndDecodingFollowTheCpu) {
   }
 }
 
+// A model whose head dimension the flash kernels take (64) trains and decodes on the device's
+// default attention (flash, bf16 tensor cores) as on its plain f32 kernel: the two runs share every
+// other op, so they differ only by attention's bf16 rounding of q, k, v and P. With weights of std
+// 0.1 the scores stay within a few units, so each layer's attention output moves by a few u_b
+// relative (q, k, v and P rounded once each), and the logits by at most n_layers of those through
+// the residual stream: 4 n_layers kUBf16 max |logit| (~0.13 here), which a wrong mask or head
+// (O(1) in the logits) exceeds.
+TEST_P(BackendModel, FlashAttentionTrainsAndDecodesLikeThePlainKernel) {
+  LlamaConfig cfg = tiny_config(64);
+  cfg.hidden = 128;
+  cfg.intermediate = 128;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 64;
+  cfg.rope.head_dim = 64;
+  std::string why;
+  const std::unique_ptr<Backend> plain = test::open_backend(GetParam(), &why, AttentionKernel::Plain);
+  ASSERT_EQ(device_->attention_kernel(cfg.head_dim), "flash");
+  ASSERT_EQ(plain->attention_kernel(cfg.head_dim), "plain");
+  constexpr int kSteps = 8;
+  LlamaModel fm(init_random_weights(cfg, DType::BF16, 11, 0.1f), test::lora_r8(), CheckpointPolicy::PerBlock,
+                2 * 24, *device_);
+  LlamaModel pm(init_random_weights(cfg, DType::BF16, 11, 0.1f), test::lora_r8(), CheckpointPolicy::PerBlock,
+                2 * 24, *plain);
+  const BatchData packed = synthetic_batch(2, 24, cfg.vocab, 3, 12, 3);
+  std::vector<float> flash_logits(size_t(48 * cfg.vocab)), plain_logits(flash_logits.size());
+  fm.forward_logits(packed.view(true), flash_logits.data());
+  pm.forward_logits(packed.view(true), plain_logits.data());
+  double largest = 0;
+  for (const float x : plain_logits) largest = std::max(largest, std::abs(double(x)));
+  const double bound = 4.0 * cfg.n_layers * kUBf16 * largest;
+  for (size_t i = 0; i < flash_logits.size(); ++i)
+    ASSERT_NEAR(flash_logits[i], plain_logits[i], bound) << "logit " << i << ", packed documents";
+  // Decoding through the KV cache before training (the adapters are still equal).
+  KvCache kf = fm.make_kv_cache(16), kp = pm.make_kv_cache(16);
+  std::vector<float> la(size_t(cfg.vocab)), lb(la.size());
+  const std::vector<int32_t> prompt = {3, 9, 27, 31, 1};
+  fm.decode(kf, prompt.data(), int(prompt.size()), la.data());
+  pm.decode(kp, prompt.data(), int(prompt.size()), lb.data());
+  for (int32_t t : {5, 17, 40}) {
+    fm.decode(kf, &t, 1, la.data());
+    pm.decode(kp, &t, 1, lb.data());
+    for (size_t i = 0; i < la.size(); ++i)
+      ASSERT_NEAR(la[i], lb[i], bound) << "token " << t << " logit " << i;
+  }
+  Trainer tf(fm, train_config(kSteps)), tp(pm, train_config(kSteps));
+  for (int s = 0; s < kSteps; ++s) {
+    const BatchData data = synthetic_batch(2, 24, cfg.vocab, uint64_t(s), 12, 3);
+    const Batch b = data.view(true);
+    const StepStats f = tf.step({&b, 1}), p = tp.step({&b, 1});
+    ASSERT_FALSE(f.skipped || p.skipped) << "step " << s;
+    // The loss moves by at most twice the largest logit difference.
+    EXPECT_NEAR(f.loss, p.loss, 2 * bound) << "step " << s;
+  }
+}
+
 // A tied model whose matrices are stored as `dtype`: NF4 through finetune's --quant nf4 (double
 // quantized absmax), a ggml type through ggml's reference quantizer, the bytes kept in `keep`.
 LlamaWeights quantized_base(const LlamaConfig& c, DType dtype, std::vector<std::vector<uint8_t>>& keep) {

@@ -82,13 +82,22 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
   }
   Backend& dev() { return *dev_; }
   static Backend& cpu() { return cpu_backend(); }
+  // The same device with its attention ops on one kernel (plain or flash), made on first use.
+  Backend& attention_dev(AttentionKernel k) {
+    std::unique_ptr<Backend>& be = k == AttentionKernel::Flash ? flash_ : plain_;
+    if (!be) {
+      std::string why;
+      be = open_backend(GetParam(), &why, k);
+    }
+    return *be;
+  }
   // "op [case] on backend", the prefix of every failure message.
   std::string ctx(const std::string& op, const std::string& c) const {
     return op + " [" + c + "] on " + dev_->name();
   }
 
  private:
-  std::unique_ptr<Backend> dev_;
+  std::unique_ptr<Backend> dev_, plain_, flash_;
 };
 
 // ---- arrays in backend memory between guards -----------------------------------------------------
@@ -1012,9 +1021,11 @@ TEST_P(BackendOps, RopeBothLayoutsAndDirections) {
 
 // ---- attention -------------------------------------------------------------------------------------
 //
-// Attention runs in f32 on every backend (a plain tiled kernel on a device), so the bounds are f32
-// bounds on how far each implementation, in any tiling and order, is from exact arithmetic; two
-// implementations are within twice that. For a query row with n allowed keys j, scores
+// A device runs attention on one of two kernels, and each test runs both: the plain tiled kernel in
+// f32, and the flash kernel on bf16 tensor cores (the default where it takes the head dimension).
+//
+// Plain: the bounds are f32 bounds on how far each implementation, in any tiling and order, is from
+// exact arithmetic; two implementations are within twice that. For a query row with n allowed keys j, scores
 // s_j = scale q.k_j and A_j = scale sum_d |q_d k_jd|, A = max_j A_j (D = head_dim):
 // - a score is a D-term dot product and a scaling: |error| <= (D + 1) u A_j;
 // - online softmax: exp(s_j - max) rounds its argument and its result, and each rescale by
@@ -1032,6 +1043,13 @@ TEST_P(BackendOps, RopeBothLayoutsAndDirections) {
 // over n terms is off by u scale sum_j (G_j + (n + 2) |dS_j|) |k_jd|; dk and dv likewise over the N
 // (head, query) terms that reach key j: u scale sum (G + (N + 2) |dS|) |q_d| and
 // u sum p (e + N + 2) |dO_d|. Accumulating into the start values rounds once more per side.
+//
+// Flash (tests/attention_test_util.h derives both bounds): the forward within
+// test::flash_forward_bounds' bound against an f32 implementation on the f32 inputs. The backward
+// from the same out and lse by the triangle inequality: the kernel is within
+// test::flash_backward_bounds of the exact formulas on its bf16-rounded inputs; those are
+// |G(bf16 inputs) - G(f32 inputs)| from the exact formulas on the inputs themselves, computed in
+// float64 (test::backward_given); and the cpu is within one f32 implementation's bound of those.
 
 struct AttnCase {
   int batch, seq, heads, kv_heads, head_dim;
@@ -1088,6 +1106,23 @@ AttnData make_attention(const AttnCase& c, uint64_t seed) {
   return a;
 }
 
+std::vector<double> as_bf16_doubles(const std::vector<float>& x) {
+  std::vector<double> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_f32(f32_to_bf16(x[i]));
+  return r;
+}
+
+// The kernels a case runs on: plain always, flash where it takes the head dimension (where the
+// device's auto choice is flash).
+std::vector<AttentionKernel> attention_kernels(Backend& dev, int head_dim) {
+  if (dev.attention_kernel(head_dim) == "flash") return {AttentionKernel::Plain, AttentionKernel::Flash};
+  return {AttentionKernel::Plain};
+}
+
+std::string kernel_case(AttentionKernel k, const std::string& c) {
+  return std::string(attention_name(k)) + " kernel, " + c;
+}
+
 TEST_P(BackendOps, AttentionForwardAndBackwardAcrossShapes) {
   // Single-token sequences, sequences shorter than a tile and a few tiles long, head dims 20, 32,
   // 64 and 80, GQA groups of 1, 2 and 4, packed and interleaved documents, batches of two.
@@ -1098,53 +1133,81 @@ TEST_P(BackendOps, AttentionForwardAndBackwardAcrossShapes) {
                             {2, 37, 2, 2, 64, Docs::Interleaved}, {1, 17, 2, 1, 20, Docs::Packed}};
   for (const AttnCase& ac : cases) {
     const AttnData in = make_attention(ac, 1234 + uint64_t(ac.seq));
-    {
-      const std::string c = ctx("attention_forward", describe(ac));
-      Buf<float> d_q(dev(), in.q, "q"), d_k(dev(), in.k, "k"), d_v(dev(), in.v, "v");
-      Buf<int32_t> d_doc(dev(), in.doc, "doc_ids");
-      Buf<float> d_out(dev(), std::vector<float>(in.q_size(), kNaN), "out"),
-          d_lse(dev(), std::vector<float>(in.lse_size(), kNaN), "lse");
-      dev().attention_forward(d_out.get(), d_lse.get(), d_q.get(), d_k.get(), d_v.get(),
-                              in.doc.empty() ? nullptr : d_doc.get(), in.s);
-      std::vector<float> out(in.q_size()), lse(in.lse_size());
-      cpu().attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(),
-                              in.s);
-      // Two implementations of unknown tiling (each key its own tile): twice one's bound.
-      const ForwardBounds fb = test::forward_bounds(in.s, in.q, in.k, in.v, in.doc, 1);
-      std::vector<double> b_out(fb.out), b_lse(fb.lse);
-      for (double& x : b_out) x *= 2;
-      for (double& x : b_lse) x *= 2;
-      expect_close(c, "out", d_out.read(c), out, b_out);
-      expect_close(c, "lse", d_lse.read(c), lse, b_lse);
-    }
-    // The backward from the cpu's saved out and lse, into non-zero gradients.
-    const std::string c = ctx("attention_backward", describe(ac));
     std::vector<float> out(in.q_size()), lse(in.lse_size());
     cpu().attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(), in.doc_ptr(),
                             in.s);
+    // Two f32 implementations of unknown tiling (each key its own tile): twice one's bound.
+    const ForwardBounds f32_fb = test::forward_bounds(in.s, in.q, in.k, in.v, in.doc, 1);
+    // The backward from the cpu's saved out and lse, into non-zero gradients.
     const std::vector<float> dq0 = random_floats(in.q_size(), 5), dk0 = random_floats(in.kv_size(), 6),
                              dv0 = random_floats(in.kv_size(), 7);
-    Buf<float> d_q(dev(), in.q, "q"), d_k(dev(), in.k, "k"), d_v(dev(), in.v, "v"),
-        d_do(dev(), in.d_out, "d_out");
-    Buf<float> d_out(dev(), out, "out"), d_lse(dev(), lse, "lse");
-    Buf<int32_t> d_doc(dev(), in.doc, "doc_ids");
-    Buf<float> d_dq(dev(), dq0, "dq"), d_dk(dev(), dk0, "dk"), d_dv(dev(), dv0, "dv");
-    dev().attention_backward(d_dq.get(), d_dk.get(), d_dv.get(), d_do.get(), d_q.get(), d_k.get(), d_v.get(),
-                             d_out.get(), d_lse.get(), in.doc.empty() ? nullptr : d_doc.get(), in.s);
     std::vector<float> dq = dq0, dk = dk0, dv = dv0;
     cpu().attention_backward(dq.data(), dk.data(), dv.data(), in.d_out.data(), in.q.data(), in.k.data(),
                              in.v.data(), out.data(), lse.data(), in.doc_ptr(), in.s);
-    // Twice one implementation's bound, plus the accumulation into the start (2 u |start| per side).
     const GradBounds gb = test::backward_bounds(in.s, in.q, in.k, in.v, in.d_out, out, lse, in.doc);
-    std::vector<double> b_dq(in.q_size()), b_dk(in.kv_size()), b_dv(in.kv_size());
-    for (size_t at = 0; at < in.kv_size(); ++at) {
-      b_dk[at] = 2 * gb.dk[at] + 4 * kU * std::abs(double(dk0[at]));
-      b_dv[at] = 2 * gb.dv[at] + 4 * kU * std::abs(double(dv0[at]));
+
+    for (const AttentionKernel kernel : attention_kernels(dev(), ac.head_dim)) {
+      Backend& be = attention_dev(kernel);
+      const bool flash = kernel == AttentionKernel::Flash;
+      {
+        const std::string c = ctx("attention_forward", kernel_case(kernel, describe(ac)));
+        Buf<float> d_q(be, in.q, "q"), d_k(be, in.k, "k"), d_v(be, in.v, "v");
+        Buf<int32_t> d_doc(be, in.doc, "doc_ids");
+        Buf<float> d_out(be, std::vector<float>(in.q_size(), kNaN), "out"),
+            d_lse(be, std::vector<float>(in.lse_size(), kNaN), "lse");
+        be.attention_forward(d_out.get(), d_lse.get(), d_q.get(), d_k.get(), d_v.get(),
+                             in.doc.empty() ? nullptr : d_doc.get(), in.s);
+        std::vector<double> b_out(f32_fb.out), b_lse(f32_fb.lse);
+        if (flash) {
+          const test::FlashBounds fl = test::flash_forward_bounds(in.s, in.q, in.k, in.v, in.doc, 64);
+          b_out = fl.vs_f32.out;
+          b_lse = fl.vs_f32.lse;
+        } else {
+          for (double& x : b_out) x *= 2;
+          for (double& x : b_lse) x *= 2;
+        }
+        expect_close(c, "out", d_out.read(c), out, b_out);
+        expect_close(c, "lse", d_lse.read(c), lse, b_lse);
+      }
+      const std::string c = ctx("attention_backward", kernel_case(kernel, describe(ac)));
+      Buf<float> d_q(be, in.q, "q"), d_k(be, in.k, "k"), d_v(be, in.v, "v"), d_do(be, in.d_out, "d_out");
+      Buf<float> d_out(be, out, "out"), d_lse(be, lse, "lse");
+      Buf<int32_t> d_doc(be, in.doc, "doc_ids");
+      Buf<float> d_dq(be, dq0, "dq"), d_dk(be, dk0, "dk"), d_dv(be, dv0, "dv");
+      be.attention_backward(d_dq.get(), d_dk.get(), d_dv.get(), d_do.get(), d_q.get(), d_k.get(), d_v.get(),
+                            d_out.get(), d_lse.get(), in.doc.empty() ? nullptr : d_doc.get(), in.s);
+      // Plain: twice one implementation's bound. Flash: its own bound, the inputs' rounding and one
+      // f32 bound. Either way the accumulation into the start (2 u |start| per side).
+      GradBounds b{gb.dq, gb.dk, gb.dv};
+      if (flash) {
+        const std::vector<double> qr = as_bf16_doubles(in.q), kr = as_bf16_doubles(in.k),
+                                  vr = as_bf16_doubles(in.v), dor = as_bf16_doubles(in.d_out);
+        const GradBounds fb = test::flash_backward_bounds(in.s, qr, kr, vr, dor, out, lse, in.doc);
+        const GradBounds rounded = test::backward_given(in.s, qr, kr, vr, dor, out, lse, in.doc);
+        const GradBounds exact = test::backward_given(
+            in.s, std::vector<double>(in.q.begin(), in.q.end()),
+            std::vector<double>(in.k.begin(), in.k.end()), std::vector<double>(in.v.begin(), in.v.end()),
+            std::vector<double>(in.d_out.begin(), in.d_out.end()), out, lse, in.doc);
+        auto add = [](std::vector<double>& to, const std::vector<double>& own, const std::vector<double>& a,
+                      const std::vector<double>& e) {
+          for (size_t at = 0; at < to.size(); ++at) to[at] += own[at] + std::abs(a[at] - e[at]);
+        };
+        add(b.dq, fb.dq, rounded.dq, exact.dq);
+        add(b.dk, fb.dk, rounded.dk, exact.dk);
+        add(b.dv, fb.dv, rounded.dv, exact.dv);
+      } else {
+        for (std::vector<double>* v : {&b.dq, &b.dk, &b.dv})
+          for (double& x : *v) x *= 2;
+      }
+      for (size_t at = 0; at < in.kv_size(); ++at) {
+        b.dk[at] += 4 * kU * std::abs(double(dk0[at]));
+        b.dv[at] += 4 * kU * std::abs(double(dv0[at]));
+      }
+      for (size_t at = 0; at < in.q_size(); ++at) b.dq[at] += 4 * kU * std::abs(double(dq0[at]));
+      expect_close(c, "dq", d_dq.read(c), dq, b.dq);
+      expect_close(c, "dk", d_dk.read(c), dk, b.dk);
+      expect_close(c, "dv", d_dv.read(c), dv, b.dv);
     }
-    for (size_t at = 0; at < in.q_size(); ++at) b_dq[at] = 2 * gb.dq[at] + 4 * kU * std::abs(double(dq0[at]));
-    expect_close(c, "dq", d_dq.read(c), dq, b_dq);
-    expect_close(c, "dk", d_dk.read(c), dk, b_dk);
-    expect_close(c, "dv", d_dv.read(c), dv, b_dv);
   }
 }
 
@@ -1167,10 +1230,6 @@ TEST_P(BackendOps, AttentionCachedForwardAcrossCacheLengths) {
   cases.push_back({5, 40, 3, 1, 64});
   cases.push_back({10, 0, 2, 1, 8});
   for (const Case& k : cases) {
-    const std::string c = ctx("attention_cached_forward",
-                              "past " + std::to_string(k.n_past) + " new " + std::to_string(k.n_new) +
-                                  " heads " + std::to_string(k.heads) + "/" + std::to_string(k.kv_heads) +
-                                  " head_dim " + std::to_string(k.head_dim));
     const int64_t valid = k.n_past + k.n_new, kv_row = int64_t(k.kv_heads) * k.head_dim, D = k.head_dim;
     const float scale = 1.0f / std::sqrt(float(D));
     const uint64_t seed = 4321 + uint64_t(k.n_past * 7 + k.n_new);
@@ -1179,25 +1238,43 @@ TEST_P(BackendOps, AttentionCachedForwardAcrossCacheLengths) {
     std::vector<float> vc = random_floats(size_t(valid * kv_row), seed + 2);
     kc.resize(size_t((valid + 3) * kv_row), kNaN);
     vc.resize(kc.size(), kNaN);
-    Buf<float> d_q(dev(), q, "q"), d_kc(dev(), kc, "k_cache"), d_vc(dev(), vc, "v_cache");
-    Buf<float> d_out(dev(), std::vector<float>(q.size(), kNaN), "out");
-    dev().attention_cached_forward(d_out.get(), d_q.get(), d_kc.get(), d_vc.get(), k.n_past, k.n_new, k.heads,
-                                   k.kv_heads, k.head_dim, scale);
+    const std::vector<float> qr = test::bf16_rounded(q), kr = test::bf16_rounded(kc),
+                             vr = test::bf16_rounded(vc);
     std::vector<float> out(q.size());
     cpu().attention_cached_forward(out.data(), q.data(), kc.data(), vc.data(), k.n_past, k.n_new, k.heads,
                                    k.kv_heads, k.head_dim, scale);
-    std::vector<double> bound(q.size());
-    const int group = k.heads / k.kv_heads;
-    for (int64_t i = 0; i < k.n_new; ++i) {
-      std::vector<int64_t> keys;
-      for (int64_t j = 0; j <= k.n_past + i; ++j) keys.push_back(j);
-      for (int h = 0; h < k.heads; ++h) {
-        const RowBound r = forward_row_bound(q.data() + (i * k.heads + h) * D, kc.data() + h / group * D,
-                                             vc.data() + h / group * D, kv_row, keys, int(D), scale);
-        std::copy(r.out.begin(), r.out.end(), bound.begin() + (i * k.heads + h) * D);
+    for (const AttentionKernel kernel : attention_kernels(dev(), k.head_dim)) {
+      Backend& be = attention_dev(kernel);
+      const std::string c =
+          ctx("attention_cached_forward",
+              kernel_case(kernel, "past " + std::to_string(k.n_past) + " new " + std::to_string(k.n_new) +
+                                      " heads " + std::to_string(k.heads) + "/" + std::to_string(k.kv_heads) +
+                                      " head_dim " + std::to_string(k.head_dim)));
+      Buf<float> d_q(be, q, "q"), d_kc(be, kc, "k_cache"), d_vc(be, vc, "v_cache");
+      Buf<float> d_out(be, std::vector<float>(q.size(), kNaN), "out");
+      be.attention_cached_forward(d_out.get(), d_q.get(), d_kc.get(), d_vc.get(), k.n_past, k.n_new, k.heads,
+                                  k.kv_heads, k.head_dim, scale);
+      std::vector<double> bound(q.size());
+      const int group = k.heads / k.kv_heads;
+      for (int64_t i = 0; i < k.n_new; ++i) {
+        std::vector<int64_t> keys;
+        for (int64_t j = 0; j <= k.n_past + i; ++j) keys.push_back(j);
+        for (int h = 0; h < k.heads; ++h) {
+          const int64_t qo = (i * k.heads + h) * D, ko = h / group * D;
+          const std::vector<double> b =
+              kernel == AttentionKernel::Flash
+                  ? test::flash_forward_row_bound(q.data() + qo, qr.data() + qo, kc.data() + ko,
+                                                  kr.data() + ko, vc.data() + ko, vr.data() + ko, kv_row,
+                                                  keys, int(D), scale, 64)
+                        .out_vs_f32
+                  : forward_row_bound(q.data() + qo, kc.data() + ko, vc.data() + ko, kv_row, keys, int(D),
+                                      scale)
+                        .out;
+          std::copy(b.begin(), b.end(), bound.begin() + qo);
+        }
       }
+      expect_close(c, "out", d_out.read(c), out, bound);
     }
-    expect_close(c, "out", d_out.read(c), out, bound);
   }
 }
 
@@ -1210,10 +1287,6 @@ TEST_P(BackendOps, AttentionCachedStepsMatchTheTrainingForward) {
     int heads, kv_heads, head_dim;
   };
   for (const Case k : {Case{1, 30, 4, 4, 64}, Case{20, 17, 6, 2, 80}}) {
-    const std::string c = ctx("attention_cached_forward",
-                              "prefill " + std::to_string(k.prefill) + " then " + std::to_string(k.steps) +
-                                  " steps, heads " + std::to_string(k.heads) + "/" +
-                                  std::to_string(k.kv_heads) + " head_dim " + std::to_string(k.head_dim));
     const int64_t T = k.prefill + k.steps, D = k.head_dim, q_row = k.heads * D;
     AttentionShape s;
     s.seq = int(T);
@@ -1226,15 +1299,7 @@ TEST_P(BackendOps, AttentionCachedStepsMatchTheTrainingForward) {
     const std::vector<float> vc = random_floats(kc.size(), 779);
     std::vector<float> train(q.size()), lse(size_t(T * k.heads));
     cpu().attention_forward(train.data(), lse.data(), q.data(), kc.data(), vc.data(), nullptr, s);
-    Buf<float> d_q(dev(), q, "q"), d_kc(dev(), kc, "k_cache"), d_vc(dev(), vc, "v_cache");
-    Buf<float> d_out(dev(), std::vector<float>(q.size(), kNaN), "out");
-    const auto step = [&](int64_t n_past, int64_t n_new) {
-      dev().attention_cached_forward(d_out.get() + n_past * q_row, d_q.get() + n_past * q_row, d_kc.get(),
-                                     d_vc.get(), n_past, n_new, k.heads, k.kv_heads, k.head_dim, s.scale);
-    };
-    step(0, k.prefill);
-    for (int64_t pos = k.prefill; pos < T; ++pos) step(pos, 1);
-    std::vector<double> bound(q.size());
+    std::vector<double> plain_bound(q.size());
     const int group = k.heads / k.kv_heads;
     for (int64_t i = 0; i < T; ++i) {
       std::vector<int64_t> keys;
@@ -1243,10 +1308,29 @@ TEST_P(BackendOps, AttentionCachedStepsMatchTheTrainingForward) {
         const RowBound r =
             forward_row_bound(q.data() + i * q_row + h * D, kc.data() + h / group * D,
                               vc.data() + h / group * D, k.kv_heads * D, keys, int(D), s.scale);
-        std::copy(r.out.begin(), r.out.end(), bound.begin() + i * q_row + h * D);
+        std::copy(r.out.begin(), r.out.end(), plain_bound.begin() + i * q_row + h * D);
       }
     }
-    expect_close(c, "out", d_out.read(c), train, bound);
+    for (const AttentionKernel kernel : attention_kernels(dev(), k.head_dim)) {
+      Backend& be = attention_dev(kernel);
+      const std::string c = ctx(
+          "attention_cached_forward",
+          kernel_case(kernel, "prefill " + std::to_string(k.prefill) + " then " + std::to_string(k.steps) +
+                                  " steps, heads " + std::to_string(k.heads) + "/" +
+                                  std::to_string(k.kv_heads) + " head_dim " + std::to_string(k.head_dim)));
+      Buf<float> d_q(be, q, "q"), d_kc(be, kc, "k_cache"), d_vc(be, vc, "v_cache");
+      Buf<float> d_out(be, std::vector<float>(q.size(), kNaN), "out");
+      const auto step = [&](int64_t n_past, int64_t n_new) {
+        be.attention_cached_forward(d_out.get() + n_past * q_row, d_q.get() + n_past * q_row, d_kc.get(),
+                                    d_vc.get(), n_past, n_new, k.heads, k.kv_heads, k.head_dim, s.scale);
+      };
+      step(0, k.prefill);
+      for (int64_t pos = k.prefill; pos < T; ++pos) step(pos, 1);
+      const std::vector<double> bound = kernel == AttentionKernel::Flash
+                                            ? test::flash_forward_bounds(s, q, kc, vc, {}, 64).vs_f32.out
+                                            : plain_bound;
+      expect_close(c, "out", d_out.read(c), train, bound);
+    }
   }
 }
 

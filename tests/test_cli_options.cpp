@@ -248,6 +248,32 @@ TEST_F(CliOptions, HelpAndDeviceSayOnlyWhatExists) {
         {"--device must be auto, cpu, simt, cuda or cuda:N (N a GPU index), got '" + std::string(bad) + "'"});
 }
 
+// --attention picks a kernel of the CUDA backend: a misspelling, a choice the chosen device cannot run
+// and a head dimension the flash kernels do not take are refused by name; simt reports its choice.
+TEST_F(CliOptions, AttentionKernelsAreRefusedWhereTheyCannotRun) {
+  expect_refused(args_with({"--attention", "fast"}),
+                 {"--attention must be auto, flash, plain or cudnn, got 'fast'"});
+  expect_refused(
+      args_with({"--attention", "flash", "--device", "cpu"}),
+      {"--attention flash chooses a kernel of the CUDA backend (--device simt or cuda); the cpu backend "
+       "has one attention kernel"});
+  expect_refused(args_with({"--attention", "plain"}),
+                 {"--attention plain chooses a kernel of the CUDA backend, but --device auto found no GPU"});
+  expect_refused(
+      args_with({"--attention", "cudnn", "--device", "simt"}),
+      {"--attention cudnn runs cuDNN's fused attention on a GPU (--device cuda); the simt simulator "
+       "does not run cuDNN"});
+  expect_refused(args_with({"--attention", "flash", "--device", "simt"}),
+                 {"--attention flash takes head dimensions 64, 80, 96 and 128; this model's is 16"});
+  expect_refused({"eval", "--model", (dir_ / "model").string(), "--data", (dir_ / "train.jsonl").string(),
+                  "--attention", "flash"},
+                 {"--attention flash chooses a kernel of the CUDA backend, but --device auto found no GPU"});
+  const Result plain = run(args_with({"--attention", "plain", "--device", "simt", "--steps", "1"}, "run4"));
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  EXPECT_NE(plain.out.find("\ndevice: simt (SIMT simulator"), std::string::npos) << plain.out;
+  EXPECT_NE(plain.out.find("; attention: plain\n"), std::string::npos) << plain.out;
+}
+
 }  // namespace
 
 // --quant is checked before the model loads, stored in the run's config (it changes the numbers, so

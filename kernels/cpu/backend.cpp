@@ -28,6 +28,7 @@ class CpuBackend final : public Backend {
   WeightRef place_weight(const WeightRef& host, std::string_view, std::vector<DeviceMem>&) override {
     return host;
   }
+  std::string attention_kernel(int) const override { return "cpu"; }
 
 #define TF_OP(ret, name, params, args) \
   ret name params override {           \

@@ -1,7 +1,8 @@
 // defines: the CUDA backend, tf::cuda::make_device_backend (a GPU) and, from the same source built
 // against the SIMT simulator, tf::simt::make_device_backend: device memory counted per tag, a
 // compute and a copy stream with events, frozen weights placed on the device, and every op of the
-// op list forwarded to this build's launchers (kernels/cuda/device_ops.h).
+// op list forwarded to this build's launchers (kernels/cuda/device_ops.h), attention to the kernel
+// --attention chose (flash, plain or, on a GPU, cuDNN).
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -12,19 +13,47 @@
 #include "kernels/cuda/arena.h"
 #include "kernels/cuda/device_backend.h"
 #include "kernels/cuda/device_ops.h"
+#include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/quant_blocks.h"
 #include "src/core/error.h"
 
+#if !TF_PORT_SIM
+#include "kernels/cuda/cudnn_attention.h"
+#endif
+
 namespace tf::TF_PORT_BACKEND {
 
 namespace {
 
+#if TF_PORT_SIM
+// cuDNN is not simulated: the simt backend refuses --attention cudnn when it is made, so its
+// attention never reaches these.
+bool cudnn_attention_available(std::string* why) {
+  *why = "the simt simulator does not run cuDNN (--device cuda runs it on a GPU)";
+  return false;
+}
+[[noreturn]] void no_cudnn() {
+  TF_FAIL("the simt simulator does not run cuDNN's fused attention");
+}
+void cudnn_attention_forward(float*, float*, const float*, const float*, const float*, const int32_t*,
+                             const AttentionShape&) {
+  no_cudnn();
+}
+void cudnn_attention_backward(float*, float*, float*, const float*, const float*, const float*, const float*,
+                              const float*, const float*, const int32_t*, const AttentionShape&) {
+  no_cudnn();
+}
+#endif
+
 class DeviceBackend final : public Backend {
  public:
-  explicit DeviceBackend(int device) : device_(device) {
+  DeviceBackend(int device, AttentionKernel attention) : device_(device), attention_(attention) {
     rt::set_device(device);
+    std::string why;
+    TF_CHECK(attention != AttentionKernel::Cudnn || cudnn_attention_available(&why),
+             "--attention cudnn: ", why);
     compute_ = rt::stream_create();
     copy_ = rt::stream_create();
   }
@@ -124,13 +153,61 @@ class DeviceBackend final : public Backend {
   size_t footprint(size_t bytes) const override { return bytes ? arena_footprint(bytes) : 0; }
   size_t device_blocks() const override { return blocks_taken_; }
 
+  std::string attention_kernel(int head_dim) const override {
+    if (attention_ == AttentionKernel::Flash)
+      TF_CHECK(flash_attention_supports(head_dim),
+               "--attention flash takes head dimensions 64, 80, 96 and 128; ", "this model's is ", head_dim,
+               " (--attention plain or auto runs it)");
+    if (attention_ == AttentionKernel::Cudnn)
+      TF_CHECK(head_dim % 8 == 0 && head_dim <= 128,
+               "--attention cudnn takes head dimensions that are multiples ",
+               "of 8 up to 128; this model's is ", head_dim, " (--attention auto runs it)");
+    return attention_name(kernel_for(head_dim));
+  }
+
 #define TF_OP(ret, op, params, args)  \
   ret op params override {            \
     rt::set_current_stream(compute_); \
     return TF_PORT_BACKEND::op args;  \
   }
+#define TF_ATTENTION_OP(ret, op, params, args)
 #include "kernels/op_signatures.inc"
+#undef TF_ATTENTION_OP
 #undef TF_OP
+
+  void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                         const int32_t* doc_ids, const AttentionShape& s) override {
+    rt::set_current_stream(compute_);
+    switch (call_kernel(doc_ids, s)) {
+      case AttentionKernel::Cudnn: return cudnn_attention_forward(out, lse, q, k, v, doc_ids, s);
+      case AttentionKernel::Flash: return flash_attention_forward(out, lse, q, k, v, doc_ids, s);
+      default: return TF_PORT_BACKEND::attention_forward(out, lse, q, k, v, doc_ids, s);
+    }
+  }
+  void attention_backward(float* dq, float* dk, float* dv, const float* d_out, const float* q, const float* k,
+                          const float* v, const float* out, const float* lse, const int32_t* doc_ids,
+                          const AttentionShape& s) override {
+    rt::set_current_stream(compute_);
+    switch (call_kernel(doc_ids, s)) {
+      case AttentionKernel::Cudnn:
+        return cudnn_attention_backward(dq, dk, dv, d_out, q, k, v, out, lse, doc_ids, s);
+      case AttentionKernel::Flash:
+        return flash_attention_backward(dq, dk, dv, d_out, q, k, v, out, lse, doc_ids, s);
+      default: return TF_PORT_BACKEND::attention_backward(dq, dk, dv, d_out, q, k, v, out, lse, doc_ids, s);
+    }
+  }
+  // Decoding is inference: it takes the flash kernel wherever the head dimension allows (cuDNN's
+  // graph is the training baseline).
+  void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
+                                int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
+                                float scale) override {
+    rt::set_current_stream(compute_);
+    if (attention_ != AttentionKernel::Plain && flash_attention_supports(head_dim))
+      return flash_attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,
+                                            head_dim, scale);
+    TF_PORT_BACKEND::attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,
+                                              head_dim, scale);
+  }
 
  protected:
   void* allocate(size_t bytes, MemTag tag, std::string_view what) override {
@@ -268,11 +345,25 @@ class DeviceBackend final : public Backend {
     arenas_.clear();
   }
 
+  // The kernel that runs a head dimension: --attention's choice, auto resolved.
+  AttentionKernel kernel_for(int head_dim) const {
+    if (attention_ != AttentionKernel::Auto) return attention_;
+    return flash_attention_supports(head_dim) ? AttentionKernel::Flash : AttentionKernel::Plain;
+  }
+  // The kernel of one call. cuDNN's graph has no per-token document mask and no one-token sequence,
+  // so such calls under --attention cudnn run what auto would.
+  AttentionKernel call_kernel(const int32_t* doc_ids, const AttentionShape& s) const {
+    if (attention_ == AttentionKernel::Cudnn && (doc_ids != nullptr || s.seq == 1))
+      return flash_attention_supports(s.head_dim) ? AttentionKernel::Flash : AttentionKernel::Plain;
+    return kernel_for(s.head_dim);
+  }
+
   rt::StreamHandle stream(Stream s) const {
     return s == Stream::Compute ? compute_ : copy_;
   }
 
   int device_;
+  AttentionKernel attention_;
   rt::StreamHandle compute_ = nullptr, copy_ = nullptr;
   std::map<uint64_t, rt::EventHandle> events_;
   uint64_t last_event_ = 0;
@@ -289,8 +380,8 @@ class DeviceBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_device_backend(int device) {
-  return std::make_unique<DeviceBackend>(device);
+std::unique_ptr<Backend> make_device_backend(int device, AttentionKernel attention) {
+  return std::make_unique<DeviceBackend>(device, attention);
 }
 
 }  // namespace tf::TF_PORT_BACKEND

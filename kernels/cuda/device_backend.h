@@ -7,8 +7,8 @@
 #include "kernels/backend.h"
 
 namespace tf::cuda {
-std::unique_ptr<Backend> make_device_backend(int device);
+std::unique_ptr<Backend> make_device_backend(int device, AttentionKernel attention);
 }
 namespace tf::simt {
-std::unique_ptr<Backend> make_device_backend(int device);
+std::unique_ptr<Backend> make_device_backend(int device, AttentionKernel attention);
 }

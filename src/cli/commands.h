@@ -24,6 +24,7 @@ struct GenerateOptions {
   bool chat = false;  // wrap the prompt as a user turn of the model's chat template
   std::string template_name = "auto";
   std::string device = "auto";
+  std::string attention = "auto";
   int threads = 0;
 };
 int run_generate(const GenerateOptions& o);
@@ -36,6 +37,7 @@ struct EvalOptions {
   int micro_batch = 4;
   int max_new_tokens = 64;
   std::string device = "auto";
+  std::string attention = "auto";
   int threads = 0;
   // When set: the full logits of the first `logits_examples` examples (each run alone, unpacked)
   // are written to this safetensors file as logits.<i> [tokens, vocab] and input_ids.<i>, for

@@ -23,9 +23,11 @@ const tok::Tokenizer& Session::tokenizer() const {
 
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
-                     const std::string& adapter, io::QuantMode quant, const std::string& device) {
+                     const std::string& adapter, io::QuantMode quant, const std::string& device,
+                     const std::string& attention) {
   Session s;
-  check_device(device);
+  const AttentionKernel kernel = parse_attention(attention);
+  check_device(device, kernel);
   s.loaded = io::load_model(model_path, true, quant);
   std::optional<io::PeftAdapter> peft;
   if (!adapter.empty()) {
@@ -35,7 +37,8 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
     lora = peft->lora.config;
   }
   const CheckpointPolicy p = policy(s.loaded.weights.config);
-  s.backend = make_backend(device, &s.device_note);
+  s.backend = make_backend(device, &s.device_note, kernel);
+  s.attention = s.backend->attention_kernel(s.loaded.weights.config.head_dim);
   // The model's memory is one device arena, taken before the model is built; its steps allocate nothing.
   s.backend->reserve(LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend).total);
   s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend);
@@ -61,7 +64,14 @@ data::ChatTemplate choose_template(const std::string& name, const io::LoadedMode
 }
 
 Batch batch_view(const data::TokenBatch& b) {
-  return Batch{b.batch, b.seq, b.tokens.data(), b.targets.data(), b.positions.data(), b.doc_ids.data()};
+  // Rows of one example each need no document mask; attention without one is cheaper, and is what
+  // cuDNN's fused attention runs.
+  return Batch{b.batch,
+               b.seq,
+               b.tokens.data(),
+               b.targets.data(),
+               b.positions.data(),
+               b.packed ? b.doc_ids.data() : nullptr};
 }
 
 LossSum evaluate_loss(LlamaModel& model, const data::TokenizedDataset& data, int micro_batch, int seq_len,

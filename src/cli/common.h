@@ -23,6 +23,7 @@ struct Session {
   io::LoadedModel loaded;
   std::unique_ptr<Backend> backend;
   std::string device_note;  // what --device auto picked and why; empty otherwise
+  std::string attention;    // the attention kernel the model runs (Backend::attention_kernel): cpu on the cpu
   std::unique_ptr<LlamaModel> model;
   const tok::Tokenizer& tokenizer() const;
 };
@@ -30,11 +31,12 @@ struct Session {
 // Opens `model_path` with LoRA `lora` (fresh adapters, B = 0) sized for `max_tokens` per
 // micro-batch, with the checkpointing `policy` chooses for the model's config. With `adapter` (a
 // run directory or a PEFT adapter directory), the adapter's configuration and weights replace
-// `lora`. The model runs on the backend `device` (a --device value) names.
+// `lora`. The model runs on the backend `device` (a --device value) names, with the attention
+// kernel `attention` (an --attention value) names.
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep,
-                     const std::string& device = "cpu");
+                     const std::string& device = "cpu", const std::string& attention = "auto");
 
 // The QuantMode named by a --quant value, or tf::Error listing the choices.
 io::QuantMode quant_option(const std::string& name);

@@ -198,7 +198,7 @@ void check_options(const FinetuneOptions& o) {
   TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block",
            "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
   quant_option(o.quant);
-  check_device(o.device);
+  check_device(o.device, parse_attention(o.attention));
   TF_CHECK(o.save_every >= 0, "--save-every must not be negative (0: only at the end), got ", o.save_every);
   TF_CHECK(o.keep >= 1, "--keep must be at least 1, got ", o.keep);
   TF_CHECK(o.eval_every >= 0, "--eval-every must not be negative (0: before and after training only), got ",
@@ -353,7 +353,8 @@ int run_finetune(const FinetuneOptions& given) {
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(
       o.model, lora, int64_t(o.micro_batch) * o.seq_len,
-      [&](const LlamaConfig& c) { return choose_policy(o, c); }, {}, quant_option(o.quant), o.device);
+      [&](const LlamaConfig& c) { return choose_policy(o, c); }, {}, quant_option(o.quant), o.device,
+      o.attention);
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
   const LlamaConfig& cfg = s.model->config();
@@ -460,7 +461,8 @@ int run_finetune(const FinetuneOptions& given) {
       train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
       (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
       policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
-  std::printf("device: %s\n", s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str());
+  std::printf("device: %s%s\n", s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str(),
+              s.attention == "cpu" ? "" : ("; attention: " + s.attention).c_str());
 
   std::fflush(stdout);  // the header shows before the evaluation, which can take long
   MetricsWriter metrics(metrics_path);

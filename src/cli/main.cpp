@@ -19,6 +19,10 @@ using namespace tf::cli;
 constexpr const char* kDeviceHelp =
     "Where the model runs: auto (a GPU when one is present, else the CPU), cpu, cuda, cuda:N, or simt "
     "(the CUDA backend on the built-in GPU simulator: slow, for checking)";
+constexpr const char* kAttentionHelp =
+    "Attention kernel of the CUDA backend: auto (flash where the head dimension is 64, 80, 96 or 128, "
+    "else plain), flash (bf16 on tensor cores), plain (the tiled f32 reference kernels) or cudnn "
+    "(cuDNN's fused attention, on a GPU)";
 
 void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--model", o.model, "Base model: an HF directory or a .gguf file")->required();
@@ -73,6 +77,7 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
                "Activation checkpointing: auto (per block once activations would pass 2 GiB), none or block")
       ->capture_default_str();
   c.add_option("--device", o.device, kDeviceHelp)->capture_default_str();
+  c.add_option("--attention", o.attention, kAttentionHelp)->capture_default_str();
   c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
   c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
 }
@@ -143,6 +148,7 @@ int run(int argc, char** argv) {
   generate->add_flag("--chat", gen.chat, "Send the prompt as a user turn of the chat template");
   generate->add_option("--template", gen.template_name, "Template for --chat")->capture_default_str();
   generate->add_option("--device", gen.device, kDeviceHelp)->capture_default_str();
+  generate->add_option("--attention", gen.attention, kAttentionHelp)->capture_default_str();
   generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
 
@@ -158,6 +164,7 @@ int run(int argc, char** argv) {
   eval->add_option("--max-new-tokens", ev.max_new_tokens, "Greedy completion length for exact match")
       ->capture_default_str();
   eval->add_option("--device", ev.device, kDeviceHelp)->capture_default_str();
+  eval->add_option("--attention", ev.attention, kAttentionHelp)->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
   eval->add_option("--logits-out", ev.logits_out,

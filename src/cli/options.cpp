@@ -52,6 +52,7 @@ json to_json(const FinetuneOptions& o) {
               {"eval_every", o.eval_every},
               {"checkpointing", o.checkpointing},
               {"device", o.device},
+              {"attention", o.attention},
               {"threads", o.threads}};
 }
 
@@ -60,8 +61,8 @@ json resume_relevant(const FinetuneOptions& o) {
   // Options that may change between a run and its resumption. None changes what is trained;
   // --threads changes how OpenBLAS splits its sums, so only a resume with the same --threads
   // repeats an uninterrupted run bit for bit (finetune notes a change).
-  for (const char* free :
-       {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "threads"})
+  for (const char* free : {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device",
+                           "attention", "threads"})
     all.erase(free);
   return all;
 }

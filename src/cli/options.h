@@ -49,6 +49,7 @@ struct FinetuneOptions {
   int eval_every = 0;  // 0: only at the end
   std::string checkpointing = "auto";
   std::string device = "auto";
+  std::string attention = "auto";  // the device backend's attention kernel: auto, flash, plain, cudnn
   int threads = 0;
   bool resume = false;
 };
