@@ -71,6 +71,7 @@ TEST(DataBatcher, PackedRowsKeepDocumentsApart) {
   EXPECT_EQ(b.targets, (std::vector<int32_t>{1, 2, X, 2001, X, X, X, 1002, 1003, X, X, X}));
   EXPECT_EQ(b.positions, (std::vector<int32_t>{0, 1, 2, 0, 1, 0, 0, 1, 2, 3, 0, 1}));
   EXPECT_EQ(b.doc_ids, (std::vector<int32_t>{0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 1, 1}));
+  EXPECT_TRUE(b.packed) << "row 0 holds two examples";
   EXPECT_EQ(b.target_count(), 5u);
   EXPECT_EQ(s.cursor(), (SamplerCursor{0, 3}));
 
@@ -78,6 +79,7 @@ TEST(DataBatcher, PackedRowsKeepDocumentsApart) {
   EXPECT_EQ(b.tokens, (std::vector<int32_t>{3000, 3001, 3002, 3003, 3004, 9, 9, 9, 9, 9, 9, 9}));
   EXPECT_EQ(b.targets, (std::vector<int32_t>{3001, 3002, 3003, 3004, X, X, X, X, X, X, X, X}));
   EXPECT_EQ(b.doc_ids, (std::vector<int32_t>{0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}));
+  EXPECT_FALSE(b.packed) << "one example per row, the buffer reused from a packed batch";
   EXPECT_FALSE(next_batch(d, s, {.batch = 2, .seq = 6, .pack = true, .pad_id = 9}, b));
 }
 
@@ -88,6 +90,7 @@ TEST(DataBatcher, UnpackedRowsHoldOneExampleEach) {
   ASSERT_TRUE(next_batch(d, s, {.batch = 2, .seq = 5, .pack = false, .pad_id = 7}, b));
   EXPECT_EQ(b.tokens, (std::vector<int32_t>{0, 1, 2, 7, 7, 1000, 1001, 1002, 1003, 7}));
   EXPECT_EQ(b.doc_ids, (std::vector<int32_t>{0, 0, 0, 1, 1, 0, 0, 0, 0, 1}));
+  EXPECT_FALSE(b.packed);
   ASSERT_TRUE(next_batch(d, s, {.batch = 2, .seq = 5, .pack = false, .pad_id = 7}, b));
   EXPECT_EQ(b.tokens, (std::vector<int32_t>{2000, 2001, 7, 7, 7, 7, 7, 7, 7, 7}));
   EXPECT_EQ(b.target_count(), 1u);

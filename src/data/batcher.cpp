@@ -25,6 +25,7 @@ bool next_batch(const TokenizedDataset& data, Sampler& sampler, const BatchOptio
 
   std::vector<size_t> fill(b, 0);
   std::vector<int32_t> docs(b, 0);
+  out.packed = false;
   bool placed = false;
   size_t next_row = 0;  // without packing, rows are used in turn
   while (!sampler.done()) {
@@ -50,6 +51,7 @@ bool next_batch(const TokenizedDataset& data, Sampler& sampler, const BatchOptio
       out.doc_ids[base + t] = docs[row];
     }
     fill[row] += len;
+    out.packed = out.packed || docs[row] > 0;
     ++docs[row];
     placed = true;
     sampler.advance();

@@ -14,9 +14,13 @@ namespace tf::data {
 // document and is trainable, else kIgnoreIndex (-100). positions restart at 0 with each document;
 // doc_ids number the documents of a row from 0 (the attention mask keeps each token inside its
 // document). A row's padding tail is one more document of pad tokens with kIgnoreIndex targets.
+// `packed` says whether some row holds more than one example: only then do the documents need a
+// mask (padding comes after every real token of its row, so whatever it attends to, no real token's
+// output or gradient changes).
 struct TokenBatch {
   int batch = 0, seq = 0;
   std::vector<int32_t> tokens, targets, positions, doc_ids;
+  bool packed = false;
   size_t target_count() const;  // targets that count in the loss
 };
 
