@@ -1,7 +1,8 @@
 // defines: the CUDA backend's dense products, tf::cuda:: and tf::simt:: matmul, matmul_backward,
 // linear_forward, linear_backward_input (blas::gemm on cuBLASLt, operands of different types both
 // converted to bf16 a bounded tile at a time; a quantized weight through kernels/cuda/dequant.cu)
-// and dequantize_weight_tile (any storage dtype)
+// and dequantize_weight_tile (any storage dtype); a quantized weight multiplies through the fused
+// kernel of kernels/cuda/qmatmul.cu where it takes the weight
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/matmul.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/qmatmul.h"
 #include "kernels/cuda/quant_decode.h"
 #include "kernels/matmul_backward.h"
 #include "src/core/dtype.h"
@@ -170,10 +172,23 @@ void matmul_backward(float* dA, float* dB, const float* dC, int64_t ldc, MatOper
   matmul_backward_by_products(matmul, dA, dB, dC, ldc, A, B, M, N, K);
 }
 
+namespace {
+
+// The fused kernel decodes W's blocks next to the tensor cores and never forms a dequantized copy;
+// dequantize + cuBLASLt serves the weights it does not take. Neither has been timed on a GPU yet,
+// so no crossover by shape is encoded (bench_gpu_kernels measures both).
+bool fused_quantized(const WeightRef& W, int64_t n_tokens) {
+  return n_tokens > 0 && qmatmul_supports(W);
+}
+
+}  // namespace
+
 // y = x W^T + beta y: an f32 W multiplies in f32, a bf16 W with x converted to bf16, an f16 W with
-// both converted (see matmul), a quantized W a dequantized bf16 tile of rows at a time.
+// both converted (see matmul), a quantized W through the fused kernel, or else a dequantized bf16
+// tile of rows at a time.
 void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, float beta) {
   ref::check_linear("linear_forward", y, x, W, n_tokens, true);
+  if (is_quantized(W.dtype) && fused_quantized(W, n_tokens)) return qmatmul_forward(y, x, W, n_tokens, beta);
   if (is_quantized(W.dtype)) return quant_linear_forward(y, x, W, n_tokens, beta, quant_tile_rows(W));
   const MatOperand w = weight_operand(W, true);
   matmul(y, std::max<int64_t>(1, W.rows), MatOperand{x, DType::F32, w.ld, false}, w, n_tokens, W.rows, W.cols,
@@ -183,6 +198,8 @@ void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, flo
 // dx = dy W + beta dx, with the precisions of linear_forward.
 void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_tokens, float beta) {
   ref::check_linear("linear_backward_input", dx, dy, W, n_tokens, false);
+  if (is_quantized(W.dtype) && fused_quantized(W, n_tokens))
+    return qmatmul_backward_input(dx, dy, W, n_tokens, beta);
   if (is_quantized(W.dtype))
     return quant_linear_backward_input(dx, dy, W, n_tokens, beta, quant_tile_rows(W));
   const MatOperand w = weight_operand(W, false);
