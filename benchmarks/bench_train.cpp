@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "benchmarks/train_flops.h"
 #include "kernels/ops.h"
 #include "src/core/rng.h"
 #include "src/model/llama.h"
@@ -52,25 +53,6 @@ double measure_sgemm_gflops(int64_t tokens, const LlamaConfig& c) {
     }
   }
   return flops / secs / 1e9;
-}
-
-// Useful FLOPs per token of one training step at sequence length `seq`.
-double train_flops_per_token(const LlamaConfig& c, const LoraConfig& l, int seq) {
-  const double h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), inter = c.intermediate;
-  const double block_params = h * q * 2 + h * kv * 2 + 3 * h * inter;
-  // Causal attention: a token attends to (seq + 1) / 2 keys on average; QK^T and PV are 2 flops
-  // per multiply-add each. Backward does dV, dP, dQ, dK (4 products) and recomputes P (1 product).
-  const double attn_fwd = 2.0 * 2.0 * q * (seq + 1) / 2.0;
-  const double attn_bwd = 2.5 * attn_fwd;
-  double lora = 0;
-  for (int t = 0; t < kLoraTargetCount; ++t) {
-    if (!l.has(LoraTarget(t))) continue;
-    const auto [in, out] = lora_target_dims(c, LoraTarget(t));
-    lora += 2.0 * l.rank * (in + out);  // forward; backward does three such products
-  }
-  const double per_layer = 2 * block_params + attn_fwd + 2 * block_params + attn_bwd + 4 * lora;
-  const double lm_head = 2.0 * c.vocab * h * 2;  // logits and the gradient into h
-  return per_layer * c.n_layers + lm_head;
 }
 
 }  // namespace
@@ -144,7 +126,7 @@ int main(int argc, char** argv) {
   const double sgemm = measure_sgemm_gflops(tokens, c);
 
   const double tok_s = double(tokens) * steps / secs;
-  const double gflops = train_flops_per_token(c, l, seq) * tok_s / 1e9;
+  const double gflops = bench::train_flops_per_token(c, l, seq) * tok_s / 1e9;
   std::printf(
       "model: %.1fM params (hidden %d, %d layers, vocab %d, bf16 weights), LoRA r=%d on all 7 projections\n",
       double(c.n_params()) / 1e6, c.hidden, c.n_layers, c.vocab, l.rank);
