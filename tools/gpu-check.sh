@@ -4,7 +4,8 @@
 # .gpu-bundle/bundle.tar.xz, from tools/gpu-bundle.sh, for what the system lacks), runs
 # test_backend_ops and test_backend_model on the cuda backend, test_cuda_runtime,
 # test_cuda_cudnn_attention, a 20-step `finetune --device cuda` of a tiny model and
-# `bench_gpu_kernels --quick`, then prints one table: each case, pass / FAIL, and the max error where
+# `bench_gpu_kernels --quick` and `bench_qlora_step` (a 1B-class QLoRA step against the same step on
+# bf16 weights), then prints one table: each case, pass / FAIL, and the max error where
 # a test records one (a GoogleTest property named max_error*), the finetune's first and last loss and
 # tokens/s, and the benchmark's figures beside the bf16 GEMM ceiling it measured in the same run.
 # Exits 0 when everything passed, 1 when a check failed, 2 when it could not get as far as running
@@ -101,13 +102,13 @@ targets=(tightfit test_backend_ops test_backend_model test_cuda_runtime test_cud
 step "building ${targets[*]} with -j$jobs"
 cmake --build "$build" -j "$jobs" --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
   { show "$logs/build.log" 40; die "the build failed (log: $logs/build.log)"; }
-# The kernel benchmark builds on its own: when it does not, the table says so and the checks still run.
-step "building bench_gpu_kernels with -j$jobs"
+# The benchmarks build on their own: when they do not, the table says so and the checks still run.
+step "building bench_gpu_kernels and bench_qlora_step with -j$jobs"
 bench_built=1
-cmake --build "$build" -j "$jobs" --target bench_gpu_kernels >"$logs/build-bench.log" 2>&1 || {
+cmake --build "$build" -j "$jobs" --target bench_gpu_kernels bench_qlora_step >"$logs/build-bench.log" 2>&1 || {
   bench_built=0
   show "$logs/build-bench.log" 20
-  echo "gpu-check: building bench_gpu_kernels failed (log: $logs/build-bench.log); going on without it" >&2
+  echo "gpu-check: building the benchmarks failed (log: $logs/build-bench.log); going on without them" >&2
 }
 if ((build_only)); then
   step "built in $build"
@@ -151,6 +152,9 @@ if ((bench_built)); then
   step "bench_gpu_kernels --quick"
   timeout 900 "$build/benchmarks/bench_gpu_kernels" --quick --json "$logs/bench.json" >"$logs/bench.log" 2>&1
   printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" $? "$logs/bench.log" "$logs/bench.json" >>"$runs"
+  step "bench_qlora_step --steps 2"
+  timeout 600 "$build/benchmarks/bench_qlora_step" --steps 2 >"$logs/qlora.log" 2>&1
+  printf '%s\t%s\t%s\t%s\t%s\n' qlora "bench_qlora_step" $? "$logs/qlora.log" - >>"$runs"
 else
   printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" build "$logs/build-bench.log" - >>"$runs"
 fi
@@ -294,6 +298,22 @@ def bench_rows(status, log, path):
         rows.append(("bench", "bench_gpu_kernels --quick", False, f"exit {status} with every figure measured: {log}"))
 
 
+def qlora_rows(status, log):
+    # One row per base: its step time, the ratio to the bf16 step and its model FLOPs utilisation.
+    lines = open(log, errors="replace").read().splitlines() if os.path.exists(log) else []
+    found = 0
+    for line in lines:
+        f = line.split()
+        if len(f) == 6 and f[0] in ("bf16", "nf4", "int8"):
+            found += 1
+            rows.append(("qlora", f"1B step, {f[0]} base", True,
+                         f"{f[1]} s, {f[2]} of bf16, {f[3]} TFLOP/s, MFU {f[4]}, peak {f[5]} GiB"))
+        elif line.startswith("bf16 GEMM ceiling"):
+            rows.append(("qlora", "ceiling: bf16 GEMM, model shapes", True, clip(line.split("ceiling", 1)[1].strip())))
+    if int(status) != 0 or not found:
+        rows.append(("qlora", "bench_qlora_step", False, f"exit {status}: {clip(lines[-1] if lines else log)}"))
+
+
 with open(runs) as f:
     for line in f:
         group, what, status, log, last = line.rstrip("\n").split("\t")
@@ -301,6 +321,8 @@ with open(runs) as f:
             finetune_row(status, log, last)
         elif group == "bench":
             bench_rows(status, log, last)
+        elif group == "qlora":
+            qlora_rows(status, log)
         else:
             gtest_rows(group, what, status, log, last)
 
