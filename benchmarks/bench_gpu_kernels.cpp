@@ -15,7 +15,7 @@
 // - frozen linear layers on Llama-3-8B's projection shapes (q/o 4096 x 4096, k/v 1024 x 4096,
 //   gate/up 14336 x 4096, down 4096 x 14336) at 64, 512, 2048 and 8192 tokens, per quantized dtype:
 //   the fused dequantize + matmul (tf::cuda::qmatmul_forward / _backward_input), dequantize +
-//   cuBLASLt (tf::cuda::linear_forward / linear_backward_input on the quantized WeightRef) and the
+//   cuBLASLt (tf::cuda::quant_linear_forward / _backward_input, kernels/cuda/dequant.h) and the
 //   bf16 cuBLASLt product of the same shape, in ms and as a ratio to bf16. Weights are random,
 //   quantized on the host with tf::ref's quantizers (NF4 with double quantization, INT8, Q8_0, Q4_0,
 //   Q4_1, Q5_0, Q5_1); the k-quants, which have no quantizer here, get random codes under finite
@@ -49,6 +49,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cudnn_attention.h"
+#include "kernels/cuda/dequant.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/qmatmul.h"
@@ -424,14 +425,16 @@ bool bench_qmatmul(const Options& opt, const Timer& timer, json& out) {
           continue;
         }
         const WeightRef W = dw->ref;
+        const int64_t tile_rows = cuda::quant_tile_rows(W);
         const Timing ff =
             timer.median([&] { cuda::qmatmul_forward(y.get<float>(), x.get<float>(), W, n, 0.0f); });
         const Timing fb =
             timer.median([&] { cuda::qmatmul_backward_input(dx.get<float>(), dy.get<float>(), W, n, 0.0f); });
-        const Timing df =
-            timer.median([&] { cuda::linear_forward(y.get<float>(), x.get<float>(), W, n, 0.0f); });
-        const Timing db =
-            timer.median([&] { cuda::linear_backward_input(dx.get<float>(), dy.get<float>(), W, n, 0.0f); });
+        const Timing df = timer.median(
+            [&] { cuda::quant_linear_forward(y.get<float>(), x.get<float>(), W, n, 0.0f, tile_rows); });
+        const Timing db = timer.median([&] {
+          cuda::quant_linear_backward_input(dx.get<float>(), dy.get<float>(), W, n, 0.0f, tile_rows);
+        });
         const auto& [bf, bb] = base[ti];
         auto figure = [](const Timing& t, const Timing& bf16_t) {
           if (!t.ms) return std::string("error: ") + t.error.substr(0, 14);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cpu/ref/quantize.h"
+#include "kernels/cuda/dequant.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"

@@ -1,11 +1,12 @@
 // defines: the quantized cases of the CUDA backend's ops that read a frozen weight (tf::cuda:: and
 // tf::simt:: quant_linear_forward, quant_linear_backward_input, dequantize_quant_tile,
-// quant_embedding_forward, declared in kernels/cuda/quant_decode.h): the weight stays in device
+// quant_embedding_forward, declared in kernels/cuda/dequant.h): the weight stays in device
 // memory as stored and is decoded a bounded tile of rows at a time, to bf16 in rt::scratch for
 // blas::gemm, or to f32 for dequantize_weight_tile and embedding rows.
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/cuda/dequant.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"

@@ -3,6 +3,7 @@
 // adding the tokens in order: deterministic, no atomics)
 #include <cstdint>
 
+#include "kernels/cuda/dequant.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"

@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/ref/linear.h"
 #include "kernels/cuda/blas.h"
+#include "kernels/cuda/dequant.h"
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/matmul.h"
