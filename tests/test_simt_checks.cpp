@@ -385,4 +385,39 @@ TEST(SimtCheck, CpAsyncDataIsVisibleOnlyAfterItsWait) {
   for (size_t t = 0; t < 32; ++t) ASSERT_EQ(got[t], x[(4 * t + 5) % 128]);
 }
 
+// A cp.async may land at any time between its issue and its wait, so issuing one into shared
+// memory that another thread read since the last barrier is a race even when its wait comes after
+// a barrier: the double-buffering bug of refilling a stage before every thread is done with it.
+template <bool kBarrier>
+__global__ void refill_stage(port::gptr<const float> in, port::gptr<float> out) {
+  TF_SHARED(float, stage, 128);
+  const int t = int(threadIdx.x);
+  port::cp_async_16(stage + 4 * t, in + 4 * t);
+  port::cp_async_commit();
+  port::cp_async_wait<0>();
+  __syncthreads();
+  const float first = stage[(4 * t + 5) % 128];
+  if (kBarrier) __syncthreads();
+  port::cp_async_16(stage + 4 * t, in + 128 + 4 * t);
+  port::cp_async_commit();
+  __syncthreads();
+  port::cp_async_wait<0>();
+  __syncthreads();
+  out[t] = first + stage[(4 * t + 5) % 128];
+}
+
+TEST(SimtCheck, CpAsyncIntoSharedMemoryOthersStillReadIsARace) {
+  const auto x = tf::test::random_floats(256, 3);
+  auto din = DeviceBuffer::from(x, "in");
+  DeviceBuffer out(32 * sizeof(float), "out", sizeof(float));
+  expect_contains(launch_error([&] {
+                    tf::sim::launch("refill_stage_early", refill_stage<false>, 1, 32, 0, din.as<float>(),
+                                    out.as<float>());
+                  }),
+                  {"shared-memory race (write after read)", "'stage'["});
+  tf::sim::launch("refill_stage", refill_stage<true>, 1, 32, 0, din.as<float>(), out.as<float>());
+  const auto got = out.to_vector<float>();
+  for (size_t t = 0; t < 32; ++t) ASSERT_EQ(got[t], x[(4 * t + 5) % 128] + x[128 + (4 * t + 5) % 128]);
+}
+
 }  // namespace

@@ -220,7 +220,7 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
   };
   for (size_t i = 0; i < bytes; ++i) {
     Shadow& s = L.shadow[off + i];
-    if (kind != AccessKind::Write && !s.init) {
+    if ((kind == AccessKind::Read || kind == AccessKind::Atomic) && !s.init) {
       fail(detail::concat("read of uninitialised shared memory in ", fmt_block(L), ": ", fmt_thread(t),
                           " reads ", fmt_place(r, addr), ", which no thread of this block has written"));
     }
@@ -244,7 +244,7 @@ void check_shared(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
     s.w_epoch = e;
     s.w_wepoch = we;
     s.w_atomic = kind == AccessKind::Atomic;
-    s.init = true;
+    s.init = s.init || kind != AccessKind::AsyncCopy;
   }
 }
 
@@ -372,7 +372,10 @@ void check_global(Launch& L, const Thread& t, const Region& r, uintptr_t addr, s
 
 void check_access_by(Launch* L, const Thread* t, const Region* r, uintptr_t addr, size_t bytes,
                      AccessKind kind) {
-  const char* verb = kind == AccessKind::Read ? "read" : kind == AccessKind::Write ? "write" : "atomic";
+  const char* verb = kind == AccessKind::Read        ? "read"
+                     : kind == AccessKind::Write     ? "write"
+                     : kind == AccessKind::AsyncCopy ? "cp.async write"
+                                                     : "atomic";
   auto who = [&] {
     return L && t ? detail::concat(" in ", fmt_block(*L), ", ", fmt_thread(*t)) : std::string();
   };
@@ -936,6 +939,9 @@ void cp_async(const Region* dst_region, uintptr_t dst, const Region* src_region,
     bad(detail::concat("source size ", src_size, " is not in 0..", cp_size));
   if (!dst_region || dst_region->space != Space::Shared) bad("the destination is not shared memory");
   if (dst % unsigned(cp_size) != 0) bad(detail::concat("the destination is not ", cp_size, "-byte aligned"));
+  // The copy may land at any time until its wait: its destination must be free of other threads'
+  // accesses from the issue on, not only at the wait.
+  check_access_by(&L, &t, dst_region, dst, size_t(cp_size), AccessKind::AsyncCopy);
   CpCopy c{dst, dst_region, cp_size, {}};
   if (src_size > 0) {
     if (src_region && src_region->space != Space::Global) bad("the source is not global memory");

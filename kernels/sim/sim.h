@@ -66,7 +66,9 @@ struct Region {
   struct StreamShadow* streams = nullptr;
 };
 
-enum class AccessKind : uint8_t { Read, Write, Atomic };
+// AsyncCopy is the issue of a cp.async into shared memory: checked as a write (bounds, races), since
+// the copy may land at any time until its wait, but its bytes count as written only at the wait.
+enum class AccessKind : uint8_t { Read, Write, Atomic, AsyncCopy };
 
 // Checks one access by the running thread: bounds and alignment always, races and initialisation
 // for shared memory. Ends the launch with a report when the access is wrong.
