@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "benchmarks/train_flops.h"
+#include "benchmarks/bench_models.h"
 #include "kernels/backend.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
@@ -36,29 +36,19 @@ double seconds_since(Clock::time_point t) {
 }
 
 LlamaConfig model_config(const std::string& name) {
+  if (name == "1b") return bench::llama_1b_config(131072);
+  TF_CHECK(name == "tiny", "--config must be 1b or tiny, got '", name, "'");
   LlamaConfig c;
-  if (name == "1b") {  // Llama-3.2-1B's shape
-    c.hidden = 2048;
-    c.intermediate = 8192;
-    c.n_layers = 16;
-    c.n_heads = 32;
-    c.n_kv_heads = 8;
-    c.head_dim = 64;
-    c.vocab = 128256;
-  } else {
-    TF_CHECK(name == "tiny", "--config must be 1b or tiny, got '", name, "'");
-    c.hidden = 64;
-    c.intermediate = 128;
-    c.n_layers = 2;
-    c.n_heads = 1;
-    c.n_kv_heads = 1;
-    c.head_dim = 64;
-    c.vocab = 256;
-  }
+  c.hidden = 64;
+  c.intermediate = 128;
+  c.n_layers = 2;
+  c.n_heads = 1;
+  c.n_kv_heads = 1;
+  c.head_dim = 64;
+  c.vocab = 256;
   c.tie_embeddings = true;
   c.rope.head_dim = c.head_dim;
-  c.rope.theta = 500000.0f;
-  c.max_positions = 131072;
+  c.max_positions = 4096;
   return c;
 }
 

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "benchmarks/train_flops.h"
+#include "benchmarks/bench_models.h"
 #include "kernels/ops.h"
 #include "src/core/rng.h"
 #include "src/model/llama.h"

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "benchmarks/bench_models.h"
 #include "kernels/cpu/ref/quantize.h"
 #include "src/core/alloc.h"
 #include "src/io/model_loader.h"
@@ -89,17 +90,7 @@ void bench_gguf(const std::string& path) {
 }
 
 void bench_1b() {
-  LlamaConfig c;
-  c.hidden = 2048;
-  c.intermediate = 8192;
-  c.n_layers = 16;
-  c.n_heads = 32;
-  c.n_kv_heads = 8;
-  c.head_dim = 64;
-  c.vocab = 128256;
-  c.tie_embeddings = true;
-  c.rope.head_dim = 64;
-  c.max_positions = 2048;
+  const LlamaConfig c = bench::llama_1b_config(2048);
   std::printf("\ngenerating a random f32 model with Llama-3.2-1B's shapes ...\n");
   LlamaWeights src = init_random_weights(c, DType::F32, 7);
   header("1.2B config from f32 (Llama-3.2-1B shapes, tied embeddings)");

@@ -1,23 +1,87 @@
 // defines: what the tests that compare two attention implementations share: document ids for packed
 // sequences (tf::test::make_doc_ids), the f32 error bound of one output row (forward_row_bound), the
 // bf16 tensor-core kernels' bounds (flash_forward_bounds, flash_backward_bounds) and the float64
-// backward formulas given out and lse (backward_given)
+// backward formulas given out and lse (backward_given), attention shapes (make_shape), decoding cases
+// over a NaN-padded KV cache (CachedCase, CachedInputs) and the accumulation check of the backwards
+// (expect_accumulated)
 #pragma once
+
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <ostream>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
 #include "src/core/dtype.h"
 #include "src/core/rng.h"
+#include "tests/op_test_util.h"
 
 namespace tf::test {
 
 enum class Docs { None, Packed, Interleaved };
+
+// Causal self-attention over `batch` sequences of `seq` tokens, scale 1/sqrt(head_dim).
+inline AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
+  AttentionShape s;
+  s.batch = batch;
+  s.seq = seq;
+  s.n_heads = heads;
+  s.n_kv_heads = kv_heads;
+  s.head_dim = head_dim;
+  s.scale = 1.0f / std::sqrt(float(head_dim));
+  return s;
+}
+
+// A decoding call: n_new queries after n_past cached rows.
+struct CachedCase {
+  int64_t n_past, n_new;
+  int heads, kv_heads, head_dim;
+};
+inline std::string cached_name(const CachedCase& c) {
+  return "past" + std::to_string(c.n_past) + "_new" + std::to_string(c.n_new) + "_h" +
+         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim);
+}
+inline void PrintTo(const CachedCase& c, std::ostream* os) {
+  *os << cached_name(c);
+}
+
+// Cache rows past the valid ones hold NaN, so a kernel reading one turns its output into NaN.
+constexpr int64_t kSpareCacheRows = 3;
+
+// q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
+// uniform and a wrong mask or a lost rescale shows.
+struct CachedInputs {
+  CachedCase c;
+  float scale;
+  std::vector<float> q, k_cache, v_cache;
+  CachedInputs(const CachedCase& cs, uint64_t seed) : c(cs), scale(1.0f / std::sqrt(float(cs.head_dim))) {
+    const int64_t valid = c.n_past + c.n_new, kv_row = int64_t(c.kv_heads) * c.head_dim;
+    q = random_floats(out_size(), seed, 2.0f);
+    k_cache = random_floats(size_t(valid * kv_row), seed + 1, 2.0f);
+    v_cache = random_floats(size_t(valid * kv_row), seed + 2);
+    k_cache.resize(size_t((valid + kSpareCacheRows) * kv_row), std::numeric_limits<float>::quiet_NaN());
+    v_cache.resize(k_cache.size(), std::numeric_limits<float>::quiet_NaN());
+  }
+  size_t out_size() const { return size_t(c.n_new) * size_t(c.heads) * size_t(c.head_dim); }
+};
+
+// A backward that adds into nonzero starting gradients gives start + its gradient from zero, within
+// the one rounding of that addition (and one more where it is fused with the scaling): 2^-23 of
+// |start| + |gradient|.
+inline void expect_accumulated(const char* what, const std::vector<float>& sum,
+                               const std::vector<float>& from, const std::vector<float>& grad) {
+  for (size_t i = 0; i < sum.size(); ++i) {
+    ASSERT_NEAR(sum[i], from[i] + grad[i], 1.2e-7 * (std::fabs(from[i]) + std::fabs(grad[i])))
+        << what << "[" << i << "]";
+  }
+}
 
 // Document ids of `batch` sequences of `seq` tokens (empty for None). Packed: increasing ids with
 // documents starting at random positions (about three per sequence) and always one starting
@@ -61,13 +125,16 @@ struct RowBound {
   double lse;
 };
 
-// The bound of one implementation for one query row qi against the rows `keys` of k and v (kv_row
-// floats from each other, starting at kbase and vbase).
-inline RowBound forward_row_bound(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
-                                  const std::vector<int64_t>& keys, int D, float scale, int key_tile) {
-  constexpr double kU = 1.0 / (1 << 24);
+// sum_j w_j |v_jd| for each d, A and the log-sum-exp of the scaled scores, of one row qi against the
+// rows `keys` of k and v (kv_row floats from each other, starting at kbase and vbase).
+struct RowMagnitudes {
+  std::vector<double> m;
+  double a, lse;
+};
+inline RowMagnitudes row_magnitudes(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
+                                    const std::vector<int64_t>& keys, int D, float scale) {
   std::vector<double> s(keys.size());
-  double max_s = -INFINITY, A = 0;
+  double max_s = -INFINITY, a = 0;
   for (size_t t = 0; t < keys.size(); ++t) {
     const float* kj = kbase + keys[t] * kv_row;
     double dot = 0, mag = 0;
@@ -77,21 +144,29 @@ inline RowBound forward_row_bound(const float* qi, const float* kbase, const flo
     }
     s[t] = scale * dot;
     max_s = std::max(max_s, s[t]);
-    A = std::max(A, scale * mag);
+    a = std::max(a, scale * mag);
   }
   double sum = 0;
   for (const double x : s) sum += std::exp(x - max_s);
-  const double n = double(keys.size());
-  const double rescales = n / key_tile + 2;
-  const double K = 4 * (D + 1) * A + 4 * rescales * (2 * A + 2) + 2 * n + 2;
-  RowBound r{std::vector<double>(size_t(D)), 0};
+  RowMagnitudes r{std::vector<double>(size_t(D)), a, max_s + std::log(sum)};
   for (size_t t = 0; t < keys.size(); ++t) {
     const double w = std::exp(s[t] - max_s) / sum;
     const float* vj = vbase + keys[t] * kv_row;
-    for (int d = 0; d < D; ++d) r.out[size_t(d)] += w * std::fabs(double(vj[d]));
+    for (int d = 0; d < D; ++d) r.m[size_t(d)] += w * std::fabs(double(vj[d]));
   }
-  for (double& m : r.out) m *= kU * K;
-  r.lse = kU * (K + std::fabs(max_s + std::log(sum)));
+  return r;
+}
+
+// The bound of one implementation for that row.
+inline RowBound forward_row_bound(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
+                                  const std::vector<int64_t>& keys, int D, float scale, int key_tile) {
+  constexpr double kU = 1.0 / (1 << 24);
+  const RowMagnitudes m = row_magnitudes(qi, kbase, vbase, kv_row, keys, D, scale);
+  const double n = double(keys.size());
+  const double rescales = n / key_tile + 2;
+  const double K = 4 * (D + 1) * m.a + 4 * rescales * (2 * m.a + 2) + 2 * n + 2;
+  RowBound r{m.m, kU * (K + std::fabs(m.lse))};
+  for (double& x : r.out) x *= kU * K;
   return r;
 }
 
@@ -359,37 +434,6 @@ struct FlashRowBound {
   std::vector<double> out_exact, out_vs_f32;  // per element of the row
   double lse_exact, lse_vs_f32;
 };
-
-// sum_j w_j |v_jd| for each d, and A, of one row.
-struct RowMagnitudes {
-  std::vector<double> m;
-  double a;
-};
-inline RowMagnitudes row_magnitudes(const float* qi, const float* kbase, const float* vbase, int64_t kv_row,
-                                    const std::vector<int64_t>& keys, int D, float scale) {
-  std::vector<double> s(keys.size());
-  double max_s = -INFINITY, a = 0;
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const float* kj = kbase + keys[t] * kv_row;
-    double dot = 0, mag = 0;
-    for (int d = 0; d < D; ++d) {
-      dot += double(qi[d]) * kj[d];
-      mag += std::fabs(double(qi[d]) * kj[d]);
-    }
-    s[t] = scale * dot;
-    max_s = std::max(max_s, s[t]);
-    a = std::max(a, scale * mag);
-  }
-  double sum = 0;
-  for (const double x : s) sum += std::exp(x - max_s);
-  RowMagnitudes r{std::vector<double>(size_t(D)), a};
-  for (size_t t = 0; t < keys.size(); ++t) {
-    const double w = std::exp(s[t] - max_s) / sum;
-    const float* vj = vbase + keys[t] * kv_row;
-    for (int d = 0; d < D; ++d) r.m[size_t(d)] += w * std::fabs(double(vj[d]));
-  }
-  return r;
-}
 
 // The bounds of one row for a flash kernel of key_tile keys per tile: q, k, v the f32 inputs and
 // qr, kr, vr their bf16 roundings, at the same offsets.

@@ -86,16 +86,7 @@ static_assert(sizeof(float) == sizeof(kGuardBits) && sizeof(int32_t) == sizeof(k
 
 // ---- inputs -------------------------------------------------------------------------------------
 
-AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
-  AttentionShape s;
-  s.batch = batch;
-  s.seq = seq;
-  s.n_heads = heads;
-  s.n_kv_heads = kv_heads;
-  s.head_dim = head_dim;
-  s.scale = 1.0f / std::sqrt(float(head_dim));
-  return s;
-}
+using test::make_shape;
 
 // q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
 // uniform and a wrong mask or a lost rescale shows up.
@@ -309,16 +300,9 @@ TEST(SimtAttention, BackwardAccumulates) {
   const Grads start{random_floats(in.q_size(), 5), random_floats(in.kv_size(), 6),
                     random_floats(in.kv_size(), 7)};
   const Grads got = simt_backward(in, saved, start);
-  auto check = [](const char* what, const std::vector<float>& sum, const std::vector<float>& from,
-                  const std::vector<float>& grad) {
-    for (size_t i = 0; i < sum.size(); ++i) {
-      ASSERT_NEAR(sum[i], from[i] + grad[i], 1.2e-7 * (std::fabs(from[i]) + std::fabs(grad[i])))
-          << what << "[" << i << "]";
-    }
-  };
-  check("dq", got.dq, start.dq, zero_start.dq);
-  check("dk", got.dk, start.dk, zero_start.dk);
-  check("dv", got.dv, start.dv, zero_start.dv);
+  test::expect_accumulated("dq", got.dq, start.dq, zero_start.dq);
+  test::expect_accumulated("dk", got.dk, start.dk, zero_start.dk);
+  test::expect_accumulated("dv", got.dv, start.dv, zero_start.dv);
 }
 
 // Each output element is summed by one thread in a fixed order, so the simulator's thread order
@@ -380,33 +364,9 @@ TEST(SimtAttention, RejectsBadShapes) {
 
 // ---- cached (decoding) forward ------------------------------------------------------------------
 
-// Cache rows past the valid ones hold NaN, so reading one turns outputs into NaN.
-constexpr int64_t kSpareCacheRows = 3;
-
-struct CachedCase {
-  int64_t n_past, n_new;
-  int heads, kv_heads, head_dim;
-};
-
-std::string cached_name(const CachedCase& c) {
-  return "past" + std::to_string(c.n_past) + "_new" + std::to_string(c.n_new) + "_h" +
-         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim);
-}
-
-struct CachedInputs {
-  CachedCase c;
-  float scale;
-  std::vector<float> q, k_cache, v_cache;
-  CachedInputs(const CachedCase& cs, uint64_t seed) : c(cs), scale(1.0f / std::sqrt(float(cs.head_dim))) {
-    const int64_t valid = c.n_past + c.n_new, kv_row = int64_t(c.kv_heads) * c.head_dim;
-    q = random_floats(out_size(), seed, 2.0f);
-    k_cache = random_floats(size_t(valid * kv_row), seed + 1, 2.0f);
-    v_cache = random_floats(size_t(valid * kv_row), seed + 2);
-    k_cache.resize(size_t((valid + kSpareCacheRows) * kv_row), std::numeric_limits<float>::quiet_NaN());
-    v_cache.resize(k_cache.size(), std::numeric_limits<float>::quiet_NaN());
-  }
-  size_t out_size() const { return size_t(c.n_new) * size_t(c.heads) * size_t(c.head_dim); }
-};
+using test::cached_name;
+using test::CachedCase;
+using test::CachedInputs;
 
 std::vector<float> simt_cached(const CachedInputs& in) {
   DeviceArray<float> q(in.q, "q"), k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache");

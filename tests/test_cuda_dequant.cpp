@@ -25,6 +25,7 @@
 #include "src/core/rng.h"
 #include "tests/cuda_test_util.h"
 #include "tests/op_test_util.h"
+#include "tests/quant_test_util.h"
 #include "tests/sim_test_util.h"
 
 namespace rt = tf::simt::rt;
@@ -60,22 +61,7 @@ constexpr DType kQuantTypes[] = {DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q
                                  DType::Q8_0, DType::Q2_K, DType::Q3_K, DType::Q4_K,
                                  DType::Q5_K, DType::Q6_K, DType::NF4,  DType::INT8};
 
-// Byte offsets of the f16 scales inside one block of a ggml type.
-std::vector<size_t> f16_fields(DType t) {
-  switch (t) {
-    case DType::Q4_0:
-    case DType::Q5_0:
-    case DType::Q8_0: return {0};
-    case DType::Q4_1:
-    case DType::Q5_1:
-    case DType::Q4_K:
-    case DType::Q5_K: return {0, 2};
-    case DType::Q2_K: return {offsetof(tf::BlockQ2_K, d), offsetof(tf::BlockQ2_K, dmin)};
-    case DType::Q3_K: return {offsetof(tf::BlockQ3_K, d)};
-    case DType::Q6_K: return {offsetof(tf::BlockQ6_K, d)};
-    default: return {};
-  }
-}
+using tf::test::f16_fields;
 
 // n bytes in simulated device memory, freed with the owner.
 struct DeviceBytes {

@@ -114,16 +114,7 @@ void PrintTo(const Case& c, std::ostream* os) {
   *os << case_name(c);
 }
 
-AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
-  AttentionShape s;
-  s.batch = batch;
-  s.seq = seq;
-  s.n_heads = heads;
-  s.n_kv_heads = kv_heads;
-  s.head_dim = head_dim;
-  s.scale = 1.0f / std::sqrt(float(head_dim));
-  return s;
-}
+using test::make_shape;
 
 // q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
 // uniform and a wrong mask, head or lane shows.
@@ -248,33 +239,9 @@ TEST(SimtFlashForward, RejectsBadShapes) {
 
 // ---- cached (decoding) forward ------------------------------------------------------------------
 
-// Cache rows past the valid ones hold NaN, so reading one turns outputs into NaN.
-constexpr int64_t kSpareCacheRows = 3;
-
-struct CachedCase {
-  int64_t n_past, n_new;
-  int heads, kv_heads, head_dim;
-};
-
-std::string cached_name(const CachedCase& c) {
-  return "past" + std::to_string(c.n_past) + "_new" + std::to_string(c.n_new) + "_h" +
-         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim);
-}
-
-struct CachedInputs {
-  CachedCase c;
-  float scale;
-  std::vector<float> q, k_cache, v_cache;
-  CachedInputs(const CachedCase& cs, uint64_t seed) : c(cs), scale(1.0f / std::sqrt(float(cs.head_dim))) {
-    const int64_t valid = c.n_past + c.n_new, kv_row = int64_t(c.kv_heads) * c.head_dim;
-    q = random_floats(out_size(), seed, 2.0f);
-    k_cache = random_floats(size_t(valid * kv_row), seed + 1, 2.0f);
-    v_cache = random_floats(size_t(valid * kv_row), seed + 2);
-    k_cache.resize(size_t((valid + kSpareCacheRows) * kv_row), std::numeric_limits<float>::quiet_NaN());
-    v_cache.resize(k_cache.size(), std::numeric_limits<float>::quiet_NaN());
-  }
-  size_t out_size() const { return size_t(c.n_new) * size_t(c.heads) * size_t(c.head_dim); }
-};
+using test::cached_name;
+using test::CachedCase;
+using test::CachedInputs;
 
 std::vector<float> simt_cached(const CachedInputs& in) {
   Guarded<float> q(in.q, "q"), k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache");
@@ -283,10 +250,6 @@ std::vector<float> simt_cached(const CachedInputs& in) {
                                        in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale);
   EXPECT_TRUE(out.guards_intact()) << "a write outside out";
   return out.download();
-}
-
-void PrintTo(const CachedCase& c, std::ostream* os) {
-  *os << cached_name(c);
 }
 
 class SimtFlashCached : public ::testing::TestWithParam<CachedCase> {};

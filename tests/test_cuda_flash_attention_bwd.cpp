@@ -201,16 +201,9 @@ TEST(SimtFlashBackwardOnce, Accumulates) {
   const Grads start{test::random_floats(pr.q.size(), 5), test::random_floats(pr.k.size(), 6),
                     test::random_floats(pr.k.size(), 7)};
   const Grads got = simt_backward(pr, start);
-  auto check = [](const char* what, const std::vector<float>& sum, const std::vector<float>& from,
-                  const std::vector<float>& grad) {
-    for (size_t i = 0; i < sum.size(); ++i) {
-      ASSERT_NEAR(sum[i], from[i] + grad[i], 1.2e-7 * (std::fabs(from[i]) + std::fabs(grad[i])))
-          << what << "[" << i << "]";
-    }
-  };
-  check("dq", got.dq, start.dq, zero_start.dq);
-  check("dk", got.dk, start.dk, zero_start.dk);
-  check("dv", got.dv, start.dv, zero_start.dv);
+  test::expect_accumulated("dq", got.dq, start.dq, zero_start.dq);
+  test::expect_accumulated("dk", got.dk, start.dk, zero_start.dk);
+  test::expect_accumulated("dv", got.dv, start.dv, zero_start.dv);
 }
 
 // Each output element is summed by one lane of one block in a fixed order, so the simulator's

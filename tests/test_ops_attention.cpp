@@ -27,16 +27,7 @@ using test::to_double;
 // a few f32 ulps (4 * 2^-24) is what any change of summation order gives.
 constexpr double kF32Floor = 4 * 5.96e-8;
 
-AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, int head_dim) {
-  AttentionShape s;
-  s.batch = batch;
-  s.seq = seq;
-  s.n_heads = heads;
-  s.n_kv_heads = kv_heads;
-  s.head_dim = head_dim;
-  s.scale = 1.0f / std::sqrt(float(head_dim));
-  return s;
-}
+using test::make_shape;
 
 struct Inputs {
   AttentionShape shape;

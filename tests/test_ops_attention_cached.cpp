@@ -12,6 +12,7 @@
 
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
+#include "tests/attention_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace tf {
@@ -24,38 +25,13 @@ using test::rel_norm_error;
 // a few f32 ulps (4 * 2^-24) is what any change of summation order gives.
 constexpr double kF32Floor = 4 * 5.96e-8;
 
-// Rows of the cache past the valid ones and guard values after out: a kernel that reads beyond
-// n_past + n_new rows turns its output into NaN, and one that writes beyond n_new rows is seen.
-constexpr int64_t kSpareCacheRows = 3;
+// Guard values after out: an op that writes beyond n_new rows is seen (the cache holds NaN past its
+// valid rows, so one that reads beyond them turns its output into NaN).
 constexpr int64_t kGuardFloats = 16;
 constexpr float kGuard = 12345.0f;
 
-struct Case {
-  int64_t n_past, n_new;
-  int heads, kv_heads, head_dim;
-};
-
-std::string case_name(const Case& c) {
-  return "past" + std::to_string(c.n_past) + "_new" + std::to_string(c.n_new) + "_h" +
-         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim);
-}
-
-// q and k in [-2, 2) make scores of a few units after scaling, so softmax rows are far from
-// uniform and a wrong mask or a lost rescale shows up. The cache holds NaN past its valid rows.
-struct CachedInputs {
-  Case c;
-  float scale;
-  std::vector<float> q, k_cache, v_cache;
-  explicit CachedInputs(const Case& cs, uint64_t seed) : c(cs), scale(1.0f / std::sqrt(float(cs.head_dim))) {
-    const int64_t valid = c.n_past + c.n_new, kv_row = int64_t(c.kv_heads) * c.head_dim;
-    q = random_floats(size_t(c.n_new * c.heads * c.head_dim), seed, 2.0f);
-    k_cache = random_floats(size_t(valid * kv_row), seed + 1, 2.0f);
-    v_cache = random_floats(size_t(valid * kv_row), seed + 2);
-    k_cache.resize(size_t((valid + kSpareCacheRows) * kv_row), std::numeric_limits<float>::quiet_NaN());
-    v_cache.resize(k_cache.size(), std::numeric_limits<float>::quiet_NaN());
-  }
-  size_t out_size() const { return size_t(c.n_new * c.heads * c.head_dim); }
-};
+using Case = test::CachedCase;
+using test::CachedInputs;
 
 // The fast op's output, checking that the guard after it is untouched.
 std::vector<float> run_cpu(const CachedInputs& in) {
@@ -113,7 +89,7 @@ std::vector<Case> vs_ref_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionCachedVsRef, ::testing::ValuesIn(vs_ref_cases()),
-                         [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
+                         [](const ::testing::TestParamInfo<Case>& p) { return test::cached_name(p.param); });
 
 // The training op over a whole sequence of T tokens, and the cached op run as a decoder runs it
 // (prefill of P tokens, then one token at a time, each step's queries against the cache of the
@@ -171,7 +147,7 @@ TEST_P(AttentionCachedVsTraining, PrefillThenStepsMatchTrainingForward) {
 INSTANTIATE_TEST_SUITE_P(Sequences, AttentionCachedVsTraining,
                          ::testing::Values(Case{1, 40, 4, 4, 64}, Case{37, 60, 6, 2, 80},
                                            Case{130, 70, 3, 1, 64}, Case{64, 65, 6, 3, 80}),
-                         [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
+                         [](const ::testing::TestParamInfo<Case>& p) { return test::cached_name(p.param); });
 
 // Every output row is owned by one task whose arithmetic does not depend on the other rows of
 // that task, so 1, 2, 3 and 5 threads (which split a kv group's heads differently) give the same
@@ -186,7 +162,7 @@ TEST(AttentionCached, BitIdenticalAcrossThreadCounts) {
       omp_set_num_threads(threads);
       const std::vector<float> many = run_cpu(in);
       EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(float)))
-          << case_name(c) << " " << threads;
+          << test::cached_name(c) << " " << threads;
     }
   }
   omp_set_num_threads(saved);

@@ -20,6 +20,7 @@
 #include "src/core/error.h"
 #include "src/core/rng.h"
 #include "tests/op_test_util.h"
+#include "tests/quant_test_util.h"
 
 using namespace tf;
 
@@ -35,22 +36,7 @@ uint16_t random_finite_f16(Philox& rng, uint64_t i) {
   return h;
 }
 
-// Byte offsets of the f16 scales inside one block of a ggml type.
-std::vector<size_t> f16_fields(DType t) {
-  switch (t) {
-    case DType::Q4_0:
-    case DType::Q5_0:
-    case DType::Q8_0: return {0};
-    case DType::Q4_1:
-    case DType::Q5_1:
-    case DType::Q4_K:
-    case DType::Q5_K: return {0, 2};
-    case DType::Q2_K: return {offsetof(BlockQ2_K, d), offsetof(BlockQ2_K, dmin)};
-    case DType::Q3_K: return {offsetof(BlockQ3_K, d)};
-    case DType::Q6_K: return {offsetof(BlockQ6_K, d)};
-    default: return {};
-  }
-}
+using tf::test::f16_fields;
 
 // A rows x cols weight of any dtype: random codes, and random finite scales so that every value
 // is a number and exact comparisons mean something.

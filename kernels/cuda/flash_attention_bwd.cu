@@ -25,6 +25,7 @@
 
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/cuda/flash_attention.h"
+#include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
 #include "src/core/error.h"
@@ -76,14 +77,8 @@ struct BackwardParams {
   float scale, scale_log2;
 };
 
-__device__ __forceinline__ uint16_t bf16_bits(float x) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-}
 __device__ __forceinline__ float bf16_value(uint16_t bits) {
   return __bfloat162float(__ushort_as_bfloat16(bits));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return uint32_t(bf16_bits(lo)) | uint32_t(bf16_bits(hi)) << 16;
 }
 
 // ---- pre-pass -----------------------------------------------------------------------------------

@@ -77,11 +77,6 @@ struct FlashArgs {
   float scale_log2;  // scale * log2(e): the softmax runs in powers of two
 };
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16;
-}
-
 template <int kHeadDim, bool kDocs>
 __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_forward_kernel(FlashArgs a) {
   using T = FlashForwardTraits<kHeadDim>;

@@ -47,6 +47,18 @@ __device__ __forceinline__ int64_t grid_stride() {
   return int64_t(gridDim.x) * int64_t(blockDim.x);
 }
 
+// f32 to bf16 bits, rounding to nearest even (one conversion instruction on a GPU); NaN stays NaN
+// (a GPU gives the canonical NaN where tf::f32_to_bf16, the simulator's conversion, keeps the
+// quieted payload).
+__device__ __forceinline__ uint16_t bf16_bits(float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+// Two f32 rounded to bf16, lo in the low half: the register layout of mma.sync's bf16 fragments
+// and of a bf16x2 in memory.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return uint32_t(bf16_bits(lo)) | uint32_t(bf16_bits(hi)) << 16;
+}
+
 // Storage types of small float weights (norm weights, biases, embedding rows): Storage is the
 // element in device memory, widen() its exact f32 value.
 struct StoredF32 {

@@ -30,22 +30,13 @@ constexpr int kSlotA = 11, kSlotB = 12;
 // A converted tile holds at most this many bf16 (32 MiB), whatever the operand's size.
 constexpr int64_t kTileElems = int64_t(1) << 24;
 
-// f32 to bf16, rounding to nearest even with NaN kept NaN: tf::f32_to_bf16's bits on both builds.
-__device__ __forceinline__ uint16_t to_bf16(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
-}
-
 // dst[r * cols + c] = bf16(src[r * ld + c]) for r < rows, c < cols.
 template <typename W>
 __global__ void to_bf16_kernel(port::gptr<uint16_t> dst, port::gptr<const typename W::Storage> src,
                                int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t i = grid_first(); i < rows * cols; i += grid_stride()) {
     const typename W::Storage v = src[i / cols * ld + i % cols];
-    dst[i] = to_bf16(W::widen(v));
+    dst[i] = bf16_bits(W::widen(v));
   }
 }
 

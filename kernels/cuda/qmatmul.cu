@@ -55,11 +55,6 @@ static_assert(QmmTile::kWarpM % 16 == 0 && QmmTile::kWarpN % 16 == 0 && QmmTile:
 
 constexpr int kSlotActivations = 55;  // rt::scratch slot of the bf16 activations
 
-// Two f32 rounded to bf16 (to nearest even), lo in the low half: the order of an mma fragment.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  return uint32_t(quant_bf16_bits(lo)) | uint32_t(quant_bf16_bits(hi)) << 16;
-}
-
 // dst[r, c] = bf16(src[r * cols + c]) for r < rows, c < cols, and 0 elsewhere in [rows_pad, ld].
 __global__ void activations_to_bf16_kernel(port::gptr<uint16_t> dst, int64_t ld, int64_t rows_pad,
                                            port::gptr<const float> src, int64_t rows, int64_t cols) {

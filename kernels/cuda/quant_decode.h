@@ -118,15 +118,6 @@ __device__ __forceinline__ float load_f16(port::gptr<const uint8_t> p) {
   return StoredF16::widen(uint16_t(lo | uint16_t(hi) << 8));
 }
 
-// f32 to bf16 bits, rounding to nearest even with NaN kept NaN (tf::f32_to_bf16's bits).
-__device__ __forceinline__ uint16_t quant_bf16_bits(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
-}
-
 // The absmax of NF4 / INT8 block b, through the double quantization where there is one.
 __device__ __forceinline__ float quant_block_absmax(const QuantWeight& w, int64_t b) {
   if (!w.nested) {
@@ -305,8 +296,7 @@ __device__ __forceinline__ void decode8_bf16(const QuantWeight& w, int64_t row, 
   float v[8];
   decode8<T>(w, row, col, v);
   TF_UNROLL
-  for (int k = 0; k < 4; ++k)
-    out[k] = uint32_t(quant_bf16_bits(v[2 * k])) | uint32_t(quant_bf16_bits(v[2 * k + 1])) << 16;
+  for (int k = 0; k < 4; ++k) out[k] = pack_bf16(v[2 * k], v[2 * k + 1]);
 }
 
 }  // namespace

@@ -1,12 +1,30 @@
-// defines: tf::bench::train_flops_per_token, the useful FLOPs of one training step per token that
-// the training benchmarks divide by their time: forward, the input-gradient half of backward
-// through frozen weights, attention and LoRA; recomputation is not counted
+// defines: what the benchmarks share: tf::bench::llama_1b_config (Llama-3.2-1B's shapes, tied
+// embeddings) and train_flops_per_token, the useful FLOPs of one training step per token that the
+// training benchmarks divide by their time: forward, the input-gradient half of backward through
+// frozen weights, attention and LoRA; recomputation is not counted
 #pragma once
 
 #include "src/model/config.h"
 #include "src/model/lora.h"
 
 namespace tf::bench {
+
+// Llama-3.2-1B's shapes (1.24B parameters with tied embeddings), rope as in its config.
+inline LlamaConfig llama_1b_config(int max_positions) {
+  LlamaConfig c;
+  c.hidden = 2048;
+  c.intermediate = 8192;
+  c.n_layers = 16;
+  c.n_heads = 32;
+  c.n_kv_heads = 8;
+  c.head_dim = 64;
+  c.vocab = 128256;
+  c.tie_embeddings = true;
+  c.rope.head_dim = 64;
+  c.rope.theta = 500000.0f;
+  c.max_positions = max_positions;
+  return c;
+}
 
 // Useful FLOPs per token of one training step at sequence length `seq`.
 inline double train_flops_per_token(const LlamaConfig& c, const LoraConfig& l, int seq) {
