@@ -1,0 +1,55 @@
+// defines: tf::offload::HostOverheadInputs, host_overheads (the planner's byte model of the host
+// memory a run takes that no tracked buffer holds: the process and its thread pools, the per-thread
+// kernel scratch, the model file's mapped pages, the tokenizer, the dataset, and the transient
+// peaks of loading, checkpointing and exporting)
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "offload/plan.h"
+#include "src/core/dtype.h"
+#include "src/model/config.h"
+
+namespace tf::offload {
+
+// What host_overheads needs, all known before anything loads (from the options, file sizes and the
+// model's config).
+struct HostOverheadInputs {
+  // process_memory().rss of the planning process before it loads anything: the binary and the
+  // shared libraries as loaded, which depend on the build (about 10 MiB without CUDA, over 200 MiB
+  // where CUDA's libraries are linked). `tightfit plan` runs the same binary, so its own serves.
+  uint64_t startup_rss = 0;
+  int threads = 1;  // OpenMP and OpenBLAS threads of the run (after --threads 0 is resolved)
+  LlamaConfig config;
+  int64_t max_tokens = 0;  // micro-batch x seq-len
+  int seq_len = 0;
+  // Storage of the lm_head (the embedding when tied) as the run computes with it, which selects the
+  // cross-entropy kernel and its scratch; and whether any base matrix is stored as anything but f32
+  // (those are widened a tile at a time into per-thread scratch).
+  DType lm_head_dtype = DType::F32;
+  bool non_f32_matrices = false;
+  // The files load_model maps: a GGUF file, or every safetensors file of a model directory.
+  uint64_t model_file_bytes = 0;
+  // Of those, tensor bytes that --weights disk reads with the direct reader instead of through the
+  // mapping (0 when the weights are resident).
+  uint64_t streamed_tensor_bytes = 0;
+  // A GGUF file's bytes before its tensor data (metadata and tensor infos; 0 for safetensors): its
+  // vocabulary is parsed from there into the tokenizer.
+  uint64_t gguf_metadata_bytes = 0;
+  // tokenizer.json or tokenizer.model beside a model directory (0 for a GGUF's vocabulary).
+  uint64_t tokenizer_file_bytes = 0;
+  // --data, and --eval-data when given (0 when not).
+  uint64_t train_data_bytes = 0;
+  uint64_t eval_data_bytes = 0;
+  int64_t lora_params = 0;  // LoRA parameters (LoraState::n_params)
+  int64_t steps = 0;        // optimizer steps of the run (the report reads one metrics line each)
+};
+
+// The untracked host memory of a run as PlanItems of Tier::Host (load-time peaks `transient`),
+// each detail saying how it is sized. Buffers the backend's tracker counts (LlamaModel::memory_plan,
+// weights converted at load) are not among them, except the per-thread kernel scratch, which the
+// tracker counts but no memory plan lists.
+std::vector<PlanItem> host_overheads(const HostOverheadInputs& in);
+
+}  // namespace tf::offload
