@@ -18,6 +18,11 @@ namespace tf::offload {
 //
 // Reads complete in any order but are waited for by ticket; a read that fails or comes back short
 // is a tf::Error naming the file, the range and the reason, raised by wait().
+//
+// One thread uses a reader: submit(), wait() and drain() are not safe to call concurrently (the
+// pread worker is internal). The destructor waits for every read in flight, so no read lands in a
+// buffer after its reader is gone; the reader allocates memory in proportion to queue_depth only
+// (plus the message of each failed read not yet waited for).
 class DirectReader {
  public:
   // Offsets, lengths and destinations of O_DIRECT reads are multiples of this (the largest logical
@@ -26,7 +31,8 @@ class DirectReader {
 
   // Opens `path` for reading; `queue_depth` reads may be in flight at once (submit() past that
   // waits for the oldest). TIGHTFIT_IO=pread forces the worker-thread mode and TIGHTFIT_IO=buffered
-  // the cached mode, for tests and for file systems that misbehave under O_DIRECT.
+  // the cached mode, TIGHTFIT_IO=pread,buffered both, for tests and for file systems that misbehave
+  // under O_DIRECT; any other non-empty value is an error.
   explicit DirectReader(const std::string& path, unsigned queue_depth = 64);
   ~DirectReader();
   DirectReader(const DirectReader&) = delete;
