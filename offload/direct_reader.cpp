@@ -176,6 +176,9 @@ struct DirectReader::Impl {
     TF_CHECK(!S_ISDIR(st.st_mode), path, ": is a directory, not a file to read");
     TF_CHECK(S_ISREG(st.st_mode), path, ": is not a regular file");
     size = uint64_t(st.st_size);
+    // Readahead would cache pages past the ranges read, which no DONTNEED of a landed range drops:
+    // the chunks in flight are this reader's readahead.
+    if (!direct) (void)::posix_fadvise(file.fd, 0, 0, POSIX_FADV_RANDOM);
 
     chunks.resize(depth);
     idle.reserve(depth);
