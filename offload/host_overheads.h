@@ -24,11 +24,17 @@ struct HostOverheadInputs {
   LlamaConfig config;
   int64_t max_tokens = 0;  // micro-batch x seq-len
   int seq_len = 0;
+  LoraConfig lora;  // rank and targets (the PEFT export copies some adapters' B to reorder them)
   // Storage of the lm_head (the embedding when tied) as the run computes with it, which selects the
-  // cross-entropy kernel and its scratch; and whether any base matrix is stored as anything but f32
-  // (those are widened a tile at a time into per-thread scratch).
+  // cross-entropy kernel and its scratch; whether any base matrix is stored as anything but f32;
+  // of those, whether any is bf16 or f16 (matmul widens those a tile at a time) and which of the
+  // layers' matrices are quantized (linear dequantizes those a tile at a time; bit i =
+  // LoraTarget(i), the projection of the same name). A caller that sets only non_f32_matrices gets
+  // the scratch of both, for every projection.
   DType lm_head_dtype = DType::F32;
   bool non_f32_matrices = false;
+  bool half_matrices = false;
+  uint32_t quantized_projections = 0;
   // The files load_model maps: a GGUF file, or every safetensors file of a model directory.
   uint64_t model_file_bytes = 0;
   // Of those, tensor bytes that --weights disk reads with the direct reader instead of through the
@@ -39,9 +45,12 @@ struct HostOverheadInputs {
   uint64_t gguf_metadata_bytes = 0;
   // tokenizer.json or tokenizer.model beside a model directory (0 for a GGUF's vocabulary).
   uint64_t tokenizer_file_bytes = 0;
-  // --data, and --eval-data when given (0 when not).
+  // --data, and --eval-data when given (0 when not): bytes and lines (every record is one line; 0
+  // lines: not counted, bounded from the bytes).
   uint64_t train_data_bytes = 0;
   uint64_t eval_data_bytes = 0;
+  uint64_t train_data_lines = 0;
+  uint64_t eval_data_lines = 0;
   int64_t lora_params = 0;  // LoRA parameters (LoraState::n_params)
   int64_t steps = 0;        // optimizer steps of the run (the report reads one metrics line each)
 };
