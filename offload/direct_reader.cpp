@@ -416,8 +416,12 @@ struct DirectReader::Impl {
       if (!pending) break;
       reap();
     }
-    // What is left failed: abandoned requests are forgotten as they complete.
-    if (!requests.empty()) raise_if_failed(requests.begin());
+    // What is left failed (abandoned requests are forgotten as they complete); every one has been
+    // waited for now, so the first error stands for all of them.
+    if (requests.empty()) return;
+    const std::string error = std::move(requests.begin()->second.error);
+    requests.clear();
+    TF_FAIL(error);
   }
 };
 

@@ -56,7 +56,8 @@ class DirectReader {
   uint64_t submit(uint64_t offset, uint64_t bytes, void* dst, size_t capacity);
   // Returns once the read of `ticket` has landed; raises its error if it failed.
   void wait(uint64_t ticket);
-  // Waits for every read submitted so far.
+  // Waits for every read submitted so far; raises the error of the first that failed and was not
+  // waited for, which stands for every other such failure (they are not raised again).
   void drain();
 
  private:

@@ -298,6 +298,17 @@ TEST_P(DirectReaderModes, FileTruncatedAfterOpenIsAShortRangeNotGarbage) {
   // An error is raised once; the reader goes on reading what the file still holds.
   EXPECT_EQ(error_of([&] { r.drain(); }), "(no error)");
   expect_exact(r, 4096, 4096);
+  // drain() raises the first of several failures, which stands for all of them.
+  const uint64_t t5 = r.submit(past, 1000, b.get(), DirectReader::aligned_span(past, 1000));
+  const uint64_t t6 = r.submit(around, 2000, d.get(), DirectReader::aligned_span(around, 2000));
+  const std::string e5 = error_of([&] { r.drain(); });
+  EXPECT_NE(e5.find(path.string() + ": read of bytes [" + std::to_string(past) + ", " +
+                    std::to_string(past + 1000) + shorter),
+            std::string::npos)
+      << e5;
+  EXPECT_EQ(error_of([&] { r.drain(); }), "(no error)");
+  EXPECT_EQ(error_of([&] { r.wait(t5); }), "(no error)");
+  EXPECT_EQ(error_of([&] { r.wait(t6); }), "(no error)");
 }
 
 TEST_P(DirectReaderModes, DestroyedWithReadsInFlight) {
