@@ -456,6 +456,31 @@ TEST(DirectReader, FilesThatCannotBeReadAreRefusedAtOpen) {
             std::string::npos);
 }
 
+size_t open_fds() {
+  size_t n = 0;
+  for (const auto& e : fs::directory_iterator("/proc/self/fd")) n += e.is_symlink() ? 1 : 0;
+  return n;
+}
+
+TEST(DirectReader, ErrorsLeakNoFileDescriptorOrRing) {
+  if (!fs::is_directory("/proc/self/fd")) GTEST_SKIP() << "no /proc/self/fd to count descriptors in";
+  TempDir tmp;
+  const fs::path path = tmp.dir / "weights.bin";
+  write_file(path, 3 * kMiB);
+  const size_t before = open_fds();
+  for (const char* io : {"", "pread"}) {
+    ScopedIo scoped(io);
+    EXPECT_NE(error_of([&] { DirectReader r(tmp.str()); }), "(no error)");  // opened, then refused
+    DirectReader r(path.string());
+    fs::resize_file(path, kMiB);
+    AlignedBytes buf = aligned_buffer(3 * kMiB);
+    r.submit(0, 3 * kMiB, buf.get(), 3 * kMiB);
+    EXPECT_NE(error_of([&] { r.drain(); }).find("shorter"), std::string::npos);
+    fs::resize_file(path, 3 * kMiB);
+  }
+  EXPECT_EQ(open_fds(), before);
+}
+
 TEST(DirectReader, UnknownTicketsAreRefused) {
   ScopedIo io("");
   TempDir tmp;
