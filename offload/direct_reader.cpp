@@ -123,7 +123,6 @@ Step advance(const std::string& path, int fd, bool direct, Chunk& c, int64_t res
 
 struct DirectReader::Impl {
   struct Request {
-    uint64_t begin = 0, end = 0;
     unsigned chunks_in_flight = 0;
     bool all_issued = false;
     bool abandoned = false;  // submit() failed part way: nobody holds its ticket
@@ -357,8 +356,6 @@ struct DirectReader::Impl {
     if (bytes == 0) return ticket;
 
     Request& req = requests[ticket];
-    req.begin = offset;
-    req.end = end;
     const uint64_t span_begin = align_down(offset), span_end = align_up(end);
     try {
       for (uint64_t at = span_begin; at < span_end; at += kChunk) {
