@@ -123,6 +123,15 @@ class Backend {
   // names the tensor in errors (an unsupported dtype among them).
   virtual WeightRef place_weight(const WeightRef& host, std::string_view name,
                                  std::vector<DeviceMem>& storage) = 0;
+  // As place_weight, into `dst` (placed_weight_bytes(host) bytes of this backend's memory that the
+  // caller owns: a slot that streamed blocks take in turn), queued on `s`: `host` must keep its
+  // bytes until that work has run. A backend whose ops read host memory returns `host`.
+  virtual WeightRef place_weight_at(const WeightRef& host, std::string_view name, void* dst, Stream s) {
+    (void)name;
+    (void)dst;
+    (void)s;
+    return host;
+  }
 
   // ---- ops -----------------------------------------------------------------------------------
   // The attention kernel this backend runs for a head dimension ("cpu", "flash", "plain", "cudnn"):

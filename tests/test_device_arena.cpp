@@ -303,6 +303,39 @@ TEST_P(PlanMatches, WhatTheModelAllocatesOnSimtExactly) {
   EXPECT_EQ(be->device_blocks(), 1u);
 }
 
+// With the per-layer weights streamed from host memory, the arena holds the global weights and two
+// slots of the largest block, each tensor in its footprint, and is exactly full.
+TEST_P(PlanMatches, WhatTheModelAllocatesOnSimtExactlyWithStreamedBlocks) {
+  const PlanCase& p = GetParam();
+  if (p.dtype == DType::F32) GTEST_SKIP() << "the device streams no f32 matrices (it places them as bf16)";
+  const LlamaConfig cfg = case_config(p);
+  LlamaWeights w = init_random_weights(cfg, p.dtype, 5, 0.2f);
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  const MemoryPlan plan =
+      LlamaModel::memory_plan(w, case_lora(p), p.policy, p.max_tokens, *be, offload::WeightTier::Host);
+  size_t block = 0;
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot s, int layer) {
+    if (is_layer_slot(s) && layer == 0) block += be->footprint(be->placed_weight_bytes(w.slot(s, layer)));
+  });
+  size_t globals = 0;
+  for (const WeightRef* g : {&w.embed, &w.final_norm, &w.lm_head})
+    if (g != &w.lm_head || !p.tied) globals += be->placed_weight_bytes(*g);
+  EXPECT_EQ(plan.bytes(MemTag::Weights), globals + 2 * block);
+  EXPECT_EQ(
+      plan.streamed_bytes,
+      LlamaModel::memory_plan(w, case_lora(p), p.policy, p.max_tokens, *be).bytes(MemTag::Weights) - globals)
+      << "every per-layer tensor is copied once per pass, as placed";
+  EXPECT_TRUE(plan.host.empty());
+
+  be->reserve(plan.total);
+  LlamaModel m(std::move(w), case_lora(p), p.policy, p.max_tokens, *be, offload::WeightTier::Host);
+  for (size_t i = 0; i < kMemTagCount; ++i)
+    EXPECT_EQ(be->tracker().current(MemTag(i)), plan.bytes(MemTag(i))) << mem_tag_name(MemTag(i));
+  const std::string msg = error_of([&] { be->alloc(1, MemTag::Workspace, "one more byte"); });
+  EXPECT_NE(msg.find("largest free piece 0 bytes"), std::string::npos) << msg;
+  EXPECT_EQ(be->device_blocks(), 1u);
+}
+
 constexpr uint32_t kAll = (1u << kLoraTargetCount) - 1;
 constexpr uint32_t kQv = (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V));
 

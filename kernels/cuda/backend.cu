@@ -135,6 +135,18 @@ class DeviceBackend final : public Backend {
     storage.push_back(std::move(mem));
     return placed;
   }
+  // A streamed weight is copied as it is stored: converting an f32 matrix on the way would hold the
+  // host until each piece is copied, serialising the copy stream with the host.
+  WeightRef place_weight_at(const WeightRef& host, std::string_view tensor, void* dst, Stream s) override {
+    TF_CHECK(supports_weight(host.dtype), "the ", name(), " backend does not run ", dtype_name(host.dtype),
+             " weights (tensor ", tensor, ")");
+    TF_CHECK(placed_dtype(host) == host.dtype, "the ", name(),
+             " backend streams base weights as they are stored, and it places f32 matrices as bf16 (tensor ",
+             tensor, "): load the base as bf16 (--quant bf16) to stream it");
+    if (is_quantized(host.dtype)) return upload_quantized(host, tensor, static_cast<unsigned char*>(dst), s);
+    upload(dst, host.data, placed_weight_bytes(host), s);
+    return WeightRef(dst, host.dtype, host.rows, host.cols);
+  }
   size_t placed_weight_bytes(const WeightRef& host) const override {
     if (is_quantized(host.dtype)) return QuantPlacement(host).bytes;
     return size_t(dtype_bytes(placed_dtype(host), int64_t(host.rows) * host.cols));
@@ -282,6 +294,13 @@ class DeviceBackend final : public Backend {
   };
   // Uploads the blocks, codes and scales as they are, into memory tagged Weights.
   WeightRef place_quantized(const WeightRef& host, std::string_view tensor, std::vector<DeviceMem>& storage) {
+    DeviceMem mem = alloc(QuantPlacement(host).bytes, MemTag::Weights, tensor);
+    const WeightRef placed = upload_quantized(host, tensor, mem.as<unsigned char>(), Stream::Compute);
+    storage.push_back(std::move(mem));
+    return placed;
+  }
+  // Uploads the blocks, codes and scales into `base` (QuantPlacement(host).bytes) on `s`.
+  WeightRef upload_quantized(const WeightRef& host, std::string_view tensor, unsigned char* base, Stream s) {
     const bool flat = host.dtype == DType::NF4 || host.dtype == DType::INT8;
     TF_CHECK(!flat || host.cols % 8 == 0, "the ", name(), " backend runs ", dtype_name(host.dtype),
              " weights whose rows are a multiple of 8 elements; tensor ", tensor, " is ", host.rows, " x ",
@@ -289,22 +308,18 @@ class DeviceBackend final : public Backend {
     TF_CHECK(!flat || host.scales.absmax, "tensor ", tensor, ": ", dtype_name(host.dtype),
              " weight without its absmax");
     const QuantPlacement at(host);
-    DeviceMem mem = alloc(at.bytes, MemTag::Weights, tensor);
-    auto* base = mem.as<unsigned char>();
-    upload(base, host.data, at.data, Stream::Compute);
+    upload(base, host.data, at.data, s);
     QuantScales scales;
     if (flat) {
-      upload(base + at.absmax_at, host.scales.absmax, at.absmax, Stream::Compute);
+      upload(base + at.absmax_at, host.scales.absmax, at.absmax, s);
       scales.absmax = base + at.absmax_at;
       if (host.scales.nested) {
-        upload(base + at.nested_at, host.scales.nested, at.nested, Stream::Compute);
+        upload(base + at.nested_at, host.scales.nested, at.nested, s);
         scales.nested = reinterpret_cast<const float*>(base + at.nested_at);
         scales.offset = host.scales.offset;
       }
     }
-    WeightRef placed(mem.data(), host.dtype, host.rows, host.cols, scales);
-    storage.push_back(std::move(mem));
-    return placed;
+    return WeightRef(base, host.dtype, host.rows, host.cols, scales);
   }
   // On the simulator each piece is also an allocation of its own, so that a kernel running past its
   // piece into the next, or reading a freed piece or bytes nobody wrote, is reported as for any

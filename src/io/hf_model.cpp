@@ -167,6 +167,15 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
         store_weight(WeightRef{v.data, v.dtype, rows, cols}, matrix ? quant : QuantMode::None, w, name);
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
+  // Each shard's tensors tile its data section, which ends the file.
+  for (const SafetensorsFile& shard : model->shards()) {
+    const std::vector<SafetensorsTensor>& ts = shard.tensors();
+    if (ts.empty()) continue;
+    const std::byte* begin = ts.front().bytes.data();
+    const uint64_t bytes = uint64_t(ts.back().bytes.data() + ts.back().bytes.size() - begin);
+    const uint64_t file_size = std::filesystem::file_size(shard.path());
+    w.files.push_back(MappedFile::of(shard.path(), begin, file_size - bytes, bytes));
+  }
   w.keepalive.push_back(std::move(model));
   return w;
 }

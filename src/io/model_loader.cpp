@@ -42,6 +42,10 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
     w.slot(slot, layer) = store_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w, name);
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
+  // The data section, where every tensor kept as stored points (tensor offsets count from it).
+  const GgufTensorInfo& first = f->tensors().front();
+  w.files.push_back(MappedFile::of(f->path(), first.data - first.offset, f->data_offset(),
+                                   f->file_size() - f->data_offset()));
   w.keepalive.push_back(f);
   return w;
 }

@@ -16,11 +16,19 @@ static void check_weights(const LlamaWeights& w) {
            " blocks of weights but its config says ", w.config.n_layers, " layers");
 }
 
+// Whether a slot's weights are placed on the backend (per-layer ones stream under another tier).
+static bool placed_slot(WeightSlot s, offload::WeightTier tier) {
+  return tier == offload::WeightTier::Resident || !is_layer_slot(s);
+}
+
 // Every dtype is checked before any weight is placed, and the weights are placed before the LoRA
-// state is laid out, so an unsupported dtype is reported before anything is allocated on the backend.
-static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage) {
+// state is laid out, so an unsupported dtype, or weights the tier cannot stream, are reported before
+// anything is allocated on the backend.
+static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage,
+                                  offload::WeightTier tier) {
   const LlamaConfig& c = w.config;
   check_weights(w);
+  if (tier != offload::WeightTier::Resident) offload::WeightStore::footprint(w, tier, be);
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const DType dtype = w.slot(s, layer).dtype;
     TF_CHECK(be.supports_weight(dtype), "the ", be.name(), " backend does not run ", dtype_name(dtype),
@@ -31,7 +39,8 @@ static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vecto
   placed.config = c;
   placed.blocks.resize(w.blocks.size());
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
-    placed.slot(s, layer) = be.place_weight(w.slot(s, layer), hf_weight_name(s, layer), storage);
+    if (placed_slot(s, tier))
+      placed.slot(s, layer) = be.place_weight(w.slot(s, layer), hf_weight_name(s, layer), storage);
   });
   if (c.tie_embeddings) placed.lm_head = placed.embed;
   return placed;
@@ -71,15 +80,22 @@ size_t MemoryPlan::requested() const {
 }
 
 MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora, CheckpointPolicy policy,
-                                   int64_t max_tokens, const Backend& be) {
+                                   int64_t max_tokens, const Backend& be, offload::WeightTier tier) {
   const LlamaConfig& c = w.config;
   check_weights(w);
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
   MemoryPlan plan;
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const size_t bytes = be.placed_weight_bytes(w.slot(s, layer));
-    if (bytes) plan.allocs.push_back({hf_weight_name(s, layer), MemTag::Weights, bytes});
+    if (bytes && placed_slot(s, tier))
+      plan.allocs.push_back({hf_weight_name(s, layer), MemTag::Weights, bytes});
   });
+  if (tier != offload::WeightTier::Resident) {
+    offload::StoreFootprint store = offload::WeightStore::footprint(w, tier, be);
+    for (PlannedAlloc& a : store.backend) plan.allocs.push_back(std::move(a));
+    plan.host = std::move(store.host);
+    plan.streamed_bytes = store.streamed_bytes;
+  }
   for (PlannedAlloc& a : LoraState::memory_plan(c, lora)) plan.allocs.push_back(std::move(a));
   const Layout L = layout(c, lora, policy, max_tokens);
   plan.allocs.push_back({"rope frequencies", MemTag::Workspace, size_t(L.rope_floats) * sizeof(float)});
@@ -93,10 +109,13 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
 }
 
 LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
-                       int64_t max_tokens, Backend& backend)
+                       int64_t max_tokens, Backend& backend, offload::WeightTier tier)
     : be_(&backend),
       weights_(std::move(weights)),
-      placed_(place_weights(weights_, backend, weight_mem_)),
+      placed_(place_weights(weights_, backend, weight_mem_, tier)),
+      store_(tier == offload::WeightTier::Resident
+                 ? nullptr
+                 : std::make_unique<offload::WeightStore>(weights_, tier, backend)),
       lora_(weights_.config, lora, backend),
       policy_(policy),
       max_tokens_(max_tokens) {
@@ -218,10 +237,17 @@ void LlamaModel::projection_backward(float* dx, float beta, const float* dy, con
                   dropout(layer, t, true, step), n, lora_dt_, lora_xd_);
 }
 
-void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool training, uint64_t step,
-                               KvCache* cache) {
+const BlockWeights& LlamaModel::acquire_block(int layer, int next) {
+  return store_ ? store_->acquire(layer, next) : placed_.blocks[size_t(layer)];
+}
+
+void LlamaModel::release_block(int layer) {
+  if (store_) store_->release(layer);
+}
+
+void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, bool training,
+                               uint64_t step, KvCache* cache) {
   const LlamaConfig& c = weights_.config;
-  const BlockWeights& w = placed_.blocks[size_t(l)];
   const int64_t n = b.n_tokens();
   const float* x = residual_[size_t(l)];
   float* out = residual_[size_t(l) + 1];
@@ -258,9 +284,8 @@ void LlamaModel::block_forward(int l, const Batch& b, BlockActs& a, bool trainin
 }
 
 // On entry d_res_ holds the gradient of the block's output; on exit, of its input.
-void LlamaModel::block_backward(int l, const Batch& b, BlockActs& a, uint64_t step) {
+void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, uint64_t step) {
   const LlamaConfig& c = weights_.config;
-  const BlockWeights& w = placed_.blocks[size_t(l)];
   const int64_t n = b.n_tokens();
 
   // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
@@ -294,9 +319,13 @@ Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
   be_->embedding_forward(residual_[0], b.tokens, n, placed_.embed);
+  // Streamed blocks load in use order: after the last block, a training step's backward goes on
+  // down from it; a forward-only pass is followed by the next one's first block.
   for (int l = 0; l < c.n_layers; ++l) {
     BlockActs& a = acts_[policy_ == CheckpointPolicy::None ? size_t(l) : 0];
-    block_forward(l, b, a, training, step, cache);
+    const int next = l + 1 < c.n_layers ? l + 1 : training ? l - 1 : 0;
+    block_forward(l, acquire_block(l, next), b, a, training, step, cache);
+    release_block(l);
   }
   be_->rmsnorm_forward(final_h_, final_rstd_, residual_[size_t(c.n_layers)], placed_.final_norm, n, c.hidden,
                        c.rms_eps);
@@ -317,13 +346,16 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
   be_->rmsnorm_backward(d_res_, nullptr, d_final_h_, residual_[size_t(c.n_layers)], placed_.final_norm,
                         final_rstd_, n, c.hidden);
   for (int l = c.n_layers - 1; l >= 0; --l) {
+    // The next step's forward starts with the block this one ends with, and goes on with block 1.
+    const BlockWeights& w = acquire_block(l, l > 0 ? l - 1 : 1);
     if (policy_ == CheckpointPolicy::None) {
-      block_backward(l, b, acts_[size_t(l)], step);
+      block_backward(l, w, b, acts_[size_t(l)], step);
     } else {
       // Recompute this block from its kept input; the same step regenerates the same dropout masks.
-      block_forward(l, b, acts_[0], true, step);
-      block_backward(l, b, acts_[0], step);
+      block_forward(l, w, b, acts_[0], true, step);
+      block_backward(l, w, b, acts_[0], step);
     }
+    release_block(l);
   }
   return loss;
 }

@@ -2,9 +2,12 @@
 // backward of a Llama-family decoder with LoRA adapters on frozen base weights)
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "kernels/backend.h"
+#include "offload/plan.h"
+#include "offload/weight_store.h"
 #include "src/model/lora.h"
 #include "src/model/weights.h"
 
@@ -43,11 +46,16 @@ struct KvCache {
 };
 
 // Every allocation a LlamaModel makes on its backend, in the order its constructor makes them:
-// each placed base weight, the LoRA state, the rope table, the batch staging, the saved activations,
-// the workspace and the logits rows.
+// each placed base weight (with a streaming tier, only the embedding, final norm and lm_head, then
+// the two streamed block buffers), the LoRA state, the rope table, the batch staging, the saved
+// activations, the workspace and the logits rows.
 struct MemoryPlan {
   std::vector<PlannedAlloc> allocs;
   size_t total = 0;  // bytes of the backend's memory they take (Backend::footprint of each, summed)
+  // Host memory the weight store takes beside the backend's (a device backend's read buffers for
+  // --weights disk), and the bytes of per-layer weights it brings in per pass over the layers.
+  std::vector<PlannedAlloc> host;
+  uint64_t streamed_bytes = 0;
   // Bytes requested by the allocations of `tag` (what the backend's tracker counts).
   size_t bytes(MemTag tag) const;
   size_t requested() const;
@@ -59,14 +67,17 @@ struct MemoryPlan {
 class LlamaModel {
  public:
   // All buffers are sized here for up to max_tokens tokens per micro-batch; no step allocates. A
-  // base weight of a dtype the backend cannot run is an error here, before any step.
+  // base weight of a dtype the backend cannot run is an error here, before any step. `tier` says
+  // where the per-layer weights live (offload::WeightStore): Resident places them all on the
+  // backend; Host and Disk stream them a block at a time, with the results of Resident bit for bit.
   LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens,
-             Backend& backend = cpu_backend());
+             Backend& backend = cpu_backend(), offload::WeightTier tier = offload::WeightTier::Resident);
   // What the constructor with these arguments allocates on `backend`; its total is what
   // Backend::reserve needs before the model is built. Computed from the same layout the
   // constructor allocates by, so the two cannot drift.
   static MemoryPlan memory_plan(const LlamaWeights& weights, const LoraConfig& lora, CheckpointPolicy policy,
-                                int64_t max_tokens, const Backend& backend);
+                                int64_t max_tokens, const Backend& backend,
+                                offload::WeightTier tier = offload::WeightTier::Resident);
 
   const LlamaConfig& config() const { return weights_.config; }
   // The base weights as loaded (host memory).
@@ -74,6 +85,7 @@ class LlamaModel {
   Backend& backend() const { return *be_; }
   LoraState& lora() { return lora_; }
   CheckpointPolicy policy() const { return policy_; }
+  offload::WeightTier weight_tier() const { return store_ ? store_->tier() : offload::WeightTier::Resident; }
   int64_t max_tokens() const { return max_tokens_; }
 
   // Forward and backward of one micro-batch. LoRA gradients ACCUMULATE: the caller zeroes them
@@ -110,9 +122,13 @@ class LlamaModel {
   // Checks and stages the batch, then runs the stack: embedding, every block, final norm into
   // final_h_. Keeps activations when `training` and the policy says so. Returns the staged batch.
   Batch forward_stack(const Batch& b, bool training, uint64_t step, KvCache* cache = nullptr);
-  void block_forward(int layer, const Batch& b, BlockActs& a, bool training, uint64_t step,
-                     KvCache* cache = nullptr);
-  void block_backward(int layer, const Batch& b, BlockActs& a, uint64_t step);
+  // The weights of `layer`, with the layer used after it (-1: none) starting to load when they
+  // stream; release_block says every op reading them has been queued.
+  const BlockWeights& acquire_block(int layer, int next);
+  void release_block(int layer);
+  void block_forward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, bool training,
+                     uint64_t step, KvCache* cache = nullptr);
+  void block_backward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, uint64_t step);
   void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
                   LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n);
   void projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w,
@@ -122,7 +138,8 @@ class LlamaModel {
   Backend* be_;
   LlamaWeights weights_;
   std::vector<DeviceMem> weight_mem_;  // storage of placed_ on a backend with memory of its own
-  LlamaWeights placed_;                // the same tensors as the backend's ops read them
+  LlamaWeights placed_;  // the same tensors as the backend's ops read them (globals only when streaming)
+  std::unique_ptr<offload::WeightStore> store_;  // the per-layer weights, when they stream
   LoraState lora_;
   CheckpointPolicy policy_;
   int64_t max_tokens_;

@@ -1,5 +1,10 @@
 #include "src/model/weights.h"
 
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
+
 #include "src/core/error.h"
 #include "src/core/rng.h"
 
@@ -90,6 +95,17 @@ void LlamaWeights::for_each_slot(const LlamaConfig& cfg, const std::function<voi
   }
   fn(WeightSlot::FinalNorm, 0);
   if (!cfg.tie_embeddings) fn(WeightSlot::LmHead, 0);
+}
+
+MappedFile MappedFile::of(const std::string& path, const void* begin, uint64_t offset, uint64_t bytes) {
+  struct stat st {};
+  TF_CHECK(::stat(path.c_str(), &st) == 0, path, ": cannot stat: ", std::strerror(errno));
+  return MappedFile{path,
+                    static_cast<const std::byte*>(begin),
+                    offset,
+                    bytes,
+                    uint64_t(st.st_size),
+                    int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
 }
 
 LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t seed, float std) {

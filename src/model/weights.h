@@ -2,6 +2,7 @@
 // tensor names, tf::init_random_weights
 #pragma once
 
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <string>
@@ -45,6 +46,23 @@ struct BlockWeights {
   const WeightRef& slot(WeightSlot s) const { return const_cast<BlockWeights*>(this)->slot(s); }
 };
 
+// A window of a model file that the loader mapped and whose tensors it kept as stored: bytes
+// [offset, offset + bytes) of the file lie at `begin`. The disk tier reads such tensors from the file
+// by offset and never touches their pages of the mapping. Size and modification time are the file's
+// at load, so that a read can tell the file changed since.
+struct MappedFile {
+  std::string path;
+  const std::byte* begin = nullptr;
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+  uint64_t file_size = 0;
+  int64_t mtime_ns = 0;
+
+  // The window of `path` from file offset `offset` at `begin`, `bytes` long, with the file's size and
+  // modification time now.
+  static MappedFile of(const std::string& path, const void* begin, uint64_t offset, uint64_t bytes);
+};
+
 // The frozen base model: views of every tensor plus whatever keeps their memory alive (owned
 // tensors, or a mapped file held through `keepalive`).
 struct LlamaWeights {
@@ -53,6 +71,7 @@ struct LlamaWeights {
   std::vector<BlockWeights> blocks;
   std::vector<Tensor> owned;
   std::vector<std::shared_ptr<const void>> keepalive;
+  std::vector<MappedFile> files;  // the mapped windows that tensors kept as stored point into
 
   WeightRef& slot(WeightSlot s, int layer);
   const WeightRef& slot(WeightSlot s, int layer) const {

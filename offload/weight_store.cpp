@@ -1,0 +1,255 @@
+// defines: tf::offload::WeightStore (kernels/backend.h's streams and events order its slots)
+#include "offload/weight_store.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <functional>
+#include <set>
+
+#include "kernels/quant_blocks.h"
+#include "src/core/error.h"
+
+namespace tf::offload {
+
+namespace {
+
+// The bytes of a stored tensor's parts: its data, then for NF4 / INT8 the absmax (f32, or uint8
+// codes with double quantization) and the nested f32 scales.
+std::array<std::pair<const void*, uint64_t>, 3> parts_of(const WeightRef& w) {
+  const int64_t n = w.rows * w.cols;
+  std::array<std::pair<const void*, uint64_t>, 3> p{};
+  p[0] = {w.data, uint64_t(dtype_bytes(w.dtype, n))};
+  if (w.dtype == DType::NF4 || w.dtype == DType::INT8) {
+    const int64_t blocks = (n + dtype_block_elems(w.dtype) - 1) / dtype_block_elems(w.dtype);
+    p[1] = {w.scales.absmax, uint64_t(blocks) * (w.scales.nested ? 1 : sizeof(float))};
+    if (w.scales.nested)
+      p[2] = {w.scales.nested, uint64_t((blocks + kNf4NestedBlock - 1) / kNf4NestedBlock) * sizeof(float)};
+  }
+  return p;
+}
+
+// The file window holding [p, p + bytes), or -1.
+int file_of(const LlamaWeights& w, const void* p, uint64_t bytes) {
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  for (size_t f = 0; f < w.files.size(); ++f) {
+    const auto begin = reinterpret_cast<uintptr_t>(w.files[f].begin);
+    if (at >= begin && at - begin <= w.files[f].bytes && bytes <= w.files[f].bytes - (at - begin))
+      return int(f);
+  }
+  return -1;
+}
+
+std::byte* align_up(void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<std::byte*>((a + DirectReader::kAlign - 1) / DirectReader::kAlign *
+                                      DirectReader::kAlign);
+}
+
+// A read buffer is allocated this much larger than its spans, to start them on an aligned address.
+size_t read_buffer_bytes(size_t spans) {
+  return spans + DirectReader::kAlign;
+}
+
+}  // namespace
+
+std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, WeightTier tier,
+                                                    const Backend& be) {
+  TF_CHECK(tier != WeightTier::Resident, "a weight store streams Host or Disk weights, not resident ones");
+  const LlamaConfig& c = w.config;
+  TF_CHECK(tier != WeightTier::Host || !be.host_memory(), "--weights host keeps the weights in host memory ",
+           "and copies each block to the device, but the ", be.name(),
+           " backend's memory is host memory: use --weights resident, or --weights disk to stream them "
+           "from the model file");
+  std::vector<Layer> layers(size_t(c.n_layers));
+  LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
+    if (!is_layer_slot(s)) return;
+    Layer& L = layers[size_t(layer)];
+    Tensor t;
+    t.slot = s;
+    t.host = w.slot(s, layer);
+    const std::string name = hf_weight_name(s, layer);
+    const auto parts = parts_of(t.host);
+    for (size_t i = 0; i < parts.size(); ++i) {
+      Part& p = t.parts[i];
+      p.host = parts[i].first;
+      p.bytes = parts[i].second;
+      if (tier != WeightTier::Disk || p.bytes == 0) continue;
+      p.file = file_of(w, p.host, p.bytes);
+      TF_CHECK(p.file >= 0,
+               "--weights disk reads each block from the model file as it is stored, but tensor ", name, " (",
+               dtype_name(t.host.dtype),
+               ") is not kept in the file: the loader converted it; load the model with --quant keep");
+      const MappedFile& f = w.files[size_t(p.file)];
+      p.offset = f.offset + uint64_t(static_cast<const std::byte*>(p.host) - f.begin);
+      p.read_at = L.read_bytes;
+      L.read_bytes += DirectReader::aligned_span(p.offset, p.bytes);
+      L.streamed += p.bytes;
+    }
+    if (!be.host_memory()) {
+      const size_t placed = be.placed_weight_bytes(t.host);
+      TF_CHECK(is_quantized(t.host.dtype) || placed == parts[0].second, "the ", be.name(),
+               " backend copies streamed blocks as they are stored, but it places tensor ", name, " (",
+               dtype_name(t.host.dtype),
+               ") in another dtype: load the base as bf16 (--quant bf16) to stream it");
+      t.placed_at = L.placed_bytes;
+      L.placed_bytes += be.footprint(placed);
+      if (tier == WeightTier::Host) L.streamed += placed;
+    }
+    L.tensors.push_back(t);
+  });
+  return layers;
+}
+
+StoreFootprint WeightStore::footprint(const LlamaWeights& w, WeightTier tier, const Backend& be) {
+  const std::vector<Layer> layers = layout(w, tier, be);
+  size_t placed = 0, read = 0;
+  StoreFootprint f;
+  for (const Layer& L : layers) {
+    placed = std::max(placed, L.placed_bytes);
+    read = std::max(read, L.read_bytes);
+    f.streamed_bytes += L.streamed;
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (!be.host_memory()) f.backend.push_back({"streamed block buffer", MemTag::Weights, placed});
+    if (tier == WeightTier::Disk) {
+      std::vector<PlannedAlloc>& where = be.host_memory() ? f.backend : f.host;
+      where.push_back({be.host_memory() ? "streamed block buffer" : "streamed block read buffer",
+                       MemTag::Weights, read_buffer_bytes(read)});
+    }
+  }
+  return f;
+}
+
+WeightStore::WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be)
+    : files_(w.files), tier_(tier), be_(be), layers_(layout(w, tier, be)) {
+  const StoreFootprint f = footprint(w, tier, be);
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    s.device = be.alloc(f.backend[i].bytes, MemTag::Weights, f.backend[i].what);
+    if (tier != WeightTier::Disk) continue;
+    if (!be.host_memory()) s.read = Buffer(f.host[i].bytes, MemTag::Weights, /*zero=*/false);
+    s.read_base = align_up(be.host_memory() ? s.device.data() : s.read.data());
+  }
+  if (tier == WeightTier::Disk)
+    for (const MappedFile& file : w.files) readers_.push_back(std::make_unique<DirectReader>(file.path));
+}
+
+WeightStore::~WeightStore() {
+  // Copies into the slots may still be in flight on the Copy stream (the readers, destroyed before
+  // the slots, wait out the reads into them).
+  be_.synchronize();
+}
+
+void WeightStore::check_unchanged(const Tensor& t) const {
+  for (const Part& p : t.parts) {
+    if (p.file < 0) continue;
+    const MappedFile& f = files_[size_t(p.file)];
+    struct stat st {};
+    TF_CHECK(::stat(f.path.c_str(), &st) == 0, f.path, ": cannot stat: ", std::strerror(errno));
+    const int64_t mtime = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+    TF_CHECK(uint64_t(st.st_size) == f.file_size && mtime == f.mtime_ns, f.path,
+             ": the model file changed since it was loaded (", f.file_size, " bytes then, ", st.st_size,
+             " now), so its tensors may no longer be what was loaded; load it again");
+  }
+}
+
+void WeightStore::load(int layer, Slot& s) {
+  finish_reads(s.layer, s);
+  const Layer& L = layers_[size_t(layer)];
+  const bool device = !be_.host_memory();
+  // A device backend's read buffer is reused only once the copies that read it have run.
+  if (device && tier_ == WeightTier::Disk) be_.download(nullptr, nullptr, 0, Stream::Copy);
+  if (device && s.freed) be_.wait(Stream::Copy, *std::exchange(s.freed, std::nullopt));
+  s.layer = layer;
+  for (const Tensor& t : L.tensors) {
+    WeightRef src = t.host;
+    if (tier_ == WeightTier::Disk) {
+      std::array<const void*, 3> at{};
+      for (size_t i = 0; i < t.parts.size(); ++i) {
+        const Part& p = t.parts[i];
+        if (p.bytes == 0) continue;
+        std::byte* dst = s.read_base + p.read_at;
+        try {
+          const uint64_t ticket = readers_[size_t(p.file)]->submit(
+              p.offset, p.bytes, dst, DirectReader::aligned_span(p.offset, p.bytes));
+          s.reads.push_back({ticket, p.file, &t});
+        } catch (const Error& e) {
+          TF_FAIL("reading tensor ", hf_weight_name(t.slot, layer), ": ", e.what());
+        }
+        at[i] = dst + DirectReader::lead(p.offset);
+      }
+      src.data = at[0];
+      if (src.scales.absmax) src.scales.absmax = at[1];
+      if (src.scales.nested) src.scales.nested = static_cast<const float*>(at[2]);
+    }
+    if (!device) {
+      s.weights.slot(t.slot) = src;
+      continue;
+    }
+    if (tier_ == WeightTier::Disk) finish_reads(layer, s);
+    s.weights.slot(t.slot) = be_.place_weight_at(src, hf_weight_name(t.slot, layer),
+                                                 s.device.as<std::byte>() + t.placed_at, Stream::Copy);
+  }
+  if (device) s.copied = be_.record(Stream::Copy);
+}
+
+void WeightStore::finish_reads(int layer, Slot& s) {
+  if (s.reads.empty()) return;
+  const std::vector<Read> reads = std::exchange(s.reads, {});
+  // The file is checked once every read has landed, so a change during the reads is seen too.
+  std::set<const Tensor*> done;
+  const Tensor* t = nullptr;
+  try {
+    for (const Read& r : reads) {
+      t = r.tensor;
+      readers_[size_t(r.file)]->wait(r.ticket);
+    }
+    for (const Read& r : reads)
+      if (done.insert(t = r.tensor).second) check_unchanged(*t);
+  } catch (const Error& e) {
+    // The reads after the failed one must land before the buffer takes another block.
+    for (const auto& r : readers_) {
+      try {
+        r->drain();
+      } catch (const Error&) {
+        // Those reads' own failures add nothing to the first one's.
+      }
+    }
+    s.layer = -1;
+    TF_FAIL("reading tensor ", hf_weight_name(t->slot, layer), ": ", e.what());
+  }
+}
+
+const BlockWeights& WeightStore::acquire(int layer, int next) {
+  TF_CHECK(layer >= 0 && size_t(layer) < layers_.size(), "weight store: no layer ", layer);
+  auto find = [&](int l) -> Slot* {
+    for (Slot& s : slots_)
+      if (s.layer == l) return &s;
+    return nullptr;
+  };
+  Slot* s = find(layer);
+  if (!s) {
+    s = &slots_[1 - last_];
+    load(layer, *s);
+  }
+  finish_reads(layer, *s);
+  if (s->copied) be_.wait(Stream::Compute, *std::exchange(s->copied, std::nullopt));
+  last_ = size_t(s - slots_.data());
+  if (next >= 0 && next != layer && !find(next)) load(next, slots_[1 - last_]);
+  return s->weights;
+}
+
+void WeightStore::release(int layer) {
+  if (be_.host_memory()) return;
+  for (Slot& s : slots_) {
+    if (s.layer != layer) continue;
+    // A newer point of the compute stream supersedes one the copy has not waited for yet.
+    if (s.freed) be_.wait(Stream::Copy, *s.freed);
+    s.freed = be_.record(Stream::Compute);
+  }
+}
+
+}  // namespace tf::offload

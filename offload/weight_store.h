@@ -1,0 +1,112 @@
+// defines: tf::offload::WeightStore (a model's per-layer base weights kept in host memory or in the
+// model file and brought a block at a time into one of two slots, the next block in use order
+// loading while the current one computes), tf::offload::StoreFootprint
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "offload/direct_reader.h"
+#include "offload/plan.h"
+#include "src/core/alloc.h"
+#include "src/model/weights.h"
+
+namespace tf::offload {
+
+// What a store takes beside the weights where they lie: `backend`, its allocations on the model's
+// backend in the order it makes them (the two slots); `host`, host memory that is not the backend's
+// (on a device backend, the disk tier's two read buffers); `streamed_bytes`, the bytes of per-layer
+// weights it copies (Host) or reads from the file (Disk) in one pass over the layers.
+struct StoreFootprint {
+  std::vector<PlannedAlloc> backend, host;
+  uint64_t streamed_bytes = 0;
+};
+
+// The per-layer weights of a model (every slot of BlockWeights) in a lower tier than the backend's
+// memory, brought into two slots in turn:
+// - Host (device backends): the tensors stay as loaded in host memory; a slot is device memory
+//   holding one block as place_weight places it, filled on the Copy stream.
+// - Disk: the tensors are read from the model file as stored (quantized blocks as they are) with a
+//   DirectReader into aligned read buffers, never through the mapping; on the cpu the ops read them
+//   there, on a device backend each read buffer is then copied into a device slot as for Host.
+// The copy into a slot waits (by event) for the last compute that read the slot; the compute that
+// reads a block waits for its copy. Results are those of resident weights, bit for bit: the ops
+// read the same bytes.
+class WeightStore {
+ public:
+  // Throws, naming the tensor and the option, unless `tier` (Host or Disk) can stream w's blocks on
+  // `be`: Host needs a device backend (the cpu's memory is the host); Disk needs every per-layer
+  // tensor kept in a model file as stored; a device backend streams only what it places as stored.
+  static StoreFootprint footprint(const LlamaWeights& w, WeightTier tier, const Backend& be);
+
+  WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be);
+  ~WeightStore();
+  WeightStore(const WeightStore&) = delete;
+  WeightStore& operator=(const WeightStore&) = delete;
+
+  WeightTier tier() const { return tier_; }
+
+  // `layer`'s block, ready for the ops queued on the Compute stream from now on; the block of
+  // `next` (the layer used after it; -1 for none) starts loading into the other slot. The weights
+  // stay valid until a later acquire loads another block into their slot.
+  const BlockWeights& acquire(int layer, int next);
+  // Every op that reads `layer`'s block has been queued: its slot may take another block once they
+  // have run.
+  void release(int layer);
+
+ private:
+  // One stretch of a tensor's bytes (its data, or an NF4 / INT8 absmax or nested absmax).
+  struct Part {
+    const void* host = nullptr;  // where it lies in host memory (the mapping, for Disk)
+    uint64_t bytes = 0;
+    int file = -1;        // index into LlamaWeights::files; Disk only
+    uint64_t offset = 0;  // in that file
+    size_t read_at = 0;   // where its aligned span starts in a read buffer
+  };
+  struct Tensor {
+    WeightSlot slot = WeightSlot::AttnNorm;
+    WeightRef host;
+    std::array<Part, 3> parts;  // data, absmax, nested
+    size_t placed_at = 0;       // where it starts in a device slot
+  };
+  struct Layer {
+    std::vector<Tensor> tensors;
+    size_t placed_bytes = 0, read_bytes = 0;
+    uint64_t streamed = 0;
+  };
+  struct Read {
+    uint64_t ticket = 0;
+    int file = -1;
+    const Tensor* tensor = nullptr;
+  };
+  struct Slot {
+    int layer = -1;
+    BlockWeights weights;
+    DeviceMem device;                // the device slot, or on the cpu the read buffer itself
+    Buffer read;                     // a device backend's read buffer (Disk)
+    std::byte* read_base = nullptr;  // the read buffer, aligned to DirectReader::kAlign
+    std::optional<Event> copied, freed;
+    std::vector<Read> reads;  // in flight (Disk)
+  };
+
+  static std::vector<Layer> layout(const LlamaWeights& w, WeightTier tier, const Backend& be);
+  void load(int layer, Slot& s);
+  void finish_reads(int layer, Slot& s);
+  void check_unchanged(const Tensor& t) const;
+
+  std::vector<MappedFile> files_;
+  WeightTier tier_;
+  Backend& be_;
+  std::vector<Layer> layers_;
+  std::array<Slot, 2> slots_;
+  // One per file, Disk only; after the slots, so that reads still in flight land before they go.
+  std::vector<std::unique_ptr<DirectReader>> readers_;
+  size_t last_ = 0;  // the slot acquired last
+};
+
+}  // namespace tf::offload

@@ -1,0 +1,258 @@
+// defines: tests of a model trained with its per-layer weights streamed (offload::WeightStore): on
+// the cpu from the model file (GGUF with Q8_0 blocks, safetensors bf16) and on the simulated device
+// from host memory, each against the same model with resident weights, bit for bit; the file's pages
+// of streamed tensors never mapped in; a file truncated or changed after loading refused by name.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gguf_test_util.h"
+#include "kernels/backend.h"
+#include "model_test_util.h"
+#include "src/core/error.h"
+#include "src/io/merge.h"
+#include "src/io/model_loader.h"
+#include "src/io/safetensors.h"
+#include "src/model/llama.h"
+#include "src/train/trainer.h"
+#include "tests/sim_test_util.h"
+#include "tests/test_util.h"
+
+namespace tf {
+namespace {
+
+using offload::WeightTier;
+using test::BatchData;
+using test::synthetic_batch;
+
+LlamaConfig stream_config() {
+  LlamaConfig c = test::tiny_config(64);
+  c.n_layers = 3;  // a block that is neither the first nor the last
+  return c;
+}
+
+LoraConfig stream_lora() {
+  LoraConfig l = test::lora_r8();
+  l.dropout = 0.1f;
+  return l;
+}
+
+TrainConfig train_config(int steps) {
+  TrainConfig t;
+  t.lr.peak_lr = 1e-2f;
+  t.lr.total_steps = steps;
+  t.lr.warmup_steps = 1;
+  return t;
+}
+
+// What a few training steps, a loss, logits and two decoding calls give: everything compared with ==.
+struct Run {
+  std::vector<double> losses;
+  std::vector<float> lora, logits, decoded;
+  double eval = 0;
+};
+
+Run run(LlamaModel& m, int steps) {
+  Run r;
+  Trainer t(m, train_config(steps));
+  for (int s = 0; s < steps; ++s) {
+    const BatchData data = synthetic_batch(2, 12, m.config().vocab, uint64_t(s), 7, 1);
+    const Batch b = data.view(true);
+    r.losses.push_back(t.step({&b, 1}).loss);
+  }
+  const LoraState host = m.lora().host_copy();
+  r.lora.assign(host.params.as<float>(), host.params.as<float>() + host.n_params);
+  const BatchData data = synthetic_batch(1, 10, m.config().vocab, 77);
+  r.eval = m.forward_loss(data.view()).mean();
+  r.logits.resize(size_t(10 * m.config().vocab));
+  m.forward_logits(data.view(), r.logits.data());
+  KvCache cache = m.make_kv_cache(16);
+  r.decoded.resize(size_t(2 * m.config().vocab));
+  m.decode(cache, data.tokens.data(), 6, r.decoded.data());
+  m.decode(cache, data.tokens.data() + 6, 1, r.decoded.data() + m.config().vocab);
+  return r;
+}
+
+void expect_same(const Run& a, const Run& b) {
+  ASSERT_EQ(a.losses.size(), b.losses.size());
+  for (size_t i = 0; i < a.losses.size(); ++i) EXPECT_EQ(a.losses[i], b.losses[i]) << "step " << i;
+  EXPECT_EQ(a.eval, b.eval);
+  EXPECT_TRUE(a.lora == b.lora) << "LoRA parameters differ";
+  EXPECT_TRUE(a.logits == b.logits) << "logits differ";
+  EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
+}
+
+// Pages of [p, p + bytes) that this process has mapped in (/proc/self/pagemap's present bit).
+size_t present_pages(const void* p, size_t bytes) {
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY);
+  EXPECT_GE(fd, 0);
+  size_t present = 0;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) / page,
+                  last = (reinterpret_cast<uintptr_t>(p) + bytes - 1) / page;
+  for (uintptr_t v = first; v <= last; ++v) {
+    uint64_t entry = 0;
+    EXPECT_EQ(::pread(fd, &entry, sizeof entry, off_t(v * sizeof entry)), ssize_t(sizeof entry));
+    present += (entry >> 63) & 1;
+  }
+  ::close(fd);
+  return present;
+}
+
+// Pages of the per-layer tensors mapped in, leaving out the 64 KiB after the last global tensor
+// (the kernel maps neighbouring pages of a read fault in, "fault-around").
+size_t layer_pages_present(const LlamaWeights& w) {
+  size_t n = 0;
+  const std::byte* globals_end = nullptr;
+  for (const WeightRef* g : {&w.embed, &w.final_norm, &w.lm_head})
+    globals_end = std::max(globals_end,
+                           static_cast<const std::byte*>(g->data) + dtype_bytes(g->dtype, g->rows * g->cols));
+  LlamaWeights::for_each_slot(w.config, [&](WeightSlot s, int layer) {
+    if (!is_layer_slot(s)) return;
+    const WeightRef& r = w.slot(s, layer);
+    const auto* begin = static_cast<const std::byte*>(r.data);
+    const size_t bytes = size_t(dtype_bytes(r.dtype, r.rows * r.cols));
+    const std::byte* from = std::max(begin, globals_end + (64 << 10));
+    if (from < begin + bytes) n += present_pages(from, size_t(begin + bytes - from));
+  });
+  return n;
+}
+
+class StreamTrain : public ::testing::TestWithParam<CheckpointPolicy> {};
+
+// A GGUF base with f32 tensors and Q8_0 ffn_down, kept as stored: the disk tier reads each block
+// from the file, Q8_0 blocks as they are.
+TEST_P(StreamTrain, CpuFromAGgufFileMatchesResidentBitForBit) {
+  test::TempDir tmp;
+  LlamaConfig cfg = stream_config();
+  cfg.hidden = 64;  // rows of ffn_down a multiple of Q8_0's 32 elements, and blocks of several pages
+  cfg.intermediate = 128;
+  cfg.head_dim = cfg.rope.head_dim = 16;  // what a GGUF file without attention.key_length says
+  const test::GgufBase base(cfg, (tmp.dir / "m.gguf").string());
+  const LoraConfig lora = stream_lora();
+  io::LoadedModel resident = io::load_model(base.path, true, io::QuantMode::Keep);
+  io::LoadedModel streamed = io::load_model(base.path, true, io::QuantMode::Keep);
+  const MemoryPlan plan =
+      LlamaModel::memory_plan(streamed.weights, lora, GetParam(), 24, cpu_backend(), WeightTier::Disk);
+  LlamaModel r(std::move(resident.weights), lora, GetParam(), 24);
+  LlamaModel d(std::move(streamed.weights), lora, GetParam(), 24, cpu_backend(), WeightTier::Disk);
+  EXPECT_EQ(d.weight_tier(), WeightTier::Disk);
+  expect_same(run(r, 4), run(d, 4));
+
+  // Every per-layer tensor is read once per pass: f32 except the Q8_0 ffn_down (34 bytes a 32).
+  const int64_t H = cfg.hidden, I = cfg.intermediate;
+  const int64_t f32 = 2 * H + H * (cfg.q_dim() + 2 * cfg.kv_dim()) + cfg.q_dim() * H + 2 * H * I;
+  EXPECT_EQ(plan.streamed_bytes, uint64_t(cfg.n_layers * (4 * f32 + H * I / 32 * 34)));
+  EXPECT_TRUE(plan.host.empty()) << "on the cpu the read buffers are the backend's memory";
+  EXPECT_EQ(plan.bytes(MemTag::Weights), 2 * plan.allocs[0].bytes);
+  EXPECT_EQ(plan.allocs[0].what, "streamed block buffer");
+
+  // The resident model computed from the mapping; the streamed one never touched its layers' pages.
+  EXPECT_GT(layer_pages_present(r.weights()), 0u);
+  EXPECT_EQ(layer_pages_present(d.weights()), 0u);
+}
+
+// bf16 safetensors shards kept as stored, trained on the cpu from the file.
+TEST_P(StreamTrain, CpuFromSafetensorsMatchesResidentBitForBit) {
+  test::TempDir tmp;
+  const LlamaConfig cfg = stream_config();
+  const std::string dir = (tmp.dir / "hf").string();
+  std::filesystem::create_directories(dir);
+  const LlamaWeights src = init_random_weights(cfg, DType::BF16, 11, 0.25f);
+  std::vector<io::SafetensorsWriteTensor> tensors;
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot s, int layer) {
+    const WeightRef& t = src.slot(s, layer);
+    tensors.push_back({hf_weight_name(s, layer),
+                       io::StDType::BF16,
+                       t.rows == 1 ? std::vector<int64_t>{t.cols} : std::vector<int64_t>{t.rows, t.cols},
+                       {static_cast<const std::byte*>(t.data), size_t(t.rows * t.cols) * 2}});
+  });
+  io::write_safetensors(dir + "/model.safetensors", tensors);
+  std::ofstream(dir + "/config.json") << io::hf_config_json(cfg, DType::BF16).dump(2);
+  const LoraConfig lora = stream_lora();
+  LlamaModel r(io::load_model(dir, true, io::QuantMode::Keep).weights, lora, GetParam(), 24);
+  LlamaModel d(io::load_model(dir, true, io::QuantMode::Keep).weights, lora, GetParam(), 24, cpu_backend(),
+               WeightTier::Disk);
+  expect_same(run(r, 3), run(d, 3));
+}
+
+// The simulated device copies each block from host memory into its slots on the copy stream; the
+// simulator reports any op that reads a slot before its copy landed, or a copy into a slot that an
+// op still reads, as a race.
+TEST_P(StreamTrain, SimtFromHostMatchesResidentBitForBit) {
+  const LlamaConfig cfg = stream_config();
+  const LoraConfig lora = stream_lora();
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  LlamaModel r(init_random_weights(cfg, DType::BF16, 3, 0.25f), lora, GetParam(), 24, *be);
+  LlamaModel h(init_random_weights(cfg, DType::BF16, 3, 0.25f), lora, GetParam(), 24, *be, WeightTier::Host);
+  expect_same(run(r, 3), run(h, 3));
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, StreamTrain,
+                         ::testing::Values(CheckpointPolicy::PerBlock, CheckpointPolicy::None),
+                         [](const ::testing::TestParamInfo<CheckpointPolicy>& p) {
+                           return std::string(p.param == CheckpointPolicy::None ? "keep_all" : "per_block");
+                         });
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// The file's per-layer tensors lie after the global ones (test::GgufBase writes them first), so the
+// file can lose its tail without the mapping of the globals faulting. Whichever block is read next
+// fails, naming the file and the tensor, and so does every later pass: no block comes from a
+// half-read buffer.
+TEST(StreamFile, TruncatedAfterLoadingFailsNamingFileAndTensor) {
+  test::TempDir tmp;
+  const LlamaConfig cfg = stream_config();
+  const test::GgufBase base(cfg, (tmp.dir / "m.gguf").string(), false);
+  LlamaModel m(io::load_model(base.path, true, io::QuantMode::Keep).weights, stream_lora(),
+               CheckpointPolicy::PerBlock, 16, cpu_backend(), WeightTier::Disk);
+  const BatchData data = synthetic_batch(1, 8, cfg.vocab, 1);
+  m.forward_loss(data.view());
+  const io::GgufFile f = io::GgufFile::open(base.path);
+  std::filesystem::resize_file(base.path, f.data_offset() + f.tensor("blk.1.attn_norm.weight").offset);
+  for (int pass = 0; pass < 2; ++pass) {
+    const std::string e = error_of([&] { m.forward_loss(data.view()); });
+    test::expect_contains(
+        e, {"reading tensor model.layers.", base.path.c_str(), "the model file changed since it was loaded"});
+  }
+}
+
+TEST(StreamFile, ChangedAfterLoadingIsRefused) {
+  test::TempDir tmp;
+  const LlamaConfig cfg = stream_config();
+  const test::GgufBase base(cfg, (tmp.dir / "m.gguf").string(), false);
+  LlamaModel m(io::load_model(base.path, true, io::QuantMode::Keep).weights, stream_lora(),
+               CheckpointPolicy::PerBlock, 16, cpu_backend(), WeightTier::Disk);
+  const BatchData data = synthetic_batch(1, 8, cfg.vocab, 1);
+  m.forward_loss(data.view());
+  {
+    // Same size, other bytes: a tensor of layer 1 rewritten in place.
+    const io::GgufFile f = io::GgufFile::open(base.path);
+    std::fstream out(base.path, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(std::streamoff(f.data_offset() + f.tensor("blk.1.attn_q.weight").offset));
+    const std::vector<char> junk(64, 'x');
+    out.write(junk.data(), std::streamsize(junk.size()));
+  }
+  std::filesystem::last_write_time(base.path,
+                                   std::filesystem::last_write_time(base.path) + std::chrono::seconds(2));
+  const std::string e = error_of([&] { m.forward_loss(data.view()); });
+  test::expect_contains(
+      e, {"reading tensor model.layers.", base.path.c_str(), "the model file changed since it was loaded"});
+}
+
+}  // namespace
+}  // namespace tf
