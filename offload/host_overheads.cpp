@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <string>
 
+#include "src/core/process_memory.h"
 #include "src/data/chat_template.h"
 
 namespace tf::offload {
@@ -20,10 +21,6 @@ constexpr uint64_t kPage = 4 * kKiB;
 // (tightfit init) whose peak RSS (VmHWM) was compared with the tracker's peak (metrics.jsonl) and
 // the file sizes: "untracked" below is VmHWM - tracked peak - mapped model file.
 
-// RSS of the binary and its libraries before anything loads, when the caller did not measure it:
-// 9.5 MiB, the largest VmRSS of `tightfit finetune --model /nonexistent ...` sampled every
-// millisecond from /proc/<pid>/status.
-constexpr uint64_t kStartupRss = 10 * kMiB;
 // What running adds to the process besides its threads and the components below: library code
 // paged in on first use (OpenBLAS's kernels, libgomp), glibc's main heap and its fragmentation.
 // Untracked at one thread minus startup and one thread's pool was 2.7 MiB for hidden 512 and 768.
@@ -154,15 +151,16 @@ std::vector<PlanItem> host_overheads(const HostOverheadInputs& in) {
   const LlamaConfig& c = in.config;
   const uint64_t threads = uint64_t(std::max(in.threads, 1));
 
-  add("process at startup", in.startup_rss ? "measured before loading" : "binary and libraries, typical",
-      in.startup_rss ? in.startup_rss : kStartupRss, false);
+  add("process at startup", in.startup_rss ? "measured before loading" : "this process's RSS as it plans",
+      in.startup_rss ? in.startup_rss : process_memory().rss, false);
   add("code paged in and heaps", "libraries' code on first use, glibc's main heap", kRunning, false);
   const uint64_t widest = uint64_t(std::max({c.hidden, c.q_dim(), c.intermediate}));
+  const uint64_t pools = in.cpu_backend ? threads * (4 * kPanelFloatsPerColumn * widest + kThreadFixed) : 0;
   add("thread pools",
       std::to_string(threads) + " threads: OpenBLAS panels for width " + std::to_string(widest) + ", stacks",
-      threads * (4 * kPanelFloatsPerColumn * widest + kThreadFixed), false);
+      pools, false);
   std::string scratch_detail;
-  const uint64_t scratch = kernel_scratch(in, scratch_detail);
+  const uint64_t scratch = in.cpu_backend ? kernel_scratch(in, scratch_detail) : 0;
   add("kernel scratch", scratch_detail, scratch, false);
 
   // Every page of the mapping is read once (kept tensors while training, converted ones at load),
@@ -177,18 +175,25 @@ std::vector<PlanItem> host_overheads(const HostOverheadInputs& in) {
   if (in.gguf_metadata_bytes)
     add("tokenizer", "the GGUF vocabulary, from " + mib(in.gguf_metadata_bytes) + " of metadata",
         uint64_t(kGgufVocabPerMetadataByte * double(in.gguf_metadata_bytes)), false);
-  if (in.tokenizer_file_bytes) {
-    add("tokenizer", "built from a " + mib(in.tokenizer_file_bytes) + " file",
-        uint64_t(kTokenizerPerFileByte * double(in.tokenizer_file_bytes)), false);
-    add("tokenizer file parse", "its JSON document",
-        uint64_t(kTokenizerParsePerFileByte * double(in.tokenizer_file_bytes)), true);
-  }
-
   const DataBytes train = data_bytes(in.train_data_bytes, in.train_data_lines, in.seq_len);
   const DataBytes eval = data_bytes(in.eval_data_bytes, in.eval_data_lines, in.seq_len);
   add("dataset records", "--data and --eval-data as parsed", train.records + eval.records, false);
   add("tokenized dataset", "at most " + std::to_string(train.tokens_max + eval.tokens_max) + " tokens",
       train.tokens + eval.tokens, false);
+  if (in.tokenizer_file_bytes) {
+    add("tokenizer", "built from a " + mib(in.tokenizer_file_bytes) + " file",
+        uint64_t(kTokenizerPerFileByte * double(in.tokenizer_file_bytes)), false);
+    // The JSON document peaks while the model loads, before the LoRA state (parameters, gradients
+    // and two moments of 4 bytes each, tracked; in host memory on the cpu), the thread pools'
+    // panels, the kernel scratch and the dataset exist: only what it exceeds them by can raise the
+    // run's peak.
+    const uint64_t parse = uint64_t(kTokenizerParsePerFileByte * double(in.tokenizer_file_bytes));
+    const uint64_t lora_state = in.cpu_backend ? 16 * uint64_t(std::max<int64_t>(in.lora_params, 0)) : 0;
+    const uint64_t later =
+        lora_state + pools + scratch + train.records + eval.records + train.tokens + eval.tokens;
+    add("tokenizer file parse", "its JSON document, beyond what is allocated after it",
+        parse > later ? parse - later : 0, true);
+  }
   // A vector's growth copies its tokens once into a larger block, the smaller still held.
   add("tokenizing", "a growing token array copied", std::max(train.tokens, eval.tokens), true);
 

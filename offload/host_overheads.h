@@ -16,11 +16,15 @@ namespace tf::offload {
 // What host_overheads needs, all known before anything loads (from the options, file sizes and the
 // model's config).
 struct HostOverheadInputs {
-  // process_memory().rss of the planning process before it loads anything: the binary and the
-  // shared libraries as loaded, which depend on the build (about 10 MiB without CUDA, over 200 MiB
-  // where CUDA's libraries are linked). `tightfit plan` runs the same binary, so its own serves.
+  // RSS of the process the plan is for before it loads anything: its binary and shared libraries
+  // as loaded, which depend on the build (about 10 MiB without CUDA, 150 MiB and more where CUDA's
+  // libraries are linked). 0: the calling process's RSS now, right for a process that plans its own
+  // run before loading (finetune) and for `tightfit plan`, the same binary.
   uint64_t startup_rss = 0;
   int threads = 1;  // OpenMP and OpenBLAS threads of the run (after --threads 0 is resolved)
+  // Whether the model runs on the cpu backend, whose kernels and OpenBLAS threads work in host
+  // memory, as do its LoRA state and activations (a device backend keeps those in its own).
+  bool cpu_backend = true;
   LlamaConfig config;
   int64_t max_tokens = 0;  // micro-batch x seq-len
   int seq_len = 0;
