@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +19,7 @@
 #include "kernels/backend.h"
 #include "model_test_util.h"
 #include "src/core/error.h"
+#include "src/core/process_memory.h"
 #include "src/io/merge.h"
 #include "src/io/model_loader.h"
 #include "src/io/safetensors.h"
@@ -200,6 +203,57 @@ INSTANTIATE_TEST_SUITE_P(Policies, StreamTrain,
                          [](const ::testing::TestParamInfo<CheckpointPolicy>& p) {
                            return std::string(p.param == CheckpointPolicy::None ? "keep_all" : "per_block");
                          });
+
+// The acceptance case of streaming from disk on the cpu: 32 layers of f32 weights (72 MiB) trained
+// within a quarter of that. What the run holds besides: the two read buffers (2 x 2.3 MiB, the
+// largest block twice), the tied embedding read from the mapping (0.25 MiB), LoRA state,
+// activations and gradients for 32 tokens (about 3 MiB), and the ops', OpenBLAS's and the
+// allocator's own memory; the bound leaves that last part about 8 MiB. The same model resident
+// maps in every page of its layers, which the second run checks the measure sees.
+//
+// Each run is a death test in its threadsafe style: the test binary runs again for this test alone,
+// so that the peak RSS it reads is its own. The child writes the model, trains 2 steps and exits 0
+// when the growth of its peak RSS over what it held before loading lies within the bounds, else 1
+// with the figures on stderr.
+TEST(StreamMemory, AModelFourTimesTheBudgetTrainsFromDiskWithinIt) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  test::TempDir tmp;
+  LlamaConfig cfg = test::tiny_config(256);
+  cfg.hidden = 256;
+  cfg.intermediate = 512;
+  cfg.n_layers = 32;
+  cfg.head_dim = cfg.rope.head_dim = 64;
+  const uint64_t layer_bytes = uint64_t(cfg.n_layers) * sizeof(float) *
+                               uint64_t(2 * cfg.hidden + 2 * cfg.hidden * (cfg.q_dim() + cfg.kv_dim()) +
+                                        3 * cfg.hidden * cfg.intermediate);
+  const auto run_within = [&](WeightTier tier, uint64_t low, uint64_t high) {
+    const test::GgufBase base(cfg, (tmp.dir / "m.gguf").string(), false);
+    set_memory_policy();
+    const uint64_t before = process_memory().rss;
+    {
+      LoraConfig lora = test::lora_r8();
+      lora.rank = 4;
+      lora.targets = (1u << int(LoraTarget::Q)) | (1u << int(LoraTarget::V));
+      LlamaModel m(io::load_model(base.path, true, io::QuantMode::Keep).weights, lora,
+                   CheckpointPolicy::PerBlock, 32, cpu_backend(), tier);
+      Trainer t(m, train_config(2));
+      for (int s = 0; s < 2; ++s) {
+        const BatchData data = synthetic_batch(1, 32, m.config().vocab, uint64_t(s));
+        const Batch b = data.view();
+        t.step({&b, 1});
+      }
+    }
+    const uint64_t growth = process_memory().peak_rss - before;
+    std::fprintf(stderr, "%s: peak RSS grew by %.2f MiB (bounds %.2f to %.2f MiB)\n",
+                 offload::weight_tier_name(tier), double(growth) / (1 << 20), double(low) / (1 << 20),
+                 double(high) / (1 << 20));
+    std::exit(growth >= low && growth <= high ? 0 : 1);
+  };
+  EXPECT_EXIT(run_within(WeightTier::Disk, 0, layer_bytes / 4), ::testing::ExitedWithCode(0),
+              "peak RSS grew by");
+  EXPECT_EXIT(run_within(WeightTier::Resident, layer_bytes, 2 * layer_bytes), ::testing::ExitedWithCode(0),
+              "peak RSS grew by");
+}
 
 std::string error_of(const std::function<void()>& f) {
   try {
