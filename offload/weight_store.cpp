@@ -224,7 +224,8 @@ void WeightStore::finish_reads(int layer, Slot& s) {
 }
 
 const BlockWeights& WeightStore::acquire(int layer, int next) {
-  TF_CHECK(layer >= 0 && size_t(layer) < layers_.size(), "weight store: no layer ", layer);
+  TF_CHECK(layer >= 0 && size_t(layer) < layers_.size() && next < int(layers_.size()), "weight store: layer ",
+           layer, " then ", next, " of a model of ", layers_.size());
   auto find = [&](int l) -> Slot* {
     for (Slot& s : slots_)
       if (s.layer == l) return &s;

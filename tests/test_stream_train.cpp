@@ -20,12 +20,12 @@
 #include "model_test_util.h"
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
-#include "src/io/merge.h"
 #include "src/io/model_loader.h"
-#include "src/io/safetensors.h"
+#include "src/io/quantize_weights.h"
 #include "src/model/llama.h"
 #include "src/train/trainer.h"
 #include "tests/sim_test_util.h"
+#include "tests/stream_test_util.h"
 #include "tests/test_util.h"
 
 namespace tf {
@@ -162,28 +162,20 @@ TEST_P(StreamTrain, CpuFromAGgufFileMatchesResidentBitForBit) {
   EXPECT_EQ(layer_pages_present(d.weights()), 0u);
 }
 
-// bf16 safetensors shards kept as stored, trained on the cpu from the file.
+// bf16 safetensors kept as stored, trained on the cpu from the file; one layer too, whose block is
+// both the first and the last of every pass.
 TEST_P(StreamTrain, CpuFromSafetensorsMatchesResidentBitForBit) {
   test::TempDir tmp;
-  const LlamaConfig cfg = stream_config();
-  const std::string dir = (tmp.dir / "hf").string();
-  std::filesystem::create_directories(dir);
-  const LlamaWeights src = init_random_weights(cfg, DType::BF16, 11, 0.25f);
-  std::vector<io::SafetensorsWriteTensor> tensors;
-  LlamaWeights::for_each_slot(cfg, [&](WeightSlot s, int layer) {
-    const WeightRef& t = src.slot(s, layer);
-    tensors.push_back({hf_weight_name(s, layer),
-                       io::StDType::BF16,
-                       t.rows == 1 ? std::vector<int64_t>{t.cols} : std::vector<int64_t>{t.rows, t.cols},
-                       {static_cast<const std::byte*>(t.data), size_t(t.rows * t.cols) * 2}});
-  });
-  io::write_safetensors(dir + "/model.safetensors", tensors);
-  std::ofstream(dir + "/config.json") << io::hf_config_json(cfg, DType::BF16).dump(2);
-  const LoraConfig lora = stream_lora();
-  LlamaModel r(io::load_model(dir, true, io::QuantMode::Keep).weights, lora, GetParam(), 24);
-  LlamaModel d(io::load_model(dir, true, io::QuantMode::Keep).weights, lora, GetParam(), 24, cpu_backend(),
-               WeightTier::Disk);
-  expect_same(run(r, 3), run(d, 3));
+  for (int layers : {3, 1}) {
+    LlamaConfig cfg = stream_config();
+    cfg.n_layers = layers;
+    const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / std::to_string(layers));
+    const LoraConfig lora = stream_lora();
+    LlamaModel r(io::load_model(dir, true, io::QuantMode::Keep).weights, lora, GetParam(), 24);
+    LlamaModel d(io::load_model(dir, true, io::QuantMode::Keep).weights, lora, GetParam(), 24, cpu_backend(),
+                 WeightTier::Disk);
+    expect_same(run(r, 3), run(d, 3));
+  }
 }
 
 // The simulated device copies each block from host memory into its slots on the copy stream; the
@@ -196,6 +188,27 @@ TEST_P(StreamTrain, SimtFromHostMatchesResidentBitForBit) {
   LlamaModel r(init_random_weights(cfg, DType::BF16, 3, 0.25f), lora, GetParam(), 24, *be);
   LlamaModel h(init_random_weights(cfg, DType::BF16, 3, 0.25f), lora, GetParam(), 24, *be, WeightTier::Host);
   expect_same(run(r, 3), run(h, 3));
+}
+
+// NF4 matrices with double-quantized absmax stream as placed: codes, absmax codes and nested scales
+// copied into their places in the slot.
+TEST(StreamQuantized, SimtNf4FromHostMatchesResidentBitForBit) {
+  const LlamaConfig cfg = stream_config();
+  const auto nf4_base = [&] {
+    LlamaWeights w = init_random_weights(cfg, DType::F32, 42, 0.25f);
+    LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+      if (io::is_matrix_slot(slot))
+        w.slot(slot, layer) =
+            io::store_weight(w.slot(slot, layer), io::QuantMode::Nf4, w, hf_weight_name(slot, layer));
+    });
+    return w;
+  };
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  LlamaModel r(nf4_base(), stream_lora(), CheckpointPolicy::PerBlock, 24, *be);
+  LlamaModel h(nf4_base(), stream_lora(), CheckpointPolicy::PerBlock, 24, *be, WeightTier::Host);
+  EXPECT_EQ(h.weights().blocks[0].q.dtype, DType::NF4);
+  EXPECT_NE(h.weights().blocks[0].q.scales.nested, nullptr);
+  expect_same(run(r, 2), run(h, 2));
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, StreamTrain,

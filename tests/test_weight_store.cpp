@@ -6,7 +6,6 @@
 
 #include <array>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <string>
@@ -17,11 +16,10 @@
 #include "model_test_util.h"
 #include "offload/weight_store.h"
 #include "src/core/error.h"
-#include "src/io/merge.h"
 #include "src/io/model_loader.h"
-#include "src/io/safetensors.h"
 #include "src/model/llama.h"
 #include "tests/sim_test_util.h"
+#include "tests/stream_test_util.h"
 #include "tests/test_util.h"
 
 namespace tf {
@@ -39,23 +37,6 @@ std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "(no error)";
-}
-
-// A bf16 safetensors model directory of `cfg` (its tensors kept in place under --quant keep).
-std::string write_bf16_dir(const LlamaConfig& cfg, const std::filesystem::path& dir) {
-  std::filesystem::create_directories(dir);
-  const LlamaWeights src = init_random_weights(cfg, DType::BF16, 11, 0.25f);
-  std::vector<io::SafetensorsWriteTensor> tensors;
-  LlamaWeights::for_each_slot(cfg, [&](WeightSlot s, int layer) {
-    const WeightRef& t = src.slot(s, layer);
-    tensors.push_back({hf_weight_name(s, layer),
-                       io::StDType::BF16,
-                       t.rows == 1 ? std::vector<int64_t>{t.cols} : std::vector<int64_t>{t.rows, t.cols},
-                       {static_cast<const std::byte*>(t.data), size_t(t.rows * t.cols) * 2}});
-  });
-  io::write_safetensors((dir / "model.safetensors").string(), tensors);
-  std::ofstream(dir / "config.json") << io::hf_config_json(cfg, DType::BF16).dump(2);
-  return dir.string();
 }
 
 TEST(WeightStore, HostOnTheCpuIsRefusedNamingTheOptions) {
@@ -105,9 +86,9 @@ TEST(WeightStore, TheDeviceStreamsNoF32MatricesAndRefusesBeforeAllocating) {
 TEST(WeightStore, CpuDiskPlanIsWhatTheModelAllocates) {
   test::TempDir tmp;
   LlamaConfig cfg = test::tiny_config();
-  const std::string dir = write_bf16_dir(cfg, tmp.dir / "a");
+  const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / "a");
   cfg.n_layers = 6;
-  const std::string deep = write_bf16_dir(cfg, tmp.dir / "b");
+  const std::string deep = test::write_bf16_model_dir(cfg, tmp.dir / "b");
   const LoraConfig lora = test::lora_r8();
   io::LoadedModel m2 = io::load_model(dir, true, io::QuantMode::Keep);
   const io::LoadedModel m6 = io::load_model(deep, true, io::QuantMode::Keep);
@@ -131,7 +112,7 @@ TEST(WeightStore, CpuDiskPlanIsWhatTheModelAllocates) {
 TEST(WeightStore, SimtFromTheFileMatchesResidentAndItsPlan) {
   test::TempDir tmp;
   const LlamaConfig cfg = test::tiny_config();
-  const std::string dir = write_bf16_dir(cfg, tmp.dir / "m");
+  const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / "m");
   const LoraConfig lora = test::lora_r8();
   const auto train = [&](LlamaModel& m) {
     std::vector<double> out;

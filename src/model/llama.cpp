@@ -347,7 +347,7 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
                         final_rstd_, n, c.hidden);
   for (int l = c.n_layers - 1; l >= 0; --l) {
     // The next step's forward starts with the block this one ends with, and goes on with block 1.
-    const BlockWeights& w = acquire_block(l, l > 0 ? l - 1 : 1);
+    const BlockWeights& w = acquire_block(l, l > 0 ? l - 1 : c.n_layers > 1 ? 1 : -1);
     if (policy_ == CheckpointPolicy::None) {
       block_backward(l, w, b, acts_[size_t(l)], step);
     } else {
