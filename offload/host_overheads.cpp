@@ -71,18 +71,22 @@ std::pair<int64_t, int64_t> matrix_shape(const LlamaConfig& c, LoraTarget t) {
 }
 
 // The per-thread scratch of kernels/cpu (thread_local tf::Buffers that grow_scratch enlarges), in
-// bytes at its peak. grow_scratch allocates the larger buffer before it frees the smaller, so a
-// buffer that grows from a to b peaks at a + b.
+// bytes at its peak. Each buffer keeps its largest size for the process's life, and grow_scratch
+// allocates the larger buffer before it frees the smaller, so a buffer growing from a to b holds
+// a + b for a moment: the peak is at one of those moments, and which buffers exist then follows
+// the order of a step (forward through the layers, the loss, backward).
 uint64_t kernel_scratch(const HostOverheadInputs& in, std::string& detail) {
   const LlamaConfig& c = in.config;
   const uint64_t N = uint64_t(in.max_tokens), D = uint64_t(c.head_dim), T = uint64_t(std::max(in.threads, 1));
   // attention.cpp: the tiles of every thread of a region in one buffer, first the forward's
   // (64-row blocks: K tile, scores, online softmax's 64 x (D + 2)), then the backward's (two
-  // each of K / V tiles, scores and their gradients); both multiples of 16 floats for D % 16 == 0.
-  const uint64_t fwd = 128 * D + 4224, bwd = 256 * D + 8192;
-  const uint64_t attention = 4 * T * (round_up(fwd, 16) + round_up(bwd, 16)) + 4 * N * uint64_t(c.n_heads);
-  // cross_entropy.cpp: a quantized lm_head is dequantized a vocabulary tile at a time; otherwise
-  // 64 rows of logits at a time.
+  // each of K / V tiles, scores and their gradients), multiples of 16 floats each; the backward's
+  // row statistics, a float per token and head.
+  const uint64_t attn_fwd = 4 * T * round_up(128 * D + 4224, 16);
+  const uint64_t attn_bwd = 4 * T * round_up(256 * D + 8192, 16) + 4 * N * uint64_t(c.n_heads);
+  // cross_entropy.cpp: a quantized lm_head is dequantized a vocabulary tile at a time (with the
+  // logits of 256 tokens against it, per-token running max, sum and target logit, and the d_h
+  // accumulator); otherwise 64 rows of logits at a time.
   const uint64_t V = uint64_t(c.vocab), H = uint64_t(c.hidden);
   uint64_t ce = 0;
   if (is_quantized(in.lm_head_dtype)) {
@@ -92,15 +96,16 @@ uint64_t kernel_scratch(const HostOverheadInputs& in, std::string& detail) {
     ce = 4 * std::min<uint64_t>(N, 64) * V;
   }
   const bool coarse = in.non_f32_matrices && !in.half_matrices && in.quantized_projections == 0;
-  // matmul.cpp: a bf16 / f16 operand is widened into a fixed 2^20-float tile of the calling thread.
+  // matmul.cpp: a bf16 / f16 operand is widened into a fixed 2^20-float tile, allocated whole at
+  // the first such product.
   const bool half =
       in.half_matrices || coarse || in.lm_head_dtype == DType::BF16 || in.lm_head_dtype == DType::F16;
   const uint64_t widen = half ? 4 * (uint64_t(1) << 20) : 0;
-  // linear.cpp: a quantized weight is dequantized into a tile of the calling thread of at most
-  // 2^22 floats (whole when it fits, else up to 2048 columns), sized by the first projection that
-  // needs a larger one, in the forward order q, k, v, o, gate, up, down.
+  // linear.cpp: a quantized weight is dequantized into a tile of at most 2^22 floats (whole when
+  // it fits, else up to 2048 columns), grown by the projections in the forward order q, k, v, o,
+  // gate, up, down, before the loss and the backward allocate theirs.
   const uint32_t quantized = coarse ? (1u << kLoraTargetCount) - 1 : in.quantized_projections;
-  uint64_t tile = 0, tile_peak = 0;
+  uint64_t tile = 0, tile_growth = 0;
   for (int t = 0; t < kLoraTargetCount; ++t) {
     if (!has(quantized, LoraTarget(t))) continue;
     const auto [rows, cols] = matrix_shape(c, LoraTarget(t));
@@ -109,15 +114,18 @@ uint64_t kernel_scratch(const HostOverheadInputs& in, std::string& detail) {
     const uint64_t tc = std::min<uint64_t>(uint64_t(cols), 2048);
     const uint64_t bytes = 4 * (elems <= limit ? elems : std::min<uint64_t>(uint64_t(rows), limit / tc) * tc);
     if (bytes > tile) {
-      tile_peak = std::max(tile_peak, tile + bytes);
+      tile_growth = std::max(tile_growth, tile + bytes);
       tile = bytes;
     }
   }
   detail = "attention tiles of " + std::to_string(T) + " threads, cross-entropy " +
            (is_quantized(in.lm_head_dtype) ? "vocabulary tiles" : "logits") +
-           (widen ? ", a bf16 widening tile" : "") + (tile_peak ? ", a dequantized weight tile" : "") +
+           (widen ? ", a bf16 widening tile" : "") + (tile ? ", a dequantized weight tile" : "") +
            " (counted by the tracker as workspace)";
-  return attention + ce + widen + tile_peak;
+  // The forward's tiles and the widening tile exist from the first layer on; then either the
+  // weight tile's largest growth in the forward, or the backward's attention tiles arriving on top
+  // of everything else.
+  return attn_fwd + widen + std::max(tile_growth, tile + ce + attn_bwd);
 }
 
 // Records as parsed (data::Example) and as tokenized (ids and loss flags, and offsets), for a
