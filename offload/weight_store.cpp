@@ -160,10 +160,10 @@ void WeightStore::load(int layer, Slot& s) {
   finish_reads(s.layer, s);
   const Layer& L = layers_[size_t(layer)];
   const bool device = !be_.host_memory();
-  // A device backend's read buffer is reused only once the copies that read it have run.
+  // A device backend's read buffer takes a block only once the copies from it have run.
   if (device && tier_ == WeightTier::Disk) be_.download(nullptr, nullptr, 0, Stream::Copy);
-  if (device && s.freed) be_.wait(Stream::Copy, *std::exchange(s.freed, std::nullopt));
   s.layer = layer;
+  s.staged.clear();
   for (const Tensor& t : L.tensors) {
     WeightRef src = t.host;
     if (tier_ == WeightTier::Disk) {
@@ -177,6 +177,7 @@ void WeightStore::load(int layer, Slot& s) {
               p.offset, p.bytes, dst, DirectReader::aligned_span(p.offset, p.bytes));
           s.reads.push_back({ticket, p.file, &t});
         } catch (const Error& e) {
+          s.layer = -1;
           TF_FAIL("reading tensor ", hf_weight_name(t.slot, layer), ": ", e.what());
         }
         at[i] = dst + DirectReader::lead(p.offset);
@@ -185,15 +186,25 @@ void WeightStore::load(int layer, Slot& s) {
       if (src.scales.absmax) src.scales.absmax = at[1];
       if (src.scales.nested) src.scales.nested = static_cast<const float*>(at[2]);
     }
-    if (!device) {
+    if (device)
+      s.staged.push_back(src);
+    else
       s.weights.slot(t.slot) = src;
-      continue;
-    }
-    if (tier_ == WeightTier::Disk) finish_reads(layer, s);
-    s.weights.slot(t.slot) = be_.place_weight_at(src, hf_weight_name(t.slot, layer),
+  }
+  // From host memory the copy starts now; from the file, once the reads have landed (copy_in).
+  if (device && tier_ == WeightTier::Host) copy_in(s);
+}
+
+void WeightStore::copy_in(Slot& s) {
+  const Layer& L = layers_[size_t(s.layer)];
+  if (s.freed) be_.wait(Stream::Copy, *std::exchange(s.freed, std::nullopt));
+  for (size_t i = 0; i < L.tensors.size(); ++i) {
+    const Tensor& t = L.tensors[i];
+    s.weights.slot(t.slot) = be_.place_weight_at(s.staged[i], hf_weight_name(t.slot, s.layer),
                                                  s.device.as<std::byte>() + t.placed_at, Stream::Copy);
   }
-  if (device) s.copied = be_.record(Stream::Copy);
+  s.staged.clear();
+  s.copied = be_.record(Stream::Copy);
 }
 
 void WeightStore::finish_reads(int layer, Slot& s) {
@@ -237,6 +248,7 @@ const BlockWeights& WeightStore::acquire(int layer, int next) {
     load(layer, *s);
   }
   finish_reads(layer, *s);
+  if (!s->staged.empty()) copy_in(*s);
   if (s->copied) be_.wait(Stream::Compute, *std::exchange(s->copied, std::nullopt));
   last_ = size_t(s - slots_.data());
   if (next >= 0 && next != layer && !find(next)) load(next, slots_[1 - last_]);

@@ -91,11 +91,14 @@ class WeightStore {
     Buffer read;                     // a device backend's read buffer (Disk)
     std::byte* read_base = nullptr;  // the read buffer, aligned to DirectReader::kAlign
     std::optional<Event> copied, freed;
-    std::vector<Read> reads;  // in flight (Disk)
+    std::vector<Read> reads;        // in flight (Disk)
+    std::vector<WeightRef> staged;  // a device backend's block in host memory, not yet copied in
   };
 
   static std::vector<Layer> layout(const LlamaWeights& w, WeightTier tier, const Backend& be);
   void load(int layer, Slot& s);
+  // Copies the staged block into the slot's device memory on the Copy stream.
+  void copy_in(Slot& s);
   void finish_reads(int layer, Slot& s);
   void check_unchanged(const Tensor& t) const;
 
