@@ -6,11 +6,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "kernels/ops.h"
+#include "kernels/scratch_shape.h"
 #include "src/core/alloc.h"
 
 namespace tf {
@@ -95,6 +97,19 @@ class Backend {
   virtual void reserve(size_t bytes) { (void)bytes; }
   // Bytes of this backend's memory an alloc() of `bytes` takes, padding included.
   virtual size_t footprint(size_t bytes) const { return bytes; }
+  // Bytes of the device reserve(bytes) takes: the arena rounded as the device runtime allocates.
+  virtual size_t reserved_bytes(size_t bytes) const { return bytes; }
+  // The device scratch the op launchers of a run of `shape` take besides the arena, one entry per
+  // scratch slot at its largest, in the bytes the device runtime allocates for it (nothing for the
+  // cpu, whose kernels' scratch is host memory). A slot grows to the largest size asked and stays,
+  // so all of it is live at the run's peak. cuDNN's workspace is not in it.
+  virtual std::vector<PlannedAlloc> scratch_plan(const ScratchShape& shape) const {
+    (void)shape;
+    return {};
+  }
+  // The most device memory in use since this backend was made, everything on the device counted
+  // (rt::memory_peak); nothing for the cpu.
+  virtual std::optional<uint64_t> device_memory_peak() const { return std::nullopt; }
   // Bytes of this backend's memory place_weight allocates for `host` (0 where the ops read it in
   // host memory).
   virtual size_t placed_weight_bytes(const WeightRef& host) const {

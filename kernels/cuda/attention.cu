@@ -9,7 +9,7 @@
 // in a fixed order: no atomics, and the bits do not depend on how threads or blocks are scheduled.
 // The backward first computes delta = rowsum(d_out * out) into device scratch, then dk and dv with
 // a block per (key tile, kv head, sequence) that walks every query head of the group, and dq with
-// a block per (query tile, head, sequence).
+// a block per (query tile, head, sequence). attention_backward_scratch: the rt::scratch of delta.
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -18,6 +18,7 @@
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
@@ -390,6 +391,10 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(BackwardArgs a) 
   }
 }
 
+size_t delta_bytes(int64_t n_rows) {
+  return size_t(n_rows) * sizeof(float);
+}
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
@@ -414,7 +419,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   const size_t smem = backward_smem_bytes(s.head_dim);
   check_smem(smem, s.head_dim);
 
-  auto* delta = static_cast<float*>(rt::scratch(kScratchDelta, size_t(n_rows) * sizeof(float)));
+  auto* delta = static_cast<float*>(rt::scratch(kScratchDelta, delta_bytes(n_rows)));
   port::launch(
       attention_delta_kernel,
       port::LaunchConfig{"attention_backward delta", dim3(unsigned((n_rows + kThreads - 1) / kThreads)),
@@ -439,6 +444,11 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
   const ForwardArgs a{out,    nullptr, q,          k_cache,  v_cache, nullptr, n_new, n_past + n_new,
                       n_past, n_heads, n_kv_heads, head_dim, scale};
   launch_forward("attention_cached_forward", a, 1);
+}
+
+void attention_backward_scratch(ScratchNeeds& n, const AttentionShape& s) {
+  const int64_t n_rows = int64_t(s.batch) * s.seq * s.n_heads;
+  if (n_rows > 0) n.need(kScratchDelta, "attention backward's delta", delta_bytes(n_rows));
 }
 
 }  // namespace tf::TF_PORT_BACKEND

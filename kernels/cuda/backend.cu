@@ -16,10 +16,13 @@
 #include "kernels/cuda/flash_attention.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "kernels/quant_blocks.h"
 #include "src/core/error.h"
 
-#if !TF_PORT_SIM
+#if TF_PORT_SIM
+#include "kernels/sim/runtime.h"
+#else
 #include "kernels/cuda/cudnn_attention.h"
 #endif
 
@@ -56,6 +59,7 @@ class DeviceBackend final : public Backend {
              "--attention cudnn: ", why);
     compute_ = rt::stream_create();
     copy_ = rt::stream_create();
+    rt::reset_memory_peak();
   }
   ~DeviceBackend() override {
     rt::device_synchronize();
@@ -159,10 +163,31 @@ class DeviceBackend final : public Backend {
              " bytes are allocated from the arena; reserve before building the model");
     release_blocks();
     reserved_ = true;
-    const size_t size = (bytes + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+    const size_t size = arena_size(bytes);
     if (size) add_block(size, "device arena");
   }
   size_t footprint(size_t bytes) const override { return bytes ? arena_footprint(bytes) : 0; }
+  size_t reserved_bytes(size_t bytes) const override {
+    const size_t size = arena_size(bytes);
+    return size ? rt::allocation_bytes(size) : 0;
+  }
+  // The matrices as placed (f32 ones as bf16), attention as call_kernel runs packed batches.
+  std::vector<PlannedAlloc> scratch_plan(const ScratchShape& shape) const override {
+    ScratchShape placed = shape;
+    for (WeightRef& w : placed.projections) w.dtype = placed_dtype(w);
+    placed.lm_head.dtype = placed_dtype(shape.lm_head);
+    AttentionKernel kernel = kernel_for(shape.head_dim);
+    if (kernel == AttentionKernel::Cudnn)
+      kernel = flash_attention_supports(shape.head_dim) ? AttentionKernel::Flash : AttentionKernel::Plain;
+    const ScratchNeeds needs = plan_scratch(placed, kernel);
+    std::vector<PlannedAlloc> out;
+    for (const ScratchNeeds::Slot& slot : needs.slots)
+      if (slot.bytes)
+        out.push_back({std::string("kernel scratch: ") + slot.what, MemTag::Workspace,
+                       rt::allocation_bytes(slot.bytes)});
+    return out;
+  }
+  std::optional<uint64_t> device_memory_peak() const override { return uint64_t(rt::memory_peak()); }
   size_t device_blocks() const override { return blocks_taken_; }
 
   std::string attention_kernel(int head_dim) const override {
@@ -266,6 +291,10 @@ class DeviceBackend final : public Backend {
   static constexpr size_t kStagingElems = size_t(1) << 22;  // f32 -> bf16 conversion in 8 MiB pieces
   static constexpr size_t kGrowthBlock = size_t(1) << 20;   // the smallest block an unreserved arena adds
 
+  // The block reserve(bytes) takes.
+  static size_t arena_size(size_t bytes) {
+    return (bytes + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+  }
   // f32 matrices as bf16, vectors as they are (see supports_weight).
   static DType placed_dtype(const WeightRef& host) {
     return host.dtype == DType::F32 && host.rows > 1 ? DType::BF16 : host.dtype;
@@ -321,13 +350,13 @@ class DeviceBackend final : public Backend {
     }
     return WeightRef(base, host.dtype, host.rows, host.cols, scales);
   }
-  // On the simulator each piece is also an allocation of its own, so that a kernel running past its
-  // piece into the next, or reading a freed piece or bytes nobody wrote, is reported as for any
-  // device allocation; the arena still decides what fits and where. On a GPU the piece is the
-  // arena's memory itself.
+  // On the simulator each piece is also an allocation of its own (a view, which device memory in use
+  // does not count twice), so that a kernel running past its piece into the next, or reading a
+  // freed piece or bytes nobody wrote, is reported as for any device allocation; the arena still
+  // decides what fits and where. On a GPU the piece is the arena's memory itself.
   void* own_piece(void* slot, size_t bytes, std::string_view what) {
 #if TF_PORT_SIM
-    void* p = rt::device_alloc(std::max<size_t>(bytes, 1), std::string(what).c_str());
+    void* p = sim::device_alloc_view(std::max<size_t>(bytes, 1), std::string(what).c_str());
     pieces_[p] = slot;
     return p;
 #else

@@ -213,4 +213,8 @@ void gemm(const Gemm& g) {
   if (rt::sync_after_launch()) TF_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+void gemm_scratch(ScratchNeeds& s) {
+  s.need(kWorkspaceSlot, "cuBLASLt workspace", kWorkspaceBytes);
+}
+
 }  // namespace tf::cuda::blas

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "kernels/scratch_shape.h"
+
 namespace tf::cuda::blas {
 #include "kernels/cuda/blas_api.inc"
 }  // namespace tf::cuda::blas

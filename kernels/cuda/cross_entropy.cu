@@ -1,6 +1,7 @@
 // defines: the CUDA backend's fused lm_head + cross-entropy, tf::cuda:: and tf::simt::
 // lm_head_cross_entropy: chunks of rows whose logits (linear_forward, any weight dtype) turn into losses
-// and, in place, into d_logits, one warp per row; the [n_tokens, vocab] logits never exist
+// and, in place, into d_logits, one warp per row; the [n_tokens, vocab] logits never exist;
+// lm_head_cross_entropy_scratch, the rt::scratch it asks for
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
@@ -71,7 +73,30 @@ __global__ void softmax_rows(port::gptr<float> logits, int64_t vocab, int64_t ro
   }
 }
 
+int64_t chunk_rows(int64_t n_tokens) {
+  return std::min(n_tokens, kChunkRows);
+}
+size_t logits_bytes(int64_t rows, int64_t vocab) {
+  return size_t(rows * vocab) * sizeof(float);
+}
+size_t losses_bytes(int64_t n_tokens) {
+  return size_t(n_tokens) * sizeof(double);
+}
+
 }  // namespace
+
+// A chunk's products run on a full chunk of rows and on the last, shorter one.
+void lm_head_cross_entropy_scratch(ScratchNeeds& s, const WeightRef& W, int64_t n_tokens, bool grad) {
+  if (n_tokens == 0) return;
+  const int64_t chunk = chunk_rows(n_tokens);
+  s.need(kSlotLogits, "lm_head_cross_entropy's chunk of logits", logits_bytes(chunk, W.rows));
+  s.need(kSlotLosses, "lm_head_cross_entropy's row losses", losses_bytes(n_tokens));
+  for (const int64_t rows : {chunk, n_tokens % chunk}) {
+    if (rows == 0) continue;
+    linear_forward_scratch(s, W, rows);
+    if (grad) linear_backward_input_scratch(s, W, rows);
+  }
+}
 
 double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
                              const int32_t* targets, int64_t n_tokens, float grad_scale) {
@@ -91,9 +116,9 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
   *n_valid = count;
   if (count == 0) return 0.0;
 
-  const int64_t chunk = std::min(n_tokens, kChunkRows);
-  auto* logits = static_cast<float*>(rt::scratch(kSlotLogits, size_t(chunk * vocab) * sizeof(float)));
-  auto* losses = static_cast<double*>(rt::scratch(kSlotLosses, size_t(n_tokens) * sizeof(double)));
+  const int64_t chunk = chunk_rows(n_tokens);
+  auto* logits = static_cast<float*>(rt::scratch(kSlotLogits, logits_bytes(chunk, vocab)));
+  auto* losses = static_cast<double*>(rt::scratch(kSlotLosses, losses_bytes(n_tokens)));
   for (int64_t r0 = 0; r0 < n_tokens; r0 += chunk) {
     const int64_t rows = std::min(chunk, n_tokens - r0);
     if (std::all_of(t.begin() + r0, t.begin() + r0 + rows, [](int32_t x) { return x == kIgnoreIndex; }))

@@ -2,7 +2,8 @@
 // tf::simt:: quant_linear_forward, quant_linear_backward_input, dequantize_quant_tile,
 // quant_embedding_forward, declared in kernels/cuda/dequant.h): the weight stays in device
 // memory as stored and is decoded a bounded tile of rows at a time, to bf16 in rt::scratch for
-// blas::gemm, or to f32 for dequantize_weight_tile and embedding rows.
+// blas::gemm, or to f32 for dequantize_weight_tile and embedding rows; quant_linear_scratch, the
+// rt::scratch of the first two
 #include <algorithm>
 #include <cstdint>
 
@@ -12,6 +13,7 @@
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/quant_decode.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 
@@ -80,9 +82,12 @@ void rows_to_bf16(const char* op, uint16_t* dst, const WeightRef& W, int64_t r0,
   });
 }
 
+size_t tile_bytes(const WeightRef& W, int64_t tile_rows) {
+  return size_t(std::min(tile_rows, W.rows) * std::max<int64_t>(W.cols, 1)) * 2;
+}
+
 uint16_t* tile_scratch(const WeightRef& W, int64_t tile_rows) {
-  return static_cast<uint16_t*>(
-      rt::scratch(kSlotTile, size_t(std::min(tile_rows, W.rows) * std::max<int64_t>(W.cols, 1)) * 2));
+  return static_cast<uint16_t*>(rt::scratch(kSlotTile, tile_bytes(W, tile_rows)));
 }
 
 }  // namespace
@@ -129,6 +134,21 @@ void quant_linear_backward_input(float* dx, const float* dy, const WeightRef& W,
     rows_to_bf16(op, tile, W, r0, rn);
     matmul(dx, W.cols, MatOperand{dy + r0, DType::F32, W.rows, false},
            MatOperand{tile, DType::BF16, W.cols, false}, n_tokens, W.cols, rn, 1.0f, r0 == 0 ? beta : 1.0f);
+  }
+}
+
+// The passes' products take the tile of rows as the B operand of matmul: a full tile and the last,
+// shorter one.
+void quant_linear_scratch(ScratchNeeds& s, const WeightRef& W, int64_t n_tokens, bool forward) {
+  if (n_tokens == 0 || W.rows == 0 || W.cols == 0) return;
+  const int64_t tile_rows = quant_tile_rows(W);
+  s.need(kSlotTile, "the bf16 tile of a dequantized weight", tile_bytes(W, tile_rows));
+  for (const int64_t rn : {std::min(tile_rows, W.rows), W.rows % tile_rows}) {
+    if (rn == 0) continue;
+    if (forward)
+      matmul_scratch(s, DType::F32, DType::BF16, n_tokens, rn, W.cols);
+    else
+      matmul_scratch(s, DType::F32, DType::BF16, n_tokens, W.cols, rn);
   }
 }
 

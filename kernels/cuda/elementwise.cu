@@ -1,11 +1,13 @@
 // defines: the CUDA backend's elementwise ops, tf::cuda:: and tf::simt:: add_inplace, add_bias, fill,
 // scale_inplace, copy, sum_squares (a fixed-order tree over per-block partials) and dropout_forward
-// (the CPU's Philox masks, drawn in the kernel)
+// (the CPU's Philox masks, drawn in the kernel); sum_squares_scratch, the rt::scratch of sum_squares
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/device_ops.h"
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/error.h"
 #include "src/core/rng.h"
 
@@ -91,6 +93,14 @@ __global__ void dropout_kernel(port::gptr<float> out, port::gptr<const float> x,
   }
 }
 
+// sum_squares' first-pass blocks for n values, and the bytes of their partials and the total.
+int64_t sum_blocks(int64_t n) {
+  return std::min(kSumMaxBlocks, (n + kSumThreads - 1) / kSumThreads);
+}
+size_t partials_bytes(int64_t blocks) {
+  return size_t(blocks + 1) * sizeof(double);
+}
+
 }  // namespace
 
 void add_inplace(float* y, const float* x, int64_t n) {
@@ -126,10 +136,14 @@ void copy(float* dst, const float* src, int64_t n) {
   if (n > 0) rt::memcpy_d2d(dst, src, size_t(n) * sizeof(float), rt::current_stream());
 }
 
+void sum_squares_scratch(ScratchNeeds& s, int64_t n) {
+  if (n > 0) s.need(kSumSquaresSlot, "sum_squares' partials", partials_bytes(sum_blocks(n)));
+}
+
 double sum_squares(const float* x, int64_t n) {
   if (n <= 0) return 0;
-  const int64_t blocks = std::min(kSumMaxBlocks, (n + kSumThreads - 1) / kSumThreads);
-  auto* partials = static_cast<double*>(rt::scratch(kSumSquaresSlot, size_t(blocks + 1) * sizeof(double)));
+  const int64_t blocks = sum_blocks(n);
+  auto* partials = static_cast<double*>(rt::scratch(kSumSquaresSlot, partials_bytes(blocks)));
   double* total = partials + blocks;
   port::launch(sum_squares_partials, on_current_stream("sum_squares_partials", blocks, kSumThreads), partials,
                x, n);

@@ -1,6 +1,7 @@
 // defines: the CUDA backend's embedding, tf::cuda:: and tf::simt:: embedding_forward (f32 / bf16 / f16
 // tables; quantized ones decoded by kernels/cuda/dequant.cu) and embedding_backward (one thread per column
-// adding the tokens in order: deterministic, no atomics)
+// adding the tokens in order: deterministic, no atomics); embedding_forward_scratch, the rt::scratch of
+// the forward's token check
 #include <cstdint>
 
 #include "kernels/cuda/dequant.h"
@@ -8,14 +9,16 @@
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/quant_decode.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
 
 namespace {
 
-// rt::scratch slot of the first bad token position.
+// rt::scratch slot of the first bad token position, and its bytes.
 constexpr int kBadTokenSlot = 21;
+constexpr size_t kBadTokenBytes = sizeof(unsigned long long);
 constexpr unsigned long long kNoBadToken = ~0ull;
 
 __global__ void find_bad_token_kernel(port::gptr<unsigned long long> first_bad,
@@ -57,7 +60,7 @@ __global__ void embedding_backward_kernel(port::gptr<float> d_table, port::gptr<
 // its id) comes back to the host, which throws the CPU's message before anything is written.
 void check_tokens(const char* op, const int32_t* tokens, int64_t n_tokens, int64_t vocab) {
   const rt::StreamHandle stream = rt::current_stream();
-  auto* first_bad = static_cast<unsigned long long*>(rt::scratch(kBadTokenSlot, sizeof(unsigned long long)));
+  auto* first_bad = static_cast<unsigned long long*>(rt::scratch(kBadTokenSlot, kBadTokenBytes));
   rt::memset_async(first_bad, 0xff, sizeof(unsigned long long), stream);
   port::launch(find_bad_token_kernel,
                on_current_stream("embedding_check_tokens", element_blocks(n_tokens), kElementThreads),
@@ -73,6 +76,10 @@ void check_tokens(const char* op, const int32_t* tokens, int64_t n_tokens, int64
 }
 
 }  // namespace
+
+void embedding_forward_scratch(ScratchNeeds& s) {
+  s.need(kBadTokenSlot, "the embedding's first bad token", kBadTokenBytes);
+}
 
 void embedding_forward(float* out, const int32_t* tokens, int64_t n_tokens, WeightRef table) {
   if (is_quantized(table.dtype)) {

@@ -1,6 +1,7 @@
 // defines: tf::cuda::flash_attention_backward (built by nvcc) and its tf::simt twin (this source
 // compiled as host C++ against the simulator): attention's backward in the FlashAttention-2 style on
-// bf16 tensor cores (mma.sync m16n8k16 + ldmatrix + cp.async), causal, GQA, document ids.
+// bf16 tensor cores (mma.sync m16n8k16 + ldmatrix + cp.async), causal, GQA, document ids; and
+// flash_attention_backward_scratch, the rt::scratch it asks for.
 //
 // A pre-pass writes bf16 copies of q, k, v and d_out into device scratch, so that the main kernels
 // stream 16-byte cp.async chunks of ready mma operands instead of converting every tile they read
@@ -28,6 +29,7 @@
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
@@ -492,24 +494,49 @@ port::LaunchConfig on_stream(const char* name, int64_t blocks, int threads, size
                             rt::current_stream()};
 }
 
+// The sizes of one call's scratch, for tiles of `tile` rows.
+struct BackwardSizes {
+  BackwardSizes(const AttentionShape& s, int64_t tile)
+      : n_tiles((int64_t(s.seq) + tile - 1) / tile),
+        seq_pad(n_tiles * tile),
+        q_elems(int64_t(s.batch) * s.seq * s.n_heads * s.head_dim),
+        kv_elems(int64_t(s.batch) * s.seq * s.n_kv_heads * s.head_dim),
+        stat_rows(int64_t(s.batch) * s.n_heads * seq_pad),
+        n_ranges(int64_t(s.batch) * n_tiles) {}
+  size_t qdo_bytes() const { return size_t(2 * q_elems) * sizeof(uint16_t); }
+  size_t kv_bytes() const { return size_t(2 * kv_elems) * sizeof(uint16_t); }
+  size_t stats_bytes() const { return size_t(2 * stat_rows) * sizeof(float); }
+  size_t doc_range_bytes() const { return size_t(2 * n_ranges) * sizeof(int32_t); }
+  int64_t n_tiles, seq_pad, q_elems, kv_elems, stat_rows, n_ranges;
+};
+
+template <int kD>
+void backward_scratch(ScratchNeeds& n, const AttentionShape& s, bool docs) {
+  const BackwardSizes z(s, FlashBackwardTraits<kD>::kTile);
+  n.need(kScratchQdo, "flash backward's bf16 q and d_out", z.qdo_bytes());
+  n.need(kScratchKv, "flash backward's bf16 k and v", z.kv_bytes());
+  n.need(kScratchStats, "flash backward's row statistics", z.stats_bytes());
+  if (docs) n.need(kScratchDocRange, "flash backward's document ranges", z.doc_range_bytes());
+}
+
 template <int kD, bool kDocs>
 void backward(const BackwardIo& io, const AttentionShape& s) {
   using Tr = FlashBackwardTraits<kD>;
-  const int64_t batch = s.batch, seq = s.seq, n_tiles = (seq + Tr::kTile - 1) / Tr::kTile;
-  const int64_t seq_pad = n_tiles * Tr::kTile;
-  const int64_t q_elems = batch * seq * s.n_heads * kD, kv_elems = batch * seq * s.n_kv_heads * kD;
-  const int64_t stat_rows = batch * s.n_heads * seq_pad;
+  const BackwardSizes z(s, Tr::kTile);
+  const int64_t batch = s.batch, seq = s.seq, n_tiles = z.n_tiles;
+  const int64_t seq_pad = z.seq_pad;
+  const int64_t q_elems = z.q_elems, kv_elems = z.kv_elems;
+  const int64_t stat_rows = z.stat_rows;
   TF_CHECK(batch * s.n_heads * n_tiles <= kMaxBlocks && stat_rows / (kPrepThreads / 32) <= kMaxBlocks,
            "flash_attention_backward: ", batch, " sequences of ", seq, " tokens with ", s.n_heads,
            " heads are more (token, head) rows than one launch may have");
 
-  auto* qdo = static_cast<uint16_t*>(rt::scratch(kScratchQdo, size_t(2 * q_elems) * sizeof(uint16_t)));
-  auto* kv = static_cast<uint16_t*>(rt::scratch(kScratchKv, size_t(2 * kv_elems) * sizeof(uint16_t)));
-  auto* stats = static_cast<float*>(rt::scratch(kScratchStats, size_t(2 * stat_rows) * sizeof(float)));
+  auto* qdo = static_cast<uint16_t*>(rt::scratch(kScratchQdo, z.qdo_bytes()));
+  auto* kv = static_cast<uint16_t*>(rt::scratch(kScratchKv, z.kv_bytes()));
+  auto* stats = static_cast<float*>(rt::scratch(kScratchStats, z.stats_bytes()));
   int32_t* doc_range = nullptr;
   if constexpr (kDocs) {
-    doc_range =
-        static_cast<int32_t*>(rt::scratch(kScratchDocRange, size_t(2 * batch * n_tiles) * sizeof(int32_t)));
+    doc_range = static_cast<int32_t*>(rt::scratch(kScratchDocRange, z.doc_range_bytes()));
   }
 
   port::launch(flash_bwd_rows_kernel,
@@ -572,6 +599,16 @@ void flash_attention_backward(float* dq, float* dk, float* dv, const float* d_ou
     case 80: return docs ? backward<80, true>(io, s) : backward<80, false>(io, s);
     case 96: return docs ? backward<96, true>(io, s) : backward<96, false>(io, s);
     default: return docs ? backward<128, true>(io, s) : backward<128, false>(io, s);
+  }
+}
+
+void flash_attention_backward_scratch(ScratchNeeds& n, const AttentionShape& s, bool docs) {
+  if (s.batch == 0 || s.seq == 0) return;
+  switch (s.head_dim) {
+    case 64: return backward_scratch<64>(n, s, docs);
+    case 80: return backward_scratch<80>(n, s, docs);
+    case 96: return backward_scratch<96>(n, s, docs);
+    default: return backward_scratch<128>(n, s, docs);
   }
 }
 

@@ -1,7 +1,8 @@
 // defines: tf::cuda::flash_attention_forward / flash_attention_cached_forward (built by nvcc) and
 // their tf::simt twins (this source compiled as host C++ against the simulator): causal GQA
 // attention with document ids on bf16 tensor cores (mma.sync m16n8k16 fed by ldmatrix, K and V
-// tiles double-buffered by cp.async) with an f32 online softmax, saving the natural-log lse.
+// tiles double-buffered by cp.async) with an f32 online softmax, saving the natural-log lse; and
+// flash_attention_forward_scratch, the rt::scratch the forward asks for.
 //
 // A pre-pass writes bf16 copies of q, k and v into scratch: the activations arrive as f32, and a
 // bf16 copy is what cp.async can move into shared memory in 16-byte chunks that ldmatrix then
@@ -26,6 +27,7 @@
 #include "kernels/cuda/kernel_common.h"
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/error.h"
 
 namespace tf::TF_PORT_BACKEND {
@@ -333,9 +335,20 @@ __global__ void flash_doc_range_kernel(port::gptr<int32_t> range, port::gptr<con
   }
 }
 
+// The elements of a call's q and k (or v), and its key tiles' document ranges.
+struct ForwardSizes {
+  ForwardSizes(int64_t batch, int64_t q_seq, int64_t kv_seq, int n_heads, int n_kv_heads, int head_dim)
+      : q_elems(batch * q_seq * n_heads * head_dim),
+        kv_elems(batch * kv_seq * n_kv_heads * head_dim),
+        n_ranges(batch * ((kv_seq + kKeyTile - 1) / kKeyTile)) {}
+  static size_t bf16_bytes(int64_t n) { return size_t(n) * sizeof(uint16_t); }
+  size_t doc_range_bytes() const { return size_t(2 * n_ranges) * sizeof(int32_t); }
+  int64_t q_elems, kv_elems, n_ranges;
+};
+
 // n is a multiple of 8: every head dimension the kernels take is.
 const uint16_t* to_bf16_scratch(int slot, const float* src, int64_t n, const char* name) {
-  auto* dst = static_cast<uint16_t*>(rt::scratch(slot, size_t(n) * sizeof(uint16_t)));
+  auto* dst = static_cast<uint16_t*>(rt::scratch(slot, ForwardSizes::bf16_bytes(n)));
   port::launch(flash_to_bf16_kernel, on_current_stream(name, element_blocks(n / 8), kElementThreads), dst,
                src, n);
   return dst;
@@ -376,14 +389,13 @@ void run_forward(const char* name, FlashArgs a, const float* q, const float* k, 
   if (n_blocks == 0) return;
   TF_CHECK(n_blocks <= kMaxBlocks, name, ": ", n_blocks, " blocks of ", fk.block_m,
            " rows are more than one launch may have");
-  const int64_t q_elems = batch * a.q_seq * a.n_heads * head_dim;
-  const int64_t kv_elems = batch * a.kv_seq * a.n_kv_heads * head_dim;
-  a.q = to_bf16_scratch(kSlotQ, q, q_elems, "flash_attention q to bf16");
-  a.k = to_bf16_scratch(kSlotK, k, kv_elems, "flash_attention k to bf16");
-  a.v = to_bf16_scratch(kSlotV, v, kv_elems, "flash_attention v to bf16");
+  const ForwardSizes z(batch, a.q_seq, a.kv_seq, a.n_heads, a.n_kv_heads, head_dim);
+  a.q = to_bf16_scratch(kSlotQ, q, z.q_elems, "flash_attention q to bf16");
+  a.k = to_bf16_scratch(kSlotK, k, z.kv_elems, "flash_attention k to bf16");
+  a.v = to_bf16_scratch(kSlotV, v, z.kv_elems, "flash_attention v to bf16");
   if (a.doc) {
-    const int64_t n_ranges = batch * ((a.kv_seq + kKeyTile - 1) / kKeyTile);
-    auto* range = static_cast<int32_t*>(rt::scratch(kSlotDocRange, size_t(2 * n_ranges) * sizeof(int32_t)));
+    const int64_t n_ranges = z.n_ranges;
+    auto* range = static_cast<int32_t*>(rt::scratch(kSlotDocRange, z.doc_range_bytes()));
     port::launch(
         flash_doc_range_kernel,
         on_current_stream("flash_attention document ranges", element_blocks(n_ranges), kElementThreads),
@@ -404,6 +416,15 @@ void flash_attention_forward(float* out, float* lse, const float* q, const float
   FlashArgs a{out,   lse,   nullptr, nullptr,   nullptr,      doc_ids,         nullptr,
               s.seq, s.seq, 0,       s.n_heads, s.n_kv_heads, s.scale * kLog2e};
   run_forward("flash_attention_forward", a, q, k, v, s.batch, s.head_dim);
+}
+
+void flash_attention_forward_scratch(ScratchNeeds& n, const AttentionShape& s, bool docs) {
+  if (s.batch == 0 || s.seq == 0 || s.n_kv_heads == 0) return;
+  const ForwardSizes z(s.batch, s.seq, s.seq, s.n_heads, s.n_kv_heads, s.head_dim);
+  n.need(kSlotQ, "flash attention's bf16 q", ForwardSizes::bf16_bytes(z.q_elems));
+  n.need(kSlotK, "flash attention's bf16 k", ForwardSizes::bf16_bytes(z.kv_elems));
+  n.need(kSlotV, "flash attention's bf16 v", ForwardSizes::bf16_bytes(z.kv_elems));
+  if (docs) n.need(kSlotDocRange, "flash attention's document ranges", z.doc_range_bytes());
 }
 
 void flash_attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,

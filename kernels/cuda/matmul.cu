@@ -2,7 +2,8 @@
 // linear_forward, linear_backward_input (blas::gemm on cuBLASLt, operands of different types both
 // converted to bf16 a bounded tile at a time; a quantized weight through kernels/cuda/dequant.cu)
 // and dequantize_weight_tile (any storage dtype); a quantized weight multiplies through the fused
-// kernel of kernels/cuda/qmatmul.cu where it takes the weight
+// kernel of kernels/cuda/qmatmul.cu where it takes the weight; matmul_scratch and linear_*_scratch,
+// the rt::scratch each call asks for
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -17,6 +18,7 @@
 #include "kernels/cuda/port.h"
 #include "kernels/cuda/qmatmul.h"
 #include "kernels/cuda/quant_decode.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "kernels/matmul_backward.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
@@ -29,6 +31,14 @@ namespace {
 constexpr int kSlotA = 11, kSlotB = 12;
 // A converted tile holds at most this many bf16 (32 MiB), whatever the operand's size.
 constexpr int64_t kTileElems = int64_t(1) << 24;
+
+// Rows of op(X) (of `outer`, each K long) converted at a time, and the bytes of their bf16 tile.
+int64_t tile_rows(int64_t tile_elems, int64_t outer, int64_t K) {
+  return std::clamp<int64_t>(tile_elems / K, 1, outer);
+}
+size_t tile_bytes(int64_t rows, int64_t K) {
+  return size_t(rows * K) * sizeof(uint16_t);
+}
 
 // dst[r * cols + c] = bf16(src[r * ld + c]) for r < rows, c < cols.
 template <typename W>
@@ -142,10 +152,10 @@ void matmul_in_tiles(float* C, int64_t ldc, MatOperand A, MatOperand B, int64_t 
     return;
   }
   const bool convert_a = A.dtype != DType::BF16, convert_b = B.dtype != DType::BF16;
-  const int64_t mc = convert_a ? std::clamp<int64_t>(tile_elems / K, 1, M) : M;
-  const int64_t nc = convert_b ? std::clamp<int64_t>(tile_elems / K, 1, N) : N;
-  auto* a_tile = convert_a ? static_cast<uint16_t*>(rt::scratch(kSlotA, size_t(mc * K) * 2)) : nullptr;
-  auto* b_tile = convert_b ? static_cast<uint16_t*>(rt::scratch(kSlotB, size_t(nc * K) * 2)) : nullptr;
+  const int64_t mc = convert_a ? tile_rows(tile_elems, M, K) : M;
+  const int64_t nc = convert_b ? tile_rows(tile_elems, N, K) : N;
+  auto* a_tile = convert_a ? static_cast<uint16_t*>(rt::scratch(kSlotA, tile_bytes(mc, K))) : nullptr;
+  auto* b_tile = convert_b ? static_cast<uint16_t*>(rt::scratch(kSlotB, tile_bytes(nc, K))) : nullptr;
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
     const int64_t mn = std::min(mc, M - m0);
     MatOperand a{offset(A, a_outer_major, m0), A.dtype, A.ld, A.trans};
@@ -197,6 +207,26 @@ void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_to
   const MatOperand w = weight_operand(W, false);
   matmul(dx, w.ld, MatOperand{dy, DType::F32, std::max<int64_t>(1, W.rows), false}, w, n_tokens, W.cols,
          W.rows, 1.0f, beta);
+}
+
+void matmul_scratch(ScratchNeeds& s, DType a, DType b, int64_t M, int64_t N, int64_t K) {
+  if (M == 0 || N == 0 || K == 0) return;
+  blas::gemm_scratch(s);
+  if (a == b) return;
+  if (a != DType::BF16) s.need(kSlotA, "matmul's bf16 tile of A", tile_bytes(tile_rows(kTileElems, M, K), K));
+  if (b != DType::BF16) s.need(kSlotB, "matmul's bf16 tile of B", tile_bytes(tile_rows(kTileElems, N, K), K));
+}
+
+void linear_forward_scratch(ScratchNeeds& s, const WeightRef& W, int64_t n_tokens) {
+  if (is_quantized(W.dtype) && fused_quantized(W, n_tokens)) return qmatmul_scratch(s, W, n_tokens, true);
+  if (is_quantized(W.dtype)) return quant_linear_scratch(s, W, n_tokens, true);
+  matmul_scratch(s, DType::F32, W.dtype, n_tokens, W.rows, W.cols);
+}
+
+void linear_backward_input_scratch(ScratchNeeds& s, const WeightRef& W, int64_t n_tokens) {
+  if (is_quantized(W.dtype) && fused_quantized(W, n_tokens)) return qmatmul_scratch(s, W, n_tokens, false);
+  if (is_quantized(W.dtype)) return quant_linear_scratch(s, W, n_tokens, false);
+  matmul_scratch(s, DType::F32, W.dtype, n_tokens, W.cols, W.rows);
 }
 
 void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows, int64_t c0,

@@ -1,7 +1,7 @@
 // defines: tf::cuda::qmatmul_supports / qmatmul_forward / qmatmul_backward_input (built by nvcc) and
 // their tf::simt twins (this source compiled as host C++ against the simulator): the fused
 // dequantize + tensor-core matmul over a quantized frozen weight, forward (y = x W^T) and input
-// gradient (dx = dy W) from the same blocks.
+// gradient (dx = dy W) from the same blocks; qmatmul_scratch, the rt::scratch of either.
 //
 // Both directions are one GEMM C[m, n] = A[m, k] B[k, n] + beta C on mma.sync m16n8k16 bf16 with f32
 // accumulation, where A is the activations (x or dy) and B is W or W^T. The weight tile a block
@@ -24,6 +24,7 @@
 #include "kernels/cuda/qmatmul.h"
 #include "kernels/cuda/quant_decode.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/cuda/scratch_plan.h"
 #include "src/core/dtype.h"
 #include "src/core/error.h"
 
@@ -205,10 +206,28 @@ const char* unsupported_reason(const WeightRef& W) {
   return nullptr;
 }
 
+// The bf16 activations of one pass: rows of lda elements (k rounded up to whole k steps), whole
+// tiles of kM rows, at least one, at most pass_elems elements of them when pass_elems holds more
+// than one tile.
+struct Pass {
+  Pass(int64_t k, int64_t n_tokens, int64_t pass_elems)
+      : lda(round_up(k, QmmTile::kK)),
+        rows(std::min(std::max<int64_t>(pass_elems / lda / QmmTile::kM, 1) * QmmTile::kM,
+                      round_up(n_tokens, QmmTile::kM))) {}
+  size_t bytes() const { return size_t(rows * lda) * sizeof(uint16_t); }
+  int64_t lda, rows;
+};
+
 }  // namespace
 
 bool qmatmul_supports(const WeightRef& W) {
   return unsupported_reason(W) == nullptr;
+}
+
+void qmatmul_scratch(ScratchNeeds& s, const WeightRef& W, int64_t n_tokens, bool forward) {
+  if (n_tokens == 0 || unsupported_reason(W)) return;
+  s.need(kSlotActivations, "the fused quantized matmul's bf16 activations",
+         Pass(forward ? W.cols : W.rows, n_tokens, QmmTile::kPassElems).bytes());
 }
 
 // Each pass converts whole tiles of kM token rows, at least one, at most pass_elems elements of them
@@ -223,10 +242,9 @@ void qmatmul_in_passes(float* out, const float* in, WeightRef W, int64_t n_token
   TF_CHECK(pass_elems > 0, op, ": passes of ", pass_elems, " elements");
   const int64_t n = forward ? W.rows : W.cols, k = forward ? W.cols : W.rows;
   if (n_tokens == 0) return;
-  const int64_t lda = round_up(k, QmmTile::kK);
-  const int64_t pass_rows = std::min(std::max<int64_t>(pass_elems / lda / QmmTile::kM, 1) * QmmTile::kM,
-                                     round_up(n_tokens, QmmTile::kM));
-  auto* a = static_cast<uint16_t*>(rt::scratch(kSlotActivations, size_t(pass_rows * lda) * sizeof(uint16_t)));
+  const Pass pass(k, n_tokens, pass_elems);
+  const int64_t lda = pass.lda, pass_rows = pass.rows;
+  auto* a = static_cast<uint16_t*>(rt::scratch(kSlotActivations, pass.bytes()));
   const QuantWeight w = quant_weight(W, op);  // uploads this file's decode tables too
   with_quant_dtype(W.dtype, [&](auto tag) {
     constexpr DType kType = decltype(tag)::value;

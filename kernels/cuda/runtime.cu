@@ -3,6 +3,7 @@
 // them, as in the simulator.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -43,6 +44,19 @@ std::atomic<bool>& sync_flag() {
     return env && std::strcmp(env, "1") == 0;
   }()};
   return on;
+}
+
+// The most device memory cudaMemGetInfo reported in use, sampled after each allocation.
+std::atomic<size_t>& peak_used() {
+  static std::atomic<size_t> peak{0};
+  return peak;
+}
+
+void note_in_use() {
+  const size_t used = memory_in_use();
+  size_t seen = peak_used().load();
+  while (used > seen && !peak_used().compare_exchange_weak(seen, used)) {
+  }
 }
 
 cudaStream_t cs(StreamHandle s) {
@@ -91,7 +105,28 @@ void* device_alloc(size_t bytes, const char* what) {
             known ? detail::concat(" (", free_bytes, " of ", total_bytes, " bytes free)") : std::string(),
             ": ", cudaGetErrorString(e));
   }
+  note_in_use();
   return p;
+}
+
+size_t allocation_bytes(size_t bytes) {
+  constexpr size_t kGranule = size_t(2) << 20;
+  return std::max<size_t>((bytes + kGranule - 1) / kGranule, 1) * kGranule;
+}
+
+size_t memory_in_use() {
+  size_t free_bytes = 0, total_bytes = 0;
+  TF_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return total_bytes - free_bytes;
+}
+
+size_t memory_peak() {
+  note_in_use();
+  return peak_used().load();
+}
+
+void reset_memory_peak() {
+  peak_used().store(memory_in_use());
 }
 
 void device_free(void* p) {

@@ -57,6 +57,7 @@ struct Allocation {
   Region region;
   StreamShadow shadow;
   size_t mapped = 0;
+  bool counted = true;  // in State::in_use (not a view of memory counted already)
 };
 
 // A vector clock: clock[s] is the count of the last operation of stream s ordered before now.
@@ -91,6 +92,8 @@ struct State {
   std::vector<std::unique_ptr<StreamState>> streams;        // by id; 0 is the default stream
   std::set<const Event*> events;
   Clock host;            // what the host has waited for
+  size_t in_use = 0;     // mapped bytes of the live counted allocations
+  size_t peak = 0;       // the most in_use since the last reset_memory_peak
   std::mutex scratch_m;  // taken before m, never while holding it
   std::array<Scratch, kScratchSlots> scratch{};
   void* current = nullptr;
@@ -312,9 +315,11 @@ size_t device_total_memory(int device) {
   return size_t(sysconf(_SC_PHYS_PAGES)) * sim::page_size();
 }
 
-void* device_alloc(size_t bytes, const char* what) {
+namespace {
+
+void* map_allocation(size_t bytes, const char* what, bool counted) {
   const size_t page = sim::page_size();
-  const size_t mapped = std::max<size_t>((bytes + page - 1) / page, 1) * page;
+  const size_t mapped = allocation_bytes(bytes);
   void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   TF_CHECK(p != MAP_FAILED, "cannot allocate ", bytes, " bytes of simulated device memory for '", what,
            "': ", std::strerror(errno));
@@ -325,6 +330,7 @@ void* device_alloc(size_t bytes, const char* what) {
   a->region.bytes = bytes;
   a->region.name = what ? what : "(unnamed)";
   a->mapped = mapped;
+  a->counted = counted;
   // The ordering record: zero pages until a granule is first touched.
   sim::StreamShadow& sh = a->shadow;
   sh.count = (bytes + sim::kStreamGranule - 1) / sim::kStreamGranule;
@@ -342,7 +348,40 @@ void* device_alloc(size_t bytes, const char* what) {
   State& st = state();
   std::lock_guard lock(st.m);
   st.allocs[uintptr_t(p)] = std::move(a);
+  if (counted) {
+    st.in_use += mapped;
+    st.peak = std::max(st.peak, st.in_use);
+  }
   return p;
+}
+
+}  // namespace
+
+size_t allocation_bytes(size_t bytes) {
+  const size_t page = sim::page_size();
+  return std::max<size_t>((bytes + page - 1) / page, 1) * page;
+}
+
+void* device_alloc(size_t bytes, const char* what) {
+  return map_allocation(bytes, what, true);
+}
+
+size_t memory_in_use() {
+  State& st = state();
+  std::lock_guard lock(st.m);
+  return st.in_use;
+}
+
+size_t memory_peak() {
+  State& st = state();
+  std::lock_guard lock(st.m);
+  return st.peak;
+}
+
+void reset_memory_peak() {
+  State& st = state();
+  std::lock_guard lock(st.m);
+  st.peak = st.in_use;
 }
 
 void device_free(void* p) {
@@ -365,6 +404,7 @@ void device_free(void* p) {
   // cudaFree waits for the device, so no stream's work on the memory is left to order.
   a.region.freed = true;
   a.region.streams = nullptr;
+  if (a.counted) st.in_use -= a.mapped;
   munmap(a.shadow.entries, a.shadow.mapped);
   a.shadow = sim::StreamShadow{};
   void* q = mmap(p, a.mapped, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
@@ -515,3 +555,11 @@ void release_scratch() {
 }
 
 }  // namespace tf::simt::rt
+
+namespace tf::sim {
+
+void* device_alloc_view(size_t bytes, const char* what) {
+  return simt::rt::map_allocation(bytes, what, false);
+}
+
+}  // namespace tf::sim

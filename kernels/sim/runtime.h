@@ -1,6 +1,7 @@
 // defines: the simulated runtime's ordering checks, shared by the simulator and host code that
 // stands in for device libraries: operations on streams (kernels, copies, memsets, host accesses)
-// and the accesses each makes to rt::device_alloc memory.
+// and the accesses each makes to rt::device_alloc memory; device_alloc_view, an allocation that
+// device memory in use does not count.
 //
 // Every operation gets a place on its stream's clock. An access to a granule of device memory is
 // ordered after an earlier one when that came from the same stream, or from a stream whose work up
@@ -37,5 +38,10 @@ std::string stream_access(const Region* r, uintptr_t addr, size_t bytes, AccessK
 // lies in one live device allocation and records the access, named `what`, as an operation on
 // rt::current_stream(). Throws tf::Error naming `what` and the allocation otherwise.
 void host_access(const void* p, size_t bytes, AccessKind kind, const char* what);
+
+// An rt::device_alloc allocation (freed by rt::device_free) for memory that is part of one already
+// counted, such as a device arena's piece given an allocation of its own so that its bounds are
+// checked: checked like any, but left out of rt::memory_in_use, which would count its bytes twice.
+void* device_alloc_view(size_t bytes, const char* what);
 
 }  // namespace tf::sim
