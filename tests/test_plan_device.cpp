@@ -6,6 +6,7 @@
 // scratch Backend::scratch_plan predicts: never above it, and within 5% of it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <ostream>
@@ -199,6 +200,31 @@ std::vector<DeviceRun> runs() {
   r.train = false;
   v.push_back(r);
   return v;
+}
+
+// A model described from its config alone (the planner's input for a model not on disk) holds its
+// NF4 matrices without an absmax; placed, they have one, and the fused kernel takes them.
+TEST(DeviceScratch, ADescribedNf4BaseIsPlannedAsPlaced) {
+  DeviceRun r;
+  r.base = DType::NF4;
+  std::vector<std::vector<uint8_t>> keep;
+  const LlamaWeights loaded = base_of(r, keep);
+  LlamaWeights described = base_of(r, keep);
+  for (BlockWeights& b : described.blocks)
+    for (WeightRef* m : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) m->scales = QuantScales{};
+  described.lm_head.scales = QuantScales{};
+  std::unique_ptr<Backend> be = make_backend("simt");
+  auto names = [&](const LlamaWeights& w) {
+    std::vector<std::string> v;
+    for (const PlannedAlloc& a : be->scratch_plan(model_scratch_shape(w, test::lora_r8(), 2, 32, true)))
+      v.push_back(a.what + " " + std::to_string(a.bytes));
+    return v;
+  };
+  const std::vector<std::string> placed = names(loaded);
+  EXPECT_EQ(names(described), placed);
+  EXPECT_NE(std::find(placed.begin(), placed.end(),
+                      "kernel scratch: the fused quantized matmul's bf16 activations 65536"),
+            placed.end());
 }
 
 INSTANTIATE_TEST_SUITE_P(Simt, DevicePeak, ::testing::ValuesIn(runs()),

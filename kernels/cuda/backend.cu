@@ -171,11 +171,18 @@ class DeviceBackend final : public Backend {
     const size_t size = arena_size(bytes);
     return size ? rt::allocation_bytes(size) : 0;
   }
-  // The matrices as placed (f32 ones as bf16), attention as call_kernel runs packed batches.
+  // The matrices as placed: f32 ones as bf16, and NF4 / INT8 ones with their absmax, which placing
+  // refuses a weight without (a model described from its config alone has none); attention as
+  // call_kernel runs packed batches.
   std::vector<PlannedAlloc> scratch_plan(const ScratchShape& shape) const override {
+    static const float kPlacedAbsmax = 0.0f;
     ScratchShape placed = shape;
-    for (WeightRef& w : placed.projections) w.dtype = placed_dtype(w);
-    placed.lm_head.dtype = placed_dtype(shape.lm_head);
+    auto as_placed = [](WeightRef& w) {
+      w.dtype = placed_dtype(w);
+      if (w.dtype == DType::NF4 || w.dtype == DType::INT8) w.scales.absmax = &kPlacedAbsmax;
+    };
+    for (WeightRef& w : placed.projections) as_placed(w);
+    as_placed(placed.lm_head);
     AttentionKernel kernel = kernel_for(shape.head_dim);
     if (kernel == AttentionKernel::Cudnn)
       kernel = flash_attention_supports(shape.head_dim) ? AttentionKernel::Flash : AttentionKernel::Plain;
