@@ -18,8 +18,10 @@ constexpr uint64_t kPage = 4 * kKiB;
 
 // Measurements are of the release build without CUDA on OpenBLAS 0.3.21 (its Cooperlake kernels)
 // and glibc 2.36, with the allocator policy of set_memory_policy, by finetune runs of random models
-// (tightfit init) whose peak RSS (VmHWM) was compared with the tracker's peak (metrics.jsonl) and
-// the file sizes: "untracked" below is VmHWM - tracked peak - mapped model file.
+// (tightfit init) and SmolLM2-135M: `/usr/bin/time -f %M tightfit finetune --model M --data D
+// --out R --steps 2 --threads T ...` for the peak RSS beside R/metrics.jsonl's peak_mem_bytes for
+// the tracker's; "untracked" below is that peak RSS - the tracker's peak - the model file's size.
+// Per-thread figures compare --threads 1 and 2.
 
 // What running adds to the process besides its threads and the components below: library code
 // paged in on first use (OpenBLAS's kernels, libgomp), glibc's main heap and its fragmentation.
