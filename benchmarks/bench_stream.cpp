@@ -12,6 +12,12 @@
 // of one step in its use order through the same weight store, nothing computed. Prints the step
 // times, their ratio, and the share of the read time the step hides:
 // 1 - (streamed - resident) / reads, within [0, 1] (the machine's noise can push it past either).
+//
+// OMP_WAIT_POLICY matters: OpenMP threads that spin between parallel regions (libgomp's default)
+// take every core when there are as many threads as cores, and the reads, which need CPU time of
+// their own (the kernel's completions, or the pread thread), then come late; the short steps of few
+// tokens show it most. libgomp reads the variable when it loads, so it is set in the environment of
+// the run (OMP_WAIT_POLICY=passive), not here; the output says which policy ran.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -22,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/ops.h"
 #include "offload/weight_store.h"
 #include "src/core/rng.h"
 #include "src/io/gguf.h"
@@ -186,8 +193,10 @@ int main(int argc, char** argv) {
   const std::string path = (dir / "bench_stream.gguf").string();
   write_model(c, path);
   const double mb = double(fs::file_size(path)) / 1e6;
+  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
   std::printf("model: %s, %.0f MB of f32 weights (%d layers, hidden %d, intermediate %d), LoRA r=16\n",
               path.c_str(), mb, c.n_layers, c.hidden, c.intermediate);
+  std::printf("threads %d, OMP_WAIT_POLICY %s\n", cpu::num_threads(), wait_policy ? wait_policy : "unset");
   const double reads = read_time(path, steps);
   std::printf("reads of one step alone (%d blocks, %s): %.3f s\n", 2 * c.n_layers - 2,
               offload::DirectReader(path).mode().c_str(), reads);
