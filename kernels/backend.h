@@ -119,6 +119,9 @@ class Backend {
   // Blocks of device memory this backend has taken from its device so far, for alloc() and
   // alloc_unplanned() (0 for cpu, which has no device): constant once a run's model is built.
   virtual size_t device_blocks() const { return 0; }
+  // Bytes of memory a GPU has in all (the default budget of a run's plan); nothing for the cpu and
+  // the simulator, whose memory is the host's.
+  virtual std::optional<uint64_t> memory_capacity() const { return std::nullopt; }
   // Current and peak bytes per tag of this backend's memory.
   virtual MemTracker& tracker() = 0;
   // host -> backend and backend -> backend copies are queued on `s`; download waits for the

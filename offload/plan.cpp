@@ -88,7 +88,7 @@ std::string Plan::table() const {
       if (i.tier != t) continue;
       if (!any) out += std::string(tier_name(t)) + ":\n";
       any = true;
-      out += "  " + mib(i.bytes) + "  " + i.component + (i.transient ? " (while loading)" : "") +
+      out += "  " + mib(i.bytes) + "  " + i.component + (i.transient ? " (transient)" : "") +
              (i.detail.empty() ? "" : "  [" + i.detail + "]") + "\n";
     }
     if (any) out += "  " + mib(peak(t)) + "  peak " + tier_name(t) + "\n";

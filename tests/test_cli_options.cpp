@@ -133,9 +133,10 @@ TEST_F(CliOptions, UnknownSubcommandIsNamed) {
   const Result r = run({"foo", "--model", "x"});
   EXPECT_EQ(r.status, 1);
   EXPECT_EQ(
-      r.err.rfind("error: unknown subcommand 'foo'; subcommands: finetune, init, inspect, generate, eval, "
-                  "export",
-                  0),
+      r.err.rfind(
+          "error: unknown subcommand 'foo'; subcommands: finetune, plan, init, inspect, generate, eval, "
+          "export",
+          0),
       0u)
       << r.err;
 }

@@ -42,7 +42,9 @@ StepMetrics step_line(int64_t s) {
                      512 * (s + 1),
                      1234.5678 + double(s),
                      int64_t(1) << 33,
-                     s == 2};
+                     s == 2,
+                     (int64_t(3) << 30) + s,
+                     s % 2 ? (int64_t(5) << 30) + s : 0};
 }
 
 // Writes the lines an uninterrupted run of `steps` steps writes, evaluating every 2 steps.
@@ -83,6 +85,8 @@ TEST(Metrics, WritesAndReadsBackExactly) {
     EXPECT_EQ(got.tokens, want.tokens);
     EXPECT_EQ(got.tokens_per_s, want.tokens_per_s);
     EXPECT_EQ(got.peak_mem_bytes, want.peak_mem_bytes);
+    EXPECT_EQ(got.rss_peak_bytes, want.rss_peak_bytes);
+    EXPECT_EQ(got.device_peak_bytes, want.device_peak_bytes);
     EXPECT_EQ(got.skipped, want.skipped);
   }
   EXPECT_TRUE(std::isnan(log.steps[5].loss));

@@ -82,6 +82,10 @@ class DeviceBackend final : public Backend {
     std::snprintf(size, sizeof size, "%.1f GiB", gib);
     return name() + " (" + rt::device_name(device_) + ", " + size + ")";
   }
+  std::optional<uint64_t> memory_capacity() const override {
+    if (TF_PORT_SIM) return std::nullopt;
+    return uint64_t(rt::device_total_memory(device_));
+  }
   MemTracker& tracker() override { return tracker_; }
 
   void upload(void* dst, const void* src, size_t bytes, Stream s) override {

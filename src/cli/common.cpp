@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "src/core/error.h"
+#include "src/core/process_memory.h"
 #include "src/data/sampler.h"
 #include "src/io/peft.h"
 
@@ -24,11 +25,14 @@ const tok::Tokenizer& Session::tokenizer() const {
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter, io::QuantMode quant, const std::string& device,
-                     const std::string& attention) {
+                     const std::string& attention, std::unique_ptr<Backend> backend,
+                     const std::string& device_note, offload::WeightTier tier) {
   Session s;
   const AttentionKernel kernel = parse_attention(attention);
-  check_device(device, kernel);
+  if (!backend) check_device(device, kernel);
   s.loaded = io::load_model(model_path, true, quant);
+  // The loader's parse of metadata and vocabulary frees much in small pieces.
+  release_free_memory();
   std::optional<io::PeftAdapter> peft;
   if (!adapter.empty()) {
     const fs::path run_adapter = fs::path(adapter) / "adapter";
@@ -37,11 +41,16 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
     lora = peft->lora.config;
   }
   const CheckpointPolicy p = policy(s.loaded.weights.config);
-  s.backend = make_backend(device, &s.device_note, kernel);
+  if (backend) {
+    s.backend = std::move(backend);
+    s.device_note = device_note;
+  } else {
+    s.backend = make_backend(device, &s.device_note, kernel);
+  }
   s.attention = s.backend->attention_kernel(s.loaded.weights.config.head_dim);
   // The model's memory is one device arena, taken before the model is built; its steps allocate nothing.
-  s.backend->reserve(LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend).total);
-  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend);
+  s.backend->reserve(LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend, tier).total);
+  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend, tier);
   if (peft) {
     LoraState& dst = s.model->lora();
     TF_CHECK(dst.n_params == peft->lora.n_params, adapter, ": adapter layout does not match the model");

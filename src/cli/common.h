@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "offload/plan.h"
 #include "src/data/batcher.h"
 #include "src/data/chat_template.h"
 #include "src/data/dataset.h"
@@ -33,10 +34,15 @@ struct Session {
 // run directory or a PEFT adapter directory), the adapter's configuration and weights replace
 // `lora`. The model runs on the backend `device` (a --device value) names, with the attention
 // kernel `attention` (an --attention value) names.
+// `backend`, when given, is the backend to run on (made from `device` and `attention` by the
+// caller, with `device_note` saying what auto chose), and `tier` says where the model's per-layer
+// weights live.
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep,
-                     const std::string& device = "cpu", const std::string& attention = "auto");
+                     const std::string& device = "cpu", const std::string& attention = "auto",
+                     std::unique_ptr<Backend> backend = nullptr, const std::string& device_note = {},
+                     offload::WeightTier tier = offload::WeightTier::Resident);
 
 // The QuantMode named by a --quant value, or tf::Error listing the choices.
 io::QuantMode quant_option(const std::string& name);

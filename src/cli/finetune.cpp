@@ -14,7 +14,9 @@
 #include "kernels/ops.h"
 #include "src/cli/common.h"
 #include "src/cli/outputs.h"
+#include "src/cli/plan.h"
 #include "src/core/error.h"
+#include "src/core/process_memory.h"
 #include "src/data/sampler.h"
 #include "src/io/durable.h"
 #include "src/io/peft.h"
@@ -199,6 +201,10 @@ void check_options(const FinetuneOptions& o) {
            "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
   quant_option(o.quant);
   check_device(o.device, parse_attention(o.attention));
+  TF_CHECK(o.weights == "auto" || o.weights == "resident" || o.weights == "host" || o.weights == "disk",
+           "--weights must be auto, resident, host or disk, got '", o.weights, "'");
+  if (o.max_mem != "auto") parse_size("--max-mem", o.max_mem);
+  if (o.max_host_mem != "auto") parse_size("--max-host-mem", o.max_host_mem);
   TF_CHECK(o.save_every >= 0, "--save-every must not be negative (0: only at the end), got ", o.save_every);
   TF_CHECK(o.keep >= 1, "--keep must be at least 1, got ", o.keep);
   TF_CHECK(o.eval_every >= 0, "--eval-every must not be negative (0: before and after training only), got ",
@@ -230,15 +236,6 @@ void print_skipped_lines(const data::Dataset& d) {
   if (d.skipped_lines)
     std::printf("warning: skipped %zu bad lines of %s (first: %s)\n", d.skipped_lines, d.path.c_str(),
                 d.first_problems.front().c_str());
-}
-
-CheckpointPolicy choose_policy(const FinetuneOptions& o, const LlamaConfig& c) {
-  if (o.checkpointing == "none") return CheckpointPolicy::None;
-  if (o.checkpointing == "block") return CheckpointPolicy::PerBlock;
-  // auto: keep every block's activations while they take under 2 GiB, else recompute per block.
-  const double per_token = 4.0 * (3.0 * c.hidden + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 3.0 * c.intermediate);
-  const double bytes = per_token * double(o.micro_batch) * o.seq_len * c.n_layers;
-  return bytes < 2.0 * (1ull << 30) ? CheckpointPolicy::None : CheckpointPolicy::PerBlock;
 }
 
 // Counts the optimizer steps of `epochs` passes over the data (packing makes this data-dependent).
@@ -350,11 +347,28 @@ int run_finetune(const FinetuneOptions& given) {
   lora.targets = parse_lora_targets(o.lora_targets);
   lora.seed = o.seed;
 
+  // The plan comes first, from the model's headers alone: a run that cannot fit is refused before
+  // anything heavy loads.
+  std::string device_note;
+  std::unique_ptr<Backend> backend = make_backend(o.device, &device_note, parse_attention(o.attention));
+  const RunPlan plan = [&] {
+    const uint64_t startup = process_memory().rss;
+    const io::ModelDescription d = io::describe_model(o.model, quant_option(o.quant));
+    RunPlan p = plan_run(o, d, *backend, resolve_budget(o, *backend), startup);
+    if (!p.fits) {
+      std::printf("%s", p.plan.table().c_str());
+      std::string why;
+      for (const std::string& line : refusal_lines(o, d, *backend, p))
+        why += (why.empty() ? "" : "; ") + line;
+      TF_FAIL("the run does not fit its memory budget (tightfit plan shows the whole table): ", why);
+    }
+    return p;
+  }();
+  release_free_memory();
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(
-      o.model, lora, int64_t(o.micro_batch) * o.seq_len,
-      [&](const LlamaConfig& c) { return choose_policy(o, c); }, {}, quant_option(o.quant), o.device,
-      o.attention);
+      o.model, lora, int64_t(o.micro_batch) * o.seq_len, [&](const LlamaConfig&) { return plan.policy; }, {},
+      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier);
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
   const LlamaConfig& cfg = s.model->config();
@@ -433,6 +447,7 @@ int run_finetune(const FinetuneOptions& given) {
   } else {
     io::write_file_atomic(config_path, resolved.dump(2) + "\n");
   }
+  io::write_file_atomic((run / "plan.json").string(), plan.to_json().dump(2) + "\n");
   // Once config.json is written: a signal during the long phases before the first step.
   const auto stopped_before_training = [&] {
     const int sig = g_stop_signal.load();
@@ -457,10 +472,13 @@ int run_finetune(const FinetuneOptions& given) {
               o.lora_targets.c_str(), (long long)model.lora().n_params);
   std::printf(
       "data: %zu training examples (%zu target tokens), template %s; %lld steps of %d x %d x %d tokens; "
-      "checkpointing %s; %d threads\n",
+      "checkpointing %s; weights %s; %d threads\n",
       train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
       (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
-      policy == CheckpointPolicy::None ? "none" : "per block", cpu::num_threads());
+      policy == CheckpointPolicy::None ? "none" : "per block", offload::weight_tier_name(plan.tier),
+      cpu::num_threads());
+  for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
+  std::printf("plan: predicted peak %s\n", peaks_text(plan.plan, plan.budget).c_str());
   std::printf("device: %s%s\n", s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str(),
               s.attention == "cpu" ? "" : ("; attention: " + s.attention).c_str());
 
@@ -533,8 +551,9 @@ int run_finetune(const FinetuneOptions& given) {
     ++tok_s_n;
     last_loss = st.loss;
     const size_t peak = mem.peak_total();
-    metrics.write(
-        StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak), st.skipped});
+    metrics.write(StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak),
+                              st.skipped, int64_t(process_memory().peak_rss),
+                              int64_t(s.backend->device_memory_peak().value_or(0))});
     progress.step(st, tok_s, peak);
     const int64_t done = step + 1;
     refuse_diverged(done, false);
@@ -576,6 +595,12 @@ int run_finetune(const FinetuneOptions& given) {
               tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(mem.peak_total())).c_str(),
               s.backend->name().c_str(), format_bytes(double(mem.peak(MemTag::Weights))).c_str(),
               format_bytes(double(mem.peak(MemTag::Activations))).c_str());
+  std::printf("peak process memory %s (predicted host peak %s)\n",
+              format_bytes(double(process_memory().peak_rss)).c_str(),
+              format_bytes(double(plan.plan.peak(offload::Tier::Host))).c_str());
+  if (const std::optional<uint64_t> device = s.backend->device_memory_peak())
+    std::printf("peak device memory %s (predicted device peak %s)\n", format_bytes(double(*device)).c_str(),
+                format_bytes(double(plan.plan.peak(offload::Tier::Device))).c_str());
   std::printf("checkpoint %s\nadapter %s (PEFT)\nreport %s\n", ck.c_str(), (run / "adapter").c_str(),
               (run / "report.html").c_str());
   return 0;

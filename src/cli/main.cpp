@@ -1,5 +1,5 @@
-// tightfit: fine-tune Llama-family models with LoRA on small machines. Subcommands: finetune, init,
-// inspect, generate, eval, export. A user error exits 1 with one line "error: ..." on stderr.
+// tightfit: fine-tune Llama-family models with LoRA on small machines. Subcommands: finetune, plan,
+// init, inspect, generate, eval, export. A user error exits 1 with one line "error: ..." on stderr.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
@@ -10,7 +10,9 @@
 #include "src/cli/commands.h"
 #include "src/cli/finetune.h"
 #include "src/cli/options.h"
+#include "src/cli/plan.h"
 #include "src/core/error.h"
+#include "src/core/process_memory.h"
 
 namespace {
 
@@ -24,13 +26,27 @@ constexpr const char* kAttentionHelp =
     "else plain), flash (bf16 on tensor cores), plain (the tiled f32 reference kernels) or cudnn "
     "(cuDNN's fused attention, on a GPU)";
 
-void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
-  c.add_option("--model", o.model, "Base model: an HF directory or a .gguf file")->required();
-  c.add_option("--data", o.data, "Training data (JSONL: text, prompt/completion, messages or instruction)")
-      ->required();
+constexpr const char* kWeightsHelp =
+    "Where the base model's layers live while training: auto (resident when the plan fits the budgets, "
+    "else streamed), resident, host (in host memory, each layer copied to the device just before use) or "
+    "disk (read from the model file a layer at a time, around the page cache)";
+
+// `training` false: the options as the plan subcommand takes them, which needs no data or run
+// directory.
+void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true) {
+  CLI::Option* model =
+      c.add_option("--model", o.model,
+                   training ? "Base model: an HF directory or a .gguf file"
+                            : "Base model: an HF directory, a .gguf file or a config.json alone");
+  model->required();
+  CLI::Option* data = c.add_option("--data", o.data,
+                                   "Training data (JSONL: text, prompt/completion, messages or instruction)");
+  if (training) data->required();
   c.add_option("--eval-data", o.eval_data,
                "Held-out JSONL evaluated before and after training (and every --eval-every steps)");
-  c.add_option("--out", o.out, "Run directory (config, metrics, checkpoints, adapter, report)")->required();
+  CLI::Option* out =
+      c.add_option("--out", o.out, "Run directory (config, metrics, checkpoints, adapter, report)");
+  if (training) out->required();
   c.add_option("--quant", o.quant,
                "Base weights: keep (compute with the file's own storage, quantized GGUF blocks included), "
                "none (f32), bf16, int8 or nf4 (quantized at load, QLoRA)")
@@ -73,13 +89,23 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o) {
   c.add_option("--keep", o.keep, "Checkpoints kept")->capture_default_str();
   c.add_option("--eval-every", o.eval_every, "Evaluate every N steps (0: before and after only)")
       ->capture_default_str();
-  c.add_option("--checkpointing", o.checkpointing,
-               "Activation checkpointing: auto (per block once activations would pass 2 GiB), none or block")
+  c.add_option(
+       "--checkpointing", o.checkpointing,
+       "Activation checkpointing: auto (the plan's choice: per block when keeping every block's activations "
+       "does not fit the budgets), none or block")
       ->capture_default_str();
   c.add_option("--device", o.device, kDeviceHelp)->capture_default_str();
   c.add_option("--attention", o.attention, kAttentionHelp)->capture_default_str();
+  c.add_option("--weights", o.weights, kWeightsHelp)->capture_default_str();
+  c.add_option("--max-mem", o.max_mem,
+               "Budget of the memory the model runs in: a GPU's, or the host's on the cpu (auto: the GPU's "
+               "memory; the host's available memory). A size: 8GiB, 512MiB, 2.5GB")
+      ->capture_default_str();
+  c.add_option("--max-host-mem", o.max_host_mem, "Budget of host memory (auto: the host's available memory)")
+      ->capture_default_str();
   c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
-  c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
+  if (training)
+    c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
 }
 
 // CLI11 reads integers with strtoll / strtoull in base 0: "010" would be 8, "0x10" 16, and "-1"
@@ -117,6 +143,14 @@ int run(int argc, char** argv) {
                        "JSON file of options; repeatable: a later file overrides an earlier one, and options "
                        "given here override both");
   add_finetune_options(*finetune, ft);
+
+  FinetuneOptions planned;
+  bool plan_json = false;
+  CLI::App* plan = app.add_subcommand(
+      "plan", "Predict a finetune run's memory per tier, choose what auto leaves open, say whether it fits");
+  plan->add_option("--config", "JSON file of finetune options; repeatable, as for finetune");
+  add_finetune_options(*plan, planned, false);
+  plan->add_flag("--json", plan_json, "Print the plan as JSON");
 
   InitOptions init;
   CLI::App* init_cmd =
@@ -188,7 +222,7 @@ int run(int argc, char** argv) {
 
   require_decimal_integers(app);
   // The subcommands whose --config names a JSON file of options (init's names a model preset).
-  const std::vector<const CLI::App*> config_file_commands = {finetune};
+  const std::vector<const CLI::App*> config_file_commands = {finetune, plan};
 
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && !args[0].starts_with("-")) {
@@ -222,12 +256,14 @@ int run(int argc, char** argv) {
   }
 
   const std::string threads_warning = check_threads(*finetune   ? ft.threads
+                                                    : *plan     ? planned.threads
                                                     : *generate ? gen.threads
                                                     : *eval     ? ev.threads
                                                                 : 0);
   if (!threads_warning.empty()) std::fprintf(stderr, "%s\n", threads_warning.c_str());
 
   if (*finetune) return run_finetune(ft);
+  if (*plan) return run_plan(planned, plan_json);
   if (*init_cmd) return run_init(init);
   if (*inspect) return run_inspect(inspect_model, all_tensors);
   if (*generate) return run_generate(gen);
@@ -238,6 +274,8 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before anything allocates: the allocator policy that keeps the process's memory what its plan says.
+  tf::set_memory_policy();
   try {
     return run(argc, argv);
   } catch (const tf::Error& e) {

@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -53,6 +54,9 @@ json to_json(const FinetuneOptions& o) {
               {"checkpointing", o.checkpointing},
               {"device", o.device},
               {"attention", o.attention},
+              {"weights", o.weights},
+              {"max_mem", o.max_mem},
+              {"max_host_mem", o.max_host_mem},
               {"threads", o.threads}};
 }
 
@@ -61,10 +65,38 @@ json resume_relevant(const FinetuneOptions& o) {
   // Options that may change between a run and its resumption. None changes what is trained;
   // --threads changes how OpenBLAS splits its sums, so only a resume with the same --threads
   // repeats an uninterrupted run bit for bit (finetune notes a change).
+  // Streamed weights and the budgets change where bytes live, not the numbers.
   for (const char* free : {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device",
-                           "attention", "threads"})
+                           "attention", "weights", "max_mem", "max_host_mem", "threads"})
     all.erase(free);
   return all;
+}
+
+uint64_t parse_size(const std::string& option, const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  const bool digits = !text.empty() && (std::isdigit(static_cast<unsigned char>(text[0])) || text[0] == '.');
+  if (digits) {
+    try {
+      value = std::stod(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+  }
+  TF_CHECK(used > 0, option, " must be a size such as 8GiB, 512MiB or 2.5GB, got '", text, "'");
+  std::string unit = text.substr(used);
+  unit.erase(0, unit.find_first_not_of(' '));
+  static const std::map<std::string, double> units = {
+      {"", 1},         {"B", 1},      {"K", 0x1p10},   {"KiB", 0x1p10}, {"M", 0x1p20},
+      {"MiB", 0x1p20}, {"G", 0x1p30}, {"GiB", 0x1p30}, {"T", 0x1p40},   {"TiB", 0x1p40},
+      {"KB", 1e3},     {"MB", 1e6},   {"GB", 1e9},     {"TB", 1e12}};
+  const auto u = units.find(unit);
+  TF_CHECK(u != units.end(), option, ": unknown unit '", unit, "' in '", text,
+           "' (B, KiB, MiB, GiB, TiB in powers of 1024; KB, MB, GB, TB in powers of 1000)");
+  const double bytes = std::floor(value * u->second);
+  TF_CHECK(std::isfinite(bytes) && bytes >= 1 && bytes <= 0x1p62, option,
+           " must be between 1 byte and 4 EiB, got '", text, "'");
+  return uint64_t(bytes);
 }
 
 std::string config_hash(const json& relevant) {

@@ -50,6 +50,12 @@ struct FinetuneOptions {
   std::string checkpointing = "auto";
   std::string device = "auto";
   std::string attention = "auto";  // the device backend's attention kernel: auto, flash, plain, cudnn
+  // Memory (the planner): where per-layer base weights live (auto, resident, host, disk) and the
+  // budgets of the backend's memory and of host memory (auto: the device's memory, the host's
+  // available memory; or a size such as 8GiB, 512MiB, 2.5GB).
+  std::string weights = "auto";
+  std::string max_mem = "auto";
+  std::string max_host_mem = "auto";
   int threads = 0;
   bool resume = false;
 };
@@ -72,6 +78,11 @@ std::vector<std::string> expand_config_files(const CLI::App& cmd, const std::vec
 // Refuses a `path` given to `option` that does not exist or is a directory, saying what was
 // `expected` ("a JSONL file"): checked before a model loads, so a wrong path costs no loading time.
 void check_input_file(const std::string& option, const std::string& path, const std::string& expected);
+
+// Bytes of a size option `option` (such as --max-mem): a number with an optional unit, B, KiB,
+// MiB, GiB, TiB (powers of 1024; K, M, G, T the same) or KB, MB, GB, TB (powers of 1000). Throws
+// naming the option for anything else, zero, or a size past 2^62 bytes.
+uint64_t parse_size(const std::string& option, const std::string& text);
 
 // Refuses a negative --threads (0 is one per hardware thread); returns a warning line when it asks
 // for more threads than the machine has, else "".

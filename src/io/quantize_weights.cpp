@@ -97,18 +97,6 @@ void check_finite(const float* x, int64_t r0, int64_t nr, int64_t cols, const st
              "; a non-finite weight cannot be quantized to ", quant_mode_name(mode));
 }
 
-int64_t stored_bytes(const WeightRef& r) {
-  const int64_t n = r.rows * r.cols;
-  if (r.dtype == DType::NF4 || r.dtype == DType::INT8) {
-    const int64_t blocks = ref::quant_blocks(n, dtype_block_elems(r.dtype));
-    const int64_t scales = r.scales.nested
-                               ? blocks + ref::quant_blocks(blocks, kNf4NestedBlock) * int64_t(sizeof(float))
-                               : blocks * int64_t(sizeof(float));
-    return dtype_bytes(r.dtype, n) + scales;
-  }
-  return is_quantized(r.dtype) ? dtype_bytes(r.dtype, n) : n * int64_t(dtype_size(r.dtype));
-}
-
 std::string format_bytes(int64_t b) {
   char s[32];
   const double x = double(b);
@@ -138,6 +126,29 @@ std::string_view quant_mode_name(QuantMode mode) {
     case QuantMode::Nf4: return "nf4";
   }
   return "?";
+}
+
+int64_t stored_bytes(const WeightRef& r) {
+  const int64_t n = r.rows * r.cols;
+  if (r.dtype == DType::NF4 || r.dtype == DType::INT8) {
+    const int64_t blocks = ref::quant_blocks(n, dtype_block_elems(r.dtype));
+    const int64_t scales = r.scales.nested
+                               ? blocks + ref::quant_blocks(blocks, kNf4NestedBlock) * int64_t(sizeof(float))
+                               : blocks * int64_t(sizeof(float));
+    return dtype_bytes(r.dtype, n) + scales;
+  }
+  return is_quantized(r.dtype) ? dtype_bytes(r.dtype, n) : n * int64_t(dtype_size(r.dtype));
+}
+
+DType stored_dtype(DType src, QuantMode mode) {
+  switch (mode) {
+    case QuantMode::Keep: return src;
+    case QuantMode::None: return is_quantized(src) ? DType::F32 : src;
+    case QuantMode::Bf16: return DType::BF16;
+    case QuantMode::Int8: return DType::INT8;
+    case QuantMode::Nf4: return DType::NF4;
+  }
+  TF_FAIL("unknown quant mode");
 }
 
 WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,

@@ -47,6 +47,12 @@ constexpr int64_t kWeightChunkElems = int64_t(1) << 16;
 WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
                        int64_t chunk_elems = kWeightChunkElems);
 
+// The dtype store_weight gives a matrix stored as `src` under `mode`.
+DType stored_dtype(DType src, QuantMode mode);
+// Bytes of one stored weight: its codes or elements plus their scales (NF4 / INT8 absmax, nested
+// absmax included).
+int64_t stored_bytes(const WeightRef& r);
+
 // Bytes of a model's base weights by storage dtype: codes plus their scales (ggml blocks hold
 // theirs; NF4 / INT8 absmax, nested absmax included). A tied lm_head is counted once, as stored.
 struct WeightMemory {

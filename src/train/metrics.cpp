@@ -57,6 +57,8 @@ Line parse_line(const std::string& text, const std::string& path, size_t line_no
       m.tokens = j.at("tokens").get<int64_t>();
       m.tokens_per_s = read_number(j, "tokens_per_s");
       m.peak_mem_bytes = j.at("peak_mem_bytes").get<int64_t>();
+      m.rss_peak_bytes = j.value("rss_peak_bytes", int64_t(0));
+      m.device_peak_bytes = j.value("device_peak_bytes", int64_t(0));
       m.skipped = j.at("skipped").get<bool>();
     } else if (j.contains("eval_step")) {
       out.kind = LineKind::Eval;
@@ -122,6 +124,8 @@ void MetricsWriter::write(const StepMetrics& m) {
   j["tokens"] = m.tokens;
   j["tokens_per_s"] = number_or_null(m.tokens_per_s);
   j["peak_mem_bytes"] = m.peak_mem_bytes;
+  j["rss_peak_bytes"] = m.rss_peak_bytes;
+  if (m.device_peak_bytes) j["device_peak_bytes"] = m.device_peak_bytes;
   j["skipped"] = m.skipped;
   write_line(j.dump() + "\n");
 }

@@ -17,8 +17,10 @@ struct StepMetrics {
   double grad_norm = 0;
   int64_t tokens = 0;
   double tokens_per_s = 0;
-  int64_t peak_mem_bytes = 0;
+  int64_t peak_mem_bytes = 0;  // the tracked peak of the backend's memory
   bool skipped = false;
+  int64_t rss_peak_bytes = 0;     // the process's peak resident memory (VmHWM); 0 in older runs
+  int64_t device_peak_bytes = 0;  // a device backend's peak of device memory in use; 0 on the cpu
 };
 
 // {"eval_step":..,"eval_loss":..,"eval_ppl":..}. eval_step is the number of optimizer steps taken

@@ -1,0 +1,482 @@
+#include "src/cli/plan.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+
+#include "offload/host_overheads.h"
+#include "offload/weight_store.h"
+#include "src/cli/common.h"
+#include "src/core/error.h"
+#include "src/core/process_memory.h"
+#include "src/model/scratch_shape.h"
+
+namespace tf::cli {
+
+using offload::PlanItem;
+using offload::Tier;
+using offload::WeightTier;
+
+namespace {
+
+// The host's available memory (MemAvailable of /proc/meminfo: free memory plus what the kernel can
+// reclaim without swapping), or nothing where it cannot be read.
+std::optional<uint64_t> available_host_memory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return std::nullopt;
+}
+
+std::optional<WeightTier> parse_weight_tier(const std::string& s) {
+  if (s == "resident") return WeightTier::Resident;
+  if (s == "host") return WeightTier::Host;
+  if (s == "disk") return WeightTier::Disk;
+  return std::nullopt;
+}
+
+LoraConfig lora_of(const FinetuneOptions& o) {
+  LoraConfig l;
+  l.rank = o.lora_rank;
+  l.alpha = o.lora_alpha;
+  l.dropout = o.lora_dropout;
+  l.rslora = o.rslora;
+  l.targets = parse_lora_targets(o.lora_targets);
+  l.seed = o.seed;
+  return l;
+}
+
+const char* policy_name(CheckpointPolicy p) {
+  return p == CheckpointPolicy::None ? "none" : "per block";
+}
+
+std::string gib(uint64_t bytes) {
+  return format_bytes(double(bytes));
+}
+
+std::string tokens_detail(const FinetuneOptions& o) {
+  return std::to_string(o.micro_batch) + " x " + std::to_string(o.seq_len) + " tokens";
+}
+
+// The weight tiers a backend can stream from: the cpu's memory is the host, so it has no host tier.
+uint64_t file_bytes_or_zero(const std::string& path) {
+  std::error_code ec;
+  const uintmax_t n = path.empty() ? 0 : std::filesystem::file_size(path, ec);
+  return ec ? 0 : uint64_t(n);
+}
+
+// Records of a JSONL file (one per line; 0 for none), counted by newlines a block at a time. A
+// stream (a pipe, a device) has no size to plan by and is not read here.
+uint64_t line_count(const std::string& path) {
+  std::error_code ec;
+  if (path.empty() || !std::filesystem::is_regular_file(path, ec)) return 0;
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> block(size_t(1) << 20);
+  uint64_t lines = 0;
+  char last = '\n';
+  while (in) {
+    in.read(block.data(), std::streamsize(block.size()));
+    const std::streamsize n = in.gcount();
+    if (n <= 0) break;
+    lines += uint64_t(std::count(block.data(), block.data() + n, '\n'));
+    last = block[size_t(n - 1)];
+  }
+  return lines + (last == '\n' ? 0 : 1);
+}
+
+// The LoRA target of a projection slot, or nothing for the other slots.
+std::optional<LoraTarget> lora_target_of(WeightSlot s) {
+  switch (s) {
+    case WeightSlot::Q: return LoraTarget::Q;
+    case WeightSlot::K: return LoraTarget::K;
+    case WeightSlot::V: return LoraTarget::V;
+    case WeightSlot::O: return LoraTarget::O;
+    case WeightSlot::Gate: return LoraTarget::Gate;
+    case WeightSlot::Up: return LoraTarget::Up;
+    case WeightSlot::Down: return LoraTarget::Down;
+    default: return std::nullopt;
+  }
+}
+
+std::vector<WeightTier> tiers_of(const Backend& be) {
+  if (be.host_memory()) return {WeightTier::Resident, WeightTier::Disk};
+  return {WeightTier::Resident, WeightTier::Host, WeightTier::Disk};
+}
+
+// Refuses a --weights choice the model or backend cannot take, naming why (the weight store's own
+// checks, and a config alone, which has no file to stream from).
+void check_tier(WeightTier t, const Backend& be, const io::ModelDescription& d) {
+  if (t == WeightTier::Resident) return;
+  TF_CHECK(t != WeightTier::Disk || !d.config_only, "--weights disk streams the model file: ", d.path,
+           " is a config alone");
+  offload::WeightStore::footprint(d.weights, t, be);
+}
+
+}  // namespace
+
+offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be) {
+  offload::Budget b;
+  const std::optional<uint64_t> host_auto = available_host_memory();
+  const bool host_only = be.host_memory();
+  if (o.max_mem != "auto") {
+    const uint64_t v = parse_size("--max-mem", o.max_mem);
+    (host_only ? b.host : b.device) = v;
+  } else if (!host_only) {
+    b.device = be.memory_capacity();
+  }
+  if (o.max_host_mem != "auto") {
+    const uint64_t v = parse_size("--max-host-mem", o.max_host_mem);
+    b.host = b.host ? std::min(*b.host, v) : v;
+  } else if (!b.host) {
+    b.host = host_auto;
+  }
+  return b;
+}
+
+offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                         CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss) {
+  const LlamaConfig& c = d.weights.config;
+  const LoraConfig lora = lora_of(o);
+  const int64_t max_tokens = int64_t(o.micro_batch) * o.seq_len;
+  const MemoryPlan mp = LlamaModel::memory_plan(d.weights, lora, policy, max_tokens, be, tier);
+  const Tier mine = be.host_memory() ? Tier::Host : Tier::Device;
+  offload::Plan plan;
+
+  // The backend's allocations, the weights placed there summed into one line.
+  std::map<std::string, size_t> index;
+  auto add = [&](const std::string& component, const std::string& detail, Tier t, uint64_t bytes) {
+    if (bytes == 0) return;
+    const auto [it, fresh] = index.emplace(component + "/" + offload::tier_name(t), plan.items.size());
+    if (fresh)
+      plan.items.push_back({component, detail, t, bytes, false});
+    else
+      plan.items[it->second].bytes += bytes;
+  };
+  for (const PlannedAlloc& a : mp.allocs) {
+    const uint64_t bytes = be.footprint(a.bytes);
+    if (a.tag == MemTag::Weights && a.what != "streamed block buffer") {
+      add("base weights", "placed as the backend computes with them", mine, bytes);
+    } else if (a.what == "saved activations") {
+      add(a.what,
+          std::string(policy_name(policy)) + ", " + tokens_detail(o) + ", " + std::to_string(c.n_layers) +
+              " layers",
+          mine, bytes);
+    } else {
+      add(a.what, "", mine, bytes);
+    }
+  }
+  if (mine == Tier::Device) {
+    // The device takes the arena as one block in its allocation granules, and the op launchers'
+    // scratch slots besides it, each at its largest request of a step.
+    const uint64_t arena = be.reserved_bytes(mp.total);
+    add("device arena rounding", "to the device's allocation granule", Tier::Device, arena - mp.total);
+    const ScratchShape shape = model_scratch_shape(d.weights, lora, o.micro_batch, o.seq_len, true);
+    for (const PlannedAlloc& a : be.scratch_plan(shape)) add(a.what, tokens_detail(o), Tier::Device, a.bytes);
+  }
+  for (const PlannedAlloc& a : mp.host) add(a.what, "", Tier::Host, a.bytes);
+
+  // Base weights converted at load live in host memory of their own for the whole run (on a device
+  // backend too: the model keeps its host copy); the pages of the file mapping that the run reads,
+  // for kept weights, are part of host_overheads.
+  uint64_t converted = 0, streamed_tensors = 0;
+  bool non_f32 = false, half = false;
+  uint32_t quantized = 0;
+  LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
+    const WeightRef& r = d.weights.slot(s, layer);
+    if (io::is_matrix_slot(s)) {
+      non_f32 = non_f32 || r.dtype != DType::F32;
+      half = half || r.dtype == DType::BF16 || r.dtype == DType::F16;
+      const std::optional<LoraTarget> t = lora_target_of(s);
+      if (t && is_quantized(r.dtype)) quantized |= 1u << unsigned(*t);
+    }
+    if (tier == WeightTier::Disk && is_layer_slot(s)) {
+      streamed_tensors += uint64_t(io::stored_bytes(r));
+      return;
+    }
+    if (r.dtype != d.source.slot(s, layer).dtype) converted += uint64_t(io::stored_bytes(r));
+  });
+  add("base weights converted at load", "--quant " + o.quant, Tier::Host, converted);
+  offload::HostOverheadInputs in;
+  in.startup_rss = startup_rss;
+  in.threads = cpu::num_threads();
+  in.config = c;
+  in.max_tokens = max_tokens;
+  in.seq_len = o.seq_len;
+  in.lora = lora;
+  in.lm_head_dtype = d.weights.lm_head.dtype;
+  in.non_f32_matrices = non_f32;
+  in.half_matrices = half;
+  in.quantized_projections = quantized;
+  in.model_file_bytes = d.file_bytes;
+  in.streamed_tensor_bytes = streamed_tensors;
+  in.gguf_metadata_bytes = d.gguf_metadata_bytes;
+  in.tokenizer_file_bytes = d.tokenizer_file_bytes;
+  in.train_data_bytes = file_bytes_or_zero(o.data);
+  in.eval_data_bytes = file_bytes_or_zero(o.eval_data);
+  in.train_data_lines = line_count(o.data);
+  in.eval_data_lines = line_count(o.eval_data);
+  in.lora_params = int64_t(LoraState::memory_plan(c, lora)[0].bytes / sizeof(float));
+  in.steps = o.steps;
+  for (PlanItem& i : offload::host_overheads(in)) plan.items.push_back(std::move(i));
+  if (mp.streamed_bytes)
+    add("base weights streamed per pass", std::string("from ") + offload::weight_tier_name(tier), Tier::Disk,
+        mp.streamed_bytes);
+  if (mine == Tier::Device) {
+    // Checkpoints and the divergence check read a host copy of the adapters and their moments.
+    const auto lora_plan = LoraState::memory_plan(c, lora);
+    uint64_t bytes = 0;
+    for (const PlannedAlloc& a : lora_plan) bytes += a.bytes;
+    plan.items.push_back({"LoRA state copied to the host", "while saving", Tier::Host, bytes, true});
+  }
+  return plan;
+}
+
+nlohmann::json RunPlan::to_json() const {
+  nlohmann::json j = plan.to_json();
+  j["backend"] = backend;
+  j["checkpointing"] = policy == CheckpointPolicy::None ? "none" : "block";
+  j["weights"] = offload::weight_tier_name(tier);
+  j["budget"]["device"] = budget.device ? nlohmann::json(*budget.device) : nlohmann::json(nullptr);
+  j["budget"]["host"] = budget.host ? nlohmann::json(*budget.host) : nlohmann::json(nullptr);
+  j["fits"] = fits;
+  j["choices"] = choices;
+  return j;
+}
+
+RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                 const offload::Budget& budget, uint64_t startup_rss) {
+  std::vector<CheckpointPolicy> policies;
+  if (o.checkpointing == "none" || o.checkpointing == "auto") policies.push_back(CheckpointPolicy::None);
+  if (o.checkpointing == "block" || o.checkpointing == "auto") policies.push_back(CheckpointPolicy::PerBlock);
+  TF_CHECK(!policies.empty(), "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
+  std::vector<WeightTier> tiers;
+  if (o.weights == "auto") {
+    tiers = tiers_of(be);
+  } else {
+    const std::optional<WeightTier> t = parse_weight_tier(o.weights);
+    TF_CHECK(t, "--weights must be auto, resident, host or disk, got '", o.weights, "'");
+    check_tier(*t, be, d);
+    tiers = {*t};
+  }
+  RunPlan best;
+  bool first = true;
+  for (WeightTier t : tiers) {
+    if (o.weights == "auto" && t != WeightTier::Resident) {
+      try {
+        check_tier(t, be, d);
+      } catch (const Error&) {
+        continue;
+      }
+    }
+    for (CheckpointPolicy p : policies) {
+      RunPlan r;
+      r.plan = byte_model(o, d, be, p, t, startup_rss);
+      r.policy = p;
+      r.tier = t;
+      r.budget = budget;
+      r.backend = be.name();
+      r.fits = r.plan.fits(budget);
+      if (first || r.fits) best = std::move(r);
+      first = false;
+      if (best.fits) break;
+    }
+    if (best.fits) break;
+  }
+  // When nothing fits, the run is described as its first candidate would run it.
+  if (!best.fits) {
+    best.plan = byte_model(o, d, be, policies.front(), tiers.front(), startup_rss);
+    best.policy = policies.front();
+    best.tier = tiers.front();
+  }
+  const std::string within = best.fits ? "fits the budget" : "nothing fits the budget";
+  if (o.checkpointing == "auto")
+    best.choices.push_back(std::string("checkpointing ") + policy_name(best.policy) + " (auto: " + within +
+                           (best.policy == CheckpointPolicy::PerBlock && best.fits
+                                ? "; keeping every block's activations does not"
+                                : "") +
+                           ")");
+  if (o.weights == "auto")
+    best.choices.push_back(
+        std::string("weights ") + offload::weight_tier_name(best.tier) + " (auto: " + within +
+        (best.tier != WeightTier::Resident && best.fits ? "; resident weights do not" : "") + ")");
+  best.startup_rss = startup_rss;
+  return best;
+}
+
+std::string peaks_text(const offload::Plan& p, const offload::Budget& b) {
+  std::string s;
+  for (Tier t : {Tier::Device, Tier::Host}) {
+    const uint64_t peak = p.peak(t);
+    const std::optional<uint64_t> limit = t == Tier::Device ? b.device : b.host;
+    if (peak == 0 && !limit) continue;
+    if (!s.empty()) s += ", ";
+    s += std::string(offload::tier_name(t)) + " " + gib(peak) + (limit ? " of " + gib(*limit) : "");
+  }
+  return s;
+}
+
+std::vector<std::string> refusal_lines(const FinetuneOptions& o, const io::ModelDescription& d,
+                                       const Backend& be, const RunPlan& plan) {
+  std::vector<std::string> lines;
+  std::string largest;
+  for (const PlanItem& i : plan.plan.largest_over(plan.budget, 3))
+    largest += (largest.empty() ? "" : ", ") + i.component + " " + gib(i.bytes);
+  lines.push_back("predicted peak " + peaks_text(plan.plan, plan.budget) + "; largest: " + largest);
+  struct Change {
+    std::string what;
+    FinetuneOptions opts;
+    io::QuantMode quant;
+  };
+  const io::QuantMode quant = quant_option(o.quant);
+  std::vector<Change> changes;
+  auto with = [&](std::string what, auto edit, io::QuantMode q) {
+    FinetuneOptions v = o;
+    edit(v);
+    changes.push_back({std::move(what), v, q});
+  };
+  if (o.checkpointing != "block")
+    with(
+        "--checkpointing block", [](FinetuneOptions& v) { v.checkpointing = "block"; }, quant);
+  for (WeightTier t : tiers_of(be))
+    if (t != WeightTier::Resident && o.weights != offload::weight_tier_name(t))
+      with(
+          std::string("--weights ") + offload::weight_tier_name(t),
+          [t](FinetuneOptions& v) { v.weights = offload::weight_tier_name(t); }, quant);
+  for (int m = o.micro_batch / 2; m >= 1; m /= 2) {
+    const int accum = o.grad_accum * (o.micro_batch / m);
+    with(
+        "--micro-batch " + std::to_string(m) + " --grad-accum " + std::to_string(accum) +
+            " (the same sequences per step)",
+        [m, accum](FinetuneOptions& v) {
+          v.micro_batch = m;
+          v.grad_accum = accum;
+        },
+        quant);
+    if (m == 1) break;
+  }
+  if (o.seq_len >= 1024)
+    with(
+        "--seq-len " + std::to_string(o.seq_len / 2), [](FinetuneOptions& v) { v.seq_len /= 2; }, quant);
+  if (o.lora_rank >= 2)
+    with(
+        "--lora-rank " + std::to_string(o.lora_rank / 2), [](FinetuneOptions& v) { v.lora_rank /= 2; },
+        quant);
+  // A base above 5 bits per weight (Q4_1's) gains from NF4 (4.13).
+  bool four_bit = true;
+  for (const BlockWeights& b : d.weights.blocks)
+    four_bit = four_bit && dtype_bytes(b.q.dtype, 4096) <= 4096 * 5 / 8;
+  if (!four_bit && quant != io::QuantMode::Nf4)
+    with(
+        "--quant nf4", [](FinetuneOptions& v) { v.quant = "nf4"; }, io::QuantMode::Nf4);
+
+  std::vector<std::pair<bool, std::string>> rated;
+  std::optional<io::ModelDescription> nf4;
+  for (const Change& ch : changes) {
+    const io::ModelDescription* desc = &d;
+    if (ch.quant != quant) {
+      if (!nf4) nf4 = io::describe_model(d.path, ch.quant);
+      desc = &*nf4;
+    }
+    try {
+      const RunPlan r = plan_run(ch.opts, *desc, be, plan.budget, plan.startup_rss);
+      rated.push_back({r.fits, std::string(r.fits ? "fits with " : "still over with ") + ch.what + ": " +
+                                   peaks_text(r.plan, r.budget)});
+    } catch (const Error&) {
+      continue;
+    }
+  }
+  std::stable_sort(rated.begin(), rated.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (const auto& [fits, line] : rated) lines.push_back(line);
+  return lines;
+}
+
+int run_plan(const FinetuneOptions& o, bool json) {
+  TF_CHECK(!o.model.empty(), "--model is required");
+  if (o.max_mem != "auto") parse_size("--max-mem", o.max_mem);
+  if (o.max_host_mem != "auto") parse_size("--max-host-mem", o.max_host_mem);
+  TF_CHECK(o.weights == "auto" || parse_weight_tier(o.weights),
+           "--weights must be auto, resident, host or disk, got '", o.weights, "'");
+  cpu::set_num_threads(o.threads);
+  std::string note;
+  std::unique_ptr<Backend> owned;
+  Backend* be = nullptr;
+  const bool wants_gpu = o.device.rfind("cuda", 0) == 0;
+  std::string why;
+  if (wants_gpu && count_gpus(&why) == 0) {
+    // The CUDA backend's placement rules are the simulated device's: the same source.
+    owned = make_backend("simt");
+    note = "planned by the CUDA backend's placement rules without a GPU (" + why + ")";
+  } else {
+    owned = make_backend(o.device, &note, parse_attention(o.attention));
+  }
+  be = owned.get();
+  const uint64_t startup = process_memory().rss;
+  const io::ModelDescription d = io::describe_model(o.model, quant_option(o.quant));
+  const offload::Budget budget = resolve_budget(o, *be);
+  const RunPlan plan = plan_run(o, d, *be, budget, startup);
+  const LlamaConfig& c = d.weights.config;
+  if (json) {
+    nlohmann::json j = plan.to_json();
+    j["model"] = o.model;
+    j["note"] = note;
+    nlohmann::json grid = nlohmann::json::array();
+    for (WeightTier t : tiers_of(*be)) {
+      for (CheckpointPolicy p : {CheckpointPolicy::None, CheckpointPolicy::PerBlock}) {
+        try {
+          check_tier(t, *be, d);
+        } catch (const Error&) {
+          continue;
+        }
+        const offload::Plan alt = byte_model(o, d, *be, p, t, startup);
+        grid.push_back({{"weights", offload::weight_tier_name(t)},
+                        {"checkpointing", p == CheckpointPolicy::None ? "none" : "block"},
+                        {"device", alt.peak(Tier::Device)},
+                        {"host", alt.peak(Tier::Host)}});
+      }
+    }
+    j["alternatives"] = grid;
+    std::printf("%s\n", j.dump(2).c_str());
+    return plan.fits ? 0 : 2;
+  }
+  std::printf("model: %s (%s, %d layers, hidden %d, %d heads / %d kv, vocab %d)%s\n", o.model.c_str(),
+              c.architecture.c_str(), c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.vocab,
+              d.config_only ? ", from its config alone" : "");
+  std::printf("run: %s per micro-batch, LoRA r=%d on %s, --quant %s, on %s%s%s\n", tokens_detail(o).c_str(),
+              o.lora_rank, o.lora_targets.c_str(), o.quant.c_str(), be->name().c_str(),
+              note.empty() ? "" : "; ", note.c_str());
+  std::printf("weights %s, checkpointing %s\n", offload::weight_tier_name(plan.tier),
+              policy_name(plan.policy));
+  for (const std::string& ch : plan.choices) std::printf("  %s\n", ch.c_str());
+  std::printf("%s", plan.plan.table().c_str());
+  std::printf("predicted peak: %s\n", peaks_text(plan.plan, plan.budget).c_str());
+  std::printf("smallest budgets (the predicted peaks) by where the weights live and what is recomputed:\n");
+  for (WeightTier t : tiers_of(*be)) {
+    try {
+      check_tier(t, *be, d);
+    } catch (const Error& e) {
+      std::printf("  weights %-8s  not possible: %s\n", offload::weight_tier_name(t), e.what());
+      continue;
+    }
+    for (CheckpointPolicy p : {CheckpointPolicy::None, CheckpointPolicy::PerBlock}) {
+      const offload::Plan alt = byte_model(o, d, *be, p, t, startup);
+      std::printf("  weights %-8s  checkpointing %-9s  %s\n", offload::weight_tier_name(t), policy_name(p),
+                  peaks_text(alt, {}).c_str());
+    }
+  }
+  if (plan.fits) {
+    std::printf("fits\n");
+    return 0;
+  }
+  std::printf("does not fit:\n");
+  for (const std::string& line : refusal_lines(o, d, *be, plan)) std::printf("  %s\n", line.c_str());
+  return 2;
+}
+
+}  // namespace tf::cli

@@ -1,0 +1,64 @@
+// defines: tf::cli::RunPlan, plan_run (the planner: the byte model of a finetune run per tier, the
+// choice of the options left on auto within the budgets, and the changes that would make a run
+// fit), run_plan (the plan subcommand)
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "offload/plan.h"
+#include "src/cli/options.h"
+#include "src/io/describe.h"
+#include "src/model/llama.h"
+
+namespace tf::cli {
+
+// A finetune run as planned: its byte model, the checkpoint policy and weight tier it runs with
+// (what auto chose, or what was asked), the budgets and whether the peaks fit them.
+struct RunPlan {
+  offload::Plan plan;
+  CheckpointPolicy policy = CheckpointPolicy::None;
+  offload::WeightTier tier = offload::WeightTier::Resident;
+  offload::Budget budget;
+  std::string backend;               // the backend whose placement rules were applied
+  std::vector<std::string> choices;  // what each auto option chose and why
+  bool fits = true;
+  uint64_t startup_rss = 0;  // the process's memory when planning began, before the model's headers
+  nlohmann::json to_json() const;
+};
+
+// The budgets of `o` on `be`: --max-mem bounds the backend's memory (the host's on cpu), --max-host-mem
+// host memory; auto is the device's memory (a GPU) and the host's available memory (MemAvailable).
+offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be);
+
+// The byte model of finetune `o` on `be` (a backend, or one with the same placement rules) for the
+// model `d`, with the checkpoint policy and weight tier given; `startup_rss` is the process's
+// resident memory before the model's headers were read (its binary, libraries and backend).
+offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                         CheckpointPolicy policy, offload::WeightTier tier, uint64_t startup_rss);
+
+// Plans `o`: the checkpointing and weights options left on auto take the first of resident weights
+// without recomputation, resident with per-block recomputation, streamed from host (device
+// backends), streamed from disk, that fits the budgets (recomputing a block costs a forward per
+// step; streaming costs copies that hide behind compute only when the link keeps up, and
+// disk the most). A choice that was given is kept, fitting or not.
+RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                 const offload::Budget& budget, uint64_t startup_rss);
+
+// The peaks of a plan against its budget: "device 7.52 GiB of 8.00 GiB, host 3.10 GiB of 22.1 GiB".
+std::string peaks_text(const offload::Plan& p, const offload::Budget& b);
+
+// For a plan that does not fit: its largest components, and single changes of the options (rank,
+// checkpointing, micro-batch, sequence length, where the weights live, a 4-bit base) with the peak
+// each would give, fitting ones first. One line each.
+std::vector<std::string> refusal_lines(const FinetuneOptions& o, const io::ModelDescription& d,
+                                       const Backend& be, const RunPlan& plan);
+
+// The plan subcommand: prints the table per tier, the predicted peaks against the budgets and, for
+// each weight tier and checkpoint policy, the peak that is the smallest budget it fits (or JSON).
+// Returns the exit status: 0 when the plan fits, 2 when it does not.
+int run_plan(const FinetuneOptions& o, bool json);
+
+}  // namespace tf::cli

@@ -1,0 +1,259 @@
+// The planner: the Plan's arithmetic, size options, describe_model against what load_model stores,
+// the choices of auto options and the refusals, `tightfit plan` on the configs in examples/configs,
+// and finetune's plan.json, refusal and measured peaks.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "offload/plan.h"
+#include "src/core/error.h"
+#include "src/io/describe.h"
+#include "src/io/model_loader.h"
+#include "tests/cli_test_util.h"
+#include "tests/gguf_test_util.h"
+#include "tests/model_test_util.h"
+
+namespace tf {
+namespace {
+
+using offload::PlanItem;
+using offload::Tier;
+
+TEST(Plan, PeakSumsSteadyItemsAndTheLargestTransientOne) {
+  offload::Plan p;
+  p.items = {{"a", "", Tier::Host, 100, false},       {"b", "", Tier::Host, 50, false},
+             {"parse", "", Tier::Host, 30, true},     {"export", "", Tier::Host, 70, true},
+             {"slots", "", Tier::Device, 400, false}, {"streamed", "", Tier::Disk, 1000, false}};
+  EXPECT_EQ(p.peak(Tier::Host), 100u + 50u + 70u);
+  EXPECT_EQ(p.peak(Tier::Device), 400u);
+  EXPECT_EQ(p.peak(Tier::Disk), 1000u);
+  EXPECT_TRUE(p.fits({400, 220}));
+  EXPECT_FALSE(p.fits({399, 220}));
+  EXPECT_FALSE(p.fits({400, 219}));
+  // Disk is not a budget, and a tier without a budget always fits.
+  EXPECT_TRUE(p.fits({std::nullopt, std::nullopt}));
+  const std::vector<PlanItem> over = p.largest_over({std::nullopt, 200}, 2);
+  ASSERT_EQ(over.size(), 2u);
+  EXPECT_EQ(over[0].component, "a");
+  EXPECT_EQ(over[1].component, "export");
+  const nlohmann::json j = p.to_json();
+  EXPECT_EQ(j["peak"]["host"], 220u);
+  EXPECT_EQ(j["items"].size(), 6u);
+  EXPECT_NE(p.table().find("(transient)"), std::string::npos);
+}
+
+// describe_model says what load_model stores, slot by slot, without converting anything.
+TEST(Plan, DescriptionMatchesTheLoadedModelUnderEveryMode) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("tightfit-plan-" + std::to_string(getpid()) + ".gguf"))
+          .string();
+  LlamaConfig cfg = test::tiny_config();
+  cfg.tie_embeddings = false;
+  const test::GgufBase base(cfg, path);
+  for (io::QuantMode mode : {io::QuantMode::Keep, io::QuantMode::None, io::QuantMode::Bf16,
+                             io::QuantMode::Int8, io::QuantMode::Nf4}) {
+    const io::ModelDescription d = io::describe_model(path, mode);
+    const io::LoadedModel m = io::load_model(path, true, mode);
+    SCOPED_TRACE(std::string(io::quant_mode_name(mode)));
+    EXPECT_FALSE(d.config_only);
+    EXPECT_EQ(d.file_bytes, std::filesystem::file_size(path));
+    uint64_t kept = 0, stored = 0;
+    LlamaWeights::for_each_slot(cfg, [&](WeightSlot s, int layer) {
+      const WeightRef& want = m.weights.slot(s, layer);
+      const WeightRef& got = d.weights.slot(s, layer);
+      EXPECT_EQ(got.dtype, want.dtype) << hf_weight_name(s, layer);
+      EXPECT_EQ(got.rows, want.rows);
+      EXPECT_EQ(got.cols, want.cols);
+      EXPECT_EQ(io::stored_bytes(got), io::stored_bytes(want)) << hf_weight_name(s, layer);
+      (got.data ? kept : stored) += uint64_t(io::stored_bytes(want));
+    });
+    EXPECT_EQ(d.kept_bytes, kept);
+    EXPECT_EQ(d.stored_bytes, stored);
+    EXPECT_EQ(d.gguf_metadata_bytes, m.gguf->data_offset());
+  }
+  std::filesystem::remove(path);
+}
+
+class PlanCli : public test::Cli {
+ protected:
+  static std::string config(const char* name) {
+    return (std::filesystem::path(TIGHTFIT_FIXTURES).parent_path().parent_path() / "examples" / "configs" /
+            name)
+        .string();
+  }
+  // The plan's JSON; `want_status` -1 takes either exit status of a plan (0 fits, 2 does not).
+  nlohmann::json plan_json(std::vector<std::string> args, int want_status = 0) {
+    args.insert(args.begin(), "plan");
+    args.push_back("--json");
+    const test::Result r = run(args);
+    if (want_status >= 0) {
+      EXPECT_EQ(r.status, want_status) << r.err;
+    }
+    nlohmann::json j = nlohmann::json::parse(r.out, nullptr, false);
+    EXPECT_TRUE(j.is_object()) << r.out << r.err;
+    return j;
+  }
+  static uint64_t item(const nlohmann::json& plan, const std::string& component) {
+    for (const auto& i : plan["items"])
+      if (i["component"] == component) return i["bytes"].get<uint64_t>();
+    ADD_FAILURE() << "no item " << component << " in " << plan.dump();
+    return 0;
+  }
+  static const nlohmann::json& alternative(const nlohmann::json& plan, const std::string& weights,
+                                           const std::string& checkpointing) {
+    for (const auto& a : plan["alternatives"])
+      if (a["weights"] == weights && a["checkpointing"] == checkpointing) return a;
+    static const nlohmann::json none;
+    ADD_FAILURE() << "no alternative " << weights << "/" << checkpointing;
+    return none;
+  }
+};
+
+// Sizes take binary and decimal units; anything else is refused naming the option.
+TEST_F(PlanCli, BudgetsParseWithBinaryAndDecimalUnits) {
+  const std::string model = config("Mistral-7B-v0.3.json");
+  const std::pair<const char*, uint64_t> good[] = {{"8GiB", uint64_t(8) << 30},
+                                                   {"8G", uint64_t(8) << 30},
+                                                   {"2.5GB", 2'500'000'000},
+                                                   {"512MiB", uint64_t(512) << 20},
+                                                   {"4096", 4096},
+                                                   {"1 TiB", uint64_t(1) << 40}};
+  for (const auto& [text, bytes] : good) {
+    const nlohmann::json j = plan_json({"--model", model, "--device", "cpu", "--max-mem", text}, -1);
+    EXPECT_EQ(j["budget"]["host"], bytes) << text;
+  }
+  for (const char* bad : {"", "GiB", "-1GiB", "0", "8 gallons", "1e30", "nan", "inf", "8GiBs", "0.1B"}) {
+    const test::Result r = run({"plan", "--model", model, "--max-host-mem", bad});
+    EXPECT_EQ(r.status, 1) << bad;
+    EXPECT_NE(r.err.find("--max-host-mem"), std::string::npos) << bad << ": " << r.err;
+  }
+}
+
+// Llama-3.1-8B from its config alone, as NF4 on a GPU: the weights' bytes against an independent
+// count of its parameters, and the device peak falling as checkpointing and streaming take over.
+TEST_F(PlanCli, LlamaEightBillionFromItsConfigAlone) {
+  const nlohmann::json j = plan_json({"--model", config("Llama-3.1-8B.json"), "--device", "cuda", "--quant",
+                                      "nf4", "--seq-len", "2048", "--micro-batch", "1", "--max-mem", "1TiB"});
+  // 32 layers of q, k, v, o (4096 x 4096, 2 x 1024 x 4096, 4096 x 4096), gate, up, down (3 x 14336 x
+  // 4096), embedding and lm_head (128256 x 4096): NF4 codes at 4 bits, an absmax code per 64 and an
+  // f32 scale per 256 of those; norms in the config's torch_dtype, bf16. The device pads each
+  // tensor's parts to 16 bytes.
+  const double layer = 2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096;
+  const double matrices = 32 * layer + 2.0 * 128256 * 4096;
+  const double nf4 = matrices * (0.5 + 1.0 / 64 + 4.0 / (64 * 256));
+  const double norms = (2.0 * 32 + 1) * 4096 * 2;
+  const double weights = double(item(j, "base weights"));
+  EXPECT_GE(weights, nf4 + norms);
+  EXPECT_LT(weights, (nf4 + norms) * 1.001);
+  EXPECT_EQ(j["weights"], "resident");
+  EXPECT_EQ(j["checkpointing"], "none");
+  EXPECT_EQ(j["fits"], true);
+  const uint64_t none = alternative(j, "resident", "none")["device"];
+  const uint64_t block = alternative(j, "resident", "block")["device"];
+  const uint64_t host_block = alternative(j, "host", "block")["device"];
+  EXPECT_EQ(none, j["peak"]["device"].get<uint64_t>());
+  EXPECT_LT(block, none);
+  // Streaming keeps two layers' blocks on the device instead of 32.
+  EXPECT_LT(double(host_block), double(block) - 28 * layer * 0.5);
+  // A config alone cannot stream from a file.
+  for (const auto& a : j["alternatives"]) EXPECT_NE(a["weights"], "disk");
+}
+
+// Under a budget the run does not fit resident, auto streams, and a budget nothing fits is refused
+// with the changes that would fit.
+TEST_F(PlanCli, AutoStreamsUnderABudgetAndRefusalsNameWhatWouldFit) {
+  const std::vector<std::string> base = {"--model",        config("Llama-3.1-70B.json"),
+                                         "--device",       "cuda",
+                                         "--quant",        "nf4",
+                                         "--seq-len",      "2048",
+                                         "--micro-batch",  "1",
+                                         "--max-host-mem", "1TiB"};
+  nlohmann::json j = plan_json(base);
+  const uint64_t host_block = alternative(j, "host", "block")["device"];
+  const uint64_t resident_block = alternative(j, "resident", "block")["device"];
+  ASSERT_LT(host_block, resident_block);
+  std::vector<std::string> args = base;
+  args.insert(args.end(), {"--max-mem", std::to_string(host_block)});
+  j = plan_json(args);
+  EXPECT_EQ(j["weights"], "host");
+  EXPECT_EQ(j["checkpointing"], "block");
+  EXPECT_EQ(j["peak"]["device"].get<uint64_t>(), host_block);
+
+  args = base;
+  args.insert(args.end(), {"--max-mem", std::to_string(host_block - 1)});
+  const test::Result r = run([&] {
+    std::vector<std::string> a = args;
+    a.insert(a.begin(), "plan");
+    return a;
+  }());
+  EXPECT_EQ(r.status, 2) << r.out << r.err;
+  EXPECT_NE(r.out.find("does not fit"), std::string::npos) << r.out;
+  // Nothing streams further than host on this budget; a smaller micro-batch, rank or sequence does.
+  const bool named = r.out.find("fits with --micro-batch") != std::string::npos ||
+                     r.out.find("fits with --lora-rank") != std::string::npos ||
+                     r.out.find("fits with --seq-len") != std::string::npos;
+  EXPECT_TRUE(named) << r.out;
+}
+
+TEST_F(PlanCli, StreamingChoicesTheModelOrBackendCannotTakeAreRefused) {
+  make_model_and_data();
+  const std::string model = (dir_ / "model").string();
+  test::Result r = run({"plan", "--model", model, "--device", "cpu", "--weights", "host"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--weights host keeps the weights in host memory"), std::string::npos) << r.err;
+  r = run({"plan", "--model", model, "--device", "cpu", "--weights", "disk", "--quant", "nf4"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--weights disk"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--quant keep"), std::string::npos) << r.err;
+  r = run({"plan", "--model", model, "--weights", "nvme"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--weights must be auto, resident, host or disk, got 'nvme'"), std::string::npos)
+      << r.err;
+  r = run({"plan", "--model", model, "--max-mem", "lots"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--max-mem must be a size"), std::string::npos) << r.err;
+}
+
+// finetune plans before it loads: a budget the run cannot fit is refused naming its largest parts
+// and what would fit, and leaves no run behind; a run that fits writes plan.json and the measured
+// peaks beside it.
+TEST_F(PlanCli, FinetuneRefusesARunOverBudgetAndRecordsThePlanOfOneThatFits) {
+  make_model_and_data();
+  std::vector<std::string> args = finetune_args("run", 2);
+  set_option(args, "--device", "cpu");
+  set_option(args, "--max-mem", "64KiB");
+  test::Result r = run(args);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("the run does not fit its memory budget"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("largest:"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.find("loading " + (dir_ / "model").string()), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "run" / "config.json"));
+
+  set_option(args, "--max-mem", "auto");
+  r = run(args);
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::ifstream in(dir_ / "run" / "plan.json");
+  const nlohmann::json plan = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_TRUE(plan.is_object());
+  EXPECT_EQ(plan["fits"], true);
+  EXPECT_EQ(plan["backend"], "cpu");
+  EXPECT_EQ(plan["weights"], "resident");
+  EXPECT_GT(plan["peak"]["host"].get<uint64_t>(), 0u);
+  std::ifstream metrics(dir_ / "run" / "metrics.jsonl");
+  std::string line;
+  int steps = 0;
+  while (std::getline(metrics, line)) {
+    const nlohmann::json m = nlohmann::json::parse(line);
+    if (!m.contains("step")) continue;
+    ++steps;
+    EXPECT_GT(m["rss_peak_bytes"].get<int64_t>(), m["peak_mem_bytes"].get<int64_t>()) << line;
+  }
+  EXPECT_EQ(steps, 2);
+  EXPECT_NE(r.out.find("peak process memory"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("predicted host peak"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace tf
