@@ -5,7 +5,11 @@
 //
 //   build/benchmarks/bench_qlora_step [--device cuda|simt|cpu] [--config 1b|tiny] [--seq S] [--batch B]
 //                                     [--steps N] [--bases bf16,nf4,int8] [--checkpoint none|block]
-//                                     [--attention auto|flash|plain|cudnn]
+//                                     [--attention auto|flash|plain|cudnn] [--weights resident,host]
+//
+// --weights host also times each base with its layers streamed from host memory (a block copied to
+// the device on the copy stream while the one before computes), beside the resident step of the
+// same run.
 //
 // --config tiny (hidden 64, 2 layers) is for checking the benchmark itself on the simulator; its
 // figures mean nothing. Random weights and tokens: the step's work does not depend on the values.
@@ -102,15 +106,16 @@ struct StepResult {
 };
 
 StepResult time_steps(const std::string& device, AttentionKernel attention, const LlamaConfig& c,
-                      const std::string& base, CheckpointPolicy policy, int batch, int seq, int steps) {
+                      const std::string& base, CheckpointPolicy policy, offload::WeightTier tier, int batch,
+                      int seq, int steps) {
   std::unique_ptr<Backend> be = make_backend(device, nullptr, attention);
   LlamaWeights w = base_weights(c, base);
   LoraConfig l;
   l.rank = 16;
   l.alpha = 32;
   const int64_t tokens = int64_t(batch) * seq;
-  be->reserve(LlamaModel::memory_plan(w, l, policy, tokens, *be).total);
-  LlamaModel model(std::move(w), l, policy, tokens, *be);
+  be->reserve(LlamaModel::memory_plan(w, l, policy, tokens, *be, tier).total);
+  LlamaModel model(std::move(w), l, policy, tokens, *be, tier);
   TrainConfig tc;
   tc.lr.total_steps = steps + 1;
   Trainer trainer(model, tc);
@@ -150,7 +155,8 @@ std::vector<std::string> split_list(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::string device = "cuda", config = "1b", bases = "bf16,nf4,int8", attention = "auto";
+  std::string device = "cuda", config = "1b", bases = "bf16,nf4,int8", attention = "auto",
+              weights = "resident";
   int steps = 3, seq = 2048, batch = 1;
   CheckpointPolicy policy = CheckpointPolicy::PerBlock;
   for (int i = 1; i < argc; ++i) {
@@ -173,6 +179,8 @@ int main(int argc, char** argv) try {
       bases = next();
     else if (a == "--attention")
       attention = next();
+    else if (a == "--weights")
+      weights = next();
     else if (a == "--checkpoint")
       policy = next() == "none" ? CheckpointPolicy::None : CheckpointPolicy::PerBlock;
     else
@@ -197,17 +205,32 @@ int main(int argc, char** argv) try {
       config.c_str(), double(c.n_params()) / 1e9, batch, seq,
       policy == CheckpointPolicy::None ? "none" : "per block", attention.c_str());
   std::printf("bf16 GEMM ceiling  %8.2f TFLOP/s (the model's projection shapes, same run)\n", ceiling);
-  std::printf("%-6s %12s %12s %10s %10s %12s\n", "base", "step (s)", "vs bf16", "TFLOP/s", "MFU", "peak GiB");
+  std::vector<offload::WeightTier> tiers;
+  for (const std::string& t : split_list(weights)) {
+    TF_CHECK(t == "resident" || t == "host", "--weights takes resident and host, got '", t, "'");
+    tiers.push_back(t == "host" ? offload::WeightTier::Host : offload::WeightTier::Resident);
+  }
+  std::printf("%-6s %-9s %12s %12s %12s %10s %10s %12s\n", "base", "weights", "step (s)", "vs bf16",
+              "vs resident", "TFLOP/s", "MFU", "peak GiB");
   double bf16_seconds = 0;
   for (const std::string& base : split_list(bases)) {
-    const StepResult r = time_steps(device, kernel, c, base, policy, batch, seq, steps);
-    if (base == "bf16") bf16_seconds = r.seconds;
-    const double tflops = flops_per_step / r.seconds / 1e12;
-    char ratio[32] = "-";
-    if (bf16_seconds > 0) std::snprintf(ratio, sizeof ratio, "%.3fx", r.seconds / bf16_seconds);
-    std::printf("%-6s %12.4f %12s %10.2f %9.1f%% %12.2f\n", base.c_str(), r.seconds, ratio, tflops,
-                100.0 * tflops / ceiling, r.peak_gib);
-    std::fflush(stdout);
+    double resident_seconds = 0;
+    for (offload::WeightTier tier : tiers) {
+      const StepResult r = time_steps(device, kernel, c, base, policy, tier, batch, seq, steps);
+      const bool resident = tier == offload::WeightTier::Resident;
+      if (base == "bf16" && resident) bf16_seconds = r.seconds;
+      if (resident) resident_seconds = r.seconds;
+      const double tflops = flops_per_step / r.seconds / 1e12;
+      char vs_bf16[32] = "-", vs_resident[32] = "-";
+      if (bf16_seconds > 0 && resident)
+        std::snprintf(vs_bf16, sizeof vs_bf16, "%.3fx", r.seconds / bf16_seconds);
+      if (resident_seconds > 0 && !resident)
+        std::snprintf(vs_resident, sizeof vs_resident, "%.3fx", r.seconds / resident_seconds);
+      std::printf("%-6s %-9s %12.4f %12s %12s %10.2f %9.1f%% %12.2f\n", base.c_str(),
+                  offload::weight_tier_name(tier), r.seconds, vs_bf16, vs_resident, tflops,
+                  100.0 * tflops / ceiling, r.peak_gib);
+      std::fflush(stdout);
+    }
   }
   return 0;
 } catch (const std::exception& e) {

@@ -5,8 +5,8 @@
 # test_backend_ops and test_backend_model on the cuda backend, test_cuda_runtime,
 # test_cuda_cudnn_attention, a 20-step `finetune --device cuda` of a tiny model and
 # `bench_gpu_kernels --quick` and `bench_qlora_step` (a 1B-class QLoRA step against the same step on
-# bf16 weights), then prints one table: each case, pass / FAIL, and the max error where
-# a test records one (a GoogleTest property named max_error*), the finetune's first and last loss and
+# bf16 weights, each also with its layers streamed from host memory beside it resident), then
+# prints one table: each case, pass / FAIL, and the max error where a test records one (a GoogleTest property named max_error*), the finetune's first and last loss and
 # tokens/s, and the benchmark's figures beside the bf16 GEMM ceiling it measured in the same run.
 # Exits 0 when everything passed, 1 when a check failed, 2 when it could not get as far as running
 # them. Logs, GoogleTest XML, the benchmark's JSON (bench.json) and the table (table.txt) are in
@@ -152,8 +152,8 @@ if ((bench_built)); then
   step "bench_gpu_kernels --quick"
   timeout 900 "$build/benchmarks/bench_gpu_kernels" --quick --json "$logs/bench.json" >"$logs/bench.log" 2>&1
   printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" $? "$logs/bench.log" "$logs/bench.json" >>"$runs"
-  step "bench_qlora_step --steps 2"
-  timeout 600 "$build/benchmarks/bench_qlora_step" --steps 2 >"$logs/qlora.log" 2>&1
+  step "bench_qlora_step --steps 2 --weights resident,host"
+  timeout 600 "$build/benchmarks/bench_qlora_step" --steps 2 --weights resident,host >"$logs/qlora.log" 2>&1
   printf '%s\t%s\t%s\t%s\t%s\n' qlora "bench_qlora_step" $? "$logs/qlora.log" - >>"$runs"
 else
   printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" build "$logs/build-bench.log" - >>"$runs"
@@ -299,15 +299,17 @@ def bench_rows(status, log, path):
 
 
 def qlora_rows(status, log):
-    # One row per base: its step time, the ratio to the bf16 step and its model FLOPs utilisation.
+    # One row per base and weight tier: its step time, the ratio to the resident bf16 step (resident)
+    # or to the same base resident (streamed from host), and its model FLOPs utilisation.
     lines = open(log, errors="replace").read().splitlines() if os.path.exists(log) else []
     found = 0
     for line in lines:
         f = line.split()
-        if len(f) == 6 and f[0] in ("bf16", "nf4", "int8"):
+        if len(f) == 8 and f[0] in ("bf16", "nf4", "int8") and f[1] in ("resident", "host"):
             found += 1
-            rows.append(("qlora", f"1B step, {f[0]} base", True,
-                         f"{f[1]} s, {f[2]} of bf16, {f[3]} TFLOP/s, MFU {f[4]}, peak {f[5]} GiB"))
+            ratio = f"{f[3]} of bf16" if f[1] == "resident" else f"{f[4]} of resident"
+            rows.append(("qlora", f"1B step, {f[0]} base, weights {f[1]}", True,
+                         f"{f[2]} s, {ratio}, {f[5]} TFLOP/s, MFU {f[6]}, peak {f[7]} GiB"))
         elif line.startswith("bf16 GEMM ceiling"):
             rows.append(("qlora", "ceiling: bf16 GEMM, model shapes", True, clip(line.split("ceiling", 1)[1].strip())))
     if int(status) != 0 or not found:
