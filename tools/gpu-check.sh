@@ -6,8 +6,9 @@
 # test_cuda_cudnn_attention, a 20-step `finetune --device cuda` of a tiny model and
 # `bench_gpu_kernels --quick` and `bench_qlora_step` (a 1B-class QLoRA step against the same step on
 # bf16 weights, each also with its layers streamed from host memory beside it resident), then
-# prints one table: each case, pass / FAIL, and the max error where a test records one (a GoogleTest property named max_error*), the finetune's first and last loss and
-# tokens/s, and the benchmark's figures beside the bf16 GEMM ceiling it measured in the same run.
+# prints one table: each case, pass / FAIL, and the max error where a test records one (a
+# GoogleTest property named max_error*), the finetune's first and last loss and tokens/s, and the
+# benchmark's figures beside the bf16 GEMM ceiling it measured in the same run.
 # Exits 0 when everything passed, 1 when a check failed, 2 when it could not get as far as running
 # them. Logs, GoogleTest XML, the benchmark's JSON (bench.json) and the table (table.txt) are in
 # BUILD/gpu-check/.
