@@ -1,6 +1,7 @@
 // defines: tests of reading the process's memory from /proc/self/status and of the allocator policy
 // that gives freed buffers back to the system
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
 #include <string>
 #include <vector>
@@ -91,6 +92,20 @@ TEST(ProcessMemory, FreedBuffersLeaveRssUnderThePolicy) {
     EXPECT_GE(process_memory().rss, before + 24 * kMiB - kMiB);
   }
   EXPECT_LE(process_memory().rss, before + 2 * kMiB);
+}
+
+// Memory a process asks for huge pages on gets them where the system offers transparent huge pages
+// at all; the policy refuses them, so touching one byte every 2 MiB makes a page resident, not 2 MiB.
+TEST(ProcessMemory, TouchedPagesStaySmallUnderThePolicy) {
+  set_memory_policy();
+  constexpr size_t kBytes = 16 * kMiB;
+  void* p = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  madvise(p, kBytes, MADV_HUGEPAGE);
+  const uint64_t before = process_memory().rss;
+  for (size_t at = 0; at < kBytes; at += 2 * kMiB) static_cast<volatile char*>(p)[at] = 1;
+  EXPECT_LE(process_memory().rss, before + kMiB);
+  munmap(p, kBytes);
 }
 
 TEST(ProcessMemory, ReleaseFreeMemoryTrimsTheHeap) {

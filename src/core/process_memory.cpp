@@ -3,6 +3,7 @@
 #include "src/core/process_memory.h"
 
 #include <malloc.h>
+#include <sys/prctl.h>
 
 #include <cerrno>
 #include <cstring>
@@ -77,6 +78,8 @@ void set_memory_policy() {
            ") failed");
   TF_CHECK(mallopt(M_TRIM_THRESHOLD, int(kTrimThreshold)) == 1, "mallopt(M_TRIM_THRESHOLD, ", kTrimThreshold,
            ") failed");
+  TF_CHECK(prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0,
+           "prctl(PR_SET_THP_DISABLE) failed: ", std::strerror(errno));
 }
 
 void release_free_memory() {

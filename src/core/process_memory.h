@@ -27,10 +27,12 @@ ProcessMemory parse_process_status(std::string_view text, std::string_view where
 constexpr uint64_t kMmapThreshold = uint64_t(128) << 10;
 constexpr uint64_t kTrimThreshold = uint64_t(1) << 20;
 
-// Fixes glibc's allocator policy, once, before anything allocates much (the first call in main):
-// a fixed mmap threshold (glibc's own raises it to the largest block freed so far, up to 32 MiB,
-// after which buffers of that size come from the heap and stay resident when freed) and a low trim
-// threshold, so that the process's RSS is what it holds plus a bounded amount.
+// Fixes the allocator policy, once, before anything allocates much (the first call in main): a
+// fixed mmap threshold (glibc's own raises it to the largest block freed so far, up to 32 MiB,
+// after which buffers of that size come from the heap and stay resident when freed), a low trim
+// threshold, and no transparent huge pages (where the system enables them for all memory, a
+// buffer's first touch makes 2 MiB resident instead of 4 KiB), so that the process's RSS is the
+// pages it touched of what it holds plus a bounded amount.
 void set_memory_policy();
 // Gives the free pages of glibc's heaps back to the system (malloc_trim): called after phases that
 // free much memory in small pieces (parsing a model's metadata, tokenising a dataset).
