@@ -7,6 +7,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -479,6 +480,10 @@ int run_finetune(const FinetuneOptions& given) {
       cpu::num_threads());
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
   std::printf("plan: predicted peak %s\n", peaks_text(plan.plan, plan.budget).c_str());
+  if (plan.tier == offload::WeightTier::Disk && s.backend->host_memory() && !std::getenv("OMP_WAIT_POLICY"))
+    std::printf(
+        "note: OpenMP threads spin between parallel regions and slow the reads of streamed blocks; run with "
+        "OMP_WAIT_POLICY=passive in the environment to hide more of them behind compute\n");
   std::printf("device: %s%s\n", s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str(),
               s.attention == "cpu" ? "" : ("; attention: " + s.attention).c_str());
 
