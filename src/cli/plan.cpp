@@ -204,6 +204,7 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
   add("base weights converted at load", "--quant " + o.quant, Tier::Host, converted);
   offload::HostOverheadInputs in;
   in.startup_rss = startup_rss;
+  in.cpu_backend = be.host_memory();
   in.threads = cpu::num_threads();
   in.config = c;
   in.max_tokens = max_tokens;
