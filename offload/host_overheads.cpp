@@ -6,7 +6,6 @@
 #include <string>
 
 #include "src/core/process_memory.h"
-#include "src/data/chat_template.h"
 
 namespace tf::offload {
 
@@ -144,11 +143,11 @@ struct DataBytes {
 // Without a line count, every 13 bytes are taken for a line: the shortest record, {"text":"x"} and
 // its newline.
 constexpr uint64_t kShortestRecordBytes = 13;
-DataBytes data_bytes(uint64_t bytes, uint64_t counted_lines, int seq_len) {
+DataBytes data_bytes(uint64_t bytes, uint64_t counted_lines, int seq_len, uint64_t example_bytes) {
   const uint64_t lines =
       counted_lines ? counted_lines : (bytes + kShortestRecordBytes - 1) / kShortestRecordBytes;
   DataBytes d;
-  d.records = 2 * bytes + lines * (sizeof(data::Example) + 64);
+  d.records = 2 * bytes + lines * (example_bytes + 64);
   d.tokens_max = std::min(bytes + kTemplateTokens * lines, uint64_t(std::max(seq_len, 0)) * lines);
   d.tokens = 5 * d.tokens_max + 8 * (lines + 1);
   return d;
@@ -188,8 +187,8 @@ std::vector<PlanItem> host_overheads(const HostOverheadInputs& in) {
   if (in.gguf_metadata_bytes)
     add("tokenizer", "the GGUF vocabulary, from " + mib(in.gguf_metadata_bytes) + " of metadata",
         uint64_t(kGgufVocabPerMetadataByte * double(in.gguf_metadata_bytes)), false);
-  const DataBytes train = data_bytes(in.train_data_bytes, in.train_data_lines, in.seq_len);
-  const DataBytes eval = data_bytes(in.eval_data_bytes, in.eval_data_lines, in.seq_len);
+  const DataBytes train = data_bytes(in.train_data_bytes, in.train_data_lines, in.seq_len, in.example_bytes);
+  const DataBytes eval = data_bytes(in.eval_data_bytes, in.eval_data_lines, in.seq_len, in.example_bytes);
   add("dataset records", "--data and --eval-data as parsed", train.records + eval.records, false);
   add("tokenized dataset", "at most " + std::to_string(train.tokens_max + eval.tokens_max) + " tokens",
       train.tokens + eval.tokens, false);

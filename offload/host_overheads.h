@@ -55,6 +55,9 @@ struct HostOverheadInputs {
   uint64_t eval_data_bytes = 0;
   uint64_t train_data_lines = 0;
   uint64_t eval_data_lines = 0;
+  // Bytes of one parsed record beside its strings (sizeof(data::Example), given by the caller: the
+  // dataset's types live above this layer).
+  uint64_t example_bytes = 0;
   int64_t lora_params = 0;  // LoRA parameters (LoraState::n_params)
   int64_t steps = 0;        // optimizer steps of the run (the report reads one metrics line each)
 };

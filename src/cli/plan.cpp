@@ -12,6 +12,7 @@
 #include "src/cli/common.h"
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
+#include "src/data/chat_template.h"
 #include "src/model/scratch_shape.h"
 
 namespace tf::cli {
@@ -222,6 +223,7 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
   in.eval_data_bytes = file_bytes_or_zero(o.eval_data);
   in.train_data_lines = line_count(o.data);
   in.eval_data_lines = line_count(o.eval_data);
+  in.example_bytes = sizeof(data::Example);
   in.lora_params = int64_t(LoraState::memory_plan(c, lora)[0].bytes / sizeof(float));
   in.steps = o.steps;
   for (PlanItem& i : offload::host_overheads(in)) plan.items.push_back(std::move(i));
