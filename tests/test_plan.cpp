@@ -255,5 +255,54 @@ TEST_F(PlanCli, FinetuneRefusesARunOverBudgetAndRecordsThePlanOfOneThatFits) {
   EXPECT_NE(r.out.find("predicted host peak"), std::string::npos) << r.out;
 }
 
+// The acceptance of disk streaming: a model whose weights are over four times --max-host-mem
+// trains with --weights auto, which streams it from disk, within the budget (the process's peak
+// RSS, measured), and gives the losses of the same run with its weights resident.
+TEST_F(PlanCli, AModelFourTimesTheHostBudgetTrainsFromDiskWithinIt) {
+  make_model_and_data();
+  // 20 layers of 4 x 512^2 + 3 x 512 x 1536 f32 weights: 272 MB, 13.6 MB a layer.
+  std::ofstream(dir_ / "config.json") << nlohmann::json{{"architectures", {"LlamaForCausalLM"}},
+                                                        {"hidden_size", 512},
+                                                        {"intermediate_size", 1536},
+                                                        {"num_hidden_layers", 20},
+                                                        {"num_attention_heads", 8},
+                                                        {"num_key_value_heads", 8},
+                                                        {"vocab_size", 320},
+                                                        {"tie_word_embeddings", true},
+                                                        {"torch_dtype", "float32"}};
+  ASSERT_EQ(
+      run({"init", "--config", (dir_ / "config.json").string(), "--out", (dir_ / "big").string()}).status, 0);
+  uint64_t weights = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir_ / "big"))
+    if (e.path().extension() == ".safetensors") weights += std::filesystem::file_size(e.path());
+  const uint64_t budget = uint64_t(62) << 20;
+  ASSERT_GE(weights, 4 * budget);
+  std::vector<std::string> args = finetune_args("streamed", 2);
+  set_option(args, "--model", (dir_ / "big").string());
+  set_option(args, "--device", "cpu");
+  set_option(args, "--max-host-mem", std::to_string(budget));
+  set_option(args, "--seq-len", "32");
+  set_option(args, "--micro-batch", "1");
+  test::Result r = run(args);
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("plan: weights disk"), std::string::npos) << r.out;
+  const std::vector<double> streamed = losses(dir_ / "streamed" / "metrics.jsonl");
+  std::ifstream metrics(dir_ / "streamed" / "metrics.jsonl");
+  std::string line, last;
+  while (std::getline(metrics, line))
+    if (line.find("rss_peak_bytes") != std::string::npos) last = line;
+  const uint64_t rss = nlohmann::json::parse(last)["rss_peak_bytes"].get<uint64_t>();
+  EXPECT_LE(rss, budget) << r.out;
+
+  set_option(args, "--out", (dir_ / "resident").string());
+  set_option(args, "--max-host-mem", "auto");
+  set_option(args, "--weights", "resident");
+  r = run(args);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const std::vector<double> resident = losses(dir_ / "resident" / "metrics.jsonl");
+  ASSERT_EQ(streamed.size(), 2u);
+  EXPECT_EQ(streamed, resident);
+}
+
 }  // namespace
 }  // namespace tf

@@ -388,7 +388,13 @@ std::vector<std::string> refusal_lines(const FinetuneOptions& o, const io::Model
     }
     try {
       const RunPlan r = plan_run(ch.opts, *desc, be, plan.budget, plan.startup_rss);
-      rated.push_back({r.fits, std::string(r.fits ? "fits with " : "still over with ") + ch.what + ": " +
+      // What the options left on auto would then choose.
+      std::string chosen;
+      if (ch.opts.weights == "auto") chosen += std::string("weights ") + offload::weight_tier_name(r.tier);
+      if (ch.opts.checkpointing == "auto")
+        chosen += std::string(chosen.empty() ? "" : ", ") + "checkpointing " + policy_name(r.policy);
+      rated.push_back({r.fits, std::string(r.fits ? "fits with " : "still over with ") + ch.what +
+                                   (chosen.empty() ? "" : " (" + chosen + ")") + ": " +
                                    peaks_text(r.plan, r.budget)});
     } catch (const Error&) {
       continue;
