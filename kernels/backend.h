@@ -129,6 +129,11 @@ class Backend {
   virtual void upload(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;
   virtual void download(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;
   virtual void copy_bytes(void* dst, const void* src, size_t bytes, Stream s = Stream::Compute) = 0;
+  // As download, queued on `s` without waiting: the host bytes are there for the work queued on `s`
+  // after it, and for the host once `s` has been waited for (the cpu copies them at once).
+  virtual void download_async(void* dst, const void* src, size_t bytes, Stream s) {
+    download(dst, src, bytes, s);
+  }
   virtual Event record(Stream s) = 0;
   virtual void wait(Stream s, Event e) = 0;
   virtual void synchronize() = 0;

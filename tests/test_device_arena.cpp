@@ -349,6 +349,38 @@ INSTANTIATE_TEST_SUITE_P(
         PlanCase{"perblock_tied_qv", CheckpointPolicy::PerBlock, false, true, DType::BF16, kQv, 40}),
     [](const ::testing::TestParamInfo<PlanCase>& p) { return std::string(p.param.name); });
 
+// With the block inputs offloaded, the device holds a window of three of them instead of all
+// n_layers + 1, and host memory the n_layers the backward brings back; both exactly what the model
+// takes (the arena full, the process's tracker grown by the host list).
+TEST(PlanOffload, TheDeviceHoldsTheWindowAndTheHostTheSavedInputsExactly) {
+  LlamaConfig cfg = tiny_config(48);
+  cfg.n_layers = 6;
+  const int64_t N = 16, H = cfg.hidden;
+  const LoraConfig lora = test::lora_r8();
+  LlamaWeights w = init_random_weights(cfg, DType::BF16, 5, 0.2f);
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  const MemoryPlan kept = LlamaModel::memory_plan(w, lora, CheckpointPolicy::PerBlock, N, *be);
+  const MemoryPlan plan = LlamaModel::memory_plan(w, lora, CheckpointPolicy::PerBlockOffload, N, *be);
+  EXPECT_EQ(kept.bytes(MemTag::Activations) - plan.bytes(MemTag::Activations),
+            size_t((cfg.n_layers + 1 - 3) * N * H) * sizeof(float));
+  ASSERT_EQ(plan.host.size(), 1u);
+  EXPECT_EQ(plan.host[0].what, "saved block inputs");
+  EXPECT_EQ(plan.host[0].tag, MemTag::Activations);
+  EXPECT_EQ(plan.host[0].bytes, size_t(cfg.n_layers * N * H) * sizeof(float));
+  EXPECT_TRUE(kept.host.empty());
+
+  MemTracker& host = MemTracker::instance();
+  const size_t host_before = host.current(MemTag::Activations);
+  be->reserve(plan.total);
+  LlamaModel m(std::move(w), lora, CheckpointPolicy::PerBlockOffload, N, *be);
+  for (size_t i = 0; i < kMemTagCount; ++i)
+    EXPECT_EQ(be->tracker().current(MemTag(i)), plan.bytes(MemTag(i))) << mem_tag_name(MemTag(i));
+  EXPECT_EQ(host.current(MemTag::Activations) - host_before, plan.host[0].bytes);
+  const std::string msg = error_of([&] { be->alloc(1, MemTag::Workspace, "one more byte"); });
+  EXPECT_NE(msg.find("largest free piece 0 bytes"), std::string::npos) << msg;
+  EXPECT_EQ(be->device_blocks(), 1u);
+}
+
 // ---- no device allocation after the first step ---------------------------------------------
 
 // rt::scratch slots of the simulated runtime (kernels/sim/runtime.cpp).

@@ -95,6 +95,9 @@ class DeviceBackend final : public Backend {
     if (bytes) rt::memcpy_d2h(dst, src, bytes, stream(s));
     rt::stream_synchronize(stream(s));
   }
+  void download_async(void* dst, const void* src, size_t bytes, Stream s) override {
+    if (bytes) rt::memcpy_d2h(dst, src, bytes, stream(s));
+  }
   void copy_bytes(void* dst, const void* src, size_t bytes, Stream s) override {
     if (bytes) rt::memcpy_d2d(dst, src, bytes, stream(s));
   }

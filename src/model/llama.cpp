@@ -1,6 +1,7 @@
 #include "src/model/llama.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <utility>
 
@@ -57,11 +58,13 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
   for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
   const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + 3 * I + lora_rows);
   const int64_t n_sets = policy == CheckpointPolicy::None ? c.n_layers : 1;
+  const int64_t n_inputs =
+      policy == CheckpointPolicy::PerBlockOffload ? offload::ActivationStore::kWindow : c.n_layers + 1;
   const int64_t widest = std::max({H, Q, I});
   Layout L{};
   L.rope_floats = c.head_dim / 2;
   L.batch_ints = 4 * N;
-  L.saved_floats = N * H * (c.n_layers + 1) + block_floats * n_sets;
+  L.saved_floats = N * H * n_inputs + block_floats * n_sets;
   L.workspace_floats = N * (1 + 4 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest);
   L.logit_rows = std::min(N, kLogitRows);
   return L;
@@ -84,6 +87,7 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
   const LlamaConfig& c = w.config;
   check_weights(w);
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
+  if (policy == CheckpointPolicy::PerBlockOffload) offload::ActivationStore::check_backend(be);
   MemoryPlan plan;
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const size_t bytes = be.placed_weight_bytes(w.slot(s, layer));
@@ -104,6 +108,9 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
   plan.allocs.push_back(
       {"activation gradients", MemTag::Workspace, size_t(L.workspace_floats) * sizeof(float)});
   plan.allocs.push_back({"logits", MemTag::Workspace, size_t(L.logit_rows * c.vocab) * sizeof(float)});
+  if (policy == CheckpointPolicy::PerBlockOffload)
+    plan.host.push_back({"saved block inputs", MemTag::Activations,
+                         offload::ActivationStore::host_bytes(c.n_layers, max_tokens, c.hidden)});
   for (const PlannedAlloc& a : plan.allocs) plan.total += be.footprint(a.bytes);
   return plan;
 }
@@ -121,6 +128,7 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
       max_tokens_(max_tokens) {
   const LlamaConfig& c = weights_.config;
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
+  if (policy == CheckpointPolicy::PerBlockOffload) offload::ActivationStore::check_backend(backend);
   const Layout L = layout(c, lora, policy, max_tokens);
   std::vector<float> inv_freq(size_t(L.rope_floats));
   rope_inv_freq(c.rope, inv_freq.data());
@@ -132,7 +140,14 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
   saved_ = be_->alloc(size_t(L.saved_floats) * sizeof(float), MemTag::Activations, "saved activations");
   float* cursor = saved_.as<float>();
-  for (int l = 0; l <= c.n_layers; ++l, cursor += N * H) residual_.push_back(cursor);
+  const bool offloaded = policy == CheckpointPolicy::PerBlockOffload;
+  const int n_inputs = offloaded ? offload::ActivationStore::kWindow : c.n_layers + 1;
+  for (int r = 0; r < n_inputs; ++r, cursor += N * H) residual_.push_back(cursor);
+  if (offloaded) {
+    std::array<float*, offload::ActivationStore::kWindow> window{};
+    std::copy(residual_.begin(), residual_.end(), window.begin());
+    act_store_ = std::make_unique<offload::ActivationStore>(*be_, c.n_layers, N, H, window);
+  }
   const size_t n_sets = policy == CheckpointPolicy::None ? size_t(c.n_layers) : 1;
   for (size_t s = 0; s < n_sets; ++s) acts_.push_back(carve_block_acts(cursor));
   TF_CHECK(cursor == saved_.as<float>() + L.saved_floats, "saved activations: the layout has ",
@@ -245,12 +260,26 @@ void LlamaModel::release_block(int layer) {
   if (store_) store_->release(layer);
 }
 
-void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, bool training,
-                               uint64_t step, KvCache* cache) {
+const float* LlamaModel::input(int r, int next) {
+  return act_store_ ? act_store_->acquire(r, next) : residual_[size_t(r)];
+}
+
+float* LlamaModel::output(int r) {
+  return act_store_ ? act_store_->output(r) : residual_[size_t(r)];
+}
+
+void LlamaModel::written(int r, int64_t rows, bool training) {
+  if (act_store_) act_store_->written(r, rows, training && r < config().n_layers);
+}
+
+void LlamaModel::done_with_inputs() {
+  if (act_store_) act_store_->release();
+}
+
+void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
+                               float* out, bool training, uint64_t step, KvCache* cache) {
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
-  const float* x = residual_[size_t(l)];
-  float* out = residual_[size_t(l) + 1];
 
   be_->rmsnorm_forward(a.h1, a.rstd1, x, w.attn_norm, n, c.hidden, c.rms_eps);
   const bool bias = c.attention_bias;
@@ -284,7 +313,8 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
 }
 
 // On entry d_res_ holds the gradient of the block's output; on exit, of its input.
-void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, uint64_t step) {
+void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
+                                uint64_t step) {
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
 
@@ -310,7 +340,7 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   projection_backward(d_h_, 0.0f, d_q_, a.h1, w.q, l, LoraTarget::Q, a, step, n);
   projection_backward(d_h_, 1.0f, d_k_, a.h1, w.k, l, LoraTarget::K, a, step, n);
   projection_backward(d_h_, 1.0f, d_v_, a.h1, w.v, l, LoraTarget::V, a, step, n);
-  be_->rmsnorm_backward(d_res_, nullptr, d_h_, residual_[size_t(l)], w.attn_norm, a.rstd1, n, c.hidden);
+  be_->rmsnorm_backward(d_res_, nullptr, d_h_, x, w.attn_norm, a.rstd1, n, c.hidden);
 }
 
 Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t step, KvCache* cache) {
@@ -318,17 +348,25 @@ Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t
   const Batch b = stage(host_batch);
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
-  be_->embedding_forward(residual_[0], b.tokens, n, placed_.embed);
+  be_->embedding_forward(output(0), b.tokens, n, placed_.embed);
+  written(0, n, training);
+  done_with_inputs();
   // Streamed blocks load in use order: after the last block, a training step's backward goes on
   // down from it; a forward-only pass is followed by the next one's first block.
   for (int l = 0; l < c.n_layers; ++l) {
     BlockActs& a = acts_[policy_ == CheckpointPolicy::None ? size_t(l) : 0];
     const int next = l + 1 < c.n_layers ? l + 1 : training ? l - 1 : 0;
-    block_forward(l, acquire_block(l, next), b, a, training, step, cache);
+    const BlockWeights& w = acquire_block(l, next);
+    const float* x = input(l, -1);
+    float* out = output(l + 1);
+    block_forward(l, w, b, a, x, out, training, step, cache);
+    written(l + 1, n, training);
+    done_with_inputs();
     release_block(l);
   }
-  be_->rmsnorm_forward(final_h_, final_rstd_, residual_[size_t(c.n_layers)], placed_.final_norm, n, c.hidden,
+  be_->rmsnorm_forward(final_h_, final_rstd_, input(c.n_layers, -1), placed_.final_norm, n, c.hidden,
                        c.rms_eps);
+  done_with_inputs();
   return b;
 }
 
@@ -343,18 +381,24 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
   loss.sum = be_->lm_head_cross_entropy(d_final_h_, &loss.n_valid, final_h_, placed_.lm_head, b.targets, n,
                                         grad_scale);
   be_->fill(d_res_, 0.0f, n * c.hidden);
-  be_->rmsnorm_backward(d_res_, nullptr, d_final_h_, residual_[size_t(c.n_layers)], placed_.final_norm,
-                        final_rstd_, n, c.hidden);
+  be_->rmsnorm_backward(d_res_, nullptr, d_final_h_, input(c.n_layers, -1), placed_.final_norm, final_rstd_,
+                        n, c.hidden);
+  done_with_inputs();
   for (int l = c.n_layers - 1; l >= 0; --l) {
     // The next step's forward starts with the block this one ends with, and goes on with block 1.
     const BlockWeights& w = acquire_block(l, l > 0 ? l - 1 : c.n_layers > 1 ? 1 : -1);
+    // An offloaded input comes back one block ahead, overlapping this block's backward.
+    const float* x = input(l, l - 1);
     if (policy_ == CheckpointPolicy::None) {
-      block_backward(l, w, b, acts_[size_t(l)], step);
+      block_backward(l, w, b, acts_[size_t(l)], x, step);
     } else {
       // Recompute this block from its kept input; the same step regenerates the same dropout masks.
-      block_forward(l, w, b, acts_[0], true, step);
-      block_backward(l, w, b, acts_[0], step);
+      // Its output, the next block's input, is written again with the same values.
+      float* out = output(l + 1);
+      block_forward(l, w, b, acts_[0], x, out, true, step);
+      block_backward(l, w, b, acts_[0], x, step);
     }
+    done_with_inputs();
     release_block(l);
   }
   return loss;

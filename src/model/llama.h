@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "offload/activation_store.h"
 #include "offload/plan.h"
 #include "offload/weight_store.h"
 #include "src/model/lora.h"
@@ -27,8 +28,10 @@ struct Batch {
 };
 
 // What the backward pass may recompute instead of keeping: None keeps every block's activations;
-// PerBlock keeps only each block's input and recomputes the block during backward.
-enum class CheckpointPolicy : uint8_t { None, PerBlock };
+// PerBlock keeps only each block's input and recomputes the block during backward; PerBlockOffload
+// is PerBlock with the kept inputs in host memory (offload::ActivationStore: a device backend only),
+// the device holding a window of three of them.
+enum class CheckpointPolicy : uint8_t { None, PerBlock, PerBlockOffload };
 
 struct LossSum {
   double sum = 0;       // sum of token losses
@@ -52,8 +55,9 @@ struct KvCache {
 struct MemoryPlan {
   std::vector<PlannedAlloc> allocs;
   size_t total = 0;  // bytes of the backend's memory they take (Backend::footprint of each, summed)
-  // Host memory the weight store takes beside the backend's (a device backend's read buffers for
-  // --weights disk), and the bytes of per-layer weights it brings in per pass over the layers.
+  // Host memory the model takes beside the backend's (a device backend's read buffers for --weights
+  // disk, then the saved block inputs under PerBlockOffload), and the bytes of per-layer weights the
+  // weight store brings in per pass over the layers.
   std::vector<PlannedAlloc> host;
   uint64_t streamed_bytes = 0;
   // Bytes requested by the allocations of `tag` (what the backend's tracker counts).
@@ -126,9 +130,19 @@ class LlamaModel {
   // stream; release_block says every op reading them has been queued.
   const BlockWeights& acquire_block(int layer, int next);
   void release_block(int layer);
-  void block_forward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, bool training,
-                     uint64_t step, KvCache* cache = nullptr);
-  void block_backward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, uint64_t step);
+  // The block reads its input x and writes its output into out.
+  void block_forward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
+                     float* out, bool training, uint64_t step, KvCache* cache = nullptr);
+  void block_backward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
+                      uint64_t step);
+  // Block input r (0..n_layers) for reading, and for writing; done_with_inputs says every op using
+  // them has been queued. With the inputs offloaded they go through store_, which `next` (the
+  // input used after r, -1 none) starts bringing back, and written() copies a training pass's
+  // inputs out.
+  const float* input(int r, int next);
+  float* output(int r);
+  void written(int r, int64_t rows, bool training);
+  void done_with_inputs();
   void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
                   LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n);
   void projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w,
@@ -149,10 +163,13 @@ class LlamaModel {
   int64_t logit_rows_ = 0;
   std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
 
-  DeviceMem saved_;               // residual stream (n_layers + 1 block inputs) and kept block activations
-  DeviceMem workspace_;           // gradients in flight and scratch
-  std::vector<float*> residual_;  // [n_layers + 1] pointers of [max_tokens, hidden]
-  std::vector<BlockActs> acts_;   // one per layer (None) or one shared (PerBlock)
+  DeviceMem saved_;      // residual stream (n_layers + 1 block inputs) and kept block activations
+  DeviceMem workspace_;  // gradients in flight and scratch
+  // [n_layers + 1] pointers of [max_tokens, hidden], or with the inputs offloaded the window of
+  // store_'s device buffers.
+  std::vector<float*> residual_;
+  std::unique_ptr<offload::ActivationStore> act_store_;
+  std::vector<BlockActs> acts_;  // one per layer (None) or one shared (PerBlock)
   float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_, *d_gate_,
       *d_up_, *lora_dt_, *lora_xd_;
 };

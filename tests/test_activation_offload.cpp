@@ -1,0 +1,130 @@
+// defines: tests of per-block checkpointing with the kept block inputs in host memory
+// (CheckpointPolicy::PerBlockOffload, offload::ActivationStore) on the simulated device, against
+// per-block checkpointing with them on the device, bit for bit; its refusal on the cpu
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "model_test_util.h"
+#include "src/core/error.h"
+#include "src/model/llama.h"
+#include "src/train/trainer.h"
+#include "tests/sim_test_util.h"
+
+namespace tf {
+namespace {
+
+using offload::WeightTier;
+using test::BatchData;
+using test::synthetic_batch;
+
+LoraConfig offload_lora() {
+  LoraConfig l = test::lora_r8();
+  l.dropout = 0.1f;
+  return l;
+}
+
+// Everything compared with ==: one micro-batch's gradients, a few training steps' losses and
+// adapters, then a loss, logits and two decoding calls, which run the window without saving.
+struct Run {
+  std::vector<float> grads, lora, logits, decoded;
+  std::vector<double> losses;
+  double eval = 0;
+};
+
+Run run(LlamaModel& m, int steps) {
+  Run r;
+  const int vocab = m.config().vocab;
+  {
+    const BatchData data = synthetic_batch(2, 9, vocab, 11, 5, 1);
+    m.lora().zero_grads();
+    m.forward_backward(data.view(true), 0.5f, 0);
+    r.grads = m.backend().download_n(m.lora().grad_data(), size_t(m.lora().n_params));
+  }
+  TrainConfig tc;
+  tc.lr.peak_lr = 1e-2f;
+  tc.lr.total_steps = steps;
+  tc.lr.warmup_steps = 1;
+  Trainer t(m, tc);
+  for (int s = 0; s < steps; ++s) {
+    // Batches of different lengths: a saved input brought back has the rows of its own step.
+    const BatchData data = synthetic_batch(2, 12 - 2 * s, vocab, uint64_t(s), 7, 1);
+    const Batch b = data.view(true);
+    r.losses.push_back(t.step({&b, 1}).loss);
+  }
+  const LoraState host = m.lora().host_copy();
+  r.lora.assign(host.params.as<float>(), host.params.as<float>() + host.n_params);
+  const BatchData data = synthetic_batch(1, 10, vocab, 77);
+  r.eval = m.forward_loss(data.view()).mean();
+  r.logits.resize(size_t(10 * vocab));
+  m.forward_logits(data.view(), r.logits.data());
+  KvCache cache = m.make_kv_cache(16);
+  r.decoded.resize(size_t(2 * vocab));
+  m.decode(cache, data.tokens.data(), 6, r.decoded.data());
+  m.decode(cache, data.tokens.data() + 6, 1, r.decoded.data() + vocab);
+  return r;
+}
+
+void expect_same(const Run& a, const Run& b) {
+  EXPECT_TRUE(a.grads == b.grads) << "gradients differ";
+  ASSERT_EQ(a.losses.size(), b.losses.size());
+  for (size_t i = 0; i < a.losses.size(); ++i) EXPECT_EQ(a.losses[i], b.losses[i]) << "step " << i;
+  EXPECT_EQ(a.eval, b.eval);
+  EXPECT_TRUE(a.lora == b.lora) << "LoRA parameters differ";
+  EXPECT_TRUE(a.logits == b.logits) << "logits differ";
+  EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
+}
+
+struct OffloadCase {
+  const char* name;
+  int n_layers;
+  int n_kv_heads;
+  WeightTier tier;
+};
+
+class OffloadTrain : public ::testing::TestWithParam<OffloadCase> {};
+
+// The simulator reports a copy out that does not wait for the compute writing its buffer, a copy
+// in over a buffer an op still reads, and an op reading a buffer before its copy in landed, as
+// races; the results are those of the inputs kept on the device.
+TEST_P(OffloadTrain, SimtMatchesPerBlockBitForBit) {
+  const OffloadCase& p = GetParam();
+  LlamaConfig cfg = test::tiny_config(48);
+  cfg.n_layers = p.n_layers;
+  cfg.n_kv_heads = p.n_kv_heads;
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  LlamaModel kept(init_random_weights(cfg, DType::BF16, 3, 0.25f), offload_lora(), CheckpointPolicy::PerBlock,
+                  24, *be, p.tier);
+  LlamaModel off(init_random_weights(cfg, DType::BF16, 3, 0.25f), offload_lora(),
+                 CheckpointPolicy::PerBlockOffload, 24, *be, p.tier);
+  expect_same(run(kept, 3), run(off, 3));
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, OffloadTrain,
+                         ::testing::Values(OffloadCase{"five_layers_gqa", 5, 2, WeightTier::Resident},
+                                           OffloadCase{"one_layer", 1, 4, WeightTier::Resident},
+                                           OffloadCase{"four_layers_weights_host", 4, 2, WeightTier::Host}),
+                         [](const ::testing::TestParamInfo<OffloadCase>& p) {
+                           return std::string(p.param.name);
+                         });
+
+TEST(OffloadCpu, IsRefusedNamingCheckpointingBlock) {
+  const LlamaConfig cfg = test::tiny_config(48);
+  for (const std::string& msg : {test::launch_error([&] {
+                                   LlamaModel::memory_plan(init_random_weights(cfg, DType::F32, 3, 0.25f),
+                                                           offload_lora(), CheckpointPolicy::PerBlockOffload,
+                                                           8, cpu_backend());
+                                 }),
+                                 test::launch_error([&] {
+                                   LlamaModel m(init_random_weights(cfg, DType::F32, 3, 0.25f),
+                                                offload_lora(), CheckpointPolicy::PerBlockOffload, 8);
+                                 })})
+    test::expect_contains(
+        msg, {"--checkpointing offload", "cpu backend's memory is host memory", "use --checkpointing block"});
+}
+
+}  // namespace
+}  // namespace tf
