@@ -181,8 +181,18 @@ TEST_F(PlanCli, AutoStreamsUnderABudgetAndRefusalsNameWhatWouldFit) {
   EXPECT_EQ(j["checkpointing"], "block");
   EXPECT_EQ(j["peak"]["device"].get<uint64_t>(), host_block);
 
+  // Below that, the block inputs go to host memory too.
+  const uint64_t host_offload = alternative(j, "host", "offload")["device"];
+  ASSERT_LT(host_offload, host_block);
   args = base;
   args.insert(args.end(), {"--max-mem", std::to_string(host_block - 1)});
+  j = plan_json(args);
+  EXPECT_EQ(j["weights"], "host");
+  EXPECT_EQ(j["checkpointing"], "offload");
+  EXPECT_EQ(j["peak"]["device"].get<uint64_t>(), host_offload);
+
+  args = base;
+  args.insert(args.end(), {"--max-mem", std::to_string(host_offload - 1)});
   const test::Result r = run([&] {
     std::vector<std::string> a = args;
     a.insert(a.begin(), "plan");
@@ -195,6 +205,42 @@ TEST_F(PlanCli, AutoStreamsUnderABudgetAndRefusalsNameWhatWouldFit) {
                      r.out.find("fits with --lora-rank") != std::string::npos ||
                      r.out.find("fits with --seq-len") != std::string::npos;
   EXPECT_TRUE(named) << r.out;
+}
+
+// Llama-3.1-70B as NF4 streamed from host memory at 2048 tokens: with the block inputs in host memory
+// the device holds 3 of the 81 [2048, 8192] f32 inputs, and host memory the 80 the backward reads.
+TEST_F(PlanCli, OffloadedBlockInputsLeaveTheDeviceForTheHost) {
+  const std::vector<std::string> base = {"--model",        config("Llama-3.1-70B.json"),
+                                         "--device",       "cuda",
+                                         "--quant",        "nf4",
+                                         "--seq-len",      "2048",
+                                         "--micro-batch",  "1",
+                                         "--weights",      "host",
+                                         "--max-host-mem", "1TiB",
+                                         "--max-mem",      "1TiB"};
+  std::vector<std::string> args = base;
+  args.insert(args.end(), {"--checkpointing", "block"});
+  const nlohmann::json block = plan_json(args);
+  args = base;
+  args.insert(args.end(), {"--checkpointing", "offload"});
+  const nlohmann::json off = plan_json(args);
+  EXPECT_EQ(off["checkpointing"], "offload");
+  const uint64_t input = uint64_t(2048) * 8192 * sizeof(float);
+  EXPECT_LE(off["peak"]["device"].get<uint64_t>() + (81 - 3) * input,
+            block["peak"]["device"].get<uint64_t>());
+  EXPECT_EQ(item(off, "saved block inputs"), 80 * input);
+  EXPECT_EQ(item(block, "saved activations") - item(off, "saved activations"), (81 - 3) * input);
+}
+
+// On the cpu, whose memory is the host, the inputs have nowhere to go.
+TEST_F(PlanCli, OffloadedBlockInputsAreRefusedOnTheCpu) {
+  make_model_and_data();
+  const test::Result r =
+      run({"plan", "--model", (dir_ / "model").string(), "--device", "cpu", "--checkpointing", "offload"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("use --checkpointing block"), std::string::npos) << r.err;
+  const nlohmann::json j = plan_json({"--model", (dir_ / "model").string(), "--device", "cpu"});
+  for (const auto& a : j["alternatives"]) EXPECT_NE(a["checkpointing"], "offload");
 }
 
 TEST_F(PlanCli, StreamingChoicesTheModelOrBackendCannotTakeAreRefused) {

@@ -198,8 +198,9 @@ void check_options(const FinetuneOptions& o) {
   if (o.template_name != "auto") data::template_by_name(o.template_name);
   TF_CHECK(o.train_on == "completion" || o.train_on == "all", "--train-on must be completion or all, got '",
            o.train_on, "'");
-  TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block",
-           "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
+  TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block" ||
+               o.checkpointing == "offload",
+           "--checkpointing must be auto, none, block or offload, got '", o.checkpointing, "'");
   quant_option(o.quant);
   check_device(o.device, parse_attention(o.attention));
   TF_CHECK(o.weights == "auto" || o.weights == "resident" || o.weights == "host" || o.weights == "disk",
@@ -476,8 +477,10 @@ int run_finetune(const FinetuneOptions& given) {
       "checkpointing %s; weights %s; %d threads\n",
       train.size(), train.trainable_tokens(), std::string(data::template_name(tmpl.kind)).c_str(),
       (long long)total_steps, o.grad_accum, o.micro_batch, o.seq_len,
-      policy == CheckpointPolicy::None ? "none" : "per block", offload::weight_tier_name(plan.tier),
-      cpu::num_threads());
+      policy == CheckpointPolicy::None       ? "none"
+      : policy == CheckpointPolicy::PerBlock ? "per block"
+                                             : "per block, inputs in host memory",
+      offload::weight_tier_name(plan.tier), cpu::num_threads());
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
   std::printf("plan: predicted peak %s\n", peaks_text(plan.plan, plan.budget).c_str());
   if (plan.tier == offload::WeightTier::Disk && s.backend->host_memory() && !std::getenv("OMP_WAIT_POLICY"))

@@ -92,7 +92,9 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_option(
        "--checkpointing", o.checkpointing,
        "Activation checkpointing: auto (the plan's choice: per block when keeping every block's activations "
-       "does not fit the budgets), none or block")
+       "does not fit the budgets, then per block with the kept block inputs in host memory), none, block "
+       "(recompute each block from its kept input) or offload (as block, the inputs kept in host memory and "
+       "copied back one block ahead of the backward; not on the cpu)")
       ->capture_default_str();
   c.add_option("--device", o.device, kDeviceHelp)->capture_default_str();
   c.add_option("--attention", o.attention, kAttentionHelp)->capture_default_str();

@@ -42,19 +42,30 @@ std::optional<WeightTier> parse_weight_tier(const std::string& s) {
   return std::nullopt;
 }
 
-LoraConfig lora_of(const FinetuneOptions& o) {
-  LoraConfig l;
-  l.rank = o.lora_rank;
-  l.alpha = o.lora_alpha;
-  l.dropout = o.lora_dropout;
-  l.rslora = o.rslora;
-  l.targets = parse_lora_targets(o.lora_targets);
-  l.seed = o.seed;
-  return l;
+const char* policy_name(CheckpointPolicy p) {
+  switch (p) {
+    case CheckpointPolicy::None: return "none";
+    case CheckpointPolicy::PerBlock: return "per block";
+    case CheckpointPolicy::PerBlockOffload: return "per block, inputs in host memory";
+  }
+  return "?";
 }
 
-const char* policy_name(CheckpointPolicy p) {
-  return p == CheckpointPolicy::None ? "none" : "per block";
+// The --checkpointing value of a policy.
+const char* policy_option(CheckpointPolicy p) {
+  switch (p) {
+    case CheckpointPolicy::None: return "none";
+    case CheckpointPolicy::PerBlock: return "block";
+    case CheckpointPolicy::PerBlockOffload: return "offload";
+  }
+  return "?";
+}
+
+// The policies a backend can run, in the order auto tries them: the kept block inputs go to host
+// memory only from a device (the cpu's memory is the host).
+std::vector<CheckpointPolicy> policies_of(const Backend& be) {
+  if (be.host_memory()) return {CheckpointPolicy::None, CheckpointPolicy::PerBlock};
+  return {CheckpointPolicy::None, CheckpointPolicy::PerBlock, CheckpointPolicy::PerBlockOffload};
 }
 
 std::string gib(uint64_t bytes) {
@@ -91,20 +102,6 @@ uint64_t line_count(const std::string& path) {
   return lines + (last == '\n' ? 0 : 1);
 }
 
-// The LoRA target of a projection slot, or nothing for the other slots.
-std::optional<LoraTarget> lora_target_of(WeightSlot s) {
-  switch (s) {
-    case WeightSlot::Q: return LoraTarget::Q;
-    case WeightSlot::K: return LoraTarget::K;
-    case WeightSlot::V: return LoraTarget::V;
-    case WeightSlot::O: return LoraTarget::O;
-    case WeightSlot::Gate: return LoraTarget::Gate;
-    case WeightSlot::Up: return LoraTarget::Up;
-    case WeightSlot::Down: return LoraTarget::Down;
-    default: return std::nullopt;
-  }
-}
-
 std::vector<WeightTier> tiers_of(const Backend& be) {
   if (be.host_memory()) return {WeightTier::Resident, WeightTier::Disk};
   return {WeightTier::Resident, WeightTier::Host, WeightTier::Disk};
@@ -120,6 +117,17 @@ void check_tier(WeightTier t, const Backend& be, const io::ModelDescription& d) 
 }
 
 }  // namespace
+
+LoraConfig lora_config(const FinetuneOptions& o) {
+  LoraConfig l;
+  l.rank = o.lora_rank;
+  l.alpha = o.lora_alpha;
+  l.dropout = o.lora_dropout;
+  l.rslora = o.rslora;
+  l.targets = parse_lora_targets(o.lora_targets);
+  l.seed = o.seed;
+  return l;
+}
 
 offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be) {
   offload::Budget b;
@@ -143,7 +151,7 @@ offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be) {
 offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                          CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss) {
   const LlamaConfig& c = d.weights.config;
-  const LoraConfig lora = lora_of(o);
+  const LoraConfig lora = lora_config(o);
   const int64_t max_tokens = int64_t(o.micro_batch) * o.seq_len;
   const MemoryPlan mp = LlamaModel::memory_plan(d.weights, lora, policy, max_tokens, be, tier);
   const Tier mine = be.host_memory() ? Tier::Host : Tier::Device;
@@ -243,7 +251,7 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
 nlohmann::json RunPlan::to_json() const {
   nlohmann::json j = plan.to_json();
   j["backend"] = backend;
-  j["checkpointing"] = policy == CheckpointPolicy::None ? "none" : "block";
+  j["checkpointing"] = policy_option(policy);
   j["weights"] = offload::weight_tier_name(tier);
   j["budget"]["device"] = budget.device ? nlohmann::json(*budget.device) : nlohmann::json(nullptr);
   j["budget"]["host"] = budget.host ? nlohmann::json(*budget.host) : nlohmann::json(nullptr);
@@ -255,9 +263,12 @@ nlohmann::json RunPlan::to_json() const {
 RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                  const offload::Budget& budget, uint64_t startup_rss) {
   std::vector<CheckpointPolicy> policies;
-  if (o.checkpointing == "none" || o.checkpointing == "auto") policies.push_back(CheckpointPolicy::None);
-  if (o.checkpointing == "block" || o.checkpointing == "auto") policies.push_back(CheckpointPolicy::PerBlock);
-  TF_CHECK(!policies.empty(), "--checkpointing must be auto, none or block, got '", o.checkpointing, "'");
+  for (CheckpointPolicy p :
+       {CheckpointPolicy::None, CheckpointPolicy::PerBlock, CheckpointPolicy::PerBlockOffload})
+    if (o.checkpointing == policy_option(p)) policies.push_back(p);
+  if (o.checkpointing == "auto") policies = policies_of(be);
+  TF_CHECK(!policies.empty(), "--checkpointing must be auto, none, block or offload, got '", o.checkpointing,
+           "'");
   std::vector<WeightTier> tiers;
   if (o.weights == "auto") {
     tiers = tiers_of(be);
@@ -302,6 +313,8 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
     best.choices.push_back(std::string("checkpointing ") + policy_name(best.policy) + " (auto: " + within +
                            (best.policy == CheckpointPolicy::PerBlock && best.fits
                                 ? "; keeping every block's activations does not"
+                            : best.policy == CheckpointPolicy::PerBlockOffload && best.fits
+                                ? "; keeping the block inputs on the device does not"
                                 : "") +
                            ")");
   if (o.weights == "auto")
@@ -346,6 +359,9 @@ std::vector<std::string> refusal_lines(const FinetuneOptions& o, const io::Model
   if (o.checkpointing != "block")
     with(
         "--checkpointing block", [](FinetuneOptions& v) { v.checkpointing = "block"; }, quant);
+  if (!be.host_memory() && o.checkpointing != "offload")
+    with(
+        "--checkpointing offload", [](FinetuneOptions& v) { v.checkpointing = "offload"; }, quant);
   for (WeightTier t : tiers_of(be))
     if (t != WeightTier::Resident && o.weights != offload::weight_tier_name(t))
       with(
@@ -437,7 +453,7 @@ int run_plan(const FinetuneOptions& o, bool json) {
     j["note"] = note;
     nlohmann::json grid = nlohmann::json::array();
     for (WeightTier t : tiers_of(*be)) {
-      for (CheckpointPolicy p : {CheckpointPolicy::None, CheckpointPolicy::PerBlock}) {
+      for (CheckpointPolicy p : policies_of(*be)) {
         try {
           check_tier(t, *be, d);
         } catch (const Error&) {
@@ -445,7 +461,7 @@ int run_plan(const FinetuneOptions& o, bool json) {
         }
         const offload::Plan alt = byte_model(o, d, *be, p, t, startup);
         grid.push_back({{"weights", offload::weight_tier_name(t)},
-                        {"checkpointing", p == CheckpointPolicy::None ? "none" : "block"},
+                        {"checkpointing", policy_option(p)},
                         {"device", alt.peak(Tier::Device)},
                         {"host", alt.peak(Tier::Host)}});
       }
@@ -473,9 +489,9 @@ int run_plan(const FinetuneOptions& o, bool json) {
       std::printf("  weights %-8s  not possible: %s\n", offload::weight_tier_name(t), e.what());
       continue;
     }
-    for (CheckpointPolicy p : {CheckpointPolicy::None, CheckpointPolicy::PerBlock}) {
+    for (CheckpointPolicy p : policies_of(*be)) {
       const offload::Plan alt = byte_model(o, d, *be, p, t, startup);
-      std::printf("  weights %-8s  checkpointing %-9s  %s\n", offload::weight_tier_name(t), policy_name(p),
+      std::printf("  weights %-8s  checkpointing %-9s  %s\n", offload::weight_tier_name(t), policy_option(p),
                   peaks_text(alt, {}).c_str());
     }
   }
