@@ -341,13 +341,7 @@ int run_finetune(const FinetuneOptions& given) {
   TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": was not written by tightfit (",
            describe_entries(adapter_path), "); move it out of the run directory, then run again");
 
-  LoraConfig lora;
-  lora.rank = o.lora_rank;
-  lora.alpha = o.lora_alpha;
-  lora.dropout = o.lora_dropout;
-  lora.rslora = o.rslora;
-  lora.targets = parse_lora_targets(o.lora_targets);
-  lora.seed = o.seed;
+  const LoraConfig lora = lora_config(o);
 
   // The plan comes first, from the model's headers alone: a run that cannot fit is refused before
   // anything heavy loads.

@@ -29,6 +29,9 @@ struct RunPlan {
   nlohmann::json to_json() const;
 };
 
+// The LoRA configuration finetune's options give.
+LoraConfig lora_config(const FinetuneOptions& o);
+
 // The budgets of `o` on `be`: --max-mem bounds the backend's memory (the host's on cpu), --max-host-mem
 // host memory; auto is the device's memory (a GPU) and the host's available memory (MemAvailable).
 offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be);

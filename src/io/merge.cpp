@@ -34,19 +34,6 @@ constexpr const char* kTokenizerFiles[] = {"tokenizer.json", "tokenizer_config.j
                                            "special_tokens_map.json", "tokenizer.model",
                                            "generation_config.json"};
 
-std::optional<LoraTarget> target_of(WeightSlot s) {
-  switch (s) {
-    case WeightSlot::Q: return LoraTarget::Q;
-    case WeightSlot::K: return LoraTarget::K;
-    case WeightSlot::V: return LoraTarget::V;
-    case WeightSlot::O: return LoraTarget::O;
-    case WeightSlot::Gate: return LoraTarget::Gate;
-    case WeightSlot::Up: return LoraTarget::Up;
-    case WeightSlot::Down: return LoraTarget::Down;
-    default: return std::nullopt;
-  }
-}
-
 std::optional<LoraTarget> target_of(GgufLlamaRole r) {
   switch (r) {
     case GgufLlamaRole::AttnQ: return LoraTarget::Q;
@@ -272,7 +259,7 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     const WeightRef w = slot_of(base, slot, layer);
     const DType dtype = is_quantized(w.dtype) ? quantized_as : options.dtype.value_or(w.dtype);
-    const bool nf4 = options.nf4 && target_of(slot).has_value();
+    const bool nf4 = options.nf4 && lora_target_of(slot).has_value();
     const int64_t n = w.rows * w.cols, blocks = ref::quant_blocks(n, kNf4Block);
     const int64_t bytes =
         nf4 ? ref::nf4_packed_bytes(n) + blocks + 4 * (ref::quant_blocks(blocks, kNf4NestedBlock) + 16 + 256)
@@ -310,7 +297,7 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     for (size_t i : shards[s]) {
       const Entry& e = entries[i];
       const int64_t rows = e.w.rows, cols = e.w.cols, n = rows * cols;
-      const std::optional<LoraTarget> t = target_of(e.slot);
+      const std::optional<LoraTarget> t = lora_target_of(e.slot);
       const LoraAdapter* a = t && lora.at(e.layer, *t).active() ? &lora.at(e.layer, *t) : nullptr;
       const bool permute = unpermute && (e.slot == WeightSlot::Q || e.slot == WeightSlot::K ||
                                          e.slot == WeightSlot::QBias || e.slot == WeightSlot::KBias);

@@ -32,6 +32,19 @@ std::string hf_weight_name(WeightSlot slot, int layer) {
   return {};
 }
 
+std::optional<LoraTarget> lora_target_of(WeightSlot s) {
+  switch (s) {
+    case WeightSlot::Q: return LoraTarget::Q;
+    case WeightSlot::K: return LoraTarget::K;
+    case WeightSlot::V: return LoraTarget::V;
+    case WeightSlot::O: return LoraTarget::O;
+    case WeightSlot::Gate: return LoraTarget::Gate;
+    case WeightSlot::Up: return LoraTarget::Up;
+    case WeightSlot::Down: return LoraTarget::Down;
+    default: return std::nullopt;
+  }
+}
+
 std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& c, WeightSlot slot) {
   switch (slot) {
     case WeightSlot::AttnNorm:

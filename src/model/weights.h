@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,8 @@ constexpr bool is_layer_slot(WeightSlot s) {
 }
 // The HF checkpoint name, e.g. "model.layers.3.self_attn.q_proj.weight" (layer ignored for globals).
 std::string hf_weight_name(WeightSlot slot, int layer);
+// The LoRA target of a projection slot (q, k, v, o, gate, up, down); nothing for the others.
+std::optional<LoraTarget> lora_target_of(WeightSlot slot);
 // Expected shape [rows, cols] of a slot (biases and norms are [1, n]).
 std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& cfg, WeightSlot slot);
 
