@@ -5,15 +5,18 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "kernels/ops.h"
 #include "kernels/scratch_shape.h"
 #include "src/core/alloc.h"
+#include "src/core/error.h"
 
 namespace tf {
 
@@ -41,6 +44,42 @@ class DeviceMem {
  private:
   friend class Backend;
   void release();
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  MemTag tag_ = MemTag::Workspace;
+};
+
+// Host memory a backend gives for copies to and from its memory (Backend::alloc_host), counted
+// against its tag in the process's MemTracker for its lifetime. Move-only; frees itself.
+class HostMem {
+ public:
+  HostMem() = default;
+  ~HostMem() { release(); }
+  HostMem(HostMem&& o) noexcept { *this = std::move(o); }
+  HostMem& operator=(HostMem&& o) noexcept {
+    if (this != &o) {
+      release();
+      owner_ = std::exchange(o.owner_, nullptr);
+      data_ = std::exchange(o.data_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+      tag_ = o.tag_;
+    }
+    return *this;
+  }
+  HostMem(const HostMem&) = delete;
+  HostMem& operator=(const HostMem&) = delete;
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  friend class Backend;
+  inline void release();
   Backend* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
@@ -86,6 +125,21 @@ class Backend {
   // sized by the prompt): a device backend takes it from the device as a block of its own, so that
   // a reserved arena stays exactly the plan.
   DeviceMem alloc_unplanned(size_t bytes, MemTag tag, std::string_view what);
+  // Host memory that copies to and from this backend's memory read or write: page-locked on a device
+  // backend (rt::host_alloc_pinned), so that the copy engine takes it without staging and the copy
+  // overlaps the host; ordinary host memory on the cpu. `what` names it in errors.
+  HostMem alloc_host(size_t bytes, MemTag tag, std::string_view what);
+  // Page-locks host memory that already holds data (weights copied from where they were loaded),
+  // read-only, so that copies from it overlap as from alloc_host's: false, with the reason in *why,
+  // where the system refuses (a locked-memory limit), and the copies stay pageable. The cpu has
+  // nothing to lock.
+  virtual bool register_host(const void* p, size_t bytes, std::string* why) {
+    (void)p;
+    (void)bytes;
+    (void)why;
+    return true;
+  }
+  virtual void unregister_host(const void* p) { (void)p; }
   // Sets aside `bytes` of this backend's memory for a run, before its model is built
   // (LlamaModel::memory_plan says how much). A device backend takes it from the device as one block,
   // its arena, and carves every alloc() from it (first fit, pieces of footprint() bytes); from then
@@ -183,10 +237,40 @@ class Backend {
   virtual void* allocate_unplanned(size_t bytes, MemTag tag, std::string_view what) {
     return allocate(bytes, tag, what);
   }
+  virtual void* allocate_host(size_t bytes, std::string_view what) {
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    TF_CHECK(p, "cannot allocate ", bytes, " bytes of host memory for ", what);
+    return p;
+  }
+  virtual void deallocate_host(void* p) {
+    std::free(p);
+  }
 
  private:
   friend class DeviceMem;
+  friend class HostMem;
 };
+
+inline HostMem Backend::alloc_host(size_t bytes, MemTag tag, std::string_view what) {
+  HostMem m;
+  if (!bytes) return m;
+  m.data_ = allocate_host(bytes, what);
+  m.owner_ = this;
+  m.bytes_ = bytes;
+  m.tag_ = tag;
+  MemTracker::instance().on_alloc(tag, bytes);
+  return m;
+}
+
+inline void HostMem::release() {
+  if (owner_ && data_) {
+    owner_->deallocate_host(data_);
+    MemTracker::instance().on_free(tag_, bytes_);
+  }
+  owner_ = nullptr;
+  data_ = nullptr;
+  bytes_ = 0;
+}
 
 inline DeviceMem Backend::alloc_unplanned(size_t bytes, MemTag tag, std::string_view what) {
   DeviceMem m;

@@ -21,7 +21,7 @@ ActivationStore::ActivationStore(Backend& be, int n_layers, int64_t max_tokens, 
                                  const std::array<float*, kWindow>& window)
     : be_(be), n_layers_(n_layers), max_tokens_(max_tokens), hidden_(hidden), saved_(size_t(n_layers), 0) {
   check_backend(be);
-  host_ = Buffer(host_bytes(n_layers, max_tokens, hidden), MemTag::Activations, /*zero=*/false);
+  host_ = be.alloc_host(host_bytes(n_layers, max_tokens, hidden), MemTag::Activations, "saved block inputs");
   for (size_t i = 0; i < slots_.size(); ++i) slots_[i].device = window[i];
 }
 

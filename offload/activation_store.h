@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "kernels/backend.h"
-#include "src/core/alloc.h"
 
 namespace tf::offload {
 
@@ -67,7 +66,7 @@ class ActivationStore {
   Backend& be_;
   int n_layers_;
   int64_t max_tokens_, hidden_;
-  Buffer host_;                 // [n_layers][max_tokens][hidden]
+  HostMem host_;                // [n_layers][max_tokens][hidden], page-locked
   std::vector<int64_t> saved_;  // rows of each input saved in host memory (0: none)
   std::array<Slot, kWindow> slots_;
   uint64_t releases_ = 0;

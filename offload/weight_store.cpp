@@ -2,11 +2,16 @@
 #include "offload/weight_store.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <set>
+#include <string>
+#include <utility>
 
 #include "kernels/quant_blocks.h"
 #include "src/core/error.h"
@@ -129,17 +134,56 @@ WeightStore::WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be)
     Slot& s = slots_[i];
     s.device = be.alloc(f.backend[i].bytes, MemTag::Weights, f.backend[i].what);
     if (tier != WeightTier::Disk) continue;
-    if (!be.host_memory()) s.read = Buffer(f.host[i].bytes, MemTag::Weights, /*zero=*/false);
+    if (!be.host_memory()) s.read = be.alloc_host(f.host[i].bytes, MemTag::Weights, f.host[i].what);
     s.read_base = align_up(be.host_memory() ? s.device.data() : s.read.data());
   }
   if (tier == WeightTier::Disk)
     for (const MappedFile& file : w.files) readers_.push_back(std::make_unique<DirectReader>(file.path));
+  if (tier == WeightTier::Host) register_host_tensors();
 }
 
 WeightStore::~WeightStore() {
   // Copies into the slots may still be in flight on the Copy stream (the readers, destroyed before
   // the slots, wait out the reads into them).
   be_.synchronize();
+  for (const void* p : registered_) be_.unregister_host(p);
+}
+
+void WeightStore::register_host_tensors() {
+  // Registered ranges may not overlap, and neighbouring tensors share pages: the tensors' pages are
+  // merged into runs first.
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const Layer& L : layers_)
+    for (const Tensor& t : L.tensors)
+      for (const Part& p : t.parts) {
+        if (p.bytes == 0) continue;
+        const auto at = reinterpret_cast<uintptr_t>(p.host);
+        spans.push_back({at / page * page, (at + p.bytes + page - 1) / page * page});
+      }
+  std::sort(spans.begin(), spans.end());
+  std::vector<std::pair<uintptr_t, uintptr_t>> runs;
+  for (const auto& s : spans) {
+    if (!runs.empty() && s.first <= runs.back().second)
+      runs.back().second = std::max(runs.back().second, s.second);
+    else
+      runs.push_back(s);
+  }
+  for (const auto& [begin, end] : runs) {
+    std::string why;
+    const auto* p = reinterpret_cast<const void*>(begin);
+    if (be_.register_host(p, size_t(end - begin), &why)) {
+      registered_.push_back(p);
+      continue;
+    }
+    static std::atomic<bool> said{false};
+    if (!said.exchange(true))
+      std::fprintf(stderr,
+                   "note: --weights host: cannot page-lock the weights in host memory (%s); their copies to "
+                   "the device go through pageable memory and overlap the compute less\n",
+                   why.c_str());
+    return;
+  }
 }
 
 void WeightStore::check_unchanged(const Tensor& t) const {

@@ -88,7 +88,7 @@ class WeightStore {
     int layer = -1;
     BlockWeights weights;
     DeviceMem device;                // the device slot, or on the cpu the read buffer itself
-    Buffer read;                     // a device backend's read buffer (Disk)
+    HostMem read;                    // a device backend's read buffer (Disk), page-locked
     std::byte* read_base = nullptr;  // the read buffer, aligned to DirectReader::kAlign
     std::optional<Event> copied, freed;
     std::vector<Read> reads;        // in flight (Disk)
@@ -96,6 +96,9 @@ class WeightStore {
   };
 
   static std::vector<Layer> layout(const LlamaWeights& w, WeightTier tier, const Backend& be);
+  // Host: page-locks the pages of the per-layer tensors where they lie, so that their copies
+  // overlap the compute; where the system refuses, the copies stay pageable (said once a process).
+  void register_host_tensors();
   void load(int layer, Slot& s);
   // Copies the staged block into the slot's device memory on the Copy stream.
   void copy_in(Slot& s);
@@ -109,7 +112,8 @@ class WeightStore {
   std::array<Slot, 2> slots_;
   // One per file, Disk only; after the slots, so that reads still in flight land before they go.
   std::vector<std::unique_ptr<DirectReader>> readers_;
-  size_t last_ = 0;  // the slot acquired last
+  size_t last_ = 0;                      // the slot acquired last
+  std::vector<const void*> registered_;  // page ranges register_host_tensors locked
 };
 
 }  // namespace tf::offload

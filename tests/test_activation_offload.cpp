@@ -1,6 +1,8 @@
 // defines: tests of per-block checkpointing with the kept block inputs in host memory
 // (CheckpointPolicy::PerBlockOffload, offload::ActivationStore) on the simulated device, against
-// per-block checkpointing with them on the device, bit for bit; its refusal on the cpu
+// per-block checkpointing with them on the device, bit for bit; its refusal on the cpu; the
+// page-locked host memory of Backend::alloc_host, which the saved inputs and the disk tier's read
+// buffers take on a device
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -8,11 +10,15 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cuda/runtime.h"
 #include "model_test_util.h"
 #include "src/core/error.h"
+#include "src/io/model_loader.h"
 #include "src/model/llama.h"
 #include "src/train/trainer.h"
 #include "tests/sim_test_util.h"
+#include "tests/stream_test_util.h"
+#include "tests/test_util.h"
 
 namespace tf {
 namespace {
@@ -124,6 +130,46 @@ TEST(OffloadCpu, IsRefusedNamingCheckpointingBlock) {
                                  })})
     test::expect_contains(
         msg, {"--checkpointing offload", "cpu backend's memory is host memory", "use --checkpointing block"});
+}
+
+// A device backend's host memory is page-locked (on the simulator, counted as such), a cpu's is not;
+// both are counted against their tag in the process's tracker while they live.
+TEST(HostMemory, AllocHostIsCountedAndPageLockedOnADevice) {
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  MemTracker& t = MemTracker::instance();
+  const size_t tracked = t.current(MemTag::Activations), pinned = simt::rt::pinned_in_use();
+  {
+    HostMem m = be->alloc_host(10000, MemTag::Activations, "test buffer");
+    EXPECT_EQ(t.current(MemTag::Activations), tracked + 10000);
+    EXPECT_EQ(simt::rt::pinned_in_use(), pinned + 10000);
+    HostMem moved = std::move(m);
+    EXPECT_EQ(m.data(), nullptr);
+    EXPECT_EQ(moved.bytes(), 10000u);
+    HostMem plain = cpu_backend().alloc_host(4096, MemTag::Activations, "test buffer");
+    EXPECT_EQ(t.current(MemTag::Activations), tracked + 14096);
+    EXPECT_EQ(simt::rt::pinned_in_use(), pinned + 10000);
+  }
+  EXPECT_EQ(t.current(MemTag::Activations), tracked);
+  EXPECT_EQ(simt::rt::pinned_in_use(), pinned);
+}
+
+// The host memory a device model lists in its plan is page-locked: the saved block inputs, and the
+// read buffers of the weights streamed from the file.
+TEST(HostMemory, TheSavedInputsAndTheDiskReadBuffersArePageLocked) {
+  test::TempDir tmp;
+  LlamaConfig cfg = test::tiny_config(48);
+  cfg.n_layers = 4;
+  const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / "m");
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  LlamaWeights w = io::load_model(dir, true, io::QuantMode::Keep).weights;
+  const MemoryPlan plan = LlamaModel::memory_plan(w, offload_lora(), CheckpointPolicy::PerBlockOffload, 16,
+                                                  *be, WeightTier::Disk);
+  ASSERT_EQ(plan.host.size(), 3u) << "two read buffers and the saved inputs";
+  size_t host = 0;
+  for (const PlannedAlloc& a : plan.host) host += a.bytes;
+  const size_t pinned = simt::rt::pinned_in_use();
+  LlamaModel m(std::move(w), offload_lora(), CheckpointPolicy::PerBlockOffload, 16, *be, WeightTier::Disk);
+  EXPECT_EQ(simt::rt::pinned_in_use() - pinned, host);
 }
 
 }  // namespace

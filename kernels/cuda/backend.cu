@@ -300,6 +300,20 @@ class DeviceBackend final : public Backend {
     }
     tracker_.on_free(tag, bytes);
   }
+  void* allocate_host(size_t bytes, std::string_view what) override {
+    return rt::host_alloc_pinned(bytes, std::string(what).c_str());
+  }
+  void deallocate_host(void* p) override {
+    rt::host_free_pinned(p);
+  }
+
+ public:
+  bool register_host(const void* p, size_t bytes, std::string* why) override {
+    return rt::host_register(p, bytes, why);
+  }
+  void unregister_host(const void* p) override {
+    rt::host_unregister(p);
+  }
 
  private:
   static constexpr size_t kStagingElems = size_t(1) << 22;  // f32 -> bf16 conversion in 8 MiB pieces

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -61,6 +62,17 @@ void note_in_use() {
 
 cudaStream_t cs(StreamHandle s) {
   return static_cast<cudaStream_t>(s);
+}
+
+// The live host_alloc_pinned allocations and their sizes.
+struct Pinned {
+  std::mutex m;
+  std::map<void*, size_t> bytes;
+  size_t in_use = 0;
+};
+Pinned& pinned() {
+  static Pinned p;
+  return p;
 }
 
 }  // namespace
@@ -131,6 +143,52 @@ void reset_memory_peak() {
 
 void device_free(void* p) {
   TF_CUDA_CHECK(cudaFree(p));
+}
+
+void* host_alloc_pinned(size_t bytes, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocDefault);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    TF_FAIL("cannot allocate ", bytes, " bytes of page-locked host memory for ", what, ": ",
+            cudaGetErrorString(e));
+  }
+  Pinned& pn = pinned();
+  std::lock_guard lock(pn.m);
+  pn.bytes[p] = bytes;
+  pn.in_use += bytes;
+  return p;
+}
+
+void host_free_pinned(void* p) {
+  if (!p) return;
+  {
+    Pinned& pn = pinned();
+    std::lock_guard lock(pn.m);
+    const auto it = pn.bytes.find(p);
+    TF_CHECK(it != pn.bytes.end(), "rt::host_free_pinned: ", p, " is no live page-locked allocation");
+    pn.in_use -= it->second;
+    pn.bytes.erase(it);
+  }
+  TF_CUDA_CHECK(cudaFreeHost(p));
+}
+
+size_t pinned_in_use() {
+  Pinned& pn = pinned();
+  std::lock_guard lock(pn.m);
+  return pn.in_use;
+}
+
+bool host_register(const void* p, size_t bytes, std::string* why) {
+  const cudaError_t e = cudaHostRegister(const_cast<void*>(p), bytes, cudaHostRegisterReadOnly);
+  if (e == cudaSuccess) return true;
+  cudaGetLastError();
+  if (why) *why = cudaGetErrorString(e);
+  return false;
+}
+
+void host_unregister(const void* p) {
+  TF_CUDA_CHECK(cudaHostUnregister(const_cast<void*>(p)));
 }
 
 void memcpy_h2d(void* dst, const void* src, size_t bytes, StreamHandle s) {

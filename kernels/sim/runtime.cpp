@@ -412,6 +412,61 @@ void device_free(void* p) {
            "': ", std::strerror(errno));
 }
 
+namespace {
+
+// The live host_alloc_pinned allocations and their sizes.
+struct Pinned {
+  std::mutex m;
+  std::map<void*, size_t> bytes;
+  size_t in_use = 0;
+};
+Pinned& pinned() {
+  static Pinned p;
+  return p;
+}
+
+}  // namespace
+
+void* host_alloc_pinned(size_t bytes, const char* what) {
+  const size_t page = sim::page_size();
+  void* p = std::aligned_alloc(page, std::max<size_t>((bytes + page - 1) / page, 1) * page);
+  TF_CHECK(p, "cannot allocate ", bytes, " bytes of page-locked host memory for ", what);
+  Pinned& pn = pinned();
+  std::lock_guard lock(pn.m);
+  pn.bytes[p] = bytes;
+  pn.in_use += bytes;
+  return p;
+}
+
+void host_free_pinned(void* p) {
+  if (!p) return;
+  Pinned& pn = pinned();
+  std::lock_guard lock(pn.m);
+  const auto it = pn.bytes.find(p);
+  TF_CHECK(it != pn.bytes.end(), "rt::host_free_pinned: ", p, " is no live page-locked allocation");
+  pn.in_use -= it->second;
+  pn.bytes.erase(it);
+  std::free(p);
+}
+
+size_t pinned_in_use() {
+  Pinned& pn = pinned();
+  std::lock_guard lock(pn.m);
+  return pn.in_use;
+}
+
+// The simulated copy engine reads any host memory; there is nothing to lock.
+bool host_register(const void* p, size_t bytes, std::string* why) {
+  (void)p;
+  (void)bytes;
+  (void)why;
+  return true;
+}
+
+void host_unregister(const void* p) {
+  (void)p;
+}
+
 void memcpy_h2d(void* dst, const void* src, size_t bytes, StreamHandle s) {
   StreamOp op(s, "rt::memcpy_h2d");
   sim::range_access(dst, bytes, sim::AccessKind::Write, "the destination of rt::memcpy_h2d");
