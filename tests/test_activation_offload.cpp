@@ -2,13 +2,14 @@
 // (CheckpointPolicy::PerBlockOffload, offload::ActivationStore) on the simulated device, against
 // per-block checkpointing with them on the device, bit for bit; its refusal on the cpu; the
 // page-locked host memory of Backend::alloc_host, which the saved inputs and the disk tier's read
-// buffers take on a device
+// buffers take on a device; finetune --checkpointing offload on the simulated device
 #include <gtest/gtest.h>
 
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "cli_test_util.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/runtime.h"
 #include "model_test_util.h"
@@ -170,6 +171,24 @@ TEST(HostMemory, TheSavedInputsAndTheDiskReadBuffersArePageLocked) {
   const size_t pinned = simt::rt::pinned_in_use();
   LlamaModel m(std::move(w), offload_lora(), CheckpointPolicy::PerBlockOffload, 16, *be, WeightTier::Disk);
   EXPECT_EQ(simt::rt::pinned_in_use() - pinned, host);
+}
+
+class CliOffload : public test::Cli {};
+
+// finetune takes the policy by name and gives the losses of --checkpointing block bit for bit.
+TEST_F(CliOffload, FinetuneOnSimtGivesTheLossesOfCheckpointingBlock) {
+  make_model_and_data();
+  std::vector<std::string> block = finetune_args("block", 2), off = finetune_args("offload", 2);
+  for (auto* args : {&block, &off}) set_option(*args, "--device", "simt");
+  set_option(block, "--checkpointing", "block");
+  set_option(off, "--checkpointing", "offload");
+  ASSERT_EQ(run(block).status, 0);
+  const test::Result r = run(off);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("checkpointing per block, inputs in host memory"), std::string::npos) << r.out;
+  const std::vector<double> want = losses(dir_ / "block" / "metrics.jsonl");
+  EXPECT_EQ(want.size(), 2u);
+  EXPECT_EQ(losses(dir_ / "offload" / "metrics.jsonl"), want);
 }
 
 }  // namespace
