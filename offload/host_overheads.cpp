@@ -176,12 +176,15 @@ std::vector<PlanItem> host_overheads(const HostOverheadInputs& in) {
   add("kernel scratch", scratch_detail, scratch, false);
 
   // Every page of the mapping is read once (kept tensors while training, converted ones at load),
-  // and the mapping lives as long as the weights, so its pages stay in RssFile.
-  const uint64_t mapped =
-      in.model_file_bytes > in.streamed_tensor_bytes ? in.model_file_bytes - in.streamed_tensor_bytes : 0;
+  // and the mapping lives as long as the weights, so its pages stay in RssFile; those wholly inside
+  // a converted tensor the loader drops once it is converted, and streamed tensors are never read
+  // through the mapping.
+  const uint64_t gone = in.streamed_tensor_bytes + in.dropped_bytes;
+  const uint64_t mapped = in.model_file_bytes > gone ? in.model_file_bytes - gone : 0;
   add("model file mapped",
       in.streamed_tensor_bytes ? "the file less the tensors streamed from disk"
-                               : "every page is read once and stays mapped",
+      : in.dropped_bytes ? "the file less the pages of tensors converted at load, dropped once converted"
+                         : "every page is read once and stays mapped",
       round_up(mapped, kPage), false);
 
   if (in.gguf_metadata_bytes)

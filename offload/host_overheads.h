@@ -44,6 +44,9 @@ struct HostOverheadInputs {
   // Of those, tensor bytes that --weights disk reads with the direct reader instead of through the
   // mapping (0 when the weights are resident).
   uint64_t streamed_tensor_bytes = 0;
+  // Of those, the pages of tensors converted at load that the loader drops once converted
+  // (io::drop_source_pages): they are read once and leave the process.
+  uint64_t dropped_bytes = 0;
   // A GGUF file's bytes before its tensor data (metadata and tensor infos; 0 for safetensors): its
   // vocabulary is parsed from there into the tokenizer.
   uint64_t gguf_metadata_bytes = 0;

@@ -456,6 +456,47 @@ TEST(HfQuantLoad, EveryModeStoresEveryFloatTypeAsItSays) {
   EXPECT_EQ(io::load_model(tmp.str() + "/m", true, QuantMode::Nf4).weights.blocks[1].down.dtype, DType::NF4);
 }
 
+// A tensor converted at load leaves the process once converted: the pages wholly inside its
+// source are dropped from the mapping (they would otherwise stay resident beside the converted
+// copy), while a tensor computed with in place keeps its pages once read.
+TEST(HfQuantLoad, TheSourcePagesOfConvertedTensorsAreDropped) {
+  const test::TempDir tmp;
+  LlamaConfig cfg = test::tiny_config();
+  cfg.hidden = 256;
+  cfg.intermediate = 1024;
+  cfg.head_dim = 64;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.rope.head_dim = 64;
+  write_hf_dir(cfg, tmp.str() + "/m");
+  for (QuantMode mode : {QuantMode::Nf4, QuantMode::Keep}) {
+    SCOPED_TRACE(std::string(io::quant_mode_name(mode)));
+    const io::LoadedModel m = io::load_model(tmp.str() + "/m", true, mode);
+    // Where the loader's mapping holds the source: its offset in the data section, read from a
+    // second mapping of the file, from the start of the loader's window on that section.
+    const io::SafetensorsModel second = io::SafetensorsModel::open(tmp.str() + "/m");
+    const TensorView view = second.view(hf_weight_name(WeightSlot::Up, 0));
+    const std::byte* section = second.shards().front().tensors().front().bytes.data();
+    ASSERT_EQ(m.weights.files.size(), 1u);
+    struct {
+      const void* data;
+    } source{m.weights.files[0].begin + (static_cast<const std::byte*>(view.data) - section)};
+    const size_t bytes = view.nbytes();
+    const size_t droppable = io::droppable_bytes(source.data, bytes) / size_t(sysconf(_SC_PAGESIZE));
+    ASSERT_GT(droppable, 8u);
+    if (mode == QuantMode::Keep) {
+      volatile const unsigned char* p = static_cast<const unsigned char*>(source.data);
+      unsigned sum = 0;
+      for (size_t i = 0; i < bytes; i += 512) sum += p[i];
+      (void)sum;
+      EXPECT_GE(test::present_pages(source.data, bytes), droppable);
+    } else {
+      // Only the pages it shares with its neighbours may stay.
+      EXPECT_LE(test::present_pages(source.data, bytes), 2u);
+    }
+  }
+}
+
 TEST(HfQuantLoad, ATiedEmbeddingIsQuantizedOnceAndStaysTied) {
   const test::TempDir tmp;
   LlamaConfig cfg = test::tiny_config();

@@ -93,23 +93,6 @@ void expect_same(const Run& a, const Run& b) {
   EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
 }
 
-// Pages of [p, p + bytes) that this process has mapped in (/proc/self/pagemap's present bit).
-size_t present_pages(const void* p, size_t bytes) {
-  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
-  const int fd = ::open("/proc/self/pagemap", O_RDONLY);
-  EXPECT_GE(fd, 0);
-  size_t present = 0;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(p) / page,
-                  last = (reinterpret_cast<uintptr_t>(p) + bytes - 1) / page;
-  for (uintptr_t v = first; v <= last; ++v) {
-    uint64_t entry = 0;
-    EXPECT_EQ(::pread(fd, &entry, sizeof entry, off_t(v * sizeof entry)), ssize_t(sizeof entry));
-    present += (entry >> 63) & 1;
-  }
-  ::close(fd);
-  return present;
-}
-
 // Pages of the per-layer tensors mapped in, leaving out the 64 KiB after the last global tensor
 // (the kernel maps neighbouring pages of a read fault in, "fault-around").
 size_t layer_pages_present(const LlamaWeights& w) {
@@ -124,7 +107,7 @@ size_t layer_pages_present(const LlamaWeights& w) {
     const auto* begin = static_cast<const std::byte*>(r.data);
     const size_t bytes = size_t(dtype_bytes(r.dtype, r.rows * r.cols));
     const std::byte* from = std::max(begin, globals_end + (64 << 10));
-    if (from < begin + bytes) n += present_pages(from, size_t(begin + bytes - from));
+    if (from < begin + bytes) n += test::present_pages(from, size_t(begin + bytes - from));
   });
   return n;
 }

@@ -225,6 +225,7 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
   in.quantized_projections = quantized;
   in.model_file_bytes = d.file_bytes;
   in.streamed_tensor_bytes = streamed_tensors;
+  in.dropped_bytes = d.dropped_bytes;
   in.gguf_metadata_bytes = d.gguf_metadata_bytes;
   in.tokenizer_file_bytes = d.tokenizer_file_bytes;
   in.train_data_bytes = file_bytes_or_zero(o.data);

@@ -66,6 +66,8 @@ void apply_mode(ModelDescription& d, QuantMode mode) {
       return;
     }
     d.source_converted_bytes += uint64_t(stored_bytes(source));
+    d.dropped_bytes +=
+        droppable_bytes(source.data, uint64_t(dtype_bytes(source.dtype, source.rows * source.cols)));
     r = WeightRef(nullptr, to, r.rows, r.cols);
     if (to == DType::NF4) r.scales.nested = &kDescribedNested;
     d.stored_bytes += uint64_t(stored_bytes(r));

@@ -25,6 +25,7 @@ struct ModelDescription {
   uint64_t kept_bytes = 0;              // bytes of tensors computed with in place, from the file
   uint64_t stored_bytes = 0;            // bytes of tensors converted at load (memory of their own)
   uint64_t source_converted_bytes = 0;  // bytes of the file read to convert them
+  uint64_t dropped_bytes = 0;           // of those, the whole pages the loader drops once converted
   uint64_t gguf_metadata_bytes = 0;     // a GGUF's bytes before its tensor data (its vocabulary among them)
   uint64_t tokenizer_file_bytes = 0;    // tokenizer.json or tokenizer.model of a directory
 };

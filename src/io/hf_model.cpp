@@ -151,7 +151,9 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
           " is U8 (a bitsandbytes 4-bit weight?) but config.json has no bitsandbytes quantization_config");
       TF_CHECK(matrix, model->source(), ": tensor ", name,
                " is U8, but norms and biases must be F32, BF16 or F16");
-      w.slot(slot, layer) = store_weight(bnb4bit_weight(*model, name, rows, cols), quant, w, name);
+      const WeightRef source = bnb4bit_weight(*model, name, rows, cols);
+      w.slot(slot, layer) = store_weight(source, quant, w, name);
+      drop_source_pages(source, w.slot(slot, layer));
       return;
     }
     const bool vector = rows == 1;
@@ -163,8 +165,9 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     const TensorView v = model->view(name);
     TF_CHECK(v.dtype == DType::F32 || v.dtype == DType::BF16 || v.dtype == DType::F16, model->source(),
              ": tensor ", name, " has dtype ", dtype_name(v.dtype), "; weights must be F32, BF16 or F16");
-    w.slot(slot, layer) =
-        store_weight(WeightRef{v.data, v.dtype, rows, cols}, matrix ? quant : QuantMode::None, w, name);
+    const WeightRef source{v.data, v.dtype, rows, cols};
+    w.slot(slot, layer) = store_weight(source, matrix ? quant : QuantMode::None, w, name);
+    drop_source_pages(source, w.slot(slot, layer));
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // Each shard's tensors tile its data section, which ends the file.

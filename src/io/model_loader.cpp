@@ -40,6 +40,7 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
              ", which tightfit cannot dequantize (it reads ", ref::dequantizable_type_names(), ")");
     const WeightRef stored{t.data, *dtype, rows, cols};
     w.slot(slot, layer) = store_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w, name);
+    drop_source_pages(stored, w.slot(slot, layer));
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // The data section, where every tensor kept as stored points (tensor offsets count from it).

@@ -2,6 +2,9 @@
 //          load) and weight_memory
 #include "src/io/quantize_weights.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -138,6 +141,24 @@ int64_t stored_bytes(const WeightRef& r) {
     return dtype_bytes(r.dtype, n) + scales;
   }
   return is_quantized(r.dtype) ? dtype_bytes(r.dtype, n) : n * int64_t(dtype_size(r.dtype));
+}
+
+uint64_t droppable_bytes(const void* data, uint64_t bytes) {
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (uintptr_t(data) + page - 1) / page * page;
+  const uintptr_t end = (uintptr_t(data) + bytes) / page * page;
+  return end > begin ? uint64_t(end - begin) : 0;
+}
+
+uint64_t drop_source_pages(const WeightRef& src, const WeightRef& stored) {
+  if (stored.data == src.data || src.data == nullptr) return 0;
+  const uint64_t bytes = uint64_t(dtype_bytes(src.dtype, src.rows * src.cols));
+  const uint64_t dropped = droppable_bytes(src.data, bytes);
+  if (dropped == 0) return 0;
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  void* begin = reinterpret_cast<void*>((uintptr_t(src.data) + page - 1) / page * page);
+  // Advice only: where the kernel refuses it the pages stay, which costs memory, not correctness.
+  return ::madvise(begin, size_t(dropped), MADV_DONTNEED) == 0 ? dropped : 0;
 }
 
 DType stored_dtype(DType src, QuantMode mode) {

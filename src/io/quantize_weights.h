@@ -47,6 +47,15 @@ constexpr int64_t kWeightChunkElems = int64_t(1) << 16;
 WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
                        int64_t chunk_elems = kWeightChunkElems);
 
+// After store_weight converted `src` (a tensor in a read-only file mapping) into `stored`, drops
+// the pages that lie wholly inside src's bytes from the process (madvise MADV_DONTNEED: a later read
+// would fetch them from the file again), so a converted model does not also keep its source
+// resident; pages shared with a neighbouring tensor stay. Nothing when `stored` is `src`. Returns
+// the bytes dropped.
+uint64_t drop_source_pages(const WeightRef& src, const WeightRef& stored);
+// The bytes drop_source_pages drops for a tensor of `bytes` at `data`: the whole pages inside it.
+uint64_t droppable_bytes(const void* data, uint64_t bytes);
+
 // The dtype store_weight gives a matrix stored as `src` under `mode`.
 DType stored_dtype(DType src, QuantMode mode);
 // Bytes of one stored weight: its codes or elements plus their scales (NF4 / INT8 absmax, nested
