@@ -43,10 +43,11 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
                          CheckpointPolicy policy, offload::WeightTier tier, uint64_t startup_rss);
 
 // Plans `o`: the checkpointing and weights options left on auto take the first of resident weights
-// without recomputation, resident with per-block recomputation, streamed from host (device
-// backends), streamed from disk, that fits the budgets (recomputing a block costs a forward per
-// step; streaming costs copies that hide behind compute only when the link keeps up, and
-// disk the most). A choice that was given is kept, fitting or not.
+// without recomputation, resident with per-block recomputation, then with the kept block inputs in
+// host memory too (device backends), and the same three streamed from host (device backends) and
+// from disk, that fits the budgets (recomputing a block costs a forward per step; offloaded inputs
+// and streamed weights cost copies that hide behind compute only when the link keeps up, and disk
+// the most). A choice that was given is kept, fitting or not.
 RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                  const offload::Budget& budget, uint64_t startup_rss);
 
