@@ -118,6 +118,21 @@ INSTANTIATE_TEST_SUITE_P(Configs, OffloadTrain,
                            return std::string(p.param.name);
                          });
 
+// With the weights read from the file too: the block inputs and the read buffers both in
+// page-locked host memory, both copied on the copy stream.
+TEST(OffloadTrainDisk, SimtMatchesPerBlockBitForBit) {
+  test::TempDir tmp;
+  LlamaConfig cfg = test::tiny_config(48);
+  cfg.n_layers = 3;
+  const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / "m");
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  LlamaModel kept(io::load_model(dir, true, io::QuantMode::Keep).weights, offload_lora(),
+                  CheckpointPolicy::PerBlock, 24, *be, WeightTier::Disk);
+  LlamaModel off(io::load_model(dir, true, io::QuantMode::Keep).weights, offload_lora(),
+                 CheckpointPolicy::PerBlockOffload, 24, *be, WeightTier::Disk);
+  expect_same(run(kept, 2), run(off, 2));
+}
+
 TEST(OffloadCpu, IsRefusedNamingCheckpointingBlock) {
   const LlamaConfig cfg = test::tiny_config(48);
   for (const std::string& msg : {test::launch_error([&] {
