@@ -301,9 +301,10 @@ TEST_F(PlanCli, FinetuneRefusesARunOverBudgetAndRecordsThePlanOfOneThatFits) {
   EXPECT_NE(r.out.find("predicted host peak"), std::string::npos) << r.out;
 }
 
-// The acceptance of disk streaming: a model whose weights are over four times --max-host-mem
-// trains with --weights auto, which streams it from disk, within the budget (the process's peak
-// RSS, measured), and gives the losses of the same run with its weights resident.
+// The acceptance of disk streaming: a model whose weights are over four times --max-host-mem (less
+// the process's own startup memory) trains with --weights auto, which streams it from disk, within
+// the budget (the process's peak RSS, measured), and gives the losses of the same run with its
+// weights resident.
 TEST_F(PlanCli, AModelFourTimesTheHostBudgetTrainsFromDiskWithinIt) {
   make_model_and_data();
   // 20 layers of 4 x 512^2 + 3 x 512 x 1536 f32 weights: 272 MB, 13.6 MB a layer.
@@ -321,8 +322,14 @@ TEST_F(PlanCli, AModelFourTimesTheHostBudgetTrainsFromDiskWithinIt) {
   uint64_t weights = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir_ / "big"))
     if (e.path().extension() == ".safetensors") weights += std::filesystem::file_size(e.path());
-  const uint64_t budget = uint64_t(62) << 20;
-  ASSERT_GE(weights, 4 * budget);
+  // The stated margin: the process as it starts (the binary and its libraries, measured by the plan
+  // of the same binary; a build with CUDA's libraries linked starts at well over 100 MiB). The rest
+  // of the budget is a quarter of the weights or less.
+  const nlohmann::json probe = plan_json({"--model", (dir_ / "big").string(), "--device", "cpu"}, -1);
+  const uint64_t startup = item(probe, "process at startup");
+  const uint64_t working = uint64_t(62) << 20;
+  ASSERT_GE(weights, 4 * working);
+  const uint64_t budget = startup + working;
   std::vector<std::string> args = finetune_args("streamed", 2);
   set_option(args, "--model", (dir_ / "big").string());
   set_option(args, "--device", "cpu");
