@@ -11,7 +11,8 @@
 // buffers while the previous block computes). In the same run it times the reads alone: the blocks
 // of one step in its use order through the same weight store, nothing computed. Prints the step
 // times, their ratio, and the share of the read time the step hides:
-// 1 - (streamed - resident) / reads, within [0, 1] (the machine's noise can push it past either).
+// 1 - (streamed - resident) / reads, within [0, 1] (the machine's noise can push it past either),
+// and each run's peak RSS (the peak restarted before it loads).
 //
 // OMP_WAIT_POLICY matters: OpenMP threads that spin between parallel regions (libgomp's default)
 // take every core when there are as many threads as cores, and the reads, which need CPU time of
@@ -30,6 +31,7 @@
 
 #include "kernels/ops.h"
 #include "offload/weight_store.h"
+#include "src/core/process_memory.h"
 #include "src/core/rng.h"
 #include "src/io/gguf.h"
 #include "src/io/gguf_model.h"
@@ -103,8 +105,14 @@ Batch make_batch(int64_t tokens, int vocab, std::vector<int32_t>& ids, std::vect
   return Batch{int(tokens / seq), seq, ids.data(), targets.data(), pos.data(), nullptr};
 }
 
-// Seconds per step of `steps` training steps after one warm-up.
-double step_time(const std::string& path, offload::WeightTier tier, int64_t tokens, int steps) {
+struct StepRun {
+  double seconds = 0;
+  uint64_t peak_rss = 0;  // the process's peak RSS while the model was loaded and trained
+};
+
+// Seconds per step of `steps` training steps after one warm-up, and the peak RSS of the run.
+StepRun step_time(const std::string& path, offload::WeightTier tier, int64_t tokens, int steps) {
+  reset_peak_rss();
   LoraConfig lora;
   lora.rank = 16;
   lora.alpha = 32;
@@ -118,7 +126,7 @@ double step_time(const std::string& path, offload::WeightTier tier, int64_t toke
   trainer.step({&b, 1});
   const auto t0 = Clock::now();
   for (int s = 0; s < steps; ++s) trainer.step({&b, 1});
-  return seconds_since(t0) / steps;
+  return {seconds_since(t0) / steps, process_memory().peak_rss};
 }
 
 // Seconds to bring in the blocks of one training step in its use order, with nothing computed.
@@ -200,12 +208,15 @@ int main(int argc, char** argv) {
   const double reads = read_time(path, steps);
   std::printf("reads of one step alone (%d blocks, %s): %.3f s\n", 2 * c.n_layers - 2,
               offload::DirectReader(path).mode().c_str(), reads);
-  std::printf("%8s %12s %12s %8s %8s\n", "tokens", "resident s", "streamed s", "ratio", "hidden");
+  std::printf("%8s %12s %12s %8s %8s %14s %14s\n", "tokens", "resident s", "streamed s", "ratio", "hidden",
+              "resident RSS", "streamed RSS");
   for (int64_t tokens : token_counts) {
-    const double resident = step_time(path, offload::WeightTier::Resident, tokens, steps);
-    const double streamed = step_time(path, offload::WeightTier::Disk, tokens, steps);
-    std::printf("%8lld %12.3f %12.3f %8.2f %7.0f%%\n", static_cast<long long>(tokens), resident, streamed,
-                streamed / resident, 100.0 * std::clamp(1.0 - (streamed - resident) / reads, 0.0, 1.0));
+    const StepRun resident = step_time(path, offload::WeightTier::Resident, tokens, steps);
+    const StepRun streamed = step_time(path, offload::WeightTier::Disk, tokens, steps);
+    std::printf("%8lld %12.3f %12.3f %8.2f %7.0f%% %10.1f MiB %10.1f MiB\n", static_cast<long long>(tokens),
+                resident.seconds, streamed.seconds, streamed.seconds / resident.seconds,
+                100.0 * std::clamp(1.0 - (streamed.seconds - resident.seconds) / reads, 0.0, 1.0),
+                double(resident.peak_rss) / double(1 << 20), double(streamed.peak_rss) / double(1 << 20));
   }
   fs::remove(path);
   return 0;

@@ -94,6 +94,16 @@ TEST(ProcessMemory, FreedBuffersLeaveRssUnderThePolicy) {
   EXPECT_LE(process_memory().rss, before + 2 * kMiB);
 }
 
+// The peak restarts from the current RSS, so a phase's peak can be measured after a larger one.
+TEST(ProcessMemory, ThePeakRestartsFromTheCurrentRss) {
+  set_memory_policy();
+  { const Buffer b(48 * kMiB, MemTag::Workspace); }
+  EXPECT_GE(process_memory().peak_rss, process_memory().rss + 40 * kMiB);
+  ASSERT_TRUE(reset_peak_rss());
+  const ProcessMemory after = process_memory();
+  EXPECT_LE(after.peak_rss, after.rss + kMiB);
+}
+
 // Memory a process asks for huge pages on gets them where the system offers transparent huge pages
 // at all; the policy refuses them, so touching one byte every 2 MiB makes a page resident, not 2 MiB.
 TEST(ProcessMemory, TouchedPagesStaySmallUnderThePolicy) {

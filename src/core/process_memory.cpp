@@ -82,6 +82,13 @@ void set_memory_policy() {
            "prctl(PR_SET_THP_DISABLE) failed: ", std::strerror(errno));
 }
 
+bool reset_peak_rss() {
+  std::ofstream out("/proc/self/clear_refs");
+  out << "5";
+  out.flush();
+  return bool(out);
+}
+
 void release_free_memory() {
   malloc_trim(0);
 }

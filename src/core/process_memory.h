@@ -18,6 +18,9 @@ struct ProcessMemory {
 
 // Reads /proc/self/status; a tf::Error when it cannot be read or lacks one of the four fields.
 ProcessMemory process_memory();
+// Restarts the peak (VmHWM) from the current RSS (writes 5 to /proc/self/clear_refs), for measuring
+// the peak of one phase; false where the kernel refuses it.
+bool reset_peak_rss();
 // The four fields of a /proc/<pid>/status text; `where` names it in errors.
 ProcessMemory parse_process_status(std::string_view text, std::string_view where);
 
