@@ -9,7 +9,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <set>
 #include <string>
 #include <utility>
 
@@ -74,7 +73,8 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
     Tensor t;
     t.slot = s;
     t.host = w.slot(s, layer);
-    const std::string name = hf_weight_name(s, layer);
+    t.name = hf_weight_name(s, layer);
+    const std::string& name = t.name;
     const auto parts = parts_of(t.host);
     for (size_t i = 0; i < parts.size(); ++i) {
       Part& p = t.parts[i];
@@ -186,21 +186,17 @@ void WeightStore::register_host_tensors() {
   }
 }
 
-void WeightStore::check_unchanged(const Tensor& t) const {
-  for (const Part& p : t.parts) {
-    if (p.file < 0) continue;
-    const MappedFile& f = files_[size_t(p.file)];
-    struct stat st {};
-    TF_CHECK(::stat(f.path.c_str(), &st) == 0, f.path, ": cannot stat: ", std::strerror(errno));
-    const int64_t mtime = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
-    TF_CHECK(uint64_t(st.st_size) == f.file_size && mtime == f.mtime_ns, f.path,
-             ": the model file changed since it was loaded (", f.file_size, " bytes then, ", st.st_size,
-             " now), so its tensors may no longer be what was loaded; load it again");
-  }
+void WeightStore::check_unchanged(const MappedFile& f) const {
+  struct stat st {};
+  TF_CHECK(::stat(f.path.c_str(), &st) == 0, f.path, ": cannot stat: ", std::strerror(errno));
+  const int64_t mtime = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  TF_CHECK(uint64_t(st.st_size) == f.file_size && mtime == f.mtime_ns, f.path,
+           ": the model file changed since it was loaded (", f.file_size, " bytes then, ", st.st_size,
+           " now), so its tensors may no longer be what was loaded; load it again");
 }
 
 void WeightStore::load(int layer, Slot& s) {
-  finish_reads(s.layer, s);
+  finish_reads(s);
   const Layer& L = layers_[size_t(layer)];
   const bool device = !be_.host_memory();
   // A device backend's read buffer takes a block only once the copies from it have run.
@@ -221,7 +217,7 @@ void WeightStore::load(int layer, Slot& s) {
           s.reads.push_back({ticket, p.file, &t});
         } catch (const Error& e) {
           s.layer = -1;
-          TF_FAIL("reading tensor ", hf_weight_name(t.slot, layer), ": ", e.what());
+          TF_FAIL("reading tensor ", t.name, ": ", e.what());
         }
         at[i] = dst + DirectReader::lead(p.offset);
       }
@@ -243,27 +239,32 @@ void WeightStore::copy_in(Slot& s) {
   if (s.freed) be_.wait(Stream::Copy, *std::exchange(s.freed, std::nullopt));
   for (size_t i = 0; i < L.tensors.size(); ++i) {
     const Tensor& t = L.tensors[i];
-    s.weights.slot(t.slot) = be_.place_weight_at(s.staged[i], hf_weight_name(t.slot, s.layer),
-                                                 s.device.as<std::byte>() + t.placed_at, Stream::Copy);
+    s.weights.slot(t.slot) =
+        be_.place_weight_at(s.staged[i], t.name, s.device.as<std::byte>() + t.placed_at, Stream::Copy);
   }
   s.staged.clear();
   s.copied = be_.record(Stream::Copy);
 }
 
-void WeightStore::finish_reads(int layer, Slot& s) {
+void WeightStore::finish_reads(Slot& s) {
   if (s.reads.empty()) return;
-  const std::vector<Read> reads = std::exchange(s.reads, {});
-  // The file is checked once every read has landed, so a change during the reads is seen too.
-  std::set<const Tensor*> done;
+  // The reads stay in the slot's vector (cleared, its capacity kept for the next block). Each file
+  // is checked once every read has landed, so a change during the reads is seen too.
   const Tensor* t = nullptr;
   try {
-    for (const Read& r : reads) {
+    for (const Read& r : s.reads) {
       t = r.tensor;
       readers_[size_t(r.file)]->wait(r.ticket);
     }
-    for (const Read& r : reads)
-      if (done.insert(t = r.tensor).second) check_unchanged(*t);
+    checked_.assign(files_.size(), false);
+    for (const Read& r : s.reads) {
+      t = r.tensor;
+      if (!checked_[size_t(r.file)]) check_unchanged(files_[size_t(r.file)]);
+      checked_[size_t(r.file)] = true;
+    }
+    s.reads.clear();
   } catch (const Error& e) {
+    s.reads.clear();
     // The reads after the failed one must land before the buffer takes another block.
     for (const auto& r : readers_) {
       try {
@@ -273,7 +274,7 @@ void WeightStore::finish_reads(int layer, Slot& s) {
       }
     }
     s.layer = -1;
-    TF_FAIL("reading tensor ", hf_weight_name(t->slot, layer), ": ", e.what());
+    TF_FAIL("reading tensor ", t->name, ": ", e.what());
   }
 }
 
@@ -290,7 +291,7 @@ const BlockWeights& WeightStore::acquire(int layer, int next) {
     s = &slots_[1 - last_];
     load(layer, *s);
   }
-  finish_reads(layer, *s);
+  finish_reads(*s);
   if (!s->staged.empty()) copy_in(*s);
   if (s->copied) be_.wait(Stream::Compute, *std::exchange(s->copied, std::nullopt));
   last_ = size_t(s - slots_.data());

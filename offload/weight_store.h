@@ -70,6 +70,7 @@ class WeightStore {
   };
   struct Tensor {
     WeightSlot slot = WeightSlot::AttnNorm;
+    std::string name;  // for errors, made once rather than per block loaded
     WeightRef host;
     std::array<Part, 3> parts;  // data, absmax, nested
     size_t placed_at = 0;       // where it starts in a device slot
@@ -102,10 +103,12 @@ class WeightStore {
   void load(int layer, Slot& s);
   // Copies the staged block into the slot's device memory on the Copy stream.
   void copy_in(Slot& s);
-  void finish_reads(int layer, Slot& s);
-  void check_unchanged(const Tensor& t) const;
+  void finish_reads(Slot& s);
+  // Refuses a file whose size or modification time is not what it was at load.
+  void check_unchanged(const MappedFile& f) const;
 
   std::vector<MappedFile> files_;
+  std::vector<bool> checked_;  // per file, within one finish_reads
   WeightTier tier_;
   Backend& be_;
   std::vector<Layer> layers_;
