@@ -8,11 +8,11 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <string>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/pinned_ledger.h"
 #include "kernels/cuda/runtime.h"
 #include "src/core/error.h"
 
@@ -64,15 +64,10 @@ cudaStream_t cs(StreamHandle s) {
   return static_cast<cudaStream_t>(s);
 }
 
-// The live host_alloc_pinned allocations and their sizes.
-struct Pinned {
-  std::mutex m;
-  std::map<void*, size_t> bytes;
-  size_t in_use = 0;
-};
-Pinned& pinned() {
-  static Pinned p;
-  return p;
+// The live host_alloc_pinned allocations.
+PinnedLedger& pinned() {
+  static PinnedLedger ledger;
+  return ledger;
 }
 
 }  // namespace
@@ -153,30 +148,18 @@ void* host_alloc_pinned(size_t bytes, const char* what) {
     TF_FAIL("cannot allocate ", bytes, " bytes of page-locked host memory for ", what, ": ",
             cudaGetErrorString(e));
   }
-  Pinned& pn = pinned();
-  std::lock_guard lock(pn.m);
-  pn.bytes[p] = bytes;
-  pn.in_use += bytes;
+  pinned().add(p, bytes);
   return p;
 }
 
 void host_free_pinned(void* p) {
   if (!p) return;
-  {
-    Pinned& pn = pinned();
-    std::lock_guard lock(pn.m);
-    const auto it = pn.bytes.find(p);
-    TF_CHECK(it != pn.bytes.end(), "rt::host_free_pinned: ", p, " is no live page-locked allocation");
-    pn.in_use -= it->second;
-    pn.bytes.erase(it);
-  }
+  pinned().remove(p);
   TF_CUDA_CHECK(cudaFreeHost(p));
 }
 
 size_t pinned_in_use() {
-  Pinned& pn = pinned();
-  std::lock_guard lock(pn.m);
-  return pn.in_use;
+  return pinned().in_use();
 }
 
 bool host_register(const void* p, size_t bytes, std::string* why) {

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/pinned_ledger.h"
 #include "kernels/cuda/runtime.h"
 #include "src/core/error.h"
 
@@ -414,15 +415,10 @@ void device_free(void* p) {
 
 namespace {
 
-// The live host_alloc_pinned allocations and their sizes.
-struct Pinned {
-  std::mutex m;
-  std::map<void*, size_t> bytes;
-  size_t in_use = 0;
-};
-Pinned& pinned() {
-  static Pinned p;
-  return p;
+// The live host_alloc_pinned allocations.
+PinnedLedger& pinned() {
+  static PinnedLedger ledger;
+  return ledger;
 }
 
 }  // namespace
@@ -431,28 +427,18 @@ void* host_alloc_pinned(size_t bytes, const char* what) {
   const size_t page = sim::page_size();
   void* p = std::aligned_alloc(page, std::max<size_t>((bytes + page - 1) / page, 1) * page);
   TF_CHECK(p, "cannot allocate ", bytes, " bytes of page-locked host memory for ", what);
-  Pinned& pn = pinned();
-  std::lock_guard lock(pn.m);
-  pn.bytes[p] = bytes;
-  pn.in_use += bytes;
+  pinned().add(p, bytes);
   return p;
 }
 
 void host_free_pinned(void* p) {
   if (!p) return;
-  Pinned& pn = pinned();
-  std::lock_guard lock(pn.m);
-  const auto it = pn.bytes.find(p);
-  TF_CHECK(it != pn.bytes.end(), "rt::host_free_pinned: ", p, " is no live page-locked allocation");
-  pn.in_use -= it->second;
-  pn.bytes.erase(it);
+  pinned().remove(p);
   std::free(p);
 }
 
 size_t pinned_in_use() {
-  Pinned& pn = pinned();
-  std::lock_guard lock(pn.m);
-  return pn.in_use;
+  return pinned().in_use();
 }
 
 // The simulated copy engine reads any host memory; there is nothing to lock.
