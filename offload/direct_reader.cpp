@@ -151,11 +151,11 @@ struct DirectReader::Impl {
   unsigned in_kernel = 0;  // reads the kernel holds whose completions are not reaped
 #endif
 
-  // The pread worker: `todo` holds slots to read, `done` the slots read with their outcome.
+  // The pread worker: `queued` holds slots to read, `done` the slots read with their outcome.
   std::thread worker;
   std::mutex mu;
   std::condition_variable work_cv, done_cv;
-  std::deque<unsigned> todo;
+  std::deque<unsigned> queued;
   std::deque<std::pair<unsigned, Step>> done;
   bool stop = false;
 
@@ -209,7 +209,7 @@ struct DirectReader::Impl {
     {
       std::lock_guard<std::mutex> lock(mu);
       stop = true;
-      todo.clear();
+      queued.clear();
     }
     work_cv.notify_one();
     worker.join();  // after the read it is in, if any
@@ -218,10 +218,10 @@ struct DirectReader::Impl {
   void work() {
     std::unique_lock<std::mutex> lock(mu);
     for (;;) {
-      work_cv.wait(lock, [this] { return stop || !todo.empty(); });
+      work_cv.wait(lock, [this] { return stop || !queued.empty(); });
       if (stop) return;
-      const unsigned slot = todo.front();
-      todo.pop_front();
+      const unsigned slot = queued.front();
+      queued.pop_front();
       lock.unlock();
       Chunk& c = chunks[slot];
       Step step;
@@ -244,7 +244,7 @@ struct DirectReader::Impl {
     if (!uring) {
       {
         std::lock_guard<std::mutex> lock(mu);
-        todo.push_back(slot);
+        queued.push_back(slot);
       }
       work_cv.notify_one();
       return;
