@@ -6,22 +6,40 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace tf::data {
 
+// A function call an assistant turn makes (OpenAI `tool_calls`, ShareGPT `function_call`).
+struct ToolCall {
+  std::string id;  // may be empty
+  std::string name;
+  std::string arguments;  // the arguments object as compact JSON text
+};
+
 struct Message {
-  std::string role;  // "system", "user" or "assistant"
+  Message() = default;
+  Message(std::string r, std::string c) : role(std::move(r)), content(std::move(c)) {}
+
+  std::string role;  // "system", "user", "assistant" or "tool"
   std::string content;
+  std::vector<ToolCall> tool_calls;  // assistant turns only
+  std::string tool_call_id;          // tool turns: the call this answers (may be empty)
+  std::string name;                  // tool turns: the function's name (may be empty)
+  // Whether this turn's tokens count in the loss: -1 as the options decide (assistant turns yes,
+  // others no), 0 never, 1 always. From a record's per-message "train" / "weight" field.
+  int train = -1;
 };
 
 // One training record. Which fields are meaningful depends on `shape`.
 struct Example {
   enum class Shape { Text, PromptCompletion, Messages, Instruction };
   Shape shape = Shape::Text;
-  std::string text;                        // Text
-  std::string prompt, completion;          // PromptCompletion
-  std::vector<Message> messages;           // Messages
+  std::string text;                // Text
+  std::string prompt, completion;  // PromptCompletion
+  std::vector<Message> messages;   // Messages
+  std::string tools;               // Messages: the record's "tools" list as compact JSON text, or empty
   std::string instruction, input, output;  // Instruction (input may be empty)
   size_t line = 0;                         // 1-based line in its file, for error messages
 };
