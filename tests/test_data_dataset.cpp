@@ -108,7 +108,7 @@ TEST(DataJsonl, BadLinesNameFileLineAndProblem) {
       {"{\"messages\": []}", "field \"messages\" is empty"},
       {"{\"messages\": [7]}", "messages[0] must be an object, not number"},
       {"{\"messages\": [{\"role\": \"user\"}]}", "missing field \"content\" in messages[0]"},
-      {"{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}", "messages[0] has role 'tool'"},
+      {"{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}", "messages[0] has role 'bot'"},
       {"{\"messages\": [{\"role\": \"user\", \"content\": null}]}",
        "\"content\" in messages[0] must be a string"},
       {"{\"instruction\": \"x\", \"input\": 3, \"output\": \"y\"}", "field \"input\" must be a string"},

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
 
@@ -56,22 +57,81 @@ class SegmentWriter {
   std::vector<Segment> segs_;
 };
 
-// The conversation a chat template renders: prompt/completion and instruction records become one
-// user turn and one assistant turn; the template's default system prompt is added when none is given.
+// A SegmentWriter for conversations: each piece's place in the loss comes from the turn it belongs
+// to, by the rules of turn_trained, end_trained and frame_trained.
+class TurnWriter {
+ public:
+  TurnWriter(const std::vector<Message>& msgs, const LossOptions& loss) : msgs_(msgs), loss_(loss) {}
+  // Template text around turn `i` (a role header, a separator); `i` may be msgs.size() for none.
+  void frame(std::string_view text, size_t i, bool bos = false) {
+    w_.add(text, frame_trained(msgs_, i, loss_), bos);
+  }
+  void body(std::string_view text, size_t i, bool bos = false) {
+    w_.add(text, turn_trained(msgs_, i, loss_), bos);
+  }
+  // Turn `i`'s end-of-turn marker: text, or (eos_token) the tokenizer's EOS id.
+  void end(std::string_view marker, size_t i) { w_.add(marker, end_trained(msgs_, i, loss_)); }
+  void end_eos(size_t i) { w_.add("", end_trained(msgs_, i, loss_), false, true); }
+  std::vector<Segment> take() { return w_.take(); }
+
+ private:
+  const std::vector<Message>& msgs_;
+  const LossOptions& loss_;
+  SegmentWriter w_;
+};
+
+// Python's json.dumps(v, ensure_ascii=False), which HF chat templates' tojson filter is: ", " and
+// ": " between items, keys in their given order.
+std::string python_json(const nlohmann::ordered_json& v) {
+  if (v.is_object() || v.is_array()) {
+    std::string out(1, v.is_object() ? '{' : '[');
+    bool first = true;
+    for (const auto& [key, item] : v.items()) {
+      if (!first) out += ", ";
+      first = false;
+      if (v.is_object()) out += nlohmann::ordered_json(key).dump() + ": ";
+      out += python_json(item);
+    }
+    return out + (v.is_object() ? '}' : ']');
+  }
+  return v.dump();
+}
+
+std::string python_json_text(std::string_view json_text) {
+  return python_json(nlohmann::ordered_json::parse(json_text));
+}
+
+// The conversation a chat template renders: prompt/completion and instruction records become a
+// user turn and an assistant turn (an instruction's earlier turns before them); the template's
+// default system prompt is added when none is given.
 std::vector<Message> as_conversation(const ChatTemplate& tmpl, const Example& ex) {
   std::vector<Message> msgs;
   switch (ex.shape) {
     case Example::Shape::Messages: msgs = ex.messages; break;
     case Example::Shape::PromptCompletion: msgs = {{"user", ex.prompt}, {"assistant", ex.completion}}; break;
     case Example::Shape::Instruction:
-      msgs = {{"user", ex.input.empty() ? ex.instruction : ex.instruction + "\n\n" + ex.input},
-              {"assistant", ex.output}};
+      msgs = ex.messages;
+      msgs.emplace_back("user", ex.input.empty() ? ex.instruction : ex.instruction + "\n\n" + ex.input);
+      msgs.emplace_back("assistant", ex.output);
       break;
     case Example::Shape::Text: TF_FAIL("internal: text records are not conversations");
   }
   if (!tmpl.default_system.empty() && (msgs.empty() || msgs.front().role != "system"))
     msgs.insert(msgs.begin(), {"system", tmpl.default_system});
   return msgs;
+}
+
+// Templates without a way to write tools refuse them rather than drop them: a conversation that
+// lost its calls teaches the model answers that come from nowhere.
+void refuse_tools(const std::vector<Message>& msgs, const Example& ex, std::string_view name) {
+  constexpr std::string_view fix = "; use --template auto to render it with the model's own chat template";
+  TF_CHECK(ex.tools.empty(), "the ", name, " template has no place for a tools list", fix);
+  for (size_t i = 0; i < msgs.size(); ++i) {
+    TF_CHECK(msgs[i].tool_calls.empty(), "message ", i + 1, " calls a tool, which the ", name,
+             " template cannot write", fix);
+    TF_CHECK(msgs[i].role != "tool", "message ", i + 1, " is a tool turn, which the ", name,
+             " template cannot write", fix);
+  }
 }
 
 // Llama-2 and Mistral templates raise an exception unless turns alternate user/assistant after an
@@ -86,80 +146,154 @@ void check_alternating(const std::vector<Message>& msgs, size_t first, std::stri
   }
 }
 
-std::vector<Segment> render_chatml(const std::vector<Message>& msgs) {
-  SegmentWriter w;
-  for (const Message& m : msgs) {
-    if (m.role == "assistant") {
-      w.add("<|im_start|>assistant\n", false);
-      w.add(m.content + "<|im_end|>", true);
-      w.add("\n", false);
+constexpr std::string_view kQwenToolsIntro =
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+    "function signatures within <tools></tools> XML tags:\n<tools>";
+constexpr std::string_view kQwenToolsOutro =
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>";
+
+// ChatML as Qwen2.5 writes it: a tools list in the system turn after the system prompt, each call
+// as <tool_call> JSON </tool_call> in its assistant turn, and a run of tool turns as
+// <tool_response> blocks in one user turn. The assistant header ends with its newline, as the
+// generation prompt does, so a call's turn is trained from the same place as an answer's.
+std::vector<Segment> render_chatml(const std::vector<Message>& msgs, const std::string& tools,
+                                   const LossOptions& loss) {
+  TurnWriter w(msgs, loss);
+  size_t i = 0;
+  if (!tools.empty()) {
+    // Without a system prompt the tools block opens the system turn, as Qwen3's template does.
+    const bool sys = !msgs.empty() && msgs[0].role == "system";
+    const size_t turn = sys ? 0 : msgs.size();
+    std::string text = sys ? msgs[0].content + "\n\n" : std::string();
+    text += kQwenToolsIntro;
+    for (const auto& tool : nlohmann::ordered_json::parse(tools)) text += "\n" + python_json(tool);
+    text += kQwenToolsOutro;
+    w.frame("<|im_start|>system\n", turn);
+    if (sys) {
+      w.body(text, 0);
     } else {
-      w.add("<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n", false);
+      w.frame(text, turn);
     }
+    w.end("<|im_end|>", turn);
+    w.frame("\n", turn);
+    i = sys ? 1 : 0;
+  }
+  for (; i < msgs.size(); ++i) {
+    const Message& m = msgs[i];
+    if (m.role == "tool") {
+      if (i == 0 || msgs[i - 1].role != "tool") w.frame("<|im_start|>user", i);
+      w.body("\n<tool_response>\n" + m.content + "\n</tool_response>", i);
+      if (i + 1 == msgs.size() || msgs[i + 1].role != "tool") {
+        w.end("<|im_end|>", i);
+        w.frame("\n", i);
+      }
+      continue;
+    }
+    w.frame("<|im_start|>" + m.role + "\n", i);
+    std::string content = m.content;
+    for (const ToolCall& c : m.tool_calls) {
+      content += (content.empty() ? "" : "\n") + std::string("<tool_call>\n{\"name\": \"") + c.name +
+                 "\", \"arguments\": " + python_json_text(c.arguments) + "}\n</tool_call>";
+    }
+    w.body(content, i);
+    w.end("<|im_end|>", i);
+    w.frame("\n", i);
   }
   return w.take();
 }
 
-std::vector<Segment> render_llama3(const std::vector<Message>& msgs) {
-  SegmentWriter w;
+// Llama 3 as Meta-Llama-3-Instruct writes it; tool calls and tool turns as Llama 3.1's template
+// writes them: one call per assistant turn as {"name", "parameters"} JSON, a tool result in an
+// ipython turn. The result is written through tojson, as a JSON string: 3.1's template tests
+// `content is iterable`, which a string is.
+std::vector<Segment> render_llama3(const std::vector<Message>& msgs, const Example& ex,
+                                   const LossOptions& loss) {
+  TF_CHECK(ex.tools.empty(),
+           "the llama3 template has no place for a tools list (Llama 3.1's own template puts it in the first "
+           "user turn); use --template auto to render it with the model's own chat template");
+  TurnWriter w(msgs, loss);
   for (size_t i = 0; i < msgs.size(); ++i) {
     const Message& m = msgs[i];
-    const std::string header = "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n";
-    const bool bos = i == 0;
-    if (m.role == "assistant") {
-      w.add(header, false, bos);
-      w.add(strip(m.content) + "<|eot_id|>", true);
+    const std::string role = m.role == "tool" ? "ipython" : m.role;
+    w.frame("<|start_header_id|>" + role + "<|end_header_id|>\n\n", i, i == 0);
+    if (!m.tool_calls.empty()) {
+      TF_CHECK(m.tool_calls.size() == 1, "message ", i + 1, " makes ", m.tool_calls.size(),
+               " tool calls; the llama3 template writes one call per turn (Llama 3.1 supports single tool "
+               "calls only)");
+      TF_CHECK(m.content.empty(), "message ", i + 1,
+               " has content beside its tool call; the llama3 template writes only the call");
+      const ToolCall& c = m.tool_calls[0];
+      w.body("{\"name\": \"" + c.name + "\", \"parameters\": " + python_json_text(c.arguments) + "}", i);
+    } else if (m.role == "tool") {
+      w.body(nlohmann::ordered_json(m.content).dump(), i);
     } else {
-      w.add(header + strip(m.content) + "<|eot_id|>", false, bos);
+      w.body(strip(m.content), i);
     }
+    w.end("<|eot_id|>", i);
   }
   return w.take();
 }
 
-std::vector<Segment> render_llama2(const std::vector<Message>& msgs) {
+std::vector<Segment> render_llama2(const std::vector<Message>& msgs, const LossOptions& loss) {
   const bool has_system = !msgs.empty() && msgs.front().role == "system";
   const size_t first = has_system ? 1 : 0;
   check_alternating(msgs, first, "llama2");
-  SegmentWriter w;
+  TurnWriter w(msgs, loss);
   for (size_t i = first; i < msgs.size(); ++i) {
     std::string content = msgs[i].content;
     if (i == first && has_system) content = "<<SYS>>\n" + msgs.front().content + "\n<</SYS>>\n\n" + content;
-    if (msgs[i].role == "user")
-      w.add("[INST] " + strip(content) + " [/INST]", false, true);
-    else
-      w.add(" " + strip(content) + " ", true, false, true);
+    if (msgs[i].role == "user") {
+      w.frame("[INST] ", i, true);
+      w.body(strip(content), i);
+      w.frame(" [/INST]", i);
+    } else {
+      w.body(" " + strip(content) + " ", i);
+      w.end_eos(i);
+    }
   }
   return w.take();
 }
 
 // Mistral's template has no system role; like mistral-common, the system prompt is put in front of
 // the first user message.
-std::vector<Segment> render_mistral(const std::vector<Message>& msgs) {
+std::vector<Segment> render_mistral(const std::vector<Message>& msgs, const LossOptions& loss) {
   const bool has_system = !msgs.empty() && msgs.front().role == "system";
   const size_t first = has_system ? 1 : 0;
   check_alternating(msgs, first, "mistral");
-  SegmentWriter w;
+  TurnWriter w(msgs, loss);
   for (size_t i = first; i < msgs.size(); ++i) {
     if (msgs[i].role == "user") {
       const std::string content =
           i == first && has_system ? msgs.front().content + "\n\n" + msgs[i].content : msgs[i].content;
-      w.add("[INST] " + content + " [/INST]", false, i == first);
+      w.frame("[INST] ", i, i == first);
+      w.body(content, i);
+      w.frame(" [/INST]", i);
     } else {
-      w.add(msgs[i].content, true, false, true);
+      w.body(msgs[i].content, i);
+      w.end_eos(i);
     }
   }
   return w.take();
 }
 
-std::vector<Segment> render_alpaca(std::string_view instruction, std::string_view input,
-                                   std::string_view output, bool bos) {
-  std::string prompt(input.empty() ? kAlpacaNoInput : kAlpacaWithInput);
-  prompt.append("### Instruction:\n").append(instruction).append("\n\n");
-  if (!input.empty()) prompt.append("### Input:\n").append(input).append("\n\n");
-  prompt.append("### Response:\n");
-  SegmentWriter w;
-  w.add(prompt, false, bos);
-  w.add(output, true, false, true);
+// A prompt and its response without a chat template: plain, or in the Stanford Alpaca prompt.
+std::vector<Segment> render_prompt_response(std::string_view instruction, std::string_view input,
+                                            std::string_view output, bool alpaca, bool bos,
+                                            const LossOptions& loss) {
+  const std::vector<Message> msgs = {{"user", std::string(instruction)}, {"assistant", std::string(output)}};
+  std::string prompt(instruction);
+  if (alpaca) {
+    prompt = std::string(input.empty() ? kAlpacaNoInput : kAlpacaWithInput);
+    prompt.append("### Instruction:\n").append(instruction).append("\n\n");
+    if (!input.empty()) prompt.append("### Input:\n").append(input).append("\n\n");
+    prompt.append("### Response:\n");
+  }
+  TurnWriter w(msgs, loss);
+  w.body(prompt, 0, bos);
+  w.body(output, 1);
+  w.end_eos(1);
   return w.take();
 }
 
@@ -221,31 +355,79 @@ ChatTemplate detect_template(std::string_view jinja, std::string_view source) {
           kNameList, ")");
 }
 
-std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos) {
+EosLoss eos_loss_by_name(std::string_view name) {
+  constexpr std::array<std::pair<std::string_view, EosLoss>, 4> names = {{
+      {"turn", EosLoss::Turn},
+      {"last", EosLoss::Last},
+      {"all", EosLoss::All},
+      {"none", EosLoss::None},
+  }};
+  for (const auto& [n, e] : names)
+    if (n == name) return e;
+  TF_FAIL("--train-on-eos must be turn, last, all or none, got '", name, "'");
+}
+
+bool turn_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss) {
+  if (i >= msgs.size()) return false;
+  const Message& m = msgs[i];
+  if (m.train >= 0) return m.train == 1;
+  if (loss.mask_history) {
+    for (size_t j = msgs.size(); j-- > 0;)
+      if (msgs[j].role == "assistant") return j == i;
+    return false;
+  }
+  return loss.all || m.role == "assistant";
+}
+
+bool end_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss) {
+  switch (loss.eos) {
+    case EosLoss::Turn: return turn_trained(msgs, i, loss);
+    case EosLoss::Last:
+      for (size_t j = msgs.size(); j-- > 0;)
+        if (turn_trained(msgs, j, loss)) return j == i;
+      return false;
+    case EosLoss::All: return i < msgs.size() && msgs[i].train != 0;
+    case EosLoss::None: return false;
+  }
+  TF_FAIL("internal: EosLoss ", int(loss.eos), " not handled");
+}
+
+bool frame_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss) {
+  return loss.all && !loss.mask_history && (i >= msgs.size() || msgs[i].train != 0);
+}
+
+std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos,
+                                    const LossOptions& loss) {
   if (ex.shape == Example::Shape::Text) {
     SegmentWriter w;
-    w.add(ex.text, true, tokenizer_adds_bos, true);
+    w.add(ex.text, true, tokenizer_adds_bos);
+    w.add("", loss.eos != EosLoss::None, false, true);
     return w.take();
   }
+  const std::string_view name = template_name(tmpl.kind);
   switch (tmpl.kind) {
     case TemplateKind::Plain:
-    case TemplateKind::Alpaca:
+    case TemplateKind::Alpaca: {
+      const bool alpaca = tmpl.kind == TemplateKind::Alpaca;
+      TF_CHECK(ex.shape != Example::Shape::Messages,
+               "a conversation (a \"messages\" or \"conversations\" record) ",
+               "needs a chat template, but the format is '", name,
+               "'; choose one with --template (auto, chatml, llama3, llama2, mistral)");
+      TF_CHECK(ex.messages.empty(), "the '", name,
+               "' format has no place for an instruction's \"system\" or ",
+               "\"history\"; choose a chat template with --template (auto, chatml, llama3, llama2, mistral)");
       if (ex.shape == Example::Shape::Instruction)
-        return render_alpaca(ex.instruction, ex.input, ex.output, tokenizer_adds_bos);
-      if (ex.shape == Example::Shape::PromptCompletion) {
-        if (tmpl.kind == TemplateKind::Alpaca)
-          return render_alpaca(ex.prompt, {}, ex.completion, tokenizer_adds_bos);
-        SegmentWriter w;
-        w.add(ex.prompt, false, tokenizer_adds_bos);
-        w.add(ex.completion, true, false, true);
-        return w.take();
-      }
-      TF_FAIL("a {\"messages\"} record needs a chat template, but the format is '", template_name(tmpl.kind),
-              "'; choose one with --template (chatml, llama3, llama2, mistral)");
-    case TemplateKind::ChatML: return render_chatml(as_conversation(tmpl, ex));
-    case TemplateKind::Llama3: return render_llama3(as_conversation(tmpl, ex));
-    case TemplateKind::Llama2: return render_llama2(as_conversation(tmpl, ex));
-    case TemplateKind::Mistral: return render_mistral(as_conversation(tmpl, ex));
+        return render_prompt_response(ex.instruction, ex.input, ex.output, true, tokenizer_adds_bos, loss);
+      return render_prompt_response(ex.prompt, {}, ex.completion, alpaca, tokenizer_adds_bos, loss);
+    }
+    case TemplateKind::ChatML: return render_chatml(as_conversation(tmpl, ex), ex.tools, loss);
+    case TemplateKind::Llama3: return render_llama3(as_conversation(tmpl, ex), ex, loss);
+    case TemplateKind::Llama2:
+    case TemplateKind::Mistral: {
+      const std::vector<Message> msgs = as_conversation(tmpl, ex);
+      refuse_tools(msgs, ex, name);
+      return tmpl.kind == TemplateKind::Llama2 ? render_llama2(msgs, loss) : render_mistral(msgs, loss);
+    }
   }
   TF_FAIL("internal: template kind ", int(tmpl.kind), " not handled");
 }

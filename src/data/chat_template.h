@@ -1,6 +1,6 @@
-// defines: tf::data::Example (one JSONL record in any of the four shapes), tf::data::ChatTemplate,
-// tf::data::Segment, template_by_name, detect_template, render_example, render_response_prompt,
-// segments_to_text
+// defines: tf::data::Example (one JSONL record in any of its shapes), tf::data::ChatTemplate,
+// tf::data::Segment, tf::data::LossOptions (what counts in the loss) and its rules, template_by_name,
+// detect_template, render_example, render_response_prompt, segments_to_text
 #pragma once
 
 #include <cstddef>
@@ -38,8 +38,10 @@ struct Example {
   Shape shape = Shape::Text;
   std::string text;                // Text
   std::string prompt, completion;  // PromptCompletion
-  std::vector<Message> messages;   // Messages
-  std::string tools;               // Messages: the record's "tools" list as compact JSON text, or empty
+  // Messages: the conversation. Instruction: the turns before the instruction (alpaca's "system"
+  // and "history"), usually none.
+  std::vector<Message> messages;
+  std::string tools;  // Messages: the record's "tools" list as compact JSON text, or empty
   std::string instruction, input, output;  // Instruction (input may be empty)
   size_t line = 0;                         // 1-based line in its file, for error messages
 };
@@ -63,6 +65,34 @@ struct Segment {
   bool eos = false;
 };
 
+// Which end-of-turn markers count in the loss (--train-on-eos). The marker is the template's own
+// (<|im_end|>, <|eot_id|>) or the EOS token where the template ends a turn with it.
+enum class EosLoss {
+  Turn,  // the marker of every trained turn (the default)
+  Last,  // only the marker of the last trained turn
+  All,   // the marker of every turn, trained or not, but turns marked "train": false
+  None,  // no marker
+};
+
+// Which tokens count in the loss. Precedence: a message's own `train` flag, then mask_history,
+// then all; the end-of-turn markers follow `eos`.
+struct LossOptions {
+  bool all = false;           // --train-on all: every token, the template's own text included
+  bool mask_history = false;  // only the last assistant turn (of the turns without a flag)
+  EosLoss eos = EosLoss::Turn;
+};
+
+// The --train-on-eos names: turn, last, all, none; anything else is an error listing them.
+EosLoss eos_loss_by_name(std::string_view name);
+
+// Whether turn `i` of `msgs` counts in the loss: its content (turn_trained), its end-of-turn marker
+// (end_trained), and the template's text around it, such as a role header (frame_trained; `i` may be
+// msgs.size() for text that belongs to no turn). Every renderer, built-in or the model's own,
+// decides by these.
+bool turn_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss);
+bool end_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss);
+bool frame_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss);
+
 // "plain", "alpaca", "chatml", "llama3", "llama2", "mistral"; anything else is an error listing these.
 ChatTemplate template_by_name(std::string_view name);
 std::string_view template_name(TemplateKind kind);
@@ -73,12 +103,15 @@ std::string_view template_name(TemplateKind kind);
 ChatTemplate detect_template(std::string_view jinja, std::string_view source);
 
 // Renders one example as the model's template would, split into prompt (not trainable) and response
-// (trainable) segments: assistant turns with their end-of-turn marker, completions and outputs with
-// EOS; a {"text"} record is trainable as a whole. `tokenizer_adds_bos` decides BOS for the plain and
+// (trainable) segments as `loss` decides: by default assistant turns with their end-of-turn marker,
+// completions and outputs with EOS; a {"text"} record is trainable as a whole. ChatML renders tool
+// calls and tool turns as Qwen2.5 does, Llama 3 as Llama 3.1 does (tools lists refused); the other
+// built-in templates refuse them, naming --template auto. `tokenizer_adds_bos` decides BOS for the plain and
 // Alpaca formats, which have no opinion of their own; the chat templates write BOS where the
 // model's template does. Throws a tf::Error (without a location; the caller adds file:line) when the
 // example does not fit the template, e.g. Llama-2 and Mistral demand alternating user/assistant turns.
-std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos);
+std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex, bool tokenizer_adds_bos,
+                                    const LossOptions& loss = {});
 
 // The prompt that leads up to `ex`'s final response (completion, output or closing assistant turn),
 // rendered exactly as training renders the record: every segment before the response's trainable
