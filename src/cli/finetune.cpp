@@ -308,8 +308,10 @@ class Progress {
 }  // namespace
 
 int run_finetune(const FinetuneOptions& given) {
-  check_options(given);
-  const FinetuneOptions o = with_absolute_paths(given);
+  FinetuneOptions o = given;
+  resolve_batching(o);
+  check_options(o);
+  o = with_absolute_paths(o);
   cpu::set_num_threads(o.threads);
   const fs::path run(o.out);
   const std::string config_path = (run / "config.json").string();
@@ -350,16 +352,32 @@ int run_finetune(const FinetuneOptions& given) {
   const RunPlan plan = [&] {
     const uint64_t startup = process_memory().rss;
     const io::ModelDescription d = io::describe_model(o.model, quant_option(o.quant));
-    RunPlan p = plan_run(o, d, *backend, resolve_budget(o, *backend), startup);
+    // A resumed run keeps the micro-batch auto chose when it started: the split changes the sums.
+    FinetuneOptions po = o;
+    const bool kept = o.micro_batch_auto && stored && stored->contains("micro_batch_chosen") &&
+                      (*stored)["micro_batch_chosen"].is_number_integer();
+    if (kept) {
+      po.micro_batch_auto = false;
+      po.micro_batch = (*stored)["micro_batch_chosen"].get<int>();
+      TF_CHECK(po.micro_batch >= 1 && o.batch_size % po.micro_batch == 0, config_path,
+               ": micro_batch_chosen ", po.micro_batch, " does not divide batch_size ", o.batch_size);
+      po.grad_accum = o.batch_size / po.micro_batch;
+    }
+    RunPlan p = plan_run(po, d, *backend, resolve_budget(po, *backend), startup);
+    if (kept)
+      p.choices.push_back("micro-batch " + std::to_string(p.micro_batch) + " x grad-accum " +
+                          std::to_string(p.grad_accum) + " (auto, as the run chose it when it started)");
     if (!p.fits) {
       std::printf("%s", p.plan.table().c_str());
       std::string why;
-      for (const std::string& line : refusal_lines(o, d, *backend, p))
+      for (const std::string& line : refusal_lines(po, d, *backend, p))
         why += (why.empty() ? "" : "; ") + line;
       TF_FAIL("the run does not fit its memory budget (tightfit plan shows the whole table): ", why);
     }
     return p;
   }();
+  o.micro_batch = plan.micro_batch;
+  o.grad_accum = plan.grad_accum;
   release_free_memory();
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(

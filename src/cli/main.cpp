@@ -73,8 +73,17 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
        "Tokens per sequence (a longer example keeps its first --seq-len tokens; it is dropped when no "
        "completion token is left)")
       ->capture_default_str();
-  c.add_option("--micro-batch", o.micro_batch, "Sequences per forward/backward")->capture_default_str();
+  c.add_option(
+       "--micro-batch", o.micro_batch_arg,
+       "Sequences per forward/backward, or auto (the plan splits --batch-size into the micro-batch its "
+       "cost model predicts fastest among those that fit)")
+      ->type_name("INT|auto")
+      ->default_str(std::to_string(o.micro_batch));
   c.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  c.add_option("--batch-size", o.batch_size,
+               "Sequences per optimizer step (0: --micro-batch x --grad-accum; with --micro-batch auto, 4 x "
+               "--grad-accum); given with a --micro-batch count, it sets --grad-accum")
+      ->capture_default_str();
   c.add_flag("--pack,!--no-pack", o.pack, "Pack several examples per sequence (default on)");
   c.add_option("--template", o.template_name,
                "Prompt format: auto, chatml, llama3, llama2, mistral, alpaca or plain")

@@ -23,41 +23,85 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 json to_json(const FinetuneOptions& o) {
-  return json{{"model", o.model},
-              {"data", o.data},
-              {"eval_data", o.eval_data},
-              {"quant", o.quant},
-              {"out", o.out},
-              {"lora_rank", o.lora_rank},
-              {"lora_alpha", o.lora_alpha},
-              {"lora_dropout", o.lora_dropout},
-              {"lora_targets", o.lora_targets},
-              {"rslora", o.rslora},
-              {"lr", o.lr},
-              {"weight_decay", o.weight_decay},
-              {"clip", o.clip},
-              {"warmup", o.warmup},
-              {"schedule", o.schedule},
-              {"steps", o.steps},
-              {"epochs", o.epochs},
-              {"seq_len", o.seq_len},
-              {"micro_batch", o.micro_batch},
-              {"grad_accum", o.grad_accum},
-              {"pack", o.pack},
-              {"template", o.template_name},
-              {"train_on", o.train_on},
-              {"skip_bad_lines", o.skip_bad_lines},
-              {"seed", o.seed},
-              {"save_every", o.save_every},
-              {"keep", o.keep},
-              {"eval_every", o.eval_every},
-              {"checkpointing", o.checkpointing},
-              {"device", o.device},
-              {"attention", o.attention},
-              {"weights", o.weights},
-              {"max_mem", o.max_mem},
-              {"max_host_mem", o.max_host_mem},
-              {"threads", o.threads}};
+  json j{{"model", o.model},
+         {"data", o.data},
+         {"eval_data", o.eval_data},
+         {"quant", o.quant},
+         {"out", o.out},
+         {"lora_rank", o.lora_rank},
+         {"lora_alpha", o.lora_alpha},
+         {"lora_dropout", o.lora_dropout},
+         {"lora_targets", o.lora_targets},
+         {"rslora", o.rslora},
+         {"lr", o.lr},
+         {"weight_decay", o.weight_decay},
+         {"clip", o.clip},
+         {"warmup", o.warmup},
+         {"schedule", o.schedule},
+         {"steps", o.steps},
+         {"epochs", o.epochs},
+         {"seq_len", o.seq_len},
+         {"micro_batch", o.micro_batch_auto ? json("auto") : json(o.micro_batch)},
+         {"grad_accum", o.micro_batch_auto ? json("auto") : json(o.grad_accum)},
+         {"batch_size", o.batch_size},
+         {"pack", o.pack},
+         {"template", o.template_name},
+         {"train_on", o.train_on},
+         {"skip_bad_lines", o.skip_bad_lines},
+         {"seed", o.seed},
+         {"save_every", o.save_every},
+         {"keep", o.keep},
+         {"eval_every", o.eval_every},
+         {"checkpointing", o.checkpointing},
+         {"device", o.device},
+         {"attention", o.attention},
+         {"weights", o.weights},
+         {"max_mem", o.max_mem},
+         {"max_host_mem", o.max_host_mem},
+         {"threads", o.threads}};
+  // What auto chose, once the plan has chosen (a resumed run keeps it).
+  if (o.micro_batch_auto) {
+    j["micro_batch_chosen"] = o.micro_batch;
+    j["grad_accum_chosen"] = o.grad_accum;
+  }
+  return j;
+}
+
+void resolve_batching(FinetuneOptions& o) {
+  if (o.micro_batch_arg == "auto") {
+    o.micro_batch_auto = true;
+  } else if (!o.micro_batch_arg.empty()) {
+    size_t used = 0;
+    int v = 0;
+    try {
+      v = std::stoi(o.micro_batch_arg, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    TF_CHECK(used > 0 && used == o.micro_batch_arg.size(), "--micro-batch must be a count or auto, got '",
+             o.micro_batch_arg, "'");
+    o.micro_batch = v;
+  }
+  TF_CHECK(o.batch_size >= 0 && o.batch_size <= (1 << 20), "--batch-size must be in [0, 1048576], got ",
+           o.batch_size);
+  TF_CHECK(o.grad_accum >= 1 && o.grad_accum <= 4096, "--grad-accum must be in [1, 4096], got ",
+           o.grad_accum);
+  if (o.micro_batch_auto) {
+    if (o.batch_size == 0) o.batch_size = 4 * o.grad_accum;
+    return;
+  }
+  TF_CHECK(o.micro_batch >= 1 && o.micro_batch <= 4096, "--micro-batch must be in [1, 4096], got ",
+           o.micro_batch);
+  if (o.batch_size == 0) {
+    o.batch_size = o.micro_batch * o.grad_accum;
+    return;
+  }
+  TF_CHECK(o.batch_size % o.micro_batch == 0, "--batch-size ", o.batch_size,
+           " is not a multiple of --micro-batch ", o.micro_batch);
+  TF_CHECK(o.grad_accum == 1 || o.grad_accum * o.micro_batch == o.batch_size, "--batch-size ", o.batch_size,
+           " differs from --micro-batch ", o.micro_batch, " x --grad-accum ", o.grad_accum,
+           "; give two of the three");
+  o.grad_accum = o.batch_size / o.micro_batch;
 }
 
 json resume_relevant(const FinetuneOptions& o) {
@@ -66,9 +110,13 @@ json resume_relevant(const FinetuneOptions& o) {
   // --threads changes how OpenBLAS splits its sums, so only a resume with the same --threads
   // repeats an uninterrupted run bit for bit (finetune notes a change).
   // Streamed weights and the budgets change where bytes live, not the numbers.
-  for (const char* free : {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device",
-                           "attention", "weights", "max_mem", "max_host_mem", "threads"})
+  for (const char* free :
+       {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "attention",
+        "weights", "max_mem", "max_host_mem", "threads", "micro_batch_chosen", "grad_accum_chosen"})
     all.erase(free);
+  // A count of sequences per step says no more than micro_batch and grad_accum do (and runs from
+  // before it existed keep their hash); under auto it is what the step is.
+  if (!o.micro_batch_auto) all.erase("batch_size");
   return all;
 }
 
@@ -167,7 +215,9 @@ std::vector<std::string> config_tokens(const CLI::Option& opt, const std::string
   const std::string type = opt.get_type_name().substr(0, opt.get_type_name().find(':'));
   // One token "--name=value", so that a value starting with '-' is not read as an option.
   const std::string prefix = opt.get_name() + "=";
-  if (type == "INT" || type == "UINT") return {prefix + integer_token(value, type == "UINT", where)};
+  if (type == "INT|auto" && value.is_string() && value.get<std::string>() == "auto") return {prefix + "auto"};
+  if (type == "INT" || type == "UINT" || type == "INT|auto")
+    return {prefix + integer_token(value, type == "UINT", where)};
   if (type == "FLOAT") {
     TF_CHECK(value.is_number(), where, " must be a number, not ", value.dump());
     return {prefix + value.dump()};

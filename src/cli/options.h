@@ -38,6 +38,12 @@ struct FinetuneOptions {
   int seq_len = 512;
   int micro_batch = 4;
   int grad_accum = 1;
+  // --micro-batch as given on the command line ("auto" or a count; empty: micro_batch as set). With
+  // auto the planner splits the step's batch_size sequences into the micro-batch its cost model
+  // predicts fastest among those that fit, and grad_accum follows.
+  std::string micro_batch_arg;
+  bool micro_batch_auto = false;
+  int batch_size = 0;  // sequences per optimizer step; 0: micro_batch x grad_accum (auto: 4 x grad_accum)
   bool pack = true;
   std::string template_name = "auto";
   std::string train_on = "completion";
@@ -59,6 +65,11 @@ struct FinetuneOptions {
   int threads = 0;
   bool resume = false;
 };
+
+// Resolves --micro-batch and --batch-size into micro_batch, grad_accum and batch_size (sequences per
+// step): "auto" sets micro_batch_auto, a count is checked against --batch-size, which it must divide
+// (and then sets grad_accum). Throws tf::Error naming the option.
+void resolve_batching(FinetuneOptions& o);
 
 // The resolved options as written to RUN/config.json.
 nlohmann::json to_json(const FinetuneOptions& o);

@@ -148,8 +148,25 @@ offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be) {
   return b;
 }
 
-offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
-                         CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss) {
+namespace {
+
+// The data files' sizes, read once per plan (counting lines reads a file whole).
+struct DataSizes {
+  uint64_t train_bytes = 0, eval_bytes = 0, train_lines = 0, eval_lines = 0;
+};
+
+DataSizes data_sizes(const FinetuneOptions& o) {
+  return {file_bytes_or_zero(o.data), file_bytes_or_zero(o.eval_data), line_count(o.data),
+          line_count(o.eval_data)};
+}
+
+// The byte model's names of the two kinds of copies the cost model times.
+constexpr const char* kStreamedItem = "base weights streamed per pass";
+constexpr const char* kOffloadedItem = "saved block inputs";
+
+offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                          CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss,
+                          const DataSizes& data) {
   const LlamaConfig& c = d.weights.config;
   const LoraConfig lora = lora_config(o);
   const int64_t max_tokens = int64_t(o.micro_batch) * o.seq_len;
@@ -228,17 +245,16 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
   in.dropped_bytes = d.dropped_bytes;
   in.gguf_metadata_bytes = d.gguf_metadata_bytes;
   in.tokenizer_file_bytes = d.tokenizer_file_bytes;
-  in.train_data_bytes = file_bytes_or_zero(o.data);
-  in.eval_data_bytes = file_bytes_or_zero(o.eval_data);
-  in.train_data_lines = line_count(o.data);
-  in.eval_data_lines = line_count(o.eval_data);
+  in.train_data_bytes = data.train_bytes;
+  in.eval_data_bytes = data.eval_bytes;
+  in.train_data_lines = data.train_lines;
+  in.eval_data_lines = data.eval_lines;
   in.example_bytes = sizeof(data::Example);
   in.lora_params = int64_t(LoraState::memory_plan(c, lora)[0].bytes / sizeof(float));
   in.steps = o.steps;
   for (PlanItem& i : offload::host_overheads(in)) plan.items.push_back(std::move(i));
   if (mp.streamed_bytes)
-    add("base weights streamed per pass", std::string("from ") + offload::weight_tier_name(tier), Tier::Disk,
-        mp.streamed_bytes);
+    add(kStreamedItem, std::string("from ") + offload::weight_tier_name(tier), Tier::Disk, mp.streamed_bytes);
   if (mine == Tier::Device) {
     // Checkpoints and the divergence check read a host copy of the adapters and their moments.
     const auto lora_plan = LoraState::memory_plan(c, lora);
@@ -249,6 +265,56 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
   return plan;
 }
 
+// The micro-batches a plan tries, largest first: the given one, or under auto every count that
+// divides the step's sequences.
+std::vector<int> micro_batches(const FinetuneOptions& o) {
+  if (!o.micro_batch_auto) return {o.micro_batch};
+  std::vector<int> out;
+  for (int m = std::min(o.batch_size, 4096); m >= 1; --m)
+    if (o.batch_size % m == 0) out.push_back(m);
+  return out;
+}
+
+FinetuneOptions with_micro_batch(const FinetuneOptions& o, int m) {
+  FinetuneOptions v = o;
+  v.micro_batch = m;
+  if (o.micro_batch_auto) v.grad_accum = o.batch_size / m;
+  return v;
+}
+
+std::string seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, s < 10 ? "%.2f s" : "%.0f s", s);
+  return buf;
+}
+
+}  // namespace
+
+offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                         CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss) {
+  return model_bytes(o, d, be, policy, tier, startup_rss, data_sizes(o));
+}
+
+offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                               CheckpointPolicy policy, WeightTier tier, const offload::Plan& plan) {
+  offload::CostInputs in;
+  in.config = d.weights.config;
+  in.lora = lora_config(o);
+  in.micro_batch = o.micro_batch;
+  in.seq_len = o.seq_len;
+  in.grad_accum = o.grad_accum;
+  in.recompute = policy != CheckpointPolicy::None;
+  for (const PlanItem& i : plan.items) {
+    if (i.component == kStreamedItem) in.streamed_bytes += i.bytes;
+    if (i.component == kOffloadedItem) in.offloaded_bytes += i.bytes;
+  }
+  in.streamed_from_disk = tier == WeightTier::Disk;
+  in.lora_params = int64_t(LoraState::memory_plan(in.config, in.lora)[0].bytes / sizeof(float));
+  const offload::CostRates rates =
+      be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
+  return offload::step_cost(in, rates);
+}
+
 nlohmann::json RunPlan::to_json() const {
   nlohmann::json j = plan.to_json();
   j["backend"] = backend;
@@ -257,6 +323,12 @@ nlohmann::json RunPlan::to_json() const {
   j["budget"]["device"] = budget.device ? nlohmann::json(*budget.device) : nlohmann::json(nullptr);
   j["budget"]["host"] = budget.host ? nlohmann::json(*budget.host) : nlohmann::json(nullptr);
   j["fits"] = fits;
+  j["micro_batch"] = micro_batch;
+  j["grad_accum"] = grad_accum;
+  j["predicted_step"] = {{"total_s", cost.total_s},         {"compute_s", cost.compute_s},
+                         {"recompute_s", cost.recompute_s}, {"overhead_s", cost.overhead_s},
+                         {"copy_s", cost.copy_s},           {"exposed_copy_s", cost.exposed_copy_s},
+                         {"optimizer_s", cost.optimizer_s}, {"rates", rates.describe()}};
   j["choices"] = choices;
   return j;
 }
@@ -279,8 +351,21 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
     check_tier(*t, be, d);
     tiers = {*t};
   }
+  const std::vector<int> micros = micro_batches(o);
+  const DataSizes data = data_sizes(o);
+  const offload::CostRates rates =
+      be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
+
+  // Every combination that fits, with its predicted step; the fastest is taken, an earlier one
+  // (fewer copies, less recomputation, a larger micro-batch) unless a later one is 3% faster.
+  struct Candidate {
+    WeightTier tier;
+    CheckpointPolicy policy;
+    int micro_batch;
+    double step_s;
+  };
+  std::vector<Candidate> fitting;
   RunPlan best;
-  bool first = true;
   for (WeightTier t : tiers) {
     if (o.weights == "auto" && t != WeightTier::Resident) {
       try {
@@ -290,39 +375,80 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
       }
     }
     for (CheckpointPolicy p : policies) {
-      RunPlan r;
-      r.plan = byte_model(o, d, be, p, t, startup_rss);
-      r.policy = p;
-      r.tier = t;
-      r.budget = budget;
-      r.backend = be.name();
-      r.fits = r.plan.fits(budget);
-      if (first || r.fits) best = std::move(r);
-      first = false;
-      if (best.fits) break;
+      for (int m : micros) {
+        const FinetuneOptions v = with_micro_batch(o, m);
+        offload::Plan plan = model_bytes(v, d, be, p, t, startup_rss, data);
+        if (!plan.fits(budget)) continue;
+        const offload::StepCost cost = predict_step(v, d, be, p, t, plan);
+        fitting.push_back({t, p, m, cost.total_s});
+        if (fitting.size() > 1 && cost.total_s >= best.cost.total_s * 0.97) continue;
+        best.plan = std::move(plan);
+        best.policy = p;
+        best.tier = t;
+        best.micro_batch = m;
+        best.grad_accum = v.grad_accum;
+        best.cost = cost;
+      }
     }
-    if (best.fits) break;
   }
-  // When nothing fits, the run is described as its first candidate would run it.
+  best.budget = budget;
+  best.backend = be.name();
+  best.rates = rates;
+  best.startup_rss = startup_rss;
+  best.fits = !fitting.empty();
+  // When nothing fits, the run is described as its first candidate would run it, at its smallest
+  // micro-batch.
   if (!best.fits) {
-    best.plan = byte_model(o, d, be, policies.front(), tiers.front(), startup_rss);
+    const FinetuneOptions v = with_micro_batch(o, micros.back());
+    best.plan = model_bytes(v, d, be, policies.front(), tiers.front(), startup_rss, data);
     best.policy = policies.front();
     best.tier = tiers.front();
+    best.micro_batch = v.micro_batch;
+    best.grad_accum = v.grad_accum;
+    best.cost = predict_step(v, d, be, best.policy, best.tier, best.plan);
+    if (o.checkpointing == "auto" || o.weights == "auto" || o.micro_batch_auto)
+      best.choices.push_back("nothing fits the budget");
+    return best;
   }
-  const std::string within = best.fits ? "fits the budget" : "nothing fits the budget";
+  // Why each option left on auto is what it is: the best run without that choice, or that none fits.
+  auto reason = [&](const char* alternative, auto&& keeps) {
+    std::optional<double> other;
+    for (const Candidate& c : fitting)
+      if (keeps(c) && (!other || c.step_s < *other)) other = c.step_s;
+    const std::string chosen = "predicted step " + seconds(best.cost.total_s);
+    if (!other) return chosen + "; " + alternative + " does not fit";
+    return chosen + " against " + seconds(*other) + " " + alternative;
+  };
   if (o.checkpointing == "auto")
-    best.choices.push_back(std::string("checkpointing ") + policy_name(best.policy) + " (auto: " + within +
-                           (best.policy == CheckpointPolicy::PerBlock && best.fits
-                                ? "; keeping every block's activations does not"
-                            : best.policy == CheckpointPolicy::PerBlockOffload && best.fits
-                                ? "; keeping the block inputs on the device does not"
-                                : "") +
-                           ")");
-  if (o.weights == "auto")
     best.choices.push_back(
-        std::string("weights ") + offload::weight_tier_name(best.tier) + " (auto: " + within +
-        (best.tier != WeightTier::Resident && best.fits ? "; resident weights do not" : "") + ")");
-  best.startup_rss = startup_rss;
+        std::string("checkpointing ") + policy_name(best.policy) + " (auto: " +
+        (best.policy == CheckpointPolicy::None
+             ? "predicted step " + seconds(best.cost.total_s) + ", nothing recomputed"
+             : reason("keeping every block's activations",
+                      [](const Candidate& c) { return c.policy == CheckpointPolicy::None; })) +
+        ")");
+  if (o.weights == "auto")
+    best.choices.push_back(std::string("weights ") + offload::weight_tier_name(best.tier) + " (auto: " +
+                           (best.tier == WeightTier::Resident
+                                ? "predicted step " + seconds(best.cost.total_s) + ", nothing streamed"
+                                : reason("with resident weights",
+                                         [](const Candidate& c) { return c.tier == WeightTier::Resident; })) +
+                           ")");
+  if (o.micro_batch_auto) {
+    const int larger = [&] {
+      for (auto it = micros.rbegin(); it != micros.rend(); ++it)
+        if (*it > best.micro_batch) return *it;
+      return 0;
+    }();
+    best.choices.push_back("micro-batch " + std::to_string(best.micro_batch) + " x grad-accum " +
+                           std::to_string(best.grad_accum) + " (auto: " + std::to_string(o.batch_size) +
+                           " sequences per step; " +
+                           (larger == 0
+                                ? "predicted step " + seconds(best.cost.total_s) + ", the whole step at once"
+                                : reason(("with micro-batch " + std::to_string(larger)).c_str(),
+                                         [&](const Candidate& c) { return c.micro_batch == larger; })) +
+                           ")");
+  }
   return best;
 }
 
@@ -368,7 +494,7 @@ std::vector<std::string> refusal_lines(const FinetuneOptions& o, const io::Model
       with(
           std::string("--weights ") + offload::weight_tier_name(t),
           [t](FinetuneOptions& v) { v.weights = offload::weight_tier_name(t); }, quant);
-  for (int m = o.micro_batch / 2; m >= 1; m /= 2) {
+  for (int m = o.micro_batch_auto ? 0 : o.micro_batch / 2; m >= 1; m /= 2) {
     const int accum = o.grad_accum * (o.micro_batch / m);
     with(
         "--micro-batch " + std::to_string(m) + " --grad-accum " + std::to_string(accum) +
@@ -423,7 +549,9 @@ std::vector<std::string> refusal_lines(const FinetuneOptions& o, const io::Model
   return lines;
 }
 
-int run_plan(const FinetuneOptions& o, bool json) {
+int run_plan(const FinetuneOptions& given, bool json) {
+  FinetuneOptions o = given;
+  resolve_batching(o);
   TF_CHECK(!o.model.empty(), "--model is required");
   if (o.max_mem != "auto") parse_size("--max-mem", o.max_mem);
   if (o.max_host_mem != "auto") parse_size("--max-host-mem", o.max_host_mem);
@@ -448,6 +576,8 @@ int run_plan(const FinetuneOptions& o, bool json) {
   const offload::Budget budget = resolve_budget(o, *be);
   const RunPlan plan = plan_run(o, d, *be, budget, startup);
   const LlamaConfig& c = d.weights.config;
+  // The alternatives at the micro-batch the plan runs.
+  const FinetuneOptions chosen = with_micro_batch(o, plan.micro_batch);
   if (json) {
     nlohmann::json j = plan.to_json();
     j["model"] = o.model;
@@ -460,11 +590,12 @@ int run_plan(const FinetuneOptions& o, bool json) {
         } catch (const Error&) {
           continue;
         }
-        const offload::Plan alt = byte_model(o, d, *be, p, t, startup);
+        const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup);
         grid.push_back({{"weights", offload::weight_tier_name(t)},
                         {"checkpointing", policy_option(p)},
                         {"device", alt.peak(Tier::Device)},
-                        {"host", alt.peak(Tier::Host)}});
+                        {"host", alt.peak(Tier::Host)},
+                        {"step_s", predict_step(chosen, d, *be, p, t, alt).total_s}});
       }
     }
     j["alternatives"] = grid;
@@ -474,15 +605,25 @@ int run_plan(const FinetuneOptions& o, bool json) {
   std::printf("model: %s (%s, %d layers, hidden %d, %d heads / %d kv, vocab %d)%s\n", o.model.c_str(),
               c.architecture.c_str(), c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.vocab,
               d.config_only ? ", from its config alone" : "");
-  std::printf("run: %s per micro-batch, LoRA r=%d on %s, --quant %s, on %s%s%s\n", tokens_detail(o).c_str(),
-              o.lora_rank, o.lora_targets.c_str(), o.quant.c_str(), be->name().c_str(),
-              note.empty() ? "" : "; ", note.c_str());
+  std::printf("run: %s per micro-batch, %d per step, LoRA r=%d on %s, --quant %s, on %s%s%s\n",
+              tokens_detail(chosen).c_str(), plan.micro_batch * plan.grad_accum, o.lora_rank,
+              o.lora_targets.c_str(), o.quant.c_str(), be->name().c_str(), note.empty() ? "" : "; ",
+              note.c_str());
   std::printf("weights %s, checkpointing %s\n", offload::weight_tier_name(plan.tier),
               policy_name(plan.policy));
   for (const std::string& ch : plan.choices) std::printf("  %s\n", ch.c_str());
   std::printf("%s", plan.plan.table().c_str());
   std::printf("predicted peak: %s\n", peaks_text(plan.plan, plan.budget).c_str());
-  std::printf("smallest budgets (the predicted peaks) by where the weights live and what is recomputed:\n");
+  const offload::StepCost& k = plan.cost;
+  std::printf(
+      "predicted step: %s (compute %s, recomputation %s, per-op costs %s, copies %s of which %s not hidden, "
+      "optimizer %s) at nominal rates: %s\n",
+      seconds(k.total_s).c_str(), seconds(k.compute_s).c_str(), seconds(k.recompute_s).c_str(),
+      seconds(k.overhead_s).c_str(), seconds(k.copy_s).c_str(), seconds(k.exposed_copy_s).c_str(),
+      seconds(k.optimizer_s).c_str(), plan.rates.describe().c_str());
+  std::printf(
+      "smallest budgets (the predicted peaks) and predicted steps by where the weights live and what is "
+      "recomputed:\n");
   for (WeightTier t : tiers_of(*be)) {
     try {
       check_tier(t, *be, d);
@@ -491,9 +632,10 @@ int run_plan(const FinetuneOptions& o, bool json) {
       continue;
     }
     for (CheckpointPolicy p : policies_of(*be)) {
-      const offload::Plan alt = byte_model(o, d, *be, p, t, startup);
-      std::printf("  weights %-8s  checkpointing %-9s  %s\n", offload::weight_tier_name(t), policy_option(p),
-                  peaks_text(alt, {}).c_str());
+      const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup);
+      std::printf("  weights %-8s  checkpointing %-9s  %s; step %s\n", offload::weight_tier_name(t),
+                  policy_option(p), peaks_text(alt, {}).c_str(),
+                  seconds(predict_step(chosen, d, *be, p, t, alt).total_s).c_str());
     }
   }
   if (plan.fits) {

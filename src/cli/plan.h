@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "offload/cost_model.h"
 #include "offload/plan.h"
 #include "src/cli/options.h"
 #include "src/io/describe.h"
@@ -15,12 +16,17 @@
 
 namespace tf::cli {
 
-// A finetune run as planned: its byte model, the checkpoint policy and weight tier it runs with
-// (what auto chose, or what was asked), the budgets and whether the peaks fit them.
+// A finetune run as planned: its byte model, the checkpoint policy, weight tier and micro-batch it
+// runs with (what auto chose, or what was asked), the step time the cost model predicts at its
+// nominal rates, the budgets and whether the peaks fit them.
 struct RunPlan {
   offload::Plan plan;
   CheckpointPolicy policy = CheckpointPolicy::None;
   offload::WeightTier tier = offload::WeightTier::Resident;
+  int micro_batch = 1;
+  int grad_accum = 1;
+  offload::StepCost cost;
+  offload::CostRates rates;
   offload::Budget budget;
   std::string backend;               // the backend whose placement rules were applied
   std::vector<std::string> choices;  // what each auto option chose and why
@@ -42,12 +48,20 @@ offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be);
 offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                          CheckpointPolicy policy, offload::WeightTier tier, uint64_t startup_rss);
 
-// Plans `o`: the checkpointing and weights options left on auto take the first of resident weights
-// without recomputation, resident with per-block recomputation, then with the kept block inputs in
-// host memory too (device backends), and the same three streamed from host (device backends) and
-// from disk, that fits the budgets (recomputing a block costs a forward per step; offloaded inputs
-// and streamed weights cost copies that hide behind compute only when the link keeps up, and disk
-// the most). A choice that was given is kept, fitting or not.
+// The cost model's prediction of an optimizer step of `o` (its micro_batch and grad_accum) run with
+// `policy` and `tier`, whose byte model is `plan`, at the nominal rates of `be`'s kind.
+offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
+                               CheckpointPolicy policy, offload::WeightTier tier, const offload::Plan& plan);
+
+// Plans `o`: the checkpointing, weights and micro-batch options left on auto take, among the
+// combinations that fit the budgets, the one whose step the cost model predicts fastest
+// (recomputing a block costs its forward again; offloaded inputs and streamed weights cost copies
+// that hide behind compute only on a device and only when the link keeps up; a small micro-batch
+// runs its products at a lower rate and pays the per-op costs more often). Candidates are tried
+// resident weights first, then streamed from host (device backends) and from disk; no recomputation,
+// then per block, then per block with the kept inputs in host memory (device backends); the
+// largest micro-batch first; a later one is taken only when it is predicted at least 3% faster.
+// A choice that was given is kept, fitting or not.
 RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                  const offload::Budget& budget, uint64_t startup_rss);
 

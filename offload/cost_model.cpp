@@ -1,0 +1,118 @@
+// defines: the planner's time model of an optimizer step (offload/cost_model.h)
+#include "offload/cost_model.h"
+
+#include <algorithm>
+#include <cstdio>
+
+namespace tf::offload {
+
+namespace {
+
+// Ops a layer runs per micro-batch in each pass (norms, the seven projections and their adapters,
+// rope, attention, the activation, the residual adds), rounded up: they set how much a small
+// micro-batch pays in launches and barriers.
+constexpr double kForwardOpsPerLayer = 30;
+constexpr double kBackwardOpsPerLayer = 50;
+
+// The (in, out) features of projection t.
+std::pair<double, double> projection_dims(const LlamaConfig& c, LoraTarget t) {
+  const double h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), i = c.intermediate;
+  switch (t) {
+    case LoraTarget::Q: return {h, q};
+    case LoraTarget::K:
+    case LoraTarget::V: return {h, kv};
+    case LoraTarget::O: return {q, h};
+    case LoraTarget::Gate:
+    case LoraTarget::Up: return {h, i};
+    case LoraTarget::Down: return {i, h};
+    case LoraTarget::Count: break;
+  }
+  return {0, 0};
+}
+
+}  // namespace
+
+CostRates CostRates::cpu(int threads) {
+  CostRates r;
+  // About what one AVX-512 core sustains in f32 sgemm at the shapes of a training step.
+  r.flops = std::max(threads, 1) * 40e9;
+  r.half_rate_rows = 32;
+  r.op_overhead_s = 20e-6;
+  r.link_bytes_s = 0;
+  r.disk_bytes_s = 1.5e9;
+  r.memory_bytes_s = 20e9;
+  // The reads need the cores the products spin on: they were measured hidden at 1024 tokens a
+  // step and not at 64, so the model hides none of them.
+  r.copies_overlap = false;
+  return r;
+}
+
+CostRates CostRates::device() {
+  CostRates r;
+  r.flops = 100e12;
+  r.half_rate_rows = 256;
+  r.op_overhead_s = 8e-6;
+  r.link_bytes_s = 20e9;
+  r.disk_bytes_s = 1.5e9;
+  r.memory_bytes_s = 1e12;
+  r.copies_overlap = true;
+  return r;
+}
+
+std::string CostRates::describe() const {
+  char buf[256];
+  std::snprintf(
+      buf, sizeof buf,
+      "%.0f GFLOP/s (half of it at %.0f rows), %.0f us per op, host link %.0f GB/s, disk %.1f GB/s, "
+      "copies %s compute",
+      flops / 1e9, half_rate_rows, op_overhead_s * 1e6, link_bytes_s / 1e9, disk_bytes_s / 1e9,
+      copies_overlap ? "beside" : "not beside");
+  return buf;
+}
+
+StepCost step_cost(const CostInputs& in, const CostRates& r) {
+  const LlamaConfig& c = in.config;
+  const double rows = double(in.micro_batch) * in.seq_len;
+  const double layers = c.n_layers;
+  double params = 0, lora = 0;
+  for (int t = 0; t < kLoraTargetCount; ++t) {
+    const auto [din, dout] = projection_dims(c, LoraTarget(t));
+    params += din * dout;
+    if (in.lora.has(LoraTarget(t))) lora += double(in.lora.rank) * (din + dout);
+  }
+  // A causal product of q and k, and of the weights and v: half of seq x seq per head and sequence.
+  const double attention = 2.0 * double(in.seq_len) * in.seq_len * c.n_heads * c.head_dim * in.micro_batch;
+  const double layer_forward = 2 * rows * (params + lora) + attention;
+  // The frozen base needs only its input gradients (one product per projection); the adapters need
+  // theirs and their weights'; attention's backward recomputes its scores and forms four products.
+  const double layer_backward = 2 * rows * params + 4 * rows * lora + 2.5 * attention;
+  const double head = 2 * rows * double(c.vocab) * c.hidden;
+  const double rate = r.flops * rows / (rows + r.half_rate_rows);
+
+  StepCost s;
+  const double accum = std::max(in.grad_accum, 1);
+  s.compute_s = accum * (layers * (layer_forward + layer_backward) + 2 * head) / rate;
+  s.recompute_s = in.recompute ? accum * layers * layer_forward / rate : 0;
+  const double ops = layers * (kForwardOpsPerLayer * (in.recompute ? 2 : 1) + kBackwardOpsPerLayer) + 10;
+  s.overhead_s = accum * ops * r.op_overhead_s;
+  // Streamed weights are read in the forward and again in the backward (which recomputes from the
+  // same copy); offloaded inputs go out in the forward and come back in the backward.
+  double copy = 0;
+  if (in.streamed_bytes) {
+    const double rate_in = in.streamed_from_disk ? r.disk_bytes_s : r.link_bytes_s;
+    copy += 2.0 * double(in.streamed_bytes) / rate_in;
+  }
+  if (in.offloaded_bytes) copy += 2.0 * double(in.offloaded_bytes) / r.link_bytes_s;
+  s.copy_s = accum * copy;
+  // Overlapped copies hide behind the micro-batch's compute but for the first block's, which
+  // nothing precedes.
+  const double busy = (s.compute_s + s.recompute_s) / accum;
+  const double exposed = r.copies_overlap ? std::max(0.0, copy - busy) + copy / std::max(layers, 1.0) : copy;
+  s.exposed_copy_s = accum * exposed;
+  // AdamW reads and writes each parameter, its gradient and both moments.
+  s.optimizer_s = double(in.lora_params) * 7 * sizeof(float) / r.memory_bytes_s;
+  s.total_s = s.compute_s + s.recompute_s + s.overhead_s + s.exposed_copy_s + s.optimizer_s;
+  return s;
+}
+
+}  // namespace tf::offload
