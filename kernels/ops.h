@@ -84,6 +84,7 @@ struct AttentionShape {
   int n_kv_heads = 0;
   int head_dim = 0;
   float scale = 0.0f;  // usually 1/sqrt(head_dim)
+  int window = 0;      // sliding window: a query sees its `window` latest keys; 0 sees all (causal)
 };
 
 // AdamW hyper-parameters for one update; step is 1-based (bias correction).

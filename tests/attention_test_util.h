@@ -43,10 +43,12 @@ inline AttentionShape make_shape(int batch, int seq, int heads, int kv_heads, in
 struct CachedCase {
   int64_t n_past, n_new;
   int heads, kv_heads, head_dim;
+  int window = 0;  // sliding window, 0 for none
 };
 inline std::string cached_name(const CachedCase& c) {
   return "past" + std::to_string(c.n_past) + "_new" + std::to_string(c.n_new) + "_h" +
-         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim);
+         std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) +
+         (c.window > 0 ? "_w" + std::to_string(c.window) : "");
 }
 inline void PrintTo(const CachedCase& c, std::ostream* os) {
   *os << cached_name(c);
@@ -186,7 +188,7 @@ inline ForwardBounds forward_bounds(const AttentionShape& s, const std::vector<f
       for (int64_t i = 0; i < S; ++i) {
         std::vector<int64_t> keys;
         for (int64_t j = 0; j <= i; ++j)
-          if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
+          if (ref::attention_allowed(doc, i, j, s.window)) keys.push_back(j);
         const int64_t row = (b * S + i) * H + h;
         const RowBound r = forward_row_bound(q.data() + row * D, k.data() + (b * S * KV + h / group) * D,
                                              v.data() + (b * S * KV + h / group) * D, KV * D, keys, int(D),
@@ -241,7 +243,7 @@ inline GradBounds backward_bounds(const AttentionShape& s, const std::vector<flo
         };
         std::vector<Term> terms;
         for (int64_t j = 0; j <= i; ++j) {
-          if (!ref::attention_allowed(doc, i, j)) continue;
+          if (!ref::attention_allowed(doc, i, j, s.window)) continue;
           const int64_t kv = (b * S + j) * KV + g;
           const float *kj = k.data() + kv * D, *vj = v.data() + kv * D;
           double qk = 0, A = 0, dp = 0, B = 0;
@@ -299,7 +301,7 @@ inline GradBounds backward_given(const AttentionShape& s, const std::vector<doub
         double delta = 0;
         for (int64_t d = 0; d < D; ++d) delta += doi[d] * double(out[size_t(row * D + d)]);
         for (int64_t j = 0; j <= i; ++j) {
-          if (!ref::attention_allowed(doc, i, j)) continue;
+          if (!ref::attention_allowed(doc, i, j, s.window)) continue;
           const int64_t kv = (b * S + j) * KV + h / group;
           const double *kj = k.data() + kv * D, *vj = v.data() + kv * D;
           double qk = 0, dp = 0;
@@ -374,7 +376,7 @@ inline GradBounds flash_backward_bounds(const AttentionShape& s, const std::vect
         }
         terms.clear();
         for (int64_t j = 0; j <= i; ++j) {
-          if (!ref::attention_allowed(doc, i, j)) continue;
+          if (!ref::attention_allowed(doc, i, j, s.window)) continue;
           const int64_t kv = (b * S + j) * KV + h / group;
           const double *kj = kr.data() + kv * D, *vj = vr.data() + kv * D;
           double qk = 0, A = 0, dp = 0, B = 0;
@@ -484,7 +486,7 @@ inline FlashBounds flash_forward_bounds(const AttentionShape& s, const std::vect
     for (int64_t i = 0; i < S; ++i) {
       std::vector<int64_t> keys;
       for (int64_t j = 0; j <= i; ++j)
-        if (ref::attention_allowed(doc, i, j)) keys.push_back(j);
+        if (ref::attention_allowed(doc, i, j, s.window)) keys.push_back(j);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row = (b * S + i) * H + h, kv0 = (b * S * KV + h / group) * D;
         const FlashRowBound r =

@@ -1242,7 +1242,7 @@ TEST_P(BackendOps, AttentionCachedForwardAcrossCacheLengths) {
                              vr = test::bf16_rounded(vc);
     std::vector<float> out(q.size());
     cpu().attention_cached_forward(out.data(), q.data(), kc.data(), vc.data(), k.n_past, k.n_new, k.heads,
-                                   k.kv_heads, k.head_dim, scale);
+                                   k.kv_heads, k.head_dim, scale, 0);
     for (const AttentionKernel kernel : attention_kernels(dev(), k.head_dim)) {
       Backend& be = attention_dev(kernel);
       const std::string c =
@@ -1253,7 +1253,7 @@ TEST_P(BackendOps, AttentionCachedForwardAcrossCacheLengths) {
       Buf<float> d_q(be, q, "q"), d_kc(be, kc, "k_cache"), d_vc(be, vc, "v_cache");
       Buf<float> d_out(be, std::vector<float>(q.size(), kNaN), "out");
       be.attention_cached_forward(d_out.get(), d_q.get(), d_kc.get(), d_vc.get(), k.n_past, k.n_new, k.heads,
-                                  k.kv_heads, k.head_dim, scale);
+                                  k.kv_heads, k.head_dim, scale, 0);
       std::vector<double> bound(q.size());
       const int group = k.heads / k.kv_heads;
       for (int64_t i = 0; i < k.n_new; ++i) {
@@ -1322,7 +1322,7 @@ TEST_P(BackendOps, AttentionCachedStepsMatchTheTrainingForward) {
       Buf<float> d_out(be, std::vector<float>(q.size(), kNaN), "out");
       const auto step = [&](int64_t n_past, int64_t n_new) {
         be.attention_cached_forward(d_out.get() + n_past * q_row, d_q.get() + n_past * q_row, d_kc.get(),
-                                    d_vc.get(), n_past, n_new, k.heads, k.kv_heads, k.head_dim, s.scale);
+                                    d_vc.get(), n_past, n_new, k.heads, k.kv_heads, k.head_dim, s.scale, 0);
       };
       step(0, k.prefill);
       for (int64_t pos = k.prefill; pos < T; ++pos) step(pos, 1);
@@ -1735,15 +1735,15 @@ TEST_P(BackendOps, RefusesWhatTheCpuRefuses) {
        }},
       {"attention_cached_forward with 3 heads over 2 kv heads",
        [](Backend& b, float* o, const float* i) {
-         b.attention_cached_forward(o, i, i, i, 0, 1, 3, 2, 4, 0.5f);
+         b.attention_cached_forward(o, i, i, i, 0, 1, 3, 2, 4, 0.5f, 0);
        }},
       {"attention_cached_forward with n_past -1",
        [](Backend& b, float* o, const float* i) {
-         b.attention_cached_forward(o, i, i, i, -1, 1, 2, 2, 4, 0.5f);
+         b.attention_cached_forward(o, i, i, i, -1, 1, 2, 2, 4, 0.5f, 0);
        }},
       {"attention_cached_forward with n_new -1",
        [](Backend& b, float* o, const float* i) {
-         b.attention_cached_forward(o, i, i, i, 0, -1, 2, 2, 4, 0.5f);
+         b.attention_cached_forward(o, i, i, i, 0, -1, 2, 2, 4, 0.5f, 0);
        }},
   };
   for (const Call& c : calls) {

@@ -207,12 +207,14 @@ void expect_within(const char* what, const std::vector<float>& got, const std::v
 struct Case {
   int batch, seq, heads, kv_heads, head_dim;
   Docs docs;
+  int window = 0;
 };
 
 std::string case_name(const Case& c) {
   const char* docs[] = {"nodocs", "packed", "interleaved"};
   return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
-         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
+         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)] +
+         (c.window > 0 ? "_w" + std::to_string(c.window) : "");
 }
 
 class SimtAttentionVsCpu : public ::testing::TestWithParam<Case> {};
@@ -221,8 +223,9 @@ class SimtAttentionVsCpu : public ::testing::TestWithParam<Case> {};
 // same inputs and the bounds of one backward apply.
 TEST_P(SimtAttentionVsCpu, ForwardAndBackwardMatchTheCpu) {
   const Case c = GetParam();
-  const Inputs in(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim), c.docs,
-                  1234 + uint64_t(c.seq));
+  AttentionShape s = make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
+  s.window = c.window;
+  const Inputs in(s, c.docs, 1234 + uint64_t(c.seq));
   const Forward cpu_fwd = cpu_forward(in);
   const Forward sim_fwd = simt_forward(in);
   const ForwardBounds fb = forward_bounds(in);
@@ -245,7 +248,11 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, 7, 4, 4, 20, Docs::None}, Case{2, 7, 4, 4, 20, Docs::Packed},
                       Case{2, 16, 2, 1, 20, Docs::Packed}, Case{2, 33, 4, 1, 72, Docs::Packed},
                       Case{2, 40, 4, 2, 12, Docs::Interleaved}, Case{1, 37, 4, 2, 20, Docs::None},
-                      Case{1, 17, 2, 1, 128, Docs::Packed}),
+                      Case{1, 17, 2, 1, 128, Docs::Packed},
+                      // Sliding windows of one key, of less than a 16-key tile and of more, with
+                      // GQA 3 and packed documents; one as long as the sequence.
+                      Case{1, 40, 6, 2, 12, Docs::None, 1}, Case{2, 40, 6, 2, 12, Docs::Packed, 5},
+                      Case{1, 40, 6, 2, 20, Docs::None, 17}, Case{1, 33, 4, 2, 12, Docs::Interleaved, 33}),
     [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
 
 // The f32 backward on the simulator against float64 central differences of the float64 reference
@@ -357,8 +364,8 @@ TEST(SimtAttention, RejectsBadShapes) {
   EXPECT_NE(message(make_shape(1, 1, 2, 2, 1000)).find("head_dim 1000 needs"), std::string::npos);
   EXPECT_THROW(simt::attention_backward(p, p, p, p, p, p, p, p, p, nullptr, make_shape(1, 1, 2, 2, 1000)),
                Error);
-  EXPECT_THROW(simt::attention_cached_forward(p, p, p, p, 0, 1, 3, 2, 4, 0.5f), Error);
-  EXPECT_THROW(simt::attention_cached_forward(p, p, p, p, -1, 1, 2, 2, 4, 0.5f), Error);
+  EXPECT_THROW(simt::attention_cached_forward(p, p, p, p, 0, 1, 3, 2, 4, 0.5f, 0), Error);
+  EXPECT_THROW(simt::attention_cached_forward(p, p, p, p, -1, 1, 2, 2, 4, 0.5f, 0), Error);
   x.download("x");
 }
 
@@ -372,25 +379,25 @@ std::vector<float> simt_cached(const CachedInputs& in) {
   DeviceArray<float> q(in.q, "q"), k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache");
   DeviceArray<float> out(nans(in.out_size()), "out");
   simt::attention_cached_forward(out.get(), q.get(), k.get(), v.get(), in.c.n_past, in.c.n_new, in.c.heads,
-                                 in.c.kv_heads, in.c.head_dim, in.scale);
+                                 in.c.kv_heads, in.c.head_dim, in.scale, in.c.window);
   return out.download("out");
 }
 
 class SimtAttentionCachedVsCpu : public ::testing::TestWithParam<CachedCase> {};
 
-// The forward's bound (and factor 2) for query i against cache rows 0 .. n_past + i.
+// The forward's bound (and factor 2) for query i against the cache rows its window holds.
 TEST_P(SimtAttentionCachedVsCpu, MatchesTheCpu) {
   const CachedCase c = GetParam();
   const CachedInputs in(c, 4321 + uint64_t(c.n_past * 7 + c.n_new));
   const std::vector<float> got = simt_cached(in);
   std::vector<float> want(in.out_size());
   cpu::attention_cached_forward(want.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), c.n_past,
-                                c.n_new, c.heads, c.kv_heads, c.head_dim, in.scale);
+                                c.n_new, c.heads, c.kv_heads, c.head_dim, in.scale, c.window);
   const int64_t D = c.head_dim, group = c.heads / c.kv_heads;
   std::vector<double> bound(in.out_size());
   for (int64_t i = 0; i < c.n_new; ++i) {
     std::vector<int64_t> keys;
-    for (int64_t j = 0; j <= c.n_past + i; ++j) keys.push_back(j);
+    for (int64_t j = ref::window_start(c.n_past + i, c.window); j <= c.n_past + i; ++j) keys.push_back(j);
     for (int64_t h = 0; h < c.heads; ++h) {
       const RowBound r =
           forward_row_bound(in.q.data() + (i * c.heads + h) * D, in.k_cache.data() + h / group * D,
@@ -407,18 +414,25 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SimtAttentionCachedVsCpu,
                          ::testing::Values(CachedCase{0, 1, 4, 4, 12}, CachedCase{0, 5, 4, 2, 20},
                                            CachedCase{1, 1, 4, 1, 72}, CachedCase{37, 1, 4, 2, 20},
                                            CachedCase{37, 5, 4, 1, 12}, CachedCase{3, 33, 2, 2, 20},
-                                           CachedCase{20, 3, 2, 1, 128}),
+                                           CachedCase{20, 3, 2, 1, 128}, CachedCase{60, 1, 6, 2, 12, 1},
+                                           CachedCase{60, 3, 6, 2, 20, 5}, CachedCase{37, 5, 6, 2, 12, 17},
+                                           CachedCase{3, 33, 6, 2, 20, 17}),
                          [](const ::testing::TestParamInfo<CachedCase>& p) { return cached_name(p.param); });
 
 // A decoder's calls (a prefill of P tokens, then one token at a time against the cache so far)
-// give exactly the training forward's rows: both run the one kernel over key tiles from position
-// 0, and a tile the causal mask hides from a row leaves its running sums unchanged (rescale 1,
-// weights 0), so any difference is an indexing mistake.
-TEST(SimtAttentionCached, PrefillThenStepsMatchTrainingForwardBitForBit) {
+// give exactly the training forward's rows: both run the one kernel over key tiles aligned to
+// position 0, and a tile the mask hides from a row leaves its running sums unchanged (rescale 1,
+// weights 0), so any difference is an indexing mistake. With and without a sliding window.
+class SimtAttentionCachedWindow : public ::testing::TestWithParam<int> {};
+
+TEST_P(SimtAttentionCachedWindow, PrefillThenStepsMatchTrainingForwardBitForBit) {
   const int64_t P = 18, T = 23;
-  const CachedInputs in(CachedCase{0, T, 4, 2, 20}, 777);
+  const int window = GetParam();
+  const CachedInputs in(CachedCase{0, T, 4, 2, 20, window}, 777);
   const int64_t q_row = 4 * 20;
-  Inputs train(make_shape(1, int(T), 4, 2, 20), Docs::None, 1);
+  AttentionShape s = make_shape(1, int(T), 4, 2, 20);
+  s.window = window;
+  Inputs train(s, Docs::None, 1);
   train.q = in.q;
   train.k.assign(in.k_cache.begin(), in.k_cache.begin() + T * 2 * 20);
   train.v.assign(in.v_cache.begin(), in.v_cache.begin() + T * 2 * 20);
@@ -428,7 +442,7 @@ TEST(SimtAttentionCached, PrefillThenStepsMatchTrainingForwardBitForBit) {
   DeviceArray<float> out(nans(in.out_size()), "out");
   auto step = [&](int64_t n_past, int64_t n_new) {
     simt::attention_cached_forward(out.get() + n_past * q_row, q.get() + n_past * q_row, k.get(), v.get(),
-                                   n_past, n_new, 4, 2, 20, in.scale);
+                                   n_past, n_new, 4, 2, 20, in.scale, window);
   };
   step(0, P);
   for (int64_t pos = P; pos < T; ++pos) step(pos, 1);
@@ -440,10 +454,12 @@ TEST(SimtAttentionCached, PrefillThenStepsMatchTrainingForwardBitForBit) {
   }
 }
 
+INSTANTIATE_TEST_SUITE_P(Windows, SimtAttentionCachedWindow, ::testing::Values(0, 5));
+
 TEST(SimtAttentionCached, NoNewTokensWritesNothing) {
   const CachedInputs in(CachedCase{10, 0, 2, 1, 8}, 5);
   DeviceArray<float> k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache"), out(std::vector<float>(), "out");
-  simt::attention_cached_forward(out.get(), out.get(), k.get(), v.get(), 10, 0, 2, 1, 8, 0.5f);
+  simt::attention_cached_forward(out.get(), out.get(), k.get(), v.get(), 10, 0, 2, 1, 8, 0.5f, 0);
   out.download("out");
 }
 

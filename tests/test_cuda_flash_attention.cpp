@@ -101,13 +101,14 @@ std::vector<int32_t> doc_ids_of(Layout layout, int batch, int seq, uint64_t seed
 struct Case {
   int batch, seq, heads, kv_heads, head_dim;
   Layout layout;
+  int window = 0;
 };
 
 std::string case_name(const Case& c) {
   const char* layouts[] = {"nodocs", "packed", "interleaved", "short", "long"};
   return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
          "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" +
-         layouts[int(c.layout)];
+         layouts[int(c.layout)] + (c.window > 0 ? "_w" + std::to_string(c.window) : "");
 }
 
 void PrintTo(const Case& c, std::ostream* os) {
@@ -123,6 +124,7 @@ struct Inputs {
   std::vector<float> q, k, v;
   std::vector<int32_t> doc;
   Inputs(const Case& c, uint64_t seed) : s(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim)) {
+    s.window = c.window;
     const size_t tokens = size_t(c.batch) * size_t(c.seq);
     q = random_floats(tokens * size_t(c.heads * c.head_dim), seed, 2.0f);
     k = random_floats(tokens * size_t(c.kv_heads * c.head_dim), seed + 1, 2.0f);
@@ -190,7 +192,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{2, 97, 2, 2, 64, Layout::None}, Case{1, 97, 4, 2, 80, Layout::Packed},
                       Case{2, 97, 4, 1, 96, Layout::Short}, Case{1, 97, 8, 2, 128, Layout::Interleaved},
                       Case{2, 50, 8, 2, 128, Layout::Short}, Case{1, 200, 4, 2, 64, Layout::Long},
-                      Case{2, 33, 6, 3, 80, Layout::None}, Case{1, 1025, 1, 1, 64, Layout::None}),
+                      Case{2, 33, 6, 3, 80, Layout::None}, Case{1, 1025, 1, 1, 64, Layout::None},
+                      // Sliding windows (GQA 3): of one key; ending inside a 64-key tile, with
+                      // documents; spanning tiles, so some tiles are skipped, some masked, some not.
+                      Case{1, 97, 6, 2, 64, Layout::None, 1}, Case{1, 97, 6, 2, 64, Layout::Short, 17},
+                      Case{1, 200, 3, 1, 64, Layout::None, 70}),
     [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
 
 // Each output element is summed by one thread in a fixed order, so the simulator's thread order
@@ -229,7 +235,7 @@ TEST(SimtFlashForward, RejectsBadShapes) {
   EXPECT_NE(forward(make_shape(1, -1, 2, 2, 64)).find("must be non-negative"), std::string::npos);
   auto cached = [&](int64_t n_past, int heads, int head_dim) {
     return test::error_of(
-        [&] { simt::flash_attention_cached_forward(p, p, p, p, n_past, 1, heads, 1, head_dim, 0.5f); });
+        [&] { simt::flash_attention_cached_forward(p, p, p, p, n_past, 1, heads, 1, head_dim, 0.5f, 0); });
   };
   EXPECT_NE(cached(0, 2, 32).find("flash_attention_cached_forward takes head_dim 64, 80, 96 or 128, got 32"),
             std::string::npos);
@@ -247,14 +253,14 @@ std::vector<float> simt_cached(const CachedInputs& in) {
   Guarded<float> q(in.q, "q"), k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache");
   Guarded<float> out(nans(in.out_size()), "out");
   simt::flash_attention_cached_forward(out.get(), q.get(), k.get(), v.get(), in.c.n_past, in.c.n_new,
-                                       in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale);
+                                       in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale, in.c.window);
   EXPECT_TRUE(out.guards_intact()) << "a write outside out";
   return out.download();
 }
 
 class SimtFlashCached : public ::testing::TestWithParam<CachedCase> {};
 
-// Query i against cache rows 0 .. n_past + i, with the training forward's bounds.
+// Query i against the cache rows its window holds, with the training forward's bounds.
 TEST_P(SimtFlashCached, MatchesTheReferenceOnBf16InputsAndTheCpu) {
   const CachedCase c = GetParam();
   const CachedInputs in(c, 4321 + uint64_t(c.n_past * 7 + c.n_new));
@@ -265,14 +271,14 @@ TEST_P(SimtFlashCached, MatchesTheReferenceOnBf16InputsAndTheCpu) {
   std::vector<double> exact(in.out_size());
   std::vector<float> cpu_out(in.out_size());
   ref::attention_cached_forward<double>(exact.data(), qd.data(), kd.data(), vd.data(), c.n_past, c.n_new,
-                                        c.heads, c.kv_heads, c.head_dim, in.scale);
+                                        c.heads, c.kv_heads, c.head_dim, in.scale, c.window);
   cpu::attention_cached_forward(cpu_out.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), c.n_past,
-                                c.n_new, c.heads, c.kv_heads, c.head_dim, in.scale);
+                                c.n_new, c.heads, c.kv_heads, c.head_dim, in.scale, c.window);
   const int64_t D = c.head_dim, group = c.heads / c.kv_heads, kv_row = c.kv_heads * D;
   std::vector<double> bound_exact(in.out_size()), bound_cpu(in.out_size());
   for (int64_t i = 0; i < c.n_new; ++i) {
     std::vector<int64_t> keys;
-    for (int64_t j = 0; j <= c.n_past + i; ++j) keys.push_back(j);
+    for (int64_t j = ref::window_start(c.n_past + i, c.window); j <= c.n_past + i; ++j) keys.push_back(j);
     for (int64_t h = 0; h < c.heads; ++h) {
       const int64_t row = i * c.heads + h, kv0 = h / group * D;
       const test::FlashRowBound r = test::flash_forward_row_bound(
@@ -291,7 +297,9 @@ TEST_P(SimtFlashCached, MatchesTheReferenceOnBf16InputsAndTheCpu) {
 INSTANTIATE_TEST_SUITE_P(Shapes, SimtFlashCached,
                          ::testing::Values(CachedCase{0, 1, 4, 1, 64}, CachedCase{37, 1, 8, 2, 128},
                                            CachedCase{130, 1, 4, 4, 64}, CachedCase{100, 5, 4, 2, 80},
-                                           CachedCase{70, 20, 2, 2, 96}, CachedCase{0, 40, 4, 1, 64}),
+                                           CachedCase{70, 20, 2, 2, 96}, CachedCase{0, 40, 4, 1, 64},
+                                           CachedCase{200, 1, 6, 2, 64, 17}, CachedCase{150, 3, 3, 1, 64, 70},
+                                           CachedCase{10, 40, 6, 2, 64, 5}),
                          [](const ::testing::TestParamInfo<CachedCase>& p) { return cached_name(p.param); });
 
 // A decoder's calls (a prefill of P tokens, then one token at a time against the cache so far)
@@ -313,7 +321,7 @@ TEST(SimtFlashCached, PrefillThenStepsMatchTrainingForwardBitForBit) {
   Guarded<float> out(nans(in.out_size()), "out");
   auto step = [&](int64_t n_past, int64_t n_new) {
     simt::flash_attention_cached_forward(out.get() + n_past * q_row, q.get() + n_past * q_row, k.get(),
-                                         v.get(), n_past, n_new, H, KV, D, in.scale);
+                                         v.get(), n_past, n_new, H, KV, D, in.scale, 0);
   };
   step(0, P);
   for (int64_t pos = P; pos < T; ++pos) step(pos, 1);
@@ -328,7 +336,7 @@ TEST(SimtFlashCached, PrefillThenStepsMatchTrainingForwardBitForBit) {
 TEST(SimtFlashCached, NoNewTokensWritesNothing) {
   const CachedInputs in(CachedCase{10, 0, 2, 1, 64}, 5);
   Guarded<float> k(in.k_cache, "k_cache"), v(in.v_cache, "v_cache"), out(std::vector<float>(), "out");
-  simt::flash_attention_cached_forward(out.get(), out.get(), k.get(), v.get(), 10, 0, 2, 1, 64, 0.125f);
+  simt::flash_attention_cached_forward(out.get(), out.get(), k.get(), v.get(), 10, 0, 2, 1, 64, 0.125f, 0);
   EXPECT_TRUE(out.guards_intact());
 }
 

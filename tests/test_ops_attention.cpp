@@ -1,11 +1,15 @@
-// Tests: tf::cpu attention (tiled, online softmax) against the plain reference; the reference
-// backward against float64 finite differences; determinism across thread counts; no S x S buffer.
+// Tests: tf::cpu attention (tiled, online softmax) against the plain reference, with and without a
+// sliding window; the reference backward against float64 finite differences; the reference's window
+// rule against full attention over the keys it names; determinism across thread counts; no S x S
+// buffer.
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/ref/attention.h"
@@ -92,12 +96,14 @@ RefOutputs<T> run_ref(const Inputs& in) {
 struct Case {
   int batch, seq, heads, kv_heads, head_dim;
   Docs docs;
+  int window = 0;
 };
 
 std::string case_name(const Case& c) {
   const char* docs[] = {"nodocs", "packed", "interleaved"};
   return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
-         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
+         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)] +
+         (c.window > 0 ? "_w" + std::to_string(c.window) : "");
 }
 
 class AttentionVsRef : public ::testing::TestWithParam<Case> {};
@@ -110,8 +116,9 @@ class AttentionVsRef : public ::testing::TestWithParam<Case> {};
 // on any masking or indexing mistake, whose errors are of order 1.
 TEST_P(AttentionVsRef, ForwardAndBackwardMatchReference) {
   const Case c = GetParam();
-  const Inputs in =
-      make_inputs(make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim), c.docs, 1234 + c.seq);
+  AttentionShape s = make_shape(c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
+  s.window = c.window;
+  const Inputs in = make_inputs(s, c.docs, 1234 + c.seq + c.window);
   const Outputs fast = run_cpu(in);
   const RefOutputs<double> exact = run_ref<double>(in);
   const RefOutputs<float> naive = run_ref<float>(in);
@@ -148,7 +155,13 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, 33, 8, 2, 64, Docs::None}, Case{2, 33, 8, 2, 64, Docs::Packed},
                       Case{2, 100, 4, 1, 32, Docs::None}, Case{2, 100, 4, 1, 32, Docs::Packed},
                       Case{2, 100, 2, 2, 64, Docs::Interleaved}, Case{1, 1025, 2, 1, 64, Docs::None},
-                      Case{1, 1025, 2, 1, 64, Docs::Packed}),
+                      Case{1, 1025, 2, 1, 64, Docs::Packed},
+                      // Sliding windows: one key, two, one that ends inside a 64-key tile, one
+                      // spanning three tiles, and windows at and past the sequence; GQA 3 and 2.
+                      Case{2, 150, 6, 2, 32, Docs::None, 1}, Case{2, 150, 6, 2, 32, Docs::Packed, 2},
+                      Case{2, 150, 6, 2, 32, Docs::None, 17}, Case{2, 150, 6, 2, 32, Docs::Packed, 17},
+                      Case{1, 200, 4, 2, 16, Docs::Interleaved, 17}, Case{1, 200, 4, 2, 16, Docs::None, 130},
+                      Case{2, 33, 6, 2, 64, Docs::Packed, 33}, Case{2, 33, 6, 2, 64, Docs::None, 50}),
     [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
 
 // Backward ops accumulate: starting from nonzero gradients gives start + gradient. Each element
@@ -211,8 +224,11 @@ TEST(Attention, NoSeqBySeqWorkspace) {
 // relative (see numeric_gradient); 1e-7 is far above that and far below the error of any wrong
 // term in the backward.
 TEST(Attention, ReferenceBackwardMatchesFiniteDifferences) {
-  for (const Docs docs : {Docs::None, Docs::Packed}) {
-    const AttentionShape s = make_shape(2, 6, 4, 2, 3);
+  for (const auto& [docs, window] : {std::pair{Docs::None, 0}, std::pair{Docs::Packed, 0},
+                                     std::pair{Docs::None, 2}, std::pair{Docs::Packed, 3}}) {
+    SCOPED_TRACE(window);
+    AttentionShape s = make_shape(2, 6, 4, 2, 3);
+    s.window = window;
     const Inputs in = make_inputs(s, docs, 555);
     std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v),
                         w = to_double(in.d_out);
@@ -232,11 +248,55 @@ TEST(Attention, ReferenceBackwardMatchesFiniteDifferences) {
   }
 }
 
+// The window rule, pinned independently of the reference's own loops: with window W, row i of the
+// windowed reference equals the last row of full causal attention over positions i - W + 1 .. i
+// alone (transformers' `kv_idx > q_idx - sliding_window`: W keys, the query's own included). In
+// double precision the two sum the same terms in the same order, so they agree to rounding.
+TEST(Attention, WindowedRowIsFullAttentionOverItsLastWindowKeys) {
+  const int S = 12, H = 3, KV = 1, D = 4;
+  for (const int window : {1, 2, 5}) {
+    SCOPED_TRACE(window);
+    AttentionShape s = make_shape(1, S, H, KV, D);
+    s.window = window;
+    const Inputs in = make_inputs(s, Docs::None, 808);
+    const std::vector<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v);
+    std::vector<double> out(in.q_size()), lse(in.lse_size());
+    ref::attention_forward<double>(out.data(), lse.data(), q.data(), k.data(), v.data(), nullptr, s);
+    for (int i = 0; i < S; ++i) {
+      const int first = std::max(0, i - window + 1), n = i - first + 1;
+      const AttentionShape sub = make_shape(1, n, H, KV, D);
+      std::vector<double> sub_out(size_t(n) * H * D), sub_lse(size_t(n) * H);
+      ref::attention_forward<double>(sub_out.data(), sub_lse.data(), q.data() + size_t(first) * H * D,
+                                     k.data() + size_t(first) * KV * D, v.data() + size_t(first) * KV * D,
+                                     nullptr, sub);
+      for (int e = 0; e < H * D; ++e)
+        ASSERT_NEAR(out[size_t(i) * H * D + e], sub_out[size_t(n - 1) * H * D + e], 1e-12) << i;
+    }
+  }
+}
+
+// A window at least as long as the sequence leaves every key in reach: the same bits as none.
+TEST(Attention, WindowAsLongAsTheSequenceIsFullAttention) {
+  AttentionShape s = make_shape(2, 150, 4, 2, 32);
+  const Inputs full = make_inputs(s, Docs::Packed, 41);
+  Inputs windowed = full;
+  windowed.shape.window = 150;
+  const Outputs a = run_cpu(full), b = run_cpu(windowed);
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_EQ(a.lse, b.lse);
+  EXPECT_EQ(a.dq, b.dq);
+  EXPECT_EQ(a.dk, b.dk);
+  EXPECT_EQ(a.dv, b.dv);
+}
+
 TEST(Attention, RejectsBadShapes) {
   float x = 0;
   AttentionShape s = make_shape(1, 1, 3, 2, 4);
   EXPECT_THROW(cpu::attention_forward(&x, &x, &x, &x, &x, nullptr, s), Error);
   s = make_shape(1, 1, 2, 2, 0);
+  EXPECT_THROW(cpu::attention_forward(&x, &x, &x, &x, &x, nullptr, s), Error);
+  s = make_shape(1, 1, 2, 2, 4);
+  s.window = -1;
   EXPECT_THROW(cpu::attention_forward(&x, &x, &x, &x, &x, nullptr, s), Error);
 }
 

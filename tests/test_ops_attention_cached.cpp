@@ -1,6 +1,6 @@
 // Tests: tf::cpu::attention_cached_forward (KV-cache decoding) against its plain reference, and
 // against the training op: prefill then one token at a time reproduces attention_forward over the
-// whole sequence, row for row.
+// whole sequence, row for row; both with and without a sliding window, decoding past its end.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -37,7 +37,7 @@ using test::CachedInputs;
 std::vector<float> run_cpu(const CachedInputs& in) {
   std::vector<float> out(in.out_size() + kGuardFloats, kGuard);
   cpu::attention_cached_forward(out.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), in.c.n_past,
-                                in.c.n_new, in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale);
+                                in.c.n_new, in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale, in.c.window);
   for (int64_t i = 0; i < kGuardFloats; ++i)
     EXPECT_EQ(out[in.out_size() + size_t(i)], kGuard) << "guard " << i;
   out.resize(in.out_size());
@@ -50,7 +50,7 @@ std::vector<T> run_ref(const CachedInputs& in) {
       v(in.v_cache.begin(), in.v_cache.end());
   std::vector<T> out(in.out_size());
   ref::attention_cached_forward<T>(out.data(), q.data(), k.data(), v.data(), in.c.n_past, in.c.n_new,
-                                   in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale);
+                                   in.c.heads, in.c.kv_heads, in.c.head_dim, in.scale, in.c.window);
   return out;
 }
 
@@ -85,6 +85,15 @@ std::vector<Case> vs_ref_cases() {
   cases.push_back({37, 2, 4, 1, 64});
   cases.push_back({100, 3, 3, 3, 80});
   cases.push_back({5, 70, 3, 1, 64});
+  // Sliding windows, decoding past their end: of one key, two, one inside a 64-key tile and one
+  // over three tiles, with GQA 3; a prefill whose rows' windows start in different tiles; a window
+  // longer than the cache.
+  for (const int window : {1, 2, 17, 130}) {
+    cases.push_back({1000, 1, 6, 2, 80, window});
+    cases.push_back({200, 5, 6, 2, 64, window});
+  }
+  cases.push_back({37, 70, 3, 1, 64, 17});
+  cases.push_back({37, 5, 6, 2, 64, 500});
   return cases;
 }
 
@@ -105,7 +114,8 @@ TEST_P(AttentionCachedVsTraining, PrefillThenStepsMatchTrainingForward) {
   s.n_kv_heads = c.kv_heads;
   s.head_dim = c.head_dim;
   s.scale = 1.0f / std::sqrt(float(D));
-  const CachedInputs in(Case{0, T, c.heads, c.kv_heads, c.head_dim}, 777 + uint64_t(T));
+  s.window = c.window;
+  const CachedInputs in(Case{0, T, c.heads, c.kv_heads, c.head_dim, c.window}, 777 + uint64_t(T));
   const size_t q_row = size_t(c.heads) * size_t(D);
 
   std::vector<float> train(in.out_size()), lse(size_t(T) * size_t(c.heads));
@@ -119,10 +129,10 @@ TEST_P(AttentionCachedVsTraining, PrefillThenStepsMatchTrainingForward) {
   auto step = [&](int64_t n_past, int64_t n_new) {
     const size_t at = size_t(n_past) * q_row;
     cpu::attention_cached_forward(cached.data() + at, in.q.data() + at, in.k_cache.data(), in.v_cache.data(),
-                                  n_past, n_new, c.heads, c.kv_heads, c.head_dim, s.scale);
+                                  n_past, n_new, c.heads, c.kv_heads, c.head_dim, s.scale, c.window);
     ref::attention_cached_forward<float>(cached_ref.data() + at, in.q.data() + at, in.k_cache.data(),
                                          in.v_cache.data(), n_past, n_new, c.heads, c.kv_heads, c.head_dim,
-                                         s.scale);
+                                         s.scale, c.window);
   };
   step(0, c.n_past);
   for (int64_t pos = c.n_past; pos < T; ++pos) step(pos, 1);
@@ -146,7 +156,9 @@ TEST_P(AttentionCachedVsTraining, PrefillThenStepsMatchTrainingForward) {
 
 INSTANTIATE_TEST_SUITE_P(Sequences, AttentionCachedVsTraining,
                          ::testing::Values(Case{1, 40, 4, 4, 64}, Case{37, 60, 6, 2, 80},
-                                           Case{130, 70, 3, 1, 64}, Case{64, 65, 6, 3, 80}),
+                                           Case{130, 70, 3, 1, 64}, Case{64, 65, 6, 3, 80},
+                                           Case{30, 100, 6, 2, 64, 17}, Case{70, 30, 3, 1, 80, 1},
+                                           Case{5, 90, 6, 3, 64, 70}),
                          [](const ::testing::TestParamInfo<Case>& p) { return test::cached_name(p.param); });
 
 // Every output row is owned by one task whose arithmetic does not depend on the other rows of
@@ -172,7 +184,7 @@ TEST(AttentionCached, NoNewTokensWritesNothing) {
   const CachedInputs in(Case{10, 0, 2, 1, 8}, 5);
   std::vector<float> out(kGuardFloats, kGuard);
   cpu::attention_cached_forward(out.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), 10, 0, 2, 1, 8,
-                                0.5f);
+                                0.5f, 0);
   for (float x : out) EXPECT_EQ(x, kGuard);
 }
 
@@ -181,11 +193,12 @@ TEST(AttentionCached, RejectsBadShapes) {
   // inlined reference past a shape check it does not see always throwing, and flags a 1-float x.
   float xs[16] = {};
   float* x = xs;
-  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, 1, 3, 2, 4, 0.5f), Error);
-  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, 1, 2, 2, 0, 0.5f), Error);
-  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, -1, 1, 2, 2, 4, 0.5f), Error);
-  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, -1, 2, 2, 4, 0.5f), Error);
-  EXPECT_THROW(ref::attention_cached_forward<float>(x, x, x, x, 0, 1, 3, 2, 4, 0.5f), Error);
+  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, 1, 3, 2, 4, 0.5f, 0), Error);
+  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, 1, 2, 2, 0, 0.5f, 0), Error);
+  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, -1, 1, 2, 2, 4, 0.5f, 0), Error);
+  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, -1, 2, 2, 4, 0.5f, 0), Error);
+  EXPECT_THROW(ref::attention_cached_forward<float>(x, x, x, x, 0, 1, 3, 2, 4, 0.5f, 0), Error);
+  EXPECT_THROW(cpu::attention_cached_forward(x, x, x, x, 0, 1, 2, 2, 4, 0.5f, -1), Error);
 }
 
 }  // namespace

@@ -139,7 +139,7 @@ OpCase attention_cached_case() {
             const std::vector<float> v = random_floats(k.size(), 13);
             std::vector<float> o(q.size());
             cpu::attention_cached_forward(o.data(), q.data(), k.data(), v.data(), past, fresh, int(H),
-                                          int(KV), int(D), 1.0f / std::sqrt(float(D)));
+                                          int(KV), int(D), 1.0f / std::sqrt(float(D)), 0);
             Bytes out;
             append(out, o);
             return out;

@@ -3,7 +3,10 @@
 // Flash-attention on the CPU: queries and keys are processed in tiles of kBlockQ x kBlockK, the
 // forward keeps a running max and sum per query row (online softmax), and the backward recomputes
 // each tile's probabilities from the saved log-sum-exp, so no seq x seq matrix is ever stored.
-// Tiles that the causal mask or the document ids rule out entirely are skipped.
+// Tiles that the causal mask, the sliding window or the document ids rule out entirely are
+// skipped: the key loops start at the first tile a window reaches and stop at the last.
+// A row's arithmetic is the same whatever tiles its neighbours bring in: a tile the mask leaves a
+// row none of adds exactly nothing to it.
 //
 // Every output element is written by exactly one task and each task sums in a fixed order, so the
 // results are bit-identical for any thread count: the forward runs one task per (batch, head,
@@ -36,6 +39,7 @@ struct Geometry {
   int64_t seq, n_heads, n_kv_heads, head_dim, group;
   int64_t q_row, kv_row;  // distance between consecutive tokens in q (and d_out, out) and in k, v
   float scale;
+  int window;
   explicit Geometry(const AttentionShape& s)
       : seq(s.seq),
         n_heads(s.n_heads),
@@ -44,7 +48,8 @@ struct Geometry {
         group(s.n_heads / s.n_kv_heads),
         q_row(int64_t(s.n_heads) * s.head_dim),
         kv_row(int64_t(s.n_kv_heads) * s.head_dim),
-        scale(s.scale) {}
+        scale(s.scale),
+        window(s.window) {}
 };
 
 // A tile: query positions [q0, q0 + nq) against key positions [k0, k0 + nk) of one sequence.
@@ -54,10 +59,12 @@ struct Tile {
 
 enum class TileMask { Skip, Full, Partial };
 
-// What the causal mask and the document ids leave of a tile. doc is the sequence's doc ids or null.
-TileMask classify(const int32_t* doc, const Tile& t) {
+// What the causal mask, the window and the document ids leave of a tile. doc is the sequence's doc
+// ids or null.
+TileMask classify(const int32_t* doc, const Tile& t, int window) {
   if (t.k0 > t.q0 + t.nq - 1) return TileMask::Skip;
-  const bool causal_full = t.k0 + t.nk - 1 <= t.q0;
+  if (t.k0 + t.nk - 1 < ref::window_start(t.q0, window)) return TileMask::Skip;
+  const bool causal_full = t.k0 + t.nk - 1 <= t.q0 && t.k0 >= ref::window_start(t.q0 + t.nq - 1, window);
   if (!doc) return causal_full ? TileMask::Full : TileMask::Partial;
   const auto [qmin, qmax] = std::minmax_element(doc + t.q0, doc + t.q0 + t.nq);
   const auto [kmin, kmax] = std::minmax_element(doc + t.k0, doc + t.k0 + t.nk);
@@ -134,11 +141,11 @@ void accumulate_rows(float* acc, int64_t n_acc, const float* C, int64_t ci, int6
 }
 
 // Sets the scores of pairs the mask forbids to -inf (their probabilities become exactly 0).
-void mask_scores(float* S, const int32_t* doc, const Tile& t) {
+void mask_scores(float* S, const int32_t* doc, const Tile& t, int window) {
   for (int64_t r = 0; r < t.nq; ++r) {
     float* s = S + r * kBlockK;
     for (int64_t c = 0; c < t.nk; ++c) {
-      if (!ref::attention_allowed(doc, t.q0 + r, t.k0 + c)) s[c] = kNegInf;
+      if (!ref::attention_allowed(doc, t.q0 + r, t.k0 + c, window)) s[c] = kNegInf;
     }
   }
 }
@@ -166,6 +173,16 @@ class Scratch {
 
 int64_t blocks(int64_t n, int64_t block) {
   return (n + block - 1) / block;
+}
+
+// The first key tile (its first position) that query position i reaches.
+int64_t first_key_tile(int64_t i, int window) {
+  return ref::window_start(i, window) / kBlockK * kBlockK;
+}
+
+// One past the last query position that sees a key at or before position j.
+int64_t query_end(int64_t j, int window, int64_t seq) {
+  return window > 0 ? std::min<int64_t>(seq, j + window) : seq;
 }
 
 // The running state of online softmax for up to max_rows query rows, carved from caller scratch
@@ -271,15 +288,15 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     OnlineSoftmax acc(S + kBlockQ * kBlockK, kBlockQ, D);
     acc.reset(nq);
 
-    for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlockK) {
+    for (int64_t k0 = first_key_tile(q0, g.window); k0 < q0 + nq; k0 += kBlockK) {
       const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
-      const TileMask mask = classify(qt.doc, t);
+      const TileMask mask = classify(qt.doc, t, g.window);
       if (mask == TileMask::Skip) continue;
       const float* kblk = k + (tok0 + k0) * g.kv_row + qt.kvh * D;
       const float* vblk = v + (tok0 + k0) * g.kv_row + qt.kvh * D;
       transpose_block(Kt, kblk, g.kv_row, t.nk, D);
       tile_scores(S, qblk, g.q_row, nq, Kt, D, g.scale);
-      if (mask == TileMask::Partial) mask_scores(S, qt.doc, t);
+      if (mask == TileMask::Partial) mask_scores(S, qt.doc, t, g.window);
       acc.add_tile(S, nq, t.nk, vblk, g.kv_row);
     }
 
@@ -302,7 +319,7 @@ void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const 
                        const float* qblk, const float* doblk, const float* Kt, const float* Vt,
                        const float* lse_rows, const float* delta_rows, const Geometry& g) {
   tile_scores(S, qblk, g.q_row, t.nq, Kt, g.head_dim, g.scale);
-  if (mask == TileMask::Partial) mask_scores(S, doc, t);
+  if (mask == TileMask::Partial) mask_scores(S, doc, t, g.window);
   tile_scores(dP, doblk, g.q_row, t.nq, Vt, g.head_dim, 1.0f);
   for (int64_t r = 0; r < t.nq; ++r) {
     const float l = lse_rows[r * g.n_heads];
@@ -366,10 +383,11 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
     std::fill(dK, dK + nk * D, 0.0f);
     std::fill(dV, dV + nk * D, 0.0f);
 
+    const int64_t q_end = query_end(k0 + nk - 1, g.window, g.seq);
     for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
-      for (int64_t q0 = k0 / kBlockQ * kBlockQ; q0 < g.seq; q0 += kBlockQ) {
+      for (int64_t q0 = k0 / kBlockQ * kBlockQ; q0 < q_end; q0 += kBlockQ) {
         const Tile t{q0, std::min<int64_t>(kBlockQ, g.seq - q0), k0, nk};
-        const TileMask mask = classify(doc, t);
+        const TileMask mask = classify(doc, t, g.window);
         if (mask == TileMask::Skip) continue;
         const int64_t row0 = (tok0 + q0) * g.n_heads + h;
         const float* qblk = q + row0 * D;
@@ -406,9 +424,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
     float* dQ = dP + kBlockQ * kBlockK;
     std::fill(dQ, dQ + nq * D, 0.0f);
 
-    for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlockK) {
+    for (int64_t k0 = first_key_tile(q0, g.window); k0 < q0 + nq; k0 += kBlockK) {
       const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
-      const TileMask mask = classify(qt.doc, t);
+      const TileMask mask = classify(qt.doc, t, g.window);
       if (mask == TileMask::Skip) continue;
       const float* kblk = k + (tok0 + k0) * g.kv_row + qt.kvh * D;
       const float* vblk = v + (tok0 + k0) * g.kv_row + qt.kvh * D;
@@ -430,8 +448,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
 // heads that share a kv head read each key and value once per task (a decoding step is bound by
 // streaming the cache). The group's heads are split over more tasks only when there would be
 // fewer tasks than threads. Every row's arithmetic is independent of which other rows share its
-// task, and keys go in kBlockK tiles from position 0, so the results are bit-identical for any
-// thread count.
+// task, and keys go in kBlockK tiles aligned to position 0 (from the first a window reaches), so
+// the results are bit-identical for any thread count.
 namespace {
 
 // S[r][c] = scale * A_r . K_c for n_rows rows of A (stride a_row) against nk key rows (stride
@@ -456,8 +474,8 @@ void row_scores(float* S, const float* A, int64_t a_row, int64_t n_rows, const f
 
 void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                               int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                              float scale) {
-  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
+                              float scale, int window) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
   if (n_new == 0) return;
   const int64_t D = head_dim, H = n_heads, KV = n_kv_heads, group = H / KV;
   const int64_t q_row = H * D, kv_row = KV * D;
@@ -491,7 +509,9 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
     OnlineSoftmax acc(S + max_rows * kBlockK, max_rows, D);
     acc.reset(rows);
 
-    for (int64_t k0 = 0; k0 < n_keys; k0 += kBlockK) {
+    // The last position's window starts last: tiles before that start hold keys some row may not see.
+    const int64_t last_start = ref::window_start(n_keys - 1, window);
+    for (int64_t k0 = first_key_tile(first_pos, window); k0 < n_keys; k0 += kBlockK) {
       const int64_t nk = std::min<int64_t>(kBlockK, n_keys - k0);
       const float* kblk = kbase + k0 * kv_row;
       if (!in_place) transpose_block(Kt, kblk, kv_row, nk, D);
@@ -510,6 +530,14 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
           const int64_t pos = first_pos + r % nq;
           float* srow = S + r * kBlockK;
           for (int64_t c = std::max<int64_t>(0, pos + 1 - k0); c < nk; ++c) srow[c] = kNegInf;
+        }
+      }
+      // Keys before a row's window: only in the tiles that start before the last row's window.
+      if (k0 < last_start) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t start = ref::window_start(first_pos + r % nq, window);
+          float* srow = S + r * kBlockK;
+          for (int64_t c = 0; c < std::min<int64_t>(nk, start - k0); ++c) srow[c] = kNegInf;
         }
       }
       acc.add_tile(S, rows, nk, vbase + k0 * kv_row, kv_row);

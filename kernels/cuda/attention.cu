@@ -1,11 +1,12 @@
 // defines: tf::cuda::attention_forward / attention_backward / attention_cached_forward (built by
 // nvcc) and their tf::simt twins (this source compiled as host C++ against the simulator): causal
-// GQA attention with document ids as plain tiled f32 kernels.
+// GQA attention with document ids and a sliding window as plain tiled f32 kernels.
 //
 // Queries and keys go in tiles of kTileQ x kTileK held in shared memory with their rows of q, k, v
 // (and d_out); the forward keeps a running max and sum per query row (online softmax) and the
 // backward recomputes each tile's probabilities from the saved log-sum-exp, so no seq x seq matrix
-// exists anywhere. Every output element is owned by one thread of one block, which sums its terms
+// exists anywhere. Under a sliding window the tile loops start and stop at the tiles the window
+// reaches. Every output element is owned by one thread of one block, which sums its terms
 // in a fixed order: no atomics, and the bits do not depend on how threads or blocks are scheduled.
 // The backward first computes delta = rowsum(d_out * out) into device scratch, then dk and dv with
 // a block per (key tile, kv head, sequence) that walks every query head of the group, and dq with
@@ -58,10 +59,15 @@ __device__ float dot(port::sptr<const float> a, port::sptr<const float> b, int D
   return acc;
 }
 
+// The first key position that query position qp sees under a window (0 without one).
+__device__ int64_t window_start(int64_t qp, int window) {
+  return window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
+}
+
 // Whether the query at position qp may attend to the key at position kp of the same sequence;
 // doc is that sequence's document ids (indexed by position) or null.
-__device__ bool allowed(port::gptr<const int32_t> doc, int64_t qp, int64_t kp) {
-  if (kp > qp) return false;
+__device__ bool allowed(port::gptr<const int32_t> doc, int64_t qp, int64_t kp, int window) {
+  if (kp > qp || kp < window_start(qp, window)) return false;
   if (!doc) return true;
   const int32_t dq = doc[qp], dk = doc[kp];
   return dq == dk;
@@ -71,7 +77,7 @@ __device__ bool allowed(port::gptr<const int32_t> doc, int64_t qp, int64_t kp) {
 
 // Sequences are laid out one after another: q, out, lse have q_seq rows per sequence, k, v and doc
 // kv_seq rows, and the sequence's first query sits at key position pos0 (0 in training, n_past in
-// decoding). Query i of a sequence attends to keys 0 .. pos0 + i.
+// decoding). Query i of a sequence attends to keys window_start(pos0 + i) .. pos0 + i.
 struct ForwardArgs {
   port::gptr<float> out;
   port::gptr<float> lse;  // null in decoding
@@ -80,6 +86,7 @@ struct ForwardArgs {
   int64_t q_seq, kv_seq, pos0;
   int n_heads, n_kv_heads, head_dim;
   float scale;
+  int window;
 };
 
 // Shared floats of a forward block: Q and O tiles [kTileQ][D], K and V [kTileK][D], the
@@ -128,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(ForwardArgs
   }
 
   const int64_t n_keys = a.pos0 + i0 + nq;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kTileK) {
+  for (int64_t j0 = window_start(a.pos0 + i0, a.window) / kTileK * kTileK; j0 < n_keys; j0 += kTileK) {
     const int nk = int(min_of<int64_t>(kTileK, n_keys - j0));
     __syncthreads();  // the previous tile's K, V and probabilities are no longer read
     load_rows(ks, kseq + j0 * kv_row, kv_row, nk, D);
@@ -136,8 +143,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(ForwardArgs
     __syncthreads();
     for (int idx = tid; idx < nq * nk; idx += kThreads) {
       const int r = idx / nk, c = idx % nk;
-      ps[r * kTileK + c] =
-          allowed(doc, a.pos0 + i0 + r, j0 + c) ? a.scale * dot(qs + r * D, ks + c * D, D) : -INFINITY;
+      ps[r * kTileK + c] = allowed(doc, a.pos0 + i0 + r, j0 + c, a.window)
+                               ? a.scale * dot(qs + r * D, ks + c * D, D)
+                               : -INFINITY;
     }
     __syncthreads();
     if (tid < nq) {
@@ -220,6 +228,7 @@ struct BackwardArgs {
   int64_t seq;
   int n_heads, n_kv_heads, head_dim;
   float scale;
+  int window;
 };
 
 // delta[row] = d_out[row] . out[row] for each of n_rows (token, head) rows of head_dim floats.
@@ -288,7 +297,7 @@ __device__ void tile_probabilities(const BackwardTiles& t, const BackwardArgs& a
   for (int idx = int(threadIdx.x); idx < nq * nk; idx += kThreads) {
     const int r = idx / nk, c = idx % nk;
     float p = 0.0f, ds = 0.0f;
-    if (allowed(doc, i0 + r, j0 + c)) {
+    if (allowed(doc, i0 + r, j0 + c, a.window)) {
       const float l = t.lse[r], dl = t.delta[r];
       p = expf(a.scale * dot(t.qs + r * D, t.ks + c * D, D) - l);
       ds = p * (dot(t.dos + r * D, t.vs + c * D, D) - dl);
@@ -319,9 +328,10 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(BackwardArgs a
     t.acc0[idx] = 0.0f;
     t.acc1[idx] = 0.0f;
   }
+  // Queries before the key tile's first key see none of it, nor those a window ends before its last.
+  const int64_t i_end = a.window > 0 && j0 + nk - 1 + a.window < a.seq ? j0 + nk - 1 + a.window : a.seq;
   for (int h = g * group; h < (g + 1) * group; ++h) {
-    // Queries before the key tile's first key see none of it.
-    for (int64_t i0 = j0 / kTileQ * kTileQ; i0 < a.seq; i0 += kTileQ) {
+    for (int64_t i0 = j0 / kTileQ * kTileQ; i0 < i_end; i0 += kTileQ) {
       const int nq = int(min_of<int64_t>(kTileQ, a.seq - i0));
       __syncthreads();  // the previous query tile is no longer read
       load_query_rows(t, a, b, h, i0, nq);
@@ -364,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(BackwardArgs a) 
 
   load_query_rows(t, a, b, h, i0, nq);
   for (int idx = tid; idx < nq * D; idx += kThreads) t.acc0[idx] = 0.0f;
-  for (int64_t j0 = 0; j0 < i0 + nq; j0 += kTileK) {
+  for (int64_t j0 = window_start(i0, a.window) / kTileK * kTileK; j0 < i0 + nq; j0 += kTileK) {
     const int nk = int(min_of<int64_t>(kTileK, i0 + nq - j0));
     const int64_t key0 = (b * a.seq + j0) * kv_row + kvh * D;
     __syncthreads();  // the previous key tile is no longer read
@@ -400,8 +410,8 @@ size_t delta_bytes(int64_t n_rows) {
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        const int32_t* doc_ids, const AttentionShape& s) {
   ref::check_attention_shape(s);
-  const ForwardArgs a{out,       lse,          q,          k,      v, doc_ids, s.seq, s.seq, 0,
-                      s.n_heads, s.n_kv_heads, s.head_dim, s.scale};
+  const ForwardArgs a{out,       lse,          q,          k,       v,       doc_ids, s.seq, s.seq, 0,
+                      s.n_heads, s.n_kv_heads, s.head_dim, s.scale, s.window};
   launch_forward("attention_forward", a, s.batch);
 }
 
@@ -425,8 +435,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
       port::LaunchConfig{"attention_backward delta", dim3(unsigned((n_rows + kThreads - 1) / kThreads)),
                          dim3(kThreads), 0, stream()},
       delta, d_out, out, n_rows, s.head_dim);
-  const BackwardArgs a{dq,      dk,    dv,        d_out,        q,          k,      v, lse, delta,
-                       doc_ids, s.seq, s.n_heads, s.n_kv_heads, s.head_dim, s.scale};
+  const BackwardArgs a{dq,      dk,    dv,        d_out,        q,          k,       v,       lse, delta,
+                       doc_ids, s.seq, s.n_heads, s.n_kv_heads, s.head_dim, s.scale, s.window};
   port::launch(attention_dkdv_kernel,
                port::LaunchConfig{"attention_backward dk dv", dim3(unsigned(dkdv_blocks)), dim3(kThreads),
                                   smem, stream()},
@@ -439,10 +449,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
 
 void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                               int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                              float scale) {
-  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
+                              float scale, int window) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
   const ForwardArgs a{out,    nullptr, q,          k_cache,  v_cache, nullptr, n_new, n_past + n_new,
-                      n_past, n_heads, n_kv_heads, head_dim, scale};
+                      n_past, n_heads, n_kv_heads, head_dim, scale,   window};
   launch_forward("attention_cached_forward", a, 1);
 }
 

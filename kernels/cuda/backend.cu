@@ -251,13 +251,13 @@ class DeviceBackend final : public Backend {
   // graph is the training baseline).
   void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                                 int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                                float scale) override {
+                                float scale, int window) override {
     rt::set_current_stream(compute_);
     if (attention_ != AttentionKernel::Plain && flash_attention_supports(head_dim))
       return flash_attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,
-                                            head_dim, scale);
+                                            head_dim, scale, window);
     TF_PORT_BACKEND::attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,
-                                              head_dim, scale);
+                                              head_dim, scale, window);
   }
 
  protected:
@@ -422,10 +422,10 @@ class DeviceBackend final : public Backend {
     if (attention_ != AttentionKernel::Auto) return attention_;
     return flash_attention_supports(head_dim) ? AttentionKernel::Flash : AttentionKernel::Plain;
   }
-  // The kernel of one call. cuDNN's graph has no per-token document mask and no one-token sequence,
-  // so such calls under --attention cudnn run what auto would.
+  // The kernel of one call. cuDNN's graph has no per-token document mask, no sliding window and no
+  // one-token sequence, so such calls under --attention cudnn run what auto would.
   AttentionKernel call_kernel(const int32_t* doc_ids, const AttentionShape& s) const {
-    if (attention_ == AttentionKernel::Cudnn && (doc_ids != nullptr || s.seq == 1))
+    if (attention_ == AttentionKernel::Cudnn && (doc_ids != nullptr || s.window > 0 || s.seq == 1))
       return flash_attention_supports(s.head_dim) ? AttentionKernel::Flash : AttentionKernel::Plain;
     return kernel_for(s.head_dim);
   }

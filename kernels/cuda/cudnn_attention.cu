@@ -55,6 +55,8 @@ void check_shape(const int32_t* doc_ids, const AttentionShape& s, const char* di
            "128, not ",
            s.head_dim);
   TF_CHECK(s.seq != 1, "--attention cudnn: cuDNN's fused attention does not take sequences of one token");
+  TF_CHECK(s.window == 0, "--attention cudnn: the cuDNN attention graph here is causal only and takes no ",
+           "sliding window (this call's is ", s.window, "); sliding-window layers run on flash or plain");
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ constexpr bool flash_attention_supports(int head_dim) {
   /* attention_cached_forward's contract (KV-cache decode) */                                           \
   void flash_attention_cached_forward(float* out, const float* q, const float* k_cache,                 \
                                       const float* v_cache, int64_t n_past, int64_t n_new, int n_heads, \
-                                      int n_kv_heads, int head_dim, float scale);
+                                      int n_kv_heads, int head_dim, float scale, int window);
 
 namespace cuda {
 TF_FLASH_ATTENTION_LAUNCHERS

@@ -1,6 +1,7 @@
 // defines: tf::cuda::flash_attention_backward (built by nvcc) and its tf::simt twin (this source
 // compiled as host C++ against the simulator): attention's backward in the FlashAttention-2 style on
-// bf16 tensor cores (mma.sync m16n8k16 + ldmatrix + cp.async), causal, GQA, document ids; and
+// bf16 tensor cores (mma.sync m16n8k16 + ldmatrix + cp.async), causal, GQA, document ids, a
+// sliding window; and
 // flash_attention_backward_scratch, the rt::scratch it asks for.
 //
 // A pre-pass writes bf16 copies of q, k, v and d_out into device scratch, so that the main kernels
@@ -13,10 +14,10 @@
 // Then two kernels recompute S = scale Q K^T and P = exp(S - lse) tile by tile (never a seq x seq
 // matrix), with dP = dO V^T and dS = P (dP - delta):
 // - dk, dv: a block per (key tile, kv head, sequence) holds its K and V tiles and walks every
-//   query head of the GQA group and every query tile at or after the diagonal, accumulating
-//   dV += P^T dO and dK += dS^T Q in registers;
-// - dq: a block per (query tile, head, sequence) walks the key tiles up to the diagonal,
-//   accumulating dQ += dS K.
+//   query head of the GQA group and every query tile from the diagonal to the last one whose
+//   window reaches the key tile, accumulating dV += P^T dO and dK += dS^T Q in registers;
+// - dq: a block per (query tile, head, sequence) walks the key tiles from the first its window
+//   reaches up to the diagonal, accumulating dQ += dS K.
 // Every output element is owned by one lane of one block, which sums its terms in a fixed order and
 // adds the total to the output once: no atomics, and the same bits for any scheduling. P and dS
 // are rounded to bf16 for their mma; everything else accumulates in f32.
@@ -77,7 +78,13 @@ struct BackwardParams {
   int64_t seq, seq_pad;
   int n_heads, n_kv_heads;
   float scale, scale_log2;
+  int window;  // sliding window, 0 for none
 };
+
+// The first key position that query position qp sees (0 without a window).
+__device__ __forceinline__ int64_t window_start(int64_t qp, int window) {
+  return window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
+}
 
 __device__ __forceinline__ float bf16_value(uint16_t bits) {
   return __bfloat162float(__ushort_as_bfloat16(bits));
@@ -153,13 +160,15 @@ __global__ void __launch_bounds__(kPrepThreads)
 
 enum class TileKind { kSkip, kUnmasked, kMasked };
 
-// How the (query tile qt, key tile kt) pair of sequence b is computed: skipped when the causal mask
-// or the documents hide all of it; without a mask when it lies wholly below the diagonal, within
-// the sequence and within one document; else element by element.
+// How the (query tile qt, key tile kt) pair of sequence b is computed: skipped when the causal mask,
+// the window or the documents hide all of it; without a mask when it lies wholly below the
+// diagonal, inside every query's window, within the sequence and within one document; else element
+// by element.
 template <bool kDocs>
 __device__ TileKind classify(const BackwardParams& p, int64_t b, int64_t qt, int64_t kt, int tile) {
-  if (kt > qt) return TileKind::kSkip;
-  bool masked = kt == qt || (qt + 1) * tile > p.seq;
+  if (kt > qt || (kt + 1) * tile - 1 < window_start(qt * tile, p.window)) return TileKind::kSkip;
+  bool masked =
+      kt == qt || (qt + 1) * tile > p.seq || kt * tile < window_start((qt + 1) * tile - 1, p.window);
   if constexpr (kDocs) {
     const port::gptr<const int32_t> r = p.doc_range + b * (p.seq_pad / tile) * 2;
     const int32_t q_lo = r[2 * qt], q_hi = r[2 * qt + 1], k_lo = r[2 * kt], k_hi = r[2 * kt + 1];
@@ -172,8 +181,8 @@ __device__ TileKind classify(const BackwardParams& p, int64_t b, int64_t qt, int
 // Whether query position qp of a sequence attends to its key position kp; doc is the sequence's
 // document ids. Positions at or past seq (a ragged last tile) attend to nothing.
 template <bool kDocs>
-__device__ bool allowed(port::gptr<const int32_t> doc, int64_t seq, int64_t qp, int64_t kp) {
-  if (kp > qp || qp >= seq) return false;
+__device__ bool allowed(port::gptr<const int32_t> doc, int64_t seq, int window, int64_t qp, int64_t kp) {
+  if (kp > qp || qp >= seq || kp < window_start(qp, window)) return false;
   if constexpr (kDocs) {
     const int32_t dq = doc[qp], dk = doc[kp];
     return dq == dk;
@@ -280,7 +289,7 @@ __device__ void dkdv_step(float (&dk)[Tr::kD / 8][4], float (&dv)[Tr::kD / 8][4]
         const float l2 = stats[query], dl = stats[Tr::kTile + query];
         float pv = exp2f(st[n][e] * p.scale_log2 - l2);
         float ds = pv * (dpt[n][e] - dl);
-        if (kMask && !allowed<kDocs>(doc, p.seq, i0 + query, j0 + key)) pv = ds = 0.0f;
+        if (kMask && !allowed<kDocs>(doc, p.seq, p.window, i0 + query, j0 + key)) pv = ds = 0.0f;
         st[n][e] = pv;
         dpt[n][e] = ds;
       }
@@ -317,8 +326,13 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dkdv_
   const port::gptr<const int32_t> doc = kDocs ? p.doc + b * p.seq : port::gptr<const int32_t>(nullptr);
 
   // Steps s = (head of the group, query tile from the diagonal on): queries before the key tile
-  // see none of it.
-  const int64_t q_tiles = n_tiles - kt, n_steps = int64_t(group) * q_tiles;
+  // see none of it, nor do those whose window starts after its last key.
+  int64_t q_end = n_tiles;
+  if (p.window > 0) {
+    const int64_t last_query = (kt + 1) * kTile - 2 + p.window;  // the last that sees the last key
+    q_end = last_query / kTile + 1 < n_tiles ? last_query / kTile + 1 : n_tiles;
+  }
+  const int64_t q_tiles = q_end - kt, n_steps = int64_t(group) * q_tiles;
   auto tile_of = [&](int64_t s) { return kt + s % q_tiles; };
   auto next_step = [&](int64_t s) {
     while (s < n_steps && classify<kDocs>(p, b, tile_of(s), kt, kTile) == TileKind::kSkip) ++s;
@@ -399,7 +413,7 @@ __device__ void dq_step(float (&dq)[Tr::kD / 8][4], const BackwardParams& p, por
       const int query = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), key = n * 8 + lane % 4 * 2 + (e & 1);
       const float pv = exp2f(sc[n][e] * p.scale_log2 - lse2[e / 2]);
       float ds = pv * (dp[n][e] - delta[e / 2]);
-      if (kMask && !allowed<kDocs>(doc, p.seq, i0 + query, j0 + key)) ds = 0.0f;
+      if (kMask && !allowed<kDocs>(doc, p.seq, p.window, i0 + query, j0 + key)) ds = 0.0f;
       sc[n][e] = ds;
     }
   }
@@ -442,7 +456,7 @@ __global__ void __launch_bounds__(FlashBackwardTraits<kD>::kThreads) flash_dq_ke
 
   load_tile<Tr>(qs, p.q + row0, q_row, n_rows);
   load_tile<Tr>(dos, p.d_out + row0, q_row, n_rows);
-  int64_t kt = next_tile(0);
+  int64_t kt = next_tile(window_start(i0, p.window) / kTile);
   if (kt <= qt) load_keys(kt, 0);
   port::cp_async_commit();
   // Rows past seq read the padding's zeros; the mask drops them.
@@ -572,7 +586,8 @@ void backward(const BackwardIo& io, const AttentionShape& s) {
                          s.n_heads,
                          s.n_kv_heads,
                          s.scale,
-                         s.scale * kLog2e};
+                         s.scale * kLog2e,
+                         s.window};
   port::launch(flash_dkdv_kernel<kD, kDocs>,
                on_stream("flash_attention_backward dk dv", batch * s.n_kv_heads * n_tiles, Tr::kThreads,
                          Tr::kDkdvSmem),

@@ -1,7 +1,7 @@
 // defines: tf::cuda::flash_attention_forward / flash_attention_cached_forward (built by nvcc) and
 // their tf::simt twins (this source compiled as host C++ against the simulator): causal GQA
-// attention with document ids on bf16 tensor cores (mma.sync m16n8k16 fed by ldmatrix, K and V
-// tiles double-buffered by cp.async) with an f32 online softmax, saving the natural-log lse; and
+// attention with document ids and a sliding window on bf16 tensor cores (mma.sync m16n8k16 fed by ldmatrix, K
+// and V tiles double-buffered by cp.async) with an f32 online softmax, saving the natural-log lse; and
 // flash_attention_forward_scratch, the rt::scratch the forward asks for.
 //
 // A pre-pass writes bf16 copies of q, k and v into scratch: the activations arrive as f32, and a
@@ -15,9 +15,10 @@
 // and decoding one token with a GQA group of 4 fills 4 rows rather than 1. Each of the block's
 // warps owns 16 rows; S = Q K^T of a key tile stays in its accumulators, is masked, exponentiated
 // and rounded to bf16 straight into the A fragments of O += P V (the layouts coincide), so P never
-// goes through shared memory. Key tiles that no row may see (past the diagonal, or sharing no
-// document with the block's rows) are not loaded; tiles wholly below the diagonal within one
-// document skip the per-element mask.
+// goes through shared memory. Key tiles that no row may see (past the diagonal, before the sliding
+// window of the block's first token, or sharing no document with the block's rows) are not
+// loaded; tiles wholly below the diagonal, inside every row's window and within one document skip
+// the per-element mask.
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -67,7 +68,7 @@ struct FlashForwardTraits {
 
 // Sequences lie one after another: q, out and lse have q_seq tokens per sequence, k, v and doc
 // kv_seq, and a sequence's query token i sits at key position pos0 + i (0 in training, n_past in
-// decoding), attending to keys 0 .. pos0 + i.
+// decoding), attending to keys 0 .. pos0 + i, or with window W > 0 to pos0 + i - W + 1 .. pos0 + i.
 struct FlashArgs {
   port::gptr<float> out;
   port::gptr<float> lse;  // null in decoding
@@ -77,7 +78,13 @@ struct FlashArgs {
   int64_t q_seq, kv_seq, pos0;
   int n_heads, n_kv_heads;
   float scale_log2;  // scale * log2(e): the softmax runs in powers of two
+  int window;
 };
+
+// The first key position that the query at key position qp sees (0 without a window).
+__device__ __forceinline__ int64_t flash_window_start(int64_t qp, int window) {
+  return window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
+}
 
 template <int kHeadDim, bool kDocs>
 __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_forward_kernel(FlashArgs a) {
@@ -97,6 +104,7 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
   // The (token, head) index in lse of block row r.
   auto lse_index = [&](int64_t r) { return (b * a.q_seq + r / group) * a.n_heads + g * group + r % group; };
   const int64_t n_kt = (a.pos0 + i_last + 1 + T::kBlockN - 1) / T::kBlockN;  // tiles up to the diagonal
+  const int64_t t_first = flash_window_start(a.pos0 + i_first, a.window) / T::kBlockN;
 
   // The document ids the block's rows hold lie in qr (the ranges of the at most two key
   // tiles their tokens span). A key tile whose range is disjoint holds no key any row may see.
@@ -128,9 +136,10 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
     while (t < n_kt && !visited(t));
     return t;
   };
-  // Below the diagonal for every row of the block, and within one document.
+  // Below the diagonal and inside the window for every row of the block, and within one document.
   auto unmasked = [&](int64_t t) {
     if ((t + 1) * T::kBlockN - 1 > a.pos0 + i_first) return false;
+    if (t * T::kBlockN < flash_window_start(a.pos0 + i_last, a.window)) return false;
     if (!kDocs) return true;
     const DocRange kr = doc_range(t);
     return kr.lo == kr.hi && qr.lo == qr.hi && kr.lo == qr.lo;
@@ -174,7 +183,7 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   uint32_t qf[T::kDimSteps][4];
 
-  int64_t t = visited(0) ? 0 : next_tile(0);
+  int64_t t = visited(t_first) ? t_first : next_tile(t_first);
   if (t < n_kt) load_kv(t, 0);
   port::cp_async_commit();  // Q and the first K, V tile
   bool first = true;
@@ -222,7 +231,7 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
           float x = s[j][e] * a.scale_log2;
           if (masked) {
             const int64_t kp = j0 + j * 8 + lane % 4 * 2 + e % 2;
-            bool allowed = kp <= qp[e / 2];
+            bool allowed = kp <= qp[e / 2] && kp >= flash_window_start(qp[e / 2], a.window);
             if (kDocs && allowed) {
               const int32_t kd = a.doc[b * a.kv_seq + kp];
               allowed = kd == qdoc[e / 2];
@@ -413,8 +422,8 @@ void run_forward(const char* name, FlashArgs a, const float* q, const float* k, 
 void flash_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                              const int32_t* doc_ids, const AttentionShape& s) {
   ref::check_attention_shape(s);
-  FlashArgs a{out,   lse,   nullptr, nullptr,   nullptr,      doc_ids,         nullptr,
-              s.seq, s.seq, 0,       s.n_heads, s.n_kv_heads, s.scale * kLog2e};
+  FlashArgs a{out,   lse,   nullptr, nullptr,   nullptr,      doc_ids,          nullptr,
+              s.seq, s.seq, 0,       s.n_heads, s.n_kv_heads, s.scale * kLog2e, s.window};
   run_forward("flash_attention_forward", a, q, k, v, s.batch, s.head_dim);
 }
 
@@ -429,10 +438,10 @@ void flash_attention_forward_scratch(ScratchNeeds& n, const AttentionShape& s, b
 
 void flash_attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                                     int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                                    float scale) {
-  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
-  FlashArgs a{out,   nullptr,        nullptr, nullptr, nullptr,    nullptr,       nullptr,
-              n_new, n_past + n_new, n_past,  n_heads, n_kv_heads, scale * kLog2e};
+                                    float scale, int window) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
+  FlashArgs a{out,   nullptr,        nullptr, nullptr, nullptr,    nullptr,        nullptr,
+              n_new, n_past + n_new, n_past,  n_heads, n_kv_heads, scale * kLog2e, window};
   run_forward("flash_attention_cached_forward", a, q, k_cache, v_cache, 1, head_dim);
 }
 

@@ -1,3 +1,4 @@
+// defines: LlamaConfig::validate and n_params, the LoRA target names and lists, LoraConfig::scale
 #include "src/model/config.h"
 
 #include <cmath>
@@ -27,6 +28,12 @@ void LlamaConfig::validate(const std::string& source) const {
            rope.theta);
   TF_CHECK(rms_eps > 0 && std::isfinite(rms_eps), source, ": rms norm epsilon must be positive, got ",
            rms_eps);
+  TF_CHECK(sliding_window >= 0, source, ": sliding window must be positive (or 0 for none), got ",
+           sliding_window);
+  TF_CHECK(sliding_layers.empty() || sliding_layers.size() == size_t(n_layers), source, ": ",
+           sliding_layers.size(), " layers are marked sliding or full, but the model has ", n_layers);
+  TF_CHECK(attention_dropout >= 0 && attention_dropout < 1, source,
+           ": attention dropout must be in [0, 1), got ", attention_dropout);
   // Guards the int arithmetic of activation sizes: every per-token row must stay far below 2^31.
   TF_CHECK(int64_t(n_heads) * head_dim < (1 << 24) && intermediate < (1 << 24) && hidden < (1 << 24), source,
            ": dimensions are implausibly large");

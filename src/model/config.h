@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/ops.h"
 
@@ -24,11 +25,24 @@ struct LlamaConfig {
   RopeLayout rope_layout = RopeLayout::SplitHalf;
   bool tie_embeddings = false;
   bool attention_bias = false;  // q/k/v biases (Qwen2)
+  // Sliding-window attention (Mistral, Qwen2): with sliding_window W > 0, the layers marked in
+  // sliding_layers (every layer when it is empty) attend each query's W latest keys, itself
+  // included; the others attend all earlier keys.
+  int sliding_window = 0;
+  std::vector<bool> sliding_layers;
+  // Dropout on the attention probabilities in training; tightfit runs without, so finetune refuses
+  // a model whose config asks for it.
+  float attention_dropout = 0.0f;
   int max_positions = 2048;
   std::string architecture = "llama";
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }
+  // Layer l's attention window (AttentionShape::window): 0 for full causal attention.
+  int window(int layer) const {
+    return sliding_window > 0 && (sliding_layers.empty() || sliding_layers[size_t(layer)]) ? sliding_window
+                                                                                           : 0;
+  }
   // Checks internal consistency; throws tf::Error naming `source` and the offending field.
   void validate(const std::string& source) const;
   // Number of base-model parameters.

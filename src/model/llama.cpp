@@ -296,9 +296,9 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
     be_->copy(k_layer + cache->n_past * kv, a.k, n * kv);
     be_->copy(v_layer + cache->n_past * kv, a.v, n * kv);
     be_->attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
-                                  c.head_dim, scale);
+                                  c.head_dim, scale, c.window(l));
   } else {
-    const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, scale};
+    const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, scale, c.window(l)};
     be_->attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
   }
   projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
@@ -332,8 +332,8 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   be_->fill(d_q_, 0.0f, n * c.q_dim());
   be_->fill(d_k_, 0.0f, n * c.kv_dim());
   be_->fill(d_v_, 0.0f, n * c.kv_dim());
-  const AttentionShape shape{b.batch,      b.seq,      c.n_heads,
-                             c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim))};
+  const AttentionShape shape{
+      b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim)), c.window(l)};
   be_->attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
   be_->rope_backward(d_q_, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
   be_->rope_backward(d_k_, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);

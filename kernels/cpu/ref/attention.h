@@ -1,5 +1,5 @@
 // defines: tf::ref::attention_forward<T>, tf::ref::attention_backward<T>,
-// tf::ref::attention_cached_forward<T>: causal GQA attention as
+// tf::ref::attention_cached_forward<T>: causal GQA attention, with an optional sliding window, as
 // plain loops over any scalar type (tests run them in double). One query row at a time: its full
 // row of scores, a plain softmax, then the weighted sum.
 #pragma once
@@ -22,12 +22,18 @@ inline void check_attention_shape(const AttentionShape& s) {
   TF_CHECK(s.head_dim > 0, "attention head_dim must be positive, got ", s.head_dim);
   TF_CHECK(s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0, "attention n_heads (",
            s.n_heads, ") must be a positive multiple of n_kv_heads (", s.n_kv_heads, ")");
+  TF_CHECK(s.window >= 0, "attention window must be non-negative (0: none), got ", s.window);
+}
+
+// The first key position that query position i sees under a sliding window (0 without one).
+inline int64_t window_start(int64_t i, int window) {
+  return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
 }
 
 // Whether query position i of a sequence may attend to key position j of the same sequence;
-// doc is that sequence's slice of doc_ids (or null).
-inline bool attention_allowed(const int32_t* doc, int64_t i, int64_t j) {
-  return j <= i && (doc == nullptr || doc[j] == doc[i]);
+// doc is that sequence's slice of doc_ids (or null), window the sliding window (0: none).
+inline bool attention_allowed(const int32_t* doc, int64_t i, int64_t j, int window) {
+  return j <= i && j >= window_start(i, window) && (doc == nullptr || doc[j] == doc[i]);
 }
 
 // The largest score of a softmax row and the sum of exp(score - max) over the row.
@@ -41,10 +47,10 @@ struct SoftmaxRow {
 // reference computes its rows here.
 template <typename T>
 SoftmaxRow<T> softmax_numerators(T* p, const T* qi, const T* keys, int64_t key_row, const int32_t* doc,
-                                 int64_t i, int64_t D, float scale) {
+                                 int64_t i, int window, int64_t D, float scale) {
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j <= i; ++j) {
-    if (!attention_allowed(doc, i, j)) continue;
+    if (!attention_allowed(doc, i, j, window)) continue;
     const T* kj = keys + j * key_row;
     T dot = 0;
     for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
@@ -53,7 +59,7 @@ SoftmaxRow<T> softmax_numerators(T* p, const T* qi, const T* keys, int64_t key_r
   }
   T sum = 0;
   for (int64_t j = 0; j <= i; ++j) {
-    if (!attention_allowed(doc, i, j)) continue;
+    if (!attention_allowed(doc, i, j, window)) continue;
     p[size_t(j)] = std::exp(p[size_t(j)] - m);
     sum += p[size_t(j)];
   }
@@ -64,10 +70,10 @@ SoftmaxRow<T> softmax_numerators(T* p, const T* qi, const T* keys, int64_t key_r
 // v_j = values + j * value_row.
 template <typename T>
 void weighted_values(T* oi, const T* p, T sum, const T* values, int64_t value_row, const int32_t* doc,
-                     int64_t i, int64_t D) {
+                     int64_t i, int window, int64_t D) {
   for (int64_t d = 0; d < D; ++d) oi[d] = 0;
   for (int64_t j = 0; j <= i; ++j) {
-    if (!attention_allowed(doc, i, j)) continue;
+    if (!attention_allowed(doc, i, j, window)) continue;
     const T* vj = values + j * value_row;
     for (int64_t d = 0; d < D; ++d) oi[d] += p[size_t(j)] / sum * vj[d];
   }
@@ -87,9 +93,9 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
       for (int64_t i = 0; i < S; ++i) {
         const T* qi = q + ((b * S + i) * H + h) * D;
         const SoftmaxRow<T> row =
-            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, D, s.scale);
+            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, s.window, D, s.scale);
         weighted_values(out + ((b * S + i) * H + h) * D, p.data(), row.sum, v + (b * S * KV + g) * D, KV * D,
-                        doc, i, D);
+                        doc, i, s.window, D);
         lse[(b * S + i) * H + h] = row.max + std::log(row.sum);
       }
     }
@@ -114,10 +120,11 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
         const T* qi = q + ((b * S + i) * H + h) * D;
         const T* doi = d_out + ((b * S + i) * H + h) * D;
         const T sum =
-            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, D, s.scale).sum;
+            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, s.window, D, s.scale)
+                .sum;
         T row_dot = 0;
         for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
+          if (!attention_allowed(doc, i, j, s.window)) continue;
           p[size_t(j)] /= sum;
           const T* vj = v + ((b * S + j) * KV + g) * D;
           T dot = 0;
@@ -127,7 +134,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
         }
         T* dqi = dq + ((b * S + i) * H + h) * D;
         for (int64_t j = 0; j <= i; ++j) {
-          if (!attention_allowed(doc, i, j)) continue;
+          if (!attention_allowed(doc, i, j, s.window)) continue;
           const T ds = p[size_t(j)] * (dp[size_t(j)] - row_dot);
           const T* kj = k + ((b * S + j) * KV + g) * D;
           T* dkj = dk + ((b * S + j) * KV + g) * D;
@@ -145,12 +152,13 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
 
 // The geometry attention_cached_forward accepts.
 inline void check_attention_cached_shape(int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads,
-                                         int head_dim) {
+                                         int head_dim, int window) {
   TF_CHECK(n_past >= 0 && n_new >= 0, "cached attention n_past and n_new must be non-negative, got ", n_past,
            " and ", n_new);
   TF_CHECK(head_dim > 0, "cached attention head_dim must be positive, got ", head_dim);
   TF_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "cached attention n_heads (", n_heads,
            ") must be a positive multiple of n_kv_heads (", n_kv_heads, ")");
+  TF_CHECK(window >= 0, "cached attention window must be non-negative (0: none), got ", window);
 }
 
 // Query i is attention_forward's row n_past + i, computed by the same helpers with the cache rows as
@@ -158,8 +166,9 @@ inline void check_attention_cached_shape(int64_t n_past, int64_t n_new, int n_he
 // agree bit for bit, which the tests use to pin the cached indexing to the training op.
 template <typename T>
 void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, int64_t n_past,
-                              int64_t n_new, int n_heads, int n_kv_heads, int head_dim, float scale) {
-  check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim);
+                              int64_t n_new, int n_heads, int n_kv_heads, int head_dim, float scale,
+                              int window) {
+  check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
   const int64_t H = n_heads, KV = n_kv_heads, D = head_dim;
   const int group = n_heads / n_kv_heads;
   std::vector<T> p(static_cast<size_t>(n_past + n_new));
@@ -168,8 +177,9 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
     for (int64_t i = 0; i < n_new; ++i) {
       const int64_t pos = n_past + i;
       const T* qi = q + (i * H + h) * D;
-      const T sum = softmax_numerators(p.data(), qi, k_cache + g * D, KV * D, nullptr, pos, D, scale).sum;
-      weighted_values(out + (i * H + h) * D, p.data(), sum, v_cache + g * D, KV * D, nullptr, pos, D);
+      const T sum =
+          softmax_numerators(p.data(), qi, k_cache + g * D, KV * D, nullptr, pos, window, D, scale).sum;
+      weighted_values(out + (i * H + h) * D, p.data(), sum, v_cache + g * D, KV * D, nullptr, pos, window, D);
     }
   }
 }
