@@ -1597,9 +1597,10 @@ TEST_P(BackendOps, DropoutMasksBitForBit) {
       const std::vector<float> x = with_specials(random_floats(size_t(n), 6));
       const uint64_t stream = (uint64_t(3) << 40) | 9;
       Buf<float> d_x(dev(), x, "x"), d_out(dev(), std::vector<float>(size_t(n), kNaN), "out");
-      dev().dropout_forward(d_out.get(), d_x.get(), n, p, 77, stream);
+      const uint64_t first = uint64_t(n) * 3;
+      dev().dropout_forward(d_out.get(), d_x.get(), n, p, 77, stream, first);
       std::vector<float> out(static_cast<size_t>(n));
-      cpu().dropout_forward(out.data(), x.data(), n, p, 77, stream);
+      cpu().dropout_forward(out.data(), x.data(), n, p, 77, stream, first);
       expect_same(c, "out", d_out.read(c), out);
     }
   }
@@ -1607,8 +1608,8 @@ TEST_P(BackendOps, DropoutMasksBitForBit) {
   const std::vector<float> x(64, 1.0f), out0(64, 2.0f);
   Buf<float> d_x(dev(), x, "x"), d_out(dev(), out0, "out");
   std::vector<float> out = out0;
-  expect_same_error(c, error_of([&] { dev().dropout_forward(d_out.get(), d_x.get(), 64, 1.0f, 1, 1); }),
-                    error_of([&] { cpu().dropout_forward(out.data(), x.data(), 64, 1.0f, 1, 1); }));
+  expect_same_error(c, error_of([&] { dev().dropout_forward(d_out.get(), d_x.get(), 64, 1.0f, 1, 1, 0); }),
+                    error_of([&] { cpu().dropout_forward(out.data(), x.data(), 64, 1.0f, 1, 1, 0); }));
   expect_untouched(c, "out", d_out.read(c), out0);
 }
 

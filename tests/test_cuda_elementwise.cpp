@@ -147,8 +147,12 @@ TEST(CudaElementwise, DropoutDrawsExactlyTheCpuMasks) {
       const std::vector<float> x = with_specials(random_floats(size_t(n), 7));
       Guarded<float> dx(x, "x"), dout(std::vector<float>(size_t(n)), "out");
       std::vector<float> want(static_cast<size_t>(n));
-      simt::dropout_forward(dout.get(), dx.get(), n, p, 0x1234567890abcdefull, 0xfeedull + uint64_t(n));
-      cpu::dropout_forward(want.data(), x.data(), n, p, 0x1234567890abcdefull, 0xfeedull + uint64_t(n));
+      // Offsets inside a Philox block and past the CPU's groups of 64 elements.
+      const uint64_t first = uint64_t(n % 4 == 1 ? 3 : 130);
+      simt::dropout_forward(dout.get(), dx.get(), n, p, 0x1234567890abcdefull, 0xfeedull + uint64_t(n),
+                            first);
+      cpu::dropout_forward(want.data(), x.data(), n, p, 0x1234567890abcdefull, 0xfeedull + uint64_t(n),
+                           first);
       const std::vector<float> got = dout.download();
       EXPECT_EQ(first_difference(got, want), -1);
       EXPECT_TRUE(dout.guards_intact());
@@ -162,7 +166,7 @@ TEST(CudaElementwise, DropoutDrawsExactlyTheCpuMasks) {
   }
   Guarded<float> d(std::vector<float>(4), "x");
   EXPECT_NE(error_of([&] {
-              simt::dropout_forward(d.get(), d.get(), 4, 1.0f, 1, 2);
+              simt::dropout_forward(d.get(), d.get(), 4, 1.0f, 1, 2, 0);
             }).find("dropout_forward: p must be in [0, 1), got 1"),
             std::string::npos);
 }
@@ -279,7 +283,7 @@ TEST(CudaLaunchers, QueueOnTheCurrentStream) {
     simt::copy(z.get(), y.get(), n);
     simt::fill(z.get(), 1.0f, n);
     EXPECT_GT(simt::sum_squares(y.get(), n), 0.0);
-    simt::dropout_forward(z.get(), y.get(), n, 0.25f, 1, 2);
+    simt::dropout_forward(z.get(), y.get(), n, 0.25f, 1, 2, 0);
     simt::swiglu_forward(z.get(), x.get(), y.get(), n);
     simt::swiglu_backward(z.get(), m.get(), y.get(), x.get(), y.get(), n);
     AdamWParams hp;

@@ -2,6 +2,7 @@
 // dropout_forward): tf::cpu against tf::ref at sizes on both sides of the parallel threshold.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -94,15 +95,18 @@ TEST(Elementwise, SumSquaresIsTheReferenceAndIndependentOfThreads) {
   EXPECT_TRUE(std::isinf(cpu::sum_squares(inf.data(), 2)));
 }
 
-// Element i's mask is Philox(seed, stream).uniform(i), so the fast version must drop exactly the
-// reference's elements; kept ones are scaled by one rounding in both.
+// Element i's mask is Philox(seed, stream).uniform(first + i), so the fast version must drop exactly
+// the reference's elements, from offsets inside and on the edge of its groups of 64 words too; kept
+// ones are scaled by one rounding in both.
 TEST(Elementwise, DropoutMatchesReferenceBitForBit) {
   for (int64_t n : kSizes) {
     const std::vector<float> x = random_floats(size_t(n), 6);
     std::vector<float> a(x.size()), b(x.size());
-    cpu::dropout_forward(a.data(), x.data(), n, 0.25f, 77, (uint64_t(3) << 40) | 9);
-    ref::dropout_forward(b.data(), x.data(), n, 0.25f, 77, (uint64_t(3) << 40) | 9);
-    ASSERT_EQ(a, b) << n;
+    for (uint64_t first : {uint64_t(0), uint64_t(5), uint64_t(64), uint64_t(1000003)}) {
+      cpu::dropout_forward(a.data(), x.data(), n, 0.25f, 77, (uint64_t(3) << 40) | 9, first);
+      ref::dropout_forward(b.data(), x.data(), n, 0.25f, 77, (uint64_t(3) << 40) | 9, first);
+      ASSERT_EQ(a, b) << n << " from " << first;
+    }
     if (n > 10000) {
       int64_t dropped = 0;
       for (float v : a) dropped += v == 0.0f;
@@ -110,7 +114,20 @@ TEST(Elementwise, DropoutMatchesReferenceBitForBit) {
     }
   }
   std::vector<float> a(64), x(64, 1.0f);
-  cpu::dropout_forward(a.data(), x.data(), 64, 0.0f, 1, 1);
+  cpu::dropout_forward(a.data(), x.data(), 64, 0.0f, 1, 1, 0);
   EXPECT_EQ(a, x);
-  EXPECT_THROW(cpu::dropout_forward(a.data(), x.data(), 64, 1.0f, 1, 1), Error);
+  EXPECT_THROW(cpu::dropout_forward(a.data(), x.data(), 64, 1.0f, 1, 1, 0), Error);
+}
+
+// A chunk of rows starting at `first` draws the same mask as those elements of the whole input.
+TEST(Elementwise, DropoutOfAPartIsThatPartOfTheWhole) {
+  const int64_t n = 1000;
+  const std::vector<float> x = random_floats(size_t(n), 8);
+  std::vector<float> whole(x.size()), part(x.size());
+  cpu::dropout_forward(whole.data(), x.data(), n, 0.5f, 3, 4, 0);
+  for (int64_t first : {int64_t(0), int64_t(1), int64_t(63), int64_t(64), int64_t(333)}) {
+    const int64_t m = std::min<int64_t>(257, n - first);
+    cpu::dropout_forward(part.data(), x.data() + first, m, 0.5f, 3, 4, uint64_t(first));
+    for (int64_t i = 0; i < m; ++i) ASSERT_EQ(part[size_t(i)], whole[size_t(first + i)]) << first << " " << i;
+  }
 }

@@ -44,24 +44,28 @@ double sum_squares(const float* x, int64_t n) {
 
 // Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)), the blocks computed
 // kBatch at a time in vector lanes and every word used: one scalar block per element made the
-// masks a third of a training step.
-void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream) {
+// masks a third of a training step. The groups are aligned in the mask (from index 0), so that the
+// rows of a larger input starting at `first` draw the same words as that input does.
+void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                     uint64_t first) {
   TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
+  if (n <= 0) return;
   const Philox rng(seed, stream);
   const float keep_scale = 1.0f / (1.0f - p);
-  constexpr int64_t kElems = 4 * Philox::kBatch;
-  const int64_t groups = (n + kElems - 1) / kElems;
+  constexpr uint64_t kElems = 4 * Philox::kBatch;
+  const uint64_t g0 = first / kElems, g1 = (first + uint64_t(n) + kElems - 1) / kElems;
 #pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
+  for (uint64_t g = g0; g < g1; ++g) {
     uint32_t words[4][Philox::kBatch];
-    rng.blocks(uint64_t(g) * Philox::kBatch, words);
+    rng.blocks(g * Philox::kBatch, words);
     uint32_t element[kElems];
     for (int b = 0; b < Philox::kBatch; ++b)
       for (int w = 0; w < 4; ++w) element[4 * b + w] = words[w][b];
-    const int64_t i0 = g * kElems;
-    const int64_t count = std::min(kElems, n - i0);
-    for (int64_t j = 0; j < count; ++j)
-      out[i0 + j] = uint_to_unit_float(element[j]) < p ? 0.0f : x[i0 + j] * keep_scale;
+    const uint64_t e0 = std::max(g * kElems, first), e1 = std::min((g + 1) * kElems, first + uint64_t(n));
+    for (uint64_t e = e0; e < e1; ++e) {
+      const uint64_t i = e - first;
+      out[i] = uint_to_unit_float(element[e - g * kElems]) < p ? 0.0f : x[i] * keep_scale;
+    }
   }
 }
 

@@ -72,16 +72,20 @@ __global__ void sum_squares_total(port::gptr<double> total, port::gptr<const dou
   if (threadIdx.x == 0) total[0] = t;
 }
 
-// Thread b draws Philox block b and masks elements 4b .. 4b + 3 with its four words, which is
-// element i taking word i % 4 of block i / 4, as Philox::uniform(i) does on the CPU.
+// Thread b draws Philox block b0 + b and masks the elements of the mask 4 (b0 + b) .. + 3 that are
+// in first .. first + n - 1 with its four words, which is element e of the mask taking word e % 4 of
+// block e / 4, as Philox::uniform(e) does on the CPU.
 __global__ void dropout_kernel(port::gptr<float> out, port::gptr<const float> x, int64_t n, float p,
-                               float keep_scale, Philox rng) {
-  const int64_t n_blocks = (n + 3) / 4;
+                               float keep_scale, Philox rng, uint64_t first) {
+  const uint64_t b0 = first / 4;
+  const int64_t n_blocks = int64_t((first + uint64_t(n) + 3) / 4 - b0);
   for (int64_t b = grid_first(); b < n_blocks; b += grid_stride()) {
     uint32_t words[4];
-    rng.block_words(uint64_t(b), words);
+    rng.block_words(b0 + uint64_t(b), words);
     for (int j = 0; j < 4; ++j) {
-      const int64_t i = 4 * b + j;
+      const uint64_t e = 4 * (b0 + uint64_t(b)) + uint64_t(j);
+      if (e < first) continue;
+      const int64_t i = int64_t(e - first);
       if (i >= n) break;
       if (uint_to_unit_float(words[j]) < p) {
         out[i] = 0.0f;
@@ -155,13 +159,14 @@ double sum_squares(const float* x, int64_t n) {
   return result;
 }
 
-void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream) {
+void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                     uint64_t first) {
   TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
   if (n <= 0) return;
-  const int64_t philox_blocks = (n + 3) / 4;
+  const int64_t philox_blocks = int64_t((first + uint64_t(n) + 3) / 4 - first / 4);
   port::launch(dropout_kernel,
                on_current_stream("dropout_forward", element_blocks(philox_blocks), kElementThreads), out, x,
-               n, p, 1.0f / (1.0f - p), Philox(seed, stream));
+               n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
 }
 
 }  // namespace tf::TF_PORT_BACKEND

@@ -135,7 +135,7 @@ uint64_t LoraDropout::stream_id() const {
 }
 
 void LoraDropout::apply(Backend& be, float* out, const float* x, int64_t n, int in) const {
-  be.dropout_forward(out, x, n * in, p, seed, stream_id());
+  be.dropout_forward(out, x, n * in, p, seed, stream_id(), uint64_t(row0) * uint64_t(in));
 }
 
 static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false) {

@@ -73,8 +73,11 @@ struct LoraDropout {
   uint64_t step = 0;
   int layer = 0;
   LoraTarget target = LoraTarget::Q;
+  // The row of the micro-batch's input that x's first row is: a chunk of rows draws its rows' part
+  // of the whole input's mask.
+  int64_t row0 = 0;
   // Writes dropout(x) into out ([n, in]) on `be`: element i is dropped when
-  // Philox(seed, stream_id()).uniform(i) < p.
+  // Philox(seed, stream_id()).uniform(row0 * in + i) < p.
   void apply(Backend& be, float* out, const float* x, int64_t n, int in) const;
   // The Philox stream of this (step, layer, target) under the seed.
   uint64_t stream_id() const;

@@ -37,10 +37,12 @@ double sum_squares(const float* x, int64_t n) {
   return s;
 }
 
-void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream) {
+void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                     uint64_t first) {
   TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
   const Philox rng(seed, stream);
-  for (int64_t i = 0; i < n; ++i) out[i] = rng.uniform(uint64_t(i)) < p ? 0.0f : x[i] * (1.0f / (1.0f - p));
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = rng.uniform(first + uint64_t(i)) < p ? 0.0f : x[i] * (1.0f / (1.0f - p));
 }
 
 }  // namespace tf::ref
