@@ -31,12 +31,14 @@ enum class Layout { None, Packed, Interleaved, Singletons, Long };
 struct Case {
   int batch, seq, heads, kv_heads, head_dim;
   Layout docs;
+  int window = 0;
 };
 
 std::string case_name(const Case& c) {
   const char* docs[] = {"nodocs", "packed", "interleaved", "singletons", "long"};
   return "b" + std::to_string(c.batch) + "_s" + std::to_string(c.seq) + "_h" + std::to_string(c.heads) +
-         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)];
+         "_kv" + std::to_string(c.kv_heads) + "_d" + std::to_string(c.head_dim) + "_" + docs[int(c.docs)] +
+         (c.window > 0 ? "_w" + std::to_string(c.window) : "");
 }
 
 // Singletons: documents of lengths 1, 1, 13, 1, 40, repeated, so that one-token documents sit at a
@@ -74,6 +76,7 @@ AttentionShape make_shape(const Case& c) {
   s.n_kv_heads = c.kv_heads;
   s.head_dim = c.head_dim;
   s.scale = 1.0f / std::sqrt(float(c.head_dim));
+  s.window = c.window;
   return s;
 }
 
@@ -189,7 +192,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{2, 97, 4, 2, 64, Layout::Packed}, Case{1, 97, 4, 1, 80, Layout::None},
                       Case{2, 97, 2, 2, 96, Layout::Interleaved}, Case{2, 20, 2, 1, 80, Layout::Packed},
                       Case{1, 160, 2, 1, 128, Layout::None}, Case{2, 70, 2, 1, 128, Layout::Singletons},
-                      Case{1, 1025, 2, 1, 64, Layout::Long}),
+                      Case{1, 1025, 2, 1, 64, Layout::Long},
+                      // Sliding windows (GQA 3): one key; one ending inside a 64-row tile, with
+                      // documents; one over two tiles, so that tiles are skipped, masked and not.
+                      Case{1, 97, 6, 2, 64, Layout::None, 1}, Case{1, 97, 6, 2, 64, Layout::Packed, 17},
+                      Case{1, 200, 3, 1, 64, Layout::None, 70}),
     [](const ::testing::TestParamInfo<Case>& p) { return case_name(p.param); });
 
 // The backward adds into its outputs: from nonzero starts the result is start + gradient, within

@@ -396,6 +396,10 @@ int run_finetune(const FinetuneOptions& given) {
   to.seq_len = size_t(o.seq_len);
   to.train_on_all = o.train_on == "all";
   to.skip_bad_lines = o.skip_bad_lines;
+  TF_CHECK(cfg.attention_dropout == 0.0f, o.model, ": the model's config sets attention_dropout ",
+           cfg.attention_dropout,
+           "; tightfit trains without dropout on the attention probabilities (set it to 0 "
+           "in config.json to train without)");
   if (o.seq_len > cfg.max_positions)
     std::printf(
         "warning: --seq-len %d is above the model's max_position_embeddings %d; examples longer than that "

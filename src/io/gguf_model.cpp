@@ -48,6 +48,18 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     TF_FAIL(f.path(), ": attention.value_length differs from the key length ", c.head_dim);
   c.rms_eps = positive_float(f, p + "attention.layer_norm_rms_epsilon");
   c.max_positions = f.has(p + "context_length") ? positive_int(f, p + "context_length") : c.max_positions;
+  if (f.has(p + "attention.sliding_window")) {
+    // Every layer slides (0: none, as llama.cpp's converter writes for all-full models); a per-layer
+    // pattern of sliding and full layers is not one tightfit reads.
+    const int64_t w = f.get_int(p + "attention.sliding_window");
+    if (w < 0 || w > INT_MAX)
+      TF_FAIL(f.path(), ": metadata key '", p, "attention.sliding_window' must be a non-negative int, got ",
+              w);
+    c.sliding_window = int(w);
+    if (w > 0 && f.has(p + "attention.sliding_window_pattern"))
+      TF_FAIL(f.path(), ": ", p,
+              "attention.sliding_window_pattern (sliding and full attention layers mixed) is not supported");
+  }
 
   c.rope.head_dim =
       f.has(p + "rope.dimension_count") ? positive_int(f, p + "rope.dimension_count") : c.head_dim;

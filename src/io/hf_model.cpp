@@ -1,9 +1,13 @@
+// defines: tf::io::llama_config_from_hf and read_hf_config (a config.json as a LlamaConfig),
+// weights_from_safetensors, load_hf_model
 #include "src/io/hf_model.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <vector>
 
 #include "src/core/error.h"
 #include "src/io/bnb4bit.h"
@@ -74,6 +78,51 @@ void parse_rope_scaling(const json& r, const std::string& source, RopeParams& ro
   }
 }
 
+// The per-layer sliding window, as transformers 5 builds it: MistralForCausalLM slides in every
+// layer (its config's sliding_window, 4096 when the key is absent, none when null); Qwen2 slides
+// only under use_sliding_window, in the layers from max_window_layers on (28 when absent), unless
+// layer_types names each layer's kind. Attention fields tightfit cannot honour are refused by name.
+void parse_attention(const json& j, const std::string& arch, const std::string& source, LlamaConfig& c) {
+  for (const char* key : {"attn_logit_softcapping", "attention_chunk_size"}) {
+    TF_CHECK(find_key(j, key) == nullptr, source, ": \"", key, "\" is set (", j[key].dump(),
+             "); tightfit's attention does not implement it");
+  }
+  c.attention_dropout = get_float(j, "attention_dropout", source, 0.0f);
+  const bool null_window = j.contains("sliding_window") && j["sliding_window"].is_null();
+  if (arch == "MistralForCausalLM") {
+    c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
+  } else if (arch == "Qwen2ForCausalLM" && get_bool(j, "use_sliding_window", source, false)) {
+    c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
+  }
+  TF_CHECK(
+      !j.contains("sliding_window") || null_window || c.sliding_window > 0 || arch != "MistralForCausalLM",
+      source, ": sliding_window must be positive or null, got 0");
+  if (const json* types = find_key(j, "layer_types")) {
+    TF_CHECK(types->is_array() && types->size() == size_t(c.n_layers), source,
+             ": \"layer_types\" must list one attention kind for each of the ", c.n_layers, " layers, got ",
+             types->dump());
+    std::vector<bool> sliding;
+    for (const json& t : *types) {
+      const bool ok = t.is_string() && (t == "full_attention" || t == "sliding_attention");
+      TF_CHECK(ok, source, ": \"layer_types\" entry ", t.dump(),
+               " is not one tightfit runs (full_attention, sliding_attention)");
+      sliding.push_back(t == "sliding_attention");
+    }
+    const bool any_sliding = std::find(sliding.begin(), sliding.end(), true) != sliding.end();
+    TF_CHECK(!any_sliding || c.sliding_window > 0, source,
+             ": \"layer_types\" has sliding_attention layers but the config sets no sliding window",
+             arch == "Qwen2ForCausalLM" ? " (use_sliding_window is false or sliding_window null)" : "");
+    const bool all_sliding = std::find(sliding.begin(), sliding.end(), false) == sliding.end();
+    TF_CHECK(arch != "MistralForCausalLM" || c.sliding_window == 0 || all_sliding, source,
+             ": \"layer_types\" has full_attention layers, but MistralForCausalLM slides its window in every "
+             "layer (alternating layers are Ministral's, which tightfit does not load)");
+    if (arch == "Qwen2ForCausalLM") c.sliding_layers = std::move(sliding);
+  } else if (arch == "Qwen2ForCausalLM" && c.sliding_window > 0) {
+    const int first = get_int(j, "max_window_layers", source, 28);
+    for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back(l >= first);
+  }
+}
+
 json read_json(const std::string& path) {
   std::ifstream in(path);
   TF_CHECK(in, path, ": cannot open model config");
@@ -118,6 +167,7 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   // Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
   c.attention_bias = arch == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", source, false);
   TF_CHECK(!get_bool(j, "mlp_bias", source, false), source, ": MLP biases (mlp_bias) are not supported");
+  parse_attention(j, arch, source, c);
   c.rope.head_dim = c.head_dim;
   c.rope.theta = get_float(j, "rope_theta", source, 10000.0f);
   if (const json* rp = find_key(j, "rope_parameters")) {

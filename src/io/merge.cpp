@@ -197,6 +197,24 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
   j["max_position_embeddings"] = cfg.max_positions;
   j["tie_word_embeddings"] = cfg.tie_embeddings;
   j["attention_bias"] = cfg.attention_bias;
+  // transformers reads an absent sliding_window as 4096 for Mistral and Qwen2: it is always written.
+  if (cfg.architecture == "mistral") {
+    TF_CHECK(cfg.sliding_layers.empty(), "a Mistral config slides its window in every layer; this model's ",
+             "window is per layer");
+    j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
+  } else if (cfg.architecture == "qwen2") {
+    j["use_sliding_window"] = cfg.sliding_window > 0;
+    j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
+    if (cfg.sliding_window > 0) {
+      ordered_json types = ordered_json::array();
+      for (int l = 0; l < cfg.n_layers; ++l)
+        types.push_back(cfg.window(l) > 0 ? "sliding_attention" : "full_attention");
+      j["layer_types"] = types;
+    }
+  } else {
+    TF_CHECK(cfg.sliding_window == 0, "a ", cfg.architecture,
+             " config has no sliding window; this model's is ", cfg.sliding_window);
+  }
   j["mlp_bias"] = false;
   j["rope_theta"] = cfg.rope.theta;
   switch (cfg.rope.scaling) {
