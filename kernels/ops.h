@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "src/core/dtype.h"
 
@@ -62,16 +63,30 @@ enum class RopeLayout : uint8_t {
   Interleaved,  // GGUF / original Llama: pairs (2i, 2i + 1)
 };
 
-enum class RopeScalingType : uint8_t { None, Linear, Llama3 };
+// How the rotary frequencies are scaled: HF's rope types default, linear, llama3, dynamic (NTK) and
+// yarn. Dynamic keeps the default frequencies: transformers changes them only for positions at or
+// past original_max_positions, which the model refuses.
+enum class RopeScalingType : uint8_t { None, Linear, Llama3, Dynamic, Yarn };
 
 struct RopeParams {
   float theta = 10000.0f;
   int head_dim = 0;  // rotary dimension (all of the head)
   RopeScalingType scaling = RopeScalingType::None;
-  float factor = 1.0f;                // Linear and Llama3
+  float factor = 1.0f;                // Linear, Llama3, Dynamic and Yarn
   float low_freq_factor = 1.0f;       // Llama3
   float high_freq_factor = 4.0f;      // Llama3
-  int original_max_positions = 8192;  // Llama3
+  int original_max_positions = 8192;  // Llama3, Yarn; Dynamic: the positions it leaves unscaled
+  float beta_fast = 32.0f;            // Yarn: the ramp's bounds, in rotations
+  float beta_slow = 1.0f;
+  bool truncate = true;  // Yarn: the ramp's bounds rounded to whole dimensions
+  // Yarn: cos and sin are multiplied by this; 0 derives it from factor (and mscale, mscale_all_dim
+  // when both are set) as HF's get_mscale does.
+  float attention_factor = 0.0f;
+  float mscale = 0.0f;
+  float mscale_all_dim = 0.0f;
+  // Per-frequency divisors [head_dim / 2] (a GGUF's rope_freqs.weight, Llama 3.1 style), applied
+  // after the scaling above; empty for none.
+  std::vector<float> freq_factors;
 };
 
 // Geometry of a causal self-attention call. Tokens are [batch * seq] rows; q is [.., n_heads,
@@ -101,8 +116,14 @@ struct AdamWParams {
 constexpr int32_t kIgnoreIndex = -100;
 
 // Inverse rotary frequencies [head_dim / 2] for the given parameters, with rope scaling applied
-// (HF's _compute_default_rope_parameters / _compute_llama3_parameters, computed in f32).
+// (HF's _compute_default_rope_parameters / _compute_linear_ / _llama3_ / _yarn_parameters, computed
+// in f32) and then divided by freq_factors (llama.cpp's rope: theta_i = pos * inv_freq_i / factor_i).
 void rope_inv_freq(const RopeParams& p, float* inv_freq);
+// The factor HF multiplies the rotary cos and sin by (yarn's attention factor; 1 for the other
+// types). q and k both carry it, so the attention scores scale by its square.
+float rope_attention_factor(const RopeParams& p);
+// "default", "linear", "llama3", "dynamic" or "yarn" (HF's rope_type names).
+const char* rope_scaling_name(RopeScalingType t);
 
 #define TF_OP(ret, name, params, args) ret name params;
 namespace ref {

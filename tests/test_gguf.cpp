@@ -457,6 +457,52 @@ TEST(GgufLlama, MapsConfig) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(GgufLlama, ReadsYarnAndRopeFreqs) {
+  const std::string dir = temp_dir();
+  TinyLlama t;
+  t.w.add_string("llama.rope.scaling.type", "yarn");
+  t.w.add_f32("llama.rope.scaling.factor", 4.0f);
+  t.w.add_u32("llama.rope.scaling.original_context_length", 128);
+  t.w.add_f32("llama.rope.scaling.yarn_beta_fast", 16.0f);
+  t.w.add_f32("llama.rope.scaling.attn_factor", 1.0f);  // llama.cpp's neutral value
+  t.w.add_bool("llama.rope.scaling.finetuned", true);
+  const std::vector<float> factors = {1.0f, 8.0f};
+  t.w.add_tensor("rope_freqs.weight", GgmlType::F32, {2}, factors.data(), factors.size() * 4);
+  const LlamaConfig c = llama_config_from_gguf(t.write(dir));
+  EXPECT_EQ(c.rope.scaling, RopeScalingType::Yarn);
+  EXPECT_EQ(c.rope.factor, 4.0f);
+  EXPECT_EQ(c.rope.original_max_positions, 128);
+  EXPECT_EQ(c.rope.beta_fast, 16.0f);
+  EXPECT_EQ(c.rope.beta_slow, 1.0f);
+  EXPECT_EQ(c.rope.freq_factors, factors);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(GgufLlama, Qwen2KeepsHfRowsAndHasBiases) {
+  const std::string dir = temp_dir();
+  GgufWriter w;
+  std::vector<uint16_t> embd(64 * 16);
+  w.add_string("general.architecture", "qwen2");
+  w.add_u32("qwen2.embedding_length", 16);
+  w.add_u32("qwen2.feed_forward_length", 40);
+  w.add_u32("qwen2.block_count", 2);
+  w.add_u32("qwen2.attention.head_count", 4);
+  w.add_u32("qwen2.attention.head_count_kv", 2);
+  w.add_f32("qwen2.attention.layer_norm_rms_epsilon", 1e-6f);
+  w.add_f32("qwen2.rope.freq_base", 1e6f);
+  w.add_tensor("token_embd.weight", GgmlType::F16, {16, 64}, embd.data(), embd.size() * 2);
+  w.write(dir + "/qwen2.gguf");
+  const LlamaConfig c = llama_config_from_gguf(GgufFile::open(dir + "/qwen2.gguf"));
+  EXPECT_EQ(c.architecture, "qwen2");
+  EXPECT_EQ(c.rope_layout, RopeLayout::SplitHalf);
+  EXPECT_TRUE(c.attention_bias);  // even where blk.0.attn_q.bias is missing: the load then names it
+  EXPECT_EQ(c.rope.theta, 1e6f);
+  EXPECT_EQ(parse_gguf_llama_tensor_name("blk.1.attn_k.bias"),
+            (GgufLlamaTensor{GgufLlamaRole::AttnKBias, 1}));
+  EXPECT_EQ(gguf_llama_tensor_name({GgufLlamaRole::AttnQBias, 0}), "blk.0.attn_q.bias");
+  std::filesystem::remove_all(dir);
+}
+
 TEST(GgufLlama, RefusesInconsistentMetadata) {
   const std::string dir = temp_dir();
   const auto error_of = [&](const std::function<void(TinyLlama&)>& edit) {
@@ -471,8 +517,24 @@ TEST(GgufLlama, RefusesInconsistentMetadata) {
   };
   std::string m = error_of([](TinyLlama& t) { t.w.add_u32("llama.vocab_size", 65); });
   EXPECT_NE(m.find("token_embd.weight has 64 rows but the vocabulary has 65"), std::string::npos) << m;
-  m = error_of([](TinyLlama& t) { t.w.add_string("llama.rope.scaling.type", "yarn"); });
-  EXPECT_NE(m.find("rope scaling type 'yarn'"), std::string::npos) << m;
+  m = error_of([](TinyLlama& t) { t.w.add_string("llama.rope.scaling.type", "longrope"); });
+  EXPECT_NE(m.find("rope scaling type 'longrope' is not supported"), std::string::npos) << m;
+  m = error_of([](TinyLlama& t) {
+    t.w.add_string("llama.rope.scaling.type", "yarn");
+    t.w.add_f32("llama.rope.scaling.factor", 4.0f);
+    t.w.add_u32("llama.rope.scaling.original_context_length", 128);
+    t.w.add_f32("llama.rope.scaling.yarn_ext_factor", 0.5f);
+  });
+  EXPECT_NE(m.find("'llama.rope.scaling.yarn_ext_factor' is not supported"), std::string::npos) << m;
+  m = error_of([](TinyLlama& t) { t.w.add_f32("llama.rope.scaling.factor", 2.0f); });
+  EXPECT_NE(m.find("'llama.rope.scaling.factor' is not supported with rope scaling type 'none'"),
+            std::string::npos)
+      << m;
+  m = error_of([](TinyLlama& t) {
+    std::vector<float> factors(3, 1.0f);
+    t.w.add_tensor("rope_freqs.weight", GgmlType::F32, {3}, factors.data(), factors.size() * 4);
+  });
+  EXPECT_NE(m.find("rope_freqs.weight must hold 2 f32 factors"), std::string::npos) << m;
   m = error_of([](TinyLlama& t) { t.w.add_u32("llama.attention.key_length", 8); });
   EXPECT_NE(m.find("rotary dimension"), std::string::npos) << m;
   EXPECT_NE(m.find(dir + "/tiny.gguf"), std::string::npos) << m;
@@ -508,7 +570,7 @@ TEST(GgufLlama, TensorNames) {
             (GgufLlamaTensor{GgufLlamaRole::TokenEmbd, -1}));
   EXPECT_EQ(parse_gguf_llama_tensor_name("output.weight"), (GgufLlamaTensor{GgufLlamaRole::Output, -1}));
   for (const char* bad :
-       {"blk.x.attn_q.weight", "blk.1.attn_q.bias", "blk.-1.attn_q.weight", "blk.01.attn_q.weight",
+       {"blk.x.attn_q.weight", "blk.1.attn_output.bias", "blk.-1.attn_q.weight", "blk.01.attn_q.weight",
         "blk.1attn_q.weight", "output.weight.x", "rope_freqs.weight", ""})
     EXPECT_FALSE(parse_gguf_llama_tensor_name(bad).has_value()) << bad;
   for (int r = 0; r <= int(GgufLlamaRole::Output); ++r) {

@@ -102,6 +102,40 @@ TEST(HfConfig, ReadsArchitecturesAndRopeSpellings) {
   EXPECT_EQ(io::llama_config_from_hf(m, "config.json").architecture, "mistral");
 }
 
+TEST(HfConfig, ReadsEveryRopeScalingType) {
+  nlohmann::json j = llama_json();
+  j["max_position_embeddings"] = 4096;
+  j["rope_scaling"] = {
+      {"type", "yarn"},    {"factor", 4.0},           {"original_max_position_embeddings", 1024},
+      {"beta_fast", 16.0}, {"attention_factor", 1.5}, {"truncate", false}};
+  RopeParams r = io::llama_config_from_hf(j, "config.json").rope;
+  EXPECT_EQ(r.scaling, RopeScalingType::Yarn);
+  EXPECT_EQ(r.factor, 4.0f);
+  EXPECT_EQ(r.original_max_positions, 1024);
+  EXPECT_EQ(r.beta_fast, 16.0f);
+  EXPECT_EQ(r.beta_slow, 1.0f);
+  EXPECT_EQ(r.attention_factor, 1.5f);
+  EXPECT_FALSE(r.truncate);
+  EXPECT_EQ(rope_attention_factor(r), 1.5f);
+
+  // HF's standardize_rope_params: without the field yarn's original length is the config's own
+  // original_max_position_embeddings, else max_position_embeddings; no factor is their ratio.
+  j["rope_scaling"] = {{"rope_type", "yarn"}};
+  j["original_max_position_embeddings"] = 512;
+  r = io::llama_config_from_hf(j, "config.json").rope;
+  EXPECT_EQ(r.original_max_positions, 512);
+  EXPECT_EQ(r.factor, 8.0f);
+  j.erase("original_max_position_embeddings");
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 2.0}};
+  EXPECT_EQ(io::llama_config_from_hf(j, "config.json").rope.original_max_positions, 4096);
+
+  j["rope_scaling"] = {{"rope_type", "dynamic"}, {"factor", 2.0}};
+  r = io::llama_config_from_hf(j, "config.json").rope;
+  EXPECT_EQ(r.scaling, RopeScalingType::Dynamic);
+  EXPECT_EQ(r.original_max_positions, 4096);  // transformers' dynamic NTK starts past max_position_embeddings
+  EXPECT_EQ(rope_attention_factor(r), 1.0f);
+}
+
 TEST(HfConfig, RefusesWhatItCannotRun) {
   nlohmann::json j = llama_json();
   j["architectures"] = {"GPT2LMHeadModel"};
@@ -116,8 +150,23 @@ TEST(HfConfig, RefusesWhatItCannotRun) {
   j["vocab_size"] = "many";
   expect_error(j, "vocab_size");
   j = llama_json();
-  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
-  expect_error(j, "yarn");
+  j["rope_scaling"] = {{"rope_type", "longrope"}, {"long_factor", {1.0}}, {"short_factor", {1.0}}};
+  expect_error(j, "rope type \"longrope\" (Phi-3");
+  j = llama_json();
+  j["rope_scaling"] = {{"rope_type", "ntk-by-parts"}, {"factor", 4.0}};
+  expect_error(j, "rope type \"ntk-by-parts\" is not supported");
+  j = llama_json();
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 4.0}, {"low_freq_factor", 1.0}};
+  expect_error(j, "field \"low_freq_factor\" of rope type \"linear\"");
+  j = llama_json();
+  j["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"extrapolation_factor", 1.0}};
+  expect_error(j, "field \"extrapolation_factor\" of rope type \"yarn\"");
+  j = llama_json();
+  j["rope_scaling"] = {{"rope_type", "default"}, {"partial_rotary_factor", 0.5}};
+  expect_error(j, "partial rotary");
+  j = llama_json();
+  j["partial_rotary_factor"] = 0.25;
+  expect_error(j, "partial_rotary_factor");
   j = llama_json();
   j["hidden_size"] = int64_t(1) << 40;
   expect_error(j, "hidden_size");

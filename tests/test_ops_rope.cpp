@@ -1,4 +1,5 @@
-// Tests: rope_inv_freq (default, linear, llama3 scaling) against hand-computed values; tf::cpu
+// Tests: rope_inv_freq (default, linear, llama3, yarn, dynamic scaling, per-frequency factors) and
+// rope_attention_factor against hand-computed values; tf::cpu
 // rope against the reference in both layouts; the layouts agree up to a permutation; rotations
 // preserve norms and backward undoes forward; the backward against float64 finite differences.
 #include <gtest/gtest.h>
@@ -90,6 +91,70 @@ TEST(RopeInvFreq, Llama3MatchesHandComputedValues) {
       {63, 3.068925988914511e-07},
   };
   for (const auto& e : expected) EXPECT_NEAR(f[size_t(e.i)], e.want, 16 * kUlp * e.want) << "index " << e.i;
+}
+
+// Qwen2.5's yarn: theta 1e6, head_dim 128, factor 4, original 32768, beta_fast 32, beta_slow 1.
+// Expected values from HF's _compute_yarn_parameters evaluated in double by hand: the correction
+// bounds are 23.6 and 39.7, truncated to 23 and 40, so dimensions up to 23 keep their frequency,
+// 40 on are divided by 4 and the 16 between blend along the ramp (i - 23) / 17. About ten f32
+// roundings (powf, two reciprocals, the blend): 16 ulps; a ramp off by one dimension moves a
+// blended frequency by 6% or more.
+TEST(RopeInvFreq, YarnMatchesHandComputedValues) {
+  RopeParams p;
+  p.theta = 1e6f;
+  p.head_dim = 128;
+  p.scaling = RopeScalingType::Yarn;
+  p.factor = 4.0f;
+  p.original_max_positions = 32768;
+  std::vector<float> f(64);
+  rope_inv_freq(p, f.data());
+  const struct {
+    int i;
+    double want;
+  } expected[] = {
+      {0, 1.0},
+      {23, 0.006978305848598663},
+      {24, 0.005375321490790102},
+      {31, 0.0008029597275452302},
+      {39, 6.490394320837028e-05},
+      {40, 4.445698525097307e-05},
+      {63, 3.102344401879299e-07},
+  };
+  for (const auto& e : expected) EXPECT_NEAR(f[size_t(e.i)], e.want, 16 * kUlp * e.want) << "index " << e.i;
+  // HF's get_mscale: 0.1 ln(factor) + 1, unless attention_factor (or mscale / mscale_all_dim) says.
+  EXPECT_NEAR(rope_attention_factor(p), 1.138629436111989, 1e-7);
+  p.mscale = 1.0f;
+  p.mscale_all_dim = 1.0f;
+  EXPECT_EQ(rope_attention_factor(p), 1.0f);
+  p.attention_factor = 1.25f;
+  EXPECT_EQ(rope_attention_factor(p), 1.25f);
+  p.scaling = RopeScalingType::Linear;
+  EXPECT_EQ(rope_attention_factor(p), 1.0f);
+}
+
+// llama.cpp's rope_freqs: theta_i = pos * base^(-2i/d) / factor_i, a division after the scaling.
+TEST(RopeInvFreq, FreqFactorsDivideEachFrequency) {
+  RopeParams p;
+  p.head_dim = 8;
+  p.freq_factors = {1.0f, 2.0f, 8.0f, 0.5f};
+  std::vector<float> scaled(4);
+  rope_inv_freq(p, scaled.data());
+  const std::vector<float> plain = inv_freq_for(8, p.theta);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(scaled[i], plain[i] / p.freq_factors[i]) << i;
+  p.freq_factors = {1.0f, 2.0f};
+  EXPECT_THROW(rope_inv_freq(p, scaled.data()), Error);
+  p.freq_factors = {1.0f, 2.0f, 0.0f, 1.0f};
+  EXPECT_THROW(rope_inv_freq(p, scaled.data()), Error);
+}
+
+TEST(RopeInvFreq, DynamicKeepsTheDefaultFrequencies) {
+  RopeParams p;
+  p.head_dim = 64;
+  p.scaling = RopeScalingType::Dynamic;
+  p.factor = 4.0f;
+  std::vector<float> f(32);
+  rope_inv_freq(p, f.data());
+  EXPECT_EQ(f, inv_freq_for(64, p.theta));
 }
 
 TEST(RopeInvFreq, RejectsBadParameters) {

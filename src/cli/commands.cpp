@@ -84,14 +84,16 @@ int run_inspect(const std::string& path, bool all_tensors) {
   std::printf("arch        %s: %d layers, hidden %d, intermediate %d, heads %d (kv %d, dim %d), vocab %d\n",
               c.architecture.c_str(), c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads,
               c.head_dim, c.vocab);
+  char rope_note[96] = "";
+  if (c.rope.scaling != RopeScalingType::None)
+    std::snprintf(rope_note, sizeof rope_note, " (%s scaling, factor %g)", rope_scaling_name(c.rope.scaling),
+                  double(c.rope.factor));
   std::printf(
-      "            rms eps %g, rope theta %g%s, rope layout %s, tied embeddings %s, attention bias %s, "
+      "            rms eps %g, rope theta %g%s%s, rope layout %s, tied embeddings %s, attention bias %s, "
       "max positions %d\n",
-      double(c.rms_eps), double(c.rope.theta),
-      c.rope.scaling == RopeScalingType::Llama3   ? " (llama3 scaling)"
-      : c.rope.scaling == RopeScalingType::Linear ? " (linear scaling)"
-                                                  : "",
-      c.rope_layout == RopeLayout::Interleaved ? "interleaved (GGUF)" : "split-half (HF)",
+      double(c.rms_eps), double(c.rope.theta), rope_note,
+      c.rope.freq_factors.empty() ? "" : " (per-frequency factors from rope_freqs.weight)",
+      c.rope_layout == RopeLayout::Interleaved ? "interleaved (llama GGUF)" : "split-half (HF, qwen2 GGUF)",
       c.tie_embeddings ? "yes" : "no", c.attention_bias ? "yes" : "no", c.max_positions);
   std::printf("parameters  %.1fM\n", double(c.n_params()) / 1e6);
   if (m.format == io::ModelFormat::Gguf) {

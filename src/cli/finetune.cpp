@@ -396,6 +396,12 @@ int run_finetune(const FinetuneOptions& given) {
   to.seq_len = size_t(o.seq_len);
   to.train_on_all = o.train_on == "all";
   to.skip_bad_lines = o.skip_bad_lines;
+  TF_CHECK(cfg.rope.scaling != RopeScalingType::Dynamic || o.seq_len <= cfg.rope.original_max_positions,
+           "--seq-len ", o.seq_len, " is above the model's max_position_embeddings ",
+           cfg.rope.original_max_positions,
+           ": past it, its dynamic (NTK) rope scaling changes the frequencies with the sequence length, "
+           "which tightfit does not run; use --seq-len ",
+           cfg.rope.original_max_positions, " or less");
   TF_CHECK(cfg.attention_dropout == 0.0f, o.model, ": the model's config sets attention_dropout ",
            cfg.attention_dropout,
            "; tightfit trains without dropout on the attention probabilities (set it to 0 "

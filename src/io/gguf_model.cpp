@@ -22,15 +22,65 @@ float positive_float(const GgufFile& f, const std::string& key) {
   return float(v);
 }
 
+float float_or(const GgufFile& f, const std::string& key, float fallback) {
+  return f.has(key) ? float(f.get_float(key)) : fallback;
+}
+
+// `<arch>.rope.scaling.*`: none, linear and yarn, every key read or refused by name (llama.cpp
+// reads more of them than HF's yarn has, and a key ignored here would change the frequencies).
+void read_rope_scaling(const GgufFile& f, const std::string& p, RopeParams& rope) {
+  const std::string prefix = p + "rope.scaling.";
+  const std::string type = f.has(prefix + "type") ? std::string(f.get_string(prefix + "type")) : "none";
+  for (const auto& [key, value] : f.metadata()) {
+    if (key.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string field = key.substr(prefix.size());
+    // "finetuned" records how the model was trained, not how it rotates.
+    if (field == "type" || field == "finetuned") continue;
+    if (field == "factor" && type != "none") continue;
+    if (type == "yarn" &&
+        (field == "original_context_length" || field == "yarn_beta_fast" || field == "yarn_beta_slow"))
+      continue;
+    // Neutral values of llama.cpp's yarn knobs, which HF's yarn has no spelling for.
+    const bool neutral = (field == "yarn_ext_factor" || field == "yarn_attn_factor" ||
+                          field == "attn_factor" || field == "factor")
+                             ? f.get_float(key) == 1.0
+                         : field == "yarn_log_multiplier" ? f.get_float(key) == 0.0
+                                                          : false;
+    if (neutral) continue;
+    TF_FAIL(f.path(), ": metadata key '", key, "' is not supported with rope scaling type '", type,
+            "' (tightfit would rotate with other frequencies than llama.cpp)");
+  }
+  if (type == "linear") {
+    rope.scaling = RopeScalingType::Linear;
+    rope.factor = positive_float(f, prefix + "factor");
+  } else if (type == "yarn") {
+    rope.scaling = RopeScalingType::Yarn;
+    rope.factor = positive_float(f, prefix + "factor");
+    rope.original_max_positions = positive_int(f, prefix + "original_context_length");
+    rope.beta_fast = float_or(f, prefix + "yarn_beta_fast", 32.0f);
+    rope.beta_slow = float_or(f, prefix + "yarn_beta_slow", 1.0f);
+    if (!(rope.beta_fast > 0) || !(rope.beta_slow > 0))
+      TF_FAIL(f.path(), ": ", prefix, "yarn_beta_fast and yarn_beta_slow must be positive, got ",
+              rope.beta_fast, " and ", rope.beta_slow);
+  } else if (type == "none" && f.has(p + "rope.scale_linear")) {
+    // Older files spell linear scaling as a bare factor.
+    rope.factor = positive_float(f, p + "rope.scale_linear");
+    rope.scaling = rope.factor == 1.0f ? RopeScalingType::None : RopeScalingType::Linear;
+  } else if (type != "none") {
+    TF_FAIL(f.path(), ": rope scaling type '", type, "' is not supported (none, linear or yarn)");
+  }
+}
+
 }  // namespace
 
 LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   const std::string_view arch = f.get_string("general.architecture");
-  if (arch != "llama")
-    TF_FAIL(f.path(), ": general.architecture is '", arch, "'; only 'llama' GGUF models are supported");
-  const std::string p = "llama.";
+  if (arch != "llama" && arch != "qwen2")
+    TF_FAIL(f.path(), ": general.architecture is '", arch,
+            "'; tightfit runs 'llama' and 'qwen2' GGUF models only");
+  const std::string p = std::string(arch) + ".";
   LlamaConfig c;
-  c.architecture = "llama";
+  c.architecture = std::string(arch);
   c.hidden = positive_int(f, p + "embedding_length");
   c.intermediate = positive_int(f, p + "feed_forward_length");
   c.n_layers = positive_int(f, p + "block_count");
@@ -64,24 +114,19 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   c.rope.head_dim =
       f.has(p + "rope.dimension_count") ? positive_int(f, p + "rope.dimension_count") : c.head_dim;
   c.rope.theta = f.has(p + "rope.freq_base") ? positive_float(f, p + "rope.freq_base") : 10000.0f;
-  const std::string scaling_type = f.has(p + "rope.scaling.type")
-                                       ? std::string(f.get_string(p + "rope.scaling.type"))
-                                       : std::string("none");
-  if (scaling_type == "linear") {
-    c.rope.scaling = RopeScalingType::Linear;
-    c.rope.factor = positive_float(f, p + "rope.scaling.factor");
-  } else if (scaling_type == "none" && f.has(p + "rope.scale_linear")) {
-    // Older files spell linear scaling as a bare factor.
-    c.rope.factor = positive_float(f, p + "rope.scale_linear");
-    c.rope.scaling = c.rope.factor == 1.0f ? RopeScalingType::None : RopeScalingType::Linear;
-  } else if (scaling_type != "none") {
-    TF_FAIL(f.path(), ": rope scaling type '", scaling_type, "' is not supported (none or linear)");
+  read_rope_scaling(f, p, c.rope);
+  // Llama 3.1-style scaling is stored as precomputed per-frequency divisors.
+  if (const GgufTensorInfo* freqs = f.find_tensor("rope_freqs.weight")) {
+    if (freqs->type != GgmlType::F32 || freqs->n_elements != c.rope.head_dim / 2)
+      TF_FAIL(f.path(), ": rope_freqs.weight must hold ", c.rope.head_dim / 2,
+              " f32 factors (head_dim / 2), got ", freqs->n_elements, " of ",
+              ggml_type_info(uint32_t(freqs->type)).name);
+    const auto* factors = reinterpret_cast<const float*>(freqs->data);
+    c.rope.freq_factors.assign(factors, factors + freqs->n_elements);
   }
-  // Llama 3.1-style scaling is stored as precomputed per-frequency factors, not as the parameters
-  // tightfit's rope takes; refusing is better than silently rotating with the wrong frequencies.
-  if (f.find_tensor("rope_freqs.weight"))
-    TF_FAIL(f.path(), ": rope_freqs.weight (per-frequency rope factors, Llama 3.1 style) is not supported");
-  c.rope_layout = RopeLayout::Interleaved;
+  // llama.cpp's converter permutes q/k rows for the interleaved rotation of its llama
+  // architecture; qwen2 keeps HF's rows and rotates split halves (llama.cpp's NEOX rope).
+  c.rope_layout = arch == "llama" ? RopeLayout::Interleaved : RopeLayout::SplitHalf;
 
   const GgufTensorInfo& embd = f.tensor("token_embd.weight");
   if (embd.n_dims != 2 || embd.ne[0] != c.hidden)
@@ -101,7 +146,8 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     TF_FAIL(f.path(), ": token_embd.weight has ", embd.ne[1], " rows but the vocabulary has ", c.vocab,
             " tokens");
   c.tie_embeddings = f.find_tensor("output.weight") == nullptr;
-  c.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  // Every qwen2 block has q/k/v biases: a file without them is broken, not a model without.
+  c.attention_bias = arch == "qwen2" || f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.validate(f.path());
   return c;
 }
@@ -118,6 +164,9 @@ constexpr RoleName kRoleNames[] = {
     {GgufLlamaRole::AttnQ, "attn_q.weight", true},
     {GgufLlamaRole::AttnK, "attn_k.weight", true},
     {GgufLlamaRole::AttnV, "attn_v.weight", true},
+    {GgufLlamaRole::AttnQBias, "attn_q.bias", true},
+    {GgufLlamaRole::AttnKBias, "attn_k.bias", true},
+    {GgufLlamaRole::AttnVBias, "attn_v.bias", true},
     {GgufLlamaRole::AttnOutput, "attn_output.weight", true},
     {GgufLlamaRole::FfnNorm, "ffn_norm.weight", true},
     {GgufLlamaRole::FfnGate, "ffn_gate.weight", true},

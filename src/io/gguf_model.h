@@ -1,4 +1,4 @@
-// defines: tf::io::llama_config_from_gguf (llama-architecture GGUF metadata -> tf::LlamaConfig),
+// defines: tf::io::llama_config_from_gguf (llama / qwen2 GGUF metadata -> tf::LlamaConfig),
 //          tf::io::GgufLlamaTensor and the GGUF tensor-name mapping (blk.N.attn_q.weight, ...)
 #pragma once
 
@@ -11,10 +11,12 @@
 
 namespace tf::io {
 
-// Reads the `llama.*` hyper-parameters (general.architecture must be "llama"; Mistral, SmolLM and
-// TinyLlama files use it too) and checks them against the token embedding's shape. GGUF stores
-// q/k rows permuted for the interleaved rotation, so rope_layout is Interleaved; a file without
-// output.weight ties the lm_head to the embedding. Throws tf::Error naming the file and key.
+// Reads the `<arch>.*` hyper-parameters (general.architecture "llama", which Mistral, SmolLM and
+// TinyLlama files use too, or "qwen2", with q/k/v biases) and checks them against the token
+// embedding's shape. llama files store q/k rows permuted for the interleaved rotation, so their
+// rope_layout is Interleaved; qwen2 files keep HF's rows (SplitHalf). rope_freqs.weight (Llama 3.1+)
+// becomes rope.freq_factors; a file without output.weight ties the lm_head to the embedding. Throws
+// tf::Error naming the file and key.
 LlamaConfig llama_config_from_gguf(const GgufFile& f);
 
 // What a Llama-architecture GGUF tensor is.
@@ -24,6 +26,9 @@ enum class GgufLlamaRole : uint8_t {
   AttnQ,       // blk.N.attn_q.weight          [q_dim, hidden]  (rows permuted for interleaved rope)
   AttnK,       // blk.N.attn_k.weight          [kv_dim, hidden] (rows permuted for interleaved rope)
   AttnV,       // blk.N.attn_v.weight          [kv_dim, hidden]
+  AttnQBias,   // blk.N.attn_q.bias            [q_dim]  (qwen2)
+  AttnKBias,   // blk.N.attn_k.bias            [kv_dim]
+  AttnVBias,   // blk.N.attn_v.bias            [kv_dim]
   AttnOutput,  // blk.N.attn_output.weight     [hidden, q_dim]
   FfnNorm,     // blk.N.ffn_norm.weight        [hidden]
   FfnGate,     // blk.N.ffn_gate.weight        [intermediate, hidden]

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "src/core/error.h"
@@ -49,7 +51,16 @@ bool get_bool(const json& j, const char* key, const std::string& source, bool fa
   return v->get<bool>();
 }
 
-void parse_rope_scaling(const json& r, const std::string& source, RopeParams& rope) {
+// Fields of a rope scaling object that do not change the frequencies: its type and (in
+// rope_parameters) the base theta, read by the caller.
+bool is_rope_identity_field(const std::string& key) {
+  return key == "rope_type" || key == "type" || key == "rope_theta";
+}
+
+// Reads HF's rope_scaling / rope_parameters. Every field is either read or refused by name: one
+// tightfit ignored would rotate with frequencies other than the ones the model was trained with.
+void parse_rope_scaling(const json& r, const json& config, const std::string& source, int max_positions,
+                        RopeParams& rope) {
   TF_CHECK(r.is_object(), source, ": rope scaling must be an object, got ", r.dump());
   std::string type = "default";
   for (const char* key : {"rope_type", "type"}) {
@@ -59,22 +70,66 @@ void parse_rope_scaling(const json& r, const std::string& source, RopeParams& ro
       break;
     }
   }
-  if (type == "default") return;
   const std::string where = source + " rope scaling";
+  TF_CHECK(type != "longrope" && type != "su", where, ": rope type \"", type,
+           "\" (Phi-3's per-frequency long and short factors) is not supported");
+  static const std::map<std::string, std::set<std::string>> kFields = {
+      {"default", {}},
+      {"linear", {"factor"}},
+      // transformers' dynamic NTK reads max_position_embeddings, not this field.
+      {"dynamic", {"factor", "original_max_position_embeddings"}},
+      {"llama3", {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}},
+      {"yarn",
+       {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+        "mscale_all_dim", "truncate"}},
+  };
+  const auto known = kFields.find(type);
+  TF_CHECK(known != kFields.end(), where, ": rope type \"", type,
+           "\" is not supported (supported: default, linear, dynamic, llama3, yarn)");
+  for (const auto& [key, value] : r.items()) {
+    if (is_rope_identity_field(key) || known->second.count(key) || value.is_null()) continue;
+    if (key == "partial_rotary_factor" && value.is_number() && value.get<double>() == 1.0) continue;
+    TF_FAIL(where, ": field \"", key, "\" of rope type \"", type, "\" is not supported (",
+            key == "partial_rotary_factor" ? "partial rotary embeddings"
+                                           : "tightfit would rotate with other frequencies than the model's",
+            ")");
+  }
+  if (type == "default") return;
+  // HF's standardize_rope_params: the pretraining length is the config's own field, else its
+  // max_position_embeddings.
+  const int original_default = get_int(config, "original_max_position_embeddings", source, max_positions);
   rope.factor = get_float(r, "factor", where, 1.0f);
   TF_CHECK(rope.factor > 0, where, ": factor must be positive, got ", rope.factor);
   if (type == "linear") {
     rope.scaling = RopeScalingType::Linear;
+  } else if (type == "dynamic") {
+    rope.scaling = RopeScalingType::Dynamic;
+    rope.original_max_positions = max_positions;
   } else if (type == "llama3") {
     rope.scaling = RopeScalingType::Llama3;
     rope.low_freq_factor = get_float(r, "low_freq_factor", where, 1.0f);
     rope.high_freq_factor = get_float(r, "high_freq_factor", where, 4.0f);
-    rope.original_max_positions = get_int(r, "original_max_position_embeddings", where, 8192);
+    rope.original_max_positions = get_int(r, "original_max_position_embeddings", where, original_default);
     TF_CHECK(rope.high_freq_factor > rope.low_freq_factor && rope.low_freq_factor > 0, where,
              ": need 0 < low_freq_factor < high_freq_factor");
     TF_CHECK(rope.original_max_positions > 0, where, ": original_max_position_embeddings must be positive");
   } else {
-    TF_FAIL(where, ": rope type \"", type, "\" is not supported (supported: default, linear, llama3)");
+    rope.scaling = RopeScalingType::Yarn;
+    rope.original_max_positions = get_int(r, "original_max_position_embeddings", where, original_default);
+    TF_CHECK(rope.original_max_positions > 0, where, ": original_max_position_embeddings must be positive");
+    if (!find_key(r, "factor")) rope.factor = float(double(max_positions) / rope.original_max_positions);
+    rope.attention_factor = get_float(r, "attention_factor", where, 0.0f);
+    rope.mscale = get_float(r, "mscale", where, 0.0f);
+    rope.mscale_all_dim = get_float(r, "mscale_all_dim", where, 0.0f);
+    // HF reads `beta_fast or 32`: a zero means the default too.
+    rope.beta_fast = get_float(r, "beta_fast", where, 0.0f);
+    rope.beta_slow = get_float(r, "beta_slow", where, 0.0f);
+    if (rope.beta_fast == 0.0f) rope.beta_fast = 32.0f;
+    if (rope.beta_slow == 0.0f) rope.beta_slow = 1.0f;
+    rope.truncate = get_bool(r, "truncate", where, true);
+    TF_CHECK(rope.attention_factor >= 0, where, ": attention_factor must be positive, got ",
+             rope.attention_factor);
+    TF_CHECK(rope.beta_fast > 0 && rope.beta_slow > 0, where, ": beta_fast and beta_slow must be positive");
   }
 }
 
@@ -172,10 +227,13 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   c.rope.theta = get_float(j, "rope_theta", source, 10000.0f);
   if (const json* rp = find_key(j, "rope_parameters")) {
     c.rope.theta = get_float(*rp, "rope_theta", source + " rope_parameters", c.rope.theta);
-    parse_rope_scaling(*rp, source + " rope_parameters", c.rope);
+    parse_rope_scaling(*rp, j, source + " rope_parameters", c.max_positions, c.rope);
   } else if (const json* rs = find_key(j, "rope_scaling")) {
-    parse_rope_scaling(*rs, source, c.rope);
+    parse_rope_scaling(*rs, j, source, c.max_positions, c.rope);
   }
+  if (const json* prf = find_key(j, "partial_rotary_factor"))
+    TF_CHECK(prf->is_number() && prf->get<double>() == 1.0, source, ": partial_rotary_factor ", prf->dump(),
+             " is not supported (partial rotary embeddings)");
   c.rope_layout = RopeLayout::SplitHalf;
   c.validate(source);
   return c;

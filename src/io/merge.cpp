@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -170,6 +171,35 @@ const char* torch_dtype_name(DType t) {
   }
 }
 
+// The llama3 rope scaling whose frequencies a GGUF's per-frequency divisors (rope_freqs.weight)
+// give, as llama.cpp's converter derives them: an HF config spells rope scaling by parameters,
+// never by the divisors. Llama 3.1-3.3 use low_freq_factor 1 and high_freq_factor 4, the factor is
+// the largest divisor; the original context length is searched among powers of two.
+RopeParams llama3_of_freq_factors(const RopeParams& rope) {
+  TF_CHECK(rope.scaling == RopeScalingType::None, "config.json for the merged model: the base has both rope ",
+           rope_scaling_name(rope.scaling), " scaling and rope_freqs.weight, which HF cannot describe");
+  const size_t half = rope.freq_factors.size();
+  std::vector<float> want(half), got(half);
+  rope_inv_freq(rope, want.data());
+  RopeParams p = rope;
+  p.freq_factors.clear();
+  p.scaling = RopeScalingType::Llama3;
+  p.factor = *std::max_element(rope.freq_factors.begin(), rope.freq_factors.end());
+  p.low_freq_factor = 1.0f;
+  p.high_freq_factor = 4.0f;
+  for (int len = 16; len <= (1 << 24); len *= 2) {
+    p.original_max_positions = len;
+    rope_inv_freq(p, got.data());
+    bool same = true;
+    // The converter computes the divisors in double from float32 frequencies: a few ulps apart.
+    for (size_t i = 0; i < half && same; ++i) same = std::abs(got[i] - want[i]) <= 1e-5f * want[i];
+    if (same) return p;
+  }
+  TF_FAIL("config.json for the merged model: the base's rope_freqs.weight is not llama3 rope scaling with ",
+          "low_freq_factor 1 and high_freq_factor 4, so no HF rope_scaling describes it; export the merge as "
+          "GGUF (--format merged --out FILE.gguf)");
+}
+
 }  // namespace
 
 void merge_lora_delta(float* w, const LoraAdapter& a, float scale) {
@@ -217,18 +247,33 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
   }
   j["mlp_bias"] = false;
   j["rope_theta"] = cfg.rope.theta;
-  switch (cfg.rope.scaling) {
+  const RopeParams rope = cfg.rope.freq_factors.empty() ? cfg.rope : llama3_of_freq_factors(cfg.rope);
+  switch (rope.scaling) {
     case RopeScalingType::None: j["rope_scaling"] = nullptr; break;
     case RopeScalingType::Linear:
-      j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", cfg.rope.factor}};
+    case RopeScalingType::Dynamic:
+      j["rope_scaling"] = {{"rope_type", rope_scaling_name(rope.scaling)}, {"factor", rope.factor}};
       break;
     case RopeScalingType::Llama3:
       j["rope_scaling"] = {{"rope_type", "llama3"},
-                           {"factor", cfg.rope.factor},
-                           {"low_freq_factor", cfg.rope.low_freq_factor},
-                           {"high_freq_factor", cfg.rope.high_freq_factor},
-                           {"original_max_position_embeddings", cfg.rope.original_max_positions}};
+                           {"factor", rope.factor},
+                           {"low_freq_factor", rope.low_freq_factor},
+                           {"high_freq_factor", rope.high_freq_factor},
+                           {"original_max_position_embeddings", rope.original_max_positions}};
       break;
+    case RopeScalingType::Yarn: {
+      ordered_json y = {{"rope_type", "yarn"},
+                        {"factor", rope.factor},
+                        {"original_max_position_embeddings", rope.original_max_positions},
+                        {"beta_fast", rope.beta_fast},
+                        {"beta_slow", rope.beta_slow},
+                        {"truncate", rope.truncate}};
+      if (rope.attention_factor > 0) y["attention_factor"] = rope.attention_factor;
+      if (rope.mscale != 0) y["mscale"] = rope.mscale;
+      if (rope.mscale_all_dim != 0) y["mscale_all_dim"] = rope.mscale_all_dim;
+      j["rope_scaling"] = y;
+      break;
+    }
   }
   j["torch_dtype"] = torch_dtype_name(torch_dtype);
   return j;

@@ -21,7 +21,7 @@ GgufLlamaTensor gguf_tensor_of(WeightSlot slot, int layer) {
       const bool global = !is_layer_slot(slot);
       return {GgufLlamaRole(r), global ? -1 : layer};
     }
-  TF_FAIL("weight ", hf_weight_name(slot, layer), " has no GGUF tensor (biases are not in llama GGUF files)");
+  TF_FAIL("weight ", hf_weight_name(slot, layer), " has no GGUF tensor");
 }
 
 LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg, QuantMode quant) {
@@ -111,6 +111,9 @@ WeightSlot weight_slot_of(GgufLlamaRole role) {
     case GgufLlamaRole::AttnQ: return WeightSlot::Q;
     case GgufLlamaRole::AttnK: return WeightSlot::K;
     case GgufLlamaRole::AttnV: return WeightSlot::V;
+    case GgufLlamaRole::AttnQBias: return WeightSlot::QBias;
+    case GgufLlamaRole::AttnKBias: return WeightSlot::KBias;
+    case GgufLlamaRole::AttnVBias: return WeightSlot::VBias;
     case GgufLlamaRole::AttnOutput: return WeightSlot::O;
     case GgufLlamaRole::FfnNorm: return WeightSlot::MlpNorm;
     case GgufLlamaRole::FfnGate: return WeightSlot::Gate;

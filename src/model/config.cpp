@@ -39,6 +39,11 @@ void LlamaConfig::validate(const std::string& source) const {
            ": dimensions are implausibly large");
 }
 
+float LlamaConfig::attention_scale() const {
+  const double m = rope_attention_factor(rope);
+  return float(m * m / std::sqrt(double(head_dim)));
+}
+
 int64_t LlamaConfig::n_params() const {
   const int64_t h = hidden, attn = h * q_dim() * 2 + h * kv_dim() * 2;
   const int64_t mlp = 3 * h * intermediate;

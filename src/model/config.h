@@ -38,6 +38,9 @@ struct LlamaConfig {
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }
+  // The attention scores' scale: 1/sqrt(head_dim), times the square of the rotary attention factor
+  // (yarn's), which HF multiplies into both q's and k's cos and sin.
+  float attention_scale() const;
   // Layer l's attention window (AttentionShape::window): 0 for full causal attention.
   int window(int layer) const {
     return sliding_window > 0 && (sliding_layers.empty() || sliding_layers[size_t(layer)]) ? sliding_window

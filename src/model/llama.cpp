@@ -208,6 +208,15 @@ void LlamaModel::check_batch(const Batch& b) const {
   TF_CHECK(b.tokens && b.positions, "batch is missing tokens or positions");
   for (int64_t i = 0; i < b.n_tokens(); ++i)
     TF_CHECK(b.positions[i] >= 0, "position ", b.positions[i], " of token ", i, " is negative");
+  // transformers rescales dynamic rope's frequencies per batch once a position reaches the limit,
+  // and the keys already cached keep the old ones; tightfit keeps to the range where they are fixed.
+  const RopeParams& rope = weights_.config.rope;
+  if (rope.scaling == RopeScalingType::Dynamic)
+    for (int64_t i = 0; i < b.n_tokens(); ++i)
+      TF_CHECK(b.positions[i] < rope.original_max_positions, "position ", b.positions[i],
+               " is past the model's max_position_embeddings ", rope.original_max_positions,
+               ", where its dynamic rope scaling would change the frequencies: tightfit does not ",
+               "run dynamic (NTK) rope there; use at most ", rope.original_max_positions, " tokens");
 }
 
 Batch LlamaModel::stage(const Batch& b) {
@@ -288,7 +297,7 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
   projection(a.v, a.h1, w.v, bias ? &w.v_bias : nullptr, l, LoraTarget::V, a, training, step, n);
   be_->rope_forward(a.q, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
   be_->rope_forward(a.k, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
-  const float scale = 1.0f / std::sqrt(float(c.head_dim));
+  const float scale = c.attention_scale();
   if (cache) {
     const int64_t kv = c.kv_dim();
     float* k_layer = cache->k.as<float>() + int64_t(l) * cache->capacity * kv;
@@ -332,8 +341,8 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   be_->fill(d_q_, 0.0f, n * c.q_dim());
   be_->fill(d_k_, 0.0f, n * c.kv_dim());
   be_->fill(d_v_, 0.0f, n * c.kv_dim());
-  const AttentionShape shape{
-      b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim)), c.window(l)};
+  const AttentionShape shape{b.batch,    b.seq, c.n_heads, c.n_kv_heads, c.head_dim, c.attention_scale(),
+                             c.window(l)};
   be_->attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
   be_->rope_backward(d_q_, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
   be_->rope_backward(d_k_, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);

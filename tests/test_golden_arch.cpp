@@ -1,0 +1,221 @@
+// defines: golden tests of Qwen2 and of every rope scaling type against transformers + PEFT, each
+// model in both of its forms: the HF directory and the GGUF llama.cpp's convert_hf_to_gguf.py
+// wrote of it (tools/make_arch_golden.py, tests/fixtures/arch_golden/). Logits, loss and every LoRA
+// gradient must be the float64 reference's within the bounds of tests/test_golden.cpp.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "op_test_util.h"
+#include "src/io/gguf.h"
+#include "src/io/gguf_lora.h"
+#include "src/io/hf_model.h"
+#include "src/io/merge.h"
+#include "src/io/model_loader.h"
+#include "src/model/llama.h"
+
+using namespace tf;
+
+namespace {
+
+const std::string kDir = std::string(TIGHTFIT_FIXTURES) + "/arch_golden/";
+
+struct Expected {
+  std::shared_ptr<const io::SafetensorsModel> file;
+  LoraConfig lora;
+  int batch = 0, seq = 0;
+  int64_t n_targets = 0;
+};
+
+Expected load_expected(const std::string& name) {
+  Expected e;
+  e.file = std::make_shared<const io::SafetensorsModel>(io::SafetensorsModel::open(kDir + name));
+  const auto& meta = e.file->shards().at(0).metadata();
+  e.lora.rank = std::stoi(meta.at("lora_r"));
+  e.lora.alpha = std::stof(meta.at("lora_alpha"));
+  e.lora.targets = parse_lora_targets(meta.at("lora_targets"));
+  e.n_targets = std::stoi(meta.at("n_targets"));
+  const io::SafetensorsTensor& ids = e.file->get("input_ids");
+  e.batch = int(ids.shape[0]);
+  e.seq = int(ids.shape[1]);
+  return e;
+}
+
+const float* f32(const Expected& e, const std::string& name) {
+  return static_cast<const float*>(e.file->view(name).data);
+}
+
+std::string lora_name(int layer, LoraTarget t, const char* which) {
+  const bool attn = t == LoraTarget::Q || t == LoraTarget::K || t == LoraTarget::V || t == LoraTarget::O;
+  return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + lora_target_name(t) +
+         ".lora_" + which + ".weight";
+}
+
+// The reference's q/k rows are HF's; a model whose stored rows are permuted for the interleaved
+// rotation (a llama GGUF) needs B's rows, and gives dB's, in that order.
+bool permuted_rows(const LlamaConfig& c, LoraTarget t) {
+  return c.rope_layout == RopeLayout::Interleaved && (t == LoraTarget::Q || t == LoraTarget::K);
+}
+
+// Loads the reference adapter into `model` and checks logits, loss and gradients.
+void check(LlamaModel& model, const Expected& e, const std::string& what) {
+  const LlamaConfig& c = model.config();
+  LoraState& lora = model.lora();
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int t = 0; t < kLoraTargetCount; ++t) {
+      LoraAdapter& a = lora.at(l, LoraTarget(t));
+      std::copy_n(f32(e, lora_name(l, LoraTarget(t), "A")), int64_t(a.rank) * a.in, a.A);
+      const float* b = f32(e, lora_name(l, LoraTarget(t), "B"));
+      if (permuted_rows(c, LoraTarget(t)))
+        io::permute_qk_rows(a.B, b, a.out, a.rank, c.head_dim, true);
+      else
+        std::copy_n(b, int64_t(a.rank) * a.out, a.B);
+    }
+  const auto* tokens = static_cast<const int32_t*>(e.file->view("input_ids").data);
+  const auto* labels = static_cast<const int32_t*>(e.file->view("labels").data);
+  std::vector<int32_t> targets, positions;
+  for (int b = 0; b < e.batch; ++b)
+    for (int t = 0; t < e.seq; ++t) {
+      targets.push_back(t + 1 < e.seq ? labels[b * e.seq + t + 1] : kIgnoreIndex);  // HF shifts labels
+      positions.push_back(t);
+    }
+  const Batch batch{e.batch, e.seq, tokens, targets.data(), positions.data(), nullptr};
+
+  // As tests/test_golden.cpp: the reference is float64 rounded to f32, ours f32 throughout (HF's
+  // own f32 run is ~5e-7 from float64 on logits, ~1e-6 on gradients), so 1e-5 and 1e-4 leave a 10x
+  // margin, while a dropped bias, a wrong frequency or a missing attention factor moves the
+  // logits by 1e-1 or more (the script measures each: 2.8, 0.13, 0.21).
+  const size_t n_logits = size_t(e.batch) * e.seq * size_t(c.vocab);
+  std::vector<float> logits(n_logits);
+  model.forward_logits(batch, logits.data());
+  EXPECT_LT(test::rel_norm_error(logits.data(), f32(e, "logits"), n_logits), 1e-5) << what;
+
+  lora.zero_grads();
+  const LossSum loss = model.forward_backward(batch, 1.0f / float(e.n_targets), 0);
+  ASSERT_EQ(loss.n_valid, e.n_targets) << what;
+  const double want = f32(e, "loss")[0];
+  EXPECT_LT(std::abs(loss.mean() - want) / want, 1e-5) << what << " loss " << loss.mean() << " vs " << want;
+
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int t = 0; t < kLoraTargetCount; ++t) {
+      const LoraAdapter& a = lora.at(l, LoraTarget(t));
+      const std::string na = lora_name(l, LoraTarget(t), "A"), nb = lora_name(l, LoraTarget(t), "B");
+      std::vector<float> db(a.dB, a.dB + size_t(a.rank) * a.out);
+      if (permuted_rows(c, LoraTarget(t)))
+        io::permute_qk_rows(db.data(), a.dB, a.out, a.rank, c.head_dim, false);
+      EXPECT_LT(test::rel_norm_error(a.dA, f32(e, na + ".grad"), size_t(a.rank) * a.in), 1e-4)
+          << what << " " << na;
+      EXPECT_LT(test::rel_norm_error(db.data(), f32(e, nb + ".grad"), db.size()), 1e-4) << what << " " << nb;
+    }
+}
+
+// An HF directory with one of its config variants (config.json, config_yarn.json, ...).
+LlamaWeights hf_weights(const std::string& dir, const std::string& config) {
+  auto file = std::make_shared<const io::SafetensorsModel>(io::SafetensorsModel::open(kDir + dir));
+  return io::weights_from_safetensors(file, io::read_hf_config(kDir + dir + "/" + config));
+}
+
+LlamaWeights gguf_weights(const std::string& name) {
+  return io::load_model(kDir + name, true, io::QuantMode::Keep).weights;
+}
+
+void golden(LlamaWeights w, const std::string& expected, const std::string& what,
+            CheckpointPolicy policy = CheckpointPolicy::None) {
+  const Expected e = load_expected(expected);
+  LlamaModel model(std::move(w), e.lora, policy, int64_t(e.batch) * e.seq);
+  check(model, e, what);
+}
+
+}  // namespace
+
+TEST(GoldenArch, Qwen2HfDirectory) {
+  const LlamaWeights w = hf_weights("qwen2", "config.json");
+  EXPECT_EQ(w.config.n_heads, 3 * w.config.n_kv_heads);
+  EXPECT_NE(w.config.head_dim, w.config.hidden / w.config.n_heads);
+  golden(hf_weights("qwen2", "config.json"), "qwen2_expected.safetensors", "qwen2 HF");
+}
+
+TEST(GoldenArch, Qwen2Gguf) {
+  const io::LoadedModel m = io::load_model(kDir + "qwen2.gguf", true, io::QuantMode::Keep);
+  EXPECT_EQ(m.weights.config.architecture, "qwen2");
+  EXPECT_TRUE(m.weights.config.attention_bias);
+  EXPECT_FALSE(m.weights.config.tie_embeddings);
+  EXPECT_EQ(m.weights.config.rope_layout, RopeLayout::SplitHalf);  // the converter keeps HF's q/k rows
+  ASSERT_NE(m.tokenizer, nullptr);
+  golden(gguf_weights("qwen2.gguf"), "qwen2_expected.safetensors", "qwen2 GGUF");
+  golden(gguf_weights("qwen2.gguf"), "qwen2_expected.safetensors", "qwen2 GGUF per-block checkpointing",
+         CheckpointPolicy::PerBlock);
+}
+
+TEST(GoldenArch, Qwen2TiedPaddedVocabulary) {
+  const io::LoadedModel m = io::load_model(kDir + "qwen2_tied.gguf", true, io::QuantMode::Keep);
+  EXPECT_TRUE(m.weights.config.tie_embeddings);
+  EXPECT_EQ(m.weights.config.vocab, 320);
+  ASSERT_NE(m.tokenizer, nullptr);
+  golden(hf_weights("qwen2_tied", "config.json"), "qwen2_tied_expected.safetensors", "qwen2 tied HF");
+  golden(gguf_weights("qwen2_tied.gguf"), "qwen2_tied_expected.safetensors", "qwen2 tied GGUF");
+}
+
+TEST(GoldenArch, LlamaDefaultRope) {
+  golden(hf_weights("llama", "config.json"), "llama_default_expected.safetensors", "llama default");
+}
+
+TEST(GoldenArch, Llama3RopeHfAndRopeFreqsGguf) {
+  golden(hf_weights("llama", "config_llama3.json"), "llama_llama3_expected.safetensors", "llama3 HF");
+  const LlamaWeights w = gguf_weights("llama_llama3.gguf");
+  EXPECT_EQ(w.config.rope.scaling, RopeScalingType::None);
+  EXPECT_EQ(w.config.rope.freq_factors.size(), size_t(w.config.head_dim / 2));
+  golden(gguf_weights("llama_llama3.gguf"), "llama_llama3_expected.safetensors", "llama3 GGUF rope_freqs");
+}
+
+TEST(GoldenArch, YarnRopeHfAndGguf) {
+  golden(hf_weights("llama", "config_yarn.json"), "llama_yarn_expected.safetensors", "yarn HF");
+  const LlamaWeights w = gguf_weights("llama_yarn.gguf");
+  EXPECT_EQ(w.config.rope.scaling, RopeScalingType::Yarn);
+  golden(gguf_weights("llama_yarn.gguf"), "llama_yarn_expected.safetensors", "yarn GGUF");
+}
+
+TEST(GoldenArch, LinearRope) {
+  golden(hf_weights("llama", "config_linear.json"), "llama_linear_expected.safetensors", "linear HF");
+}
+
+TEST(GoldenArch, DynamicRopeWithinItsLengthIsDefault) {
+  // transformers' dynamic NTK keeps the default frequencies up to max_position_embeddings (16 here,
+  // the batch's length); the script asserts its logits equal the default rope's.
+  golden(hf_weights("llama", "config_dynamic.json"), "llama_default_expected.safetensors", "dynamic HF");
+}
+
+TEST(GoldenArch, DynamicRopeRefusesPositionsPastItsLength) {
+  LlamaModel model(hf_weights("llama", "config_dynamic.json"), LoraConfig{}, CheckpointPolicy::None, 17);
+  std::vector<int32_t> tokens(17, 3), positions(17);
+  for (int i = 0; i < 17; ++i) positions[size_t(i)] = i;
+  std::vector<float> logits(size_t(17) * size_t(model.config().vocab));
+  const Batch b{1, 17, tokens.data(), nullptr, positions.data(), nullptr};
+  try {
+    model.forward_logits(b, logits.data());
+    FAIL() << "position 16 of a dynamic rope model with max_position_embeddings 16 ran";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("dynamic (NTK) rope"), std::string::npos) << err.what();
+  }
+}
+
+TEST(GoldenArch, YarnDecodeWithKvCacheMatchesReference) {
+  // The KV-cache decode must scale scores by the attention factor too: each decoded token's logits
+  // equal the reference's at its position (the adapter loaded, row 0 of the batch).
+  const Expected e = load_expected("llama_yarn_expected.safetensors");
+  LlamaModel model(gguf_weights("llama_yarn.gguf"), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
+  check(model, e, "yarn GGUF before decoding");
+  const LlamaConfig& c = model.config();
+  KvCache cache = model.make_kv_cache(e.seq);
+  const auto* tokens = static_cast<const int32_t*>(e.file->view("input_ids").data);
+  std::vector<float> logits(size_t(c.vocab));
+  for (int t = 0; t < e.seq; ++t) {
+    model.decode(cache, tokens + t, 1, logits.data());
+    EXPECT_LT(test::rel_norm_error(logits.data(), f32(e, "logits") + size_t(t) * c.vocab, size_t(c.vocab)),
+              1e-5)
+        << "decoded position " << t;
+  }
+}

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Writes the golden fixtures of tests/test_golden_arch.cpp: tiny random Qwen2 and Llama models
+built with transformers, each as an HF directory and (where llama.cpp converts it) as a GGUF
+written by llama.cpp's own convert_hf_to_gguf.py, with the logits, loss and LoRA gradients
+transformers + PEFT compute for one batch. Run by hand, never by CI; no GPU, no network:
+
+    /work/venv/bin/python tools/make_arch_golden.py \
+        --llama-cpp /tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp
+
+(the llama.cpp sources ship in the llama-cpp-python source distribution on PyPI). It needs torch,
+transformers >= 5, peft, safetensors and tokenizers.
+
+Output under tests/fixtures/arch_golden/:
+    qwen2/                  Qwen2ForCausalLM: hidden 48, 6 heads over 2 kv heads (GQA ratio 3),
+                            head_dim 16 (not hidden / heads = 8), untied, vocab = the tokenizer's
+    qwen2.gguf              convert_hf_to_gguf.py --outtype bf16 of qwen2/
+    qwen2_tied/             Qwen2ForCausalLM: hidden 32, 4 heads over 2, tied embeddings, vocab 320
+                            padded past the tokenizer's (the converter fills the gap with [PADn])
+    qwen2_tied.gguf
+    llama/                  LlamaForCausalLM: hidden 32, 4 heads over 2, head_dim 16, untied; its
+                            config.json has default rope; config_<rope>.json beside it the same
+                            model with each rope scaling type (llama3, yarn, linear, dynamic)
+    llama_llama3.gguf       llama/ with config_llama3.json, converted: rope_freqs.weight
+    llama_yarn.gguf         llama/ with config_yarn.json, converted: rope.scaling.* keys
+    <name>_expected.safetensors, for qwen2, qwen2_tied and llama_<rope> for default, llama3, yarn
+    and linear (dynamic's equals default's, which the script asserts, so it has none of its own):
+        input_ids [2, 16] int32, labels [2, 16] int32 (-100 = ignored, first 5 of each row)
+        logits [2, 16, vocab] f32, loss [1] f32
+        <module>.lora_A.weight / lora_B.weight and their .grad (PEFT names without the
+        "base_model.model." prefix), r 4, alpha 8, on all seven projections
+        metadata: n_targets, lora_r, lora_alpha, lora_targets, seed, library versions
+The script asserts, and prints, how far the logits move without the q/k/v biases, without each
+rope scaling and without yarn's attention factor, so each fixture is known to discriminate.
+The weights are bf16 (norms, biases and embeddings too), drawn normal(0, 0.1) (norms 1 + 0.1 normal,
+biases 0.3 normal) from fixed seeds, and the bf16 GGUF holds the same values, so both forms of a
+model must give the same expected numbers. The reference runs in float64 from those values (HF
+computes the rotary tables in float32 even then) and is rounded to float32.
+
+RoPE scaling configs (theta 10000, head_dim 16, positions 0..15):
+    llama3   factor 8, low 1, high 4, original_max_position_embeddings 64 (a frequency in each branch)
+    yarn     factor 4, original_max_position_embeddings 512, beta_fast 32, beta_slow 1: the ramp runs
+             from dimension 0 to 4, so frequency 0 is kept, 1..3 blended (ramp 0.25, 0.5, 0.75) and
+             4..7 divided by 4; attention factor 0.1 ln 4 + 1 = 1.139 (so q.k scales by 1.297)
+    linear   factor 4
+    dynamic  factor 4, max_position_embeddings 16: within 16 positions transformers keeps the default
+             frequencies, so its expected equals llama_default's
+"""
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import peft
+import safetensors.torch
+import tokenizers
+import torch
+import transformers
+
+SEED = 4242
+BATCH, SEQ, MASKED_PREFIX = 2, 16, 5
+LORA_R, LORA_ALPHA = 4, 8
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOKENIZER_VOCAB = 300
+
+ROPES = {
+    "default": None,
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32.0,
+             "beta_slow": 1.0},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+}
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A tiny tokenizer for tiny models: numbers 0123456789, punctuation !?.,;: and spaces.",
+    "Qwen and Llama read the same bytes; byte-level BPE never meets an unknown character.",
+    "LoRA adapts seven projections of every block while the base stays frozen.",
+] * 20
+
+
+def make_tokenizer(directory):
+    """A byte-level BPE of TOKENIZER_VOCAB entries (256 bytes, merges, one special token)."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                             show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    assert tok.get_vocab_size() == TOKENIZER_VOCAB, tok.get_vocab_size()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+
+
+def randomise(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model.to(torch.bfloat16)
+
+
+def lora_model(model, seed):
+    lora = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                           bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif ".lora_B." in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def peft_name(name):
+    prefix = "base_model.model."
+    assert name.startswith(prefix), name
+    return name[len(prefix):].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def make_batch(vocab, seed):
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
+    labels = input_ids.clone()
+    labels[:, :MASKED_PREFIX] = -100
+    return input_ids, labels
+
+
+def run(model, input_ids, labels):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+    loss.backward()
+    grads = {peft_name(n): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), loss.detach(), grads
+
+
+def load_f64(model_cls, directory, config=None):
+    kwargs = {"config": config} if config is not None else {}
+    return model_cls.from_pretrained(directory, dtype=torch.float64, attn_implementation="eager", **kwargs)
+
+
+def expected(path, model_cls, directory, seed, config=None, meta=None):
+    """Runs the LoRA'd float64 model of `directory` (with `config` if given) and writes the expected
+    file (unless `path` is None); returns the logits so callers can measure what a variant changes."""
+    model = lora_model(load_f64(model_cls, directory, config), seed + 1)
+    vocab = model.config.vocab_size
+    input_ids, labels = make_batch(min(vocab, TOKENIZER_VOCAB), seed + 2)
+    logits, loss, grads = run(model, input_ids, labels)
+    tensors = {"input_ids": input_ids.to(torch.int32), "labels": labels.to(torch.int32),
+               "logits": logits.float().contiguous(), "loss": loss.float().reshape(1)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            tensors[peft_name(name)] = p.detach().float().contiguous()
+    for name, g in grads.items():
+        tensors[name + ".grad"] = g.float().contiguous()
+    with torch.no_grad(), model.disable_adapter():
+        lora_change = float((model(input_ids=input_ids).logits - logits).abs().max())
+    assert lora_change > 1e-3, lora_change
+    meta = dict(meta or {}, n_targets=int((labels[:, 1:] != -100).sum()), lora_r=LORA_R, lora_alpha=LORA_ALPHA,
+                lora_targets=",".join(TARGETS), seed=seed, lora_max_logit_change=f"{lora_change:.3e}",
+                torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    if path is None:
+        return logits, input_ids
+    safetensors.torch.save_file(tensors, path, metadata={k: str(v) for k, v in meta.items()})
+    print(f"{os.path.basename(path)}: loss {float(loss):.6f}, {os.path.getsize(path)} bytes, {meta}")
+    return logits, input_ids
+
+
+def convert(llama_cpp, directory, out):
+    """llama.cpp's converter, with the pre-tokenizer named: a tokenizer trained here has no entry in
+    its table of pre-tokenizer hashes, which it would otherwise refuse."""
+    wrapper = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {llama_cpp!r}); sys.path.insert(1, {os.path.join(llama_cpp, 'gguf-py')!r})\n"
+        "import conversion.base as base\n"
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: os.environ['TF_GGUF_PRE']\n"
+        "import convert_hf_to_gguf\n"
+        "convert_hf_to_gguf.main()\n")
+    arch = json.load(open(os.path.join(directory, "config.json")))["model_type"]
+    pre = "qwen2" if arch == "qwen2" else "llama-bpe"
+    result = subprocess.run([sys.executable, "-c", wrapper, directory, "--outtype", "bf16", "--outfile", out],
+                            env=dict(os.environ, TF_GGUF_PRE=pre), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    print(f"{os.path.basename(out)}: {os.path.getsize(out)} bytes")
+
+
+def save_model(model, directory, tokenizer_dir):
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), directory)
+
+
+def strip_tokenizer(directory):
+    """The committed HF directories keep only what the tests read: config and weights."""
+    for name in os.listdir(directory):
+        if name not in ("config.json", "model.safetensors") and not name.startswith("config_"):
+            os.remove(os.path.join(directory, name))
+
+
+def qwen2(out, llama_cpp, tok_dir, name, seed, **config):
+    cfg = transformers.Qwen2Config(intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128,
+                                   rms_norm_eps=1e-6, rope_theta=1000000.0, **config)
+    model = randomise(transformers.Qwen2ForCausalLM(cfg), seed)
+    directory = os.path.join(out, name)
+    save_model(model, directory, tok_dir)
+    convert(llama_cpp, directory, os.path.join(out, f"{name}.gguf"))
+    # How much the q/k/v biases matter: a loader that drops them must fail by far more than 1e-5.
+    plain = load_f64(transformers.Qwen2ForCausalLM, directory)
+    logits, ids = expected(os.path.join(out, f"{name}_expected.safetensors"), transformers.Qwen2ForCausalLM,
+                           directory, seed)
+    with torch.no_grad():
+        for layer in plain.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+        change = float((plain(input_ids=ids).logits - logits).abs().max())
+    print(f"  {name}: logits move by {change:.3e} without the biases")
+    assert change > 1e-2
+    strip_tokenizer(directory)
+
+
+def llama(out, llama_cpp, tok_dir, seed):
+    base = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                tie_word_embeddings=False)
+    directory = os.path.join(out, "llama")
+    model = randomise(transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**base, max_position_embeddings=128, rope_theta=10000.0)), seed)
+    save_model(model, directory, tok_dir)
+    default_logits = None
+    for rope, scaling in ROPES.items():
+        max_pos = 16 if rope == "dynamic" else 128
+        params = dict(scaling or {"rope_type": "default"}, rope_theta=10000.0)
+        cfg = transformers.LlamaConfig(**base, max_position_embeddings=max_pos, rope_parameters=params,
+                                       architectures=["LlamaForCausalLM"])
+        if rope != "default":
+            cfg.to_json_file(os.path.join(directory, f"config_{rope}.json"))
+        path = None if rope == "dynamic" else os.path.join(out, f"llama_{rope}_expected.safetensors")
+        logits, ids = expected(path, transformers.LlamaForCausalLM, directory, seed, config=cfg)
+        if rope == "default":
+            default_logits = logits
+            continue
+        change = float((logits - default_logits).abs().max())
+        print(f"  {rope}: logits move by {change:.3e} from the default rope")
+        assert change > 1e-2 if rope != "dynamic" else change < 1e-9, (rope, change)
+        if rope == "yarn":
+            # The attention factor alone: the same frequencies with cos/sin left unscaled.
+            unscaled = dict(params, attention_factor=1.0)
+            plain = load_f64(transformers.LlamaForCausalLM, directory,
+                             transformers.LlamaConfig(**base, max_position_embeddings=max_pos,
+                                                      rope_parameters=unscaled))
+            with torch.no_grad():
+                no_mscale = lora_model(plain, seed + 1)(input_ids=ids).logits
+            change = float((no_mscale - logits).abs().max())
+            print(f"  yarn: logits move by {change:.3e} without the attention factor")
+            assert change > 1e-2
+        if rope in ("llama3", "yarn"):
+            # The converter reads config.json: give it this variant's, then restore the default.
+            staged = tempfile.mkdtemp()
+            for name in os.listdir(directory):
+                if not name.startswith("config"):
+                    shutil.copy(os.path.join(directory, name), staged)
+            shutil.copy(os.path.join(directory, f"config_{rope}.json"), os.path.join(staged, "config.json"))
+            convert(llama_cpp, staged, os.path.join(out, f"llama_{rope}.gguf"))
+            shutil.rmtree(staged)
+    strip_tokenizer(directory)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--out-dir", default=os.path.join(here, "..", "tests", "fixtures", "arch_golden"))
+    parser.add_argument("--llama-cpp", required=True, help="llama.cpp's source tree (convert_hf_to_gguf.py)")
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    if os.path.exists(args.out_dir):
+        shutil.rmtree(args.out_dir)
+    os.makedirs(args.out_dir)
+    tok_dir = tempfile.mkdtemp()
+    make_tokenizer(tok_dir)
+    qwen2(args.out_dir, args.llama_cpp, tok_dir, "qwen2", SEED, vocab_size=TOKENIZER_VOCAB, hidden_size=48,
+          num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    qwen2(args.out_dir, args.llama_cpp, tok_dir, "qwen2_tied", SEED + 10, vocab_size=320, hidden_size=32,
+          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    llama(args.out_dir, args.llama_cpp, tok_dir, SEED + 20)
+    shutil.rmtree(tok_dir)
+
+
+if __name__ == "__main__":
+    main()
