@@ -24,12 +24,17 @@ struct ScratchShape {
   // also takes each tile's document range.
   bool doc_ids = true;
   // The frozen matrices the run multiplies by, as loaded into host memory (the backend maps each
-  // to what it places): the per-layer projections (one of each dtype and shape is enough) and lm_head.
+  // to what it places): the per-layer attention projections and the MLP's (one of each dtype and
+  // shape is enough), and lm_head.
   std::vector<WeightRef> projections;
+  std::vector<WeightRef> mlp_projections;
   WeightRef lm_head;
+  // Rows of tokens the MLP's products take at a time (LlamaModel's ModelLayout::mlp_chunk); 0: all.
+  int64_t mlp_rows = 0;
   int64_t lora_params = 0;  // the adapters' parameters, whose gradient norm each step takes
   bool train = true;        // a training step (forward and backward), or a forward pass alone (eval)
   int64_t max_tokens() const { return int64_t(batch) * seq; }
+  int64_t mlp_tokens() const { return mlp_rows > 0 ? std::min(mlp_rows, max_tokens()) : max_tokens(); }
 };
 
 inline constexpr int kScratchSlotCount = 64;  // the slots both runtimes have

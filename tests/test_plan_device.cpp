@@ -1,9 +1,10 @@
 // The device tier of a run's memory, predicted and measured on the simulated device: the simulator
 // counts the pages of device memory in use and their peak (arena pieces, which are views of the
 // arena, not twice), and a few training steps (and forward passes) of tiny random models, over the
-// attention kernels, GQA, head dimensions 64 and 128, f16 / bf16 / nf4 / q4_0 bases, recomputation
-// and weights streamed from host memory, peak at the arena the memory plan reserves plus the kernel
-// scratch Backend::scratch_plan predicts: never above it, and within 5% of it.
+// attention kernels, GQA, head dimensions 64 and 128, f16 / bf16 / nf4 / q4_0 bases, recomputation,
+// weights streamed from host memory and the MLP in chunks of rows, peak at the arena the memory
+// plan reserves plus the kernel scratch Backend::scratch_plan predicts: never above it, and within
+// 5% of it.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -75,6 +76,7 @@ struct DeviceRun {
   offload::WeightTier tier = offload::WeightTier::Resident;
   bool train = true;  // training steps, or forward passes alone
   int batch = 2, seq = 32;
+  int64_t mlp_chunk = 0;  // ModelLayout::mlp_chunk
 };
 
 void PrintTo(const DeviceRun& r, std::ostream* os) {
@@ -127,17 +129,19 @@ Measured run_on_simt(const DeviceRun& r) {
   LlamaWeights w = base_of(r, keep);
   const LoraConfig lora = test::lora_r8();
   const int64_t max_tokens = int64_t(r.batch) * r.seq;
-  const MemoryPlan mp = LlamaModel::memory_plan(w, lora, r.policy, max_tokens, *be, r.tier);
+  const ModelLayout layout{r.mlp_chunk};
+  const MemoryPlan mp = LlamaModel::memory_plan(w, lora, r.policy, max_tokens, *be, r.tier, layout);
   Measured m;
   m.predicted = be->reserved_bytes(mp.total);
   m.items = "arena " + std::to_string(m.predicted);
-  for (const PlannedAlloc& a : be->scratch_plan(model_scratch_shape(w, lora, r.batch, r.seq, r.train))) {
+  for (const PlannedAlloc& a :
+       be->scratch_plan(model_scratch_shape(w, lora, r.batch, r.seq, r.train, r.mlp_chunk))) {
     m.predicted += a.bytes;
     m.items += ", " + a.what + " " + std::to_string(a.bytes);
   }
   be->reserve(mp.total);
   {
-    LlamaModel model(std::move(w), lora, r.policy, max_tokens, *be, r.tier);
+    LlamaModel model(std::move(w), lora, r.policy, max_tokens, *be, r.tier, layout);
     TrainConfig tc;
     tc.lr.peak_lr = 1e-3f;
     tc.lr.total_steps = 2;
@@ -198,6 +202,18 @@ std::vector<DeviceRun> runs() {
   r.name = "nf4_flash_eval";
   r.base = DType::NF4;
   r.train = false;
+  v.push_back(r);
+  // The MLP in chunks of rows, the last one shorter: its scratch is sized by the chunk.
+  r = DeviceRun{};
+  r.name = "nf4_block_mlp_chunk";
+  r.base = DType::NF4;
+  r.policy = CheckpointPolicy::PerBlock;
+  r.mlp_chunk = 24;
+  v.push_back(r);
+  r = DeviceRun{};
+  r.name = "bf16_weights_host_mlp_chunk";
+  r.tier = offload::WeightTier::Host;
+  r.mlp_chunk = 10;
   v.push_back(r);
   return v;
 }

@@ -189,6 +189,7 @@ class DeviceBackend final : public Backend {
       if (w.dtype == DType::NF4 || w.dtype == DType::INT8) w.scales.absmax = &kPlacedAbsmax;
     };
     for (WeightRef& w : placed.projections) as_placed(w);
+    for (WeightRef& w : placed.mlp_projections) as_placed(w);
     as_placed(placed.lm_head);
     AttentionKernel kernel = kernel_for(shape.head_dim);
     if (kernel == AttentionKernel::Cudnn)

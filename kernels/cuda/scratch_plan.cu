@@ -19,6 +19,10 @@ ScratchNeeds plan_scratch(const ScratchShape& shape, AttentionKernel attention) 
     linear_forward_scratch(s, w, n);
     if (train) linear_backward_input_scratch(s, w, n);
   }
+  for (const WeightRef& w : shape.mlp_projections) {
+    linear_forward_scratch(s, w, shape.mlp_tokens());
+    if (train) linear_backward_input_scratch(s, w, shape.mlp_tokens());
+  }
   // The adapters' products are f32 by f32: the GEMM's workspace alone.
   if (shape.lora_params > 0) blas::gemm_scratch(s);
   const AttentionShape a{shape.batch, shape.seq, shape.n_heads, shape.n_kv_heads, shape.head_dim, 1.0f};

@@ -17,8 +17,14 @@ static void check_weights(const LlamaWeights& w) {
            " blocks of weights but its config says ", w.config.n_layers, " layers");
 }
 
+// Whether the embedding table is looked up in host memory (ModelLayout::host_embedding).
+static bool embedding_on_host(const LlamaConfig& c, const Backend& be, const ModelLayout& opt) {
+  return opt.host_embedding && !be.host_memory() && !c.tie_embeddings;
+}
+
 // Whether a slot's weights are placed on the backend (per-layer ones stream under another tier).
-static bool placed_slot(WeightSlot s, offload::WeightTier tier) {
+static bool placed_slot(WeightSlot s, offload::WeightTier tier, bool host_embedding) {
+  if (s == WeightSlot::Embed && host_embedding) return false;
   return tier == offload::WeightTier::Resident || !is_layer_slot(s);
 }
 
@@ -26,7 +32,7 @@ static bool placed_slot(WeightSlot s, offload::WeightTier tier) {
 // state is laid out, so an unsupported dtype, or weights the tier cannot stream, are reported before
 // anything is allocated on the backend.
 static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage,
-                                  offload::WeightTier tier) {
+                                  offload::WeightTier tier, bool host_embedding) {
   const LlamaConfig& c = w.config;
   check_weights(w);
   if (tier != offload::WeightTier::Resident) offload::WeightStore::footprint(w, tier, be);
@@ -40,11 +46,19 @@ static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vecto
   placed.config = c;
   placed.blocks.resize(w.blocks.size());
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
-    if (placed_slot(s, tier))
+    if (placed_slot(s, tier, host_embedding))
       placed.slot(s, layer) = be.place_weight(w.slot(s, layer), hf_weight_name(s, layer), storage);
   });
   if (c.tie_embeddings) placed.lm_head = placed.embed;
   return placed;
+}
+
+// The dropped-out input of a projection's adapter, [rows, in] for the widest input (the MLP's
+// down projection one chunk of rows at a time); nothing without dropout, whose adapters read their
+// input as it is.
+static int64_t dropout_floats(const LlamaConfig& c, const LoraConfig& lora, int64_t mlp_rows, int64_t N) {
+  if (lora.dropout <= 0) return 0;
+  return std::max(N * std::max(c.hidden, c.q_dim()), mlp_rows * c.intermediate);
 }
 
 // Logits are formed this many rows at a time: enough rows for a GEMM to be worth launching, few
@@ -52,20 +66,27 @@ static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vecto
 constexpr int64_t kLogitRows = 16;
 
 LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lora, CheckpointPolicy policy,
-                                      int64_t max_tokens) {
+                                      int64_t max_tokens, const ModelLayout& opt) {
+  TF_CHECK(opt.mlp_chunk >= 0, "the MLP's chunk of rows must be positive (or 0: all rows), got ",
+           opt.mlp_chunk);
   const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
+  const int64_t C = opt.mlp_chunk > 0 ? std::min(opt.mlp_chunk, N) : N;
+  const bool chunked = C < N;
   int64_t lora_rows = 0;
   for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
-  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + 3 * I + lora_rows);
+  const int64_t kept_mlp = chunked ? 0 : 3 * I;
+  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + kept_mlp + lora_rows);
   const int64_t n_sets = policy == CheckpointPolicy::None ? c.n_layers : 1;
   const int64_t n_inputs =
       policy == CheckpointPolicy::PerBlockOffload ? offload::ActivationStore::kWindow : c.n_layers + 1;
-  const int64_t widest = std::max({H, Q, I});
   Layout L{};
   L.rope_floats = c.head_dim / 2;
   L.batch_ints = 4 * N;
   L.saved_floats = N * H * n_inputs + block_floats * n_sets;
-  L.workspace_floats = N * (1 + 4 * H + 2 * Q + 2 * KV + 3 * I + lora.rank + widest);
+  L.mlp_rows = C;
+  L.mlp_floats = chunked ? 3 * C * I : 0;
+  L.workspace_floats =
+      N * (1 + H + std::max(H, Q) + Q + 2 * KV + lora.rank) + 3 * C * I + dropout_floats(c, lora, C, N);
   L.logit_rows = std::min(N, kLogitRows);
   return L;
 }
@@ -83,7 +104,8 @@ size_t MemoryPlan::requested() const {
 }
 
 MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora, CheckpointPolicy policy,
-                                   int64_t max_tokens, const Backend& be, offload::WeightTier tier) {
+                                   int64_t max_tokens, const Backend& be, offload::WeightTier tier,
+                                   const ModelLayout& opt) {
   const LlamaConfig& c = w.config;
   check_weights(w);
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
@@ -91,7 +113,7 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
   MemoryPlan plan;
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const size_t bytes = be.placed_weight_bytes(w.slot(s, layer));
-    if (bytes && placed_slot(s, tier))
+    if (bytes && placed_slot(s, tier, embedding_on_host(c, be, opt)))
       plan.allocs.push_back({hf_weight_name(s, layer), MemTag::Weights, bytes});
   });
   if (tier != offload::WeightTier::Resident) {
@@ -101,13 +123,18 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
     plan.streamed_bytes = store.streamed_bytes;
   }
   for (PlannedAlloc& a : LoraState::memory_plan(c, lora)) plan.allocs.push_back(std::move(a));
-  const Layout L = layout(c, lora, policy, max_tokens);
+  const Layout L = layout(c, lora, policy, max_tokens, opt);
   plan.allocs.push_back({"rope frequencies", MemTag::Workspace, size_t(L.rope_floats) * sizeof(float)});
   plan.allocs.push_back({"batch tokens", MemTag::Activations, size_t(L.batch_ints) * sizeof(int32_t)});
   plan.allocs.push_back({"saved activations", MemTag::Activations, size_t(L.saved_floats) * sizeof(float)});
+  if (L.mlp_floats)
+    plan.allocs.push_back({"MLP chunk", MemTag::Activations, size_t(L.mlp_floats) * sizeof(float)});
   plan.allocs.push_back(
       {"activation gradients", MemTag::Workspace, size_t(L.workspace_floats) * sizeof(float)});
   plan.allocs.push_back({"logits", MemTag::Workspace, size_t(L.logit_rows * c.vocab) * sizeof(float)});
+  if (embedding_on_host(c, be, opt))
+    plan.host.push_back(
+        {"embedding rows", MemTag::Activations, size_t(max_tokens * c.hidden) * sizeof(float)});
   if (policy == CheckpointPolicy::PerBlockOffload)
     plan.host.push_back({"saved block inputs", MemTag::Activations,
                          offload::ActivationStore::host_bytes(c.n_layers, max_tokens, c.hidden)});
@@ -116,10 +143,11 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
 }
 
 LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy,
-                       int64_t max_tokens, Backend& backend, offload::WeightTier tier)
+                       int64_t max_tokens, Backend& backend, offload::WeightTier tier, const ModelLayout& opt)
     : be_(&backend),
       weights_(std::move(weights)),
-      placed_(place_weights(weights_, backend, weight_mem_, tier)),
+      placed_(place_weights(weights_, backend, weight_mem_, tier,
+                            embedding_on_host(weights_.config, backend, opt))),
       store_(tier == offload::WeightTier::Resident
                  ? nullptr
                  : std::make_unique<offload::WeightStore>(weights_, tier, backend)),
@@ -129,7 +157,10 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   const LlamaConfig& c = weights_.config;
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
   if (policy == CheckpointPolicy::PerBlockOffload) offload::ActivationStore::check_backend(backend);
-  const Layout L = layout(c, lora, policy, max_tokens);
+  const Layout L = layout(c, lora, policy, max_tokens, opt);
+  mlp_rows_ = L.mlp_rows;
+  if (embedding_on_host(c, backend, opt))
+    embed_rows_ = Buffer(size_t(max_tokens * c.hidden) * sizeof(float), MemTag::Activations, false);
   std::vector<float> inv_freq(size_t(L.rope_floats));
   rope_inv_freq(c.rope, inv_freq.data());
   inv_freq_ = be_->alloc(inv_freq.size() * sizeof(float), MemTag::Workspace, "rope frequencies");
@@ -148,30 +179,35 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
     std::copy(residual_.begin(), residual_.end(), window.begin());
     act_store_ = std::make_unique<offload::ActivationStore>(*be_, c.n_layers, N, H, window);
   }
+  if (L.mlp_floats)
+    mlp_mem_ = be_->alloc(size_t(L.mlp_floats) * sizeof(float), MemTag::Activations, "MLP chunk");
   const size_t n_sets = policy == CheckpointPolicy::None ? size_t(c.n_layers) : 1;
   for (size_t s = 0; s < n_sets; ++s) acts_.push_back(carve_block_acts(cursor));
   TF_CHECK(cursor == saved_.as<float>() + L.saved_floats, "saved activations: the layout has ",
            L.saved_floats, " floats but the blocks take ", cursor - saved_.as<float>());
 
-  const int64_t widest = std::max({H, Q, I});
   workspace_ =
       be_->alloc(size_t(L.workspace_floats) * sizeof(float), MemTag::Workspace, "activation gradients");
   float* w = workspace_.as<float>();
   auto take = [&w](int64_t n) { return std::exchange(w, w + n); };
-  final_h_ = take(N * H);
   final_rstd_ = take(N);
-  d_final_h_ = take(N * H);
+  // final_h_ is read last by the loss, before d_res_ is first written; d_final_h_ is read last by
+  // the final norm's backward, before any block's, and d_att_ lives between the MLP's backward, done
+  // with d_h_, and the q, k and v projections', which write it again.
   d_res_ = take(N * H);
-  d_h_ = take(N * H);
-  d_att_ = take(N * Q);
+  final_h_ = d_res_;
+  d_h_ = take(N * std::max(H, Q));
+  d_final_h_ = d_h_;
+  d_att_ = d_h_;
   d_q_ = take(N * Q);
   d_k_ = take(N * KV);
   d_v_ = take(N * KV);
-  d_act_ = take(N * I);
-  d_gate_ = take(N * I);
-  d_up_ = take(N * I);
+  const int64_t C = mlp_rows_;
+  d_act_ = take(C * I);
+  d_gate_ = take(C * I);
+  d_up_ = take(C * I);
   lora_dt_ = take(N * lora.rank);
-  lora_xd_ = take(N * widest);
+  lora_xd_ = take(dropout_floats(c, lora, C, N));
   TF_CHECK(w == workspace_.as<float>() + L.workspace_floats, "activation gradients: the layout has ",
            L.workspace_floats, " floats but the buffers take ", w - workspace_.as<float>());
   logit_rows_ = L.logit_rows;
@@ -193,9 +229,17 @@ LlamaModel::BlockActs LlamaModel::carve_block_acts(float*& cursor) {
   a.x2 = take(N * c.hidden);
   a.rstd2 = take(N);
   a.h2 = take(N * c.hidden);
-  a.gate = take(N * c.intermediate);
-  a.up = take(N * c.intermediate);
-  a.act = take(N * c.intermediate);
+  if (mlp_mem_.data()) {
+    float* chunk = mlp_mem_.as<float>();
+    const int64_t rows = mlp_rows_ * c.intermediate;
+    a.gate = chunk;
+    a.up = chunk + rows;
+    a.act = chunk + 2 * rows;
+  } else {
+    a.gate = take(N * c.intermediate);
+    a.up = take(N * c.intermediate);
+    a.act = take(N * c.intermediate);
+  }
   for (int t = 0; t < kLoraTargetCount; ++t)
     a.lora_t[size_t(t)] = lora_.config.has(LoraTarget(t)) ? take(N * lora_.config.rank) : nullptr;
   return a;
@@ -231,8 +275,9 @@ Batch LlamaModel::stage(const Batch& b) {
   return Batch{b.batch, b.seq, put(b.tokens, 0), put(b.targets, 1), put(b.positions, 2), put(b.doc_ids, 3)};
 }
 
-LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t step) const {
+LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t step, int64_t row0) const {
   LoraDropout d;
+  d.row0 = row0;
   d.p = training ? lora_.config.dropout : 0.0f;
   d.seed = lora_.config.seed;
   d.step = step;
@@ -242,23 +287,32 @@ LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t
 }
 
 void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
-                            LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n) {
+                            LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n,
+                            int64_t row0) {
   be_->linear_forward(y, x, w, n, 0.0f);
   if (bias) be_->add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
-    lora_forward(*be_, y, a.lora_t[size_t(t)], lora_xd_, x, ad, lora_.config.scale(),
-                 dropout(layer, t, training, step), n);
+    lora_forward(*be_, y, a.lora_t[size_t(t)] + row0 * ad.rank, lora_xd_, x, ad, lora_.config.scale(),
+                 dropout(layer, t, training, step, row0), n);
 }
 
 void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x,
                                      const WeightRef& w, int layer, LoraTarget t, const BlockActs& a,
-                                     uint64_t step, int64_t n) {
+                                     uint64_t step, int64_t n, int64_t row0) {
   be_->linear_backward_input(dx, dy, w, n, beta);
   LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
-    lora_backward(*be_, dx, dy, x, a.lora_t[size_t(t)], ad, lora_.config.scale(),
-                  dropout(layer, t, true, step), n, lora_dt_, lora_xd_);
+    lora_backward(*be_, dx, dy, x, a.lora_t[size_t(t)] + row0 * ad.rank, ad, lora_.config.scale(),
+                  dropout(layer, t, true, step, row0), n, lora_dt_, lora_xd_);
+}
+
+void LlamaModel::mlp_gate_up(int l, const BlockWeights& w, BlockActs& a, int64_t row0, int64_t n,
+                             bool training, uint64_t step) {
+  const float* h2 = a.h2 + row0 * config().hidden;
+  projection(a.gate, h2, w.gate, nullptr, l, LoraTarget::Gate, a, training, step, n, row0);
+  projection(a.up, h2, w.up, nullptr, l, LoraTarget::Up, a, training, step, n, row0);
+  be_->swiglu_forward(a.act, a.gate, a.up, n * config().intermediate);
 }
 
 const BlockWeights& LlamaModel::acquire_block(int layer, int next) {
@@ -314,10 +368,11 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
   be_->add_inplace(a.x2, x, n * c.hidden);
 
   be_->rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
-  projection(a.gate, a.h2, w.gate, nullptr, l, LoraTarget::Gate, a, training, step, n);
-  projection(a.up, a.h2, w.up, nullptr, l, LoraTarget::Up, a, training, step, n);
-  be_->swiglu_forward(a.act, a.gate, a.up, n * c.intermediate);
-  projection(out, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, n);
+  for (int64_t r0 = 0; r0 < n; r0 += mlp_rows_) {
+    const int64_t m = std::min(mlp_rows_, n - r0);
+    mlp_gate_up(l, w, a, r0, m, training, step);
+    projection(out + r0 * c.hidden, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, m, r0);
+  }
   be_->add_inplace(out, a.x2, n * c.hidden);
 }
 
@@ -327,13 +382,20 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
 
-  // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2)
-  projection_backward(d_act_, 0.0f, d_res_, a.act, w.down, l, LoraTarget::Down, a, step, n);
-  be_->fill(d_gate_, 0.0f, n * c.intermediate);
-  be_->fill(d_up_, 0.0f, n * c.intermediate);
-  be_->swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, n * c.intermediate);
-  projection_backward(d_h_, 0.0f, d_gate_, a.h2, w.gate, l, LoraTarget::Gate, a, step, n);
-  projection_backward(d_h_, 1.0f, d_up_, a.h2, w.up, l, LoraTarget::Up, a, step, n);
+  // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2), a chunk of rows at a time, each
+  // chunk's gate, up and activation formed again when they are not kept.
+  const bool kept = mlp_rows_ == max_tokens_;
+  for (int64_t r0 = 0; r0 < n; r0 += mlp_rows_) {
+    const int64_t m = std::min(mlp_rows_, n - r0), H = c.hidden, I = c.intermediate;
+    if (!kept) mlp_gate_up(l, w, a, r0, m, true, step);
+    projection_backward(d_act_, 0.0f, d_res_ + r0 * H, a.act, w.down, l, LoraTarget::Down, a, step, m, r0);
+    be_->fill(d_gate_, 0.0f, m * I);
+    be_->fill(d_up_, 0.0f, m * I);
+    be_->swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, m * I);
+    projection_backward(d_h_ + r0 * H, 0.0f, d_gate_, a.h2 + r0 * H, w.gate, l, LoraTarget::Gate, a, step, m,
+                        r0);
+    projection_backward(d_h_ + r0 * H, 1.0f, d_up_, a.h2 + r0 * H, w.up, l, LoraTarget::Up, a, step, m, r0);
+  }
   be_->rmsnorm_backward(d_res_, nullptr, d_h_, a.x2, w.mlp_norm, a.rstd2, n, c.hidden);
 
   // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
@@ -357,7 +419,14 @@ Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t
   const Batch b = stage(host_batch);
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
-  be_->embedding_forward(output(0), b.tokens, n, placed_.embed);
+  if (host_embedding()) {
+    // The upload is queued from ordinary host memory, which the copy has read when it returns, so
+    // the next batch's rows may overwrite them.
+    cpu_backend().embedding_forward(embed_rows_.as<float>(), host_batch.tokens, n, weights_.embed);
+    be_->upload_n(output(0), embed_rows_.as<float>(), size_t(n * c.hidden));
+  } else {
+    be_->embedding_forward(output(0), b.tokens, n, placed_.embed);
+  }
   written(0, n, training);
   done_with_inputs();
   // Streamed blocks load in use order: after the last block, a training step's backward goes on

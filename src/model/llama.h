@@ -9,6 +9,7 @@
 #include "offload/activation_store.h"
 #include "offload/plan.h"
 #include "offload/weight_store.h"
+#include "src/core/alloc.h"
 #include "src/model/lora.h"
 #include "src/model/weights.h"
 
@@ -48,10 +49,26 @@ struct KvCache {
   DeviceMem k, v;        // [n_layers][capacity][kv_dim], keys after rope
 };
 
+// How a LlamaModel lays out its working memory, beyond the checkpoint policy, without changing what
+// it computes per row.
+struct ModelLayout {
+  // Rows of tokens the MLP forms its [rows, intermediate] gate, up and activation, and their
+  // gradients, at a time, in the forward, the recomputation and the backward (the MLP is
+  // row-independent); the backward forms each chunk's gate, up and activation again from the kept
+  // norm output instead of keeping them. 0, or at least max_tokens: every row at once, kept for the
+  // backward as the block's other activations are.
+  int64_t mlp_chunk = 0;
+  // On a device backend, the embedding table stays in host memory, where the weights were loaded,
+  // instead of being placed: each micro-batch's rows are gathered on the host (the cpu's lookup,
+  // the device's values) and uploaded. A tied table stays placed, since lm_head reads it there;
+  // on the cpu, whose memory is the host's, nothing changes.
+  bool host_embedding = false;
+};
+
 // Every allocation a LlamaModel makes on its backend, in the order its constructor makes them:
 // each placed base weight (with a streaming tier, only the embedding, final norm and lm_head, then
 // the two streamed block buffers), the LoRA state, the rope table, the batch staging, the saved
-// activations, the workspace and the logits rows.
+// activations, the MLP's rows when it runs in chunks, the workspace and the logits rows.
 struct MemoryPlan {
   std::vector<PlannedAlloc> allocs;
   size_t total = 0;  // bytes of the backend's memory they take (Backend::footprint of each, summed)
@@ -75,13 +92,15 @@ class LlamaModel {
   // where the per-layer weights live (offload::WeightStore): Resident places them all on the
   // backend; Host and Disk stream them a block at a time, with the results of Resident bit for bit.
   LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointPolicy policy, int64_t max_tokens,
-             Backend& backend = cpu_backend(), offload::WeightTier tier = offload::WeightTier::Resident);
+             Backend& backend = cpu_backend(), offload::WeightTier tier = offload::WeightTier::Resident,
+             const ModelLayout& layout = {});
   // What the constructor with these arguments allocates on `backend`; its total is what
   // Backend::reserve needs before the model is built. Computed from the same layout the
   // constructor allocates by, so the two cannot drift.
   static MemoryPlan memory_plan(const LlamaWeights& weights, const LoraConfig& lora, CheckpointPolicy policy,
                                 int64_t max_tokens, const Backend& backend,
-                                offload::WeightTier tier = offload::WeightTier::Resident);
+                                offload::WeightTier tier = offload::WeightTier::Resident,
+                                const ModelLayout& layout = {});
 
   const LlamaConfig& config() const { return weights_.config; }
   // The base weights as loaded (host memory).
@@ -91,6 +110,10 @@ class LlamaModel {
   CheckpointPolicy policy() const { return policy_; }
   offload::WeightTier weight_tier() const { return store_ ? store_->tier() : offload::WeightTier::Resident; }
   int64_t max_tokens() const { return max_tokens_; }
+  // Rows of the MLP's chunks: max_tokens when it runs every row at once.
+  int64_t mlp_rows() const { return mlp_rows_; }
+  // Whether the embedding table is looked up in host memory (ModelLayout::host_embedding).
+  bool host_embedding() const { return embed_rows_.data() != nullptr; }
 
   // Forward and backward of one micro-batch. LoRA gradients ACCUMULATE: the caller zeroes them
   // once per optimizer step. Gradients are of grad_scale * (sum of token losses). `step` keys the
@@ -111,10 +134,10 @@ class LlamaModel {
  private:
   // Element counts of the constructor's buffers besides weights and LoRA state.
   struct Layout {
-    int64_t rope_floats, batch_ints, saved_floats, workspace_floats, logit_rows;
+    int64_t rope_floats, batch_ints, saved_floats, mlp_rows, mlp_floats, workspace_floats, logit_rows;
   };
   static Layout layout(const LlamaConfig& c, const LoraConfig& lora, CheckpointPolicy policy,
-                       int64_t max_tokens);
+                       int64_t max_tokens, const ModelLayout& opt);
   struct BlockActs {
     float *rstd1, *h1, *q, *k, *v, *att, *lse, *x2, *rstd2, *h2, *gate, *up, *act;
     std::array<float*, kLoraTargetCount> lora_t;
@@ -143,11 +166,17 @@ class LlamaModel {
   float* output(int r);
   void written(int r, int64_t rows, bool training);
   void done_with_inputs();
+  // x and y are rows row0 .. row0 + n - 1 of the projection's input and output: the adapter's
+  // intermediate and dropout mask are those rows' part of the whole micro-batch's.
   void projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
-                  LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n);
+                  LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n, int64_t row0 = 0);
   void projection_backward(float* dx, float beta, const float* dy, const float* x, const WeightRef& w,
-                           int layer, LoraTarget t, const BlockActs& a, uint64_t step, int64_t n);
-  LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step) const;
+                           int layer, LoraTarget t, const BlockActs& a, uint64_t step, int64_t n,
+                           int64_t row0 = 0);
+  // The gate, up and activation of rows row0 .. row0 + n - 1 into a.gate, a.up and a.act.
+  void mlp_gate_up(int layer, const BlockWeights& w, BlockActs& a, int64_t row0, int64_t n, bool training,
+                   uint64_t step);
+  LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step, int64_t row0 = 0) const;
 
   Backend* be_;
   LlamaWeights weights_;
@@ -157,6 +186,7 @@ class LlamaModel {
   LoraState lora_;
   CheckpointPolicy policy_;
   int64_t max_tokens_;
+  int64_t mlp_rows_;
   DeviceMem inv_freq_;   // [head_dim / 2]
   DeviceMem batch_mem_;  // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
   DeviceMem logits_;     // [logit_rows_, vocab]: forward_logits and decode write here
@@ -164,12 +194,17 @@ class LlamaModel {
   std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
 
   DeviceMem saved_;      // residual stream (n_layers + 1 block inputs) and kept block activations
+  DeviceMem mlp_mem_;    // with the MLP in chunks, one chunk's gate, up and activation
+  Buffer embed_rows_;    // with the embedding in host memory, [max_tokens, hidden] rows to upload
   DeviceMem workspace_;  // gradients in flight and scratch
   // [n_layers + 1] pointers of [max_tokens, hidden], or with the inputs offloaded the window of
   // store_'s device buffers.
   std::vector<float*> residual_;
   std::unique_ptr<offload::ActivationStore> act_store_;
-  std::vector<BlockActs> acts_;  // one per layer (None) or one shared (PerBlock)
+  // One per layer (None) or one shared (PerBlock); with the MLP in chunks their gate, up and act
+  // are one chunk's, the same for all.
+  std::vector<BlockActs> acts_;
+  // final_h_ shares d_res_'s memory and d_final_h_ and d_att_ d_h_'s: neither pair is live at once.
   float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_, *d_gate_,
       *d_up_, *lora_dt_, *lora_xd_;
 };

@@ -18,7 +18,7 @@ bool same_scratch(const WeightRef& a, const WeightRef& b) {
 }  // namespace
 
 ScratchShape model_scratch_shape(const LlamaWeights& w, const LoraConfig& lora, int batch, int seq,
-                                 bool train) {
+                                 bool train, int64_t mlp_chunk) {
   const LlamaConfig& c = w.config;
   TF_CHECK(batch > 0 && seq > 0, "a micro-batch of ", batch, " x ", seq, " tokens is empty");
   ScratchShape s;
@@ -28,11 +28,15 @@ ScratchShape model_scratch_shape(const LlamaWeights& w, const LoraConfig& lora, 
   s.n_kv_heads = c.n_kv_heads;
   s.head_dim = c.head_dim;
   s.train = train;
-  for (const BlockWeights& b : w.blocks)
-    for (const WeightRef* m : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
-      if (std::none_of(s.projections.begin(), s.projections.end(),
-                       [m](const WeightRef& p) { return same_scratch(p, *m); }))
-        s.projections.push_back(*m);
+  s.mlp_rows = mlp_chunk;
+  auto add = [](std::vector<WeightRef>& list, const WeightRef& m) {
+    if (std::none_of(list.begin(), list.end(), [&m](const WeightRef& p) { return same_scratch(p, m); }))
+      list.push_back(m);
+  };
+  for (const BlockWeights& b : w.blocks) {
+    for (const WeightRef* m : {&b.q, &b.k, &b.v, &b.o}) add(s.projections, *m);
+    for (const WeightRef* m : {&b.gate, &b.up, &b.down}) add(s.mlp_projections, *m);
+  }
   s.lm_head = c.tie_embeddings ? w.embed : w.lm_head;
   s.lora_params = int64_t(LoraState::memory_plan(c, lora)[0].bytes / sizeof(float));
   return s;

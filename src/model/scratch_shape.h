@@ -9,8 +9,9 @@
 namespace tf {
 
 // A run of the model `w` with adapters `lora` on micro-batches of at most `batch` rows of `seq`
-// tokens, packed (rows of several documents), training steps or forward passes alone (eval).
+// tokens, packed (rows of several documents), training steps or forward passes alone (eval), its
+// MLP in chunks of `mlp_chunk` rows (ModelLayout::mlp_chunk; 0: all rows at once).
 ScratchShape model_scratch_shape(const LlamaWeights& w, const LoraConfig& lora, int batch, int seq,
-                                 bool train);
+                                 bool train, int64_t mlp_chunk = 0);
 
 }  // namespace tf
