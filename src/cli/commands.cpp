@@ -180,7 +180,7 @@ int run_generate(const GenerateOptions& o) {
   TF_CHECK(o.temperature >= 0, "--temperature must not be negative");
   cpu::set_num_threads(o.threads);
   Session s = open_session(o.model, inert_lora(), 256, no_checkpointing, o.adapter, quant_option(o.quant),
-                           o.device, o.attention);
+                           o.device, o.attention, nullptr, {}, weight_tier_option(o.weights));
   // The generated text is the output; where the model ran is worth a line only when auto chose a GPU.
   if (!s.device_note.empty() && s.backend->name() != "cpu")
     std::fprintf(stderr, "device: %s\n", s.device_note.c_str());
@@ -205,11 +205,15 @@ int run_generate(const GenerateOptions& o) {
 int run_eval(const EvalOptions& o) {
   TF_CHECK(!o.model.empty() && !o.data.empty(), "--model and --data are required");
   cpu::set_num_threads(o.threads);
-  Session s = open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, no_checkpointing,
-                           o.adapter, quant_option(o.quant), o.device, o.attention);
+  Session s =
+      open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, no_checkpointing, o.adapter,
+                   quant_option(o.quant), o.device, o.attention, nullptr, {}, weight_tier_option(o.weights));
   std::printf("device      %s\n",
               s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str());
   if (s.attention != "cpu") std::printf("attention   %s\n", s.attention.c_str());
+  if (s.model->weight_tier() != offload::WeightTier::Resident)
+    std::printf("weights     streamed from %s, a layer at a time\n",
+                s.model->weight_tier() == offload::WeightTier::Disk ? "the model file" : "host memory");
   const tok::Tokenizer& tok = s.tokenizer();
   const data::ChatTemplate tmpl = choose_template(o.template_name, s.loaded);
   const data::Dataset raw = data::load_jsonl(o.data);

@@ -25,6 +25,7 @@ struct GenerateOptions {
   std::string template_name = "auto";
   std::string device = "auto";
   std::string attention = "auto";
+  std::string weights = "resident";  // where the per-layer weights live: resident, host or disk
   int threads = 0;
 };
 int run_generate(const GenerateOptions& o);
@@ -38,6 +39,7 @@ struct EvalOptions {
   int max_new_tokens = 64;
   std::string device = "auto";
   std::string attention = "auto";
+  std::string weights = "resident";  // as GenerateOptions::weights
   int threads = 0;
   // When set: the full logits of the first `logits_examples` examples (each run alone, unpacked)
   // are written to this safetensors file as logits.<i> [tokens, vocab] and input_ids.<i>, for

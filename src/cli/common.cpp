@@ -66,6 +66,13 @@ io::QuantMode quant_option(const std::string& name) {
   return *mode;
 }
 
+offload::WeightTier weight_tier_option(const std::string& name) {
+  if (name == "resident") return offload::WeightTier::Resident;
+  if (name == "host") return offload::WeightTier::Host;
+  TF_CHECK(name == "disk", "--weights must be resident, host or disk, got '", name, "'");
+  return offload::WeightTier::Disk;
+}
+
 data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m) {
   if (name != "auto") return data::template_by_name(name);
   if (m.chat_template.empty()) return data::template_by_name("plain");

@@ -47,6 +47,10 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
 // The QuantMode named by a --quant value, or tf::Error listing the choices.
 io::QuantMode quant_option(const std::string& name);
 
+// --weights of eval and generate: resident, host or disk (the weight store refuses what the model or
+// backend cannot stream when the model is built).
+offload::WeightTier weight_tier_option(const std::string& name);
+
 // "auto" uses the model's own template (or plain when it has none); otherwise a name.
 data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m);
 

@@ -31,6 +31,10 @@ constexpr const char* kWeightsHelp =
     "else streamed), resident, host (in host memory, each layer copied to the device just before use) or "
     "disk (read from the model file a layer at a time, around the page cache)";
 
+constexpr const char* kInferenceWeightsHelp =
+    "Where the base model's layers live: resident, host (in host memory, each layer copied to the device "
+    "just before use) or disk (read from the model file a layer at a time, around the page cache)";
+
 // `training` false: the options as the plan subcommand takes them, which needs no data or run
 // directory.
 void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true) {
@@ -194,6 +198,7 @@ int run(int argc, char** argv) {
   generate->add_option("--template", gen.template_name, "Template for --chat")->capture_default_str();
   generate->add_option("--device", gen.device, kDeviceHelp)->capture_default_str();
   generate->add_option("--attention", gen.attention, kAttentionHelp)->capture_default_str();
+  generate->add_option("--weights", gen.weights, kInferenceWeightsHelp)->capture_default_str();
   generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
 
@@ -210,6 +215,7 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   eval->add_option("--device", ev.device, kDeviceHelp)->capture_default_str();
   eval->add_option("--attention", ev.attention, kAttentionHelp)->capture_default_str();
+  eval->add_option("--weights", ev.weights, kInferenceWeightsHelp)->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
   eval->add_option("--logits-out", ev.logits_out,
