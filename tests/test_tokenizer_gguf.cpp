@@ -159,11 +159,11 @@ struct PreSplits {
 
 // The pieces the models' own split regexes (from their tokenizer.json, as llama.cpp's
 // src/llama-vocab.cpp lists them) make of kSplitTexts, applied one after another with matches and
-// gaps kept, by Python's `regex` module. llama.cpp's own splitter gives the same except in three
-// places where it approximates the model (HF's tokenizer and the .out files side with these):
-// DeepSeek's CJK range also holds U+3000, which llama.cpp's std::regex sees as \v; and Tekken's and
-// GPT-4o's upper/lower classes, where llama.cpp takes every non-ASCII letter as both, keep "ÀbcÉdf"
-// whole.
+// gaps kept, by Python's `regex` module (tools/make_pre_split_cases.py prints them). llama.cpp's own
+// splitter agrees except where it approximates a model's regex, and HF's tokenizers runs the regex
+// as written: DeepSeek's CJK range holds U+3000, which llama.cpp's std::regex sees as \v, so it
+// keeps "\u3000ok" whole; and for Tekken and GPT-4o llama.cpp takes every non-ASCII letter as both
+// upper and lower case, so it keeps "ÀbcÉdf" whole where the model splits it at the case change.
 const std::vector<PreSplits> kPreSplits = {
     {{"gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"},
      false,
