@@ -3,8 +3,10 @@
 // wrote of it (tools/make_arch_golden.py, tests/fixtures/arch_golden/). Logits, loss and every LoRA
 // gradient must be the float64 reference's within the bounds of tests/test_golden.cpp.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -218,4 +220,78 @@ TEST(GoldenArch, YarnDecodeWithKvCacheMatchesReference) {
               1e-5)
         << "decoded position " << t;
   }
+}
+
+namespace {
+
+std::string temp_path(const std::string& name) {
+  const std::string dir = testing::TempDir() + "arch_golden_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  return dir + "/" + name;
+}
+
+// Logits [batch * seq, vocab] of `w` without an adapter (LoRA B starts at zero) on the reference batch.
+std::vector<float> plain_logits(LlamaWeights w, const Expected& e) {
+  LlamaModel model(std::move(w), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
+  std::vector<int32_t> positions;
+  for (int b = 0; b < e.batch; ++b)
+    for (int t = 0; t < e.seq; ++t) positions.push_back(t);
+  const auto* tokens = static_cast<const int32_t*>(e.file->view("input_ids").data);
+  std::vector<float> logits(size_t(e.batch) * e.seq * size_t(model.config().vocab));
+  model.forward_logits(Batch{e.batch, e.seq, tokens, nullptr, positions.data(), nullptr}, logits.data());
+  return logits;
+}
+
+// A merge stores the merged weights in the base's bf16: each weight rounds by up to 2^-9 of itself,
+// which moved these logits by 3.7e-3 (relative norm); without the adapter they are over 5e-2 away.
+constexpr double kMergedBound = 1e-2;
+
+}  // namespace
+
+TEST(GoldenArch, Qwen2GgufExportsAdapterAndMerge) {
+  const Expected e = load_expected("qwen2_expected.safetensors");
+  const io::LoadedModel base = io::load_model(kDir + "qwen2.gguf", true, io::QuantMode::Keep);
+  LlamaModel model(gguf_weights("qwen2.gguf"), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
+  check(model, e, "qwen2 GGUF");
+  const LlamaConfig& c = model.config();
+
+  // The adapter names the base's architecture, and B keeps the base's (HF's) q/k rows.
+  const std::string adapter = temp_path("qwen2_lora.gguf");
+  io::export_gguf_lora(adapter, model.lora(), c);
+  const io::GgufFile a = io::GgufFile::open(adapter);
+  EXPECT_EQ(a.get_string("general.architecture"), "qwen2");
+  const LoraAdapter& q = model.lora().at(1, LoraTarget::Q);
+  const io::GgufTensorInfo& b = a.tensor(io::gguf_lora_tensor_name(1, LoraTarget::Q, true));
+  ASSERT_EQ(b.n_bytes, size_t(q.out) * q.rank * sizeof(float));
+  EXPECT_EQ(std::memcmp(b.data, q.B, b.n_bytes), 0);
+
+  // The merged GGUF without an adapter computes the adapted model's logits.
+  const std::string merged = temp_path("qwen2_merged.gguf");
+  io::export_merged_gguf(merged, *base.gguf, model.lora(), c.rope_layout, io::MergedGgufOptions{});
+  const size_t n = size_t(e.batch) * e.seq * size_t(c.vocab);
+  const std::vector<float> got = plain_logits(io::load_model(merged, true, io::QuantMode::Keep).weights, e);
+  EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), n), kMergedBound);
+  const std::vector<float> unadapted = plain_logits(gguf_weights("qwen2.gguf"), e);
+  EXPECT_GT(test::rel_norm_error(unadapted.data(), f32(e, "logits"), n), 5 * kMergedBound);
+  std::filesystem::remove_all(std::filesystem::path(merged).parent_path());
+}
+
+TEST(GoldenArch, RopeFreqsGgufMergesIntoAnHfDirectoryWithLlama3Scaling) {
+  const Expected e = load_expected("llama_llama3_expected.safetensors");
+  LlamaModel model(gguf_weights("llama_llama3.gguf"), e.lora, CheckpointPolicy::None,
+                   int64_t(e.batch) * e.seq);
+  check(model, e, "llama3 GGUF");
+  const std::string dir = temp_path("llama3_merged");
+  io::export_merged_hf(dir, model.weights(), model.lora());
+  // config.json spells the factors as the llama3 parameters of config_llama3.json.
+  const LlamaConfig merged = io::read_hf_config(dir + "/config.json");
+  const LlamaConfig want = io::read_hf_config(kDir + "llama/config_llama3.json");
+  EXPECT_EQ(merged.rope.scaling, RopeScalingType::Llama3);
+  EXPECT_EQ(merged.rope.factor, want.rope.factor);
+  EXPECT_EQ(merged.rope.low_freq_factor, want.rope.low_freq_factor);
+  EXPECT_EQ(merged.rope.high_freq_factor, want.rope.high_freq_factor);
+  EXPECT_EQ(merged.rope.original_max_positions, want.rope.original_max_positions);
+  const std::vector<float> got = plain_logits(io::load_hf_model(dir, io::QuantMode::Keep), e);
+  EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), got.size()), kMergedBound);
+  std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
 }
