@@ -270,18 +270,13 @@ TEST(TokenizerJson, RefusesBadFiles) {
   }
   {
     json j = base_json();
-    j["normalizer"] = {{"type", "NFC"}};
-    expect_json_refused("nfc.json", j.dump(), "normalizer 'NFC' is not supported");
+    j["normalizer"] = {{"type", "BertNormalizer"}};
+    expect_json_refused("bert.json", j.dump(), "normalizer type 'BertNormalizer' is not supported");
   }
   {
     json j = base_json();
     j["pre_tokenizer"] = {{"type", "Metaspace"}};
-    expect_json_refused("metaspace.json", j.dump(), "pre-tokenizer type 'Metaspace' is not supported");
-  }
-  {
-    json j = base_json();
-    j["model"]["byte_fallback"] = true;
-    expect_json_refused("bytefallback.json", j.dump(), "\"byte_fallback\" = true is not supported");
+    expect_json_refused("metaspace.json", j.dump(), "Metaspace pre-tokenizer has no \"replacement\"");
   }
   {
     json j = base_json();

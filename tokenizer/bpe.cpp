@@ -1,14 +1,14 @@
-// Byte-level BPE: PCRE2 split patterns, the GPT-2 byte <-> unicode mapping, and a merge loop that is
+// BPE over bytes (GPT-2's byte-level) or characters (sentencepiece-style, with byte fallback and
+// Metaspace): PCRE2 split patterns, the GPT-2 byte <-> unicode mapping, and a merge loop that is
 // O(n log n) in the piece length (a heap of candidate pairs over a linked list of symbols), so a
 // megabyte-long piece encodes in bounded time without capping or changing the result.
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
-
 #include <array>
+#include <cstdio>
 #include <queue>
 #include <unordered_map>
 
 #include "src/core/error.h"
+#include "tokenizer/regex.h"
 #include "tokenizer/token_model.h"
 #include "tokenizer/utf8.h"
 
@@ -22,66 +22,6 @@ const char* const kQwen2SplitPattern =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 
 namespace {
-
-struct CodeDeleter {
-  void operator()(pcre2_code* c) const { pcre2_code_free(c); }
-};
-struct MatchDataDeleter {
-  void operator()(pcre2_match_data* m) const { pcre2_match_data_free(m); }
-};
-
-std::string pcre2_message(int code) {
-  std::array<PCRE2_UCHAR, 256> buf{};
-  pcre2_get_error_message(code, buf.data(), buf.size());
-  return reinterpret_cast<const char*>(buf.data());
-}
-
-// One split pattern. MATCH_INVALID_UTF lets raw (non-UTF-8) bytes through: they never match, so they
-// end up in the gaps, which are kept as pieces and then encoded byte by byte like everything else.
-class SplitRegex {
- public:
-  SplitRegex(const std::string& pattern, const std::string& source) : pattern_(pattern) {
-    int err = 0;
-    PCRE2_SIZE err_off = 0;
-    code_.reset(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                              PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &err_off, nullptr));
-    TF_CHECK(code_, source, ": pre-tokenizer pattern /", pattern, "/ does not compile at offset ", err_off,
-             ": ", pcre2_message(err));
-    // The JIT is an optional speed-up; the interpreter gives the same matches where it is absent.
-    pcre2_jit_compile(code_.get(), PCRE2_JIT_COMPLETE);
-  }
-
-  // Splits text[begin, end) into matches and the non-empty gaps between them, in order.
-  void split(std::string_view text, size_t begin, size_t end,
-             std::vector<std::pair<size_t, size_t>>& out) const {
-    std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(
-        pcre2_match_data_create_from_pattern(code_.get(), nullptr));
-    TF_CHECK(md, "out of memory creating PCRE2 match data");
-    const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data() + begin);
-    const size_t len = end - begin;
-    size_t pos = 0, gap = 0;
-    while (pos < len) {
-      const int rc = pcre2_match(code_.get(), subject, len, pos, 0, md.get(), nullptr);
-      if (rc == PCRE2_ERROR_NOMATCH) break;
-      TF_CHECK(rc >= 0, "pre-tokenizer pattern /", pattern_, "/ failed: ", pcre2_message(rc));
-      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
-      const size_t m0 = ov[0], m1 = ov[1];
-      if (m1 == m0) {  // an empty match splits nothing; step over one character and look again
-        const size_t n = utf8_char_len(std::string_view(text.data() + begin, len), m0);
-        pos = m0 + (n == 0 ? 1 : n);
-        continue;
-      }
-      if (m0 > gap) out.emplace_back(begin + gap, m0 - gap);
-      out.emplace_back(begin + m0, m1 - m0);
-      pos = gap = m1;
-    }
-    if (len > gap) out.emplace_back(begin + gap, len - gap);
-  }
-
- private:
-  std::string pattern_;
-  std::unique_ptr<pcre2_code, CodeDeleter> code_;
-};
 
 // GPT-2's reversible byte -> printable code point mapping: printable Latin-1 bytes map to themselves,
 // the other 68 bytes to U+0100 onwards in byte order.
@@ -104,13 +44,16 @@ uint64_t pair_key(int32_t a, int32_t b) {
   return (uint64_t(uint32_t(a)) << 32) | uint32_t(b);
 }
 
-class ByteLevelBpe final : public TokenModel {
+class Bpe final : public TokenModel {
  public:
-  explicit ByteLevelBpe(const BpeSpec& spec)
+  explicit Bpe(const BpeSpec& spec)
       : source_(spec.source),
         vocab_(spec.vocab),
+        metaspace_(spec.metaspace),
         add_prefix_space_(spec.add_prefix_space),
         ignore_merges_(spec.ignore_merges),
+        byte_level_(spec.byte_level),
+        fuse_unk_(spec.fuse_unk),
         unk_id_(spec.unk_id) {
     for (size_t i = 0; i < vocab_.size(); ++i) {
       TF_CHECK(vocab_[i].size() <= kMaxPieceBytes, source_, ": token ", i, " is ", vocab_[i].size(),
@@ -126,7 +69,14 @@ class ByteLevelBpe final : public TokenModel {
       cp_to_byte_[to_cp[b]] = uint8_t(b);
       const auto it = ids_.find(byte_str_[b]);
       byte_id_[b] = it == ids_.end() ? -1 : it->second;
+      std::array<char, 8> name{};
+      std::snprintf(name.data(), name.size(), "<0x%02X>", b);
+      const auto fb = spec.byte_fallback ? ids_.find(name.data()) : ids_.end();
+      fallback_id_[b] = fb == ids_.end() ? -1 : fb->second;
     }
+    TF_CHECK(!metaspace_ || utf8_char_len(metaspace_->replacement, 0) == metaspace_->replacement.size(),
+             source_, ": Metaspace replacement '", shown(metaspace_ ? metaspace_->replacement : ""),
+             "' is not one character");
     merges_.reserve(spec.merges.size());
     for (size_t r = 0; r < spec.merges.size(); ++r) {
       const auto& [a, b] = spec.merges[r];
@@ -135,10 +85,14 @@ class ByteLevelBpe final : public TokenModel {
       // The first occurrence of a pair holds its rank, as in llama.cpp.
       merges_.emplace(pair_key(ia, ib), MergeRule{uint32_t(r), im});
     }
-    for (const auto& p : spec.split_patterns) splitters_.emplace_back(p, source_);
+    for (const auto& p : spec.split_patterns) splitters_.emplace_back(p, source_, "pre-tokenizer pattern");
   }
 
-  void encode(std::string_view text, std::vector<int32_t>& out) const override {
+  void encode(std::string_view text, bool at_start, std::vector<int32_t>& out) const override {
+    if (metaspace_) {
+      encode_metaspace(text, at_start, out);
+      return;
+    }
     std::string prefixed;
     if (add_prefix_space_ && !text.empty() && text[0] != ' ') {
       prefixed = " ";
@@ -157,6 +111,10 @@ class ByteLevelBpe final : public TokenModel {
   void decode(std::span<const int32_t> ids, bool, std::string& out) const override {
     for (const int32_t id : ids) {
       const std::string& p = vocab_[size_t(id)];
+      if (!byte_level_) {
+        out += p;
+        continue;
+      }
       for (size_t i = 0; i < p.size();) {
         size_t n = utf8_char_len(p, i);
         if (n == 0) n = 1;
@@ -192,11 +150,38 @@ class ByteLevelBpe final : public TokenModel {
     return it->second;
   }
 
+  // Metaspace: spaces become the replacement character, which starts a piece wherever it stands
+  // (HF's "merged with next" split) and is put in front of the text as the prepend scheme says.
+  void encode_metaspace(std::string_view text, bool at_start, std::vector<int32_t>& out) const {
+    const std::string& rep = metaspace_->replacement;
+    std::string s;
+    const PrependScheme scheme = metaspace_->prepend;
+    const bool prepend = scheme == PrependScheme::Always || (scheme == PrependScheme::First && at_start);
+    if (prepend && !text.empty() && !text.starts_with(rep) && text[0] != ' ') s = rep;
+    for (const char c : text) {
+      if (c == ' ')
+        s += rep;
+      else
+        s += c;
+    }
+    if (!metaspace_->split) {
+      encode_piece(s, out);
+      return;
+    }
+    size_t begin = 0;
+    for (size_t at = s.find(rep, 1); at != std::string::npos; at = s.find(rep, at + rep.size())) {
+      encode_piece(std::string_view(s).substr(begin, at - begin), out);
+      begin = at;
+    }
+    if (begin < s.size()) encode_piece(std::string_view(s).substr(begin), out);
+  }
+
   void encode_piece(std::string_view bytes, std::vector<int32_t>& out) const {
     if (ignore_merges_) {
       std::string mapped;
-      for (const char c : bytes) mapped += byte_str_[uint8_t(c)];
-      const auto it = ids_.find(mapped);
+      if (byte_level_)
+        for (const char c : bytes) mapped += byte_str_[uint8_t(c)];
+      const auto it = ids_.find(byte_level_ ? mapped : std::string(bytes));
       if (it != ids_.end()) {
         out.push_back(it->second);
         return;
@@ -207,13 +192,39 @@ class ByteLevelBpe final : public TokenModel {
     };
     std::vector<Sym> syms;
     syms.reserve(bytes.size());
-    for (const char c : bytes) {
-      int32_t id = byte_id_[uint8_t(c)];
-      // Like HF's BPE without an unk token, a byte missing from the vocab is dropped.
-      if (id < 0) id = unk_id_;
-      if (id < 0) continue;
+    bool last_unk = false;
+    const auto push_sym = [&](int32_t id, bool unk) {
+      if (unk && last_unk && fuse_unk_) return;
+      last_unk = unk;
       const int32_t i = int32_t(syms.size());
       syms.push_back({id, i - 1, i + 1});
+    };
+    // The first symbols: bytes as GPT-2's characters, or the UTF-8 characters themselves. Like HF's
+    // BPE, a symbol missing from the vocab becomes its <0xNN> byte tokens (byte_fallback, when the
+    // vocab has all of them), else the unknown token, else it is dropped.
+    for (size_t i = 0; i < bytes.size();) {
+      size_t n = byte_level_ ? 1 : utf8_char_len(bytes, i);
+      if (n == 0) n = 1;
+      const std::string_view sym = bytes.substr(i, n);
+      int32_t id = -1;
+      if (byte_level_) {
+        id = byte_id_[uint8_t(sym[0])];
+      } else {
+        const auto it = ids_.find(std::string(sym));
+        if (it != ids_.end()) id = it->second;
+      }
+      i += n;
+      if (id >= 0) {
+        push_sym(id, false);
+        continue;
+      }
+      bool fallback = !byte_level_;
+      for (const char c : sym) fallback = fallback && fallback_id_[uint8_t(c)] >= 0;
+      if (fallback) {
+        for (const char c : sym) push_sym(fallback_id_[uint8_t(c)], false);
+      } else if (unk_id_ >= 0) {
+        push_sym(unk_id_, true);
+      }
     }
     if (syms.empty()) return;
     syms.back().next = -1;
@@ -253,19 +264,23 @@ class ByteLevelBpe final : public TokenModel {
   std::vector<std::string> vocab_;
   std::unordered_map<std::string, int32_t> ids_;
   std::unordered_map<uint64_t, MergeRule> merges_;
-  std::vector<SplitRegex> splitters_;
+  std::vector<Regex> splitters_;
   std::array<std::string, 256> byte_str_;
   std::array<int32_t, 256> byte_id_{};
+  std::array<int32_t, 256> fallback_id_{};  // <0xNN> tokens, under byte_fallback
   std::unordered_map<uint32_t, uint8_t> cp_to_byte_;
+  std::optional<MetaspaceSpec> metaspace_;
   bool add_prefix_space_;
   bool ignore_merges_;
+  bool byte_level_;
+  bool fuse_unk_;
   int32_t unk_id_;
 };
 
 }  // namespace
 
-std::unique_ptr<TokenModel> make_byte_level_bpe(const BpeSpec& spec) {
-  return std::make_unique<ByteLevelBpe>(spec);
+std::unique_ptr<TokenModel> make_bpe(const BpeSpec& spec) {
+  return std::make_unique<Bpe>(spec);
 }
 
 std::string byte_level_piece(uint8_t b) {

@@ -139,7 +139,7 @@ Tokenizer Tokenizer::from_gguf_vocab(const GgufVocab& v, const std::string& sour
                "' is not two tokens separated by a space");
       spec.merges.emplace_back(m.substr(0, sp), m.substr(sp + 1));
     }
-    t.model_ = make_byte_level_bpe(spec);
+    t.model_ = make_bpe(spec);
     add_bos = pre.add_bos;
   } else if (v.model == "llama") {
     SpmSpec spec;

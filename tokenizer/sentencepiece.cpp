@@ -32,7 +32,7 @@ class SentencePiece final : public TokenModel {
     info.unk_id = sp_.unk_id();
   }
 
-  void encode(std::string_view text, std::vector<int32_t>& out) const override {
+  void encode(std::string_view text, bool, std::vector<int32_t>& out) const override {
     const size_t bad = utf8_invalid_at(text);
     TF_CHECK(bad == std::string_view::npos, source_, ": text is not valid UTF-8 at byte ", bad,
              "; the sentencepiece tokenizer encodes UTF-8 text only");

@@ -18,11 +18,12 @@ namespace tf::tok {
 // text between added tokens; sentencepiece-style models put their dummy space prefix in front of each
 // (as llama.cpp does after every special token), and decode takes it away again where
 // `after_special` says a run of ids begins the output or follows an added token, so that
-// decode(encode(x)) == x.
+// decode(encode(x)) == x. `at_start` says the stretch begins the input (no added token before it),
+// which HF's Metaspace prepend scheme "first" asks about.
 class TokenModel {
  public:
   virtual ~TokenModel() = default;
-  virtual void encode(std::string_view text, std::vector<int32_t>& out) const = 0;
+  virtual void encode(std::string_view text, bool at_start, std::vector<int32_t>& out) const = 0;
   virtual void decode(std::span<const int32_t> ids, bool after_special, std::string& out) const = 0;
   // The vocabulary's own spelling of a token ("Ġthe", "▁the", "<0x0A>"); empty for an unused id.
   virtual const std::string& piece(int32_t id) const = 0;
@@ -30,8 +31,20 @@ class TokenModel {
   virtual size_t size() const = 0;
 };
 
-// Byte-level BPE (GPT-2 family). Split patterns are PCRE2 regexes applied one after another, each
-// keeping both its matches and the gaps between them as pieces (HF's "Isolated" behaviour).
+// Where HF's Metaspace pre-tokenizer (and decoder) put the replacement character in front of text.
+enum class PrependScheme : uint8_t { Always, First, Never };
+
+struct MetaspaceSpec {
+  std::string replacement = "\xE2\x96\x81";  // one character; U+2581 in every real file
+  PrependScheme prepend = PrependScheme::Always;
+  bool split = true;  // each replacement character starts a new piece
+};
+
+// BPE. Byte-level (GPT-2 family): split patterns are PCRE2 regexes applied one after another, each
+// keeping both its matches and the gaps between them as pieces (HF's "Isolated" behaviour), and the
+// symbols are the bytes as GPT-2's printable characters. Otherwise (sentencepiece-style
+// tokenizer.json) the symbols are UTF-8 characters, pieces come from the Metaspace split when one
+// is given, and characters the vocab lacks fall back to <0xNN> byte tokens under byte_fallback.
 struct BpeSpec {
   std::string source;                                       // file name for error messages
   std::vector<std::string> vocab;                           // id -> piece; "" marks an unused id
@@ -39,9 +52,13 @@ struct BpeSpec {
   std::vector<std::string> split_patterns;
   bool add_prefix_space = false;
   bool ignore_merges = false;  // a piece that is a whole vocab entry is emitted without merging
+  bool byte_level = true;
+  bool byte_fallback = false;
+  bool fuse_unk = false;  // a run of unknown symbols becomes one unknown token
+  std::optional<MetaspaceSpec> metaspace;
   int32_t unk_id = -1;
 };
-std::unique_ptr<TokenModel> make_byte_level_bpe(const BpeSpec& spec);
+std::unique_ptr<TokenModel> make_bpe(const BpeSpec& spec);
 
 // The split patterns of the tokenizers we know (the GPT-2, Llama-3 and Qwen2 pre-tokenizer regexes).
 extern const char* const kGpt2SplitPattern;

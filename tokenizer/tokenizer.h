@@ -48,16 +48,23 @@ struct AddedToken {
   std::string content;
   int32_t id = -1;
   bool special = false;
+  // Matched in the normalized text rather than the raw input (HF's "normalized": true).
+  bool normalized = false;
 };
 
 class TokenModel;  // the vocabulary-specific encoder of text that holds no added token
+class Normalizer;  // tokenizer.json's normalizer (tokenizer/hf_pipeline.h)
+class Decoder;     // tokenizer.json's decoder chain
 
 // Text <-> token ids. Added (special) tokens are split out of the text first, as HF tokenizers and
-// llama.cpp do; the pieces between them go to the model. Loading refuses anything it does not
-// implement with an error that names the file and the feature.
+// llama.cpp do; the pieces between them are normalized (tokenizer.json), the added tokens marked
+// normalized are split out of the result, and the rest goes to the model. Loading refuses anything
+// it does not implement with an error that names the file and the feature.
 class Tokenizer {
  public:
-  // HF tokenizer.json with a byte-level BPE model.
+  // HF tokenizer.json with a BPE model: byte-level (GPT-2, Llama-3, Qwen2, SmolLM) or
+  // sentencepiece-style (Llama-2, Mistral, TinyLlama: Metaspace or a Prepend/Replace normalizer,
+  // byte fallback), with HF's normalizers and decoders.
   static Tokenizer from_tokenizer_json(const std::string& path);
   // sentencepiece .model. Control pieces (<s>, </s>, ...) written in the text are recognised.
   static Tokenizer from_sentencepiece(const std::string& path);
@@ -71,7 +78,8 @@ class Tokenizer {
   // Byte-level BPE encodes any bytes (text that is not UTF-8 decodes back to the same bytes);
   // sentencepiece-style vocabularies refuse it with an error giving the offset of the bad byte.
   std::vector<int32_t> encode(std::string_view text, const EncodeOptions& opt = {}) const;
-  // Added tokens decode to their text (special ones are dropped when skip_special is set).
+  // Added tokens decode to their text (special ones are dropped when skip_special is set); a
+  // tokenizer.json's decoder chain sees them among the other tokens, as HF's decode does.
   std::string decode(std::span<const int32_t> ids, bool skip_special = false) const;
   // The token's text as it appears in decoded output (bytes for byte tokens).
   std::string token_to_piece(int32_t id) const;
@@ -91,17 +99,33 @@ class Tokenizer {
   const std::string& source() const { return source_; }
 
  private:
+  // Byte trie over added-token contents: edges keyed by (node << 8 | byte); terminal node -> added_.
+  struct Trie {
+    std::unordered_map<uint64_t, uint32_t> edges;
+    std::unordered_map<uint32_t, size_t> terminal;
+    uint32_t nodes = 1;  // node 0 is the root
+  };
+
   Tokenizer();
   void set_added_tokens(std::vector<AddedToken> added);
   void check_id(int32_t id, const char* what) const;
+  // Splits `text` on the trie's tokens (longest match first) and hands each stretch between them
+  // to `stretch` (with whether it begins the input).
+  template <typename F>
+  void split_added(const Trie& trie, std::string_view text, bool at_start, const EncodeOptions& opt,
+                   std::vector<int32_t>& out, F&& stretch) const;
+  void encode_stretch(std::string_view text, bool at_start, const EncodeOptions& opt,
+                      std::vector<int32_t>& out) const;
 
   std::string source_;
   std::unique_ptr<TokenModel> model_;
+  std::unique_ptr<const Normalizer> normalizer_;  // tokenizer.json only; null: the text as it is
+  std::unique_ptr<const Decoder> decoder_;        // tokenizer.json only; null: the model decodes
   std::vector<AddedToken> added_;
   std::unordered_map<int32_t, size_t> added_index_;  // id -> index in added_
-  // Byte trie over added-token contents: edges keyed by (node << 8 | byte); terminal node -> added_.
-  std::unordered_map<uint64_t, uint32_t> trie_edges_;
-  std::unordered_map<uint32_t, size_t> trie_terminal_;
+  std::vector<std::string> spelling_;                // by index in added_: the text matched and decoded
+  Trie raw_trie_;                                    // added tokens matched in the input
+  Trie normalized_trie_;  // added tokens matched in the normalized stretches between those
   size_t vocab_size_ = 0;
   int32_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1;
   bool add_bos_ = false, add_eos_ = false;

@@ -1,11 +1,15 @@
-// HF tokenizer.json with a byte-level BPE model (GPT-2, Llama-3, Qwen2, SmolLM style). Every field
-// we do not implement is refused by name rather than ignored, so a tokenizer that would encode
-// differently from the reference never loads silently.
+// defines: tf::tok::Tokenizer::from_tokenizer_json. HF tokenizer.json with a BPE model: byte-level (GPT-2,
+// Llama-3, Qwen2, SmolLM style) or sentencepiece-style (Llama-2, Mistral, TinyLlama: characters with byte
+// fallback, Metaspace or a Prepend/Replace normalizer, a Sequence decoder). Every field we do not implement
+// is refused by name rather than ignored, so a tokenizer that would encode differently from the reference
+// never loads silently.
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
+#include "tokenizer/hf_pipeline.h"
+#include "tokenizer/json_reader.h"
 #include "tokenizer/token_model.h"
 #include "tokenizer/tokenizer.h"
 
@@ -17,132 +21,110 @@ using nlohmann::json;
 // Real tokenizer.json files are under 20 MB; the bound keeps a hostile path from exhausting memory.
 constexpr uintmax_t kMaxTokenizerJsonBytes = 512ull << 20;
 
-std::string type_name(const json& j) {
-  return j.is_object() && j.contains("type") && j["type"].is_string() ? j["type"].get<std::string>() : "?";
+constexpr const char* kKnownPreTokenizers = "ByteLevel, Split, Digits, Metaspace, Sequence";
+
+// One step of the pre-tokenizer: appends split patterns, or sets the Metaspace split.
+void pre_step(const JsonReader& rd, const json& p, BpeSpec& spec) {
+  const std::string type = json_type_name(p);
+  if (spec.metaspace) rd.fail("pre-tokenizer steps after Metaspace are not supported");
+  if (spec.byte_level) rd.fail("pre-tokenizer steps after ByteLevel are not supported");
+  if (type == "ByteLevel") {
+    spec.byte_level = true;
+    spec.add_prefix_space = rd.flag(p, "add_prefix_space", false);
+    if (rd.flag(p, "use_regex", true)) spec.split_patterns.push_back(kGpt2SplitPattern);
+    return;
+  }
+  if (type == "Metaspace") {
+    if (!spec.split_patterns.empty()) rd.fail("pre-tokenizer steps before Metaspace are not supported");
+    MetaspaceSpec m;
+    m.replacement = rd.str(rd.field(p, "replacement", "Metaspace pre-tokenizer"), "Metaspace replacement");
+    m.prepend = prepend_scheme_of(p, rd.path);
+    m.split = rd.flag(p, "split", true);
+    spec.metaspace = m;
+    return;
+  }
+  if (type == "Split") {
+    const json& pat = rd.field(p, "pattern", "Split pre-tokenizer");
+    const json& behavior = rd.field(p, "behavior", "Split pre-tokenizer");
+    if (!behavior.is_string() || behavior.get<std::string>() != "Isolated")
+      rd.fail("Split pre-tokenizer behavior " + shown(behavior.dump()) +
+              " is not supported (only \"Isolated\")");
+    if (rd.flag(p, "invert", false)) rd.fail("Split pre-tokenizer with invert = true is not supported");
+    if (pat.is_object() && pat.contains("Regex")) {
+      spec.split_patterns.push_back(rd.str(pat["Regex"], "Split pattern"));
+    } else if (pat.is_object() && pat.contains("String")) {
+      // A literal split string, quoted so PCRE2 matches it verbatim.
+      spec.split_patterns.push_back("\\Q" + rd.str(pat["String"], "Split pattern") + "\\E");
+    } else {
+      rd.fail("Split pre-tokenizer pattern " + shown(pat.dump()) +
+              " is neither {\"Regex\"} nor {\"String\"}");
+    }
+    return;
+  }
+  if (type == "Digits") {
+    spec.split_patterns.push_back(rd.flag(p, "individual_digits", false) ? R"(\p{N})" : R"(\p{N}+)");
+    return;
+  }
+  rd.fail("pre-tokenizer type '" + shown(type) + "' is not supported (known: " + kKnownPreTokenizers + ")");
 }
 
-struct Reader {
-  const std::string& path;
+// Without a ByteLevel step the model's symbols are characters (sentencepiece-style files); without
+// any pre-tokenizer each stretch of text is one piece.
+void pre_tokenizer(const JsonReader& rd, const json& root, BpeSpec& spec) {
+  spec.byte_level = false;
+  if (!root.contains("pre_tokenizer") || root["pre_tokenizer"].is_null()) return;
+  const json& p = root["pre_tokenizer"];
+  if (json_type_name(p) != "Sequence") {
+    pre_step(rd, p, spec);
+    return;
+  }
+  for (const json& s : rd.array(p, "pretokenizers", "Sequence pre-tokenizer")) pre_step(rd, s, spec);
+}
 
-  [[noreturn]] void fail(const std::string& what) const { TF_FAIL(path, ": ", what); }
-
-  const json& field(const json& obj, const char* key, const char* where) const {
-    if (!obj.is_object() || !obj.contains(key)) fail(std::string(where) + " has no \"" + key + "\"");
-    return obj[key];
+// Returns the ids TemplateProcessing puts before and after the text of a single sequence.
+void post_processor(const JsonReader& rd, const json& root, std::vector<int32_t>& prefix,
+                    std::vector<int32_t>& suffix) {
+  if (!root.contains("post_processor") || root["post_processor"].is_null()) return;
+  const json& p = root["post_processor"];
+  std::vector<const json*> procs;
+  if (json_type_name(p) == "Sequence") {
+    for (const json& s : rd.array(p, "processors", "Sequence post-processor")) procs.push_back(&s);
+  } else {
+    procs.push_back(&p);
   }
-  bool flag(const json& obj, const char* key, bool dflt) const {
-    if (!obj.contains(key) || obj[key].is_null()) return dflt;
-    if (!obj[key].is_boolean()) fail(std::string("\"") + key + "\" is not a boolean");
-    return obj[key].get<bool>();
-  }
-  std::string str(const json& j, const std::string& what) const {
-    if (!j.is_string()) fail(what + " is not a string");
-    std::string s = j.get<std::string>();
-    if (s.size() > kMaxPieceBytes)
-      fail(what + " is " + std::to_string(s.size()) + " bytes long; pieces over " +
-           std::to_string(kMaxPieceBytes) + " bytes are refused");
-    return s;
-  }
-  void require_unset(const json& obj, const char* key, const char* where) const {
-    if (!obj.contains(key) || obj[key].is_null()) return;
-    const json& v = obj[key];
-    const bool unset = (v.is_string() && v.get<std::string>().empty()) ||
-                       (v.is_boolean() && !v.get<bool>()) || (v.is_number() && v.get<double>() == 0.0);
-    if (!unset) fail(std::string(where) + " \"" + key + "\" = " + v.dump() + " is not supported");
-  }
-
-  // One step of the pre-tokenizer: appends split patterns; returns true for the ByteLevel step.
-  bool pre_step(const json& p, BpeSpec& spec) const {
-    const std::string type = type_name(p);
-    if (type == "ByteLevel") {
-      spec.add_prefix_space = flag(p, "add_prefix_space", false);
-      if (flag(p, "use_regex", true)) spec.split_patterns.push_back(kGpt2SplitPattern);
-      return true;
-    }
-    if (type == "Split") {
-      const json& pat = field(p, "pattern", "Split pre-tokenizer");
-      const json& behavior = field(p, "behavior", "Split pre-tokenizer");
-      if (!behavior.is_string() || behavior.get<std::string>() != "Isolated")
-        fail("Split pre-tokenizer behavior " + behavior.dump() + " is not supported (only \"Isolated\")");
-      if (flag(p, "invert", false)) fail("Split pre-tokenizer with invert = true is not supported");
-      if (pat.is_object() && pat.contains("Regex")) {
-        spec.split_patterns.push_back(str(pat["Regex"], "Split pattern"));
-      } else if (pat.is_object() && pat.contains("String")) {
-        // A literal split string, quoted so PCRE2 matches it verbatim.
-        spec.split_patterns.push_back("\\Q" + str(pat["String"], "Split pattern") + "\\E");
-      } else {
-        fail("Split pre-tokenizer pattern " + pat.dump() + " is neither {\"Regex\"} nor {\"String\"}");
+  for (const json* q : procs) {
+    const std::string type = json_type_name(*q);
+    if (type == "ByteLevel") continue;  // only adjusts offsets
+    if (type != "TemplateProcessing")
+      rd.fail("post-processor type '" + shown(type) +
+              "' is not supported (known: TemplateProcessing, ByteLevel, Sequence)");
+    const json& single = rd.array(*q, "single", "TemplateProcessing");
+    const json& specials = rd.field(*q, "special_tokens", "TemplateProcessing");
+    bool seen_text = false;
+    for (const json& item : single) {
+      if (item.is_object() && item.contains("Sequence")) {
+        seen_text = true;
+        continue;
       }
-      return false;
-    }
-    if (type == "Digits") {
-      spec.split_patterns.push_back(flag(p, "individual_digits", false) ? R"(\p{N})" : R"(\p{N}+)");
-      return false;
-    }
-    fail("pre-tokenizer type '" + type + "' is not supported (known: ByteLevel, Split, Digits, Sequence)");
-  }
-
-  void pre_tokenizer(const json& root, BpeSpec& spec) const {
-    const json& p = field(root, "pre_tokenizer", "the file");
-    std::vector<const json*> steps;
-    if (type_name(p) == "Sequence") {
-      const json& list = field(p, "pretokenizers", "Sequence pre-tokenizer");
-      if (!list.is_array()) fail("Sequence pre-tokenizer's \"pretokenizers\" is not an array");
-      for (const json& s : list) steps.push_back(&s);
-    } else {
-      steps.push_back(&p);
-    }
-    bool byte_level = false;
-    for (size_t i = 0; i < steps.size(); ++i) {
-      if (byte_level) fail("pre-tokenizer steps after ByteLevel are not supported");
-      byte_level = pre_step(*steps[i], spec);
-    }
-    if (!byte_level)
-      fail("pre-tokenizer has no ByteLevel step; only byte-level BPE tokenizers are supported");
-  }
-
-  // Returns the ids TemplateProcessing puts before and after the text of a single sequence.
-  void post_processor(const json& root, std::vector<int32_t>& prefix, std::vector<int32_t>& suffix) const {
-    if (!root.contains("post_processor") || root["post_processor"].is_null()) return;
-    const json& p = root["post_processor"];
-    std::vector<const json*> procs;
-    if (type_name(p) == "Sequence") {
-      const json& list = field(p, "processors", "Sequence post-processor");
-      if (!list.is_array()) fail("Sequence post-processor's \"processors\" is not an array");
-      for (const json& s : list) procs.push_back(&s);
-    } else {
-      procs.push_back(&p);
-    }
-    for (const json* q : procs) {
-      const std::string type = type_name(*q);
-      if (type == "ByteLevel") continue;  // only adjusts offsets
-      if (type != "TemplateProcessing")
-        fail("post-processor type '" + type +
-             "' is not supported (known: TemplateProcessing, ByteLevel, Sequence)");
-      const json& single = field(*q, "single", "TemplateProcessing");
-      const json& specials = field(*q, "special_tokens", "TemplateProcessing");
-      if (!single.is_array()) fail("TemplateProcessing \"single\" is not an array");
-      bool seen_text = false;
-      for (const json& item : single) {
-        if (item.is_object() && item.contains("Sequence")) {
-          seen_text = true;
-          continue;
-        }
-        if (!item.is_object() || !item.contains("SpecialToken"))
-          fail("TemplateProcessing item " + item.dump() + " is not supported");
-        const std::string name =
-            str(field(item["SpecialToken"], "id", "TemplateProcessing SpecialToken"), "token");
-        const json& ids = field(field(specials, name.c_str(), "TemplateProcessing special_tokens"), "ids",
-                                "TemplateProcessing special token");
-        if (!ids.is_array()) fail("TemplateProcessing ids of '" + name + "' are not an array");
-        for (const json& id : ids) {
-          if (!id.is_number_integer()) fail("TemplateProcessing id of '" + name + "' is not an integer");
-          (seen_text ? suffix : prefix).push_back(id.get<int32_t>());
-        }
+      if (!item.is_object() || !item.contains("SpecialToken"))
+        rd.fail("TemplateProcessing item " + shown(item.dump()) + " is not supported");
+      const std::string name =
+          rd.str(rd.field(item["SpecialToken"], "id", "TemplateProcessing SpecialToken"), "token");
+      const json& ids = rd.array(rd.field(specials, name.c_str(), "TemplateProcessing special_tokens"), "ids",
+                                 "TemplateProcessing special token");
+      for (const json& id : ids) {
+        if (!id.is_number_integer())
+          rd.fail("TemplateProcessing id of '" + shown(name) + "' is not an integer");
+        (seen_text ? suffix : prefix).push_back(id.get<int32_t>());
       }
     }
   }
-};
+}
+
+const json& member_or_null(const json& root, const char* key) {
+  static const json null_json;
+  return root.contains(key) ? root[key] : null_json;
+}
 
 json parse_file(const std::string& path) {
   std::error_code ec;
@@ -166,22 +148,25 @@ json parse_file(const std::string& path) {
 
 Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
   const json root = parse_file(path);
-  const Reader rd{path};
+  const JsonReader rd{path};
   if (!root.is_object()) rd.fail("top level is not a JSON object");
   const json& model = rd.field(root, "model", "the file");
   if (!model.is_object()) rd.fail("\"model\" is not an object");
-  const std::string mtype = type_name(model);
-  if (mtype != "BPE") rd.fail("model type '" + mtype + "' is not supported (only byte-level \"BPE\")");
-  for (const char* key : {"dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix"})
+  const std::string mtype = json_type_name(model);
+  if (mtype != "BPE") rd.fail("model type '" + shown(mtype) + "' is not supported (only \"BPE\")");
+  // Dropout samples merges at random (a training-time augmentation); 0 is the deterministic BPE.
+  // The subword prefix and suffix belong to WordPiece-like vocabularies no Llama-family model uses.
+  for (const char* key : {"dropout", "continuing_subword_prefix", "end_of_word_suffix"})
     rd.require_unset(model, key, "BPE model");
-  if (root.contains("normalizer") && !root["normalizer"].is_null())
-    rd.fail("normalizer '" + type_name(root["normalizer"]) + "' is not supported (only none)");
-  if (root.contains("decoder") && !root["decoder"].is_null() && type_name(root["decoder"]) != "ByteLevel")
-    rd.fail("decoder '" + type_name(root["decoder"]) + "' is not supported (only ByteLevel)");
+  // Built first: they are the parts of the file most often refused.
+  std::unique_ptr<const Normalizer> normalizer = make_normalizer(member_or_null(root, "normalizer"), path);
+  std::unique_ptr<const Decoder> decoder = make_decoder(member_or_null(root, "decoder"), path);
 
   BpeSpec spec;
   spec.source = path;
   spec.ignore_merges = rd.flag(model, "ignore_merges", false);
+  spec.byte_fallback = rd.flag(model, "byte_fallback", false);
+  spec.fuse_unk = rd.flag(model, "fuse_unk", false);
   const json& vocab = rd.field(model, "vocab", "BPE model");
   if (!vocab.is_object()) rd.fail("model vocab is not an object");
   const json empty_list = json::array();
@@ -227,7 +212,7 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
       rd.fail("merge #" + std::to_string(r) + " is neither \"a b\" nor [\"a\", \"b\"]");
     }
   }
-  rd.pre_tokenizer(root, spec);
+  pre_tokenizer(rd, root, spec);
 
   std::vector<AddedToken> added;
   size_t size = spec.vocab.size();
@@ -242,6 +227,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
               std::to_string(max_ids - 1) + ")");
     t.id = int32_t(id);
     t.special = rd.flag(a, "special", false);
+    // HF's default for a token the file does not mark: special tokens match the raw text.
+    t.normalized = rd.flag(a, "normalized", !t.special);
     for (const char* key : {"single_word", "lstrip", "rstrip"})
       if (rd.flag(a, key, false))
         rd.fail("added token '" + shown(t.content) + "' with " + key + " = true is not supported");
@@ -254,14 +241,16 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
   }
 
   std::vector<int32_t> prefix, suffix;
-  rd.post_processor(root, prefix, suffix);
+  post_processor(rd, root, prefix, suffix);
   if (prefix.size() > 1 || suffix.size() > 1)
     rd.fail(
         "TemplateProcessing adds more than one token before or after the text; only BOS/EOS are supported");
 
   Tokenizer t;
   t.source_ = path;
-  t.model_ = make_byte_level_bpe(spec);
+  t.model_ = make_bpe(spec);
+  t.normalizer_ = std::move(normalizer);
+  t.decoder_ = std::move(decoder);
   t.vocab_size_ = size;
   t.set_added_tokens(std::move(added));
   // tokenizer.json does not name BOS/EOS; the template's tokens are, else the usual special names.

@@ -23,9 +23,9 @@ endif()
 find_path(TIGHTFIT_CLI11_INCLUDE_DIR CLI/CLI.hpp REQUIRED)
 include_directories(SYSTEM ${TIGHTFIT_CLI11_INCLUDE_DIR})
 
-# PCRE2 and sentencepiece without pkg-config, as the targets CMakeLists.txt's pkg_check_modules
-# would make, so that the targets linking them read the same either way.
-foreach(dep PCRE2:pcre2.h:pcre2-8 SENTENCEPIECE:sentencepiece_processor.h:sentencepiece)
+# PCRE2, sentencepiece and utf8proc without pkg-config, as the targets CMakeLists.txt's
+# pkg_check_modules would make, so that the targets linking them read the same either way.
+foreach(dep PCRE2:pcre2.h:pcre2-8 SENTENCEPIECE:sentencepiece_processor.h:sentencepiece UTF8PROC:utf8proc.h:utf8proc)
   string(REPLACE ":" ";" dep ${dep})
   list(GET dep 0 name)
   list(GET dep 1 header)

@@ -1,5 +1,6 @@
 #include "src/io/model_loader.h"
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -68,13 +69,7 @@ std::string token_text(const nlohmann::json& v) {
 }
 
 void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
-  if (fs::exists(dir / "tokenizer.json")) {
-    m.tokenizer = std::make_unique<tok::Tokenizer>(
-        tok::Tokenizer::from_tokenizer_json((dir / "tokenizer.json").string()));
-  } else if (fs::exists(dir / "tokenizer.model")) {
-    m.tokenizer = std::make_unique<tok::Tokenizer>(
-        tok::Tokenizer::from_sentencepiece((dir / "tokenizer.model").string()));
-  }
+  m.tokenizer = read_hf_tokenizer(dir.string());
   const nlohmann::json cfg = read_json_if_present(dir / "tokenizer_config.json");
   if (!cfg.is_object()) return;
   const std::string where = (dir / "tokenizer_config.json").string();
@@ -123,6 +118,21 @@ WeightSlot weight_slot_of(GgufLlamaRole role) {
     case GgufLlamaRole::Output: return WeightSlot::LmHead;
   }
   TF_FAIL("unknown GGUF tensor role");
+}
+
+std::unique_ptr<tok::Tokenizer> read_hf_tokenizer(const std::string& dir) {
+  const fs::path json = fs::path(dir) / "tokenizer.json", model = fs::path(dir) / "tokenizer.model";
+  if (fs::exists(json)) {
+    try {
+      return std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_tokenizer_json(json.string()));
+    } catch (const Error& e) {
+      if (!fs::exists(model)) throw;
+      std::fprintf(stderr, "note: %s; using the tokenizer.model beside it instead\n", e.what());
+    }
+  }
+  if (fs::exists(model))
+    return std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_sentencepiece(model.string()));
+  return nullptr;
 }
 
 tok::GgufVocab gguf_vocab(const GgufFile& f) {

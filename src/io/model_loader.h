@@ -37,6 +37,12 @@ WeightSlot weight_slot_of(GgufLlamaRole role);
 // `weights` holds only the config; a directory's weights are always read.
 LoadedModel load_model(const std::string& path, bool with_weights = true, QuantMode quant = QuantMode::None);
 
+// The tokenizer of an HF model directory; null when it has none. tokenizer.json wins where both it
+// and tokenizer.model are present (it carries the added tokens); where the JSON cannot be
+// honoured, the sentencepiece model beside it is the same vocabulary, and a note on stderr says
+// why. tokenizer_config.json is not read here.
+std::unique_ptr<tok::Tokenizer> read_hf_tokenizer(const std::string& dir);
+
 // The tokenizer.ggml.* keys of a GGUF file as plain vocabulary data (the file must have
 // tokenizer.ggml.model). Strings are copied, so the result outlives the file.
 tok::GgufVocab gguf_vocab(const GgufFile& f);
