@@ -1,5 +1,5 @@
 // defines: tf::fuzz::run_target and one entry point per parser fuzzed (safetensors, gguf,
-//          tokenizer_json, tokenizer_encode, jsonl), shared by the libFuzzer targets in fuzz/ and by
+//          tokenizer_json, tokenizer_encode, jsonl, jinja), shared by the libFuzzer targets in fuzz/ and by
 //          tests/test_fuzz_regressions.cpp, so a committed crashing input is replayed exactly as the
 //          fuzzer ran it.
 //
@@ -23,6 +23,8 @@
 #include "src/core/error.h"
 #include "src/data/chat_template.h"
 #include "src/data/dataset.h"
+#include "src/data/jinja.h"
+#include "src/data/model_template.h"
 #include "src/io/gguf.h"
 #include "src/io/gguf_model.h"
 #include "src/io/safetensors.h"
@@ -244,6 +246,40 @@ inline bool run_jsonl(const uint8_t* data, size_t size) {
   }
 }
 
+// The input is a chat template: parsed under small bounds and, when it parses, rendered with a
+// conversation that has a system prompt, a tool call and its result. Refusing to render (a
+// raise_exception, a type error, a bound) is the contract; the output must respect its bound.
+inline bool run_jinja(const uint8_t* data, size_t size) {
+  data::jinja::Limits limits;
+  limits.max_output_bytes = size_t(1) << 16;
+  limits.max_iterations = 10000;
+  limits.max_depth = 32;
+  static const nlohmann::ordered_json ctx = [] {
+    std::vector<data::Message> msgs = {{"system", "Be brief."}, {"user", "Weather?"}, {"assistant", ""}};
+    msgs.back().tool_calls.push_back({"call12345", "get_weather", R"({"city":"Paris"})"});
+    msgs.push_back({"tool", R"({"temp": 21})"});
+    msgs.back().tool_call_id = "call12345";
+    msgs.push_back({"assistant", "<think>\nok\n</think>\n\nIt is 21."});
+    return data::template_context(msgs, R"([{"type":"function","function":{"name":"get_weather"}}])", true,
+                                  "<s>", "</s>");
+  }();
+  try {
+    const data::jinja::Template t(std::string_view(reinterpret_cast<const char*>(data), size), "fuzz.jinja",
+                                  limits);
+    try {
+      const data::jinja::Rendered r = t.render(ctx, 0);
+      require(r.text.size() <= limits.max_output_bytes, "the output is larger than its bound");
+      for (const data::jinja::Span& s : r.generation)
+        require(s.begin <= s.end && s.end <= r.text.size(), "a generation span outside the output");
+    } catch (const Error&) {
+      // Templates may refuse a conversation.
+    }
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
 using EntryPoint = bool (*)(const uint8_t*, size_t);
 
 // Name (as in fuzz/<name>_fuzz.cpp, fuzz/corpus/<name>/, fuzz/regressions/<name>/) -> entry point;
@@ -254,6 +290,7 @@ inline EntryPoint entry_point(std::string_view name) {
   if (name == "tokenizer_json") return run_tokenizer_json;
   if (name == "tokenizer_encode") return run_tokenizer_encode;
   if (name == "jsonl") return run_jsonl;
+  if (name == "jinja") return run_jinja;
   return nullptr;
 }
 

@@ -16,7 +16,8 @@ namespace fs = std::filesystem;
 namespace {
 
 const fs::path kFuzzDir = fs::path(TIGHTFIT_FIXTURES) / ".." / ".." / "fuzz";
-const char* const kTargets[] = {"safetensors", "gguf", "tokenizer_json", "tokenizer_encode", "jsonl"};
+const char* const kTargets[] = {"safetensors",      "gguf",  "tokenizer_json",
+                                "tokenizer_encode", "jsonl", "jinja"};
 
 std::vector<uint8_t> read_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);

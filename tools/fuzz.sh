@@ -3,7 +3,7 @@
 # runs it from its seed corpus.
 #
 #   tools/fuzz.sh <name> [seconds] [extra libFuzzer flags...]
-#   names: safetensors gguf tokenizer_json tokenizer_encode jsonl
+#   names: safetensors gguf tokenizer_json tokenizer_encode jsonl jinja
 #
 # New corpus entries go to build-fuzz/corpus/<name>/ (the committed seeds in fuzz/corpus/<name>/ are
 # only read); a crash, leak, timeout or OOM input is written to build-fuzz/artifacts/<name>/. To

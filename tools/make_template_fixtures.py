@@ -41,6 +41,42 @@ ctu.datetime = _FixedClock
 
 BOS, EOS = "<s>", "</s>"
 
+# None of llama.cpp's templates has {% generation %} blocks; these two, written for these tests in
+# the form transformers' chat templating guide gives, have them, so that the spans transformers'
+# return_assistant_tokens_mask marks are compared too.
+GENERATION_TEMPLATES = {
+    "tightfit-chatml-generation.jinja": (
+        "{%- for message in messages %}\n"
+        "    {%- if message.role == 'assistant' %}\n"
+        "        {{- '<|im_start|>assistant\\n' }}\n"
+        "        {%- generation %}\n"
+        "            {{- message.content + '<|im_end|>' }}\n"
+        "        {%- endgeneration %}\n"
+        "        {{- '\\n' }}\n"
+        "    {%- else %}\n"
+        "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n"
+        "    {{- '<|im_start|>assistant\\n' }}\n"
+        "{%- endif %}\n"
+    ),
+    "tightfit-llama3-generation.jinja": (
+        "{{- bos_token }}\n"
+        "{%- for message in messages %}\n"
+        "    {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' }}\n"
+        "    {%- if message.role == 'assistant' %}\n"
+        "        {%- generation %}{{- message.content | trim + '<|eot_id|>' }}{%- endgeneration %}\n"
+        "    {%- else %}\n"
+        "        {{- message.content | trim + '<|eot_id|>' }}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n"
+        "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+        "{%- endif %}\n"
+    ),
+}
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -158,13 +194,17 @@ def main():
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
-    index, expected = {}, {}
+    index, expected, texts = {}, {}, {}
     for path in sorted(src.glob("*.jinja")):
-        text = path.read_text(encoding="utf-8")
-        (OUT / path.name).write_text(text, encoding="utf-8")
+        texts[path.name] = path.read_text(encoding="utf-8")
         index[path.name] = f"llama.cpp (llama-cpp-python 0.3.36 sdist) vendor/llama.cpp/models/templates/{path.name}"
+    for name, text in GENERATION_TEMPLATES.items():
+        texts[name] = text
+        index[name] = "written for these tests (tools/make_template_fixtures.py), with {% generation %} blocks"
+    for file, text in texts.items():
+        (OUT / file).write_text(text, encoding="utf-8")
         with_mask = re.search(r"\{\%-?\s*generation\s*-?\%\}", text) is not None
-        expected[path.name] = {name: render(text, conv, with_mask) for name, conv in CONVERSATIONS.items()}
+        expected[file] = {name: render(text, conv, with_mask) for name, conv in CONVERSATIONS.items()}
     dump = lambda obj, name: (OUT / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     dump({"now_unix": NOW_UNIX, "bos_token": BOS, "eos_token": EOS, "conversations": CONVERSATIONS}, "conversations.json")
     dump(index, "index.json")

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/error.h"
+#include "src/data/model_template.h"
 
 namespace tf::data {
 namespace {
@@ -333,11 +334,12 @@ std::string chatml_default_system(std::string_view t) {
 
 ChatTemplate template_by_name(std::string_view name) {
   for (const auto& [n, kind] : kNames)
-    if (n == name) return {kind, {}};
+    if (n == name) return {kind, {}, {}};
   TF_FAIL("unknown prompt template '", name, "' (known: ", kNameList, ")");
 }
 
 std::string_view template_name(TemplateKind kind) {
+  if (kind == TemplateKind::Model) return "model";
   for (const auto& [n, k] : kNames)
     if (k == kind) return n;
   TF_FAIL("internal: template kind ", int(kind), " has no name");
@@ -345,10 +347,10 @@ std::string_view template_name(TemplateKind kind) {
 
 ChatTemplate detect_template(std::string_view jinja, std::string_view source) {
   const auto has = [&](std::string_view marker) { return jinja.find(marker) != std::string_view::npos; };
-  if (has("<|im_start|>")) return {TemplateKind::ChatML, chatml_default_system(jinja)};
-  if (has("<|start_header_id|>")) return {TemplateKind::Llama3, {}};
-  if (has("[INST]")) return {has("<<SYS>>") ? TemplateKind::Llama2 : TemplateKind::Mistral, {}};
-  if (has("### Instruction:")) return {TemplateKind::Alpaca, {}};
+  if (has("<|im_start|>")) return {TemplateKind::ChatML, chatml_default_system(jinja), {}};
+  if (has("<|start_header_id|>")) return {TemplateKind::Llama3, {}, {}};
+  if (has("[INST]")) return {has("<<SYS>>") ? TemplateKind::Llama2 : TemplateKind::Mistral, {}, {}};
+  if (has("### Instruction:")) return {TemplateKind::Alpaca, {}, {}};
   TF_FAIL(source,
           ": the model's chat template is not one tightfit recognises (it looks for <|im_start|>, "
           "<|start_header_id|>, [INST], ### Instruction:); choose a format with --template (",
@@ -428,6 +430,9 @@ std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex,
       refuse_tools(msgs, ex, name);
       return tmpl.kind == TemplateKind::Llama2 ? render_llama2(msgs, loss) : render_mistral(msgs, loss);
     }
+    case TemplateKind::Model:
+      TF_CHECK(tmpl.model != nullptr, "internal: a model template without its text");
+      return render_model_template(*tmpl.model, as_conversation(tmpl, ex), ex.tools, loss);
   }
   TF_FAIL("internal: template kind ", int(tmpl.kind), " not handled");
 }

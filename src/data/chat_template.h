@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -46,13 +47,18 @@ struct Example {
   size_t line = 0;                         // 1-based line in its file, for error messages
 };
 
-enum class TemplateKind { Plain, Alpaca, ChatML, Llama3, Llama2, Mistral };
+// Model: the model's own Jinja chat template (src/data/model_template.h), what --template auto
+// renders with when the model has one; the others are built in and chosen by name.
+enum class TemplateKind { Plain, Alpaca, ChatML, Llama3, Llama2, Mistral, Model };
+
+struct ModelTemplate;
 
 struct ChatTemplate {
   TemplateKind kind = TemplateKind::Plain;
   // The system prompt the model's own template inserts when a conversation has none (SmolLM2 and
   // Qwen2 do this); empty: none is inserted.
   std::string default_system;
+  std::shared_ptr<const ModelTemplate> model;  // kind Model
 };
 
 // A piece of rendered text. `bos` / `eos` say that the tokenizer's BOS token comes right before the

@@ -1,5 +1,5 @@
 // defines: tf::data::ModelTemplate (a model's own Jinja chat template with the token texts it
-// names), ThinkMode, think_mode_by_name, template_context
+// names), ThinkMode, think_mode_by_name, model_chat_template, template_context, render_model_template
 #pragma once
 
 #include <memory>
@@ -25,8 +25,14 @@ struct ModelTemplate {
   std::shared_ptr<const jinja::Template> jinja;
   std::string bos_token, eos_token;  // the texts bos_token / eos_token stand for in the template
   ThinkMode think = ThinkMode::Keep;
-  std::time_t now = 0;  // what strftime_now formats; 0: the time of rendering
+  std::time_t now = 0;  // what strftime_now formats
 };
+
+// A ChatTemplate of kind Model for the Jinja text `jinja` (`source` names it in errors): parsed
+// here, so a template tightfit cannot render is refused before any data is read. `bos` / `eos` are
+// the tokenizer's BOS / EOS token texts (empty where it has none); strftime_now renders `now`.
+ChatTemplate model_chat_template(std::string_view jinja, std::string source, std::string bos, std::string eos,
+                                 ThinkMode think, std::time_t now);
 
 // The variables transformers renders a conversation with: messages as dicts (role, content, and
 // where present tool_calls [{id, type: "function", function: {name, arguments (an object)}}],
@@ -35,5 +41,15 @@ struct ModelTemplate {
 nlohmann::ordered_json template_context(const std::vector<Message>& msgs, std::string_view tools_json,
                                         bool add_generation_prompt, std::string_view bos,
                                         std::string_view eos);
+
+// Renders a conversation with the model's template, split into segments by which turn each byte
+// belongs to. Where the template has {% generation %} blocks their output is the assistant text;
+// elsewhere turn i's text is what rendering messages[:i+1] adds to rendering messages[:i] (with the
+// generation prompt when turn i is the assistant's: the header is the prompt's, the reply the
+// turn's), which needs no knowledge of the template. Whether each piece counts in the loss follows
+// turn_trained / end_trained / frame_trained; a BOS the template writes as text becomes the BOS flag
+// so that the tokenizer does not add a second one.
+std::vector<Segment> render_model_template(const ModelTemplate& t, const std::vector<Message>& msgs,
+                                           const std::string& tools_json, const LossOptions& loss);
 
 }  // namespace tf::data
