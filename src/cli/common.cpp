@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 
 #include "src/core/error.h"
@@ -73,10 +74,21 @@ offload::WeightTier weight_tier_option(const std::string& name) {
   return offload::WeightTier::Disk;
 }
 
-data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m) {
+data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m,
+                                   const std::string& think) {
   if (name != "auto") return data::template_by_name(name);
   if (m.chat_template.empty()) return data::template_by_name("plain");
-  return data::detect_template(m.chat_template, m.source);
+  const auto token = [&](int32_t id) {
+    return m.tokenizer && id >= 0 ? m.tokenizer->token_to_piece(id) : std::string();
+  };
+  try {
+    return data::model_chat_template(
+        m.chat_template, m.chat_template_source, token(m.tokenizer ? m.tokenizer->bos_id() : -1),
+        token(m.tokenizer ? m.tokenizer->eos_id() : -1), data::think_mode_by_name(think), std::time(nullptr));
+  } catch (const Error& e) {
+    TF_FAIL(e.what(),
+            "; choose a built-in format with --template (chatml, llama3, llama2, mistral, alpaca, plain)");
+  }
 }
 
 Batch batch_view(const data::TokenBatch& b) {

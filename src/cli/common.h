@@ -12,6 +12,7 @@
 #include "src/data/batcher.h"
 #include "src/data/chat_template.h"
 #include "src/data/dataset.h"
+#include "src/data/model_template.h"
 #include "src/io/model_loader.h"
 #include "src/model/generate.h"
 #include "src/model/llama.h"
@@ -51,8 +52,11 @@ io::QuantMode quant_option(const std::string& name);
 // backend cannot stream when the model is built).
 offload::WeightTier weight_tier_option(const std::string& name);
 
-// "auto" uses the model's own template (or plain when it has none); otherwise a name.
-data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m);
+// "auto" renders with the model's own Jinja chat template (plain when it has none; one tightfit
+// cannot render is an error naming the construct and the built-in formats); otherwise a name.
+// `think` is --think (keep, strip) for the model's template.
+data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m,
+                                   const std::string& think = "keep");
 
 // Mean token loss over every example of `data`, in unshuffled micro-batches.
 LossSum evaluate_loss(LlamaModel& model, const data::TokenizedDataset& data, int micro_batch, int seq_len,

@@ -196,6 +196,7 @@ void check_options(const FinetuneOptions& o) {
   TF_CHECK(o.grad_accum >= 1 && o.grad_accum <= 4096, "--grad-accum must be in [1, 4096], got ",
            o.grad_accum);
   if (o.template_name != "auto") data::template_by_name(o.template_name);
+  data::think_mode_by_name(o.think);
   TF_CHECK(o.train_on == "completion" || o.train_on == "all", "--train-on must be completion or all, got '",
            o.train_on, "'");
   TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block" ||
@@ -388,7 +389,7 @@ int run_finetune(const FinetuneOptions& given) {
   const LlamaConfig& cfg = s.model->config();
   const CheckpointPolicy policy = s.model->policy();
   const tok::Tokenizer& tokenizer = s.tokenizer();
-  const data::ChatTemplate tmpl = choose_template(o.template_name, s.loaded);
+  const data::ChatTemplate tmpl = choose_template(o.template_name, s.loaded, o.think);
 
   data::LoadOptions lo;
   lo.skip_bad_lines = o.skip_bad_lines;

@@ -90,7 +90,12 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
       ->capture_default_str();
   c.add_flag("--pack,!--no-pack", o.pack, "Pack several examples per sequence (default on)");
   c.add_option("--template", o.template_name,
-               "Prompt format: auto, chatml, llama3, llama2, mistral, alpaca or plain")
+               "Prompt format: auto (the model's own chat template, plain without one), chatml, llama3, "
+               "llama2, mistral, alpaca or plain")
+      ->capture_default_str();
+  c.add_option("--think", o.think,
+               "<think>...</think> blocks in assistant turns rendered with the model's own template: keep "
+               "(train on them as the template renders them) or strip (remove them before rendering)")
       ->capture_default_str();
   c.add_option("--train-on", o.train_on, "Loss on the completion/assistant tokens or on all tokens")
       ->capture_default_str();

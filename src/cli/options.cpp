@@ -46,6 +46,7 @@ json to_json(const FinetuneOptions& o) {
          {"batch_size", o.batch_size},
          {"pack", o.pack},
          {"template", o.template_name},
+         {"think", o.think},
          {"train_on", o.train_on},
          {"skip_bad_lines", o.skip_bad_lines},
          {"seed", o.seed},
@@ -117,6 +118,8 @@ json resume_relevant(const FinetuneOptions& o) {
   // A count of sequences per step says no more than micro_batch and grad_accum do (and runs from
   // before it existed keep their hash); under auto it is what the step is.
   if (!o.micro_batch_auto) all.erase("batch_size");
+  // Runs from before --think existed trained as its default does; leaving it out keeps their hash.
+  if (o.think == "keep") all.erase("think");
   return all;
 }
 

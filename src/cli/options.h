@@ -46,6 +46,7 @@ struct FinetuneOptions {
   int batch_size = 0;  // sequences per optimizer step; 0: micro_batch x grad_accum (auto: 4 x grad_accum)
   bool pack = true;
   std::string template_name = "auto";
+  std::string think = "keep";  // reasoning blocks in the model template's assistant turns: keep, strip
   std::string train_on = "completion";
   bool skip_bad_lines = false;
   uint64_t seed = 42;

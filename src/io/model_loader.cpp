@@ -68,16 +68,50 @@ std::string token_text(const nlohmann::json& v) {
   return {};
 }
 
+// The model's chat template as transformers finds it: chat_template.jinja (where transformers 5
+// saves it) before tokenizer_config.json's chat_template, which is a string or a list of
+// {name, template} of which the one named "default" is the chat template.
+void read_chat_template(const fs::path& dir, const nlohmann::json& cfg, const std::string& where,
+                        LoadedModel& m) {
+  const fs::path jinja = dir / "chat_template.jinja";
+  if (fs::exists(jinja)) {
+    std::ifstream in(jinja, std::ios::binary);
+    TF_CHECK(in, jinja.string(), ": cannot read the chat template");
+    m.chat_template.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    m.chat_template_source = jinja.string();
+    return;
+  }
+  if (!cfg.is_object() || !cfg.contains("chat_template") || cfg["chat_template"].is_null()) return;
+  const nlohmann::json& t = cfg["chat_template"];
+  m.chat_template_source = where + ": chat_template";
+  if (t.is_string()) {
+    m.chat_template = t.get<std::string>();
+    return;
+  }
+  TF_CHECK(t.is_array(), where, ": chat_template must be a string or a list of {name, template}");
+  std::string names;
+  for (const nlohmann::json& e : t) {
+    TF_CHECK(e.is_object() && e.contains("name") && e["name"].is_string() && e.contains("template") &&
+                 e["template"].is_string(),
+             where, ": each entry of the chat_template list must be {\"name\": ..., \"template\": ...}");
+    const std::string name = e["name"].get<std::string>();
+    if (name == "default") {
+      m.chat_template = e["template"].get<std::string>();
+      m.chat_template_source = where + ": chat_template \"default\"";
+      return;
+    }
+    names += (names.empty() ? "" : ", ") + name;
+  }
+  TF_FAIL(where, ": the chat_template list has no template named \"default\" (it has ", names,
+          "); choose a format with --template");
+}
+
 void load_hf_tokenizer(const fs::path& dir, LoadedModel& m) {
   m.tokenizer = read_hf_tokenizer(dir.string());
   const nlohmann::json cfg = read_json_if_present(dir / "tokenizer_config.json");
-  if (!cfg.is_object()) return;
   const std::string where = (dir / "tokenizer_config.json").string();
-  if (cfg.contains("chat_template")) {
-    TF_CHECK(cfg["chat_template"].is_string(), where,
-             ": chat_template must be a string (named template lists ", "are not supported)");
-    m.chat_template = cfg["chat_template"].get<std::string>();
-  }
+  read_chat_template(dir, cfg, where, m);
+  if (!cfg.is_object()) return;
   if (!m.tokenizer) return;
   auto id_of = [&](const char* key, int32_t fallback) {
     if (!cfg.contains(key)) return fallback;
@@ -176,8 +210,10 @@ LoadedModel load_model(const std::string& path, bool with_weights, QuantMode qua
     if (f->has("tokenizer.ggml.model"))
       m.tokenizer =
           std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(gguf_vocab(*f), f->path()));
-    if (f->has("tokenizer.chat_template"))
+    if (f->has("tokenizer.chat_template")) {
       m.chat_template = std::string(f->get_string("tokenizer.chat_template"));
+      m.chat_template_source = f->path() + ": tokenizer.chat_template";
+    }
     m.gguf = std::move(f);
   }
   if (m.tokenizer)

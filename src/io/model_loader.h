@@ -22,6 +22,7 @@ struct LoadedModel {
   LlamaWeights weights;
   std::unique_ptr<tok::Tokenizer> tokenizer;  // null when the model ships none
   std::string chat_template;                  // the model's Jinja template text; empty if none
+  std::string chat_template_source;           // where it was read, for error messages
   std::shared_ptr<const GgufFile> gguf;       // the open GGUF file (format Gguf), for exports
 };
 
