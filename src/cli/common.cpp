@@ -91,6 +91,20 @@ data::ChatTemplate choose_template(const std::string& name, const io::LoadedMode
   }
 }
 
+data::TokenizeOptions tokenize_options(int seq_len, const std::string& train_on, bool mask_history,
+                                       const std::string& train_on_eos) {
+  TF_CHECK(train_on == "completion" || train_on == "all", "--train-on must be completion or all, got '",
+           train_on, "'");
+  TF_CHECK(!(mask_history && train_on == "all"),
+           "--mask-history trains only the last assistant turn and --train-on all every token; choose one");
+  data::TokenizeOptions to;
+  to.seq_len = size_t(seq_len);
+  to.train_on_all = train_on == "all";
+  to.mask_history = mask_history;
+  to.train_on_eos = data::eos_loss_by_name(train_on_eos);
+  return to;
+}
+
 Batch batch_view(const data::TokenBatch& b) {
   // Rows of one example each need no document mask; attention without one is cheaper, and is what
   // cuDNN's fused attention runs.

@@ -58,6 +58,12 @@ offload::WeightTier weight_tier_option(const std::string& name);
 data::ChatTemplate choose_template(const std::string& name, const io::LoadedModel& m,
                                    const std::string& think = "keep");
 
+// The tokenisation of --seq-len with the loss options --train-on (completion or all),
+// --mask-history and --train-on-eos (turn, last, all, none), checked: a bad value or combination
+// is a tf::Error naming the option.
+data::TokenizeOptions tokenize_options(int seq_len, const std::string& train_on, bool mask_history,
+                                       const std::string& train_on_eos);
+
 // Mean token loss over every example of `data`, in unshuffled micro-batches.
 LossSum evaluate_loss(LlamaModel& model, const data::TokenizedDataset& data, int micro_batch, int seq_len,
                       int32_t pad_id);

@@ -197,8 +197,7 @@ void check_options(const FinetuneOptions& o) {
            o.grad_accum);
   if (o.template_name != "auto") data::template_by_name(o.template_name);
   data::think_mode_by_name(o.think);
-  TF_CHECK(o.train_on == "completion" || o.train_on == "all", "--train-on must be completion or all, got '",
-           o.train_on, "'");
+  tokenize_options(o.seq_len, o.train_on, o.mask_history, o.train_on_eos);
   TF_CHECK(o.checkpointing == "auto" || o.checkpointing == "none" || o.checkpointing == "block" ||
                o.checkpointing == "offload",
            "--checkpointing must be auto, none, block or offload, got '", o.checkpointing, "'");
@@ -393,9 +392,7 @@ int run_finetune(const FinetuneOptions& given) {
 
   data::LoadOptions lo;
   lo.skip_bad_lines = o.skip_bad_lines;
-  data::TokenizeOptions to;
-  to.seq_len = size_t(o.seq_len);
-  to.train_on_all = o.train_on == "all";
+  data::TokenizeOptions to = tokenize_options(o.seq_len, o.train_on, o.mask_history, o.train_on_eos);
   to.skip_bad_lines = o.skip_bad_lines;
   TF_CHECK(cfg.rope.scaling != RopeScalingType::Dynamic || o.seq_len <= cfg.rope.original_max_positions,
            "--seq-len ", o.seq_len, " is above the model's max_position_embeddings ",

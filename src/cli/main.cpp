@@ -1,5 +1,5 @@
 // tightfit: fine-tune Llama-family models with LoRA on small machines. Subcommands: finetune, plan,
-// init, inspect, generate, eval, export. A user error exits 1 with one line "error: ..." on stderr.
+// init, inspect, generate, eval, export, data. A user error exits 1 with one line "error: ..." on stderr.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "src/cli/commands.h"
+#include "src/cli/data.h"
 #include "src/cli/finetune.h"
 #include "src/cli/options.h"
 #include "src/cli/plan.h"
@@ -34,6 +35,13 @@ constexpr const char* kWeightsHelp =
 constexpr const char* kInferenceWeightsHelp =
     "Where the base model's layers live: resident, host (in host memory, each layer copied to the device "
     "just before use) or disk (read from the model file a layer at a time, around the page cache)";
+
+constexpr const char* kMaskHistoryHelp =
+    "Loss only on the last assistant turn of each conversation (a turn's own \"train\"/\"weight\" flag still "
+    "wins)";
+constexpr const char* kTrainOnEosHelp =
+    "Which end-of-turn markers (<|im_end|>, <|eot_id|>, EOS) count in the loss: turn (each trained turn's), "
+    "last (the last trained turn's only), all (every turn's, trained or not), none";
 
 // `training` false: the options as the plan subcommand takes them, which needs no data or run
 // directory.
@@ -99,6 +107,8 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
       ->capture_default_str();
   c.add_option("--train-on", o.train_on, "Loss on the completion/assistant tokens or on all tokens")
       ->capture_default_str();
+  c.add_flag("--mask-history,!--no-mask-history", o.mask_history, kMaskHistoryHelp);
+  c.add_option("--train-on-eos", o.train_on_eos, kTrainOnEosHelp)->capture_default_str();
   c.add_flag("--skip-bad-lines,!--no-skip-bad-lines", o.skip_bad_lines,
              "Skip and count malformed JSONL records instead of failing (a line over 64 MiB still fails)");
   c.add_option("--seed", o.seed, "Seed of LoRA init, dropout and data order")->capture_default_str();
@@ -242,6 +252,28 @@ int run(int argc, char** argv) {
   export_cmd->add_flag("--force", ex.force,
                        "Replace --out even if tightfit did not write it (a directory is replaced whole)");
 
+  DataOptions dat;
+  CLI::App* data_cmd = app.add_subcommand(
+      "data",
+      "Show a dataset as training sees it: examples rendered with their loss tokens marked, token counts, "
+      "what --seq-len drops or truncates, packing efficiency");
+  data_cmd
+      ->add_option("--model", dat.model,
+                   "HF directory or .gguf file (only its tokenizer and template are read)")
+      ->required();
+  data_cmd->add_option("--data", dat.data, "JSONL data")->required();
+  data_cmd->add_option("--template", dat.template_name, "Prompt format")->capture_default_str();
+  data_cmd->add_option("--seq-len", dat.seq_len, "Tokens per sequence")->capture_default_str();
+  data_cmd->add_option("--micro-batch", dat.micro_batch, "Sequences per batch, for the packing efficiency")
+      ->capture_default_str();
+  data_cmd->add_option("--train-on", dat.train_on, "Loss on the completion/assistant tokens or on all tokens")
+      ->capture_default_str();
+  data_cmd->add_flag("--mask-history,!--no-mask-history", dat.mask_history, kMaskHistoryHelp);
+  data_cmd->add_option("--train-on-eos", dat.train_on_eos, kTrainOnEosHelp)->capture_default_str();
+  data_cmd->add_option("-n,--examples", dat.examples, "Examples shown rendered, from the start of the file")
+      ->capture_default_str();
+  data_cmd->add_flag("--json", dat.json, "Print one JSON object");
+
   require_decimal_integers(app);
   // The subcommands whose --config names a JSON file of options (init's names a model preset).
   const std::vector<const CLI::App*> config_file_commands = {finetune, plan};
@@ -290,6 +322,7 @@ int run(int argc, char** argv) {
   if (*inspect) return run_inspect(inspect_model, all_tensors);
   if (*generate) return run_generate(gen);
   if (*eval) return run_eval(ev);
+  if (*data_cmd) return run_data(dat);
   return run_export(ex);
 }
 

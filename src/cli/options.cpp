@@ -48,6 +48,8 @@ json to_json(const FinetuneOptions& o) {
          {"template", o.template_name},
          {"think", o.think},
          {"train_on", o.train_on},
+         {"mask_history", o.mask_history},
+         {"train_on_eos", o.train_on_eos},
          {"skip_bad_lines", o.skip_bad_lines},
          {"seed", o.seed},
          {"save_every", o.save_every},
@@ -120,6 +122,10 @@ json resume_relevant(const FinetuneOptions& o) {
   if (!o.micro_batch_auto) all.erase("batch_size");
   // Runs from before --think existed trained as its default does; leaving it out keeps their hash.
   if (o.think == "keep") all.erase("think");
+  // Runs from before these options existed trained as their defaults do; leaving the defaults out
+  // keeps those runs' config hash, so they still resume.
+  if (!o.mask_history) all.erase("mask_history");
+  if (o.train_on_eos == "turn") all.erase("train_on_eos");
   return all;
 }
 

@@ -48,6 +48,8 @@ struct FinetuneOptions {
   std::string template_name = "auto";
   std::string think = "keep";  // reasoning blocks in the model template's assistant turns: keep, strip
   std::string train_on = "completion";
+  bool mask_history = false;          // loss only on the last assistant turn
+  std::string train_on_eos = "turn";  // which end-of-turn markers count: turn, last, all, none
   bool skip_bad_lines = false;
   uint64_t seed = 42;
   // Run

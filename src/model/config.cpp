@@ -40,8 +40,9 @@ void LlamaConfig::validate(const std::string& source) const {
 }
 
 float LlamaConfig::attention_scale() const {
-  const double m = rope_attention_factor(rope);
-  return float(m * m / std::sqrt(double(head_dim)));
+  // Without an attention factor (m = 1) this is exactly the f32 1/sqrt(head_dim) of the kernels' tests.
+  const float m = rope_attention_factor(rope);
+  return 1.0f / std::sqrt(float(head_dim)) * (m * m);
 }
 
 int64_t LlamaConfig::n_params() const {
