@@ -153,8 +153,28 @@ TEST_F(PlanCli, LlamaEightBillionFromItsConfigAlone) {
   const uint64_t none = alternative(j, "resident", "none")["device"];
   const uint64_t block = alternative(j, "resident", "block")["device"];
   const uint64_t host_block = alternative(j, "host", "block")["device"];
-  EXPECT_EQ(none, j["peak"]["device"].get<uint64_t>());
+  // The budget leaves the MLP whole and the table on the device; the alternatives are each at its
+  // smallest layout, the MLP in chunks of 256 rows and the table in host memory.
+  EXPECT_EQ(j["mlp_chunk"], 0);
+  EXPECT_EQ(j["embedding"], "device");
+  EXPECT_LT(none, j["peak"]["device"].get<uint64_t>());
   EXPECT_LT(block, none);
+  // The goals: 5 GiB with the weights resident, 2.5 GiB streamed from host memory.
+  EXPECT_LE(alternative(j, "resident", "offload")["device"].get<uint64_t>(), uint64_t(5) << 30);
+  EXPECT_LE(alternative(j, "host", "offload")["device"].get<uint64_t>(), uint64_t(5) << 29);
+  // In 5 GiB resident, auto moves the table to host memory and chunks the MLP, and says so.
+  const nlohmann::json tight = plan_json(
+      {"--model", config("Llama-3.1-8B.json"), "--device", "cuda", "--quant", "nf4", "--seq-len", "2048",
+       "--micro-batch", "1", "--weights", "resident", "--checkpointing", "offload", "--max-mem", "5GiB"});
+  EXPECT_EQ(tight["fits"], true);
+  EXPECT_EQ(tight["embedding"], "host");
+  EXPECT_GT(tight["mlp_chunk"].get<int64_t>(), 0);
+  EXPECT_LT(tight["mlp_chunk"].get<int64_t>(), 2048);
+  EXPECT_GT(item(tight, "MLP chunk"), 0u);
+  EXPECT_EQ(item(tight, "embedding rows"), uint64_t(2048) * 4096 * sizeof(float));
+  const std::string choices = tight["choices"].dump();
+  EXPECT_NE(choices.find("MLP in chunks of"), std::string::npos) << choices;
+  EXPECT_NE(choices.find("embedding table in host memory"), std::string::npos) << choices;
   // Streaming keeps two layers' blocks on the device instead of 32.
   EXPECT_LT(double(host_block), double(block) - 28 * layer * 0.5);
   // A config alone cannot stream from a file.
@@ -189,7 +209,9 @@ TEST_F(PlanCli, AutoStreamsUnderABudgetAndRefusalsNameWhatWouldFit) {
   j = plan_json(args);
   EXPECT_EQ(j["weights"], "host");
   EXPECT_EQ(j["checkpointing"], "offload");
-  EXPECT_EQ(j["peak"]["device"].get<uint64_t>(), host_offload);
+  // Its largest layout that fits: at least the smallest's peak, within the budget.
+  EXPECT_GE(j["peak"]["device"].get<uint64_t>(), host_offload);
+  EXPECT_LT(j["peak"]["device"].get<uint64_t>(), host_block);
 
   args = base;
   args.insert(args.end(), {"--max-mem", std::to_string(host_offload - 1)});

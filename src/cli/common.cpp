@@ -27,7 +27,7 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter, io::QuantMode quant, const std::string& device,
                      const std::string& attention, std::unique_ptr<Backend> backend,
-                     const std::string& device_note, offload::WeightTier tier) {
+                     const std::string& device_note, offload::WeightTier tier, const ModelLayout& layout) {
   Session s;
   const AttentionKernel kernel = parse_attention(attention);
   if (!backend) check_device(device, kernel);
@@ -50,8 +50,10 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
   }
   s.attention = s.backend->attention_kernel(s.loaded.weights.config.head_dim);
   // The model's memory is one device arena, taken before the model is built; its steps allocate nothing.
-  s.backend->reserve(LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend, tier).total);
-  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend, tier);
+  s.backend->reserve(
+      LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend, tier, layout).total);
+  s.model = std::make_unique<LlamaModel>(std::move(s.loaded.weights), lora, p, max_tokens, *s.backend, tier,
+                                         layout);
   if (peft) {
     LoraState& dst = s.model->lora();
     TF_CHECK(dst.n_params == peft->lora.n_params, adapter, ": adapter layout does not match the model");

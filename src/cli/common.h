@@ -37,13 +37,14 @@ struct Session {
 // kernel `attention` (an --attention value) names.
 // `backend`, when given, is the backend to run on (made from `device` and `attention` by the
 // caller, with `device_note` saying what auto chose), and `tier` says where the model's per-layer
-// weights live.
+// weights live, `layout` how the model lays out its working memory.
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep,
                      const std::string& device = "cpu", const std::string& attention = "auto",
                      std::unique_ptr<Backend> backend = nullptr, const std::string& device_note = {},
-                     offload::WeightTier tier = offload::WeightTier::Resident);
+                     offload::WeightTier tier = offload::WeightTier::Resident,
+                     const ModelLayout& layout = {});
 
 // The QuantMode named by a --quant value, or tf::Error listing the choices.
 io::QuantMode quant_option(const std::string& name);

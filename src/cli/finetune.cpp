@@ -205,6 +205,8 @@ void check_options(const FinetuneOptions& o) {
   check_device(o.device, parse_attention(o.attention));
   TF_CHECK(o.weights == "auto" || o.weights == "resident" || o.weights == "host" || o.weights == "disk",
            "--weights must be auto, resident, host or disk, got '", o.weights, "'");
+  TF_CHECK(o.embedding == "auto" || o.embedding == "device" || o.embedding == "host",
+           "--embedding must be auto, device or host, got '", o.embedding, "'");
   if (o.max_mem != "auto") parse_size("--max-mem", o.max_mem);
   if (o.max_host_mem != "auto") parse_size("--max-host-mem", o.max_host_mem);
   TF_CHECK(o.save_every >= 0, "--save-every must not be negative (0: only at the end), got ", o.save_every);
@@ -382,7 +384,7 @@ int run_finetune(const FinetuneOptions& given) {
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(
       o.model, lora, int64_t(o.micro_batch) * o.seq_len, [&](const LlamaConfig&) { return plan.policy; }, {},
-      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier);
+      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, plan.layout);
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
   const LlamaConfig& cfg = s.model->config();
@@ -502,6 +504,9 @@ int run_finetune(const FinetuneOptions& given) {
                                              : "per block, inputs in host memory",
       offload::weight_tier_name(plan.tier), cpu::num_threads());
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
+  if (o.mlp_chunk != "auto" && model.mlp_rows() < model.max_tokens())
+    std::printf("plan: MLP in chunks of %lld rows (--mlp-chunk)\n", (long long)model.mlp_rows());
+  if (o.embedding == "host") std::printf("plan: embedding table in host memory (--embedding host)\n");
   std::printf("plan: predicted peak %s\n", peaks_text(plan.plan, plan.budget).c_str());
   if (plan.tier == offload::WeightTier::Disk && s.backend->host_memory() && !std::getenv("OMP_WAIT_POLICY"))
     std::printf(

@@ -127,6 +127,17 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_option("--device", o.device, kDeviceHelp)->capture_default_str();
   c.add_option("--attention", o.attention, kAttentionHelp)->capture_default_str();
   c.add_option("--weights", o.weights, kWeightsHelp)->capture_default_str();
+  c.add_option(
+       "--mlp-chunk", o.mlp_chunk,
+       "Rows of tokens the MLP forms its [rows, intermediate] activations for at a time, in the forward "
+       "and the backward, which forms them again instead of keeping them: auto (all rows when the run "
+       "fits, else the largest halving of them, down to 256 rows, that does) or a count")
+      ->capture_default_str();
+  c.add_option("--embedding", o.embedding,
+               "Where the embedding table lives on a device: auto (on the device, else in host memory when "
+               "that is what fits), device or host (each micro-batch's rows looked up on the host and "
+               "uploaded)")
+      ->capture_default_str();
   c.add_option("--max-mem", o.max_mem,
                "Budget of the memory the model runs in: a GPU's, or the host's on the cpu (auto: the GPU's "
                "memory; the host's available memory). A size: 8GiB, 512MiB, 2.5GB")

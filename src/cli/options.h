@@ -63,6 +63,12 @@ struct FinetuneOptions {
   // budgets of the backend's memory and of host memory (auto: the device's memory, the host's
   // available memory; or a size such as 8GiB, 512MiB, 2.5GB).
   std::string weights = "auto";
+  // Rows of tokens the MLP runs at a time (ModelLayout::mlp_chunk): auto (all rows, else the
+  // largest halving of them down to kMinMlpChunk that fits the budgets) or a count.
+  std::string mlp_chunk = "auto";
+  // Where the embedding table lives on a device backend (ModelLayout::host_embedding): auto (placed,
+  // else in host memory when that is what fits), device or host.
+  std::string embedding = "auto";
   std::string max_mem = "auto";
   std::string max_host_mem = "auto";
   int threads = 0;

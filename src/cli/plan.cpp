@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "offload/host_overheads.h"
 #include "offload/weight_store.h"
@@ -166,11 +168,11 @@ constexpr const char* kOffloadedItem = "saved block inputs";
 
 offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                           CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss,
-                          const DataSizes& data) {
+                          const DataSizes& data, const ModelLayout& layout) {
   const LlamaConfig& c = d.weights.config;
   const LoraConfig lora = lora_config(o);
   const int64_t max_tokens = int64_t(o.micro_batch) * o.seq_len;
-  const MemoryPlan mp = LlamaModel::memory_plan(d.weights, lora, policy, max_tokens, be, tier);
+  const MemoryPlan mp = LlamaModel::memory_plan(d.weights, lora, policy, max_tokens, be, tier, layout);
   const Tier mine = be.host_memory() ? Tier::Host : Tier::Device;
   offload::Plan plan;
 
@@ -193,6 +195,11 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
           std::string(policy_name(policy)) + ", " + tokens_detail(o) + ", " + std::to_string(c.n_layers) +
               " layers",
           mine, bytes);
+    } else if (a.what == "MLP chunk") {
+      add(a.what,
+          "gate, up and activation of " + std::to_string(layout.mlp_chunk) + " of " +
+              std::to_string(max_tokens) + " rows at a time",
+          mine, bytes);
     } else {
       add(a.what, "", mine, bytes);
     }
@@ -202,7 +209,8 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
     // scratch slots besides it, each at its largest request of a step.
     const uint64_t arena = be.reserved_bytes(mp.total);
     add("device arena rounding", "to the device's allocation granule", Tier::Device, arena - mp.total);
-    const ScratchShape shape = model_scratch_shape(d.weights, lora, o.micro_batch, o.seq_len, true);
+    const ScratchShape shape =
+        model_scratch_shape(d.weights, lora, o.micro_batch, o.seq_len, true, layout.mlp_chunk);
     for (const PlannedAlloc& a : be.scratch_plan(shape)) add(a.what, tokens_detail(o), Tier::Device, a.bytes);
   }
   for (const PlannedAlloc& a : mp.host) add(a.what, "", Tier::Host, a.bytes);
@@ -291,8 +299,38 @@ std::string seconds(double s) {
 }  // namespace
 
 offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
-                         CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss) {
-  return model_bytes(o, d, be, policy, tier, startup_rss, data_sizes(o));
+                         CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss,
+                         const ModelLayout& layout) {
+  return model_bytes(o, d, be, policy, tier, startup_rss, data_sizes(o), layout);
+}
+
+std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tokens, const Backend& be,
+                                       const LlamaConfig& c) {
+  std::vector<int64_t> chunks{0};
+  if (o.mlp_chunk != "auto") {
+    char* end = nullptr;
+    const long long rows = std::strtoll(o.mlp_chunk.c_str(), &end, 10);
+    TF_CHECK(!o.mlp_chunk.empty() && *end == '\0' && rows > 0,
+             "--mlp-chunk must be auto or a positive count of rows, got '", o.mlp_chunk, "'");
+    chunks = {rows >= max_tokens ? 0 : int64_t(rows)};
+  } else {
+    for (int64_t rows = max_tokens / 2; rows >= kMinMlpChunk; rows /= 2) chunks.push_back(rows);
+  }
+  TF_CHECK(o.embedding == "auto" || o.embedding == "device" || o.embedding == "host",
+           "--embedding must be auto, device or host, got '", o.embedding, "'");
+  TF_CHECK(o.embedding != "host" || !be.host_memory(), "--embedding host: the ", be.name(),
+           " backend's memory is host memory already; use auto or device");
+  TF_CHECK(o.embedding != "host" || !c.tie_embeddings,
+           "--embedding host: the model ties lm_head to the embedding table, which lm_head reads where "
+           "the model runs; use auto or device");
+  std::vector<bool> embeds{o.embedding == "host"};
+  if (o.embedding == "auto" && !be.host_memory() && !c.tie_embeddings) embeds.push_back(true);
+  // The table in host memory costs an upload of the micro-batch's rows; chunks of the MLP cost its
+  // gate and up products again in the backward: the first is tried first, and kept while chunking.
+  std::vector<ModelLayout> v;
+  for (bool host : embeds) v.push_back({chunks.front(), host});
+  for (size_t i = 1; i < chunks.size(); ++i) v.push_back({chunks[i], embeds.back()});
+  return v;
 }
 
 offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
@@ -325,6 +363,8 @@ nlohmann::json RunPlan::to_json() const {
   j["fits"] = fits;
   j["micro_batch"] = micro_batch;
   j["grad_accum"] = grad_accum;
+  j["mlp_chunk"] = layout.mlp_chunk;
+  j["embedding"] = layout.host_embedding ? "host" : "device";
   j["predicted_step"] = {{"total_s", cost.total_s},         {"compute_s", cost.compute_s},
                          {"recompute_s", cost.recompute_s}, {"overhead_s", cost.overhead_s},
                          {"copy_s", cost.copy_s},           {"exposed_copy_s", cost.exposed_copy_s},
@@ -377,8 +417,18 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
     for (CheckpointPolicy p : policies) {
       for (int m : micros) {
         const FinetuneOptions v = with_micro_batch(o, m);
-        offload::Plan plan = model_bytes(v, d, be, p, t, startup_rss, data);
-        if (!plan.fits(budget)) continue;
+        // The first layout that fits, in model_layouts' order.
+        std::optional<offload::Plan> fit;
+        ModelLayout layout;
+        for (const ModelLayout& l : model_layouts(o, int64_t(m) * o.seq_len, be, d.weights.config)) {
+          offload::Plan plan = model_bytes(v, d, be, p, t, startup_rss, data, l);
+          if (!plan.fits(budget)) continue;
+          fit = std::move(plan);
+          layout = l;
+          break;
+        }
+        if (!fit) continue;
+        offload::Plan& plan = *fit;
         const offload::StepCost cost = predict_step(v, d, be, p, t, plan);
         fitting.push_back({t, p, m, cost.total_s});
         if (fitting.size() > 1 && cost.total_s >= best.cost.total_s * 0.97) continue;
@@ -387,6 +437,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
         best.tier = t;
         best.micro_batch = m;
         best.grad_accum = v.grad_accum;
+        best.layout = layout;
         best.cost = cost;
       }
     }
@@ -400,7 +451,8 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   // micro-batch.
   if (!best.fits) {
     const FinetuneOptions v = with_micro_batch(o, micros.back());
-    best.plan = model_bytes(v, d, be, policies.front(), tiers.front(), startup_rss, data);
+    best.layout = model_layouts(o, int64_t(v.micro_batch) * o.seq_len, be, d.weights.config).back();
+    best.plan = model_bytes(v, d, be, policies.front(), tiers.front(), startup_rss, data, best.layout);
     best.policy = policies.front();
     best.tier = tiers.front();
     best.micro_batch = v.micro_batch;
@@ -434,6 +486,12 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
                                 : reason("with resident weights",
                                          [](const Candidate& c) { return c.tier == WeightTier::Resident; })) +
                            ")");
+  if (o.embedding == "auto" && best.layout.host_embedding)
+    best.choices.push_back("embedding table in host memory (auto: placed on the device, it does not fit)");
+  if (o.mlp_chunk == "auto" && best.layout.mlp_chunk > 0)
+    best.choices.push_back("MLP in chunks of " + std::to_string(best.layout.mlp_chunk) + " rows (auto: all " +
+                           std::to_string(int64_t(best.micro_batch) * o.seq_len) +
+                           " rows at once, or larger chunks, do not fit)");
   if (o.micro_batch_auto) {
     const int larger = [&] {
       for (auto it = micros.rbegin(); it != micros.rend(); ++it)
@@ -576,8 +634,10 @@ int run_plan(const FinetuneOptions& given, bool json) {
   const offload::Budget budget = resolve_budget(o, *be);
   const RunPlan plan = plan_run(o, d, *be, budget, startup);
   const LlamaConfig& c = d.weights.config;
-  // The alternatives at the micro-batch the plan runs.
+  // The alternatives at the micro-batch the plan runs, each with its smallest layout.
   const FinetuneOptions chosen = with_micro_batch(o, plan.micro_batch);
+  const ModelLayout smallest =
+      model_layouts(chosen, int64_t(chosen.micro_batch) * chosen.seq_len, *be, c).back();
   if (json) {
     nlohmann::json j = plan.to_json();
     j["model"] = o.model;
@@ -590,7 +650,7 @@ int run_plan(const FinetuneOptions& given, bool json) {
         } catch (const Error&) {
           continue;
         }
-        const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup);
+        const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, smallest);
         grid.push_back({{"weights", offload::weight_tier_name(t)},
                         {"checkpointing", policy_option(p)},
                         {"device", alt.peak(Tier::Device)},
@@ -632,7 +692,7 @@ int run_plan(const FinetuneOptions& given, bool json) {
       continue;
     }
     for (CheckpointPolicy p : policies_of(*be)) {
-      const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup);
+      const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, smallest);
       std::printf("  weights %-8s  checkpointing %-9s  %s; step %s\n", offload::weight_tier_name(t),
                   policy_option(p), peaks_text(alt, {}).c_str(),
                   seconds(predict_step(chosen, d, *be, p, t, alt).total_s).c_str());

@@ -25,6 +25,7 @@ struct RunPlan {
   offload::WeightTier tier = offload::WeightTier::Resident;
   int micro_batch = 1;
   int grad_accum = 1;
+  ModelLayout layout;  // the MLP's chunks and where the embedding table lives
   offload::StepCost cost;
   offload::CostRates rates;
   offload::Budget budget;
@@ -46,7 +47,19 @@ offload::Budget resolve_budget(const FinetuneOptions& o, const Backend& be);
 // model `d`, with the checkpoint policy and weight tier given; `startup_rss` is the process's
 // resident memory before the model's headers were read (its binary, libraries and backend).
 offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
-                         CheckpointPolicy policy, offload::WeightTier tier, uint64_t startup_rss);
+                         CheckpointPolicy policy, offload::WeightTier tier, uint64_t startup_rss,
+                         const ModelLayout& layout = {});
+
+// The smallest chunk of rows --mlp-chunk auto runs the MLP in: below it, each chunk's products are
+// too short for a GEMM to keep a device busy, and the chunk is already a small part of the peak.
+inline constexpr int64_t kMinMlpChunk = 256;
+// The layouts of the model's memory a plan of `o` at `max_tokens` rows per micro-batch on `be` tries,
+// in order: the MLP on all rows with the embedding table placed, then in host memory (auto, on a
+// device backend, a table lm_head does not share), then the MLP in halvings of the rows down to
+// kMinMlpChunk (auto), with the last table placement. --mlp-chunk N and --embedding device|host fix
+// theirs; a value that is none of these, or a table in host memory where it cannot be, is an error.
+std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tokens, const Backend& be,
+                                       const LlamaConfig& c);
 
 // The cost model's prediction of an optimizer step of `o` (its micro_batch and grad_accum) run with
 // `policy` and `tier`, whose byte model is `plan`, at the nominal rates of `be`'s kind.
