@@ -126,7 +126,7 @@ int run_data(const DataOptions& o) {
   TF_CHECK(m.tokenizer, m.source, ": the model has no tokenizer (tokenizer.json, tokenizer.model or an ",
            "embedded GGUF vocabulary)");
   const tok::Tokenizer& tok = *m.tokenizer;
-  const data::ChatTemplate tmpl = choose_template(o.template_name, m);
+  const data::ChatTemplate tmpl = choose_template(o.template_name, m, o.think);
   const data::Dataset ds = data::load_jsonl(o.data, {.skip_bad_lines = true});
   const data::TokenizedDataset td = data::tokenize_dataset(ds, tmpl, tok, to);
 
@@ -140,7 +140,9 @@ int run_data(const DataOptions& o) {
   const size_t trained = loss_tokens(td);
   std::vector<std::string> problems = ds.first_problems;
   problems.insert(problems.end(), td.first_problems.begin(), td.first_problems.end());
-  const std::string template_name(data::template_name(tmpl.kind));
+  const std::string template_name = tmpl.kind == data::TemplateKind::Model
+                                        ? "the model's own chat template"
+                                        : std::string(data::template_name(tmpl.kind));
 
   if (o.json) {
     json examples = json::array();
@@ -166,7 +168,7 @@ int run_data(const DataOptions& o) {
     const json out{
         {"model", o.model},
         {"data", o.data},
-        {"template", template_name},
+        {"template", std::string(data::template_name(tmpl.kind))},
         {"seq_len", o.seq_len},
         {"examples", examples},
         {"read", read},

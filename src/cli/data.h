@@ -9,6 +9,7 @@ namespace tf::cli {
 struct DataOptions {
   std::string model, data;
   std::string template_name = "auto";
+  std::string think = "keep";  // --think, for the model's own template: keep or strip
   int seq_len = 512;
   int micro_batch = 4;  // rows per batch, for the packing efficiency
   std::string train_on = "completion";

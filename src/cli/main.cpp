@@ -274,6 +274,10 @@ int run(int argc, char** argv) {
       ->required();
   data_cmd->add_option("--data", dat.data, "JSONL data")->required();
   data_cmd->add_option("--template", dat.template_name, "Prompt format")->capture_default_str();
+  data_cmd
+      ->add_option("--think", dat.think,
+                   "<think>...</think> blocks with the model's own template: keep or strip")
+      ->capture_default_str();
   data_cmd->add_option("--seq-len", dat.seq_len, "Tokens per sequence")->capture_default_str();
   data_cmd->add_option("--micro-batch", dat.micro_batch, "Sequences per batch, for the packing efficiency")
       ->capture_default_str();
