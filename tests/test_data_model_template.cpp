@@ -5,11 +5,13 @@
 // or stripped, and the loss options act on the model's template as on the built-in ones.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "src/core/error.h"
 #include "src/data/model_template.h"
+#include "src/io/model_loader.h"
 #include "tests/test_util.h"
 
 namespace tf::data {
@@ -116,6 +118,34 @@ TEST(DataModelTemplate, PerTurnFlagsAndRefusals) {
                   "the template raised an error: System role not supported");
   EXPECT_CONTAINS(test::error_of([] { model("{% include 'x' %}"); }),
                   "t.jinja:1:1: unsupported construct: {% include %}");
+}
+
+// Where a model directory's template is read: chat_template.jinja first (transformers 5 saves it
+// there), else tokenizer_config.json's chat_template as a string or as the "default" of a list.
+TEST(DataModelTemplate, TemplateSourcesOfAModelDirectory) {
+  namespace fs = std::filesystem;
+  test::TempDir tmp;
+  for (const char* f : {"config.json", "model.safetensors"})
+    fs::copy_file(std::string(TIGHTFIT_FIXTURES) + "/hf_tiny_llama/" + f, tmp.dir / f);
+  const auto write = [&](const char* name, const std::string& text) {
+    std::ofstream(tmp.dir / name) << text;
+  };
+  write(
+      "tokenizer_config.json",
+      R"({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})");
+  io::LoadedModel m = io::load_model(tmp.str());
+  EXPECT_EQ(m.chat_template, "D");
+  EXPECT_CONTAINS(m.chat_template_source, "tokenizer_config.json: chat_template \"default\"");
+  write("tokenizer_config.json", R"({"chat_template": "S"})");
+  EXPECT_EQ(io::load_model(tmp.str()).chat_template, "S");
+  write("chat_template.jinja", "J");
+  m = io::load_model(tmp.str());
+  EXPECT_EQ(m.chat_template, "J");
+  EXPECT_CONTAINS(m.chat_template_source, "chat_template.jinja");
+  fs::remove(tmp.dir / "chat_template.jinja");
+  write("tokenizer_config.json", R"({"chat_template": [{"name": "rag", "template": "R"}]})");
+  EXPECT_CONTAINS(test::error_of([&] { io::load_model(tmp.str()); }),
+                  "the chat_template list has no template named \"default\" (it has rag)");
 }
 
 }  // namespace
