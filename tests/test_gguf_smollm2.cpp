@@ -56,6 +56,9 @@ TEST(GgufSmolLM2, OpensMapsAndDequantizesEveryTensor) {
       case GgufLlamaRole::AttnK:
       case GgufLlamaRole::AttnV: want = {c.kv_dim(), c.hidden}; break;
       case GgufLlamaRole::AttnOutput: want = {c.hidden, c.q_dim()}; break;
+      case GgufLlamaRole::AttnQBias: want = {c.q_dim()}; break;
+      case GgufLlamaRole::AttnKBias:
+      case GgufLlamaRole::AttnVBias: want = {c.kv_dim()}; break;
       case GgufLlamaRole::FfnGate:
       case GgufLlamaRole::FfnUp: want = {c.intermediate, c.hidden}; break;
       case GgufLlamaRole::FfnDown: want = {c.hidden, c.intermediate}; break;

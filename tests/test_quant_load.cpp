@@ -166,6 +166,9 @@ std::pair<int64_t, int64_t> role_shape(const LlamaConfig& c, io::GgufLlamaRole r
     case R::AttnK:
     case R::AttnV: return {c.kv_dim(), c.hidden};
     case R::AttnOutput: return {c.hidden, c.q_dim()};
+    case R::AttnQBias: return {1, c.q_dim()};
+    case R::AttnKBias:
+    case R::AttnVBias: return {1, c.kv_dim()};
     case R::FfnGate:
     case R::FfnUp: return {c.intermediate, c.hidden};
     case R::FfnDown: return {c.hidden, c.intermediate};
@@ -221,6 +224,9 @@ WeightSlot slot_of(io::GgufLlamaRole r) {
     case R::AttnQ: return WeightSlot::Q;
     case R::AttnK: return WeightSlot::K;
     case R::AttnV: return WeightSlot::V;
+    case R::AttnQBias: return WeightSlot::QBias;
+    case R::AttnKBias: return WeightSlot::KBias;
+    case R::AttnVBias: return WeightSlot::VBias;
     case R::AttnOutput: return WeightSlot::O;
     case R::FfnNorm: return WeightSlot::MlpNorm;
     case R::FfnGate: return WeightSlot::Gate;
