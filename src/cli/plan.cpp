@@ -487,7 +487,9 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
                                          [](const Candidate& c) { return c.tier == WeightTier::Resident; })) +
                            ")");
   if (o.embedding == "auto" && best.layout.host_embedding)
-    best.choices.push_back("embedding table in host memory (auto: placed on the device, it does not fit)");
+    best.choices.push_back(
+        "embedding table in host memory (auto: with the table on the device and the MLP on all rows "
+        "at once, the run does not fit)");
   if (o.mlp_chunk == "auto" && best.layout.mlp_chunk > 0)
     best.choices.push_back("MLP in chunks of " + std::to_string(best.layout.mlp_chunk) + " rows (auto: all " +
                            std::to_string(int64_t(best.micro_batch) * o.seq_len) +
