@@ -340,7 +340,7 @@ void LlamaModel::done_with_inputs() {
 }
 
 void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
-                               float* out, bool training, uint64_t step, KvCache* cache) {
+                               float* out, bool training, uint64_t step, KvCache* cache, bool mlp) {
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
 
@@ -368,6 +368,7 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
   be_->add_inplace(a.x2, x, n * c.hidden);
 
   be_->rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
+  if (!mlp) return;
   for (int64_t r0 = 0; r0 < n; r0 += mlp_rows_) {
     const int64_t m = std::min(mlp_rows_, n - r0);
     mlp_gate_up(l, w, a, r0, m, training, step);
@@ -383,11 +384,17 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   const int64_t n = b.n_tokens();
 
   // MLP: out = x2 + down(swiglu(gate(h2), up(h2))), h2 = norm(x2), a chunk of rows at a time, each
-  // chunk's gate, up and activation formed again when they are not kept.
+  // chunk's gate, up, activation and down adapter's intermediate formed again when not kept.
   const bool kept = mlp_rows_ == max_tokens_;
   for (int64_t r0 = 0; r0 < n; r0 += mlp_rows_) {
     const int64_t m = std::min(mlp_rows_, n - r0), H = c.hidden, I = c.intermediate;
-    if (!kept) mlp_gate_up(l, w, a, r0, m, true, step);
+    if (!kept) {
+      mlp_gate_up(l, w, a, r0, m, true, step);
+      const LoraAdapter& down = lora_.at(l, LoraTarget::Down);
+      if (down.active())
+        lora_intermediate(*be_, a.lora_t[size_t(LoraTarget::Down)] + r0 * down.rank, lora_xd_, a.act, down,
+                          dropout(l, LoraTarget::Down, true, step, r0), m);
+    }
     projection_backward(d_act_, 0.0f, d_res_ + r0 * H, a.act, w.down, l, LoraTarget::Down, a, step, m, r0);
     be_->fill(d_gate_, 0.0f, m * I);
     be_->fill(d_up_, 0.0f, m * I);
@@ -471,9 +478,10 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
       block_backward(l, w, b, acts_[size_t(l)], x, step);
     } else {
       // Recompute this block from its kept input; the same step regenerates the same dropout masks.
-      // Its output, the next block's input, is written again with the same values.
+      // Its output, the next block's input, is written again with the same values; with the MLP in
+      // chunks, the backward forms each chunk's MLP itself, and the output is not needed.
       float* out = output(l + 1);
-      block_forward(l, w, b, acts_[0], x, out, true, step);
+      block_forward(l, w, b, acts_[0], x, out, true, step, nullptr, mlp_rows_ == max_tokens_);
       block_backward(l, w, b, acts_[0], x, step);
     }
     done_with_inputs();

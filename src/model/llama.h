@@ -153,9 +153,10 @@ class LlamaModel {
   // stream; release_block says every op reading them has been queued.
   const BlockWeights& acquire_block(int layer, int next);
   void release_block(int layer);
-  // The block reads its input x and writes its output into out.
+  // The block reads its input x and writes its output into out; without `mlp` it stops at the MLP's
+  // norm (a recomputation whose backward forms the MLP's chunks itself, leaving out unwritten).
   void block_forward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
-                     float* out, bool training, uint64_t step, KvCache* cache = nullptr);
+                     float* out, bool training, uint64_t step, KvCache* cache = nullptr, bool mlp = true);
   void block_backward(int layer, const BlockWeights& w, const Batch& b, BlockActs& a, const float* x,
                       uint64_t step);
   // Block input r (0..n_layers) for reading, and for writing; done_with_inputs says every op using

@@ -142,14 +142,19 @@ static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false)
   return MatOperand{data, DType::F32, ld, trans};
 }
 
-void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
-                  float scale, const LoraDropout& drop, int64_t n) {
+void lora_intermediate(Backend& be, float* t, float* xd, const float* x, const LoraAdapter& a,
+                       const LoraDropout& drop, int64_t n) {
   const float* input = x;
   if (drop.p > 0) {
     drop.apply(be, xd, x, n, a.in);
     input = xd;
   }
   be.matmul(t, a.rank, f32_operand(input, a.in), f32_operand(a.A, a.in, true), n, a.rank, a.in, 1.0f, 0.0f);
+}
+
+void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
+                  float scale, const LoraDropout& drop, int64_t n) {
+  lora_intermediate(be, t, xd, x, a, drop, n);
   be.matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale, 1.0f);
 }
 

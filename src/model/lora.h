@@ -83,6 +83,9 @@ struct LoraDropout {
   uint64_t stream_id() const;
 };
 
+// t[n, rank] = dropout(x) A^T on `be`: lora_forward's intermediate alone.
+void lora_intermediate(Backend& be, float* t, float* xd, const float* x, const LoraAdapter& a,
+                       const LoraDropout& drop, int64_t n);
 // y[n, out] += scale * dropout(x) A^T B^T on `be`. `t` ([n, rank]) receives dropout(x) A^T, kept
 // for backward; `xd` is scratch of [n, in] used only when dropout is on.
 void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
