@@ -2,6 +2,7 @@
 #include "offload/cost_model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 
 namespace tf::offload {
@@ -13,6 +14,8 @@ namespace {
 // micro-batch pays in launches and barriers.
 constexpr double kForwardOpsPerLayer = 30;
 constexpr double kBackwardOpsPerLayer = 50;
+// The MLP's ops of one chunk, forward and backward, which a chunked MLP runs once more per chunk.
+constexpr double kMlpOpsPerChunk = 25;
 
 // The (in, out) features of projection t.
 std::pair<double, double> projection_dims(const LlamaConfig& c, LoraTarget t) {
@@ -74,26 +77,44 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
   const LlamaConfig& c = in.config;
   const double rows = double(in.micro_batch) * in.seq_len;
   const double layers = c.n_layers;
-  double params = 0, lora = 0;
+  // The attention side's projections and the MLP's, each with its adapters.
+  double attn_params = 0, attn_lora = 0, mlp_params = 0, mlp_lora = 0, gate_up = 0;
   for (int t = 0; t < kLoraTargetCount; ++t) {
-    const auto [din, dout] = projection_dims(c, LoraTarget(t));
-    params += din * dout;
-    if (in.lora.has(LoraTarget(t))) lora += double(in.lora.rank) * (din + dout);
+    const LoraTarget target = LoraTarget(t);
+    const auto [din, dout] = projection_dims(c, target);
+    const bool mlp = target == LoraTarget::Gate || target == LoraTarget::Up || target == LoraTarget::Down;
+    (mlp ? mlp_params : attn_params) += din * dout;
+    if (target == LoraTarget::Gate || target == LoraTarget::Up) gate_up += din * dout;
+    if (in.lora.has(target)) (mlp ? mlp_lora : attn_lora) += double(in.lora.rank) * (din + dout);
   }
+  const bool chunked = in.mlp_chunk > 0 && double(in.mlp_chunk) < rows;
+  const double mlp_rows = chunked ? double(in.mlp_chunk) : rows;
   // A causal product of q and k, and of the weights and v: half of seq x seq per head and sequence.
   const double attention = 2.0 * double(in.seq_len) * in.seq_len * c.n_heads * c.head_dim * in.micro_batch;
-  const double layer_forward = 2 * rows * (params + lora) + attention;
   // The frozen base needs only its input gradients (one product per projection); the adapters need
   // theirs and their weights'; attention's backward recomputes its scores and forms four products.
-  const double layer_backward = 2 * rows * params + 4 * rows * lora + 2.5 * attention;
+  // A chunked MLP forms its gate and up again in the backward instead of keeping them.
+  const double attn_forward = 2 * rows * (attn_params + attn_lora) + attention;
+  const double attn_backward = 2 * rows * attn_params + 4 * rows * attn_lora + 2.5 * attention;
+  const double mlp_forward = 2 * rows * (mlp_params + mlp_lora);
+  const double mlp_backward =
+      2 * rows * mlp_params + 4 * rows * mlp_lora + (chunked ? 2 * rows * gate_up : 0);
   const double head = 2 * rows * double(c.vocab) * c.hidden;
-  const double rate = r.flops * rows / (rows + r.half_rate_rows);
+  const auto rate = [&](double m) { return r.flops * m / (m + r.half_rate_rows); };
 
   StepCost s;
   const double accum = std::max(in.grad_accum, 1);
-  s.compute_s = accum * (layers * (layer_forward + layer_backward) + 2 * head) / rate;
-  s.recompute_s = in.recompute ? accum * layers * layer_forward / rate : 0;
-  const double ops = layers * (kForwardOpsPerLayer * (in.recompute ? 2 : 1) + kBackwardOpsPerLayer) + 10;
+  s.compute_s = accum * (layers * (attn_forward + attn_backward) / rate(rows) +
+                         layers * (mlp_forward + mlp_backward) / rate(mlp_rows) + 2 * head / rate(rows));
+  // Recomputation repeats a block's forward, up to the MLP when the backward forms the MLP's itself.
+  s.recompute_s =
+      in.recompute
+          ? accum * layers * (attn_forward / rate(rows) + (chunked ? 0 : mlp_forward / rate(mlp_rows)))
+          : 0;
+  const double chunks = chunked ? std::ceil(rows / mlp_rows) : 1;
+  const double ops = layers * (kForwardOpsPerLayer * (in.recompute ? 2 : 1) + kBackwardOpsPerLayer +
+                               kMlpOpsPerChunk * (chunks - 1)) +
+                     10;
   s.overhead_s = accum * ops * r.op_overhead_s;
   // Streamed weights are read in the forward and again in the backward (which recomputes from the
   // same copy); offloaded inputs go out in the forward and come back in the backward.
@@ -103,12 +124,13 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
     copy += 2.0 * double(in.streamed_bytes) / rate_in;
   }
   if (in.offloaded_bytes) copy += 2.0 * double(in.offloaded_bytes) / r.link_bytes_s;
-  s.copy_s = accum * copy;
   // Overlapped copies hide behind the micro-batch's compute but for the first block's, which
-  // nothing precedes.
+  // nothing precedes; an upload before the first block hides behind nothing.
   const double busy = (s.compute_s + s.recompute_s) / accum;
   const double exposed = r.copies_overlap ? std::max(0.0, copy - busy) + copy / std::max(layers, 1.0) : copy;
-  s.exposed_copy_s = accum * exposed;
+  const double upload = in.uploaded_bytes ? double(in.uploaded_bytes) / r.link_bytes_s : 0;
+  s.copy_s = accum * (copy + upload);
+  s.exposed_copy_s = accum * (exposed + upload);
   // AdamW reads and writes each parameter, its gradient and both moments.
   s.optimizer_s = double(in.lora_params) * 7 * sizeof(float) / r.memory_bytes_s;
   s.total_s = s.compute_s + s.recompute_s + s.overhead_s + s.exposed_copy_s + s.optimizer_s;

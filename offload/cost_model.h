@@ -43,6 +43,10 @@ struct CostInputs {
   uint64_t streamed_bytes = 0;      // per-layer weights read per pass (forward, and backward)
   bool streamed_from_disk = false;  // from the model file rather than host memory
   uint64_t offloaded_bytes = 0;     // block inputs copied to host memory and back per micro-batch
+  // Rows the MLP runs at a time (0: all of a micro-batch's): its products run at that many rows, the
+  // backward forms each chunk's gate and up again, and per-block recomputation stops at the MLP.
+  int64_t mlp_chunk = 0;
+  uint64_t uploaded_bytes = 0;  // host-to-device bytes before the first block (embedding rows)
   int64_t lora_params = 0;
 };
 

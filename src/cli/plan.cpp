@@ -334,7 +334,8 @@ std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tok
 }
 
 offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
-                               CheckpointPolicy policy, WeightTier tier, const offload::Plan& plan) {
+                               CheckpointPolicy policy, WeightTier tier, const offload::Plan& plan,
+                               const ModelLayout& layout) {
   offload::CostInputs in;
   in.config = d.weights.config;
   in.lora = lora_config(o);
@@ -347,6 +348,10 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
     if (i.component == kOffloadedItem) in.offloaded_bytes += i.bytes;
   }
   in.streamed_from_disk = tier == WeightTier::Disk;
+  in.mlp_chunk = layout.mlp_chunk;
+  if (layout.host_embedding && !be.host_memory())
+    in.uploaded_bytes =
+        uint64_t(o.micro_batch) * uint64_t(o.seq_len) * uint64_t(in.config.hidden) * sizeof(float);
   in.lora_params = int64_t(LoraState::memory_plan(in.config, in.lora)[0].bytes / sizeof(float));
   const offload::CostRates rates =
       be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
@@ -429,7 +434,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
         }
         if (!fit) continue;
         offload::Plan& plan = *fit;
-        const offload::StepCost cost = predict_step(v, d, be, p, t, plan);
+        const offload::StepCost cost = predict_step(v, d, be, p, t, plan, layout);
         fitting.push_back({t, p, m, cost.total_s});
         if (fitting.size() > 1 && cost.total_s >= best.cost.total_s * 0.97) continue;
         best.plan = std::move(plan);
@@ -457,7 +462,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
     best.tier = tiers.front();
     best.micro_batch = v.micro_batch;
     best.grad_accum = v.grad_accum;
-    best.cost = predict_step(v, d, be, best.policy, best.tier, best.plan);
+    best.cost = predict_step(v, d, be, best.policy, best.tier, best.plan, best.layout);
     if (o.checkpointing == "auto" || o.weights == "auto" || o.micro_batch_auto)
       best.choices.push_back("nothing fits the budget");
     return best;
@@ -657,7 +662,7 @@ int run_plan(const FinetuneOptions& given, bool json) {
                         {"checkpointing", policy_option(p)},
                         {"device", alt.peak(Tier::Device)},
                         {"host", alt.peak(Tier::Host)},
-                        {"step_s", predict_step(chosen, d, *be, p, t, alt).total_s}});
+                        {"step_s", predict_step(chosen, d, *be, p, t, alt, smallest).total_s}});
       }
     }
     j["alternatives"] = grid;
@@ -697,7 +702,7 @@ int run_plan(const FinetuneOptions& given, bool json) {
       const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, smallest);
       std::printf("  weights %-8s  checkpointing %-9s  %s; step %s\n", offload::weight_tier_name(t),
                   policy_option(p), peaks_text(alt, {}).c_str(),
-                  seconds(predict_step(chosen, d, *be, p, t, alt).total_s).c_str());
+                  seconds(predict_step(chosen, d, *be, p, t, alt, smallest).total_s).c_str());
     }
   }
   if (plan.fits) {

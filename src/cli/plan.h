@@ -62,9 +62,10 @@ std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tok
                                        const LlamaConfig& c);
 
 // The cost model's prediction of an optimizer step of `o` (its micro_batch and grad_accum) run with
-// `policy` and `tier`, whose byte model is `plan`, at the nominal rates of `be`'s kind.
+// `policy`, `tier` and `layout`, whose byte model is `plan`, at the nominal rates of `be`'s kind.
 offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
-                               CheckpointPolicy policy, offload::WeightTier tier, const offload::Plan& plan);
+                               CheckpointPolicy policy, offload::WeightTier tier, const offload::Plan& plan,
+                               const ModelLayout& layout);
 
 // Plans `o`: the checkpointing, weights and micro-batch options left on auto take, among the
 // combinations that fit the budgets, the one whose step the cost model predicts fastest
