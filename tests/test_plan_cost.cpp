@@ -8,6 +8,7 @@
 
 #include "offload/cost_model.h"
 #include "tests/cli_test_util.h"
+#include "tests/plan_test_util.h"
 
 namespace tf {
 namespace {
@@ -161,24 +162,8 @@ TEST(CostModel, CopiesHideBehindComputeOnlyWhereTheyRunBesideIt) {
   EXPECT_DOUBLE_EQ(step_cost(in, r).copy_s, 2 * 300.0 / 0.1);
 }
 
-class PlanCost : public test::Cli {
+class PlanCost : public test::PlanCli {
  protected:
-  static std::string config(const char* name) {
-    return (std::filesystem::path(TIGHTFIT_FIXTURES).parent_path().parent_path() / "examples" / "configs" /
-            name)
-        .string();
-  }
-  nlohmann::json plan_json(std::vector<std::string> args, int want_status = 0) {
-    args.insert(args.begin(), "plan");
-    args.push_back("--json");
-    const test::Result r = run(args);
-    if (want_status >= 0) {
-      EXPECT_EQ(r.status, want_status) << r.err;
-    }
-    nlohmann::json j = nlohmann::json::parse(r.out, nullptr, false);
-    EXPECT_TRUE(j.is_object()) << r.out << r.err;
-    return j;
-  }
   std::vector<std::string> eight_b(const std::string& micro_batch) {
     return {"--model",        config("Llama-3.1-8B.json"),
             "--device",       "cuda",

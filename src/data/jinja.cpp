@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "src/core/error.h"
+#include "tokenizer/utf8.h"
 
 namespace tf::data::jinja {
 namespace {
@@ -200,24 +201,6 @@ std::vector<size_t> code_point_starts(std::string_view s) {
 size_t code_points(std::string_view s) {
   if (is_ascii(s)) return s.size();
   return code_point_starts(s).size() - 1;
-}
-
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += char(cp);
-  } else if (cp < 0x800) {
-    out += char(0xC0 | (cp >> 6));
-    out += char(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += char(0xE0 | (cp >> 12));
-    out += char(0x80 | ((cp >> 6) & 0x3F));
-    out += char(0x80 | (cp & 0x3F));
-  } else {
-    out += char(0xF0 | (cp >> 18));
-    out += char(0x80 | ((cp >> 12) & 0x3F));
-    out += char(0x80 | ((cp >> 6) & 0x3F));
-    out += char(0x80 | (cp & 0x3F));
-  }
 }
 
 // Python's str.isspace() for the characters templates meet: ASCII whitespace and the separators
@@ -654,7 +637,7 @@ class Lexer {
           cp = cp * 16 + uint32_t(std::isdigit((unsigned char)h) ? h - '0' : ascii_lower(h) - 'a' + 10);
         }
         if (cp > 0x10FFFF) fail_at(start, "an escape names a code point past U+10FFFF");
-        append_utf8(out, cp);
+        tok::append_utf8(out, cp);
       };
       switch (e) {
         case 'n': out += '\n'; break;
@@ -676,7 +659,7 @@ class Lexer {
             uint32_t cp = uint32_t(e - '0');
             for (int k = 0; k < 2 && pos_ < s_.size() && s_[pos_] >= '0' && s_[pos_] <= '7'; ++k)
               cp = cp * 8 + uint32_t(s_[pos_++] - '0');
-            append_utf8(out, cp);
+            tok::append_utf8(out, cp);
           } else {
             out += '\\';
             out += e;
