@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "src/model/weights.h"
+
 namespace tf::offload {
 
 namespace {
@@ -16,22 +18,6 @@ constexpr double kForwardOpsPerLayer = 30;
 constexpr double kBackwardOpsPerLayer = 50;
 // The MLP's ops of one chunk, forward and backward, which a chunked MLP runs once more per chunk.
 constexpr double kMlpOpsPerChunk = 25;
-
-// The (in, out) features of projection t.
-std::pair<double, double> projection_dims(const LlamaConfig& c, LoraTarget t) {
-  const double h = c.hidden, q = c.q_dim(), kv = c.kv_dim(), i = c.intermediate;
-  switch (t) {
-    case LoraTarget::Q: return {h, q};
-    case LoraTarget::K:
-    case LoraTarget::V: return {h, kv};
-    case LoraTarget::O: return {q, h};
-    case LoraTarget::Gate:
-    case LoraTarget::Up: return {h, i};
-    case LoraTarget::Down: return {i, h};
-    case LoraTarget::Count: break;
-  }
-  return {0, 0};
-}
 
 }  // namespace
 
@@ -79,9 +65,11 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
   const double layers = c.n_layers;
   // The attention side's projections and the MLP's, each with its adapters.
   double attn_params = 0, attn_lora = 0, mlp_params = 0, mlp_lora = 0, gate_up = 0;
-  for (int t = 0; t < kLoraTargetCount; ++t) {
-    const LoraTarget target = LoraTarget(t);
-    const auto [din, dout] = projection_dims(c, target);
+  for (WeightSlot slot : {WeightSlot::Q, WeightSlot::K, WeightSlot::V, WeightSlot::O, WeightSlot::Gate,
+                          WeightSlot::Up, WeightSlot::Down}) {
+    const LoraTarget target = *lora_target_of(slot);
+    const auto [rows_out, cols_in] = weight_shape(c, slot);
+    const double din = double(cols_in), dout = double(rows_out);
     const bool mlp = target == LoraTarget::Gate || target == LoraTarget::Up || target == LoraTarget::Down;
     (mlp ? mlp_params : attn_params) += din * dout;
     if (target == LoraTarget::Gate || target == LoraTarget::Up) gate_up += din * dout;

@@ -191,10 +191,6 @@ void check_options(const FinetuneOptions& o) {
   TF_CHECK(std::isfinite(o.epochs), "--epochs must be a finite number, got ", o.epochs);
   TF_CHECK(o.steps > 0 || o.epochs > 0, "--epochs must be positive when --steps is 0, got ", o.epochs);
   TF_CHECK(o.seq_len >= 8 && o.seq_len <= (1 << 20), "--seq-len must be in [8, 1048576], got ", o.seq_len);
-  TF_CHECK(o.micro_batch >= 1 && o.micro_batch <= 4096, "--micro-batch must be in [1, 4096], got ",
-           o.micro_batch);
-  TF_CHECK(o.grad_accum >= 1 && o.grad_accum <= 4096, "--grad-accum must be in [1, 4096], got ",
-           o.grad_accum);
   if (o.template_name != "auto") data::template_by_name(o.template_name);
   data::think_mode_by_name(o.think);
   tokenize_options(o.seq_len, o.train_on, o.mask_history, o.train_on_eos);

@@ -290,6 +290,11 @@ FinetuneOptions with_micro_batch(const FinetuneOptions& o, int m) {
   return v;
 }
 
+// The cost model's nominal rates for a backend's kind.
+offload::CostRates cost_rates(const Backend& be) {
+  return be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
+}
+
 std::string seconds(double s) {
   char buf[32];
   std::snprintf(buf, sizeof buf, s < 10 ? "%.2f s" : "%.0f s", s);
@@ -353,8 +358,7 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
     in.uploaded_bytes =
         uint64_t(o.micro_batch) * uint64_t(o.seq_len) * uint64_t(in.config.hidden) * sizeof(float);
   in.lora_params = int64_t(LoraState::memory_plan(in.config, in.lora)[0].bytes / sizeof(float));
-  const offload::CostRates rates =
-      be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
+  const offload::CostRates rates = cost_rates(be);
   return offload::step_cost(in, rates);
 }
 
@@ -398,8 +402,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   }
   const std::vector<int> micros = micro_batches(o);
   const DataSizes data = data_sizes(o);
-  const offload::CostRates rates =
-      be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
+  const offload::CostRates rates = cost_rates(be);
 
   // Every combination that fits, with its predicted step; the fastest is taken, an earlier one
   // (fewer copies, less recomputation, a larger micro-batch) unless a later one is 3% faster.
