@@ -281,23 +281,36 @@ def llama(out, llama_cpp, tok_dir, seed):
     strip_tokenizer(directory)
 
 
+# Each group writes its own fixtures; --only regenerates the named groups and leaves the others.
+GROUPS = {
+    "qwen2": lambda out, lcpp, tok: qwen2(out, lcpp, tok, "qwen2", SEED, vocab_size=TOKENIZER_VOCAB,
+                                          hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                          head_dim=16, tie_word_embeddings=False),
+    "qwen2_tied": lambda out, lcpp, tok: qwen2(out, lcpp, tok, "qwen2_tied", SEED + 10, vocab_size=320,
+                                               hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=True),
+    "llama": lambda out, lcpp, tok: llama(out, lcpp, tok, SEED + 20),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     here = os.path.dirname(os.path.abspath(__file__))
     parser.add_argument("--out-dir", default=os.path.join(here, "..", "tests", "fixtures", "arch_golden"))
     parser.add_argument("--llama-cpp", required=True, help="llama.cpp's source tree (convert_hf_to_gguf.py)")
+    parser.add_argument("--only", nargs="+", choices=sorted(GROUPS),
+                        help="regenerate these groups' fixtures only (default: all, into an emptied directory)")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
-    if os.path.exists(args.out_dir):
+    if not args.only and os.path.exists(args.out_dir):
         shutil.rmtree(args.out_dir)
-    os.makedirs(args.out_dir)
+    os.makedirs(args.out_dir, exist_ok=True)
     tok_dir = tempfile.mkdtemp()
     make_tokenizer(tok_dir)
-    qwen2(args.out_dir, args.llama_cpp, tok_dir, "qwen2", SEED, vocab_size=TOKENIZER_VOCAB, hidden_size=48,
-          num_attention_heads=6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
-    qwen2(args.out_dir, args.llama_cpp, tok_dir, "qwen2_tied", SEED + 10, vocab_size=320, hidden_size=32,
-          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    llama(args.out_dir, args.llama_cpp, tok_dir, SEED + 20)
+    for name in args.only or GROUPS:
+        if args.only and os.path.exists(os.path.join(args.out_dir, name)):
+            shutil.rmtree(os.path.join(args.out_dir, name))
+        GROUPS[name](args.out_dir, args.llama_cpp, tok_dir)
     shutil.rmtree(tok_dir)
 
 
