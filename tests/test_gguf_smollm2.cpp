@@ -62,6 +62,10 @@ TEST(GgufSmolLM2, OpensMapsAndDequantizesEveryTensor) {
       case GgufLlamaRole::FfnGate:
       case GgufLlamaRole::FfnUp: want = {c.intermediate, c.hidden}; break;
       case GgufLlamaRole::FfnDown: want = {c.hidden, c.intermediate}; break;
+      case GgufLlamaRole::AttnQNorm:
+      case GgufLlamaRole::AttnKNorm: want = {c.head_dim}; break;
+      case GgufLlamaRole::AttnPostNorm:
+      case GgufLlamaRole::FfnPostNorm: want = {c.hidden}; break;
     }
     EXPECT_EQ(t.shape(), want);
     row.resize(size_t(t.row_length()));

@@ -161,6 +161,26 @@ TEST(GoldenArch, Qwen2TiedPaddedVocabulary) {
   golden(gguf_weights("qwen2_tied.gguf"), "qwen2_tied_expected.safetensors", "qwen2 tied GGUF");
 }
 
+TEST(GoldenArch, Qwen3HfAndGguf) {
+  const LlamaWeights hf = hf_weights("qwen3", "config.json");
+  EXPECT_EQ(hf.config.architecture, "qwen3");
+  EXPECT_TRUE(hf.config.qk_norm);
+  EXPECT_TRUE(hf.config.tie_embeddings);
+  EXPECT_EQ(hf.config.n_heads, 3 * hf.config.n_kv_heads);
+  EXPECT_NE(hf.config.head_dim, hf.config.hidden / hf.config.n_heads);
+  golden(hf_weights("qwen3", "config.json"), "qwen3_expected.safetensors", "qwen3 HF");
+  const io::LoadedModel m = io::load_model(kDir + "qwen3.gguf", true, io::QuantMode::Keep);
+  EXPECT_EQ(m.weights.config.architecture, "qwen3");
+  EXPECT_TRUE(m.weights.config.qk_norm);
+  EXPECT_FALSE(m.weights.config.attention_bias);
+  EXPECT_EQ(m.weights.config.rope_layout, RopeLayout::SplitHalf);  // neox: HF's q/k rows
+  ASSERT_NE(m.tokenizer, nullptr);
+  golden(gguf_weights("qwen3.gguf"), "qwen3_expected.safetensors", "qwen3 GGUF");
+  // The backward of a recomputed block needs the pre-norm q and k and their rstd again.
+  golden(gguf_weights("qwen3.gguf"), "qwen3_expected.safetensors", "qwen3 GGUF per-block checkpointing",
+         CheckpointPolicy::PerBlock);
+}
+
 TEST(GoldenArch, LlamaDefaultRope) {
   golden(hf_weights("llama", "config.json"), "llama_default_expected.safetensors", "llama default");
 }

@@ -172,6 +172,10 @@ std::pair<int64_t, int64_t> role_shape(const LlamaConfig& c, io::GgufLlamaRole r
     case R::FfnGate:
     case R::FfnUp: return {c.intermediate, c.hidden};
     case R::FfnDown: return {c.hidden, c.intermediate};
+    case R::AttnQNorm:
+    case R::AttnKNorm: return {1, c.head_dim};
+    case R::AttnPostNorm:
+    case R::FfnPostNorm: return {1, c.hidden};
   }
   return {0, 0};
 }
@@ -232,6 +236,10 @@ WeightSlot slot_of(io::GgufLlamaRole r) {
     case R::FfnGate: return WeightSlot::Gate;
     case R::FfnUp: return WeightSlot::Up;
     case R::FfnDown: return WeightSlot::Down;
+    case R::AttnQNorm: return WeightSlot::QNorm;
+    case R::AttnKNorm: return WeightSlot::KNorm;
+    case R::AttnPostNorm: return WeightSlot::PostAttnNorm;
+    case R::FfnPostNorm: return WeightSlot::PostMlpNorm;
     case R::OutputNorm: return WeightSlot::FinalNorm;
     case R::Output: return WeightSlot::LmHead;
   }

@@ -193,7 +193,7 @@ def convert(llama_cpp, directory, out):
         "import convert_hf_to_gguf\n"
         "convert_hf_to_gguf.main()\n")
     arch = json.load(open(os.path.join(directory, "config.json")))["model_type"]
-    pre = "qwen2" if arch == "qwen2" else "llama-bpe"
+    pre = "qwen2" if arch in ("qwen2", "qwen3") else "llama-bpe"
     result = subprocess.run([sys.executable, "-c", wrapper, directory, "--outtype", "bf16", "--outfile", out],
                             env=dict(os.environ, TF_GGUF_PRE=pre), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -230,6 +230,27 @@ def qwen2(out, llama_cpp, tok_dir, name, seed, **config):
                 proj.bias.zero_()
         change = float((plain(input_ids=ids).logits - logits).abs().max())
     print(f"  {name}: logits move by {change:.3e} without the biases")
+    assert change > 1e-2
+    strip_tokenizer(directory)
+
+
+def qwen3(out, llama_cpp, tok_dir, name, seed, **config):
+    cfg = transformers.Qwen3Config(intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128,
+                                   rms_norm_eps=1e-6, rope_theta=1000000.0, **config)
+    model = randomise(transformers.Qwen3ForCausalLM(cfg), seed)
+    directory = os.path.join(out, name)
+    save_model(model, directory, tok_dir)
+    convert(llama_cpp, directory, os.path.join(out, f"{name}.gguf"))
+    logits, ids = expected(os.path.join(out, f"{name}_expected.safetensors"), transformers.Qwen3ForCausalLM,
+                           directory, seed)
+    # How much the per-head q/k norms matter: a model that skips them must fail by far more than 1e-5.
+    plain = lora_model(load_f64(transformers.Qwen3ForCausalLM, directory), seed + 1)
+    with torch.no_grad():
+        for layer in plain.base_model.model.model.layers:
+            layer.self_attn.q_norm = torch.nn.Identity()
+            layer.self_attn.k_norm = torch.nn.Identity()
+        change = float((plain(input_ids=ids).logits - logits).abs().max())
+    print(f"  {name}: logits move by {change:.3e} without the q/k norms")
     assert change > 1e-2
     strip_tokenizer(directory)
 
@@ -290,6 +311,9 @@ GROUPS = {
                                                hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                                tie_word_embeddings=True),
     "llama": lambda out, lcpp, tok: llama(out, lcpp, tok, SEED + 20),
+    "qwen3": lambda out, lcpp, tok: qwen3(out, lcpp, tok, "qwen3", SEED + 30, vocab_size=TOKENIZER_VOCAB,
+                                          hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                          head_dim=16, tie_word_embeddings=True),
 }
 
 

@@ -58,7 +58,8 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 }  // namespace
 
 std::string gguf_architecture(const LlamaConfig& cfg) {
-  return cfg.architecture == "qwen2" ? "qwen2" : "llama";
+  const std::string& a = cfg.architecture;
+  return a == "qwen2" || a == "qwen3" || a == "gemma3" ? a : "llama";
 }
 
 bool gguf_permutes_qk(const LlamaConfig& cfg) {

@@ -75,9 +75,13 @@ void read_rope_scaling(const GgufFile& f, const std::string& p, RopeParams& rope
 
 LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   const std::string_view arch = f.get_string("general.architecture");
-  if (arch != "llama" && arch != "qwen2")
+  if (arch == "qwen3moe" || arch == "qwen2moe")
+    TF_FAIL(
+        f.path(), ": general.architecture is '", arch,
+        "', a mixture of experts, which tightfit does not run (its dense qwen2 and qwen3 models it does)");
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3")
     TF_FAIL(f.path(), ": general.architecture is '", arch,
-            "'; tightfit runs 'llama' and 'qwen2' GGUF models only");
+            "'; tightfit runs 'llama', 'qwen2' and 'qwen3' GGUF models only");
   const std::string p = std::string(arch) + ".";
   LlamaConfig c;
   c.architecture = std::string(arch);
@@ -125,7 +129,7 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     c.rope.freq_factors.assign(factors, factors + freqs->n_elements);
   }
   // llama.cpp's converter permutes q/k rows for the interleaved rotation of its llama
-  // architecture; qwen2 keeps HF's rows and rotates split halves (llama.cpp's NEOX rope).
+  // architecture; qwen2 and qwen3 keep HF's rows and rotate split halves (llama.cpp's NEOX rope).
   c.rope_layout = arch == "llama" ? RopeLayout::Interleaved : RopeLayout::SplitHalf;
 
   const GgufTensorInfo& embd = f.tensor("token_embd.weight");
@@ -148,6 +152,7 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   c.tie_embeddings = f.find_tensor("output.weight") == nullptr;
   // Every qwen2 block has q/k/v biases: a file without them is broken, not a model without.
   c.attention_bias = arch == "qwen2" || f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  c.qk_norm = arch == "qwen3";
   c.validate(f.path());
   return c;
 }
@@ -172,6 +177,10 @@ constexpr RoleName kRoleNames[] = {
     {GgufLlamaRole::FfnGate, "ffn_gate.weight", true},
     {GgufLlamaRole::FfnUp, "ffn_up.weight", true},
     {GgufLlamaRole::FfnDown, "ffn_down.weight", true},
+    {GgufLlamaRole::AttnQNorm, "attn_q_norm.weight", true},
+    {GgufLlamaRole::AttnKNorm, "attn_k_norm.weight", true},
+    {GgufLlamaRole::AttnPostNorm, "post_attention_norm.weight", true},
+    {GgufLlamaRole::FfnPostNorm, "post_ffw_norm.weight", true},
     {GgufLlamaRole::OutputNorm, "output_norm.weight", false},
     {GgufLlamaRole::Output, "output.weight", false},
 };

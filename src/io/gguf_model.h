@@ -21,21 +21,25 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f);
 
 // What a Llama-architecture GGUF tensor is.
 enum class GgufLlamaRole : uint8_t {
-  TokenEmbd,   // token_embd.weight            [vocab, hidden]
-  AttnNorm,    // blk.N.attn_norm.weight       [hidden]
-  AttnQ,       // blk.N.attn_q.weight          [q_dim, hidden]  (rows permuted for interleaved rope)
-  AttnK,       // blk.N.attn_k.weight          [kv_dim, hidden] (rows permuted for interleaved rope)
-  AttnV,       // blk.N.attn_v.weight          [kv_dim, hidden]
-  AttnQBias,   // blk.N.attn_q.bias            [q_dim]  (qwen2)
-  AttnKBias,   // blk.N.attn_k.bias            [kv_dim]
-  AttnVBias,   // blk.N.attn_v.bias            [kv_dim]
-  AttnOutput,  // blk.N.attn_output.weight     [hidden, q_dim]
-  FfnNorm,     // blk.N.ffn_norm.weight        [hidden]
-  FfnGate,     // blk.N.ffn_gate.weight        [intermediate, hidden]
-  FfnUp,       // blk.N.ffn_up.weight          [intermediate, hidden]
-  FfnDown,     // blk.N.ffn_down.weight        [hidden, intermediate]
-  OutputNorm,  // output_norm.weight           [hidden]
-  Output,      // output.weight                [vocab, hidden]
+  TokenEmbd,     // token_embd.weight            [vocab, hidden]
+  AttnNorm,      // blk.N.attn_norm.weight       [hidden]
+  AttnQ,         // blk.N.attn_q.weight          [q_dim, hidden]  (rows permuted for interleaved rope)
+  AttnK,         // blk.N.attn_k.weight          [kv_dim, hidden] (rows permuted for interleaved rope)
+  AttnV,         // blk.N.attn_v.weight          [kv_dim, hidden]
+  AttnQBias,     // blk.N.attn_q.bias            [q_dim]  (qwen2)
+  AttnKBias,     // blk.N.attn_k.bias            [kv_dim]
+  AttnVBias,     // blk.N.attn_v.bias            [kv_dim]
+  AttnOutput,    // blk.N.attn_output.weight     [hidden, q_dim]
+  FfnNorm,       // blk.N.ffn_norm.weight        [hidden]
+  FfnGate,       // blk.N.ffn_gate.weight        [intermediate, hidden]
+  FfnUp,         // blk.N.ffn_up.weight          [intermediate, hidden]
+  FfnDown,       // blk.N.ffn_down.weight        [hidden, intermediate]
+  AttnQNorm,     // blk.N.attn_q_norm.weight         [head_dim]  (qwen3, gemma3)
+  AttnKNorm,     // blk.N.attn_k_norm.weight         [head_dim]
+  AttnPostNorm,  // blk.N.post_attention_norm.weight [hidden]    (gemma3)
+  FfnPostNorm,   // blk.N.post_ffw_norm.weight       [hidden]
+  OutputNorm,    // output_norm.weight           [hidden]
+  Output,        // output.weight                [vocab, hidden]
 };
 
 struct GgufLlamaTensor {

@@ -144,9 +144,10 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
   }
   c.attention_dropout = get_float(j, "attention_dropout", source, 0.0f);
   const bool null_window = j.contains("sliding_window") && j["sliding_window"].is_null();
+  const bool qwen = arch == "Qwen2ForCausalLM" || arch == "Qwen3ForCausalLM";
   if (arch == "MistralForCausalLM") {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
-  } else if (arch == "Qwen2ForCausalLM" && get_bool(j, "use_sliding_window", source, false)) {
+  } else if (qwen && get_bool(j, "use_sliding_window", source, false)) {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
   }
   TF_CHECK(
@@ -166,13 +167,13 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
     const bool any_sliding = std::find(sliding.begin(), sliding.end(), true) != sliding.end();
     TF_CHECK(!any_sliding || c.sliding_window > 0, source,
              ": \"layer_types\" has sliding_attention layers but the config sets no sliding window",
-             arch == "Qwen2ForCausalLM" ? " (use_sliding_window is false or sliding_window null)" : "");
+             qwen ? " (use_sliding_window is false or sliding_window null)" : "");
     const bool all_sliding = std::find(sliding.begin(), sliding.end(), false) == sliding.end();
     TF_CHECK(arch != "MistralForCausalLM" || c.sliding_window == 0 || all_sliding, source,
              ": \"layer_types\" has full_attention layers, but MistralForCausalLM slides its window in every "
              "layer (alternating layers are Ministral's, which tightfit does not load)");
-    if (arch == "Qwen2ForCausalLM") c.sliding_layers = std::move(sliding);
-  } else if (arch == "Qwen2ForCausalLM" && c.sliding_window > 0) {
+    if (qwen) c.sliding_layers = std::move(sliding);
+  } else if (qwen && c.sliding_window > 0) {
     const int first = get_int(j, "max_window_layers", source, 28);
     for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back(l >= first);
   }
@@ -200,21 +201,31 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
     arch = t == "llama"     ? "LlamaForCausalLM"
            : t == "mistral" ? "MistralForCausalLM"
            : t == "qwen2"   ? "Qwen2ForCausalLM"
+           : t == "qwen3"   ? "Qwen3ForCausalLM"
                             : t;
   }
-  TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM", source,
-           ": architecture \"", arch,
-           "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, ", "Qwen2ForCausalLM)");
+  TF_CHECK(arch != "Qwen3MoeForCausalLM" && arch != "Qwen2MoeForCausalLM", source, ": architecture \"", arch,
+           "\" is a mixture of experts, which tightfit does not run (its dense Qwen2/Qwen3 models it does)");
+  TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM" ||
+               arch == "Qwen3ForCausalLM",
+           source, ": architecture \"", arch,
+           "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+           "Qwen3ForCausalLM)");
 
   LlamaConfig c;
-  c.architecture = arch == "Qwen2ForCausalLM" ? "qwen2" : arch == "MistralForCausalLM" ? "mistral" : "llama";
+  c.architecture = arch == "Qwen2ForCausalLM"     ? "qwen2"
+                   : arch == "Qwen3ForCausalLM"   ? "qwen3"
+                   : arch == "MistralForCausalLM" ? "mistral"
+                                                  : "llama";
+  c.qk_norm = c.architecture == "qwen3";
   c.hidden = get_int(j, "hidden_size", source);
   c.intermediate = get_int(j, "intermediate_size", source);
   c.n_layers = get_int(j, "num_hidden_layers", source);
   c.n_heads = get_int(j, "num_attention_heads", source);
   TF_CHECK(c.n_heads > 0, source, ": num_attention_heads must be positive");
   c.n_kv_heads = get_int(j, "num_key_value_heads", source, c.n_heads);
-  c.head_dim = get_int(j, "head_dim", source, c.hidden / c.n_heads);
+  // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
+  c.head_dim = get_int(j, "head_dim", source, c.architecture == "qwen3" ? 128 : c.hidden / c.n_heads);
   c.vocab = get_int(j, "vocab_size", source);
   c.rms_eps = get_float(j, "rms_norm_eps", source, 1e-6f);
   c.max_positions = get_int(j, "max_position_embeddings", source, 2048);
@@ -249,7 +260,7 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    const std::string name = hf_weight_name(slot, layer);
+    const std::string name = hf_weight_name(cfg, slot, layer);
     const SafetensorsTensor& t = model->get(name);
     const auto [rows, cols] = weight_shape(cfg, slot);
     const bool matrix = is_matrix_slot(slot);

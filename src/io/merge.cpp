@@ -48,27 +48,6 @@ std::optional<LoraTarget> target_of(GgufLlamaRole r) {
   }
 }
 
-// LlamaWeights::slot without the write access it grants.
-WeightRef slot_of(const LlamaWeights& w, WeightSlot s, int layer) {
-  if (!is_layer_slot(s))
-    return s == WeightSlot::Embed ? w.embed : s == WeightSlot::FinalNorm ? w.final_norm : w.lm_head;
-  const BlockWeights& b = w.blocks[size_t(layer)];
-  switch (s) {
-    case WeightSlot::AttnNorm: return b.attn_norm;
-    case WeightSlot::Q: return b.q;
-    case WeightSlot::K: return b.k;
-    case WeightSlot::V: return b.v;
-    case WeightSlot::O: return b.o;
-    case WeightSlot::QBias: return b.q_bias;
-    case WeightSlot::KBias: return b.k_bias;
-    case WeightSlot::VBias: return b.v_bias;
-    case WeightSlot::MlpNorm: return b.mlp_norm;
-    case WeightSlot::Gate: return b.gate;
-    case WeightSlot::Up: return b.up;
-    default: return b.down;
-  }
-}
-
 // The adapter must have been made for a model of `cfg`'s shape.
 void check_lora_fits(const LoraState& lora, const LlamaConfig& cfg, const std::string& where) {
   TF_CHECK(int(lora.layers.size()) == cfg.n_layers, where, ": the adapter has ", lora.layers.size(),
@@ -212,9 +191,10 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
   ordered_json j;
   const std::string& arch = cfg.architecture;
   j["architectures"] = {arch == "qwen2"     ? "Qwen2ForCausalLM"
+                        : arch == "qwen3"   ? "Qwen3ForCausalLM"
                         : arch == "mistral" ? "MistralForCausalLM"
                                             : "LlamaForCausalLM"};
-  j["model_type"] = arch == "qwen2" || arch == "mistral" ? arch : "llama";
+  j["model_type"] = arch == "qwen2" || arch == "qwen3" || arch == "mistral" ? arch : "llama";
   j["hidden_size"] = cfg.hidden;
   j["intermediate_size"] = cfg.intermediate;
   j["num_hidden_layers"] = cfg.n_layers;
@@ -232,7 +212,7 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
     TF_CHECK(cfg.sliding_layers.empty(), "a Mistral config slides its window in every layer; this model's ",
              "window is per layer");
     j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
-  } else if (cfg.architecture == "qwen2") {
+  } else if (cfg.architecture == "qwen2" || cfg.architecture == "qwen3") {
     j["use_sliding_window"] = cfg.sliding_window > 0;
     j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
     if (cfg.sliding_window > 0) {
@@ -320,14 +300,14 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   };
   std::vector<Entry> entries;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    const WeightRef w = slot_of(base, slot, layer);
+    const WeightRef w = base.slot(slot, layer);
     const DType dtype = is_quantized(w.dtype) ? quantized_as : options.dtype.value_or(w.dtype);
     const bool nf4 = options.nf4 && lora_target_of(slot).has_value();
     const int64_t n = w.rows * w.cols, blocks = ref::quant_blocks(n, kNf4Block);
     const int64_t bytes =
         nf4 ? ref::nf4_packed_bytes(n) + blocks + 4 * (ref::quant_blocks(blocks, kNf4NestedBlock) + 16 + 256)
             : n * int64_t(dtype_size(dtype));
-    entries.push_back({hf_weight_name(slot, layer), slot, layer, w, dtype, nf4, bytes});
+    entries.push_back({hf_weight_name(cfg, slot, layer), slot, layer, w, dtype, nf4, bytes});
   });
 
   // Greedy shards in slot order, each at most max_shard_bytes unless one tensor alone is larger.

@@ -148,6 +148,10 @@ WeightSlot weight_slot_of(GgufLlamaRole role) {
     case GgufLlamaRole::FfnGate: return WeightSlot::Gate;
     case GgufLlamaRole::FfnUp: return WeightSlot::Up;
     case GgufLlamaRole::FfnDown: return WeightSlot::Down;
+    case GgufLlamaRole::AttnQNorm: return WeightSlot::QNorm;
+    case GgufLlamaRole::AttnKNorm: return WeightSlot::KNorm;
+    case GgufLlamaRole::AttnPostNorm: return WeightSlot::PostAttnNorm;
+    case GgufLlamaRole::FfnPostNorm: return WeightSlot::PostMlpNorm;
     case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
     case GgufLlamaRole::Output: return WeightSlot::LmHead;
   }

@@ -26,6 +26,13 @@ void LlamaConfig::validate(const std::string& source) const {
            " differs from the head dimension ", head_dim, " (partial rotary is not supported)");
   TF_CHECK(rope.theta > 0 && std::isfinite(rope.theta), source, ": rope theta must be positive, got ",
            rope.theta);
+  TF_CHECK(!has_local_rope() || (rope_local.head_dim == head_dim && std::isfinite(rope_local.theta)), source,
+           ": the sliding layers' rotary dimension ", rope_local.head_dim,
+           " differs from the head dimension ", head_dim);
+  TF_CHECK(embed_scale > 0 && std::isfinite(embed_scale), source, ": embedding scale must be positive, got ",
+           embed_scale);
+  TF_CHECK(query_pre_attn_scalar >= 0 && std::isfinite(query_pre_attn_scalar), source,
+           ": query_pre_attn_scalar must be positive, got ", query_pre_attn_scalar);
   TF_CHECK(rms_eps > 0 && std::isfinite(rms_eps), source, ": rms norm epsilon must be positive, got ",
            rms_eps);
   TF_CHECK(sliding_window >= 0, source, ": sliding window must be positive (or 0 for none), got ",
@@ -39,17 +46,19 @@ void LlamaConfig::validate(const std::string& source) const {
            ": dimensions are implausibly large");
 }
 
-float LlamaConfig::attention_scale() const {
+float LlamaConfig::attention_scale(int layer) const {
   // Without an attention factor (m = 1) this is exactly the f32 1/sqrt(head_dim) of the kernels' tests.
-  const float m = rope_attention_factor(rope);
-  return 1.0f / std::sqrt(float(head_dim)) * (m * m);
+  const float m = rope_attention_factor(rope_of(layer));
+  const float d = query_pre_attn_scalar > 0 ? query_pre_attn_scalar : float(head_dim);
+  return 1.0f / std::sqrt(d) * (m * m);
 }
 
 int64_t LlamaConfig::n_params() const {
   const int64_t h = hidden, attn = h * q_dim() * 2 + h * kv_dim() * 2;
   const int64_t mlp = 3 * h * intermediate;
   const int64_t bias = attention_bias ? q_dim() + 2 * kv_dim() : 0;
-  const int64_t per_layer = attn + mlp + 2 * h + bias;
+  const int64_t norms = (sandwich_norms ? 4 : 2) * h + (qk_norm ? 2 * head_dim : 0);
+  const int64_t per_layer = attn + mlp + norms + bias;
   return int64_t(vocab) * h * (tie_embeddings ? 1 : 2) + per_layer * n_layers + h;
 }
 

@@ -9,7 +9,12 @@
 
 namespace tf {
 
-// Architecture of a decoder-only Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama).
+// The MLP's gated activation: silu(gate) * up (Llama), or gelu(gate) * up with gelu's tanh
+// approximation (Gemma's gelu_pytorch_tanh).
+enum class MlpActivation : uint8_t { SiLU, GeluTanh };
+
+// Architecture of a decoder-only Llama-family model (Llama 2/3, Mistral, Qwen2/3, Gemma 3, SmolLM,
+// TinyLlama).
 struct LlamaConfig {
   int hidden = 0;
   int intermediate = 0;
@@ -25,6 +30,22 @@ struct LlamaConfig {
   RopeLayout rope_layout = RopeLayout::SplitHalf;
   bool tie_embeddings = false;
   bool attention_bias = false;  // q/k/v biases (Qwen2)
+  // Qwen3 and Gemma 3: q and k are RMS-normalised per head (weights [head_dim], eps rms_eps) after
+  // their projections and before the rotation.
+  bool qk_norm = false;
+  // Gemma 3: the MLP's activation, the embedding rows' scale (sqrt(hidden)), norms on the attention
+  // and MLP outputs before each residual add ("sandwich" norms), and scores scaled by
+  // query_pre_attn_scalar^-0.5 (0: by head_dim's).
+  MlpActivation activation = MlpActivation::SiLU;
+  float embed_scale = 1.0f;
+  bool sandwich_norms = false;
+  float query_pre_attn_scalar = 0.0f;
+  // Gemma 3: the sliding layers rotate with rope_local (theta 0: with rope, as the others).
+  RopeParams rope_local = [] {
+    RopeParams off;
+    off.theta = 0.0f;
+    return off;
+  }();
   // Sliding-window attention (Mistral, Qwen2): with sliding_window W > 0, the layers marked in
   // sliding_layers (every layer when it is empty) attend each query's W latest keys, itself
   // included; the others attend all earlier keys.
@@ -37,10 +58,16 @@ struct LlamaConfig {
   std::string architecture = "llama";
 
   int q_dim() const { return n_heads * head_dim; }
+  // Layer l's rotary parameters: rope_local for a sliding layer when it is set, else rope.
+  const RopeParams& rope_of(int layer) const {
+    return rope_local.theta > 0 && window(layer) > 0 ? rope_local : rope;
+  }
+  // Whether the sliding layers rotate with a table of their own.
+  bool has_local_rope() const { return rope_local.theta > 0; }
   int kv_dim() const { return n_kv_heads * head_dim; }
-  // The attention scores' scale: 1/sqrt(head_dim), times the square of the rotary attention factor
-  // (yarn's), which HF multiplies into both q's and k's cos and sin.
-  float attention_scale() const;
+  // Layer l's attention scores' scale: 1/sqrt(head_dim) (or query_pre_attn_scalar's), times the
+  // square of its rotary attention factor (yarn's), which HF multiplies into both q's and k's cos and sin.
+  float attention_scale(int layer = 0) const;
   // Layer l's attention window (AttentionShape::window): 0 for full causal attention.
   int window(int layer) const {
     return sliding_window > 0 && (sliding_layers.empty() || sliding_layers[size_t(layer)]) ? sliding_window

@@ -39,7 +39,7 @@ static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vecto
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const DType dtype = w.slot(s, layer).dtype;
     TF_CHECK(be.supports_weight(dtype), "the ", be.name(), " backend does not run ", dtype_name(dtype),
-             " base weights (tensor ", hf_weight_name(s, layer),
+             " base weights (tensor ", hf_weight_name(c, s, layer),
              "); store the base as bf16 or f32 (finetune --quant bf16)");
   });
   LlamaWeights placed;
@@ -47,7 +47,7 @@ static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vecto
   placed.blocks.resize(w.blocks.size());
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     if (placed_slot(s, tier, host_embedding))
-      placed.slot(s, layer) = be.place_weight(w.slot(s, layer), hf_weight_name(s, layer), storage);
+      placed.slot(s, layer) = be.place_weight(w.slot(s, layer), hf_weight_name(c, s, layer), storage);
   });
   if (c.tie_embeddings) placed.lm_head = placed.embed;
   return placed;
@@ -75,7 +75,9 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
   int64_t lora_rows = 0;
   for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
   const int64_t kept_mlp = chunked ? 0 : 3 * I;
-  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + kept_mlp + lora_rows);
+  // q and k before their norms, and the norms' rstd per head.
+  const int64_t qk_norm = c.qk_norm ? Q + KV + c.n_heads + c.n_kv_heads : 0;
+  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + kept_mlp + lora_rows + qk_norm);
   const int64_t n_sets = policy == CheckpointPolicy::None ? c.n_layers : 1;
   const int64_t n_inputs =
       policy == CheckpointPolicy::PerBlockOffload ? offload::ActivationStore::kWindow : c.n_layers + 1;
@@ -85,8 +87,8 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
   L.saved_floats = N * H * n_inputs + block_floats * n_sets;
   L.mlp_rows = C;
   L.mlp_floats = chunked ? 3 * C * I : 0;
-  L.workspace_floats =
-      N * (1 + H + std::max(H, Q) + Q + 2 * KV + lora.rank) + 3 * C * I + dropout_floats(c, lora, C, N);
+  L.workspace_floats = N * (1 + H + std::max(H, Q) + Q + 2 * KV + lora.rank + (c.qk_norm ? Q + KV : 0)) +
+                       3 * C * I + dropout_floats(c, lora, C, N);
   L.logit_rows = std::min(N, kLogitRows);
   return L;
 }
@@ -114,7 +116,7 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const size_t bytes = be.placed_weight_bytes(w.slot(s, layer));
     if (bytes && placed_slot(s, tier, embedding_on_host(c, be, opt)))
-      plan.allocs.push_back({hf_weight_name(s, layer), MemTag::Weights, bytes});
+      plan.allocs.push_back({hf_weight_name(c, s, layer), MemTag::Weights, bytes});
   });
   if (tier != offload::WeightTier::Resident) {
     offload::StoreFootprint store = offload::WeightStore::footprint(w, tier, be);
@@ -202,6 +204,8 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   d_q_ = take(N * Q);
   d_k_ = take(N * KV);
   d_v_ = take(N * KV);
+  d_q_pre_ = c.qk_norm ? take(N * Q) : nullptr;
+  d_k_pre_ = c.qk_norm ? take(N * KV) : nullptr;
   const int64_t C = mlp_rows_;
   d_act_ = take(C * I);
   d_gate_ = take(C * I);
@@ -229,6 +233,12 @@ LlamaModel::BlockActs LlamaModel::carve_block_acts(float*& cursor) {
   a.x2 = take(N * c.hidden);
   a.rstd2 = take(N);
   a.h2 = take(N * c.hidden);
+  if (c.qk_norm) {
+    a.q_pre = take(N * c.q_dim());
+    a.k_pre = take(N * c.kv_dim());
+    a.q_rstd = take(N * c.n_heads);
+    a.k_rstd = take(N * c.n_kv_heads);
+  }
   if (mlp_mem_.data()) {
     float* chunk = mlp_mem_.as<float>();
     const int64_t rows = mlp_rows_ * c.intermediate;
@@ -346,8 +356,14 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
 
   be_->rmsnorm_forward(a.h1, a.rstd1, x, w.attn_norm, n, c.hidden, c.rms_eps);
   const bool bias = c.attention_bias;
-  projection(a.q, a.h1, w.q, bias ? &w.q_bias : nullptr, l, LoraTarget::Q, a, training, step, n);
-  projection(a.k, a.h1, w.k, bias ? &w.k_bias : nullptr, l, LoraTarget::K, a, training, step, n);
+  projection(c.qk_norm ? a.q_pre : a.q, a.h1, w.q, bias ? &w.q_bias : nullptr, l, LoraTarget::Q, a, training,
+             step, n);
+  projection(c.qk_norm ? a.k_pre : a.k, a.h1, w.k, bias ? &w.k_bias : nullptr, l, LoraTarget::K, a, training,
+             step, n);
+  if (c.qk_norm) {
+    be_->rmsnorm_forward(a.q, a.q_rstd, a.q_pre, w.q_norm, n * c.n_heads, c.head_dim, c.rms_eps);
+    be_->rmsnorm_forward(a.k, a.k_rstd, a.k_pre, w.k_norm, n * c.n_kv_heads, c.head_dim, c.rms_eps);
+  }
   projection(a.v, a.h1, w.v, bias ? &w.v_bias : nullptr, l, LoraTarget::V, a, training, step, n);
   be_->rope_forward(a.q, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
   be_->rope_forward(a.k, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
@@ -415,8 +431,17 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   be_->attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
   be_->rope_backward(d_q_, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
   be_->rope_backward(d_k_, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
-  projection_backward(d_h_, 0.0f, d_q_, a.h1, w.q, l, LoraTarget::Q, a, step, n);
-  projection_backward(d_h_, 1.0f, d_k_, a.h1, w.k, l, LoraTarget::K, a, step, n);
+  const float *d_q = d_q_, *d_k = d_k_;
+  if (c.qk_norm) {
+    be_->fill(d_q_pre_, 0.0f, n * c.q_dim());
+    be_->fill(d_k_pre_, 0.0f, n * c.kv_dim());
+    be_->rmsnorm_backward(d_q_pre_, nullptr, d_q_, a.q_pre, w.q_norm, a.q_rstd, n * c.n_heads, c.head_dim);
+    be_->rmsnorm_backward(d_k_pre_, nullptr, d_k_, a.k_pre, w.k_norm, a.k_rstd, n * c.n_kv_heads, c.head_dim);
+    d_q = d_q_pre_;
+    d_k = d_k_pre_;
+  }
+  projection_backward(d_h_, 0.0f, d_q, a.h1, w.q, l, LoraTarget::Q, a, step, n);
+  projection_backward(d_h_, 1.0f, d_k, a.h1, w.k, l, LoraTarget::K, a, step, n);
   projection_backward(d_h_, 1.0f, d_v_, a.h1, w.v, l, LoraTarget::V, a, step, n);
   be_->rmsnorm_backward(d_res_, nullptr, d_h_, x, w.attn_norm, a.rstd1, n, c.hidden);
 }

@@ -140,6 +140,8 @@ class LlamaModel {
                        int64_t max_tokens, const ModelLayout& opt);
   struct BlockActs {
     float *rstd1, *h1, *q, *k, *v, *att, *lse, *x2, *rstd2, *h2, *gate, *up, *act;
+    // With q/k norms: q and k as projected, and each head's rstd (q and k above are normed and rotated).
+    float *q_pre = nullptr, *k_pre = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;
     std::array<float*, kLoraTargetCount> lora_t;
   };
   BlockActs carve_block_acts(float*& cursor);
@@ -208,6 +210,7 @@ class LlamaModel {
   // final_h_ shares d_res_'s memory and d_final_h_ and d_att_ d_h_'s: neither pair is live at once.
   float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_, *d_gate_,
       *d_up_, *lora_dt_, *lora_xd_;
+  float *d_q_pre_, *d_k_pre_;  // with q/k norms, the gradients of q and k as projected
 };
 
 }  // namespace tf

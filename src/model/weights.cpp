@@ -25,11 +25,21 @@ std::string hf_weight_name(WeightSlot slot, int layer) {
     case WeightSlot::Gate: return p + "mlp.gate_proj.weight";
     case WeightSlot::Up: return p + "mlp.up_proj.weight";
     case WeightSlot::Down: return p + "mlp.down_proj.weight";
+    case WeightSlot::QNorm: return p + "self_attn.q_norm.weight";
+    case WeightSlot::KNorm: return p + "self_attn.k_norm.weight";
+    case WeightSlot::PostAttnNorm: return p + "post_attention_layernorm.weight";
+    case WeightSlot::PostMlpNorm: return p + "post_feedforward_layernorm.weight";
     case WeightSlot::Embed: return "model.embed_tokens.weight";
     case WeightSlot::FinalNorm: return "model.norm.weight";
     case WeightSlot::LmHead: return "lm_head.weight";
   }
   return {};
+}
+
+std::string hf_weight_name(const LlamaConfig& cfg, WeightSlot slot, int layer) {
+  if (cfg.sandwich_norms && slot == WeightSlot::MlpNorm)
+    return "model.layers." + std::to_string(layer) + ".pre_feedforward_layernorm.weight";
+  return hf_weight_name(slot, layer);
 }
 
 std::optional<LoraTarget> lora_target_of(WeightSlot s) {
@@ -49,7 +59,11 @@ std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& c, WeightSlot slot) 
   switch (slot) {
     case WeightSlot::AttnNorm:
     case WeightSlot::MlpNorm:
+    case WeightSlot::PostAttnNorm:
+    case WeightSlot::PostMlpNorm:
     case WeightSlot::FinalNorm: return {1, c.hidden};
+    case WeightSlot::QNorm:
+    case WeightSlot::KNorm: return {1, c.head_dim};
     case WeightSlot::Q: return {c.q_dim(), c.hidden};
     case WeightSlot::K:
     case WeightSlot::V: return {c.kv_dim(), c.hidden};
@@ -80,6 +94,10 @@ WeightRef& BlockWeights::slot(WeightSlot s) {
     case WeightSlot::Gate: return gate;
     case WeightSlot::Up: return up;
     case WeightSlot::Down: return down;
+    case WeightSlot::QNorm: return q_norm;
+    case WeightSlot::KNorm: return k_norm;
+    case WeightSlot::PostAttnNorm: return post_attn_norm;
+    case WeightSlot::PostMlpNorm: return post_mlp_norm;
     default: break;
   }
   TF_FAIL("weight slot ", int(s), " is not a per-layer slot");
@@ -99,10 +117,13 @@ WeightRef& LlamaWeights::slot(WeightSlot s, int layer) {
 void LlamaWeights::for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn) {
   fn(WeightSlot::Embed, 0);
   for (int l = 0; l < cfg.n_layers; ++l) {
-    for (int s = 0; s <= int(WeightSlot::Down); ++s) {
+    for (int s = 0; s < int(WeightSlot::Embed); ++s) {
       const auto slot = WeightSlot(s);
       const bool bias = slot == WeightSlot::QBias || slot == WeightSlot::KBias || slot == WeightSlot::VBias;
       if (bias && !cfg.attention_bias) continue;
+      if ((slot == WeightSlot::QNorm || slot == WeightSlot::KNorm) && !cfg.qk_norm) continue;
+      if ((slot == WeightSlot::PostAttnNorm || slot == WeightSlot::PostMlpNorm) && !cfg.sandwich_norms)
+        continue;
       fn(slot, l);
     }
   }
@@ -131,10 +152,9 @@ LlamaWeights init_random_weights(const LlamaConfig& cfg, DType dtype, uint64_t s
   uint64_t stream = 0;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     const auto [rows, cols] = weight_shape(cfg, slot);
-    const std::string name = hf_weight_name(slot, layer);
+    const std::string name = hf_weight_name(cfg, slot, layer);
     Tensor t(dtype, {rows, cols}, MemTag::Weights, name);
-    const bool norm =
-        slot == WeightSlot::AttnNorm || slot == WeightSlot::MlpNorm || slot == WeightSlot::FinalNorm;
+    const bool norm = is_norm_slot(slot);
     const bool bias = slot == WeightSlot::QBias || slot == WeightSlot::KBias || slot == WeightSlot::VBias;
     const Philox rng(seed, ++stream);
     for (int64_t i = 0; i < rows * cols; ++i) {

@@ -28,7 +28,12 @@ enum class WeightSlot : uint8_t {
   MlpNorm,
   Gate,
   Up,
-  Down,  // per layer
+  Down,
+  QNorm,         // Qwen3, Gemma 3: [head_dim], applied to each head of q
+  KNorm,         // and of k
+  PostAttnNorm,  // Gemma 3: on the attention's output, before the residual add
+  PostMlpNorm,   // and on the MLP's
+  // (per layer)
   Embed,
   FinalNorm,
   LmHead,  // global
@@ -36,15 +41,25 @@ enum class WeightSlot : uint8_t {
 constexpr bool is_layer_slot(WeightSlot s) {
   return s < WeightSlot::Embed;
 }
-// The HF checkpoint name, e.g. "model.layers.3.self_attn.q_proj.weight" (layer ignored for globals).
+// The HF checkpoint name, e.g. "model.layers.3.self_attn.q_proj.weight" (layer ignored for globals),
+// as Llama-architecture checkpoints name it; the config's architecture may name it otherwise (Gemma 3
+// calls its MLP's norm pre_feedforward_layernorm and post_attention_layernorm is PostAttnNorm).
 std::string hf_weight_name(WeightSlot slot, int layer);
+std::string hf_weight_name(const LlamaConfig& cfg, WeightSlot slot, int layer);
+// Norm weights (every [1, n] slot but the biases).
+constexpr bool is_norm_slot(WeightSlot s) {
+  return s == WeightSlot::AttnNorm || s == WeightSlot::MlpNorm || s == WeightSlot::QNorm ||
+         s == WeightSlot::KNorm || s == WeightSlot::PostAttnNorm || s == WeightSlot::PostMlpNorm ||
+         s == WeightSlot::FinalNorm;
+}
 // The LoRA target of a projection slot (q, k, v, o, gate, up, down); nothing for the others.
 std::optional<LoraTarget> lora_target_of(WeightSlot slot);
 // Expected shape [rows, cols] of a slot (biases and norms are [1, n]).
 std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& cfg, WeightSlot slot);
 
 struct BlockWeights {
-  WeightRef attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down;
+  WeightRef attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down, q_norm, k_norm,
+      post_attn_norm, post_mlp_norm;
   WeightRef& slot(WeightSlot s);
   const WeightRef& slot(WeightSlot s) const { return const_cast<BlockWeights*>(this)->slot(s); }
 };
@@ -80,7 +95,8 @@ struct LlamaWeights {
   const WeightRef& slot(WeightSlot s, int layer) const {
     return const_cast<LlamaWeights*>(this)->slot(s, layer);
   }
-  // Visits every slot the config uses (biases only with attention_bias; no lm_head when tied).
+  // Visits every slot the config uses (biases only with attention_bias, q/k norms with qk_norm, the
+  // post norms with sandwich_norms; no lm_head when tied).
   static void for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn);
 };
 
