@@ -1378,6 +1378,54 @@ TEST_P(BackendOps, SwigluForwardAndBackward) {
   }
 }
 
+// ---- geglu ----------------------------------------------------------------------------------------
+
+// As test_cuda_elementwise's geglu bound: tanhf within 2 ulp on either side, the two sides' t within
+// E = 12u A (1 - t^2) + 8u |t| (A the tanh argument's terms), the CPU's operations in its order, and
+// twice each resulting bound. Gates reach deep into both saturated tails (exactly 0 and x there), and
+// NaN / Inf gates give NaN where the CPU does.
+TEST_P(BackendOps, GegluForwardAndBackward) {
+  const double k = 0.7978845608028654, cc = 0.044715;
+  for (const int64_t n : {1, 7, 33, 100, 1031}) {
+    const std::string c = ctx("geglu", "n=" + std::to_string(n));
+    std::vector<float> gate = with_specials(random_floats(size_t(n), 1, 12.0f));
+    if (n > 20) {
+      const float tails[] = {-1000.0f, -100.0f, 0.0f, 100.0f, 1000.0f};
+      std::copy(std::begin(tails), std::end(tails), gate.begin() + 10);
+    }
+    const std::vector<float> up = random_floats(size_t(n), 2, 2.0f), g = random_floats(size_t(n), 3);
+    const std::vector<float> dg0 = random_floats(size_t(n), 4), du0 = random_floats(size_t(n), 5);
+    Buf<float> d_gate(dev(), gate, "gate"), d_up(dev(), up, "up"), d_g(dev(), g, "d_out");
+    Buf<float> d_out(dev(), std::vector<float>(size_t(n), kNaN), "out"), d_dg(dev(), dg0, "d_gate"),
+        d_du(dev(), du0, "d_up");
+    dev().geglu_forward(d_out.get(), d_gate.get(), d_up.get(), n);
+    dev().geglu_backward(d_dg.get(), d_du.get(), d_g.get(), d_gate.get(), d_up.get(), n);
+    std::vector<float> out(static_cast<size_t>(n)), dg = dg0, du = du0;
+    cpu().geglu_forward(out.data(), gate.data(), up.data(), n);
+    cpu().geglu_backward(dg.data(), du.data(), g.data(), gate.data(), up.data(), n);
+    std::vector<double> b_out(static_cast<size_t>(n)), b_dg(static_cast<size_t>(n)),
+        b_du(static_cast<size_t>(n));
+    for (size_t i = 0; i < size_t(n); ++i) {
+      const double x = gate[i], ax = std::abs(x), t = std::tanh(k * (x + cc * x * x * x)), s2 = 1 - t * t;
+      const double E = 12 * kU * k * (ax + cc * ax * ax * ax) * s2 + 8 * kU * std::abs(t);
+      const double P = 0.5 * ax * k * (1 + 3 * cc * x * x);
+      const double dgelu = 0.5 * (1 + t) + 0.5 * x * s2 * k * (1 + 3 * cc * x * x);
+      const double dup = std::abs(double(g[i]) * up[i]), hx = 0.5 * ax;
+      b_out[i] =
+          2 * (hx * std::abs(double(up[i])) * (E + 2 * kU * (1 + t)) + 4 * kU * std::abs(double(out[i])));
+      b_dg[i] = 2 * (dup * (E / 2 + P * (2 * std::abs(t) * E + 2 * kU + 14 * kU * s2) + 2 * kU * (1 + t) +
+                            6 * kU * std::abs(dgelu)) +
+                     2 * kU * (std::abs(double(dg0[i])) + std::abs(double(dg[i]))));
+      b_du[i] = 2 * (std::abs(double(g[i])) * hx * (E + 2 * kU * (1 + t)) +
+                     4 * kU * std::abs(double(g[i]) * hx * (1 + t)) +
+                     2 * kU * (std::abs(double(du0[i])) + std::abs(double(du[i]))));
+    }
+    expect_close(c, "out", d_out.read(c), out, b_out);
+    expect_close(c, "d_gate", d_dg.read(c), dg, b_dg);
+    expect_close(c, "d_up", d_du.read(c), du, b_du);
+  }
+}
+
 // ---- fused lm_head + cross-entropy -----------------------------------------------------------------
 
 struct CeCase {

@@ -1,5 +1,5 @@
 // Tests: the CUDA backend's elementwise launchers (add_inplace, add_bias, fill, scale_inplace, copy,
-// sum_squares, dropout_forward, swiglu, adamw_update) run on the SIMT simulator (tf::simt) against
+// sum_squares, dropout_forward, swiglu, geglu, adamw_update) run on the SIMT simulator (tf::simt) against
 // tf::cpu, at sizes around the block size, with NaN guards around every output and NaN / Inf inputs;
 // and every launcher of this family and of test_cuda_norm's queueing on rt::current_stream().
 #include <gtest/gtest.h>
@@ -212,6 +212,59 @@ TEST(CudaElementwise, SwigluMatchesCpuWithinTheExpBound) {
   }
 }
 
+// tanhf is within 2 ulp (4u relative) under nvcc and on the host. Each side forms the tanh's
+// argument within 6u A (A = k (|x| + c |x|^3), the terms' size), so t is within 6u A (1 - t^2) + 4u |t|
+// and the two sides' t within E = 12u A (1 - t^2) + 8u |t|. The kernel rounds the CPU's operations in
+// its order: the forward x/2 (1 + t) up is within |x/2 up| (E + 2u |1 + t|) + 4u |out|; gelu' =
+// (1 + t)/2 + x/2 (1 - t^2) k (1 + 3c x^2) within E/2 + P (2 |t| E + 2u + 14u (1 - t^2)) +
+// 2u |1 + t| + 2u |gelu'| (P = |x/2| k (1 + 3c x^2)), d_gate += d up gelu' and d_up += d gelu within
+// that times |d up| (and E |d x/2|), four more roundings and the accumulation's. Twice each bound.
+TEST(CudaElementwise, GegluMatchesCpuWithinTheTanhBound) {
+  const double k = 0.7978845608028654, c = 0.044715;
+  for (int64_t n : kSizes) {
+    SCOPED_TRACE(n);
+    const std::vector<float> gate = with_specials(random_floats(size_t(n), 8, 6.0f));
+    const std::vector<float> up = random_floats(size_t(n), 9), d_out = random_floats(size_t(n), 10);
+    const std::vector<float> dg0 = random_floats(size_t(n), 11), du0 = random_floats(size_t(n), 12);
+    Guarded<float> g(gate, "gate"), u(up, "up"), d(d_out, "d_out"), out(std::vector<float>(size_t(n)), "out");
+    Guarded<float> dg(dg0, "d_gate"), du(du0, "d_up");
+    std::vector<float> want(static_cast<size_t>(n)), want_dg = dg0, want_du = du0;
+    simt::geglu_forward(out.get(), g.get(), u.get(), n);
+    cpu::geglu_forward(want.data(), gate.data(), up.data(), n);
+    simt::geglu_backward(dg.get(), du.get(), d.get(), g.get(), u.get(), n);
+    cpu::geglu_backward(want_dg.data(), want_du.data(), d_out.data(), gate.data(), up.data(), n);
+    const std::vector<float> got = out.download(), got_dg = dg.download(), got_du = du.download();
+    for (size_t i = 0; i < size_t(n); ++i) {
+      SCOPED_TRACE(i);
+      if (!std::isfinite(gate[i])) {
+        // gelu(NaN) is NaN, gelu(+Inf) is +Inf and gelu(-Inf) is -Inf * 0 = NaN on both sides.
+        EXPECT_TRUE(same_value(got[i], want[i]));
+        EXPECT_EQ(std::isnan(got_dg[i]), std::isnan(want_dg[i]));
+        continue;
+      }
+      const double x = gate[i], ax = std::abs(x), t = std::tanh(k * (x + c * x * x * x)), s2 = 1 - t * t;
+      const double E = 12 * kU * k * (ax + c * ax * ax * ax) * s2 + 8 * kU * std::abs(t);
+      const double P = 0.5 * ax * k * (1 + 3 * c * x * x);
+      const double dgelu = 0.5 * (1 + t) + 0.5 * x * s2 * k * (1 + 3 * c * x * x);
+      const double dup = std::abs(double(d_out[i]) * up[i]), hx = 0.5 * ax;
+      const double b_out =
+          2 * (hx * std::abs(double(up[i])) * (E + 2 * kU * (1 + t)) + 4 * kU * std::abs(want[i]));
+      const double b_dg = 2 * (dup * (E / 2 + P * (2 * std::abs(t) * E + 2 * kU + 14 * kU * s2) +
+                                      2 * kU * (1 + t) + 6 * kU * std::abs(dgelu)) +
+                               2 * kU * (std::abs(double(dg0[i])) + std::abs(double(want_dg[i]))));
+      const double b_du = 2 * (std::abs(double(d_out[i])) * hx * (E + 2 * kU * (1 + t)) +
+                               4 * kU * std::abs(d_out[i] * hx * (1 + t)) +
+                               2 * kU * (std::abs(double(du0[i])) + std::abs(double(want_du[i]))));
+      EXPECT_LE(std::abs(double(got[i]) - want[i]), b_out);
+      EXPECT_LE(std::abs(double(got_dg[i]) - want_dg[i]), b_dg);
+      EXPECT_LE(std::abs(double(got_du[i]) - want_du[i]), b_du);
+    }
+    EXPECT_TRUE(out.guards_intact());
+    EXPECT_TRUE(dg.guards_intact());
+    EXPECT_TRUE(du.guards_intact());
+  }
+}
+
 // The kernel runs the CPU's operations in its order with the CPU's f32 scalars; the two compilers
 // may contract different multiply-adds into FMAs, which removes a rounding here or there. Bounding
 // each side against exact arithmetic on the same scalars: v = v b2 + (1 - b2) g^2 (non-negative
@@ -286,6 +339,8 @@ TEST(CudaLaunchers, QueueOnTheCurrentStream) {
     simt::dropout_forward(z.get(), y.get(), n, 0.25f, 1, 2, 0);
     simt::swiglu_forward(z.get(), x.get(), y.get(), n);
     simt::swiglu_backward(z.get(), m.get(), y.get(), x.get(), y.get(), n);
+    simt::geglu_forward(z.get(), x.get(), y.get(), n);
+    simt::geglu_backward(z.get(), m.get(), y.get(), x.get(), y.get(), n);
     AdamWParams hp;
     simt::adamw_update(x.get(), y.get(), m.get(), v.get(), n, hp);
     simt::rmsnorm_forward(z.get(), r.get(), x.get(), wt, rows, dim, 1e-5f);
