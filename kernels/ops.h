@@ -63,10 +63,12 @@ enum class RopeLayout : uint8_t {
   Interleaved,  // GGUF / original Llama: pairs (2i, 2i + 1)
 };
 
-// How the rotary frequencies are scaled: HF's rope types default, linear, llama3, dynamic (NTK) and
-// yarn. Dynamic keeps the default frequencies: transformers changes them only for positions at or
-// past original_max_positions, which the model refuses.
-enum class RopeScalingType : uint8_t { None, Linear, Llama3, Dynamic, Yarn };
+// How the rotary frequencies are scaled: HF's rope types default, linear, llama3, dynamic (NTK),
+// yarn and longrope. Dynamic keeps the default frequencies: transformers changes them only for
+// positions at or past original_max_positions, which the model refuses. LongRope (Phi-3) divides
+// them by its short factors (held in freq_factors) up to original_max_positions, where
+// transformers switches to the long factors, and which the model refuses too.
+enum class RopeScalingType : uint8_t { None, Linear, Llama3, Dynamic, Yarn, LongRope };
 
 struct RopeParams {
   float theta = 10000.0f;
@@ -75,18 +77,22 @@ struct RopeParams {
   float factor = 1.0f;                // Linear, Llama3, Dynamic and Yarn
   float low_freq_factor = 1.0f;       // Llama3
   float high_freq_factor = 4.0f;      // Llama3
-  int original_max_positions = 8192;  // Llama3, Yarn; Dynamic: the positions it leaves unscaled
+  int original_max_positions = 8192;  // Llama3, Yarn, LongRope; Dynamic: the positions it leaves unscaled
   float beta_fast = 32.0f;            // Yarn: the ramp's bounds, in rotations
   float beta_slow = 1.0f;
   bool truncate = true;  // Yarn: the ramp's bounds rounded to whole dimensions
-  // Yarn: cos and sin are multiplied by this; 0 derives it from factor (and mscale, mscale_all_dim
-  // when both are set) as HF's get_mscale does.
+  // Yarn and LongRope: cos and sin are multiplied by this; 0 derives it from factor (yarn: and
+  // mscale, mscale_all_dim when both are set, as HF's get_mscale does; longrope:
+  // sqrt(1 + ln(factor) / ln(original_max_positions)) above a factor of 1).
   float attention_factor = 0.0f;
   float mscale = 0.0f;
   float mscale_all_dim = 0.0f;
   // Per-frequency divisors [head_dim / 2] (a GGUF's rope_freqs.weight, Llama 3.1 style), applied
-  // after the scaling above; empty for none.
+  // after the scaling above; empty for none. LongRope's short factors.
   std::vector<float> freq_factors;
+  // LongRope: the factors past original_max_positions, which the model does not run; kept so that
+  // an exported config describes the model whole.
+  std::vector<float> long_factors;
 };
 
 // Geometry of a causal self-attention call. Tokens are [batch * seq] rows; q is [.., n_heads,

@@ -151,7 +151,7 @@ TEST(HfConfig, RefusesWhatItCannotRun) {
   expect_error(j, "vocab_size");
   j = llama_json();
   j["rope_scaling"] = {{"rope_type", "longrope"}, {"long_factor", {1.0}}, {"short_factor", {1.0}}};
-  expect_error(j, "rope type \"longrope\" (Phi-3");
+  expect_error(j, "short_factor must list 8 factors (head_dim / 2)");
   j = llama_json();
   j["rope_scaling"] = {{"rope_type", "ntk-by-parts"}, {"factor", 4.0}};
   expect_error(j, "rope type \"ntk-by-parts\" is not supported");

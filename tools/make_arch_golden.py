@@ -112,8 +112,8 @@ def randomise(model, seed):
     return model.to(torch.bfloat16)
 
 
-def lora_model(model, seed):
-    lora = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+def lora_model(model, seed, targets=TARGETS):
+    lora = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
                            bias="none", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     gen = torch.Generator().manual_seed(seed)
@@ -155,10 +155,11 @@ def load_f64(model_cls, directory, config=None):
     return model_cls.from_pretrained(directory, dtype=torch.float64, attn_implementation="eager", **kwargs)
 
 
-def expected(path, model_cls, directory, seed, config=None, meta=None):
+def expected(path, model_cls, directory, seed, config=None, meta=None, targets=TARGETS, extra=None):
     """Runs the LoRA'd float64 model of `directory` (with `config` if given) and writes the expected
-    file (unless `path` is None); returns the logits so callers can measure what a variant changes."""
-    model = lora_model(load_f64(model_cls, directory, config), seed + 1)
+    file (unless `path` is None), with `extra(model)`'s tensors added; returns the logits so callers
+    can measure what a variant changes."""
+    model = lora_model(load_f64(model_cls, directory, config), seed + 1, targets)
     vocab = model.config.vocab_size
     input_ids, labels = make_batch(min(vocab, TOKENIZER_VOCAB), seed + 2)
     logits, loss, grads = run(model, input_ids, labels)
@@ -172,8 +173,10 @@ def expected(path, model_cls, directory, seed, config=None, meta=None):
     with torch.no_grad(), model.disable_adapter():
         lora_change = float((model(input_ids=input_ids).logits - logits).abs().max())
     assert lora_change > 1e-3, lora_change
+    if extra is not None:
+        tensors.update(extra(model))
     meta = dict(meta or {}, n_targets=int((labels[:, 1:] != -100).sum()), lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                lora_targets=",".join(TARGETS), seed=seed, lora_max_logit_change=f"{lora_change:.3e}",
+                lora_targets=",".join(targets), seed=seed, lora_max_logit_change=f"{lora_change:.3e}",
                 torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
     if path is None:
         return logits, input_ids
@@ -302,6 +305,70 @@ def llama(out, llama_cpp, tok_dir, seed):
     strip_tokenizer(directory)
 
 
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+PHI3_SHORT = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0]
+
+
+def phi3(out, llama_cpp, tok_dir, seed):
+    """Phi3ForCausalLM: hidden 48, 3 heads over 1 kv head (head_dim 16), untied, fused qkv_proj and
+    gate_up_proj, a sliding window of 6 (shorter than the batch's 16), longrope with distinct short
+    factors (max_position_embeddings 256 over original_max_position_embeddings 64: attention factor
+    sqrt(1 + ln 4 / ln 64) = 1.155). LoRA on PEFT's four Phi-3 modules; the expected file also holds
+    PEFT's saved adapter names (metadata peft_names, peft_target_modules) and layer 1's qkv_proj and
+    gate_up_proj after merge_and_unload (merged.<name>)."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": PHI3_SHORT,
+            "long_factor": [2.0 * f + 1.0 for f in PHI3_SHORT]}
+    base = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                max_position_embeddings=256, original_max_position_embeddings=64, sliding_window=6,
+                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+                pad_token_id=None)
+    directory = os.path.join(out, "phi3")
+    model = randomise(transformers.Phi3ForCausalLM(transformers.Phi3Config(**base, rope_parameters=rope)), seed)
+    save_model(model, directory, tok_dir)
+    # The converter reads a GPT-2 style vocabulary only for a tokenizer it takes for Phi-4's.
+    tcfg_path = os.path.join(directory, "tokenizer_config.json")
+    tcfg = json.load(open(tcfg_path))
+    tcfg["tokenizer_class"] = "GPT2Tokenizer"
+    json.dump(tcfg, open(tcfg_path, "w"))
+    convert(llama_cpp, directory, os.path.join(out, "phi3.gguf"))
+
+    saved = tempfile.mkdtemp()
+    peft_meta = {}
+
+    def extra(lora):
+        lora.save_pretrained(saved)
+        names = sorted(safetensors.torch.load_file(os.path.join(saved, "adapter_model.safetensors")))
+        cfg = json.load(open(os.path.join(saved, "adapter_config.json")))
+        peft_meta.update(peft_names=",".join(names), peft_target_modules=",".join(sorted(cfg["target_modules"])))
+        merged = copy.deepcopy(lora).merge_and_unload()
+        layer = merged.model.layers[1]
+        return {"merged.model.layers.1.self_attn.qkv_proj.weight": layer.self_attn.qkv_proj.weight.detach().float(),
+                "merged.model.layers.1.mlp.gate_up_proj.weight": layer.mlp.gate_up_proj.weight.detach().float()}
+
+    # extra() fills peft_meta before expected() writes the metadata.
+    logits, ids = expected(os.path.join(out, "phi3_expected.safetensors"), transformers.Phi3ForCausalLM, directory,
+                           seed, meta=peft_meta, targets=PHI3_TARGETS, extra=extra)
+    shutil.rmtree(saved)
+    assert all(f"layers.{l}.{m}.lora_{ab}.weight" in peft_meta["peft_names"]
+               for l in (0, 1) for m in ("self_attn.qkv_proj", "mlp.gate_up_proj") for ab in "AB"), peft_meta
+    # What the window, longrope as a whole, its short factors and its attention factor each change.
+    variants = {
+        "the sliding window": (dict(base, sliding_window=None), rope),
+        "longrope": (base, {"rope_type": "default", "rope_theta": 10000.0}),
+        "the short factors": (base, dict(rope, short_factor=[1.0] * len(PHI3_SHORT))),
+        "the attention factor": (dict(base, max_position_embeddings=64), rope),
+    }
+    for what, (cfg, params) in variants.items():
+        config = transformers.Phi3Config(**cfg, rope_parameters=params)
+        other = lora_model(load_f64(transformers.Phi3ForCausalLM, directory, config), seed + 1, PHI3_TARGETS)
+        with torch.no_grad():
+            change = float((other(input_ids=ids).logits - logits).abs().max())
+        print(f"  phi3: logits move by {change:.3e} without {what}")
+        assert change > 1e-2, (what, change)
+    strip_tokenizer(directory)
+
+
 # Each group writes its own fixtures; --only regenerates the named groups and leaves the others.
 GROUPS = {
     "qwen2": lambda out, lcpp, tok: qwen2(out, lcpp, tok, "qwen2", SEED, vocab_size=TOKENIZER_VOCAB,
@@ -311,6 +378,7 @@ GROUPS = {
                                                hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                                tie_word_embeddings=True),
     "llama": lambda out, lcpp, tok: llama(out, lcpp, tok, SEED + 20),
+    "phi3": lambda out, lcpp, tok: phi3(out, lcpp, tok, SEED + 40),
     "qwen3": lambda out, lcpp, tok: qwen3(out, lcpp, tok, "qwen3", SEED + 30, vocab_size=TOKENIZER_VOCAB,
                                           hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                                           head_dim=16, tie_word_embeddings=True),

@@ -74,7 +74,8 @@ void scaled_inv_freq(const RopeParams& p, float* inv_freq) {
   }
   switch (p.scaling) {
     case RopeScalingType::None:
-    case RopeScalingType::Dynamic: return;
+    case RopeScalingType::Dynamic:
+    case RopeScalingType::LongRope: return;
     case RopeScalingType::Linear:
       TF_CHECK(p.factor > 0.0f, "linear rope scaling factor must be positive, got ", p.factor);
       for (int i = 0; i < half; ++i) inv_freq[i] /= p.factor;
@@ -115,6 +116,12 @@ void rope_inv_freq(const RopeParams& p, float* inv_freq) {
 }
 
 float rope_attention_factor(const RopeParams& p) {
+  if (p.scaling == RopeScalingType::LongRope) {
+    if (p.attention_factor > 0.0f) return p.attention_factor;
+    // HF's _compute_longrope_parameters, in double as Python evaluates it.
+    if (p.factor <= 1.0f) return 1.0f;
+    return float(std::sqrt(1.0 + std::log(double(p.factor)) / std::log(double(p.original_max_positions))));
+  }
   if (p.scaling != RopeScalingType::Yarn) return 1.0f;
   if (p.attention_factor > 0.0f) return p.attention_factor;
   if (p.mscale != 0.0f && p.mscale_all_dim != 0.0f)
@@ -129,6 +136,7 @@ const char* rope_scaling_name(RopeScalingType t) {
     case RopeScalingType::Llama3: return "llama3";
     case RopeScalingType::Dynamic: return "dynamic";
     case RopeScalingType::Yarn: return "yarn";
+    case RopeScalingType::LongRope: return "longrope";
   }
   return "?";
 }

@@ -402,6 +402,18 @@ int run_finetune(const FinetuneOptions& given) {
            cfg.attention_dropout,
            "; tightfit trains without dropout on the attention probabilities (set it to 0 "
            "in config.json to train without)");
+  check_lora_targets(cfg, lora_config(o).targets);
+  TF_CHECK(cfg.residual_dropout == 0.0f && cfg.embedding_dropout == 0.0f, o.model,
+           ": the model's config sets resid_pdrop ", cfg.residual_dropout, " and embd_pdrop ",
+           cfg.embedding_dropout,
+           "; tightfit trains without dropout on the residual branches and the embeddings (set both to 0 in "
+           "config.json to train without)");
+  TF_CHECK(cfg.rope.scaling != RopeScalingType::LongRope || o.seq_len <= cfg.rope.original_max_positions,
+           "--seq-len ", o.seq_len, " is above the model's original_max_position_embeddings ",
+           cfg.rope.original_max_positions,
+           ": past it, its longrope scaling switches to the long factors, which tightfit does not run; use "
+           "--seq-len ",
+           cfg.rope.original_max_positions, " or less");
   if (o.seq_len > cfg.max_positions)
     std::printf(
         "warning: --seq-len %d is above the model's max_position_embeddings %d; examples longer than that "

@@ -1,3 +1,5 @@
+// defines: GGUF LoRA adapters (export_gguf_lora, import_gguf_lora: llama.cpp's names, q/k rows in its
+// order), gguf_architecture, the q/k row permutation
 #include "src/io/gguf_lora.h"
 
 #include <cmath>
@@ -59,7 +61,7 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 
 std::string gguf_architecture(const LlamaConfig& cfg) {
   const std::string& a = cfg.architecture;
-  return a == "qwen2" || a == "qwen3" || a == "gemma3" ? a : "llama";
+  return a == "qwen2" || a == "qwen3" || a == "gemma3" || a == "phi3" ? a : "llama";
 }
 
 bool gguf_permutes_qk(const LlamaConfig& cfg) {
@@ -89,6 +91,13 @@ std::string gguf_lora_tensor_name(int layer, LoraTarget t, bool is_b) {
   return gguf_llama_tensor_name({role_of(t), layer}) + std::string(is_b ? kSuffixB : kSuffixA);
 }
 
+std::string gguf_lora_tensor_name(int layer, const LoraModule& m, bool is_b) {
+  if (m.count == 1) return gguf_lora_tensor_name(layer, m.first, is_b);
+  // phi3's names: attn_qkv, and ffn_up for gate and up together.
+  const GgufLlamaRole role = m.first == LoraTarget::Q ? GgufLlamaRole::AttnQkv : GgufLlamaRole::FfnUp;
+  return gguf_llama_tensor_name({role, layer}) + std::string(is_b ? kSuffixB : kSuffixA);
+}
+
 void export_gguf_lora(const std::string& path, const LoraState& lora, const LlamaConfig& base) {
   const bool permute = needs_permutation(base);
   GgufWriter w;
@@ -101,20 +110,19 @@ void export_gguf_lora(const std::string& path, const LoraState& lora, const Llam
   // Permuted copies of B must outlive write(), which reads the tensors' bytes.
   std::vector<Buffer> permuted;
   for (int l = 0; l < int(lora.layers.size()); ++l) {
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      const LoraAdapter& a = lora.at(l, LoraTarget(t));
+    for (const LoraModule& m : lora_modules(lora.model)) {
+      const LoraAdapter a = lora.module(l, m);
       if (!a.active()) continue;
       const size_t a_bytes = size_t(a.rank) * size_t(a.in) * sizeof(float);
       const size_t b_bytes = size_t(a.out) * size_t(a.rank) * sizeof(float);
-      w.add_tensor(gguf_lora_tensor_name(l, LoraTarget(t), false), GgmlType::F32, {a.in, a.rank}, a.A,
-                   a_bytes);
+      w.add_tensor(gguf_lora_tensor_name(l, m, false), GgmlType::F32, {a.in, a.rank}, a.A, a_bytes);
       const float* b = a.B;
-      if (permute && is_qk(LoraTarget(t))) {
+      if (permute && m.count == 1 && is_qk(m.first)) {
         permuted.emplace_back(b_bytes, MemTag::Lora, false);
         permute_qk_rows(permuted.back().as<float>(), a.B, a.out, a.rank, base.head_dim, true);
         b = permuted.back().as<float>();
       }
-      w.add_tensor(gguf_lora_tensor_name(l, LoraTarget(t), true), GgmlType::F32, {a.rank, a.out}, b, b_bytes);
+      w.add_tensor(gguf_lora_tensor_name(l, m, true), GgmlType::F32, {a.rank, a.out}, b, b_bytes);
     }
   }
   w.write(path);
@@ -141,7 +149,7 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
   TF_CHECK(std::isfinite(alpha) && alpha >= 0, path, ": adapter.lora.alpha = ", alpha,
            " must be a finite non-negative number");
 
-  // (layer, target) -> [A, B]
+  // (layer, the module's first target) -> [A, B]
   std::map<std::pair<int, LoraTarget>, std::array<const GgufTensorInfo*, 2>> pairs;
   int64_t rank = -1;
   for (const GgufTensorInfo& ti : f.tensors()) {
@@ -150,15 +158,23 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
              "' is not a LoRA tensor (expected <base tensor>.lora_a or .lora_b)");
     const std::string_view base_name = std::string_view(ti.name).substr(0, ti.name.size() - kSuffixA.size());
     const auto parsed = parse_gguf_llama_tensor_name(base_name);
-    const auto target = parsed ? target_of(parsed->role) : std::nullopt;
+    const auto target = !parsed                                  ? std::nullopt
+                        : parsed->role == GgufLlamaRole::AttnQkv ? std::optional(LoraTarget::Q)
+                                                                 : target_of(parsed->role);
     TF_CHECK(target.has_value(), path, ": tensor '", ti.name,
-             "' does not adapt a projection (attn_q/k/v/output, ffn_gate/up/down) of a block");
+             "' does not adapt a projection (attn_q/k/v/qkv/output, ffn_gate/up/down) of a block");
     TF_CHECK(parsed->layer < model.n_layers, path, ": tensor '", ti.name, "' is for block ", parsed->layer,
              " but the model has ", model.n_layers, " blocks");
+    // A fused model's adapters are on its fused matrices whole, an unfused model's on each projection.
+    const LoraModule module = lora_module_of(model, *target);
+    const std::string want_name = gguf_lora_tensor_name(parsed->layer, module, is_b);
+    TF_CHECK(ti.name == want_name, path, ": tensor '", ti.name, "' adapts ", lora_target_name(*target),
+             " of a ", gguf_architecture(model), " model, whose adapter on it is '", want_name, "' (module ",
+             module.name, ")");
     TF_CHECK(ti.type == GgmlType::F32 || ti.type == GgmlType::F16 || ti.type == GgmlType::BF16, path,
              ": tensor '", ti.name, "' is ", ggml_type_info(uint32_t(ti.type)).name,
              "; LoRA tensors must be F32, F16 or BF16");
-    const auto [in, out] = lora_target_dims(model, *target);
+    const auto [in, out] = lora_module_dims(model, module);
     TF_CHECK(ti.n_dims == 2, path, ": tensor '", ti.name, "' has ", ti.n_dims, " dims, expected 2");
     const int64_t r = is_b ? ti.ne[0] : ti.ne[1];
     TF_CHECK(r >= 1 && r <= kMaxRank, path, ": tensor '", ti.name, "' has rank ", r, ", outside [1, ",
@@ -170,7 +186,7 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
     const int64_t want1 = is_b ? out : r;
     TF_CHECK(ti.ne[0] == want0 && ti.ne[1] == want1, path, ": tensor '", ti.name, "' has ne [", ti.ne[0],
              ", ", ti.ne[1], "] but the model needs [", want0, ", ", want1, "]");
-    pairs[{parsed->layer, *target}][is_b ? 1 : 0] = &ti;
+    pairs[{parsed->layer, module.first}][is_b ? 1 : 0] = &ti;
   }
   TF_CHECK(!pairs.empty(), path, ": the adapter holds no LoRA tensors");
 
@@ -180,15 +196,15 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
   lc.alpha = alpha == 0 ? float(rank) : float(alpha);
   lc.dropout = 0;
   lc.targets = 0;
-  for (const auto& [key, ab] : pairs) lc.targets |= 1u << int(key.second);
+  for (const auto& [key, ab] : pairs) lc.targets |= lora_module_of(model, key.second).mask();
   for (int l = 0; l < model.n_layers; ++l) {
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      if (!lc.has(LoraTarget(t))) continue;
-      const auto it = pairs.find({l, LoraTarget(t)});
+    for (const LoraModule& m : lora_modules(model)) {
+      if (!lc.has(m.first)) continue;
+      const auto it = pairs.find({l, m.first});
       for (bool is_b : {false, true}) {
         TF_CHECK(it != pairs.end() && it->second[is_b ? 1 : 0], path, ": tensor '",
-                 gguf_lora_tensor_name(l, LoraTarget(t), is_b), "' is missing (other blocks adapt ",
-                 lora_target_name(LoraTarget(t)), ", and every block must)");
+                 gguf_lora_tensor_name(l, m, is_b), "' is missing (other blocks adapt ", m.name,
+                 ", and every block must)");
       }
     }
   }
@@ -196,9 +212,10 @@ LoraState import_gguf_lora(const std::string& path, const LlamaConfig& model) {
   LoraState lora(model, lc);
   const bool permute = needs_permutation(model);
   for (const auto& [key, ab] : pairs) {
-    LoraAdapter& a = lora.at(key.first, key.second);
+    const LoraModule m = lora_module_of(model, key.second);
+    const LoraAdapter a = lora.module(key.first, m);
     ref::dequantize_rows(ab[0]->type, ab[0]->data, ab[0]->n_elements, a.A);
-    if (permute && is_qk(key.second)) {
+    if (permute && m.count == 1 && is_qk(key.second)) {
       Buffer gguf_order(size_t(ab[1]->n_elements) * sizeof(float), MemTag::Lora, false);
       ref::dequantize_rows(ab[1]->type, ab[1]->data, ab[1]->n_elements, gguf_order.as<float>());
       permute_qk_rows(a.B, gguf_order.as<float>(), a.out, a.rank, model.head_dim, false);

@@ -40,6 +40,9 @@ void permute_qk_rows(float* dst, const float* src, int64_t rows, int64_t cols, i
 
 // "blk.3.attn_q.weight.lora_a" for (3, Q, false).
 std::string gguf_lora_tensor_name(int layer, LoraTarget t, bool is_b);
+// The name of a module's tensor: its projection's for an unfused one, phi3's
+// "blk.N.attn_qkv.weight.lora_a" and "blk.N.ffn_up.weight.lora_b" for qkv_proj and gate_up_proj.
+std::string gguf_lora_tensor_name(int layer, const LoraModule& m, bool is_b);
 
 // A string key that every GGUF file tightfit exports carries ("lora" in an adapter, "merged" in a
 // merged model), so that a later export may replace the file without --force. Readers ignore

@@ -1,8 +1,11 @@
+// defines: tf::io::llama_config_from_gguf (a GGUF's metadata as a LlamaConfig), the GGUF tensor names
+// of a Llama-family block (parse_gguf_llama_tensor_name, gguf_llama_tensor_name)
 #include "src/io/gguf_model.h"
 
 #include <charconv>
 #include <climits>
 #include <cmath>
+#include <vector>
 
 #include "src/core/error.h"
 
@@ -28,7 +31,7 @@ float float_or(const GgufFile& f, const std::string& key, float fallback) {
 
 // `<arch>.rope.scaling.*`: none, linear and yarn, every key read or refused by name (llama.cpp
 // reads more of them than HF's yarn has, and a key ignored here would change the frequencies).
-void read_rope_scaling(const GgufFile& f, const std::string& p, RopeParams& rope) {
+void read_rope_scaling(const GgufFile& f, const std::string& p, RopeParams& rope, bool phi3) {
   const std::string prefix = p + "rope.scaling.";
   const std::string type = f.has(prefix + "type") ? std::string(f.get_string(prefix + "type")) : "none";
   for (const auto& [key, value] : f.metadata()) {
@@ -37,6 +40,8 @@ void read_rope_scaling(const GgufFile& f, const std::string& p, RopeParams& rope
     // "finetuned" records how the model was trained, not how it rotates.
     if (field == "type" || field == "finetuned") continue;
     if (field == "factor" && type != "none") continue;
+    // phi3's longrope: the length that selects its factors and their attention factor (read_longrope).
+    if (phi3 && (field == "original_context_length" || field == "attn_factor")) continue;
     if (type == "yarn" &&
         (field == "original_context_length" || field == "yarn_beta_fast" || field == "yarn_beta_slow"))
       continue;
@@ -71,6 +76,36 @@ void read_rope_scaling(const GgufFile& f, const std::string& p, RopeParams& rope
   }
 }
 
+// phi3's longrope (convert_hf_to_gguf's Phi3MiniModel): rope_factors_short.weight and
+// rope_factors_long.weight, rope.scaling.original_context_length (llama.cpp takes the long factors
+// for a context past it, transformers for positions past it, which the model refuses) and
+// rope.scaling.attn_factor on cos and sin.
+void read_longrope(const GgufFile& f, const std::string& p, RopeParams& rope, int max_positions) {
+  const GgufTensorInfo* short_f = f.find_tensor("rope_factors_short.weight");
+  const GgufTensorInfo* long_f = f.find_tensor("rope_factors_long.weight");
+  if (!short_f && !long_f) return;
+  const int64_t half = rope.head_dim / 2;
+  std::vector<float> factors[2];
+  for (int i = 0; i < 2; ++i) {
+    const GgufTensorInfo* t = i == 0 ? short_f : long_f;
+    const char* name = i == 0 ? "rope_factors_short.weight" : "rope_factors_long.weight";
+    if (!t || t->type != GgmlType::F32 || t->n_elements != half)
+      TF_FAIL(f.path(), ": ", name, " must hold ", half, " f32 factors (rope dimensions / 2) beside ",
+              i == 0 ? "rope_factors_long.weight" : "rope_factors_short.weight");
+    const auto* v = reinterpret_cast<const float*>(t->data);
+    for (int64_t k = 0; k < half; ++k)
+      if (!(v[k] > 0) || !std::isfinite(v[k])) TF_FAIL(f.path(), ": ", name, " factor ", k, " is ", v[k]);
+    factors[i].assign(v, v + half);
+  }
+  rope.scaling = RopeScalingType::LongRope;
+  rope.freq_factors = std::move(factors[0]);
+  rope.long_factors = std::move(factors[1]);
+  rope.original_max_positions = positive_int(f, p + "rope.scaling.original_context_length");
+  rope.factor = float(double(max_positions) / rope.original_max_positions);
+  rope.attention_factor =
+      f.has(p + "rope.scaling.attn_factor") ? positive_float(f, p + "rope.scaling.attn_factor") : 0.0f;
+}
+
 }  // namespace
 
 LlamaConfig llama_config_from_gguf(const GgufFile& f) {
@@ -79,9 +114,9 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     TF_FAIL(
         f.path(), ": general.architecture is '", arch,
         "', a mixture of experts, which tightfit does not run (its dense qwen2 and qwen3 models it does)");
-  if (arch != "llama" && arch != "qwen2" && arch != "qwen3")
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "phi3")
     TF_FAIL(f.path(), ": general.architecture is '", arch,
-            "'; tightfit runs 'llama', 'qwen2' and 'qwen3' GGUF models only");
+            "'; tightfit runs 'llama', 'qwen2', 'qwen3' and 'phi3' GGUF models only");
   const std::string p = std::string(arch) + ".";
   LlamaConfig c;
   c.architecture = std::string(arch);
@@ -118,7 +153,11 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   c.rope.head_dim =
       f.has(p + "rope.dimension_count") ? positive_int(f, p + "rope.dimension_count") : c.head_dim;
   c.rope.theta = f.has(p + "rope.freq_base") ? positive_float(f, p + "rope.freq_base") : 10000.0f;
-  read_rope_scaling(f, p, c.rope);
+  read_rope_scaling(f, p, c.rope, arch == "phi3");
+  if (arch == "phi3") {
+    c.fused_qkv = c.fused_gate_up = true;
+    read_longrope(f, p, c.rope, c.max_positions);
+  }
   // Llama 3.1-style scaling is stored as precomputed per-frequency divisors.
   if (const GgufTensorInfo* freqs = f.find_tensor("rope_freqs.weight")) {
     if (freqs->type != GgmlType::F32 || freqs->n_elements != c.rope.head_dim / 2)
@@ -183,6 +222,7 @@ constexpr RoleName kRoleNames[] = {
     {GgufLlamaRole::FfnPostNorm, "post_ffw_norm.weight", true},
     {GgufLlamaRole::OutputNorm, "output_norm.weight", false},
     {GgufLlamaRole::Output, "output.weight", false},
+    {GgufLlamaRole::AttnQkv, "attn_qkv.weight", true},
 };
 }  // namespace
 

@@ -40,6 +40,9 @@ enum class GgufLlamaRole : uint8_t {
   FfnPostNorm,   // blk.N.post_ffw_norm.weight       [hidden]
   OutputNorm,    // output_norm.weight           [hidden]
   Output,        // output.weight                [vocab, hidden]
+  // phi3's fused q, k, v rows (its ffn_up holds gate's rows, then up's): a matrix no WeightSlot
+  // holds whole, so it comes after the roles that map one-to-one onto slots.
+  AttnQkv,  // blk.N.attn_qkv.weight  [q_dim + 2 kv_dim, hidden]
 };
 
 struct GgufLlamaTensor {

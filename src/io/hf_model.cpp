@@ -71,8 +71,6 @@ void parse_rope_scaling(const json& r, const json& config, const std::string& so
     }
   }
   const std::string where = source + " rope scaling";
-  TF_CHECK(type != "longrope" && type != "su", where, ": rope type \"", type,
-           "\" (Phi-3's per-frequency long and short factors) is not supported");
   static const std::map<std::string, std::set<std::string>> kFields = {
       {"default", {}},
       {"linear", {"factor"}},
@@ -82,10 +80,14 @@ void parse_rope_scaling(const json& r, const json& config, const std::string& so
       {"yarn",
        {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
         "mscale_all_dim", "truncate"}},
+      {"longrope",
+       {"factor", "original_max_position_embeddings", "attention_factor", "short_factor", "long_factor"}},
+      {"su",
+       {"factor", "original_max_position_embeddings", "attention_factor", "short_factor", "long_factor"}},
   };
   const auto known = kFields.find(type);
   TF_CHECK(known != kFields.end(), where, ": rope type \"", type,
-           "\" is not supported (supported: default, linear, dynamic, llama3, yarn)");
+           "\" is not supported (supported: default, linear, dynamic, llama3, yarn, longrope)");
   for (const auto& [key, value] : r.items()) {
     if (is_rope_identity_field(key) || known->second.count(key) || value.is_null()) continue;
     if (key == "partial_rotary_factor" && value.is_number() && value.get<double>() == 1.0) continue;
@@ -113,6 +115,31 @@ void parse_rope_scaling(const json& r, const json& config, const std::string& so
     TF_CHECK(rope.high_freq_factor > rope.low_freq_factor && rope.low_freq_factor > 0, where,
              ": need 0 < low_freq_factor < high_freq_factor");
     TF_CHECK(rope.original_max_positions > 0, where, ": original_max_position_embeddings must be positive");
+  } else if (type == "longrope" || type == "su") {
+    // transformers' _compute_longrope_parameters: the short factors up to the pretraining length,
+    // the attention factor derived from max_position_embeddings / that length unless given.
+    rope.scaling = RopeScalingType::LongRope;
+    rope.original_max_positions = get_int(r, "original_max_position_embeddings", where, original_default);
+    TF_CHECK(rope.original_max_positions > 0, where, ": original_max_position_embeddings must be positive");
+    if (!find_key(r, "factor")) rope.factor = float(double(max_positions) / rope.original_max_positions);
+    rope.attention_factor = get_float(r, "attention_factor", where, 0.0f);
+    TF_CHECK(rope.attention_factor >= 0, where, ": attention_factor must be positive, got ",
+             rope.attention_factor);
+    const size_t half = size_t(rope.head_dim / 2);
+    auto factors = [&](const char* key) {
+      const json* f = find_key(r, key);
+      TF_CHECK(f && f->is_array() && f->size() == half, where, ": ", key, " must list ", half,
+               " factors (head_dim / 2), got ", f ? f->dump() : "nothing");
+      std::vector<float> v;
+      for (const json& x : *f) {
+        TF_CHECK(x.is_number() && x.get<double>() > 0, where, ": ", key, " holds ", x.dump(),
+                 "; the factors must be positive numbers");
+        v.push_back(x.get<float>());
+      }
+      return v;
+    };
+    rope.freq_factors = factors("short_factor");
+    rope.long_factors = factors("long_factor");
   } else {
     rope.scaling = RopeScalingType::Yarn;
     rope.original_max_positions = get_int(r, "original_max_position_embeddings", where, original_default);
@@ -147,6 +174,11 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
   const bool qwen = arch == "Qwen2ForCausalLM" || arch == "Qwen3ForCausalLM";
   if (arch == "MistralForCausalLM") {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
+  } else if (arch == "Phi3ForCausalLM") {
+    // Phi3Config's sliding_window defaults to null, and transformers applies it in every layer.
+    c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 0);
+    TF_CHECK(!j.contains("sliding_window") || null_window || c.sliding_window > 0, source,
+             ": sliding_window must be positive or null, got 0");
   } else if (qwen && get_bool(j, "use_sliding_window", source, false)) {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
   }
@@ -202,20 +234,22 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
            : t == "mistral" ? "MistralForCausalLM"
            : t == "qwen2"   ? "Qwen2ForCausalLM"
            : t == "qwen3"   ? "Qwen3ForCausalLM"
+           : t == "phi3"    ? "Phi3ForCausalLM"
                             : t;
   }
   TF_CHECK(arch != "Qwen3MoeForCausalLM" && arch != "Qwen2MoeForCausalLM", source, ": architecture \"", arch,
            "\" is a mixture of experts, which tightfit does not run (its dense Qwen2/Qwen3 models it does)");
   TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM" ||
-               arch == "Qwen3ForCausalLM",
+               arch == "Qwen3ForCausalLM" || arch == "Phi3ForCausalLM",
            source, ": architecture \"", arch,
            "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-           "Qwen3ForCausalLM)");
+           "Qwen3ForCausalLM, Phi3ForCausalLM)");
 
   LlamaConfig c;
   c.architecture = arch == "Qwen2ForCausalLM"     ? "qwen2"
                    : arch == "Qwen3ForCausalLM"   ? "qwen3"
                    : arch == "MistralForCausalLM" ? "mistral"
+                   : arch == "Phi3ForCausalLM"    ? "phi3"
                                                   : "llama";
   c.qk_norm = c.architecture == "qwen3";
   c.hidden = get_int(j, "hidden_size", source);
@@ -234,6 +268,11 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   c.attention_bias = arch == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", source, false);
   TF_CHECK(!get_bool(j, "mlp_bias", source, false), source, ": MLP biases (mlp_bias) are not supported");
   parse_attention(j, arch, source, c);
+  if (arch == "Phi3ForCausalLM") {
+    c.fused_qkv = c.fused_gate_up = true;
+    c.residual_dropout = get_float(j, "resid_pdrop", source, 0.0f);
+    c.embedding_dropout = get_float(j, "embd_pdrop", source, 0.0f);
+  }
   c.rope.head_dim = c.head_dim;
   c.rope.theta = get_float(j, "rope_theta", source, 10000.0f);
   if (const json* rp = find_key(j, "rope_parameters")) {
@@ -245,6 +284,11 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   if (const json* prf = find_key(j, "partial_rotary_factor"))
     TF_CHECK(prf->is_number() && prf->get<double>() == 1.0, source, ": partial_rotary_factor ", prf->dump(),
              " is not supported (partial rotary embeddings)");
+  // Phi3Config renames a "yarn" (or "su") rope type to longrope before transformers reads it.
+  TF_CHECK(arch != "Phi3ForCausalLM" || c.rope.scaling == RopeScalingType::None ||
+               c.rope.scaling == RopeScalingType::LongRope,
+           source, ": Phi3ForCausalLM rotates with default or longrope rope (transformers reads a yarn type ",
+           "as longrope), not ", rope_scaling_name(c.rope.scaling));
   c.rope_layout = RopeLayout::SplitHalf;
   c.validate(source);
   return c;
@@ -260,11 +304,20 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    const std::string name = hf_weight_name(cfg, slot, layer);
+    // A fused matrix (Phi-3's qkv_proj, gate_up_proj) is split into its projections by rows: a row
+    // range of the stored tensor is a matrix of its own, exactly.
+    const std::optional<FusedRows> fused = fused_rows(cfg, slot);
+    const std::string name =
+        fused ? hf_fused_weight_name(fused->qkv, layer) : hf_weight_name(cfg, slot, layer);
     const SafetensorsTensor& t = model->get(name);
     const auto [rows, cols] = weight_shape(cfg, slot);
+    const int64_t file_rows = fused ? fused->rows : rows;
     const bool matrix = is_matrix_slot(slot);
     if (t.dtype == StDType::U8) {
+      TF_CHECK(
+          !fused, model->source(), ": tensor ", name,
+          " is a bitsandbytes 4-bit weight of fused projections, which tightfit does not split; load the "
+          "model's bf16 checkpoint with --quant nf4 instead");
       TF_CHECK(
           bnb4bit, model->source(), ": tensor ", name,
           " is U8 (a bitsandbytes 4-bit weight?) but config.json has no bitsandbytes quantization_config");
@@ -277,15 +330,17 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     }
     const bool vector = rows == 1;
     const bool shape_ok = vector ? (t.shape.size() == 1 && t.shape[0] == cols)
-                                 : (t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == cols);
+                                 : (t.shape.size() == 2 && t.shape[0] == file_rows && t.shape[1] == cols);
     TF_CHECK(shape_ok, model->source(), ": tensor ", name, " has shape ", t.shape_str(), ", expected ",
              vector ? "[" + std::to_string(cols) + "]"
-                    : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+                    : "[" + std::to_string(file_rows) + ", " + std::to_string(cols) + "]");
     const TensorView v = model->view(name);
     TF_CHECK(v.dtype == DType::F32 || v.dtype == DType::BF16 || v.dtype == DType::F16, model->source(),
              ": tensor ", name, " has dtype ", dtype_name(v.dtype), "; weights must be F32, BF16 or F16");
-    const WeightRef source{v.data, v.dtype, rows, cols};
-    w.slot(slot, layer) = store_weight(source, matrix ? quant : QuantMode::None, w, name);
+    const int64_t offset = fused ? dtype_bytes(v.dtype, fused->row0 * cols) : 0;
+    const WeightRef source{static_cast<const std::byte*>(v.data) + offset, v.dtype, rows, cols};
+    w.slot(slot, layer) =
+        store_weight(source, matrix ? quant : QuantMode::None, w, fused ? hf_weight_name(slot, layer) : name);
     drop_source_pages(source, w.slot(slot, layer));
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;

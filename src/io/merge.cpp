@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -78,6 +79,22 @@ void merged_rows(float* dst, const WeightRef& w, const LoraAdapter* a, float sca
   rows.B += r0 * a->rank;
   rows.out = int(n);
   merge_lora_delta(dst, rows, scale);
+}
+
+// Rows [r0, r0 + n) of the layer's fused qkv_proj (or gate_up_proj) into dst, each projection's
+// rows with its adapter merged.
+void fused_merged_rows(float* dst, const LlamaWeights& base, const LoraState& lora, bool qkv, int layer,
+                       float scale, int64_t r0, int64_t n) {
+  for (WeightSlot s : {WeightSlot::Q, WeightSlot::K, WeightSlot::V, WeightSlot::Gate, WeightSlot::Up}) {
+    const std::optional<FusedRows> f = fused_rows(base.config, s);
+    if (!f || f->qkv != qkv) continue;
+    const WeightRef& w = base.slot(s, layer);
+    const int64_t begin = std::max(r0, f->row0), end = std::min(r0 + n, f->row0 + w.rows);
+    if (begin >= end) continue;
+    const LoraAdapter& a = lora.at(layer, *lora_target_of(s));
+    merged_rows(dst + (begin - r0) * w.cols, w, a.active() ? &a : nullptr, scale, begin - f->row0,
+                end - begin);
+  }
 }
 
 // Stores n f32 values as `dtype` (round to nearest even for bf16 and f16).
@@ -192,9 +209,11 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
   const std::string& arch = cfg.architecture;
   j["architectures"] = {arch == "qwen2"     ? "Qwen2ForCausalLM"
                         : arch == "qwen3"   ? "Qwen3ForCausalLM"
+                        : arch == "phi3"    ? "Phi3ForCausalLM"
                         : arch == "mistral" ? "MistralForCausalLM"
                                             : "LlamaForCausalLM"};
-  j["model_type"] = arch == "qwen2" || arch == "qwen3" || arch == "mistral" ? arch : "llama";
+  j["model_type"] =
+      arch == "qwen2" || arch == "qwen3" || arch == "mistral" || arch == "phi3" ? arch : "llama";
   j["hidden_size"] = cfg.hidden;
   j["intermediate_size"] = cfg.intermediate;
   j["num_hidden_layers"] = cfg.n_layers;
@@ -221,13 +240,22 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
         types.push_back(cfg.window(l) > 0 ? "sliding_attention" : "full_attention");
       j["layer_types"] = types;
     }
+  } else if (cfg.architecture == "phi3") {
+    // Phi3ForCausalLM slides in every layer when sliding_window is set; null is none.
+    TF_CHECK(cfg.sliding_layers.empty(), "a Phi-3 config slides its window in every layer; this model's ",
+             "window is per layer");
+    j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
+    if (cfg.rope.scaling == RopeScalingType::LongRope)
+      j["original_max_position_embeddings"] = cfg.rope.original_max_positions;
   } else {
     TF_CHECK(cfg.sliding_window == 0, "a ", cfg.architecture,
              " config has no sliding window; this model's is ", cfg.sliding_window);
   }
   j["mlp_bias"] = false;
   j["rope_theta"] = cfg.rope.theta;
-  const RopeParams rope = cfg.rope.freq_factors.empty() ? cfg.rope : llama3_of_freq_factors(cfg.rope);
+  // Longrope's short factors are its own; other per-frequency factors are a GGUF's llama3 scaling.
+  const bool own_factors = cfg.rope.freq_factors.empty() || cfg.rope.scaling == RopeScalingType::LongRope;
+  const RopeParams rope = own_factors ? cfg.rope : llama3_of_freq_factors(cfg.rope);
   switch (rope.scaling) {
     case RopeScalingType::None: j["rope_scaling"] = nullptr; break;
     case RopeScalingType::Linear:
@@ -252,6 +280,16 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
       if (rope.mscale != 0) y["mscale"] = rope.mscale;
       if (rope.mscale_all_dim != 0) y["mscale_all_dim"] = rope.mscale_all_dim;
       j["rope_scaling"] = y;
+      break;
+    }
+    case RopeScalingType::LongRope: {
+      ordered_json r = {{"rope_type", "longrope"},
+                        {"short_factor", rope.freq_factors},
+                        {"long_factor", rope.long_factors},
+                        {"original_max_position_embeddings", rope.original_max_positions},
+                        {"factor", rope.factor}};
+      if (rope.attention_factor > 0) r["attention_factor"] = rope.attention_factor;
+      j["rope_scaling"] = r;
       break;
     }
   }
@@ -300,14 +338,20 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
   };
   std::vector<Entry> entries;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    const WeightRef w = base.slot(slot, layer);
+    // A fused matrix (Phi-3's qkv_proj, gate_up_proj) is one entry, at its first projection's slot,
+    // written from each projection's rows (fused_merged_rows).
+    const std::optional<FusedRows> fused = fused_rows(cfg, slot);
+    if (fused && fused->row0 > 0) return;
+    WeightRef w = base.slot(slot, layer);
+    if (fused) w.rows = fused->rows;
     const DType dtype = is_quantized(w.dtype) ? quantized_as : options.dtype.value_or(w.dtype);
     const bool nf4 = options.nf4 && lora_target_of(slot).has_value();
     const int64_t n = w.rows * w.cols, blocks = ref::quant_blocks(n, kNf4Block);
     const int64_t bytes =
         nf4 ? ref::nf4_packed_bytes(n) + blocks + 4 * (ref::quant_blocks(blocks, kNf4NestedBlock) + 16 + 256)
             : n * int64_t(dtype_size(dtype));
-    entries.push_back({hf_weight_name(cfg, slot, layer), slot, layer, w, dtype, nf4, bytes});
+    entries.push_back({fused ? hf_fused_weight_name(fused->qkv, layer) : hf_weight_name(cfg, slot, layer),
+                       slot, layer, w, dtype, nf4, bytes});
   });
 
   // Greedy shards in slot order, each at most max_shard_bytes unless one tensor alone is larger.
@@ -342,11 +386,12 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
       const int64_t rows = e.w.rows, cols = e.w.cols, n = rows * cols;
       const std::optional<LoraTarget> t = lora_target_of(e.slot);
       const LoraAdapter* a = t && lora.at(e.layer, *t).active() ? &lora.at(e.layer, *t) : nullptr;
+      const std::optional<FusedRows> fused = fused_rows(cfg, e.slot);
       const bool permute = unpermute && (e.slot == WeightSlot::Q || e.slot == WeightSlot::K ||
                                          e.slot == WeightSlot::QBias || e.slot == WeightSlot::KBias);
       const std::vector<int64_t> shape =
           rows == 1 ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
-      if (!a && !permute && !e.nf4 && e.dtype == e.w.dtype) {
+      if (!a && !fused && !permute && !e.nf4 && e.dtype == e.w.dtype) {
         const size_t bytes = size_t(n) * dtype_size(e.dtype);
         add(e.name, to_st_dtype(e.dtype), shape, e.w.data, bytes);
         continue;
@@ -364,7 +409,10 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
       void* out = buffer(e.nf4 ? size_t(ref::nf4_packed_bytes(n)) : size_t(n) * dtype_size(e.dtype));
       for (int64_t r0 = 0; r0 < rows; r0 += step) {
         const int64_t nr = std::min(step, rows - r0);
-        merged_rows(tile.as<float>(), e.w, a, scale, r0, nr);
+        if (fused)
+          fused_merged_rows(tile.as<float>(), base, lora, fused->qkv, e.layer, scale, r0, nr);
+        else
+          merged_rows(tile.as<float>(), e.w, a, scale, r0, nr);
         float* v = tile.as<float>();
         if (permute) {
           permute_qk_rows(hf.as<float>(), v, bias ? cols : nr, bias ? 1 : cols, cfg.head_dim, false);
@@ -477,16 +525,23 @@ MergedGgufSummary export_merged_gguf(const std::string& path, const GgufFile& ba
 
   // Each base tensor's adapter, or null for a tensor copied as it is.
   std::vector<const LoraAdapter*> adapters;
+  // Each adapted tensor's module (phi3's attn_qkv and ffn_up take a fused one whole); a deque keeps
+  // the pointers stable.
+  std::deque<LoraAdapter> module_adapters;
   int n_active = 0, n_merged = 0;
-  for (const auto& layer : lora.layers)
-    for (const LoraAdapter& a : layer) n_active += a.active() ? 1 : 0;
+  for (int l = 0; l < int(lora.layers.size()); ++l)
+    for (const LoraModule& m : lora_modules(cfg)) n_active += lora.module(l, m).active() ? 1 : 0;
   // The base types that cannot be kept, with how many adapted tensors have each.
   std::map<GgmlType, int> not_writable;
   for (const GgufTensorInfo& ti : base.tensors()) {
     const auto parsed = parse_gguf_llama_tensor_name(ti.name);
-    const std::optional<LoraTarget> t =
-        parsed && parsed->layer < cfg.n_layers ? target_of(parsed->role) : std::nullopt;
-    const LoraAdapter* a = t && lora.at(parsed->layer, *t).active() ? &lora.at(parsed->layer, *t) : nullptr;
+    const std::optional<LoraTarget> t = !parsed || parsed->layer >= cfg.n_layers ? std::nullopt
+                                        : parsed->role == GgufLlamaRole::AttnQkv
+                                            ? std::optional(LoraTarget::Q)
+                                            : target_of(parsed->role);
+    const LoraAdapter* a = nullptr;
+    if (t && lora.at(parsed->layer, *t).active())
+      a = &module_adapters.emplace_back(lora.module(parsed->layer, lora_module_of(cfg, *t)));
     adapters.push_back(a);
     if (!a) continue;
     ++n_merged;

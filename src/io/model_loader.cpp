@@ -1,3 +1,5 @@
+// defines: tf::io::load_model (HF directories and GGUF files: weights, tokenizer, chat template),
+// weight_slot_of, read_hf_tokenizer, gguf_vocab
 #include "src/io/model_loader.h"
 
 #include <cstdio>
@@ -30,17 +32,26 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
-    const std::string name = gguf_llama_tensor_name(gguf_tensor_of(slot, layer));
+    // phi3's attn_qkv and ffn_up are split by rows; blocks run along a row, so a row range of any
+    // ggml type is a matrix of its own, exactly.
+    const std::optional<FusedRows> fused = fused_rows(cfg, slot);
+    const GgufLlamaTensor role =
+        fused ? GgufLlamaTensor{fused->qkv ? GgufLlamaRole::AttnQkv : GgufLlamaRole::FfnUp, layer}
+              : gguf_tensor_of(slot, layer);
+    const std::string name = gguf_llama_tensor_name(role);
     const GgufTensorInfo& t = f->tensor(name);
     const auto [rows, cols] = weight_shape(cfg, slot);
-    TF_CHECK(t.row_length() == cols && t.n_rows() == rows, f->path(), ": tensor ", name, " has ", t.n_rows(),
-             " rows of ", t.row_length(), ", expected ", rows, " rows of ", cols);
+    const int64_t file_rows = fused ? fused->rows : rows;
+    TF_CHECK(t.row_length() == cols && t.n_rows() == file_rows, f->path(), ": tensor ", name, " has ",
+             t.n_rows(), " rows of ", t.row_length(), ", expected ", file_rows, " rows of ", cols);
     const GgmlTypeInfo info = ggml_type_info(uint32_t(t.type));
     const std::optional<DType> dtype = dtype_of_ggml(t.type);
     TF_CHECK(info.supported && dtype, f->path(), ": tensor ", name, " has ggml type ", info.name,
              ", which tightfit cannot dequantize (it reads ", ref::dequantizable_type_names(), ")");
-    const WeightRef stored{t.data, *dtype, rows, cols};
-    w.slot(slot, layer) = store_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w, name);
+    const int64_t offset = fused ? dtype_bytes(*dtype, fused->row0 * cols) : 0;
+    const WeightRef stored{t.data + offset, *dtype, rows, cols};
+    w.slot(slot, layer) = store_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w,
+                                       fused ? hf_weight_name(slot, layer) : name);
     drop_source_pages(stored, w.slot(slot, layer));
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
@@ -154,6 +165,8 @@ WeightSlot weight_slot_of(GgufLlamaRole role) {
     case GgufLlamaRole::FfnPostNorm: return WeightSlot::PostMlpNorm;
     case GgufLlamaRole::OutputNorm: return WeightSlot::FinalNorm;
     case GgufLlamaRole::Output: return WeightSlot::LmHead;
+    // The fused matrix whose first rows are q's (fused_rows).
+    case GgufLlamaRole::AttnQkv: return WeightSlot::Q;
   }
   TF_FAIL("unknown GGUF tensor role");
 }

@@ -1,3 +1,5 @@
+// defines: PEFT adapter directories (export_peft, import_peft: adapter_config.json and
+// adapter_model.safetensors in PEFT's names, B's q/k rows in HF's order), peft_tensor_name
 #include "src/io/peft.h"
 
 #include <unistd.h>
@@ -39,14 +41,15 @@ const char* block_of(LoraTarget t) {
   return t == LoraTarget::Gate || t == LoraTarget::Up || t == LoraTarget::Down ? "mlp" : "self_attn";
 }
 
-// (layer, target, is_b) of a PEFT tensor name, or nothing when it is not one.
+// (layer, module, is_b) of a PEFT tensor name of one of the model's modules, or nothing when it is
+// not one.
 struct ParsedName {
   int layer;
-  LoraTarget target;
+  LoraModule module;
   bool is_b;
 };
 
-std::optional<ParsedName> parse_tensor_name(std::string_view name) {
+std::optional<ParsedName> parse_tensor_name(std::string_view name, const LlamaConfig& model) {
   if (name.substr(0, kPrefix.size()) != kPrefix) return std::nullopt;
   name.remove_prefix(kPrefix.size());
   int layer = 0;
@@ -54,15 +57,22 @@ std::optional<ParsedName> parse_tensor_name(std::string_view name) {
   // Digits only, without leading zeros, so each tensor has exactly one spelling.
   if (ec != std::errc() || layer < 0 || (name[0] == '0' && end - name.data() > 1)) return std::nullopt;
   name.remove_prefix(size_t(end - name.data()));
-  for (int t = 0; t < kLoraTargetCount; ++t) {
+  for (const LoraModule& m : lora_modules(model)) {
     for (bool is_b : {false, true}) {
       std::string rest = ".";
-      rest.append(block_of(LoraTarget(t))).append(".").append(lora_target_name(LoraTarget(t)));
+      rest.append(block_of(m.first)).append(".").append(m.name);
       rest.append(is_b ? ".lora_B.weight" : ".lora_A.weight");
-      if (name == rest) return ParsedName{layer, LoraTarget(t), is_b};
+      if (name == rest) return ParsedName{layer, m, is_b};
     }
   }
   return std::nullopt;
+}
+
+// The model's module names, for messages: "q_proj, k_proj, ..." or "qkv_proj, o_proj, ...".
+std::string module_names(const LlamaConfig& model) {
+  std::string names;
+  for (const LoraModule& m : lora_modules(model)) names += (names.empty() ? "" : ", ") + std::string(m.name);
+  return names;
 }
 
 json read_config(const fs::path& path) {
@@ -101,7 +111,11 @@ void to_f32(float* dst, const SafetensorsTensor& t) {
 }  // namespace
 
 std::string peft_tensor_name(int layer, LoraTarget t, bool is_b) {
-  return std::string(kPrefix) + std::to_string(layer) + "." + block_of(t) + "." + lora_target_name(t) +
+  return peft_tensor_name(layer, LoraModule{t, 1, lora_target_name(t)}, is_b);
+}
+
+std::string peft_tensor_name(int layer, const LoraModule& m, bool is_b) {
+  return std::string(kPrefix) + std::to_string(layer) + "." + block_of(m.first) + "." + m.name +
          (is_b ? ".lora_B.weight" : ".lora_A.weight");
 }
 
@@ -125,24 +139,24 @@ void export_peft(const std::string& dir, const LoraState& lora, const LlamaConfi
     // HF-ordered copies of B must outlive write_safetensors, which reads the tensors' bytes.
     std::vector<Buffer> hf_rows;
     ordered_json modules = ordered_json::array();
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      if (lora.config.has(LoraTarget(t))) modules.push_back(lora_target_name(LoraTarget(t)));
+    for (const LoraModule& m : lora_modules(model)) {
+      if (lora.config.has(m.first)) modules.push_back(m.name);
     }
     for (int l = 0; l < int(lora.layers.size()); ++l) {
-      for (int t = 0; t < kLoraTargetCount; ++t) {
-        const LoraAdapter& a = lora.at(l, LoraTarget(t));
+      for (const LoraModule& m : lora_modules(model)) {
+        const LoraAdapter a = lora.module(l, m);
         if (!a.active()) continue;
         const float* b = a.B;
-        if (reorders_rows(model, LoraTarget(t))) {
+        if (m.count == 1 && reorders_rows(model, m.first)) {
           hf_rows.emplace_back(size_t(a.out) * size_t(a.rank) * sizeof(float), MemTag::Lora, false);
           permute_qk_rows(hf_rows.back().as<float>(), a.B, a.out, a.rank, model.head_dim, false);
           b = hf_rows.back().as<float>();
         }
-        tensors.push_back({peft_tensor_name(l, LoraTarget(t), false),
+        tensors.push_back({peft_tensor_name(l, m, false),
                            StDType::F32,
                            {a.rank, a.in},
                            std::as_bytes(std::span<const float>(a.A, size_t(a.rank) * size_t(a.in)))});
-        tensors.push_back({peft_tensor_name(l, LoraTarget(t), true),
+        tensors.push_back({peft_tensor_name(l, m, true),
                            StDType::F32,
                            {a.out, a.rank},
                            std::as_bytes(std::span<const float>(b, size_t(a.out) * size_t(a.rank)))});
@@ -230,15 +244,14 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
       TF_CHECK(m.is_string(), where, ": target_modules holds a non-string ", m.dump());
       const std::string mod = m.get<std::string>();
       bool known = false;
-      for (int t = 0; t < kLoraTargetCount; ++t) {
-        if (mod == lora_target_name(LoraTarget(t))) {
-          lc.targets |= 1u << t;
+      for (const LoraModule& lm : lora_modules(model)) {
+        if (mod == lm.name) {
+          lc.targets |= lm.mask();
           known = true;
         }
       }
-      TF_CHECK(known, where, ": target module '", mod,
-               "' is not a projection of the Llama block (q_proj, k_proj, ",
-               "v_proj, o_proj, gate_proj, up_proj, down_proj)");
+      TF_CHECK(known, where, ": target module '", mod, "' is not a projection of the ", model.architecture,
+               " block (", module_names(model), ")");
     }
     base_model = cfg.value("base_model_name_or_path", "");
   } catch (const json::exception& e) {
@@ -259,14 +272,17 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
 
   std::set<std::string> seen;
   for (const SafetensorsTensor& t : file.tensors()) {
-    const auto parsed = parse_tensor_name(t.name);
-    TF_CHECK(parsed.has_value(), file.path(), ": unexpected tensor ", t.name,
-             " (expected base_model.model.model.layers.N.<self_attn|mlp>.<module>.lora_<A|B>.weight)");
+    const auto parsed = parse_tensor_name(t.name, model);
+    TF_CHECK(
+        parsed.has_value(), file.path(), ": unexpected tensor ", t.name,
+        " (expected base_model.model.model.layers.N.<self_attn|mlp>.<module>.lora_<A|B>.weight, module one "
+        "of ",
+        module_names(model), ")");
     TF_CHECK(parsed->layer < model.n_layers, file.path(), ": tensor ", t.name, " is for layer ",
              parsed->layer, " but the model has ", model.n_layers, " layers");
-    TF_CHECK(lc.has(parsed->target), file.path(), ": tensor ", t.name, " adapts ",
-             lora_target_name(parsed->target), ", which is not in target_modules of ", where);
-    const LoraAdapter& a = lora.at(parsed->layer, parsed->target);
+    TF_CHECK(lc.has(parsed->module.first), file.path(), ": tensor ", t.name, " adapts ", parsed->module.name,
+             ", which is not in target_modules of ", where);
+    const LoraAdapter a = lora.module(parsed->layer, parsed->module);
     TF_CHECK(t.dtype == StDType::F32 || t.dtype == StDType::BF16 || t.dtype == StDType::F16, file.path(),
              ": tensor ", t.name, " is ", st_dtype_name(t.dtype), "; LoRA weights must be F32, BF16 or F16");
     const std::vector<int64_t> want =
@@ -278,7 +294,7 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
     }
     TF_CHECK(t.shape == want, file.path(), ": tensor ", t.name, " has shape ", t.shape_str(),
              " but the model needs [", want[0], ", ", want[1], "]");
-    if (parsed->is_b && reorders_rows(model, parsed->target)) {
+    if (parsed->is_b && parsed->module.count == 1 && reorders_rows(model, parsed->module.first)) {
       Buffer hf_order(size_t(t.numel()) * sizeof(float), MemTag::Lora, false);
       to_f32(hf_order.as<float>(), t);
       permute_qk_rows(a.B, hf_order.as<float>(), a.out, a.rank, model.head_dim, true);
@@ -288,13 +304,12 @@ PeftAdapter import_peft(const std::string& dir, const LlamaConfig& model) {
     seen.insert(t.name);
   }
   for (int l = 0; l < model.n_layers; ++l) {
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      if (!lc.has(LoraTarget(t))) continue;
+    for (const LoraModule& m : lora_modules(model)) {
+      if (!lc.has(m.first)) continue;
       for (bool is_b : {false, true}) {
-        const std::string name = peft_tensor_name(l, LoraTarget(t), is_b);
+        const std::string name = peft_tensor_name(l, m, is_b);
         TF_CHECK(seen.count(name), file.path(), ": tensor ", name, " is missing (target_modules in ", where,
-                 " lists ", lora_target_name(LoraTarget(t)), " and the model has ", model.n_layers,
-                 " layers)");
+                 " lists ", m.name, " and the model has ", model.n_layers, " layers)");
       }
     }
   }

@@ -11,6 +11,8 @@ namespace tf::io {
 // PEFT's name for one LoRA matrix of a Llama-family model, e.g.
 // "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (A is [r, in], B is [out, r]).
 std::string peft_tensor_name(int layer, LoraTarget t, bool is_b);
+// A module's tensor: "base_model.model.model.layers.N.self_attn.qkv_proj.lora_A.weight" for Phi-3's.
+std::string peft_tensor_name(int layer, const LoraModule& m, bool is_b);
 
 // Writes `lora`'s parameters as a PEFT adapter directory `dir`: adapter_config.json (LORA,
 // CAUSAL_LM, r, lora_alpha, lora_dropout, use_rslora, target_modules, base_model_name_or_path)

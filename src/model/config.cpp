@@ -88,6 +88,12 @@ uint32_t parse_lora_targets(const std::string& list) {
       mask |= (1u << kLoraTargetCount) - 1;
       continue;
     }
+    // PEFT's names of Phi-3's fused modules; on an unfused model they adapt each projection.
+    if (item == "qkv_proj" || item == "qkv" || item == "gate_up_proj" || item == "gate_up") {
+      const bool qkv = item[0] == 'q';
+      mask |= qkv ? 7u << int(LoraTarget::Q) : 3u << int(LoraTarget::Gate);
+      continue;
+    }
     bool found = false;
     for (int i = 0; i < kLoraTargetCount; ++i) {
       const std::string full = lora_target_name(LoraTarget(i));
@@ -97,10 +103,51 @@ uint32_t parse_lora_targets(const std::string& list) {
       }
     }
     TF_CHECK(found, "unknown LoRA target '", item, "'; expected a list of q_proj, k_proj, v_proj, o_proj, ",
-             "gate_proj, up_proj, down_proj (or q, k, v, o, gate, up, down, or all)");
+             "gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj (or q, k, v, o, gate, up, down, qkv, ",
+             "gate_up, or all)");
   }
   TF_CHECK(mask != 0, "the LoRA target list is empty");
   return mask;
+}
+
+std::vector<LoraModule> lora_modules(const LlamaConfig& model) {
+  std::vector<LoraModule> m;
+  if (model.fused_qkv) {
+    m.push_back({LoraTarget::Q, 3, "qkv_proj"});
+  } else {
+    for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::V})
+      m.push_back({t, 1, lora_target_name(t)});
+  }
+  m.push_back({LoraTarget::O, 1, lora_target_name(LoraTarget::O)});
+  if (model.fused_gate_up) {
+    m.push_back({LoraTarget::Gate, 2, "gate_up_proj"});
+  } else {
+    for (LoraTarget t : {LoraTarget::Gate, LoraTarget::Up}) m.push_back({t, 1, lora_target_name(t)});
+  }
+  m.push_back({LoraTarget::Down, 1, lora_target_name(LoraTarget::Down)});
+  return m;
+}
+
+LoraModule lora_module_of(const LlamaConfig& model, LoraTarget t) {
+  for (const LoraModule& m : lora_modules(model))
+    if (m.covers(t)) return m;
+  TF_FAIL("LoRA target ", int(t), " is not a projection");
+}
+
+void check_lora_targets(const LlamaConfig& model, uint32_t targets) {
+  for (const LoraModule& m : lora_modules(model)) {
+    const uint32_t part = targets & m.mask();
+    if (part == 0 || part == m.mask()) continue;
+    std::string named, others;
+    for (int i = 0; i < m.count; ++i) {
+      const auto t = LoraTarget(int(m.first) + i);
+      std::string& list = targets & (1u << int(t)) ? named : others;
+      list += (list.empty() ? "" : ", ") + std::string(lora_target_name(t));
+    }
+    TF_FAIL("the LoRA targets name ", named, " but not ", others, ": ", model.architecture,
+            " stores them as one ", "matrix, ", m.name, ", which LoRA adapts whole (as PEFT does); target ",
+            m.name, " instead");
+  }
 }
 
 float LoraConfig::scale() const {

@@ -54,6 +54,15 @@ struct LlamaConfig {
   // Dropout on the attention probabilities in training; tightfit runs without, so finetune refuses
   // a model whose config asks for it.
   float attention_dropout = 0.0f;
+  // Phi-3's dropouts on each residual branch (resid_pdrop) and on the embeddings (embd_pdrop):
+  // finetune refuses them as it does attention_dropout.
+  float residual_dropout = 0.0f;
+  float embedding_dropout = 0.0f;
+  // Phi-3 stores q, k and v as one [q_dim + 2 kv_dim, hidden] matrix (qkv_proj) and gate and up as
+  // one [2 intermediate, hidden] (gate_up_proj, gate's rows first). The loaders split them by rows
+  // into the per-projection slots; LoRA adapts each as one module (lora_modules), as PEFT does.
+  bool fused_qkv = false;
+  bool fused_gate_up = false;
   int max_positions = 2048;
   std::string architecture = "llama";
 
@@ -85,6 +94,24 @@ constexpr int kLoraTargetCount = int(LoraTarget::Count);
 const char* lora_target_name(LoraTarget t);  // "q_proj", ... (HF / PEFT module names)
 // Parses a comma-separated list such as "q_proj,v_proj" or "q,v" or "all"; returns a bit mask.
 uint32_t parse_lora_targets(const std::string& list);
+
+// What PEFT adapts as one nn.Linear: a projection, or for a model with fused projections one of its
+// fused matrices, covering `count` consecutive targets from `first` (qkv_proj: q, k, v; gate_up_proj:
+// gate, up). A module's adapter is one A [rank, in] and one B [sum of its targets' outputs, rank].
+struct LoraModule {
+  LoraTarget first = LoraTarget::Q;
+  int count = 1;
+  const char* name = "";  // PEFT's module name: "q_proj", ..., "qkv_proj", "gate_up_proj"
+  uint32_t mask() const { return ((1u << count) - 1) << int(first); }
+  bool covers(LoraTarget t) const { return int(t) >= int(first) && int(t) < int(first) + count; }
+};
+// The model's modules in storage and export order: the seven projections of an unfused model, or
+// qkv_proj, o_proj, gate_up_proj, down_proj for Phi-3.
+std::vector<LoraModule> lora_modules(const LlamaConfig& model);
+// The module covering projection t.
+LoraModule lora_module_of(const LlamaConfig& model, LoraTarget t);
+// Checks that `targets` adapts each fused module whole; throws naming what to target instead.
+void check_lora_targets(const LlamaConfig& model, uint32_t targets);
 
 struct LoraConfig {
   int rank = 16;

@@ -73,7 +73,8 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
   const int64_t C = opt.mlp_chunk > 0 ? std::min(opt.mlp_chunk, N) : N;
   const bool chunked = C < N;
   int64_t lora_rows = 0;
-  for (int t = 0; t < kLoraTargetCount; ++t) lora_rows += lora.has(LoraTarget(t)) ? lora.rank : 0;
+  // One intermediate dropout(x) A^T per module: a fused module's projections share it.
+  for (const LoraModule& m : lora_modules(c)) lora_rows += lora.has(m.first) ? lora.rank : 0;
   const int64_t kept_mlp = chunked ? 0 : 3 * I;
   // q and k before their norms, and the norms' rstd per head.
   const int64_t qk_norm = c.qk_norm ? Q + KV + c.n_heads + c.n_kv_heads : 0;
@@ -250,8 +251,8 @@ LlamaModel::BlockActs LlamaModel::carve_block_acts(float*& cursor) {
     a.up = take(N * c.intermediate);
     a.act = take(N * c.intermediate);
   }
-  for (int t = 0; t < kLoraTargetCount; ++t)
-    a.lora_t[size_t(t)] = lora_.config.has(LoraTarget(t)) ? take(N * lora_.config.rank) : nullptr;
+  for (const LoraModule& m : lora_modules(c))
+    a.lora_t[size_t(m.first)] = lora_.config.has(m.first) ? take(N * lora_.config.rank) : nullptr;
   return a;
 }
 
@@ -271,6 +272,14 @@ void LlamaModel::check_batch(const Batch& b) const {
                " is past the model's max_position_embeddings ", rope.original_max_positions,
                ", where its dynamic rope scaling would change the frequencies: tightfit does not ",
                "run dynamic (NTK) rope there; use at most ", rope.original_max_positions, " tokens");
+  // transformers switches longrope to its long factors once a sequence passes the pretraining
+  // length; tightfit runs the short factors only.
+  if (rope.scaling == RopeScalingType::LongRope)
+    for (int64_t i = 0; i < b.n_tokens(); ++i)
+      TF_CHECK(b.positions[i] < rope.original_max_positions, "position ", b.positions[i],
+               " is past the model's original_max_position_embeddings ", rope.original_max_positions,
+               ", where its longrope scaling switches to the long factors: tightfit runs longrope's short ",
+               "factors only; use at most ", rope.original_max_positions, " tokens");
 }
 
 Batch LlamaModel::stage(const Batch& b) {
@@ -302,9 +311,14 @@ void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const 
   be_->linear_forward(y, x, w, n, 0.0f);
   if (bias) be_->add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
-  if (ad.active())
-    lora_forward(*be_, y, a.lora_t[size_t(t)] + row0 * ad.rank, lora_xd_, x, ad, lora_.config.scale(),
+  if (!ad.active()) return;
+  // A fused module's first projection forms the intermediate its later ones read.
+  float* rows = a.lora_t[size_t(ad.first)] + row0 * ad.rank;
+  if (ad.first == t)
+    lora_forward(*be_, y, rows, lora_xd_, x, ad, lora_.config.scale(),
                  dropout(layer, t, training, step, row0), n);
+  else
+    lora_output(*be_, y, rows, ad, lora_.config.scale(), n);
 }
 
 void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x,
@@ -313,8 +327,8 @@ void LlamaModel::projection_backward(float* dx, float beta, const float* dy, con
   be_->linear_backward_input(dx, dy, w, n, beta);
   LoraAdapter& ad = lora_.at(layer, t);
   if (ad.active())
-    lora_backward(*be_, dx, dy, x, a.lora_t[size_t(t)] + row0 * ad.rank, ad, lora_.config.scale(),
-                  dropout(layer, t, true, step, row0), n, lora_dt_, lora_xd_);
+    lora_backward(*be_, dx, dy, x, a.lora_t[size_t(ad.first)] + row0 * ad.rank, ad, lora_.config.scale(),
+                  dropout(layer, ad.first, true, step, row0), n, lora_dt_, lora_xd_);
 }
 
 void LlamaModel::mlp_gate_up(int l, const BlockWeights& w, BlockActs& a, int64_t row0, int64_t n,

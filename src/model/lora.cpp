@@ -1,3 +1,5 @@
+// defines: LoraState (the adapters' layout in flat buffers, PEFT-style init, host copies), LoRA dropout,
+// lora_forward / lora_output / lora_backward
 #include "src/model/lora.h"
 
 #include <cmath>
@@ -28,12 +30,19 @@ std::pair<int, int> lora_target_dims(const LlamaConfig& c, LoraTarget t) {
 constexpr uint64_t kStreamLoraInit = 1ull << 56;
 constexpr uint64_t kStreamDropout = 2ull << 56;
 
+std::pair<int, int> lora_module_dims(const LlamaConfig& model, const LoraModule& m) {
+  int out = 0;
+  for (int i = 0; i < m.count; ++i) out += lora_target_dims(model, LoraTarget(int(m.first) + i)).second;
+  return {lora_target_dims(model, m.first).first, out};
+}
+
 std::array<PlannedAlloc, 4> LoraState::memory_plan(const LlamaConfig& model, const LoraConfig& cfg) {
+  check_lora_targets(model, cfg.targets);
   int64_t n = 0;
   for (int l = 0; l < model.n_layers; ++l) {
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      if (!cfg.has(LoraTarget(t))) continue;
-      const auto [in, out] = lora_target_dims(model, LoraTarget(t));
+    for (const LoraModule& m : lora_modules(model)) {
+      if (!cfg.has(m.first)) continue;
+      const auto [in, out] = lora_module_dims(model, m);
       n += int64_t(cfg.rank) * (in + out);
     }
   }
@@ -57,21 +66,32 @@ LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backen
   layers.resize(size_t(model.n_layers));
   int64_t offset = 0;
   for (int l = 0; l < model.n_layers; ++l) {
-    for (int t = 0; t < kLoraTargetCount; ++t) {
-      if (!cfg.has(LoraTarget(t))) continue;
-      const auto [in, out] = lora_target_dims(model, LoraTarget(t));
-      LoraAdapter& a = layers[size_t(l)][size_t(t)];
-      a.in = in;
-      a.out = out;
-      a.rank = cfg.rank;
-      a.A = param_data() + offset;
-      a.dA = grad_data() + offset;
-      offset += int64_t(cfg.rank) * in;
-      a.B = param_data() + offset;
-      a.dB = grad_data() + offset;
-      offset += int64_t(cfg.rank) * out;
+    for (const LoraModule& m : lora_modules(model)) {
+      if (!cfg.has(m.first)) continue;
+      const int64_t a_offset = offset;
+      offset += int64_t(cfg.rank) * lora_target_dims(model, m.first).first;
+      for (int i = 0; i < m.count; ++i) {
+        const auto t = LoraTarget(int(m.first) + i);
+        const auto [in, out] = lora_target_dims(model, t);
+        LoraAdapter& a = layers[size_t(l)][size_t(t)];
+        a.in = in;
+        a.out = out;
+        a.rank = cfg.rank;
+        a.first = m.first;
+        a.A = param_data() + a_offset;
+        a.dA = grad_data() + a_offset;
+        a.B = param_data() + offset;
+        a.dB = grad_data() + offset;
+        offset += int64_t(cfg.rank) * out;
+      }
     }
   }
+}
+
+LoraAdapter LoraState::module(int layer, const LoraModule& m) const {
+  LoraAdapter a = at(layer, m.first);
+  if (a.active()) a.out = lora_module_dims(model, m).second;
+  return a;
 }
 
 LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backend& backend)
@@ -82,7 +102,7 @@ LoraState::LoraState(const LlamaConfig& model_cfg, const LoraConfig& cfg, Backen
   for (int l = 0; l < model.n_layers; ++l) {
     for (int t = 0; t < kLoraTargetCount; ++t) {
       const LoraAdapter& a = at(l, LoraTarget(t));
-      if (!a.active()) continue;
+      if (!a.active() || a.first != LoraTarget(t)) continue;
       const float bound = 1.0f / std::sqrt(float(a.in));
       const Philox rng(cfg.seed, kStreamLoraInit | (uint64_t(l) << 8) | uint64_t(t));
       host_a.resize(size_t(a.rank) * size_t(a.in));
@@ -155,6 +175,10 @@ void lora_intermediate(Backend& be, float* t, float* xd, const float* x, const L
 void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
                   float scale, const LoraDropout& drop, int64_t n) {
   lora_intermediate(be, t, xd, x, a, drop, n);
+  lora_output(be, y, t, a, scale, n);
+}
+
+void lora_output(Backend& be, float* y, const float* t, const LoraAdapter& a, float scale, int64_t n) {
   be.matmul(y, a.out, f32_operand(t, a.rank), f32_operand(a.B, a.rank, true), n, a.out, a.rank, scale, 1.0f);
 }
 

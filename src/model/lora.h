@@ -12,7 +12,8 @@ namespace tf {
 
 // One adapted projection y = x W^T + scale * dropout(x) A^T B^T. A is [rank, in], B is [out, rank]
 // (PEFT's lora_A / lora_B layout). Pointers index into LoraState's flat buffers, in the memory of
-// its backend.
+// its backend. The projections of a fused module (LoraModule) share the module's A and dA, and
+// their B and dB are consecutive row ranges of the module's.
 struct LoraAdapter {
   float* A = nullptr;
   float* B = nullptr;
@@ -21,6 +22,9 @@ struct LoraAdapter {
   int in = 0;
   int out = 0;
   int rank = 0;
+  // The first projection of this one's module: its adapter forms the module's dropout(x) A^T, which
+  // the module's other projections read (and its dropout mask is the module's).
+  LoraTarget first = LoraTarget::Q;
   bool active() const { return A != nullptr; }
 };
 
@@ -42,6 +46,9 @@ struct LoraState {
   static std::array<PlannedAlloc, 4> memory_plan(const LlamaConfig& model, const LoraConfig& config);
   LoraAdapter& at(int layer, LoraTarget t) { return layers[size_t(layer)][size_t(t)]; }
   const LoraAdapter& at(int layer, LoraTarget t) const { return layers[size_t(layer)][size_t(t)]; }
+  // The adapter of a whole module (the first projection's A, its B over all of the module's rows),
+  // as exports and checkpoints store it; inactive when the module is not targeted.
+  LoraAdapter module(int layer, const LoraModule& m) const;
   float* param_data() { return params.as<float>(); }
   float* grad_data() { return grads.as<float>(); }
   Backend& backend() const { return *backend_; }
@@ -63,6 +70,8 @@ struct LoraState {
 
 // Input and output sizes of a projection.
 std::pair<int, int> lora_target_dims(const LlamaConfig& cfg, LoraTarget t);
+// A module's input size and its projections' output sizes summed (its B's rows).
+std::pair<int, int> lora_module_dims(const LlamaConfig& cfg, const LoraModule& m);
 
 // Dropout on the LoRA input: element i of the [n_tokens, in] input is kept with probability 1-p and
 // scaled by 1/(1-p). The mask is a pure function of (seed, step, layer, target, i), so backward and
@@ -90,6 +99,9 @@ void lora_intermediate(Backend& be, float* t, float* xd, const float* x, const L
 // for backward; `xd` is scratch of [n, in] used only when dropout is on.
 void lora_forward(Backend& be, float* y, float* t, float* xd, const float* x, const LoraAdapter& a,
                   float scale, const LoraDropout& drop, int64_t n);
+// y[n, out] += scale * t B^T from the intermediate t [n, rank]: lora_forward's second half, which
+// the later projections of a fused module run on the intermediate the first one formed.
+void lora_output(Backend& be, float* y, const float* t, const LoraAdapter& a, float scale, int64_t n);
 // Given dy [n, out]: dB += scale dy^T t; dA += (scale dy B)^T dropout(x); dx += dropout'(scale dy B A).
 // `dt` ([n, rank]) and `xd` ([n, in]) are scratch.
 void lora_backward(Backend& be, float* dx, const float* dy, const float* x, const float* t, LoraAdapter& a,

@@ -80,6 +80,25 @@ std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& c, WeightSlot slot) 
   return {0, 0};
 }
 
+std::optional<FusedRows> fused_rows(const LlamaConfig& c, WeightSlot slot) {
+  const int64_t q = c.q_dim(), kv = c.kv_dim(), i = c.intermediate;
+  if (c.fused_qkv) {
+    if (slot == WeightSlot::Q) return FusedRows{true, 0, q + 2 * kv};
+    if (slot == WeightSlot::K) return FusedRows{true, q, q + 2 * kv};
+    if (slot == WeightSlot::V) return FusedRows{true, q + kv, q + 2 * kv};
+  }
+  if (c.fused_gate_up) {
+    if (slot == WeightSlot::Gate) return FusedRows{false, 0, 2 * i};
+    if (slot == WeightSlot::Up) return FusedRows{false, i, 2 * i};
+  }
+  return std::nullopt;
+}
+
+std::string hf_fused_weight_name(bool qkv, int layer) {
+  return "model.layers." + std::to_string(layer) +
+         (qkv ? ".self_attn.qkv_proj.weight" : ".mlp.gate_up_proj.weight");
+}
+
 WeightRef& BlockWeights::slot(WeightSlot s) {
   switch (s) {
     case WeightSlot::AttnNorm: return attn_norm;

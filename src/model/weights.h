@@ -56,6 +56,17 @@ constexpr bool is_norm_slot(WeightSlot s) {
 std::optional<LoraTarget> lora_target_of(WeightSlot slot);
 // Expected shape [rows, cols] of a slot (biases and norms are [1, n]).
 std::pair<int64_t, int64_t> weight_shape(const LlamaConfig& cfg, WeightSlot slot);
+// Where a projection lies in a fused matrix of the checkpoint (LlamaConfig::fused_qkv,
+// fused_gate_up): rows [row0, row0 + its rows) of a matrix of `rows` rows, qkv_proj / attn_qkv when
+// `qkv`, else gate_up_proj / ffn_up. Nothing for a slot stored on its own.
+struct FusedRows {
+  bool qkv = true;
+  int64_t row0 = 0;
+  int64_t rows = 0;
+};
+std::optional<FusedRows> fused_rows(const LlamaConfig& cfg, WeightSlot slot);
+// "model.layers.N.self_attn.qkv_proj.weight" or "model.layers.N.mlp.gate_up_proj.weight".
+std::string hf_fused_weight_name(bool qkv, int layer);
 
 struct BlockWeights {
   WeightRef attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down, q_norm, k_norm,

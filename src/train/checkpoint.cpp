@@ -1,3 +1,5 @@
+// defines: save_checkpoint / load_checkpoint (the LoRA modules, AdamW moments, trainer and data cursor
+// of a run, checked whole before use), latest_checkpoint, list_checkpoints
 #include "src/train/checkpoint.h"
 
 #include <unistd.h>
@@ -64,14 +66,16 @@ std::optional<int64_t> parse_step_name(const std::string& name, std::string_view
   return step;
 }
 
-std::string tensor_name(const char* part, int layer, LoraTarget t, const char* which) {
-  return std::string(part) + ".layers." + std::to_string(layer) + "." + lora_target_name(t) + "." + which;
+std::string tensor_name(const char* part, int layer, const LoraModule& m, const char* which) {
+  return std::string(part) + ".layers." + std::to_string(layer) + "." + m.name + "." + which;
 }
 
-json target_list(uint32_t targets) {
+// The adapted modules by name (Phi-3's qkv_proj and gate_up_proj whole), so that a resume into a
+// model whose projections are laid out otherwise is refused by what each adapts.
+json target_list(const LoraState& lora) {
   json list = json::array();
-  for (int t = 0; t < kLoraTargetCount; ++t) {
-    if (targets & (1u << t)) list.push_back(lora_target_name(LoraTarget(t)));
+  for (const LoraModule& m : lora_modules(lora.model)) {
+    if (lora.config.has(m.first)) list.push_back(m.name);
   }
   return list;
 }
@@ -253,17 +257,17 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   for (int p = 0; p < 3; ++p) {
     const float* buf = parts[p]->as<float>();
     for (int l = 0; l < int(lora.layers.size()); ++l) {
-      for (int t = 0; t < kLoraTargetCount; ++t) {
-        const LoraAdapter& a = lora.at(l, LoraTarget(t));
+      for (const LoraModule& m : lora_modules(lora.model)) {
+        const LoraAdapter a = lora.module(l, m);
         if (!a.active()) continue;
         const auto span_of = [&](const float* view, int64_t n) {
           return std::as_bytes(std::span<const float>(buf + (view - base), size_t(n)));
         };
-        tensors.push_back({tensor_name(kParts[p], l, LoraTarget(t), "A"),
+        tensors.push_back({tensor_name(kParts[p], l, m, "A"),
                            io::StDType::F32,
                            {a.rank, a.in},
                            span_of(a.A, int64_t(a.rank) * a.in)});
-        tensors.push_back({tensor_name(kParts[p], l, LoraTarget(t), "B"),
+        tensors.push_back({tensor_name(kParts[p], l, m, "B"),
                            io::StDType::F32,
                            {a.out, a.rank},
                            span_of(a.B, int64_t(a.out) * a.rank)});
@@ -289,7 +293,7 @@ std::string save_checkpoint(const std::string& run_dir, const LoraState& lora, c
   state["config_hash"] = meta.config_hash;
   state["config"] = config;
   state["lora"] = {{"rank", lora.config.rank},
-                   {"targets", target_list(lora.config.targets)},
+                   {"targets", target_list(lora)},
                    {"n_layers", lora.layers.size()},
                    {"n_params", lora.n_params}};
   state["tensors"] = {{"file", kTensorFile}, {"bytes", fs::file_size(tensor_path)}, {"fnv1a64", hex64(*sum)}};
@@ -339,7 +343,7 @@ LoadedCheckpoint load_checkpoint(const std::string& dir, const std::string& conf
               "); start a new run directory, or restore the original options");
     }
     const json& lj = state.at("lora");
-    const json want_targets = target_list(lora.config.targets);
+    const json want_targets = target_list(lora);
     TF_CHECK(lj.at("rank").get<int>() == lora.config.rank, "cannot resume from ", dir,
              ": the checkpoint has LoRA rank ", lj.at("rank").get<int>(), " but this run uses rank ",
              lora.config.rank);
@@ -372,13 +376,13 @@ LoadedCheckpoint load_checkpoint(const std::string& dir, const std::string& conf
   for (int p = 0; p < 3; ++p) {
     float* buf = parts[p]->as<float>();
     for (int l = 0; l < int(lora.layers.size()); ++l) {
-      for (int t = 0; t < kLoraTargetCount; ++t) {
-        const LoraAdapter& a = lora.at(l, LoraTarget(t));
+      for (const LoraModule& m : lora_modules(lora.model)) {
+        const LoraAdapter a = lora.module(l, m);
         if (!a.active()) continue;
         const std::pair<const char*, std::vector<int64_t>> halves[2] = {{"A", {a.rank, a.in}},
                                                                         {"B", {a.out, a.rank}}};
         for (const auto& [which, shape] : halves) {
-          const std::string name = tensor_name(kParts[p], l, LoraTarget(t), which);
+          const std::string name = tensor_name(kParts[p], l, m, which);
           expected.insert(name);
           const io::SafetensorsTensor* st = file.find(name);
           TF_CHECK(st, "cannot resume from ", dir, ": tensor ", name, " is missing from ", file.path());
