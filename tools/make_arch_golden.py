@@ -258,6 +258,55 @@ def qwen3(out, llama_cpp, tok_dir, name, seed, **config):
     strip_tokenizer(directory)
 
 
+def gemma3(out, llama_cpp, tok_dir, seed):
+    """Gemma3ForCausalLM: hidden 32, 4 heads over 2 kv heads, head_dim 16 (not hidden / heads = 8),
+    tied, 6 layers (transformers' and llama.cpp's default pattern: layers 0-4 slide, 5 is full) with a
+    window of 4 (shorter than the batch's 16), the sliding layers' rope base 100 and the full layer's
+    10000 with linear scaling by 8, query_pre_attn_scalar = head_dim (llama.cpp scales by head_dim
+    for every Gemma 3 but the 27B)."""
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+    base = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                rms_norm_eps=1e-6, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True,
+                pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    directory = os.path.join(out, "gemma3")
+    cls = transformers.Gemma3ForCausalLM
+    model = randomise(cls(transformers.Gemma3TextConfig(**base, rope_parameters=copy.deepcopy(rope))), seed)
+    save_model(model, directory, tok_dir)
+    convert(llama_cpp, directory, os.path.join(out, "gemma3.gguf"))
+    logits, ids = expected(os.path.join(out, "gemma3_expected.safetensors"), cls, directory, seed)
+
+    def change(what, edit=None, **config):
+        cfg = transformers.Gemma3TextConfig(**dict(base, **config.get("base", {})),
+                                            rope_parameters=config.get("rope", copy.deepcopy(rope)))
+        other = lora_model(load_f64(cls, directory, cfg), seed + 1)
+        with torch.no_grad():
+            if edit is not None:
+                edit(other.base_model.model.model)
+            moved = float((other(input_ids=ids).logits - logits).abs().max())
+        print(f"  gemma3: logits move by {moved:.3e} without {what}")
+        assert moved > 1e-2, (what, moved)
+
+    def no_plus_one(m):
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.sub_(1.0)  # (1 + (w - 1)) = w: the norm as Llama applies it
+    def no_embed_scale(m):
+        m.embed_tokens.embed_scale.fill_(1.0)
+    def no_sandwich(m):
+        for layer in m.layers:
+            layer.post_attention_layernorm = torch.nn.Identity()
+            layer.post_feedforward_layernorm = torch.nn.Identity()
+    change("the norms' 1 + w", no_plus_one)
+    change("the embedding scale", no_embed_scale)
+    change("the post-attention and post-MLP norms", no_sandwich)
+    change("the sliding layers' rope base", rope=dict(copy.deepcopy(rope), sliding_attention={
+        "rope_type": "default", "rope_theta": 10000.0}))
+    change("the window", base=dict(sliding_window=64))
+    strip_tokenizer(directory)
+
+
 def llama(out, llama_cpp, tok_dir, seed):
     base = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
@@ -379,6 +428,7 @@ GROUPS = {
                                                tie_word_embeddings=True),
     "llama": lambda out, lcpp, tok: llama(out, lcpp, tok, SEED + 20),
     "phi3": lambda out, lcpp, tok: phi3(out, lcpp, tok, SEED + 40),
+    "gemma3": lambda out, lcpp, tok: gemma3(out, lcpp, tok, SEED + 50),
     "qwen3": lambda out, lcpp, tok: qwen3(out, lcpp, tok, "qwen3", SEED + 30, vocab_size=TOKENIZER_VOCAB,
                                           hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                                           head_dim=16, tie_word_embeddings=True),

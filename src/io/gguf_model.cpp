@@ -106,6 +106,39 @@ void read_longrope(const GgufFile& f, const std::string& p, RopeParams& rope, in
       f.has(p + "rope.scaling.attn_factor") ? positive_float(f, p + "rope.scaling.attn_factor") : 0.0f;
 }
 
+// gemma3 as llama.cpp's llama_model_gemma3 reads it: with a sliding window, the layers of
+// attention.sliding_window_pattern slide (a bool per layer, or every n-th layer full, 6 when the key
+// is absent) and rotate with rope.freq_base_swa (10000 when absent) unscaled; the norms hold 1 + w
+// already (the converter adds the 1); embeddings scale by sqrtf(hidden); scores by
+// 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 62-layer 27B model (gemma_pytorch's
+// query_pre_attn_scalar).
+void read_gemma3(const GgufFile& f, const std::string& p, LlamaConfig& c) {
+  for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
+    if (f.has(p + key) && f.get_float(p + key) != 0.0)
+      TF_FAIL(f.path(), ": ", p, key, " is set; tightfit does not implement logit softcapping");
+  c.qk_norm = true;
+  c.sandwich_norms = true;
+  c.activation = MlpActivation::GeluTanh;
+  c.embed_scale = std::sqrt(float(c.hidden));
+  c.query_pre_attn_scalar = c.n_layers == 62 ? float(c.hidden / c.n_heads) : float(c.head_dim);
+  if (c.sliding_window == 0) return;
+  const std::string key = p + "attention.sliding_window_pattern";
+  c.sliding_layers.assign(size_t(c.n_layers), false);
+  if (f.has(key) && f.value(key).type == GgufValueType::Array) {
+    const GgufValue& v = f.value(key);
+    if (v.elem_type != GgufValueType::Bool || v.count != uint64_t(c.n_layers))
+      TF_FAIL(f.path(), ": ", key, " must hold a bool for each of the ", c.n_layers, " layers");
+    for (int l = 0; l < c.n_layers; ++l) c.sliding_layers[size_t(l)] = v.raw[l] != 0;
+  } else {
+    const int64_t n = f.has(key) ? f.get_int(key) : 6;
+    if (n < 0 || n > INT_MAX) TF_FAIL(f.path(), ": ", key, " must be a non-negative int, got ", n);
+    for (int l = 0; l < c.n_layers; ++l) c.sliding_layers[size_t(l)] = n == 0 || l % n < n - 1;
+  }
+  c.rope_local.head_dim = c.rope.head_dim;
+  c.rope_local.theta =
+      f.has(p + "rope.freq_base_swa") ? positive_float(f, p + "rope.freq_base_swa") : 10000.0f;
+}
+
 }  // namespace
 
 LlamaConfig llama_config_from_gguf(const GgufFile& f) {
@@ -114,9 +147,9 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     TF_FAIL(
         f.path(), ": general.architecture is '", arch,
         "', a mixture of experts, which tightfit does not run (its dense qwen2 and qwen3 models it does)");
-  if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "phi3")
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "phi3" && arch != "gemma3")
     TF_FAIL(f.path(), ": general.architecture is '", arch,
-            "'; tightfit runs 'llama', 'qwen2', 'qwen3' and 'phi3' GGUF models only");
+            "'; tightfit runs 'llama', 'qwen2', 'qwen3', 'phi3' and 'gemma3' GGUF models only");
   const std::string p = std::string(arch) + ".";
   LlamaConfig c;
   c.architecture = std::string(arch);
@@ -145,7 +178,7 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
       TF_FAIL(f.path(), ": metadata key '", p, "attention.sliding_window' must be a non-negative int, got ",
               w);
     c.sliding_window = int(w);
-    if (w > 0 && f.has(p + "attention.sliding_window_pattern"))
+    if (w > 0 && arch != "gemma3" && f.has(p + "attention.sliding_window_pattern"))
       TF_FAIL(f.path(), ": ", p,
               "attention.sliding_window_pattern (sliding and full attention layers mixed) is not supported");
   }
@@ -192,6 +225,7 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   // Every qwen2 block has q/k/v biases: a file without them is broken, not a model without.
   c.attention_bias = arch == "qwen2" || f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.qk_norm = arch == "qwen3";
+  if (arch == "gemma3") read_gemma3(f, p, c);
   c.validate(f.path());
   return c;
 }

@@ -3,6 +3,7 @@
 #include "src/io/hf_model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -11,6 +12,7 @@
 #include <set>
 #include <vector>
 
+#include "kernels/ops.h"
 #include "src/core/error.h"
 #include "src/io/bnb4bit.h"
 
@@ -179,6 +181,8 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 0);
     TF_CHECK(!j.contains("sliding_window") || null_window || c.sliding_window > 0, source,
              ": sliding_window must be positive or null, got 0");
+  } else if (arch == "Gemma3ForCausalLM") {
+    c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
   } else if (qwen && get_bool(j, "use_sliding_window", source, false)) {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
   }
@@ -204,11 +208,72 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
     TF_CHECK(arch != "MistralForCausalLM" || c.sliding_window == 0 || all_sliding, source,
              ": \"layer_types\" has full_attention layers, but MistralForCausalLM slides its window in every "
              "layer (alternating layers are Ministral's, which tightfit does not load)");
-    if (qwen) c.sliding_layers = std::move(sliding);
+    if (qwen || arch == "Gemma3ForCausalLM") c.sliding_layers = std::move(sliding);
   } else if (qwen && c.sliding_window > 0) {
     const int first = get_int(j, "max_window_layers", source, 28);
     for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back(l >= first);
+  } else if (arch == "Gemma3ForCausalLM") {
+    // transformers' Gemma3TextConfig: every pattern-th layer is full, the others slide.
+    const int pattern = get_int(j, "sliding_window_pattern", source, 6);
+    TF_CHECK(pattern > 0, source, ": sliding_window_pattern must be positive");
+    for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back((l + 1) % pattern != 0);
   }
+}
+
+// Gemma 3's text model beyond the Llama fields: GeGLU with gelu's tanh approximation, q/k norms,
+// sandwich norms, embeddings scaled by sqrt(hidden) (transformers casts the scale to the model's
+// dtype; in f32 it is sqrtf(hidden), llama.cpp's), scores by query_pre_attn_scalar^-0.5, and the
+// sliding layers' own rope base: rope_local_base_freq beside rope_theta and rope_scaling (the global
+// layers', as the real checkpoints ship them), or transformers 5's rope_parameters per layer type.
+void parse_gemma3(const json& j, const std::string& source, LlamaConfig& c) {
+  for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
+    TF_CHECK(find_key(j, key) == nullptr, source, ": \"", key, "\" is set (", j[key].dump(),
+             "); tightfit does not implement logit softcapping");
+  TF_CHECK(!get_bool(j, "use_bidirectional_attention", source, false), source,
+           ": use_bidirectional_attention is set (EmbeddingGemma); tightfit trains causal models");
+  TF_CHECK(!c.attention_bias, source, ": Gemma 3 with attention_bias (an o_proj bias too) is not supported");
+  std::string act = "gelu_pytorch_tanh";
+  for (const char* key : {"hidden_activation", "hidden_act"})
+    if (const json* a = find_key(j, key)) {
+      TF_CHECK(a->is_string(), source, ": \"", key, "\" must be a string");
+      act = a->get<std::string>();
+      break;
+    }
+  TF_CHECK(act == "gelu_pytorch_tanh" || act == "gelu_new", source, ": hidden activation \"", act,
+           "\" is not supported for Gemma 3 (gelu_pytorch_tanh, gelu's tanh approximation, is)");
+  c.activation = MlpActivation::GeluTanh;
+  c.qk_norm = true;
+  c.sandwich_norms = true;
+  c.embed_scale = std::sqrt(float(c.hidden));
+  c.query_pre_attn_scalar = get_float(j, "query_pre_attn_scalar", source, 256.0f);
+  TF_CHECK(c.query_pre_attn_scalar > 0, source, ": query_pre_attn_scalar must be positive");
+  c.rope.theta = get_float(j, "rope_theta", source, 1000000.0f);
+  c.rope_local.head_dim = c.head_dim;
+  c.rope_local.theta = get_float(j, "rope_local_base_freq", source, 10000.0f);
+  if (const json* rp = find_key(j, "rope_parameters")) {
+    TF_CHECK(rp->is_object(), source, ": rope_parameters must be an object");
+    for (const auto& [key, value] : rp->items()) {
+      TF_CHECK(key == "full_attention" || key == "sliding_attention", source, ": rope_parameters key \"", key,
+               "\" is not one of Gemma 3's layer types (full_attention, sliding_attention)");
+      RopeParams& rope = key == "full_attention" ? c.rope : c.rope_local;
+      const std::string where = source + " rope_parameters." + key;
+      rope.theta = get_float(value, "rope_theta", where, rope.theta);
+      parse_rope_scaling(value, j, where, c.max_positions, rope);
+    }
+  } else if (const json* rs = find_key(j, "rope_scaling")) {
+    parse_rope_scaling(*rs, j, source, c.max_positions, c.rope);
+  }
+}
+
+// Gemma's RMSNorm scales by 1 + w: its norms are held as f32 1 + w, as llama.cpp's converter
+// stores them (exact for a bf16 or f16 w of magnitude above 2^-14; the weights are frozen).
+WeightRef one_plus(const WeightRef& stored, LlamaWeights& w, const std::string& name) {
+  Tensor t(DType::F32, {stored.rows, stored.cols}, MemTag::Weights, name);
+  cpu::dequantize_weight_tile(t.as<float>(), stored.cols, stored, 0, stored.rows, 0, stored.cols);
+  for (int64_t i = 0; i < stored.rows * stored.cols; ++i) t.as<float>()[i] += 1.0f;
+  const WeightRef r{t.view.data, DType::F32, stored.rows, stored.cols};
+  w.owned.push_back(std::move(t));
+  return r;
 }
 
 json read_json(const std::string& path) {
@@ -230,20 +295,29 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
     arch = (*a)[0].get<std::string>();
   } else if (const json* m = find_key(j, "model_type"); m && m->is_string()) {
     const std::string t = m->get<std::string>();
-    arch = t == "llama"     ? "LlamaForCausalLM"
-           : t == "mistral" ? "MistralForCausalLM"
-           : t == "qwen2"   ? "Qwen2ForCausalLM"
-           : t == "qwen3"   ? "Qwen3ForCausalLM"
-           : t == "phi3"    ? "Phi3ForCausalLM"
-                            : t;
+    arch = t == "llama"         ? "LlamaForCausalLM"
+           : t == "mistral"     ? "MistralForCausalLM"
+           : t == "qwen2"       ? "Qwen2ForCausalLM"
+           : t == "qwen3"       ? "Qwen3ForCausalLM"
+           : t == "gemma3_text" ? "Gemma3ForCausalLM"
+           : t == "phi3"        ? "Phi3ForCausalLM"
+                                : t;
   }
   TF_CHECK(arch != "Qwen3MoeForCausalLM" && arch != "Qwen2MoeForCausalLM", source, ": architecture \"", arch,
            "\" is a mixture of experts, which tightfit does not run (its dense Qwen2/Qwen3 models it does)");
+  TF_CHECK(
+      arch != "Gemma2ForCausalLM" && arch != "GemmaForCausalLM", source, ": architecture \"", arch,
+      "\" is not supported (Gemma 3's text model, Gemma3ForCausalLM, is; Gemma 2 needs attention and final ",
+      "logit softcapping, which tightfit does not implement)");
+  TF_CHECK(
+      arch != "Gemma3ForConditionalGeneration", source,
+      ": Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) is not supported; its text-only ",
+      "checkpoints (Gemma3ForCausalLM, e.g. gemma-3-1b and gemma-3-270m) are");
   TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM" ||
-               arch == "Qwen3ForCausalLM" || arch == "Phi3ForCausalLM",
+               arch == "Qwen3ForCausalLM" || arch == "Phi3ForCausalLM" || arch == "Gemma3ForCausalLM",
            source, ": architecture \"", arch,
            "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-           "Qwen3ForCausalLM, Phi3ForCausalLM)");
+           "Qwen3ForCausalLM, Phi3ForCausalLM, Gemma3ForCausalLM)");
 
   LlamaConfig c;
   c.architecture = arch == "Qwen2ForCausalLM"     ? "qwen2"
@@ -252,6 +326,8 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
                    : arch == "Phi3ForCausalLM"    ? "phi3"
                                                   : "llama";
   c.qk_norm = c.architecture == "qwen3";
+  const bool gemma3 = arch == "Gemma3ForCausalLM";
+  if (gemma3) c.architecture = "gemma3";
   c.hidden = get_int(j, "hidden_size", source);
   c.intermediate = get_int(j, "intermediate_size", source);
   c.n_layers = get_int(j, "num_hidden_layers", source);
@@ -259,11 +335,14 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   TF_CHECK(c.n_heads > 0, source, ": num_attention_heads must be positive");
   c.n_kv_heads = get_int(j, "num_key_value_heads", source, c.n_heads);
   // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
-  c.head_dim = get_int(j, "head_dim", source, c.architecture == "qwen3" ? 128 : c.hidden / c.n_heads);
+  c.head_dim = get_int(j, "head_dim", source,
+                       c.architecture == "qwen3" ? 128
+                       : gemma3                  ? 256
+                                                 : c.hidden / c.n_heads);
   c.vocab = get_int(j, "vocab_size", source);
   c.rms_eps = get_float(j, "rms_norm_eps", source, 1e-6f);
   c.max_positions = get_int(j, "max_position_embeddings", source, 2048);
-  c.tie_embeddings = get_bool(j, "tie_word_embeddings", source, false);
+  c.tie_embeddings = get_bool(j, "tie_word_embeddings", source, gemma3);
   // Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
   c.attention_bias = arch == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", source, false);
   TF_CHECK(!get_bool(j, "mlp_bias", source, false), source, ": MLP biases (mlp_bias) are not supported");
@@ -275,7 +354,9 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   }
   c.rope.head_dim = c.head_dim;
   c.rope.theta = get_float(j, "rope_theta", source, 10000.0f);
-  if (const json* rp = find_key(j, "rope_parameters")) {
+  if (gemma3) {
+    parse_gemma3(j, source, c);
+  } else if (const json* rp = find_key(j, "rope_parameters")) {
     c.rope.theta = get_float(*rp, "rope_theta", source + " rope_parameters", c.rope.theta);
     parse_rope_scaling(*rp, j, source + " rope_parameters", c.max_positions, c.rope);
   } else if (const json* rs = find_key(j, "rope_scaling")) {
@@ -342,6 +423,7 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     w.slot(slot, layer) =
         store_weight(source, matrix ? quant : QuantMode::None, w, fused ? hf_weight_name(slot, layer) : name);
     drop_source_pages(source, w.slot(slot, layer));
+    if (cfg.architecture == "gemma3" && is_norm_slot(slot)) w.slot(slot, layer) = one_plus(source, w, name);
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // Each shard's tensors tile its data section, which ends the file.

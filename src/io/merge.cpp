@@ -247,6 +247,26 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
     j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
     if (cfg.rope.scaling == RopeScalingType::LongRope)
       j["original_max_position_embeddings"] = cfg.rope.original_max_positions;
+  } else if (cfg.architecture == "gemma3") {
+    // Gemma3TextConfig's own spelling, as the real checkpoints ship it: rope_theta and rope_scaling
+    // are the full layers', rope_local_base_freq the sliding layers'.
+    j["architectures"] = {"Gemma3ForCausalLM"};
+    j["model_type"] = "gemma3_text";
+    j["hidden_act"] = "gelu_pytorch_tanh";
+    j["hidden_activation"] = "gelu_pytorch_tanh";
+    j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
+    ordered_json types = ordered_json::array();
+    for (int l = 0; l < cfg.n_layers; ++l)
+      types.push_back(cfg.sliding_layer(l) ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
+    const float q = cfg.query_pre_attn_scalar > 0 ? cfg.query_pre_attn_scalar : float(cfg.head_dim);
+    j["query_pre_attn_scalar"] = q == std::round(q) ? ordered_json(int64_t(q)) : ordered_json(q);
+    TF_CHECK(!cfg.has_local_rope() || cfg.rope_local.scaling == RopeScalingType::None,
+             "a Gemma 3 config names its sliding layers' rope base only, not their ",
+             rope_scaling_name(cfg.rope_local.scaling), " scaling");
+    j["rope_local_base_freq"] = cfg.has_local_rope() ? cfg.rope_local.theta : cfg.rope.theta;
+    j["final_logit_softcapping"] = nullptr;
+    j["attn_logit_softcapping"] = nullptr;
   } else {
     TF_CHECK(cfg.sliding_window == 0, "a ", cfg.architecture,
              " config has no sliding window; this model's is ", cfg.sliding_window);
@@ -344,7 +364,9 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     if (fused && fused->row0 > 0) return;
     WeightRef w = base.slot(slot, layer);
     if (fused) w.rows = fused->rows;
-    const DType dtype = is_quantized(w.dtype) ? quantized_as : options.dtype.value_or(w.dtype);
+    // Gemma's norms are held as 1 + w (hf_model.cpp's one_plus); its files have w, in the model's dtype.
+    const bool shifted = cfg.architecture == "gemma3" && is_norm_slot(slot);
+    const DType dtype = is_quantized(w.dtype) || shifted ? quantized_as : options.dtype.value_or(w.dtype);
     const bool nf4 = options.nf4 && lora_target_of(slot).has_value();
     const int64_t n = w.rows * w.cols, blocks = ref::quant_blocks(n, kNf4Block);
     const int64_t bytes =
@@ -383,6 +405,7 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     const auto buffer = [&](size_t bytes) { return data.emplace_back(bytes, MemTag::Weights, false).data(); };
     for (size_t i : shards[s]) {
       const Entry& e = entries[i];
+      const bool shifted = cfg.architecture == "gemma3" && is_norm_slot(e.slot);
       const int64_t rows = e.w.rows, cols = e.w.cols, n = rows * cols;
       const std::optional<LoraTarget> t = lora_target_of(e.slot);
       const LoraAdapter* a = t && lora.at(e.layer, *t).active() ? &lora.at(e.layer, *t) : nullptr;
@@ -391,7 +414,7 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
                                          e.slot == WeightSlot::QBias || e.slot == WeightSlot::KBias);
       const std::vector<int64_t> shape =
           rows == 1 ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
-      if (!a && !fused && !permute && !e.nf4 && e.dtype == e.w.dtype) {
+      if (!a && !fused && !permute && !e.nf4 && !shifted && e.dtype == e.w.dtype) {
         const size_t bytes = size_t(n) * dtype_size(e.dtype);
         add(e.name, to_st_dtype(e.dtype), shape, e.w.data, bytes);
         continue;
@@ -414,6 +437,8 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
         else
           merged_rows(tile.as<float>(), e.w, a, scale, r0, nr);
         float* v = tile.as<float>();
+        if (shifted)
+          for (int64_t k = 0; k < nr * cols; ++k) v[k] -= 1.0f;
         if (permute) {
           permute_qk_rows(hf.as<float>(), v, bias ? cols : nr, bias ? 1 : cols, cfg.head_dim, false);
           v = hf.as<float>();

@@ -67,9 +67,13 @@ struct LlamaConfig {
   std::string architecture = "llama";
 
   int q_dim() const { return n_heads * head_dim; }
+  // Whether layer l is a sliding layer (with no window set, Gemma 3's still rotate with rope_local).
+  bool sliding_layer(int layer) const {
+    return sliding_layers.empty() ? sliding_window > 0 : bool(sliding_layers[size_t(layer)]);
+  }
   // Layer l's rotary parameters: rope_local for a sliding layer when it is set, else rope.
   const RopeParams& rope_of(int layer) const {
-    return rope_local.theta > 0 && window(layer) > 0 ? rope_local : rope;
+    return has_local_rope() && sliding_layer(layer) ? rope_local : rope;
   }
   // Whether the sliding layers rotate with a table of their own.
   bool has_local_rope() const { return rope_local.theta > 0; }

@@ -78,17 +78,22 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
   const int64_t kept_mlp = chunked ? 0 : 3 * I;
   // q and k before their norms, and the norms' rstd per head.
   const int64_t qk_norm = c.qk_norm ? Q + KV + c.n_heads + c.n_kv_heads : 0;
-  const int64_t block_floats = N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + kept_mlp + lora_rows + qk_norm);
+  // Sandwich norms: the o and down projections' outputs before their norms, and the norms' rstd (the
+  // down output in the MLP's chunk when it runs in chunks).
+  const int64_t sandwich = c.sandwich_norms ? 2 + H + (chunked ? 0 : H) : 0;
+  const int64_t block_floats =
+      N * (2 + 3 * H + 2 * Q + 2 * KV + c.n_heads + kept_mlp + lora_rows + qk_norm + sandwich);
   const int64_t n_sets = policy == CheckpointPolicy::None ? c.n_layers : 1;
   const int64_t n_inputs =
       policy == CheckpointPolicy::PerBlockOffload ? offload::ActivationStore::kWindow : c.n_layers + 1;
   Layout L{};
-  L.rope_floats = c.head_dim / 2;
+  L.rope_floats = c.head_dim / 2 * (c.has_local_rope() ? 2 : 1);
   L.batch_ints = 4 * N;
   L.saved_floats = N * H * n_inputs + block_floats * n_sets;
   L.mlp_rows = C;
-  L.mlp_floats = chunked ? 3 * C * I : 0;
-  L.workspace_floats = N * (1 + H + std::max(H, Q) + Q + 2 * KV + lora.rank + (c.qk_norm ? Q + KV : 0)) +
+  L.mlp_floats = chunked ? C * (3 * I + (c.sandwich_norms ? H : 0)) : 0;
+  L.workspace_floats = N * (1 + H + std::max(H, Q) + Q + 2 * KV + lora.rank + (c.qk_norm ? Q + KV : 0) +
+                            (c.sandwich_norms ? H : 0)) +
                        3 * C * I + dropout_floats(c, lora, C, N);
   L.logit_rows = std::min(N, kLogitRows);
   return L;
@@ -166,6 +171,7 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
     embed_rows_ = Buffer(size_t(max_tokens * c.hidden) * sizeof(float), MemTag::Activations, false);
   std::vector<float> inv_freq(size_t(L.rope_floats));
   rope_inv_freq(c.rope, inv_freq.data());
+  if (c.has_local_rope()) rope_inv_freq(c.rope_local, inv_freq.data() + c.head_dim / 2);
   inv_freq_ = be_->alloc(inv_freq.size() * sizeof(float), MemTag::Workspace, "rope frequencies");
   be_->upload_n(inv_freq_.as<float>(), inv_freq.data(), inv_freq.size());
   batch_mem_ = be_->alloc(size_t(L.batch_ints) * sizeof(int32_t), MemTag::Activations, "batch tokens");
@@ -207,6 +213,7 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   d_v_ = take(N * KV);
   d_q_pre_ = c.qk_norm ? take(N * Q) : nullptr;
   d_k_pre_ = c.qk_norm ? take(N * KV) : nullptr;
+  d_branch_ = c.sandwich_norms ? take(N * H) : nullptr;
   const int64_t C = mlp_rows_;
   d_act_ = take(C * I);
   d_gate_ = take(C * I);
@@ -239,6 +246,12 @@ LlamaModel::BlockActs LlamaModel::carve_block_acts(float*& cursor) {
     a.k_pre = take(N * c.kv_dim());
     a.q_rstd = take(N * c.n_heads);
     a.k_rstd = take(N * c.n_kv_heads);
+  }
+  if (c.sandwich_norms) {
+    a.o_out = take(N * c.hidden);
+    a.rstd_o = take(N);
+    a.rstd_down = take(N);
+    a.down_out = mlp_mem_.data() ? mlp_mem_.as<float>() + 3 * mlp_rows_ * c.intermediate : take(N * c.hidden);
   }
   if (mlp_mem_.data()) {
     float* chunk = mlp_mem_.as<float>();
@@ -336,7 +349,20 @@ void LlamaModel::mlp_gate_up(int l, const BlockWeights& w, BlockActs& a, int64_t
   const float* h2 = a.h2 + row0 * config().hidden;
   projection(a.gate, h2, w.gate, nullptr, l, LoraTarget::Gate, a, training, step, n, row0);
   projection(a.up, h2, w.up, nullptr, l, LoraTarget::Up, a, training, step, n, row0);
-  be_->swiglu_forward(a.act, a.gate, a.up, n * config().intermediate);
+  if (config().activation == MlpActivation::GeluTanh)
+    be_->geglu_forward(a.act, a.gate, a.up, n * config().intermediate);
+  else
+    be_->swiglu_forward(a.act, a.gate, a.up, n * config().intermediate);
+}
+
+const float* LlamaModel::inv_freq(int layer) const {
+  const LlamaConfig& c = weights_.config;
+  const bool local = c.has_local_rope() && c.sliding_layer(layer);
+  return inv_freq_.as<float>() + (local ? c.head_dim / 2 : 0);
+}
+
+float* LlamaModel::down_rows(const BlockActs& a, int64_t row0) const {
+  return a.down_out + (mlp_rows_ == max_tokens_ ? row0 * weights_.config.hidden : 0);
 }
 
 const BlockWeights& LlamaModel::acquire_block(int layer, int next) {
@@ -379,9 +405,9 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
     be_->rmsnorm_forward(a.k, a.k_rstd, a.k_pre, w.k_norm, n * c.n_kv_heads, c.head_dim, c.rms_eps);
   }
   projection(a.v, a.h1, w.v, bias ? &w.v_bias : nullptr, l, LoraTarget::V, a, training, step, n);
-  be_->rope_forward(a.q, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
-  be_->rope_forward(a.k, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
-  const float scale = c.attention_scale();
+  be_->rope_forward(a.q, b.positions, inv_freq(l), n, c.n_heads, c.head_dim, c.rope_layout);
+  be_->rope_forward(a.k, b.positions, inv_freq(l), n, c.n_kv_heads, c.head_dim, c.rope_layout);
+  const float scale = c.attention_scale(l);
   if (cache) {
     const int64_t kv = c.kv_dim();
     float* k_layer = cache->k.as<float>() + int64_t(l) * cache->capacity * kv;
@@ -394,7 +420,12 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
     const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, scale, c.window(l)};
     be_->attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
   }
-  projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
+  if (c.sandwich_norms) {
+    projection(a.o_out, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
+    be_->rmsnorm_forward(a.x2, a.rstd_o, a.o_out, w.post_attn_norm, n, c.hidden, c.rms_eps);
+  } else {
+    projection(a.x2, a.att, w.o, nullptr, l, LoraTarget::O, a, training, step, n);
+  }
   be_->add_inplace(a.x2, x, n * c.hidden);
 
   be_->rmsnorm_forward(a.h2, a.rstd2, a.x2, w.mlp_norm, n, c.hidden, c.rms_eps);
@@ -402,7 +433,14 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
   for (int64_t r0 = 0; r0 < n; r0 += mlp_rows_) {
     const int64_t m = std::min(mlp_rows_, n - r0);
     mlp_gate_up(l, w, a, r0, m, training, step);
-    projection(out + r0 * c.hidden, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, m, r0);
+    if (c.sandwich_norms) {
+      float* down = down_rows(a, r0);
+      projection(down, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, m, r0);
+      be_->rmsnorm_forward(out + r0 * c.hidden, a.rstd_down + r0, down, w.post_mlp_norm, m, c.hidden,
+                           c.rms_eps);
+    } else {
+      projection(out + r0 * c.hidden, a.act, w.down, nullptr, l, LoraTarget::Down, a, training, step, m, r0);
+    }
   }
   be_->add_inplace(out, a.x2, n * c.hidden);
 }
@@ -421,14 +459,31 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
     if (!kept) {
       mlp_gate_up(l, w, a, r0, m, true, step);
       const LoraAdapter& down = lora_.at(l, LoraTarget::Down);
-      if (down.active())
+      if (c.sandwich_norms) {
+        // The post-MLP norm's backward needs the down output and its rstd again (d_branch_'s rows
+        // are written by the norm and then overwritten by its gradient).
+        projection(down_rows(a, r0), a.act, w.down, nullptr, l, LoraTarget::Down, a, true, step, m, r0);
+        be_->rmsnorm_forward(d_branch_ + r0 * H, a.rstd_down + r0, down_rows(a, r0), w.post_mlp_norm, m, H,
+                             c.rms_eps);
+      } else if (down.active()) {
         lora_intermediate(*be_, a.lora_t[size_t(LoraTarget::Down)] + r0 * down.rank, lora_xd_, a.act, down,
                           dropout(l, LoraTarget::Down, true, step, r0), m);
+      }
     }
-    projection_backward(d_act_, 0.0f, d_res_ + r0 * H, a.act, w.down, l, LoraTarget::Down, a, step, m, r0);
+    const float* d_down = d_res_ + r0 * H;
+    if (c.sandwich_norms) {
+      be_->fill(d_branch_ + r0 * H, 0.0f, m * H);
+      be_->rmsnorm_backward(d_branch_ + r0 * H, nullptr, d_res_ + r0 * H, down_rows(a, r0), w.post_mlp_norm,
+                            a.rstd_down + r0, m, H);
+      d_down = d_branch_ + r0 * H;
+    }
+    projection_backward(d_act_, 0.0f, d_down, a.act, w.down, l, LoraTarget::Down, a, step, m, r0);
     be_->fill(d_gate_, 0.0f, m * I);
     be_->fill(d_up_, 0.0f, m * I);
-    be_->swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, m * I);
+    if (c.activation == MlpActivation::GeluTanh)
+      be_->geglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, m * I);
+    else
+      be_->swiglu_backward(d_gate_, d_up_, d_act_, a.gate, a.up, m * I);
     projection_backward(d_h_ + r0 * H, 0.0f, d_gate_, a.h2 + r0 * H, w.gate, l, LoraTarget::Gate, a, step, m,
                         r0);
     projection_backward(d_h_ + r0 * H, 1.0f, d_up_, a.h2 + r0 * H, w.up, l, LoraTarget::Up, a, step, m, r0);
@@ -436,15 +491,21 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   be_->rmsnorm_backward(d_res_, nullptr, d_h_, a.x2, w.mlp_norm, a.rstd2, n, c.hidden);
 
   // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm(x)
-  projection_backward(d_att_, 0.0f, d_res_, a.att, w.o, l, LoraTarget::O, a, step, n);
+  const float* d_o = d_res_;
+  if (c.sandwich_norms) {
+    be_->fill(d_branch_, 0.0f, n * c.hidden);
+    be_->rmsnorm_backward(d_branch_, nullptr, d_res_, a.o_out, w.post_attn_norm, a.rstd_o, n, c.hidden);
+    d_o = d_branch_;
+  }
+  projection_backward(d_att_, 0.0f, d_o, a.att, w.o, l, LoraTarget::O, a, step, n);
   be_->fill(d_q_, 0.0f, n * c.q_dim());
   be_->fill(d_k_, 0.0f, n * c.kv_dim());
   be_->fill(d_v_, 0.0f, n * c.kv_dim());
-  const AttentionShape shape{b.batch,    b.seq, c.n_heads, c.n_kv_heads, c.head_dim, c.attention_scale(),
+  const AttentionShape shape{b.batch,    b.seq, c.n_heads, c.n_kv_heads, c.head_dim, c.attention_scale(l),
                              c.window(l)};
   be_->attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
-  be_->rope_backward(d_q_, b.positions, inv_freq_.as<float>(), n, c.n_heads, c.head_dim, c.rope_layout);
-  be_->rope_backward(d_k_, b.positions, inv_freq_.as<float>(), n, c.n_kv_heads, c.head_dim, c.rope_layout);
+  be_->rope_backward(d_q_, b.positions, inv_freq(l), n, c.n_heads, c.head_dim, c.rope_layout);
+  be_->rope_backward(d_k_, b.positions, inv_freq(l), n, c.n_kv_heads, c.head_dim, c.rope_layout);
   const float *d_q = d_q_, *d_k = d_k_;
   if (c.qk_norm) {
     be_->fill(d_q_pre_, 0.0f, n * c.q_dim());
@@ -473,6 +534,7 @@ Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t
   } else {
     be_->embedding_forward(output(0), b.tokens, n, placed_.embed);
   }
+  if (c.embed_scale != 1.0f) be_->scale_inplace(output(0), c.embed_scale, n * c.hidden);
   written(0, n, training);
   done_with_inputs();
   // Streamed blocks load in use order: after the last block, a training step's backward goes on

@@ -142,6 +142,9 @@ class LlamaModel {
     float *rstd1, *h1, *q, *k, *v, *att, *lse, *x2, *rstd2, *h2, *gate, *up, *act;
     // With q/k norms: q and k as projected, and each head's rstd (q and k above are normed and rotated).
     float *q_pre = nullptr, *k_pre = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;
+    // With sandwich norms: the o and down projections' outputs before their norms (down's one chunk's
+    // when the MLP runs in chunks) and the norms' rstd.
+    float *o_out = nullptr, *rstd_o = nullptr, *down_out = nullptr, *rstd_down = nullptr;
     std::array<float*, kLoraTargetCount> lora_t;
   };
   BlockActs carve_block_acts(float*& cursor);
@@ -180,6 +183,10 @@ class LlamaModel {
   void mlp_gate_up(int layer, const BlockWeights& w, BlockActs& a, int64_t row0, int64_t n, bool training,
                    uint64_t step);
   LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step, int64_t row0 = 0) const;
+  // Layer l's rope table (a sliding layer's own under LlamaConfig::rope_local).
+  const float* inv_freq(int layer) const;
+  // Rows row0.. of a block's down output before its norm (with sandwich norms).
+  float* down_rows(const BlockActs& a, int64_t row0) const;
 
   Backend* be_;
   LlamaWeights weights_;
@@ -190,7 +197,7 @@ class LlamaModel {
   CheckpointPolicy policy_;
   int64_t max_tokens_;
   int64_t mlp_rows_;
-  DeviceMem inv_freq_;   // [head_dim / 2]
+  DeviceMem inv_freq_;   // [head_dim / 2], then the sliding layers' [head_dim / 2] under rope_local
   DeviceMem batch_mem_;  // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
   DeviceMem logits_;     // [logit_rows_, vocab]: forward_logits and decode write here
   int64_t logit_rows_ = 0;
@@ -211,6 +218,7 @@ class LlamaModel {
   float *final_h_, *final_rstd_, *d_final_h_, *d_res_, *d_h_, *d_att_, *d_q_, *d_k_, *d_v_, *d_act_, *d_gate_,
       *d_up_, *lora_dt_, *lora_xd_;
   float *d_q_pre_, *d_k_pre_;  // with q/k norms, the gradients of q and k as projected
+  float* d_branch_;            // with sandwich norms, the gradient of the o or down output before its norm
 };
 
 }  // namespace tf
