@@ -438,3 +438,63 @@ TEST(GoldenArch, Gemma3ExportsPeftGgufLoraAndMergedHfWithTheFilesNorms) {
   EXPECT_GT(test::rel_norm_error(unadapted.data(), f32(e, "logits"), got.size()), 5 * bound);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
 }
+
+TEST(GoldenArch, Qwen3ExportsGgufLoraAndMergesInBothForms) {
+  const Expected e = load_expected("qwen3_expected.safetensors");
+  const io::LoadedModel base = io::load_model(kDir + "qwen3.gguf", true, io::QuantMode::Keep);
+  LlamaModel model(gguf_weights("qwen3.gguf"), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
+  check(model, e, "qwen3 GGUF");
+  const LlamaConfig& c = model.config();
+
+  // llama.cpp's qwen3 names, and B in HF's q/k rows (neox rope: no permutation).
+  const std::string adapter = temp_path("qwen3_lora.gguf");
+  io::export_gguf_lora(adapter, model.lora(), c);
+  const io::GgufFile a = io::GgufFile::open(adapter);
+  EXPECT_EQ(a.get_string("general.architecture"), "qwen3");
+  const LoraAdapter& q = model.lora().at(1, LoraTarget::Q);
+  const io::GgufTensorInfo& b = a.tensor(io::gguf_lora_tensor_name(1, LoraTarget::Q, true));
+  ASSERT_EQ(b.n_bytes, size_t(q.out) * q.rank * sizeof(float));
+  EXPECT_EQ(std::memcmp(b.data, q.B, b.n_bytes), 0);
+
+  // Both merges, loaded without an adapter, compute the adapted model's logits; they keep the q/k
+  // norms (as the GGUF's attn_q_norm / attn_k_norm and the HF directory's q_norm / k_norm).
+  const size_t n = size_t(e.batch) * e.seq * size_t(c.vocab);
+  const std::string merged = temp_path("qwen3_merged.gguf");
+  io::export_merged_gguf(merged, *base.gguf, model.lora(), c.rope_layout, io::MergedGgufOptions{});
+  const LlamaWeights from_gguf = io::load_model(merged, true, io::QuantMode::Keep).weights;
+  EXPECT_TRUE(from_gguf.config.qk_norm);
+  std::vector<float> got = plain_logits(io::load_model(merged, true, io::QuantMode::Keep).weights, e);
+  EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), n), kMergedBound);
+  const std::string dir = temp_path("qwen3_merged_hf");
+  io::export_merged_hf(dir, model.weights(), model.lora());
+  const LlamaConfig hf = io::read_hf_config(dir + "/config.json");
+  EXPECT_EQ(hf.architecture, "qwen3");
+  EXPECT_TRUE(hf.qk_norm);
+  EXPECT_EQ(hf.head_dim, c.head_dim);
+  got = plain_logits(io::load_hf_model(dir, io::QuantMode::Keep), e);
+  EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), n), kMergedBound);
+  const std::vector<float> unadapted = plain_logits(gguf_weights("qwen3.gguf"), e);
+  EXPECT_GT(test::rel_norm_error(unadapted.data(), f32(e, "logits"), n), 5 * kMergedBound);
+  std::filesystem::remove_all(std::filesystem::path(merged).parent_path());
+}
+
+TEST(GoldenArch, Gemma3GgufMergesWithItsStoredNorms) {
+  // llama.cpp's file holds 1 + w, as the model does: a merged GGUF copies the norms as they are.
+  const Expected e = load_expected("gemma3_expected.safetensors");
+  const io::LoadedModel base = io::load_model(kDir + "gemma3.gguf", true, io::QuantMode::Keep);
+  LlamaModel model(gguf_weights("gemma3.gguf"), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
+  check(model, e, "gemma3 GGUF");
+  const std::string merged = temp_path("gemma3_merged.gguf");
+  io::export_merged_gguf(merged, *base.gguf, model.lora(), model.config().rope_layout,
+                         io::MergedGgufOptions{});
+  const io::GgufFile f = io::GgufFile::open(merged);
+  for (const char* name : {"blk.3.post_ffw_norm.weight", "blk.5.attn_q_norm.weight", "output_norm.weight"}) {
+    const io::GgufTensorInfo &got = f.tensor(name), &want = base.gguf->tensor(name);
+    ASSERT_EQ(got.n_bytes, want.n_bytes) << name;
+    EXPECT_EQ(std::memcmp(got.data, want.data, got.n_bytes), 0) << name;
+  }
+  const std::vector<float> got = plain_logits(io::load_model(merged, true, io::QuantMode::Keep).weights, e);
+  // As the merged HF directory's bound (GoldenArch.Gemma3Exports...): bf16 rounding over six layers.
+  EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), got.size()), 5e-2);
+  std::filesystem::remove_all(std::filesystem::path(merged).parent_path());
+}
