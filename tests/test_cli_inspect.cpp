@@ -79,5 +79,21 @@ TEST_F(Cli, InspectDescribesAFileWithUnsupportedTypesAndNamesThem) {
   EXPECT_EQ(ok.out.find("unusable"), std::string::npos) << ok.out;
 }
 
+TEST_F(Cli, InspectNamesGemma3sAndQwen3sBlockFeatures) {
+  const std::string fixtures = std::string(TIGHTFIT_FIXTURES) + "/arch_golden/";
+  const Result g = run({"inspect", fixtures + "gemma3.gguf"});
+  ASSERT_EQ(g.status, 0) << g.err;
+  EXPECT_NE(g.out.find("arch        gemma3: 6 layers, hidden 32"), std::string::npos) << g.out;
+  EXPECT_NE(g.out.find("            q/k norms per head, norms on the attention and MLP outputs, GeGLU (gelu, "
+                       "tanh approximation), embeddings scaled by 5.65685, scores scaled by 16^-0.5, sliding "
+                       "window 4 in 5 of 6 layers, sliding layers' rope theta 100\n"),
+            std::string::npos)
+      << g.out;
+  const Result q = run({"inspect", fixtures + "qwen3"});
+  ASSERT_EQ(q.status, 0) << q.err;
+  EXPECT_NE(q.out.find("arch        qwen3: 2 layers"), std::string::npos) << q.out;
+  EXPECT_NE(q.out.find("            q/k norms per head\n"), std::string::npos) << q.out;
+}
+
 }  // namespace
 }  // namespace tf::test

@@ -95,6 +95,33 @@ int run_inspect(const std::string& path, bool all_tensors) {
       c.rope.freq_factors.empty() ? "" : " (per-frequency factors from rope_freqs.weight)",
       c.rope_layout == RopeLayout::Interleaved ? "interleaved (llama GGUF)" : "split-half (HF, qwen2 GGUF)",
       c.tie_embeddings ? "yes" : "no", c.attention_bias ? "yes" : "no", c.max_positions);
+  // What Qwen3 and Gemma 3 add to the Llama block, and where the layers slide.
+  std::string extras;
+  const auto note = [&extras](const std::string& s) { extras += (extras.empty() ? "" : ", ") + s; };
+  char buf[128];
+  if (c.qk_norm) note("q/k norms per head");
+  if (c.sandwich_norms) note("norms on the attention and MLP outputs");
+  if (c.activation == MlpActivation::GeluTanh) note("GeGLU (gelu, tanh approximation)");
+  if (c.embed_scale != 1.0f) {
+    std::snprintf(buf, sizeof buf, "embeddings scaled by %g", double(c.embed_scale));
+    note(buf);
+  }
+  if (c.query_pre_attn_scalar > 0) {
+    std::snprintf(buf, sizeof buf, "scores scaled by %g^-0.5", double(c.query_pre_attn_scalar));
+    note(buf);
+  }
+  if (c.sliding_window > 0) {
+    int sliding = 0;
+    for (int l = 0; l < c.n_layers; ++l) sliding += c.window(l) > 0;
+    std::snprintf(buf, sizeof buf, "sliding window %d in %d of %d layers", c.sliding_window, sliding,
+                  c.n_layers);
+    note(buf);
+  }
+  if (c.has_local_rope()) {
+    std::snprintf(buf, sizeof buf, "sliding layers' rope theta %g", double(c.rope_local.theta));
+    note(buf);
+  }
+  if (!extras.empty()) std::printf("            %s\n", extras.c_str());
   std::printf("parameters  %.1fM\n", double(c.n_params()) / 1e6);
   if (m.format == io::ModelFormat::Gguf) {
     std::map<std::string, std::pair<int, uint64_t>> by_type;
