@@ -100,8 +100,11 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
           ? accum * layers * (attn_forward / rate(rows) + (chunked ? 0 : mlp_forward / rate(mlp_rows)))
           : 0;
   const double chunks = chunked ? std::ceil(rows / mlp_rows) : 1;
-  const double ops = layers * (kForwardOpsPerLayer * (in.recompute ? 2 : 1) + kBackwardOpsPerLayer +
-                               kMlpOpsPerChunk * (chunks - 1)) +
+  // The norms Qwen3 and Gemma 3 add (q and k per head; the attention and MLP outputs): one op each in
+  // the forward, a fill and the norm's backward in the backward; their FLOPs are negligible.
+  const double norms = (c.qk_norm ? 2 : 0) + (c.sandwich_norms ? 2 : 0);
+  const double ops = layers * ((kForwardOpsPerLayer + norms) * (in.recompute ? 2 : 1) + kBackwardOpsPerLayer +
+                               2 * norms + kMlpOpsPerChunk * (chunks - 1)) +
                      10;
   s.overhead_s = accum * ops * r.op_overhead_s;
   // Streamed weights are read in the forward and again in the backward (which recomputes from the

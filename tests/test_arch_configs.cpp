@@ -10,10 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "offload/cost_model.h"
 #include "src/core/error.h"
 #include "src/io/gguf.h"
 #include "src/io/gguf_model.h"
 #include "src/io/hf_model.h"
+#include "src/model/llama.h"
 #include "tests/test_util.h"
 
 using namespace tf;
@@ -176,6 +178,44 @@ TEST(ArchConfigs, Gemma3GgufPatternAndLocalBaseAsLlamaCppReadsThem) {
   const std::string moe = test::error_of([&] { gguf_config(dir, "qwen3moe", [](io::GgufWriter&) {}); });
   EXPECT_NE(moe.find("'qwen3moe', a mixture of experts"), std::string::npos) << moe;
   EXPECT_TRUE(gguf_config(dir, "qwen3", [](io::GgufWriter&) {}).qk_norm);
+}
+
+// The cost model counts the norms Qwen3 and Gemma 3 add as ops (their FLOPs are negligible): four
+// more per layer in the forward, twice with recomputation, and eight in the backward; the memory
+// plan keeps their inputs and rstd, which the model's constructor checks its buffers against.
+TEST(ArchConfigs, CostModelAndMemoryPlanCountTheExtraNorms) {
+  const LlamaConfig gemma = io::llama_config_from_hf(gemma3_4b(), "config.json");
+  LlamaConfig plain = gemma;
+  plain.qk_norm = plain.sandwich_norms = false;
+  offload::CostInputs in;
+  in.config = plain;
+  in.seq_len = 512;
+  in.recompute = true;
+  const offload::CostRates rates = offload::CostRates::cpu(1);
+  const offload::StepCost a = offload::step_cost(in, rates);
+  in.config = gemma;
+  const offload::StepCost b = offload::step_cost(in, rates);
+  EXPECT_EQ(a.compute_s, b.compute_s);
+  EXPECT_NEAR(b.overhead_s - a.overhead_s, 6 * (4 * 2 + 8) * rates.op_overhead_s, 1e-12);
+
+  LlamaConfig small = gemma;
+  small.hidden = 64;
+  small.intermediate = 128;
+  small.head_dim = 16;
+  small.vocab = 100;
+  small.query_pre_attn_scalar = 16;
+  small.rope.head_dim = small.rope_local.head_dim = 16;
+  LlamaConfig small_plain = small;
+  small_plain.qk_norm = small_plain.sandwich_norms = false;
+  const int64_t N = 32, H = 64, Q = 8 * 16, KV = 4 * 16;
+  const auto saved = [&](const LlamaConfig& c) {
+    return LlamaModel::memory_plan(init_random_weights(c, DType::F32, 1), LoraConfig{},
+                                   CheckpointPolicy::None, N, cpu_backend())
+        .bytes(MemTag::Activations);
+  };
+  // Per layer and token: q and k before their norms and an rstd per head; the o and down outputs
+  // before theirs and two rstd.
+  EXPECT_EQ(saved(small) - saved(small_plain), size_t(6 * N * (Q + KV + 8 + 4 + 2 * H + 2)) * sizeof(float));
 }
 
 }  // namespace
