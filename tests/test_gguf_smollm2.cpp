@@ -66,6 +66,7 @@ TEST(GgufSmolLM2, OpensMapsAndDequantizesEveryTensor) {
       case GgufLlamaRole::AttnKNorm: want = {c.head_dim}; break;
       case GgufLlamaRole::AttnPostNorm:
       case GgufLlamaRole::FfnPostNorm: want = {c.hidden}; break;
+      case GgufLlamaRole::AttnQkv: want = {c.q_dim() + 2 * c.kv_dim(), c.hidden}; break;
     }
     EXPECT_EQ(t.shape(), want);
     row.resize(size_t(t.row_length()));
