@@ -5,6 +5,7 @@
 // buffers take on a device; finetune --checkpointing offload on the simulated device
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -90,7 +91,24 @@ struct OffloadCase {
   int n_layers;
   int n_kv_heads;
   WeightTier tier;
+  bool gemma3 = false;  // Gemma 3's block: q/k norms, output norms, GeGLU, local rope, a window
 };
+
+// The tiny config with every feature Gemma 3 adds to the Llama block, its last layer full and the
+// others sliding over 3 keys with a rope base of their own.
+LlamaConfig gemma3_like(LlamaConfig c) {
+  c.architecture = "gemma3";
+  c.qk_norm = c.sandwich_norms = true;
+  c.activation = MlpActivation::GeluTanh;
+  c.embed_scale = std::sqrt(float(c.hidden));
+  c.query_pre_attn_scalar = 2.0f * float(c.head_dim);
+  c.sliding_window = 3;
+  c.sliding_layers.assign(size_t(c.n_layers), true);
+  c.sliding_layers.back() = false;
+  c.rope_local = c.rope;
+  c.rope_local.theta = 100.0f;
+  return c;
+}
 
 class OffloadTrain : public ::testing::TestWithParam<OffloadCase> {};
 
@@ -102,6 +120,7 @@ TEST_P(OffloadTrain, SimtMatchesPerBlockBitForBit) {
   LlamaConfig cfg = test::tiny_config(48);
   cfg.n_layers = p.n_layers;
   cfg.n_kv_heads = p.n_kv_heads;
+  if (p.gemma3) cfg = gemma3_like(cfg);
   const std::unique_ptr<Backend> be = make_backend("simt");
   LlamaModel kept(init_random_weights(cfg, DType::BF16, 3, 0.25f), offload_lora(), CheckpointPolicy::PerBlock,
                   24, *be, p.tier);
@@ -113,7 +132,8 @@ TEST_P(OffloadTrain, SimtMatchesPerBlockBitForBit) {
 INSTANTIATE_TEST_SUITE_P(Configs, OffloadTrain,
                          ::testing::Values(OffloadCase{"five_layers_gqa", 5, 2, WeightTier::Resident},
                                            OffloadCase{"one_layer", 1, 4, WeightTier::Resident},
-                                           OffloadCase{"four_layers_weights_host", 4, 2, WeightTier::Host}),
+                                           OffloadCase{"four_layers_weights_host", 4, 2, WeightTier::Host},
+                                           OffloadCase{"gemma3_weights_host", 2, 2, WeightTier::Host, true}),
                          [](const ::testing::TestParamInfo<OffloadCase>& p) {
                            return std::string(p.param.name);
                          });

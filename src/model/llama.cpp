@@ -526,15 +526,17 @@ Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t
   const Batch b = stage(host_batch);
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();
+  // An offloaded block input is handed out once per pass (ActivationStore::output).
+  float* x0 = output(0);
   if (host_embedding()) {
     // The upload is queued from ordinary host memory, which the copy has read when it returns, so
     // the next batch's rows may overwrite them.
     cpu_backend().embedding_forward(embed_rows_.as<float>(), host_batch.tokens, n, weights_.embed);
-    be_->upload_n(output(0), embed_rows_.as<float>(), size_t(n * c.hidden));
+    be_->upload_n(x0, embed_rows_.as<float>(), size_t(n * c.hidden));
   } else {
-    be_->embedding_forward(output(0), b.tokens, n, placed_.embed);
+    be_->embedding_forward(x0, b.tokens, n, placed_.embed);
   }
-  if (c.embed_scale != 1.0f) be_->scale_inplace(output(0), c.embed_scale, n * c.hidden);
+  if (c.embed_scale != 1.0f) be_->scale_inplace(x0, c.embed_scale, n * c.hidden);
   written(0, n, training);
   done_with_inputs();
   // Streamed blocks load in use order: after the last block, a training step's backward goes on
