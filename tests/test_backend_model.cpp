@@ -13,6 +13,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/ref/quantize_ggml.h"
 #include "model_test_util.h"
+#include "op_test_util.h"
 #include "src/core/error.h"
 #include "src/io/quantize_weights.h"
 #include "src/train/trainer.h"
@@ -126,6 +127,55 @@ TEST_P(BackendModel, LogitsAndDecodingFollowTheCpu) {
     dev.decode(kd, &t, 1, lb.data());
     for (size_t i = 0; i < la.size(); ++i)
       ASSERT_NEAR(lb[i], la[i], bound) << "token " << t << " logit " << i;
+  }
+}
+
+// Qwen3's and Gemma 3's blocks (q/k norms per head; output norms, GeGLU, the embedding and score
+// scales, a rope base of the sliding layers' own and their window) run the device's ops as the
+// cpu's: the norms add no product, so the logits keep the bound above, taken relative to their
+// largest (2 n_layers + 1 roundings to bf16, twice that for the norms' own f32 rounding), and the
+// gradients of one step stay within the same relative distance of the cpu's, which a wrong op or
+// table (O(1) in the logits) exceeds.
+TEST_P(BackendModel, Qwen3AndGemma3BlocksFollowTheCpu) {
+  for (const bool gemma : {false, true}) {
+    SCOPED_TRACE(gemma ? "gemma3" : "qwen3");
+    LlamaConfig cfg = tiny_config(50);
+    cfg.qk_norm = true;
+    if (gemma) {
+      cfg.sandwich_norms = true;
+      cfg.activation = MlpActivation::GeluTanh;
+      cfg.embed_scale = std::sqrt(float(cfg.hidden));
+      cfg.query_pre_attn_scalar = 2.0f * float(cfg.head_dim);
+      cfg.sliding_window = 4;
+      cfg.sliding_layers.assign(size_t(cfg.n_layers), true);
+      cfg.sliding_layers.back() = false;
+      cfg.rope_local = cfg.rope;
+      cfg.rope_local.theta = 100.0f;
+    }
+    LlamaModel cpu(init_random_weights(cfg, DType::BF16, 7, 0.2f), test::lora_r8(), CheckpointPolicy::None,
+                   32);
+    LlamaModel dev(init_random_weights(cfg, DType::BF16, 7, 0.2f), test::lora_r8(), CheckpointPolicy::None,
+                   32, *device_);
+    test::fill_lora_params(cpu.lora(), 3, 1, 0.05f);
+    dev.lora().copy_from(cpu.lora());
+    const BatchData data = synthetic_batch(2, 13, cfg.vocab, 5, 7);
+    std::vector<float> a(size_t(26 * cfg.vocab)), d(a.size());
+    cpu.forward_logits(data.view(true), a.data());
+    dev.forward_logits(data.view(true), d.data());
+    double largest = 0;
+    for (float x : a) largest = std::max(largest, double(std::abs(x)));
+    const double rel = 2 * (2 * cfg.n_layers + 1) * kUBf16;
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(d[i], a[i], rel * largest) << "logit " << i;
+
+    cpu.lora().zero_grads();
+    dev.lora().zero_grads();
+    const LossSum lc = cpu.forward_backward(data.view(true), 0.1f, 0);
+    const LossSum ld = dev.forward_backward(data.view(true), 0.1f, 0);
+    EXPECT_NEAR(ld.mean(), lc.mean(), 2 * rel * largest);
+    const std::vector<float> gc(cpu.lora().grad_data(), cpu.lora().grad_data() + cpu.lora().n_params);
+    const std::vector<float> gd =
+        dev.backend().download_n(dev.lora().grad_data(), size_t(dev.lora().n_params));
+    EXPECT_LT(test::rel_norm_error(gd.data(), gc.data(), gc.size()), 4 * rel);
   }
 }
 
