@@ -176,6 +176,7 @@ std::pair<int64_t, int64_t> role_shape(const LlamaConfig& c, io::GgufLlamaRole r
     case R::AttnKNorm: return {1, c.head_dim};
     case R::AttnPostNorm:
     case R::FfnPostNorm: return {1, c.hidden};
+    case R::AttnQkv: return {c.q_dim() + 2 * c.kv_dim(), c.hidden};
   }
   return {0, 0};
 }
@@ -242,6 +243,7 @@ WeightSlot slot_of(io::GgufLlamaRole r) {
     case R::FfnPostNorm: return WeightSlot::PostMlpNorm;
     case R::OutputNorm: return WeightSlot::FinalNorm;
     case R::Output: return WeightSlot::LmHead;
+    case R::AttnQkv: return WeightSlot::Q;  // the fused matrix's first rows
   }
   return WeightSlot::Embed;
 }
