@@ -183,7 +183,7 @@ OpCase embedding_case() {
 }
 
 OpCase elementwise_case() {
-  return {"rope, swiglu, adamw", true, [] {
+  return {"rope, swiglu, geglu, adamw", true, [] {
             const int64_t tokens = 300, heads = 4, hd = 32, n = tokens * heads * hd;
             RopeParams rp;
             rp.head_dim = int(hd);
@@ -201,11 +201,16 @@ OpCase elementwise_case() {
                 dup(static_cast<size_t>(n));
             cpu::swiglu_forward(act.data(), gate.data(), up.data(), n);
             cpu::swiglu_backward(dgate.data(), dup.data(), x.data(), gate.data(), up.data(), n);
+            std::vector<float> gact(static_cast<size_t>(n)), gdgate(static_cast<size_t>(n)),
+                gdup(static_cast<size_t>(n));
+            cpu::geglu_forward(gact.data(), gate.data(), up.data(), n);
+            cpu::geglu_backward(gdgate.data(), gdup.data(), x.data(), gate.data(), up.data(), n);
             std::vector<float> param = random_floats(size_t(n), 24), m(static_cast<size_t>(n)),
                                v(static_cast<size_t>(n));
             cpu::adamw_update(param.data(), dx.data(), m.data(), v.data(), n, AdamWParams{});
             Bytes out;
-            for (const auto* p : {&x, &dx, &act, &dgate, &dup, &param, &m, &v}) append(out, *p);
+            for (const auto* p : {&x, &dx, &act, &dgate, &dup, &gact, &gdgate, &gdup, &param, &m, &v})
+              append(out, *p);
             return out;
           }};
 }
