@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -497,4 +500,49 @@ TEST(GoldenArch, Gemma3GgufMergesWithItsStoredNorms) {
   // As the merged HF directory's bound (GoldenArch.Gemma3Exports...): bf16 rounding over six layers.
   EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), got.size()), 5e-2);
   std::filesystem::remove_all(std::filesystem::path(merged).parent_path());
+}
+
+// Gemma3ForConditionalGeneration: the fixture's text model under either prefix, with a vision
+// tensor beside it and its config as text_config (Gemma3TextConfig's defaults filling the rest),
+// loads as the text model and computes its logits, loss and gradients.
+TEST(GoldenArch, Gemma3ConditionalGenerationLoadsItsTextModel) {
+  const io::SafetensorsModel text = io::SafetensorsModel::open(kDir + "gemma3");
+  nlohmann::json cfg;
+  std::ifstream(kDir + "gemma3/config.json") >> cfg;
+  cfg.erase("architectures");
+  const std::vector<float> vision(16, 0.5f);
+  for (const std::string prefix : {"language_model.model.", "model.language_model."}) {
+    SCOPED_TRACE(prefix);
+    const std::string dir = temp_path("gemma3_multimodal");
+    std::filesystem::create_directories(dir);
+    std::vector<io::SafetensorsWriteTensor> tensors;
+    for (const std::string& name : text.names())
+      tensors.push_back(io::SafetensorsWriteTensor::from_view(text.view(name), prefix + name.substr(6)));
+    tensors.push_back({"vision_tower.vision_model.post_layernorm.weight",
+                       io::StDType::F32,
+                       {16},
+                       std::as_bytes(std::span(vision))});
+    io::write_safetensors(dir + "/model.safetensors", tensors);
+    const nlohmann::json top = {{"architectures", {"Gemma3ForConditionalGeneration"}},
+                                {"model_type", "gemma3"},
+                                {"text_config", cfg},
+                                {"vision_config", {{"model_type", "siglip_vision_model"}}}};
+    std::ofstream(dir + "/config.json") << top.dump(2);
+    const LlamaWeights w = io::load_hf_model(dir, io::QuantMode::Keep);
+    EXPECT_EQ(w.config.architecture, "gemma3");
+    EXPECT_EQ(w.config.sliding_layers, hf_weights("gemma3", "config.json").config.sliding_layers);
+    golden(io::load_hf_model(dir, io::QuantMode::Keep), "gemma3_expected.safetensors", "gemma3 multimodal");
+    std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
+  }
+  // What the shipped configs leave out is Gemma3TextConfig's default.
+  const LlamaConfig sparse = io::llama_config_from_hf(
+      {{"architectures", {"Gemma3ForConditionalGeneration"}},
+       {"text_config", {{"hidden_size", 2560}, {"intermediate_size", 10240}, {"num_hidden_layers", 34}}}},
+      "config.json");
+  EXPECT_EQ(sparse.n_heads, 8);
+  EXPECT_EQ(sparse.n_kv_heads, 4);
+  EXPECT_EQ(sparse.head_dim, 256);
+  EXPECT_EQ(sparse.vocab, 262208);
+  EXPECT_EQ(sparse.sliding_window, 4096);
+  EXPECT_EQ(sparse.window(5), 0);
 }

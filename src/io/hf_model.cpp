@@ -276,6 +276,21 @@ WeightRef one_plus(const WeightRef& stored, LlamaWeights& w, const std::string& 
   return r;
 }
 
+// Gemma 3 with its vision tower (Gemma3ForConditionalGeneration): its text model, from text_config
+// with Gemma3TextConfig's defaults for the fields the shipped configs leave out (gemma-3-4b's names
+// four of them); weights_from_safetensors finds its weights under the text model's prefix.
+LlamaConfig gemma3_text_config(const json& j, const std::string& source) {
+  const json* t = find_key(j, "text_config");
+  TF_CHECK(t && t->is_object(), source, ": Gemma3ForConditionalGeneration has no text_config object");
+  json text = {{"vocab_size", 262208},      {"hidden_size", 2304},
+               {"intermediate_size", 9216}, {"num_hidden_layers", 26},
+               {"num_attention_heads", 8},  {"num_key_value_heads", 4},
+               {"head_dim", 256},           {"max_position_embeddings", 131072}};
+  text.update(*t);
+  text["architectures"] = {"Gemma3ForCausalLM"};
+  return llama_config_from_hf(text, source + " text_config");
+}
+
 json read_json(const std::string& path) {
   std::ifstream in(path);
   TF_CHECK(in, path, ": cannot open model config");
@@ -309,10 +324,7 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
       arch != "Gemma2ForCausalLM" && arch != "GemmaForCausalLM", source, ": architecture \"", arch,
       "\" is not supported (Gemma 3's text model, Gemma3ForCausalLM, is; Gemma 2 needs attention and final ",
       "logit softcapping, which tightfit does not implement)");
-  TF_CHECK(
-      arch != "Gemma3ForConditionalGeneration", source,
-      ": Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) is not supported; its text-only ",
-      "checkpoints (Gemma3ForCausalLM, e.g. gemma-3-1b and gemma-3-270m) are");
+  if (arch == "Gemma3ForConditionalGeneration") return gemma3_text_config(j, source);
   TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM" ||
                arch == "Qwen3ForCausalLM" || arch == "Phi3ForCausalLM" || arch == "Gemma3ForCausalLM",
            source, ": architecture \"", arch,
@@ -384,12 +396,21 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
   LlamaWeights w;
   w.config = cfg;
   w.blocks.resize(size_t(cfg.n_layers));
+  // Gemma3ForConditionalGeneration keeps its text model's model.* under language_model.model. (the
+  // hub's checkpoints) or model.language_model. (as transformers 5 saves it).
+  std::string text_prefix;
+  for (const char* p : {"language_model.model.", "model.language_model."})
+    if (!model->find("model.embed_tokens.weight") && model->find(std::string(p) + "embed_tokens.weight"))
+      text_prefix = p;
+  const auto in_file = [&](const std::string& name) {
+    return text_prefix.empty() || name.rfind("model.", 0) != 0 ? name : text_prefix + name.substr(6);
+  };
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     // A fused matrix (Phi-3's qkv_proj, gate_up_proj) is split into its projections by rows: a row
     // range of the stored tensor is a matrix of its own, exactly.
     const std::optional<FusedRows> fused = fused_rows(cfg, slot);
     const std::string name =
-        fused ? hf_fused_weight_name(fused->qkv, layer) : hf_weight_name(cfg, slot, layer);
+        in_file(fused ? hf_fused_weight_name(fused->qkv, layer) : hf_weight_name(cfg, slot, layer));
     const SafetensorsTensor& t = model->get(name);
     const auto [rows, cols] = weight_shape(cfg, slot);
     const int64_t file_rows = fused ? fused->rows : rows;
