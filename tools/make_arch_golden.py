@@ -304,6 +304,8 @@ def gemma3(out, llama_cpp, tok_dir, seed):
     change("the sliding layers' rope base", rope=dict(copy.deepcopy(rope), sliding_attention={
         "rope_type": "default", "rope_theta": 10000.0}))
     change("the window", base=dict(sliding_window=64))
+    change("the full layer's linear scaling", rope=dict(copy.deepcopy(rope), full_attention={
+        "rope_type": "default", "rope_theta": 10000.0}))
     strip_tokenizer(directory)
 
 
