@@ -22,7 +22,11 @@ Output under tests/fixtures/arch_golden/:
                             model with each rope scaling type (llama3, yarn, linear, dynamic)
     llama_llama3.gguf       llama/ with config_llama3.json, converted: rope_freqs.weight
     llama_yarn.gguf         llama/ with config_yarn.json, converted: rope.scaling.* keys
-    <name>_expected.safetensors, for qwen2, qwen2_tied and llama_<rope> for default, llama3, yarn
+    qwen3/, qwen3.gguf      Qwen3ForCausalLM: hidden 48, 6 heads over 2 (head_dim 16), tied, q/k norms
+    gemma3/, gemma3.gguf    Gemma3ForCausalLM: hidden 32, 4 heads over 2 (head_dim 16), tied, 6 layers
+                            (5 sliding over 4 keys with rope base 100, 1 full with base 10000 and
+                            linear scaling by 8); the GGUF's norms hold 1 + w (the converter's)
+    <name>_expected.safetensors, for qwen2, qwen2_tied, qwen3, gemma3 and llama_<rope> for default, llama3, yarn
     and linear (dynamic's equals default's, which the script asserts, so it has none of its own):
         input_ids [2, 16] int32, labels [2, 16] int32 (-100 = ignored, first 5 of each row)
         logits [2, 16, vocab] f32, loss [1] f32
@@ -30,7 +34,9 @@ Output under tests/fixtures/arch_golden/:
         "base_model.model." prefix), r 4, alpha 8, on all seven projections
         metadata: n_targets, lora_r, lora_alpha, lora_targets, seed, library versions
 The script asserts, and prints, how far the logits move without the q/k/v biases, without each
-rope scaling and without yarn's attention factor, so each fixture is known to discriminate.
+rope scaling and without yarn's attention factor, without Qwen3's q/k norms, and without each of
+Gemma 3's features (the norms' 1 + w, the embedding scale, the output norms, the local rope base,
+the window, the full layer's scaling), so each fixture is known to discriminate.
 The weights are bf16 (norms, biases and embeddings too), drawn normal(0, 0.1) (norms 1 + 0.1 normal,
 biases 0.3 normal) from fixed seeds, and the bf16 GGUF holds the same values, so both forms of a
 model must give the same expected numbers. The reference runs in float64 from those values (HF
