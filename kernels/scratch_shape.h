@@ -31,10 +31,13 @@ struct ScratchShape {
   WeightRef lm_head;
   // Rows of tokens the MLP's products take at a time (LlamaModel's ModelLayout::mlp_chunk); 0: all.
   int64_t mlp_rows = 0;
+  // Rows of tokens per call of the loss (ModelLayout::loss_rows); 0: all.
+  int64_t loss_rows = 0;
   int64_t lora_params = 0;  // the adapters' parameters, whose gradient norm each step takes
   bool train = true;        // a training step (forward and backward), or a forward pass alone (eval)
   int64_t max_tokens() const { return int64_t(batch) * seq; }
   int64_t mlp_tokens() const { return mlp_rows > 0 ? std::min(mlp_rows, max_tokens()) : max_tokens(); }
+  int64_t loss_tokens() const { return loss_rows > 0 ? std::min(loss_rows, max_tokens()) : max_tokens(); }
 };
 
 inline constexpr int kScratchSlotCount = 64;  // the slots both runtimes have

@@ -88,12 +88,13 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
   const double mlp_backward =
       2 * rows * mlp_params + 4 * rows * mlp_lora + (chunked ? 2 * rows * gate_up : 0);
   const double head = 2 * rows * double(c.vocab) * c.hidden;
+  const double loss_rows = in.loss_rows > 0 ? std::min(double(in.loss_rows), rows) : rows;
   const auto rate = [&](double m) { return r.flops * m / (m + r.half_rate_rows); };
 
   StepCost s;
   const double accum = std::max(in.grad_accum, 1);
   s.compute_s = accum * (layers * (attn_forward + attn_backward) / rate(rows) +
-                         layers * (mlp_forward + mlp_backward) / rate(mlp_rows) + 2 * head / rate(rows));
+                         layers * (mlp_forward + mlp_backward) / rate(mlp_rows) + 2 * head / rate(loss_rows));
   // Recomputation repeats a block's forward, up to the MLP when the backward forms the MLP's itself.
   s.recompute_s =
       in.recompute
@@ -105,7 +106,7 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
   const double norms = (c.qk_norm ? 2 : 0) + (c.sandwich_norms ? 2 : 0);
   const double ops = layers * ((kForwardOpsPerLayer + norms) * (in.recompute ? 2 : 1) + kBackwardOpsPerLayer +
                                2 * norms + kMlpOpsPerChunk * (chunks - 1)) +
-                     10;
+                     10 + 2 * (std::ceil(rows / loss_rows) - 1);  // each further call of the loss
   s.overhead_s = accum * ops * r.op_overhead_s;
   // Streamed weights are read in the forward and again in the backward (which recomputes from the
   // same copy); offloaded inputs go out in the forward and come back in the backward.

@@ -46,6 +46,8 @@ struct CostInputs {
   // Rows the MLP runs at a time (0: all of a micro-batch's): its products run at that many rows, the
   // backward forms each chunk's gate and up again, and per-block recomputation stops at the MLP.
   int64_t mlp_chunk = 0;
+  // Rows per call of the loss (0: all of a micro-batch's): its lm_head products run at that many.
+  int64_t loss_rows = 0;
   uint64_t uploaded_bytes = 0;  // host-to-device bytes before the first block (embedding rows)
   int64_t lora_params = 0;
 };

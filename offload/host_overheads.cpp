@@ -85,16 +85,17 @@ uint64_t kernel_scratch(const HostOverheadInputs& in, std::string& detail) {
   // row statistics, a float per token and head.
   const uint64_t attn_fwd = 4 * T * round_up(128 * D + 4224, 16);
   const uint64_t attn_bwd = 4 * T * round_up(256 * D + 8192, 16) + 4 * N * uint64_t(c.n_heads);
-  // cross_entropy.cpp: a quantized lm_head is dequantized a vocabulary tile at a time (with the
-  // logits of 256 tokens against it, per-token running max, sum and target logit, and the d_h
-  // accumulator); otherwise 64 rows of logits at a time.
+  // cross_entropy.cpp, per call of L rows: a quantized lm_head is dequantized a vocabulary tile at
+  // a time (with the logits of 256 tokens against it, per-token running max, sum and target logit,
+  // and the d_h accumulator); otherwise 64 rows of logits at a time.
   const uint64_t V = uint64_t(c.vocab), H = uint64_t(c.hidden);
+  const uint64_t L = in.loss_rows > 0 ? std::min(N, uint64_t(in.loss_rows)) : N;
   uint64_t ce = 0;
   if (is_quantized(in.lm_head_dtype)) {
     const uint64_t tile_rows = std::min({V, uint64_t(4096), std::max<uint64_t>(1, (uint64_t(1) << 22) / H)});
-    ce = 4 * (tile_rows * H + std::min<uint64_t>(N, 256) * tile_rows + 2 * N + N * H) + 8 * N;
+    ce = 4 * (tile_rows * H + std::min<uint64_t>(L, 256) * tile_rows + 2 * L + L * H) + 8 * L;
   } else {
-    ce = 4 * std::min<uint64_t>(N, 64) * V;
+    ce = 4 * std::min<uint64_t>(L, 64) * V;
   }
   const bool coarse = in.non_f32_matrices && !in.half_matrices && in.quantized_projections == 0;
   // matmul.cpp: a bf16 / f16 operand is widened into a fixed 2^20-float tile, allocated whole at

@@ -27,6 +27,7 @@ struct HostOverheadInputs {
   bool cpu_backend = true;
   LlamaConfig config;
   int64_t max_tokens = 0;  // micro-batch x seq-len
+  int64_t loss_rows = 0;   // rows per call of the loss (ModelLayout::loss_rows; 0: max_tokens)
   int seq_len = 0;
   LoraConfig lora;  // rank and targets (the PEFT export copies some adapters' B to reorder them)
   // Storage of the lm_head (the embedding when tied) as the run computes with it, which selects the

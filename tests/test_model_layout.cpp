@@ -1,7 +1,7 @@
 // defines: tests of the model's memory layouts (ModelLayout): the MLP run a chunk of rows at a time
 // against the MLP on every row at once, on the cpu and the simulated device (losses, logits,
 // decoding and the gradients of every adapter), the embedding table in host memory against the
-// table placed, and the memory plans of both
+// table placed, the loss in calls of fewer rows against one call, and the memory plans of them
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -257,6 +257,51 @@ TEST(HostEmbeddingPlan, MovesTheTableToHostMemory) {
   LlamaModel on_cpu(init_random_weights(test::tiny_config(48), DType::F32, 3, 0.25f), test::lora_r8(),
                     CheckpointPolicy::PerBlock, N, cpu_backend(), offload::WeightTier::Resident, host_table);
   EXPECT_FALSE(on_cpu.host_embedding());
+}
+
+// Each row's loss and its gradient come from that row's logits alone, so the loss in calls of fewer
+// rows sums the same row losses in another grouping of double additions (18 terms: a few 2^-52 of
+// their sum), and each row's gradient is its own, up to how the products of another row count
+// round (an f32 GEMM's sum over the hidden dimension, reordered by the BLAS for a different shape:
+// within 32 2^-24 of the sum of magnitudes); 1e-5 of each tensor's largest gradient bounds what
+// that becomes through the blocks' backward. The forward alone (logits, decoding) is untouched.
+void expect_loss_rows_same(LlamaModel& one, const Result& a, LlamaModel& calls, const Result& b) {
+  EXPECT_NEAR(a.loss.sum, b.loss.sum, 1e-12 * std::fabs(a.loss.sum));
+  EXPECT_EQ(a.loss.n_valid, b.loss.n_valid);
+  EXPECT_NEAR(a.eval, b.eval, 1e-12 * std::fabs(a.eval));
+  EXPECT_TRUE(a.logits == b.logits) << "logits differ";
+  EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
+  ASSERT_EQ(a.grads.size(), b.grads.size());
+  float largest = 0;
+  for (float g : a.grads) largest = std::max(largest, std::fabs(g));
+  ASSERT_GT(largest, 0.0f);
+  for (size_t i = 0; i < a.grads.size(); ++i) ASSERT_NEAR(a.grads[i], b.grads[i], 1e-5f * largest) << i;
+  EXPECT_EQ(one.loss_rows(), one.max_tokens());
+  EXPECT_LT(calls.loss_rows(), calls.max_tokens());
+}
+
+TEST(LossRows, GiveTheLossAndGradientsOfOneCall) {
+  const LlamaConfig cfg = test::tiny_config(48);
+  const LoraConfig lora = lora_with(0.1f);
+  for (int64_t rows : {int64_t(1), int64_t(4), int64_t(7)}) {
+    SCOPED_TRACE("cpu, " + std::to_string(rows) + " rows per call");
+    LlamaModel one(init_random_weights(cfg, DType::F32, 3, 0.25f), lora, CheckpointPolicy::PerBlock, 24);
+    LlamaModel calls(init_random_weights(cfg, DType::F32, 3, 0.25f), lora, CheckpointPolicy::PerBlock, 24,
+                     cpu_backend(), offload::WeightTier::Resident, ModelLayout{0, false, rows});
+    const Result a = run(one), b = run(calls);
+    expect_loss_rows_same(one, a, calls, b);
+  }
+  const std::unique_ptr<Backend> be = make_backend("simt");
+  SCOPED_TRACE("simt, 5 rows per call");
+  LlamaModel one(init_random_weights(cfg, DType::BF16, 3, 0.25f), lora, CheckpointPolicy::PerBlock, 24, *be);
+  LlamaModel calls(init_random_weights(cfg, DType::BF16, 3, 0.25f), lora, CheckpointPolicy::PerBlock, 24, *be,
+                   offload::WeightTier::Resident, ModelLayout{0, false, 5});
+  const Result a = run(one), b = run(calls);
+  expect_loss_rows_same(one, a, calls, b);
+  EXPECT_THROW(LlamaModel::memory_plan(init_random_weights(cfg, DType::F32, 3, 0.25f), lora,
+                                       CheckpointPolicy::PerBlock, 24, cpu_backend(),
+                                       offload::WeightTier::Resident, ModelLayout{0, false, -2}),
+               Error);
 }
 
 }  // namespace

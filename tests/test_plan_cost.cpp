@@ -263,6 +263,48 @@ TEST_F(PlanCost, AutoWeighsRecomputationAgainstTheMicroBatch) {
   }
 }
 
+// The loss in calls of fewer rows saves logits but slows lm_head's products: --loss-chunk auto takes
+// it only when nothing else fits, after the MLP's smallest chunks and the table in host memory.
+TEST_F(PlanCost, AutoLossChunkIsTheLastResort) {
+  std::vector<std::string> base = eight_b("1");
+  base.insert(base.end(), {"--weights", "host", "--checkpointing", "offload", "--embedding", "host",
+                           "--mlp-chunk", "256"});
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return plan_json(args);
+  };
+  const nlohmann::json whole = with({"--loss-chunk", "1000000", "--max-mem", "1TiB"});
+  const nlohmann::json by32 = with({"--loss-chunk", "32", "--max-mem", "1TiB"});
+  EXPECT_EQ(whole["loss_chunk"], 0);
+  EXPECT_EQ(by32["loss_chunk"], 32);
+  const uint64_t peak = whole["peak"]["device"], peak32 = by32["peak"]["device"];
+  // The device's cross-entropy forms 128 rows of logits at a time; 32 rows save 96 of them, and a
+  // little of the scratch of its products and per-row losses.
+  const uint64_t logits96 = uint64_t(96) * 128256 * sizeof(float);
+  EXPECT_GE(peak - peak32, logits96);
+  EXPECT_LE(peak - peak32, logits96 + (uint64_t(1) << 20));
+  EXPECT_GT(by32["predicted_step"]["total_s"].get<double>(),
+            whole["predicted_step"]["total_s"].get<double>());
+
+  nlohmann::json j = with({"--max-mem", "1TiB"});
+  EXPECT_EQ(j["loss_chunk"], 0);
+  j = with({"--max-mem", std::to_string(peak - 1)});
+  EXPECT_EQ(j["loss_chunk"], 32);
+  EXPECT_EQ(j["peak"]["device"].get<uint64_t>(), peak32);
+  bool said = false;
+  for (const auto& c : j["choices"])
+    said = said || c.get<std::string>().find("loss in calls of 32 rows") == 0;
+  EXPECT_TRUE(said) << j["choices"].dump();
+  j = with({"--max-mem", std::to_string(peak32 - 1)});
+  EXPECT_EQ(j["loss_chunk"], 16);
+
+  const test::Result r = run({"plan", "--model", config("Llama-3.1-8B.json"), "--loss-chunk", "0"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--loss-chunk must be auto or a positive count of rows, got '0'"), std::string::npos)
+      << r.err;
+}
+
 TEST_F(PlanCost, BatchSizeAndMicroBatchAreCheckedTogether) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
       {{"--micro-batch", "3", "--batch-size", "8"}, "--batch-size 8 is not a multiple of --micro-batch 3"},

@@ -69,7 +69,7 @@ TEST(SimDeviceMemory, TheCpuHasNoDeviceMemoryNorKernelScratch) {
 // One run: the model's shape and base, how it runs, and what it runs.
 struct DeviceRun {
   std::string name;
-  int hidden = 128, intermediate = 256, n_heads = 2, n_kv_heads = 1, head_dim = 64;
+  int hidden = 128, intermediate = 256, n_heads = 2, n_kv_heads = 1, head_dim = 64, vocab = 96;
   DType base = DType::BF16;  // F16, BF16, NF4 or Q4_0
   AttentionKernel attention = AttentionKernel::Auto;
   CheckpointPolicy policy = CheckpointPolicy::None;
@@ -77,6 +77,7 @@ struct DeviceRun {
   bool train = true;  // training steps, or forward passes alone
   int batch = 2, seq = 32;
   int64_t mlp_chunk = 0;  // ModelLayout::mlp_chunk
+  int64_t loss_rows = 0;  // ModelLayout::loss_rows
 };
 
 void PrintTo(const DeviceRun& r, std::ostream* os) {
@@ -84,7 +85,7 @@ void PrintTo(const DeviceRun& r, std::ostream* os) {
 }
 
 LlamaConfig config_of(const DeviceRun& r) {
-  LlamaConfig c = test::tiny_config(96);
+  LlamaConfig c = test::tiny_config(r.vocab);
   c.hidden = r.hidden;
   c.intermediate = r.intermediate;
   c.n_heads = r.n_heads;
@@ -129,13 +130,13 @@ Measured run_on_simt(const DeviceRun& r) {
   LlamaWeights w = base_of(r, keep);
   const LoraConfig lora = test::lora_r8();
   const int64_t max_tokens = int64_t(r.batch) * r.seq;
-  const ModelLayout layout{r.mlp_chunk};
+  const ModelLayout layout{r.mlp_chunk, false, r.loss_rows};
   const MemoryPlan mp = LlamaModel::memory_plan(w, lora, r.policy, max_tokens, *be, r.tier, layout);
   Measured m;
   m.predicted = be->reserved_bytes(mp.total);
   m.items = "arena " + std::to_string(m.predicted);
   for (const PlannedAlloc& a :
-       be->scratch_plan(model_scratch_shape(w, lora, r.batch, r.seq, r.train, r.mlp_chunk))) {
+       be->scratch_plan(model_scratch_shape(w, lora, r.batch, r.seq, r.train, layout))) {
     m.predicted += a.bytes;
     m.items += ", " + a.what + " " + std::to_string(a.bytes);
   }
@@ -214,6 +215,14 @@ std::vector<DeviceRun> runs() {
   r.name = "bf16_weights_host_mlp_chunk";
   r.tier = offload::WeightTier::Host;
   r.mlp_chunk = 10;
+  v.push_back(r);
+  // The loss in calls of fewer rows than its kernel's chunk, the last one shorter: the logits'
+  // scratch is sized by the call (a vocabulary large enough for them to matter in the peak).
+  r = DeviceRun{};
+  r.name = "nf4_loss_rows";
+  r.base = DType::NF4;
+  r.vocab = 2048;
+  r.loss_rows = 24;
   v.push_back(r);
   return v;
 }

@@ -32,7 +32,7 @@ ScratchNeeds plan_scratch(const ScratchShape& shape, AttentionKernel attention) 
   } else if (train) {
     attention_backward_scratch(s, a);
   }
-  lm_head_cross_entropy_scratch(s, shape.lm_head, n, train);
+  lm_head_cross_entropy_scratch(s, shape.lm_head, shape.loss_tokens(), train);
   if (train) sum_squares_scratch(s, shape.lora_params);
   return s;
 }

@@ -514,6 +514,8 @@ int run_finetune(const FinetuneOptions& given) {
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
   if (o.mlp_chunk != "auto" && model.mlp_rows() < model.max_tokens())
     std::printf("plan: MLP in chunks of %lld rows (--mlp-chunk)\n", (long long)model.mlp_rows());
+  if (o.loss_chunk != "auto" && model.loss_rows() < model.max_tokens())
+    std::printf("plan: loss in calls of %lld rows (--loss-chunk)\n", (long long)model.loss_rows());
   if (o.embedding == "host") std::printf("plan: embedding table in host memory (--embedding host)\n");
   std::printf("plan: predicted peak %s\n", peaks_text(plan.plan, plan.budget).c_str());
   if (plan.tier == offload::WeightTier::Disk && s.backend->host_memory() && !std::getenv("OMP_WAIT_POLICY"))

@@ -133,6 +133,12 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
        "and the backward, which forms them again instead of keeping them: auto (all rows when the run "
        "fits, else the largest halving of them, down to 256 rows, that does) or a count")
       ->capture_default_str();
+  c.add_option(
+       "--loss-chunk", o.loss_chunk,
+       "Rows of tokens per call of the loss, whose [rows, vocab] logits are formed at most 64 (cpu) or "
+       "128 (device) rows at a time: auto (the whole micro-batch, else 32 or 16 rows when nothing "
+       "else fits) or a count")
+      ->capture_default_str();
   c.add_option("--embedding", o.embedding,
                "Where the embedding table lives on a device: auto (on the device, else in host memory when "
                "that is what fits), device or host (each micro-batch's rows looked up on the host and "

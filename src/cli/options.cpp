@@ -60,6 +60,7 @@ json to_json(const FinetuneOptions& o) {
          {"attention", o.attention},
          {"weights", o.weights},
          {"mlp_chunk", o.mlp_chunk},
+         {"loss_chunk", o.loss_chunk},
          {"embedding", o.embedding},
          {"max_mem", o.max_mem},
          {"max_host_mem", o.max_host_mem},
@@ -117,8 +118,8 @@ json resume_relevant(const FinetuneOptions& o) {
   // Streamed weights and the budgets change where bytes live, not the numbers; the MLP's chunks
   // change only the order the MLP adapters' gradients sum their rows in, as --threads does.
   for (const char* free : {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device",
-                           "attention", "weights", "mlp_chunk", "embedding", "max_mem", "max_host_mem",
-                           "threads", "micro_batch_chosen", "grad_accum_chosen"})
+                           "attention", "weights", "mlp_chunk", "loss_chunk", "embedding", "max_mem",
+                           "max_host_mem", "threads", "micro_batch_chosen", "grad_accum_chosen"})
     all.erase(free);
   // A count of sequences per step says no more than micro_batch and grad_accum do (and runs from
   // before it existed keep their hash); under auto it is what the step is.

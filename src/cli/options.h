@@ -66,6 +66,9 @@ struct FinetuneOptions {
   // Rows of tokens the MLP runs at a time (ModelLayout::mlp_chunk): auto (all rows, else the
   // largest halving of them down to kMinMlpChunk that fits the budgets) or a count.
   std::string mlp_chunk = "auto";
+  // Rows of tokens per call of the loss (ModelLayout::loss_rows): auto (the whole micro-batch, else
+  // the first of kLossChunks that fits) or a count.
+  std::string loss_chunk = "auto";
   // Where the embedding table lives on a device backend (ModelLayout::host_embedding): auto (placed,
   // else in host memory when that is what fits), device or host.
   std::string embedding = "auto";

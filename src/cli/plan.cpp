@@ -209,8 +209,7 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
     // scratch slots besides it, each at its largest request of a step.
     const uint64_t arena = be.reserved_bytes(mp.total);
     add("device arena rounding", "to the device's allocation granule", Tier::Device, arena - mp.total);
-    const ScratchShape shape =
-        model_scratch_shape(d.weights, lora, o.micro_batch, o.seq_len, true, layout.mlp_chunk);
+    const ScratchShape shape = model_scratch_shape(d.weights, lora, o.micro_batch, o.seq_len, true, layout);
     for (const PlannedAlloc& a : be.scratch_plan(shape)) add(a.what, tokens_detail(o), Tier::Device, a.bytes);
   }
   for (const PlannedAlloc& a : mp.host) add(a.what, "", Tier::Host, a.bytes);
@@ -242,6 +241,7 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
   in.threads = cpu::num_threads();
   in.config = c;
   in.max_tokens = max_tokens;
+  in.loss_rows = layout.loss_rows;
   in.seq_len = o.seq_len;
   in.lora = lora;
   in.lm_head_dtype = d.weights.lm_head.dtype;
@@ -310,7 +310,7 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
 }
 
 std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tokens, const Backend& be,
-                                       const LlamaConfig& c) {
+                                       const LlamaConfig& c, DType lm_head_dtype) {
   std::vector<int64_t> chunks{0};
   if (o.mlp_chunk != "auto") {
     char* end = nullptr;
@@ -330,11 +330,26 @@ std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tok
            "the model runs; use auto or device");
   std::vector<bool> embeds{o.embedding == "host"};
   if (o.embedding == "auto" && !be.host_memory() && !c.tie_embeddings) embeds.push_back(true);
+  std::vector<int64_t> losses{0};
+  if (o.loss_chunk != "auto") {
+    char* end = nullptr;
+    const long long rows = std::strtoll(o.loss_chunk.c_str(), &end, 10);
+    TF_CHECK(!o.loss_chunk.empty() && *end == '\0' && rows > 0,
+             "--loss-chunk must be auto or a positive count of rows, got '", o.loss_chunk, "'");
+    losses = {rows >= max_tokens ? 0 : int64_t(rows)};
+  } else if (!(be.host_memory() && is_quantized(lm_head_dtype))) {
+    // The cpu's quantized lm_head keeps no logits per row, and would dequantize the table per call.
+    for (int64_t rows : kLossChunks)
+      if (rows < max_tokens) losses.push_back(rows);
+  }
   // The table in host memory costs an upload of the micro-batch's rows; chunks of the MLP cost its
   // gate and up products again in the backward: the first is tried first, and kept while chunking.
+  // Fewer rows per call of the loss make its lm_head products slow and save little, so they come
+  // last, with everything else at its smallest.
   std::vector<ModelLayout> v;
-  for (bool host : embeds) v.push_back({chunks.front(), host});
-  for (size_t i = 1; i < chunks.size(); ++i) v.push_back({chunks[i], embeds.back()});
+  for (bool host : embeds) v.push_back({chunks.front(), host, losses.front()});
+  for (size_t i = 1; i < chunks.size(); ++i) v.push_back({chunks[i], embeds.back(), losses.front()});
+  for (size_t i = 1; i < losses.size(); ++i) v.push_back({chunks.back(), embeds.back(), losses[i]});
   return v;
 }
 
@@ -354,6 +369,7 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
   }
   in.streamed_from_disk = tier == WeightTier::Disk;
   in.mlp_chunk = layout.mlp_chunk;
+  in.loss_rows = layout.loss_rows;
   if (layout.host_embedding && !be.host_memory())
     in.uploaded_bytes =
         uint64_t(o.micro_batch) * uint64_t(o.seq_len) * uint64_t(in.config.hidden) * sizeof(float);
@@ -374,6 +390,7 @@ nlohmann::json RunPlan::to_json() const {
   j["grad_accum"] = grad_accum;
   j["mlp_chunk"] = layout.mlp_chunk;
   j["embedding"] = layout.host_embedding ? "host" : "device";
+  j["loss_chunk"] = layout.loss_rows;
   j["predicted_step"] = {{"total_s", cost.total_s},         {"compute_s", cost.compute_s},
                          {"recompute_s", cost.recompute_s}, {"overhead_s", cost.overhead_s},
                          {"copy_s", cost.copy_s},           {"exposed_copy_s", cost.exposed_copy_s},
@@ -428,7 +445,8 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
         // The first layout that fits, in model_layouts' order.
         std::optional<offload::Plan> fit;
         ModelLayout layout;
-        for (const ModelLayout& l : model_layouts(o, int64_t(m) * o.seq_len, be, d.weights.config)) {
+        for (const ModelLayout& l :
+             model_layouts(o, int64_t(m) * o.seq_len, be, d.weights.config, d.weights.lm_head.dtype)) {
           offload::Plan plan = model_bytes(v, d, be, p, t, startup_rss, data, l);
           if (!plan.fits(budget)) continue;
           fit = std::move(plan);
@@ -459,7 +477,9 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   // micro-batch.
   if (!best.fits) {
     const FinetuneOptions v = with_micro_batch(o, micros.back());
-    best.layout = model_layouts(o, int64_t(v.micro_batch) * o.seq_len, be, d.weights.config).back();
+    best.layout =
+        model_layouts(o, int64_t(v.micro_batch) * o.seq_len, be, d.weights.config, d.weights.lm_head.dtype)
+            .back();
     best.plan = model_bytes(v, d, be, policies.front(), tiers.front(), startup_rss, data, best.layout);
     best.policy = policies.front();
     best.tier = tiers.front();
@@ -502,6 +522,10 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
     best.choices.push_back("MLP in chunks of " + std::to_string(best.layout.mlp_chunk) + " rows (auto: all " +
                            std::to_string(int64_t(best.micro_batch) * o.seq_len) +
                            " rows at once, or larger chunks, do not fit)");
+  if (o.loss_chunk == "auto" && best.layout.loss_rows > 0)
+    best.choices.push_back("loss in calls of " + std::to_string(best.layout.loss_rows) +
+                           " rows (auto: with the whole micro-batch in one call, or more rows, the run "
+                           "does not fit)");
   if (o.micro_batch_auto) {
     const int larger = [&] {
       for (auto it = micros.rbegin(); it != micros.rend(); ++it)
@@ -647,7 +671,8 @@ int run_plan(const FinetuneOptions& given, bool json) {
   // The alternatives at the micro-batch the plan runs, each with its smallest layout.
   const FinetuneOptions chosen = with_micro_batch(o, plan.micro_batch);
   const ModelLayout smallest =
-      model_layouts(chosen, int64_t(chosen.micro_batch) * chosen.seq_len, *be, c).back();
+      model_layouts(chosen, int64_t(chosen.micro_batch) * chosen.seq_len, *be, c, d.weights.lm_head.dtype)
+          .back();
   if (json) {
     nlohmann::json j = plan.to_json();
     j["model"] = o.model;

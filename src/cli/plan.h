@@ -53,13 +53,18 @@ offload::Plan byte_model(const FinetuneOptions& o, const io::ModelDescription& d
 // The smallest chunk of rows --mlp-chunk auto runs the MLP in: below it, each chunk's products are
 // too short for a GEMM to keep a device busy, and the chunk is already a small part of the peak.
 inline constexpr int64_t kMinMlpChunk = 256;
+// The rows per call of the loss --loss-chunk auto tries when nothing else fits, below the kernels'
+// own chunks (64 rows on the cpu, 128 on a device): each saves that many rows of logits.
+inline constexpr int64_t kLossChunks[] = {32, 16};
 // The layouts of the model's memory a plan of `o` at `max_tokens` rows per micro-batch on `be` tries,
 // in order: the MLP on all rows with the embedding table placed, then in host memory (auto, on a
 // device backend, a table lm_head does not share), then the MLP in halvings of the rows down to
-// kMinMlpChunk (auto), with the last table placement. --mlp-chunk N and --embedding device|host fix
-// theirs; a value that is none of these, or a table in host memory where it cannot be, is an error.
+// kMinMlpChunk (auto), with the last table placement, then (auto) that with the loss in calls of
+// each of kLossChunks' rows, unless lm_head is quantized on the cpu, whose kernel keeps no logits per
+// row. --mlp-chunk N, --loss-chunk N and --embedding device|host fix theirs; a value that is none of
+// these, or a table in host memory where it cannot be, is an error.
 std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tokens, const Backend& be,
-                                       const LlamaConfig& c);
+                                       const LlamaConfig& c, DType lm_head_dtype);
 
 // The cost model's prediction of an optimizer step of `o` (its micro_batch and grad_accum) run with
 // `policy`, `tier` and `layout`, whose byte model is `plan`, at the nominal rates of `be`'s kind.

@@ -69,6 +69,8 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
                                       int64_t max_tokens, const ModelLayout& opt) {
   TF_CHECK(opt.mlp_chunk >= 0, "the MLP's chunk of rows must be positive (or 0: all rows), got ",
            opt.mlp_chunk);
+  TF_CHECK(opt.loss_rows >= 0, "the loss's rows per call must be positive (or 0: all rows), got ",
+           opt.loss_rows);
   const int64_t N = max_tokens, H = c.hidden, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate;
   const int64_t C = opt.mlp_chunk > 0 ? std::min(opt.mlp_chunk, N) : N;
   const bool chunked = C < N;
@@ -167,6 +169,7 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   if (policy == CheckpointPolicy::PerBlockOffload) offload::ActivationStore::check_backend(backend);
   const Layout L = layout(c, lora, policy, max_tokens, opt);
   mlp_rows_ = L.mlp_rows;
+  loss_rows_ = opt.loss_rows > 0 ? std::min(opt.loss_rows, max_tokens) : max_tokens;
   if (embedding_on_host(c, backend, opt))
     embed_rows_ = Buffer(size_t(max_tokens * c.hidden) * sizeof(float), MemTag::Activations, false);
   std::vector<float> inv_freq(size_t(L.rope_floats));
@@ -564,10 +567,8 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
   const Batch b = forward_stack(host_batch, true, step);
   const int64_t n = b.n_tokens();
 
-  LossSum loss;
   be_->fill(d_final_h_, 0.0f, n * c.hidden);
-  loss.sum = be_->lm_head_cross_entropy(d_final_h_, &loss.n_valid, final_h_, placed_.lm_head, b.targets, n,
-                                        grad_scale);
+  const LossSum total = loss(b, d_final_h_, grad_scale);
   be_->fill(d_res_, 0.0f, n * c.hidden);
   be_->rmsnorm_backward(d_res_, nullptr, d_final_h_, input(c.n_layers, -1), placed_.final_norm, final_rstd_,
                         n, c.hidden);
@@ -590,16 +591,26 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
     done_with_inputs();
     release_block(l);
   }
-  return loss;
+  return total;
+}
+
+LossSum LlamaModel::loss(const Batch& b, float* d_h, float grad_scale) {
+  const int64_t n = b.n_tokens(), H = config().hidden;
+  LossSum total;
+  for (int64_t r0 = 0; r0 < n; r0 += loss_rows_) {
+    const int64_t m = std::min(loss_rows_, n - r0);
+    int64_t valid = 0;
+    total.sum += be_->lm_head_cross_entropy(d_h ? d_h + r0 * H : nullptr, &valid, final_h_ + r0 * H,
+                                            placed_.lm_head, b.targets + r0, m, grad_scale);
+    total.n_valid += valid;
+  }
+  return total;
 }
 
 LossSum LlamaModel::forward_loss(const Batch& host_batch) {
   TF_CHECK(host_batch.targets, "computing a loss needs targets");
   const Batch b = forward_stack(host_batch, false, 0);
-  LossSum loss;
-  loss.sum = be_->lm_head_cross_entropy(nullptr, &loss.n_valid, final_h_, placed_.lm_head, b.targets,
-                                        b.n_tokens(), 1.0f);
-  return loss;
+  return loss(b, nullptr, 1.0f);
 }
 
 void LlamaModel::forward_logits(const Batch& b, float* logits) {

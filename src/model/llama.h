@@ -63,6 +63,11 @@ struct ModelLayout {
   // the device's values) and uploaded. A tied table stays placed, since lm_head reads it there;
   // on the cpu, whose memory is the host's, nothing changes.
   bool host_embedding = false;
+  // Rows of tokens the loss takes per call of Backend::lm_head_cross_entropy, whose kernel forms
+  // [min(rows, its own chunk), vocab] logits at a time (64 rows on the cpu, 128 on a device): fewer
+  // rows bound that working memory, at the price of smaller lm_head products (and, on the cpu with
+  // a quantized lm_head, of dequantizing the table once per call). 0: the whole micro-batch in one.
+  int64_t loss_rows = 0;
 };
 
 // Every allocation a LlamaModel makes on its backend, in the order its constructor makes them:
@@ -114,6 +119,8 @@ class LlamaModel {
   int64_t mlp_rows() const { return mlp_rows_; }
   // Whether the embedding table is looked up in host memory (ModelLayout::host_embedding).
   bool host_embedding() const { return embed_rows_.data() != nullptr; }
+  // Rows of tokens per call of the loss (ModelLayout::loss_rows): max_tokens for a single call.
+  int64_t loss_rows() const { return loss_rows_; }
 
   // Forward and backward of one micro-batch. LoRA gradients ACCUMULATE: the caller zeroes them
   // once per optimizer step. Gradients are of grad_scale * (sum of token losses). `step` keys the
@@ -182,6 +189,9 @@ class LlamaModel {
   // The gate, up and activation of rows row0 .. row0 + n - 1 into a.gate, a.up and a.act.
   void mlp_gate_up(int layer, const BlockWeights& w, BlockActs& a, int64_t row0, int64_t n, bool training,
                    uint64_t step);
+  // The summed loss of the staged batch from final_h_, loss_rows_ rows per call, with d_h (when not
+  // null) receiving grad_scale times its gradient.
+  LossSum loss(const Batch& b, float* d_h, float grad_scale);
   LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step, int64_t row0 = 0) const;
   // Layer l's rope table (a sliding layer's own under LlamaConfig::rope_local).
   const float* inv_freq(int layer) const;
@@ -197,6 +207,7 @@ class LlamaModel {
   CheckpointPolicy policy_;
   int64_t max_tokens_;
   int64_t mlp_rows_;
+  int64_t loss_rows_;
   DeviceMem inv_freq_;   // [head_dim / 2], then the sliding layers' [head_dim / 2] under rope_local
   DeviceMem batch_mem_;  // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
   DeviceMem logits_;     // [logit_rows_, vocab]: forward_logits and decode write here

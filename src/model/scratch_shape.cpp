@@ -18,7 +18,7 @@ bool same_scratch(const WeightRef& a, const WeightRef& b) {
 }  // namespace
 
 ScratchShape model_scratch_shape(const LlamaWeights& w, const LoraConfig& lora, int batch, int seq,
-                                 bool train, int64_t mlp_chunk) {
+                                 bool train, const ModelLayout& layout) {
   const LlamaConfig& c = w.config;
   TF_CHECK(batch > 0 && seq > 0, "a micro-batch of ", batch, " x ", seq, " tokens is empty");
   ScratchShape s;
@@ -28,7 +28,8 @@ ScratchShape model_scratch_shape(const LlamaWeights& w, const LoraConfig& lora, 
   s.n_kv_heads = c.n_kv_heads;
   s.head_dim = c.head_dim;
   s.train = train;
-  s.mlp_rows = mlp_chunk;
+  s.mlp_rows = layout.mlp_chunk;
+  s.loss_rows = layout.loss_rows;
   auto add = [](std::vector<WeightRef>& list, const WeightRef& m) {
     if (std::none_of(list.begin(), list.end(), [&m](const WeightRef& p) { return same_scratch(p, m); }))
       list.push_back(m);

@@ -3,15 +3,14 @@
 #pragma once
 
 #include "kernels/scratch_shape.h"
-#include "src/model/lora.h"
-#include "src/model/weights.h"
+#include "src/model/llama.h"
 
 namespace tf {
 
 // A run of the model `w` with adapters `lora` on micro-batches of at most `batch` rows of `seq`
 // tokens, packed (rows of several documents), training steps or forward passes alone (eval), its
-// MLP in chunks of `mlp_chunk` rows (ModelLayout::mlp_chunk; 0: all rows at once).
+// memory laid out as `layout` says (the rows of the MLP's chunks and of the loss's calls).
 ScratchShape model_scratch_shape(const LlamaWeights& w, const LoraConfig& lora, int batch, int seq,
-                                 bool train, int64_t mlp_chunk = 0);
+                                 bool train, const ModelLayout& layout = {});
 
 }  // namespace tf
