@@ -1,5 +1,6 @@
 // defines: tests of eval and generate with the per-layer weights streamed (--weights disk): the
-// same loss and the same tokens as with them resident, and the refusals of a bad --weights.
+// same loss and the same tokens as with them resident, the refusals of a bad --weights, and
+// --weights auto choosing the tier that fits the budget.
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -63,6 +64,69 @@ TEST_F(StreamInference, EvalAndGenerateFromDiskMatchTheResidentModel) {
   EXPECT_EQ(streamed.status, 1);
   EXPECT_NE(streamed.err.find("--weights must be resident, host or disk, got 'nvme'"), std::string::npos)
       << streamed.err;
+}
+
+// Under --weights auto (the default) eval takes resident weights when they fit and streams them
+// from the file when only that fits the budget (the same loss), the KV cache of its completions
+// counted against it; what fits under no choice is refused before anything loads. The model has
+// eight layers of f32 weights (24 MB), of which streaming keeps two blocks: 17 MiB less at the peak.
+TEST_F(StreamInference, AutoWeightsTakeWhatFitsTheBudget) {
+  std::ofstream(dir_ / "config.json") << R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 8, "num_attention_heads": 8,
+      "num_key_value_heads": 4, "vocab_size": 320, "rms_norm_eps": 1e-05, "max_position_embeddings": 4096,
+      "tie_word_embeddings": true})";
+  ASSERT_EQ(run({"init", "--config", (dir_ / "config.json").string(), "--out", (dir_ / "small").string(),
+                 "--seed", "3"})
+                .status,
+            0);
+  std::ofstream(dir_ / "few.jsonl") << R"({"text": "the quick brown fox jumps over the lazy dog again"})"
+                                    << "\n";
+  const std::vector<std::string> eval = {"eval",
+                                         "--model",
+                                         (dir_ / "small").string(),
+                                         "--data",
+                                         (dir_ / "few.jsonl").string(),
+                                         "--seq-len",
+                                         "64",
+                                         "--device",
+                                         "cpu",
+                                         "--max-new-tokens",
+                                         "2"};
+  auto with = [&](const std::string& max_mem) {
+    std::vector<std::string> args = eval;
+    args.insert(args.end(), {"--max-mem", max_mem});
+    return run(args);
+  };
+  const test::Result roomy = with("1TiB");
+  ASSERT_EQ(roomy.status, 0) << roomy.err;
+  EXPECT_NE(roomy.out.find("plan        weights resident (auto:"), std::string::npos) << roomy.out;
+  const std::string peak = line_of("\n" + roomy.out, "plan        predicted peak host ");
+  ASSERT_FALSE(peak.empty()) << roomy.out;
+  const double mib = std::stod(peak.substr(std::string("plan        predicted peak host ").size()));
+  ASSERT_NE(peak.find(" MiB of "), std::string::npos) << peak;
+
+  const test::Result tight = with(std::to_string(int(mib) - 8) + "MiB");
+  ASSERT_EQ(tight.status, 0) << tight.err;
+  EXPECT_NE(tight.out.find("plan        weights disk (auto:"), std::string::npos) << tight.out;
+  EXPECT_NE(tight.out.find("weights     streamed from the model file"), std::string::npos) << tight.out;
+  EXPECT_EQ(line_of("\n" + tight.out, "loss"), line_of("\n" + roomy.out, "loss"));
+
+  // generate's KV cache, counted for a prompt of 1500 bytes, 128 template tokens and 1 new token
+  // (2 x 1629 x 8 layers x 128 x 4 bytes: 13 MiB), does not fit beside resident weights in 6 MiB above
+  // eval's resident peak, and does beside streamed ones.
+  const test::Result gen =
+      run({"generate", "--model", (dir_ / "small").string(), "--prompt", std::string(1500, 'a'),
+           "--max-new-tokens", "1", "--device", "cpu", "--max-mem", std::to_string(int(mib) + 6) + "MiB"});
+  ASSERT_EQ(gen.status, 0) << gen.err;
+  EXPECT_NE(gen.err.find("plan: weights disk (auto:"), std::string::npos) << gen.err;
+  EXPECT_NE(gen.err.find("less 13 MiB for the KV cache"), std::string::npos) << gen.err;
+
+  const test::Result refused = with("64MiB");
+  EXPECT_EQ(refused.status, 1);
+  EXPECT_NE(refused.err.find("does not fit its memory budget with the weights resident or streamed"),
+            std::string::npos)
+      << refused.err;
+  EXPECT_NE(refused.err.find("besides a KV cache of 1 MiB"), std::string::npos) << refused.err;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "kernels/ops.h"
 #include "src/cli/common.h"
 #include "src/cli/outputs.h"
+#include "src/cli/plan.h"
 #include "src/core/error.h"
 #include "src/io/durable.h"
 #include "src/io/gguf_lora.h"
@@ -38,8 +39,9 @@ LoraConfig inert_lora() {
   return l;
 }
 
-CheckpointPolicy no_checkpointing(const LlamaConfig&) {
-  return CheckpointPolicy::None;
+// A forward pass needs no block's activations after the block: one set serves every layer.
+CheckpointPolicy per_block(const LlamaConfig&) {
+  return CheckpointPolicy::PerBlock;
 }
 
 std::string trim(std::string s) {
@@ -206,11 +208,19 @@ int run_generate(const GenerateOptions& o) {
   TF_CHECK(o.max_new_tokens > 0, "--max-new-tokens must be positive");
   TF_CHECK(o.temperature >= 0, "--temperature must not be negative");
   cpu::set_num_threads(o.threads);
-  Session s = open_session(o.model, inert_lora(), 256, no_checkpointing, o.adapter, quant_option(o.quant),
-                           o.device, o.attention, nullptr, {}, weight_tier_option(o.weights));
-  // The generated text is the output; where the model ran is worth a line only when auto chose a GPU.
+  // A prompt's token covers at least a byte of it, and a chat template adds a few of its own.
+  const int64_t kv_tokens = int64_t(o.prompt.size()) + 128 + o.max_new_tokens;
+  InferencePlan plan = plan_inference({o.model, o.quant, o.device, o.attention, o.weights, o.max_mem,
+                                       o.max_host_mem, "", 1, kGenerateRows, kv_tokens});
+  Session s =
+      open_session(o.model, inert_lora(), kGenerateRows, per_block, o.adapter, quant_option(o.quant),
+                   o.device, o.attention, std::move(plan.backend), plan.device_note, plan.tier, plan.layout);
+  // The generated text is the output; where the model ran and what the plan chose go to stderr,
+  // and only when auto chose a GPU or to stream the weights.
   if (!s.device_note.empty() && s.backend->name() != "cpu")
     std::fprintf(stderr, "device: %s\n", s.device_note.c_str());
+  if (s.model->weight_tier() != offload::WeightTier::Resident)
+    for (const std::string& choice : plan.choices) std::fprintf(stderr, "plan: %s\n", choice.c_str());
   const tok::Tokenizer& tok = s.tokenizer();
   std::vector<int32_t> ids;
   if (o.chat) {
@@ -232,11 +242,16 @@ int run_generate(const GenerateOptions& o) {
 int run_eval(const EvalOptions& o) {
   TF_CHECK(!o.model.empty() && !o.data.empty(), "--model and --data are required");
   cpu::set_num_threads(o.threads);
-  Session s =
-      open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, no_checkpointing, o.adapter,
-                   quant_option(o.quant), o.device, o.attention, nullptr, {}, weight_tier_option(o.weights));
+  // The exact-match completions decode each example's prompt and max_new_tokens more.
+  InferencePlan plan =
+      plan_inference({o.model, o.quant, o.device, o.attention, o.weights, o.max_mem, o.max_host_mem, o.data,
+                      o.micro_batch, o.seq_len, int64_t(o.seq_len) + o.max_new_tokens});
+  Session s = open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, per_block, o.adapter,
+                           quant_option(o.quant), o.device, o.attention, std::move(plan.backend),
+                           plan.device_note, plan.tier, plan.layout);
   std::printf("device      %s\n",
               s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str());
+  for (const std::string& choice : plan.choices) std::printf("plan        %s\n", choice.c_str());
   if (s.attention != "cpu") std::printf("attention   %s\n", s.attention.c_str());
   if (s.model->weight_tier() != offload::WeightTier::Resident)
     std::printf("weights     streamed from %s, a layer at a time\n",
@@ -320,12 +335,12 @@ std::string probe_merged(const std::string& base_path, const std::string& run, c
     }
     return out;
   };
-  Session want = open_session(base_path, inert_lora(), kLen, no_checkpointing, run);
+  Session want = open_session(base_path, inert_lora(), kLen, per_block, run);
   const int64_t vocab = want.model->config().vocab;
   const int64_t range =
       want.loaded.tokenizer ? std::min(int64_t(want.loaded.tokenizer->vocab_size()), vocab) : vocab;
   const std::vector<float> a = logits_of(std::move(want), range);
-  const std::vector<float> b = logits_of(open_session(merged, inert_lora(), kLen, no_checkpointing), range);
+  const std::vector<float> b = logits_of(open_session(merged, inert_lora(), kLen, per_block), range);
   TF_CHECK(a.size() == b.size(), merged, ": the merged model's vocabulary differs from the base's");
   double max_diff = 0, diff2 = 0, ref2 = 0;
   for (size_t i = 0; i < a.size(); ++i) {

@@ -25,9 +25,14 @@ struct GenerateOptions {
   std::string template_name = "auto";
   std::string device = "auto";
   std::string attention = "auto";
-  std::string weights = "resident";  // where the per-layer weights live: resident, host or disk
+  // Where the per-layer weights live: auto (the planner's choice within the budgets), resident, host
+  // or disk; the budgets as finetune's --max-mem and --max-host-mem.
+  std::string weights = "auto";
+  std::string max_mem = "auto", max_host_mem = "auto";
   int threads = 0;
 };
+// Rows of tokens generate's model runs at a time (its prompt is fed in pieces of this many).
+inline constexpr int kGenerateRows = 256;
 int run_generate(const GenerateOptions& o);
 
 struct EvalOptions {
@@ -39,7 +44,8 @@ struct EvalOptions {
   int max_new_tokens = 64;
   std::string device = "auto";
   std::string attention = "auto";
-  std::string weights = "resident";  // as GenerateOptions::weights
+  std::string weights = "auto";  // as GenerateOptions::weights, and its budgets
+  std::string max_mem = "auto", max_host_mem = "auto";
   int threads = 0;
   // When set: the full logits of the first `logits_examples` examples (each run alone, unpacked)
   // are written to this safetensors file as logits.<i> [tokens, vocab] and input_ids.<i>, for

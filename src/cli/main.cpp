@@ -33,8 +33,14 @@ constexpr const char* kWeightsHelp =
     "disk (read from the model file a layer at a time, around the page cache)";
 
 constexpr const char* kInferenceWeightsHelp =
-    "Where the base model's layers live: resident, host (in host memory, each layer copied to the device "
-    "just before use) or disk (read from the model file a layer at a time, around the page cache)";
+    "Where the base model's layers live: auto (resident when the plan fits the budgets with the KV cache, "
+    "else streamed), resident, host (in host memory, each layer copied to the device just before use) or "
+    "disk (read from the model file a layer at a time, around the page cache)";
+constexpr const char* kInferenceMaxMemHelp =
+    "Budget of the memory the model runs in, for --weights auto: a GPU's, or the host's on the cpu (auto: "
+    "the GPU's memory; the host's available memory). A size: 8GiB, 512MiB, 2.5GB";
+constexpr const char* kInferenceMaxHostMemHelp =
+    "Budget of host memory, for --weights auto (auto: the host's available memory)";
 
 constexpr const char* kMaskHistoryHelp =
     "Loss only on the last assistant turn of each conversation (a turn's own \"train\"/\"weight\" flag still "
@@ -231,6 +237,8 @@ int run(int argc, char** argv) {
   generate->add_option("--device", gen.device, kDeviceHelp)->capture_default_str();
   generate->add_option("--attention", gen.attention, kAttentionHelp)->capture_default_str();
   generate->add_option("--weights", gen.weights, kInferenceWeightsHelp)->capture_default_str();
+  generate->add_option("--max-mem", gen.max_mem, kInferenceMaxMemHelp)->capture_default_str();
+  generate->add_option("--max-host-mem", gen.max_host_mem, kInferenceMaxHostMemHelp)->capture_default_str();
   generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
 
@@ -248,6 +256,8 @@ int run(int argc, char** argv) {
   eval->add_option("--device", ev.device, kDeviceHelp)->capture_default_str();
   eval->add_option("--attention", ev.attention, kAttentionHelp)->capture_default_str();
   eval->add_option("--weights", ev.weights, kInferenceWeightsHelp)->capture_default_str();
+  eval->add_option("--max-mem", ev.max_mem, kInferenceMaxMemHelp)->capture_default_str();
+  eval->add_option("--max-host-mem", ev.max_host_mem, kInferenceMaxHostMemHelp)->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
   eval->add_option("--logits-out", ev.logits_out,

@@ -544,6 +544,53 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   return best;
 }
 
+InferencePlan plan_inference(const InferenceRun& r) {
+  InferencePlan p;
+  p.backend = make_backend(r.device, &p.device_note, parse_attention(r.attention));
+  if (r.weights != "auto") {
+    p.tier = weight_tier_option(r.weights);
+    return p;
+  }
+  FinetuneOptions o;
+  o.model = r.model;
+  o.quant = r.quant;
+  o.data = r.data;
+  o.device = r.device;
+  o.attention = r.attention;
+  o.max_mem = r.max_mem;
+  o.max_host_mem = r.max_host_mem;
+  o.seq_len = r.seq_len;
+  o.micro_batch = r.micro_batch;
+  o.grad_accum = 1;
+  o.batch_size = r.micro_batch;
+  o.lora_rank = 1;
+  o.lora_alpha = 1;
+  o.lora_dropout = 0;
+  o.lora_targets = "q";
+  o.checkpointing = "block";
+  o.steps = 1;
+  const uint64_t startup = process_memory().rss;
+  const io::ModelDescription d = io::describe_model(o.model, quant_option(o.quant));
+  offload::Budget budget = resolve_budget(o, *p.backend);
+  const LlamaConfig& c = d.weights.config;
+  const uint64_t kv = 2 * uint64_t(r.kv_tokens) * uint64_t(c.n_layers) * uint64_t(c.kv_dim()) * sizeof(float);
+  std::optional<uint64_t>& home = p.backend->host_memory() ? budget.host : budget.device;
+  if (home) home = *home > kv ? *home - kv : 0;
+  p.run = plan_run(o, d, *p.backend, budget, startup);
+  const RunPlan& plan = p.run;
+  TF_CHECK(plan.fits, r.model, ": the run does not fit its memory budget with the weights resident or ",
+           "streamed (predicted peak ", peaks_text(plan.plan, plan.budget),
+           kv ? ", besides a KV cache of " + std::to_string((kv + (1u << 20) - 1) >> 20) + " MiB" : "",
+           "); raise --max-mem or --max-host-mem, or use a 4-bit base (--quant nf4)");
+  p.tier = plan.tier;
+  p.layout = plan.layout;
+  p.choices = plan.choices;
+  p.choices.push_back(
+      "predicted peak " + peaks_text(plan.plan, plan.budget) +
+      (kv ? " less " + std::to_string((kv + (1u << 20) - 1) >> 20) + " MiB for the KV cache" : ""));
+  return p;
+}
+
 std::string peaks_text(const offload::Plan& p, const offload::Budget& b) {
   std::string s;
   for (Tier t : {Tier::Device, Tier::Host}) {

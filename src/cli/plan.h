@@ -84,6 +84,30 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
 RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                  const offload::Budget& budget, uint64_t startup_rss);
 
+// An eval or generate run as the planner sees it: micro-batches of `micro_batch` x `seq_len` tokens
+// and, for generation, a KV cache of `kv_tokens` tokens (0: none).
+struct InferenceRun {
+  std::string model, quant, device, attention, weights, max_mem, max_host_mem, data;
+  int micro_batch = 1, seq_len = 0;
+  int64_t kv_tokens = 0;
+};
+
+// Where an eval or generate run keeps its weights and how it lays out its memory, on the backend
+// it makes (`device`). With `weights` auto, plan_run chooses them from the model's headers: a
+// forward pass allocates what a training step of a rank-1 adapter under per-block checkpointing
+// does (the device's backward scratch makes its prediction an upper bound), and the KV cache,
+// sized by its prompt and so outside the model's plan, comes off the budget of the memory the model
+// runs in. A run that fits under no choice is refused with its peak. A tier given is taken as it is.
+struct InferencePlan {
+  std::unique_ptr<Backend> backend;
+  std::string device_note;
+  offload::WeightTier tier = offload::WeightTier::Resident;
+  ModelLayout layout;
+  std::vector<std::string> choices;  // what auto chose and why, then the predicted peak; a line each
+  RunPlan run;                       // auto's plan (budgets without the KV cache); empty otherwise
+};
+InferencePlan plan_inference(const InferenceRun& r);
+
 // The peaks of a plan against its budget: "device 7.52 GiB of 8.00 GiB, host 3.10 GiB of 22.1 GiB".
 std::string peaks_text(const offload::Plan& p, const offload::Budget& b);
 
