@@ -121,7 +121,7 @@ TEST_F(StreamInference, AutoWeightsTakeWhatFitsTheBudget) {
   EXPECT_NE(gen.err.find("plan: weights disk (auto:"), std::string::npos) << gen.err;
   EXPECT_NE(gen.err.find("less 13 MiB for the KV cache"), std::string::npos) << gen.err;
 
-  const test::Result refused = with("64MiB");
+  const test::Result refused = with("2MiB");
   EXPECT_EQ(refused.status, 1);
   EXPECT_NE(refused.err.find("does not fit its memory budget with the weights resident or streamed"),
             std::string::npos)

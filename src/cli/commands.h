@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "src/model/config.h"
+
 namespace tf::cli {
 
 struct InitOptions {
@@ -12,6 +14,8 @@ struct InitOptions {
   bool force = false;  // replace a non-empty --out
 };
 int run_init(const InitOptions& o);
+// The architecture of init's random models: tiny, small, or an HF config.json's.
+LlamaConfig named_config(const std::string& name);
 
 int run_inspect(const std::string& model, bool all_tensors);
 

@@ -22,31 +22,6 @@ namespace {
 const char* const kSpecialTokens[] = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
 constexpr int kByteTokens = 256;
 
-LlamaConfig named_config(const std::string& name) {
-  LlamaConfig c;
-  if (name == "tiny") {
-    c.hidden = 64;
-    c.intermediate = 176;
-    c.n_layers = 2;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-  } else if (name == "small") {
-    c.hidden = 256;
-    c.intermediate = 704;
-    c.n_layers = 4;
-    c.n_heads = 8;
-    c.n_kv_heads = 4;
-  } else {
-    return io::read_hf_config(name);
-  }
-  c.head_dim = c.hidden / c.n_heads;
-  c.vocab = 320;  // 256 bytes + specials, rounded up to a multiple of 64
-  c.rope.head_dim = c.head_dim;
-  c.max_positions = 2048;
-  c.tie_embeddings = true;
-  return c;
-}
-
 // A byte-level BPE tokenizer.json with no merges: every byte is a token.
 nlohmann::ordered_json byte_tokenizer_json() {
   nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
@@ -114,6 +89,31 @@ void write_model(const fs::path& dir, const LlamaConfig& cfg, const LlamaWeights
 }
 
 }  // namespace
+
+LlamaConfig named_config(const std::string& name) {
+  LlamaConfig c;
+  if (name == "tiny") {
+    c.hidden = 64;
+    c.intermediate = 176;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+  } else if (name == "small") {
+    c.hidden = 256;
+    c.intermediate = 704;
+    c.n_layers = 4;
+    c.n_heads = 8;
+    c.n_kv_heads = 4;
+  } else {
+    return io::read_hf_config(name);
+  }
+  c.head_dim = c.hidden / c.n_heads;
+  c.vocab = 320;  // 256 bytes + specials, rounded up to a multiple of 64
+  c.rope.head_dim = c.head_dim;
+  c.max_positions = 2048;
+  c.tie_embeddings = true;
+  return c;
+}
 
 int run_init(const InitOptions& o) {
   TF_CHECK(!o.out.empty(), "--out is required");

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "src/cli/bench.h"
 #include "src/cli/commands.h"
 #include "src/cli/data.h"
 #include "src/cli/finetune.h"
@@ -305,6 +306,27 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   data_cmd->add_flag("--json", dat.json, "Print one JSON object");
 
+  BenchOptions bn;
+  CLI::App* bench = app.add_subcommand(
+      "bench",
+      "Measure this machine: the op benchmarks and a short training run on a model's shapes, each rate "
+      "beside "
+      "the GEMM ceiling measured in the same run, the peak memory beside the plan's prediction");
+  bench->add_option("--model", bn.model, "HF directory or .gguf file (default: random weights of --config)");
+  bench->add_option("--config", bn.config, "Random model without --model: tiny, small or an HF config.json")
+      ->capture_default_str();
+  bench->add_option("--quant", bn.quant, "Base weights: keep, none, bf16, int8 or nf4")
+      ->capture_default_str();
+  bench->add_option("--device", bn.device, kDeviceHelp)->capture_default_str();
+  bench->add_option("--attention", bn.attention, kAttentionHelp)->capture_default_str();
+  bench->add_option("--seq", bn.seq, "Tokens per sequence")->capture_default_str();
+  bench->add_option("--micro-batch", bn.micro_batch, "Sequences per micro-batch")->capture_default_str();
+  bench->add_option("--steps", bn.steps, "Timed training steps (after one untimed)")->capture_default_str();
+  bench->add_option("--lora-rank", bn.lora_rank, "LoRA rank of the training run")->capture_default_str();
+  bench->add_option("--threads", bn.threads, "Worker threads (0: one per hardware thread)")
+      ->capture_default_str();
+  bench->add_option("--json", bn.json, "Also write the figures to this file as JSON");
+
   require_decimal_integers(app);
   // The subcommands whose --config names a JSON file of options (init's names a model preset).
   const std::vector<const CLI::App*> config_file_commands = {finetune, plan};
@@ -344,6 +366,7 @@ int run(int argc, char** argv) {
                                                     : *plan     ? planned.threads
                                                     : *generate ? gen.threads
                                                     : *eval     ? ev.threads
+                                                    : *bench    ? bn.threads
                                                                 : 0);
   if (!threads_warning.empty()) std::fprintf(stderr, "%s\n", threads_warning.c_str());
 
@@ -354,6 +377,7 @@ int run(int argc, char** argv) {
   if (*generate) return run_generate(gen);
   if (*eval) return run_eval(ev);
   if (*data_cmd) return run_data(dat);
+  if (*bench) return run_bench(bn);
   return run_export(ex);
 }
 

@@ -110,6 +110,9 @@ class LlamaModel {
   const LlamaConfig& config() const { return weights_.config; }
   // The base weights as loaded (host memory).
   const LlamaWeights& weights() const { return weights_; }
+  // The same as the backend's ops read them: every tensor when resident, else the embedding, final
+  // norm and lm_head only (the blocks stream).
+  const LlamaWeights& placed_weights() const { return placed_; }
   Backend& backend() const { return *be_; }
   LoraState& lora() { return lora_; }
   CheckpointPolicy policy() const { return policy_; }

@@ -1,0 +1,103 @@
+// defines: tests of `tightfit bench`: on a tiny random model (cpu, and the simulated device) it
+// prints a table of every op with its rate and share of the GEMM ceiling, the training run and the
+// peak memory beside the plan, writes the same as JSON, and refuses bad options by name
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "tests/cli_test_util.h"
+
+namespace tf {
+namespace {
+
+class Bench : public test::Cli {};
+
+const std::vector<std::string> kOps = {"gemm f32 (up shape)",
+                                       "gemm f32 (down shape)",
+                                       "linear forward",
+                                       "linear input grad",
+                                       "attention forward",
+                                       "attention backward",
+                                       "loss: lm_head + cross-entropy",
+                                       "rmsnorm forward"};
+
+// The JSON holds every op of the table with a positive time and rate; the GEMMs' shares of the
+// ceiling are at most 1 and the largest is 1 (the ceiling is the best of the run's products); the
+// training run and the memory figures are there and positive.
+void check_json(const nlohmann::json& j, const std::string& backend) {
+  EXPECT_NE(j["machine"]["backend"].get<std::string>().find(backend), std::string::npos) << j["machine"];
+  EXPECT_GT(j["machine"]["hardware_threads"].get<int>(), 0);
+  EXPECT_GT(j["machine"]["memory_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(j["model"]["layers"], 2);
+  EXPECT_EQ(j["model"]["hidden"], 64);
+  ASSERT_EQ(j["ops"].size(), kOps.size());
+  double largest = 0;
+  for (size_t i = 0; i < kOps.size(); ++i) {
+    const nlohmann::json& op = j["ops"][i];
+    EXPECT_EQ(op["name"].get<std::string>().rfind(kOps[i], 0), 0u) << op;
+    EXPECT_GT(op["seconds"].get<double>(), 0) << op;
+    EXPECT_GT(op["rate"].get<double>(), 0) << op;
+    if (op["unit"] == "FLOP/s") {
+      EXPECT_LE(op["of_ceiling"].get<double>(), 1.0) << op;
+      largest = std::max(largest, op["of_ceiling"].get<double>());
+    } else {
+      EXPECT_TRUE(op["of_ceiling"].is_null()) << op;
+    }
+  }
+  EXPECT_DOUBLE_EQ(largest, 1.0);
+  EXPECT_GT(j["ceiling_flops"].get<double>(), 0);
+  EXPECT_GT(j["train"]["rate"].get<double>(), 0);
+  EXPECT_GT(j["tokens_per_s"].get<double>(), 0);
+  EXPECT_GT(j["memory"]["measured_peak"].get<uint64_t>(), 0u);
+  EXPECT_GT(j["memory"]["predicted_peak"].get<uint64_t>(), 0u);
+  EXPECT_GT(j["memory"]["tracked_peak"].get<uint64_t>(), 0u);
+}
+
+TEST_F(Bench, PrintsTheTableAndTheJsonOnTheCpu) {
+  const std::string json_path = (dir_ / "bench.json").string();
+  const test::Result r =
+      run({"bench", "--config", "tiny", "--device", "cpu", "--seq", "32", "--micro-batch", "2", "--steps",
+           "2", "--lora-rank", "4", "--threads", "1", "--json", json_path});
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* line : {"machine   ", "backend   cpu (no GPU in use", "model     tiny (random weights)",
+                           "training  ", "memory    host peak "})
+    EXPECT_NE(("\n" + r.out).find(std::string("\n") + line), std::string::npos) << line << "\n" << r.out;
+  for (const std::string& op : kOps) EXPECT_NE(r.out.find(op), std::string::npos) << op << "\n" << r.out;
+  EXPECT_NE(r.out.find("training step (LoRA r4, all projections)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("100%"), std::string::npos) << r.out;
+  std::ifstream in(json_path);
+  check_json(nlohmann::json::parse(in), "cpu");
+}
+
+TEST_F(Bench, RunsOnTheSimulatedDevice) {
+  const std::string json_path = (dir_ / "bench.json").string();
+  const test::Result r = run({"bench", "--config", "tiny", "--device", "simt", "--seq", "16", "--steps", "1",
+                              "--lora-rank", "2", "--json", json_path});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("memory    device peak "), std::string::npos) << r.out;
+  std::ifstream in(json_path);
+  check_json(nlohmann::json::parse(in), "simt");
+}
+
+TEST_F(Bench, RefusesBadOptionsByName) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
+      {{"--seq", "0"}, "--seq must be in [1, 1048576], got 0"},
+      {{"--steps", "0"}, "--steps must be in [1, 1000], got 0"},
+      {{"--micro-batch", "5000"}, "--micro-batch must be in [1, 4096], got 5000"},
+      {{"--quant", "q3"}, "--quant must be keep, none, bf16, int8 or nf4, got 'q3'"},
+      {{"--config", (dir_ / "missing.json").string()}, "missing.json"},
+  };
+  for (const auto& [extra, want] : bad) {
+    std::vector<std::string> args = {"bench", "--device", "cpu"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const test::Result r = run(args);
+    EXPECT_EQ(r.status, 1) << want;
+    EXPECT_NE(r.err.find(want), std::string::npos) << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace tf
