@@ -1,3 +1,4 @@
+// defines: merged exports (export_merged_hf, export_merged_gguf), merge_lora_delta, hf_config_json
 #include "src/io/merge.h"
 
 #include <unistd.h>

@@ -1,3 +1,5 @@
+// defines: tf::LlamaModel (its memory layout and plan, the forward and backward of each block, the
+// loss, logits and KV-cache decoding), MemoryPlan
 #include "src/model/llama.h"
 
 #include <algorithm>

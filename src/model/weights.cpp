@@ -1,3 +1,5 @@
+// defines: the HF names, LoRA targets and shapes of the weight slots, BlockWeights::slot,
+// LlamaWeights::slot and for_each_slot, MappedFile::of, init_random_weights
 #include "src/model/weights.h"
 
 #include <sys/stat.h>
