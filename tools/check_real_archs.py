@@ -55,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import tokenizers
@@ -468,6 +469,7 @@ def main():
     from llama_cpp import Llama, __version__ as llama_version
 
     torch.use_deterministic_algorithms(True)
+    start = time.time()
     tightfit = find_tightfit(args.tightfit)
     work = args.keep or tempfile.mkdtemp()
     os.makedirs(work, exist_ok=True)
@@ -491,6 +493,7 @@ def main():
                 continue
             check_gguf(arch, directory, path, outtype, tf, tok, eos, rep, gguf, Llama)
     rep.print()
+    print(f"{time.time() - start:.0f} s")
     if not args.keep:
         shutil.rmtree(work)
     if rep.failures:
