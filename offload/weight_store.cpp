@@ -73,7 +73,7 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
     Tensor t;
     t.slot = s;
     t.host = w.slot(s, layer);
-    t.name = hf_weight_name(s, layer);
+    t.name = hf_weight_name(c, s, layer);
     const std::string& name = t.name;
     const auto parts = parts_of(t.host);
     for (size_t i = 0; i < parts.size(); ++i) {
@@ -82,6 +82,14 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
       p.bytes = parts[i].second;
       if (tier != WeightTier::Disk || p.bytes == 0) continue;
       p.file = file_of(w, p.host, p.bytes);
+      if (p.file < 0 && t.host.rows == 1 && !w.files.empty()) {
+        // A vector the loader made of a file's (Gemma's norms, held as 1 + w) is copied from host
+        // memory into the read buffer, on a span of its own.
+        p.read_at = L.read_bytes;
+        L.read_bytes += DirectReader::aligned_span(0, p.bytes);
+        L.streamed += p.bytes;
+        continue;
+      }
       TF_CHECK(p.file >= 0,
                "--weights disk reads each block from the model file as it is stored, but tensor ", name, " (",
                dtype_name(t.host.dtype),
@@ -211,6 +219,11 @@ void WeightStore::load(int layer, Slot& s) {
         const Part& p = t.parts[i];
         if (p.bytes == 0) continue;
         std::byte* dst = s.read_base + p.read_at;
+        if (p.file < 0) {
+          std::memcpy(dst, p.host, p.bytes);
+          at[i] = dst;
+          continue;
+        }
         try {
           const uint64_t ticket = readers_[size_t(p.file)]->submit(
               p.offset, p.bytes, dst, DirectReader::aligned_span(p.offset, p.bytes));

@@ -64,7 +64,7 @@ class WeightStore {
   struct Part {
     const void* host = nullptr;  // where it lies in host memory (the mapping, for Disk)
     uint64_t bytes = 0;
-    int file = -1;        // index into LlamaWeights::files; Disk only
+    int file = -1;        // index into LlamaWeights::files; Disk only (-1: a vector copied from host memory)
     uint64_t offset = 0;  // in that file
     size_t read_at = 0;   // where its aligned span starts in a read buffer
   };
