@@ -169,6 +169,10 @@ TEST(GoldenPhi3, Gguf) {
   const Expected e = load_expected();
   LlamaModel model(gguf_weights(), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
   check(model, e, "phi3 GGUF");
+  // The disk tier reads each projection's rows of the fused tensors from the file by offset.
+  LlamaModel disk(gguf_weights(), e.lora, CheckpointPolicy::PerBlock, int64_t(e.batch) * e.seq, cpu_backend(),
+                  offload::WeightTier::Disk);
+  check(disk, e, "phi3 GGUF, weights read from the file");
 }
 
 TEST(GoldenPhi3, PeftExportNamesWhatPeftSaves) {

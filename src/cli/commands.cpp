@@ -30,12 +30,13 @@ namespace fs = std::filesystem;
 namespace {
 
 // Evaluation and generation need no training state: a rank-1 adapter with B = 0 leaves the base
-// model's outputs exactly unchanged and is replaced by --adapter when one is given.
+// model's outputs exactly unchanged and is replaced by --adapter when one is given. It adapts o_proj,
+// a module of its own in every architecture (Phi-3 fuses q with k and v).
 LoraConfig inert_lora() {
   LoraConfig l;
   l.rank = 1;
   l.alpha = 1;
-  l.targets = parse_lora_targets("q");
+  l.targets = parse_lora_targets("o");
   return l;
 }
 

@@ -75,7 +75,8 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
       ->capture_default_str();
   c.add_option("--lora-dropout", o.lora_dropout, "Dropout on the LoRA input")->capture_default_str();
   c.add_option("--lora-targets", o.lora_targets,
-               "Projections to adapt: all, or a list of q,k,v,o,gate,up,down")
+               "Projections to adapt: all, or a list of q,k,v,o,gate,up,down (a fused model's as PEFT names "
+               "its modules: Phi-3's qkv_proj,o_proj,gate_up_proj,down_proj)")
       ->capture_default_str();
   c.add_flag("--rslora,!--no-rslora", o.rslora, "Rank-stabilised scaling alpha/sqrt(r)");
   c.add_option("--lr", o.lr, "Peak learning rate")->capture_default_str();

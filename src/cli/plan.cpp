@@ -566,7 +566,7 @@ InferencePlan plan_inference(const InferenceRun& r) {
   o.lora_rank = 1;
   o.lora_alpha = 1;
   o.lora_dropout = 0;
-  o.lora_targets = "q";
+  o.lora_targets = "o";  // inert_lora's: a module of its own in every architecture
   o.checkpointing = "block";
   o.steps = 1;
   const uint64_t startup = process_memory().rss;
