@@ -1,6 +1,7 @@
 // defines: tests of Phi-3's fused LoRA modules (qkv_proj, gate_up_proj: one A and one B over
 // several projections) against unfused adapters that share A, and against finite differences with
-// dropout; their target checks; longrope's frequencies, attention factor and position limit.
+// dropout; their target checks; longrope's frequencies, attention factor and position limit; Phi-3's
+// config.json and what it refuses; checkpoints that store the modules and refuse another layout.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -66,8 +67,9 @@ TEST(Phi3Lora, FusedModuleIsOneAdapterOverItsProjections) {
 TEST(Phi3Lora, FusedModulesComputeWhatUnfusedAdaptersSharingASee) {
   // An adapter on qkv_proj is q, k and v adapters with one A and B's row ranges: loading those
   // into an unfused model must give the same logits and loss, the same dB, and dA the sum of the
-  // three (two for gate_up). Both run the same f32 ops in the same order for the forward, so the
-  // logits agree to rounding only in the gradient's sums (1e-6 relative is 10x f32's spread).
+  // three (two for gate_up). The forward runs the same f32 ops on the same values; the gradients
+  // differ only in the order of dA's sums over the module's projections, so 1e-6 relative (10x
+  // f32's spread over such sums) bounds every comparison.
   const LlamaConfig plain = tiny_config();
   const LlamaConfig fc = fused(plain);
   const BatchData data = synthetic_batch(2, 10, plain.vocab, 3, 1 << 30, 2);
