@@ -12,8 +12,9 @@ distribution on PyPI) and a built tightfit:
         [--only llama qwen2 ...] [--keep DIR]
 
 Each row of ARCHS is one model: a transformers class, its config and the tokenizer family it takes
-(a byte-level BPE trained here on the pre-tokenizer regex of Llama 3 or Qwen2, with the BOS and EOS
-those families use). For each, with the weights in bf16 and every computation of the reference in
+(a byte-level BPE trained here on the pre-tokenizer regex of Llama 3 or Qwen2, with the special
+tokens of Llama 3, Qwen2 or Phi-3, or a SentencePiece BPE with byte fallback, which needs the
+sentencepiece and protobuf packages). For each, with the weights in bf16 and every computation of the reference in
 float64:
   HF side    tightfit's ids for TEXT (`tightfit eval --logits-out` on a {"text"} record) equal the
              HF tokenizer's; its logits on them against transformers' (largest difference relative
@@ -39,12 +40,13 @@ mantissa, relative u = 2^-9; q8_0: a step of 1/127 of each block of 32's largest
 which tightfit does not. To first order each rounded product adds at most u to the relative error of
 what follows, and the deepest path through L blocks crosses 7 L + 1 products (q, k, v, o, gate, up,
 down, the output), so llama.cpp is held to (7 L + 1) u against the reference (2.9e-2 for bf16 and
-5.9e-2 for q8_0 over two blocks), plus 2^-11 for each value llama.cpp rounds to f16 in any file
-(Gemma 3's GELU, through ggml's f16 table: its input and its output, 2 L). That bound is what checks the reference itself (a wrong reading of
-the GGUF's semantics moves the logits by far more); tightfit, held to TOL_F32 against the same
-reference, is then within llama.cpp's own rounding of llama.cpp, which the table shows. A greedy continuation may diverge only at a near-tie: where the reference's top-2 margin is
-at most twice the largest logit difference between the two sides measured on TEXT. Exits 1 on any
-failure.
+5.9e-2 for q8_0 over two blocks), plus 2^-11 for each value llama.cpp rounds to f16 in files of any
+type (Gemma 3's GELU goes through ggml's f16 table: its input and its output, 2 L values). That bound
+is what checks the reference itself (a wrong reading of the GGUF's semantics moves the logits by far
+more); tightfit, held to TOL_F32 against the same reference, is then within llama.cpp's own rounding
+of llama.cpp, which the table shows. A greedy continuation may diverge only at a near-tie: where the
+other side's (transformers' or llama.cpp's) top-2 margin is at most twice the largest logit
+difference between it and tightfit measured on TEXT. Exits 1 on any failure.
 """
 
 import argparse
@@ -97,7 +99,12 @@ TOKENIZERS = {
     # Phi-3's special tokens: llama.cpp sets attributes on these by name in any model named phi3 and
     # refuses a vocabulary without them.
     "phi3": (LLAMA3_REGEX, "llama-bpe", "<s>", "<|endoftext|>", ["<unk>", "</s>"]),
+    # A SentencePiece BPE with byte fallback (tokenizer.model, and the tokenizer.json transformers makes
+    # of it: Metaspace, ByteFallback), as Llama 2, TinyLlama and Mistral 7B v0.1 ship; the converter
+    # writes it as a GGUF "llama" vocabulary.
+    "spm": (None, None, "<s>", "</s>", []),
 }
+SPM_VOCAB = 400  # 256 byte pieces, three specials and room for the corpus' characters and merges
 TOKENIZER_VOCAB = 320
 
 SMALL = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
@@ -124,6 +131,7 @@ class Arch:
 # every matrix's inner dimension a multiple of 32 so that q8_0 takes every matrix.
 ARCHS = [
     Arch("llama", "LlamaForCausalLM", "LlamaConfig", "llama3", dict(SMALL, tie_word_embeddings=False)),
+    Arch("llama_spm", "LlamaForCausalLM", "LlamaConfig", "spm", dict(SMALL, vocab_size=SPM_VOCAB)),
     Arch("llama31", "LlamaForCausalLM", "LlamaConfig", "llama3",
          dict(SMALL, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -153,9 +161,31 @@ ARCHS = [
 ]
 
 
+def make_spm_tokenizer(directory):
+    import sentencepiece
+
+    corpus = os.path.join(directory, "corpus.txt")
+    os.makedirs(directory, exist_ok=True)
+    with open(corpus, "w") as f:
+        f.write("\n".join(CORPUS))
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(directory, "tokenizer"), vocab_size=SPM_VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        minloglevel=2)
+    for name in ("corpus.txt", "tokenizer.vocab"):
+        os.remove(os.path.join(directory, name))
+    transformers.LlamaTokenizer.from_pretrained(directory, add_bos_token=True, legacy=False).save_pretrained(directory)
+    tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    return tok, tok.token_to_id("<s>"), tok.token_to_id("</s>")
+
+
 def make_tokenizer(directory, family):
     """A byte-level BPE of TOKENIZER_VOCAB entries split by the family's regex, as Llama 3's and
-    Qwen2's tokenizer.json are built, with the family's BOS (added by the post-processor) and EOS."""
+    Qwen2's tokenizer.json are built, with the family's BOS (added by the post-processor) and EOS; or
+    the SentencePiece one."""
+    if family == "spm":
+        return make_spm_tokenizer(directory)
     regex, _, bos, eos, others = TOKENIZERS[family]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
@@ -194,7 +224,12 @@ BYTE_OF = byte_decoder()
 
 
 def hf_bytes(tok, ids):
-    """The bytes of `ids` as a ByteLevel decoder writes them before any UTF-8 check, specials left out."""
+    """The bytes of `ids` as tightfit writes a continuation, specials left out: for a ByteLevel
+    tokenizer each piece's characters stand for bytes, written as they are (HF's decode would make
+    U+FFFD of an incomplete UTF-8 sequence); a SentencePiece one decodes as HF does, its ByteFallback
+    making U+FFFD of each byte of a run of <0xNN> pieces that is not UTF-8."""
+    if tok.token_to_id("<0x00>") is not None:
+        return tok.decode(ids, skip_special_tokens=True).encode()
     special = {t.content for t in tok.get_added_tokens_decoder().values()}
     pieces = [tok.id_to_token(i) for i in ids]
     return b"".join(bytes(BYTE_OF[c] for c in p) for p in pieces if p not in special)
@@ -398,7 +433,7 @@ def convert(llama_cpp, arch, directory, outtype, out):
         "import convert_hf_to_gguf\n"
         "convert_hf_to_gguf.main()\n")
     r = subprocess.run([sys.executable, "-c", wrapper, directory, "--outtype", outtype, "--outfile", out],
-                       env=dict(os.environ, TF_GGUF_PRE=TOKENIZERS[arch.tokenizer][1]), capture_output=True,
+                       env=dict(os.environ, TF_GGUF_PRE=TOKENIZERS[arch.tokenizer][1] or ""), capture_output=True,
                        text=True)
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["converter failed"])[-1]
 
