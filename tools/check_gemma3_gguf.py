@@ -242,7 +242,8 @@ def main():
                            str(GEN_TOKENS), "--threads", str(args.threads)]).decode("utf-8", "replace")
                 tf_text = out[:-1] if out.endswith("\n") else out
                 print(f"  {json.dumps(prompt)}\n    tightfit:  {json.dumps(tf_text, ensure_ascii=False)}")
-                for who, t, m, tol in (("reference", ref_toks, ref_margins, ref_noise), ("llama.cpp", toks, margins, noise)):
+                sides = (("reference", ref_toks, ref_margins, ref_noise), ("llama.cpp", toks, margins, noise))
+                for who, t, m, tol in sides:
                     text = decode([x for x in t if x != eos])
                     if tf_text == text:
                         print(f"    {who}: match")
@@ -258,7 +259,8 @@ def main():
                     print(f"    {who}: {status} {json.dumps(text, ensure_ascii=False)}")
             out = run([tightfit, "generate", "--model", args.model, "--prompt", PROMPTS[-1], "--max-new-tokens",
                        str(GEN_TOKENS), "--temperature", "0.8", "--seed", "7", "--threads", str(args.threads)])
-            print(f"\nsampled (temperature 0.8, seed 7): {json.dumps(out.decode('utf-8', 'replace').strip(), ensure_ascii=False)}")
+            sampled = out.decode("utf-8", "replace").strip()
+            print(f"\nsampled (temperature 0.8, seed 7): {json.dumps(sampled, ensure_ascii=False)}")
     if failures:
         print(f"\n{len(failures)} failures:\n  " + "\n  ".join(failures))
         return 1
