@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstring>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,7 +21,8 @@ namespace tf::test {
 
 // `hf` holds the weights in HF order (init_random_weights(cfg, F32, kSeed)); the file at `path`
 // holds the same weights in GGUF order, all f32 except, with `quantize_down`, ffn_down, which is
-// replaced by random Q8_0 blocks (then the file is no longer the HF model converted).
+// replaced by random Q8_0 blocks (then the file is no longer the HF model converted). `metadata`
+// adds keys of its own.
 struct GgufBase {
   static constexpr uint64_t kSeed = 8;
   LlamaWeights hf;
@@ -28,9 +30,11 @@ struct GgufBase {
   std::vector<std::vector<uint8_t>> q8;
   std::string path;
 
-  GgufBase(const LlamaConfig& cfg, const std::string& file, bool quantize_down = true)
+  GgufBase(const LlamaConfig& cfg, const std::string& file, bool quantize_down = true,
+           const std::function<void(io::GgufWriter&)>& metadata = {})
       : hf(init_random_weights(cfg, DType::F32, kSeed)), path(file) {
     io::GgufWriter w;
+    if (metadata) metadata(w);
     w.add_string("general.architecture", "llama");
     w.add_string("general.name", "tiny");
     w.add_u32("llama.embedding_length", uint32_t(cfg.hidden));

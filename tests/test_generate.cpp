@@ -1,6 +1,6 @@
 // Tests: generate_tokens chooses only ids the tokenizer has, in a model whose padded vocabulary
 // rows (past the tokenizer's size) outscore every real token: greedy picks the best real token,
-// sampling draws among real tokens only.
+// sampling draws among real tokens only; it stops after any of its stop tokens.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -41,10 +41,10 @@ const std::vector<int32_t> kPrompt = {3, 14, 15, 9, 2, 6};
 TEST(Generate, GreedyPicksTheBestIdTheTokenizerHas) {
   LlamaModel model(padded_weights(), inert_lora(), CheckpointPolicy::None, 32);
   const int n_new = 8;
-  for (int32_t id : generate_tokens(model, kPrompt, n_new, /*eos_id=*/-1, /*n_tokens=*/kRows))
+  for (int32_t id : generate_tokens(model, kPrompt, n_new, /*stop_ids=*/{}, /*n_tokens=*/kRows))
     EXPECT_GE(id, kTokens) << "the padded rows are meant to win when nothing excludes them";
 
-  const std::vector<int32_t> out = generate_tokens(model, kPrompt, n_new, -1, kTokens);
+  const std::vector<int32_t> out = generate_tokens(model, kPrompt, n_new, {}, kTokens);
   ASSERT_EQ(out.size(), size_t(n_new));
   // Each id is the argmax over the real tokens of the logits that precede it, recomputed with one
   // full forward. That forward rounds differently from the cached decode (by ~1e-6 here), hence
@@ -66,12 +66,12 @@ TEST(Generate, GreedyPicksTheBestIdTheTokenizerHas) {
 TEST(Generate, SamplingDrawsOnlyIdsTheTokenizerHas) {
   LlamaModel model(padded_weights(), inert_lora(), CheckpointPolicy::None, 32);
   const int n_new = 8;
-  const std::vector<int32_t> greedy = generate_tokens(model, kPrompt, n_new, -1, kTokens);
+  const std::vector<int32_t> greedy = generate_tokens(model, kPrompt, n_new, {}, kTokens);
   bool padded_drawn = false, differs_from_greedy = false;
   for (uint64_t seed = 0; seed < 5; ++seed) {
-    for (int32_t id : generate_tokens(model, kPrompt, n_new, -1, kRows, 1.0f, seed))
+    for (int32_t id : generate_tokens(model, kPrompt, n_new, {}, kRows, 1.0f, seed))
       padded_drawn |= id >= kTokens;
-    const std::vector<int32_t> out = generate_tokens(model, kPrompt, n_new, -1, kTokens, 1.0f, seed);
+    const std::vector<int32_t> out = generate_tokens(model, kPrompt, n_new, {}, kTokens, 1.0f, seed);
     for (int32_t id : out) EXPECT_TRUE(id >= 0 && id < kTokens) << id << " with seed " << seed;
     differs_from_greedy |= out != greedy;
   }
@@ -79,6 +79,26 @@ TEST(Generate, SamplingDrawsOnlyIdsTheTokenizerHas) {
   // Real tokens score within ~0.1 of each other, so at temperature 1 the draws are far from
   // deterministic: five sequences of eight all equal to the greedy one mean nothing was sampled.
   EXPECT_TRUE(differs_from_greedy);
+}
+
+// Generation ends after the first token that is any of the stop ids (kept in the result), and runs
+// to max_new when none comes.
+TEST(Generate, StopsAfterAnyStopToken) {
+  LlamaModel model(padded_weights(), inert_lora(), CheckpointPolicy::None, 32);
+  const int n_new = 8;
+  const std::vector<int32_t> greedy = generate_tokens(model, kPrompt, n_new, {}, kTokens);
+  ASSERT_EQ(greedy.size(), size_t(n_new));
+  // The first token after the first that has not come before: stopping there cuts the run short.
+  size_t k = 1;
+  while (k < greedy.size() &&
+         std::find(greedy.begin(), greedy.begin() + ptrdiff_t(k), greedy[k]) != greedy.begin() + ptrdiff_t(k))
+    ++k;
+  ASSERT_LT(k, greedy.size()) << "the greedy run repeats one token";
+  const std::vector<int32_t> stops = {kTokens - 1 == greedy[k] ? kTokens - 2 : kTokens - 1, greedy[k]};
+  const std::vector<int32_t> out = generate_tokens(model, kPrompt, n_new, stops, kTokens);
+  EXPECT_EQ(out, std::vector<int32_t>(greedy.begin(), greedy.begin() + ptrdiff_t(k) + 1));
+  const std::vector<int32_t> unused = {kTokens};
+  EXPECT_EQ(generate_tokens(model, kPrompt, n_new, unused, kTokens), greedy);
 }
 
 }  // namespace

@@ -41,7 +41,7 @@ void check_against_transformers(const std::string& name) {
       << name;
 
   const std::vector<int32_t> prompt(ids, ids + n);
-  const std::vector<int32_t> got = generate_tokens(model, prompt, 16, /*eos_id=*/-1, /*n_tokens=*/vocab);
+  const std::vector<int32_t> got = generate_tokens(model, prompt, 16, /*stop_ids=*/{}, /*n_tokens=*/vocab);
   const auto* want = static_cast<const int32_t*>(expected.view("greedy").data);
   EXPECT_EQ(got, std::vector<int32_t>(want, want + 16)) << name;
 }

@@ -190,6 +190,9 @@ int run_inspect(const std::string& path, bool all_tensors) {
     std::printf("tokenizer   %zu tokens (%zu added), bos %s, eos %s, pad %s, adds bos %s\n", t.vocab_size(),
                 t.added_tokens().size(), piece(t.bos_id()).c_str(), piece(t.eos_id()).c_str(),
                 piece(t.pad_id()).c_str(), t.adds_bos() ? "yes" : "no");
+    std::string stops;
+    for (int32_t id : m.stop_ids) stops += (stops.empty() ? "" : ", ") + piece(id);
+    std::printf("generation  stops at %s\n", stops.empty() ? "max-new-tokens only (no eos)" : stops.c_str());
   } else {
     std::printf("tokenizer   none\n");
   }
@@ -234,7 +237,7 @@ int run_generate(const GenerateOptions& o) {
   } else {
     ids = tok.encode(o.prompt);
   }
-  const std::vector<int32_t> out = generate_tokens(*s.model, ids, o.max_new_tokens, tok.eos_id(),
+  const std::vector<int32_t> out = generate_tokens(*s.model, ids, o.max_new_tokens, s.loaded.stop_ids,
                                                    int64_t(tok.vocab_size()), o.temperature, o.seed);
   std::printf("%s\n", tok.decode(out, /*skip_special=*/true).c_str());
   return 0;
@@ -302,7 +305,7 @@ int run_eval(const EvalOptions& o) {
     if (!want) continue;
     const std::vector<int32_t> prompt = response_prompt_ids(tmpl, tok, ex);
     const std::vector<int32_t> out =
-        generate_tokens(*s.model, prompt, o.max_new_tokens, tok.eos_id(), int64_t(tok.vocab_size()));
+        generate_tokens(*s.model, prompt, o.max_new_tokens, s.loaded.stop_ids, int64_t(tok.vocab_size()));
     const bool ok = trim(tok.decode(out, true)) == trim(*want);
     correct += ok;
     ++total;

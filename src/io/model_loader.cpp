@@ -2,6 +2,7 @@
 // weight_slot_of, read_hf_tokenizer, gguf_vocab
 #include "src/io/model_loader.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -207,6 +208,38 @@ tok::GgufVocab gguf_vocab(const GgufFile& f) {
   return v;
 }
 
+namespace {
+
+// generation_config.json's eos_token_id: an id or a list of them, each a token of the vocabulary.
+std::vector<int32_t> generation_stop_ids(const fs::path& dir, int64_t vocab) {
+  const fs::path p = dir / "generation_config.json";
+  const nlohmann::json j = read_json_if_present(p);
+  if (!j.is_object() || !j.contains("eos_token_id") || j["eos_token_id"].is_null()) return {};
+  const nlohmann::json& e = j["eos_token_id"];
+  std::vector<int32_t> ids;
+  for (const nlohmann::json& v : e.is_array() ? e : nlohmann::json::array({e})) {
+    TF_CHECK(v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() < vocab, p.string(),
+             ": eos_token_id holds ", v.dump(), ", which is not a token id of the vocabulary of ", vocab);
+    ids.push_back(int32_t(v.get<int64_t>()));
+  }
+  return ids;
+}
+
+// A GGUF's end-of-turn ids beside EOS, each a token of the vocabulary.
+std::vector<int32_t> gguf_stop_ids(const GgufFile& f, int64_t vocab) {
+  std::vector<int32_t> ids;
+  for (const char* key : {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"}) {
+    if (!f.has(key)) continue;
+    const int64_t id = f.get_int(key);
+    TF_CHECK(id >= 0 && id < vocab, f.path(), ": ", key, " is ", id, ", not a token id of the vocabulary of ",
+             vocab);
+    ids.push_back(int32_t(id));
+  }
+  return ids;
+}
+
+}  // namespace
+
 LoadedModel load_model(const std::string& path, bool with_weights, QuantMode quant) {
   LoadedModel m;
   m.source = path;
@@ -215,6 +248,7 @@ LoadedModel load_model(const std::string& path, bool with_weights, QuantMode qua
     m.format = ModelFormat::HfDirectory;
     m.weights = load_hf_model(path, quant);
     load_hf_tokenizer(path, m);
+    m.stop_ids = generation_stop_ids(path, m.weights.config.vocab);
   } else {
     m.format = ModelFormat::Gguf;
     auto f = std::make_shared<const GgufFile>(GgufFile::open(path));
@@ -227,6 +261,7 @@ LoadedModel load_model(const std::string& path, bool with_weights, QuantMode qua
     if (f->has("tokenizer.ggml.model"))
       m.tokenizer =
           std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_gguf_vocab(gguf_vocab(*f), f->path()));
+    m.stop_ids = gguf_stop_ids(*f, cfg.vocab);
     if (f->has("tokenizer.chat_template")) {
       m.chat_template = std::string(f->get_string("tokenizer.chat_template"));
       m.chat_template_source = f->path() + ": tokenizer.chat_template";
@@ -236,6 +271,9 @@ LoadedModel load_model(const std::string& path, bool with_weights, QuantMode qua
   if (m.tokenizer)
     TF_CHECK(m.tokenizer->vocab_size() <= size_t(m.weights.config.vocab), path, ": the tokenizer has ",
              m.tokenizer->vocab_size(), " tokens but the model's vocabulary is ", m.weights.config.vocab);
+  if (m.tokenizer && m.tokenizer->eos_id() >= 0) m.stop_ids.insert(m.stop_ids.begin(), m.tokenizer->eos_id());
+  std::sort(m.stop_ids.begin(), m.stop_ids.end());
+  m.stop_ids.erase(std::unique(m.stop_ids.begin(), m.stop_ids.end()), m.stop_ids.end());
   return m;
 }
 

@@ -24,6 +24,11 @@ struct LoadedModel {
   std::string chat_template;                  // the model's Jinja template text; empty if none
   std::string chat_template_source;           // where it was read, for error messages
   std::shared_ptr<const GgufFile> gguf;       // the open GGUF file (format Gguf), for exports
+  // The tokens that end a generation: the tokenizer's EOS, and the end-of-turn tokens the model
+  // names beside it (a GGUF's tokenizer.ggml.eot_token_id and eom_token_id, the eos_token_id of a
+  // directory's generation_config.json, one id or a list): an instruct model often closes its turn
+  // with one of those rather than EOS (Gemma's <end_of_turn>, Llama 3's <|eot_id|>).
+  std::vector<int32_t> stop_ids;
 };
 
 // The model weight a GGUF llama tensor role holds.

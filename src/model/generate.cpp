@@ -9,7 +9,8 @@
 namespace tf {
 
 std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
-                                     int32_t eos_id, int64_t n_tokens, float temperature, uint64_t seed) {
+                                     std::span<const int32_t> stop_ids, int64_t n_tokens, float temperature,
+                                     uint64_t seed) {
   TF_CHECK(!prompt_ids.empty(), "generation needs a non-empty prompt");
   const int vocab = model.config().vocab;
   TF_CHECK(n_tokens >= 1 && n_tokens <= vocab, "generation: the tokenizer's ", n_tokens,
@@ -38,7 +39,7 @@ std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_
         }
     }
     out.push_back(next);
-    if (next == eos_id || t + 1 == max_new) break;
+    if (std::find(stop_ids.begin(), stop_ids.end(), next) != stop_ids.end() || t + 1 == max_new) break;
     model.decode(cache, &next, 1, logits.data());
   }
   return out;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "src/model/llama.h"
@@ -11,10 +12,10 @@ namespace tf {
 // Continues `prompt_ids`: greedy when temperature is 0, else sampled from softmax(logits / T) with
 // Philox keyed by `seed`. Only ids below `n_tokens` (the tokenizer's vocab_size()) are chosen: a
 // model's vocabulary is often padded past its tokenizer's (Qwen2.5: 151936 rows, 151665 tokens),
-// and a padded row, though never trained, can win. Stops after EOS (included in the result) or
-// max_new tokens.
+// and a padded row, though never trained, can win. Stops after one of `stop_ids` (EOS and the
+// model's end-of-turn tokens, io::LoadedModel::stop_ids; included in the result) or max_new tokens.
 std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
-                                     int32_t eos_id, int64_t n_tokens, float temperature = 0.0f,
-                                     uint64_t seed = 0);
+                                     std::span<const int32_t> stop_ids, int64_t n_tokens,
+                                     float temperature = 0.0f, uint64_t seed = 0);
 
 }  // namespace tf
