@@ -4,8 +4,13 @@
 // recognises the real template texts.
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <iterator>
+#include <string>
+
 #include "src/core/error.h"
 #include "src/data/chat_template.h"
+#include "src/data/model_template.h"
 
 namespace tf::data {
 namespace {
@@ -81,6 +86,37 @@ TEST(DataTemplate, Mistral) {
             "<s>[INST] Be brief.\n\nHi [/INST]Hello!</s>[INST] 2+2? [/INST]4</s>");
 }
 
+// Gemma's turns end with <end_of_turn> and a newline, the assistant's role is "model", the system
+// prompt leads the first user turn; without a system turn the rendering is what Gemma 2's own
+// template (llama.cpp's copy) renders through the Jinja engine, segment texts and loss alike.
+TEST(DataTemplate, Gemma) {
+  Example ex = conversation(true);
+  ex.messages[2].content = " Hello!\n";  // the template trims every message
+  const auto segs = render_example(template_by_name("gemma"), ex, false);
+  EXPECT_EQ(segments_to_text(segs, "<bos>", "<eos>"),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+            "<start_of_turn>model\nHello!<end_of_turn>\n"
+            "<start_of_turn>user\n2+2?<end_of_turn>\n"
+            "<start_of_turn>model\n4<end_of_turn>\n");
+  EXPECT_EQ(trainable_text(segs, ""), "Hello!<end_of_turn>|4<end_of_turn>|");
+  EXPECT_TRUE(segs.front().bos);
+
+  std::ifstream in(std::string(TIGHTFIT_FIXTURES) + "/templates/google-gemma-2-2b-it.jinja");
+  const std::string jinja{std::istreambuf_iterator<char>(in), {}};
+  ASSERT_FALSE(jinja.empty());
+  const ChatTemplate own = model_chat_template(jinja, "gemma-2", "<bos>", "<eos>", ThinkMode::Keep, 0);
+  const auto theirs = render_example(own, conversation(false), false);
+  const auto ours = render_example(template_by_name("gemma"), conversation(false), false);
+  EXPECT_EQ(segments_to_text(ours, "<bos>", "<eos>"), segments_to_text(theirs, "<bos>", "<eos>"));
+  EXPECT_EQ(trainable_text(ours, "<eos>"), trainable_text(theirs, "<eos>"));
+  EXPECT_EQ(detect_template(jinja, "gemma-2").kind, TemplateKind::Gemma);
+
+  Example odd = conversation(false);
+  odd.messages.pop_back();
+  odd.messages.push_back({"user", "again"});
+  EXPECT_THROW(render_example(template_by_name("gemma"), odd, false), Error);
+}
+
 TEST(DataTemplate, Alpaca) {
   Example ex;
   ex.shape = Example::Shape::Instruction;
@@ -142,7 +178,7 @@ TEST(DataTemplate, RefusesWhatTheTemplatesRefuse) {
     template_by_name("vicuna");
     ADD_FAILURE();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("known: plain, alpaca, chatml, llama3, llama2, mistral"),
+    EXPECT_NE(std::string(e.what()).find("known: plain, alpaca, chatml, llama3, llama2, mistral, gemma"),
               std::string::npos);
   }
 }

@@ -88,8 +88,9 @@ data::ChatTemplate choose_template(const std::string& name, const io::LoadedMode
         m.chat_template, m.chat_template_source, token(m.tokenizer ? m.tokenizer->bos_id() : -1),
         token(m.tokenizer ? m.tokenizer->eos_id() : -1), data::think_mode_by_name(think), std::time(nullptr));
   } catch (const Error& e) {
-    TF_FAIL(e.what(),
-            "; choose a built-in format with --template (chatml, llama3, llama2, mistral, alpaca, plain)");
+    TF_FAIL(
+        e.what(),
+        "; choose a built-in format with --template (chatml, llama3, llama2, mistral, gemma, alpaca, plain)");
   }
 }
 

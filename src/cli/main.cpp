@@ -107,7 +107,7 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_flag("--pack,!--no-pack", o.pack, "Pack several examples per sequence (default on)");
   c.add_option("--template", o.template_name,
                "Prompt format: auto (the model's own chat template, plain without one), chatml, llama3, "
-               "llama2, mistral, alpaca or plain")
+               "llama2, mistral, gemma, alpaca or plain")
       ->capture_default_str();
   c.add_option("--think", o.think,
                "<think>...</think> blocks in assistant turns rendered with the model's own template: keep "

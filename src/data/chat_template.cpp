@@ -1,6 +1,6 @@
 // Prompt formats. The strings follow the models' own Jinja templates as published with them:
-// SmolLM2 / Qwen2 (ChatML), Meta-Llama-3-Instruct, Llama-2-chat, Mistral-7B-Instruct, and the
-// Stanford Alpaca prompt. Where a template strips content (Llama-3 `| trim`, Llama-2 `.strip()`),
+// SmolLM2 / Qwen2 (ChatML), Meta-Llama-3-Instruct, Llama-2-chat, Mistral-7B-Instruct, Gemma 3 (-it),
+// and the Stanford Alpaca prompt. Where a template strips content (Llama-3 `| trim`, Llama-2 `.strip()`),
 // so do we, so that training sees exactly what inference will.
 #include "src/data/chat_template.h"
 
@@ -21,16 +21,17 @@ constexpr std::string_view kAlpacaNoInput =
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
     "request.\n\n";
 
-constexpr std::array<std::pair<std::string_view, TemplateKind>, 6> kNames = {{
+constexpr std::array<std::pair<std::string_view, TemplateKind>, 7> kNames = {{
     {"plain", TemplateKind::Plain},
     {"alpaca", TemplateKind::Alpaca},
     {"chatml", TemplateKind::ChatML},
     {"llama3", TemplateKind::Llama3},
     {"llama2", TemplateKind::Llama2},
     {"mistral", TemplateKind::Mistral},
+    {"gemma", TemplateKind::Gemma},
 }};
 
-constexpr std::string_view kNameList = "plain, alpaca, chatml, llama3, llama2, mistral";
+constexpr std::string_view kNameList = "plain, alpaca, chatml, llama3, llama2, mistral, gemma";
 
 // Python's str.strip() / Jinja's trim: ASCII whitespace at both ends.
 std::string strip(std::string_view s) {
@@ -279,6 +280,25 @@ std::vector<Segment> render_mistral(const std::vector<Message>& msgs, const Loss
   return w.take();
 }
 
+// Gemma 3's template (Gemma 2's without a system turn): BOS, then <start_of_turn>user or model, the
+// trimmed content and <end_of_turn> with a newline per turn; a system prompt, untrimmed, leads the
+// first user turn followed by a blank line; turns alternate user/model after it.
+std::vector<Segment> render_gemma(const std::vector<Message>& msgs, const LossOptions& loss) {
+  const bool has_system = !msgs.empty() && msgs.front().role == "system";
+  const size_t first = has_system ? 1 : 0;
+  check_alternating(msgs, first, "gemma");
+  TurnWriter w(msgs, loss);
+  for (size_t i = first; i < msgs.size(); ++i) {
+    const bool user = msgs[i].role == "user";
+    w.frame(user ? "<start_of_turn>user\n" : "<start_of_turn>model\n", i, i == first);
+    const std::string prefix = i == first && has_system ? msgs.front().content + "\n\n" : std::string();
+    w.body(prefix + strip(msgs[i].content), i);
+    w.end("<end_of_turn>", i);
+    w.frame("\n", i);
+  }
+  return w.take();
+}
+
 // A prompt and its response without a chat template: plain, or in the Stanford Alpaca prompt.
 std::vector<Segment> render_prompt_response(std::string_view instruction, std::string_view input,
                                             std::string_view output, bool alpaca, bool bos,
@@ -351,10 +371,12 @@ ChatTemplate detect_template(std::string_view jinja, std::string_view source) {
   if (has("<|start_header_id|>")) return {TemplateKind::Llama3, {}, {}};
   if (has("[INST]")) return {has("<<SYS>>") ? TemplateKind::Llama2 : TemplateKind::Mistral, {}, {}};
   if (has("### Instruction:")) return {TemplateKind::Alpaca, {}, {}};
-  TF_FAIL(source,
-          ": the model's chat template is not one tightfit recognises (it looks for <|im_start|>, "
-          "<|start_header_id|>, [INST], ### Instruction:); choose a format with --template (",
-          kNameList, ")");
+  if (has("<start_of_turn>")) return {TemplateKind::Gemma, {}, {}};
+  TF_FAIL(
+      source,
+      ": the model's chat template is not one tightfit recognises (it looks for <|im_start|>, "
+      "<|start_header_id|>, [INST], ### Instruction:, <start_of_turn>); choose a format with --template (",
+      kNameList, ")");
 }
 
 EosLoss eos_loss_by_name(std::string_view name) {
@@ -414,10 +436,11 @@ std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex,
       TF_CHECK(ex.shape != Example::Shape::Messages,
                "a conversation (a \"messages\" or \"conversations\" record) ",
                "needs a chat template, but the format is '", name,
-               "'; choose one with --template (auto, chatml, llama3, llama2, mistral)");
+               "'; choose one with --template (auto, chatml, llama3, llama2, mistral, gemma)");
       TF_CHECK(ex.messages.empty(), "the '", name,
                "' format has no place for an instruction's \"system\" or ",
-               "\"history\"; choose a chat template with --template (auto, chatml, llama3, llama2, mistral)");
+               "\"history\"; choose a chat template with --template (auto, chatml, llama3, llama2, mistral, "
+               "gemma)");
       if (ex.shape == Example::Shape::Instruction)
         return render_prompt_response(ex.instruction, ex.input, ex.output, true, tokenizer_adds_bos, loss);
       return render_prompt_response(ex.prompt, {}, ex.completion, alpaca, tokenizer_adds_bos, loss);
@@ -429,6 +452,11 @@ std::vector<Segment> render_example(const ChatTemplate& tmpl, const Example& ex,
       const std::vector<Message> msgs = as_conversation(tmpl, ex);
       refuse_tools(msgs, ex, name);
       return tmpl.kind == TemplateKind::Llama2 ? render_llama2(msgs, loss) : render_mistral(msgs, loss);
+    }
+    case TemplateKind::Gemma: {
+      const std::vector<Message> msgs = as_conversation(tmpl, ex);
+      refuse_tools(msgs, ex, name);
+      return render_gemma(msgs, loss);
     }
     case TemplateKind::Model:
       TF_CHECK(tmpl.model != nullptr, "internal: a model template without its text");

@@ -49,7 +49,7 @@ struct Example {
 
 // Model: the model's own Jinja chat template (src/data/model_template.h), what --template auto
 // renders with when the model has one; the others are built in and chosen by name.
-enum class TemplateKind { Plain, Alpaca, ChatML, Llama3, Llama2, Mistral, Model };
+enum class TemplateKind { Plain, Alpaca, ChatML, Llama3, Llama2, Mistral, Gemma, Model };
 
 struct ModelTemplate;
 
@@ -99,7 +99,8 @@ bool turn_trained(const std::vector<Message>& msgs, size_t i, const LossOptions&
 bool end_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss);
 bool frame_trained(const std::vector<Message>& msgs, size_t i, const LossOptions& loss);
 
-// "plain", "alpaca", "chatml", "llama3", "llama2", "mistral"; anything else is an error listing these.
+// "plain", "alpaca", "chatml", "llama3", "llama2", "mistral", "gemma"; anything else is an error listing
+// these.
 ChatTemplate template_by_name(std::string_view name);
 std::string_view template_name(TemplateKind kind);
 
