@@ -13,12 +13,14 @@ Run by hand or by tools/peers/run.sh, never by CI:
 
 The setting mirrors tightfit's `finetune` defaults where the runner does not set them: examples
 rendered with the model's chat template (user: prompt, assistant: completion), loss on the completion
-tokens (an example with none left within --seq dropped), packed in file order into rows of --seq tokens (a row's tail padded); LoRA r/alpha on all seven
-projections with dropout 0.05; AdamW (betas 0.9/0.999, eps 1e-8, no weight decay) at a constant
-learning rate, global gradient-norm clip 1.0. --dtype bf16 loads the base weights in bf16 (PEFT keeps
-the adapter in f32, as it does by default). Every row counts --seq tokens, as tightfit counts all
-positions. The first --skip steps (thread pools starting, first-touch paging, allocator warm-up) are
-left out of the throughput, as run.sh leaves them out of tightfit's.
+tokens (an example with none left within --seq dropped), packed in file order into rows of --seq
+tokens (a row's tail padded); LoRA r/alpha on all seven projections with dropout 0.05; AdamW (betas
+0.9/0.999, eps 1e-8, no weight decay) at a constant learning rate, global gradient-norm clip 1.0.
+--dtype bf16 loads the base weights in bf16 (PEFT keeps the adapter in f32, as it does by default).
+Every row counts --seq tokens, as tightfit counts all positions. The first --skip steps (thread pools
+starting, first-touch paging, allocator warm-up) are left out of the throughput, as run.sh leaves them
+out of tightfit's. --checkpointing block recomputes each decoder layer in the backward, the
+counterpart of tightfit's --checkpointing block.
 Exit status is non-zero on any failure.
 """
 import argparse

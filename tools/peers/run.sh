@@ -12,7 +12,8 @@
 #     bash tools/peers/run.sh                                 # a GPU machine
 #
 # Settings (environment): ROUNDS (2), STEPS (6), SKIP (2: first steps left out of tokens/s on both
-# sides), SEQ (512), BATCH (2), RANK (16), ALPHA (32), THREADS (2), DEVICE (cpu), DTYPES ("f32 bf16"),
+# sides), SEQ (512), BATCH (2), RANK (16), ALPHA (32), THREADS (2), DEVICE (cpu), CHECKPOINTING (none;
+# block: per decoder layer on both sides), DTYPES ("f32 bf16"),
 # TIGHTFIT (build/tightfit), PYTHON (/work/venv/bin/python, else python3), MODEL (the SmolLM2 Q4_1
 # GGUF), HF_DIR (where its dequantized HF copy is kept), DATA, RESULTS (benchmarks/RESULTS.md),
 # RAW (benchmarks/results/peers-DATE.md), TAG (cpu), NOTE (a line printed beside the numbers).
@@ -28,6 +29,7 @@ rank=${RANK:-16}
 alpha=${ALPHA:-32}
 threads=${THREADS:-2}
 device=${DEVICE:-cpu}
+checkpointing=${CHECKPOINTING:-none}
 dtypes=${DTYPES:-f32 bf16}
 tf=${TIGHTFIT:-build/tightfit}
 if [[ -z ${PYTHON:-} ]]; then
@@ -45,6 +47,8 @@ peer=tools/peers/peft_train.py
 [[ -x $tf ]] || { echo "error: $tf: no tightfit binary (build it, or set TIGHTFIT)" >&2; exit 1; }
 [[ -f $model ]] || { echo "error: $model: no such model (run tools/main-job.sh once, or set MODEL)" >&2; exit 1; }
 [[ -f $data ]] || { echo "error: $data: no such data file" >&2; exit 1; }
+[[ $checkpointing == none || $checkpointing == block ]] ||
+  { echo "error: CHECKPOINTING must be none or block, got '$checkpointing'" >&2; exit 1; }
 ((skip >= 0 && skip < steps)) || { echo "error: SKIP=$skip must leave at least one of STEPS=$steps timed" >&2; exit 1; }
 "$PYTHON" -c "import torch, transformers, peft" ||
   { echo "error: $PYTHON lacks torch, transformers or peft (set PYTHON)" >&2; exit 1; }
@@ -57,9 +61,10 @@ runs=$work/runs.jsonl
 
 tf_cmd=("$tf" finetune --model "$model" --data "$data" --steps "$steps" --seq-len "$seq" --micro-batch "$batch"
   --lora-rank "$rank" --lora-alpha "$alpha" --lora-targets all --lr 2e-4 --warmup 0 --schedule constant
-  --checkpointing none --threads "$threads" --device "$device" --save-every 0)
+  --checkpointing "$checkpointing" --threads "$threads" --device "$device" --save-every 0)
 peer_cmd=("$PYTHON" "$peer" --hf-dir "$hf_dir" --data "$data" --steps "$steps" --skip "$skip" --seq "$seq"
-  --batch "$batch" --rank "$rank" --alpha "$alpha" --threads "$threads" --device "$device")
+  --batch "$batch" --rank "$rank" --alpha "$alpha" --threads "$threads" --device "$device"
+  --checkpointing "$checkpointing")
 
 {
   echo "# tightfit against PyTorch + PEFT, $(date -u '+%F %H:%M UTC'), TAG=$tag"
@@ -69,7 +74,8 @@ peer_cmd=("$PYTHON" "$peer" --hf-dir "$hf_dir" --data "$data" --steps "$steps" -
     echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
   fi
   echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "$("$PYTHON" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"
+  "$PYTHON" -c 'import torch, transformers as t, peft; print("torch", torch.__version__, "transformers", t.__version__,
+    "peft", peft.__version__)'
   echo
 } > "$work/raw.md"
 
@@ -135,9 +141,11 @@ for r in runs:
 med = {}
 for v in variants:
     rs = [r for r in runs if r["dtype"] == v]
-    med[v] = {k: statistics.median(r.get(k, 0) for r in rs) for k in ("tokens_per_s", "peak_rss_bytes", "device_peak_bytes")}
+    keys = ("tokens_per_s", "peak_rss_bytes", "device_peak_bytes")
+    med[v] = {k: statistics.median(r.get(k, 0) for r in rs) for k in keys}
     med[v]["each"] = ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs)
-names = {"tightfit": "tightfit (`--quant keep`, f32 compute)", "f32": "PyTorch + PEFT, f32", "bf16": "PyTorch + PEFT, bf16 base"}
+names = {"tightfit": "tightfit (`--quant keep`, f32 compute)", "f32": "PyTorch + PEFT, f32",
+         "bf16": "PyTorch + PEFT, bf16 base"}
 t = med["tightfit"]
 gib = lambda b: f"{b / 2**30:.3f} GiB"
 head = "| run | tokens/s (median) | tokens/s, each round | peak RSS (median) |"
@@ -157,15 +165,17 @@ for v in variants:
     if v == "tightfit":
         continue
     m = med[v]
-    r = f"- tightfit vs {names.get(v, v)}: {t['tokens_per_s'] / m['tokens_per_s']:.2f}x the tokens/s, {t['peak_rss_bytes'] / m['peak_rss_bytes']:.2f}x the peak RSS"
+    r = (f"- tightfit vs {names.get(v, v)}: {t['tokens_per_s'] / m['tokens_per_s']:.2f}x the tokens/s, "
+         f"{t['peak_rss_bytes'] / m['peak_rss_bytes']:.2f}x the peak RSS")
     if gpu and m["device_peak_bytes"]:
         r += f", {t['device_peak_bytes'] / m['device_peak_bytes']:.2f}x the device peak"
     ratios.append(r)
 raw_text = open(raw_tmp).read()
-header = raw_text.split("\n\n")[0].split("\n")[1:]
+# The raw file's first paragraph past its title: the machine, the load before, the versions.
+header = [l for l in raw_text.split("\n\n")[1].split("\n") if l]
 begin, end = f"<!-- peers:{tag} begin -->", f"<!-- peers:{tag} end -->"
 section = [begin, f"## Against PyTorch + PEFT ({tag})", ""]
-section += [l for l in raw_text.split("\n")[2:6] if l] + [raw_text.strip().split("\n")[-1], ""]
+section += header + [raw_text.strip().split("\n")[-1], ""]
 if note:
     section += [f"**{note}**", ""]
 section += [
