@@ -2,56 +2,21 @@
 // reference backward against float64 finite differences.
 #include <gtest/gtest.h>
 
-#include <cmath>
 #include <vector>
 
 #include "kernels/cpu/ref/swiglu.h"
 #include "kernels/ops.h"
-#include "tests/op_test_util.h"
+#include "tests/gated_test_util.h"
 
 namespace tf {
 namespace {
 
-using test::random_floats;
-using test::rel_norm_error;
+const test::GatedOps kSwiGlu{cpu::swiglu_forward,         cpu::swiglu_backward,
+                             ref::swiglu_forward<float>,  ref::swiglu_backward<float>,
+                             ref::swiglu_forward<double>, ref::swiglu_backward<double>};
 
-// Floor for the bounds when the naive f32 error happens to be tiny: a few f32 ulps (4 * 2^-24).
-constexpr double kF32Floor = 4 * 5.96e-8;
-
-// Elementwise: the fast and naive f32 versions round the same handful of operations (exp, a
-// division, three products), possibly contracted into FMAs differently. 4x the naive f32 error
-// against float64 (or kF32Floor) covers that; a wrong formula is off by order 1. Sizes include
-// the parallel path (>= 32k elements) and gates in [-12, 12), deep into both saturated tails.
 TEST(SwiGlu, FastMatchesReference) {
-  for (const int64_t n : {1, 7, 33, 100, 100003}) {
-    const std::vector<float> gate = random_floats(size_t(n), 1, 12.0f),
-                             up = random_floats(size_t(n), 2, 2.0f), g = random_floats(size_t(n), 3);
-    std::vector<float> out(static_cast<size_t>(n)), d_gate(static_cast<size_t>(n)),
-        d_up(static_cast<size_t>(n));
-    cpu::swiglu_forward(out.data(), gate.data(), up.data(), n);
-    cpu::swiglu_backward(d_gate.data(), d_up.data(), g.data(), gate.data(), up.data(), n);
-
-    const std::vector<double> gate64 = test::to_double(gate), up64 = test::to_double(up),
-                              g64 = test::to_double(g);
-    std::vector<double> out64(static_cast<size_t>(n)), d_gate64(static_cast<size_t>(n)),
-        d_up64(static_cast<size_t>(n));
-    ref::swiglu_forward<double>(out64.data(), gate64.data(), up64.data(), n);
-    ref::swiglu_backward<double>(d_gate64.data(), d_up64.data(), g64.data(), gate64.data(), up64.data(), n);
-    std::vector<float> out32(static_cast<size_t>(n)), d_gate32(static_cast<size_t>(n)),
-        d_up32(static_cast<size_t>(n));
-    ref::swiglu_forward(out32.data(), gate.data(), up.data(), n);
-    ref::swiglu_backward(d_gate32.data(), d_up32.data(), g.data(), gate.data(), up.data(), n);
-
-    auto check = [&](const char* what, const std::vector<float>& got, const std::vector<float>& naive,
-                     const std::vector<double>& want) {
-      const double err = rel_norm_error(got, want), naive_err = rel_norm_error(naive, want);
-      EXPECT_LE(err, 4 * std::max(naive_err, kF32Floor))
-          << what << " n " << n << ": fast " << err << ", naive " << naive_err;
-    };
-    check("out", out, out32, out64);
-    check("d_gate", d_gate, d_gate32, d_gate64);
-    check("d_up", d_up, d_up32, d_up64);
-  }
+  test::expect_fast_matches_reference(kSwiGlu);
 }
 
 // exp(-gate) overflows to inf for gate below about -88: sigmoid must become 0, not NaN, and the
@@ -74,41 +39,12 @@ TEST(SwiGlu, SaturatesWithoutNaN) {
   }
 }
 
-// Backward accumulates: start + gradient, one f32 addition per element, so within an ulp of the
-// operands (2^-23 of |start| + |gradient|).
 TEST(SwiGlu, BackwardAccumulates) {
-  const int64_t n = 50;
-  const std::vector<float> gate = random_floats(size_t(n), 1, 4.0f), up = random_floats(size_t(n), 2),
-                           g = random_floats(size_t(n), 3);
-  std::vector<float> d_gate(static_cast<size_t>(n)), d_up(static_cast<size_t>(n));
-  cpu::swiglu_backward(d_gate.data(), d_up.data(), g.data(), gate.data(), up.data(), n);
-  const std::vector<float> dg0 = random_floats(size_t(n), 4), du0 = random_floats(size_t(n), 5);
-  std::vector<float> dg = dg0, du = du0;
-  cpu::swiglu_backward(dg.data(), du.data(), g.data(), gate.data(), up.data(), n);
-  for (size_t i = 0; i < size_t(n); ++i) {
-    EXPECT_NEAR(dg[i], dg0[i] + d_gate[i], 1.2e-7 * (std::abs(dg0[i]) + std::abs(d_gate[i]))) << i;
-    EXPECT_NEAR(du[i], du0[i] + d_up[i], 1.2e-7 * (std::abs(du0[i]) + std::abs(d_up[i]))) << i;
-  }
+  test::expect_backward_accumulates(kSwiGlu);
 }
 
-// L = sum(out * W) in double. Central differences are accurate to about 1e-10 relative; 1e-7 is
-// far above that and far below the error of any wrong term.
 TEST(SwiGlu, ReferenceBackwardMatchesFiniteDifferences) {
-  const int64_t n = 12;
-  std::vector<double> gate = test::to_double(random_floats(size_t(n), 1, 6.0f));
-  std::vector<double> up = test::to_double(random_floats(size_t(n), 2));
-  const std::vector<double> w = test::to_double(random_floats(size_t(n), 3));
-  auto loss = [&] {
-    std::vector<double> out(static_cast<size_t>(n));
-    ref::swiglu_forward<double>(out.data(), gate.data(), up.data(), n);
-    double l = 0;
-    for (size_t i = 0; i < out.size(); ++i) l += out[i] * w[i];
-    return l;
-  };
-  std::vector<double> d_gate(static_cast<size_t>(n)), d_up(static_cast<size_t>(n));
-  ref::swiglu_backward<double>(d_gate.data(), d_up.data(), w.data(), gate.data(), up.data(), n);
-  EXPECT_LT(rel_norm_error(d_gate, test::numeric_gradient(gate, loss)), 1e-7);
-  EXPECT_LT(rel_norm_error(d_up, test::numeric_gradient(up, loss)), 1e-7);
+  test::expect_reference_backward_matches_finite_differences(kSwiGlu, 6.0f);
 }
 
 }  // namespace
