@@ -1,6 +1,6 @@
 // defines: tf::test::GatedOps and the checks every gated MLP activation's op pair (SwiGLU, GeGLU)
-// passes: the fast cpu versions against the reference, accumulation in the backward, and the
-// reference backward against float64 finite differences
+// passes: the fast cpu versions against the reference, the saturated tails, accumulation in the
+// backward, and the reference backward against float64 finite differences
 #pragma once
 
 #include <gtest/gtest.h>
@@ -54,6 +54,25 @@ inline void expect_fast_matches_reference(const GatedOps& op) {
     check("out", out, out32, out64);
     check("d_gate", d_gate, d_gate32, d_gate64);
     check("d_up", d_up, d_up32, d_up64);
+  }
+}
+
+// Both activations saturate to 0 and x (derivatives 0 and 1, and 1/2 at 0) for large |gate|, never
+// NaN; the caller's comment says why the values are exact there.
+inline void expect_saturates_without_nan(const GatedOps& op) {
+  const std::vector<float> gate = {-1000.0f, -100.0f, 0.0f, 100.0f, 1000.0f};
+  const std::vector<float> up(gate.size(), 1.5f), g(gate.size(), 1.0f);
+  std::vector<float> out(gate.size()), d_gate(gate.size()), d_up(gate.size());
+  const int64_t n = int64_t(gate.size());
+  op.forward(out.data(), gate.data(), up.data(), n);
+  op.backward(d_gate.data(), d_up.data(), g.data(), gate.data(), up.data(), n);
+  const std::vector<float> want_out = {0.0f, 0.0f, 0.0f, 150.0f, 1500.0f};
+  const std::vector<float> want_d_gate = {0.0f, 0.0f, 0.75f, 1.5f, 1.5f};
+  const std::vector<float> want_d_up = {0.0f, 0.0f, 0.0f, 100.0f, 1000.0f};
+  for (size_t i = 0; i < gate.size(); ++i) {
+    EXPECT_EQ(out[i], want_out[i]) << gate[i];
+    EXPECT_EQ(d_gate[i], want_d_gate[i]) << gate[i];
+    EXPECT_EQ(d_up[i], want_d_up[i]) << gate[i];
   }
 }
 
