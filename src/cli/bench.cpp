@@ -349,7 +349,7 @@ int run_bench(const BenchOptions& o) {
   };
   for (const Figure& f : figs) row(f);
   row(train);
-  const std::string policy = plan.to_json()["checkpointing"];
+  const std::string policy = policy_option(plan.policy);
   std::printf("\ntraining  %.1f tokens/s; checkpointing %s, weights %s\n", double(N) / step_s, policy.c_str(),
               offload::weight_tier_name(plan.tier));
   std::printf("memory    %s peak %s measured (%s), %s tracked; the plan predicted %s\n",

@@ -53,16 +53,6 @@ const char* policy_name(CheckpointPolicy p) {
   return "?";
 }
 
-// The --checkpointing value of a policy.
-const char* policy_option(CheckpointPolicy p) {
-  switch (p) {
-    case CheckpointPolicy::None: return "none";
-    case CheckpointPolicy::PerBlock: return "block";
-    case CheckpointPolicy::PerBlockOffload: return "offload";
-  }
-  return "?";
-}
-
 // The policies a backend can run, in the order auto tries them: the kept block inputs go to host
 // memory only from a device (the cpu's memory is the host).
 std::vector<CheckpointPolicy> policies_of(const Backend& be) {
@@ -119,6 +109,15 @@ void check_tier(WeightTier t, const Backend& be, const io::ModelDescription& d) 
 }
 
 }  // namespace
+
+const char* policy_option(CheckpointPolicy p) {
+  switch (p) {
+    case CheckpointPolicy::None: return "none";
+    case CheckpointPolicy::PerBlock: return "block";
+    case CheckpointPolicy::PerBlockOffload: return "offload";
+  }
+  return "?";
+}
 
 LoraConfig lora_config(const FinetuneOptions& o) {
   LoraConfig l;

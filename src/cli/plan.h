@@ -38,6 +38,8 @@ struct RunPlan {
 
 // The LoRA configuration finetune's options give.
 LoraConfig lora_config(const FinetuneOptions& o);
+// The --checkpointing value of a policy: none, block or offload.
+const char* policy_option(CheckpointPolicy p);
 
 // The budgets of `o` on `be`: --max-mem bounds the backend's memory (the host's on cpu), --max-host-mem
 // host memory; auto is the device's memory (a GPU) and the host's available memory (MemAvailable).
