@@ -151,10 +151,21 @@ TEST_F(Cli, ExportsRoundTripThroughOurReaders) {
             0);
   const Result gen_merged = run(
       {"generate", "--model", (dir_ / "merged").string(), "--prompt", "the quick", "--max-new-tokens", "8"});
-  const Result gen_adapter = run({"generate", "--model", (dir_ / "model").string(), "--adapter",
-                                  (dir_ / "run").string(), "--prompt", "the quick", "--max-new-tokens", "8"});
+  const Result gen_adapter =
+      run({"generate", "--model", (dir_ / "model").string(), "--adapter", (dir_ / "run").string(), "--prompt",
+           "the quick", "--max-new-tokens", "8", "--stats"});
   ASSERT_EQ(gen_merged.status, 0) << gen_merged.err;
   ASSERT_EQ(gen_adapter.status, 0) << gen_adapter.err;
+  // --stats reports on stderr, leaving the text on stdout as it is.
+  EXPECT_TRUE(std::regex_search(gen_adapter.err, std::regex("prompt +[1-9][0-9]* tokens in [0-9.]+ s")))
+      << gen_adapter.err;
+  std::smatch counts;
+  ASSERT_TRUE(std::regex_search(gen_adapter.err, counts,
+                                std::regex("generated +([0-9]+) tokens; the ([0-9]+) after")))
+      << gen_adapter.err;
+  EXPECT_GE(std::stoi(counts[1]), 1);
+  EXPECT_EQ(std::stoi(counts[2]), std::stoi(counts[1]) - 1);
+  EXPECT_EQ(gen_merged.err.find("generated"), std::string::npos) << "--stats is off by default";
   // Merging W + scale*B*A is exact up to f32 rounding; greedy tokens of a tiny model agree.
   EXPECT_EQ(gen_merged.out, gen_adapter.out);
 }

@@ -1,6 +1,7 @@
 // Tests: generate_tokens chooses only ids the tokenizer has, in a model whose padded vocabulary
 // rows (past the tokenizer's size) outscore every real token: greedy picks the best real token,
-// sampling draws among real tokens only; it stops after any of its stop tokens.
+// sampling draws among real tokens only; it stops after any of its stop tokens; its stats count the
+// prompt's tokens and the ones it generated.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -99,6 +100,22 @@ TEST(Generate, StopsAfterAnyStopToken) {
   EXPECT_EQ(out, std::vector<int32_t>(greedy.begin(), greedy.begin() + ptrdiff_t(k) + 1));
   const std::vector<int32_t> unused = {kTokens};
   EXPECT_EQ(generate_tokens(model, kPrompt, n_new, unused, kTokens), greedy);
+}
+
+TEST(Generate, StatsCountThePromptAndTheTokensGenerated) {
+  LlamaModel model(padded_weights(), inert_lora(), CheckpointPolicy::None, 32);
+  GenerateStats full;
+  const std::vector<int32_t> greedy = generate_tokens(model, kPrompt, 8, {}, kTokens, 0.0f, 0, &full);
+  EXPECT_EQ(full.prompt_tokens, int64_t(kPrompt.size()));
+  EXPECT_EQ(full.new_tokens, int64_t(greedy.size()));
+  EXPECT_GT(full.prompt_s, 0.0);
+  EXPECT_GT(full.decode_s, 0.0) << "seven decode steps take time";
+  // Stopped at its second token: the count follows the tokens returned, not max_new.
+  GenerateStats stopped;
+  const std::vector<int32_t> stop = {greedy[1]};
+  const std::vector<int32_t> out = generate_tokens(model, kPrompt, 8, stop, kTokens, 0.0f, 0, &stopped);
+  EXPECT_EQ(stopped.new_tokens, int64_t(out.size()));
+  EXPECT_LE(out.size(), size_t(2));
 }
 
 }  // namespace

@@ -237,9 +237,19 @@ int run_generate(const GenerateOptions& o) {
   } else {
     ids = tok.encode(o.prompt);
   }
+  GenerateStats stats;
   const std::vector<int32_t> out = generate_tokens(*s.model, ids, o.max_new_tokens, s.loaded.stop_ids,
-                                                   int64_t(tok.vocab_size()), o.temperature, o.seed);
+                                                   int64_t(tok.vocab_size()), o.temperature, o.seed, &stats);
   std::printf("%s\n", tok.decode(out, /*skip_special=*/true).c_str());
+  if (o.stats) {
+    const auto rate = [](int64_t n, double secs) { return secs > 0 ? double(n) / secs : 0.0; };
+    std::fprintf(stderr, "prompt     %lld tokens in %.3f s (%.1f tokens/s)\n", (long long)stats.prompt_tokens,
+                 stats.prompt_s, rate(stats.prompt_tokens, stats.prompt_s));
+    const int64_t decoded = std::max<int64_t>(stats.new_tokens - 1, 0);
+    std::fprintf(stderr, "generated  %lld tokens; the %lld after the first in %.3f s (%.1f tokens/s)\n",
+                 (long long)stats.new_tokens, (long long)decoded, stats.decode_s,
+                 rate(decoded, stats.decode_s));
+  }
   return 0;
 }
 

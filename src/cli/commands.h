@@ -34,6 +34,7 @@ struct GenerateOptions {
   std::string weights = "auto";
   std::string max_mem = "auto", max_host_mem = "auto";
   int threads = 0;
+  bool stats = false;  // print the prompt's and the decoding's token rates to stderr
 };
 // Rows of tokens generate's model runs at a time (its prompt is fed in pieces of this many).
 inline constexpr int kGenerateRows = 256;

@@ -235,6 +235,9 @@ int run(int argc, char** argv) {
   generate->add_option("--temperature", gen.temperature, "0 is greedy")->capture_default_str();
   generate->add_option("--seed", gen.seed, "Sampling seed")->capture_default_str();
   generate->add_flag("--chat", gen.chat, "Send the prompt as a user turn of the chat template");
+  generate->add_flag("--stats", gen.stats,
+                     "Print to stderr the prompt's and the decoding's tokens/s (decoding: the tokens after "
+                     "the first over the time from the first to the last)");
   generate->add_option("--template", gen.template_name, "Template for --chat")->capture_default_str();
   generate->add_option("--device", gen.device, kDeviceHelp)->capture_default_str();
   generate->add_option("--attention", gen.attention, kAttentionHelp)->capture_default_str();

@@ -1,6 +1,7 @@
 #include "src/model/generate.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 #include "src/core/error.h"
@@ -10,8 +11,11 @@ namespace tf {
 
 std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_t>& prompt_ids, int max_new,
                                      std::span<const int32_t> stop_ids, int64_t n_tokens, float temperature,
-                                     uint64_t seed) {
+                                     uint64_t seed, GenerateStats* stats) {
   TF_CHECK(!prompt_ids.empty(), "generation needs a non-empty prompt");
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  Clock::time_point first;
   const int vocab = model.config().vocab;
   TF_CHECK(n_tokens >= 1 && n_tokens <= vocab, "generation: the tokenizer's ", n_tokens,
            " tokens do not fit the model's vocabulary of ", vocab);
@@ -39,8 +43,16 @@ std::vector<int32_t> generate_tokens(LlamaModel& model, const std::vector<int32_
         }
     }
     out.push_back(next);
+    if (t == 0) first = Clock::now();
     if (std::find(stop_ids.begin(), stop_ids.end(), next) != stop_ids.end() || t + 1 == max_new) break;
     model.decode(cache, &next, 1, logits.data());
+  }
+  if (stats) {
+    const auto secs = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+    stats->prompt_tokens = int64_t(prompt_ids.size());
+    stats->new_tokens = int64_t(out.size());
+    stats->prompt_s = out.empty() ? secs(Clock::now() - start) : secs(first - start);
+    stats->decode_s = out.empty() ? 0 : secs(Clock::now() - first);
   }
   return out;
 }
