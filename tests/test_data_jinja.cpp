@@ -77,6 +77,21 @@ TEST(DataJinja, PythonOperatorsAndStr) {
   EXPECT_EQ(R("{{ not x is defined }} {{ x is not defined and true }}"), "True True");
 }
 
+// Casing and the str predicates follow Unicode as Python's do (utf8proc's simple case mappings),
+// not ASCII alone: templates lower-case role names and titles in any script.
+TEST(DataJinja, CasingAndPredicatesAreUnicode) {
+  EXPECT_EQ(R("{{ '\u00e9lan'.upper() }} {{ '\u00c9COLE' | lower }} {{ '\u01c6emal \u01c6'.title() }} "
+              "{{ '\u043f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440'.title() }} {{ '\u01c6x' | "
+              "capitalize }}"),
+            "\u00c9LAN \u00e9cole \u01c5emal \u01c5 \u041f\u0440\u0438\u0432\u0435\u0442 \u041c\u0438\u0440 "
+            "\u01c5x");
+  EXPECT_EQ(R("{{ '\u00dcn\u00efcode'.isalpha() }} {{ '\u00c0B1'.isupper() }} {{ '\u00e0b'.islower() }} "
+              "{{ '\u06634'.isdigit() }} {{ '\u3000 '.isspace() }} {{ 'x\u00b2'.isalnum() }} {{ "
+              "'\u00c0B'.islower() }} "
+              "{{ '12'.isupper() }}"),
+            "True True True True True True False False");
+}
+
 TEST(DataJinja, StringAndDictMethods) {
   EXPECT_EQ(R("{{ '  a b  '.strip() }}|{{ 'xxaxx'.strip('x') }}|{{ ' a'.lstrip() }}|{{ 'a '.rstrip() }}"),
             "a b|a|a|a");

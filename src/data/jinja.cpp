@@ -3,6 +3,8 @@
 // evaluator over Python-like values, each step bounded by jinja::Limits.
 #include "src/data/jinja.h"
 
+#include <utf8proc.h>
+
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -225,36 +227,65 @@ std::string strip_chars(std::string_view s, bool left, bool right, const Value* 
 char ascii_lower(char c) {
   return c >= 'A' && c <= 'Z' ? char(c - 'A' + 'a') : c;
 }
-char ascii_upper(char c) {
-  return c >= 'a' && c <= 'z' ? char(c - 'a' + 'A') : c;
-}
-bool is_alpha(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (unsigned char)c >= 0x80;
-}
 
-std::string lower(std::string s) {
-  for (char& c : s) c = ascii_lower(c);
-  return s;
-}
-std::string upper(std::string s) {
-  for (char& c : s) c = ascii_upper(c);
-  return s;
-}
-
-// Python's str.title(): a letter after a non-letter starts a word.
-std::string title(std::string s) {
-  bool prev_letter = false;
-  for (char& c : s) {
-    const bool letter = is_alpha(c);
-    if (letter) c = prev_letter ? ascii_lower(c) : ascii_upper(c);
-    prev_letter = letter;
+// Python's str casing, code point by code point with Unicode's simple (one-to-one) case mappings
+// from utf8proc: 'é'.upper() is 'É' as in Python; the few one-to-many mappings Python applies as well
+// ('ß'.upper() is 'SS') keep their one-to-one result ('ß'). Bytes that are not UTF-8 pass through.
+enum class Case { Lower, Upper, Title };
+utf8proc_int32_t to_case(utf8proc_int32_t cp, Case c) {
+  switch (c) {
+    case Case::Lower: return utf8proc_tolower(cp);
+    case Case::Upper: return utf8proc_toupper(cp);
+    case Case::Title: return utf8proc_totitle(cp);
   }
-  return s;
+  return cp;
+}
+bool is_cased(utf8proc_int32_t cp) {
+  const utf8proc_category_t cat = utf8proc_category(cp);
+  return cat == UTF8PROC_CATEGORY_LU || cat == UTF8PROC_CATEGORY_LL || cat == UTF8PROC_CATEGORY_LT;
+}
+// The code point starting at s[i] and its length in bytes; a length <= 0 where s[i] starts no
+// valid UTF-8 sequence.
+utf8proc_ssize_t code_point_at(std::string_view s, size_t i, utf8proc_int32_t& cp) {
+  return utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + i),
+                          utf8proc_ssize_t(s.size() - i), &cp);
+}
+// Maps each code point of s by `pick(index, previous code point cased)`.
+template <typename Pick>
+std::string map_case(std::string_view s, Pick pick) {
+  std::string out;
+  out.reserve(s.size());
+  bool prev_cased = false;
+  for (size_t i = 0, n = 0; i < s.size(); ++n) {
+    utf8proc_int32_t cp = 0;
+    const utf8proc_ssize_t len = code_point_at(s, i, cp);
+    if (len <= 0) {
+      out += s[i++];
+      prev_cased = false;
+      continue;
+    }
+    utf8proc_uint8_t buf[4];
+    const utf8proc_ssize_t w = utf8proc_encode_char(to_case(cp, pick(n, prev_cased)), buf);
+    out.append(reinterpret_cast<const char*>(buf), size_t(w));
+    prev_cased = is_cased(cp);
+    i += size_t(len);
+  }
+  return out;
 }
 
-std::string capitalize(std::string s) {
-  for (size_t i = 0; i < s.size(); ++i) s[i] = i == 0 ? ascii_upper(s[i]) : ascii_lower(s[i]);
-  return s;
+std::string lower(std::string_view s) {
+  return map_case(s, [](size_t, bool) { return Case::Lower; });
+}
+std::string upper(std::string_view s) {
+  return map_case(s, [](size_t, bool) { return Case::Upper; });
+}
+// Python's str.title(): a cased character after an uncased one starts a word.
+std::string title(std::string_view s) {
+  return map_case(s, [](size_t, bool prev_cased) { return prev_cased ? Case::Lower : Case::Title; });
+}
+// Python's str.capitalize() (3.8 on): the first character in title case, the rest lower.
+std::string capitalize(std::string_view s) {
+  return map_case(s, [](size_t n, bool) { return n == 0 ? Case::Title : Case::Lower; });
 }
 
 std::string replace_all(std::string_view s, std::string_view from, std::string_view to, int64_t count) {
@@ -2416,18 +2447,30 @@ Value Interp::method(const Value& obj, const std::string& name) {
     if (name == "isdigit" || name == "isspace" || name == "isalpha" || name == "isalnum" ||
         name == "isupper" || name == "islower")
       return bound(obj, name, [name](const Value& self, CA&) {
+        // Python's predicates over Unicode categories; a byte that starts no UTF-8 sequence is in none.
         const std::string& s = self.s;
         bool ok = !s.empty();
         bool cased = false;
-        for (char c : s) {
-          const unsigned char u = (unsigned char)c;
-          if (name == "isdigit") ok = ok && std::isdigit(u);
-          if (name == "isspace") ok = ok && is_space(c);
-          if (name == "isalpha") ok = ok && std::isalpha(u);
-          if (name == "isalnum") ok = ok && std::isalnum(u);
-          if (name == "isupper") ok = ok && !std::islower(u);
-          if (name == "islower") ok = ok && !std::isupper(u);
-          cased = cased || std::isalpha(u);
+        for (size_t i = 0; i < s.size() && ok;) {
+          utf8proc_int32_t cp = 0;
+          const utf8proc_ssize_t len = code_point_at(s, i, cp);
+          if (len <= 0) {
+            ok = false;
+            break;
+          }
+          i += size_t(len);
+          const utf8proc_category_t cat = utf8proc_category(cp);
+          const bool letter = cat >= UTF8PROC_CATEGORY_LU && cat <= UTF8PROC_CATEGORY_LO;
+          const bool number = cat >= UTF8PROC_CATEGORY_ND && cat <= UTF8PROC_CATEGORY_NO;
+          if (name == "isdigit") ok = cat == UTF8PROC_CATEGORY_ND;
+          if (name == "isspace")
+            ok = (cp < 0x80 && is_space(char(cp))) || cat == UTF8PROC_CATEGORY_ZS ||
+                 cat == UTF8PROC_CATEGORY_ZL || cat == UTF8PROC_CATEGORY_ZP || cp == 0x85;
+          if (name == "isalpha") ok = letter;
+          if (name == "isalnum") ok = letter || number;
+          if (name == "isupper") ok = cat != UTF8PROC_CATEGORY_LL && cat != UTF8PROC_CATEGORY_LT;
+          if (name == "islower") ok = cat != UTF8PROC_CATEGORY_LU && cat != UTF8PROC_CATEGORY_LT;
+          cased = cased || is_cased(cp);
         }
         return Value::boolean(ok && (name != "isupper" && name != "islower" ? true : cased));
       });
