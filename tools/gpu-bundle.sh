@@ -2,7 +2,7 @@
 # Packs what tools/gpu-check.sh needs on a GPU machine that has only the CUDA toolkit, CMake, ninja, a
 # C++ compiler and Python (no -dev packages, no network) into .gpu-bundle/bundle.tar.xz, taken from
 # this machine's Debian packages (tools/install-deps.sh installs them): the headers of CLI11,
-# nlohmann-json (with its CMake package), OpenBLAS's OpenMP build, PCRE2, sentencepiece and utf8proc;
+# nlohmann-json (with its CMake package), OpenBLAS's OpenMP build, oneDNN, PCRE2, sentencepiece and utf8proc;
 # GoogleTest's sources; and the shared objects the build links, with every library they need that a
 # C++ toolchain and glibc do not provide (OpenBLAS's libgfortran and libquadmath). .gpu-bundle/ is
 # ignored by git and travels with the working tree when named (tools/gpu-check.sh unpacks it).
@@ -22,8 +22,8 @@ mkdir -p "$root"/{include,lib,share/cmake,src}
 
 # Headers: CLI11 and nlohmann-json are header-only; OpenBLAS's cblas.h is the OpenMP build's, which
 # declares openblas_set_num_threads.
-for d in /usr/include/CLI /usr/include/nlohmann /usr/share/cmake/nlohmann_json; do need "$d"; done
-cp -a /usr/include/CLI /usr/include/nlohmann "$root/include/"
+for d in /usr/include/CLI /usr/include/nlohmann /usr/include/oneapi /usr/share/cmake/nlohmann_json; do need "$d"; done
+cp -a /usr/include/CLI /usr/include/nlohmann /usr/include/oneapi "$root/include/"
 cp -a /usr/share/cmake/nlohmann_json "$root/share/cmake/"
 for h in /usr/include/$multiarch/openblas-openmp/{cblas.h,openblas_config.h,f77blas.h} /usr/include/pcre2.h \
   /usr/include/sentencepiece_processor.h /usr/include/utf8proc.h; do
@@ -48,12 +48,13 @@ pack() { # pack PATH: copies the library and, recursively, what it needs beyond 
     pack "$(ldd "$path" | awk -v n="$dep" '$1 == n { print $3 }')"
   done
 }
-for lib in $usrlib/openblas-openmp/libopenblas.so.0 $usrlib/libpcre2-8.so.0 $usrlib/libsentencepiece.so.0 \
+for lib in $usrlib/openblas-openmp/libopenblas.so.0 $usrlib/libdnnl.so.2 $usrlib/libpcre2-8.so.0 $usrlib/libsentencepiece.so.0 \
   $usrlib/libutf8proc.so.2; do
   need "$lib"
   pack "$lib"
 done
 ln -s libopenblas.so.0 "$root/lib/libopenblas.so"
+ln -s libdnnl.so.2 "$root/lib/libdnnl.so"
 ln -s libpcre2-8.so.0 "$root/lib/libpcre2-8.so"
 ln -s libsentencepiece.so.0 "$root/lib/libsentencepiece.so"
 ln -s libutf8proc.so.2 "$root/lib/libutf8proc.so"
@@ -68,7 +69,7 @@ versions() { objdump -T "$root"/lib/*.so.* | grep -oE "\b$1_[0-9.]+\b" | sort -u
 {
   echo "tightfit GPU bundle, packed $(date -u +%Y-%m-%dT%H:%MZ) on $(. /etc/os-release && echo "$PRETTY_NAME")"
   dpkg-query -W -f='${Package} ${Version}\n' libcli11-dev nlohmann-json3-dev libopenblas0-openmp \
-    libopenblas-openmp-dev libpcre2-8-0 libpcre2-dev libsentencepiece0 libsentencepiece-dev libutf8proc2 libutf8proc-dev googletest \
+    libopenblas-openmp-dev libdnnl2 libdnnl-dev libpcre2-8-0 libpcre2-dev libsentencepiece0 libsentencepiece-dev libutf8proc2 libutf8proc-dev googletest \
     libgfortran5 libquadmath0
   (cd "$root" && find . -type f -path './lib/*' -printf '%p %s bytes\n' | sort)
 } >"$root/MANIFEST"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages tightfit builds against (docs/DESIGN.md, "Dependencies"). Idempotent; needs root.
 set -euo pipefail
-packages=(build-essential cmake ninja-build ccache pkg-config libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev
+packages=(build-essential cmake ninja-build ccache pkg-config libopenblas-openmp-dev libdnnl-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libsentencepiece-dev libpcre2-dev libutf8proc-dev libboost-context-dev liburing-dev clang clang-format python3)
 missing=()
 for p in "${packages[@]}"; do

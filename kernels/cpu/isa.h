@@ -1,4 +1,5 @@
 // defines: tf::cpu::use_avx512 (whether the AVX-512 kernels of the quantized weight ops run),
+//          tf::cpu::cpu_has_avx512_bf16 (whether the CPU has the bf16 dot products of the bf16 GEMM),
 //          tf::cpu::ScopedPortableKernels (forces their portable versions, for tests and comparisons),
 //          TF_HAVE_AVX512_KERNELS (set where those kernels are compiled at all)
 //
@@ -25,6 +26,17 @@ inline bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 BF16 (vdpbf16ps: bf16 pairs multiplied and summed into f32) besides the above; CPUs with AMX
+// have it too.
+inline bool cpu_has_avx512_bf16() {
+#if defined(TF_HAVE_AVX512_KERNELS)
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 #else
   return false;

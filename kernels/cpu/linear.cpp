@@ -1,13 +1,15 @@
 // defines: tf::cpu::linear_forward, tf::cpu::linear_backward_input (f32 / bf16 / f16 weights
 // through tf::cpu::matmul; a quantized weight dequantized one bounded tile at a time into
-// per-thread scratch and multiplied with OpenBLAS sgemm, or through tf::cpu::quant_gemv /
-// quant_gemv_t when there are only a few tokens)
+// per-thread scratch and multiplied with OpenBLAS sgemm, or under bf16 precision dequantized to bf16
+// and multiplied by tf::cpu::bf16_gemm with the activations rounded to bf16, or through
+// tf::cpu::quant_gemv / quant_gemv_t when there are only a few tokens)
 #include "kernels/cpu/ref/linear.h"
 
 #include <cblas.h>
 
 #include <algorithm>
 
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/quant_gemv.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
@@ -65,6 +67,62 @@ void for_each_tile(const WeightRef& W, Fn&& fn) {
   }
 }
 
+// As for_each_tile, with the tile dequantized to bf16 into the same scratch (half its bytes).
+template <typename Fn>
+void for_each_bf16_tile(const WeightRef& W, Fn&& fn) {
+  const TileShape ts = tile_shape(W);
+  auto* tile = reinterpret_cast<uint16_t*>(tile_scratch(ts));
+  for (int64_t c0 = 0; c0 < W.cols; c0 += ts.cols) {
+    const int64_t cn = std::min(ts.cols, W.cols - c0);
+    for (int64_t r0 = 0; r0 < W.rows; r0 += ts.rows) {
+      const int64_t rn = std::min(ts.rows, W.rows - r0);
+      dequantize_weight_tile_bf16(tile, cn, W, r0, rn, c0, cn);
+      fn(static_cast<const uint16_t*>(tile), r0, rn, c0, cn);
+    }
+  }
+}
+
+// The activations a bf16 product reads, rounded to bf16: at most this many elements at a time (4 MiB),
+// the whole [tokens, run] slab when it fits, so that each is rounded once per tile column run.
+constexpr int64_t kBf16SlabElems = int64_t(1) << 21;
+
+// Rounds x[t0 .. t0 + tn, c0 .. c0 + cn] (leading dimension ld) to bf16 with leading dimension cn.
+void round_slab(uint16_t* dst, const float* x, int64_t ld, int64_t t0, int64_t tn, int64_t c0, int64_t cn) {
+#pragma omp parallel for schedule(static) if (tn * cn >= (int64_t(1) << 15))
+  for (int64_t t = 0; t < tn; ++t) round_to_bf16(dst + t * cn, x + (t0 + t) * ld + c0, cn);
+}
+
+uint16_t* slab_scratch(int64_t elems) {
+  thread_local Buffer buffer;
+  return static_cast<uint16_t*>(grow_scratch(buffer, size_t(elems) * sizeof(uint16_t)));
+}
+
+// out[:, o0 .. o0 + on] (leading dimension ld_out) = in[:, i0 .. i0 + in_n] (leading dimension ld_in,
+// rounded to bf16 in slabs of tokens) times the bf16 tile (row-major, ld_tile), transposed when
+// `trans`; beta as in the op. The slab of `in` is rounded again only when the run it covers changes.
+struct Bf16Slabs {
+  int64_t n_tokens, tokens_per_slab;
+  uint16_t* slab;
+  int64_t rounded_i0 = -1;
+
+  Bf16Slabs(int64_t n, int64_t width) : n_tokens(n) {
+    tokens_per_slab = std::min(n, std::max<int64_t>(1, kBf16SlabElems / width));
+    slab = slab_scratch(tokens_per_slab * width);
+  }
+
+  void product(float* out, int64_t ld_out, int64_t o0, int64_t on, const float* in, int64_t ld_in, int64_t i0,
+               int64_t in_n, const uint16_t* tile, int64_t ld_tile, bool trans, float beta) {
+    const bool whole = tokens_per_slab == n_tokens;
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += tokens_per_slab) {
+      const int64_t tn = std::min(tokens_per_slab, n_tokens - t0);
+      if (!whole || rounded_i0 != i0) round_slab(slab, in, ld_in, t0, tn, i0, in_n);
+      rounded_i0 = i0;
+      bf16_gemm(out + t0 * ld_out + o0, ld_out, {slab, DType::BF16, in_n, false},
+                {tile, DType::BF16, ld_tile, trans}, tn, on, in_n, 1.0f, beta);
+    }
+  }
+};
+
 }  // namespace
 
 // Each tile's product is one sgemm, whose bits repeat at a fixed thread count (see matmul.cpp), and
@@ -85,6 +143,13 @@ void linear_forward(float* y, const float* x, WeightRef W, int64_t n_tokens, flo
   }
   if (n_tokens <= kQuantGemvMaxTokens) {
     quant_gemv(y, x, W, n_tokens, beta);
+    return;
+  }
+  if (matmul_precision() == MatmulPrecision::BF16) {
+    Bf16Slabs slabs(n_tokens, tile_shape(W).cols);
+    for_each_bf16_tile(W, [&](const uint16_t* tile, int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
+      slabs.product(y, rows, r0, rn, x, cols, c0, cn, tile, cn, true, c0 == 0 ? beta : 1.0f);
+    });
     return;
   }
   for_each_tile(W, [&](const float* tile, int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
@@ -109,6 +174,13 @@ void linear_backward_input(float* dx, const float* dy, WeightRef W, int64_t n_to
   }
   if (n_tokens <= kQuantGemvMaxTokens) {
     quant_gemv_t(dx, dy, W, n_tokens, beta);
+    return;
+  }
+  if (matmul_precision() == MatmulPrecision::BF16) {
+    Bf16Slabs slabs(n_tokens, tile_shape(W).rows);
+    for_each_bf16_tile(W, [&](const uint16_t* tile, int64_t r0, int64_t rn, int64_t c0, int64_t cn) {
+      slabs.product(dx, cols, c0, cn, dy, rows, r0, rn, tile, cn, false, r0 == 0 ? beta : 1.0f);
+    });
     return;
   }
   for_each_tile(W, [&](const float* tile, int64_t r0, int64_t rn, int64_t c0, int64_t cn) {

@@ -1,10 +1,12 @@
 // defines: tf::cpu::matmul, tf::cpu::matmul_backward (OpenBLAS sgemm; bf16/f16 operands widened
-// to f32 one bounded tile at a time)
+// to f32 one bounded tile at a time, or under bf16 precision a bf16 operand multiplied as stored by
+// tf::cpu::bf16_gemm, with its f32 partner rounded to bf16 one bounded tile at a time)
 #include <cblas.h>
 
 #include <algorithm>
 #include <climits>
 
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/ref/element.h"
 #include "kernels/matmul_backward.h"
 #include "kernels/ops.h"
@@ -60,9 +62,22 @@ MatOperand widen_tile(const MatOperand& x, bool outer_major, int64_t o0, int64_t
   return MatOperand{dst, DType::F32, cols, x.trans};
 }
 
-MatOperand f32_block(const MatOperand& x, bool outer_major, int64_t o0, int64_t k0) {
-  return MatOperand{static_cast<const float*>(x.data) + stored_offset(x, outer_major, o0, k0), DType::F32,
-                    x.ld, x.trans};
+// As widen_tile, rounding an f32 operand's sub-block to bf16 in dst.
+MatOperand narrow_tile(const MatOperand& x, bool outer_major, int64_t o0, int64_t on, int64_t k0, int64_t kn,
+                       uint16_t* dst) {
+  const int64_t rows = outer_major ? on : kn;
+  const int64_t cols = outer_major ? kn : on;
+  const float* first = static_cast<const float*>(x.data) + stored_offset(x, outer_major, o0, k0);
+#pragma omp parallel for schedule(static) if (rows * cols >= kParallelWidenElems)
+  for (int64_t r = 0; r < rows; ++r) round_to_bf16(dst + r * cols, first + r * x.ld, cols);
+  return MatOperand{dst, DType::BF16, cols, x.trans};
+}
+
+// The stored sub-block of X starting at op(X)[o0, k0], in place.
+MatOperand stored_block(const MatOperand& x, bool outer_major, int64_t o0, int64_t k0) {
+  return MatOperand{
+      static_cast<const char*>(x.data) + stored_offset(x, outer_major, o0, k0) * dtype_size(x.dtype), x.dtype,
+      x.ld, x.trans};
 }
 
 // Assumed of OpenBLAS (0.3.21 measured): its threads own disjoint blocks of C, and a shape and a
@@ -109,32 +124,48 @@ void matmul(float* C, int64_t ldc, MatOperand A, MatOperand B, int64_t M, int64_
     }
     return;
   }
-  const bool widen_a = A.dtype != DType::F32;
-  const bool widen_b = B.dtype != DType::F32;
-  if (!widen_a && !widen_b) {
+  // Under bf16 precision a product with a bf16 operand (and no f16 one) runs in bf16: the bf16 operand
+  // as stored, its f32 partner rounded a tile at a time. Otherwise the non-f32 operands are widened.
+  const bool bf16 = matmul_precision() == MatmulPrecision::BF16 &&
+                    (A.dtype == DType::BF16 || B.dtype == DType::BF16) && A.dtype != DType::F16 &&
+                    B.dtype != DType::F16;
+  const bool tile_a = bf16 ? A.dtype == DType::F32 : A.dtype != DType::F32;
+  const bool tile_b = bf16 ? B.dtype == DType::F32 : B.dtype != DType::F32;
+  if (!bf16 && !tile_a && !tile_b) {
     sgemm(C, ldc, A, B, M, N, K, alpha, beta);
     return;
   }
   int64_t kc = K;
-  if (widen_a) kc = std::min(kc, preferred_k_extent(a_outer_major, M, K));
-  if (widen_b) kc = std::min(kc, preferred_k_extent(b_outer_major, N, K));
-  const int64_t mc = widen_a ? outer_extent(a_outer_major, M, kc) : M;
-  const int64_t nc = widen_b ? outer_extent(b_outer_major, N, kc) : N;
-  float* a_tile = widen_a ? tile_scratch(0) : nullptr;
-  float* b_tile = widen_b ? tile_scratch(1) : nullptr;
+  if (tile_a) kc = std::min(kc, preferred_k_extent(a_outer_major, M, K));
+  if (tile_b) kc = std::min(kc, preferred_k_extent(b_outer_major, N, K));
+  const int64_t mc = tile_a ? outer_extent(a_outer_major, M, kc) : M;
+  const int64_t nc = tile_b ? outer_extent(b_outer_major, N, kc) : N;
+  // At most one operand is rounded to bf16, into the scratch that widens a weight under f32: the
+  // run's workspace is the same under either precision.
+  float* a_tile = tile_a ? tile_scratch(bf16 ? 1 : 0) : nullptr;
+  float* b_tile = tile_b ? tile_scratch(1) : nullptr;
+  const auto tile = [&](const MatOperand& x, bool outer_major, int64_t o0, int64_t on, int64_t k0, int64_t kn,
+                        float* dst) {
+    return bf16 ? narrow_tile(x, outer_major, o0, on, k0, kn, reinterpret_cast<uint16_t*>(dst))
+                : widen_tile(x, outer_major, o0, on, k0, kn, dst);
+  };
   // K is split into chunks summed into C: beta applies with the first chunk only.
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kn = std::min(kc, K - k0);
     const float chunk_beta = k0 == 0 ? beta : 1.0f;
     for (int64_t m0 = 0; m0 < M; m0 += mc) {
       const int64_t mn = std::min(mc, M - m0);
-      const MatOperand a = widen_a ? widen_tile(A, a_outer_major, m0, mn, k0, kn, a_tile)
-                                   : f32_block(A, a_outer_major, m0, k0);
+      const MatOperand a =
+          tile_a ? tile(A, a_outer_major, m0, mn, k0, kn, a_tile) : stored_block(A, a_outer_major, m0, k0);
       for (int64_t n0 = 0; n0 < N; n0 += nc) {
         const int64_t nn = std::min(nc, N - n0);
-        const MatOperand b = widen_b ? widen_tile(B, b_outer_major, n0, nn, k0, kn, b_tile)
-                                     : f32_block(B, b_outer_major, n0, k0);
-        sgemm(C + m0 * ldc + n0, ldc, a, b, mn, nn, kn, alpha, chunk_beta);
+        const MatOperand b =
+            tile_b ? tile(B, b_outer_major, n0, nn, k0, kn, b_tile) : stored_block(B, b_outer_major, n0, k0);
+        if (bf16) {
+          bf16_gemm(C + m0 * ldc + n0, ldc, a, b, mn, nn, kn, alpha, chunk_beta);
+        } else {
+          sgemm(C + m0 * ldc + n0, ldc, a, b, mn, nn, kn, alpha, chunk_beta);
+        }
       }
     }
   }

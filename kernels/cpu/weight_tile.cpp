@@ -1,11 +1,13 @@
 // defines: tf::cpu::dequantize_weight_tile (any WeightRef dtype to f32, row by row in parallel; the
-//          same bits as tf::ref::dequantize_weight_tile)
+//          same bits as tf::ref::dequantize_weight_tile) and tf::cpu::dequantize_weight_tile_bf16 (those
+//          values rounded to bf16)
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/avx512_blocks.h"
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
@@ -138,22 +140,47 @@ void avx512_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n
 TF_AVX512_END
 #endif  // TF_HAVE_AVX512_KERNELS
 
+// Columns [c0, c0 + n_cols) of row r as f32, by the AVX-512 decoders when `wide`.
+void decode_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n_cols, bool wide) {
+#if defined(TF_HAVE_AVX512_KERNELS)
+  if (wide) return avx512_row(dst, W, r, c0, n_cols);
+#endif
+  (void)wide;
+  portable_row(dst, W, r, c0, n_cols);
+}
+
+// A bf16 tile's row is decoded to f32 this many columns at a time (a multiple of every block, so each
+// run starts on a block) and rounded from the stack, in cache.
+constexpr int64_t kBf16Run = 256;
+
 }  // namespace
 
 void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows, int64_t c0,
                             int64_t n_cols) {
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
-  [[maybe_unused]] const bool wide = use_avx512();
+  const bool wide = use_avx512();
   // Callers that already split their rows over threads call this inside their parallel region.
 #pragma omp parallel for schedule(static) if (n_rows * n_cols >= kMinParallelElems && !omp_in_parallel())
+  for (int64_t r = 0; r < n_rows; ++r) decode_row(dst + r * ld_dst, W, r0 + r, c0, n_cols, wide);
+}
+
+void dequantize_weight_tile_bf16(uint16_t* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows,
+                                 int64_t c0, int64_t n_cols) {
+  check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
+  const bool wide = use_avx512();
+#pragma omp parallel for schedule(static) if (n_rows * n_cols >= kMinParallelElems && !omp_in_parallel())
   for (int64_t r = 0; r < n_rows; ++r) {
-#if defined(TF_HAVE_AVX512_KERNELS)
-    if (wide) {
-      avx512_row(dst + r * ld_dst, W, r0 + r, c0, n_cols);
+    uint16_t* out = dst + r * ld_dst;
+    if (W.dtype == DType::BF16) {
+      std::memcpy(out, static_cast<const uint16_t*>(W.data) + (r0 + r) * W.cols + c0, size_t(n_cols) * 2);
       continue;
     }
-#endif
-    portable_row(dst + r * ld_dst, W, r0 + r, c0, n_cols);
+    float run[kBf16Run];
+    for (int64_t c = 0; c < n_cols; c += kBf16Run) {
+      const int64_t n = std::min(kBf16Run, n_cols - c);
+      decode_row(run, W, r0 + r, c0 + c, n, wide);
+      round_to_bf16(out + c, run, n);
+    }
   }
 }
 
