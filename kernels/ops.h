@@ -106,6 +106,9 @@ struct AttentionShape {
   int head_dim = 0;
   float scale = 0.0f;  // usually 1/sqrt(head_dim)
   int window = 0;      // sliding window: a query sees its `window` latest keys; 0 sees all (causal)
+  // Logit soft-capping (Gemma 2's attn_logit_softcapping): each scaled score s becomes
+  // softcap * tanh(s / softcap) before the mask and the softmax; 0 leaves the scores as they are.
+  float softcap = 0.0f;
 };
 
 // AdamW hyper-parameters for one update; step is 1-based (bias correction).

@@ -4,7 +4,8 @@
 // forward keeps a running max and sum per query row (online softmax), and the backward recomputes
 // each tile's probabilities from the saved log-sum-exp, so no seq x seq matrix is ever stored.
 // Tiles that the causal mask, the sliding window or the document ids rule out entirely are
-// skipped: the key loops start at the first tile a window reaches and stop at the last.
+// skipped: the key loops start at the first tile a window reaches and stop at the last. Soft-capped
+// scores (Gemma 2) are capped in the tile right after they are formed, before the mask.
 // A row's arithmetic is the same whatever tiles its neighbours bring in: a tile the mask leaves a
 // row none of adds exactly nothing to it.
 //
@@ -40,6 +41,7 @@ struct Geometry {
   int64_t q_row, kv_row;  // distance between consecutive tokens in q (and d_out, out) and in k, v
   float scale;
   int window;
+  float softcap;
   explicit Geometry(const AttentionShape& s)
       : seq(s.seq),
         n_heads(s.n_heads),
@@ -49,7 +51,8 @@ struct Geometry {
         q_row(int64_t(s.n_heads) * s.head_dim),
         kv_row(int64_t(s.n_kv_heads) * s.head_dim),
         scale(s.scale),
-        window(s.window) {}
+        window(s.window),
+        softcap(s.softcap) {}
 };
 
 // A tile: query positions [q0, q0 + nq) against key positions [k0, k0 + nk) of one sequence.
@@ -110,6 +113,16 @@ void tile_scores(float* S, const float* A, int64_t a_row, int64_t n_rows, const 
         for (int c = 0; c < kCols; ++c) srow[c] = scale * acc[i][c];
       }
     }
+  }
+}
+
+// S[r][c] = cap * tanh(S[r][c] / cap) for r < n_rows, c < nk (a cap of 0 leaves S as it is).
+void cap_scores(float* S, int64_t n_rows, int64_t nk, float cap) {
+  if (cap <= 0) return;
+  const float inv = 1.0f / cap;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* srow = S + r * kBlockK;
+    for (int64_t c = 0; c < nk; ++c) srow[c] = cap * std::tanh(srow[c] * inv);
   }
 }
 
@@ -296,6 +309,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       const float* vblk = v + (tok0 + k0) * g.kv_row + qt.kvh * D;
       transpose_block(Kt, kblk, g.kv_row, t.nk, D);
       tile_scores(S, qblk, g.q_row, nq, Kt, D, g.scale);
+      cap_scores(S, nq, t.nk, g.softcap);
       if (mask == TileMask::Partial) mask_scores(S, qt.doc, t, g.window);
       acc.add_tile(S, nq, t.nk, vblk, g.kv_row);
     }
@@ -311,14 +325,16 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 namespace {
 
 // The probabilities P = exp(S - lse) of one tile into S and dS = P * (dP - delta) into dP, from
-// the scaled, masked scores of the query rows qblk against the transposed keys Kt and from
+// the scaled (and capped), masked scores of the query rows qblk against the transposed keys Kt and from
 // dP = dO V^T of the d_out rows doblk against the transposed values Vt. lse_rows and delta_rows
 // point at the tile's first query row (stride n_heads). Both backward passes call this, so they
-// see the same P.
+// see the same P. Under a cap c, dS is taken back through it to the scaled score: times
+// 1 - tanh^2 = 1 - (S / c)^2 of the capped S.
 void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const int32_t* doc,
                        const float* qblk, const float* doblk, const float* Kt, const float* Vt,
                        const float* lse_rows, const float* delta_rows, const Geometry& g) {
   tile_scores(S, qblk, g.q_row, t.nq, Kt, g.head_dim, g.scale);
+  cap_scores(S, t.nq, t.nk, g.softcap);
   if (mask == TileMask::Partial) mask_scores(S, doc, t, g.window);
   tile_scores(dP, doblk, g.q_row, t.nq, Vt, g.head_dim, 1.0f);
   for (int64_t r = 0; r < t.nq; ++r) {
@@ -326,6 +342,16 @@ void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const 
     const float dl = delta_rows[r * g.n_heads];
     float* p = S + r * kBlockK;
     float* dp = dP + r * kBlockK;
+    if (g.softcap > 0) {
+      const float inv = 1.0f / g.softcap;
+      for (int64_t c = 0; c < t.nk; ++c) {
+        // A masked score is -inf: its P is 0, and so is its dS (not 0 times an infinite derivative).
+        const float th = p[c] == kNegInf ? 0.0f : p[c] * inv;
+        p[c] = std::exp(p[c] - l);
+        dp[c] = p[c] * (dp[c] - dl) * (1.0f - th * th);
+      }
+      continue;
+    }
     for (int64_t c = 0; c < t.nk; ++c) {
       p[c] = std::exp(p[c] - l);
       dp[c] = p[c] * (dp[c] - dl);
@@ -474,8 +500,8 @@ void row_scores(float* S, const float* A, int64_t a_row, int64_t n_rows, const f
 
 void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                               int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                              float scale, int window) {
-  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
+                              float scale, int window, float softcap) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window, softcap);
   if (n_new == 0) return;
   const int64_t D = head_dim, H = n_heads, KV = n_kv_heads, group = H / KV;
   const int64_t q_row = H * D, kv_row = KV * D;
@@ -524,6 +550,7 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
           tile_scores(srows, qrows, q_row, nq, Kt, D, scale);
         }
       }
+      cap_scores(S, rows, nk, softcap);
       // Keys past a row's own position: only in the tiles that reach beyond the first position.
       if (k0 + nk - 1 > first_pos) {
         for (int64_t r = 0; r < rows; ++r) {

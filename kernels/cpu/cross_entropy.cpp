@@ -1,7 +1,7 @@
 // defines: tf::cpu::lm_head_cross_entropy (the [n_tokens, vocab] logits never exist: for an f32 /
 // bf16 / f16 W, chunks of rows with logits via tf::cpu::matmul, stable log-softmax and d_h through
 // a second matmul; for a quantized W, tiles of the vocabulary dequantized once per call each, with
-// an online softmax over them)
+// an online softmax over them; logits soft-capped under a cap, with the cap's derivative in d_h)
 #include "kernels/cpu/ref/cross_entropy.h"
 
 #include <cblas.h>
@@ -21,8 +21,43 @@ namespace {
 // bf16 W, paid twice per chunk, costs about one element per 128 multiply-adds.
 constexpr int64_t kChunkRows = 64;
 
+// Row i's loss from its raw logits, and with d_h the row overwritten by its d(loss)/d(raw logits)
+// times grad_scale: under a cap c the logits are z = c tanh(raw / c), and d/d(raw) is d/dz times
+// 1 - (z / c)^2. So that an uncapped row keeps its bits, the two are separate loops.
+double softmax_row(float* row, int64_t vocab, int32_t target, bool grad, float grad_scale, float cap) {
+  const float inv = cap > 0 ? 1.0f / cap : 0.0f;
+  if (cap > 0)
+    for (int64_t v = 0; v < vocab; ++v) row[v] = cap * std::tanh(row[v] * inv);
+  const float target_logit = row[target];
+  const float mx = *std::max_element(row, row + vocab);
+  if (cap > 0) {
+    double sum = 0;
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(row[v] - mx);
+    if (grad) {
+      const float scale = float(double(grad_scale) / sum);
+      for (int64_t v = 0; v < vocab; ++v) {
+        const float th = row[v] * inv;
+        const float p = std::exp(row[v] - mx) * scale - (v == target ? grad_scale : 0.0f);
+        row[v] = p * (1.0f - th * th);
+      }
+    }
+    return double(mx) + std::log(sum) - double(target_logit);
+  }
+  double sum = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    row[v] = std::exp(row[v] - mx);
+    sum += row[v];
+  }
+  if (grad) {
+    const float scale = float(double(grad_scale) / sum);
+    for (int64_t v = 0; v < vocab; ++v) row[v] *= scale;
+    row[target] -= grad_scale;
+  }
+  return double(mx) + std::log(sum) - double(target_logit);
+}
+
 double dense_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W, const int32_t* targets,
-                           int64_t n_tokens, float grad_scale) {
+                           int64_t n_tokens, float grad_scale, float cap) {
   const int64_t vocab = W.rows;
   const int64_t dim = W.cols;
   const int64_t chunk = std::min(n_tokens, kChunkRows);
@@ -51,19 +86,7 @@ double dense_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightR
         if (d_h) std::fill(row, row + vocab, 0.0f);
         continue;
       }
-      const float target_logit = row[t[i]];
-      const float mx = *std::max_element(row, row + vocab);
-      double sum = 0;
-      for (int64_t v = 0; v < vocab; ++v) {
-        row[v] = std::exp(row[v] - mx);
-        sum += row[v];
-      }
-      row_loss[i] = double(mx) + std::log(sum) - double(target_logit);
-      if (d_h) {
-        const float scale = float(double(grad_scale) / sum);
-        for (int64_t v = 0; v < vocab; ++v) row[v] *= scale;
-        row[t[i]] -= grad_scale;
-      }
+      row_loss[i] = softmax_row(row, vocab, t[i], d_h != nullptr, grad_scale, cap);
     }
     for (int64_t i = 0; i < rows; ++i) {
       if (t[i] == kIgnoreIndex) continue;
@@ -92,9 +115,10 @@ constexpr int64_t kTokenRows = 256;
 // online softmax), and, for d_h, the unnormalised acc = sum_v exp(z_v - m) W[v] the same way:
 // d(loss)/dh = acc / s - W[target] once the last tile is in. Every row's state is updated by one
 // thread in tile order and the row losses are added in row order, so, as in the dense path, the
-// result is the same for any thread count, given the logits.
+// result is the same for any thread count, given the logits. Under a cap c the tile's logits are
+// capped first and each term of acc (and the target's) carries the cap's derivative 1 - (z / c)^2.
 double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
-                               const int32_t* targets, int64_t n_tokens, float grad_scale) {
+                               const int32_t* targets, int64_t n_tokens, float grad_scale, float cap) {
   const int64_t vocab = W.rows;
   const int64_t dim = W.cols;
   ref::check_linear("lm_head_cross_entropy", h, h, W, n_tokens, true);
@@ -132,10 +156,14 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
         // An ignored row's acc collects whatever its logits make of it and is never read.
         if (t[i] == kIgnoreIndex) continue;
         float* row = logits + i * vn;
+        const float inv = cap > 0 ? 1.0f / cap : 0.0f;
+        if (cap > 0)
+          for (int64_t v = 0; v < vn; ++v) row[v] = cap * std::tanh(row[v] * inv);
         const int64_t g = r0 + i;
         const int64_t local = int64_t(t[i]) - v0;
         const bool has_target = local >= 0 && local < vn;
         if (has_target) target_logit[g] = row[local];
+        const float target_slope = has_target ? 1.0f - row[local] * inv * (row[local] * inv) : 1.0f;
         const float mx = *std::max_element(row, row + vn);
         if (mx > run_max[g]) {
           // exp(-inf) = 0 on the first tile, where s and acc are still zero.
@@ -149,15 +177,25 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
         }
         const float m = run_max[g];
         double sum = 0;
-        for (int64_t v = 0; v < vn; ++v) {
-          row[v] = std::exp(row[v] - m);
-          sum += row[v];
+        if (cap > 0) {
+          for (int64_t v = 0; v < vn; ++v) {
+            const float th = row[v] * inv;
+            const float e = std::exp(row[v] - m);
+            sum += e;
+            row[v] = e * (1.0f - th * th);
+          }
+        } else {
+          for (int64_t v = 0; v < vn; ++v) {
+            row[v] = std::exp(row[v] - m);
+            sum += row[v];
+          }
         }
         run_sum[g] += sum;
         if (d_h && has_target) {
           const float* w_target = tile + local * dim;
+          const float step = grad_scale * target_slope;
           float* dh = d_h + g * dim;
-          for (int64_t d = 0; d < dim; ++d) dh[d] -= grad_scale * w_target[d];
+          for (int64_t d = 0; d < dim; ++d) dh[d] -= step * w_target[d];
         }
       }
       if (acc)
@@ -186,11 +224,12 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
 }  // namespace
 
 double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
-                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
+                             const int32_t* targets, int64_t n_tokens, float grad_scale, float softcap) {
   ref::check_targets(targets, n_tokens, W.rows);
+  ref::check_logit_softcap(softcap);
   if (is_quantized(W.dtype))
-    return quantized_cross_entropy(d_h, n_valid, h, W, targets, n_tokens, grad_scale);
-  return dense_cross_entropy(d_h, n_valid, h, W, targets, n_tokens, grad_scale);
+    return quantized_cross_entropy(d_h, n_valid, h, W, targets, n_tokens, grad_scale, softcap);
+  return dense_cross_entropy(d_h, n_valid, h, W, targets, n_tokens, grad_scale, softcap);
 }
 
 }  // namespace tf::cpu

@@ -1,6 +1,7 @@
 // defines: tf::cuda::attention_forward / attention_backward / attention_cached_forward (built by
 // nvcc) and their tf::simt twins (this source compiled as host C++ against the simulator): causal
-// GQA attention with document ids and a sliding window as plain tiled f32 kernels.
+// GQA attention with document ids, a sliding window and logit soft-capping as plain tiled f32
+// kernels.
 //
 // Queries and keys go in tiles of kTileQ x kTileK held in shared memory with their rows of q, k, v
 // (and d_out); the forward keeps a running max and sum per query row (online softmax) and the
@@ -64,6 +65,11 @@ __device__ int64_t window_start(int64_t qp, int window) {
   return window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
 }
 
+// A scaled score soft-capped, cap * tanh(x / cap) (Gemma 2), or x when cap is 0.
+__device__ float capped(float x, float cap) {
+  return cap > 0 ? cap * tanhf(x / cap) : x;
+}
+
 // Whether the query at position qp may attend to the key at position kp of the same sequence;
 // doc is that sequence's document ids (indexed by position) or null.
 __device__ bool allowed(port::gptr<const int32_t> doc, int64_t qp, int64_t kp, int window) {
@@ -87,6 +93,7 @@ struct ForwardArgs {
   int n_heads, n_kv_heads, head_dim;
   float scale;
   int window;
+  float softcap;
 };
 
 // Shared floats of a forward block: Q and O tiles [kTileQ][D], K and V [kTileK][D], the
@@ -144,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(ForwardArgs
     for (int idx = tid; idx < nq * nk; idx += kThreads) {
       const int r = idx / nk, c = idx % nk;
       ps[r * kTileK + c] = allowed(doc, a.pos0 + i0 + r, j0 + c, a.window)
-                               ? a.scale * dot(qs + r * D, ks + c * D, D)
+                               ? capped(a.scale * dot(qs + r * D, ks + c * D, D), a.softcap)
                                : -INFINITY;
     }
     __syncthreads();
@@ -229,6 +236,7 @@ struct BackwardArgs {
   int n_heads, n_kv_heads, head_dim;
   float scale;
   int window;
+  float softcap;
 };
 
 // delta[row] = d_out[row] . out[row] for each of n_rows (token, head) rows of head_dim floats.
@@ -288,9 +296,10 @@ __device__ void load_query_rows(const BackwardTiles& t, const BackwardArgs& a, i
   }
 }
 
-// P = exp(scale q.k - lse) and dS = P (dO.v - delta) of the tile's query rows i0 + r (r < nq)
-// against its keys j0 + c (c < nk); 0 where the mask forbids the pair. Both backward kernels
-// compute their tiles here, so they see the same P.
+// P = exp(x - lse) and dS = P (dO.v - delta) of the tile's query rows i0 + r (r < nq) against its
+// keys j0 + c (c < nk), x the scaled score q.k scale (capped: x = c tanh(q.k scale / c), and dS
+// times 1 - (x / c)^2, the cap's derivative); 0 where the mask forbids the pair. Both backward
+// kernels compute their tiles here, so they see the same P.
 __device__ void tile_probabilities(const BackwardTiles& t, const BackwardArgs& a,
                                    port::gptr<const int32_t> doc, int64_t i0, int nq, int64_t j0, int nk) {
   const int D = a.head_dim;
@@ -299,8 +308,13 @@ __device__ void tile_probabilities(const BackwardTiles& t, const BackwardArgs& a
     float p = 0.0f, ds = 0.0f;
     if (allowed(doc, i0 + r, j0 + c, a.window)) {
       const float l = t.lse[r], dl = t.delta[r];
-      p = expf(a.scale * dot(t.qs + r * D, t.ks + c * D, D) - l);
+      const float x = capped(a.scale * dot(t.qs + r * D, t.ks + c * D, D), a.softcap);
+      p = expf(x - l);
       ds = p * (dot(t.dos + r * D, t.vs + c * D, D) - dl);
+      if (a.softcap > 0) {
+        const float th = x / a.softcap;
+        ds *= 1.0f - th * th;
+      }
     }
     t.ps[r * kTileK + c] = p;
     t.dss[r * kTileK + c] = ds;
@@ -410,8 +424,8 @@ size_t delta_bytes(int64_t n_rows) {
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        const int32_t* doc_ids, const AttentionShape& s) {
   ref::check_attention_shape(s);
-  const ForwardArgs a{out,       lse,          q,          k,       v,       doc_ids, s.seq, s.seq, 0,
-                      s.n_heads, s.n_kv_heads, s.head_dim, s.scale, s.window};
+  const ForwardArgs a{out,       lse,          q,          k,       v,        doc_ids,  s.seq, s.seq, 0,
+                      s.n_heads, s.n_kv_heads, s.head_dim, s.scale, s.window, s.softcap};
   launch_forward("attention_forward", a, s.batch);
 }
 
@@ -435,8 +449,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
       port::LaunchConfig{"attention_backward delta", dim3(unsigned((n_rows + kThreads - 1) / kThreads)),
                          dim3(kThreads), 0, stream()},
       delta, d_out, out, n_rows, s.head_dim);
-  const BackwardArgs a{dq,      dk,    dv,        d_out,        q,          k,       v,       lse, delta,
-                       doc_ids, s.seq, s.n_heads, s.n_kv_heads, s.head_dim, s.scale, s.window};
+  const BackwardArgs a{
+      dq,      dk,    dv,        d_out,        q,          k,       v,        lse,      delta,
+      doc_ids, s.seq, s.n_heads, s.n_kv_heads, s.head_dim, s.scale, s.window, s.softcap};
   port::launch(attention_dkdv_kernel,
                port::LaunchConfig{"attention_backward dk dv", dim3(unsigned(dkdv_blocks)), dim3(kThreads),
                                   smem, stream()},
@@ -449,10 +464,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
 
 void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                               int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                              float scale, int window) {
-  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
-  const ForwardArgs a{out,    nullptr, q,          k_cache,  v_cache, nullptr, n_new, n_past + n_new,
-                      n_past, n_heads, n_kv_heads, head_dim, scale,   window};
+                              float scale, int window, float softcap) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window, softcap);
+  const ForwardArgs a{out,    nullptr, q,          k_cache,  v_cache, nullptr, n_new,  n_past + n_new,
+                      n_past, n_heads, n_kv_heads, head_dim, scale,   window,  softcap};
   launch_forward("attention_cached_forward", a, 1);
 }
 

@@ -252,13 +252,13 @@ class DeviceBackend final : public Backend {
   // graph is the training baseline).
   void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                                 int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                                float scale, int window) override {
+                                float scale, int window, float softcap) override {
     rt::set_current_stream(compute_);
     if (attention_ != AttentionKernel::Plain && flash_attention_supports(head_dim))
       return flash_attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,
-                                            head_dim, scale, window);
+                                            head_dim, scale, window, softcap);
     TF_PORT_BACKEND::attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,
-                                              head_dim, scale, window);
+                                              head_dim, scale, window, softcap);
   }
 
  protected:

@@ -31,10 +31,16 @@ constexpr int kRowsPerBlock = 4;
 // and, with `grad`, the row overwritten by grad_scale * (softmax - onehot(target)), or zeros for an
 // ignored row so that the d_h product adds nothing for it. Each lane owns the columns equal to its
 // lane index mod 32 in every pass, and the warp combines lanes by a butterfly, a fixed order: the
-// same bits on every run. exp is summed in double, as the CPU does.
+// same bits on every run. exp is summed in double, as the CPU does. Under a cap c > 0 every pass
+// reads the logits capped, c tanh(z / c), and the gradient is taken back through the cap (times
+// 1 - tanh^2), as the CPU does.
+__device__ float capped_logit(float z, float cap) {
+  return cap > 0 ? cap * tanhf(z / cap) : z;
+}
+
 __global__ void softmax_rows(port::gptr<float> logits, int64_t vocab, int64_t rows,
                              port::gptr<const int32_t> targets, port::gptr<double> losses, float grad_scale,
-                             int grad) {
+                             int grad, float cap) {
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + int64_t(threadIdx.x) / 32;
   const int lane = int(threadIdx.x) % 32;
   if (row >= rows) return;  // whole warps leave together
@@ -49,17 +55,17 @@ __global__ void softmax_rows(port::gptr<float> logits, int64_t vocab, int64_t ro
   }
   // The lane owning the target column reads it (before any lane writes the row) and shares it.
   float target_logit = 0.0f;
-  if (lane == t % 32) target_logit = z[t];
+  if (lane == t % 32) target_logit = capped_logit(z[t], cap);
   target_logit = __shfl_sync(0xffffffffu, target_logit, t % 32);
   float mx = -INFINITY;
   for (int64_t v = lane; v < vocab; v += 32) {
-    const float zv = z[v];
+    const float zv = capped_logit(z[v], cap);
     mx = fmaxf(mx, zv);
   }
   for (int offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
   double sum = 0;
   for (int64_t v = lane; v < vocab; v += 32) {
-    const float zv = z[v];
+    const float zv = capped_logit(z[v], cap);
     sum += double(expf(zv - mx));
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
@@ -67,9 +73,11 @@ __global__ void softmax_rows(port::gptr<float> logits, int64_t vocab, int64_t ro
   if (!grad) return;
   const float scale = float(double(grad_scale) / sum);
   for (int64_t v = lane; v < vocab; v += 32) {
-    const float zv = z[v];
+    const float zv = capped_logit(z[v], cap);
     const float p = expf(zv - mx) * scale;
-    z[v] = v == t ? p - grad_scale : p;
+    const float g = v == t ? p - grad_scale : p;
+    const float th = cap > 0 ? zv / cap : 0.0f;
+    z[v] = cap > 0 ? g * (1.0f - th * th) : g;
   }
 }
 
@@ -99,8 +107,9 @@ void lm_head_cross_entropy_scratch(ScratchNeeds& s, const WeightRef& W, int64_t 
 }
 
 double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
-                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
+                             const int32_t* targets, int64_t n_tokens, float grad_scale, float softcap) {
   ref::check_linear("lm_head_cross_entropy", h, h, W, n_tokens, true);
+  ref::check_logit_softcap(softcap);
   TF_CHECK(n_valid != nullptr, "lm_head_cross_entropy: n_valid is null");
   const int64_t vocab = W.rows, dim = W.cols;
   const rt::StreamHandle stream = rt::current_stream();
@@ -127,7 +136,7 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
     port::launch(softmax_rows,
                  on_current_stream("lm_head_softmax_rows", (rows + kRowsPerBlock - 1) / kRowsPerBlock,
                                    32 * kRowsPerBlock),
-                 logits, vocab, rows, targets + r0, losses + r0, grad_scale, d_h ? 1 : 0);
+                 logits, vocab, rows, targets + r0, losses + r0, grad_scale, d_h ? 1 : 0, softcap);
     if (d_h) linear_backward_input(d_h + r0 * dim, logits, W, rows, 1.0f);
   }
   // The rows' losses are added on the host in row order, a fixed order whatever the chunking.

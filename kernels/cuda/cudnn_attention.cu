@@ -57,6 +57,9 @@ void check_shape(const int32_t* doc_ids, const AttentionShape& s, const char* di
   TF_CHECK(s.seq != 1, "--attention cudnn: cuDNN's fused attention does not take sequences of one token");
   TF_CHECK(s.window == 0, "--attention cudnn: the cuDNN attention graph here is causal only and takes no ",
            "sliding window (this call's is ", s.window, "); sliding-window layers run on flash or plain");
+  TF_CHECK(s.softcap == 0,
+           "--attention cudnn: the cuDNN attention graph here has no logit soft-capping (this ",
+           "model caps its attention scores at ", s.softcap, "); --attention auto, flash or plain runs it");
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // defines: tf::cuda::flash_attention_backward (built by nvcc) and its tf::simt twin (this source
 // compiled as host C++ against the simulator): attention's backward in the FlashAttention-2 style on
 // bf16 tensor cores (mma.sync m16n8k16 + ldmatrix + cp.async), causal, GQA, document ids, a
-// sliding window; and
+// sliding window, logit soft-capping; and
 // flash_attention_backward_scratch, the rt::scratch it asks for.
 //
 // A pre-pass writes bf16 copies of q, k, v and d_out into device scratch, so that the main kernels
@@ -12,7 +12,8 @@
 // which equals dO . out only for the dO that dP is computed from, hence the rounded one.
 //
 // Then two kernels recompute S = scale Q K^T and P = exp(S - lse) tile by tile (never a seq x seq
-// matrix), with dP = dO V^T and dS = P (dP - delta):
+// matrix), with dP = dO V^T and dS = P (dP - delta) (soft-capped: S = c tanh(scale Q K^T / c), and
+// dS times the cap's derivative 1 - tanh^2):
 // - dk, dv: a block per (key tile, kv head, sequence) holds its K and V tiles and walks every
 //   query head of the GQA group and every query tile from the diagonal to the last one whose
 //   window reaches the key tile, accumulating dV += P^T dO and dK += dS^T Q in registers;
@@ -79,7 +80,21 @@ struct BackwardParams {
   int n_heads, n_kv_heads;
   float scale, scale_log2;
   int window;  // sliding window, 0 for none
+  // Soft-capping with a cap c: scale / c and c * log2(e); both 0 without a cap.
+  float cap_in, cap_log2;
 };
+
+// A raw score s = q.k as the exponent of its probability (minus lse), in powers of two, and the
+// factor the cap gives its dS: scale s without a cap (factor 1), c tanh(scale s / c) with one.
+__device__ __forceinline__ float score_log2(float s, const BackwardParams& p, float& slope) {
+  if (p.cap_log2 > 0) {
+    const float th = tanhf(s * p.cap_in);
+    slope = 1.0f - th * th;
+    return p.cap_log2 * th;
+  }
+  slope = 1.0f;
+  return s * p.scale_log2;
+}
 
 // The first key position that query position qp sees (0 without a window).
 __device__ __forceinline__ int64_t window_start(int64_t qp, int window) {
@@ -287,8 +302,9 @@ __device__ void dkdv_step(float (&dk)[Tr::kD / 8][4], float (&dv)[Tr::kD / 8][4]
       for (int e = 0; e < 4; ++e) {
         const int query = q0 + n * 8 + lane % 4 * 2 + (e & 1), key = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0);
         const float l2 = stats[query], dl = stats[Tr::kTile + query];
-        float pv = exp2f(st[n][e] * p.scale_log2 - l2);
-        float ds = pv * (dpt[n][e] - dl);
+        float slope;
+        float pv = exp2f(score_log2(st[n][e], p, slope) - l2);
+        float ds = pv * (dpt[n][e] - dl) * slope;
         if (kMask && !allowed<kDocs>(doc, p.seq, p.window, i0 + query, j0 + key)) pv = ds = 0.0f;
         st[n][e] = pv;
         dpt[n][e] = ds;
@@ -411,8 +427,9 @@ __device__ void dq_step(float (&dq)[Tr::kD / 8][4], const BackwardParams& p, por
     TF_UNROLL
     for (int e = 0; e < 4; ++e) {
       const int query = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), key = n * 8 + lane % 4 * 2 + (e & 1);
-      const float pv = exp2f(sc[n][e] * p.scale_log2 - lse2[e / 2]);
-      float ds = pv * (dp[n][e] - delta[e / 2]);
+      float slope;
+      const float pv = exp2f(score_log2(sc[n][e], p, slope) - lse2[e / 2]);
+      float ds = pv * (dp[n][e] - delta[e / 2]) * slope;
       if (kMask && !allowed<kDocs>(doc, p.seq, p.window, i0 + query, j0 + key)) ds = 0.0f;
       sc[n][e] = ds;
     }
@@ -587,7 +604,9 @@ void backward(const BackwardIo& io, const AttentionShape& s) {
                          s.n_kv_heads,
                          s.scale,
                          s.scale * kLog2e,
-                         s.window};
+                         s.window,
+                         s.softcap > 0 ? s.scale / s.softcap : 0.0f,
+                         s.softcap * kLog2e};
   port::launch(flash_dkdv_kernel<kD, kDocs>,
                on_stream("flash_attention_backward dk dv", batch * s.n_kv_heads * n_tiles, Tr::kThreads,
                          Tr::kDkdvSmem),

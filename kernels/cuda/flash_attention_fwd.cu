@@ -1,8 +1,8 @@
 // defines: tf::cuda::flash_attention_forward / flash_attention_cached_forward (built by nvcc) and
 // their tf::simt twins (this source compiled as host C++ against the simulator): causal GQA
-// attention with document ids and a sliding window on bf16 tensor cores (mma.sync m16n8k16 fed by ldmatrix, K
-// and V tiles double-buffered by cp.async) with an f32 online softmax, saving the natural-log lse; and
-// flash_attention_forward_scratch, the rt::scratch the forward asks for.
+// attention with document ids, a sliding window and logit soft-capping on bf16 tensor cores (mma.sync
+// m16n8k16 fed by ldmatrix, K and V tiles double-buffered by cp.async) with an f32 online softmax, saving the
+// natural-log lse; and flash_attention_forward_scratch, the rt::scratch the forward asks for.
 //
 // A pre-pass writes bf16 copies of q, k and v into scratch: the activations arrive as f32, and a
 // bf16 copy is what cp.async can move into shared memory in 16-byte chunks that ldmatrix then
@@ -79,6 +79,9 @@ struct FlashArgs {
   int n_heads, n_kv_heads;
   float scale_log2;  // scale * log2(e): the softmax runs in powers of two
   int window;
+  // Soft-capping with a cap c: scale / c and c * log2(e), the score becoming c tanh(scale s / c);
+  // both 0 without a cap.
+  float cap_in = 0.0f, cap_log2 = 0.0f;
 };
 
 // The first key position that the query at key position qp sees (0 without a window).
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(FlashForwardTraits<kHeadDim>::kThreads) flash_
       for (int j = 0; j < T::kScoreTiles; ++j) {
         TF_UNROLL
         for (int e = 0; e < 4; ++e) {
-          float x = s[j][e] * a.scale_log2;
+          float x = a.cap_log2 > 0 ? a.cap_log2 * tanhf(s[j][e] * a.cap_in) : s[j][e] * a.scale_log2;
           if (masked) {
             const int64_t kp = j0 + j * 8 + lane % 4 * 2 + e % 2;
             bool allowed = kp <= qp[e / 2] && kp >= flash_window_start(qp[e / 2], a.window);
@@ -390,6 +393,11 @@ ForwardKernel forward_kernel(const char* name, int head_dim, bool docs) {
 }
 
 // Converts the q, k and v of `batch` sequences of a's geometry to bf16 and runs the forward on them.
+void set_softcap(FlashArgs& a, float scale, float softcap) {
+  a.cap_in = softcap > 0 ? scale / softcap : 0.0f;
+  a.cap_log2 = softcap * kLog2e;
+}
+
 void run_forward(const char* name, FlashArgs a, const float* q, const float* k, const float* v, int64_t batch,
                  int head_dim) {
   const ForwardKernel fk = forward_kernel(name, head_dim, bool(a.doc));
@@ -424,6 +432,7 @@ void flash_attention_forward(float* out, float* lse, const float* q, const float
   ref::check_attention_shape(s);
   FlashArgs a{out,   lse,   nullptr, nullptr,   nullptr,      doc_ids,          nullptr,
               s.seq, s.seq, 0,       s.n_heads, s.n_kv_heads, s.scale * kLog2e, s.window};
+  set_softcap(a, s.scale, s.softcap);
   run_forward("flash_attention_forward", a, q, k, v, s.batch, s.head_dim);
 }
 
@@ -438,10 +447,11 @@ void flash_attention_forward_scratch(ScratchNeeds& n, const AttentionShape& s, b
 
 void flash_attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                                     int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                                    float scale, int window) {
-  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
+                                    float scale, int window, float softcap) {
+  ref::check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window, softcap);
   FlashArgs a{out,   nullptr,        nullptr, nullptr, nullptr,    nullptr,        nullptr,
               n_new, n_past + n_new, n_past,  n_heads, n_kv_heads, scale * kLog2e, window};
+  set_softcap(a, scale, softcap);
   run_forward("flash_attention_cached_forward", a, q, k_cache, v_cache, 1, head_dim);
 }
 

@@ -49,6 +49,10 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
     s.backend = make_backend(device, &s.device_note, kernel);
   }
   s.attention = s.backend->attention_kernel(s.loaded.weights.config.head_dim);
+  TF_CHECK(s.attention != "cudnn" || s.loaded.weights.config.attn_softcap == 0,
+           "--attention cudnn: the cuDNN attention graph has no logit soft-capping, and this model (",
+           s.loaded.weights.config.architecture, ") caps its attention scores at ",
+           s.loaded.weights.config.attn_softcap, "; --attention auto, flash or plain runs it");
   // The model's memory is one device arena, taken before the model is built; its steps allocate nothing.
   s.backend->reserve(
       LlamaModel::memory_plan(s.loaded.weights, lora, p, max_tokens, *s.backend, tier, layout).total);

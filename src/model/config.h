@@ -13,7 +13,7 @@ namespace tf {
 // approximation (Gemma's gelu_pytorch_tanh).
 enum class MlpActivation : uint8_t { SiLU, GeluTanh };
 
-// Architecture of a decoder-only Llama-family model (Llama 2/3, Mistral, Qwen2/3, Gemma 3, SmolLM,
+// Architecture of a decoder-only Llama-family model (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3, SmolLM,
 // TinyLlama).
 struct LlamaConfig {
   int hidden = 0;
@@ -51,6 +51,11 @@ struct LlamaConfig {
   // included; the others attend all earlier keys.
   int sliding_window = 0;
   std::vector<bool> sliding_layers;
+  // Gemma 2's logit soft-capping, c * tanh(x / c) for a cap c > 0 (0: none): of every layer's
+  // scaled attention scores (attn_logit_softcapping, AttentionShape::softcap) and of the lm_head's
+  // logits, in the loss and in generation (final_logit_softcapping).
+  float attn_softcap = 0.0f;
+  float final_softcap = 0.0f;
   // Dropout on the attention probabilities in training; tightfit runs without, so finetune refuses
   // a model whose config asks for it.
   float attention_dropout = 0.0f;

@@ -420,9 +420,10 @@ void LlamaModel::block_forward(int l, const BlockWeights& w, const Batch& b, Blo
     be_->copy(k_layer + cache->n_past * kv, a.k, n * kv);
     be_->copy(v_layer + cache->n_past * kv, a.v, n * kv);
     be_->attention_cached_forward(a.att, a.q, k_layer, v_layer, cache->n_past, n, c.n_heads, c.n_kv_heads,
-                                  c.head_dim, scale, c.window(l));
+                                  c.head_dim, scale, c.window(l), c.attn_softcap);
   } else {
-    const AttentionShape shape{b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, scale, c.window(l)};
+    const AttentionShape shape{b.batch,    b.seq, c.n_heads,   c.n_kv_heads,
+                               c.head_dim, scale, c.window(l), c.attn_softcap};
     be_->attention_forward(a.att, a.lse, a.q, a.k, a.v, b.doc_ids, shape);
   }
   if (c.sandwich_norms) {
@@ -506,8 +507,8 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
   be_->fill(d_q_, 0.0f, n * c.q_dim());
   be_->fill(d_k_, 0.0f, n * c.kv_dim());
   be_->fill(d_v_, 0.0f, n * c.kv_dim());
-  const AttentionShape shape{b.batch,    b.seq, c.n_heads, c.n_kv_heads, c.head_dim, c.attention_scale(l),
-                             c.window(l)};
+  const AttentionShape shape{
+      b.batch, b.seq, c.n_heads, c.n_kv_heads, c.head_dim, c.attention_scale(l), c.window(l), c.attn_softcap};
   be_->attention_backward(d_q_, d_k_, d_v_, d_att_, a.q, a.k, a.v, a.att, a.lse, b.doc_ids, shape);
   be_->rope_backward(d_q_, b.positions, inv_freq(l), n, c.n_heads, c.head_dim, c.rope_layout);
   be_->rope_backward(d_k_, b.positions, inv_freq(l), n, c.n_kv_heads, c.head_dim, c.rope_layout);
@@ -602,8 +603,9 @@ LossSum LlamaModel::loss(const Batch& b, float* d_h, float grad_scale) {
   for (int64_t r0 = 0; r0 < n; r0 += loss_rows_) {
     const int64_t m = std::min(loss_rows_, n - r0);
     int64_t valid = 0;
-    total.sum += be_->lm_head_cross_entropy(d_h ? d_h + r0 * H : nullptr, &valid, final_h_ + r0 * H,
-                                            placed_.lm_head, b.targets + r0, m, grad_scale);
+    total.sum +=
+        be_->lm_head_cross_entropy(d_h ? d_h + r0 * H : nullptr, &valid, final_h_ + r0 * H, placed_.lm_head,
+                                   b.targets + r0, m, grad_scale, config().final_softcap);
     total.n_valid += valid;
   }
   return total;
@@ -615,6 +617,14 @@ LossSum LlamaModel::forward_loss(const Batch& host_batch) {
   return loss(b, nullptr, 1.0f);
 }
 
+namespace {
+// Gemma 2's final soft-capping, of logits already on the host (the loss caps inside its kernel).
+void cap_logits(const LlamaConfig& c, float* logits, int64_t n) {
+  if (c.final_softcap <= 0) return;
+  for (int64_t i = 0; i < n; ++i) logits[i] = c.final_softcap * std::tanh(logits[i] / c.final_softcap);
+}
+}  // namespace
+
 void LlamaModel::forward_logits(const Batch& b, float* logits) {
   forward_stack(b, false, 0);
   const int64_t vocab = config().vocab, n = b.n_tokens();
@@ -623,6 +633,7 @@ void LlamaModel::forward_logits(const Batch& b, float* logits) {
     be_->linear_forward(logits_.as<float>(), final_h_ + r * config().hidden, placed_.lm_head, m, 0.0f);
     be_->download(logits + r * vocab, logits_.data(), size_t(m * vocab) * sizeof(float));
   }
+  cap_logits(config(), logits, n * vocab);
 }
 
 KvCache LlamaModel::make_kv_cache(int64_t capacity) const {
@@ -647,6 +658,7 @@ void LlamaModel::decode(KvCache& cache, const int32_t* tokens, int64_t n, float*
   float* last = logits_.as<float>();
   be_->linear_forward(last, final_h_ + (n - 1) * config().hidden, placed_.lm_head, 1, 0.0f);
   be_->download(logits, last, size_t(config().vocab) * sizeof(float));
+  cap_logits(config(), logits, config().vocab);
 }
 
 }  // namespace tf

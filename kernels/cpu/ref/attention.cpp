@@ -16,9 +16,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
 
 void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                               int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                              float scale, int window) {
+                              float scale, int window, float softcap) {
   attention_cached_forward<float>(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads, head_dim,
-                                  scale, window);
+                                  scale, window, softcap);
 }
 
 }  // namespace tf::ref

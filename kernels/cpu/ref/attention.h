@@ -1,7 +1,7 @@
 // defines: tf::ref::attention_forward<T>, tf::ref::attention_backward<T>,
-// tf::ref::attention_cached_forward<T>: causal GQA attention, with an optional sliding window, as
-// plain loops over any scalar type (tests run them in double). One query row at a time: its full
-// row of scores, a plain softmax, then the weighted sum.
+// tf::ref::attention_cached_forward<T>: causal GQA attention, with an optional sliding window and
+// logit soft-capping, as plain loops over any scalar type (tests run them in double). One query row
+// at a time: its full row of scores, a plain softmax, then the weighted sum.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +23,14 @@ inline void check_attention_shape(const AttentionShape& s) {
   TF_CHECK(s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0, "attention n_heads (",
            s.n_heads, ") must be a positive multiple of n_kv_heads (", s.n_kv_heads, ")");
   TF_CHECK(s.window >= 0, "attention window must be non-negative (0: none), got ", s.window);
+  TF_CHECK(s.softcap >= 0 && std::isfinite(s.softcap),
+           "attention softcap must be non-negative (0: none), got ", s.softcap);
+}
+
+// A score x soft-capped: c * tanh(x / c), or x when c is 0.
+template <typename T>
+T softcap_score(T x, float c) {
+  return c > 0 ? T(c) * std::tanh(x / T(c)) : x;
 }
 
 // The first key position that query position i sees under a sliding window (0 without one).
@@ -42,19 +50,19 @@ struct SoftmaxRow {
   T max, sum;
 };
 
-// One softmax row: p[j] = exp(scale * qi . k_j - max) for each key j <= i that query position i
-// may attend to, with k_j = keys + j * key_row; p[j] of other keys is left as it was. Every
-// reference computes its rows here.
+// One softmax row: p[j] = exp(softcap(scale * qi . k_j) - max) for each key j <= i that query
+// position i may attend to, with k_j = keys + j * key_row; p[j] of other keys is left as it was.
+// Every reference computes its rows here.
 template <typename T>
 SoftmaxRow<T> softmax_numerators(T* p, const T* qi, const T* keys, int64_t key_row, const int32_t* doc,
-                                 int64_t i, int window, int64_t D, float scale) {
+                                 int64_t i, int window, int64_t D, float scale, float softcap) {
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j <= i; ++j) {
     if (!attention_allowed(doc, i, j, window)) continue;
     const T* kj = keys + j * key_row;
     T dot = 0;
     for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
-    p[size_t(j)] = T(scale) * dot;
+    p[size_t(j)] = softcap_score(T(scale) * dot, softcap);
     m = std::max(m, p[size_t(j)]);
   }
   T sum = 0;
@@ -92,8 +100,8 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
       const int64_t g = h / group;
       for (int64_t i = 0; i < S; ++i) {
         const T* qi = q + ((b * S + i) * H + h) * D;
-        const SoftmaxRow<T> row =
-            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, s.window, D, s.scale);
+        const SoftmaxRow<T> row = softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i,
+                                                     s.window, D, s.scale, s.softcap);
         weighted_values(out + ((b * S + i) * H + h) * D, p.data(), row.sum, v + (b * S * KV + g) * D, KV * D,
                         doc, i, s.window, D);
         lse[(b * S + i) * H + h] = row.max + std::log(row.sum);
@@ -104,7 +112,8 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, const
 
 // Recomputes each softmax row from q and k (the saved out and lse are not used, so the reference
 // checks the fast version's use of them independently). With P the softmax row, dP_j = dO.v_j and
-// dS_j = P_j (dP_j - sum_l P_l dP_l): dq += scale dS k, dk_j += scale dS_j q, dv_j += P_j dO.
+// dS_j = P_j (dP_j - sum_l P_l dP_l), times the cap's derivative 1 - tanh^2(x_j / c) at the scaled
+// score x_j when soft-capped: dq += scale dS k, dk_j += scale dS_j q, dv_j += P_j dO.
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T* k, const T* v,
                         const int32_t* doc_ids, const AttentionShape& s) {
@@ -119,9 +128,9 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
       for (int64_t i = 0; i < S; ++i) {
         const T* qi = q + ((b * S + i) * H + h) * D;
         const T* doi = d_out + ((b * S + i) * H + h) * D;
-        const T sum =
-            softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, s.window, D, s.scale)
-                .sum;
+        const T sum = softmax_numerators(p.data(), qi, k + (b * S * KV + g) * D, KV * D, doc, i, s.window, D,
+                                         s.scale, s.softcap)
+                          .sum;
         T row_dot = 0;
         for (int64_t j = 0; j <= i; ++j) {
           if (!attention_allowed(doc, i, j, s.window)) continue;
@@ -135,8 +144,14 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
         T* dqi = dq + ((b * S + i) * H + h) * D;
         for (int64_t j = 0; j <= i; ++j) {
           if (!attention_allowed(doc, i, j, s.window)) continue;
-          const T ds = p[size_t(j)] * (dp[size_t(j)] - row_dot);
           const T* kj = k + ((b * S + j) * KV + g) * D;
+          T ds = p[size_t(j)] * (dp[size_t(j)] - row_dot);
+          if (s.softcap > 0) {
+            T dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
+            const T th = std::tanh(T(s.scale) * dot / T(s.softcap));
+            ds *= 1 - th * th;
+          }
           T* dkj = dk + ((b * S + j) * KV + g) * D;
           T* dvj = dv + ((b * S + j) * KV + g) * D;
           for (int64_t d = 0; d < D; ++d) {
@@ -152,13 +167,15 @@ void attention_backward(T* dq, T* dk, T* dv, const T* d_out, const T* q, const T
 
 // The geometry attention_cached_forward accepts.
 inline void check_attention_cached_shape(int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads,
-                                         int head_dim, int window) {
+                                         int head_dim, int window, float softcap) {
   TF_CHECK(n_past >= 0 && n_new >= 0, "cached attention n_past and n_new must be non-negative, got ", n_past,
            " and ", n_new);
   TF_CHECK(head_dim > 0, "cached attention head_dim must be positive, got ", head_dim);
   TF_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "cached attention n_heads (", n_heads,
            ") must be a positive multiple of n_kv_heads (", n_kv_heads, ")");
   TF_CHECK(window >= 0, "cached attention window must be non-negative (0: none), got ", window);
+  TF_CHECK(softcap >= 0 && std::isfinite(softcap),
+           "cached attention softcap must be non-negative (0: none), got ", softcap);
 }
 
 // Query i is attention_forward's row n_past + i, computed by the same helpers with the cache rows as
@@ -167,8 +184,8 @@ inline void check_attention_cached_shape(int64_t n_past, int64_t n_new, int n_he
 template <typename T>
 void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_cache, int64_t n_past,
                               int64_t n_new, int n_heads, int n_kv_heads, int head_dim, float scale,
-                              int window) {
-  check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window);
+                              int window, float softcap = 0.0f) {
+  check_attention_cached_shape(n_past, n_new, n_heads, n_kv_heads, head_dim, window, softcap);
   const int64_t H = n_heads, KV = n_kv_heads, D = head_dim;
   const int group = n_heads / n_kv_heads;
   std::vector<T> p(static_cast<size_t>(n_past + n_new));
@@ -178,7 +195,8 @@ void attention_cached_forward(T* out, const T* q, const T* k_cache, const T* v_c
       const int64_t pos = n_past + i;
       const T* qi = q + (i * H + h) * D;
       const T sum =
-          softmax_numerators(p.data(), qi, k_cache + g * D, KV * D, nullptr, pos, window, D, scale).sum;
+          softmax_numerators(p.data(), qi, k_cache + g * D, KV * D, nullptr, pos, window, D, scale, softcap)
+              .sum;
       weighted_values(out + (i * H + h) * D, p.data(), sum, v_cache + g * D, KV * D, nullptr, pos, window, D);
     }
   }

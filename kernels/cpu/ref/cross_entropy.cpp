@@ -10,10 +10,11 @@
 namespace tf::ref {
 
 double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
-                             const int32_t* targets, int64_t n_tokens, float grad_scale) {
+                             const int32_t* targets, int64_t n_tokens, float grad_scale, float softcap) {
   if (!is_quantized(W.dtype)) {
     const auto w = [&W](int64_t v, int64_t d) { return element_f32(W.data, W.dtype, v * W.cols + d); };
-    return lm_head_cross_entropy_loops(d_h, n_valid, h, w, W.rows, W.cols, targets, n_tokens, grad_scale);
+    return lm_head_cross_entropy_loops(d_h, n_valid, h, w, W.rows, W.cols, targets, n_tokens, grad_scale,
+                                       softcap);
   }
   check_linear("lm_head_cross_entropy", h, h, W, n_tokens, true);
   // The loops read W row by row, so one dequantized row at a time serves them.
@@ -26,7 +27,8 @@ double lm_head_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Weigh
     }
     return row[size_t(d)];
   };
-  return lm_head_cross_entropy_loops(d_h, n_valid, h, w, W.rows, W.cols, targets, n_tokens, grad_scale);
+  return lm_head_cross_entropy_loops(d_h, n_valid, h, w, W.rows, W.cols, targets, n_tokens, grad_scale,
+                                     softcap);
 }
 
 }  // namespace tf::ref
