@@ -19,6 +19,7 @@
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
 #include "src/data/sampler.h"
+#include "src/dist/comm.h"
 #include "src/io/durable.h"
 #include "src/io/peft.h"
 #include "src/train/checkpoint.h"
@@ -238,16 +239,18 @@ void print_skipped_lines(const data::Dataset& d) {
                 d.first_problems.front().c_str());
 }
 
-// Counts the optimizer steps of `epochs` passes over the data (packing makes this data-dependent).
+// Counts the optimizer steps of `epochs` passes over the data (packing makes this data-dependent),
+// each step taking `accum` micro-batches on each of `ranks` ranks.
 int64_t steps_for_epochs(const data::TokenizedDataset& d, const data::BatchOptions& bo, double epochs,
-                         int accum, uint64_t seed) {
+                         int accum, int ranks, uint64_t seed) {
   data::Sampler s(d.size(), seed, true, 1);
   data::TokenBatch b;
   int64_t batches = 0;
   while (data::next_batch(d, s, bo, b)) ++batches;
-  const double steps = std::ceil(double(batches) * epochs / accum);
+  const double steps = std::ceil(double(batches) * epochs / (double(accum) * ranks));
   TF_CHECK(steps <= double(kMaxSteps), "--epochs ", epochs, " makes ", steps, " optimizer steps (", batches,
-           " micro-batches per epoch, --grad-accum ", accum, "), more than the limit of ", kMaxSteps);
+           " micro-batches per epoch, --grad-accum ", accum, " on ", ranks,
+           " ranks), more than the limit of ", kMaxSteps);
   return std::max<int64_t>(1, int64_t(steps));
 }
 
@@ -303,25 +306,74 @@ class Progress {
   double last_log_ = -1e9;
 };
 
-}  // namespace
+// What stopped the run: this rank's signal, or another rank's (data parallel ranks stop together).
+std::string stop_cause(int sig) {
+  return sig != 0 ? "signal " + std::to_string(sig) : std::string("a signal to another rank");
+}
 
-int run_finetune(const FinetuneOptions& given) {
+// FNV-1a of the bytes: a cheap fingerprint of the LoRA parameters, compared across ranks.
+uint64_t fingerprint(const void* data, size_t bytes) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+// The ranks of a data-parallel run must compute identical optimizer steps; this refuses a rank
+// whose parameters differ from rank 0's (a bug, or ranks that did not start from the same state).
+void expect_same_as_rank0(dist::Communicator& comm, const LoraState& host, int64_t step) {
+  const uint64_t mine = fingerprint(host.params.as<float>(), size_t(host.n_params) * sizeof(float));
+  uint64_t lead = mine;
+  comm.broadcast(std::as_writable_bytes(std::span(&lead, 1)), 0);
+  TF_CHECK(mine == lead, "after step ", step, " rank ", comm.rank(),
+           "'s LoRA parameters differ from rank 0's ", "(fingerprints ", mine, " and ", lead,
+           "); the ranks did not compute the same optimizer step");
+}
+
+// One rank's finetune: every rank runs this, rank 0 alone writes in the run directory.
+int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   FinetuneOptions o = given;
   resolve_batching(o);
   check_options(o);
   o = with_absolute_paths(o);
+  o.ranks = comm.size();
+  const bool lead = comm.rank() == 0;
+  if (comm.size() > 1) {
+    char host[256] = "?";
+    gethostname(host, sizeof host - 1);
+    std::printf("rank %d of %d (pid %d on %s), collectives over %s\n", comm.rank(), comm.size(),
+                int(getpid()), host, comm.describe().c_str());
+    std::fflush(stdout);
+    // Rank 0 speaks for the run; the others' lines would repeat it.
+    if (!lead)
+      TF_CHECK(std::freopen("/dev/null", "w", stdout), "cannot silence rank ", comm.rank(), "'s output");
+  }
   cpu::set_num_threads(o.threads);
   const fs::path run(o.out);
   const std::string config_path = (run / "config.json").string();
   const std::string adapter_path = (run / "adapter").string();
-  check_run_dir(o, false);
-  fs::create_directories(run);
-  const io::DirLock lock((run / kLockFile).string(), o.out, "wait for it to finish, or stop it");
-  const std::optional<nlohmann::json> stored = check_run_dir(o, true);
+  std::optional<io::DirLock> lock;
+  std::optional<nlohmann::json> stored;
+  if (lead) {
+    check_run_dir(o, false);
+    fs::create_directories(run);
+    lock.emplace((run / kLockFile).string(), o.out, "wait for it to finish, or stop it");
+    stored = check_run_dir(o, true);
+  }
+  if (comm.size() > 1) {
+    const std::string text = dist::broadcast_string(comm, stored ? stored->dump() : "");
+    if (!text.empty()) stored = nlohmann::json::parse(text);
+  }
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
   nlohmann::json relevant = resume_relevant(o);
   if (stored) {
+    const int stored_ranks = stored->value("ranks", 1);
+    TF_CHECK(stored_ranks == o.ranks, "cannot resume ", o.out, ": the run trained on ", stored_ranks,
+             stored_ranks == 1 ? " rank" : " ranks", " and this launch has ", o.ranks,
+             ", which would change the global batch and each rank's share of the data; launch it as it "
+             "started (mpirun -np ",
+             stored_ranks, ")");
     match_stored_config(relevant, *stored, o.out);
     if (stored->contains("threads") && (*stored)["threads"] != o.threads)
       std::printf(
@@ -330,7 +382,8 @@ int run_finetune(const FinetuneOptions& given) {
           "uninterrupted run\n",
           o.threads, (*stored)["threads"].dump().c_str());
     // The adapter is written last (then the report), so with both the run is complete.
-    if (fs::exists(run / "adapter" / "adapter_config.json") && fs::exists(run / "report.html")) {
+    if (dist::broadcast_flag(
+            comm, fs::exists(run / "adapter" / "adapter_config.json") && fs::exists(run / "report.html"))) {
       std::printf(
           "%s: the run is finished (adapter %s); nothing to resume. Export it with tightfit export, or "
           "train further in a new --out\n",
@@ -338,8 +391,9 @@ int run_finetune(const FinetuneOptions& given) {
       return 0;
     }
   }
-  TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": was not written by tightfit (",
-           describe_entries(adapter_path), "); move it out of the run directory, then run again");
+  if (lead)
+    TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": was not written by tightfit (",
+             describe_entries(adapter_path), "); move it out of the run directory, then run again");
 
   const LoraConfig lora = lora_config(o);
 
@@ -376,6 +430,14 @@ int run_finetune(const FinetuneOptions& given) {
   }();
   o.micro_batch = plan.micro_batch;
   o.grad_accum = plan.grad_accum;
+  if (comm.size() > 1) {
+    // Each rank plans from its own process; the global batch needs them to agree.
+    int64_t chosen[2] = {o.micro_batch, o.grad_accum};
+    comm.broadcast(std::as_writable_bytes(std::span(chosen)), 0);
+    TF_CHECK(chosen[0] == o.micro_batch && chosen[1] == o.grad_accum, "rank ", comm.rank(),
+             "'s plan chose micro-batch ", o.micro_batch, " x grad-accum ", o.grad_accum, ", rank 0's ",
+             chosen[0], " x ", chosen[1], "; give --micro-batch and --grad-accum as counts");
+  }
   release_free_memory();
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(
@@ -438,7 +500,7 @@ int run_finetune(const FinetuneOptions& given) {
   bo.pack = o.pack;
   bo.pad_id = pad_id;
   const int64_t total_steps =
-      o.steps > 0 ? o.steps : steps_for_epochs(train, bo, o.epochs, o.grad_accum, o.seed);
+      o.steps > 0 ? o.steps : steps_for_epochs(train, bo, o.epochs, o.grad_accum, comm.size(), o.seed);
 
   TrainConfig tc;
   tc.lr.peak_lr = o.lr;
@@ -448,7 +510,7 @@ int run_finetune(const FinetuneOptions& given) {
   tc.weight_decay = o.weight_decay;
   tc.clip = o.clip;
   LlamaModel& model = *s.model;
-  Trainer trainer(model, tc);
+  Trainer trainer(model, tc, &comm);
   data::Sampler sampler(train.size(), o.seed, true, 0);
 
   const nlohmann::json resolved = to_json(o);
@@ -457,43 +519,50 @@ int run_finetune(const FinetuneOptions& given) {
   int64_t start = 0;
   std::string last_checkpoint;
   if (o.resume) {
-    std::vector<std::string> rejected;
-    const auto latest = latest_checkpoint(o.out, &rejected);
-    for (const auto& r : rejected) std::printf("warning: ignoring checkpoint %s\n", r.c_str());
-    if (latest) {
+    // Every rank resumes from the checkpoint rank 0 chose (one machine's, or a shared, filesystem).
+    std::string chosen;
+    if (lead) {
+      std::vector<std::string> rejected;
+      const auto latest = latest_checkpoint(o.out, &rejected);
+      for (const auto& r : rejected) std::printf("warning: ignoring checkpoint %s\n", r.c_str());
+      if (latest) chosen = latest->path;
+    }
+    chosen = dist::broadcast_string(comm, chosen);
+    if (!chosen.empty()) {
       LoraState staging;
       LoraState& host = host_lora(model, staging);
-      const LoadedCheckpoint ck = load_checkpoint(latest->path, hash, relevant.dump(), host);
+      const LoadedCheckpoint ck = load_checkpoint(chosen, hash, relevant.dump(), host);
       model.lora().copy_from(host);
       trainer.restore(ck.trainer);
-      sampler.restore(parse_cursor(ck.data_cursor, latest->path));
+      sampler.restore(parse_cursor(ck.data_cursor, chosen));
       start = ck.trainer.step;
-      last_checkpoint = latest->path;
-      truncate_metrics_for_resume(metrics_path, start);
-      std::printf("resuming from %s (step %lld)\n", latest->path.c_str(), (long long)start);
+      last_checkpoint = chosen;
+      if (lead) truncate_metrics_for_resume(metrics_path, start);
+      std::printf("resuming from %s (step %lld)\n", chosen.c_str(), (long long)start);
     } else {
       // Stopped before its first checkpoint: the configuration matched, so start it over.
-      fs::remove(metrics_path);
+      if (lead) fs::remove(metrics_path);
       std::printf("no checkpoint in %s yet: training from step 0\n", o.out.c_str());
     }
-  } else {
+  } else if (lead) {
     io::write_file_atomic(config_path, resolved.dump(2) + "\n");
   }
-  io::write_file_atomic((run / "plan.json").string(), plan.to_json().dump(2) + "\n");
-  // Once config.json is written: a signal during the long phases before the first step.
+  if (lead) io::write_file_atomic((run / "plan.json").string(), plan.to_json().dump(2) + "\n");
+  // Once config.json is written: a signal during the long phases before the first step. The ranks
+  // agree, so that all stop or none does.
   const auto stopped_before_training = [&] {
     const int sig = g_stop_signal.load();
-    if (sig == 0) return false;
+    if (!dist::any_rank(comm, sig != 0)) return false;
     if (start == 0) {
       std::printf(
-          "stopped by signal %d before training started; nothing was trained yet (continue with "
+          "stopped by %s before training started; nothing was trained yet (continue with "
           "--resume)\n",
-          sig);
+          stop_cause(sig).c_str());
     } else {
       std::printf(
-          "stopped by signal %d before training resumed; the run is still at step %lld (continue with "
+          "stopped by %s before training resumed; the run is still at step %lld (continue with "
           "--resume)\n",
-          sig, (long long)start);
+          stop_cause(sig).c_str(), (long long)start);
     }
     return true;
   };
@@ -511,6 +580,13 @@ int run_finetune(const FinetuneOptions& given) {
       : policy == CheckpointPolicy::PerBlock ? "per block"
                                              : "per block, inputs in host memory",
       offload::weight_tier_name(plan.tier), cpu::num_threads());
+  if (comm.size() > 1)
+    std::printf(
+        "data parallel: %d ranks; each step's global batch is %d ranks x %d micro-batches x %d sequences, "
+        "rank r taking micro-batches r x %d to r x %d + %d of the step's %d in data order; gradients "
+        "summed in rank order\n",
+        comm.size(), comm.size(), o.grad_accum, o.micro_batch, o.grad_accum, o.grad_accum, o.grad_accum - 1,
+        comm.size() * o.grad_accum);
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
   if (o.mlp_chunk != "auto" && model.mlp_rows() < model.max_tokens())
     std::printf("plan: MLP in chunks of %lld rows (--mlp-chunk)\n", (long long)model.mlp_rows());
@@ -526,11 +602,13 @@ int run_finetune(const FinetuneOptions& given) {
               s.attention == "cpu" ? "" : ("; attention: " + s.attention).c_str());
 
   std::fflush(stdout);  // the header shows before the evaluation, which can take long
-  MetricsWriter metrics(metrics_path);
-  if (eval && start == 0) {
+  std::optional<MetricsWriter> metrics;
+  if (lead) metrics.emplace(metrics_path);
+  // Evaluations are rank 0's alone: the parameters are the same on every rank.
+  if (eval && start == 0 && lead) {
     // Logged as the eval at step 0, so the report of a resumed run still has it.
     const double before = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
-    metrics.write(EvalMetrics{0, before, std::exp(before)});
+    metrics->write(EvalMetrics{0, before, std::exp(before)});
     std::printf("eval loss before training: %.4f (perplexity %.2f)\n", before, std::exp(before));
   }
   if (stopped_before_training()) return 0;
@@ -561,30 +639,40 @@ int run_finetune(const FinetuneOptions& given) {
                                      : "the last checkpoint is " + last_checkpoint,
              "); lower --lr (now ", o.lr, ") and start a new run");
   };
+  // Every rank checks its parameters against rank 0's (cheap, at each save); rank 0 alone saves.
   auto save = [&] {
     refuse_diverged(trainer.state().step, trainer.state().step > start);
+    LoraState staging;
+    LoraState& host = host_lora(model, staging);
+    if (comm.size() > 1) expect_same_as_rank0(comm, host, trainer.state().step);
+    if (!lead) return std::string();
     CheckpointMeta meta;
     meta.config_hash = hash;
     meta.config_json = relevant.dump();
     meta.data_cursor = cursor_json(sampler.cursor());
     meta.seed = o.seed;
-    LoraState staging;
-    last_checkpoint = save_checkpoint(o.out, host_lora(model, staging), trainer.state(), meta, o.keep);
+    last_checkpoint = save_checkpoint(o.out, host, trainer.state(), meta, o.keep);
     return last_checkpoint;
   };
   auto run_eval = [&](int64_t step) {
     const double loss = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
-    metrics.write(EvalMetrics{step, loss, std::exp(loss)});
+    metrics->write(EvalMetrics{step, loss, std::exp(loss)});
     return loss;
   };
 
-  double last_loss = NAN, tok_s_sum = 0;
+  double last_loss = NAN, tok_s_sum = 0, reduce_secs = 0, step_secs = 0;
   int64_t tok_s_n = 0;
   int64_t step = start;
+  data::TokenBatch others;  // a micro-batch of another rank's share, formed to keep the data order
   for (; step < total_steps; ++step) {
-    for (int m = 0; m < o.grad_accum; ++m) {
-      TF_CHECK(data::next_batch(train, sampler, bo, micro[size_t(m)]), o.data, ": ran out of examples");
-      views[size_t(m)] = batch_view(micro[size_t(m)]);
+    // The step's global batch is the next ranks x grad-accum micro-batches of the data order, the
+    // same on every rank; rank r keeps the grad-accum consecutive ones from r x grad-accum on, so
+    // that the shares are disjoint and every rank's sampler ends the step at the same cursor.
+    for (int g = 0; g < comm.size() * o.grad_accum; ++g) {
+      const bool mine = g / o.grad_accum == comm.rank();
+      data::TokenBatch& b = mine ? micro[size_t(g % o.grad_accum)] : others;
+      TF_CHECK(data::next_batch(train, sampler, bo, b), o.data, ": ran out of examples");
+      if (mine) views[size_t(g % o.grad_accum)] = batch_view(b);
     }
     const auto t0 = Clock::now();
     const StepStats st = trainer.step(views);
@@ -592,33 +680,40 @@ int run_finetune(const FinetuneOptions& given) {
     const double tok_s = double(st.tokens) / secs;
     tok_s_sum += tok_s;
     ++tok_s_n;
+    reduce_secs += st.reduce_seconds;
+    step_secs += secs;
     last_loss = st.loss;
     const size_t peak = mem.peak_total();
-    metrics.write(StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak),
-                              st.skipped, int64_t(process_memory().peak_rss),
-                              int64_t(s.backend->device_memory_peak().value_or(0))});
+    if (lead)
+      metrics->write(StepMetrics{st.step, st.loss, st.lr, st.grad_norm, st.tokens, tok_s, int64_t(peak),
+                                 st.skipped, int64_t(process_memory().peak_rss),
+                                 int64_t(s.backend->device_memory_peak().value_or(0))});
     progress.step(st, tok_s, peak);
     const int64_t done = step + 1;
     refuse_diverged(done, false);
-    if (eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps) run_eval(done);
-    metrics.sync();
-    const bool stop = g_stop_signal.load() != 0;
+    if (lead) {
+      if (eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps) run_eval(done);
+      metrics->sync();
+    }
+    const int sig = g_stop_signal.load();
+    const bool stop = dist::any_rank(comm, sig != 0);
     if ((o.save_every > 0 && done % o.save_every == 0 && done < total_steps) || stop) {
       const std::string path = save();
       if (stop) {
-        progress.message("stopped by signal " + std::to_string(g_stop_signal.load()) + " after step " +
-                         std::to_string(done) + "; saved " + path + " (continue with --resume)");
+        progress.message("stopped by " + stop_cause(sig) + " after step " + std::to_string(done) +
+                         "; saved " + path + " (continue with --resume)");
         return 0;
       }
     }
   }
 
   std::optional<double> eval_after;
-  if (eval) {
+  if (eval && lead) {
     eval_after = run_eval(total_steps);
-    metrics.sync();
+    metrics->sync();
   }
   const std::string ck = save();
+  if (!lead) return 0;
   TF_CHECK(may_replace_export_dir(adapter_path), adapter_path, ": appeared during training and was not ",
            "written by tightfit; move it out of the run directory, then continue with --resume");
   publish_export_dir(adapter_path, "peft", [&](const std::string& staged) {
@@ -634,6 +729,13 @@ int run_finetune(const FinetuneOptions& given) {
   progress.message("done: " + std::to_string(total_steps) + " steps");
   std::printf("final train loss %.4f", last_loss);
   if (eval_after) std::printf(", eval loss %.4f (perplexity %.2f)", *eval_after, std::exp(*eval_after));
+  if (comm.size() > 1)
+    std::printf(
+        "\ndata parallel: %d ranks, mean throughput %.0f tokens/s per rank; gradient sum over the ranks "
+        "%.3g ms a step (%.1f%% of the step)",
+        comm.size(), tok_s_n ? tok_s_sum / double(tok_s_n) / comm.size() : 0.0,
+        tok_s_n ? 1e3 * reduce_secs / double(tok_s_n) : 0.0,
+        step_secs > 0 ? 100 * reduce_secs / step_secs : 0.0);
   std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s on %s (weights %s, activations %s)\n",
               tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(mem.peak_total())).c_str(),
               s.backend->name().c_str(), format_bytes(double(mem.peak(MemTag::Weights))).c_str(),
@@ -647,6 +749,21 @@ int run_finetune(const FinetuneOptions& given) {
   std::printf("checkpoint %s\nadapter %s (PEFT)\nreport %s\n", ck.c_str(), (run / "adapter").c_str(),
               (run / "report.html").c_str());
   return 0;
+}
+
+}  // namespace
+
+int run_finetune(const FinetuneOptions& given) {
+  const std::unique_ptr<dist::Communicator> comm = dist::launch();
+  if (comm->size() == 1) return finetune_rank(given, *comm);
+  // An error on one rank must stop every rank: the others would wait for it in their next collective.
+  try {
+    return finetune_rank(given, *comm);
+  } catch (const std::bad_alloc&) {
+    comm->abort("out of memory");
+  } catch (const std::exception& e) {
+    comm->abort(e.what());
+  }
 }
 
 }  // namespace tf::cli

@@ -65,6 +65,8 @@ json to_json(const FinetuneOptions& o) {
          {"max_mem", o.max_mem},
          {"max_host_mem", o.max_host_mem},
          {"threads", o.threads}};
+  // Single-process runs leave it out, so that their config hash is what it was before data parallel.
+  if (o.ranks > 1) j["ranks"] = o.ranks;
   // What auto chose, once the plan has chosen (a resumed run keeps it).
   if (o.micro_batch_auto) {
     j["micro_batch_chosen"] = o.micro_batch;

@@ -76,6 +76,9 @@ struct FinetuneOptions {
   std::string max_host_mem = "auto";
   int threads = 0;
   bool resume = false;
+  // Processes of a data-parallel launch (mpirun -np N): set by finetune from its communicator, not an
+  // option; config.json records it when above 1, and a resume must keep it.
+  int ranks = 1;
 };
 
 // Resolves --micro-batch and --batch-size into micro_batch, grad_accum and batch_size (sequences per

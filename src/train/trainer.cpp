@@ -1,7 +1,8 @@
-// defines: tf::global_grad_norm, tf::Trainer (one optimizer step: accumulation, skip policy,
-// clipping, AdamW)
+// defines: tf::global_grad_norm, tf::Trainer (one optimizer step: accumulation, the sum over
+// data-parallel ranks, skip policy, clipping, AdamW)
 #include "src/train/trainer.h"
 
+#include <chrono>
 #include <cmath>
 
 #include "src/core/error.h"
@@ -13,7 +14,11 @@ double global_grad_norm(Backend& be, const float* g, int64_t n) {
   return std::sqrt(be.sum_squares(g, n));
 }
 
-Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg) : model_(model), cfg_(cfg) {
+Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg, dist::Communicator* comm)
+    : model_(model),
+      cfg_(cfg),
+      own_comm_(comm ? nullptr : dist::single_process()),
+      comm_(comm ? comm : own_comm_.get()) {
   TF_CHECK(cfg.lr.peak_lr > 0 && std::isfinite(cfg.lr.peak_lr), "learning rate must be positive, got ",
            cfg.lr.peak_lr);
   TF_CHECK(cfg.lr.total_steps > 0, "the number of training steps must be positive, got ", cfg.lr.total_steps);
@@ -30,6 +35,13 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
     st.tokens += b.n_tokens();
     for (int64_t i = 0; i < b.n_tokens(); ++i) st.target_tokens += b.targets[i] != kIgnoreIndex;
   }
+  st.rank_tokens = st.tokens;
+  // The loss normaliser is the whole global batch's target count, so that each rank's gradient is
+  // its share of the one big batch's mean and the ranks' sum is that mean's gradient.
+  int64_t counts[2] = {st.tokens, st.target_tokens};
+  comm_->all_reduce_sum(std::span(counts));
+  st.tokens = counts[0];
+  st.target_tokens = counts[1];
   TF_CHECK(st.target_tokens > 0, "step ", st.step, ": no token of the batch has a training target ",
            "(every position is masked); check the loss mask and sequence length");
 
@@ -39,6 +51,8 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   double loss_sum = 0;
   for (const Batch& b : micro_batches)
     loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
+  comm_->all_reduce_sum(std::span(&loss_sum, 1));
+  st.reduce_seconds = reduce_gradients();
   st.loss = loss_sum / double(st.target_tokens);
   st.lr = learning_rate(cfg_.lr, state_.step);
   const double norm = global_grad_norm(lora.backend(), lora.grad_data(), lora.n_params);
@@ -73,6 +87,23 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   lora.backend().adamw_update(lora.param_data(), lora.grad_data(), lora.adam_m.as<float>(),
                               lora.adam_v.as<float>(), lora.n_params, p);
   return st;
+}
+
+double Trainer::reduce_gradients() {
+  if (comm_->size() == 1) return 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  LoraState& lora = model_.lora();
+  Backend& be = lora.backend();
+  const size_t n = size_t(lora.n_params);
+  if (be.host_memory()) {
+    comm_->all_reduce_sum(std::span(lora.grad_data(), n));
+  } else {
+    host_grads_.resize(n);
+    be.download(host_grads_.data(), lora.grad_data(), n * sizeof(float));
+    comm_->all_reduce_sum(std::span(host_grads_));
+    be.upload(lora.grad_data(), host_grads_.data(), n * sizeof(float));
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace tf

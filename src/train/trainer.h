@@ -1,10 +1,14 @@
 // defines: tf::TrainConfig, tf::StepStats, tf::Trainer (one optimizer step: accumulate micro-batch
-// gradients, check for NaN/Inf, clip, AdamW on the LoRA parameters)
+// gradients, sum them over the data-parallel ranks, check for NaN/Inf, clip, AdamW on the LoRA
+// parameters)
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
+#include <vector>
 
+#include "src/dist/comm.h"
 #include "src/model/llama.h"
 #include "src/train/schedule.h"
 
@@ -23,11 +27,13 @@ struct TrainConfig {
 
 struct StepStats {
   int64_t step = 0;  // 0-based index of this optimizer step
-  double loss = 0;   // mean token loss over the accumulation group
+  double loss = 0;   // mean token loss over the accumulation group (of every rank)
   float lr = 0;
   float grad_norm = 0;        // before clipping
-  int64_t tokens = 0;         // tokens processed (all positions)
-  int64_t target_tokens = 0;  // tokens that had a target
+  int64_t tokens = 0;         // tokens processed (all positions, every rank)
+  int64_t target_tokens = 0;  // tokens that had a target (every rank)
+  int64_t rank_tokens = 0;    // tokens this rank processed
+  double reduce_seconds = 0;  // spent summing the gradients over the ranks
   bool skipped = false;
   int64_t skipped_total = 0;
 };
@@ -42,10 +48,14 @@ struct TrainerState {
 
 class Trainer {
  public:
-  Trainer(LlamaModel& model, const TrainConfig& cfg);
+  // `comm`: the data-parallel ranks, each calling step() with its own share of every global batch
+  // (nullptr: this process alone). It must outlive the trainer.
+  Trainer(LlamaModel& model, const TrainConfig& cfg, dist::Communicator* comm = nullptr);
 
-  // One optimizer step over the micro-batches of one accumulation group. The loss is the mean over
-  // all target tokens of the group, so accumulation gives the same update as one large batch.
+  // One optimizer step over the micro-batches of one accumulation group: this rank's share of the
+  // global batch. The loss is the mean over all target tokens of the global batch (counted over
+  // every rank first), and the gradients are summed over the ranks in rank order, so accumulation
+  // and data parallelism give the same update as one large batch, identical on every rank.
   StepStats step(std::span<const Batch> micro_batches);
 
   const TrainerState& state() const { return state_; }
@@ -53,8 +63,14 @@ class Trainer {
   const TrainConfig& config() const { return cfg_; }
 
  private:
+  // Sums the LoRA gradients over the ranks; returns the seconds it took.
+  double reduce_gradients();
+
   LlamaModel& model_;
   TrainConfig cfg_;
+  std::unique_ptr<dist::Communicator> own_comm_;  // the single process when none is given
+  dist::Communicator* comm_;
+  std::vector<float> host_grads_;  // staging for a backend whose memory is not host memory
   TrainerState state_;
 };
 
