@@ -164,6 +164,24 @@ TEST(DataJinja, MacrosAndCall) {
   EXPECT_EQ(R("{% set g = 'G' %}{% macro f() %}{{ g }}{% endmacro %}{{ f() }}"), "G")
       << "top-level names are visible";
   EXPECT_EQ(R("{% macro w() %}[{{ caller() }}]{% endmacro %}{% call w() %}in{% endcall %}"), "[in]");
+  // Macros and call blocks close over the scopes they are defined in, late-bound, as jinja2's do
+  // (each expected string is jinja2's output).
+  EXPECT_EQ(R("{% for i in [1, 2] %}{% macro m() %}[{{ i }}{{ g }}]{% endmacro %}{% set g = 7 %}{{ m() }}"
+              "{% endfor %}",
+              {{"g", 1}}),
+            "[17][27]");
+  EXPECT_EQ(R("{% macro m() %}<{{ caller() }}>{% endmacro %}{% for x in [1, 2] %}{% call m() %}{{ x }}"
+              "{% endcall %}{% endfor %}"),
+            "<1><2>");
+  EXPECT_EQ(R("{% macro outer() %}{% set z = 3 %}{% macro inner() %}{{ z }}{% endmacro %}{{ inner() }}"
+              "{% endmacro %}{{ outer() }}"),
+            "3");
+  EXPECT_EQ(R("{% set ns = namespace(c=0) %}{% for i in [1, 2] %}{% macro m() %}{% set ns.c = ns.c + i %}"
+              "{% endmacro %}{{ m() }}{% endfor %}{{ ns.c }}"),
+            "3");
+  EXPECT_EQ(R("{% for i in [1] %}{% macro m() %}{{ i }}{% endmacro %}{% endfor %}{{ m is defined }}"),
+            "False")
+      << "a macro defined in a loop is the loop's variable";
   EXPECT_EQ(R("{% set t %}a{{ 1 }}{% endset %}{{ t }}|{% filter upper %}x{% endfilter %}"), "a1|X");
   EXPECT_CONTAINS(E("{% macro f(a) %}{% endmacro %}{{ f(1, 2) }}"), "takes 1 arguments, got 2");
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <memory>
 #include <span>
 #include <unordered_map>
 
@@ -1851,10 +1852,32 @@ void check_names(const Body& body, bool soft) {
 
 enum class Flow { Normal, Break, Continue };
 
+using Vars = std::unordered_map<std::string, Value>;
+
+// A scope's variables, shared so that a macro or call block defined in the scope can read it while
+// the scope lives: jinja2's macros close over the scopes they are defined in, late-bound (a later
+// `set` there is seen).
+struct Frame {
+  std::shared_ptr<Vars> vars = std::make_shared<Vars>();
+  Frame() = default;
+  explicit Frame(std::shared_ptr<Vars> v) : vars(std::move(v)) {}
+  explicit Frame(Vars v) : vars(std::make_shared<Vars>(std::move(v))) {}
+  Value& operator[](const std::string& k) { return (*vars)[k]; }
+  Vars::iterator find(const std::string& k) { return vars->find(k); }
+  Vars::iterator end() { return vars->end(); }
+  void erase(const std::string& k) { vars->erase(k); }
+};
+
+// The scopes a macro was defined in, past the template's top level (which every macro sees live).
+// Held weakly: a macro is itself a variable of the innermost of them, and the scopes of a loop end
+// with it; a macro called after its scope ended (kept in a namespace) sees that scope's variables as
+// undefined.
+using Closure = std::vector<std::weak_ptr<Vars>>;
+
 struct Interp {
   const Limits& limits;
   std::time_t now;
-  std::vector<std::unordered_map<std::string, Value>> frames;
+  std::vector<Frame> frames;
   std::vector<std::string> outs{1};
   std::vector<Span> generation;
   uint64_t iterations = 0;
@@ -1948,16 +1971,18 @@ struct Interp {
       case SK::SetBlock: frames.back()[s.text] = Value::str(capture(s.bodies[0])); return Flow::Normal;
       case SK::Macro: {
         const Stmt* m = &s;
-        frames.back()[s.text] =
-            Value::func(s.text, [m](Interp& in, CallArgs& a, Pos) { return in.call_macro(*m, a, kUndef); });
+        frames.back()[s.text] = Value::func(s.text, [m, scope = closure()](Interp& in, CallArgs& a, Pos) {
+          return in.call_macro(*m, a, scope);
+        });
         return Flow::Normal;
       }
       case SK::CallBlock: {
         const Expr& call = *s.exprs.back();
         if (call.k != EK::Call) fail("{% call %} needs a macro call");
         const Stmt* blk = &s;
-        const Value caller = Value::func(
-            "caller", [blk](Interp& in, CallArgs& a, Pos) { return in.call_macro(*blk, a, kUndef); });
+        const Value caller = Value::func("caller", [blk, scope = closure()](Interp& in, CallArgs& a, Pos) {
+          return in.call_macro(*blk, a, scope);
+        });
         const Value callee = eval(*call.kids[0]);
         CallArgs a = eval_args(call, 1);
         if (!callee.is(Value::Kind::Func) || callee.fn == nullptr) fail("{% call %} needs a macro");
@@ -2034,12 +2059,18 @@ struct Interp {
     return Flow::Normal;
   }
 
-  Value call_macro(const Stmt& m, CallArgs& a, const Value&) {
+  Closure closure() const {
+    Closure c;
+    for (size_t k = 1; k < frames.size(); ++k) c.push_back(frames[k].vars);
+    return c;
+  }
+
+  Value call_macro(const Stmt& m, CallArgs& a, const Closure& scope) {
     if (++depth > limits.max_depth) fail("macro calls nest deeper than the limit of ", limits.max_depth);
     if (a.pos.size() > m.names.size())
       fail(m.k == SK::Macro ? "macro '" + m.text + "'" : std::string("caller"), " takes ", m.names.size(),
            " arguments, got ", a.pos.size());
-    std::unordered_map<std::string, Value> frame;
+    Vars frame;
     std::vector<bool> given(m.names.size(), false);
     for (size_t k = 0; k < a.pos.size(); ++k) {
       frame[m.names[k]] = a.pos[k];
@@ -2051,17 +2082,18 @@ struct Interp {
       frame[n] = v;
       given[size_t(it - m.names.begin())] = true;
     }
-    // A macro sees the template's top-level variables and its own; jinja2 evaluates defaults in
-    // that scope too.
-    std::vector<std::unordered_map<std::string, Value>> outer(std::make_move_iterator(frames.begin() + 1),
-                                                              std::make_move_iterator(frames.end()));
+    // A macro sees the template's top-level variables, the scopes it was defined in and its own;
+    // jinja2 evaluates defaults in that scope too.
+    const std::vector<Frame> outer(frames.begin() + 1, frames.end());
     const Value caller = [&] {
       for (auto f = frames.rbegin(); f != frames.rend(); ++f)
         if (auto it = f->find("caller"); it != f->end()) return it->second;
       return kUndef;
     }();
     frames.resize(1);
-    frames.push_back(std::move(frame));
+    for (const std::weak_ptr<Vars>& w : scope)
+      if (std::shared_ptr<Vars> vars = w.lock()) frames.emplace_back(std::move(vars));
+    frames.emplace_back(std::move(frame));
     if (m.k == SK::Macro && !caller.is_undefined()) frames.back()["caller"] = caller;
     std::string text;
     try {
@@ -2071,12 +2103,12 @@ struct Interp {
       text = capture(m.bodies[0]);
     } catch (...) {
       frames.resize(1);
-      for (auto& f : outer) frames.push_back(std::move(f));
+      frames.insert(frames.end(), outer.begin(), outer.end());
       --depth;
       throw;
     }
     frames.resize(1);
-    for (auto& f : outer) frames.push_back(std::move(f));
+    frames.insert(frames.end(), outer.begin(), outer.end());
     --depth;
     return Value::str(std::move(text));
   }
