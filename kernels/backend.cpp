@@ -1,7 +1,8 @@
-// defines: the backend-independent parts of tf::Backend (DeviceMem, alloc) and make_backend, which
-// turns a --device value into a backend
+// defines: the backend-independent parts of tf::Backend (DeviceMem, alloc, the timing of a profiled
+// op) and make_backend, which turns a --device value into a backend
 #include "kernels/backend.h"
 
+#include <chrono>
 #include <utility>
 
 #include "kernels/cuda/device_backend.h"
@@ -35,6 +36,18 @@ DeviceMem Backend::alloc(size_t bytes, MemTag tag, std::string_view what) {
   m.tag_ = tag;
   m.data_ = bytes ? allocate(bytes, tag, what) : nullptr;
   return m;
+}
+
+double Backend::start_op() {
+  synchronize();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+void Backend::finish_op(OpId op, const OpWork& work, double t0) {
+  synchronize();
+  const double t1 =
+      std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  profile_->add(op, role_, t1 - t0, work);
 }
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -1,6 +1,7 @@
 // defines: tf::Backend (the one interface the model, LoRA and the trainer run on: memory where the
 // ops run, copies to and from the host, a compute and a copy stream with events, and every op of
-// kernels/op_signatures.inc as a virtual method), tf::DeviceMem, tf::cpu_backend, tf::make_backend
+// kernels/op_signatures.inc, each a call of its virtual do_<op> that an attached OpProfile times),
+// tf::OpRole, tf::DeviceMem, tf::cpu_backend, tf::make_backend
 #pragma once
 
 #include <cstddef>
@@ -10,10 +11,12 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "kernels/ops.h"
+#include "kernels/profile.h"
 #include "kernels/scratch_shape.h"
 #include "src/core/alloc.h"
 #include "src/core/error.h"
@@ -215,9 +218,25 @@ class Backend {
   // a model checks its head dimension here before it is built, so a --attention choice that cannot
   // run it is refused by name before anything is placed.
   virtual std::string attention_kernel(int head_dim) const = 0;
-#define TF_OP(ret, name, params, args) virtual ret name params = 0;
+  // Each op runs the backend's do_<op>, timed into the attached profile when there is one.
+#define TF_OP(ret, name, params, args)                                                        \
+  ret name params {                                                                           \
+    if (!profile_) return do_##name args;                                                     \
+    return profiled(OpId::name, op_work::name args, [&]() -> ret { return do_##name args; }); \
+  }
 #include "kernels/op_signatures.inc"
 #undef TF_OP
+
+  // ---- profiling -----------------------------------------------------------------------------
+  // From now on every op's call is added to `profile` (nullptr: none, the default), timed by the host
+  // clock with the backend synchronised before and after it; without a profile an op costs one test
+  // more than its virtual call.
+  void set_profile(OpProfile* profile) {
+    profile_ = profile;
+  }
+  OpProfile* profile() const {
+    return profile_;
+  }
 
   // Typed helpers over upload / download.
   template <typename T>
@@ -232,6 +251,9 @@ class Backend {
   }
 
  protected:
+#define TF_OP(ret, name, params, args) virtual ret do_##name params = 0;
+#include "kernels/op_signatures.inc"
+#undef TF_OP
   virtual void* allocate(size_t bytes, MemTag tag, std::string_view what) = 0;
   virtual void deallocate(void* p, size_t bytes, MemTag tag) = 0;
   virtual void* allocate_unplanned(size_t bytes, MemTag tag, std::string_view what) {
@@ -249,7 +271,45 @@ class Backend {
  private:
   friend class DeviceMem;
   friend class HostMem;
+  friend class OpRole;
+  template <typename F>
+  auto profiled(OpId op, const OpWork& work, F&& run) -> decltype(run());
+  // The clock before an op, after the work queued before it has finished.
+  double start_op();
+  // Adds the op's time since `t0`, once its work has finished, to the profile.
+  void finish_op(OpId op, const OpWork& work, double t0);
+
+  OpProfile* profile_ = nullptr;
+  const char* role_ = "";
 };
+
+// Names what the ops called while it lives do for the caller ("q_proj"), so that a profile keeps
+// them apart from the same ops' other calls. `role` is kept by pointer: a string literal, or one that
+// outlives the scope. Scopes nest; the innermost names the ops.
+class OpRole {
+ public:
+  OpRole(Backend& be, const char* role) : be_(be), outer_(std::exchange(be.role_, role)) {}
+  ~OpRole() { be_.role_ = outer_; }
+  OpRole(const OpRole&) = delete;
+  OpRole& operator=(const OpRole&) = delete;
+
+ private:
+  Backend& be_;
+  const char* outer_;
+};
+
+template <typename F>
+auto Backend::profiled(OpId op, const OpWork& work, F&& run) -> decltype(run()) {
+  const double t0 = start_op();
+  if constexpr (std::is_void_v<decltype(run())>) {
+    run();
+    finish_op(op, work, t0);
+  } else {
+    auto result = run();
+    finish_op(op, work, t0);
+    return result;
+  }
+}
 
 inline HostMem Backend::alloc_host(size_t bytes, MemTag tag, std::string_view what) {
   HostMem m;

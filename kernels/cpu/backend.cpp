@@ -31,7 +31,7 @@ class CpuBackend final : public Backend {
   std::string attention_kernel(int) const override { return "cpu"; }
 
 #define TF_OP(ret, name, params, args) \
-  ret name params override {           \
+  ret do_##name params override {      \
     return cpu::name args;             \
   }
 #include "kernels/op_signatures.inc"

@@ -218,7 +218,7 @@ class DeviceBackend final : public Backend {
   }
 
 #define TF_OP(ret, op, params, args)  \
-  ret op params override {            \
+  ret do_##op params override {       \
     rt::set_current_stream(compute_); \
     return TF_PORT_BACKEND::op args;  \
   }
@@ -227,8 +227,8 @@ class DeviceBackend final : public Backend {
 #undef TF_ATTENTION_OP
 #undef TF_OP
 
-  void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                         const int32_t* doc_ids, const AttentionShape& s) override {
+  void do_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                            const int32_t* doc_ids, const AttentionShape& s) override {
     rt::set_current_stream(compute_);
     switch (call_kernel(doc_ids, s)) {
       case AttentionKernel::Cudnn: return cudnn_attention_forward(out, lse, q, k, v, doc_ids, s);
@@ -236,9 +236,9 @@ class DeviceBackend final : public Backend {
       default: return TF_PORT_BACKEND::attention_forward(out, lse, q, k, v, doc_ids, s);
     }
   }
-  void attention_backward(float* dq, float* dk, float* dv, const float* d_out, const float* q, const float* k,
-                          const float* v, const float* out, const float* lse, const int32_t* doc_ids,
-                          const AttentionShape& s) override {
+  void do_attention_backward(float* dq, float* dk, float* dv, const float* d_out, const float* q,
+                             const float* k, const float* v, const float* out, const float* lse,
+                             const int32_t* doc_ids, const AttentionShape& s) override {
     rt::set_current_stream(compute_);
     switch (call_kernel(doc_ids, s)) {
       case AttentionKernel::Cudnn:
@@ -250,9 +250,9 @@ class DeviceBackend final : public Backend {
   }
   // Decoding is inference: it takes the flash kernel wherever the head dimension allows (cuDNN's
   // graph is the training baseline).
-  void attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
-                                int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
-                                float scale, int window, float softcap) override {
+  void do_attention_cached_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
+                                   int64_t n_past, int64_t n_new, int n_heads, int n_kv_heads, int head_dim,
+                                   float scale, int window, float softcap) override {
     rt::set_current_stream(compute_);
     if (attention_ != AttentionKernel::Plain && flash_attention_supports(head_dim))
       return flash_attention_cached_forward(out, q, k_cache, v_cache, n_past, n_new, n_heads, n_kv_heads,

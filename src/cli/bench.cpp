@@ -16,6 +16,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/ops.h"
+#include "kernels/profile.h"
 #include "src/cli/commands.h"
 #include "src/cli/common.h"
 #include "src/cli/options.h"
@@ -254,6 +255,20 @@ int run_bench(const BenchOptions& o) {
   const offload::Tier home = be->host_memory() ? offload::Tier::Host : offload::Tier::Device;
   const uint64_t predicted = plan.plan.peak(home);
   const uint64_t measured = be->host_memory() ? pm.peak_rss : be->device_memory_peak().value_or(tracked);
+  // --profile: as many steps again, each op timed, apart from the timed steps, whose figures the
+  // profile's waits for each op would slow on a device.
+  std::optional<OpProfile> profile;
+  if (o.profile) {
+    profile.emplace();
+    be->set_profile(&*profile);
+    for (int s = 0; s < o.steps; ++s) {
+      const auto p0 = Clock::now();
+      trainer.step({&batch, 1});
+      be->synchronize();
+      profile->add_step(std::chrono::duration<double>(Clock::now() - p0).count());
+    }
+    be->set_profile(nullptr);
+  }
 
   // The ops, on the model's own shapes, in the backend's memory.
   std::vector<Figure> figs;
@@ -356,6 +371,9 @@ int run_bench(const BenchOptions& o) {
               offload::tier_name(home), format_bytes(double(measured)).c_str(),
               be->host_memory() ? "RSS" : "device", format_bytes(double(tracked)).c_str(),
               format_bytes(double(predicted)).c_str());
+  if (profile)
+    std::printf("\nprofile   the training step's ops over %d more steps, each op timed:\n%s", o.steps,
+                profile->table().c_str());
 
   if (!o.json.empty()) {
     json ops = json::array();
@@ -389,6 +407,7 @@ int run_bench(const BenchOptions& o) {
                   {"measured_peak", measured},
                   {"tracked_peak", tracked},
                   {"predicted_peak", predicted}}}};
+    if (profile) doc["profile"] = json::parse(profile->json());
     io::write_file_atomic(o.json, doc.dump(2) + "\n");
   }
   return 0;

@@ -20,7 +20,8 @@ struct BenchOptions {
   int steps = 3;  // timed training steps, after one that is not timed
   int lora_rank = 16;
   int threads = 0;
-  std::string json;  // when set: the same figures written to this file as JSON
+  std::string json;      // when set: the same figures written to this file as JSON
+  bool profile = false;  // the training run's ops, each timed, over --steps more steps
 };
 
 // Returns the exit status.

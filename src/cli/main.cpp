@@ -159,8 +159,12 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_option("--max-host-mem", o.max_host_mem, "Budget of host memory (auto: the host's available memory)")
       ->capture_default_str();
   c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
-  if (training)
+  if (training) {
     c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
+    c.add_flag("--profile", o.profile,
+               "Time each op of the training steps (the backend waits for each one): calls, time, share and "
+               "GFLOP/s or GB/s per op and projection, written to RUN/profile.json and printed at the end");
+  }
 }
 
 // CLI11 reads integers with strtoll / strtoull in base 0: "010" would be 8, "0x10" 16, and "-1"
@@ -330,6 +334,9 @@ int run(int argc, char** argv) {
   bench->add_option("--threads", bn.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
   bench->add_option("--json", bn.json, "Also write the figures to this file as JSON");
+  bench->add_flag("--profile", bn.profile,
+                  "After the timed training steps, as many more with each op timed (the backend waits for "
+                  "each one): the per-op table, and in --json");
 
   require_decimal_integers(app);
   // The subcommands whose --config names a JSON file of options (init's names a model preset).

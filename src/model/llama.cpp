@@ -323,13 +323,24 @@ LoraDropout LlamaModel::dropout(int layer, LoraTarget t, bool training, uint64_t
   return d;
 }
 
+// What a profile calls the ops of a projection's adapter (OpRole), by LoraTarget; the frozen
+// projection's are its module name.
+static const char* adapter_role(LoraTarget t) {
+  static constexpr const char* kRoles[kLoraTargetCount] = {"q_proj lora",   "k_proj lora",    "v_proj lora",
+                                                           "o_proj lora",   "gate_proj lora", "up_proj lora",
+                                                           "down_proj lora"};
+  return kRoles[size_t(t)];
+}
+
 void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const WeightRef* bias, int layer,
                             LoraTarget t, BlockActs& a, bool training, uint64_t step, int64_t n,
                             int64_t row0) {
+  const OpRole frozen(*be_, lora_target_name(t));
   be_->linear_forward(y, x, w, n, 0.0f);
   if (bias) be_->add_bias(y, *bias, n, w.rows);
   const LoraAdapter& ad = lora_.at(layer, t);
   if (!ad.active()) return;
+  const OpRole adapter(*be_, adapter_role(t));
   // A fused module's first projection forms the intermediate its later ones read.
   float* rows = a.lora_t[size_t(ad.first)] + row0 * ad.rank;
   if (ad.first == t)
@@ -342,8 +353,10 @@ void LlamaModel::projection(float* y, const float* x, const WeightRef& w, const 
 void LlamaModel::projection_backward(float* dx, float beta, const float* dy, const float* x,
                                      const WeightRef& w, int layer, LoraTarget t, const BlockActs& a,
                                      uint64_t step, int64_t n, int64_t row0) {
+  const OpRole frozen(*be_, lora_target_name(t));
   be_->linear_backward_input(dx, dy, w, n, beta);
   LoraAdapter& ad = lora_.at(layer, t);
+  const OpRole adapter(*be_, adapter_role(t));
   if (ad.active())
     lora_backward(*be_, dx, dy, x, a.lora_t[size_t(ad.first)] + row0 * ad.rank, ad, lora_.config.scale(),
                   dropout(layer, ad.first, true, step, row0), n, lora_dt_, lora_xd_);
@@ -472,6 +485,7 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
         be_->rmsnorm_forward(d_branch_ + r0 * H, a.rstd_down + r0, down_rows(a, r0), w.post_mlp_norm, m, H,
                              c.rms_eps);
       } else if (down.active()) {
+        const OpRole role(*be_, adapter_role(LoraTarget::Down));
         lora_intermediate(*be_, a.lora_t[size_t(LoraTarget::Down)] + r0 * down.rank, lora_xd_, a.act, down,
                           dropout(l, LoraTarget::Down, true, step, r0), m);
       }
