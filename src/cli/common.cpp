@@ -8,6 +8,8 @@
 #include <ctime>
 #include <filesystem>
 
+#include "kernels/cpu/bf16_gemm.h"
+#include "kernels/cpu/isa.h"
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
 #include "src/data/sampler.h"
@@ -155,6 +157,33 @@ std::string format_bytes(double bytes) {
 
 bool stdout_is_terminal() {
   return isatty(STDOUT_FILENO) == 1;
+}
+
+void check_matmul_option(const std::string& option, const std::string& device) {
+  const cpu::MatmulChoice choice = cpu::parse_matmul_choice(option);
+  TF_CHECK(choice == cpu::MatmulChoice::Auto || device == "cpu" || device == "auto", "--matmul ", option,
+           " applies to the cpu; --device ", device, " multiplies the base's matrices in bf16 already");
+  if (choice == cpu::MatmulChoice::BF16) cpu::resolve_matmul(choice, cpu::cpu_has_avx512_bf16(), {});
+}
+
+std::string apply_matmul_option(const std::string& option, const Session& s) {
+  const cpu::MatmulChoice choice = cpu::parse_matmul_choice(option);
+  if (s.backend->name() != "cpu") {
+    TF_CHECK(choice == cpu::MatmulChoice::Auto, "--matmul ", option, " applies to the cpu; ",
+             s.backend->name(), " multiplies the base's matrices in bf16 already");
+    cpu::set_matmul_precision(cpu::MatmulPrecision::F32);
+    return {};
+  }
+  const LlamaWeights& w = s.model->weights();
+  // A quantized lm_head runs the loss's own f32 products; a bf16 one runs matmul's bf16 path.
+  std::vector<DType> dtypes;
+  if (w.lm_head.dtype == DType::BF16) dtypes.push_back(DType::BF16);
+  for (const BlockWeights& b : w.blocks)
+    for (const WeightRef* m : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      if (m->rows > 0) dtypes.push_back(m->dtype);
+  const cpu::MatmulResolution r = cpu::resolve_matmul(choice, cpu::cpu_has_avx512_bf16(), dtypes);
+  cpu::set_matmul_precision(r.precision);
+  return r.why;
 }
 
 }  // namespace tf::cli

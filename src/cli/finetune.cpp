@@ -12,8 +12,8 @@
 #include <fstream>
 #include <optional>
 
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/ops.h"
-#include "kernels/profile.h"
 #include "src/cli/common.h"
 #include "src/cli/outputs.h"
 #include "src/cli/plan.h"
@@ -201,6 +201,7 @@ void check_options(const FinetuneOptions& o) {
            "--checkpointing must be auto, none, block or offload, got '", o.checkpointing, "'");
   quant_option(o.quant);
   check_device(o.device, parse_attention(o.attention));
+  check_matmul_option(o.matmul, o.device);
   TF_CHECK(o.weights == "auto" || o.weights == "resident" || o.weights == "host" || o.weights == "disk",
            "--weights must be auto, resident, host or disk, got '", o.weights, "'");
   TF_CHECK(o.embedding == "auto" || o.embedding == "device" || o.embedding == "host",
@@ -446,6 +447,8 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
       quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, plan.layout);
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
+  const std::string matmul_line = apply_matmul_option(o.matmul, s);
+  if (!matmul_line.empty()) o.matmul_chosen = cpu::matmul_precision_name(cpu::matmul_precision());
   const LlamaConfig& cfg = s.model->config();
   const CheckpointPolicy policy = s.model->policy();
   const tok::Tokenizer& tokenizer = s.tokenizer();
@@ -601,6 +604,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
         "OMP_WAIT_POLICY=passive in the environment to hide more of them behind compute\n");
   std::printf("device: %s%s\n", s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str(),
               s.attention == "cpu" ? "" : ("; attention: " + s.attention).c_str());
+  if (!matmul_line.empty()) std::printf("matmul: %s\n", matmul_line.c_str());
 
   std::fflush(stdout);  // the header shows before the evaluation, which can take long
   std::optional<MetricsWriter> metrics;
@@ -664,7 +668,6 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   double last_loss = NAN, tok_s_sum = 0, reduce_secs = 0, step_secs = 0;
   int64_t tok_s_n = 0;
   int64_t step = start;
-  OpProfile profile;        // --profile: the training steps' ops, nothing else
   data::TokenBatch others;  // a micro-batch of another rank's share, formed to keep the data order
   for (; step < total_steps; ++step) {
     // The step's global batch is the next ranks x grad-accum micro-batches of the data order, the
@@ -676,14 +679,9 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
       TF_CHECK(data::next_batch(train, sampler, bo, b), o.data, ": ran out of examples");
       if (mine) views[size_t(g % o.grad_accum)] = batch_view(b);
     }
-    if (o.profile) s.backend->set_profile(&profile);
     const auto t0 = Clock::now();
     const StepStats st = trainer.step(views);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (o.profile) {
-      s.backend->set_profile(nullptr);
-      profile.add_step(secs);
-    }
     const double tok_s = double(st.tokens) / secs;
     tok_s_sum += tok_s;
     ++tok_s_n;
@@ -734,12 +732,6 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   write_report((run / "report.html").string(), report);
 
   progress.message("done: " + std::to_string(total_steps) + " steps");
-  if (o.profile) {
-    const std::string path = (run / "profile.json").string();
-    io::write_file_atomic(path, profile.json());
-    std::printf("per-op profile of this run's %lld steps (%s):\n%s", (long long)profile.steps(), path.c_str(),
-                profile.table().c_str());
-  }
   std::printf("final train loss %.4f", last_loss);
   if (eval_after) std::printf(", eval loss %.4f (perplexity %.2f)", *eval_after, std::exp(*eval_after));
   if (comm.size() > 1)

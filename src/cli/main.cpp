@@ -28,6 +28,11 @@ constexpr const char* kAttentionHelp =
     "else plain), flash (bf16 on tensor cores), plain (the tiled f32 reference kernels) or cudnn "
     "(cuDNN's fused attention, on a GPU)";
 
+constexpr const char* kMatmulHelp =
+    "Precision of the cpu's products with the base's bf16 and quantized matrices: auto (bf16 where the CPU "
+    "has avx512_bf16 and the base has such matrices, else f32), f32 (matrices widened to f32, OpenBLAS "
+    "sgemm) or bf16 (activations rounded to bf16, sums in f32, oneDNN; as PyTorch's bf16). LoRA stays f32";
+
 constexpr const char* kWeightsHelp =
     "Where the base model's layers live while training: auto (resident when the plan fits the budgets, "
     "else streamed), resident, host (in host memory, each layer copied to the device just before use) or "
@@ -134,6 +139,7 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
       ->capture_default_str();
   c.add_option("--device", o.device, kDeviceHelp)->capture_default_str();
   c.add_option("--attention", o.attention, kAttentionHelp)->capture_default_str();
+  c.add_option("--matmul", o.matmul, kMatmulHelp)->capture_default_str();
   c.add_option("--weights", o.weights, kWeightsHelp)->capture_default_str();
   c.add_option(
        "--mlp-chunk", o.mlp_chunk,
@@ -159,12 +165,8 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_option("--max-host-mem", o.max_host_mem, "Budget of host memory (auto: the host's available memory)")
       ->capture_default_str();
   c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
-  if (training) {
+  if (training)
     c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
-    c.add_flag("--profile", o.profile,
-               "Time each op of the training steps (the backend waits for each one): calls, time, share and "
-               "GFLOP/s or GB/s per op and projection, written to RUN/profile.json and printed at the end");
-  }
 }
 
 // CLI11 reads integers with strtoll / strtoull in base 0: "010" would be 8, "0x10" 16, and "-1"
@@ -334,9 +336,6 @@ int run(int argc, char** argv) {
   bench->add_option("--threads", bn.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
   bench->add_option("--json", bn.json, "Also write the figures to this file as JSON");
-  bench->add_flag("--profile", bn.profile,
-                  "After the timed training steps, as many more with each op timed (the backend waits for "
-                  "each one): the per-op table, and in --json");
 
   require_decimal_integers(app);
   // The subcommands whose --config names a JSON file of options (init's names a model preset).

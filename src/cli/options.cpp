@@ -58,6 +58,7 @@ json to_json(const FinetuneOptions& o) {
          {"checkpointing", o.checkpointing},
          {"device", o.device},
          {"attention", o.attention},
+         {"matmul", o.matmul},
          {"weights", o.weights},
          {"mlp_chunk", o.mlp_chunk},
          {"loss_chunk", o.loss_chunk},
@@ -67,6 +68,7 @@ json to_json(const FinetuneOptions& o) {
          {"threads", o.threads}};
   // Single-process runs leave it out, so that their config hash is what it was before data parallel.
   if (o.ranks > 1) j["ranks"] = o.ranks;
+  if (!o.matmul_chosen.empty()) j["matmul_chosen"] = o.matmul_chosen;
   // What auto chose, once the plan has chosen (a resumed run keeps it).
   if (o.micro_batch_auto) {
     j["micro_batch_chosen"] = o.micro_batch;
@@ -119,9 +121,12 @@ json resume_relevant(const FinetuneOptions& o) {
   // repeats an uninterrupted run bit for bit (finetune notes a change).
   // Streamed weights and the budgets change where bytes live, not the numbers; the MLP's chunks
   // change only the order the MLP adapters' gradients sum their rows in, as --threads does.
-  for (const char* free : {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device",
-                           "attention", "weights", "mlp_chunk", "loss_chunk", "embedding", "max_mem",
-                           "max_host_mem", "threads", "micro_batch_chosen", "grad_accum_chosen"})
+  // --matmul changes how the frozen products round (bf16 or f32 operands) within its bound, so a
+  // resume under another continues the training, not its bits.
+  for (const char* free :
+       {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "attention",
+        "matmul", "matmul_chosen", "weights", "mlp_chunk", "loss_chunk", "embedding", "max_mem",
+        "max_host_mem", "threads", "micro_batch_chosen", "grad_accum_chosen"})
     all.erase(free);
   // A count of sequences per step says no more than micro_batch and grad_accum do (and runs from
   // before it existed keep their hash); under auto it is what the step is.

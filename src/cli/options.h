@@ -59,6 +59,9 @@ struct FinetuneOptions {
   std::string checkpointing = "auto";
   std::string device = "auto";
   std::string attention = "auto";  // the device backend's attention kernel: auto, flash, plain, cudnn
+  // The cpu's products with bf16 / quantized base matrices (--matmul): auto, f32, bf16
+  std::string matmul = "auto";
+  std::string matmul_chosen;  // what --matmul runs on this machine (f32, bf16), once the model is loaded
   // Memory (the planner): where per-layer base weights live (auto, resident, host, disk) and the
   // budgets of the backend's memory and of host memory (auto: the device's memory, the host's
   // available memory; or a size such as 8GiB, 512MiB, 2.5GB).
@@ -76,9 +79,6 @@ struct FinetuneOptions {
   std::string max_host_mem = "auto";
   int threads = 0;
   bool resume = false;
-  // Time every op of the training steps (kernels/profile.h): RUN/profile.json and a table at the end.
-  // Not in config.json: it changes no result.
-  bool profile = false;
   // Processes of a data-parallel launch (mpirun -np N): set by finetune from its communicator, not an
   // option; config.json records it when above 1, and a resume must keep it.
   int ranks = 1;
