@@ -1,7 +1,8 @@
-// defines: golden tests of Qwen2 and of every rope scaling type against transformers + PEFT, each
-// model in both of its forms: the HF directory and the GGUF llama.cpp's convert_hf_to_gguf.py
-// wrote of it (tools/make_arch_golden.py, tests/fixtures/arch_golden/). Logits, loss and every LoRA
-// gradient must be the float64 reference's within the bounds of tests/test_golden.cpp.
+// defines: golden tests of Qwen2, Qwen3, Gemma 2 and 3, Phi-3 and of every rope scaling type against
+// transformers + PEFT, each model in both of its forms: the HF directory and the GGUF llama.cpp's
+// convert_hf_to_gguf.py wrote of it (tools/make_arch_golden.py, tests/fixtures/arch_golden/).
+// Logits, loss and every LoRA gradient must be the float64 reference's within the bounds of
+// tests/test_golden.cpp.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -255,6 +256,66 @@ TEST(GoldenArch, Gemma3DecodeWithKvCacheMatchesReference) {
   }
 }
 
+// Gemma 2: Gemma 3's block without q/k norms, one rope base, the even layers sliding, and its
+// attention scores and final logits soft-capped (at 3 and 2 in the fixture, which its scores and
+// logits exceed by far: the script measures 4.0 and 11 of logit change without each cap).
+TEST(GoldenArch, Gemma2HfAndGguf) {
+  const LlamaWeights hf = hf_weights("gemma2", "config.json");
+  const LlamaConfig& c = hf.config;
+  EXPECT_EQ(c.architecture, "gemma2");
+  EXPECT_TRUE(c.sandwich_norms && c.tie_embeddings);
+  EXPECT_FALSE(c.qk_norm);
+  EXPECT_FALSE(c.has_local_rope());
+  EXPECT_EQ(c.activation, MlpActivation::GeluTanh);
+  EXPECT_EQ(c.embed_scale, std::sqrt(32.0f));
+  EXPECT_EQ(c.attn_softcap, 3.0f);
+  EXPECT_EQ(c.final_softcap, 2.0f);
+  EXPECT_EQ(c.window(0), 4);
+  EXPECT_EQ(c.window(1), 0);
+  EXPECT_EQ(c.window(2), 4);
+  EXPECT_EQ(c.window(3), 0);
+  golden(hf_weights("gemma2", "config.json"), "gemma2_expected.safetensors", "gemma2 HF");
+
+  const io::LoadedModel m = io::load_model(kDir + "gemma2.gguf", true, io::QuantMode::Keep);
+  const LlamaConfig& g = m.weights.config;
+  EXPECT_EQ(g.architecture, "gemma2");
+  EXPECT_FALSE(g.qk_norm);
+  EXPECT_FALSE(g.has_local_rope());
+  EXPECT_EQ(g.sliding_layers, c.sliding_layers);
+  EXPECT_EQ(g.sliding_window, c.sliding_window);
+  EXPECT_EQ(g.attn_softcap, c.attn_softcap);
+  EXPECT_EQ(g.final_softcap, c.final_softcap);
+  EXPECT_EQ(g.attention_scale(0), c.attention_scale(0));
+  EXPECT_EQ(g.rope_layout, RopeLayout::SplitHalf);
+  ASSERT_NE(m.tokenizer, nullptr);
+  golden(gguf_weights("gemma2.gguf"), "gemma2_expected.safetensors", "gemma2 GGUF");
+  // Recomputed blocks (the capped softmax again from the saved block input), the MLP in chunks and
+  // the loss in calls of 8 rows (each call caps its own logits).
+  golden(gguf_weights("gemma2.gguf"), "gemma2_expected.safetensors", "gemma2 GGUF per-block checkpointing",
+         CheckpointPolicy::PerBlock);
+  golden(hf_weights("gemma2", "config.json"), "gemma2_expected.safetensors",
+         "gemma2 HF MLP and loss in chunks", CheckpointPolicy::PerBlock,
+         ModelLayout{.mlp_chunk = 8, .loss_rows = 8});
+}
+
+TEST(GoldenArch, Gemma2DecodeWithKvCacheMatchesReference) {
+  // Decoding caps the cached attention's scores in the layers that slide and in those that do not,
+  // and the logits it returns: each decoded token's logits equal the reference's at its position.
+  const Expected e = load_expected("gemma2_expected.safetensors");
+  LlamaModel model(gguf_weights("gemma2.gguf"), e.lora, CheckpointPolicy::None, int64_t(e.batch) * e.seq);
+  check(model, e, "gemma2 GGUF before decoding");
+  const LlamaConfig& c = model.config();
+  KvCache cache = model.make_kv_cache(e.seq);
+  const auto* tokens = static_cast<const int32_t*>(e.file->view("input_ids").data);
+  std::vector<float> logits(size_t(c.vocab));
+  for (int t = 0; t < e.seq; ++t) {
+    model.decode(cache, tokens + t, 1, logits.data());
+    EXPECT_LT(test::rel_norm_error(logits.data(), f32(e, "logits") + size_t(t) * c.vocab, size_t(c.vocab)),
+              1e-5)
+        << "decoded position " << t;
+  }
+}
+
 TEST(GoldenArch, LlamaDefaultRope) {
   golden(hf_weights("llama", "config.json"), "llama_default_expected.safetensors", "llama default");
 }
@@ -442,6 +503,56 @@ TEST(GoldenArch, Gemma3ExportsPeftGgufLoraAndMergedHfWithTheFilesNorms) {
   const double bound = 5e-2;
   EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), got.size()), bound);
   const std::vector<float> unadapted = plain_logits(hf_weights("gemma3", "config.json"), e);
+  EXPECT_GT(test::rel_norm_error(unadapted.data(), f32(e, "logits"), got.size()), 5 * bound);
+  std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
+}
+
+TEST(GoldenArch, Gemma2ExportsGgufLoraAndMergedHfWithItsCaps) {
+  const Expected e = load_expected("gemma2_expected.safetensors");
+  LlamaModel model(hf_weights("gemma2", "config.json"), e.lora, CheckpointPolicy::None,
+                   int64_t(e.batch) * e.seq);
+  check(model, e, "gemma2 HF");
+  const LlamaConfig& c = model.config();
+
+  // llama.cpp's gemma2 names, B in HF's q/k rows (neox rope).
+  const std::string adapter = temp_path("gemma2_lora.gguf");
+  io::export_gguf_lora(adapter, model.lora(), c);
+  const io::GgufFile a = io::GgufFile::open(adapter);
+  EXPECT_EQ(a.get_string("general.architecture"), "gemma2");
+  const LoraAdapter& q = model.lora().at(3, LoraTarget::Q);
+  const io::GgufTensorInfo& b = a.tensor(io::gguf_lora_tensor_name(3, LoraTarget::Q, true));
+  ASSERT_EQ(b.n_bytes, size_t(q.out) * q.rank * sizeof(float));
+  EXPECT_EQ(std::memcmp(b.data, q.B, b.n_bytes), 0);
+
+  // The merged directory: w where the model holds 1 + w, and a Gemma2Config with the caps and the
+  // layers' kinds, which loads back as the model it was.
+  const std::string dir = temp_path("gemma2_merged");
+  io::export_merged_hf(dir, model.weights(), model.lora());
+  const io::SafetensorsModel merged = io::SafetensorsModel::open(dir);
+  const io::SafetensorsModel original = io::SafetensorsModel::open(kDir + "gemma2");
+  int norms = 0;
+  LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
+    if (!is_norm_slot(s)) return;
+    const std::string name = hf_weight_name(c, s, layer);
+    const io::SafetensorsTensor &got = merged.get(name), &want = original.get(name);
+    ASSERT_EQ(got.bytes.size(), want.bytes.size()) << name;
+    EXPECT_EQ(std::memcmp(got.bytes.data(), want.bytes.data(), got.bytes.size()), 0) << name;
+    ++norms;
+  });
+  EXPECT_EQ(norms, 4 * 4 + 1);  // input, post-attention, pre- and post-feedforward; final
+  const LlamaConfig back = io::read_hf_config(dir + "/config.json");
+  EXPECT_EQ(back.architecture, "gemma2");
+  EXPECT_EQ(back.sliding_layers, c.sliding_layers);
+  EXPECT_EQ(back.sliding_window, c.sliding_window);
+  EXPECT_EQ(back.attn_softcap, c.attn_softcap);
+  EXPECT_EQ(back.final_softcap, c.final_softcap);
+  EXPECT_EQ(back.attention_scale(0), c.attention_scale(0));
+  const std::vector<float> got = plain_logits(io::load_hf_model(dir, io::QuantMode::Keep), e);
+  // The merged weights round to bf16 (kMergedBound's case) over four layers; without the adapter
+  // the logits are far further away, which the second check pins.
+  const double bound = 5e-2;
+  EXPECT_LT(test::rel_norm_error(got.data(), f32(e, "logits"), got.size()), bound);
+  const std::vector<float> unadapted = plain_logits(hf_weights("gemma2", "config.json"), e);
   EXPECT_GT(test::rel_norm_error(unadapted.data(), f32(e, "logits"), got.size()), 5 * bound);
   std::filesystem::remove_all(std::filesystem::path(dir).parent_path());
 }

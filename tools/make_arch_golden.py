@@ -26,7 +26,11 @@ Output under tests/fixtures/arch_golden/:
     gemma3/, gemma3.gguf    Gemma3ForCausalLM: hidden 32, 4 heads over 2 (head_dim 16), tied, 6 layers
                             (5 sliding over 4 keys with rope base 100, 1 full with base 10000 and
                             linear scaling by 8); the GGUF's norms hold 1 + w (the converter's)
-    <name>_expected.safetensors, for qwen2, qwen2_tied, qwen3, gemma3 and llama_<rope> for default, llama3, yarn
+    gemma2/, gemma2.gguf    Gemma2ForCausalLM: hidden 32, 4 heads over 2 (head_dim 16), tied, 4 layers
+                            (0 and 2 slide over 4 keys, 1 and 3 full), attention scores capped at 3 and
+                            logits at 2, both reached by far (q/k projections and the final norm scaled
+                            up so that tanh saturates)
+    <name>_expected.safetensors, for qwen2, qwen2_tied, qwen3, gemma3, gemma2 and llama_<rope> for default, llama3, yarn
     and linear (dynamic's equals default's, which the script asserts, so it has none of its own):
         input_ids [2, 16] int32, labels [2, 16] int32 (-100 = ignored, first 5 of each row)
         logits [2, 16, vocab] f32, loss [1] f32
@@ -36,7 +40,8 @@ Output under tests/fixtures/arch_golden/:
 The script asserts, and prints, how far the logits move without the q/k/v biases, without each
 rope scaling and without yarn's attention factor, without Qwen3's q/k norms, and without each of
 Gemma 3's features (the norms' 1 + w, the embedding scale, the output norms, the local rope base,
-the window, the full layer's scaling), so each fixture is known to discriminate.
+the window, the full layer's scaling) and of Gemma 2's (each soft cap, the window), so each fixture is
+known to discriminate.
 The weights are bf16 (norms, biases and embeddings too), drawn normal(0, 0.1) (norms 1 + 0.1 normal,
 biases 0.3 normal) from fixed seeds, and the bf16 GGUF holds the same values, so both forms of a
 model must give the same expected numbers. The reference runs in float64 from those values (HF
@@ -199,6 +204,9 @@ def convert(llama_cpp, directory, out):
         f"sys.path.insert(0, {llama_cpp!r}); sys.path.insert(1, {os.path.join(llama_cpp, 'gguf-py')!r})\n"
         "import conversion.base as base\n"
         "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: os.environ['TF_GGUF_PRE']\n"
+        # Gemma 2's converter reads a sentencepiece tokenizer.model only; Gemma 3's takes this one.
+        "import conversion.gemma as gemma\n"
+        "gemma.Gemma2Model.set_vocab = lambda self: self._set_vocab_gpt2()\n"
         "import convert_hf_to_gguf\n"
         "convert_hf_to_gguf.main()\n")
     arch = json.load(open(os.path.join(directory, "config.json")))["model_type"]
@@ -312,6 +320,43 @@ def gemma3(out, llama_cpp, tok_dir, seed):
     change("the window", base=dict(sliding_window=64))
     change("the full layer's linear scaling", rope=dict(copy.deepcopy(rope), full_attention={
         "rope_type": "default", "rope_theta": 10000.0}))
+    strip_tokenizer(directory)
+
+
+def gemma2(out, llama_cpp, tok_dir, seed):
+    """Gemma2ForCausalLM: hidden 32, 4 heads over 2 kv heads, head_dim 16, tied, 4 layers (transformers'
+    and llama.cpp's pattern: the even layers slide, over 4 keys, shorter than the batch's 16), one rope
+    base, query_pre_attn_scalar = head_dim (llama.cpp's scale for every Gemma 2 but the 27B). The caps
+    are small (attention 3, final 2) and the q/k projections (times 4) and the final norm (w + 4) are
+    scaled up so that scores and logits reach several times their caps: tanh saturates for some and
+    not for others, and the script asserts what each cap changes."""
+    base = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                rms_norm_eps=1e-6, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True,
+                attn_logit_softcapping=3.0, final_logit_softcapping=2.0, rope_theta=10000.0,
+                pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    directory = os.path.join(out, "gemma2")
+    cls = transformers.Gemma2ForCausalLM
+    model = randomise(cls(transformers.Gemma2Config(**base)), seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+        model.model.norm.weight.add_(4.0)
+    save_model(model, directory, tok_dir)
+    convert(llama_cpp, directory, os.path.join(out, "gemma2.gguf"))
+    logits, ids = expected(os.path.join(out, "gemma2_expected.safetensors"), cls, directory, seed)
+    print(f"  gemma2: largest |logit| {float(logits.abs().max()):.3f} under the cap 2")
+
+    def change(what, **config):
+        other = lora_model(load_f64(cls, directory, transformers.Gemma2Config(**dict(base, **config))), seed + 1)
+        with torch.no_grad():
+            moved = float((other(input_ids=ids).logits - logits).abs().max())
+        print(f"  gemma2: logits move by {moved:.3e} without {what}")
+        assert moved > 1e-2, (what, moved)
+    change("the attention cap", attn_logit_softcapping=None)
+    change("the final cap", final_logit_softcapping=None)
+    change("the window", sliding_window=64)
     strip_tokenizer(directory)
 
 
@@ -437,6 +482,7 @@ GROUPS = {
     "llama": lambda out, lcpp, tok: llama(out, lcpp, tok, SEED + 20),
     "phi3": lambda out, lcpp, tok: phi3(out, lcpp, tok, SEED + 40),
     "gemma3": lambda out, lcpp, tok: gemma3(out, lcpp, tok, SEED + 50),
+    "gemma2": lambda out, lcpp, tok: gemma2(out, lcpp, tok, SEED + 60),
     "qwen3": lambda out, lcpp, tok: qwen3(out, lcpp, tok, "qwen3", SEED + 30, vocab_size=TOKENIZER_VOCAB,
                                           hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
                                           head_dim=16, tie_word_embeddings=True),

@@ -61,7 +61,7 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 
 std::string gguf_architecture(const LlamaConfig& cfg) {
   const std::string& a = cfg.architecture;
-  return a == "qwen2" || a == "qwen3" || a == "gemma3" || a == "phi3" ? a : "llama";
+  return a == "qwen2" || a == "qwen3" || a == "gemma2" || a == "gemma3" || a == "phi3" ? a : "llama";
 }
 
 bool gguf_permutes_qk(const LlamaConfig& cfg) {

@@ -106,21 +106,35 @@ void read_longrope(const GgufFile& f, const std::string& p, RopeParams& rope, in
       f.has(p + "rope.scaling.attn_factor") ? positive_float(f, p + "rope.scaling.attn_factor") : 0.0f;
 }
 
-// gemma3 as llama.cpp's llama_model_gemma3 reads it: with a sliding window, the layers of
-// attention.sliding_window_pattern slide (a bool per layer, or every n-th layer full, 6 when the key
-// is absent) and rotate with rope.freq_base_swa (10000 when absent) unscaled; the norms hold 1 + w
-// already (the converter adds the 1); embeddings scale by sqrtf(hidden); scores by
-// 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 62-layer 27B model (gemma_pytorch's
-// query_pre_attn_scalar).
-void read_gemma3(const GgufFile& f, const std::string& p, LlamaConfig& c) {
-  for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
-    if (f.has(p + key) && f.get_float(p + key) != 0.0)
-      TF_FAIL(f.path(), ": ", p, key, " is set; tightfit does not implement logit softcapping");
-  c.qk_norm = true;
+// gemma2 and gemma3 as llama.cpp's llama_model_gemma2 / llama_model_gemma3 read them: with a
+// sliding window (gemma2: 4096 when the key is absent), the layers of
+// attention.sliding_window_pattern slide (a bool per layer, or every n-th layer full, when the key
+// is absent 2 for gemma2 and 6 for gemma3); gemma3's sliding layers rotate with rope.freq_base_swa
+// (10000 when absent) unscaled, gemma2's with rope.freq_base unless the file names a base of their
+// own; the norms hold 1 + w already (the converter adds the 1); embeddings scale by sqrtf(hidden);
+// scores by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 27B models (gemma_pytorch's
+// query_pre_attn_scalar: 46 layers of gemma2, 62 of gemma3). gemma2 soft-caps its attention scores
+// and final logits (attn_logit_softcapping 50 and final_logit_softcapping 30 when absent); gemma3
+// has q/k norms and no caps.
+void read_gemma(const GgufFile& f, const std::string& p, LlamaConfig& c) {
+  const bool gemma2 = c.architecture == "gemma2";
+  if (gemma2) {
+    c.attn_softcap =
+        f.has(p + "attn_logit_softcapping") ? positive_float(f, p + "attn_logit_softcapping") : 50.0f;
+    c.final_softcap =
+        f.has(p + "final_logit_softcapping") ? positive_float(f, p + "final_logit_softcapping") : 30.0f;
+    if (!f.has(p + "attention.sliding_window")) c.sliding_window = 4096;
+  } else {
+    for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
+      if (f.has(p + key) && f.get_float(p + key) != 0.0)
+        TF_FAIL(f.path(), ": ", p, key, " is set; tightfit soft-caps logits for gemma2 only");
+  }
+  c.qk_norm = !gemma2;
   c.sandwich_norms = true;
   c.activation = MlpActivation::GeluTanh;
   c.embed_scale = std::sqrt(float(c.hidden));
-  c.query_pre_attn_scalar = c.n_layers == 62 ? float(c.hidden / c.n_heads) : float(c.head_dim);
+  c.query_pre_attn_scalar =
+      c.n_layers == (gemma2 ? 46 : 62) ? float(c.hidden / c.n_heads) : float(c.head_dim);
   if (c.sliding_window == 0) return;
   const std::string key = p + "attention.sliding_window_pattern";
   c.sliding_layers.assign(size_t(c.n_layers), false);
@@ -130,10 +144,11 @@ void read_gemma3(const GgufFile& f, const std::string& p, LlamaConfig& c) {
       TF_FAIL(f.path(), ": ", key, " must hold a bool for each of the ", c.n_layers, " layers");
     for (int l = 0; l < c.n_layers; ++l) c.sliding_layers[size_t(l)] = v.raw[l] != 0;
   } else {
-    const int64_t n = f.has(key) ? f.get_int(key) : 6;
+    const int64_t n = f.has(key) ? f.get_int(key) : gemma2 ? 2 : 6;
     if (n < 0 || n > INT_MAX) TF_FAIL(f.path(), ": ", key, " must be a non-negative int, got ", n);
     for (int l = 0; l < c.n_layers; ++l) c.sliding_layers[size_t(l)] = n == 0 || l % n < n - 1;
   }
+  if (gemma2 && !f.has(p + "rope.freq_base_swa")) return;
   c.rope_local.head_dim = c.rope.head_dim;
   c.rope_local.theta =
       f.has(p + "rope.freq_base_swa") ? positive_float(f, p + "rope.freq_base_swa") : 10000.0f;
@@ -147,9 +162,10 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
     TF_FAIL(
         f.path(), ": general.architecture is '", arch,
         "', a mixture of experts, which tightfit does not run (its dense qwen2 and qwen3 models it does)");
-  if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "phi3" && arch != "gemma3")
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "phi3" && arch != "gemma2" &&
+      arch != "gemma3")
     TF_FAIL(f.path(), ": general.architecture is '", arch,
-            "'; tightfit runs 'llama', 'qwen2', 'qwen3', 'phi3' and 'gemma3' GGUF models only");
+            "'; tightfit runs 'llama', 'qwen2', 'qwen3', 'phi3', 'gemma2' and 'gemma3' GGUF models only");
   const std::string p = std::string(arch) + ".";
   LlamaConfig c;
   c.architecture = std::string(arch);
@@ -178,7 +194,7 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
       TF_FAIL(f.path(), ": metadata key '", p, "attention.sliding_window' must be a non-negative int, got ",
               w);
     c.sliding_window = int(w);
-    if (w > 0 && arch != "gemma3" && f.has(p + "attention.sliding_window_pattern"))
+    if (w > 0 && arch != "gemma2" && arch != "gemma3" && f.has(p + "attention.sliding_window_pattern"))
       TF_FAIL(f.path(), ": ", p,
               "attention.sliding_window_pattern (sliding and full attention layers mixed) is not supported");
   }
@@ -225,7 +241,7 @@ LlamaConfig llama_config_from_gguf(const GgufFile& f) {
   // Every qwen2 block has q/k/v biases: a file without them is broken, not a model without.
   c.attention_bias = arch == "qwen2" || f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.qk_norm = arch == "qwen3";
-  if (arch == "gemma3") read_gemma3(f, p, c);
+  if (arch == "gemma2" || arch == "gemma3") read_gemma(f, p, c);
   c.validate(f.path());
   return c;
 }

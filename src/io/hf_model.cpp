@@ -167,10 +167,12 @@ void parse_rope_scaling(const json& r, const json& config, const std::string& so
 // only under use_sliding_window, in the layers from max_window_layers on (28 when absent), unless
 // layer_types names each layer's kind. Attention fields tightfit cannot honour are refused by name.
 void parse_attention(const json& j, const std::string& arch, const std::string& source, LlamaConfig& c) {
-  for (const char* key : {"attn_logit_softcapping", "attention_chunk_size"}) {
-    TF_CHECK(find_key(j, key) == nullptr, source, ": \"", key, "\" is set (", j[key].dump(),
-             "); tightfit's attention does not implement it");
-  }
+  const bool gemma2 = arch == "Gemma2ForCausalLM";
+  TF_CHECK(find_key(j, "attention_chunk_size") == nullptr, source, ": \"attention_chunk_size\" is set (",
+           j["attention_chunk_size"].dump(), "); tightfit's attention does not implement it");
+  TF_CHECK(gemma2 || find_key(j, "attn_logit_softcapping") == nullptr, source,
+           ": \"attn_logit_softcapping\" is set (", j["attn_logit_softcapping"].dump(),
+           "); tightfit soft-caps attention scores for Gemma2ForCausalLM only");
   c.attention_dropout = get_float(j, "attention_dropout", source, 0.0f);
   const bool null_window = j.contains("sliding_window") && j["sliding_window"].is_null();
   const bool qwen = arch == "Qwen2ForCausalLM" || arch == "Qwen3ForCausalLM";
@@ -181,7 +183,7 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 0);
     TF_CHECK(!j.contains("sliding_window") || null_window || c.sliding_window > 0, source,
              ": sliding_window must be positive or null, got 0");
-  } else if (arch == "Gemma3ForCausalLM") {
+  } else if (arch == "Gemma3ForCausalLM" || gemma2) {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
   } else if (qwen && get_bool(j, "use_sliding_window", source, false)) {
     c.sliding_window = null_window ? 0 : get_int(j, "sliding_window", source, 4096);
@@ -208,7 +210,7 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
     TF_CHECK(arch != "MistralForCausalLM" || c.sliding_window == 0 || all_sliding, source,
              ": \"layer_types\" has full_attention layers, but MistralForCausalLM slides its window in every "
              "layer (alternating layers are Ministral's, which tightfit does not load)");
-    if (qwen || arch == "Gemma3ForCausalLM") c.sliding_layers = std::move(sliding);
+    if (qwen || arch == "Gemma3ForCausalLM" || gemma2) c.sliding_layers = std::move(sliding);
   } else if (qwen && c.sliding_window > 0) {
     const int first = get_int(j, "max_window_layers", source, 28);
     for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back(l >= first);
@@ -217,7 +219,44 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
     const int pattern = get_int(j, "sliding_window_pattern", source, 6);
     TF_CHECK(pattern > 0, source, ": sliding_window_pattern must be positive");
     for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back((l + 1) % pattern != 0);
+  } else if (gemma2) {
+    // transformers' Gemma2Config: the even layers slide, the odd ones are full.
+    for (int l = 0; l < c.n_layers; ++l) c.sliding_layers.push_back(l % 2 == 0);
   }
+}
+
+// A logit cap: absent, its Gemma 2 default; null, none; else positive.
+float get_softcap(const json& j, const char* key, const std::string& source, float fallback) {
+  if (j.contains(key) && j[key].is_null()) return 0.0f;
+  const float cap = get_float(j, key, source, fallback);
+  TF_CHECK(cap > 0 && std::isfinite(cap), source, ": \"", key, "\" must be positive or null, got ", cap);
+  return cap;
+}
+
+// Gemma 2 is Gemma 3's block without the q/k norms, with one rope base, and with its attention
+// scores and final logits soft-capped (attn_logit_softcapping, 50 when absent, and
+// final_logit_softcapping, 30); GeGLU, sandwich norms, the embedding scale and query_pre_attn_scalar
+// as Gemma 3's.
+void parse_gemma2(const json& j, const std::string& source, LlamaConfig& c) {
+  TF_CHECK(!get_bool(j, "use_bidirectional_attention", source, false), source,
+           ": use_bidirectional_attention is set (an encoder Gemma 2); tightfit trains causal models");
+  TF_CHECK(!c.attention_bias, source, ": Gemma 2 with attention_bias (an o_proj bias too) is not supported");
+  std::string act = "gelu_pytorch_tanh";
+  for (const char* key : {"hidden_activation", "hidden_act"})
+    if (const json* a = find_key(j, key)) {
+      TF_CHECK(a->is_string(), source, ": \"", key, "\" must be a string");
+      act = a->get<std::string>();
+      break;
+    }
+  TF_CHECK(act == "gelu_pytorch_tanh" || act == "gelu_new", source, ": hidden activation \"", act,
+           "\" is not supported for Gemma 2 (gelu_pytorch_tanh, gelu's tanh approximation, is)");
+  c.activation = MlpActivation::GeluTanh;
+  c.sandwich_norms = true;
+  c.embed_scale = std::sqrt(float(c.hidden));
+  c.query_pre_attn_scalar = get_float(j, "query_pre_attn_scalar", source, 256.0f);
+  TF_CHECK(c.query_pre_attn_scalar > 0, source, ": query_pre_attn_scalar must be positive");
+  c.attn_softcap = get_softcap(j, "attn_logit_softcapping", source, 50.0f);
+  c.final_softcap = get_softcap(j, "final_logit_softcapping", source, 30.0f);
 }
 
 // Gemma 3's text model beyond the Llama fields: GeGLU with gelu's tanh approximation, q/k norms,
@@ -228,7 +267,7 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
 void parse_gemma3(const json& j, const std::string& source, LlamaConfig& c) {
   for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
     TF_CHECK(find_key(j, key) == nullptr, source, ": \"", key, "\" is set (", j[key].dump(),
-             "); tightfit does not implement logit softcapping");
+             "); tightfit soft-caps logits for Gemma2ForCausalLM only");
   TF_CHECK(!get_bool(j, "use_bidirectional_attention", source, false), source,
            ": use_bidirectional_attention is set (EmbeddingGemma); tightfit trains causal models");
   TF_CHECK(!c.attention_bias, source, ": Gemma 3 with attention_bias (an o_proj bias too) is not supported");
@@ -315,21 +354,21 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
            : t == "qwen2"       ? "Qwen2ForCausalLM"
            : t == "qwen3"       ? "Qwen3ForCausalLM"
            : t == "gemma3_text" ? "Gemma3ForCausalLM"
+           : t == "gemma2"      ? "Gemma2ForCausalLM"
            : t == "phi3"        ? "Phi3ForCausalLM"
                                 : t;
   }
   TF_CHECK(arch != "Qwen3MoeForCausalLM" && arch != "Qwen2MoeForCausalLM", source, ": architecture \"", arch,
            "\" is a mixture of experts, which tightfit does not run (its dense Qwen2/Qwen3 models it does)");
-  TF_CHECK(
-      arch != "Gemma2ForCausalLM" && arch != "GemmaForCausalLM", source, ": architecture \"", arch,
-      "\" is not supported (Gemma 3's text model, Gemma3ForCausalLM, is; Gemma 2 needs attention and final ",
-      "logit softcapping, which tightfit does not implement)");
+  TF_CHECK(arch != "GemmaForCausalLM", source, ": architecture \"", arch,
+           "\" (the first Gemma) is not supported (Gemma2ForCausalLM and Gemma3ForCausalLM are)");
   if (arch == "Gemma3ForConditionalGeneration") return gemma3_text_config(j, source);
   TF_CHECK(arch == "LlamaForCausalLM" || arch == "MistralForCausalLM" || arch == "Qwen2ForCausalLM" ||
-               arch == "Qwen3ForCausalLM" || arch == "Phi3ForCausalLM" || arch == "Gemma3ForCausalLM",
+               arch == "Qwen3ForCausalLM" || arch == "Phi3ForCausalLM" || arch == "Gemma2ForCausalLM" ||
+               arch == "Gemma3ForCausalLM",
            source, ": architecture \"", arch,
            "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-           "Qwen3ForCausalLM, Phi3ForCausalLM, Gemma3ForCausalLM)");
+           "Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)");
 
   LlamaConfig c;
   c.architecture = arch == "Qwen2ForCausalLM"     ? "qwen2"
@@ -338,8 +377,9 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
                    : arch == "Phi3ForCausalLM"    ? "phi3"
                                                   : "llama";
   c.qk_norm = c.architecture == "qwen3";
-  const bool gemma3 = arch == "Gemma3ForCausalLM";
+  const bool gemma3 = arch == "Gemma3ForCausalLM", gemma2 = arch == "Gemma2ForCausalLM";
   if (gemma3) c.architecture = "gemma3";
+  if (gemma2) c.architecture = "gemma2";
   c.hidden = get_int(j, "hidden_size", source);
   c.intermediate = get_int(j, "intermediate_size", source);
   c.n_layers = get_int(j, "num_hidden_layers", source);
@@ -349,12 +389,12 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
   c.head_dim = get_int(j, "head_dim", source,
                        c.architecture == "qwen3" ? 128
-                       : gemma3                  ? 256
+                       : gemma3 || gemma2        ? 256
                                                  : c.hidden / c.n_heads);
   c.vocab = get_int(j, "vocab_size", source);
   c.rms_eps = get_float(j, "rms_norm_eps", source, 1e-6f);
   c.max_positions = get_int(j, "max_position_embeddings", source, 2048);
-  c.tie_embeddings = get_bool(j, "tie_word_embeddings", source, gemma3);
+  c.tie_embeddings = get_bool(j, "tie_word_embeddings", source, gemma3 || gemma2);
   // Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
   c.attention_bias = arch == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", source, false);
   TF_CHECK(!get_bool(j, "mlp_bias", source, false), source, ": MLP biases (mlp_bias) are not supported");
@@ -366,6 +406,7 @@ LlamaConfig llama_config_from_hf(const json& j, const std::string& source) {
   }
   c.rope.head_dim = c.head_dim;
   c.rope.theta = get_float(j, "rope_theta", source, 10000.0f);
+  if (gemma2) parse_gemma2(j, source, c);
   if (gemma3) {
     parse_gemma3(j, source, c);
   } else if (const json* rp = find_key(j, "rope_parameters")) {
@@ -444,7 +485,8 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     w.slot(slot, layer) =
         store_weight(source, matrix ? quant : QuantMode::None, w, fused ? hf_weight_name(slot, layer) : name);
     drop_source_pages(source, w.slot(slot, layer));
-    if (cfg.architecture == "gemma3" && is_norm_slot(slot)) w.slot(slot, layer) = one_plus(source, w, name);
+    if ((cfg.architecture == "gemma2" || cfg.architecture == "gemma3") && is_norm_slot(slot))
+      w.slot(slot, layer) = one_plus(source, w, name);
   });
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // Each shard's tensors tile its data section, which ends the file.

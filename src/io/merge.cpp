@@ -268,6 +268,26 @@ ordered_json hf_config_json(const LlamaConfig& cfg, DType torch_dtype) {
     j["rope_local_base_freq"] = cfg.has_local_rope() ? cfg.rope_local.theta : cfg.rope.theta;
     j["final_logit_softcapping"] = nullptr;
     j["attn_logit_softcapping"] = nullptr;
+  } else if (cfg.architecture == "gemma2") {
+    // Gemma2Config: one rope base for every layer, the layers' kinds in layer_types, and the caps
+    // (null for none, which transformers reads as no capping).
+    TF_CHECK(!cfg.has_local_rope(), "a Gemma 2 config has one rope base for every layer; this model's ",
+             "sliding layers rotate with a base of their own");
+    j["architectures"] = {"Gemma2ForCausalLM"};
+    j["model_type"] = "gemma2";
+    j["hidden_act"] = "gelu_pytorch_tanh";
+    j["hidden_activation"] = "gelu_pytorch_tanh";
+    j["sliding_window"] = cfg.sliding_window > 0 ? ordered_json(cfg.sliding_window) : ordered_json(nullptr);
+    ordered_json types = ordered_json::array();
+    for (int l = 0; l < cfg.n_layers; ++l)
+      types.push_back(cfg.window(l) > 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
+    const float q = cfg.query_pre_attn_scalar > 0 ? cfg.query_pre_attn_scalar : float(cfg.head_dim);
+    j["query_pre_attn_scalar"] = q == std::round(q) ? ordered_json(int64_t(q)) : ordered_json(q);
+    j["final_logit_softcapping"] =
+        cfg.final_softcap > 0 ? ordered_json(cfg.final_softcap) : ordered_json(nullptr);
+    j["attn_logit_softcapping"] =
+        cfg.attn_softcap > 0 ? ordered_json(cfg.attn_softcap) : ordered_json(nullptr);
   } else {
     TF_CHECK(cfg.sliding_window == 0, "a ", cfg.architecture,
              " config has no sliding window; this model's is ", cfg.sliding_window);
@@ -366,7 +386,7 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     WeightRef w = base.slot(slot, layer);
     if (fused) w.rows = fused->rows;
     // Gemma's norms are held as 1 + w (hf_model.cpp's one_plus); its files have w, in the model's dtype.
-    const bool shifted = cfg.architecture == "gemma3" && is_norm_slot(slot);
+    const bool shifted = (cfg.architecture == "gemma2" || cfg.architecture == "gemma3") && is_norm_slot(slot);
     const DType dtype = is_quantized(w.dtype) || shifted ? quantized_as : options.dtype.value_or(w.dtype);
     const bool nf4 = options.nf4 && lora_target_of(slot).has_value();
     const int64_t n = w.rows * w.cols, blocks = ref::quant_blocks(n, kNf4Block);
@@ -406,7 +426,8 @@ void export_merged_hf(const std::string& dir, const LlamaWeights& base, const Lo
     const auto buffer = [&](size_t bytes) { return data.emplace_back(bytes, MemTag::Weights, false).data(); };
     for (size_t i : shards[s]) {
       const Entry& e = entries[i];
-      const bool shifted = cfg.architecture == "gemma3" && is_norm_slot(e.slot);
+      const bool shifted =
+          (cfg.architecture == "gemma2" || cfg.architecture == "gemma3") && is_norm_slot(e.slot);
       const int64_t rows = e.w.rows, cols = e.w.cols, n = rows * cols;
       const std::optional<LoraTarget> t = lora_target_of(e.slot);
       const LoraAdapter* a = t && lora.at(e.layer, *t).active() ? &lora.at(e.layer, *t) : nullptr;
