@@ -14,24 +14,20 @@
 
 #include "kernels/quant_blocks.h"
 #include "src/core/error.h"
+#include "src/io/spill.h"
 
 namespace tf::offload {
 
+static_assert(io::kSpillAlign % DirectReader::kAlign == 0,
+              "a spill file's parts must start where O_DIRECT reads may");
+
 namespace {
 
-// The bytes of a stored tensor's parts: its data, then for NF4 / INT8 the absmax (f32, or uint8
-// codes with double quantization) and the nested f32 scales.
+// The bytes of a stored tensor's parts, where they lie: its data, then for NF4 / INT8 the absmax
+// and the nested scales (io::spill_parts).
 std::array<std::pair<const void*, uint64_t>, 3> parts_of(const WeightRef& w) {
-  const int64_t n = w.rows * w.cols;
-  std::array<std::pair<const void*, uint64_t>, 3> p{};
-  p[0] = {w.data, uint64_t(dtype_bytes(w.dtype, n))};
-  if (w.dtype == DType::NF4 || w.dtype == DType::INT8) {
-    const int64_t blocks = (n + dtype_block_elems(w.dtype) - 1) / dtype_block_elems(w.dtype);
-    p[1] = {w.scales.absmax, uint64_t(blocks) * (w.scales.nested ? 1 : sizeof(float))};
-    if (w.scales.nested)
-      p[2] = {w.scales.nested, uint64_t((blocks + kNf4NestedBlock - 1) / kNf4NestedBlock) * sizeof(float)};
-  }
-  return p;
+  const std::array<uint64_t, 3> bytes = io::spill_parts(w);
+  return {{{w.data, bytes[0]}, {w.scales.absmax, bytes[1]}, {w.scales.nested, bytes[2]}}};
 }
 
 // The file window holding [p, p + bytes), or -1.
@@ -81,6 +77,14 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
       p.host = parts[i].first;
       p.bytes = parts[i].second;
       if (tier != WeightTier::Disk || p.bytes == 0) continue;
+      if (t.host.data == nullptr) {
+        // A described tensor the loader converts (io::describe_model): it will be read from the
+        // spill file, each part from an aligned offset. Sizes only; no store is built from it.
+        p.read_at = L.read_bytes;
+        L.read_bytes += DirectReader::aligned_span(0, p.bytes);
+        L.streamed += p.bytes;
+        continue;
+      }
       p.file = file_of(w, p.host, p.bytes);
       if (p.file < 0 && t.host.rows == 1 && !w.files.empty()) {
         // A vector the loader made of a file's (Gemma's norms, held as 1 + w) is copied from host
@@ -90,10 +94,10 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
         L.streamed += p.bytes;
         continue;
       }
-      TF_CHECK(p.file >= 0,
-               "--weights disk reads each block from the model file as it is stored, but tensor ", name, " (",
+      TF_CHECK(p.file >= 0, "--weights disk reads each block from a file, but tensor ", name, " (",
                dtype_name(t.host.dtype),
-               ") is not kept in the file: the loader converted it; load the model with --quant keep");
+               ") lies in memory: the loader converted it without a spill file (io::SpillOptions); load "
+               "the model with --quant keep, or with a spill file for the converted tensors");
       const MappedFile& f = w.files[size_t(p.file)];
       p.offset = f.offset + uint64_t(static_cast<const std::byte*>(p.host) - f.begin);
       p.read_at = L.read_bytes;

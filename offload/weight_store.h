@@ -31,7 +31,8 @@ struct StoreFootprint {
 // memory, brought into two slots in turn:
 // - Host (device backends): the tensors stay as loaded in host memory; a slot is device memory
 //   holding one block as place_weight places it, filled on the Copy stream.
-// - Disk: the tensors are read from the model file as stored (quantized blocks as they are) with a
+// - Disk: the tensors are read from the model file as stored (quantized blocks as they are), or
+//   from the spill file the loader wrote the tensors it converted to (io::SpillFile), with a
 //   DirectReader into aligned read buffers, never through the mapping; on the cpu the ops read them
 //   there, on a device backend each read buffer is then copied into a device slot as for Host.
 // The copy into a slot waits (by event) for the last compute that read the slot; the compute that
@@ -41,7 +42,9 @@ class WeightStore {
  public:
   // Throws, naming the tensor and the option, unless `tier` (Host or Disk) can stream w's blocks on
   // `be`: Host needs a device backend (the cpu's memory is the host); Disk needs every per-layer
-  // tensor kept in a model file as stored; a device backend streams only what it places as stored.
+  // tensor in one of w's files (a model file as stored, or a spill file), where a tensor without
+  // data (described, io::describe_model, and converted at load) counts as spilled; a device backend
+  // streams only what it places as stored.
   static StoreFootprint footprint(const LlamaWeights& w, WeightTier tier, const Backend& be);
 
   WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be);

@@ -11,6 +11,7 @@
 #include "src/core/error.h"
 #include "src/io/describe.h"
 #include "src/io/model_loader.h"
+#include "src/io/spill.h"
 #include "tests/cli_test_util.h"
 #include "tests/gguf_test_util.h"
 #include "tests/model_test_util.h"
@@ -243,10 +244,11 @@ TEST_F(PlanCli, StreamingChoicesTheModelOrBackendCannotTakeAreRefused) {
   test::Result r = run({"plan", "--model", model, "--device", "cpu", "--weights", "host"});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("--weights host keeps the weights in host memory"), std::string::npos) << r.err;
-  r = run({"plan", "--model", model, "--device", "cpu", "--weights", "disk", "--quant", "nf4"});
+  r = run({"plan", "--model", config("Qwen2.5-7B.json"), "--device", "cpu", "--weights", "disk", "--quant",
+           "nf4"});
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.err.find("--weights disk"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("--quant keep"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--weights disk streams the model file"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("is a config alone"), std::string::npos) << r.err;
   r = run({"plan", "--model", model, "--weights", "nvme"});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("--weights must be auto, resident, host or disk, got 'nvme'"), std::string::npos)
@@ -254,6 +256,86 @@ TEST_F(PlanCli, StreamingChoicesTheModelOrBackendCannotTakeAreRefused) {
   r = run({"plan", "--model", model, "--max-mem", "lots"});
   EXPECT_EQ(r.status, 1);
   EXPECT_NE(r.err.find("--max-mem must be a size"), std::string::npos) << r.err;
+}
+
+// A base converted at load streams under --weights disk from the spill file the load writes: the
+// plan streams the converted bytes, sizes the file as the loader will (io::spill_bytes) and counts
+// the conversion of one layer's tensor at a time in host memory; a base kept as stored has no
+// spill file.
+TEST_F(PlanCli, AConvertedBaseOnDiskStreamsFromTheSpillFileThePlanSizes) {
+  make_model_and_data();
+  const std::string model = (dir_ / "model").string();
+  const io::ModelDescription d = io::describe_model(model, io::QuantMode::Nf4);
+  uint64_t streamed = 0;
+  LlamaWeights::for_each_slot(d.weights.config, [&](WeightSlot s, int layer) {
+    if (is_layer_slot(s)) streamed += uint64_t(io::stored_bytes(d.weights.slot(s, layer)));
+  });
+  const nlohmann::json j =
+      plan_json({"--model", model, "--device", "cpu", "--quant", "nf4", "--weights", "disk"});
+  EXPECT_EQ(j["weights"], "disk");
+  const uint64_t spill = io::spill_bytes(d.source, io::QuantMode::Nf4);
+  EXPECT_GT(spill, 0u);
+  EXPECT_EQ(j["spill_file_bytes"].get<uint64_t>(), spill);
+  EXPECT_EQ(item(j, "spill file of the converted layers"), spill);
+  EXPECT_EQ(item(j, "base weights streamed per pass"), streamed);
+  EXPECT_GT(item(j, "converting a layer's tensor to the spill file"), 0u);
+  const nlohmann::json kept = plan_json({"--model", model, "--device", "cpu", "--weights", "disk"});
+  EXPECT_EQ(kept["spill_file_bytes"].get<uint64_t>(), 0u);
+  for (const auto& i : kept["items"]) EXPECT_NE(i["component"], "spill file of the converted layers");
+  const test::Result r = run({"plan", "--model", model, "--device", "cpu", "--quant", "nf4"});
+  EXPECT_NE(r.out.find("weights disk      checkpointing none"), std::string::npos) << r.out;
+}
+
+// With host memory short, --weights auto streams a base converted to NF4 at load from its spill
+// file, which the run removes, with the losses of the same run resident.
+TEST_F(PlanCli, AutoStreamsAConvertedBaseFromItsSpillFileWhenHostMemoryIsShort) {
+  make_model_and_data();
+  // 6 layers of 4 x 512^2 + 3 x 512 x 1536 f32 weights, 11 MiB as NF4: enough for the resident
+  // and streamed peaks to lie apart by more than what the startup measurement varies.
+  std::ofstream(dir_ / "config.json") << nlohmann::json{{"architectures", {"LlamaForCausalLM"}},
+                                                        {"hidden_size", 512},
+                                                        {"intermediate_size", 1536},
+                                                        {"num_hidden_layers", 6},
+                                                        {"num_attention_heads", 8},
+                                                        {"num_key_value_heads", 8},
+                                                        {"vocab_size", 320},
+                                                        {"tie_word_embeddings", true},
+                                                        {"torch_dtype", "float32"}};
+  ASSERT_EQ(
+      run({"init", "--config", (dir_ / "config.json").string(), "--out", (dir_ / "big").string()}).status, 0);
+  std::vector<std::string> args = finetune_args("streamed", 2);
+  set_option(args, "--model", (dir_ / "big").string());
+  set_option(args, "--device", "cpu");
+  set_option(args, "--quant", "nf4");
+  set_option(args, "--seq-len", "32");
+  set_option(args, "--micro-batch", "1");
+  set_option(args, "--checkpointing", "block");
+  // The plan of the same options (plan takes finetune's), its alternatives at each tier.
+  const nlohmann::json probe = plan_json(std::vector<std::string>(args.begin() + 1, args.end()));
+  const uint64_t resident = alternative(probe, "resident", "block")["host"].get<uint64_t>();
+  const uint64_t disk = alternative(probe, "disk", "block")["host"].get<uint64_t>();
+  ASSERT_GT(resident, disk + (uint64_t(4) << 20));
+  set_option(args, "--max-host-mem", std::to_string((resident + disk) / 2));
+  test::Result r = run(args);
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("plan: weights disk"), std::string::npos) << r.out << probe.dump();
+  const std::string spill = (dir_ / "streamed" / "base-spill.bin").string();
+  EXPECT_NE(r.err.find("streamed from " + spill), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(spill));
+  std::ifstream in(dir_ / "streamed" / "plan.json");
+  const nlohmann::json plan = nlohmann::json::parse(in, nullptr, false);
+  EXPECT_EQ(plan["spill_file_bytes"].get<uint64_t>(),
+            io::spill_bytes(io::describe_model((dir_ / "big").string(), io::QuantMode::Nf4).source,
+                            io::QuantMode::Nf4));
+  const std::vector<double> streamed = losses(dir_ / "streamed" / "metrics.jsonl");
+
+  set_option(args, "--out", (dir_ / "resident").string());
+  set_option(args, "--max-host-mem", "auto");
+  set_option(args, "--weights", "resident");
+  r = run(args);
+  ASSERT_EQ(r.status, 0) << r.err;
+  ASSERT_EQ(streamed.size(), 2u);
+  EXPECT_EQ(streamed, losses(dir_ / "resident" / "metrics.jsonl"));
 }
 
 // finetune plans before it loads: a budget the run cannot fit is refused naming its largest parts

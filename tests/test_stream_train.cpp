@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,10 +22,13 @@
 #include "model_test_util.h"
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
+#include "src/io/describe.h"
 #include "src/io/model_loader.h"
 #include "src/io/quantize_weights.h"
+#include "src/io/spill.h"
 #include "src/model/llama.h"
 #include "src/train/trainer.h"
+#include "tests/cli_test_util.h"
 #include "tests/sim_test_util.h"
 #include "tests/stream_test_util.h"
 #include "tests/test_util.h"
@@ -162,6 +166,72 @@ TEST_P(StreamTrain, CpuFromSafetensorsMatchesResidentBitForBit) {
   }
 }
 
+// A base converted at load (bf16 safetensors to NF4; a GGUF's f32 and Q8_0 tensors to int8) streams
+// from the spill file the loader writes its per-layer tensors to, one at a time: the results are
+// the resident model's bit for bit; the file is what spill_bytes planned and is written again with
+// the same bytes (a resumed run rebuilds it); host memory held at most one converted layer tensor
+// beside the resident ones; the file's mapping is never read; the file goes with the weights.
+TEST_P(StreamTrain, CpuFromTheSpillFileOfAConvertedBaseMatchesResidentBitForBit) {
+  test::TempDir tmp;
+  const LlamaConfig cfg = stream_config();
+  const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / "hf");
+  LlamaConfig gcfg = cfg;
+  gcfg.hidden = 64;  // rows of ffn_down a multiple of Q8_0's 32 elements
+  gcfg.intermediate = 128;
+  gcfg.head_dim = gcfg.rope.head_dim = 16;
+  const test::GgufBase gguf(gcfg, (tmp.dir / "m.gguf").string());
+  const LoraConfig lora = stream_lora();
+  struct Case {
+    std::string path;
+    io::QuantMode quant;
+    DType dtype;
+  };
+  for (const Case& c :
+       {Case{dir, io::QuantMode::Nf4, DType::NF4}, Case{gguf.path, io::QuantMode::Int8, DType::INT8}}) {
+    SCOPED_TRACE(c.path);
+    const io::SpillOptions spill{(tmp.dir / "spill.bin").string()};
+    const io::ModelDescription desc = io::describe_model(c.path, c.quant);
+    const uint64_t planned = io::spill_bytes(desc.source, c.quant);
+    // What the load may hold at once: the resident tensors it converts and one layer tensor.
+    uint64_t resident_bytes = 0, largest_layer = 0;
+    LlamaWeights::for_each_slot(desc.weights.config, [&](WeightSlot s, int layer) {
+      const WeightRef& r = desc.weights.slot(s, layer);
+      if (r.dtype == desc.source.slot(s, layer).dtype) return;
+      if (is_layer_slot(s))
+        largest_layer = std::max(largest_layer, uint64_t(io::stored_bytes(r)));
+      else
+        resident_bytes += uint64_t(io::stored_bytes(r));
+    });
+    {
+      LlamaModel r(io::load_model(c.path, true, c.quant).weights, lora, GetParam(), 24);
+      MemTracker& mem = MemTracker::instance();
+      const size_t before = mem.current(MemTag::Weights);
+      mem.reset_peaks();
+      io::LoadedModel m = io::load_model(c.path, true, c.quant, &spill);
+      EXPECT_LE(mem.peak(MemTag::Weights) - before, resident_bytes + largest_layer);
+      EXPECT_GT(largest_layer, 0u);
+      EXPECT_EQ(m.weights.blocks[1].down.dtype, c.dtype);
+      const auto it = std::find_if(m.weights.files.begin(), m.weights.files.end(),
+                                   [&](const MappedFile& f) { return f.path == spill.path; });
+      ASSERT_NE(it, m.weights.files.end());
+      const MappedFile mapped = *it;
+      EXPECT_EQ(std::filesystem::file_size(spill.path), planned);
+      EXPECT_EQ(mapped.bytes, planned);
+      const std::string first = test::slurp(spill.path);
+      {
+        const io::SpillOptions again{(tmp.dir / "again.bin").string()};
+        const io::LoadedModel m2 = io::load_model(c.path, true, c.quant, &again);
+        EXPECT_TRUE(test::slurp(again.path) == first) << "a spill file written again differs";
+      }
+      EXPECT_FALSE(std::filesystem::exists(tmp.dir / "again.bin"));
+      LlamaModel d(std::move(m.weights), lora, GetParam(), 24, cpu_backend(), WeightTier::Disk);
+      expect_same(run(r, 3), run(d, 3));
+      EXPECT_EQ(test::present_pages(mapped.begin, size_t(mapped.bytes)), 0u);
+    }
+    EXPECT_FALSE(std::filesystem::exists(spill.path));
+  }
+}
+
 // The simulated device copies each block from host memory into its slots on the copy stream; the
 // simulator reports any op that reads a slot before its copy landed, or a copy into a slot that an
 // op still reads, as a race.
@@ -262,6 +332,80 @@ std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "(no error)";
+}
+
+// A spill file is the loader's own: a load that fails while converting removes it; a file already
+// at its path is refused and left as it was, a stale spill file too unless the caller may replace
+// it (finetune's run directory); a disk without the room is refused before anything converts,
+// naming both sizes.
+TEST(StreamSpill, IsRemovedOnErrorAndNeverOverwritesAFileNorFillsADisk) {
+  test::TempDir tmp;
+  const LlamaConfig cfg = stream_config();
+  const std::string dir = test::write_bf16_model_dir(cfg, tmp.dir / "hf");
+  const std::string path = (tmp.dir / "spill.bin").string();
+  const io::SpillOptions spill{path};
+
+  {
+    // A NaN in the last layer's down projection: NF4 cannot take it, after the other layers went
+    // to the file.
+    const std::string bad = (tmp.dir / "bad").string();
+    std::filesystem::copy(dir, bad);
+    const std::string file = bad + "/model.safetensors";
+    const io::SafetensorsFile st = io::SafetensorsFile::open(file);
+    // Its tensors tile the data section, which ends the file.
+    const std::byte* first = st.tensors().front().bytes.data();
+    const std::byte* end = st.tensors().back().bytes.data() + st.tensors().back().bytes.size();
+    const uint64_t data_start = std::filesystem::file_size(file) - uint64_t(end - first);
+    const uint64_t at =
+        data_start +
+        uint64_t(st.find(hf_weight_name(WeightSlot::Down, cfg.n_layers - 1))->bytes.data() - first);
+    std::fstream out(file, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(std::streamoff(at));
+    const uint16_t nan = 0x7fc0;
+    out.write(reinterpret_cast<const char*>(&nan), sizeof nan);
+    out.close();
+    const std::string e = error_of([&] { io::load_model(bad, true, io::QuantMode::Nf4, &spill); });
+    test::expect_contains(e, {"a non-finite weight cannot be quantized to nf4"});
+    EXPECT_FALSE(std::filesystem::exists(path)) << "the spill file outlived a failed load";
+  }
+
+  // Someone's file at the path, and a spill file a killed run left.
+  std::ofstream(path) << "mine";
+  std::string e = error_of([&] { io::load_model(dir, true, io::QuantMode::Nf4, &spill); });
+  test::expect_contains(e, {path.c_str(), "exists", "never overwrites a file it did not create"});
+  io::SpillOptions stale = spill;
+  stale.replace_stale = true;
+  e = error_of([&] { io::load_model(dir, true, io::QuantMode::Nf4, &stale); });
+  test::expect_contains(e, {"never overwrites a file it did not create"});
+  EXPECT_EQ(test::slurp(path), "mine");
+  std::ofstream(path) << io::kSpillMagic << "the rest of a killed run's file";
+  e = error_of([&] { io::load_model(dir, true, io::QuantMode::Nf4, &spill); });
+  test::expect_contains(e, {"never overwrites a file it did not create"});
+  {
+    const io::LoadedModel m = io::load_model(dir, true, io::QuantMode::Nf4, &stale);
+    EXPECT_EQ(m.weights.files.front().path, path);
+  }
+  EXPECT_FALSE(std::filesystem::exists(path));
+
+  // A disk one byte short.
+  const uint64_t need =
+      io::spill_bytes(io::describe_model(dir, io::QuantMode::Nf4).source, io::QuantMode::Nf4);
+  io::SpillOptions full = spill;
+  std::string asked;
+  full.free_bytes = [&](const std::string& d) -> std::optional<uint64_t> {
+    asked = d;
+    return need - 1;
+  };
+  e = error_of([&] { io::load_model(dir, true, io::QuantMode::Nf4, &full); });
+  test::expect_contains(e, {"needs", std::to_string(need).c_str(), std::to_string(need - 1).c_str(),
+                            "are free there", "--spill-dir"});
+  EXPECT_EQ(asked, tmp.dir.string());
+  EXPECT_FALSE(std::filesystem::exists(path));
+  // Nothing per layer converts under keep: no file, and no question asked.
+  asked.clear();
+  const io::LoadedModel kept = io::load_model(dir, true, io::QuantMode::Keep, &full);
+  EXPECT_TRUE(asked.empty());
+  EXPECT_FALSE(std::filesystem::exists(path));
 }
 
 // The file's per-layer tensors lie after the global ones (test::GgufBase writes them first), so the

@@ -218,7 +218,8 @@ int run_generate(const GenerateOptions& o) {
                                        o.max_host_mem, "", 1, kGenerateRows, kv_tokens});
   Session s =
       open_session(o.model, inert_lora(), kGenerateRows, per_block, o.adapter, quant_option(o.quant),
-                   o.device, o.attention, std::move(plan.backend), plan.device_note, plan.tier, plan.layout);
+                   o.device, o.attention, std::move(plan.backend), plan.device_note, plan.tier, plan.layout,
+                   spill_options(o.spill_dir));
   // The generated text is the output; where the model ran and what the plan chose go to stderr,
   // and only when auto chose a GPU or to stream the weights.
   if (!s.device_note.empty() && s.backend->name() != "cpu")
@@ -262,7 +263,7 @@ int run_eval(const EvalOptions& o) {
                       o.micro_batch, o.seq_len, int64_t(o.seq_len) + o.max_new_tokens});
   Session s = open_session(o.model, inert_lora(), int64_t(o.micro_batch) * o.seq_len, per_block, o.adapter,
                            quant_option(o.quant), o.device, o.attention, std::move(plan.backend),
-                           plan.device_note, plan.tier, plan.layout);
+                           plan.device_note, plan.tier, plan.layout, spill_options(o.spill_dir));
   std::printf("device      %s\n",
               s.device_note.empty() ? s.backend->describe().c_str() : s.device_note.c_str());
   for (const std::string& choice : plan.choices) std::printf("plan        %s\n", choice.c_str());

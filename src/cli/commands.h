@@ -33,6 +33,7 @@ struct GenerateOptions {
   // or disk; the budgets as finetune's --max-mem and --max-host-mem.
   std::string weights = "auto";
   std::string max_mem = "auto", max_host_mem = "auto";
+  std::string spill_dir;  // where --weights disk writes a base converted at load (empty: TMPDIR)
   int threads = 0;
   bool stats = false;  // print the prompt's and the decoding's token rates to stderr
 };
@@ -51,6 +52,7 @@ struct EvalOptions {
   std::string attention = "auto";
   std::string weights = "auto";  // as GenerateOptions::weights, and its budgets
   std::string max_mem = "auto", max_host_mem = "auto";
+  std::string spill_dir;  // as GenerateOptions::spill_dir
   int threads = 0;
   // When set: the full logits of the first `logits_examples` examples (each run alone, unpacked)
   // are written to this safetensors file as logits.<i> [tokens, vocab] and input_ids.<i>, for

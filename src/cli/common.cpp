@@ -29,11 +29,20 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter, io::QuantMode quant, const std::string& device,
                      const std::string& attention, std::unique_ptr<Backend> backend,
-                     const std::string& device_note, offload::WeightTier tier, const ModelLayout& layout) {
+                     const std::string& device_note, offload::WeightTier tier, const ModelLayout& layout,
+                     const io::SpillOptions& spill) {
   Session s;
   const AttentionKernel kernel = parse_attention(attention);
   if (!backend) check_device(device, kernel);
-  s.loaded = io::load_model(model_path, true, quant);
+  s.loaded = io::load_model(model_path, true, quant, tier == offload::WeightTier::Disk ? &spill : nullptr);
+  for (const MappedFile& f : s.loaded.weights.files)
+    if (f.path == spill.path)
+      std::fprintf(
+          stderr,
+          "note: --weights disk: the layers converted at load (--quant %s) are streamed from %s (%s), "
+          "removed when the run ends\n",
+          std::string(io::quant_mode_name(quant)).c_str(), f.path.c_str(),
+          format_bytes(double(f.bytes)).c_str());
   // The loader's parse of metadata and vocabulary frees much in small pieces.
   release_free_memory();
   std::optional<io::PeftAdapter> peft;
@@ -65,6 +74,19 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
     TF_CHECK(dst.n_params == peft->lora.n_params, adapter, ": adapter layout does not match the model");
     dst.backend().upload(dst.param_data(), peft->lora.param_data(), size_t(dst.n_params) * sizeof(float));
     dst.backend().synchronize();
+  }
+  return s;
+}
+
+io::SpillOptions spill_options(const std::string& spill_dir, const std::string& run_dir) {
+  io::SpillOptions s;
+  if (!spill_dir.empty()) {
+    s.path = io::default_spill_path(spill_dir);
+  } else if (!run_dir.empty()) {
+    s.path = (fs::path(run_dir) / "base-spill.bin").string();
+    s.replace_stale = true;
+  } else {
+    s.path = io::default_spill_path(fs::temp_directory_path().string());
   }
   return s;
 }

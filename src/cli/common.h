@@ -30,6 +30,12 @@ struct Session {
   const tok::Tokenizer& tokenizer() const;
 };
 
+// The spill file of a run: in `spill_dir` (a --spill-dir) a name of its own; else, for a run
+// directory `run_dir`, its base-spill.bin, which a run killed before it removed it may have left
+// (the directory's lock keeps out every other run); else a name of its own in the temporary
+// directory (TMPDIR, or /tmp).
+io::SpillOptions spill_options(const std::string& spill_dir, const std::string& run_dir = {});
+
 // Opens `model_path` with LoRA `lora` (fresh adapters, B = 0) sized for `max_tokens` per
 // micro-batch, with the checkpointing `policy` chooses for the model's config. With `adapter` (a
 // run directory or a PEFT adapter directory), the adapter's configuration and weights replace
@@ -37,14 +43,16 @@ struct Session {
 // kernel `attention` (an --attention value) names.
 // `backend`, when given, is the backend to run on (made from `device` and `attention` by the
 // caller, with `device_note` saying what auto chose), and `tier` says where the model's per-layer
-// weights live, `layout` how the model lays out its working memory.
+// weights live, `layout` how the model lays out its working memory. Under WeightTier::Disk the
+// per-layer tensors `quant` converts are written to the spill file `spill` says (spill_options),
+// streamed from there and removed with the session.
 Session open_session(const std::string& model_path, LoraConfig lora, int64_t max_tokens,
                      const std::function<CheckpointPolicy(const LlamaConfig&)>& policy,
                      const std::string& adapter = {}, io::QuantMode quant = io::QuantMode::Keep,
                      const std::string& device = "cpu", const std::string& attention = "auto",
                      std::unique_ptr<Backend> backend = nullptr, const std::string& device_note = {},
-                     offload::WeightTier tier = offload::WeightTier::Resident,
-                     const ModelLayout& layout = {});
+                     offload::WeightTier tier = offload::WeightTier::Resident, const ModelLayout& layout = {},
+                     const io::SpillOptions& spill = spill_options({}));
 
 // The QuantMode named by a --quant value, or tf::Error listing the choices.
 io::QuantMode quant_option(const std::string& name);

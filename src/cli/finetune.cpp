@@ -87,7 +87,9 @@ bool holds_only_a_starting_run(const std::string& dir) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string name = e.path().filename().string();
-    if (name != kLockFile && name.rfind(".config.json.tmp.", 0) != 0) return false;
+    // A run killed while loading leaves its spill file too (replaced when the run starts again).
+    if (name != kLockFile && name != "base-spill.bin" && name.rfind(".config.json.tmp.", 0) != 0)
+      return false;
   }
   TF_CHECK(!ec, dir, ": cannot list: ", ec.message());
   return true;
@@ -444,7 +446,8 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   std::printf("loading %s\n", o.model.c_str());
   Session s = open_session(
       o.model, lora, int64_t(o.micro_batch) * o.seq_len, [&](const LlamaConfig&) { return plan.policy; }, {},
-      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, plan.layout);
+      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, plan.layout,
+      spill_options(o.spill_dir, o.out));
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
   const std::string matmul_line = apply_matmul_option(o.matmul, s);

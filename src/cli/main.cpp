@@ -36,12 +36,23 @@ constexpr const char* kMatmulHelp =
 constexpr const char* kWeightsHelp =
     "Where the base model's layers live while training: auto (resident when the plan fits the budgets, "
     "else streamed), resident, host (in host memory, each layer copied to the device just before use) or "
-    "disk (read from the model file a layer at a time, around the page cache)";
+    "disk (read a layer at a time, around the page cache, from the model file, or from a spill file of "
+    "the layers --quant converts: see --spill-dir)";
+
+constexpr const char* kSpillDirHelp =
+    "With --weights disk and a --quant that converts the base at load: the directory its converted layers "
+    "are written to, one at a time, and streamed from (default: the run directory, as base-spill.bin); the "
+    "file is removed when the run ends";
+constexpr const char* kInferenceSpillDirHelp =
+    "With --weights disk and a --quant that converts the base at load: the directory its converted layers "
+    "are written to, one at a time, and streamed from (default: TMPDIR, or /tmp); the file is removed "
+    "when the run ends";
 
 constexpr const char* kInferenceWeightsHelp =
     "Where the base model's layers live: auto (resident when the plan fits the budgets with the KV cache, "
     "else streamed), resident, host (in host memory, each layer copied to the device just before use) or "
-    "disk (read from the model file a layer at a time, around the page cache)";
+    "disk (read a layer at a time, around the page cache, from the model file, or from a spill file of "
+    "the layers --quant converts: see --spill-dir)";
 constexpr const char* kInferenceMaxMemHelp =
     "Budget of the memory the model runs in, for --weights auto: a GPU's, or the host's on the cpu (auto: "
     "the GPU's memory; the host's available memory). A size: 8GiB, 512MiB, 2.5GB";
@@ -141,6 +152,7 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_option("--attention", o.attention, kAttentionHelp)->capture_default_str();
   c.add_option("--matmul", o.matmul, kMatmulHelp)->capture_default_str();
   c.add_option("--weights", o.weights, kWeightsHelp)->capture_default_str();
+  c.add_option("--spill-dir", o.spill_dir, kSpillDirHelp);
   c.add_option(
        "--mlp-chunk", o.mlp_chunk,
        "Rows of tokens the MLP forms its [rows, intermediate] activations for at a time, in the forward "
@@ -252,6 +264,7 @@ int run(int argc, char** argv) {
   generate->add_option("--max-host-mem", gen.max_host_mem, kInferenceMaxHostMemHelp)->capture_default_str();
   generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
+  generate->add_option("--spill-dir", gen.spill_dir, kInferenceSpillDirHelp);
 
   EvalOptions ev;
   CLI::App* eval = app.add_subcommand("eval", "Loss, perplexity and exact-match accuracy on a JSONL set");
@@ -271,6 +284,7 @@ int run(int argc, char** argv) {
   eval->add_option("--max-host-mem", ev.max_host_mem, kInferenceMaxHostMemHelp)->capture_default_str();
   eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
       ->capture_default_str();
+  eval->add_option("--spill-dir", ev.spill_dir, kInferenceSpillDirHelp);
   eval->add_option("--logits-out", ev.logits_out,
                    "Write the first examples' full logits to this safetensors file");
   eval->add_option("--logits-examples", ev.logits_examples, "Examples whose logits --logits-out writes")

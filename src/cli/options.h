@@ -77,6 +77,9 @@ struct FinetuneOptions {
   std::string embedding = "auto";
   std::string max_mem = "auto";
   std::string max_host_mem = "auto";
+  // Where a base converted at load (--quant) is written to be streamed under --weights disk: empty,
+  // the run directory (<out>/base-spill.bin); else a file of a name of its own in that directory.
+  std::string spill_dir;
   int threads = 0;
   bool resume = false;
   // Processes of a data-parallel launch (mpirun -np N): set by finetune from its communicator, not an

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <optional>
 
 #include "offload/host_overheads.h"
@@ -15,6 +16,7 @@
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
 #include "src/data/chat_template.h"
+#include "src/io/spill.h"
 #include "src/model/scratch_shape.h"
 
 namespace tf::cli {
@@ -164,6 +166,23 @@ DataSizes data_sizes(const FinetuneOptions& o) {
 // The byte model's names of the two kinds of copies the cost model times.
 constexpr const char* kStreamedItem = "base weights streamed per pass";
 constexpr const char* kOffloadedItem = "saved block inputs";
+constexpr const char* kSpillItem = "spill file of the converted layers";
+
+// Host memory that converting one per-layer tensor into the spill file holds at once (store_weight,
+// then SpillFile::write): the converted copy, the f32 rows of one chunk, an NF4 target's f32 absmax
+// (double quantization needs them whole), a double-quantized NF4 source's absmax undone, and the
+// source's pages of the file mapping, read for the conversion and dropped after it.
+uint64_t spill_conversion_bytes(const WeightRef& source, const WeightRef& converted) {
+  const int64_t rows = source.rows, cols = source.cols, n = rows * cols;
+  const int64_t whole = kNf4Block / std::gcd(cols, int64_t(kNf4Block));
+  const int64_t chunk = std::min(rows, std::max(whole, io::kWeightChunkElems / cols / whole * whole));
+  const uint64_t blocks = uint64_t((n + kNf4Block - 1) / kNf4Block);
+  uint64_t bytes = uint64_t(io::stored_bytes(converted)) + uint64_t(chunk * cols) * sizeof(float) +
+                   uint64_t(dtype_bytes(source.dtype, n));
+  if (converted.dtype == DType::NF4) bytes += blocks * sizeof(float);
+  if (source.dtype == DType::NF4 && source.scales.nested) bytes += blocks * sizeof(float);
+  return bytes;
+}
 
 offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& d, const Backend& be,
                           CheckpointPolicy policy, WeightTier tier, uint64_t startup_rss,
@@ -216,7 +235,7 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
   // Base weights converted at load live in host memory of their own for the whole run (on a device
   // backend too: the model keeps its host copy); the pages of the file mapping that the run reads,
   // for kept weights, are part of host_overheads.
-  uint64_t converted = 0, streamed_tensors = 0;
+  uint64_t converted = 0, streamed_tensors = 0, spilling = 0;
   bool non_f32 = false, half = false;
   uint32_t quantized = 0;
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
@@ -228,12 +247,29 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
       if (t && is_quantized(r.dtype)) quantized |= 1u << unsigned(*t);
     }
     if (tier == WeightTier::Disk && is_layer_slot(s)) {
-      streamed_tensors += uint64_t(io::stored_bytes(r));
+      // Kept tensors stream from the model file; converted ones from the spill file the loader
+      // writes them to, one at a time.
+      const WeightRef& src = d.source.slot(s, layer);
+      if (r.dtype == src.dtype) {
+        streamed_tensors += uint64_t(io::stored_bytes(r));
+      } else {
+        spilling = std::max(spilling, spill_conversion_bytes(src, r));
+      }
       return;
     }
     if (r.dtype != d.source.slot(s, layer).dtype) converted += uint64_t(io::stored_bytes(r));
   });
   add("base weights converted at load", "--quant " + o.quant, Tier::Host, converted);
+  const uint64_t spilled = tier == WeightTier::Disk ? io::spill_bytes(d.source, quant_option(o.quant)) : 0;
+  if (spilled) {
+    plan.items.push_back({"converting a layer's tensor to the spill file",
+                          "the largest: converted, its f32 chunk and absmax, its source pages", Tier::Host,
+                          spilling, true});
+    add(kSpillItem,
+        "--quant " + o.quant + ", written at load" + (o.spill_dir.empty() ? "" : " in " + o.spill_dir) +
+            ", removed at the end",
+        Tier::Disk, spilled);
+  }
   offload::HostOverheadInputs in;
   in.startup_rss = startup_rss;
   in.cpu_backend = be.host_memory();
@@ -395,6 +431,10 @@ nlohmann::json RunPlan::to_json() const {
                          {"copy_s", cost.copy_s},           {"exposed_copy_s", cost.exposed_copy_s},
                          {"optimizer_s", cost.optimizer_s}, {"rates", rates.describe()}};
   j["choices"] = choices;
+  uint64_t spill = 0;
+  for (const PlanItem& i : plan.items)
+    if (i.component == kSpillItem) spill += i.bytes;
+  j["spill_file_bytes"] = spill;
   return j;
 }
 

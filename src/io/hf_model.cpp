@@ -433,10 +433,7 @@ LlamaConfig read_hf_config(const std::string& path) {
 }
 
 LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg,
-                                      QuantMode quant, bool bnb4bit) {
-  LlamaWeights w;
-  w.config = cfg;
-  w.blocks.resize(size_t(cfg.n_layers));
+                                      QuantMode quant, bool bnb4bit, const SpillOptions* spill) {
   // Gemma3ForConditionalGeneration keeps its text model's model.* under language_model.model. (the
   // hub's checkpoints) or model.language_model. (as transformers 5 saves it).
   std::string text_prefix;
@@ -446,6 +443,12 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
   const auto in_file = [&](const std::string& name) {
     return text_prefix.empty() || name.rfind("model.", 0) != 0 ? name : text_prefix + name.substr(6);
   };
+  // Every tensor is found and checked first, so that the spill file is sized, and refused, before
+  // anything converts.
+  LlamaWeights source;
+  source.config = cfg;
+  source.blocks.resize(size_t(cfg.n_layers));
+  std::vector<std::string> names, file_names;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     // A fused matrix (Phi-3's qkv_proj, gate_up_proj) is split into its projections by rows: a row
     // range of the stored tensor is a matrix of its own, exactly.
@@ -456,6 +459,8 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     const auto [rows, cols] = weight_shape(cfg, slot);
     const int64_t file_rows = fused ? fused->rows : rows;
     const bool matrix = is_matrix_slot(slot);
+    file_names.push_back(name);
+    names.push_back(fused ? hf_weight_name(slot, layer) : name);
     if (t.dtype == StDType::U8) {
       TF_CHECK(
           !fused, model->source(), ": tensor ", name,
@@ -466,9 +471,7 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
           " is U8 (a bitsandbytes 4-bit weight?) but config.json has no bitsandbytes quantization_config");
       TF_CHECK(matrix, model->source(), ": tensor ", name,
                " is U8, but norms and biases must be F32, BF16 or F16");
-      const WeightRef source = bnb4bit_weight(*model, name, rows, cols);
-      w.slot(slot, layer) = store_weight(source, quant, w, name);
-      drop_source_pages(source, w.slot(slot, layer));
+      source.slot(slot, layer) = bnb4bit_weight(*model, name, rows, cols);
       return;
     }
     const bool vector = rows == 1;
@@ -481,13 +484,25 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     TF_CHECK(v.dtype == DType::F32 || v.dtype == DType::BF16 || v.dtype == DType::F16, model->source(),
              ": tensor ", name, " has dtype ", dtype_name(v.dtype), "; weights must be F32, BF16 or F16");
     const int64_t offset = fused ? dtype_bytes(v.dtype, fused->row0 * cols) : 0;
-    const WeightRef source{static_cast<const std::byte*>(v.data) + offset, v.dtype, rows, cols};
-    w.slot(slot, layer) =
-        store_weight(source, matrix ? quant : QuantMode::None, w, fused ? hf_weight_name(slot, layer) : name);
-    drop_source_pages(source, w.slot(slot, layer));
-    if ((cfg.architecture == "gemma2" || cfg.architecture == "gemma3") && is_norm_slot(slot))
-      w.slot(slot, layer) = one_plus(source, w, name);
+    source.slot(slot, layer) = WeightRef{static_cast<const std::byte*>(v.data) + offset, v.dtype, rows, cols};
   });
+  const uint64_t spilled = spill ? spill_bytes(source, quant) : 0;
+  const std::shared_ptr<SpillFile> file = spilled ? std::make_shared<SpillFile>(*spill, spilled) : nullptr;
+  LlamaWeights w;
+  w.config = cfg;
+  w.blocks.resize(size_t(cfg.n_layers));
+  size_t i = 0;
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+    const WeightRef& src = source.slot(slot, layer);
+    const std::string& name = names[i];
+    const std::string& file_name = file_names[i++];
+    w.slot(slot, layer) = store_layer_weight(src, is_matrix_slot(slot) ? quant : QuantMode::None, w, name,
+                                             file.get(), slot, layer);
+    drop_source_pages(src, w.slot(slot, layer));
+    if ((cfg.architecture == "gemma2" || cfg.architecture == "gemma3") && is_norm_slot(slot))
+      w.slot(slot, layer) = one_plus(src, w, file_name);
+  });
+  if (file) SpillFile::attach(file, w);
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // Each shard's tensors tile its data section, which ends the file.
   for (const SafetensorsFile& shard : model->shards()) {
@@ -502,7 +517,7 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
   return w;
 }
 
-LlamaWeights load_hf_model(const std::string& dir, QuantMode quant) {
+LlamaWeights load_hf_model(const std::string& dir, QuantMode quant, const SpillOptions* spill) {
   const std::filesystem::path d(dir);
   TF_CHECK(std::filesystem::is_directory(d), dir, ": not a model directory");
   const std::string config_path = (d / "config.json").string();
@@ -513,7 +528,7 @@ LlamaWeights load_hf_model(const std::string& dir, QuantMode quant) {
            ": a bitsandbytes 4-bit checkpoint cannot be quantized to int8 (its weights are nf4 already): "
            "use keep or nf4 to compute with them as stored, bf16 or none to dequantize them");
   auto model = std::make_shared<const SafetensorsModel>(SafetensorsModel::open(dir));
-  return weights_from_safetensors(std::move(model), cfg, quant, bnb4bit);
+  return weights_from_safetensors(std::move(model), cfg, quant, bnb4bit, spill);
 }
 
 }  // namespace tf::io

@@ -7,6 +7,7 @@
 
 #include "src/io/quantize_weights.h"
 #include "src/io/safetensors.h"
+#include "src/io/spill.h"
 #include "src/model/weights.h"
 
 namespace tf::io {
@@ -21,12 +22,15 @@ LlamaConfig read_hf_config(const std::string& config_json_path);
 // or f16; 1-D norm and bias vectors are [n]; with `bnb4bit`, a matrix may also be a bitsandbytes
 // 4-bit NF4 weight, see bnb4bit_weight), then stores each matrix as `quant` says (store_weight).
 // The weights keep `model` alive.
+// With `spill`, per-layer tensors that convert go to a spill file (load_model).
 LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> model, const LlamaConfig& cfg,
-                                      QuantMode quant = QuantMode::None, bool bnb4bit = false);
+                                      QuantMode quant = QuantMode::None, bool bnb4bit = false,
+                                      const SpillOptions* spill = nullptr);
 
 // A model directory: config.json plus model.safetensors or a sharded index. A bitsandbytes 4-bit
 // checkpoint (quantization_config in config.json) computes with its NF4 weights under keep and
 // nf4, dequantizes them under none (f32) and bf16, and refuses int8 (which would quantize twice).
-LlamaWeights load_hf_model(const std::string& dir, QuantMode quant = QuantMode::None);
+LlamaWeights load_hf_model(const std::string& dir, QuantMode quant = QuantMode::None,
+                           const SpillOptions* spill = nullptr);
 
 }  // namespace tf::io

@@ -28,10 +28,14 @@ GgufLlamaTensor gguf_tensor_of(WeightSlot slot, int layer) {
   TF_FAIL("weight ", hf_weight_name(slot, layer), " has no GGUF tensor");
 }
 
-LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg, QuantMode quant) {
-  LlamaWeights w;
-  w.config = cfg;
-  w.blocks.resize(size_t(cfg.n_layers));
+LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg, QuantMode quant,
+                          const SpillOptions* spill) {
+  // Every tensor is found and checked first, so that the spill file is sized, and refused, before
+  // anything converts.
+  LlamaWeights source;
+  source.config = cfg;
+  source.blocks.resize(size_t(cfg.n_layers));
+  std::vector<std::string> names;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     // phi3's attn_qkv and ffn_up are split by rows; blocks run along a row, so a row range of any
     // ggml type is a matrix of its own, exactly.
@@ -50,11 +54,22 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
     TF_CHECK(info.supported && dtype, f->path(), ": tensor ", name, " has ggml type ", info.name,
              ", which tightfit cannot dequantize (it reads ", ref::dequantizable_type_names(), ")");
     const int64_t offset = fused ? dtype_bytes(*dtype, fused->row0 * cols) : 0;
-    const WeightRef stored{t.data + offset, *dtype, rows, cols};
-    w.slot(slot, layer) = store_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w,
-                                       fused ? hf_weight_name(slot, layer) : name);
+    source.slot(slot, layer) = WeightRef{t.data + offset, *dtype, rows, cols};
+    names.push_back(fused ? hf_weight_name(slot, layer) : name);
+  });
+  const uint64_t spilled = spill ? spill_bytes(source, quant) : 0;
+  const std::shared_ptr<SpillFile> file = spilled ? std::make_shared<SpillFile>(*spill, spilled) : nullptr;
+  LlamaWeights w;
+  w.config = cfg;
+  w.blocks.resize(size_t(cfg.n_layers));
+  size_t i = 0;
+  LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
+    const WeightRef& stored = source.slot(slot, layer);
+    w.slot(slot, layer) = store_layer_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w,
+                                             names[i++], file.get(), slot, layer);
     drop_source_pages(stored, w.slot(slot, layer));
   });
+  if (file) SpillFile::attach(file, w);
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // The data section, where every tensor kept as stored points (tensor offsets count from it).
   const GgufTensorInfo& first = f->tensors().front();
@@ -240,13 +255,14 @@ std::vector<int32_t> gguf_stop_ids(const GgufFile& f, int64_t vocab) {
 
 }  // namespace
 
-LoadedModel load_model(const std::string& path, bool with_weights, QuantMode quant) {
+LoadedModel load_model(const std::string& path, bool with_weights, QuantMode quant,
+                       const SpillOptions* spill) {
   LoadedModel m;
   m.source = path;
   TF_CHECK(fs::exists(path), path, ": no such model file or directory");
   if (fs::is_directory(path)) {
     m.format = ModelFormat::HfDirectory;
-    m.weights = load_hf_model(path, quant);
+    m.weights = load_hf_model(path, quant, spill);
     load_hf_tokenizer(path, m);
     m.stop_ids = generation_stop_ids(path, m.weights.config.vocab);
   } else {
@@ -254,7 +270,7 @@ LoadedModel load_model(const std::string& path, bool with_weights, QuantMode qua
     auto f = std::make_shared<const GgufFile>(GgufFile::open(path));
     const LlamaConfig cfg = llama_config_from_gguf(*f);
     if (with_weights) {
-      m.weights = gguf_weights(f, cfg, quant);
+      m.weights = gguf_weights(f, cfg, quant, spill);
     } else {
       m.weights.config = cfg;
     }

@@ -9,6 +9,7 @@
 #include "src/io/gguf.h"
 #include "src/io/gguf_model.h"
 #include "src/io/quantize_weights.h"
+#include "src/io/spill.h"
 #include "src/model/weights.h"
 #include "tokenizer/tokenizer.h"
 
@@ -41,7 +42,11 @@ WeightSlot weight_slot_of(GgufLlamaRole role);
 // in place. Norms stay float. Throws tf::Error naming the path.
 // Without `with_weights`, a GGUF file's tensors are left in the file (whatever their type) and
 // `weights` holds only the config; a directory's weights are always read.
-LoadedModel load_model(const std::string& path, bool with_weights = true, QuantMode quant = QuantMode::None);
+// With `spill` (for --weights disk), the per-layer tensors the mode converts are written, as
+// converted, to a SpillFile created at spill->path, one at a time, and read from there: host memory
+// never holds them all. No file is made when nothing per layer converts.
+LoadedModel load_model(const std::string& path, bool with_weights = true, QuantMode quant = QuantMode::None,
+                       const SpillOptions* spill = nullptr);
 
 // The tokenizer of an HF model directory; null when it has none. tokenizer.json wins where both it
 // and tokenizer.model are present (it carries the added tokens); where the JSON cannot be
