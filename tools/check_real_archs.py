@@ -154,6 +154,13 @@ ARCHS = [
          dict(SMALL, num_hidden_layers=6, sliding_window=8, query_pre_attn_scalar=32,
               hidden_activation="gelu_pytorch_tanh"),
          llama_cpp_f16_roundings=2),
+    # Four layers, the even ones sliding (window 8), Gemma 2's pattern; the caps low enough (scores at
+    # 1, logits at 2) that tanh bends the random model's scores and logits. Gemma 2's converter takes
+    # a SentencePiece tokenizer.model only.
+    Arch("gemma2", "Gemma2ForCausalLM", "Gemma2Config", "spm",
+         dict(SMALL, vocab_size=SPM_VOCAB, num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=32,
+              hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+         llama_cpp_f16_roundings=2),
     # Phi-3 has no head_dim field: hidden / heads.
     Arch("phi3", "Phi3ForCausalLM", "Phi3Config", "phi3",
          dict(SMALL, head_dim=None, tie_word_embeddings=False),
