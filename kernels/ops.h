@@ -66,8 +66,8 @@ enum class RopeLayout : uint8_t {
 // How the rotary frequencies are scaled: HF's rope types default, linear, llama3, dynamic (NTK),
 // yarn and longrope. Dynamic keeps the default frequencies: transformers changes them only for
 // positions at or past original_max_positions, which the model refuses. LongRope (Phi-3) divides
-// them by its short factors (held in freq_factors) up to original_max_positions, where
-// transformers switches to the long factors, and which the model refuses too.
+// them by its short factors (held in freq_factors), and by its long factors for a batch whose
+// positions reach original_max_positions, as transformers switches per forward pass.
 enum class RopeScalingType : uint8_t { None, Linear, Llama3, Dynamic, Yarn, LongRope };
 
 struct RopeParams {
@@ -90,9 +90,10 @@ struct RopeParams {
   // Per-frequency divisors [head_dim / 2] (a GGUF's rope_freqs.weight, Llama 3.1 style), applied
   // after the scaling above; empty for none. LongRope's short factors.
   std::vector<float> freq_factors;
-  // LongRope: the factors past original_max_positions, which the model does not run; kept so that
-  // an exported config describes the model whole.
+  // LongRope: the divisors [head_dim / 2] of a batch that reaches original_max_positions.
   std::vector<float> long_factors;
+
+  bool has_long_factors() const { return scaling == RopeScalingType::LongRope && !long_factors.empty(); }
 };
 
 // Geometry of a causal self-attention call. Tokens are [batch * seq] rows; q is [.., n_heads,

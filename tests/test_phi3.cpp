@@ -1,7 +1,7 @@
 // defines: tests of Phi-3's fused LoRA modules (qkv_proj, gate_up_proj: one A and one B over
 // several projections) against unfused adapters that share A, and against finite differences with
-// dropout; their target checks; longrope's frequencies, attention factor and position limit; Phi-3's
-// config.json and what it refuses; checkpoints that store the modules and refuse another layout.
+// dropout; their target checks; longrope's frequencies, attention factor and its switch to the long factors;
+// Phi-3's config.json and what it refuses; checkpoints that store the modules and refuse another layout.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -164,11 +164,11 @@ TEST(Phi3Lora, TargetsNameWholeModules) {
   EXPECT_NO_THROW(check_lora_targets(tiny_config(), parse_lora_targets("q,gate")));
 }
 
-TEST(Phi3Rope, LongropeRunsItsShortFactorsWithinThePretrainingLength) {
+TEST(Phi3Rope, LongropeSwitchesToItsLongFactorsPastThePretrainingLength) {
   LlamaConfig c = fused(tiny_config());
   c.rope.scaling = RopeScalingType::LongRope;
   c.rope.freq_factors = {1.0f, 1.5f, 2.0f, 4.0f};
-  c.rope.long_factors = {8.0f, 8.0f, 8.0f, 8.0f};
+  c.rope.long_factors = {8.0f, 6.0f, 3.0f, 5.0f};
   c.rope.original_max_positions = 12;
   c.rope.factor = 4.0f;
   // transformers: inv_freq = 1 / (short_factor * theta^(2i/d)), cos and sin times
@@ -181,17 +181,45 @@ TEST(Phi3Rope, LongropeRunsItsShortFactorsWithinThePretrainingLength) {
   EXPECT_NEAR(rope_attention_factor(c.rope), std::sqrt(1 + std::log(4.0) / std::log(12.0)), 1e-6);
   c.rope.attention_factor = 1.5f;
   EXPECT_EQ(rope_attention_factor(c.rope), 1.5f);
+
+  // transformers picks one set per forward pass: the long factors, for every position, once the
+  // largest position reaches original_max_positions. So a batch of 13 runs as a model whose short
+  // factors are the long ones, bit for bit, and a batch of 12 as the model itself.
+  LlamaConfig as_long = c;
+  as_long.rope.freq_factors = c.rope.long_factors;
+  as_long.rope.long_factors.clear();
+  as_long.rope.original_max_positions = 64;  // the attention factor is set, so this changes only the limit
+  LlamaWeights w_long = init_random_weights(c, DType::F32, 1);
+  w_long.config = as_long;
+  LlamaConfig short_only = c;
+  short_only.rope.long_factors.clear();
+  LlamaWeights w_short = init_random_weights(c, DType::F32, 1);
+  w_short.config = short_only;
   LlamaModel m(init_random_weights(c, DType::F32, 1), lora(), CheckpointPolicy::None, 13);
-  std::vector<int32_t> tokens(13, 1), positions(13);
-  for (int i = 0; i < 13; ++i) positions[size_t(i)] = i;
-  std::vector<float> logits(size_t(13 * c.vocab));
-  EXPECT_NO_THROW(
-      m.forward_logits(Batch{1, 12, tokens.data(), nullptr, positions.data(), nullptr}, logits.data()));
-  const std::string e = error_of([&] {
-    m.forward_logits(Batch{1, 13, tokens.data(), nullptr, positions.data(), nullptr}, logits.data());
-  });
+  LlamaModel m_long(std::move(w_long), lora(), CheckpointPolicy::None, 13);
+  LlamaModel m_short(std::move(w_short), lora(), CheckpointPolicy::None, 13);
+  std::vector<int32_t> tokens(13), positions(13);
+  for (int i = 0; i < 13; ++i) {
+    tokens[size_t(i)] = 1 + (i * 7) % (c.vocab - 1);
+    positions[size_t(i)] = i;
+  }
+  const auto logits_of = [&](LlamaModel& model, int n) {
+    std::vector<float> out(size_t(n * c.vocab));
+    model.forward_logits(Batch{1, n, tokens.data(), nullptr, positions.data(), nullptr}, out.data());
+    return out;
+  };
+  EXPECT_EQ(logits_of(m, 12), logits_of(m_short, 12)) << "within the pretraining length: the short factors";
+  const std::vector<float> past = logits_of(m, 13);
+  EXPECT_EQ(past, logits_of(m_long, 13)) << "past it: the long factors at every position";
+  const std::vector<float> short_13 = logits_of(m_short, 12);
+  EXPECT_NE(std::vector<float>(past.begin() + c.vocab, past.begin() + 12 * c.vocab),
+            std::vector<float>(short_13.begin() + c.vocab, short_13.end()))
+      << "the earlier positions rotate with the long factors too";
+  // A longrope model without long factors stops at the pretraining length.
+  const std::string e = error_of([&] { logits_of(m_short, 13); });
   EXPECT_NE(e.find("position 12 is past the model's original_max_position_embeddings 12"), std::string::npos)
       << e;
+  EXPECT_NE(e.find("the model has none"), std::string::npos) << e;
 }
 
 namespace {

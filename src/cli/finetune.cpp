@@ -477,10 +477,11 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
            cfg.embedding_dropout,
            "; tightfit trains without dropout on the residual branches and the embeddings (set both to 0 in "
            "config.json to train without)");
-  TF_CHECK(cfg.rope.scaling != RopeScalingType::LongRope || o.seq_len <= cfg.rope.original_max_positions,
+  TF_CHECK(cfg.rope.scaling != RopeScalingType::LongRope || cfg.rope.has_long_factors() ||
+               o.seq_len <= cfg.rope.original_max_positions,
            "--seq-len ", o.seq_len, " is above the model's original_max_position_embeddings ",
            cfg.rope.original_max_positions,
-           ": past it, its longrope scaling switches to the long factors, which tightfit does not run; use "
+           ": past it, its longrope scaling switches to the long factors, and the model has none; use "
            "--seq-len ",
            cfg.rope.original_max_positions, " or less");
   if (o.seq_len > cfg.max_positions)

@@ -91,7 +91,7 @@ LlamaModel::Layout LlamaModel::layout(const LlamaConfig& c, const LoraConfig& lo
   const int64_t n_inputs =
       policy == CheckpointPolicy::PerBlockOffload ? offload::ActivationStore::kWindow : c.n_layers + 1;
   Layout L{};
-  L.rope_floats = c.head_dim / 2 * (c.has_local_rope() ? 2 : 1);
+  L.rope_floats = c.head_dim / 2 * (1 + (c.has_local_rope() ? 1 : 0) + (c.rope.has_long_factors() ? 1 : 0));
   L.batch_ints = 4 * N;
   L.saved_floats = N * H * n_inputs + block_floats * n_sets;
   L.mlp_rows = C;
@@ -177,6 +177,11 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
   std::vector<float> inv_freq(size_t(L.rope_floats));
   rope_inv_freq(c.rope, inv_freq.data());
   if (c.has_local_rope()) rope_inv_freq(c.rope_local, inv_freq.data() + c.head_dim / 2);
+  if (c.rope.has_long_factors()) {
+    RopeParams long_rope = c.rope;
+    long_rope.freq_factors = c.rope.long_factors;
+    rope_inv_freq(long_rope, inv_freq.data() + (L.rope_floats - c.head_dim / 2));
+  }
   inv_freq_ = be_->alloc(inv_freq.size() * sizeof(float), MemTag::Workspace, "rope frequencies");
   be_->upload_n(inv_freq_.as<float>(), inv_freq.data(), inv_freq.size());
   batch_mem_ = be_->alloc(size_t(L.batch_ints) * sizeof(int32_t), MemTag::Activations, "batch tokens");
@@ -290,14 +295,14 @@ void LlamaModel::check_batch(const Batch& b) const {
                " is past the model's max_position_embeddings ", rope.original_max_positions,
                ", where its dynamic rope scaling would change the frequencies: tightfit does not ",
                "run dynamic (NTK) rope there; use at most ", rope.original_max_positions, " tokens");
-  // transformers switches longrope to its long factors once a sequence passes the pretraining
-  // length; tightfit runs the short factors only.
-  if (rope.scaling == RopeScalingType::LongRope)
+  // Longrope past the pretraining length needs the long factors; a model that has none (a GGUF
+  // written with the short ones alone) stops there.
+  if (rope.scaling == RopeScalingType::LongRope && !rope.has_long_factors())
     for (int64_t i = 0; i < b.n_tokens(); ++i)
       TF_CHECK(b.positions[i] < rope.original_max_positions, "position ", b.positions[i],
                " is past the model's original_max_position_embeddings ", rope.original_max_positions,
-               ", where its longrope scaling switches to the long factors: tightfit runs longrope's short ",
-               "factors only; use at most ", rope.original_max_positions, " tokens");
+               ", where its longrope scaling switches to the long factors, and the model has none; use at ",
+               "most ", rope.original_max_positions, " tokens");
 }
 
 Batch LlamaModel::stage(const Batch& b) {
@@ -376,7 +381,17 @@ void LlamaModel::mlp_gate_up(int l, const BlockWeights& w, BlockActs& a, int64_t
 const float* LlamaModel::inv_freq(int layer) const {
   const LlamaConfig& c = weights_.config;
   const bool local = c.has_local_rope() && c.sliding_layer(layer);
-  return inv_freq_.as<float>() + (local ? c.head_dim / 2 : 0);
+  const int64_t half = c.head_dim / 2;
+  if (long_rope_ && !local) return inv_freq_.as<float>() + half * (c.has_local_rope() ? 2 : 1);
+  return inv_freq_.as<float>() + (local ? half : 0);
+}
+
+bool LlamaModel::uses_long_factors(const Batch& b) const {
+  const RopeParams& rope = weights_.config.rope;
+  if (!rope.has_long_factors()) return false;
+  for (int64_t i = 0; i < b.n_tokens(); ++i)
+    if (b.positions[i] >= rope.original_max_positions) return true;
+  return false;
 }
 
 float* LlamaModel::down_rows(const BlockActs& a, int64_t row0) const {
@@ -543,6 +558,7 @@ void LlamaModel::block_backward(int l, const BlockWeights& w, const Batch& b, Bl
 
 Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t step, KvCache* cache) {
   check_batch(host_batch);
+  long_rope_ = uses_long_factors(host_batch);
   const Batch b = stage(host_batch);
   const LlamaConfig& c = weights_.config;
   const int64_t n = b.n_tokens();

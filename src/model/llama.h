@@ -196,8 +196,13 @@ class LlamaModel {
   // null) receiving grad_scale times its gradient.
   LossSum loss(const Batch& b, float* d_h, float grad_scale);
   LoraDropout dropout(int layer, LoraTarget t, bool training, uint64_t step, int64_t row0 = 0) const;
-  // Layer l's rope table (a sliding layer's own under LlamaConfig::rope_local).
+  // Layer l's rope table (a sliding layer's own under LlamaConfig::rope_local; the long factors'
+  // while long_rope_ says so).
   const float* inv_freq(int layer) const;
+  // Whether a batch rotates with longrope's long factors: as transformers decides per forward pass,
+  // when its largest position reaches original_max_positions, for every token of the batch. The keys
+  // a KV cache holds keep the rotation they were made with, as transformers' cache does.
+  bool uses_long_factors(const Batch& b) const;
   // Rows row0.. of a block's down output before its norm (with sandwich norms).
   float* down_rows(const BlockActs& a, int64_t row0) const;
 
@@ -211,11 +216,14 @@ class LlamaModel {
   int64_t max_tokens_;
   int64_t mlp_rows_;
   int64_t loss_rows_;
-  DeviceMem inv_freq_;   // [head_dim / 2], then the sliding layers' [head_dim / 2] under rope_local
+  // [head_dim / 2], then the sliding layers' [head_dim / 2] under rope_local, then longrope's long
+  // factors' [head_dim / 2] where the model has them.
+  DeviceMem inv_freq_;
   DeviceMem batch_mem_;  // tokens, targets, positions, doc ids: 4 x [max_tokens] int32
   DeviceMem logits_;     // [logit_rows_, vocab]: forward_logits and decode write here
   int64_t logit_rows_ = 0;
   std::vector<int32_t> decode_positions_;  // [max_tokens], filled by decode()
+  bool long_rope_ = false;                 // the batch of the last forward_stack uses the long factors
 
   DeviceMem saved_;      // residual stream (n_layers + 1 block inputs) and kept block activations
   DeviceMem mlp_mem_;    // with the MLP in chunks, one chunk's gate, up and activation
