@@ -669,7 +669,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
     return loss;
   };
 
-  double last_loss = NAN, tok_s_sum = 0, reduce_secs = 0, step_secs = 0;
+  double last_loss = NAN, tok_s_sum = 0, wait_secs = 0, reduce_secs = 0, step_secs = 0;
   int64_t tok_s_n = 0;
   int64_t step = start;
   data::TokenBatch others;  // a micro-batch of another rank's share, formed to keep the data order
@@ -689,6 +689,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
     const double tok_s = double(st.tokens) / secs;
     tok_s_sum += tok_s;
     ++tok_s_n;
+    wait_secs += st.wait_seconds;
     reduce_secs += st.reduce_seconds;
     step_secs += secs;
     last_loss = st.loss;
@@ -741,10 +742,11 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   if (comm.size() > 1)
     std::printf(
         "\ndata parallel: %d ranks, mean throughput %.0f tokens/s per rank; gradient sum over the ranks "
-        "%.3g ms a step (%.1f%% of the step)",
+        "%.3g ms a step (%.1f%% of the step), after waiting %.3g ms a step for the slowest rank",
         comm.size(), tok_s_n ? tok_s_sum / double(tok_s_n) / comm.size() : 0.0,
         tok_s_n ? 1e3 * reduce_secs / double(tok_s_n) : 0.0,
-        step_secs > 0 ? 100 * reduce_secs / step_secs : 0.0);
+        step_secs > 0 ? 100 * reduce_secs / step_secs : 0.0,
+        tok_s_n ? 1e3 * wait_secs / double(tok_s_n) : 0.0);
   std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s on %s (weights %s, activations %s)\n",
               tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(mem.peak_total())).c_str(),
               s.backend->name().c_str(), format_bytes(double(mem.peak(MemTag::Weights))).c_str(),

@@ -52,7 +52,7 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   for (const Batch& b : micro_batches)
     loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
   comm_->all_reduce_sum(std::span(&loss_sum, 1));
-  st.reduce_seconds = reduce_gradients();
+  reduce_gradients(st);
   st.loss = loss_sum / double(st.target_tokens);
   st.lr = learning_rate(cfg_.lr, state_.step);
   const double norm = global_grad_norm(lora.backend(), lora.grad_data(), lora.n_params);
@@ -89,9 +89,13 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   return st;
 }
 
-double Trainer::reduce_gradients() {
-  if (comm_->size() == 1) return 0;
-  const auto t0 = std::chrono::steady_clock::now();
+void Trainer::reduce_gradients(StepStats& st) {
+  if (comm_->size() == 1) return;
+  using Clock = std::chrono::steady_clock;
+  // The barrier separates the wait for the slowest rank from the cost of the sum.
+  const auto t0 = Clock::now();
+  comm_->barrier();
+  const auto t1 = Clock::now();
   LoraState& lora = model_.lora();
   Backend& be = lora.backend();
   const size_t n = size_t(lora.n_params);
@@ -103,7 +107,8 @@ double Trainer::reduce_gradients() {
     comm_->all_reduce_sum(std::span(host_grads_));
     be.upload(lora.grad_data(), host_grads_.data(), n * sizeof(float));
   }
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  st.wait_seconds = std::chrono::duration<double>(t1 - t0).count();
+  st.reduce_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
 }
 
 }  // namespace tf

@@ -33,7 +33,8 @@ struct StepStats {
   int64_t tokens = 0;         // tokens processed (all positions, every rank)
   int64_t target_tokens = 0;  // tokens that had a target (every rank)
   int64_t rank_tokens = 0;    // tokens this rank processed
-  double reduce_seconds = 0;  // spent summing the gradients over the ranks
+  double wait_seconds = 0;    // spent waiting for the slowest rank to finish its backward
+  double reduce_seconds = 0;  // spent summing the gradients over the ranks, once all were there
   bool skipped = false;
   int64_t skipped_total = 0;
 };
@@ -63,8 +64,9 @@ class Trainer {
   const TrainConfig& config() const { return cfg_; }
 
  private:
-  // Sums the LoRA gradients over the ranks; returns the seconds it took.
-  double reduce_gradients();
+  // Sums the LoRA gradients over the ranks, recording in `st` the time spent waiting for the
+  // other ranks and the time of the sum itself.
+  void reduce_gradients(StepStats& st);
 
   LlamaModel& model_;
   TrainConfig cfg_;
