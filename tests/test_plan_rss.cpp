@@ -167,6 +167,9 @@ Measured run_case(const Case& c, const std::string& model, const fs::path& out) 
                                    std::to_string(c.threads),
                                    "--weights",
                                    c.weights};
+  // The plan predicts the workspace of the f32 products, which bf16's differs from (--matmul auto
+  // picks bf16 on a CPU with avx512_bf16 for a non-f32 base).
+  args.insert(args.end(), {"--matmul", "f32"});
   if (c.eval) {
     args.push_back("--eval-data");
     args.push_back((dir / "eval.jsonl").string());
