@@ -150,14 +150,16 @@ class Cli : public ::testing::Test {
   // Trains `steps` steps at `threads` threads uninterrupted (in "straight") and again (in "killed"),
   // SIGKILLs the second once a few steps are logged, mid-step or mid-checkpoint wherever it is,
   // resumes it, and expects the losses of the uninterrupted run bit for bit. Returns the resume.
-  // `device` is the --device value of both runs.
+  // `device` is the --device value of both runs, `extra` more options of both.
   Result expect_killed_run_resumes_bit_for_bit(int steps, const std::string& threads,
-                                               const std::string& device = "cpu") {
+                                               const std::string& device = "cpu",
+                                               const std::vector<std::string>& extra = {}) {
     std::vector<std::string> straight = finetune_args("straight", steps),
                              killed = finetune_args("killed", steps);
     for (std::vector<std::string>* args : {&straight, &killed}) {
       set_option(*args, "--threads", threads);
       set_option(*args, "--device", device);
+      args->insert(args->end(), extra.begin(), extra.end());
     }
     Result r = run(straight);
     EXPECT_EQ(r.status, 0) << r.err;

@@ -338,6 +338,19 @@ TEST_F(PlanCli, AutoStreamsAConvertedBaseFromItsSpillFileWhenHostMemoryIsShort) 
   EXPECT_EQ(streamed, losses(dir_ / "resident" / "metrics.jsonl"));
 }
 
+// A run killed while it streamed a converted base leaves its spill file behind; the resumed run
+// replaces it (it is the run directory's own, under the run's lock), rebuilds it with the same
+// bytes and gives the losses of the uninterrupted run, and removes it at the end.
+TEST_F(PlanCli, AKilledRunOfAConvertedBaseOnDiskResumesBitForBit) {
+  make_model_and_data();
+  const test::Result r =
+      expect_killed_run_resumes_bit_for_bit(10, "1", "cpu", {"--quant", "nf4", "--weights", "disk"});
+  EXPECT_NE(r.err.find("removing the spill file a run that did not finish left behind"), std::string::npos)
+      << r.err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "killed" / "base-spill.bin"));
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "straight" / "base-spill.bin"));
+}
+
 // finetune plans before it loads: a budget the run cannot fit is refused naming its largest parts
 // and what would fit, and leaves no run behind; a run that fits writes plan.json and the measured
 // peaks beside it.

@@ -70,6 +70,10 @@ constexpr Case kCases[] = {
     // holds only the rest.
     {"m100", "keep", 16, 128, 2, "none", 1, 2, false, "disk"},
     {"d12", "keep", 32, 256, 1, "block", 2, 1, false, "disk"},
+    // Converted at load and streamed from the spill file the load writes a
+    // tensor at a time: the file's pages are dropped as each converts, and host
+    // memory holds one converted tensor beside the resident ones.
+    {"m100", "nf4", 16, 128, 2, "none", 1, 2, false, "disk"},
 };
 
 fs::path work_dir() {
