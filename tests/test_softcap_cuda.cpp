@@ -2,7 +2,8 @@
 // (tf::simt): the plain attention kernels (forward, backward, decoding), the flash kernels
 // (forward, backward, decoding) and the fused lm_head + cross-entropy, each against the float64
 // reference with the cap set, on inputs whose scores and logits pass the caps by far (so tanh
-// saturates for some and an ignored cap or a missing 1 - tanh^2 shows as an error of order 1).
+// saturates for some and an ignored cap or a missing 1 - tanh^2 shows as an error of order 1);
+// and cuDNN's refusal of a capped call.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -19,6 +20,10 @@
 #include "tests/attention_test_util.h"
 #include "tests/cuda_test_util.h"
 #include "tests/op_test_util.h"
+
+#if TIGHTFIT_HAVE_CUDA
+#include "kernels/cuda/cudnn_attention.h"
+#endif
 
 namespace tf {
 namespace {
@@ -239,6 +244,25 @@ TEST(SoftcapCuda, CrossEntropyMatchesReference) {
   EXPECT_LE(rel_norm_error(dh, dh_exact), 4 * std::max(rel_norm_error(dh_cpu, dh_exact), kF32Floor));
   EXPECT_TRUE(dev_dh.guards_intact());
 }
+
+#if TIGHTFIT_HAVE_CUDA
+// cuDNN's graph here has no soft-capping: its launchers refuse a capped call by name, in a build
+// with cuDNN and without, before anything is planned.
+TEST(SoftcapCuda, CudnnRefusesCappedScoresByName) {
+  AttentionShape s = test::make_shape(2, 192, 8, 2, 64);
+  s.softcap = 50.0f;
+  int ops = 0;
+  for (const bool backward : {false, true}) {
+    const std::string msg =
+        test::error_of([&] { cuda::cudnn_attention_offline_engines(s, backward, "", &ops); });
+    EXPECT_NE(
+        msg.find("--attention cudnn: the cuDNN attention graph here has no logit soft-capping (this model "
+                 "caps its attention scores at 50)"),
+        std::string::npos)
+        << msg;
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace tf

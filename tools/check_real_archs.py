@@ -26,8 +26,8 @@ float64:
              q8_0 or f16 rounded through gguf-py's quantizer, which is the converter's), and against
              each other; greedy continuations equal.
 The reference of the GGUF is what the file says: the converter writes no sliding window for Llama /
-Mistral or Qwen2 (only Gemma 3's), so those rows' GGUF reference attends over every position, as
-llama.cpp does.
+Mistral or Qwen2 (only Gemma 2's and 3's), so those rows' GGUF reference attends over every
+position, as llama.cpp does.
 
 Tolerances. tightfit computes in f32 from the same weights as the reference, so it must agree to
 f32 rounding: over two to six blocks of dot products of at most a few hundred terms, a relative
