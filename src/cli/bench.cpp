@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/threads.h"
 #include "kernels/ops.h"
 #include "kernels/profile.h"
 #include "src/cli/commands.h"
@@ -183,14 +184,17 @@ int run_bench(const BenchOptions& o) {
   const std::vector<std::string> isa = isa_flags();
   std::string isa_text;
   for (const std::string& f : isa) isa_text += (isa_text.empty() ? "" : " ") + f;
-  json machine = {{"cpu", cpuinfo("model name")},  {"hardware_threads", std::thread::hardware_concurrency()},
-                  {"threads", cpu::num_threads()}, {"isa", isa},
-                  {"memory_bytes", mem_total()},   {"backend", be->describe()}};
+  json machine = {
+      {"cpu", cpuinfo("model name")},     {"hardware_threads", std::thread::hardware_concurrency()},
+      {"threads", cpu::num_threads()},    {"isa", isa},
+      {"memory_bytes", mem_total()},      {"backend", be->describe()},
+      {"wait_policy", cpu::wait_policy()}};
   if (const std::optional<uint64_t> cap = be->memory_capacity()) machine["device_memory_bytes"] = *cap;
   std::printf("machine   %s; %u hardware threads, %d used; %s; %s memory\n", cpuinfo("model name").c_str(),
               std::thread::hardware_concurrency(), cpu::num_threads(),
               isa_text.empty() ? "no AVX2 or AVX-512" : isa_text.c_str(),
               format_bytes(double(mem_total())).c_str());
+  std::printf("threads   %s\n", cpu::wait_policy().c_str());
   std::printf("backend   %s%s\n", device_note.empty() ? be->describe().c_str() : device_note.c_str(),
               be->host_memory() ? " (no GPU in use: the cpu backend's benchmarks)" : "");
   std::printf(

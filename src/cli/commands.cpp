@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "kernels/cpu/dequant.h"
+#include "kernels/cpu/threads.h"
 #include "kernels/ops.h"
 #include "src/cli/common.h"
 #include "src/cli/outputs.h"
@@ -244,6 +245,7 @@ int run_generate(const GenerateOptions& o) {
   std::printf("%s\n", tok.decode(out, /*skip_special=*/true).c_str());
   if (o.stats) {
     const auto rate = [](int64_t n, double secs) { return secs > 0 ? double(n) / secs : 0.0; };
+    std::fprintf(stderr, "threads    %d; %s\n", cpu::num_threads(), cpu::wait_policy().c_str());
     std::fprintf(stderr, "prompt     %lld tokens in %.3f s (%.1f tokens/s)\n", (long long)stats.prompt_tokens,
                  stats.prompt_s, rate(stats.prompt_tokens, stats.prompt_s));
     const int64_t decoded = std::max<int64_t>(stats.new_tokens - 1, 0);

@@ -13,7 +13,9 @@
 #include <optional>
 
 #include "kernels/cpu/bf16_gemm.h"
+#include "kernels/cpu/threads.h"
 #include "kernels/ops.h"
+#include "kernels/profile.h"
 #include "src/cli/common.h"
 #include "src/cli/outputs.h"
 #include "src/cli/plan.h"
@@ -588,6 +590,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
       : policy == CheckpointPolicy::PerBlock ? "per block"
                                              : "per block, inputs in host memory",
       offload::weight_tier_name(plan.tier), cpu::num_threads());
+  std::printf("threads: %s\n", cpu::wait_policy().c_str());
   if (comm.size() > 1)
     std::printf(
         "data parallel: %d ranks; each step's global batch is %d ranks x %d micro-batches x %d sequences, "
@@ -672,6 +675,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   double last_loss = NAN, tok_s_sum = 0, wait_secs = 0, reduce_secs = 0, step_secs = 0;
   int64_t tok_s_n = 0;
   int64_t step = start;
+  OpProfile profile;        // --profile: the training steps' ops, nothing else
   data::TokenBatch others;  // a micro-batch of another rank's share, formed to keep the data order
   for (; step < total_steps; ++step) {
     // The step's global batch is the next ranks x grad-accum micro-batches of the data order, the
@@ -683,9 +687,14 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
       TF_CHECK(data::next_batch(train, sampler, bo, b), o.data, ": ran out of examples");
       if (mine) views[size_t(g % o.grad_accum)] = batch_view(b);
     }
+    if (o.profile) s.backend->set_profile(&profile);
     const auto t0 = Clock::now();
     const StepStats st = trainer.step(views);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (o.profile) {
+      s.backend->set_profile(nullptr);
+      profile.add_step(secs);
+    }
     const double tok_s = double(st.tokens) / secs;
     tok_s_sum += tok_s;
     ++tok_s_n;
@@ -737,6 +746,12 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   write_report((run / "report.html").string(), report);
 
   progress.message("done: " + std::to_string(total_steps) + " steps");
+  if (o.profile) {
+    const std::string path = (run / "profile.json").string();
+    io::write_file_atomic(path, profile.json());
+    std::printf("per-op profile of this run's %lld steps (%s):\n%s", (long long)profile.steps(), path.c_str(),
+                profile.table().c_str());
+  }
   std::printf("final train loss %.4f", last_loss);
   if (eval_after) std::printf(", eval loss %.4f (perplexity %.2f)", *eval_after, std::exp(*eval_after));
   if (comm.size() > 1)

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/threads.h"
 #include "src/cli/bench.h"
 #include "src/cli/commands.h"
 #include "src/cli/data.h"
@@ -23,6 +24,16 @@ using namespace tf::cli;
 constexpr const char* kDeviceHelp =
     "Where the model runs: auto (a GPU when one is present, else the CPU), cpu, cuda, cuda:N, or simt "
     "(the CUDA backend on the built-in GPU simulator: slow, for checking)";
+// libgomp's wait policy is chosen as tightfit starts (kernels/cpu/threads.h); --help says what it is.
+std::string threads_help() {
+  return std::string(
+             "Worker threads (0: one per hardware thread). Idle OpenMP threads sleep at once "
+             "(OMP_WAIT_POLICY=") +
+         tf::cpu::kDefaultWaitPolicy +
+         "), so that threads waiting at a barrier leave the cores to the ones they wait for on a busy "
+         "machine; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment choose otherwise";
+}
+
 constexpr const char* kAttentionHelp =
     "Attention kernel of the CUDA backend: auto (flash where the head dimension is 64, 80, 96 or 128, "
     "else plain), flash (bf16 on tensor cores), plain (the tiled f32 reference kernels) or cudnn "
@@ -176,9 +187,13 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
       ->capture_default_str();
   c.add_option("--max-host-mem", o.max_host_mem, "Budget of host memory (auto: the host's available memory)")
       ->capture_default_str();
-  c.add_option("--threads", o.threads, "Worker threads (0: one per hardware thread)")->capture_default_str();
-  if (training)
+  c.add_option("--threads", o.threads, threads_help())->capture_default_str();
+  if (training) {
     c.add_flag("--resume", o.resume, "Continue the run in --out from its newest complete checkpoint");
+    c.add_flag("--profile", o.profile,
+               "Time each op of the training steps (the backend waits for each one): calls, time, share and "
+               "GFLOP/s or GB/s per op and projection, written to RUN/profile.json and printed at the end");
+  }
 }
 
 // CLI11 reads integers with strtoll / strtoull in base 0: "010" would be 8, "0x10" 16, and "-1"
@@ -260,11 +275,10 @@ int run(int argc, char** argv) {
   generate->add_option("--device", gen.device, kDeviceHelp)->capture_default_str();
   generate->add_option("--attention", gen.attention, kAttentionHelp)->capture_default_str();
   generate->add_option("--weights", gen.weights, kInferenceWeightsHelp)->capture_default_str();
+  generate->add_option("--spill-dir", gen.spill_dir, kInferenceSpillDirHelp);
   generate->add_option("--max-mem", gen.max_mem, kInferenceMaxMemHelp)->capture_default_str();
   generate->add_option("--max-host-mem", gen.max_host_mem, kInferenceMaxHostMemHelp)->capture_default_str();
-  generate->add_option("--threads", gen.threads, "Worker threads (0: one per hardware thread)")
-      ->capture_default_str();
-  generate->add_option("--spill-dir", gen.spill_dir, kInferenceSpillDirHelp);
+  generate->add_option("--threads", gen.threads, threads_help())->capture_default_str();
 
   EvalOptions ev;
   CLI::App* eval = app.add_subcommand("eval", "Loss, perplexity and exact-match accuracy on a JSONL set");
@@ -280,11 +294,10 @@ int run(int argc, char** argv) {
   eval->add_option("--device", ev.device, kDeviceHelp)->capture_default_str();
   eval->add_option("--attention", ev.attention, kAttentionHelp)->capture_default_str();
   eval->add_option("--weights", ev.weights, kInferenceWeightsHelp)->capture_default_str();
+  eval->add_option("--spill-dir", ev.spill_dir, kInferenceSpillDirHelp);
   eval->add_option("--max-mem", ev.max_mem, kInferenceMaxMemHelp)->capture_default_str();
   eval->add_option("--max-host-mem", ev.max_host_mem, kInferenceMaxHostMemHelp)->capture_default_str();
-  eval->add_option("--threads", ev.threads, "Worker threads (0: one per hardware thread)")
-      ->capture_default_str();
-  eval->add_option("--spill-dir", ev.spill_dir, kInferenceSpillDirHelp);
+  eval->add_option("--threads", ev.threads, threads_help())->capture_default_str();
   eval->add_option("--logits-out", ev.logits_out,
                    "Write the first examples' full logits to this safetensors file");
   eval->add_option("--logits-examples", ev.logits_examples, "Examples whose logits --logits-out writes")
@@ -347,9 +360,11 @@ int run(int argc, char** argv) {
   bench->add_option("--micro-batch", bn.micro_batch, "Sequences per micro-batch")->capture_default_str();
   bench->add_option("--steps", bn.steps, "Timed training steps (after one untimed)")->capture_default_str();
   bench->add_option("--lora-rank", bn.lora_rank, "LoRA rank of the training run")->capture_default_str();
-  bench->add_option("--threads", bn.threads, "Worker threads (0: one per hardware thread)")
-      ->capture_default_str();
+  bench->add_option("--threads", bn.threads, threads_help())->capture_default_str();
   bench->add_option("--json", bn.json, "Also write the figures to this file as JSON");
+  bench->add_flag("--profile", bn.profile,
+                  "After the timed training steps, as many more with each op timed (the backend waits for "
+                  "each one): the per-op table, and in --json");
 
   require_decimal_integers(app);
   // The subcommands whose --config names a JSON file of options (init's names a model preset).
@@ -408,6 +423,8 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before anything else: libgomp's wait policy can only be chosen by starting again.
+  tf::cpu::apply_default_wait_policy(argv);
   // Before anything allocates: the allocator policy that keeps the process's memory what its plan says.
   tf::set_memory_policy();
   try {

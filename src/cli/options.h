@@ -82,6 +82,9 @@ struct FinetuneOptions {
   std::string spill_dir;
   int threads = 0;
   bool resume = false;
+  // Time every op of the training steps (kernels/profile.h): RUN/profile.json and a table at the end.
+  // Not in config.json: it changes no result.
+  bool profile = false;
   // Processes of a data-parallel launch (mpirun -np N): set by finetune from its communicator, not an
   // option; config.json records it when above 1, and a resume must keep it.
   int ranks = 1;
