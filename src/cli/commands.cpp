@@ -217,10 +217,9 @@ int run_generate(const GenerateOptions& o) {
   const int64_t kv_tokens = int64_t(o.prompt.size()) + 128 + o.max_new_tokens;
   InferencePlan plan = plan_inference({o.model, o.quant, o.device, o.attention, o.weights, o.max_mem,
                                        o.max_host_mem, "", 1, kGenerateRows, kv_tokens});
-  Session s =
-      open_session(o.model, inert_lora(), kGenerateRows, per_block, o.adapter, quant_option(o.quant),
-                   o.device, o.attention, std::move(plan.backend), plan.device_note, plan.tier, plan.layout,
-                   spill_options(o.spill_dir));
+  Session s = open_session(o.model, inert_lora(), kGenerateRows, per_block, o.adapter, quant_option(o.quant),
+                           o.device, o.attention, std::move(plan.backend), plan.device_note, plan.tier,
+                           plan.layout, spill_options(o.spill_dir));
   // The generated text is the output; where the model ran and what the plan chose go to stderr,
   // and only when auto chose a GPU or to stream the weights.
   if (!s.device_note.empty() && s.backend->name() != "cpu")
