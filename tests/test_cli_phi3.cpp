@@ -1,7 +1,7 @@
 // defines: the tightfit binary end to end on a Phi-3 model (a tiny random one, its q/k/v and gate/up
 // fused as Phi3ForCausalLM stores them, with longrope): --lora-targets refusing part of a fused
-// module, the longrope and residual-dropout refusals, a run resumed from a checkpoint to the same
-// losses, and the PEFT, GGUF and merged exports naming the fused modules.
+// module, a run past longrope's pretraining length, the residual-dropout refusal, a run resumed from a
+// checkpoint to the same losses, and the PEFT, GGUF and merged exports naming the fused modules.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -89,11 +89,12 @@ TEST_F(Cli, Phi3TrainsResumesAndExportsItsFusedModules) {
             std::string::npos)
       << r.err;
   EXPECT_NE(r.err.find("target qkv_proj instead"), std::string::npos) << r.err;
+  // Past original_max_position_embeddings the batches rotate with the long factors, which the
+  // model has: the run trains (the switch itself is checked in test_phi3).
   args = finetune_args("long", 2);
   set_option(args, "--seq-len", "96");
   r = run(args);
-  EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.err.find("above the model's original_max_position_embeddings 64"), std::string::npos) << r.err;
+  EXPECT_EQ(r.status, 0) << r.err;
 
   // A run, and the same run stopped after its checkpoint of step 2 and resumed: the same losses.
   args = finetune_args("run", 3);
