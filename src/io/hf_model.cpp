@@ -233,14 +233,15 @@ float get_softcap(const json& j, const char* key, const std::string& source, flo
   return cap;
 }
 
-// Gemma 2 is Gemma 3's block without the q/k norms, with one rope base, and with its attention
-// scores and final logits soft-capped (attn_logit_softcapping, 50 when absent, and
-// final_logit_softcapping, 30); GeGLU, sandwich norms, the embedding scale and query_pre_attn_scalar
-// as Gemma 3's.
-void parse_gemma2(const json& j, const std::string& source, LlamaConfig& c) {
+// What Gemma 2 and Gemma 3 share beyond the Llama fields: causal attention only, no biases, GeGLU
+// with gelu's tanh approximation, sandwich norms, embeddings scaled by sqrt(hidden) and scores by
+// query_pre_attn_scalar^-0.5. `name` and `encoder` name the family and its bidirectional variant.
+void parse_gemma_block(const json& j, const std::string& source, const char* name, const char* encoder,
+                       LlamaConfig& c) {
   TF_CHECK(!get_bool(j, "use_bidirectional_attention", source, false), source,
-           ": use_bidirectional_attention is set (an encoder Gemma 2); tightfit trains causal models");
-  TF_CHECK(!c.attention_bias, source, ": Gemma 2 with attention_bias (an o_proj bias too) is not supported");
+           ": use_bidirectional_attention is set (", encoder, "); tightfit trains causal models");
+  TF_CHECK(!c.attention_bias, source, ": ", name,
+           " with attention_bias (an o_proj bias too) is not supported");
   std::string act = "gelu_pytorch_tanh";
   for (const char* key : {"hidden_activation", "hidden_act"})
     if (const json* a = find_key(j, key)) {
@@ -249,12 +250,19 @@ void parse_gemma2(const json& j, const std::string& source, LlamaConfig& c) {
       break;
     }
   TF_CHECK(act == "gelu_pytorch_tanh" || act == "gelu_new", source, ": hidden activation \"", act,
-           "\" is not supported for Gemma 2 (gelu_pytorch_tanh, gelu's tanh approximation, is)");
+           "\" is not supported for ", name, " (gelu_pytorch_tanh, gelu's tanh approximation, is)");
   c.activation = MlpActivation::GeluTanh;
   c.sandwich_norms = true;
   c.embed_scale = std::sqrt(float(c.hidden));
   c.query_pre_attn_scalar = get_float(j, "query_pre_attn_scalar", source, 256.0f);
   TF_CHECK(c.query_pre_attn_scalar > 0, source, ": query_pre_attn_scalar must be positive");
+}
+
+// Gemma 2 is Gemma 3's block without the q/k norms, with one rope base, and with its attention
+// scores and final logits soft-capped (attn_logit_softcapping, 50 when absent, and
+// final_logit_softcapping, 30).
+void parse_gemma2(const json& j, const std::string& source, LlamaConfig& c) {
+  parse_gemma_block(j, source, "Gemma 2", "an encoder Gemma 2", c);
   c.attn_softcap = get_softcap(j, "attn_logit_softcapping", source, 50.0f);
   c.final_softcap = get_softcap(j, "final_logit_softcapping", source, 30.0f);
 }
@@ -268,24 +276,8 @@ void parse_gemma3(const json& j, const std::string& source, LlamaConfig& c) {
   for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
     TF_CHECK(find_key(j, key) == nullptr, source, ": \"", key, "\" is set (", j[key].dump(),
              "); tightfit soft-caps logits for Gemma2ForCausalLM only");
-  TF_CHECK(!get_bool(j, "use_bidirectional_attention", source, false), source,
-           ": use_bidirectional_attention is set (EmbeddingGemma); tightfit trains causal models");
-  TF_CHECK(!c.attention_bias, source, ": Gemma 3 with attention_bias (an o_proj bias too) is not supported");
-  std::string act = "gelu_pytorch_tanh";
-  for (const char* key : {"hidden_activation", "hidden_act"})
-    if (const json* a = find_key(j, key)) {
-      TF_CHECK(a->is_string(), source, ": \"", key, "\" must be a string");
-      act = a->get<std::string>();
-      break;
-    }
-  TF_CHECK(act == "gelu_pytorch_tanh" || act == "gelu_new", source, ": hidden activation \"", act,
-           "\" is not supported for Gemma 3 (gelu_pytorch_tanh, gelu's tanh approximation, is)");
-  c.activation = MlpActivation::GeluTanh;
+  parse_gemma_block(j, source, "Gemma 3", "EmbeddingGemma", c);
   c.qk_norm = true;
-  c.sandwich_norms = true;
-  c.embed_scale = std::sqrt(float(c.hidden));
-  c.query_pre_attn_scalar = get_float(j, "query_pre_attn_scalar", source, 256.0f);
-  TF_CHECK(c.query_pre_attn_scalar > 0, source, ": query_pre_attn_scalar must be positive");
   c.rope.theta = get_float(j, "rope_theta", source, 1000000.0f);
   c.rope_local.head_dim = c.head_dim;
   c.rope_local.theta = get_float(j, "rope_local_base_freq", source, 10000.0f);
