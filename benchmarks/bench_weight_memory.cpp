@@ -1,4 +1,5 @@
-// Memory of a model's base weights under each --quant mode (keep, none, bf16, int8, nf4), beside
+// Memory of a model's base weights under each --quant mode (keep, none, bf16, int8, nf4, and ggml's
+// q8_0, q4_0, q4_1, q5_0, q5_1), beside
 // the theoretical bytes of the target format, for a real GGUF file and for a 1.2B-parameter config.
 //
 //   build/benchmarks/bench_weight_memory [--gguf FILE] [--skip-1b]
@@ -25,8 +26,9 @@ using namespace tf;
 
 namespace {
 
-constexpr io::QuantMode kModes[] = {io::QuantMode::Keep, io::QuantMode::None, io::QuantMode::Bf16,
-                                    io::QuantMode::Int8, io::QuantMode::Nf4};
+constexpr io::QuantMode kModes[] = {
+    io::QuantMode::Keep, io::QuantMode::None, io::QuantMode::Bf16, io::QuantMode::Int8, io::QuantMode::Nf4,
+    io::QuantMode::Q8_0, io::QuantMode::Q4_0, io::QuantMode::Q4_1, io::QuantMode::Q5_0, io::QuantMode::Q5_1};
 
 double mib(double bytes) {
   return bytes / (1024.0 * 1024.0);
@@ -42,6 +44,14 @@ double target_bits(io::QuantMode mode, DType src) {
     case io::QuantMode::Bf16: return 16.0;
     case io::QuantMode::Int8: return ref::bits_per_param(ref::QuantFormat::Int8);
     case io::QuantMode::Nf4: return ref::bits_per_param(ref::QuantFormat::Nf4DoubleQuant);
+    case io::QuantMode::Q8_0:
+    case io::QuantMode::Q4_0:
+    case io::QuantMode::Q4_1:
+    case io::QuantMode::Q5_0:
+    case io::QuantMode::Q5_1: {
+      const DType t = io::stored_dtype(src, mode);
+      return 8.0 * double(dtype_block_bytes(t)) / double(dtype_block_elems(t));
+    }
   }
   return 0;
 }

@@ -87,7 +87,8 @@ TEST_F(Bench, RefusesBadOptionsByName) {
       {{"--seq", "0"}, "--seq must be in [1, 1048576], got 0"},
       {{"--steps", "0"}, "--steps must be in [1, 1000], got 0"},
       {{"--micro-batch", "5000"}, "--micro-batch must be in [1, 4096], got 5000"},
-      {{"--quant", "q3"}, "--quant must be keep, none, bf16, int8 or nf4, got 'q3'"},
+      {{"--quant", "q3"},
+       "--quant must be one of keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0, q5_1, got 'q3'"},
       {{"--config", (dir_ / "missing.json").string()}, "missing.json"},
   };
   for (const auto& [extra, want] : bad) {

@@ -280,10 +280,13 @@ TEST_F(CliOptions, AttentionKernelsAreRefusedWhereTheyCannotRun) {
 // --quant is checked before the model loads, stored in the run's config (it changes the numbers, so
 // a resume must keep it), and each mode prints how the base is stored.
 TEST_F(CliOptions, QuantModesStoreTheBaseAsAsked) {
-  expect_refused(args_with({"--quant", "nf5"}), {"--quant must be keep, none, bf16, int8 or nf4, got 'nf5'"});
-  expect_refused({"eval", "--model", (dir_ / "model").string(), "--data", (dir_ / "train.jsonl").string(),
-                  "--quant", "q4"},
-                 {"--quant must be keep, none, bf16, int8 or nf4, got 'q4'"});
+  expect_refused(
+      args_with({"--quant", "nf5"}),
+      {"--quant must be one of keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0, q5_1, got 'nf5'"});
+  expect_refused(
+      {"eval", "--model", (dir_ / "model").string(), "--data", (dir_ / "train.jsonl").string(), "--quant",
+       "q4"},
+      {"--quant must be one of keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0, q5_1, got 'q4'"});
   const std::vector<std::pair<std::string, std::string>> modes = {
       {"keep", "f32"}, {"bf16", "bf16"}, {"int8", "int8"}, {"nf4", "nf4"}};
   for (const auto& [mode, dtype] : modes) {
@@ -313,4 +316,29 @@ TEST_F(CliOptions, QuantModesStoreTheBaseAsAsked) {
   set_option(old_resume, "--quant", "none");
   const Result resumed = run(old_resume);
   EXPECT_EQ(resumed.status, 0) << resumed.err;
+}
+
+// ggml's block types at load: the tiny model's MLP rows of 176 are not whole blocks of 32, so the
+// plan refuses the run by name before anything loads; the small model's rows are, and it trains
+// with its matrices as Q4_1 blocks, whose bytes the plan predicted from the headers exactly.
+TEST_F(CliOptions, GgmlQuantModesTakeWholeBlocksAndNameTheRowsThatAreNot) {
+  expect_refused(args_with({"--quant", "q8_0"}),
+                 {"model.layers.0.mlp.down_proj.weight: rows of 176 elements cannot be quantized to q8_0",
+                  "nf4 and int8"});
+  ASSERT_EQ(run({"init", "--config", "small", "--out", (dir_ / "small").string(), "--seed", "3"}).status, 0);
+  std::vector<std::string> args = args_with({"--quant", "q4_1"}, "q41");
+  set_option(args, "--model", (dir_ / "small").string());
+  const Result r = run(args);
+  ASSERT_EQ(r.status, 0) << r.err;
+  // small: 4 layers of q, o (256 x 256), k, v (128 x 256), gate, up, down (704 x 256), and the tied
+  // embedding (320 x 256); 20 bytes per 32 weights.
+  const int64_t params = 4 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 704 * 256) + 320 * 256;
+  EXPECT_NE(r.out.find("base weights (--quant q4_1): "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("q4_1 1.8 MiB"), std::string::npos) << r.out;
+  EXPECT_EQ(run_config("q41")["quant"], "q4_1");
+  const nlohmann::json plan = nlohmann::json::parse(slurp(dir_ / "q41" / "plan.json"));
+  int64_t converted = -1;
+  for (const nlohmann::json& i : plan["items"])
+    if (i["component"] == "base weights converted at load") converted = i["bytes"].get<int64_t>();
+  EXPECT_EQ(converted, params / 32 * 20) << plan.dump();
 }

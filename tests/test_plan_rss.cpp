@@ -74,6 +74,10 @@ constexpr Case kCases[] = {
     // tensor at a time: the file's pages are dropped as each converts, and host
     // memory holds one converted tensor beside the resident ones.
     {"m100", "nf4", 16, 128, 2, "none", 1, 2, false, "disk"},
+    // ggml's blocks quantized at load: resident, and streamed from the spill
+    // file.
+    {"d12", "q4_0", 16, 128, 2, "none", 1},
+    {"m100", "q8_0", 16, 128, 2, "none", 1, 1, false, "disk"},
 };
 
 fs::path work_dir() {

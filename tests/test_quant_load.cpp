@@ -16,6 +16,7 @@
 
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/ref/quantize.h"
+#include "kernels/cpu/ref/quantize_ggml.h"
 #include "model_test_util.h"
 #include "op_test_util.h"
 #include "src/io/bnb4bit.h"
@@ -35,7 +36,10 @@ using nlohmann::json;
 
 const std::string kFixtures = TIGHTFIT_FIXTURES;
 constexpr QuantMode kModes[] = {QuantMode::Keep, QuantMode::None, QuantMode::Bf16, QuantMode::Int8,
-                                QuantMode::Nf4};
+                                QuantMode::Nf4,  QuantMode::Q8_0, QuantMode::Q4_0, QuantMode::Q4_1,
+                                QuantMode::Q5_0, QuantMode::Q5_1};
+constexpr QuantMode kGgmlModes[] = {QuantMode::Q8_0, QuantMode::Q4_0, QuantMode::Q4_1, QuantMode::Q5_0,
+                                    QuantMode::Q5_1};
 
 // The f32 values of a stored weight; a double-quantized NF4 one through the quantize references,
 // which round the absmax product before adding the offset, as bitsandbytes does.
@@ -103,6 +107,21 @@ void expect_converted(const WeightRef& got, const std::vector<float>& x, QuantMo
       EXPECT_TRUE(same_bits(got.scales.absmax, qabs.data(), qabs.size())) << "absmax codes";
       EXPECT_TRUE(same_bits(got.scales.nested, nested.data(), nested.size() * 4)) << "nested absmax";
       EXPECT_EQ(got.scales.offset, offset);
+      return;
+    }
+    case QuantMode::Q8_0:
+    case QuantMode::Q4_0:
+    case QuantMode::Q4_1:
+    case QuantMode::Q5_0:
+    case QuantMode::Q5_1: {
+      // ggml's reference quantizer of the exact f32 values, byte for byte: the blocks a GGUF file
+      // of this type made from the same values holds.
+      const GgmlType type = *io::ggml_type_of(mode);
+      ASSERT_EQ(got.dtype, *dtype_of_ggml(type));
+      std::vector<uint8_t> want(size_t(dtype_bytes(got.dtype, n)));
+      ref::quantize_rows_ggml(type, x.data(), n, want.data());
+      EXPECT_TRUE(same_bits(got.data, want.data(), want.size())) << "not ggml's reference blocks";
+      EXPECT_EQ(got.scales.absmax, nullptr) << "ggml blocks hold their scales";
       return;
     }
   }
@@ -261,7 +280,13 @@ TEST(QuantMode, NamesRoundTrip) {
   EXPECT_EQ(io::quant_mode_name(QuantMode::Nf4), "nf4");
   EXPECT_EQ(io::parse_quant_mode("keep"), QuantMode::Keep);
   EXPECT_FALSE(io::parse_quant_mode("NF4").has_value());
-  EXPECT_FALSE(io::parse_quant_mode("q4_0").has_value());
+  EXPECT_EQ(io::parse_quant_mode("q4_0"), QuantMode::Q4_0);
+  EXPECT_EQ(io::ggml_type_of(QuantMode::Q5_1), GgmlType::Q5_1);
+  EXPECT_FALSE(io::ggml_type_of(QuantMode::Nf4).has_value());
+  // The k-quants' reference quantizers search their scales and are not reproduced: not a mode.
+  EXPECT_FALSE(io::parse_quant_mode("q4_k").has_value());
+  EXPECT_FALSE(io::parse_quant_mode("Q8_0").has_value());
+  EXPECT_EQ(io::quant_mode_names(), "keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0, q5_1");
   EXPECT_FALSE(io::parse_quant_mode("").has_value());
 }
 
@@ -278,11 +303,13 @@ TEST_F(GgufQuantLoad, EveryModeStoresEveryTypeAsItSays) {
       std::vector<float> x(size_t(info.n_elements));
       ref::dequantize_rows(info.type, info.data, info.n_elements, x.data());
       const bool matrix = io::is_matrix_slot(slot);
-      // Which modes use the file's bytes as they are: keep always, none and bf16 for their own types.
+      // Which modes use the file's bytes as they are: keep always, none and bf16 for their own
+      // types, a ggml mode for its own type.
       const bool in_place = !matrix ? !is_quantized(stored)
                                     : mode == QuantMode::Keep ||
                                           (mode == QuantMode::None && !is_quantized(stored)) ||
-                                          (mode == QuantMode::Bf16 && stored == DType::BF16);
+                                          (mode == QuantMode::Bf16 && stored == DType::BF16) ||
+                                          io::stored_dtype(stored, mode) == stored;
       if (in_place) {
         EXPECT_EQ(got.data, info.data) << "not in place in the mapping";
         EXPECT_EQ(got.dtype, stored);
@@ -393,13 +420,68 @@ TEST(StoreWeight, ChunkedConversionEqualsTheWholeTensorAtAwkwardShapes) {
   }
 }
 
-TEST(StoreWeight, ANonFiniteWeightIsNamedWhereItIs) {
-  std::vector<float> x(20 * 16, 0.5f);
-  x[size_t(13 * 16 + 5)] = std::numeric_limits<float>::quiet_NaN();
-  for (QuantMode mode : {QuantMode::Int8, QuantMode::Nf4}) {
+// ggml's modes quantize whole rows a chunk at a time; any chunking gives the blocks of the whole
+// tensor, from float sources and from quantized ones (dequantized exactly first).
+TEST(StoreWeight, GgmlModesEqualTheReferenceQuantizerOfTheWholeTensor) {
+  // 96 columns: chunks of 2 rows under chunk 100 (3 blocks a row); 37 and 131 rows leave a partial
+  // last chunk.
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{37, 64}, {131, 96}, {1, 32}}) {
+    const std::vector<float> x = test::random_floats(size_t(rows * cols), uint64_t(rows + cols), 0.3f);
+    std::vector<uint16_t> bf(x.size());
+    std::vector<float> bff(x.size());
+    for (size_t i = 0; i < x.size(); ++i) bff[i] = bf16_to_f32(bf[i] = f32_to_bf16(x[i]));
+    for (QuantMode mode : kGgmlModes) {
+      for (int64_t chunk : {int64_t(100), io::kWeightChunkElems}) {
+        const std::string what =
+            std::to_string(rows) + "x" + std::to_string(cols) + " chunk " + std::to_string(chunk);
+        LlamaWeights w;
+        expect_converted(io::store_weight(WeightRef{x.data(), DType::F32, rows, cols}, mode, w, "t", chunk),
+                         x, mode, "f32 " + what);
+        expect_converted(io::store_weight(WeightRef{bf.data(), DType::BF16, rows, cols}, mode, w, "t", chunk),
+                         bff, mode, "bf16 " + what);
+      }
+      // From another ggml type and from NF4: the exact dequantization, quantized again.
+      LlamaWeights w;
+      const QuantMode from = mode == QuantMode::Q8_0 ? QuantMode::Q4_1 : QuantMode::Q8_0;
+      for (QuantMode src_mode : {from, QuantMode::Nf4}) {
+        const WeightRef q = io::store_weight(WeightRef{x.data(), DType::F32, rows, cols}, src_mode, w, "t");
+        expect_converted(io::store_weight(q, mode, w, "t", 100), values_of(q), mode,
+                         std::string(io::quant_mode_name(src_mode)) + " source");
+      }
+      const WeightRef same = io::store_weight(WeightRef{x.data(), DType::F32, rows, cols}, mode, w, "t");
+      EXPECT_EQ(io::store_weight(same, mode, w, "t").data, same.data) << "its own type is kept in place";
+    }
+  }
+}
+
+// ggml's blocks lie along rows: a row that is not whole blocks is refused by name, before anything
+// is allocated; nf4 and int8 store the same shape.
+TEST(StoreWeight, GgmlModesRefuseRowsOfPartialBlocksByName) {
+  const std::vector<float> x(size_t(8 * 40), 0.25f);
+  for (QuantMode mode : kGgmlModes) {
     LlamaWeights w;
     const std::string e = test::error_of([&] {
-      io::store_weight(WeightRef{x.data(), DType::F32, 20, 16}, mode, w, "blk.3.ffn_up.weight", 64);
+      io::store_weight(WeightRef{x.data(), DType::F32, 8, 40}, mode, w, "model.layers.0.mlp.up_proj.weight");
+    });
+    EXPECT_NE(e.find("model.layers.0.mlp.up_proj.weight: rows of 40 elements cannot be quantized to " +
+                     std::string(io::quant_mode_name(mode))),
+              std::string::npos)
+        << e;
+    EXPECT_NE(e.find("whole blocks"), std::string::npos) << e;
+    EXPECT_TRUE(w.keepalive.empty());
+  }
+  LlamaWeights w;
+  EXPECT_EQ(io::store_weight(WeightRef{x.data(), DType::F32, 8, 40}, QuantMode::Nf4, w, "t").dtype,
+            DType::NF4);
+}
+
+TEST(StoreWeight, ANonFiniteWeightIsNamedWhereItIs) {
+  std::vector<float> x(20 * 32, 0.5f);
+  x[size_t(13 * 32 + 5)] = std::numeric_limits<float>::quiet_NaN();
+  for (QuantMode mode : {QuantMode::Int8, QuantMode::Nf4, QuantMode::Q4_0}) {
+    LlamaWeights w;
+    const std::string e = test::error_of([&] {
+      io::store_weight(WeightRef{x.data(), DType::F32, 20, 32}, mode, w, "blk.3.ffn_up.weight", 64);
     });
     EXPECT_NE(e.find("blk.3.ffn_up.weight: element [13, 5] is nan"), std::string::npos) << e;
     EXPECT_NE(e.find(io::quant_mode_name(mode)), std::string::npos) << e;
@@ -635,6 +717,11 @@ TEST(Bnb4bit, OtherModesDequantizeOrKeepTheNf4) {
   EXPECT_NE(e.find("config.json: a bitsandbytes 4-bit checkpoint cannot be quantized to int8"),
             std::string::npos)
       << e;
+  // Nor to ggml's types: NF4 is already 4 bits, and quantizing it again rounds it twice.
+  const std::string q = test::error_of([] { io::load_model(kBnbDir, true, QuantMode::Q4_0); });
+  EXPECT_NE(q.find("config.json: a bitsandbytes 4-bit checkpoint cannot be quantized to q4_0"),
+            std::string::npos)
+      << q;
 }
 
 // A copy of the fixture's tensors, edited and written to a new model directory.

@@ -93,7 +93,7 @@ io::SpillOptions spill_options(const std::string& spill_dir, const std::string& 
 
 io::QuantMode quant_option(const std::string& name) {
   const std::optional<io::QuantMode> mode = io::parse_quant_mode(name);
-  TF_CHECK(mode, "--quant must be keep, none, bf16, int8 or nf4, got '", name, "'");
+  TF_CHECK(mode, "--quant must be one of ", io::quant_mode_names(), ", got '", name, "'");
   return *mode;
 }
 

@@ -95,7 +95,8 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   if (training) out->required();
   c.add_option("--quant", o.quant,
                "Base weights: keep (compute with the file's own storage, quantized GGUF blocks included), "
-               "none (f32), bf16, int8 or nf4 (quantized at load, QLoRA)")
+               "none (f32), bf16, int8 or nf4 (quantized at load, QLoRA), or ggml's q8_0, q4_0, q4_1, q5_0, "
+               "q5_1 (quantized at load as llama.cpp's quantizer does)")
       ->capture_default_str();
   c.add_option("--lora-rank", o.lora_rank, "LoRA rank r")->capture_default_str();
   c.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
@@ -164,6 +165,9 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
   c.add_option("--matmul", o.matmul, kMatmulHelp)->capture_default_str();
   c.add_option("--weights", o.weights, kWeightsHelp)->capture_default_str();
   c.add_option("--spill-dir", o.spill_dir, kSpillDirHelp);
+  c.add_option("--rates", o.rates,
+               "JSON of `tightfit bench --json` on this machine: the planner's auto choices use the cpu "
+               "rates it measured instead of nominal ones");
   c.add_option(
        "--mlp-chunk", o.mlp_chunk,
        "Rows of tokens the MLP forms its [rows, intermediate] activations for at a time, in the forward "
@@ -260,7 +264,9 @@ int run(int argc, char** argv) {
   CLI::App* generate = app.add_subcommand("generate", "Continue a prompt (greedy by default)");
   generate->add_option("--model", gen.model, "HF directory or .gguf file")->required();
   generate->add_option("--adapter", gen.adapter, "A run directory or a PEFT adapter directory");
-  generate->add_option("--quant", gen.quant, "Base weights: keep, none, bf16, int8 or nf4")
+  generate
+      ->add_option("--quant", gen.quant,
+                   "Base weights: keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0 or q5_1")
       ->capture_default_str();
   generate->add_option("--prompt", gen.prompt, "Text to continue")->required();
   generate->add_option("--max-new-tokens", gen.max_new_tokens, "Tokens to generate at most")
@@ -284,7 +290,9 @@ int run(int argc, char** argv) {
   CLI::App* eval = app.add_subcommand("eval", "Loss, perplexity and exact-match accuracy on a JSONL set");
   eval->add_option("--model", ev.model, "HF directory or .gguf file")->required();
   eval->add_option("--adapter", ev.adapter, "A run directory or a PEFT adapter directory");
-  eval->add_option("--quant", ev.quant, "Base weights: keep, none, bf16, int8 or nf4")->capture_default_str();
+  eval->add_option("--quant", ev.quant,
+                   "Base weights: keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0 or q5_1")
+      ->capture_default_str();
   eval->add_option("--data", ev.data, "JSONL data")->required();
   eval->add_option("--template", ev.template_name, "Prompt format")->capture_default_str();
   eval->add_option("--seq-len", ev.seq_len, "Tokens per sequence")->capture_default_str();
@@ -352,7 +360,9 @@ int run(int argc, char** argv) {
   bench->add_option("--model", bn.model, "HF directory or .gguf file (default: random weights of --config)");
   bench->add_option("--config", bn.config, "Random model without --model: tiny, small or an HF config.json")
       ->capture_default_str();
-  bench->add_option("--quant", bn.quant, "Base weights: keep, none, bf16, int8 or nf4")
+  bench
+      ->add_option("--quant", bn.quant,
+                   "Base weights: keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0 or q5_1")
       ->capture_default_str();
   bench->add_option("--device", bn.device, kDeviceHelp)->capture_default_str();
   bench->add_option("--attention", bn.attention, kAttentionHelp)->capture_default_str();

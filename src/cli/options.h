@@ -19,7 +19,7 @@ constexpr int64_t kMaxSteps = 1'000'000'000;
 
 struct FinetuneOptions {
   std::string model, data, eval_data, out;
-  std::string quant = "keep";  // how base weights are stored: keep, none, bf16, int8, nf4
+  std::string quant = "keep";  // how base weights are stored: io::QuantMode's names
   // LoRA
   int lora_rank = 16;
   float lora_alpha = 32.0f;
@@ -80,6 +80,9 @@ struct FinetuneOptions {
   // Where a base converted at load (--quant) is written to be streamed under --weights disk: empty,
   // the run directory (<out>/base-spill.bin); else a file of a name of its own in that directory.
   std::string spill_dir;
+  // tightfit bench's --json results whose cpu rates the planner's auto choices use (--rates); empty:
+  // its nominal rates. Not in config.json: it changes where bytes live and how, not what is trained.
+  std::string rates;
   int threads = 0;
   bool resume = false;
   // Time every op of the training steps (kernels/profile.h): RUN/profile.json and a table at the end.

@@ -61,6 +61,8 @@ void apply_mode(ModelDescription& d, QuantMode mode) {
     WeightRef& r = w.slot(s, layer);
     r = source;
     const DType to = stored_dtype(r.dtype, is_matrix_slot(s) ? mode : QuantMode::None);
+    if (is_matrix_slot(s) && to != r.dtype)
+      check_storable(mode, r.cols, d.path + ": " + hf_weight_name(s, layer));
     if (to == r.dtype) {
       d.kept_bytes += uint64_t(stored_bytes(r));
       return;

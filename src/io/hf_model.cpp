@@ -516,9 +516,10 @@ LlamaWeights load_hf_model(const std::string& dir, QuantMode quant, const SpillO
   const json j = read_json(config_path);
   const LlamaConfig cfg = llama_config_from_hf(j, config_path);
   const bool bnb4bit = is_bnb4bit_checkpoint(j, config_path);
-  TF_CHECK(!bnb4bit || quant != QuantMode::Int8, config_path,
-           ": a bitsandbytes 4-bit checkpoint cannot be quantized to int8 (its weights are nf4 already): "
-           "use keep or nf4 to compute with them as stored, bf16 or none to dequantize them");
+  TF_CHECK(!bnb4bit || (quant != QuantMode::Int8 && !ggml_type_of(quant)), config_path,
+           ": a bitsandbytes 4-bit checkpoint cannot be quantized to ", quant_mode_name(quant),
+           " (its weights are nf4 already): use keep or nf4 to compute with them as stored, bf16 or none to "
+           "dequantize them");
   auto model = std::make_shared<const SafetensorsModel>(SafetensorsModel::open(dir));
   return weights_from_safetensors(std::move(model), cfg, quant, bnb4bit, spill);
 }

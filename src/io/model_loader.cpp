@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "kernels/cpu/dequant.h"
@@ -26,6 +27,29 @@ GgufLlamaTensor gguf_tensor_of(WeightSlot slot, int layer) {
       return {GgufLlamaRole(r), global ? -1 : layer};
     }
   TF_FAIL("weight ", hf_weight_name(slot, layer), " has no GGUF tensor");
+}
+
+// Says when a mode quantized matrices that the file stores quantized in another type: their values
+// are the new type's quantization of the old type's dequantized values, two roundings from the
+// weights the file was made from.
+void note_requantized(const LlamaWeights& source, QuantMode quant, const std::string& path) {
+  std::map<std::string, int> from;
+  LlamaWeights::for_each_slot(source.config, [&](WeightSlot slot, int layer) {
+    const DType was = source.slot(slot, layer).dtype;
+    if (is_matrix_slot(slot) && is_quantized(was) && is_quantized(stored_dtype(was, quant)) &&
+        stored_dtype(was, quant) != was)
+      ++from[std::string(dtype_name(was))];
+  });
+  if (from.empty()) return;
+  std::string types;
+  for (const auto& [name, count] : from)
+    types += (types.empty() ? "" : ", ") + std::to_string(count) + " " + name;
+  std::fprintf(stderr,
+               "note: %s: --quant %s quantized again matrices the file stores quantized (%s): each was "
+               "dequantized exactly and its values quantized to %s, a second rounding on top of the "
+               "file's; --quant keep computes with the file's blocks as they are\n",
+               path.c_str(), std::string(quant_mode_name(quant)).c_str(), types.c_str(),
+               std::string(quant_mode_name(quant)).c_str());
 }
 
 LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& cfg, QuantMode quant,
@@ -56,6 +80,7 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
     const int64_t offset = fused ? dtype_bytes(*dtype, fused->row0 * cols) : 0;
     source.slot(slot, layer) = WeightRef{t.data + offset, *dtype, rows, cols};
     names.push_back(fused ? hf_weight_name(slot, layer) : name);
+    if (is_matrix_slot(slot)) check_storable(quant, cols, f->path() + ": tensor " + names.back());
   });
   const uint64_t spilled = spill ? spill_bytes(source, quant) : 0;
   const std::shared_ptr<SpillFile> file = spilled ? std::make_shared<SpillFile>(*spill, spilled) : nullptr;
@@ -70,6 +95,7 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
     drop_source_pages(stored, w.slot(slot, layer));
   });
   if (file) SpillFile::attach(file, w);
+  note_requantized(source, quant, f->path());
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // The data section, where every tensor kept as stored points (tensor offsets count from it).
   const GgufTensorInfo& first = f->tensors().front();

@@ -15,6 +15,7 @@
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/ref/element.h"
 #include "kernels/cpu/ref/quantize.h"
+#include "kernels/cpu/ref/quantize_ggml.h"
 #include "src/core/error.h"
 
 namespace tf::io {
@@ -22,6 +23,10 @@ namespace tf::io {
 namespace {
 
 constexpr size_t kDTypeCount = size_t(DType::INT8) + 1;
+
+constexpr QuantMode kAllModes[] = {QuantMode::Keep, QuantMode::None, QuantMode::Bf16, QuantMode::Int8,
+                                   QuantMode::Nf4,  QuantMode::Q8_0, QuantMode::Q4_0, QuantMode::Q4_1,
+                                   QuantMode::Q5_0, QuantMode::Q5_1};
 
 // Rows per chunk: about chunk_elems elements, in a multiple of the rows that hold a whole number of
 // 64-element NF4 / INT8 blocks, so that every chunk but the last starts and ends on a block.
@@ -115,9 +120,33 @@ std::string format_bytes(int64_t b) {
 }  // namespace
 
 std::optional<QuantMode> parse_quant_mode(std::string_view name) {
-  for (QuantMode m : {QuantMode::Keep, QuantMode::None, QuantMode::Bf16, QuantMode::Int8, QuantMode::Nf4})
+  for (QuantMode m : kAllModes)
     if (quant_mode_name(m) == name) return m;
   return std::nullopt;
+}
+
+std::string quant_mode_names() {
+  std::string s;
+  for (QuantMode m : kAllModes) s += (s.empty() ? "" : ", ") + std::string(quant_mode_name(m));
+  return s;
+}
+
+std::optional<GgmlType> ggml_type_of(QuantMode mode) {
+  switch (mode) {
+    case QuantMode::Q8_0: return GgmlType::Q8_0;
+    case QuantMode::Q4_0: return GgmlType::Q4_0;
+    case QuantMode::Q4_1: return GgmlType::Q4_1;
+    case QuantMode::Q5_0: return GgmlType::Q5_0;
+    case QuantMode::Q5_1: return GgmlType::Q5_1;
+    default: return std::nullopt;
+  }
+}
+
+void check_storable(QuantMode mode, int64_t cols, const std::string& name) {
+  if (!ggml_type_of(mode) || cols % kQK0 == 0) return;
+  TF_FAIL(name, ": rows of ", cols, " elements cannot be quantized to ", quant_mode_name(mode),
+          ": its blocks of ", kQK0, " lie along each row, so a row must hold whole blocks; nf4 and int8, ",
+          "whose blocks run over the whole tensor, store any shape");
 }
 
 std::string_view quant_mode_name(QuantMode mode) {
@@ -127,6 +156,11 @@ std::string_view quant_mode_name(QuantMode mode) {
     case QuantMode::Bf16: return "bf16";
     case QuantMode::Int8: return "int8";
     case QuantMode::Nf4: return "nf4";
+    case QuantMode::Q8_0: return "q8_0";
+    case QuantMode::Q4_0: return "q4_0";
+    case QuantMode::Q4_1: return "q4_1";
+    case QuantMode::Q5_0: return "q5_0";
+    case QuantMode::Q5_1: return "q5_1";
   }
   return "?";
 }
@@ -168,6 +202,11 @@ DType stored_dtype(DType src, QuantMode mode) {
     case QuantMode::Bf16: return DType::BF16;
     case QuantMode::Int8: return DType::INT8;
     case QuantMode::Nf4: return DType::NF4;
+    case QuantMode::Q8_0:
+    case QuantMode::Q4_0:
+    case QuantMode::Q4_1:
+    case QuantMode::Q5_0:
+    case QuantMode::Q5_1: return *dtype_of_ggml(*ggml_type_of(mode));
   }
   TF_FAIL("unknown quant mode");
 }
@@ -221,6 +260,24 @@ WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, co
       float* nested = own<float>(w, ref::quant_blocks(blocks, kNf4NestedBlock));
       const float offset = ref::double_quantize_absmax(absmax.as<float>(), blocks, absmax_codes, nested);
       return {codes, DType::NF4, rows, cols, QuantScales{absmax_codes, nested, offset}};
+    }
+    case QuantMode::Q8_0:
+    case QuantMode::Q4_0:
+    case QuantMode::Q4_1:
+    case QuantMode::Q5_0:
+    case QuantMode::Q5_1: {
+      const GgmlType type = *ggml_type_of(mode);
+      const DType to = *dtype_of_ggml(type);
+      if (src.dtype == to) return src;
+      check_storable(mode, cols, name);
+      // Each row is whole blocks, so a chunk of whole rows is whole blocks too, written in place.
+      auto* blocks = own<uint8_t>(w, dtype_bytes(to, n));
+      const int64_t row_bytes = dtype_bytes(to, cols);
+      for_each_chunk(src, chunk_elems, [&](int64_t r0, int64_t nr, const float* x) {
+        check_finite(x, r0, nr, cols, name, mode);
+        ref::quantize_rows_ggml(type, x, nr * cols, blocks + r0 * row_bytes);
+      });
+      return {blocks, to, rows, cols};
     }
   }
   TF_FAIL("unknown quantization mode ", int(mode));

@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/quant_blocks.h"
 #include "src/model/weights.h"
 
 namespace tf::io {
@@ -21,11 +22,24 @@ namespace tf::io {
 //   Bf16  bf16: other types are converted (round to nearest even); bf16 tensors stay in place
 //   Int8  tightfit's linear int8 (per-64 absmax), quantized at load
 //   Nf4   NF4 with double-quantized absmax, quantized at load (bitsandbytes NF4 kept as it is)
-enum class QuantMode : uint8_t { Keep, None, Bf16, Int8, Nf4 };
+//   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1  ggml's blocks of 32 along each row, quantized at load as ggml's
+//         reference quantizers do (ref::quantize_rows_ggml), so the ops compute with them exactly as
+//         with a GGUF file of that type; a tensor already of the type is kept in place
+// A quantized source of another type is dequantized exactly and quantized again.
+enum class QuantMode : uint8_t { Keep, None, Bf16, Int8, Nf4, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 };
 
-// "keep", "none", "bf16", "int8", "nf4"; nullopt for anything else.
+// "keep", "none", "bf16", "int8", "nf4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"; nullopt for
+// anything else.
 std::optional<QuantMode> parse_quant_mode(std::string_view name);
 std::string_view quant_mode_name(QuantMode mode);
+// Every mode's name, in QuantMode's order: "keep, none, bf16, int8, nf4, q8_0, q4_0, q4_1, q5_0, q5_1".
+std::string quant_mode_names();
+// The ggml block type a mode quantizes to, or nothing for the other modes.
+std::optional<GgmlType> ggml_type_of(QuantMode mode);
+// Whether a matrix of rows of `cols` elements can be stored under `mode`: ggml's blocks lie along
+// each row, so their modes need whole blocks of 32 per row (NF4 and INT8 run over the flattened
+// tensor and take any shape). Throws naming the tensor `name` otherwise.
+void check_storable(QuantMode mode, int64_t cols, const std::string& name);
 
 // The slots QuantMode applies to: every matrix (not the norms and biases).
 constexpr bool is_matrix_slot(WeightSlot s) {
@@ -42,7 +56,8 @@ constexpr bool is_matrix_slot(WeightSlot s) {
 // matrix is never in f32 as a whole unless f32 is the target. Values are read exactly: ggml
 // blocks as ggml's reference dequantizes them, NF4 as bitsandbytes does.
 // A chunk is about `chunk_elems` elements (at least the rows that hold a whole 64-element block).
-// `name` names the tensor in errors (a non-finite element cannot be quantized).
+// `name` names the tensor in errors (a non-finite element cannot be quantized, a row that is not
+// whole blocks of 32 cannot be stored as ggml blocks: check_storable).
 constexpr int64_t kWeightChunkElems = int64_t(1) << 16;
 WeightRef store_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
                        int64_t chunk_elems = kWeightChunkElems);
