@@ -3,7 +3,9 @@
 #include "src/io/spill.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -12,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <string_view>
 
 #include "kernels/cpu/ref/quantize.h"
 #include "src/core/error.h"
@@ -36,18 +39,53 @@ std::string dir_of(const std::string& path) {
   return p.empty() ? "." : p.string();
 }
 
-// Whether the file at `path` begins with kSpillMagic.
-bool is_spill_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char head[sizeof kSpillMagic - 1];
-  const bool is = ::pread(fd, head, sizeof head, 0) == ssize_t(sizeof head) &&
-                  std::memcmp(head, kSpillMagic, sizeof head) == 0;
-  ::close(fd);
-  return is;
+// A default_spill_path name: "tightfit-spill-<digits>-<digits>.bin".
+bool is_spill_name(const std::string& name) {
+  static constexpr std::string_view kPrefix = "tightfit-spill-", kSuffix = ".bin";
+  if (name.size() <= kPrefix.size() + kSuffix.size() || !name.starts_with(kPrefix) ||
+      !name.ends_with(kSuffix))
+    return false;
+  const std::string_view mid =
+      std::string_view(name).substr(kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  const size_t dash = mid.find('-');
+  if (dash == 0 || dash == std::string_view::npos || dash + 1 == mid.size()) return false;
+  for (size_t i = 0; i < mid.size(); ++i)
+    if (i != dash && (mid[i] < '0' || mid[i] > '9')) return false;
+  return true;
 }
 
 }  // namespace
+
+bool remove_if_stale_spill_file(const std::string& path) {
+  // O_NOFOLLOW and the checks below: only a regular file of ours, never what a link points at.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) return false;
+  struct stat st {};
+  char head[sizeof kSpillMagic - 1];
+  bool stale = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
+               ::pread(fd, head, sizeof head, 0) == ssize_t(sizeof head) &&
+               std::memcmp(head, kSpillMagic, sizeof head) == 0 &&
+               // A run holds its spill file's lock from creation to removal; one that can be taken
+               // is the file of a process that is gone.
+               ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+  // Still the same file at the path, under the lock: nobody can have replaced it since.
+  struct stat now {};
+  stale = stale && ::lstat(path.c_str(), &now) == 0 && now.st_dev == st.st_dev && now.st_ino == st.st_ino &&
+          ::unlink(path.c_str()) == 0;
+  ::close(fd);
+  return stale;
+}
+
+std::vector<std::string> remove_stale_spill_files(const std::string& dir) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (is_spill_name(name) && remove_if_stale_spill_file(it->path().string()))
+      removed.push_back(it->path().string());
+  }
+  return removed;
+}
 
 std::optional<uint64_t> disk_free_bytes(const std::string& dir) {
   struct statvfs st {};
@@ -98,6 +136,10 @@ uint64_t spill_bytes(const LlamaWeights& source, QuantMode quant) {
 SpillFile::SpillFile(const SpillOptions& options, uint64_t bytes) : path_(options.path), bytes_(bytes) {
   TF_CHECK(!path_.empty() && bytes > 0, "a spill file needs a path and a size");
   const std::string dir = dir_of(path_);
+  // Before the free-space check: what a killed run left takes space that this one may need.
+  for (const std::string& stale : remove_stale_spill_files(dir))
+    std::fprintf(stderr, "note: %s: removed the spill file of a tightfit that ended without removing it\n",
+                 stale.c_str());
   const std::optional<uint64_t> free = options.free_bytes ? options.free_bytes(dir) : disk_free_bytes(dir);
   TF_CHECK(free, dir, ": cannot read the free space of the directory the base converted at load is ",
            "written to for --weights disk (does it exist?)");
@@ -108,10 +150,9 @@ SpillFile::SpillFile(const SpillOptions& options, uint64_t bytes) : path_(option
            "in memory (--weights resident)");
   // O_EXCL: a file at the path, whoever made it, is never truncated or overwritten.
   fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd_ < 0 && errno == EEXIST && options.replace_stale && is_spill_file(path_)) {
+  if (fd_ < 0 && errno == EEXIST && options.replace_stale && remove_if_stale_spill_file(path_)) {
     std::fprintf(stderr, "note: %s: removing the spill file a run that did not finish left behind\n",
                  path_.c_str());
-    ::unlink(path_.c_str());
     fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   }
   TF_CHECK(fd_ >= 0 || errno != EEXIST, path_,
@@ -120,6 +161,14 @@ SpillFile::SpillFile(const SpillOptions& options, uint64_t bytes) : path_(option
            "choose another directory with --spill-dir");
   TF_CHECK(fd_ >= 0, path_,
            ": cannot create the spill file of the base converted at load: ", std::strerror(errno));
+  // Taken before the file holds its marker, so that no sweep ever sees it marked and unlocked while
+  // this process lives; the lock goes with the descriptor, closed after the file is removed.
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    ::close(fd_);
+    ::unlink(path_.c_str());
+    TF_FAIL(path_, ": cannot lock the spill file just created: ", std::strerror(err));
+  }
   std::array<char, kSpillAlign> header{};
   std::memcpy(header.data(), kSpillMagic, sizeof kSpillMagic - 1);
   try {

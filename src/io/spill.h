@@ -1,7 +1,7 @@
 // defines: tf::io::SpillOptions, tf::io::SpillFile (the per-layer base weights converted at load,
 // written one tensor at a time to a file the run creates, mapped back for the disk tier and removed
 // with the weights), store_layer_weight, spill_parts, spilled_bytes, spill_bytes,
-// default_spill_path, disk_free_bytes
+// default_spill_path, remove_if_stale_spill_file, remove_stale_spill_files, disk_free_bytes
 #pragma once
 
 #include <array>
@@ -30,7 +30,7 @@ inline constexpr char kSpillMagic[] = "tightfit spill file: base weights convert
 
 // Where a loader writes the per-layer tensors it converts (--weights disk with a --quant that
 // converts): `path` is created by the loader and must not exist, except, with `replace_stale`, as a
-// spill file (it begins with kSpillMagic) that a process no longer running left: the caller holds
+// spill file that a process no longer running left (remove_if_stale_spill_file): the caller holds
 // a lock that no other run of that path can hold (finetune's run directory). `free_bytes` is asked
 // for the space of its directory before anything converts (tests give their own).
 struct SpillOptions {
@@ -42,6 +42,16 @@ struct SpillOptions {
 // A spill file's name in `dir` that no other process of this machine picks:
 // "tightfit-spill-<pid>-<n>.bin", n counting this process's spills.
 std::string default_spill_path(const std::string& dir);
+
+// Removes the file at `path` when it is provably a spill file left by a process that is gone: a
+// regular file (not a link) of this user that begins with kSpillMagic and whose flock can be taken
+// (a SpillFile holds its lock from creation to removal, so only a process that ended without
+// removing its file leaves one unlocked). Anything else stays. Returns whether it removed the file.
+bool remove_if_stale_spill_file(const std::string& path);
+// remove_if_stale_spill_file for every file of `dir` named as default_spill_path names them (what
+// kill -9 of eval, generate or bench leaves in TMPDIR or --spill-dir); returns the paths removed.
+// A SpillFile runs it on its directory before it creates itself.
+std::vector<std::string> remove_stale_spill_files(const std::string& dir);
 
 // The bytes of a stored weight's parts (as WeightStore streams them): its codes or elements, then
 // for NF4 / INT8 the absmax (f32, or uint8 codes when double-quantized) and the nested f32 scales;
@@ -57,7 +67,8 @@ uint64_t spill_bytes(const LlamaWeights& source, QuantMode quant);
 
 // A spill file being written, then read: created exclusively (a file already at the path is
 // refused, never overwritten, but for a stale spill file under SpillOptions::replace_stale), after
-// checking that its directory has the bytes free. write()
+// removing the stale spill files of its directory (remove_stale_spill_files) and checking that the
+// directory has the bytes free; it holds an flock on the file for as long as the file exists. write()
 // appends one converted weight, whose memory the caller may free at once; attach() maps the file
 // read-only into `w` as one of its files (LlamaWeights::files) and points each written weight into
 // it, so that the disk tier streams them as it streams tensors kept in a model file, and so that
