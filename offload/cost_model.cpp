@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <string>
 
 #include "src/model/weights.h"
 
@@ -52,11 +53,21 @@ std::string CostRates::describe() const {
   char buf[256];
   std::snprintf(
       buf, sizeof buf,
-      "%.0f GFLOP/s (half of it at %.0f rows), %.0f us per op, host link %.0f GB/s, disk %.1f GB/s, "
-      "copies %s compute",
+      "%.1f GFLOP/s (half of it at %.0f rows), %.0f us per op, host link %.0f GB/s, disk %.1f GB/s, "
+      "memory %.1f GB/s, copies %s compute",
       flops / 1e9, half_rate_rows, op_overhead_s * 1e6, link_bytes_s / 1e9, disk_bytes_s / 1e9,
-      copies_overlap ? "beside" : "not beside");
-  return buf;
+      memory_bytes_s / 1e9, copies_overlap ? "beside" : "not beside");
+  return source + ": " + buf;
+}
+
+CostRates CostRates::calibrated(double measured_flops_s, double rows, double measured_bytes_s,
+                                const std::string& from) const {
+  CostRates r = *this;
+  // rate(rows) = flops * rows / (rows + half_rate_rows), solved for flops.
+  r.flops = measured_flops_s * (rows + half_rate_rows) / rows;
+  if (measured_bytes_s > 0) r.memory_bytes_s = measured_bytes_s;
+  r.source = from;
+  return r;
 }
 
 StepCost step_cost(const CostInputs& in, const CostRates& r) {

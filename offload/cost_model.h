@@ -11,24 +11,31 @@
 
 namespace tf::offload {
 
-// The rates a step's time is predicted at. They are nominal, not measured (planning runs nothing
-// heavy), so the predicted times rank the choices of a run rather than forecast its clock: what
-// matters is the ratio of arithmetic to copies and how the rate grows with the rows of a product.
+// The rates a step's time is predicted at. By default they are nominal, not measured (planning
+// runs nothing heavy), so the predicted times rank the choices of a run rather than forecast its
+// clock: what matters is the ratio of arithmetic to copies and how the rate grows with the rows of
+// a product. calibrated() sets the cpu's from a measurement (tightfit bench's).
 struct CostRates {
-  double flops = 0;            // arithmetic of large products, FLOP/s
-  double half_rate_rows = 0;   // rows of a product at which it reaches half of `flops`
-  double op_overhead_s = 0;    // fixed cost of one op (a kernel launch, a thread-pool barrier)
-  double link_bytes_s = 0;     // host memory -> the backend's memory (device backends)
-  double disk_bytes_s = 0;     // the model file -> memory, through the direct reader
-  double memory_bytes_s = 0;   // the backend's memory bandwidth (the optimizer's pass over LoRA)
-  bool copies_overlap = true;  // copies run beside compute (a copy engine) or take its cores
+  double flops = 0;                // arithmetic of large products, FLOP/s
+  double half_rate_rows = 0;       // rows of a product at which it reaches half of `flops`
+  double op_overhead_s = 0;        // fixed cost of one op (a kernel launch, a thread-pool barrier)
+  double link_bytes_s = 0;         // host memory -> the backend's memory (device backends)
+  double disk_bytes_s = 0;         // the model file -> memory, through the direct reader
+  double memory_bytes_s = 0;       // the backend's memory bandwidth (the optimizer's pass over LoRA)
+  bool copies_overlap = true;      // copies run beside compute (a copy engine) or take its cores
+  std::string source = "nominal";  // where the rates come from, for the logs
 
   // A cpu of `threads` threads: f32 products, reads that compete with compute for the cores.
   static CostRates cpu(int threads);
   // A GPU: bf16 tensor-core products, copies on a copy engine over PCIe 4.0 x16.
   static CostRates device();
-  // "cpu: 2 threads x 40 GFLOP/s, ..." for the plan's output.
+  // "nominal: 80 GFLOP/s (half of it at 32 rows), ..." for the plan's output.
   std::string describe() const;
+  // These rates with the arithmetic's set so that a product of `rows` rows runs at
+  // `measured_flops_s` (the rate's growth with rows, half_rate_rows, kept), and the memory
+  // bandwidth set to `measured_bytes_s` where that is positive; `source` says where they came from.
+  CostRates calibrated(double measured_flops_s, double rows, double measured_bytes_s,
+                       const std::string& source) const;
 };
 
 // A run's step as the cost model sees it: the model's shape, the tokens of a micro-batch, and what

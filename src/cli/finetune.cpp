@@ -599,6 +599,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
         comm.size(), comm.size(), o.grad_accum, o.micro_batch, o.grad_accum, o.grad_accum, o.grad_accum - 1,
         comm.size() * o.grad_accum);
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
+  std::printf("plan: step times predicted at rates %s\n", plan.rates.describe().c_str());
   if (o.mlp_chunk != "auto" && model.mlp_rows() < model.max_tokens())
     std::printf("plan: MLP in chunks of %lld rows (--mlp-chunk)\n", (long long)model.mlp_rows());
   if (o.loss_chunk != "auto" && model.loss_rows() < model.max_tokens())

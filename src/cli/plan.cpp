@@ -13,6 +13,7 @@
 #include "offload/host_overheads.h"
 #include "offload/weight_store.h"
 #include "src/cli/common.h"
+#include "src/cli/rates.h"
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
 #include "src/data/chat_template.h"
@@ -325,8 +326,13 @@ FinetuneOptions with_micro_batch(const FinetuneOptions& o, int m) {
   return v;
 }
 
-// The cost model's nominal rates for a backend's kind.
-offload::CostRates cost_rates(const Backend& be) {
+// The cost model's rates for a backend's kind: nominal, or the cpu's measured by tightfit bench
+// (--rates).
+offload::CostRates cost_rates(const Backend& be, const FinetuneOptions& o) {
+  if (!o.rates.empty()) {
+    TF_CHECK(be.host_memory(), "--rates calibrates the cpu's rates, but this run is on ", be.name());
+    return bench_rates(o.rates, cpu::num_threads());
+  }
   return be.host_memory() ? offload::CostRates::cpu(cpu::num_threads()) : offload::CostRates::device();
 }
 
@@ -409,7 +415,7 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
     in.uploaded_bytes =
         uint64_t(o.micro_batch) * uint64_t(o.seq_len) * uint64_t(in.config.hidden) * sizeof(float);
   in.lora_params = int64_t(LoraState::memory_plan(in.config, in.lora)[0].bytes / sizeof(float));
-  const offload::CostRates rates = cost_rates(be);
+  const offload::CostRates rates = cost_rates(be, o);
   return offload::step_cost(in, rates);
 }
 
@@ -458,7 +464,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   }
   const std::vector<int> micros = micro_batches(o);
   const DataSizes data = data_sizes(o);
-  const offload::CostRates rates = cost_rates(be);
+  const offload::CostRates rates = cost_rates(be, o);
 
   // Every combination that fits, with its predicted step; the fastest is taken, an earlier one
   // (fewer copies, less recomputation, a larger micro-batch) unless a later one is 3% faster.
@@ -798,7 +804,7 @@ int run_plan(const FinetuneOptions& given, bool json) {
   const offload::StepCost& k = plan.cost;
   std::printf(
       "predicted step: %s (compute %s, recomputation %s, per-op costs %s, copies %s of which %s not hidden, "
-      "optimizer %s) at nominal rates: %s\n",
+      "optimizer %s) at rates %s\n",
       seconds(k.total_s).c_str(), seconds(k.compute_s).c_str(), seconds(k.recompute_s).c_str(),
       seconds(k.overhead_s).c_str(), seconds(k.copy_s).c_str(), seconds(k.exposed_copy_s).c_str(),
       seconds(k.optimizer_s).c_str(), plan.rates.describe().c_str());
