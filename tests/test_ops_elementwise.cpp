@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu/isa.h"
 #include "kernels/ops.h"
 #include "op_test_util.h"
 #include "src/core/error.h"
@@ -117,6 +118,54 @@ TEST(Elementwise, DropoutMatchesReferenceBitForBit) {
   cpu::dropout_forward(a.data(), x.data(), 64, 0.0f, 1, 1, 0);
   EXPECT_EQ(a, x);
   EXPECT_THROW(cpu::dropout_forward(a.data(), x.data(), 64, 1.0f, 1, 1, 0), Error);
+}
+
+// The AVX2 mask (whole groups of 64 in registers, the partial groups at either end one by one) drops
+// the reference's elements bit for bit: at p whose threshold p 2^24 is an integer (0.25, 2^-24) and
+// not (0.05, 1/3); in place, as the backward runs it; and across the counter's 32-bit boundary
+// (block 2^32 - 3 onwards, element 2^34 - 12).
+TEST(Elementwise, DropoutVectorMaskMatchesReference) {
+  const uint64_t wrap = (uint64_t(1) << 34) - 12;
+  for (const float p : {0.05f, 0.25f, 1.0f / 3.0f, 5.9604645e-8f, 0.999f}) {
+    for (const int64_t n : {int64_t(1), int64_t(64), int64_t(200), int64_t(kMinParallelElems + 77)}) {
+      for (const uint64_t first : {uint64_t(0), uint64_t(3), uint64_t(64), uint64_t(131), wrap - 70, wrap}) {
+        const std::vector<float> x = random_floats(size_t(n), 9);
+        std::vector<float> fast(x), want(x.size());
+        cpu::dropout_forward(fast.data(), fast.data(), n, p, 0x0123456789abcdefull, (uint64_t(2) << 56) | 77,
+                             first);
+        ref::dropout_forward(want.data(), x.data(), n, p, 0x0123456789abcdefull, (uint64_t(2) << 56) | 77,
+                             first);
+        ASSERT_EQ(fast, want) << "p " << p << " n " << n << " first " << first;
+        if (n > 1) {
+          std::vector<float> portable(x.size());
+          {
+            const cpu::ScopedPortableKernels scalar;
+            cpu::dropout_forward(portable.data(), x.data(), n, p, 0x0123456789abcdefull,
+                                 (uint64_t(2) << 56) | 77, first);
+          }
+          ASSERT_EQ(portable, want) << "portable p " << p << " n " << n << " first " << first;
+        }
+      }
+    }
+  }
+}
+
+// The vector path compares raw words with an integer threshold instead of uniform(i) < p: at p a
+// hair above an element's uniform value (the next float up) it must drop that element, and at p
+// equal to it keep it. Random p could never land there (a chance of 2^-24 per element).
+TEST(Elementwise, DropoutThresholdIsExactAtTheBoundary) {
+  const int64_t n = 256;
+  const uint64_t seed = 5, stream = 6;
+  const std::vector<float> x(size_t(n), 1.0f);
+  const Philox rng(seed, stream);
+  std::vector<float> out(x.size());
+  for (const int64_t i : {int64_t(70), int64_t(131), int64_t(200)}) {
+    const float u = rng.uniform(uint64_t(i));
+    cpu::dropout_forward(out.data(), x.data(), n, u, seed, stream, 0);
+    EXPECT_NE(out[size_t(i)], 0.0f) << "element " << i << " at p = its uniform " << u;
+    cpu::dropout_forward(out.data(), x.data(), n, std::nextafter(u, 1.0f), seed, stream, 0);
+    EXPECT_EQ(out[size_t(i)], 0.0f) << "element " << i << " at p just above its uniform " << u;
+  }
 }
 
 // A chunk of rows starting at `first` draws the same mask as those elements of the whole input.
