@@ -91,14 +91,33 @@ TEST(ArchConfigs, Gemma3RopeParametersPerLayerType) {
       << error_of(j);
 }
 
-TEST(ArchConfigs, RefusesWhatItDoesNotRunByName) {
+// Gemma3TextConfig's final cap is optional: null (the released checkpoints) or absent, none; set, it
+// caps as Gemma 2's does, and must be positive. The attention cap, which transformers ignores, is refused.
+TEST(ArchConfigs, Gemma3SoftCapsOnlyWhereTheConfigSetsThem) {
+  const LlamaConfig plain = io::llama_config_from_hf(gemma3_4b(), "config.json");
+  EXPECT_EQ(plain.attn_softcap, 0.0f);
+  EXPECT_EQ(plain.final_softcap, 0.0f);
   nlohmann::json j = gemma3_4b();
+  j.erase("attn_logit_softcapping");
   j["final_logit_softcapping"] = 30.0;
-  EXPECT_NE(error_of(j).find("\"final_logit_softcapping\" is set (30.0); tightfit soft-caps logits for "
-                             "Gemma2ForCausalLM only"),
+  const LlamaConfig capped = io::llama_config_from_hf(j, "config.json");
+  EXPECT_EQ(capped.attn_softcap, 0.0f);
+  EXPECT_EQ(capped.final_softcap, 30.0f);
+  j["final_logit_softcapping"] = 0.0;
+  EXPECT_NE(error_of(j).find("\"final_logit_softcapping\" must be positive or null, got 0"),
             std::string::npos)
       << error_of(j);
-  j = gemma3_4b();
+  j["final_logit_softcapping"] = 30.0;
+  j["attn_logit_softcapping"] = 50.0;
+  EXPECT_NE(
+      error_of(j).find("\"attn_logit_softcapping\" is set (50.0); tightfit soft-caps attention scores for "
+                       "Gemma2ForCausalLM only (transformers' Gemma 3 ignores the field"),
+      std::string::npos)
+      << error_of(j);
+}
+
+TEST(ArchConfigs, RefusesWhatItDoesNotRunByName) {
+  nlohmann::json j = gemma3_4b();
   j["hidden_activation"] = "gelu";
   EXPECT_NE(error_of(j).find("hidden activation \"gelu\" is not supported for Gemma 3"), std::string::npos);
   j = gemma3_4b();
@@ -171,10 +190,23 @@ TEST(ArchConfigs, Gemma3GgufPatternAndLocalBaseAsLlamaCppReadsThem) {
     w.add_value("gemma3.attention.sliding_window_pattern", v);
   });
   EXPECT_EQ(c.sliding_layers, (std::vector<bool>{false, true, true, false}));
-  const std::string e = test::error_of([&] {
-    gguf_config(dir, "gemma3", [](io::GgufWriter& w) { w.add_f32("gemma3.final_logit_softcapping", 30); });
+  EXPECT_EQ(gguf_config(dir, "gemma3", [](io::GgufWriter&) {}).final_softcap, 0.0f);
+  const LlamaConfig capped = gguf_config(dir, "gemma3", [](io::GgufWriter& w) {
+    w.add_f32("gemma3.final_logit_softcapping", 30);
+    w.add_f32("gemma3.attn_logit_softcapping", 0);
   });
-  EXPECT_NE(e.find("gemma3.final_logit_softcapping is set"), std::string::npos) << e;
+  EXPECT_EQ(capped.final_softcap, 30.0f);
+  EXPECT_EQ(capped.attn_softcap, 0.0f);
+  const std::string e = test::error_of([&] {
+    gguf_config(dir, "gemma3", [](io::GgufWriter& w) { w.add_f32("gemma3.final_logit_softcapping", -5); });
+  });
+  EXPECT_NE(e.find("'gemma3.final_logit_softcapping' must be a positive finite number, got -5"),
+            std::string::npos)
+      << e;
+  const std::string attn = test::error_of([&] {
+    gguf_config(dir, "gemma3", [](io::GgufWriter& w) { w.add_f32("gemma3.attn_logit_softcapping", 50); });
+  });
+  EXPECT_NE(attn.find("gemma3.attn_logit_softcapping is set"), std::string::npos) << attn;
   const std::string moe = test::error_of([&] { gguf_config(dir, "qwen3moe", [](io::GgufWriter&) {}); });
   EXPECT_NE(moe.find("'qwen3moe', a mixture of experts"), std::string::npos) << moe;
   EXPECT_TRUE(gguf_config(dir, "qwen3", [](io::GgufWriter&) {}).qk_norm);

@@ -256,6 +256,19 @@ TEST(GoldenArch, Gemma3DecodeWithKvCacheMatchesReference) {
   }
 }
 
+// Gemma 3 with its optional final soft cap (config_capped.json: 2, below the largest logits of
+// about 4, so tanh bends some and saturates none; the script measures 2.2 of logit change without
+// it). The loss in calls of 8 rows caps each call's logits.
+TEST(GoldenArch, Gemma3WithTheFinalCap) {
+  const LlamaWeights hf = hf_weights("gemma3", "config_capped.json");
+  EXPECT_EQ(hf.config.final_softcap, 2.0f);
+  EXPECT_EQ(hf.config.attn_softcap, 0.0f);
+  golden(hf_weights("gemma3", "config_capped.json"), "gemma3_capped_expected.safetensors",
+         "gemma3 HF capped");
+  golden(hf_weights("gemma3", "config_capped.json"), "gemma3_capped_expected.safetensors",
+         "gemma3 HF capped, loss in chunks", CheckpointPolicy::PerBlock, ModelLayout{.loss_rows = 8});
+}
+
 // Gemma 2: Gemma 3's block without q/k norms, one rope base, the even layers sliding, and its
 // attention scores and final logits soft-capped (at 3 and 2 in the fixture, which its scores and
 // logits exceed by far: the script measures 4.0 and 11 of logit change without each cap).

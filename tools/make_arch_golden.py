@@ -26,11 +26,12 @@ Output under tests/fixtures/arch_golden/:
     gemma3/, gemma3.gguf    Gemma3ForCausalLM: hidden 32, 4 heads over 2 (head_dim 16), tied, 6 layers
                             (5 sliding over 4 keys with rope base 100, 1 full with base 10000 and
                             linear scaling by 8); the GGUF's norms hold 1 + w (the converter's)
+    gemma3/config_capped.json  gemma3/ with Gemma 3's optional final soft cap set (logits 2)
     gemma2/, gemma2.gguf    Gemma2ForCausalLM: hidden 32, 4 heads over 2 (head_dim 16), tied, 4 layers
                             (0 and 2 slide over 4 keys, 1 and 3 full), attention scores capped at 3 and
                             logits at 2, both reached by far (q/k projections and the final norm scaled
                             up so that tanh saturates)
-    <name>_expected.safetensors, for qwen2, qwen2_tied, qwen3, gemma3, gemma2 and llama_<rope> for default, llama3, yarn
+    <name>_expected.safetensors, for qwen2, qwen2_tied, qwen3, gemma3, gemma3_capped, gemma2 and llama_<rope> for default, llama3, yarn
     and linear (dynamic's equals default's, which the script asserts, so it has none of its own):
         input_ids [2, 16] int32, labels [2, 16] int32 (-100 = ignored, first 5 of each row)
         logits [2, 16, vocab] f32, loss [1] f32
@@ -323,6 +324,31 @@ def gemma3(out, llama_cpp, tok_dir, seed):
     strip_tokenizer(directory)
 
 
+def gemma3_capped(out, seed):
+    """gemma3/ (written by the gemma3 group) with Gemma3TextConfig's optional final soft cap set, as
+    config_capped.json beside its config.json: logits capped at 2, below the largest in this model (about 4),
+    so tanh bends some and not others (transformers' Gemma 3 ignores attn_logit_softcapping, which
+    tightfit refuses). HF only: llama.cpp's gemma3 converter writes no cap."""
+    directory = os.path.join(out, "gemma3")
+    cls = transformers.Gemma3ForCausalLM
+    config = json.load(open(os.path.join(directory, "config.json")))
+    config.update(final_logit_softcapping=2.0)
+    with open(os.path.join(directory, "config_capped.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    def text_config(**changes):
+        cfg = transformers.Gemma3TextConfig.from_dict(dict(config, **changes))
+        return cfg
+    logits, ids = expected(os.path.join(out, "gemma3_capped_expected.safetensors"), cls, directory, seed,
+                           config=text_config())
+    print(f"  gemma3_capped: largest |logit| {float(logits.abs().max()):.3f} under the cap 2")
+    other = lora_model(load_f64(cls, directory, text_config(final_logit_softcapping=None)), seed + 1)
+    with torch.no_grad():
+        moved = float((other(input_ids=ids).logits - logits).abs().max())
+    print(f"  gemma3_capped: logits move by {moved:.3e} without the cap")
+    assert moved > 1e-2, moved
+
+
 def gemma2(out, llama_cpp, tok_dir, seed):
     """Gemma2ForCausalLM: hidden 32, 4 heads over 2 kv heads, head_dim 16, tied, 4 layers (transformers'
     and llama.cpp's pattern: the even layers slide, over 4 keys, shorter than the batch's 16), one rope
@@ -482,6 +508,7 @@ GROUPS = {
     "llama": lambda out, lcpp, tok: llama(out, lcpp, tok, SEED + 20),
     "phi3": lambda out, lcpp, tok: phi3(out, lcpp, tok, SEED + 40),
     "gemma3": lambda out, lcpp, tok: gemma3(out, lcpp, tok, SEED + 50),
+    "gemma3_capped": lambda out, lcpp, tok: gemma3_capped(out, SEED + 50),
     "gemma2": lambda out, lcpp, tok: gemma2(out, lcpp, tok, SEED + 60),
     "qwen3": lambda out, lcpp, tok: qwen3(out, lcpp, tok, "qwen3", SEED + 30, vocab_size=TOKENIZER_VOCAB,
                                           hidden_size=48, num_attention_heads=6, num_key_value_heads=2,

@@ -115,20 +115,23 @@ void read_longrope(const GgufFile& f, const std::string& p, RopeParams& rope, in
 // scores by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 27B models (gemma_pytorch's
 // query_pre_attn_scalar: 46 layers of gemma2, 62 of gemma3). gemma2 soft-caps its attention scores
 // and final logits (attn_logit_softcapping 50 and final_logit_softcapping 30 when absent); gemma3
-// has q/k norms and no caps.
+// has q/k norms, and caps its final logits only where the file sets the cap.
 void read_gemma(const GgufFile& f, const std::string& p, LlamaConfig& c) {
   const bool gemma2 = c.architecture == "gemma2";
-  if (gemma2) {
-    c.attn_softcap =
-        f.has(p + "attn_logit_softcapping") ? positive_float(f, p + "attn_logit_softcapping") : 50.0f;
-    c.final_softcap =
-        f.has(p + "final_logit_softcapping") ? positive_float(f, p + "final_logit_softcapping") : 30.0f;
-    if (!f.has(p + "attention.sliding_window")) c.sliding_window = 4096;
-  } else {
-    for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
-      if (f.has(p + key) && f.get_float(p + key) != 0.0)
-        TF_FAIL(f.path(), ": ", p, key, " is set; tightfit soft-caps logits for gemma2 only");
-  }
+  // A gemma3 file may hold 0 for "no cap"; gemma2's caps must be positive. Gemma 3's attention cap
+  // is refused, as transformers' Gemma 3 does not apply it.
+  const auto cap = [&](const char* key, float gemma2_default) {
+    if (!f.has(p + key)) return gemma2 ? gemma2_default : 0.0f;
+    if (!gemma2 && f.get_float(p + key) == 0.0) return 0.0f;
+    return positive_float(f, p + key);
+  };
+  c.attn_softcap = cap("attn_logit_softcapping", 50.0f);
+  c.final_softcap = cap("final_logit_softcapping", 30.0f);
+  if (!gemma2 && c.attn_softcap != 0.0f)
+    TF_FAIL(f.path(), ": ", p,
+            "attn_logit_softcapping is set; tightfit soft-caps attention scores for gemma2 "
+            "only (transformers' Gemma 3 ignores the field)");
+  if (gemma2 && !f.has(p + "attention.sliding_window")) c.sliding_window = 4096;
   c.qk_norm = !gemma2;
   c.sandwich_norms = true;
   c.activation = MlpActivation::GeluTanh;

@@ -170,9 +170,12 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
   const bool gemma2 = arch == "Gemma2ForCausalLM";
   TF_CHECK(find_key(j, "attention_chunk_size") == nullptr, source, ": \"attention_chunk_size\" is set (",
            j["attention_chunk_size"].dump(), "); tightfit's attention does not implement it");
+  // transformers' Gemma3ForCausalLM keeps the field but never applies it: a model trained with it
+  // set trained without the cap, so honouring it would not be that model.
   TF_CHECK(gemma2 || find_key(j, "attn_logit_softcapping") == nullptr, source,
            ": \"attn_logit_softcapping\" is set (", j["attn_logit_softcapping"].dump(),
-           "); tightfit soft-caps attention scores for Gemma2ForCausalLM only");
+           "); tightfit soft-caps attention scores for Gemma2ForCausalLM only",
+           arch == "Gemma3ForCausalLM" ? " (transformers' Gemma 3 ignores the field; set it to null)" : "");
   c.attention_dropout = get_float(j, "attention_dropout", source, 0.0f);
   const bool null_window = j.contains("sliding_window") && j["sliding_window"].is_null();
   const bool qwen = arch == "Qwen2ForCausalLM" || arch == "Qwen3ForCausalLM";
@@ -225,9 +228,9 @@ void parse_attention(const json& j, const std::string& arch, const std::string& 
   }
 }
 
-// A logit cap: absent, its Gemma 2 default; null, none; else positive.
+// A logit cap: absent, the family's default (0: none); null, none; else positive.
 float get_softcap(const json& j, const char* key, const std::string& source, float fallback) {
-  if (j.contains(key) && j[key].is_null()) return 0.0f;
+  if (find_key(j, key) == nullptr) return j.contains(key) ? 0.0f : fallback;
   const float cap = get_float(j, key, source, fallback);
   TF_CHECK(cap > 0 && std::isfinite(cap), source, ": \"", key, "\" must be positive or null, got ", cap);
   return cap;
@@ -272,11 +275,11 @@ void parse_gemma2(const json& j, const std::string& source, LlamaConfig& c) {
 // dtype; in f32 it is sqrtf(hidden), llama.cpp's), scores by query_pre_attn_scalar^-0.5, and the
 // sliding layers' own rope base: rope_local_base_freq beside rope_theta and rope_scaling (the global
 // layers', as the real checkpoints ship them), or transformers 5's rope_parameters per layer type.
+// Gemma3TextConfig's final soft cap is optional (null in the released checkpoints): set, it caps
+// the logits as Gemma 2's does (its attention cap is refused in parse_attention).
 void parse_gemma3(const json& j, const std::string& source, LlamaConfig& c) {
-  for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"})
-    TF_CHECK(find_key(j, key) == nullptr, source, ": \"", key, "\" is set (", j[key].dump(),
-             "); tightfit soft-caps logits for Gemma2ForCausalLM only");
   parse_gemma_block(j, source, "Gemma 3", "EmbeddingGemma", c);
+  c.final_softcap = get_softcap(j, "final_logit_softcapping", source, 0.0f);
   c.qk_norm = true;
   c.rope.theta = get_float(j, "rope_theta", source, 1000000.0f);
   c.rope_local.head_dim = c.head_dim;
