@@ -62,18 +62,70 @@ bool mlp_target(LoraTarget t) {
   return t == LoraTarget::Gate || t == LoraTarget::Up || t == LoraTarget::Down;
 }
 
-// The forward is row-independent, so losses, logits and decoding are the same bit for bit, and so
-// are the gradients flowing into each row, hence the attention adapters'. An MLP adapter's gradient
-// sums the micro-batch's 18 rows, in chunks and then across them instead of in one product:
-// reassociating a sum of n f32 terms moves it by at most (n - 1) 2^-24 of the sum of their
-// magnitudes, below 1.1e-6 of it here; 1e-5 of the tensor's largest gradient leaves room for
-// the terms' cancellation.
+// Whether this machine's f32 GEMM (OpenBLAS, the kernels it picked for this CPU) gives each row of
+// a product the same bits whatever the number of rows multiplied with it, on the tiny model's
+// shapes (hidden 32, intermediate 64, vocabulary 48, LoRA rank 8) and the chunks the tests use.
+// Its AVX-512 kernels do; its AVX2 ones sum a row of a few-row product in another order.
+bool gemm_rows_independent() {
+  static const bool independent = [] {
+    constexpr int64_t M = 24;
+    for (const auto& [K, N] : {std::pair<int64_t, int64_t>{32, 64}, {64, 32}, {32, 48}, {32, 32}, {32, 8}}) {
+      std::vector<float> a(size_t(M * K)), w(size_t(N * K));
+      for (size_t i = 0; i < a.size(); ++i) a[i] = std::sin(0.37f * float(i) + 0.1f);
+      for (size_t i = 0; i < w.size(); ++i) w[i] = std::cos(0.53f * float(i) + 0.2f);
+      const auto product = [&](int64_t row, int64_t rows, float* c) {
+        cpu_backend().matmul(c, N, MatOperand{a.data() + row * K, DType::F32, K, false},
+                             MatOperand{w.data(), DType::F32, K, true}, rows, N, K, 1.0f, 0.0f);
+      };
+      std::vector<float> whole(size_t(M * N)), parts(size_t(M * N));
+      product(0, M, whole.data());
+      for (int64_t chunk : {1, 4, 5, 7}) {
+        for (int64_t r = 0; r < M; r += chunk) product(r, std::min(chunk, M - r), parts.data() + r * N);
+        if (parts != whole) return false;
+      }
+    }
+    return true;
+  }();
+  return independent;
+}
+
+// A result of another layout within `tolerance` of the largest magnitude of `want`.
+void expect_close(const std::vector<float>& want, const std::vector<float>& got, float tolerance,
+                  const char* what) {
+  ASSERT_EQ(want.size(), got.size()) << what;
+  float largest = 0, worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    largest = std::max(largest, std::fabs(want[i]));
+    worst = std::max(worst, std::fabs(want[i] - got[i]));
+  }
+  EXPECT_LE(worst, tolerance * largest) << what << " differ by " << worst << " of the largest " << largest;
+}
+
+// With a row-independent GEMM the forward is row-independent, so losses, logits and decoding are
+// the same bit for bit, and so are the gradients flowing into each row, hence the attention
+// adapters'. An MLP adapter's gradient sums the micro-batch's 18 rows, in chunks and then across
+// them instead of in one product: reassociating a sum of n f32 terms moves it by at most
+// (n - 1) 2^-24 of the sum of their magnitudes, below 1.1e-6 of it here; 1e-5 of the tensor's
+// largest gradient leaves room for the terms' cancellation.
+// Where the GEMM sums a row in another order for another row count, each product of a chunk moves
+// by up to (K - 1) 2^-24 of its terms' magnitudes (below 4e-6 for K 64) and the blocks carry that
+// on: logits, decoding and every gradient are held to 1e-5 of their largest, and the losses (sums
+// of row losses, each moving by at most twice the largest logit change) to 1e-5 relative. A chunk
+// that dropped, repeated or misplaced a row would move them by percents.
 void expect_same(LlamaModel& whole, const Result& a, LlamaModel& chunked, const Result& b) {
-  EXPECT_EQ(a.loss.sum, b.loss.sum);
+  const bool exact = gemm_rows_independent();
   EXPECT_EQ(a.loss.n_valid, b.loss.n_valid);
-  EXPECT_EQ(a.eval, b.eval);
-  EXPECT_TRUE(a.logits == b.logits) << "logits differ";
-  EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
+  if (exact) {
+    EXPECT_EQ(a.loss.sum, b.loss.sum);
+    EXPECT_EQ(a.eval, b.eval);
+    EXPECT_TRUE(a.logits == b.logits) << "logits differ";
+    EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
+  } else {
+    EXPECT_NEAR(a.loss.sum, b.loss.sum, 1e-5 * std::fabs(a.loss.sum));
+    EXPECT_NEAR(a.eval, b.eval, 1e-5 * std::fabs(a.eval));
+    expect_close(a.logits, b.logits, 1e-5f, "logits");
+    expect_close(a.decoded, b.decoded, 1e-5f, "decoded logits");
+  }
   ASSERT_EQ(a.grads.size(), b.grads.size());
   const LlamaConfig& c = whole.config();
   for (int l = 0; l < c.n_layers; ++l) {
@@ -89,7 +141,7 @@ void expect_same(LlamaModel& whole, const Result& a, LlamaModel& chunked, const 
         for (auto it = begin; it != end; ++it) largest = std::max(largest, std::fabs(*it));
         ASSERT_GT(largest, 0.0f) << "layer " << l << " target " << t << " has no gradient";
         for (size_t i = first; i < first + size_t(count); ++i) {
-          if (mlp_target(LoraTarget(t)))
+          if (mlp_target(LoraTarget(t)) || !exact)
             ASSERT_NEAR(a.grads[i], b.grads[i], 1e-5f * largest)
                 << "layer " << l << " target " << t << " at " << i;
           else
@@ -265,10 +317,14 @@ TEST(HostEmbeddingPlan, MovesTheTableToHostMemory) {
 // round (an f32 GEMM's sum over the hidden dimension, reordered by the BLAS for a different shape:
 // within 32 2^-24 of the sum of magnitudes); 1e-5 of each tensor's largest gradient bounds what
 // that becomes through the blocks' backward. The forward alone (logits, decoding) is untouched.
+// Where the GEMM rounds a row of a few-row product otherwise (gemm_rows_independent), the logits
+// the loss reads move by up to 32 2^-24 of their terms' magnitudes, and each row loss by twice
+// that: the losses are held to 1e-5 relative then.
 void expect_loss_rows_same(LlamaModel& one, const Result& a, LlamaModel& calls, const Result& b) {
-  EXPECT_NEAR(a.loss.sum, b.loss.sum, 1e-12 * std::fabs(a.loss.sum));
+  const double loss_tolerance = gemm_rows_independent() ? 1e-12 : 1e-5;
+  EXPECT_NEAR(a.loss.sum, b.loss.sum, loss_tolerance * std::fabs(a.loss.sum));
   EXPECT_EQ(a.loss.n_valid, b.loss.n_valid);
-  EXPECT_NEAR(a.eval, b.eval, 1e-12 * std::fabs(a.eval));
+  EXPECT_NEAR(a.eval, b.eval, loss_tolerance * std::fabs(a.eval));
   EXPECT_TRUE(a.logits == b.logits) << "logits differ";
   EXPECT_TRUE(a.decoded == b.decoded) << "decoded logits differ";
   ASSERT_EQ(a.grads.size(), b.grads.size());
