@@ -183,7 +183,7 @@ std::vector<PlanItem> host_overheads(const HostOverheadInputs& in) {
   const uint64_t gone = in.streamed_tensor_bytes + in.dropped_bytes;
   const uint64_t mapped = in.model_file_bytes > gone ? in.model_file_bytes - gone : 0;
   add("model file mapped",
-      in.streamed_tensor_bytes ? "the file less the tensors streamed from disk"
+      in.streamed_tensor_bytes ? "the file less the tensors streamed from disk or cut into shares"
       : in.dropped_bytes ? "the file less the pages of tensors converted at load, dropped once converted"
                          : "every page is read once and stays mapped",
       round_up(mapped, kPage), false);

@@ -43,7 +43,8 @@ struct HostOverheadInputs {
   // The files load_model maps: a GGUF file, or every safetensors file of a model directory.
   uint64_t model_file_bytes = 0;
   // Of those, tensor bytes that --weights disk reads with the direct reader instead of through the
-  // mapping (0 when the weights are resident).
+  // mapping, or whose pages --shard-weights drops once it has cut them into shares (0 when the
+  // weights are resident).
   uint64_t streamed_tensor_bytes = 0;
   // Of those, the pages of tensors converted at load that the loader drops once converted
   // (io::drop_source_pages): they are read once and leave the process.

@@ -19,6 +19,7 @@ const char* weight_tier_name(WeightTier t) {
     case WeightTier::Resident: return "resident";
     case WeightTier::Host: return "host";
     case WeightTier::Disk: return "disk";
+    case WeightTier::Shard: return "shard";
   }
   return "?";
 }

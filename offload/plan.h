@@ -30,9 +30,11 @@ struct PlanItem {
 
 // Where a model's per-layer base weights live while it trains (--weights): Resident in the
 // backend's memory; Host, in host memory, each layer's block copied to the device just before use
-// (device backends only); Disk, read from the model file a block at a time around the page cache.
+// (device backends only); Disk, read from the model file a block at a time around the page cache;
+// Shard (--shard-weights, several data-parallel ranks), split across the ranks, each holding 1/N
+// of every block in host memory, a block all-gathered from the ranks just before use.
 // Embeddings, the final norm and lm_head always stay resident.
-enum class WeightTier : uint8_t { Resident, Host, Disk };
+enum class WeightTier : uint8_t { Resident, Host, Disk, Shard };
 const char* weight_tier_name(WeightTier t);
 
 struct Budget {

@@ -1,6 +1,7 @@
 // defines: tf::offload::WeightStore (kernels/backend.h's streams and events order its slots)
 #include "offload/weight_store.h"
 
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -52,11 +53,23 @@ size_t read_buffer_bytes(size_t spans) {
   return spans + DirectReader::kAlign;
 }
 
+// Shard: each part of a layer's run of bytes, and each rank's share of it, starts on a multiple of
+// this (a cache line, as the ops' vector loads like).
+constexpr size_t kShardAlign = 64;
+size_t shard_round(size_t bytes) {
+  return (bytes + kShardAlign - 1) / kShardAlign * kShardAlign;
+}
+
 }  // namespace
 
-std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, WeightTier tier,
-                                                    const Backend& be) {
-  TF_CHECK(tier != WeightTier::Resident, "a weight store streams Host or Disk weights, not resident ones");
+std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, WeightTier tier, const Backend& be,
+                                                    int ranks) {
+  TF_CHECK(tier != WeightTier::Resident,
+           "a weight store streams Host, Disk or Shard weights, not resident ones");
+  TF_CHECK(tier != WeightTier::Shard || ranks >= 2,
+           "--shard-weights splits the weights across the ranks of a ",
+           "data-parallel run (mpirun -np N, N >= 2), but this run has ", ranks,
+           " rank: leave --shard-weights out");
   const LlamaConfig& c = w.config;
   TF_CHECK(tier != WeightTier::Host || !be.host_memory(), "--weights host keeps the weights in host memory ",
            "and copies each block to the device, but the ", be.name(),
@@ -76,6 +89,11 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
       Part& p = t.parts[i];
       p.host = parts[i].first;
       p.bytes = parts[i].second;
+      if (tier == WeightTier::Shard && p.bytes) {
+        p.read_at = L.read_bytes;
+        L.read_bytes += shard_round(p.bytes);
+        continue;
+      }
       if (tier != WeightTier::Disk || p.bytes == 0) continue;
       if (t.host.data == nullptr) {
         // A described tensor the loader converts (io::describe_model): it will be read from the
@@ -116,38 +134,64 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
     }
     L.tensors.push_back(t);
   });
+  if (tier == WeightTier::Shard) {
+    size_t at = 0;
+    for (Layer& L : layers) {
+      L.share_bytes = shard_round((L.read_bytes + size_t(ranks) - 1) / size_t(ranks));
+      L.share_at = at;
+      at += L.share_bytes;
+    }
+  }
   return layers;
 }
 
-StoreFootprint WeightStore::footprint(const LlamaWeights& w, WeightTier tier, const Backend& be) {
-  const std::vector<Layer> layers = layout(w, tier, be);
-  size_t placed = 0, read = 0;
+StoreFootprint WeightStore::footprint(const LlamaWeights& w, WeightTier tier, const Backend& be, int ranks) {
+  const std::vector<Layer> layers = layout(w, tier, be, ranks);
+  size_t placed = 0, read = 0, shares = 0;
   StoreFootprint f;
   for (const Layer& L : layers) {
     placed = std::max(placed, L.placed_bytes);
-    read = std::max(read, L.read_bytes);
+    read = std::max(read, tier == WeightTier::Shard ? L.share_bytes * size_t(ranks) : L.read_bytes);
+    shares += L.share_bytes;
     f.streamed_bytes += L.streamed;
   }
+  const bool buffered = tier == WeightTier::Disk || tier == WeightTier::Shard;
+  std::vector<PlannedAlloc>& host = be.host_memory() ? f.backend : f.host;
   for (int i = 0; i < 2; ++i) {
     if (!be.host_memory()) f.backend.push_back({"streamed block buffer", MemTag::Weights, placed});
-    if (tier == WeightTier::Disk) {
-      std::vector<PlannedAlloc>& where = be.host_memory() ? f.backend : f.host;
-      where.push_back({be.host_memory() ? "streamed block buffer" : "streamed block read buffer",
-                       MemTag::Weights, read_buffer_bytes(read)});
-    }
+    if (buffered)
+      host.push_back({be.host_memory() ? "streamed block buffer" : "streamed block read buffer",
+                      MemTag::Weights, read_buffer_bytes(read)});
   }
+  if (tier == WeightTier::Shard) host.push_back({"weight shards", MemTag::Weights, shares});
   return f;
 }
 
-WeightStore::WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be)
-    : files_(w.files), tier_(tier), be_(be), layers_(layout(w, tier, be)) {
-  const StoreFootprint f = footprint(w, tier, be);
+WeightStore::WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be, BlockExchange* exchange)
+    : files_(w.files),
+      tier_(tier),
+      be_(be),
+      layers_(layout(w, tier, be, exchange ? exchange->size() : 1)),
+      exchange_(exchange) {
+  const StoreFootprint f = footprint(w, tier, be, exchange ? exchange->size() : 1);
+  const bool buffered = tier == WeightTier::Disk || tier == WeightTier::Shard;
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
     s.device = be.alloc(f.backend[i].bytes, MemTag::Weights, f.backend[i].what);
-    if (tier != WeightTier::Disk) continue;
+    if (!buffered) continue;
     if (!be.host_memory()) s.read = be.alloc_host(f.host[i].bytes, MemTag::Weights, f.host[i].what);
     s.read_base = align_up(be.host_memory() ? s.device.data() : s.read.data());
+  }
+  if (tier == WeightTier::Shard) {
+    const PlannedAlloc& a = be.host_memory() ? f.backend[2] : f.host[2];
+    if (be.host_memory()) {
+      shares_ = be.alloc(a.bytes, a.tag, a.what);
+      shares_base_ = shares_.as<std::byte>();
+    } else {
+      host_shares_ = be.alloc_host(a.bytes, a.tag, a.what);
+      shares_base_ = static_cast<std::byte*>(host_shares_.data());
+    }
+    copy_shares();
   }
   if (tier == WeightTier::Disk)
     for (const MappedFile& file : w.files) readers_.push_back(std::make_unique<DirectReader>(file.path));
@@ -156,9 +200,65 @@ WeightStore::WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be)
 
 WeightStore::~WeightStore() {
   // Copies into the slots may still be in flight on the Copy stream (the readers, destroyed before
-  // the slots, wait out the reads into them).
+  // the slots, wait out the reads into them), and a gather into a slot's buffer on the exchange.
+  for (const Slot& s : slots_)
+    if (s.gather) exchange_->wait(*s.gather);
   be_.synchronize();
   for (const void* p : registered_) be_.unregister_host(p);
+}
+
+void WeightStore::copy_shares() {
+  const size_t rank = size_t(exchange_->rank());
+  for (const Layer& L : layers_) {
+    std::byte* share = shares_base_ + L.share_at;
+    const size_t lo = rank * L.share_bytes, hi = lo + L.share_bytes;
+    // The gaps between parts and past the layer's last byte are gathered too: zeros, not garbage.
+    std::memset(share, 0, L.share_bytes);
+    for (const Tensor& t : L.tensors)
+      for (const Part& p : t.parts) {
+        if (p.bytes == 0) continue;
+        TF_CHECK(p.host, "--shard-weights: tensor ", t.name, " has no data in memory to share out");
+        const size_t begin = std::max(lo, p.read_at), end = std::min(hi, p.read_at + size_t(p.bytes));
+        if (begin < end)
+          std::memcpy(share + (begin - lo), static_cast<const std::byte*>(p.host) + (begin - p.read_at),
+                      end - begin);
+      }
+  }
+}
+
+uint64_t WeightStore::release_sources(LlamaWeights& w) const {
+  TF_CHECK(tier_ == WeightTier::Shard, "only the shard tier copies the weights it streams");
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  uint64_t released = 0;
+  for (const Layer& L : layers_)
+    for (const Tensor& t : L.tensors)
+      for (const Part& p : t.parts) {
+        if (p.bytes == 0) continue;
+        const auto owned = std::find_if(w.owned.begin(), w.owned.end(),
+                                        [&](const tf::Tensor& o) { return o.view.data == p.host; });
+        if (owned != w.owned.end()) {
+          released += owned->storage.bytes();
+          *owned = tf::Tensor();
+          continue;
+        }
+        if (file_of(w, p.host, p.bytes) < 0) continue;
+        const uintptr_t begin = (reinterpret_cast<uintptr_t>(p.host) + page - 1) / page * page;
+        const uintptr_t end = (reinterpret_cast<uintptr_t>(p.host) + p.bytes) / page * page;
+        // Advice only: where the kernel refuses it the pages stay, which costs memory, not results.
+        if (end > begin && ::madvise(reinterpret_cast<void*>(begin), size_t(end - begin), MADV_DONTNEED) == 0)
+          released += end - begin;
+      }
+  // Whether a tensor has absmax or nested scales says how it is stored (io::stored_bytes): those
+  // pointers keep their presence but point at a zero of the store's own rather than freed memory.
+  static const float none = 0.0f;
+  for (BlockWeights& b : w.blocks)
+    for (int s = 0; s < int(WeightSlot::Embed); ++s) {
+      WeightRef& r = b.slot(WeightSlot(s));
+      r.data = nullptr;
+      if (r.scales.absmax) r.scales.absmax = &none;
+      if (r.scales.nested) r.scales.nested = &none;
+    }
+  return released;
 }
 
 void WeightStore::register_host_tensors() {
@@ -212,12 +312,24 @@ void WeightStore::load(int layer, Slot& s) {
   const Layer& L = layers_[size_t(layer)];
   const bool device = !be_.host_memory();
   // A device backend's read buffer takes a block only once the copies from it have run.
-  if (device && tier_ == WeightTier::Disk) be_.download(nullptr, nullptr, 0, Stream::Copy);
+  if (device && (tier_ == WeightTier::Disk || tier_ == WeightTier::Shard))
+    be_.download(nullptr, nullptr, 0, Stream::Copy);
   s.layer = layer;
   s.staged.clear();
+  if (tier_ == WeightTier::Shard)
+    s.gather = exchange_->start_gather(std::span<const std::byte>(shares_base_ + L.share_at, L.share_bytes),
+                                       std::span(s.read_base, L.share_bytes * size_t(exchange_->size())));
   for (const Tensor& t : L.tensors) {
     WeightRef src = t.host;
-    if (tier_ == WeightTier::Disk) {
+    if (tier_ == WeightTier::Shard) {
+      // The block lies in the gather buffer as laid out: every part at its place in the layer's run.
+      const auto at = [&](size_t i) -> const void* {
+        return t.parts[i].bytes ? s.read_base + t.parts[i].read_at : nullptr;
+      };
+      src.data = at(0);
+      if (src.scales.absmax) src.scales.absmax = at(1);
+      if (src.scales.nested) src.scales.nested = static_cast<const float*>(at(2));
+    } else if (tier_ == WeightTier::Disk) {
       std::array<const void*, 3> at{};
       for (size_t i = 0; i < t.parts.size(); ++i) {
         const Part& p = t.parts[i];
@@ -264,6 +376,7 @@ void WeightStore::copy_in(Slot& s) {
 }
 
 void WeightStore::finish_reads(Slot& s) {
+  if (s.gather) exchange_->wait(*std::exchange(s.gather, std::nullopt));
   if (s.reads.empty()) return;
   // The reads stay in the slot's vector (cleared, its capacity kept for the next block). Each file
   // is checked once every read has landed, so a change during the reads is seen too.

@@ -1,6 +1,8 @@
 // defines: end-to-end tests of data-parallel finetune under mpirun (two ranks on the cpu backend):
-// parity with one process accumulating the same global batch, the rank that dies, the error on one
-// rank, the signal to one rank, resume, and the refusal of an MPI launch by a build without MPI
+// parity with one process accumulating the same global batch (the gradient sum after the backward
+// or overlapped with it, the weights whole or sharded, launched with -np or a hostfile), the rank
+// that dies, the error on one rank, the signal to one rank, resume, and the refusal of an MPI
+// launch by a build without MPI
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <optional>
 #include <regex>
 #include <set>
@@ -33,14 +36,17 @@ class CliMpi : public Cli {
 
   // Starts `mpirun -np ranks tightfit args...` with stdout and stderr into files under the test's
   // directory named after `tag`. The container runs as root, and two ranks share two cores.
-  pid_t spawn_mpirun(int ranks, const std::vector<std::string>& args, const std::string& tag) {
+  // `launcher` goes to mpirun before the binary (a --hostfile).
+  pid_t spawn_mpirun(int ranks, const std::vector<std::string>& args, const std::string& tag,
+                     const std::vector<std::string>& launcher = {}) {
     const pid_t pid = fork();
     if (pid == 0) {
       setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
       setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-      std::vector<std::string> all = {tf::dist::mpiexec(), "-np",          std::to_string(ranks),
-                                      "--oversubscribe",   "--mca",        "btl",
-                                      "self,vader",        TIGHTFIT_BINARY};
+      std::vector<std::string> all = {
+          tf::dist::mpiexec(), "-np", std::to_string(ranks), "--oversubscribe", "--mca", "btl", "self,vader"};
+      all.insert(all.end(), launcher.begin(), launcher.end());
+      all.push_back(TIGHTFIT_BINARY);
       all.insert(all.end(), args.begin(), args.end());
       std::vector<char*> argv;
       for (auto& a : all) argv.push_back(a.data());
@@ -54,9 +60,10 @@ class CliMpi : public Cli {
     return pid;
   }
 
-  Result mpirun(int ranks, const std::vector<std::string>& args, const std::string& tag) {
+  Result mpirun(int ranks, const std::vector<std::string>& args, const std::string& tag,
+                const std::vector<std::string>& launcher = {}) {
     Result r;
-    r.status = wait_status(spawn_mpirun(ranks, args, tag));
+    r.status = wait_status(spawn_mpirun(ranks, args, tag, launcher));
     r.out = slurp(dir_ / (tag + ".out"));
     r.err = slurp(dir_ / (tag + ".err"));
     return r;
@@ -155,6 +162,100 @@ TEST_F(CliMpi, TwoRanksTrainAsOneProcessAccumulatingTheGlobalBatch) {
   EXPECT_EQ(count(r.out, "rank 1 of 2 (pid"), 1u) << r.out;
   EXPECT_EQ(count(r.out, "done: 6 steps"), 1u) << r.out;
   EXPECT_NE(r.out.find("data parallel: 2 ranks"), std::string::npos) << r.out;
+}
+
+// The sum block by block during the backward is the same gather and rank-order add over the same
+// elements as the one sum after it, so the two runs are bit for bit the same, and both equal one
+// process accumulating the same global batch (as above). The log says which ran.
+TEST_F(CliMpi, GradientSumOverlappedWithTheBackwardIsBitForBitTheSumAfterIt) {
+  Result r = run(args("single", 4, 2));
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::vector<std::string> off = args("off", 4, 1);
+  off.push_back("--no-overlap-grad-sum");
+  r = mpirun(2, off, "off");
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("gradient sum: after the backward (--no-overlap-grad-sum)"), std::string::npos)
+      << r.out;
+  r = mpirun(2, args("on", 4, 1), "on");
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("gradient sum: block by block, overlapped with the backward"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("of which"), std::string::npos) << r.out;
+  const std::vector<double> want = losses(dir_ / "single" / "metrics.jsonl");
+  ASSERT_EQ(want.size(), 4u);
+  EXPECT_EQ(losses(dir_ / "on" / "metrics.jsonl"), losses(dir_ / "off" / "metrics.jsonl"));
+  EXPECT_EQ(losses(dir_ / "on" / "metrics.jsonl"), want);
+  EXPECT_EQ(field(dir_ / "on" / "metrics.jsonl", "grad_norm"),
+            field(dir_ / "off" / "metrics.jsonl", "grad_norm"));
+  EXPECT_TRUE(adapter("on") == adapter("off")) << "the adapters differ";
+  EXPECT_TRUE(adapter("on") == adapter("single")) << "the adapters differ";
+}
+
+// The launch README gives for several machines, a hostfile naming the hosts and their slots, here
+// with this machine as the only host: the ranks are placed from the file and train as above.
+TEST_F(CliMpi, AHostfileLaunchTrainsAsTheSameRanks) {
+  Result r = mpirun(2, args("np", 3, 1), "np");
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  std::ofstream(dir_ / "hostfile") << "localhost slots=2\n";
+  r = mpirun(2, args("hosts", 3, 1), "hosts", {"--hostfile", (dir_ / "hostfile").string()});
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(count(r.out, "rank 1 of 2 (pid"), 1u) << r.out;
+  EXPECT_EQ(losses(dir_ / "hosts" / "metrics.jsonl"), losses(dir_ / "np" / "metrics.jsonl"));
+  EXPECT_TRUE(adapter("hosts") == adapter("np")) << "the adapters differ";
+}
+
+// With --shard-weights each rank keeps half of every block's bytes and gathers the rest just
+// before the block runs: the ops read the same bytes as from whole weights, so the run is bit for
+// bit the one-process run. NF4 with nested absmax and the f32 norms cross the shares' boundaries;
+// the evaluations, which every rank runs since their blocks are gathered too, give rank 0 the
+// same losses.
+TEST_F(CliMpi, ShardedWeightsTrainAsOneProcessBitForBit) {
+  const auto with = [&](std::vector<std::string> a) {
+    set_option(a, "--quant", "nf4");
+    set_option(a, "--eval-data", (dir_ / "train.jsonl").string());
+    set_option(a, "--eval-every", "2");
+    return a;
+  };
+  Result r = run(with(args("single", 4, 2)));
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::vector<std::string> sharded = with(args("sharded", 4, 1));
+  sharded.push_back("--shard-weights");
+  r = mpirun(2, sharded, "sharded");
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("weights: split across the 2 ranks (--shard-weights), this rank holding 1/2 of every "
+                       "layer's block"),
+            std::string::npos)
+      << r.out;
+  const std::vector<double> want = losses(dir_ / "single" / "metrics.jsonl");
+  ASSERT_EQ(want.size(), 4u);
+  EXPECT_EQ(losses(dir_ / "sharded" / "metrics.jsonl"), want);
+  EXPECT_EQ(field(dir_ / "sharded" / "metrics.jsonl", "grad_norm"),
+            field(dir_ / "single" / "metrics.jsonl", "grad_norm"));
+  const std::vector<double> evals = field(dir_ / "single" / "metrics.jsonl", "eval_loss");
+  EXPECT_EQ(evals.size(), 3u);
+  EXPECT_EQ(field(dir_ / "sharded" / "metrics.jsonl", "eval_loss"), evals);
+  EXPECT_TRUE(adapter("sharded") == adapter("single")) << "the adapters differ";
+  const nlohmann::json plan = nlohmann::json::parse(slurp(dir_ / "sharded" / "plan.json"));
+  EXPECT_EQ(plan["weights"], "shard");
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "sharded" / "config.json"))["shard_weights"], true);
+}
+
+// --shard-weights needs ranks to share with, and is where the weights live: it is refused without
+// mpirun and beside another --weights, before anything is written.
+TEST_F(CliMpi, ShardedWeightsAreRefusedOnOneRankAndBesideAnotherTier) {
+  std::vector<std::string> a = args("one", 1, 1);
+  a.push_back("--shard-weights");
+  Result r = run(a);
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("--shard-weights splits the per-layer weights across the ranks"), std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("mpirun -np N with N >= 2"), std::string::npos) << r.err;
+  std::vector<std::string> disk = args("disk", 1, 1);
+  disk.push_back("--shard-weights");
+  set_option(disk, "--weights", "disk");
+  r = mpirun(2, disk, "disk");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.err.find("leave --weights out"), std::string::npos) << r.err;
 }
 
 // With --grad-accum 2 on each rank the one process adds four micro-batches' products one after

@@ -1,11 +1,13 @@
 // defines: tests of src/dist: the rank-order sum against a plain loop, the single-process
-// communicator, and the MPI communicator's collectives on three ranks (this test binary re-run
-// under mpirun)
+// communicator (its all-gather's size checks too), and the MPI communicator's collectives on three ranks
+// (this test binary re-run under mpirun)
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -68,6 +70,33 @@ TEST(Dist, SingleProcessCollectivesAreTheIdentity) {
   EXPECT_THROW(c->abort("stop"), Error);
 }
 
+TEST(Dist, SingleProcessAllGatherCopiesItsShareAndRefusesAWrongBuffer) {
+  const auto c = dist::single_process();
+  const std::vector<std::byte> mine = {std::byte{1}, std::byte{2}, std::byte{3}};
+  std::vector<std::byte> all(3);
+  c->all_gather(std::span(mine), std::span(all));
+  EXPECT_EQ(all, mine);
+  std::vector<std::byte> short_buffer(2);
+  try {
+    c->all_gather(std::span(mine), std::span(short_buffer));
+    ADD_FAILURE() << "an all-gather of 3 bytes into 2 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("into a buffer of 2 bytes (1 x 3 expected)"), std::string::npos)
+        << e.what();
+  }
+  // A share whose product with the rank count overflows size_t is refused before any copy.
+  EXPECT_THROW(dist::check_gather_sizes(SIZE_MAX / 2 + 1, 0, 2), Error);
+  EXPECT_THROW(dist::check_gather_sizes(4, 7, 2), Error);
+  EXPECT_NO_THROW(dist::check_gather_sizes(4, 8, 2));
+}
+
+// Rank r's share of a gather test: n bytes, each naming its rank and position.
+std::vector<std::byte> gather_share(int rank, size_t n) {
+  std::vector<std::byte> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = std::byte(uint8_t(rank * 89 + int(i % 251)));
+  return v;
+}
+
 constexpr const char* kChildTest = "DistMpi.CollectivesOnThreeRanks";
 
 // Runs on each rank when this binary is started by mpirun (below): every collective, each rank
@@ -94,6 +123,19 @@ void check_collectives_on_this_rank() {
   EXPECT_EQ(dist::broadcast_flag(*c, rank == 0), true);
   EXPECT_TRUE(dist::any_rank(*c, rank == 2));
   EXPECT_FALSE(dist::any_rank(*c, false));
+  // An odd share, so that no rank's bytes start on an aligned offset of the gathered buffer.
+  const size_t share = 1000003;
+  const std::vector<std::byte> mine = gather_share(rank, share);
+  std::vector<std::byte> all(3 * share);
+  c->all_gather(std::span(mine), std::span(all));
+  for (int r = 0; r < 3; ++r) {
+    const std::vector<std::byte> want = gather_share(r, share);
+    for (size_t i = 0; i < share; ++i)
+      if (all[size_t(r) * share + i] != want[i])
+        FAIL() << "rank " << rank << ": byte " << i << " of rank " << r << "'s share differs";
+  }
+  std::vector<std::byte> wrong(3 * share - 1);
+  EXPECT_THROW(c->all_gather(std::span(mine), std::span(wrong)), Error);
   c->barrier();
 }
 

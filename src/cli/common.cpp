@@ -34,15 +34,19 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
   Session s;
   const AttentionKernel kernel = parse_attention(attention);
   if (!backend) check_device(device, kernel);
-  s.loaded = io::load_model(model_path, true, quant, tier == offload::WeightTier::Disk ? &spill : nullptr);
+  // The disk tier streams converted layers from a spill file; the shard tier copies its shares from
+  // one, so that no rank holds a whole converted base in memory.
+  const bool spills = tier == offload::WeightTier::Disk || tier == offload::WeightTier::Shard;
+  s.loaded = io::load_model(model_path, true, quant, spills ? &spill : nullptr);
   for (const MappedFile& f : s.loaded.weights.files)
     if (f.path == spill.path)
       std::fprintf(
           stderr,
-          "note: --weights disk: the layers converted at load (--quant %s) are streamed from %s (%s), "
-          "removed when the run ends\n",
-          std::string(io::quant_mode_name(quant)).c_str(), f.path.c_str(),
-          format_bytes(double(f.bytes)).c_str());
+          "note: %s: the layers converted at load (--quant %s) are %s %s (%s), removed when the run ends\n",
+          tier == offload::WeightTier::Disk ? "--weights disk" : "--shard-weights",
+          std::string(io::quant_mode_name(quant)).c_str(),
+          tier == offload::WeightTier::Disk ? "streamed from" : "cut into this rank's shares from",
+          f.path.c_str(), format_bytes(double(f.bytes)).c_str());
   // The loader's parse of metadata and vocabulary frees much in small pieces.
   release_free_memory();
   std::optional<io::PeftAdapter> peft;
@@ -78,12 +82,14 @@ Session open_session(const std::string& model_path, LoraConfig lora, int64_t max
   return s;
 }
 
-io::SpillOptions spill_options(const std::string& spill_dir, const std::string& run_dir) {
+io::SpillOptions spill_options(const std::string& spill_dir, const std::string& run_dir, int rank) {
   io::SpillOptions s;
   if (!spill_dir.empty()) {
     s.path = io::default_spill_path(spill_dir);
   } else if (!run_dir.empty()) {
-    s.path = (fs::path(run_dir) / "base-spill.bin").string();
+    s.path = (fs::path(run_dir) /
+              (rank < 0 ? "base-spill.bin" : "base-spill-rank" + std::to_string(rank) + ".bin"))
+                 .string();
     s.replace_stale = true;
   } else {
     s.path = io::default_spill_path(fs::temp_directory_path().string());

@@ -9,10 +9,12 @@
 #include <vector>
 
 #include "offload/plan.h"
+#include "offload/weight_store.h"
 #include "src/data/batcher.h"
 #include "src/data/chat_template.h"
 #include "src/data/dataset.h"
 #include "src/data/model_template.h"
+#include "src/dist/comm.h"
 #include "src/io/model_loader.h"
 #include "src/model/generate.h"
 #include "src/model/llama.h"
@@ -21,6 +23,22 @@ namespace tf::cli {
 
 // A loaded base model, its tokenizer, the backend it runs on and a LlamaModel ready to run with
 // LoRA attached.
+// The ranks of a data-parallel run as the weight store's exchange of shares (--shard-weights): its
+// all-gathers run on the communicator's thread, behind the compute, where it has one.
+class CommExchange final : public offload::BlockExchange {
+ public:
+  explicit CommExchange(dist::Communicator& comm) : comm_(comm) {}
+  int rank() const override { return comm_.rank(); }
+  int size() const override { return comm_.size(); }
+  uint64_t start_gather(std::span<const std::byte> mine, std::span<std::byte> all) override {
+    return comm_.start_gather(mine, all);
+  }
+  void wait(uint64_t ticket) override { comm_.wait(ticket); }
+
+ private:
+  dist::Communicator& comm_;
+};
+
 struct Session {
   io::LoadedModel loaded;
   std::unique_ptr<Backend> backend;
@@ -32,9 +50,10 @@ struct Session {
 
 // The spill file of a run: in `spill_dir` (a --spill-dir) a name of its own; else, for a run
 // directory `run_dir`, its base-spill.bin, which a run killed before it removed it may have left
-// (the directory's lock keeps out every other run); else a name of its own in the temporary
-// directory (TMPDIR, or /tmp).
-io::SpillOptions spill_options(const std::string& spill_dir, const std::string& run_dir = {});
+// (the directory's lock keeps out every other run), or rank r's base-spill-rank<r>.bin for a rank
+// `rank` of a data-parallel run (each rank converts the base for itself); else a name of its own
+// in the temporary directory (TMPDIR, or /tmp).
+io::SpillOptions spill_options(const std::string& spill_dir, const std::string& run_dir = {}, int rank = -1);
 
 // Opens `model_path` with LoRA `lora` (fresh adapters, B = 0) sized for `max_tokens` per
 // micro-batch, with the checkpointing `policy` chooses for the model's config. With `adapter` (a

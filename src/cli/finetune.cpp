@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -446,10 +447,13 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   }
   release_free_memory();
   std::printf("loading %s\n", o.model.c_str());
+  CommExchange exchange(comm);
+  ModelLayout layout = plan.layout;
+  if (plan.tier == offload::WeightTier::Shard) layout.exchange = &exchange;
   Session s = open_session(
       o.model, lora, int64_t(o.micro_batch) * o.seq_len, [&](const LlamaConfig&) { return plan.policy; }, {},
-      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, plan.layout,
-      spill_options(o.spill_dir, o.out));
+      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, layout,
+      spill_options(o.spill_dir, o.out, comm.size() > 1 ? comm.rank() : -1));
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
   const std::string matmul_line = apply_matmul_option(o.matmul, s);
@@ -519,8 +523,22 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   tc.lr.schedule = parse_lr_schedule(o.schedule);
   tc.weight_decay = o.weight_decay;
   tc.clip = o.clip;
+  tc.overlap_grad_sum = o.overlap_grad_sum;
   LlamaModel& model = *s.model;
   Trainer trainer(model, tc, &comm);
+  if (comm.size() > 1) {
+    if (!o.overlap_grad_sum)
+      std::printf("gradient sum: after the backward (--no-overlap-grad-sum)\n");
+    else if (!comm.overlap())
+      std::printf("gradient sum: after the backward, not overlapped: %s\n", comm.overlap_note().c_str());
+    else if (!s.backend->host_memory())
+      std::printf(
+          "gradient sum: after the backward, downloaded whole (the %s backend's memory is not host "
+          "memory)\n",
+          s.backend->name().c_str());
+    else
+      std::printf("gradient sum: block by block, overlapped with the backward\n");
+  }
   data::Sampler sampler(train.size(), o.seed, true, 0);
 
   const nlohmann::json resolved = to_json(o);
@@ -598,6 +616,17 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
         "summed in rank order\n",
         comm.size(), comm.size(), o.grad_accum, o.micro_batch, o.grad_accum, o.grad_accum, o.grad_accum - 1,
         comm.size() * o.grad_accum);
+  if (plan.tier == offload::WeightTier::Shard) {
+    uint64_t share = 0;
+    for (const offload::PlanItem& i : plan.plan.items)
+      if (i.component == kShardsItem) share += i.bytes;
+    std::printf(
+        "weights: split across the %d ranks (--shard-weights), this rank holding 1/%d of every layer's "
+        "block (%s), each block all-gathered from the ranks just before it runs, %s\n",
+        comm.size(), comm.size(), format_bytes(double(share)).c_str(),
+        comm.overlap() ? "the next one while the current one computes"
+                       : ("not overlapped: " + comm.overlap_note()).c_str());
+  }
   for (const std::string& choice : plan.choices) std::printf("plan: %s\n", choice.c_str());
   std::printf("plan: step times predicted at rates %s\n", plan.rates.describe().c_str());
   if (o.mlp_chunk != "auto" && model.mlp_rows() < model.max_tokens())
@@ -617,11 +646,13 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   std::fflush(stdout);  // the header shows before the evaluation, which can take long
   std::optional<MetricsWriter> metrics;
   if (lead) metrics.emplace(metrics_path);
-  // Evaluations are rank 0's alone: the parameters are the same on every rank.
-  if (eval && start == 0 && lead) {
+  // Evaluations are rank 0's alone, the parameters being the same on every rank; with the weights
+  // sharded every rank evaluates, since each block of rank 0's passes is gathered from them all.
+  const bool evaluates = lead || plan.tier == offload::WeightTier::Shard;
+  if (eval && start == 0 && evaluates) {
     // Logged as the eval at step 0, so the report of a resumed run still has it.
     const double before = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
-    metrics->write(EvalMetrics{0, before, std::exp(before)});
+    if (lead) metrics->write(EvalMetrics{0, before, std::exp(before)});
     std::printf("eval loss before training: %.4f (perplexity %.2f)\n", before, std::exp(before));
   }
   if (stopped_before_training()) return 0;
@@ -669,11 +700,12 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   };
   auto run_eval = [&](int64_t step) {
     const double loss = evaluate_loss(model, *eval, o.micro_batch, o.seq_len, pad_id).mean();
-    metrics->write(EvalMetrics{step, loss, std::exp(loss)});
+    if (lead) metrics->write(EvalMetrics{step, loss, std::exp(loss)});
     return loss;
   };
 
-  double last_loss = NAN, tok_s_sum = 0, wait_secs = 0, reduce_secs = 0, step_secs = 0;
+  double last_loss = NAN, tok_s_sum = 0, wait_secs = 0, reduce_secs = 0, step_secs = 0, sum_work_secs = 0;
+  bool overlapped = false;
   int64_t tok_s_n = 0;
   int64_t step = start;
   OpProfile profile;        // --profile: the training steps' ops, nothing else
@@ -701,6 +733,8 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
     ++tok_s_n;
     wait_secs += st.wait_seconds;
     reduce_secs += st.reduce_seconds;
+    sum_work_secs += st.sum_work_seconds;
+    overlapped = overlapped || st.overlapped;
     step_secs += secs;
     last_loss = st.loss;
     const size_t peak = mem.peak_total();
@@ -711,10 +745,9 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
     progress.step(st, tok_s, peak);
     const int64_t done = step + 1;
     refuse_diverged(done, false);
-    if (lead) {
-      if (eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps) run_eval(done);
-      metrics->sync();
-    }
+    if (evaluates && eval && o.eval_every > 0 && done % o.eval_every == 0 && done < total_steps)
+      run_eval(done);
+    if (lead) metrics->sync();
     const int sig = g_stop_signal.load();
     const bool stop = dist::any_rank(comm, sig != 0);
     if ((o.save_every > 0 && done % o.save_every == 0 && done < total_steps) || stop) {
@@ -728,9 +761,9 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   }
 
   std::optional<double> eval_after;
-  if (eval && lead) {
+  if (eval && evaluates) {
     eval_after = run_eval(total_steps);
-    metrics->sync();
+    if (lead) metrics->sync();
   }
   const std::string ck = save();
   if (!lead) return 0;
@@ -763,6 +796,12 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
         tok_s_n ? 1e3 * reduce_secs / double(tok_s_n) : 0.0,
         step_secs > 0 ? 100 * reduce_secs / step_secs : 0.0,
         tok_s_n ? 1e3 * wait_secs / double(tok_s_n) : 0.0);
+  if (comm.size() > 1 && overlapped)
+    std::printf(
+        "; overlapped with the backward: the sums worked %.3g ms a step, of which %.0f%% was hidden behind "
+        "it (the step waited the rest, its wait for the slowest rank included)",
+        tok_s_n ? 1e3 * sum_work_secs / double(tok_s_n) : 0.0,
+        sum_work_secs > 0 ? 100 * std::max(0.0, 1 - reduce_secs / sum_work_secs) : 0.0);
   std::printf("\nmean throughput %.0f tokens/s; peak tracked memory %s on %s (weights %s, activations %s)\n",
               tok_s_n ? tok_s_sum / double(tok_s_n) : 0.0, format_bytes(double(mem.peak_total())).c_str(),
               s.backend->name().c_str(), format_bytes(double(mem.peak(MemTag::Weights))).c_str(),

@@ -128,6 +128,13 @@ void add_finetune_options(CLI::App& c, FinetuneOptions& o, bool training = true)
       ->type_name("INT|auto")
       ->default_str(std::to_string(o.micro_batch));
   c.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  c.add_flag("--overlap-grad-sum,!--no-overlap-grad-sum", o.overlap_grad_sum,
+             "Over several ranks (mpirun), sum each block's LoRA gradients while the backward of the blocks "
+             "below it runs (default on; the same bits either way)");
+  c.add_flag("--shard-weights", o.shard_weights,
+             "Over several ranks (mpirun -np N), each rank holds 1/N of the base model's layers in host "
+             "memory and all-gathers a layer's block from the others just before it runs (the same bits "
+             "as whole weights)");
   c.add_option("--batch-size", o.batch_size,
                "Sequences per optimizer step (0: --micro-batch x --grad-accum; with --micro-batch auto, 4 x "
                "--grad-accum); given with a --micro-batch count, it sets --grad-accum")
@@ -243,6 +250,11 @@ int run(int argc, char** argv) {
   plan->add_option("--config", "JSON file of finetune options; repeatable, as for finetune");
   add_finetune_options(*plan, planned, false);
   plan->add_flag("--json", plan_json, "Print the plan as JSON");
+  plan->add_option("--ranks", planned.ranks,
+                   "Plan one rank of a data-parallel run of N processes (mpirun -np N): each rank's table "
+                   "and peak, with the buffers of the gradient sum over the ranks")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
 
   InitOptions init;
   CLI::App* init_cmd =

@@ -68,6 +68,7 @@ json to_json(const FinetuneOptions& o) {
          {"threads", o.threads}};
   // Single-process runs leave it out, so that their config hash is what it was before data parallel.
   if (o.ranks > 1) j["ranks"] = o.ranks;
+  if (o.shard_weights) j["shard_weights"] = true;
   if (!o.matmul_chosen.empty()) j["matmul_chosen"] = o.matmul_chosen;
   // What auto chose, once the plan has chosen (a resumed run keeps it).
   if (o.micro_batch_auto) {
@@ -123,10 +124,26 @@ json resume_relevant(const FinetuneOptions& o) {
   // change only the order the MLP adapters' gradients sum their rows in, as --threads does.
   // --matmul changes how the frozen products round (bf16 or f32 operands) within its bound, so a
   // resume under another continues the training, not its bits.
-  for (const char* free :
-       {"out", "save_every", "keep", "eval_every", "eval_data", "checkpointing", "device", "attention",
-        "matmul", "matmul_chosen", "weights", "mlp_chunk", "loss_chunk", "embedding", "max_mem",
-        "max_host_mem", "threads", "micro_batch_chosen", "grad_accum_chosen"})
+  for (const char* free : {"out",
+                           "save_every",
+                           "keep",
+                           "eval_every",
+                           "eval_data",
+                           "checkpointing",
+                           "device",
+                           "attention",
+                           "matmul",
+                           "matmul_chosen",
+                           "weights",
+                           "mlp_chunk",
+                           "loss_chunk",
+                           "embedding",
+                           "max_mem",
+                           "max_host_mem",
+                           "threads",
+                           "micro_batch_chosen",
+                           "grad_accum_chosen",
+                           "shard_weights"})
     all.erase(free);
   // A count of sequences per step says no more than micro_batch and grad_accum do (and runs from
   // before it existed keep their hash); under auto it is what the step is.

@@ -38,6 +38,10 @@ struct FinetuneOptions {
   int seq_len = 512;
   int micro_batch = 4;
   int grad_accum = 1;
+  bool overlap_grad_sum = true;  // over several ranks: sum each block's gradients during the backward
+  // Over several ranks: each holds 1/N of the per-layer weights, a block all-gathered before use
+  // (offload::WeightTier::Shard). Changes where bytes live, not the numbers.
+  bool shard_weights = false;
   // --micro-batch as given on the command line ("auto" or a count; empty: micro_batch as set). With
   // auto the planner splits the step's batch_size sequences into the micro-batch its cost model
   // predicts fastest among those that fit, and grad_accum follows.

@@ -17,6 +17,7 @@
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
 #include "src/data/chat_template.h"
+#include "src/dist/comm.h"
 #include "src/io/spill.h"
 #include "src/model/scratch_shape.h"
 
@@ -104,11 +105,11 @@ std::vector<WeightTier> tiers_of(const Backend& be) {
 
 // Refuses a --weights choice the model or backend cannot take, naming why (the weight store's own
 // checks, and a config alone, which has no file to stream from).
-void check_tier(WeightTier t, const Backend& be, const io::ModelDescription& d) {
+void check_tier(WeightTier t, const Backend& be, const io::ModelDescription& d, int ranks) {
   if (t == WeightTier::Resident) return;
   TF_CHECK(t != WeightTier::Disk || !d.config_only, "--weights disk streams the model file: ", d.path,
            " is a config alone");
-  offload::WeightStore::footprint(d.weights, t, be);
+  offload::WeightStore::footprint(d.weights, t, be, ranks);
 }
 
 }  // namespace
@@ -168,6 +169,27 @@ DataSizes data_sizes(const FinetuneOptions& o) {
 constexpr const char* kStreamedItem = "base weights streamed per pass";
 constexpr const char* kOffloadedItem = "saved block inputs";
 constexpr const char* kSpillItem = "spill file of the converted layers";
+// The weight store's allocation of this rank's shares (WeightStore::footprint), and its plan item.
+constexpr const char* kShardsAlloc = "weight shards";
+
+std::string shards_detail(const FinetuneOptions& o) {
+  return "1/" + std::to_string(o.ranks) + " of each layer's block; the block all-gathered from the " +
+         std::to_string(o.ranks) + " ranks just before use";
+}
+
+// The tiers the plan's table of alternatives shows: the backend's, and with several ranks the
+// ranks' shares (--shard-weights).
+std::vector<WeightTier> shown_tiers(const Backend& be, const FinetuneOptions& o) {
+  std::vector<WeightTier> v = tiers_of(be);
+  if (o.ranks >= 2) v.push_back(WeightTier::Shard);
+  return v;
+}
+
+// `l` for tier t: split over the ranks under Shard, whole otherwise.
+ModelLayout layout_for(ModelLayout l, WeightTier t, const FinetuneOptions& o) {
+  l.shard_ranks = t == WeightTier::Shard ? o.ranks : 1;
+  return l;
+}
 
 // Host memory that converting one per-layer tensor into the spill file holds at once (store_weight,
 // then SpillFile::write): the converted copy, the f32 rows of one chunk, an NF4 target's f32 absmax
@@ -207,7 +229,9 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
   };
   for (const PlannedAlloc& a : mp.allocs) {
     const uint64_t bytes = be.footprint(a.bytes);
-    if (a.tag == MemTag::Weights && a.what != "streamed block buffer") {
+    if (a.what == kShardsAlloc) {
+      add(kShardsItem, shards_detail(o), mine, bytes);
+    } else if (a.tag == MemTag::Weights && a.what != "streamed block buffer") {
       add("base weights", "placed as the backend computes with them", mine, bytes);
     } else if (a.what == "saved activations") {
       add(a.what,
@@ -231,11 +255,16 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
     const ScratchShape shape = model_scratch_shape(d.weights, lora, o.micro_batch, o.seq_len, true, layout);
     for (const PlannedAlloc& a : be.scratch_plan(shape)) add(a.what, tokens_detail(o), Tier::Device, a.bytes);
   }
-  for (const PlannedAlloc& a : mp.host) add(a.what, "", Tier::Host, a.bytes);
+  for (const PlannedAlloc& a : mp.host)
+    add(a.what == kShardsAlloc ? kShardsItem : a.what, a.what == kShardsAlloc ? shards_detail(o) : "",
+        Tier::Host, a.bytes);
 
   // Base weights converted at load live in host memory of their own for the whole run (on a device
   // backend too: the model keeps its host copy); the pages of the file mapping that the run reads,
   // for kept weights, are part of host_overheads.
+  // Disk streams the layers from the files, Shard copies its shares from them: a converted layer
+  // goes to the spill file either way.
+  const bool from_files = tier == WeightTier::Disk || tier == WeightTier::Shard;
   uint64_t converted = 0, streamed_tensors = 0, spilling = 0;
   bool non_f32 = false, half = false;
   uint32_t quantized = 0;
@@ -247,9 +276,10 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
       const std::optional<LoraTarget> t = lora_target_of(s);
       if (t && is_quantized(r.dtype)) quantized |= 1u << unsigned(*t);
     }
-    if (tier == WeightTier::Disk && is_layer_slot(s)) {
+    if (from_files && is_layer_slot(s)) {
       // Kept tensors stream from the model file; converted ones from the spill file the loader
-      // writes them to, one at a time.
+      // writes them to, one at a time. Cut into shares, they are read once from there, their
+      // pages dropped.
       const WeightRef& src = d.source.slot(s, layer);
       if (r.dtype == src.dtype) {
         streamed_tensors += uint64_t(io::stored_bytes(r));
@@ -261,7 +291,7 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
     if (r.dtype != d.source.slot(s, layer).dtype) converted += uint64_t(io::stored_bytes(r));
   });
   add("base weights converted at load", "--quant " + o.quant, Tier::Host, converted);
-  const uint64_t spilled = tier == WeightTier::Disk ? io::spill_bytes(d.source, quant_option(o.quant)) : 0;
+  const uint64_t spilled = from_files ? io::spill_bytes(d.source, quant_option(o.quant)) : 0;
   if (spilled) {
     plan.items.push_back({"converting a layer's tensor to the spill file",
                           "the largest: converted, its f32 chunk and absmax, its source pages", Tier::Host,
@@ -305,6 +335,20 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
     uint64_t bytes = 0;
     for (const PlannedAlloc& a : lora_plan) bytes += a.bytes;
     plan.items.push_back({"LoRA state copied to the host", "while saving", Tier::Host, bytes, true});
+  }
+  if (o.ranks > 1) {
+    // Data parallel: every rank gathers the ranks' LoRA gradients to add them in rank order
+    // (dist::Communicator::all_reduce_sum), into a buffer made for each sum; a device backend's
+    // gradients are summed in a host copy kept for the run.
+    const std::string per_rank = "on each of " + std::to_string(o.ranks) + " ranks";
+    plan.items.push_back({"gradient sum: the ranks' gradients gathered",
+                          std::to_string(o.ranks) + " ranks x " +
+                              std::to_string(std::min(in.lora_params, dist::kSumChunkValues)) +
+                              " floats a round, while summing, " + per_rank,
+                          Tier::Host, dist::sum_gather_bytes(o.ranks, in.lora_params, sizeof(float)), true});
+    if (mine == Tier::Device)
+      add("gradient sum: LoRA gradients copied to the host", per_rank, Tier::Host,
+          uint64_t(in.lora_params) * sizeof(float));
   }
   return plan;
 }
@@ -391,6 +435,7 @@ std::vector<ModelLayout> model_layouts(const FinetuneOptions& o, int64_t max_tok
   for (bool host : embeds) v.push_back({chunks.front(), host, losses.front()});
   for (size_t i = 1; i < chunks.size(); ++i) v.push_back({chunks[i], embeds.back(), losses.front()});
   for (size_t i = 1; i < losses.size(); ++i) v.push_back({chunks.back(), embeds.back(), losses[i]});
+  for (ModelLayout& l : v) l.shard_ranks = o.shard_weights ? o.ranks : 1;
   return v;
 }
 
@@ -422,6 +467,9 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
 nlohmann::json RunPlan::to_json() const {
   nlohmann::json j = plan.to_json();
   j["backend"] = backend;
+  // Every number is one rank's: the ranks of a data-parallel run each hold the whole model.
+  j["ranks"] = ranks;
+  j["per_rank"] = ranks > 1;
   j["checkpointing"] = policy_option(policy);
   j["weights"] = offload::weight_tier_name(tier);
   j["budget"]["device"] = budget.device ? nlohmann::json(*budget.device) : nlohmann::json(nullptr);
@@ -454,12 +502,22 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   TF_CHECK(!policies.empty(), "--checkpointing must be auto, none, block or offload, got '", o.checkpointing,
            "'");
   std::vector<WeightTier> tiers;
-  if (o.weights == "auto") {
+  if (o.shard_weights) {
+    TF_CHECK(o.ranks >= 2,
+             "--shard-weights splits the per-layer weights across the ranks of a data-parallel ",
+             "run: launch it under mpirun -np N with N >= 2 (or plan it with --ranks N)");
+    TF_CHECK(o.weights == "auto",
+             "--shard-weights keeps each rank's share of the weights in host memory and "
+             "all-gathers a block before use, which is where --weights ",
+             o.weights, " would put them otherwise: leave --weights out");
+    check_tier(WeightTier::Shard, be, d, o.ranks);
+    tiers = {WeightTier::Shard};
+  } else if (o.weights == "auto") {
     tiers = tiers_of(be);
   } else {
     const std::optional<WeightTier> t = parse_weight_tier(o.weights);
     TF_CHECK(t, "--weights must be auto, resident, host or disk, got '", o.weights, "'");
-    check_tier(*t, be, d);
+    check_tier(*t, be, d, o.ranks);
     tiers = {*t};
   }
   const std::vector<int> micros = micro_batches(o);
@@ -479,7 +537,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   for (WeightTier t : tiers) {
     if (o.weights == "auto" && t != WeightTier::Resident) {
       try {
-        check_tier(t, be, d);
+        check_tier(t, be, d, o.ranks);
       } catch (const Error&) {
         continue;
       }
@@ -517,6 +575,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
   best.backend = be.name();
   best.rates = rates;
   best.startup_rss = startup_rss;
+  best.ranks = o.ranks;
   best.fits = !fitting.empty();
   // When nothing fits, the run is described as its first candidate would run it, at its smallest
   // micro-batch.
@@ -552,7 +611,7 @@ RunPlan plan_run(const FinetuneOptions& o, const io::ModelDescription& d, const 
              : reason("keeping every block's activations",
                       [](const Candidate& c) { return c.policy == CheckpointPolicy::None; })) +
         ")");
-  if (o.weights == "auto")
+  if (o.weights == "auto" && !o.shard_weights)
     best.choices.push_back(std::string("weights ") + offload::weight_tier_name(best.tier) + " (auto: " +
                            (best.tier == WeightTier::Resident
                                 ? "predicted step " + seconds(best.cost.total_s) + ", nothing streamed"
@@ -770,19 +829,20 @@ int run_plan(const FinetuneOptions& given, bool json) {
     j["model"] = o.model;
     j["note"] = note;
     nlohmann::json grid = nlohmann::json::array();
-    for (WeightTier t : tiers_of(*be)) {
+    for (WeightTier t : shown_tiers(*be, o)) {
       for (CheckpointPolicy p : policies_of(*be)) {
         try {
-          check_tier(t, *be, d);
+          check_tier(t, *be, d, o.ranks);
         } catch (const Error&) {
           continue;
         }
-        const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, smallest);
-        grid.push_back({{"weights", offload::weight_tier_name(t)},
-                        {"checkpointing", policy_option(p)},
-                        {"device", alt.peak(Tier::Device)},
-                        {"host", alt.peak(Tier::Host)},
-                        {"step_s", predict_step(chosen, d, *be, p, t, alt, smallest).total_s}});
+        const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, layout_for(smallest, t, o));
+        grid.push_back(
+            {{"weights", offload::weight_tier_name(t)},
+             {"checkpointing", policy_option(p)},
+             {"device", alt.peak(Tier::Device)},
+             {"host", alt.peak(Tier::Host)},
+             {"step_s", predict_step(chosen, d, *be, p, t, alt, layout_for(smallest, t, o)).total_s}});
       }
     }
     j["alternatives"] = grid;
@@ -798,6 +858,11 @@ int run_plan(const FinetuneOptions& given, bool json) {
               note.c_str());
   std::printf("weights %s, checkpointing %s\n", offload::weight_tier_name(plan.tier),
               policy_name(plan.policy));
+  if (o.ranks > 1)
+    std::printf("per rank of %d data-parallel ranks (each %s and sums the gradients)\n", o.ranks,
+                plan.tier == WeightTier::Shard
+                    ? ("holds 1/" + std::to_string(o.ranks) + " of the layers' weights").c_str()
+                    : "holds the whole model");
   for (const std::string& ch : plan.choices) std::printf("  %s\n", ch.c_str());
   std::printf("%s", plan.plan.table().c_str());
   std::printf("predicted peak: %s\n", peaks_text(plan.plan, plan.budget).c_str());
@@ -811,18 +876,19 @@ int run_plan(const FinetuneOptions& given, bool json) {
   std::printf(
       "smallest budgets (the predicted peaks) and predicted steps by where the weights live and what is "
       "recomputed:\n");
-  for (WeightTier t : tiers_of(*be)) {
+  for (WeightTier t : shown_tiers(*be, o)) {
     try {
-      check_tier(t, *be, d);
+      check_tier(t, *be, d, o.ranks);
     } catch (const Error& e) {
       std::printf("  weights %-8s  not possible: %s\n", offload::weight_tier_name(t), e.what());
       continue;
     }
     for (CheckpointPolicy p : policies_of(*be)) {
-      const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, smallest);
-      std::printf("  weights %-8s  checkpointing %-9s  %s; step %s\n", offload::weight_tier_name(t),
-                  policy_option(p), peaks_text(alt, {}).c_str(),
-                  seconds(predict_step(chosen, d, *be, p, t, alt, smallest).total_s).c_str());
+      const offload::Plan alt = byte_model(chosen, d, *be, p, t, startup, layout_for(smallest, t, o));
+      std::printf(
+          "  weights %-8s  checkpointing %-9s  %s; step %s\n", offload::weight_tier_name(t), policy_option(p),
+          peaks_text(alt, {}).c_str(),
+          seconds(predict_step(chosen, d, *be, p, t, alt, layout_for(smallest, t, o)).total_s).c_str());
     }
   }
   if (plan.fits) {

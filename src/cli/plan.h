@@ -16,6 +16,9 @@
 
 namespace tf::cli {
 
+// The plan item of this rank's share of the per-layer weights under --shard-weights.
+inline constexpr const char* kShardsItem = "base weights: this rank's share of the layers";
+
 // A finetune run as planned: its byte model, the checkpoint policy, weight tier and micro-batch it
 // runs with (what auto chose, or what was asked), the step time the cost model predicts at its
 // nominal rates, the budgets and whether the peaks fit them.
@@ -33,6 +36,7 @@ struct RunPlan {
   std::vector<std::string> choices;  // what each auto option chose and why
   bool fits = true;
   uint64_t startup_rss = 0;  // the process's memory when planning began, before the model's headers
+  int ranks = 1;             // the data-parallel ranks each of which the plan is for (--ranks)
   nlohmann::json to_json() const;
 };
 

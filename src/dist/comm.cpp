@@ -2,6 +2,8 @@
 // launch that picks this process's communicator
 #include "src/dist/comm.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,6 +24,10 @@ class SingleProcess final : public Communicator {
   void broadcast(std::span<std::byte>, int root) override {
     TF_CHECK(root == 0, "broadcast from rank ", root, " in a single-process run");
   }
+  void all_gather(std::span<const std::byte> mine, std::span<std::byte> all) override {
+    check_gather_sizes(mine.size(), all.size(), 1);
+    if (!mine.empty()) std::memcpy(all.data(), mine.data(), mine.size());
+  }
   void barrier() override {}
 
  protected:
@@ -39,6 +45,17 @@ void sum_ranks(const T* gathered, int ranks, int64_t n, T* out) {
 }
 
 }  // namespace
+
+void check_gather_sizes(size_t mine, size_t all, int ranks) {
+  TF_CHECK(ranks >= 1 && mine <= SIZE_MAX / size_t(ranks) && all == mine * size_t(ranks), "all-gather of ",
+           mine, " bytes from each of ", ranks, " ranks into a buffer of ", all, " bytes (", ranks, " x ",
+           mine, " expected)");
+}
+
+uint64_t sum_gather_bytes(int ranks, int64_t n, size_t value_bytes) {
+  if (ranks <= 1 || n <= 0) return 0;
+  return uint64_t(ranks) * uint64_t(std::min(n, kSumChunkValues)) * value_bytes;
+}
 
 std::unique_ptr<Communicator> single_process() {
   return std::make_unique<SingleProcess>();

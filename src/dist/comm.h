@@ -1,6 +1,6 @@
 // defines: tf::dist::Communicator (the ranks of a data-parallel run: rank, size, deterministic
-// all-reduce sums, broadcast, barrier, abort), the single-process communicator, the rank-order sum
-// both implementations share, and the launch that picks one for this process
+// all-reduce sums, all-gather, broadcast, barrier, abort), the single-process communicator, the rank-order
+// sum both implementations share, and the launch that picks one for this process
 #pragma once
 
 #include <cstddef>
@@ -31,7 +31,33 @@ class Communicator {
   virtual void all_reduce_sum(std::span<int64_t> data) = 0;
   // Rank `root`'s bytes into every rank's `data`.
   virtual void broadcast(std::span<std::byte> data, int root) = 0;
+  // Every rank's `mine` (the same size on every rank) into every rank's `all`, rank r's bytes at
+  // [r x mine.size(), (r + 1) x mine.size()): bytes split across the ranks, put back together on
+  // each. Throws unless all.size() is size() x mine.size().
+  virtual void all_gather(std::span<const std::byte> mine, std::span<std::byte> all) = 0;
   virtual void barrier() = 0;
+
+  // Collectives that run while this thread computes, on a communication thread: start_sum(data)
+  // begins the same rank-order sum as all_reduce_sum(data) (the same bits), start_gather(mine, all)
+  // the same all-gather as all_gather(mine, all); both return at once with a ticket. wait(ticket)
+  // returns once that collective and every one started before it are done (they run one after
+  // another in the order started); finish_sums() once every one started is, with the seconds the
+  // sums among them took (their work, hidden or not). Every rank starts the same collectives in the
+  // same order, and the caller leaves their buffers alone until they are done. Where overlap() is
+  // false each runs before start_* returns.
+  virtual bool overlap() const { return false; }
+  // Why collectives cannot overlap here ("" where they can), for the log.
+  virtual std::string overlap_note() const { return overlap() ? "" : "one process"; }
+  virtual uint64_t start_sum(std::span<float> data) {
+    all_reduce_sum(data);
+    return 0;
+  }
+  virtual uint64_t start_gather(std::span<const std::byte> mine, std::span<std::byte> all) {
+    all_gather(mine, all);
+    return 0;
+  }
+  virtual void wait(uint64_t ticket) {}
+  virtual double finish_sums() { return 0; }
   // Stops every rank of the run: prints "error: rank r of N: message" on stderr and ends this
   // process and the others (MPI_Abort), so that no rank waits forever in a collective for one that
   // failed. A single process throws tf::Error with the message instead.
@@ -67,6 +93,16 @@ int launcher_size();
 // rank order into `out`: out[i] = ((v_0[i] + v_1[i]) + v_2[i]) + ...
 void sum_in_rank_order(const float* gathered, int ranks, int64_t n, float* out);
 void sum_in_rank_order(const double* gathered, int ranks, int64_t n, double* out);
+
+// Values per round of the MPI all-reduce sum's gather: bounds its buffer at size x 4 MiB for
+// floats whatever the length of the data.
+inline constexpr int64_t kSumChunkValues = int64_t(1) << 20;
+// The host bytes one all_reduce_sum of `n` values of `value_bytes` each gathers into on each of
+// `ranks` ranks (0 for one rank, whose sum is the identity): ranks x min(n, kSumChunkValues) values.
+uint64_t sum_gather_bytes(int ranks, int64_t n, size_t value_bytes);
+
+// Refuses an all-gather whose `all` is not `ranks` x `mine` bytes (or whose product overflows).
+void check_gather_sizes(size_t mine, size_t all, int ranks);
 
 // Helpers over the collectives.
 // Rank 0's `value` on every rank.

@@ -35,11 +35,15 @@ int64_t chunk_rows(int64_t rows, int64_t cols, int64_t chunk_elems) {
   return std::min(rows, std::max(whole, chunk_elems / cols / whole * whole));
 }
 
+// Memory of the weights' own, as an owned tensor (LlamaWeights::owned) whose view starts at it, so
+// that a weight store that copied it elsewhere can let it go (WeightStore::release_sources).
 template <typename T>
 T* own(LlamaWeights& w, int64_t count) {
-  auto b = std::make_shared<Buffer>(size_t(count) * sizeof(T), MemTag::Weights, /*zero=*/false);
-  T* p = b->as<T>();
-  w.keepalive.push_back(std::move(b));
+  Tensor t;
+  t.storage = Buffer(size_t(count) * sizeof(T), MemTag::Weights, /*zero=*/false);
+  t.view.data = t.storage.data();
+  T* p = static_cast<T*>(t.view.data);
+  w.owned.push_back(std::move(t));
   return p;
 }
 

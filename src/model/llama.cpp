@@ -34,10 +34,10 @@ static bool placed_slot(WeightSlot s, offload::WeightTier tier, bool host_embedd
 // state is laid out, so an unsupported dtype, or weights the tier cannot stream, are reported before
 // anything is allocated on the backend.
 static LlamaWeights place_weights(const LlamaWeights& w, Backend& be, std::vector<DeviceMem>& storage,
-                                  offload::WeightTier tier, bool host_embedding) {
+                                  offload::WeightTier tier, bool host_embedding, int shard_ranks) {
   const LlamaConfig& c = w.config;
   check_weights(w);
-  if (tier != offload::WeightTier::Resident) offload::WeightStore::footprint(w, tier, be);
+  if (tier != offload::WeightTier::Resident) offload::WeightStore::footprint(w, tier, be, shard_ranks);
   LlamaWeights::for_each_slot(c, [&](WeightSlot s, int layer) {
     const DType dtype = w.slot(s, layer).dtype;
     TF_CHECK(be.supports_weight(dtype), "the ", be.name(), " backend does not run ", dtype_name(dtype),
@@ -129,7 +129,7 @@ MemoryPlan LlamaModel::memory_plan(const LlamaWeights& w, const LoraConfig& lora
       plan.allocs.push_back({hf_weight_name(c, s, layer), MemTag::Weights, bytes});
   });
   if (tier != offload::WeightTier::Resident) {
-    offload::StoreFootprint store = offload::WeightStore::footprint(w, tier, be);
+    offload::StoreFootprint store = offload::WeightStore::footprint(w, tier, be, opt.shard_ranks);
     for (PlannedAlloc& a : store.backend) plan.allocs.push_back(std::move(a));
     plan.host = std::move(store.host);
     plan.streamed_bytes = store.streamed_bytes;
@@ -159,16 +159,18 @@ LlamaModel::LlamaModel(LlamaWeights weights, const LoraConfig& lora, CheckpointP
     : be_(&backend),
       weights_(std::move(weights)),
       placed_(place_weights(weights_, backend, weight_mem_, tier,
-                            embedding_on_host(weights_.config, backend, opt))),
+                            embedding_on_host(weights_.config, backend, opt), opt.shard_ranks)),
       store_(tier == offload::WeightTier::Resident
                  ? nullptr
-                 : std::make_unique<offload::WeightStore>(weights_, tier, backend)),
+                 : std::make_unique<offload::WeightStore>(weights_, tier, backend, opt.exchange)),
       lora_(weights_.config, lora, backend),
       policy_(policy),
       max_tokens_(max_tokens) {
   const LlamaConfig& c = weights_.config;
   TF_CHECK(max_tokens > 0, "max tokens per micro-batch must be positive, got ", max_tokens);
   if (policy == CheckpointPolicy::PerBlockOffload) offload::ActivationStore::check_backend(backend);
+  // The shares hold this rank's part of every block: the whole blocks it was cut from go.
+  if (tier == offload::WeightTier::Shard) store_->release_sources(weights_);
   const Layout L = layout(c, lora, policy, max_tokens, opt);
   mlp_rows_ = L.mlp_rows;
   loss_rows_ = opt.loss_rows > 0 ? std::min(opt.loss_rows, max_tokens) : max_tokens;
@@ -595,6 +597,11 @@ Batch LlamaModel::forward_stack(const Batch& host_batch, bool training, uint64_t
 }
 
 LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, uint64_t step) {
+  return forward_backward(host_batch, grad_scale, step, nullptr);
+}
+
+LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, uint64_t step,
+                                     const BlockGradsDone& grads_done) {
   TF_CHECK(host_batch.targets, "a training batch needs targets");
   const LlamaConfig& c = weights_.config;
   const Batch b = forward_stack(host_batch, true, step);
@@ -623,6 +630,7 @@ LossSum LlamaModel::forward_backward(const Batch& host_batch, float grad_scale, 
     }
     done_with_inputs();
     release_block(l);
+    if (grads_done) grads_done(l);
   }
   return total;
 }

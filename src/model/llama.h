@@ -2,6 +2,7 @@
 // backward of a Llama-family decoder with LoRA adapters on frozen base weights)
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -68,6 +69,10 @@ struct ModelLayout {
   // rows bound that working memory, at the price of smaller lm_head products (and, on the cpu with
   // a quantized lm_head, of dequantizing the table once per call). 0: the whole micro-batch in one.
   int64_t loss_rows = 0;
+  // WeightTier::Shard: the ranks the per-layer weights are split across, and (to build a model, not
+  // to plan one) the all-gather between them, which must outlive the model.
+  int shard_ranks = 1;
+  offload::BlockExchange* exchange = nullptr;
 };
 
 // Every allocation a LlamaModel makes on its backend, in the order its constructor makes them:
@@ -129,6 +134,10 @@ class LlamaModel {
   // once per optimizer step. Gradients are of grad_scale * (sum of token losses). `step` keys the
   // dropout masks.
   LossSum forward_backward(const Batch& b, float grad_scale, uint64_t step);
+  // Called with l once block l's backward is done and no later work of this pass touches its LoRA
+  // gradients (blocks go from the last to the first): a caller can start summing them early.
+  using BlockGradsDone = std::function<void(int layer)>;
+  LossSum forward_backward(const Batch& b, float grad_scale, uint64_t step, const BlockGradsDone& grads_done);
   // Loss without gradients or dropout.
   LossSum forward_loss(const Batch& b);
   // Full logits [n_tokens, vocab] (for tests and scoring; training never forms them), computed a

@@ -2,6 +2,7 @@
 // data-parallel ranks, skip policy, clipping, AdamW)
 #include "src/train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -49,10 +50,26 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   lora.zero_grads();
   const float grad_scale = 1.0f / float(st.target_tokens);
   double loss_sum = 0;
-  for (const Batch& b : micro_batches)
-    loss_sum += model_.forward_backward(b, grad_scale, uint64_t(state_.step)).sum;
+  const bool overlap = overlapping();
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    // On the last micro-batch a block's gradients are final once its backward is done.
+    const bool last = i + 1 == micro_batches.size();
+    LlamaModel::BlockGradsDone done;
+    if (overlap && last)
+      done = [&](int l) {
+        const auto [begin, end] = block_grads(l);
+        if (end > begin) comm_->start_sum(std::span(lora.grad_data() + begin, size_t(end - begin)));
+      };
+    loss_sum += model_.forward_backward(micro_batches[i], grad_scale, uint64_t(state_.step), done).sum;
+  }
+  if (overlap) {
+    const auto t0 = std::chrono::steady_clock::now();
+    st.sum_work_seconds = comm_->finish_sums();
+    st.reduce_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    st.overlapped = true;
+  }
   comm_->all_reduce_sum(std::span(&loss_sum, 1));
-  reduce_gradients(st);
+  if (!overlap) reduce_gradients(st);
   st.loss = loss_sum / double(st.target_tokens);
   st.lr = learning_rate(cfg_.lr, state_.step);
   const double norm = global_grad_norm(lora.backend(), lora.grad_data(), lora.n_params);
@@ -87,6 +104,26 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
   lora.backend().adamw_update(lora.param_data(), lora.grad_data(), lora.adam_m.as<float>(),
                               lora.adam_v.as<float>(), lora.n_params, p);
   return st;
+}
+
+bool Trainer::overlapping() const {
+  return cfg_.overlap_grad_sum && comm_->size() > 1 && comm_->overlap() &&
+         model_.lora().backend().host_memory();
+}
+
+std::pair<int64_t, int64_t> Trainer::block_grads(int layer) const {
+  const LoraState& lora = model_.lora();
+  const auto begin_of = [&](int l) {
+    int64_t b = lora.n_params;
+    for (const LoraAdapter& a : lora.layers[size_t(l)])
+      if (a.active())
+        b = std::min({b, int64_t(a.dA - lora.grads.as<float>()), int64_t(a.dB - lora.grads.as<float>())});
+    return b;
+  };
+  const int64_t begin = begin_of(layer);
+  int64_t end = lora.n_params;
+  for (int l = layer + 1; l < int(lora.layers.size()) && end == lora.n_params; ++l) end = begin_of(l);
+  return {std::min(begin, end), end};
 }
 
 void Trainer::reduce_gradients(StepStats& st) {

@@ -23,6 +23,10 @@ struct TrainConfig {
   float clip = 1.0f;  // global gradient-norm limit; <= 0 disables clipping
   // A step whose loss or gradient is NaN/Inf is skipped and counted; this many in a row abort.
   int max_consecutive_skips = 5;
+  // Over several ranks, sum each block's LoRA gradients while the previous block's backward runs
+  // (where the communicator can overlap and the backend's memory is host memory); the bits are
+  // the same either way.
+  bool overlap_grad_sum = true;
 };
 
 struct StepStats {
@@ -35,6 +39,10 @@ struct StepStats {
   int64_t rank_tokens = 0;    // tokens this rank processed
   double wait_seconds = 0;    // spent waiting for the slowest rank to finish its backward
   double reduce_seconds = 0;  // spent summing the gradients over the ranks, once all were there
+  // With the sum overlapped: the seconds the sums worked in all, of which the step waited for
+  // reduce_seconds after its backward (wait_seconds is then 0: the wait is inside the sums).
+  double sum_work_seconds = 0;
+  bool overlapped = false;
   bool skipped = false;
   int64_t skipped_total = 0;
 };
@@ -67,6 +75,11 @@ class Trainer {
   // Sums the LoRA gradients over the ranks, recording in `st` the time spent waiting for the
   // other ranks and the time of the sum itself.
   void reduce_gradients(StepStats& st);
+  // Whether this step's sum runs block by block during the last micro-batch's backward.
+  bool overlapping() const;
+  // The [begin, end) range of block l's LoRA gradients in the flat gradient vector (the state lays
+  // them out block after block).
+  std::pair<int64_t, int64_t> block_grads(int layer) const;
 
   LlamaModel& model_;
   TrainConfig cfg_;
