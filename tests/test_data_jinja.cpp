@@ -77,6 +77,70 @@ TEST(DataJinja, PythonOperatorsAndStr) {
   EXPECT_EQ(R("{{ not x is defined }} {{ x is not defined and true }}"), "True True");
 }
 
+// str.format's specs after ':' as Python's format(value, spec) writes them (each expected string
+// printed by Python 3.11), and the specs Python refuses, refused with its reason.
+TEST(DataJinja, StrFormatSpecsAreFormatsMiniLanguage) {
+  const struct {
+    const char* value;
+    const char* spec;
+    const char* want;
+  } cases[] = {
+      {"'abc'", ">6", "   abc"},
+      {"'abc'", "*^7", "**abc**"},
+      {"'abc'", ".2", "ab"},
+      {"'h\u00e9llo'", "<7.3", "h\u00e9l    "},
+      {"42", "05d", "00042"},
+      {"42", "+d", "+42"},
+      {"-42", "=+8", "-     42"},
+      {"255", "#x", "0xff"},
+      {"255", "X", "FF"},
+      {"255", "#o", "0o377"},
+      {"5", "b", "101"},
+      {"1234567", ",", "1,234,567"},
+      {"1234567", "_", "1_234_567"},
+      {"65536", "_x", "1_0000"},
+      {"97", "c", "a"},
+      {"3.14159", ".2f", "3.14"},
+      {"3.14159", "8.3f", "   3.142"},
+      {"-3.14159", "08.3f", "-003.142"},
+      {"2.5", "%", "250.000000%"},
+      {"0.125", ".1%", "12.5%"},
+      {"1234.5", ",.2f", "1,234.50"},
+      {"1e-7", "g", "1e-07"},
+      {"123456789.0", "g", "1.23457e+08"},
+      {"1.0", ".3", "1.0"},
+      {"1.5", "", "1.5"},
+      {"0.1", "e", "1.000000e-01"},
+      {"0.1", ".2E", "1.00E-01"},
+      {"true", "", "True"},
+      {"true", "d", "1"},
+      {"true", ">6", "     1"},
+      {"7", ".2f", "7.00"},
+      {"12", "^6", "  12  "},
+      {"12", " d", " 12"},
+      {"1.5", ".0", "2e+00"},
+      {"100.0", ".2", "1e+02"},
+      {"2.0", "#g", "2.00000"},
+      {"1234567.0", "n", "1.23457e+06"},
+      {"1e16", "", "1e+16"},
+      {"0.5", "<8", "0.5     "},
+      {"-0.0", "f", "-0.000000"},
+  };
+  for (const auto& c : cases)
+    EXPECT_EQ(R(std::string("{{ '{:") + c.spec + "}'.format(" + c.value + ") }}"), c.want)
+        << c.value << " with '" << c.spec << "'";
+  EXPECT_EQ(R("{{ '{0:>4}|{name:*<5}|{1!r:>6}'.format(7, 'q', name='n') }}"), "   7|n****|   'q'");
+  EXPECT_CONTAINS(E("{{ '{:d}'.format('x') }}"), "unknown format code 'd' for a string");
+  EXPECT_CONTAINS(E("{{ '{:+}'.format('x') }}"), "sign not allowed in string format specifier");
+  EXPECT_CONTAINS(E("{{ '{:.2d}'.format(3) }}"), "precision not allowed in integer format specifier");
+  EXPECT_CONTAINS(E("{{ '{:,x}'.format(3) }}"), "cannot specify ',' with 'x'");
+  EXPECT_CONTAINS(E("{{ '{:>5}'.format(none) }}"), "a NoneType takes no format spec");
+  EXPECT_CONTAINS(E("{{ '{:5q}'.format(3) }}"), "unknown format code 'q' for an integer");
+  EXPECT_CONTAINS(E("{{ '{:5.2fx}'.format(3.0) }}"), "invalid format specifier");
+  EXPECT_CONTAINS(E("{{ '{:99999}'.format(3) }}"), "a width or precision above 4096");
+  EXPECT_CONTAINS(E("{{ '{!x}'.format(3) }}"), "a conversion is !s or !r");
+}
+
 // Casing and the str predicates follow Unicode as Python's do (utf8proc's simple case mappings),
 // not ASCII alone: templates lower-case role names and titles in any script.
 TEST(DataJinja, CasingAndPredicatesAreUnicode) {

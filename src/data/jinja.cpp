@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <unordered_map>
 
@@ -1668,7 +1670,138 @@ std::string percent_format(const std::string& fmt, const Value& args) {
   return out;
 }
 
-// str.format with {}, {0}, {name} and !s / !r; format specs are refused.
+// Python's format-spec mini-language, [[fill]align][sign][#][0][width][,|_][.precision][type], for
+// strings (type s), integers and booleans (d, n, x, X, o, b, c, or a float type) and floats (e, E,
+// f, F, g, G, n, %, or none: 'g' keeping a digit past the point, str() without a precision), as
+// format(value, spec) gives it; what Python refuses is refused with its reason. The fill is one
+// byte (a multi-byte fill character is refused as an invalid spec).
+std::string format_spec(const Value& v, const std::string& spec) {
+  const auto bad = [&](const auto&... why) { fail("format spec '", spec, "': ", why...); };
+  size_t k = 0;
+  char fill = ' ', align = 0, sign = 0, grouping = 0, type = 0;
+  bool alternate = false, zero = false;
+  int64_t width = -1, precision = -1;
+  const auto is_align = [](char c) { return c == '<' || c == '>' || c == '^' || c == '='; };
+  if (spec.size() >= 2 && is_align(spec[1])) {
+    fill = spec[0];
+    align = spec[1];
+    k = 2;
+  } else if (!spec.empty() && is_align(spec[0])) {
+    align = spec[0];
+    k = 1;
+  }
+  if (k < spec.size() && (spec[k] == '+' || spec[k] == '-' || spec[k] == ' ')) sign = spec[k++];
+  if (k < spec.size() && spec[k] == '#') alternate = (++k, true);
+  if (k < spec.size() && spec[k] == '0') zero = (++k, true);
+  const auto number = [&]() {
+    int64_t n = 0;
+    size_t digits = 0;
+    for (; k < spec.size() && std::isdigit(static_cast<unsigned char>(spec[k])); ++k, ++digits) {
+      n = n * 10 + (spec[k] - '0');
+      if (n > 4096) bad("a width or precision above 4096");
+    }
+    return digits ? n : -1;
+  };
+  width = number();
+  if (k < spec.size() && (spec[k] == ',' || spec[k] == '_')) grouping = spec[k++];
+  if (k < spec.size() && spec[k] == '.') {
+    ++k;
+    precision = number();
+    if (precision < 0) bad("a '.' without a precision");
+  }
+  if (k < spec.size()) type = spec[k++];
+  if (k < spec.size()) bad("invalid format specifier");
+  if (zero && align == 0) {
+    fill = '0';
+    align = '=';
+  }
+
+  const bool is_int = v.is(Value::Kind::Int) || v.is(Value::Kind::Bool);
+  std::string body, prefix;  // the digits or text, and the sign (and 0x) that '=' pads after
+  // A bool formats as int does, but for an empty spec ('{:}'), which gives True or False.
+  if (v.is_str() || (v.is(Value::Kind::Bool) && spec.empty()) || !v.is_number()) {
+    if (!v.is_str() && !v.is(Value::Kind::Bool)) {
+      if (!spec.empty()) bad("a ", type_name(v), " takes no format spec");
+      return py_str(v);
+    }
+    if (type != 0 && type != 's') bad("unknown format code '", std::string(1, type), "' for a string");
+    if (sign) bad("sign not allowed in string format specifier");
+    if (align == '=') bad("'=' alignment not allowed in string format specifier");
+    if (grouping) bad("cannot specify '", std::string(1, grouping), "' with 's'");
+    body = py_str(v);
+    if (precision >= 0 && int64_t(code_points(body)) > precision)
+      body.resize(code_point_starts(body)[size_t(precision)]);
+    if (align == 0) align = '<';
+  } else {
+    const bool float_type = std::strchr("eEfFgGn%", type) != nullptr && type != 0 && !(is_int && type == 'n');
+    if (is_int && !float_type) {
+      if (precision >= 0) bad("precision not allowed in integer format specifier");
+      if (type != 0 && !std::strchr("dxXobcn", type))
+        bad("unknown format code '", std::string(1, type), "' for an integer");
+      const int64_t n = v.is(Value::Kind::Bool) ? int64_t(v.b) : v.i;
+      const uint64_t mag = n < 0 ? uint64_t(0) - uint64_t(n) : uint64_t(n);
+      if (type == 'c') {
+        if (sign) bad("sign not allowed with integer format specifier 'c'");
+        if (n < 0 || n > 0x10FFFF) bad("%c arg not in range(0x110000)");
+        tok::append_utf8(body, uint32_t(n));
+      } else {
+        const int base = type == 'x' || type == 'X' ? 16 : type == 'o' ? 8 : type == 'b' ? 2 : 10;
+        const char* digits = type == 'X' ? "0123456789ABCDEF" : "0123456789abcdef";
+        for (uint64_t m = mag; m > 0 || body.empty(); m /= uint64_t(base))
+          body.insert(body.begin(), digits[m % uint64_t(base)]);
+        if (grouping) {
+          if (grouping == ',' && base != 10) bad("cannot specify ',' with '", std::string(1, type), "'");
+          const size_t group = base == 10 ? 3 : 4;
+          for (size_t at = body.size(); at > group; at -= group) body.insert(at - group, 1, grouping);
+        }
+        prefix = n < 0 ? "-" : sign == '+' ? "+" : sign == ' ' ? " " : "";
+        if (alternate && base != 10)
+          prefix += type == 'X' ? "0X" : type == 'x' ? "0x" : type == 'o' ? "0o" : "0b";
+      }
+    } else {
+      double x = v.as_double();
+      prefix = std::signbit(x) && !std::isnan(x) ? "-" : sign == '+' ? "+" : sign == ' ' ? " " : "";
+      x = std::fabs(x);
+      char buf[4200];
+      const int p = int(precision < 0 ? 6 : precision);
+      if (type == 0 && precision < 0) {
+        body = float_repr(x);
+      } else if (type == '%') {
+        std::snprintf(buf, sizeof buf, alternate ? "%#.*f" : "%.*f", p, x * 100);
+        body = std::string(buf) + "%";
+      } else {
+        const char conv = type == 0 || type == 'n' ? 'g' : type;
+        const std::string f = std::string(alternate ? "%#.*" : "%.*") + conv;
+        // With no type, precision 0 writes one digit and switches to the exponent at once.
+        if (type == 0 && precision == 0)
+          std::snprintf(buf, sizeof buf, alternate ? "%#.0e" : "%.0e", x);
+        else
+          std::snprintf(buf, sizeof buf, f.c_str(), p, x);
+        body = buf;
+        // No type: 'g' that keeps a digit past the point where it writes the number in full.
+        if (type == 0 && std::isfinite(x) && body.find_first_of(".e") == std::string::npos) body += ".0";
+      }
+      if (!std::isfinite(x)) {
+        const bool upper = type == 'E' || type == 'F' || type == 'G';
+        body = std::isnan(x) ? (upper ? "NAN" : "nan") : (upper ? "INF" : "inf");
+      }
+      if (grouping && std::isfinite(x)) {
+        const size_t end = std::min(body.find_first_of(".e%"), body.size());
+        for (size_t at = end; at > 3; at -= 3) body.insert(at - 3, 1, grouping);
+      }
+    }
+    if (align == 0) align = '>';
+  }
+  const int64_t length = int64_t(prefix.size() + code_points(body));
+  const size_t pad = width > length ? size_t(width - length) : 0;
+  if (align == '=') return prefix + std::string(pad, fill) + body;
+  const std::string all = prefix + body;
+  if (align == '<') return all + std::string(pad, fill);
+  if (align == '>') return std::string(pad, fill) + all;
+  return std::string(pad / 2, fill) + all + std::string(pad - pad / 2, fill);
+}
+
+// str.format with {}, {0}, {name}, !s / !r and a format spec after ':'.
 std::string brace_format(const std::string& fmt, const CallArgs& a) {
   std::string out;
   size_t auto_idx = 0;
@@ -1685,12 +1818,18 @@ std::string brace_format(const std::string& fmt, const CallArgs& a) {
       if (end == std::string::npos) fail("str.format: a '{' is never closed");
       std::string field = fmt.substr(k + 1, end - k - 1);
       k = end;
-      char conv = 's';
+      std::optional<std::string> spec;
+      if (const size_t colon = field.find(':'); colon != std::string::npos) {
+        spec = field.substr(colon + 1);
+        field.resize(colon);
+      }
+      char conv = 0;
       if (const size_t bang = field.find('!'); bang != std::string::npos) {
-        conv = bang + 1 < field.size() ? field[bang + 1] : 's';
+        if (bang + 2 != field.size() || (field[bang + 1] != 's' && field[bang + 1] != 'r'))
+          fail("str.format: a conversion is !s or !r, not '", field.substr(bang), "'");
+        conv = field[bang + 1];
         field.resize(bang);
       }
-      if (field.find(':') != std::string::npos) fail("str.format: format specs ({:...}) are not supported");
       const Value* v = nullptr;
       if (field.empty() ||
           std::all_of(field.begin(), field.end(), [](char d) { return std::isdigit((unsigned char)d); })) {
@@ -1702,7 +1841,10 @@ std::string brace_format(const std::string& fmt, const CallArgs& a) {
           if (n == field) v = &val;
         if (v == nullptr) fail("str.format: no argument named '", field, "'");
       }
-      out += conv == 'r' ? py_repr(*v) : py_str(*v);
+      if (conv)
+        out += format_spec(Value::str(conv == 'r' ? py_repr(*v) : py_str(*v)), spec.value_or(""));
+      else
+        out += spec ? format_spec(*v, *spec) : py_str(*v);
     } else if (c == '}') {
       fail("str.format: a single '}' in the format string");
     } else {
