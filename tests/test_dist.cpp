@@ -2,8 +2,6 @@
 // communicator (its all-gather's size checks too), and the MPI communicator's collectives on three ranks
 // (this test binary re-run under mpirun)
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstddef>
@@ -14,6 +12,7 @@
 
 #include "src/core/error.h"
 #include "src/dist/comm.h"
+#include "tests/mpi_test_util.h"
 
 namespace {
 
@@ -146,23 +145,7 @@ TEST(DistMpi, CollectivesOnThreeRanks) {
     check_collectives_on_this_rank();
     return;
   }
-  setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-  setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-  char self[4096];
-  const ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
-  ASSERT_GT(len, 0);
-  self[len] = '\0';
-  const std::string launcher = dist::mpiexec(), filter = std::string("--gtest_filter=") + kChildTest;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    execl(launcher.c_str(), launcher.c_str(), "-np", "3", "--oversubscribe", "--mca", "btl", "self,vader",
-          self, filter.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  int st = 0;
-  waitpid(pid, &st, 0);
-  ASSERT_TRUE(WIFEXITED(st)) << "mpirun ended by signal " << WTERMSIG(st);
-  EXPECT_EQ(WEXITSTATUS(st), 0) << "a rank's check failed (its output above)";
+  test::rerun_under_mpirun(3, kChildTest);
 }
 
 TEST(DistMpi, ABuildWithoutMpiRefusesAnMpiLaunch) {

@@ -116,6 +116,8 @@ class DeviceBackend final : public Backend {
     events_.erase(it);
   }
   void synchronize() override { rt::device_synchronize(); }
+  int device() const { return device_; }
+  rt::StreamHandle compute_stream() const { return compute_; }
 
   // The dense GEMMs run in bf16 with f32 accumulation, so f32 matrices are stored as bf16 (half the
   // memory, and the operand type cuBLASLt multiplies); norm weights and biases ([1, n]) stay f32.
@@ -455,6 +457,14 @@ class DeviceBackend final : public Backend {
 
 std::unique_ptr<Backend> make_device_backend(int device, AttentionKernel attention) {
   return std::make_unique<DeviceBackend>(device, attention);
+}
+
+bool compute_stream(Backend& be, int* device, rt::StreamHandle* stream) {
+  const auto* d = dynamic_cast<const DeviceBackend*>(&be);
+  if (!d) return false;
+  *device = d->device();
+  *stream = d->compute_stream();
+  return true;
 }
 
 }  // namespace tf::TF_PORT_BACKEND

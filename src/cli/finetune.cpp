@@ -13,6 +13,7 @@
 #include <fstream>
 #include <optional>
 
+#include "kernels/backend.h"
 #include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/threads.h"
 #include "kernels/ops.h"
@@ -24,6 +25,7 @@
 #include "src/core/process_memory.h"
 #include "src/data/sampler.h"
 #include "src/dist/comm.h"
+#include "src/dist/device_sum.h"
 #include "src/io/durable.h"
 #include "src/io/peft.h"
 #include "src/train/checkpoint.h"
@@ -337,6 +339,24 @@ void expect_same_as_rank0(dist::Communicator& comm, const LoraState& host, int64
            "); the ranks did not compute the same optimizer step");
 }
 
+// Over several ranks each drives a GPU of its own: --device cuda, or auto where GPUs are found,
+// becomes cuda:N for N the rank's index on its machine modulo the GPUs it sees (a cuda:N given is
+// kept: a launcher that gives each rank its own CUDA_VISIBLE_DEVICES passes cuda:0). `line`
+// receives which GPU and why, where one was chosen.
+std::string rank_device(const std::string& spec, int rank, std::string* line) {
+  if (spec != "cuda" && spec != "auto") return spec;
+  std::string why;
+  const int gpus = count_gpus(&why);
+  if (gpus == 0) return spec;  // auto runs on the cpu; cuda is refused with `why` when it is made
+  const int local = dist::launcher_local_rank();
+  const int device = dist::device_for_rank(local, rank, gpus);
+  *line = "rank " + std::to_string(rank) + " drives cuda:" + std::to_string(device) + " (" +
+          (local >= 0 ? "local rank " + std::to_string(local)
+                      : "rank " + std::to_string(rank) + ", the launcher gave no local rank") +
+          ", " + std::to_string(gpus) + (gpus == 1 ? " GPU" : " GPUs") + " visible; --device " + spec + ")";
+  return "cuda:" + std::to_string(device);
+}
+
 // One rank's finetune: every rank runs this, rank 0 alone writes in the run directory.
 int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   FinetuneOptions o = given;
@@ -345,11 +365,15 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   o = with_absolute_paths(o);
   o.ranks = comm.size();
   const bool lead = comm.rank() == 0;
+  std::string device_spec = o.device;  // this rank's --device: over ranks, its own GPU
   if (comm.size() > 1) {
     char host[256] = "?";
     gethostname(host, sizeof host - 1);
     std::printf("rank %d of %d (pid %d on %s), collectives over %s\n", comm.rank(), comm.size(),
                 int(getpid()), host, comm.describe().c_str());
+    std::string device_line;
+    device_spec = rank_device(o.device, comm.rank(), &device_line);
+    if (!device_line.empty()) std::printf("%s\n", device_line.c_str());
     std::fflush(stdout);
     // Rank 0 speaks for the run; the others' lines would repeat it.
     if (!lead)
@@ -407,7 +431,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   // The plan comes first, from the model's headers alone: a run that cannot fit is refused before
   // anything heavy loads.
   std::string device_note;
-  std::unique_ptr<Backend> backend = make_backend(o.device, &device_note, parse_attention(o.attention));
+  std::unique_ptr<Backend> backend = make_backend(device_spec, &device_note, parse_attention(o.attention));
   const RunPlan plan = [&] {
     const uint64_t startup = process_memory().rss;
     const io::ModelDescription d = io::describe_model(o.model, quant_option(o.quant));
@@ -452,7 +476,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   if (plan.tier == offload::WeightTier::Shard) layout.exchange = &exchange;
   Session s = open_session(
       o.model, lora, int64_t(o.micro_batch) * o.seq_len, [&](const LlamaConfig&) { return plan.policy; }, {},
-      quant_option(o.quant), o.device, o.attention, std::move(backend), device_note, plan.tier, layout,
+      quant_option(o.quant), device_spec, o.attention, std::move(backend), device_note, plan.tier, layout,
       spill_options(o.spill_dir, o.out, comm.size() > 1 ? comm.rank() : -1));
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
@@ -525,17 +549,23 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   tc.clip = o.clip;
   tc.overlap_grad_sum = o.overlap_grad_sum;
   LlamaModel& model = *s.model;
-  Trainer trainer(model, tc, &comm);
+  // A GPU's gradients are summed where they are, by NCCL, where it is built; else through the host.
+  std::string host_sum_why;
+  const std::unique_ptr<dist::DeviceSum> device_sum =
+      comm.size() > 1 ? dist::make_device_sum(comm, *s.backend, &host_sum_why) : nullptr;
+  Trainer trainer(model, tc, &comm, device_sum.get());
   if (comm.size() > 1) {
-    if (!o.overlap_grad_sum)
+    if (device_sum)
+      std::printf("gradient sum: %s\n", device_sum->describe().c_str());
+    else if (!s.backend->host_memory())
+      std::printf(
+          "gradient sum: MPI on the host after the backward: the %s backend's LoRA gradients downloaded, "
+          "summed in rank order and uploaded (no device sum: %s)\n",
+          s.backend->name().c_str(), host_sum_why.c_str());
+    else if (!o.overlap_grad_sum)
       std::printf("gradient sum: after the backward (--no-overlap-grad-sum)\n");
     else if (!comm.overlap())
       std::printf("gradient sum: after the backward, not overlapped: %s\n", comm.overlap_note().c_str());
-    else if (!s.backend->host_memory())
-      std::printf(
-          "gradient sum: after the backward, downloaded whole (the %s backend's memory is not host "
-          "memory)\n",
-          s.backend->name().c_str());
     else
       std::printf("gradient sum: block by block, overlapped with the backward\n");
   }

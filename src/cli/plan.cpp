@@ -18,6 +18,7 @@
 #include "src/core/process_memory.h"
 #include "src/data/chat_template.h"
 #include "src/dist/comm.h"
+#include "src/dist/device_sum.h"
 #include "src/io/spill.h"
 #include "src/model/scratch_shape.h"
 
@@ -339,16 +340,25 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
   if (o.ranks > 1) {
     // Data parallel: every rank gathers the ranks' LoRA gradients to add them in rank order
     // (dist::Communicator::all_reduce_sum), into a buffer made for each sum; a device backend's
-    // gradients are summed in a host copy kept for the run.
+    // gradients are gathered by NCCL into a device buffer kept for the run where NCCL is built
+    // (dist::DeviceSum), else summed in a host copy kept for the run.
     const std::string per_rank = "on each of " + std::to_string(o.ranks) + " ranks";
-    plan.items.push_back({"gradient sum: the ranks' gradients gathered",
-                          std::to_string(o.ranks) + " ranks x " +
-                              std::to_string(std::min(in.lora_params, dist::kSumChunkValues)) +
-                              " floats a round, while summing, " + per_rank,
-                          Tier::Host, dist::sum_gather_bytes(o.ranks, in.lora_params, sizeof(float)), true});
-    if (mine == Tier::Device)
-      add("gradient sum: LoRA gradients copied to the host", per_rank, Tier::Host,
-          uint64_t(in.lora_params) * sizeof(float));
+    const std::string rounds = std::to_string(o.ranks) + " ranks x " +
+                               std::to_string(std::min(in.lora_params, dist::kSumChunkValues)) +
+                               " floats a round";
+    if (mine == Tier::Device && dist::nccl_built()) {
+      add("gradient sum: the ranks' gradients gathered by NCCL", rounds + ", outside the arena, " + per_rank,
+          Tier::Device,
+          uint64_t(dist::device_sum_gather_values(o.ranks, in.lora_params, dist::kDeviceSumChunkValues)) *
+              sizeof(float));
+    } else {
+      plan.items.push_back({"gradient sum: the ranks' gradients gathered",
+                            rounds + ", while summing, " + per_rank, Tier::Host,
+                            dist::sum_gather_bytes(o.ranks, in.lora_params, sizeof(float)), true});
+      if (mine == Tier::Device)
+        add("gradient sum: LoRA gradients copied to the host", per_rank, Tier::Host,
+            uint64_t(in.lora_params) * sizeof(float));
+    }
   }
   return plan;
 }

@@ -15,11 +15,13 @@ double global_grad_norm(Backend& be, const float* g, int64_t n) {
   return std::sqrt(be.sum_squares(g, n));
 }
 
-Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg, dist::Communicator* comm)
+Trainer::Trainer(LlamaModel& model, const TrainConfig& cfg, dist::Communicator* comm,
+                 dist::DeviceSum* device_sum)
     : model_(model),
       cfg_(cfg),
       own_comm_(comm ? nullptr : dist::single_process()),
-      comm_(comm ? comm : own_comm_.get()) {
+      comm_(comm ? comm : own_comm_.get()),
+      device_sum_(device_sum) {
   TF_CHECK(cfg.lr.peak_lr > 0 && std::isfinite(cfg.lr.peak_lr), "learning rate must be positive, got ",
            cfg.lr.peak_lr);
   TF_CHECK(cfg.lr.total_steps > 0, "the number of training steps must be positive, got ", cfg.lr.total_steps);
@@ -129,15 +131,19 @@ std::pair<int64_t, int64_t> Trainer::block_grads(int layer) const {
 void Trainer::reduce_gradients(StepStats& st) {
   if (comm_->size() == 1) return;
   using Clock = std::chrono::steady_clock;
+  LoraState& lora = model_.lora();
+  Backend& be = lora.backend();
+  const size_t n = size_t(lora.n_params);
+  // A device's backward may still be running: it is this rank's work, not the wait for the others.
+  if (!be.host_memory()) be.synchronize();
   // The barrier separates the wait for the slowest rank from the cost of the sum.
   const auto t0 = Clock::now();
   comm_->barrier();
   const auto t1 = Clock::now();
-  LoraState& lora = model_.lora();
-  Backend& be = lora.backend();
-  const size_t n = size_t(lora.n_params);
   if (be.host_memory()) {
     comm_->all_reduce_sum(std::span(lora.grad_data(), n));
+  } else if (device_sum_) {
+    device_sum_->all_reduce_sum(lora.grad_data(), lora.n_params);
   } else {
     host_grads_.resize(n);
     be.download(host_grads_.data(), lora.grad_data(), n * sizeof(float));

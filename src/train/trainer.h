@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "src/dist/comm.h"
+#include "src/dist/device_sum.h"
 #include "src/model/llama.h"
 #include "src/train/schedule.h"
 
@@ -58,8 +59,11 @@ struct TrainerState {
 class Trainer {
  public:
   // `comm`: the data-parallel ranks, each calling step() with its own share of every global batch
-  // (nullptr: this process alone). It must outlive the trainer.
-  Trainer(LlamaModel& model, const TrainConfig& cfg, dist::Communicator* comm = nullptr);
+  // (nullptr: this process alone). `device_sum`: where the model's backend is a device, the sum of
+  // the LoRA gradients in its memory over the same ranks (nullptr: they are summed in a host copy
+  // over `comm`; the same bits). Both must outlive the trainer.
+  Trainer(LlamaModel& model, const TrainConfig& cfg, dist::Communicator* comm = nullptr,
+          dist::DeviceSum* device_sum = nullptr);
 
   // One optimizer step over the micro-batches of one accumulation group: this rank's share of the
   // global batch. The loss is the mean over all target tokens of the global batch (counted over
@@ -85,6 +89,7 @@ class Trainer {
   TrainConfig cfg_;
   std::unique_ptr<dist::Communicator> own_comm_;  // the single process when none is given
   dist::Communicator* comm_;
+  dist::DeviceSum* device_sum_;
   std::vector<float> host_grads_;  // staging for a backend whose memory is not host memory
   TrainerState state_;
 };
