@@ -93,11 +93,10 @@ TEST(DeviceSum, RoundsCoverTheValuesInOrderInBoundedChunks) {
   EXPECT_THROW(dist::sum_rounds(5, 0), Error);
   EXPECT_THROW(dist::sum_rounds(-1, 4), Error);
   // The gather buffer holds every rank's longest round.
-  EXPECT_EQ(dist::device_sum_gather_values(3, 9, 4), 12);
-  EXPECT_EQ(dist::device_sum_gather_values(3, 2, 4), 6);
-  EXPECT_EQ(dist::device_sum_gather_values(2, 0, 4), 0);
-  EXPECT_EQ(dist::device_sum_gather_values(8, int64_t(1) << 30, dist::kDeviceSumChunkValues),
-            8 * dist::kDeviceSumChunkValues);
+  EXPECT_EQ(dist::sum_gather_values(3, 9, 4), 12);
+  EXPECT_EQ(dist::sum_gather_values(3, 2, 4), 6);
+  EXPECT_EQ(dist::sum_gather_values(2, 0, 4), 0);
+  EXPECT_EQ(dist::sum_gather_values(8, int64_t(1) << 30, dist::kSumChunkValues), 8 * dist::kSumChunkValues);
 }
 
 // The launcher's local-rank variables, put back as they were when the test ends.
@@ -329,7 +328,7 @@ void check_device_sum_on_this_rank() {
   ASSERT_GE(gpus, ranks) << why;
   const int device = dist::device_for_rank(dist::launcher_local_rank(), rank, gpus);
   const std::unique_ptr<Backend> be = make_backend("cuda:" + std::to_string(device));
-  const int64_t big = dist::kDeviceSumChunkValues;
+  const int64_t big = dist::kSumChunkValues;
   const struct {
     int64_t chunk;
     std::vector<int64_t> lengths;

@@ -348,13 +348,11 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
                                " floats a round";
     if (mine == Tier::Device && dist::nccl_built()) {
       add("gradient sum: the ranks' gradients gathered by NCCL", rounds + ", outside the arena, " + per_rank,
-          Tier::Device,
-          uint64_t(dist::device_sum_gather_values(o.ranks, in.lora_params, dist::kDeviceSumChunkValues)) *
-              sizeof(float));
+          Tier::Device, uint64_t(dist::sum_gather_values(o.ranks, in.lora_params)) * sizeof(float));
     } else {
-      plan.items.push_back({"gradient sum: the ranks' gradients gathered",
-                            rounds + ", while summing, " + per_rank, Tier::Host,
-                            dist::sum_gather_bytes(o.ranks, in.lora_params, sizeof(float)), true});
+      plan.items.push_back(
+          {"gradient sum: the ranks' gradients gathered", rounds + ", while summing, " + per_rank, Tier::Host,
+           uint64_t(dist::sum_gather_values(o.ranks, in.lora_params)) * sizeof(float), true});
       if (mine == Tier::Device)
         add("gradient sum: LoRA gradients copied to the host", per_rank, Tier::Host,
             uint64_t(in.lora_params) * sizeof(float));

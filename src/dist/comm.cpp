@@ -52,9 +52,10 @@ void check_gather_sizes(size_t mine, size_t all, int ranks) {
            mine, " expected)");
 }
 
-uint64_t sum_gather_bytes(int ranks, int64_t n, size_t value_bytes) {
-  if (ranks <= 1 || n <= 0) return 0;
-  return uint64_t(ranks) * uint64_t(std::min(n, kSumChunkValues)) * value_bytes;
+int64_t sum_gather_values(int ranks, int64_t n, int64_t chunk) {
+  TF_CHECK(ranks >= 1 && n >= 0 && chunk >= 1, "a sum of ", n, " values over ", ranks, " ranks in rounds of ",
+           chunk);
+  return int64_t(ranks) * std::min(n, chunk);
 }
 
 std::unique_ptr<Communicator> single_process() {

@@ -97,9 +97,9 @@ void sum_in_rank_order(const double* gathered, int ranks, int64_t n, double* out
 // Values per round of the MPI all-reduce sum's gather: bounds its buffer at size x 4 MiB for
 // floats whatever the length of the data.
 inline constexpr int64_t kSumChunkValues = int64_t(1) << 20;
-// The host bytes one all_reduce_sum of `n` values of `value_bytes` each gathers into on each of
-// `ranks` ranks (0 for one rank, whose sum is the identity): ranks x min(n, kSumChunkValues) values.
-uint64_t sum_gather_bytes(int ranks, int64_t n, size_t value_bytes);
+// The values a sum of n values over `ranks` ranks gathers into, on the host (all_reduce_sum) or a
+// device (DeviceSum), in rounds of `chunk`: ranks x the longest round.
+int64_t sum_gather_values(int ranks, int64_t n, int64_t chunk = kSumChunkValues);
 
 // Refuses an all-gather whose `all` is not `ranks` x `mine` bytes (or whose product overflows).
 void check_gather_sizes(size_t mine, size_t all, int ranks);

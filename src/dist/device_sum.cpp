@@ -59,12 +59,6 @@ std::vector<SumRound> sum_rounds(int64_t n, int64_t chunk) {
   return rounds;
 }
 
-int64_t device_sum_gather_values(int ranks, int64_t n, int64_t chunk) {
-  TF_CHECK(ranks >= 1 && n >= 0 && chunk >= 1, "a sum of ", n, " values over ", ranks, " ranks in rounds of ",
-           chunk);
-  return int64_t(ranks) * std::min(n, chunk);
-}
-
 std::string ranks_gpu_refusal(const std::vector<RankGpu>& ranks) {
   for (size_t r = 0; r < ranks.size(); ++r)
     if (!ranks[r].usable) return "rank " + std::to_string(r) + " cannot sum on its device";

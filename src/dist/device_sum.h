@@ -27,10 +27,6 @@ class DeviceSum {
   virtual std::string describe() const = 0;
 };
 
-// Values per rank per round of a device sum's all-gather: bounds its device buffer at
-// ranks x 4 MiB whatever the length of the gradients, as the host sum's rounds do.
-inline constexpr int64_t kDeviceSumChunkValues = kSumChunkValues;
-
 // One round of a sum cut into chunks: values [offset, offset + count).
 struct SumRound {
   int64_t offset = 0;
@@ -38,8 +34,6 @@ struct SumRound {
 };
 // The rounds of a sum of n values, at most `chunk` each, in order and covering [0, n) once.
 std::vector<SumRound> sum_rounds(int64_t n, int64_t chunk);
-// The floats a device sum of n values over `ranks` ranks gathers into: ranks x the longest round.
-int64_t device_sum_gather_values(int ranks, int64_t n, int64_t chunk);
 
 // Where one rank's device sum would run: whether it can at all, its machine and its GPU.
 struct RankGpu {
@@ -60,7 +54,7 @@ bool nccl_built();
 // it, a backend that is not a GPU, one process, two ranks on one GPU) every rank gets nullptr, with
 // the reason in *why, and sums its gradients on the host over `comm`.
 std::unique_ptr<DeviceSum> make_device_sum(Communicator& comm, Backend& be, std::string* why,
-                                           int64_t chunk = kDeviceSumChunkValues);
+                                           int64_t chunk = kSumChunkValues);
 
 // This process's index among the ranks on its machine, from its launcher's environment (Open MPI's
 // OMPI_COMM_WORLD_LOCAL_RANK, MPICH's MPI_LOCALRANKID, Slurm's SLURM_LOCALID), -1 where none says.

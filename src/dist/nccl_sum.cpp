@@ -48,7 +48,7 @@ class NcclSum final : public DeviceSum {
   NcclSum& operator=(const NcclSum&) = delete;
 
   void all_reduce_sum(float* data, int64_t n) override {
-    const int64_t need = device_sum_gather_values(ranks_, n, chunk_);
+    const int64_t need = sum_gather_values(ranks_, n, chunk_);
     if (need > capacity_) {
       // The buffer is kept across sums: every step's sum is the same length, so it is made once.
       if (gathered_) cuda::rt::device_free(gathered_);
