@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/bnb4bit/: a tiny random Llama saved by transformers as a bitsandbytes
-4-bit (NF4, double-quantized) checkpoint, and the logits of its dequantized weights.
+"""Writes tests/fixtures/bnb4bit/ and tests/fixtures/bnb4bit_phi3/: a tiny random Llama and a tiny
+random Phi-3 saved by transformers as bitsandbytes 4-bit (NF4, double-quantized) checkpoints, and
+the logits of their dequantized weights.
 
 Run by hand (needs torch, transformers, safetensors and bitsandbytes, which quantizes on the CPU):
     python tools/make_bnb4bit_fixture.py
@@ -21,6 +22,11 @@ the reference dequantizes with bitsandbytes' portable torch implementation
 (backends/default/ops.py, _dequantize_4bit_compute), the one the CPU op itself falls back to, and
 the script prints where the native kernel differs.
 
+The Phi-3 (hidden 64, 4 heads over 2 kv heads of 16, intermediate 256) quantizes its fused
+qkv_proj [128, 64] and gate_up_proj [512, 64] whole, as bitsandbytes does any Linear: its 128 qkv
+blocks share one nested scale across q, k and v, so k and v begin inside a nested group, while
+up_proj begins gate_up_proj's second group (block 256).
+
 expected.safetensors holds
     input_ids        i32 [3, 8]       three fixed token sequences
     logits           f32 [3, 8, 128]  a plain f32 LlamaForCausalLM with every quantized weight
@@ -40,11 +46,10 @@ import bitsandbytes.functional as F
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Phi3Config,
+                          Phi3ForCausalLM)
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "bnb4bit")
-DEQUANT = "model.layers.1.self_attn.k_proj.weight"
-ABSMAX = "model.layers.1.mlp.down_proj.weight"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 
 
 def main():
@@ -52,7 +57,20 @@ def main():
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=272, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
                       max_position_embeddings=128, initializer_range=0.1)
-    base = LlamaForCausalLM(cfg).eval()
+    write(LlamaForCausalLM, cfg, os.path.join(FIXTURES, "bnb4bit"), "model.layers.1.self_attn.k_proj.weight",
+          "model.layers.1.mlp.down_proj.weight")
+    torch.manual_seed(1)
+    cfg = Phi3Config(hidden_size=64, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False,
+                     max_position_embeddings=128, original_max_position_embeddings=128, initializer_range=0.1,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=None,
+                     bos_token_id=1, eos_token_id=2)
+    write(Phi3ForCausalLM, cfg, os.path.join(FIXTURES, "bnb4bit_phi3"), "model.layers.1.self_attn.qkv_proj.weight",
+          "model.layers.1.self_attn.qkv_proj.weight")
+
+
+def write(model_class, cfg, out_dir, dequant_name, absmax_name):
+    base = model_class(cfg).eval()
     work = tempfile.mkdtemp()
     try:
         base.save_pretrained(os.path.join(work, "f32"))
@@ -60,15 +78,15 @@ def main():
                                  bnb_4bit_compute_dtype=torch.float32)
         quant = AutoModelForCausalLM.from_pretrained(os.path.join(work, "f32"), quantization_config=bnb,
                                                      device_map="cpu", dtype=torch.float32)
-        os.makedirs(OUT, exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
         quant.save_pretrained(work + "/q")
         for f in ("config.json", "model.safetensors"):
-            shutil.copyfile(os.path.join(work, "q", f), os.path.join(OUT, f))
+            shutil.copyfile(os.path.join(work, "q", f), os.path.join(out_dir, f))
     finally:
         shutil.rmtree(work)
 
     # Rebuild every weight from the saved file alone, as a loader sees it.
-    path = os.path.join(OUT, "model.safetensors")
+    path = os.path.join(out_dir, "model.safetensors")
     state = {}
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
@@ -90,7 +108,7 @@ def main():
                 print(f"{k} {list(qs.shape)}: bitsandbytes' native CPU dequantize_4bit differs in {differ} elements")
         elif "." not in k.rsplit(".weight", 1)[-1] and k.endswith(".weight"):
             plain[k] = state[k]
-    ref = LlamaForCausalLM(cfg).eval()
+    ref = model_class(cfg).eval()
     missing = ref.load_state_dict(plain, strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys, missing
 
@@ -99,13 +117,13 @@ def main():
                         [11, 22, 33, 44, 55, 66, 77, 88]], dtype=torch.int32)
     with torch.no_grad():
         logits = ref(ids.long()).logits.float().contiguous()
-    out = {"input_ids": ids, "logits": logits, "dequant." + DEQUANT: plain[DEQUANT].contiguous(),
-           "absmax." + ABSMAX: absmax[ABSMAX].float().contiguous()}
-    save_file(out, os.path.join(OUT, "expected.safetensors"))
-    qc = json.load(open(os.path.join(OUT, "config.json")))["quantization_config"]
+    out = {"input_ids": ids, "logits": logits, "dequant." + dequant_name: plain[dequant_name].contiguous(),
+           "absmax." + absmax_name: absmax[absmax_name].float().contiguous()}
+    save_file(out, os.path.join(out_dir, "expected.safetensors"))
+    qc = json.load(open(os.path.join(out_dir, "config.json")))["quantization_config"]
     print("quantization_config:", qc)
-    for f in sorted(os.listdir(OUT)):
-        print(f, os.path.getsize(os.path.join(OUT, f)), "bytes")
+    for f in sorted(os.listdir(out_dir)):
+        print(f, os.path.getsize(os.path.join(out_dir, f)), "bytes")
 
 
 if __name__ == "__main__":

@@ -278,18 +278,19 @@ offload::Plan model_bytes(const FinetuneOptions& o, const io::ModelDescription& 
       if (t && is_quantized(r.dtype)) quantized |= 1u << unsigned(*t);
     }
     if (from_files && is_layer_slot(s)) {
-      // Kept tensors stream from the model file; converted ones from the spill file the loader
-      // writes them to, one at a time. Cut into shares, they are read once from there, their
-      // pages dropped.
+      // Kept tensors stream from the model file; converted ones, and those whose absmax the loader
+      // decoded, from the spill file the loader writes them to, one at a time. Cut into shares,
+      // they are read once from there, their pages dropped.
       const WeightRef& src = d.source.slot(s, layer);
-      if (r.dtype == src.dtype) {
+      if (r.dtype == src.dtype && r.data == src.data) {
         streamed_tensors += uint64_t(io::stored_bytes(r));
       } else {
         spilling = std::max(spilling, spill_conversion_bytes(src, r));
       }
       return;
     }
-    if (r.dtype != d.source.slot(s, layer).dtype) converted += uint64_t(io::stored_bytes(r));
+    const WeightRef& src = d.source.slot(s, layer);
+    if (r.dtype != src.dtype || r.data != src.data) converted += uint64_t(io::stored_bytes(r));
   });
   add("base weights converted at load", "--quant " + o.quant, Tier::Host, converted);
   const uint64_t spilled = from_files ? io::spill_bytes(d.source, quant_option(o.quant)) : 0;

@@ -1,6 +1,7 @@
 // defines: is_bnb4bit_checkpoint and bnb4bit_weight (bitsandbytes 4-bit HF checkpoints read in place)
 #include "src/io/bnb4bit.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -156,6 +157,43 @@ WeightRef bnb4bit_weight(const SafetensorsModel& model, const std::string& name,
   w.scales.nested = static_cast<const float*>(model.view(name + ".nested_absmax").data);
   w.scales.offset = offset.get<float>();
   return w;
+}
+
+WeightRef bnb4bit_rows(const WeightRef& whole, int64_t row0, int64_t rows, LlamaWeights& w,
+                       const std::string& name) {
+  TF_CHECK(whole.dtype == DType::NF4 && row0 >= 0 && rows > 0 && row0 + rows <= whole.rows,
+           "bnb4bit_rows: rows [", row0, ", ", row0 + rows, ") of the ", dtype_name(whole.dtype), " [",
+           whole.rows, ", ", whole.cols, "] weight ", name);
+  const int64_t first = row0 * whole.cols;
+  TF_CHECK(first % kNf4Block == 0, name, ": the bitsandbytes 4-bit weight of fused projections [", whole.rows,
+           ", ", whole.cols, "] is cut into its projections at row ", row0, ", element ", first,
+           ", inside one of its ", kNf4Block,
+           "-element blocks, whose absmax two projections would share; load the model's float checkpoint "
+           "with --quant nf4 instead");
+  const int64_t block0 = first / kNf4Block;
+  const int64_t blocks = ref::quant_blocks(rows * whole.cols, kNf4Block);
+  WeightRef r{static_cast<const uint8_t*>(whole.data) + first / 2, DType::NF4, rows, whole.cols};
+  const QuantScales& s = whole.scales;
+  if (!s.nested) {
+    r.scales.absmax = static_cast<const float*>(s.absmax) + block0;
+    return r;
+  }
+  if (block0 % kNf4NestedBlock == 0) {
+    r.scales = {static_cast<const uint8_t*>(s.absmax) + block0, s.nested + block0 / kNf4NestedBlock,
+                s.offset};
+    return r;
+  }
+  Tensor absmax(DType::F32, {blocks}, MemTag::Weights, name + ".absmax");
+  // Decoded from the first group the rows touch, so that each value sits where its group's scale does.
+  const int64_t group0 = block0 / kNf4NestedBlock * kNf4NestedBlock;
+  std::vector<float> decoded(size_t(block0 - group0 + blocks));
+  ref::dequantize_double_absmax(static_cast<const uint8_t*>(s.absmax) + group0,
+                                s.nested + group0 / kNf4NestedBlock, s.offset, int64_t(decoded.size()),
+                                decoded.data());
+  std::copy(decoded.begin() + (block0 - group0), decoded.end(), absmax.as<float>());
+  r.scales.absmax = absmax.view.data;
+  w.owned.push_back(std::move(absmax));
+  return r;
 }
 
 }  // namespace tf::io

@@ -1,6 +1,7 @@
 // defines: tf::io::is_bnb4bit_checkpoint (the bitsandbytes quantization_config of an HF
 //          config.json), bnb4bit_weight (a bitsandbytes NF4 weight of a safetensors checkpoint viewed
-//          in place as an NF4 WeightRef, every companion tensor checked)
+//          in place as an NF4 WeightRef, every companion tensor checked), bnb4bit_rows (a row range
+//          of one, for the projections of a fused matrix)
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 
 #include "kernels/ops.h"
 #include "src/io/safetensors.h"
+#include "src/model/weights.h"
 
 namespace tf::io {
 
@@ -33,5 +35,14 @@ bool is_bnb4bit_checkpoint(const nlohmann::json& config, const std::string& sour
 // JSON says nf4, blocksize 64 (nested 256) and this shape; each failure is a tf::Error naming the
 // file and tensor.
 WeightRef bnb4bit_weight(const SafetensorsModel& model, const std::string& name, int64_t rows, int64_t cols);
+
+// Rows [row0, row0 + rows) of `whole`, an NF4 weight as bnb4bit_weight gives it (Phi-3's fused
+// qkv_proj and gate_up_proj), as a weight of its own with the same values. Its codes and absmax are
+// used in place; where the rows begin inside a group of kNf4NestedBlock double-quantized blocks, so
+// that a nested scale is shared with the rows before, its absmax are decoded to f32 into a tensor
+// `w` owns (LlamaWeights::owns), the values the kernels decode. Rows that begin inside a 64-element
+// block are refused naming `name`: such a block's absmax is shared by two projections.
+WeightRef bnb4bit_rows(const WeightRef& whole, int64_t row0, int64_t rows, LlamaWeights& w,
+                       const std::string& name);
 
 }  // namespace tf::io

@@ -7,6 +7,7 @@
 #include "src/core/error.h"
 #include "src/io/hf_model.h"
 #include "src/io/model_loader.h"
+#include "src/io/spill.h"
 
 namespace tf::io {
 
@@ -63,7 +64,10 @@ void apply_mode(ModelDescription& d, QuantMode mode) {
     const DType to = stored_dtype(r.dtype, is_matrix_slot(s) ? mode : QuantMode::None);
     if (is_matrix_slot(s) && to != r.dtype)
       check_storable(mode, r.cols, d.path + ": " + hf_weight_name(s, layer));
-    if (to == r.dtype) {
+    // A weight whose absmax the loader decoded (bnb4bit_rows) is in memory of its own, as if
+    // converted, and goes to the spill file under --weights disk.
+    const bool in_memory = kept_in_memory(d.source, source);
+    if (to == r.dtype && !in_memory) {
       d.kept_bytes += uint64_t(stored_bytes(r));
       return;
     }
@@ -71,7 +75,7 @@ void apply_mode(ModelDescription& d, QuantMode mode) {
     d.dropped_bytes +=
         droppable_bytes(source.data, uint64_t(dtype_bytes(source.dtype, source.rows * source.cols)));
     r = WeightRef(nullptr, to, r.rows, r.cols);
-    if (to == DType::NF4) r.scales.nested = &kDescribedNested;
+    if (to == DType::NF4 && !in_memory) r.scales.nested = &kDescribedNested;
     d.stored_bytes += uint64_t(stored_bytes(r));
   });
   if (w.config.tie_embeddings) w.lm_head = w.embed;

@@ -458,15 +458,14 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     names.push_back(fused ? hf_weight_name(slot, layer) : name);
     if (t.dtype == StDType::U8) {
       TF_CHECK(
-          !fused, model->source(), ": tensor ", name,
-          " is a bitsandbytes 4-bit weight of fused projections, which tightfit does not split; load the "
-          "model's bf16 checkpoint with --quant nf4 instead");
-      TF_CHECK(
           bnb4bit, model->source(), ": tensor ", name,
           " is U8 (a bitsandbytes 4-bit weight?) but config.json has no bitsandbytes quantization_config");
       TF_CHECK(matrix, model->source(), ": tensor ", name,
                " is U8, but norms and biases must be F32, BF16 or F16");
-      source.slot(slot, layer) = bnb4bit_weight(*model, name, rows, cols);
+      const WeightRef whole = bnb4bit_weight(*model, name, file_rows, cols);
+      source.slot(slot, layer) =
+          fused ? bnb4bit_rows(whole, fused->row0, rows, source, model->source() + ": tensor " + name)
+                : whole;
       return;
     }
     const bool vector = rows == 1;
@@ -491,13 +490,16 @@ LlamaWeights weights_from_safetensors(std::shared_ptr<const SafetensorsModel> mo
     const WeightRef& src = source.slot(slot, layer);
     const std::string& name = names[i];
     const std::string& file_name = file_names[i++];
-    w.slot(slot, layer) = store_layer_weight(src, is_matrix_slot(slot) ? quant : QuantMode::None, w, name,
-                                             file.get(), slot, layer);
+    w.slot(slot, layer) = store_layer_weight(source, src, is_matrix_slot(slot) ? quant : QuantMode::None, w,
+                                             name, file.get(), slot, layer);
     drop_source_pages(src, w.slot(slot, layer));
     if ((cfg.architecture == "gemma2" || cfg.architecture == "gemma3") && is_norm_slot(slot))
       w.slot(slot, layer) = one_plus(src, w, file_name);
   });
   if (file) SpillFile::attach(file, w);
+  // What the loader decoded (bnb4bit_rows) and kept in memory, unless the spill file holds it now.
+  else
+    for (Tensor& t : source.owned) w.owned.push_back(std::move(t));
   if (cfg.tie_embeddings) w.lm_head = w.embed;
   // Each shard's tensors tile its data section, which ends the file.
   for (const SafetensorsFile& shard : model->shards()) {

@@ -90,8 +90,8 @@ LlamaWeights gguf_weights(std::shared_ptr<const GgufFile> f, const LlamaConfig& 
   size_t i = 0;
   LlamaWeights::for_each_slot(cfg, [&](WeightSlot slot, int layer) {
     const WeightRef& stored = source.slot(slot, layer);
-    w.slot(slot, layer) = store_layer_weight(stored, is_matrix_slot(slot) ? quant : QuantMode::None, w,
-                                             names[i++], file.get(), slot, layer);
+    w.slot(slot, layer) = store_layer_weight(source, stored, is_matrix_slot(slot) ? quant : QuantMode::None,
+                                             w, names[i++], file.get(), slot, layer);
     drop_source_pages(stored, w.slot(slot, layer));
   });
   if (file) SpillFile::attach(file, w);

@@ -125,7 +125,10 @@ uint64_t spill_bytes(const LlamaWeights& source, QuantMode quant) {
     if (!is_layer_slot(s)) return;
     const WeightRef& r = source.slot(s, layer);
     const DType to = stored_dtype(r.dtype, is_matrix_slot(s) ? quant : QuantMode::None);
-    if (to == r.dtype) return;
+    if (to == r.dtype) {
+      if (kept_in_memory(source, r)) n += spilled_bytes(r);
+      return;
+    }
     WeightRef converted(nullptr, to, r.rows, r.cols);
     if (to == DType::NF4) converted.scales.nested = &nested;
     n += spilled_bytes(converted);
@@ -242,13 +245,18 @@ void SpillFile::attach(const std::shared_ptr<SpillFile>& self, LlamaWeights& w) 
   w.keepalive.push_back(self);
 }
 
-WeightRef store_layer_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
-                             SpillFile* spill, WeightSlot slot, int layer) {
+bool kept_in_memory(const LlamaWeights& source, const WeightRef& src) {
+  return source.owns(src.data) || source.owns(src.scales.absmax) || source.owns(src.scales.nested);
+}
+
+WeightRef store_layer_weight(const LlamaWeights& source, const WeightRef& src, QuantMode mode,
+                             LlamaWeights& w, const std::string& name, SpillFile* spill, WeightSlot slot,
+                             int layer) {
   if (!spill || !is_layer_slot(slot)) return store_weight(src, mode, w, name);
   // The converted copy lives in `own` only until it is written.
   LlamaWeights own;
   const WeightRef stored = store_weight(src, mode, own, name);
-  if (stored.data == src.data) return src;
+  if (stored.data == src.data && !kept_in_memory(source, src)) return src;
   spill->write(slot, layer, stored, name);
   return WeightRef(nullptr, stored.dtype, stored.rows, stored.cols);
 }

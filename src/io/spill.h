@@ -62,7 +62,8 @@ std::array<uint64_t, 3> spill_parts(const WeightRef& stored);
 uint64_t spilled_bytes(const WeightRef& stored);
 // The size of the spill file a load of `source` (every slot as the model file stores it) under
 // `quant` writes: its header, then the per-layer tensors that store_weight converts, as converted
-// (NF4 with double-quantized absmax). 0 when the mode converts no per-layer tensor.
+// (NF4 with double-quantized absmax), and those kept as they are that kept_in_memory. 0 when there
+// is none.
 uint64_t spill_bytes(const LlamaWeights& source, QuantMode quant);
 
 // A spill file being written, then read: created exclusively (a file already at the path is
@@ -109,10 +110,16 @@ class SpillFile {
   std::vector<Written> written_;
 };
 
-// store_weight for a loader: with `spill`, a per-layer weight (slot `slot` of `layer`) that the
-// mode converts is converted into memory of its own, written to the spill file and freed at once;
-// its slot holds no data until SpillFile::attach. Otherwise store_weight into `w`.
-WeightRef store_layer_weight(const WeightRef& src, QuantMode mode, LlamaWeights& w, const std::string& name,
-                             SpillFile* spill, WeightSlot slot, int layer);
+// Whether a weight of `source` (the weights as a loader read them) kept as it is still lies partly
+// in memory of source's own rather than in a mapped file: absmax decoded at load (bnb4bit_rows).
+bool kept_in_memory(const LlamaWeights& source, const WeightRef& src);
+
+// store_weight for a loader: with `spill`, a per-layer weight (slot `slot` of `layer`, src being
+// source's) that the mode converts, or that kept_in_memory, is converted into memory of its own,
+// written to the spill file and freed at once, so that the disk tier reads every part of it from a
+// file; its slot holds no data until SpillFile::attach. Otherwise store_weight into `w`.
+WeightRef store_layer_weight(const LlamaWeights& source, const WeightRef& src, QuantMode mode,
+                             LlamaWeights& w, const std::string& name, SpillFile* spill, WeightSlot slot,
+                             int layer);
 
 }  // namespace tf::io

@@ -124,6 +124,15 @@ WeightRef& BlockWeights::slot(WeightSlot s) {
   TF_FAIL("weight slot ", int(s), " is not a per-layer slot");
 }
 
+bool LlamaWeights::owns(const void* p) const {
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  for (const Tensor& t : owned) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.storage.data());
+    if (p && at >= begin && at - begin < t.storage.bytes()) return true;
+  }
+  return false;
+}
+
 WeightRef& LlamaWeights::slot(WeightSlot s, int layer) {
   switch (s) {
     case WeightSlot::Embed: return embed;

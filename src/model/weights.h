@@ -106,6 +106,8 @@ struct LlamaWeights {
   const WeightRef& slot(WeightSlot s, int layer) const {
     return const_cast<LlamaWeights*>(this)->slot(s, layer);
   }
+  // Whether `p` lies in one of the owned tensors (memory of the weights' own, not a mapped file).
+  bool owns(const void* p) const;
   // Visits every slot the config uses (biases only with attention_bias, q/k norms with qk_norm, the
   // post norms with sandwich_norms; no lm_head when tied).
   static void for_each_slot(const LlamaConfig& cfg, const std::function<void(WeightSlot, int)>& fn);
