@@ -217,20 +217,27 @@ class MirroredDeviceSum final : public dist::DeviceSum {
   explicit MirroredDeviceSum(Backend& be) : be_(be) {}
   void all_reduce_sum(float* data, int64_t n) override {
     ++calls;
-    summed = n;
+    summed += n;
+    ranges.emplace_back(data, n);
     be_.scale_inplace(data, 2.0f, n);
   }
   std::string describe() const override { return "the mirrored ranks' device sum (a test)"; }
   int calls = 0;
   int64_t summed = 0;
+  std::vector<std::pair<const float*, int64_t>> ranges;  // of every sum, in order
 
  private:
   Backend& be_;
 };
 
 // Given a device sum, the trainer sums a device backend's gradients with it, where they are, and
-// not over the communicator through a host copy; the two give the same steps bit for bit.
-TEST(DeviceSum, TheTrainerSumsADeviceBackendsGradientsWithTheDeviceSum) {
+// not over the communicator through a host copy; the two give the same steps bit for bit. Overlapped
+// with the backward, it starts one sum a block, from the last block down, each block's gradients
+// once; after the backward, one sum of them all.
+class TrainerDeviceSum : public ::testing::TestWithParam<bool> {};
+
+TEST_P(TrainerDeviceSum, SumsADeviceBackendsGradientsWithTheDeviceSum) {
+  const bool overlap = GetParam();
   const LlamaConfig cfg = test::tiny_config(64);
   const std::unique_ptr<Backend> be_host = make_backend("simt"), be_device = make_backend("simt");
   LlamaModel via_host(init_random_weights(cfg, DType::BF16, 42, 0.25f), test::lora_r8(),
@@ -240,6 +247,7 @@ TEST(DeviceSum, TheTrainerSumsADeviceBackendsGradientsWithTheDeviceSum) {
   TrainConfig tc;
   tc.lr.peak_lr = 1e-2f;
   tc.lr.total_steps = 3;
+  tc.overlap_grad_sum = overlap;
   MirroredRanks host_ranks, device_ranks;
   MirroredDeviceSum device_sum(*be_device);
   Trainer th(via_host, tc, &host_ranks), td(via_device, tc, &device_ranks, &device_sum);
@@ -250,9 +258,22 @@ TEST(DeviceSum, TheTrainerSumsADeviceBackendsGradientsWithTheDeviceSum) {
     ASSERT_FALSE(h.skipped || d.skipped) << "step " << s;
     EXPECT_EQ(h.loss, d.loss) << "step " << s;
     EXPECT_EQ(h.grad_norm, d.grad_norm) << "step " << s;
+    EXPECT_EQ(d.overlapped, overlap);
   }
-  EXPECT_EQ(device_sum.calls, 3);
-  EXPECT_EQ(device_sum.summed, via_device.lora().n_params);
+  const LoraState& lora = via_device.lora();
+  const int steps_sums = overlap ? cfg.n_layers : 1;
+  ASSERT_EQ(device_sum.calls, 3 * steps_sums);
+  EXPECT_EQ(device_sum.summed, 3 * lora.n_params);
+  // Each step's sums tile the gradients, the last block's first.
+  for (int s = 0; s < 3; ++s) {
+    int64_t end = lora.n_params;
+    for (int i = 0; i < steps_sums; ++i) {
+      const auto [data, n] = device_sum.ranges[size_t(s * steps_sums + i)];
+      EXPECT_EQ(data + n - lora.grads.as<float>(), end) << "step " << s << ", sum " << i;
+      end -= n;
+    }
+    EXPECT_EQ(end, 0) << "step " << s;
+  }
   EXPECT_EQ(device_ranks.float_sums, 0) << "the gradients went through the host";
   EXPECT_EQ(host_ranks.float_sums, 3);
   const LoraState a = via_host.lora().host_copy(), b = via_device.lora().host_copy();
@@ -260,6 +281,9 @@ TEST(DeviceSum, TheTrainerSumsADeviceBackendsGradientsWithTheDeviceSum) {
   EXPECT_EQ(std::memcmp(a.params.as<float>(), b.params.as<float>(), size_t(a.n_params) * sizeof(float)), 0)
       << "the adapters differ";
 }
+
+INSTANTIATE_TEST_SUITE_P(DeviceSum, TrainerDeviceSum, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Overlapped" : "AfterTheBackward"; });
 
 // The kernel the NCCL sum adds the gathered ranks with, on the simulator: the host's rank-order sum
 // bit for bit, at lengths around the 128-thread block and for one to five ranks. Rank order matters

@@ -556,7 +556,9 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
   Trainer trainer(model, tc, &comm, device_sum.get());
   if (comm.size() > 1) {
     if (device_sum)
-      std::printf("gradient sum: %s\n", device_sum->describe().c_str());
+      std::printf("gradient sum: %s, %s\n", device_sum->describe().c_str(),
+                  o.overlap_grad_sum ? "block by block, overlapped with the backward"
+                                     : "after the backward (--no-overlap-grad-sum)");
     else if (!s.backend->host_memory())
       std::printf(
           "gradient sum: MPI on the host after the backward: the %s backend's LoRA gradients downloaded, "

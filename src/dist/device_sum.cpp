@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <span>
@@ -51,6 +52,18 @@ std::vector<RankGpu> exchange_gpus(Communicator& comm, bool usable, int device) 
 }
 
 }  // namespace
+
+void DeviceSum::start_sum(float* data, int64_t n) {
+  const auto t0 = std::chrono::steady_clock::now();
+  all_reduce_sum(data, n);
+  started_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double DeviceSum::finish_sums() {
+  const double s = started_seconds_;
+  started_seconds_ = 0;
+  return s;
+}
 
 std::vector<SumRound> sum_rounds(int64_t n, int64_t chunk) {
   TF_CHECK(n >= 0 && chunk >= 1, "a sum of ", n, " values in rounds of ", chunk);

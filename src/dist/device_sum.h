@@ -23,8 +23,19 @@ class DeviceSum {
   // in that order, of rank r's data[i]. Queued in order with the backend's ops, and returns once
   // the sum is done.
   virtual void all_reduce_sum(float* data, int64_t n) = 0;
+  // The sum of data[0, n) as all_reduce_sum gives it, queued behind the backend's ops queued so
+  // far; where the sum runs beside the backend's later ops, it returns at once. Every rank starts
+  // the same ranges in the same order, and leaves them alone until finish_sums. By default it sums
+  // at once.
+  virtual void start_sum(float* data, int64_t n);
+  // Returns once every sum started since the last call is done and visible to the backend's later
+  // ops, with the seconds they worked (by default, the time start_sum took).
+  virtual double finish_sums();
   // What sums and where, for the log ("NCCL 2.28.3 all-gather + rank-order add on cuda:0").
   virtual std::string describe() const = 0;
+
+ private:
+  double started_seconds_ = 0;
 };
 
 // One round of a sum cut into chunks: values [offset, offset + count).

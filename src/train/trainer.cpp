@@ -60,13 +60,17 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
     if (overlap && last)
       done = [&](int l) {
         const auto [begin, end] = block_grads(l);
-        if (end > begin) comm_->start_sum(std::span(lora.grad_data() + begin, size_t(end - begin)));
+        if (end <= begin) return;
+        if (device_sum_)
+          device_sum_->start_sum(lora.grad_data() + begin, end - begin);
+        else
+          comm_->start_sum(std::span(lora.grad_data() + begin, size_t(end - begin)));
       };
     loss_sum += model_.forward_backward(micro_batches[i], grad_scale, uint64_t(state_.step), done).sum;
   }
   if (overlap) {
     const auto t0 = std::chrono::steady_clock::now();
-    st.sum_work_seconds = comm_->finish_sums();
+    st.sum_work_seconds = device_sum_ ? device_sum_->finish_sums() : comm_->finish_sums();
     st.reduce_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     st.overlapped = true;
   }
@@ -109,8 +113,10 @@ StepStats Trainer::step(std::span<const Batch> micro_batches) {
 }
 
 bool Trainer::overlapping() const {
-  return cfg_.overlap_grad_sum && comm_->size() > 1 && comm_->overlap() &&
-         model_.lora().backend().host_memory();
+  if (!cfg_.overlap_grad_sum || comm_->size() == 1) return false;
+  // A device's sum runs on the device beside the backward; a host copy of its gradients would
+  // wait for the whole backward.
+  return device_sum_ || (comm_->overlap() && model_.lora().backend().host_memory());
 }
 
 std::pair<int64_t, int64_t> Trainer::block_grads(int layer) const {

@@ -25,8 +25,8 @@ struct TrainConfig {
   // A step whose loss or gradient is NaN/Inf is skipped and counted; this many in a row abort.
   int max_consecutive_skips = 5;
   // Over several ranks, sum each block's LoRA gradients while the previous block's backward runs
-  // (where the communicator can overlap and the backend's memory is host memory); the bits are
-  // the same either way.
+  // (with a device sum, or where the communicator can overlap and the backend's memory is host
+  // memory); the bits are the same either way.
   bool overlap_grad_sum = true;
 };
 
