@@ -188,6 +188,12 @@ OpWork op_work::dropout_forward(float*, const float*, int64_t n, float, uint64_t
   return {0, 2 * kF32 * double(n)};
 }
 
+// dx and g read and written, x read.
+OpWork op_work::dropout_backward(float*, float*, const float*, int64_t n, float, uint64_t, uint64_t,
+                                 uint64_t) {
+  return {0, 5 * kF32 * double(n)};
+}
+
 // Parameter, gradient and both moments read, parameter and moments written.
 OpWork op_work::adamw_update(float*, const float*, float*, float*, int64_t n, const AdamWParams&) {
   return {0, 7 * kF32 * double(n)};

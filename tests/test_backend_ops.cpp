@@ -1661,6 +1661,38 @@ TEST_P(BackendOps, DropoutMasksBitForBit) {
   expect_untouched(c, "out", d_out.read(c), out0);
 }
 
+// The backward from the same mask: dx gains the kept gradient, scaled, and the gradient's buffer
+// leaves holding dropout(x), bit for bit the CPU's; p = 1 is refused with the CPU's message.
+TEST_P(BackendOps, DropoutBackwardBitForBit) {
+  std::vector<int64_t> sizes(std::begin(kSizes), std::end(kSizes));
+  sizes.push_back(20011);
+  for (const int64_t n : sizes) {
+    for (const float p : {0.25f, 0.0f, 0.9f}) {
+      const std::string c = ctx("dropout_backward", "n=" + std::to_string(n) + " p=" + std::to_string(p));
+      const std::vector<float> x = with_specials(random_floats(size_t(n), 6)),
+                               g = random_floats(size_t(n), 7);
+      const std::vector<float> dx0 = random_floats(size_t(n), 8);
+      const uint64_t stream = (uint64_t(3) << 40) | 10;
+      Buf<float> d_x(dev(), x, "x"), d_g(dev(), g, "g"), d_dx(dev(), dx0, "dx");
+      const uint64_t first = uint64_t(n) * 3;
+      dev().dropout_backward(d_dx.get(), d_g.get(), d_x.get(), n, p, 77, stream, first);
+      std::vector<float> dx = dx0, gg = g;
+      cpu().dropout_backward(dx.data(), gg.data(), x.data(), n, p, 77, stream, first);
+      expect_same(c, "dx", d_dx.read(c), dx);
+      expect_same(c, "g", d_g.read(c), gg);
+    }
+  }
+  const std::string c = ctx("dropout_backward", "p=1");
+  const std::vector<float> x(64, 1.0f), g0(64, 2.0f);
+  Buf<float> d_x(dev(), x, "x"), d_g(dev(), g0, "g"), d_dx(dev(), g0, "dx");
+  std::vector<float> dx = g0, g = g0;
+  expect_same_error(
+      c, error_of([&] { dev().dropout_backward(d_dx.get(), d_g.get(), d_x.get(), 64, 1.0f, 1, 1, 0); }),
+      error_of([&] { cpu().dropout_backward(dx.data(), g.data(), x.data(), 64, 1.0f, 1, 1, 0); }));
+  expect_untouched(c, "g", d_g.read(c), g0);
+  expect_untouched(c, "dx", d_dx.read(c), g0);
+}
+
 // ---- AdamW -----------------------------------------------------------------------------------------
 
 // Both sides run the CPU's operations in its order with the same f32 scalars; the compilers may

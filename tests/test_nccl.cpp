@@ -283,7 +283,9 @@ TEST_P(TrainerDeviceSum, SumsADeviceBackendsGradientsWithTheDeviceSum) {
 }
 
 INSTANTIATE_TEST_SUITE_P(DeviceSum, TrainerDeviceSum, ::testing::Bool(),
-                         [](const auto& info) { return info.param ? "Overlapped" : "AfterTheBackward"; });
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "Overlapped" : "AfterTheBackward";
+                         });
 
 // The kernel the NCCL sum adds the gathered ranks with, on the simulator: the host's rank-order sum
 // bit for bit, at lengths around the 128-thread block and for one to five ranks. Rank order matters

@@ -150,6 +150,47 @@ TEST(Elementwise, DropoutVectorMaskMatchesReference) {
   }
 }
 
+// dropout_backward is, bit for bit, dropout_forward of the incoming gradient added to dx and then
+// dropout_forward of x into the gradient's buffer, from one draw of the mask: the reference's
+// definition, the AVX2 path and the portable one, at the same awkward p, lengths and offsets; dx
+// holds -0.0 where the sum's rounding of a dropped element shows (x + 0 is +0 for x = -0).
+TEST(Elementwise, DropoutBackwardIsTheForwardOfTheGradientAddedAndOfTheInput) {
+  const uint64_t seed = 0x0123456789abcdefull, stream = (uint64_t(2) << 56) | 78;
+  for (const float p : {0.05f, 0.25f, 1.0f / 3.0f, 0.999f}) {
+    for (const int64_t n : {int64_t(1), int64_t(64), int64_t(200), int64_t(kMinParallelElems + 77)}) {
+      for (const uint64_t first : {uint64_t(0), uint64_t(3), uint64_t(131), (uint64_t(1) << 34) - 12}) {
+        SCOPED_TRACE("p " + std::to_string(p) + " n " + std::to_string(n) + " first " +
+                     std::to_string(first));
+        const std::vector<float> x = random_floats(size_t(n), 10), g = random_floats(size_t(n), 11);
+        std::vector<float> dx0 = random_floats(size_t(n), 12);
+        dx0[0] = -0.0f;
+        std::vector<float> want_dx(dx0), want_g(x.size()), masked(x.size());
+        ref::dropout_forward(masked.data(), g.data(), n, p, seed, stream, first);
+        ref::add_inplace(want_dx.data(), masked.data(), n);
+        ref::dropout_forward(want_g.data(), x.data(), n, p, seed, stream, first);
+        std::vector<float> ref_dx(dx0), ref_g(g);
+        ref::dropout_backward(ref_dx.data(), ref_g.data(), x.data(), n, p, seed, stream, first);
+        ASSERT_EQ(0, std::memcmp(ref_dx.data(), want_dx.data(), size_t(n) * 4)) << "ref's dx";
+        ASSERT_EQ(ref_g, want_g) << "ref's g";
+        for (const bool portable : {false, true}) {
+          std::vector<float> dx(dx0), gg(g);
+          if (portable) {
+            const cpu::ScopedPortableKernels scalar;
+            cpu::dropout_backward(dx.data(), gg.data(), x.data(), n, p, seed, stream, first);
+          } else {
+            cpu::dropout_backward(dx.data(), gg.data(), x.data(), n, p, seed, stream, first);
+          }
+          ASSERT_EQ(0, std::memcmp(dx.data(), want_dx.data(), size_t(n) * 4)) << "dx, portable " << portable;
+          ASSERT_EQ(gg, want_g) << "g, portable " << portable;
+        }
+      }
+    }
+  }
+  std::vector<float> dx(64), g(64), x(64);
+  EXPECT_THROW(cpu::dropout_backward(dx.data(), g.data(), x.data(), 64, 1.0f, 1, 1, 0), Error);
+  EXPECT_THROW(ref::dropout_backward(dx.data(), g.data(), x.data(), 64, -0.5f, 1, 1, 0), Error);
+}
+
 // The vector path compares raw words with an integer threshold instead of uniform(i) < p: at p a
 // hair above an element's uniform value (the next float up) it must drop that element, and at p
 // equal to it keep it. Random p could never land there (a chance of 2^-24 per element).

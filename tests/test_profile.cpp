@@ -138,9 +138,9 @@ Counts expected_step(int layers, int f, bool dropout) {
     // x A^T and t B^T forward; dB, dt, dA and dx backward
     c[{"matmul", lora}] = (2 * f + 4) * L;
     if (dropout) {
-      // the input's mask forward; backward the input's again and the gradient's
-      c[{"dropout_forward", lora}] = (f + 2) * L;
-      c[{"add_inplace", lora}] = L;
+      // the input's mask forward; backward the gradient's and the input's from one draw of it
+      c[{"dropout_forward", lora}] = f * L;
+      c[{"dropout_backward", lora}] = L;
     }
   }
   return c;

@@ -70,7 +70,8 @@ TEST_F(Profile, FinetuneWritesAndPrintsTheOpsOfItsSteps) {
                       {{"linear_forward", "q_proj"}, steps * L},
                       {{"linear_backward_input", "down_proj"}, steps * L},
                       {{"matmul", "v_proj lora"}, steps * 6 * L},
-                      {{"dropout_forward", "gate_proj lora"}, steps * 3 * L},
+                      {{"dropout_forward", "gate_proj lora"}, steps * L},
+                      {{"dropout_backward", "gate_proj lora"}, steps * L},
                       {{"lm_head_cross_entropy", ""}, steps},
                       {{"embedding_forward", ""}, steps},
                       {{"adamw_update", ""}, steps}};

@@ -1,5 +1,6 @@
 // defines: the fast elementwise ops (tf::cpu::add_inplace, add_bias, fill, scale_inplace, copy,
-//          sum_squares, dropout_forward): OpenMP loops above kMinParallelElems, dropout masks from
+//          sum_squares, dropout_forward, dropout_backward): OpenMP loops above kMinParallelElems,
+//          dropout masks from
 //          sixteen Philox blocks at a time (in AVX2 registers where the CPU has them)
 #include <algorithm>
 #include <cmath>
@@ -61,9 +62,17 @@ uint32_t dropout_word_threshold(float p) {
   return uint32_t(std::ceil(p * 16777216.0f)) << 8;
 }
 
+// What a mask is applied to. Forward: out = dropout(x) (out may be x). Backward (dx set): out holds
+// the gradient coming in, dropout of which is added to dx before out takes dropout(x).
+struct MaskTarget {
+  float* out;
+  const float* x;
+  float* dx;
+};
+
 // The elements e0 .. e1 (indices in the mask) of group g, one by one from the group's words: the
 // portable path, and the partial groups at either end of the vector path.
-void dropout_group_scalar(float* out, const float* x, const Philox& rng, uint64_t g, uint64_t e0, uint64_t e1,
+void dropout_group_scalar(const MaskTarget& t, const Philox& rng, uint64_t g, uint64_t e0, uint64_t e1,
                           uint64_t first, float p, float keep_scale) {
   uint32_t words[4][Philox::kBatch];
   rng.blocks(g * Philox::kBatch, words);
@@ -72,7 +81,9 @@ void dropout_group_scalar(float* out, const float* x, const Philox& rng, uint64_
     for (int w = 0; w < 4; ++w) element[4 * b + w] = words[w][b];
   for (uint64_t e = e0; e < e1; ++e) {
     const uint64_t i = e - first;
-    out[i] = uint_to_unit_float(element[e - g * kGroupElems]) < p ? 0.0f : x[i] * keep_scale;
+    const bool dropped = uint_to_unit_float(element[e - g * kGroupElems]) < p;
+    if (t.dx) t.dx[i] += dropped ? 0.0f : t.out[i] * keep_scale;
+    t.out[i] = dropped ? 0.0f : t.x[i] * keep_scale;
   }
 }
 
@@ -125,8 +136,9 @@ inline void philox_blocks8(uint64_t first, uint32_t k0, uint32_t k1, uint32_t s0
 
 // Groups g0 .. g1 - 1 of the mask, each its 64 elements in mask order (element 4b + w is word w of
 // block b): each half group's words are transposed in registers, compared with the threshold, and
-// x scaled where kept, one rounded product per element as in the scalar path.
-void dropout_groups_avx2(float* out, const float* x, uint64_t g0, uint64_t g1, uint64_t first, uint64_t key,
+// x scaled where kept, one rounded product per element as in the scalar path (and the same for the
+// gradient added to dx).
+void dropout_groups_avx2(const MaskTarget& t, uint64_t g0, uint64_t g1, uint64_t first, uint64_t key,
                          uint64_t stream, uint32_t threshold, float keep_scale) {
   const __m256i limit = _mm256_set1_epi32(int(threshold));
   const __m256 scale = _mm256_set1_ps(keep_scale);
@@ -145,9 +157,14 @@ void dropout_groups_avx2(float* out, const float* x, uint64_t g0, uint64_t g1, u
           _mm256_permute2x128_si256(u0, u1, 0x31), _mm256_permute2x128_si256(u2, u3, 0x31)};
       const uint64_t i0 = g * kGroupElems + 32 * uint64_t(half) - first;
       for (int v = 0; v < 4; ++v) {
+        const uint64_t i = i0 + 8 * uint64_t(v);
         const __m256 dropped = _mm256_castsi256_ps(less_unsigned(words[v], limit));
-        const __m256 xv = _mm256_loadu_ps(x + i0 + 8 * uint64_t(v));
-        _mm256_storeu_ps(out + i0 + 8 * uint64_t(v), _mm256_andnot_ps(dropped, _mm256_mul_ps(xv, scale)));
+        if (t.dx) {
+          const __m256 gv = _mm256_andnot_ps(dropped, _mm256_mul_ps(_mm256_loadu_ps(t.out + i), scale));
+          _mm256_storeu_ps(t.dx + i, _mm256_add_ps(_mm256_loadu_ps(t.dx + i), gv));
+        }
+        const __m256 xv = _mm256_loadu_ps(t.x + i);
+        _mm256_storeu_ps(t.out + i, _mm256_andnot_ps(dropped, _mm256_mul_ps(xv, scale)));
       }
     }
   }
@@ -157,15 +174,15 @@ void dropout_groups_avx2(float* out, const float* x, uint64_t g0, uint64_t g1, u
 #pragma GCC pop_options
 #endif
 
+namespace {
+
 // Element i draws word i % 4 of Philox block i / 4 (Philox::uniform(i)), the blocks computed
 // kBatch at a time in vector lanes and every word used: one scalar block per element made the
 // masks a third of a training step, and the compiler's lane-wise version of Philox::blocks still
 // ran at 4-6.5 ns an element (bench_lora), so AVX2 CPUs run the rounds in registers. The groups
 // are aligned in the mask (from index 0), so that the rows of a larger input starting at `first`
-// draw the same words as that input does; out may be x.
-void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
-                     uint64_t first) {
-  TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
+// draw the same words as that input does.
+void apply_dropout(const MaskTarget& t, int64_t n, float p, uint64_t seed, uint64_t stream, uint64_t first) {
   if (n <= 0) return;
   const Philox rng(seed, stream);
   const float keep_scale = 1.0f / (1.0f - p);
@@ -177,25 +194,38 @@ void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t se
     const uint64_t v0 = (first + kGroupElems - 1) / kGroupElems, v1 = end / kGroupElems;
     if (v0 >= v1) {
       for (uint64_t g = g0; g < g1; ++g)
-        dropout_group_scalar(out, x, rng, g, std::max(g * kGroupElems, first),
+        dropout_group_scalar(t, rng, g, std::max(g * kGroupElems, first),
                              std::min((g + 1) * kGroupElems, end), first, p, keep_scale);
       return;
     }
     if (first < v0 * kGroupElems)
-      dropout_group_scalar(out, x, rng, g0, first, v0 * kGroupElems, first, p, keep_scale);
-    if (end > v1 * kGroupElems)
-      dropout_group_scalar(out, x, rng, v1, v1 * kGroupElems, end, first, p, keep_scale);
+      dropout_group_scalar(t, rng, g0, first, v0 * kGroupElems, first, p, keep_scale);
+    if (end > v1 * kGroupElems) dropout_group_scalar(t, rng, v1, v1 * kGroupElems, end, first, p, keep_scale);
     const uint32_t threshold = dropout_word_threshold(p);
 #pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
     for (uint64_t g = v0; g < v1; ++g)
-      dropout_groups_avx2(out, x, g, g + 1, first, seed, stream, threshold, keep_scale);
+      dropout_groups_avx2(t, g, g + 1, first, seed, stream, threshold, keep_scale);
     return;
   }
 #endif
 #pragma omp parallel for if (n >= kMinParallelElems) schedule(static)
   for (uint64_t g = g0; g < g1; ++g)
-    dropout_group_scalar(out, x, rng, g, std::max(g * kGroupElems, first),
-                         std::min((g + 1) * kGroupElems, end), first, p, keep_scale);
+    dropout_group_scalar(t, rng, g, std::max(g * kGroupElems, first), std::min((g + 1) * kGroupElems, end),
+                         first, p, keep_scale);
+}
+
+}  // namespace
+
+void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                     uint64_t first) {
+  TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
+  apply_dropout({out, x, nullptr}, n, p, seed, stream, first);
+}
+
+void dropout_backward(float* dx, float* g, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                      uint64_t first) {
+  TF_CHECK(p >= 0 && p < 1, "dropout_backward: p must be in [0, 1), got ", p);
+  apply_dropout({g, x, dx}, n, p, seed, stream, first);
 }
 
 }  // namespace tf::cpu

@@ -1,5 +1,6 @@
 // defines: the CUDA backend's elementwise ops, tf::cuda:: and tf::simt:: add_inplace, add_bias, fill,
-// scale_inplace, copy, sum_squares (a fixed-order tree over per-block partials) and dropout_forward
+// scale_inplace, copy, sum_squares (a fixed-order tree over per-block partials), dropout_forward and
+// dropout_backward
 // (the CPU's Philox masks, drawn in the kernel); sum_squares_scratch, the rt::scratch of sum_squares
 #include <algorithm>
 #include <cstdint>
@@ -75,8 +76,11 @@ __global__ void sum_squares_total(port::gptr<double> total, port::gptr<const dou
 // Thread b draws Philox block b0 + b and masks the elements of the mask 4 (b0 + b) .. + 3 that are
 // in first .. first + n - 1 with its four words, which is element e of the mask taking word e % 4 of
 // block e / 4, as Philox::uniform(e) does on the CPU.
-__global__ void dropout_kernel(port::gptr<float> out, port::gptr<const float> x, int64_t n, float p,
-                               float keep_scale, Philox rng, uint64_t first) {
+// With `backward`, out holds the gradient coming in: dropout of it is added to dx first, then out
+// takes dropout(x) (dropout_backward).
+__global__ void dropout_kernel(port::gptr<float> out, port::gptr<const float> x, port::gptr<float> dx,
+                               bool backward, int64_t n, float p, float keep_scale, Philox rng,
+                               uint64_t first) {
   const uint64_t b0 = first / 4;
   const int64_t n_blocks = int64_t((first + uint64_t(n) + 3) / 4 - b0);
   for (int64_t b = grid_first(); b < n_blocks; b += grid_stride()) {
@@ -87,7 +91,12 @@ __global__ void dropout_kernel(port::gptr<float> out, port::gptr<const float> x,
       if (e < first) continue;
       const int64_t i = int64_t(e - first);
       if (i >= n) break;
-      if (uint_to_unit_float(words[j]) < p) {
+      const bool dropped = uint_to_unit_float(words[j]) < p;
+      if (backward) {
+        const float gi = out[i], dxi = dx[i];
+        dx[i] = dxi + (dropped ? 0.0f : mul_rn(gi, keep_scale));
+      }
+      if (dropped) {
         out[i] = 0.0f;
       } else {
         const float xi = x[i];
@@ -166,7 +175,17 @@ void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t se
   const int64_t philox_blocks = int64_t((first + uint64_t(n) + 3) / 4 - first / 4);
   port::launch(dropout_kernel,
                on_current_stream("dropout_forward", element_blocks(philox_blocks), kElementThreads), out, x,
-               n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
+               static_cast<float*>(nullptr), false, n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
+}
+
+void dropout_backward(float* dx, float* g, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                      uint64_t first) {
+  TF_CHECK(p >= 0 && p < 1, "dropout_backward: p must be in [0, 1), got ", p);
+  if (n <= 0) return;
+  const int64_t philox_blocks = int64_t((first + uint64_t(n) + 3) / 4 - first / 4);
+  port::launch(dropout_kernel,
+               on_current_stream("dropout_backward", element_blocks(philox_blocks), kElementThreads), g, x,
+               dx, true, n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
 }
 
 }  // namespace tf::TF_PORT_BACKEND

@@ -1,8 +1,8 @@
 // defines: what the CUDA backend's elementwise, norm and embedding launchers share: launch shapes on
 // rt::current_stream(), widening loads of f32 / bf16 / f16 weights (StoredF32 / StoredBF16 /
 // StoredF16 and with_stored_weight, which picks a kernel instantiation from a WeightRef's dtype),
-// and block_sum, a block-wide sum in a fixed order. Include it at file scope: it opens namespace
-// tf::TF_PORT_BACKEND itself.
+// block_sum, a block-wide sum in a fixed order, and mul_rn, a product rounded on its own. Include
+// it at file scope: it opens namespace tf::TF_PORT_BACKEND itself.
 #pragma once
 
 #include <algorithm>
@@ -37,6 +37,18 @@ inline port::LaunchConfig on_current_stream(const char* name, int64_t blocks, in
 // Blocks of kElementThreads for a grid-stride loop over n items.
 inline int64_t element_blocks(int64_t n) {
   return std::min(kMaxElementBlocks, (n + kElementThreads - 1) / kElementThreads);
+}
+
+// a * b, rounded once and never fused into a following add or subtract: the references compute
+// each product and sum as its own rounding (ggml, bitsandbytes, dropout's backward), and so must
+// the device.
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if TF_PORT_SIM
+  const volatile float p = a * b;
+  return p;
+#else
+  return __fmul_rn(a, b);
+#endif
 }
 
 // The first index and the stride of a grid-stride loop over 1-D blocks.

@@ -94,16 +94,6 @@ inline QuantWeight quant_weight(const WeightRef& W, const char* op = "quantized 
   return q;
 }
 
-// a * b, rounded once and never fused into a following add or subtract: the references compute
-// each product and sum as its own rounding (ggml, bitsandbytes), and so must the device.
-__device__ __forceinline__ float mul_rn(float a, float b) {
-#if TF_PORT_SIM
-  const volatile float p = a * b;
-  return p;
-#else
-  return __fmul_rn(a, b);
-#endif
-}
 __device__ __forceinline__ float div_rn(float a, float b) {
 #if TF_PORT_SIM
   return a / b;

@@ -158,6 +158,10 @@ void LoraDropout::apply(Backend& be, float* out, const float* x, int64_t n, int 
   be.dropout_forward(out, x, n * in, p, seed, stream_id(), uint64_t(row0) * uint64_t(in));
 }
 
+void LoraDropout::apply_backward(Backend& be, float* dx, float* g, const float* x, int64_t n, int in) const {
+  be.dropout_backward(dx, g, x, n * in, p, seed, stream_id(), uint64_t(row0) * uint64_t(in));
+}
+
 static MatOperand f32_operand(const float* data, int64_t ld, bool trans = false) {
   return MatOperand{data, DType::F32, ld, trans};
 }
@@ -189,22 +193,18 @@ void lora_backward(Backend& be, float* dx, const float* dy, const float* x, cons
             1.0f);
   // dt[n, r] = scale * dy B
   be.matmul(dt, a.rank, f32_operand(dy, a.out), f32_operand(a.B, a.rank), n, a.rank, a.out, scale, 0.0f);
-  const float* input = x;
-  if (drop.p > 0) {
-    drop.apply(be, xd, x, n, a.in);
-    input = xd;
-  }
-  // dA[r, in] += dt^T dropout(x)
-  be.matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(input, a.in), a.rank, a.in, n, 1.0f, 1.0f);
   if (drop.p == 0) {
+    // dA[r, in] += dt^T x; dx += dt A
+    be.matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(x, a.in), a.rank, a.in, n, 1.0f, 1.0f);
     be.matmul(dx, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 1.0f);
     return;
   }
   // dropout is x * mask / (1-p), so its Jacobian applies the same mask and scale to the incoming
-  // gradient dt A: compute that product into xd and run it through the regenerated dropout.
+  // gradient dt A. That product goes into xd, and one regeneration of the mask adds it, masked, to
+  // dx and leaves dropout(x) in xd for dA[r, in] += dt^T dropout(x).
   be.matmul(xd, a.in, f32_operand(dt, a.rank), f32_operand(a.A, a.in), n, a.in, a.rank, 1.0f, 0.0f);
-  drop.apply(be, xd, xd, n, a.in);
-  be.add_inplace(dx, xd, n * a.in);
+  drop.apply_backward(be, dx, xd, x, n, a.in);
+  be.matmul(a.dA, a.in, f32_operand(dt, a.rank, true), f32_operand(xd, a.in), a.rank, a.in, n, 1.0f, 1.0f);
 }
 
 }  // namespace tf

@@ -88,6 +88,8 @@ struct LoraDropout {
   // Writes dropout(x) into out ([n, in]) on `be`: element i is dropped when
   // Philox(seed, stream_id()).uniform(row0 * in + i) < p.
   void apply(Backend& be, float* out, const float* x, int64_t n, int in) const;
+  // Its backward from the same mask (dropout_backward): dx += dropout(g), then g = dropout(x).
+  void apply_backward(Backend& be, float* dx, float* g, const float* x, int64_t n, int in) const;
   // The Philox stream of this (step, layer, target) under the seed.
   uint64_t stream_id() const;
 };

@@ -1,5 +1,5 @@
 // defines: the reference elementwise ops (tf::ref::add_inplace, add_bias, fill, scale_inplace, copy,
-//          sum_squares, dropout_forward): one plain loop each
+//          sum_squares, dropout_forward, dropout_backward): one plain loop each
 #include "kernels/cpu/ref/rmsnorm.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
@@ -43,6 +43,17 @@ void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t se
   const Philox rng(seed, stream);
   for (int64_t i = 0; i < n; ++i)
     out[i] = rng.uniform(first + uint64_t(i)) < p ? 0.0f : x[i] * (1.0f / (1.0f - p));
+}
+
+void dropout_backward(float* dx, float* g, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                      uint64_t first) {
+  TF_CHECK(p >= 0 && p < 1, "dropout_backward: p must be in [0, 1), got ", p);
+  const Philox rng(seed, stream);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = rng.uniform(first + uint64_t(i)) >= p;
+    dx[i] += keep ? g[i] * (1.0f / (1.0f - p)) : 0.0f;
+    g[i] = keep ? x[i] * (1.0f / (1.0f - p)) : 0.0f;
+  }
 }
 
 }  // namespace tf::ref
