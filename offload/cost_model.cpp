@@ -30,6 +30,8 @@ CostRates CostRates::cpu(int threads) {
   r.op_overhead_s = 20e-6;
   r.link_bytes_s = 0;
   r.disk_bytes_s = 1.5e9;
+  // Open MPI between the processes of one machine, through shared memory.
+  r.gather_bytes_s = 5e9;
   r.memory_bytes_s = 20e9;
   // The reads need the cores the products spin on: they were measured hidden at 1024 tokens a
   // step and not at 64, so the model hides none of them.
@@ -44,6 +46,8 @@ CostRates CostRates::device() {
   r.op_overhead_s = 8e-6;
   r.link_bytes_s = 20e9;
   r.disk_bytes_s = 1.5e9;
+  // The shares live in host memory and are gathered over MPI, as on the cpu.
+  r.gather_bytes_s = 5e9;
   r.memory_bytes_s = 1e12;
   r.copies_overlap = true;
   return r;
@@ -54,18 +58,19 @@ std::string CostRates::describe() const {
   std::snprintf(
       buf, sizeof buf,
       "%.1f GFLOP/s (half of it at %.0f rows), %.0f us per op, host link %.0f GB/s, disk %.1f GB/s, "
-      "memory %.1f GB/s, copies %s compute",
+      "rank gathers %.1f GB/s, memory %.1f GB/s, copies %s compute",
       flops / 1e9, half_rate_rows, op_overhead_s * 1e6, link_bytes_s / 1e9, disk_bytes_s / 1e9,
-      memory_bytes_s / 1e9, copies_overlap ? "beside" : "not beside");
+      gather_bytes_s / 1e9, memory_bytes_s / 1e9, copies_overlap ? "beside" : "not beside");
   return source + ": " + buf;
 }
 
-CostRates CostRates::calibrated(double measured_flops_s, double rows, double measured_bytes_s,
-                                const std::string& from) const {
+CostRates CostRates::calibrated(const Measured& m, const std::string& from) const {
   CostRates r = *this;
   // rate(rows) = flops * rows / (rows + half_rate_rows), solved for flops.
-  r.flops = measured_flops_s * (rows + half_rate_rows) / rows;
-  if (measured_bytes_s > 0) r.memory_bytes_s = measured_bytes_s;
+  r.flops = m.flops_s * (m.rows + half_rate_rows) / m.rows;
+  if (m.memory_bytes_s > 0) r.memory_bytes_s = m.memory_bytes_s;
+  if (m.op_overhead_s > 0) r.op_overhead_s = m.op_overhead_s;
+  if (m.disk_bytes_s > 0) r.disk_bytes_s = m.disk_bytes_s;
   r.source = from;
   return r;
 }
@@ -127,6 +132,9 @@ StepCost step_cost(const CostInputs& in, const CostRates& r) {
     copy += 2.0 * double(in.streamed_bytes) / rate_in;
   }
   if (in.offloaded_bytes) copy += 2.0 * double(in.offloaded_bytes) / r.link_bytes_s;
+  // Sharded weights are gathered from the other ranks for the forward and again for the backward,
+  // each block before the copy to a device that Host streaming makes too.
+  if (in.gathered_bytes) copy += 2.0 * double(in.gathered_bytes) / r.gather_bytes_s;
   // Overlapped copies hide behind the micro-batch's compute but for the first block's, which
   // nothing precedes; an upload before the first block hides behind nothing.
   const double busy = (s.compute_s + s.recompute_s) / accum;

@@ -1,7 +1,8 @@
 // defines: tf::offload::CostRates, CostInputs, StepCost, step_cost (the planner's time model of an
 // optimizer step: the arithmetic of the forward, backward and recomputation at a rate that grows
 // with the rows of each product, the per-op overheads, the copies of streamed weights and offloaded
-// block inputs, and how much of those copies hides behind compute)
+// block inputs, the gathers of weights sharded across ranks, and how much of those copies hides
+// behind compute)
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,7 @@ struct CostRates {
   double op_overhead_s = 0;        // fixed cost of one op (a kernel launch, a thread-pool barrier)
   double link_bytes_s = 0;         // host memory -> the backend's memory (device backends)
   double disk_bytes_s = 0;         // the model file -> memory, through the direct reader
+  double gather_bytes_s = 0;       // the other ranks' shares of a block -> one rank (over MPI)
   double memory_bytes_s = 0;       // the backend's memory bandwidth (the optimizer's pass over LoRA)
   bool copies_overlap = true;      // copies run beside compute (a copy engine) or take its cores
   std::string source = "nominal";  // where the rates come from, for the logs
@@ -31,11 +33,18 @@ struct CostRates {
   static CostRates device();
   // "nominal: 80 GFLOP/s (half of it at 32 rows), ..." for the plan's output.
   std::string describe() const;
-  // These rates with the arithmetic's set so that a product of `rows` rows runs at
-  // `measured_flops_s` (the rate's growth with rows, half_rate_rows, kept), and the memory
-  // bandwidth set to `measured_bytes_s` where that is positive; `source` says where they came from.
-  CostRates calibrated(double measured_flops_s, double rows, double measured_bytes_s,
-                       const std::string& source) const;
+  // What a benchmark of the backend measured (tightfit bench's); a zero rate keeps the nominal one.
+  struct Measured {
+    double flops_s = 0;         // a training step's useful arithmetic per second, required
+    double rows = 0;            // the rows of that step's products, required
+    double memory_bytes_s = 0;  // the memory bandwidth of a streaming op
+    double op_overhead_s = 0;   // the fixed cost of one op
+    double disk_bytes_s = 0;    // the model file read through the direct reader
+  };
+  // These rates with the arithmetic's set so that a product of `m.rows` rows runs at `m.flops_s`
+  // (the rate's growth with rows, half_rate_rows, kept), and the memory bandwidth, the per-op cost
+  // and the disk rate set to the measured ones that are positive; `source` says where they came from.
+  CostRates calibrated(const Measured& m, const std::string& source) const;
 };
 
 // A run's step as the cost model sees it: the model's shape, the tokens of a micro-batch, and what
@@ -49,6 +58,7 @@ struct CostInputs {
   bool recompute = false;           // per-block checkpointing: each block's forward runs twice
   uint64_t streamed_bytes = 0;      // per-layer weights read per pass (forward, and backward)
   bool streamed_from_disk = false;  // from the model file rather than host memory
+  uint64_t gathered_bytes = 0;      // --shard-weights: the other ranks' shares received per pass
   uint64_t offloaded_bytes = 0;     // block inputs copied to host memory and back per micro-batch
   // Rows the MLP runs at a time (0: all of a micro-batch's): its products run at that many rows, the
   // backward forms each chunk's gate and up again, and per-block recomputation stops at the MLP.

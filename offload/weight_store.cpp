@@ -130,7 +130,7 @@ std::vector<WeightStore::Layer> WeightStore::layout(const LlamaWeights& w, Weigh
                ") in another dtype: load the base as bf16 (--quant bf16) to stream it");
       t.placed_at = L.placed_bytes;
       L.placed_bytes += be.footprint(placed);
-      if (tier == WeightTier::Host) L.streamed += placed;
+      if (tier == WeightTier::Host || tier == WeightTier::Shard) L.streamed += placed;
     }
     L.tensors.push_back(t);
   });
@@ -154,6 +154,7 @@ StoreFootprint WeightStore::footprint(const LlamaWeights& w, WeightTier tier, co
     read = std::max(read, tier == WeightTier::Shard ? L.share_bytes * size_t(ranks) : L.read_bytes);
     shares += L.share_bytes;
     f.streamed_bytes += L.streamed;
+    f.gathered_bytes += uint64_t(L.share_bytes) * uint64_t(ranks - 1);
   }
   const bool buffered = tier == WeightTier::Disk || tier == WeightTier::Shard;
   std::vector<PlannedAlloc>& host = be.host_memory() ? f.backend : f.host;

@@ -39,10 +39,12 @@ class BlockExchange {
 // backend in the order it makes them (the two slots, then on the cpu the shard tier's shares);
 // `host`, host memory that is not the backend's (on a device backend, the disk and shard tiers' two
 // read buffers, then the shard tier's shares); `streamed_bytes`, the bytes of per-layer weights it
-// copies (Host) or reads from the file (Disk) in one pass over the layers.
+// copies to a device (Host, Shard) or reads from the file (Disk) in one pass over the layers;
+// `gathered_bytes`, under Shard, the bytes of the other ranks' shares a rank receives in one pass.
 struct StoreFootprint {
   std::vector<PlannedAlloc> backend, host;
   uint64_t streamed_bytes = 0;
+  uint64_t gathered_bytes = 0;
 };
 
 // The per-layer weights of a model (every slot of BlockWeights) in a lower tier than the backend's

@@ -54,6 +54,16 @@ void check_json(const nlohmann::json& j, const std::string& backend) {
   EXPECT_GT(j["memory"]["measured_peak"].get<uint64_t>(), 0u);
   EXPECT_GT(j["memory"]["predicted_peak"].get<uint64_t>(), 0u);
   EXPECT_GT(j["memory"]["tracked_peak"].get<uint64_t>(), 0u);
+  // The per-op cost: rmsnorm at r and 2r rows, the fixed part 2 t(r) - t(2r) where it is positive.
+  const nlohmann::json& cost = j["op_cost"];
+  ASSERT_EQ(cost["rows"].size(), 2u) << cost;
+  EXPECT_EQ(cost["rows"][1].get<int64_t>(), 2 * cost["rows"][0].get<int64_t>()) << cost;
+  const double small = cost["seconds"][0].get<double>(), large = cost["seconds"][1].get<double>();
+  EXPECT_GT(small, 0) << cost;
+  if (2 * small > large)
+    EXPECT_DOUBLE_EQ(cost["seconds_per_op"].get<double>(), 2 * small - large) << cost;
+  else
+    EXPECT_TRUE(cost["seconds_per_op"].is_null()) << cost;
 }
 
 TEST_F(Bench, PrintsTheTableAndTheJsonOnTheCpu) {
@@ -68,8 +78,37 @@ TEST_F(Bench, PrintsTheTableAndTheJsonOnTheCpu) {
   for (const std::string& op : kOps) EXPECT_NE(r.out.find(op), std::string::npos) << op << "\n" << r.out;
   EXPECT_NE(r.out.find("training step (LoRA r4, all projections)"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("100%"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\nop cost   "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\ndisk      not measured: no model file (--model)"), std::string::npos) << r.out;
   std::ifstream in(json_path);
-  check_json(nlohmann::json::parse(in), "cpu");
+  const nlohmann::json j = nlohmann::json::parse(in);
+  check_json(j, "cpu");
+  EXPECT_TRUE(j["disk"].is_null()) << j["disk"];
+}
+
+// With a model file, its tensors' window is read through the direct reader for the disk rate: all of
+// it (the file is far below the 1 GiB the read stops at), in the mode the reader chose.
+TEST_F(Bench, ReadsTheModelFileForTheDiskRate) {
+  ASSERT_EQ(run({"init", "--config", "tiny", "--out", (dir_ / "model").string(), "--seed", "3"}).status, 0);
+  const std::string json_path = (dir_ / "bench.json").string();
+  const test::Result r = run({"bench", "--model", (dir_ / "model").string(), "--device", "cpu", "--seq", "16",
+                              "--steps", "1", "--lora-rank", "2", "--threads", "1", "--json", json_path});
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::ifstream in(json_path);
+  const nlohmann::json disk = nlohmann::json::parse(in)["disk"];
+  ASSERT_TRUE(disk.is_object()) << disk;
+  const std::string file = disk["file"].get<std::string>();
+  EXPECT_EQ(test::fs::path(file).parent_path(), dir_ / "model") << file;
+  const uint64_t size = test::fs::file_size(file);
+  // The tensors' window: the file less its header, at most the 8-byte length and a page of JSON.
+  EXPECT_LT(disk["bytes"].get<uint64_t>(), size);
+  EXPECT_GT(disk["bytes"].get<uint64_t>(), size - 4096) << size;
+  EXPECT_GT(disk["seconds"].get<double>(), 0);
+  EXPECT_DOUBLE_EQ(disk["rate"].get<double>(), disk["bytes"].get<double>() / disk["seconds"].get<double>());
+  const std::string mode = disk["mode"].get<std::string>();
+  EXPECT_NE(mode.find("O_DIRECT") != std::string::npos, mode.find("buffered") != std::string::npos) << mode;
+  EXPECT_NE(r.out.find("\ndisk      "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" of " + file + " (" + mode + ")"), std::string::npos) << r.out;
 }
 
 TEST_F(Bench, RunsOnTheSimulatedDevice) {

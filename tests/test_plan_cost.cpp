@@ -37,6 +37,7 @@ CostRates unit_rates() {
   r.op_overhead_s = 0;
   r.link_bytes_s = 1;
   r.disk_bytes_s = 1;
+  r.gather_bytes_s = 1;
   r.memory_bytes_s = 1;
   return r;
 }
@@ -69,6 +70,27 @@ TEST(CostModel, CountsTheArithmeticOfTheForwardBackwardAndRecomputation) {
   EXPECT_DOUBLE_EQ(again.compute_s, plain.compute_s);
   EXPECT_DOUBLE_EQ(again.recompute_s, 3 * 3 * forward);
   EXPECT_DOUBLE_EQ(again.total_s - plain.total_s, again.recompute_s);
+}
+
+// A measured disk rate and per-op cost change the predicted step of a run streamed from the disk:
+// its copies by the ratio of the rates, its per-op part by that of the costs.
+TEST(CostModel, AMeasuredDiskRateAndOpCostPriceAStreamedStep) {
+  CostInputs in;
+  in.config = tiny_config();
+  in.lora.rank = 4;
+  in.micro_batch = 1;
+  in.seq_len = 64;
+  in.streamed_bytes = 64 << 20;
+  in.streamed_from_disk = true;
+  const CostRates nominal = CostRates::cpu(1);
+  const CostRates slow = nominal.calibrated({nominal.flops * 64 / (64 + nominal.half_rate_rows), 64, 0,
+                                             4 * nominal.op_overhead_s, nominal.disk_bytes_s / 8},
+                                            "bench");
+  const offload::StepCost a = step_cost(in, nominal), b = step_cost(in, slow);
+  EXPECT_NEAR(b.compute_s, a.compute_s, a.compute_s * 1e-12);
+  EXPECT_NEAR(b.copy_s, 8 * a.copy_s, a.copy_s * 1e-12);
+  EXPECT_NEAR(b.overhead_s, 4 * a.overhead_s, a.overhead_s * 1e-12);
+  EXPECT_GT(b.total_s, a.total_s);
 }
 
 // A chunked MLP forms its gate and up products again in the backward, lets recomputation stop at
@@ -160,6 +182,17 @@ TEST(CostModel, CopiesHideBehindComputeOnlyWhereTheyRunBesideIt) {
   in.offloaded_bytes = 0;
   in.streamed_from_disk = true;
   EXPECT_DOUBLE_EQ(step_cost(in, r).copy_s, 2 * 300.0 / 0.1);
+
+  // Sharded weights: the other ranks' shares gathered at their rate, for the forward and the
+  // backward, before the copy to the device; beside compute they hide as the copies do.
+  in.streamed_from_disk = false;
+  r.gather_bytes_s = 0.5;
+  in.gathered_bytes = 40;
+  EXPECT_DOUBLE_EQ(step_cost(in, r).copy_s, 2 * 300.0 + 2 * 40.0 / 0.5);
+  r.copies_overlap = true;
+  const offload::StepCost hidden = step_cost(in, r);
+  ASSERT_GT(hidden.compute_s, hidden.copy_s);
+  EXPECT_DOUBLE_EQ(hidden.exposed_copy_s, hidden.copy_s / 3);
 }
 
 class PlanCost : public test::PlanCli {

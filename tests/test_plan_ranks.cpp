@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "offload/cost_model.h"
 #include "src/dist/device_sum.h"
 #include "tests/plan_test_util.h"
 
@@ -143,6 +144,14 @@ TEST_F(PlanRanks, ShardedWeightsHoldOneNthOfTheLayersOnEachRank) {
     EXPECT_LT(share, layers / uint64_t(ranks) + (uint64_t(1) << 20)) << ranks;
     EXPECT_EQ(j["peak"]["device"], whole["peak"]["device"]) << ranks;
     EXPECT_LT(j["peak"]["host"].get<uint64_t>(), whole["peak"]["host"].get<uint64_t>() - layers / 3) << ranks;
+    // The step's copies are those of --weights host (each block to the device) and the gathers of
+    // the other ranks' shares, twice a micro-batch at the nominal rate of MPI on one machine.
+    const double gathers = 2.0 * double(share) * (ranks - 1) / offload::CostRates::device().gather_bytes_s;
+    const double accum = j["grad_accum"].get<double>();
+    ASSERT_EQ(j["grad_accum"], whole["grad_accum"]);
+    EXPECT_NEAR(j["predicted_step"]["copy_s"].get<double>(),
+                whole["predicted_step"]["copy_s"].get<double>() + accum * gathers, accum * gathers * 1e-9)
+        << ranks;
   }
   // The table of alternatives shows the shard tier beside the others.
   bool shown = false;

@@ -19,16 +19,27 @@ namespace {
 TEST(CostRates, CalibratedRunsTheMeasuredRateAtTheMeasuredRows) {
   const offload::CostRates nominal = offload::CostRates::cpu(2);
   for (double rows : {1.0, 64.0, 2048.0}) {
-    const offload::CostRates r = nominal.calibrated(30e9, rows, 12e9, "bench");
+    offload::CostRates::Measured m;
+    m.flops_s = 30e9;
+    m.rows = rows;
+    m.memory_bytes_s = 12e9;
+    m.op_overhead_s = 3e-6;
+    m.disk_bytes_s = 0.4e9;
+    const offload::CostRates r = nominal.calibrated(m, "bench");
     const double at_rows = r.flops * rows / (rows + r.half_rate_rows);
     // One division and one multiplication: within a few ulps of the measured rate.
     EXPECT_NEAR(at_rows, 30e9, 30e9 * 1e-14) << rows;
     EXPECT_EQ(r.half_rate_rows, nominal.half_rate_rows);
     EXPECT_EQ(r.memory_bytes_s, 12e9);
-    EXPECT_EQ(r.disk_bytes_s, nominal.disk_bytes_s) << "the disk is not measured by bench";
+    EXPECT_EQ(r.op_overhead_s, 3e-6);
+    EXPECT_EQ(r.disk_bytes_s, 0.4e9);
     EXPECT_EQ(r.describe().rfind("bench: ", 0), 0u) << r.describe();
   }
-  EXPECT_EQ(nominal.calibrated(30e9, 64, 0, "x").memory_bytes_s, nominal.memory_bytes_s);
+  // What was not measured stays nominal.
+  const offload::CostRates r = nominal.calibrated({30e9, 64, 0, 0, 0}, "x");
+  EXPECT_EQ(r.memory_bytes_s, nominal.memory_bytes_s);
+  EXPECT_EQ(r.op_overhead_s, nominal.op_overhead_s);
+  EXPECT_EQ(r.disk_bytes_s, nominal.disk_bytes_s);
   EXPECT_EQ(nominal.describe().rfind("nominal: ", 0), 0u) << nominal.describe();
 }
 
@@ -51,8 +62,17 @@ TEST_F(PlanRates, PlanAndFinetuneUseTheRatesBenchMeasured) {
   const nlohmann::json j =
       plan_json({"--model", model, "--device", "cpu", "--threads", "1", "--rates", bench});
   const std::string rates = j["predicted_step"]["rates"].get<std::string>();
-  EXPECT_EQ(rates.rfind("measured by tightfit bench (" + bench + ", a training step of 32 rows)", 0), 0u)
+  EXPECT_EQ(rates.rfind(
+                "measured by tightfit bench (" + bench + ", a training step of 32 rows, the per-op cost", 0),
+            0u)
       << rates;
+  EXPECT_NE(rates.find(", the disk nominal)"), std::string::npos) << rates;
+  if (!measured["op_cost"]["seconds_per_op"].is_null()) {
+    char op[32];
+    std::snprintf(op, sizeof op, " %.0f us per op",
+                  measured["op_cost"]["seconds_per_op"].get<double>() * 1e6);
+    EXPECT_NE(rates.find(op), std::string::npos) << rates << " wants " << op;
+  }
   EXPECT_NE(rates.find(want), std::string::npos) << rates << " wants " << want;
   const nlohmann::json nominal = plan_json({"--model", model, "--device", "cpu", "--threads", "1"});
   EXPECT_EQ(nominal["predicted_step"]["rates"].get<std::string>().rfind("nominal: ", 0), 0u);
@@ -64,6 +84,22 @@ TEST_F(PlanRates, PlanAndFinetuneUseTheRatesBenchMeasured) {
   EXPECT_NE(f.out.find("plan: step times predicted at rates measured by tightfit bench (" + bench),
             std::string::npos)
       << f.out;
+
+  // A bench of the model file measures the disk it streams from, and the plan prices reads from it so.
+  const std::string model_bench = (dir_ / "model-bench.json").string();
+  const Result mb = run(
+      {"bench", "--model", model, "--seq", "32", "--steps", "1", "--threads", "1", "--json", model_bench});
+  ASSERT_EQ(mb.status, 0) << mb.err;
+  const nlohmann::json disk = nlohmann::json::parse(slurp(model_bench))["disk"];
+  ASSERT_TRUE(disk.is_object()) << disk;
+  char disk_rate[32];
+  std::snprintf(disk_rate, sizeof disk_rate, "disk %.1f GB/s", disk["rate"].get<double>() / 1e9);
+  const std::string from_disk = plan_json({"--model", model, "--device", "cpu", "--threads", "1", "--rates",
+                                           model_bench})["predicted_step"]["rates"]
+                                    .get<std::string>();
+  EXPECT_NE(from_disk.find(", the disk reading " + disk["file"].get<std::string>() + ")"), std::string::npos)
+      << from_disk;
+  EXPECT_NE(from_disk.find(disk_rate), std::string::npos) << from_disk << " wants " << disk_rate;
 
   // Refusals, each naming the file and what is wrong with it.
   const auto refused = [&](const std::vector<std::string>& extra, const std::string& needle) {
@@ -84,6 +120,16 @@ TEST_F(PlanRates, PlanAndFinetuneUseTheRatesBenchMeasured) {
   const std::string negative = (dir_ / "negative.json").string();
   std::ofstream(negative) << edited.dump();
   refused({"--rates", negative}, "\"rate\" is -1; a rate must be positive");
+  edited = measured;
+  edited["disk"] = {{"file", "m.gguf"}, {"rate", 0}};
+  const std::string no_disk = (dir_ / "no-disk.json").string();
+  std::ofstream(no_disk) << edited.dump();
+  refused({"--rates", no_disk}, no_disk + ": disk: \"rate\" is 0; a rate must be positive");
+  edited = measured;
+  edited["op_cost"] = {{"seconds_per_op", "fast"}};
+  const std::string bad_op = (dir_ / "bad-op.json").string();
+  std::ofstream(bad_op) << edited.dump();
+  refused({"--rates", bad_op}, bad_op + ": op_cost: no number \"seconds_per_op\"");
   edited = measured;
   edited["memory"]["tier"] = "device";
   const std::string device = (dir_ / "device.json").string();

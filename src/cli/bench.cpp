@@ -18,10 +18,12 @@
 #include "kernels/cpu/threads.h"
 #include "kernels/ops.h"
 #include "kernels/profile.h"
+#include "offload/direct_reader.h"
 #include "src/cli/commands.h"
 #include "src/cli/common.h"
 #include "src/cli/options.h"
 #include "src/cli/plan.h"
+#include "src/core/alloc.h"
 #include "src/core/error.h"
 #include "src/core/process_memory.h"
 #include "src/core/rng.h"
@@ -164,6 +166,78 @@ std::string rate_text(const Figure& f) {
   return buf;
 }
 
+// The fixed cost of one op on the backend: rmsnorm over r and 2r rows of `hidden` (r x hidden about
+// 64 Ki floats: enough for the cpu kernels to fork their threads, few enough for the cores' caches;
+// fewer rows where a call of 2r takes over 2 ms, as on the simulated device), each the best of 5
+// runs of up to 100 calls (as many as take about 10 ms, at least 3), extrapolated to no rows. Zero
+// where the noise of the two leaves no positive fixed part.
+struct OpCost {
+  int64_t rows = 0;
+  double small_s = 0, large_s = 0;  // per call, at r and 2r rows
+  double fixed_s() const { return std::max(0.0, 2 * small_s - large_s); }
+};
+
+OpCost op_cost(Backend& be, const WeightRef& norm, int64_t hidden, float eps) {
+  const int64_t most = std::max<int64_t>(1, (int64_t(1) << 16) / hidden);
+  DeviceMem x = filled(be, 2 * most * hidden, 0.5f, 21), y = filled(be, 2 * most * hidden, 0.0f, 22),
+            rstd = filled(be, 2 * most, 0.0f, 23);
+  auto run = [&](int64_t rows, int calls) {
+    for (int i = 0; i < calls; ++i)
+      be.rmsnorm_forward(y.as<float>(), rstd.as<float>(), x.as<float>(), norm, rows, hidden, eps);
+  };
+  auto once = [&](int64_t rows) {
+    const auto t0 = Clock::now();
+    run(rows, 1);
+    be.synchronize();
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  };
+  OpCost c;
+  c.rows = 1;
+  double large = once(2);
+  while (c.rows < most && large < 2e-3) {
+    c.rows = std::min(most, 2 * c.rows);
+    large = once(2 * c.rows);
+  }
+  const int calls = int(std::clamp(0.01 / std::max(large, 1e-9), 3.0, 100.0));
+  auto per_call = [&](int64_t rows) { return best_time(be, 5, [&] { run(rows, calls); }) / calls; };
+  c.small_s = per_call(c.rows);
+  c.large_s = per_call(2 * c.rows);
+  return c;
+}
+
+// The model file read as `--weights disk` streams it: the largest of the files the weights point
+// into, its tensors' window from the start, up to 1 GiB, through the direct reader (around the page
+// cache) in 8 MiB reads, 8 in flight.
+struct DiskRead {
+  std::string path, mode;
+  uint64_t bytes = 0;
+  double seconds = 0;
+  double rate() const { return seconds > 0 ? double(bytes) / seconds : 0; }
+};
+
+DiskRead disk_read(const MappedFile& f) {
+  constexpr uint64_t kChunk = uint64_t(8) << 20, kLimit = uint64_t(1) << 30;
+  constexpr unsigned kInFlight = 8;
+  offload::DirectReader reader(f.path, kInFlight);
+  DiskRead d{f.path, reader.mode(), std::min(f.bytes, kLimit), 0};
+  const size_t span = offload::DirectReader::aligned_span(0, kChunk) + offload::DirectReader::kAlign;
+  Buffer pool(span * kInFlight + offload::DirectReader::kAlign, MemTag::Workspace, /*zero=*/false);
+  const uintptr_t base = (reinterpret_cast<uintptr_t>(pool.data()) + offload::DirectReader::kAlign - 1) &
+                         ~uintptr_t(offload::DirectReader::kAlign - 1);
+  std::vector<uint64_t> tickets(kInFlight, 0);
+  const auto t0 = Clock::now();
+  unsigned slot = 0;
+  for (uint64_t at = 0; at < d.bytes; at += kChunk, slot = (slot + 1) % kInFlight) {
+    if (at >= kInFlight * kChunk) reader.wait(tickets[slot]);
+    const uint64_t offset = f.offset + at, bytes = std::min(kChunk, d.bytes - at);
+    tickets[slot] = reader.submit(offset, bytes, reinterpret_cast<void*>(base + slot * span),
+                                  offload::DirectReader::aligned_span(offset, bytes));
+  }
+  reader.drain();
+  d.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return d;
+}
+
 }  // namespace
 
 int run_bench(const BenchOptions& o) {
@@ -178,6 +252,10 @@ int run_bench(const BenchOptions& o) {
   std::unique_ptr<Backend> be = make_backend(o.device, &device_note, parse_attention(o.attention));
   std::string what;
   LlamaWeights weights = bench_weights(o, what);
+  const MappedFile* largest = nullptr;
+  for (const MappedFile& f : weights.files)
+    if (!largest || f.bytes > largest->bytes) largest = &f;
+  const std::optional<MappedFile> model_file = largest ? std::optional(*largest) : std::nullopt;
   const LlamaConfig c = weights.config;
   const int64_t N = int64_t(o.micro_batch) * o.seq, H = c.hidden, I = c.intermediate, V = c.vocab;
 
@@ -276,6 +354,7 @@ int run_bench(const BenchOptions& o) {
 
   // The ops, on the model's own shapes, in the backend's memory.
   std::vector<Figure> figs;
+  OpCost cost;
   {
     const int reps = 5;
     DeviceMem x = filled(*be, N * std::max(H, I), 0.5f, 1),
@@ -354,7 +433,9 @@ int run_bench(const BenchOptions& o) {
       be->rmsnorm_forward(y.as<float>(), lse.as<float>(), x.as<float>(), norm, N, H, c.rms_eps);
     });
     figs.push_back(nf);
+    cost = op_cost(*be, norm, H, c.rms_eps);
   }
+  const std::optional<DiskRead> disk = model_file ? std::optional(disk_read(*model_file)) : std::nullopt;
   double ceiling = 0;
   for (const Figure& f : figs)
     if (!f.bytes) ceiling = std::max(ceiling, f.rate());
@@ -375,6 +456,18 @@ int run_bench(const BenchOptions& o) {
               offload::tier_name(home), format_bytes(double(measured)).c_str(),
               be->host_memory() ? "RSS" : "device", format_bytes(double(tracked)).c_str(),
               format_bytes(double(predicted)).c_str());
+  if (cost.fixed_s() > 0)
+    std::printf("op cost   %.1f us per op (rmsnorm forward: %.1f us at %lld rows, %.1f us at %lld)\n",
+                cost.fixed_s() * 1e6, cost.small_s * 1e6, (long long)cost.rows, cost.large_s * 1e6,
+                (long long)(2 * cost.rows));
+  else
+    std::printf("op cost   not resolved: rmsnorm forward took %.1f us at %lld rows and %.1f us at %lld\n",
+                cost.small_s * 1e6, (long long)cost.rows, cost.large_s * 1e6, (long long)(2 * cost.rows));
+  if (disk)
+    std::printf("disk      %.2f GB/s reading %s of %s (%s)\n", disk->rate() / 1e9,
+                format_bytes(double(disk->bytes)).c_str(), disk->path.c_str(), disk->mode.c_str());
+  else
+    std::printf("disk      not measured: no model file (--model) whose tensors stream from it\n");
   if (profile)
     std::printf("\nprofile   the training step's ops over %d more steps, each op timed:\n%s", o.steps,
                 profile->table().c_str());
@@ -411,6 +504,16 @@ int run_bench(const BenchOptions& o) {
                   {"measured_peak", measured},
                   {"tracked_peak", tracked},
                   {"predicted_peak", predicted}}}};
+    doc["op_cost"] = {{"op", "rmsnorm forward"},
+                      {"rows", {cost.rows, 2 * cost.rows}},
+                      {"seconds", {cost.small_s, cost.large_s}},
+                      {"seconds_per_op", cost.fixed_s() > 0 ? json(cost.fixed_s()) : json(nullptr)}};
+    doc["disk"] = disk ? json{{"file", disk->path},
+                              {"mode", disk->mode},
+                              {"bytes", disk->bytes},
+                              {"seconds", disk->seconds},
+                              {"rate", disk->rate()}}
+                       : json(nullptr);
     if (profile) doc["profile"] = json::parse(profile->json());
     io::write_file_atomic(o.json, doc.dump(2) + "\n");
   }

@@ -463,6 +463,8 @@ offload::StepCost predict_step(const FinetuneOptions& o, const io::ModelDescript
     if (i.component == kOffloadedItem) in.offloaded_bytes += i.bytes;
   }
   in.streamed_from_disk = tier == WeightTier::Disk;
+  if (tier == WeightTier::Shard)
+    in.gathered_bytes = offload::WeightStore::footprint(d.weights, tier, be, o.ranks).gathered_bytes;
   in.mlp_chunk = layout.mlp_chunk;
   in.loss_rows = layout.loss_rows;
   if (layout.host_embedding && !be.host_memory())

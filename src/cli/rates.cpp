@@ -47,10 +47,26 @@ offload::CostRates read_rates(const std::string& path, int threads) {
     for (const nlohmann::json& op : doc["ops"])
       if (op.is_object() && op.value("unit", "") == "B/s" && op.contains("rate") && op["rate"].is_number())
         bytes = std::max(bytes, op["rate"].get<double>());
+  offload::CostRates::Measured m;
+  m.flops_s = flops;
+  m.rows = rows;
+  m.memory_bytes_s = bytes;
+  // The per-op cost and the disk rate where bench resolved them: null where it could not (no model
+  // file, timings too noisy) keeps the nominal.
+  const auto optional_rate = [&](const char* part, const char* key) {
+    if (!doc.contains(part) || doc[part].is_null()) return 0.0;
+    const nlohmann::json& p = doc[part];
+    return p.is_object() && p.contains(key) && p[key].is_null() ? 0.0 : positive(p, key, path + ": " + part);
+  };
+  m.op_overhead_s = optional_rate("op_cost", "seconds_per_op");
+  m.disk_bytes_s = optional_rate("disk", "rate");
   char from[64];
   std::snprintf(from, sizeof from, "a training step of %.0f rows", rows);
-  return offload::CostRates::cpu(threads).calibrated(
-      flops, rows, bytes, "measured by tightfit bench (" + path + ", " + from + ")");
+  std::string source = "measured by tightfit bench (" + path + ", " + from;
+  source += m.op_overhead_s > 0 ? ", the per-op cost" : ", the per-op cost nominal";
+  source += m.disk_bytes_s > 0 ? ", the disk reading " + doc["disk"].value("file", std::string("?"))
+                               : ", the disk nominal";
+  return offload::CostRates::cpu(threads).calibrated(m, source + ")");
 }
 
 }  // namespace
