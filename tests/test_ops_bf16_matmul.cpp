@@ -17,6 +17,7 @@
 #include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/isa.h"
 #include "kernels/cpu/quant_gemv.h"
+#include "kernels/cpu/ref/cross_entropy.h"
 #include "kernels/cpu/ref/quantize.h"
 #include "kernels/ops.h"
 #include "src/core/error.h"
@@ -356,6 +357,86 @@ TEST(Bf16Linear, WeightOverSeveralTilesAndActivationsOverSeveralSlabs) {
   // a slab of tokens at a time.
   const QuantWeight wide(DType::Q4_0, 6, 2048, 310);
   check_linear(wide.ref, wide.values, 1100, 311);
+}
+
+// The loss against a quantized lm_head under bf16 against tf::ref's double loops on h and W rounded
+// to bf16. Its logits are products of bf16 operands summed in f32: each within
+// dz = (dim + 3) u32 S of the reference (S = sum_d |h'_d W'_vd|), so a row's loss lse - z_t within
+// 2 dz, plus the f32 softmax's few roundings. d_h = g (sum_v e_v W'_v / s - W'_t) rounds each
+// exponential e_v to bf16 before its f32 product: within g sum_v p_v |W'_vd| (u_bf16 + (V + 3) u32
+// + 2 dz (1 + 2 / cap)), the logits' error moving each p_v by up to 2 dz relative and a cap's
+// slope by 2 dz / cap, plus a few roundings of g |W'_td|. Two vocabulary tiles and, at 300 tokens,
+// two chunks of rows (h rounded per chunk), at 40 tokens one (h rounded once); ignored rows among
+// them; with and without a cap.
+TEST(Bf16Loss, QuantizedLmHeadMatchesTheReferenceOnRoundedOperands) {
+  SKIP_WITHOUT_BF16();
+  const int64_t vocab = 4096 + 300, dim = 96;
+  const QuantWeight w(DType::Q8_0, vocab, dim, 400);
+  std::vector<double> w_rounded(w.values.size());
+  for (size_t i = 0; i < w.values.size(); ++i) w_rounded[i] = round_value(w.values[i]);
+  const auto read_w = [&](int64_t v, int64_t d) { return w_rounded[size_t(v * dim + d)]; };
+  const float grad_scale = 0.5f;
+  for (const int64_t n : {int64_t(40), int64_t(300)})
+    for (const float cap : {0.0f, 20.0f}) {
+      SCOPED_TRACE(std::to_string(n) + " tokens, cap " + std::to_string(cap));
+      const std::vector<float> h = random_floats(size_t(n * dim), 401 + uint64_t(n));
+      std::vector<int32_t> targets(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i)
+        targets[size_t(i)] = i % 7 == 3 ? kIgnoreIndex : int32_t((i * 2654435761u) % vocab);
+      std::vector<double> h_rounded(h.size()), want_dh(h.size(), 0.0);
+      for (size_t i = 0; i < h.size(); ++i) h_rounded[i] = round_value(h[i]);
+      int64_t want_n = 0, got_n = 0;
+      const double want = ref::lm_head_cross_entropy_loops(want_dh.data(), &want_n, h_rounded.data(), read_w,
+                                                           vocab, dim, targets.data(), n, grad_scale, cap);
+      std::vector<float> got_dh(h.size(), 0.0f);
+      double got = 0;
+      {
+        cpu::ScopedMatmulPrecision bf16(cpu::MatmulPrecision::BF16);
+        got = cpu::lm_head_cross_entropy(got_dh.data(), &got_n, h.data(), w.ref, targets.data(), n,
+                                         grad_scale, cap);
+      }
+      ASSERT_EQ(got_n, want_n);
+      double loss_bound = 0;
+      int64_t bad = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (targets[size_t(i)] == kIgnoreIndex) continue;
+        std::vector<double> z(static_cast<size_t>(vocab));
+        double S = 0, mx = -1e300;
+        for (int64_t v = 0; v < vocab; ++v) {
+          double acc = 0, abs_acc = 0;
+          for (int64_t d = 0; d < dim; ++d) {
+            acc += h_rounded[size_t(i * dim + d)] * read_w(v, d);
+            abs_acc += std::abs(h_rounded[size_t(i * dim + d)] * read_w(v, d));
+          }
+          z[size_t(v)] = cap > 0 ? cap * std::tanh(acc / cap) : acc;
+          S = std::max(S, abs_acc);
+          mx = std::max(mx, z[size_t(v)]);
+        }
+        double sum = 0;
+        for (double& zv : z) sum += (zv = std::exp(zv - mx));  // z now holds the exponentials
+        const double dz = double(dim + 3) * kU32 * S;
+        loss_bound += 2 * dz + 16 * kU32 * (std::abs(mx) + std::log(sum) + 1);
+        const double rel = kUBf16 + double(vocab + 3) * kU32 + 2 * dz * (1 + (cap > 0 ? 2 / cap : 0));
+        for (int64_t d = 0; d < dim; ++d) {
+          double weighted = 0;
+          for (int64_t v = 0; v < vocab; ++v) weighted += z[size_t(v)] / sum * std::abs(read_w(v, d));
+          const double bound =
+              grad_scale * (weighted * rel + 8 * kU32 * std::abs(read_w(targets[size_t(i)], d)));
+          const size_t at = size_t(i * dim + d);
+          if (!(std::abs(double(got_dh[at]) - want_dh[at]) <= bound)) {
+            if (bad++ == 0)
+              ADD_FAILURE() << "d_h[" << i << ", " << d << "] = " << got_dh[at] << ", reference "
+                            << want_dh[at] << " (bound " << bound << ")";
+          }
+        }
+      }
+      EXPECT_EQ(bad, 0) << "elements of d_h outside the bound";
+      EXPECT_NEAR(got, want, loss_bound);
+      for (int64_t i = 0; i < n; ++i) {
+        if (targets[size_t(i)] != kIgnoreIndex) continue;
+        for (int64_t d = 0; d < dim; ++d) EXPECT_EQ(got_dh[size_t(i * dim + d)], 0.0f) << "ignored row " << i;
+      }
+    }
 }
 
 TEST(Bf16Precision, F32GivesTheBitsOfSgemmOnWidenedOperands) {

@@ -1,7 +1,8 @@
 // defines: tf::cpu::lm_head_cross_entropy (the [n_tokens, vocab] logits never exist: for an f32 /
 // bf16 / f16 W, chunks of rows with logits via tf::cpu::matmul, stable log-softmax and d_h through
 // a second matmul; for a quantized W, tiles of the vocabulary dequantized once per call each, with
-// an online softmax over them; logits soft-capped under a cap, with the cap's derivative in d_h)
+// an online softmax over them, their products in bf16 under bf16 precision; logits soft-capped
+// under a cap, with the cap's derivative in d_h)
 #include "kernels/cpu/ref/cross_entropy.h"
 
 #include <cblas.h>
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/ref/linear.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
@@ -117,6 +119,9 @@ constexpr int64_t kTokenRows = 256;
 // thread in tile order and the row losses are added in row order, so, as in the dense path, the
 // result is the same for any thread count, given the logits. Under a cap c the tile's logits are
 // capped first and each term of acc (and the target's) carries the cap's derivative 1 - (z / c)^2.
+// Under bf16 precision the tile is dequantized to bf16, and both products round their f32 operand
+// (the chunk's rows of h; its exponentials) to bf16 and sum in f32 on bf16_gemm, as the projections
+// do under it; h is rounded once per chunk and tile, or once per call when one chunk holds it.
 double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, WeightRef W,
                                const int32_t* targets, int64_t n_tokens, float grad_scale, float cap) {
   const int64_t vocab = W.rows;
@@ -130,9 +135,27 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
            " weight has no columns");
   const int64_t tile_rows = std::min({vocab, kMaxVocabTileRows, std::max<int64_t>(1, kVocabTileElems / dim)});
   const int64_t chunk = std::min(n_tokens, kTokenRows);
+  const bool bf16 = matmul_precision() == MatmulPrecision::BF16;
   // Kept per calling thread across calls, like the dense path's logits.
-  thread_local Buffer tile_buffer, logits_buffer, acc_buffer, max_buffer, sum_buffer, target_buffer;
-  auto* tile = static_cast<float*>(grow_scratch(tile_buffer, size_t(tile_rows * dim) * sizeof(float)));
+  thread_local Buffer tile_buffer, logits_buffer, acc_buffer, max_buffer, sum_buffer, target_buffer,
+      h_bf16_buffer, e_bf16_buffer;
+  void* tile_memory =
+      grow_scratch(tile_buffer, size_t(tile_rows * dim) * (bf16 ? sizeof(uint16_t) : sizeof(float)));
+  auto* tile = static_cast<float*>(tile_memory);
+  auto* tile_bf16 = static_cast<uint16_t*>(tile_memory);
+  uint16_t* h_bf16 =
+      bf16 ? static_cast<uint16_t*>(grow_scratch(h_bf16_buffer, size_t(chunk * dim) * sizeof(uint16_t)))
+           : nullptr;
+  uint16_t* e_bf16 =
+      bf16 && d_h
+          ? static_cast<uint16_t*>(grow_scratch(e_bf16_buffer, size_t(chunk * tile_rows) * sizeof(uint16_t)))
+          : nullptr;
+  // Rounds `rows` contiguous rows of `width` floats to bf16.
+  const auto round_rows = [](uint16_t* dst, const float* src, int64_t rows, int64_t width) {
+#pragma omp parallel for schedule(static) if (rows * width >= (int64_t(1) << 15))
+    for (int64_t i = 0; i < rows; ++i) round_to_bf16(dst + i * width, src + i * width, width);
+  };
+  int64_t h_rounded_at = -1;
   auto* logits = static_cast<float*>(grow_scratch(logits_buffer, size_t(chunk * tile_rows) * sizeof(float)));
   auto* run_max = static_cast<float*>(grow_scratch(max_buffer, size_t(n_tokens) * sizeof(float)));
   auto* run_sum = static_cast<double*>(grow_scratch(sum_buffer, size_t(n_tokens) * sizeof(double)));
@@ -144,13 +167,23 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
   if (acc) std::fill(acc, acc + n_tokens * dim, 0.0f);
   for (int64_t v0 = 0; v0 < vocab; v0 += tile_rows) {
     const int64_t vn = std::min(tile_rows, vocab - v0);
-    dequantize_weight_tile(tile, dim, W, v0, vn, 0, dim);
+    if (bf16)
+      dequantize_weight_tile_bf16(tile_bf16, dim, W, v0, vn, 0, dim);
+    else
+      dequantize_weight_tile(tile, dim, W, v0, vn, 0, dim);
     for (int64_t r0 = 0; r0 < n_tokens; r0 += chunk) {
       const int64_t rows = std::min(chunk, n_tokens - r0);
       const int32_t* t = targets + r0;
       if (std::all_of(t, t + rows, [](int32_t x) { return x == kIgnoreIndex; })) continue;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(vn), int(dim), 1.0f, h + r0 * dim,
-                  int(dim), tile, int(dim), 0.0f, logits, int(vn));
+      if (bf16) {
+        if (h_rounded_at != r0 || chunk < n_tokens) round_rows(h_bf16, h + r0 * dim, rows, dim);
+        h_rounded_at = r0;
+        bf16_gemm(logits, vn, {h_bf16, DType::BF16, dim, false}, {tile_bf16, DType::BF16, dim, true}, rows,
+                  vn, dim, 1.0f, 0.0f);
+      } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(vn), int(dim), 1.0f, h + r0 * dim,
+                    int(dim), tile, int(dim), 0.0f, logits, int(vn));
+      }
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
         // An ignored row's acc collects whatever its logits make of it and is never read.
@@ -192,15 +225,25 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
         }
         run_sum[g] += sum;
         if (d_h && has_target) {
-          const float* w_target = tile + local * dim;
           const float step = grad_scale * target_slope;
           float* dh = d_h + g * dim;
-          for (int64_t d = 0; d < dim; ++d) dh[d] -= step * w_target[d];
+          if (bf16) {
+            const uint16_t* w_target = tile_bf16 + local * dim;
+            for (int64_t d = 0; d < dim; ++d) dh[d] -= step * bf16_to_f32(w_target[d]);
+          } else {
+            const float* w_target = tile + local * dim;
+            for (int64_t d = 0; d < dim; ++d) dh[d] -= step * w_target[d];
+          }
         }
       }
-      if (acc)
+      if (acc && bf16) {
+        round_rows(e_bf16, logits, rows, vn);
+        bf16_gemm(acc + r0 * dim, dim, {e_bf16, DType::BF16, vn, false}, {tile_bf16, DType::BF16, dim, false},
+                  rows, dim, vn, 1.0f, 1.0f);
+      } else if (acc) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(dim), int(vn), 1.0f, logits,
                     int(vn), tile, int(dim), 1.0f, acc + r0 * dim, int(dim));
+      }
     }
   }
   double loss = 0;

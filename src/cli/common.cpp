@@ -203,9 +203,9 @@ std::string apply_matmul_option(const std::string& option, const Session& s) {
     return {};
   }
   const LlamaWeights& w = s.model->weights();
-  // A quantized lm_head runs the loss's own f32 products; a bf16 one runs matmul's bf16 path.
+  // The loss's products with a bf16 or quantized lm_head take the bf16 path too.
   std::vector<DType> dtypes;
-  if (w.lm_head.dtype == DType::BF16) dtypes.push_back(DType::BF16);
+  if (cpu::bf16_path_takes(w.lm_head.dtype)) dtypes.push_back(w.lm_head.dtype);
   for (const BlockWeights& b : w.blocks)
     for (const WeightRef* m : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
       if (m->rows > 0) dtypes.push_back(m->dtype);
