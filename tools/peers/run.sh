@@ -95,15 +95,17 @@ for ((r = 1; r <= rounds; r++)); do
   "${tf_cmd[@]}" --out "$out" 2>&1 | tee -a "$work/raw.md"
   # tightfit's metrics.jsonl times each optimizer step; the same first SKIP steps are left out as the
   # peer leaves out of its own.
-  "$PYTHON" - "$out/metrics.jsonl" "$skip" "$r" "$device" >> "$runs" << 'EOF'
+  "$PYTHON" - "$out/metrics.jsonl" "$skip" "$r" "$device" "$out/config.json" >> "$runs" << 'EOF'
 import json, sys
 path, skip, rnd, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+# The precision --matmul chose for the products with the base (the cpu's; a device runs bf16).
+matmul = json.load(open(sys.argv[5])).get("matmul_chosen", "bf16")
 steps = [j for j in map(json.loads, open(path)) if "step" in j]
 timed = steps[skip:]
 if not timed:
     sys.exit(f"error: {path}: no step after the first {skip}")
 secs = sum(s["tokens"] / s["tokens_per_s"] for s in timed)
-print(json.dumps({"tool": "tightfit", "dtype": "tightfit", "round": rnd, "device": device,
+print(json.dumps({"tool": "tightfit", "dtype": "tightfit", "round": rnd, "device": device, "matmul": matmul,
                   "tokens_per_s": sum(s["tokens"] for s in timed) / secs,
                   "peak_rss_bytes": max(s["rss_peak_bytes"] for s in steps),
                   "device_peak_bytes": max(s.get("device_peak_bytes", 0) for s in steps)}))
@@ -144,8 +146,9 @@ for v in variants:
     keys = ("tokens_per_s", "peak_rss_bytes", "device_peak_bytes")
     med[v] = {k: statistics.median(r.get(k, 0) for r in rs) for k in keys}
     med[v]["each"] = ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs)
-names = {"tightfit": "tightfit (`--quant keep`, f32 compute)", "f32": "PyTorch + PEFT, f32",
-         "bf16": "PyTorch + PEFT, bf16 base"}
+chosen = sorted({r["matmul"] for r in runs if r["dtype"] == "tightfit"})
+names = {"tightfit": f"tightfit (`--quant keep`, {' / '.join(chosen)} products with the base)",
+         "f32": "PyTorch + PEFT, f32", "bf16": "PyTorch + PEFT, bf16 base"}
 t = med["tightfit"]
 gib = lambda b: f"{b / 2**30:.3f} GiB"
 head = "| run | tokens/s (median) | tokens/s, each round | peak RSS (median) |"
