@@ -1,5 +1,5 @@
 // defines: tf::cpu::use_avx512 (whether the AVX-512 kernels of the quantized weight ops run),
-//          tf::cpu::use_avx2 (whether the AVX2 dropout mask runs),
+//          tf::cpu::use_avx2 (whether the AVX2 dropout mask and SwiGLU loops run),
 //          tf::cpu::cpu_has_avx512_bf16 (whether the CPU has the bf16 dot products of the bf16 GEMM),
 //          tf::cpu::ScopedPortableKernels (forces their portable versions, for tests and comparisons),
 //          TF_HAVE_AVX512_KERNELS (set where those kernels are compiled at all)
@@ -48,11 +48,11 @@ inline bool use_avx512() {
   return cpu_has_avx512() && detail::g_portable_forced.load(std::memory_order_relaxed) == 0;
 }
 
-// AVX2 (the 256-bit integer ops of the dropout mask's Philox rounds) on this CPU; every AVX-512 CPU has
-// it. Forced off with the AVX-512 kernels by ScopedPortableKernels.
+// AVX2 and FMA (the 256-bit integer ops of the dropout mask's Philox rounds, SwiGLU's exp_f32x8) on this
+// CPU; every AVX-512 CPU has them. Forced off with the AVX-512 kernels by ScopedPortableKernels.
 inline bool use_avx2() {
 #if defined(TF_HAVE_AVX512_KERNELS)
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has && detail::g_portable_forced.load(std::memory_order_relaxed) == 0;
 #else
   return false;
