@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/isa.h"
 #include "tests/cli_test_util.h"
 
 namespace tf {
@@ -84,6 +85,38 @@ TEST_F(Bench, PrintsTheTableAndTheJsonOnTheCpu) {
   const nlohmann::json j = nlohmann::json::parse(in);
   check_json(j, "cpu");
   EXPECT_TRUE(j["disk"].is_null()) << j["disk"];
+  // An f32 base: auto keeps every product f32, as finetune would.
+  EXPECT_EQ(j["machine"]["matmul"], "f32");
+  EXPECT_EQ(j["ops"][2]["name"], "linear forward (f32, f32 products)");
+}
+
+// The products run as finetune's --matmul would run them on this CPU: an int8 base's in bf16 where
+// the CPU has avx512_bf16 (auto, and --matmul bf16), in f32 under --matmul f32; the table, the log
+// line and the JSON say which. A device takes auto only.
+TEST_F(Bench, RunsTheProductsInThePrecisionFinetuneWould) {
+  const bool bf16 = cpu::cpu_has_avx512_bf16();
+  for (const std::string matmul : {"auto", "f32", "bf16"}) {
+    if (matmul == "bf16" && !bf16) continue;
+    SCOPED_TRACE("--matmul " + matmul);
+    const std::string json_path = (dir_ / ("bench-" + matmul + ".json")).string();
+    const test::Result r =
+        run({"bench", "--config", "tiny", "--quant", "int8", "--device", "cpu", "--seq", "16", "--steps", "1",
+             "--lora-rank", "2", "--threads", "1", "--matmul", matmul, "--json", json_path});
+    ASSERT_EQ(r.status, 0) << r.err;
+    const std::string want = matmul == "f32" || !bf16 ? "f32" : "bf16";
+    std::ifstream in(json_path);
+    const nlohmann::json j = nlohmann::json::parse(in);
+    EXPECT_EQ(j["machine"]["matmul"], want);
+    EXPECT_EQ(j["ops"][2]["name"], "linear forward (int8, " + want + " products)");
+    const std::string line = want + (matmul == "auto" ? " (auto: " : " (--matmul " + matmul);
+    EXPECT_NE(r.out.find("\nmatmul    " + line), std::string::npos) << r.out;
+  }
+  const test::Result bad = run({"bench", "--config", "tiny", "--device", "cpu", "--matmul", "fast"});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--matmul"), std::string::npos) << bad.err;
+  const test::Result device = run({"bench", "--config", "tiny", "--device", "simt", "--matmul", "f32"});
+  EXPECT_EQ(device.status, 1);
+  EXPECT_NE(device.err.find("--matmul f32 applies to the cpu"), std::string::npos) << device.err;
 }
 
 // With a model file, its tensors' window is read through the direct reader for the disk rate: all of

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/threads.h"
 #include "kernels/ops.h"
 #include "kernels/profile.h"
@@ -247,6 +248,7 @@ int run_bench(const BenchOptions& o) {
   TF_CHECK(o.steps >= 1 && o.steps <= 1000, "--steps must be in [1, 1000], got ", o.steps);
   TF_CHECK(o.lora_rank >= 1 && o.lora_rank <= 4096, "--lora-rank must be in [1, 4096], got ", o.lora_rank);
   cpu::set_num_threads(o.threads);
+  check_matmul_option(o.matmul, o.device);
   const uint64_t startup = process_memory().rss;
   std::string device_note;
   std::unique_ptr<Backend> be = make_backend(o.device, &device_note, parse_attention(o.attention));
@@ -310,6 +312,12 @@ int run_bench(const BenchOptions& o) {
   MemTracker& mem = be->tracker();
   be->reserve(LlamaModel::memory_plan(weights, lora, plan.policy, N, *be, plan.tier, plan.layout).total);
   LlamaModel model(std::move(weights), lora, plan.policy, N, *be, plan.tier, plan.layout);
+  // The products run as finetune's would on this machine: the ops below and the training run.
+  const std::string matmul_line = apply_matmul_option(o.matmul, *be, model.weights());
+  const std::string precision =
+      be->host_memory() ? cpu::matmul_precision_name(cpu::matmul_precision()) : "bf16";
+  machine["matmul"] = precision;
+  if (!matmul_line.empty()) std::printf("matmul    %s\n", matmul_line.c_str());
   TrainConfig tc;
   tc.lr.peak_lr = 1e-4f;
   tc.lr.total_steps = o.steps + 1;
@@ -384,13 +392,21 @@ int run_bench(const BenchOptions& o) {
     const BlockWeights& b0 = model.weights().blocks.at(0);
     const WeightRef gate = resident ? placed.blocks.at(0).gate : place(b0.gate, "bench gate");
     const WeightRef down = resident ? placed.blocks.at(0).down : place(b0.down, "bench down");
-    Figure fwd{std::string("linear forward (") + std::string(dtype_name(gate.dtype)) + ")", dims({N, H, I}),
-               0, 2.0 * double(N) * double(H) * double(I)};
+    // On the cpu, the precision of a product with a weight of this dtype (f32 and f16 ones stay f32).
+    const auto products = [&](DType weight) -> std::string {
+      if (!be->host_memory()) return ")";
+      return cpu::matmul_precision() == cpu::MatmulPrecision::BF16 && cpu::bf16_path_takes(weight)
+                 ? ", bf16 products)"
+                 : ", f32 products)";
+    };
+    Figure fwd{std::string("linear forward (") + std::string(dtype_name(gate.dtype)) + products(gate.dtype),
+               dims({N, H, I}), 0, 2.0 * double(N) * double(H) * double(I)};
     fwd.seconds =
         best_time(*be, reps, [&] { be->linear_forward(y.as<float>(), x.as<float>(), gate, N, 0.0f); });
     figs.push_back(fwd);
-    Figure bwd{std::string("linear input grad (") + std::string(dtype_name(down.dtype)) + ")",
-               dims({N, H, I}), 0, 2.0 * double(N) * double(H) * double(I)};
+    Figure bwd{
+        std::string("linear input grad (") + std::string(dtype_name(down.dtype)) + products(down.dtype),
+        dims({N, H, I}), 0, 2.0 * double(N) * double(H) * double(I)};
     bwd.seconds =
         best_time(*be, reps, [&] { be->linear_backward_input(y.as<float>(), x.as<float>(), down, N, 0.0f); });
     figs.push_back(bwd);
@@ -418,9 +434,9 @@ int run_bench(const BenchOptions& o) {
     const WeightRef head = placed.lm_head;
     DeviceMem t = be->alloc_unplanned(size_t(N) * sizeof(int32_t), MemTag::Workspace, "bench targets");
     be->upload_n(t.as<int32_t>(), targets.data(), targets.size());
-    Figure lf{
-        std::string("loss: lm_head + cross-entropy, fwd + bwd (") + std::string(dtype_name(head.dtype)) + ")",
-        dims({N, H, V}), 0, 4.0 * double(N) * double(H) * double(V)};
+    Figure lf{std::string("loss: lm_head + cross-entropy, fwd + bwd (") +
+                  std::string(dtype_name(head.dtype)) + products(head.dtype),
+              dims({N, H, V}), 0, 4.0 * double(N) * double(H) * double(V)};
     lf.seconds = best_time(*be, reps, [&] {
       int64_t valid = 0;
       be->lm_head_cross_entropy(y.as<float>(), &valid, x.as<float>(), head, t.as<int32_t>(), N, 1.0f);

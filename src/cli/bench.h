@@ -15,6 +15,7 @@ struct BenchOptions {
   std::string quant = "keep";  // as finetune's --quant
   std::string device = "auto";
   std::string attention = "auto";
+  std::string matmul = "auto";  // as finetune's --matmul
   int seq = 512;
   int micro_batch = 1;
   int steps = 3;  // timed training steps, after one that is not timed

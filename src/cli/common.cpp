@@ -194,15 +194,14 @@ void check_matmul_option(const std::string& option, const std::string& device) {
   if (choice == cpu::MatmulChoice::BF16) cpu::resolve_matmul(choice, cpu::cpu_has_avx512_bf16(), {});
 }
 
-std::string apply_matmul_option(const std::string& option, const Session& s) {
+std::string apply_matmul_option(const std::string& option, const Backend& be, const LlamaWeights& w) {
   const cpu::MatmulChoice choice = cpu::parse_matmul_choice(option);
-  if (s.backend->name() != "cpu") {
-    TF_CHECK(choice == cpu::MatmulChoice::Auto, "--matmul ", option, " applies to the cpu; ",
-             s.backend->name(), " multiplies the base's matrices in bf16 already");
+  if (be.name() != "cpu") {
+    TF_CHECK(choice == cpu::MatmulChoice::Auto, "--matmul ", option, " applies to the cpu; ", be.name(),
+             " multiplies the base's matrices in bf16 already");
     cpu::set_matmul_precision(cpu::MatmulPrecision::F32);
     return {};
   }
-  const LlamaWeights& w = s.model->weights();
   // The loss's products with a bf16 or quantized lm_head take the bf16 path too.
   std::vector<DType> dtypes;
   if (cpu::bf16_path_takes(w.lm_head.dtype)) dtypes.push_back(w.lm_head.dtype);

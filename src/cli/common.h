@@ -101,10 +101,11 @@ std::string format_bytes(double bytes);
 bool stdout_is_terminal();
 
 // --matmul (auto, f32, bf16): sets the precision of the cpu's products with the base's bf16 and
-// quantized matrices (tf::cpu::resolve_matmul on this CPU, the session's projections and a bf16
-// lm_head) and returns the line the run's log shows, "bf16 (auto: ...)". A device backend multiplies them in
-// bf16 already: there only auto is taken, the cpu's precision stays f32, and the line is empty.
-std::string apply_matmul_option(const std::string& option, const Session& s);
+// quantized matrices (tf::cpu::resolve_matmul on this CPU, the weights' projections and a bf16 or
+// quantized lm_head) and returns the line the run's log shows, "bf16 (auto: ...)". A device backend
+// multiplies them in bf16 already: there only auto is taken, the cpu's precision stays f32, and the
+// line is empty.
+std::string apply_matmul_option(const std::string& option, const Backend& be, const LlamaWeights& w);
 // The checks of apply_matmul_option that need no model (the spelling; bf16 on a CPU without
 // avx512_bf16; a choice other than auto on a device), for refusing before a model loads.
 void check_matmul_option(const std::string& option, const std::string& device);

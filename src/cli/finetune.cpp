@@ -480,7 +480,7 @@ int finetune_rank(const FinetuneOptions& given, dist::Communicator& comm) {
       spill_options(o.spill_dir, o.out, comm.size() > 1 ? comm.rank() : -1));
   std::printf("base weights (--quant %s): %s\n", o.quant.c_str(),
               io::weight_memory(s.model->weights()).summary().c_str());
-  const std::string matmul_line = apply_matmul_option(o.matmul, s);
+  const std::string matmul_line = apply_matmul_option(o.matmul, *s.backend, s.model->weights());
   if (!matmul_line.empty()) o.matmul_chosen = cpu::matmul_precision_name(cpu::matmul_precision());
   const LlamaConfig& cfg = s.model->config();
   const CheckpointPolicy policy = s.model->policy();

@@ -378,6 +378,7 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   bench->add_option("--device", bn.device, kDeviceHelp)->capture_default_str();
   bench->add_option("--attention", bn.attention, kAttentionHelp)->capture_default_str();
+  bench->add_option("--matmul", bn.matmul, kMatmulHelp)->capture_default_str();
   bench->add_option("--seq", bn.seq, "Tokens per sequence")->capture_default_str();
   bench->add_option("--micro-batch", bn.micro_batch, "Sequences per micro-batch")->capture_default_str();
   bench->add_option("--steps", bn.steps, "Timed training steps (after one untimed)")->capture_default_str();
