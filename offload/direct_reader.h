@@ -48,6 +48,12 @@ class DirectReader {
   static size_t aligned_span(uint64_t offset, uint64_t bytes);
   // Where the first requested byte lands in that buffer: offset % kAlign.
   static size_t lead(uint64_t offset) { return size_t(offset % kAlign); }
+  // The first kAlign boundary at or after `p`: a buffer allocated kAlign bytes larger than its spans
+  // holds them from there.
+  static std::byte* align_buffer(void* p) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    return reinterpret_cast<std::byte*>((a + kAlign - 1) / kAlign * kAlign);
+  }
 
   // Starts reading [offset, offset + bytes) of the file into `dst` (kAlign-aligned, `capacity` >=
   // aligned_span(offset, bytes)); the requested bytes land at dst + lead(offset). The range must lie

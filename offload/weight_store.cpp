@@ -42,12 +42,6 @@ int file_of(const LlamaWeights& w, const void* p, uint64_t bytes) {
   return -1;
 }
 
-std::byte* align_up(void* p) {
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  return reinterpret_cast<std::byte*>((a + DirectReader::kAlign - 1) / DirectReader::kAlign *
-                                      DirectReader::kAlign);
-}
-
 // A read buffer is allocated this much larger than its spans, to start them on an aligned address.
 size_t read_buffer_bytes(size_t spans) {
   return spans + DirectReader::kAlign;
@@ -181,7 +175,7 @@ WeightStore::WeightStore(const LlamaWeights& w, WeightTier tier, Backend& be, Bl
     s.device = be.alloc(f.backend[i].bytes, MemTag::Weights, f.backend[i].what);
     if (!buffered) continue;
     if (!be.host_memory()) s.read = be.alloc_host(f.host[i].bytes, MemTag::Weights, f.host[i].what);
-    s.read_base = align_up(be.host_memory() ? s.device.data() : s.read.data());
+    s.read_base = DirectReader::align_buffer(be.host_memory() ? s.device.data() : s.read.data());
   }
   if (tier == WeightTier::Shard) {
     const PlannedAlloc& a = be.host_memory() ? f.backend[2] : f.host[2];

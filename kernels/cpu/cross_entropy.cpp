@@ -155,7 +155,7 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
 #pragma omp parallel for schedule(static) if (rows * width >= (int64_t(1) << 15))
     for (int64_t i = 0; i < rows; ++i) round_to_bf16(dst + i * width, src + i * width, width);
   };
-  int64_t h_rounded_at = -1;
+  bool h_rounded = false;  // one chunk holds every row: rounded once for all the tiles
   auto* logits = static_cast<float*>(grow_scratch(logits_buffer, size_t(chunk * tile_rows) * sizeof(float)));
   auto* run_max = static_cast<float*>(grow_scratch(max_buffer, size_t(n_tokens) * sizeof(float)));
   auto* run_sum = static_cast<double*>(grow_scratch(sum_buffer, size_t(n_tokens) * sizeof(double)));
@@ -176,8 +176,8 @@ double quantized_cross_entropy(float* d_h, int64_t* n_valid, const float* h, Wei
       const int32_t* t = targets + r0;
       if (std::all_of(t, t + rows, [](int32_t x) { return x == kIgnoreIndex; })) continue;
       if (bf16) {
-        if (h_rounded_at != r0 || chunk < n_tokens) round_rows(h_bf16, h + r0 * dim, rows, dim);
-        h_rounded_at = r0;
+        if (!h_rounded || chunk < n_tokens) round_rows(h_bf16, h + r0 * dim, rows, dim);
+        h_rounded = true;
         bf16_gemm(logits, vn, {h_bf16, DType::BF16, dim, false}, {tile_bf16, DType::BF16, dim, true}, rows,
                   vn, dim, 1.0f, 0.0f);
       } else {

@@ -1,7 +1,6 @@
 // defines: the fast elementwise ops (tf::cpu::add_inplace, add_bias, fill, scale_inplace, copy,
 //          sum_squares, dropout_forward, dropout_backward): OpenMP loops above kMinParallelElems,
-//          dropout masks from
-//          sixteen Philox blocks at a time (in AVX2 registers where the CPU has them)
+//          dropout masks from sixteen Philox blocks at a time (in AVX2 registers where the CPU has them)
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -168,24 +168,28 @@ double sum_squares(const float* x, int64_t n) {
   return result;
 }
 
-void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
-                     uint64_t first) {
-  TF_CHECK(p >= 0 && p < 1, "dropout_forward: p must be in [0, 1), got ", p);
+namespace {
+
+// One thread per Philox block the mask's elements [first, first + n) draw from; `dx` null: the forward.
+void launch_dropout(const char* name, float* out, const float* x, float* dx, int64_t n, float p,
+                    uint64_t seed, uint64_t stream, uint64_t first) {
+  TF_CHECK(p >= 0 && p < 1, name, ": p must be in [0, 1), got ", p);
   if (n <= 0) return;
   const int64_t philox_blocks = int64_t((first + uint64_t(n) + 3) / 4 - first / 4);
-  port::launch(dropout_kernel,
-               on_current_stream("dropout_forward", element_blocks(philox_blocks), kElementThreads), out, x,
-               static_cast<float*>(nullptr), false, n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
+  port::launch(dropout_kernel, on_current_stream(name, element_blocks(philox_blocks), kElementThreads), out,
+               x, dx, dx != nullptr, n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
+}
+
+}  // namespace
+
+void dropout_forward(float* out, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
+                     uint64_t first) {
+  launch_dropout("dropout_forward", out, x, nullptr, n, p, seed, stream, first);
 }
 
 void dropout_backward(float* dx, float* g, const float* x, int64_t n, float p, uint64_t seed, uint64_t stream,
                       uint64_t first) {
-  TF_CHECK(p >= 0 && p < 1, "dropout_backward: p must be in [0, 1), got ", p);
-  if (n <= 0) return;
-  const int64_t philox_blocks = int64_t((first + uint64_t(n) + 3) / 4 - first / 4);
-  port::launch(dropout_kernel,
-               on_current_stream("dropout_backward", element_blocks(philox_blocks), kElementThreads), g, x,
-               dx, true, n, p, 1.0f / (1.0f - p), Philox(seed, stream), first);
+  launch_dropout("dropout_backward", g, x, dx, n, p, seed, stream, first);
 }
 
 }  // namespace tf::TF_PORT_BACKEND

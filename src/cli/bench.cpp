@@ -223,16 +223,15 @@ DiskRead disk_read(const MappedFile& f) {
   DiskRead d{f.path, reader.mode(), std::min(f.bytes, kLimit), 0};
   const size_t span = offload::DirectReader::aligned_span(0, kChunk) + offload::DirectReader::kAlign;
   Buffer pool(span * kInFlight + offload::DirectReader::kAlign, MemTag::Workspace, /*zero=*/false);
-  const uintptr_t base = (reinterpret_cast<uintptr_t>(pool.data()) + offload::DirectReader::kAlign - 1) &
-                         ~uintptr_t(offload::DirectReader::kAlign - 1);
+  std::byte* const base = offload::DirectReader::align_buffer(pool.data());
   std::vector<uint64_t> tickets(kInFlight, 0);
   const auto t0 = Clock::now();
   unsigned slot = 0;
   for (uint64_t at = 0; at < d.bytes; at += kChunk, slot = (slot + 1) % kInFlight) {
     if (at >= kInFlight * kChunk) reader.wait(tickets[slot]);
     const uint64_t offset = f.offset + at, bytes = std::min(kChunk, d.bytes - at);
-    tickets[slot] = reader.submit(offset, bytes, reinterpret_cast<void*>(base + slot * span),
-                                  offload::DirectReader::aligned_span(offset, bytes));
+    tickets[slot] =
+        reader.submit(offset, bytes, base + slot * span, offload::DirectReader::aligned_span(offset, bytes));
   }
   reader.drain();
   d.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
