@@ -109,9 +109,12 @@ void expect_close(const std::vector<float>& want, const std::vector<float>& got,
 // largest gradient leaves room for the terms' cancellation.
 // Where the GEMM sums a row in another order for another row count, each product of a chunk moves
 // by up to (K - 1) 2^-24 of its terms' magnitudes (below 4e-6 for K 64) and the blocks carry that
-// on: logits, decoding and every gradient are held to 1e-5 of their largest, and the losses (sums
-// of row losses, each moving by at most twice the largest logit change) to 1e-5 relative. A chunk
-// that dropped, repeated or misplaced a row would move them by percents.
+// on: logits and decoding are held to 1e-5 of their largest, and the losses (sums of row losses,
+// each moving by at most twice the largest logit change) to 1e-5 relative. A gradient ends a longer
+// chain: the forward's products through the layers, the loss's, then the backward's back to its
+// adapter, a dozen of them each adding up to 4e-6 of its terms, so gradients are held to 5e-5 of
+// their largest (measured on an AVX2 machine: up to 1.14e-5, under dropout with per-block
+// checkpointing). A chunk that dropped, repeated or misplaced a row would move them by percents.
 void expect_same(LlamaModel& whole, const Result& a, LlamaModel& chunked, const Result& b) {
   const bool exact = gemm_rows_independent();
   EXPECT_EQ(a.loss.n_valid, b.loss.n_valid);
@@ -142,7 +145,7 @@ void expect_same(LlamaModel& whole, const Result& a, LlamaModel& chunked, const 
         ASSERT_GT(largest, 0.0f) << "layer " << l << " target " << t << " has no gradient";
         for (size_t i = first; i < first + size_t(count); ++i) {
           if (mlp_target(LoraTarget(t)) || !exact)
-            ASSERT_NEAR(a.grads[i], b.grads[i], 1e-5f * largest)
+            ASSERT_NEAR(a.grads[i], b.grads[i], (exact ? 1e-5f : 5e-5f) * largest)
                 << "layer " << l << " target " << t << " at " << i;
           else
             ASSERT_EQ(a.grads[i], b.grads[i]) << "layer " << l << " target " << t << " at " << i;
