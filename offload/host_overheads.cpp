@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <string>
 
+#include "kernels/cpu/attention.h"
 #include "src/core/process_memory.h"
 
 namespace tf::offload {
@@ -80,11 +81,24 @@ uint64_t kernel_scratch(const HostOverheadInputs& in, std::string& detail) {
   const LlamaConfig& c = in.config;
   const uint64_t N = uint64_t(in.max_tokens), D = uint64_t(c.head_dim), T = uint64_t(std::max(in.threads, 1));
   // attention.cpp: the tiles of every thread of a region in one buffer, first the forward's
-  // (64-row blocks: K tile, scores, online softmax's 64 x (D + 2)), then the backward's (two
-  // each of K / V tiles, scores and their gradients), multiples of 16 floats each; the backward's
-  // row statistics, a float per token and head.
+  // (64-row blocks: K tile, scores, online softmax's 64 x (D + 2)), then the backward's (as
+  // cpu::attention_backward_thread_floats says for its shape, at its largest over the micro-batch's
+  // rows: a shorter last micro-batch may take the other way through the tiles), multiples of 16
+  // floats each; the backward's row statistics, a float per token and head.
   const uint64_t attn_fwd = 4 * T * round_up(128 * D + 4224, 16);
-  const uint64_t attn_bwd = 4 * T * round_up(256 * D + 8192, 16) + 4 * N * uint64_t(c.n_heads);
+  const int seq = in.seq_len > 0 ? in.seq_len : int(std::max<int64_t>(in.max_tokens, 1));
+  const int64_t batch_rows = std::max<int64_t>(1, in.max_tokens / seq);
+  uint64_t bwd_thread = 0;
+  for (int64_t b = 1; b <= batch_rows; ++b) {
+    AttentionShape s;
+    s.batch = int(b);
+    s.seq = seq;
+    s.n_heads = c.n_heads;
+    s.n_kv_heads = c.n_kv_heads;
+    s.head_dim = c.head_dim;
+    bwd_thread = std::max<uint64_t>(bwd_thread, cpu::attention_backward_thread_floats(s, int(T)));
+  }
+  const uint64_t attn_bwd = 4 * T * round_up(bwd_thread, 16) + 4 * N * uint64_t(c.n_heads);
   // cross_entropy.cpp, per call of L rows: a quantized lm_head is dequantized a vocabulary tile at
   // a time (with the logits of 256 tokens against it, per-token running max, sum and target logit,
   // and the d_h accumulator); otherwise 64 rows of logits at a time.

@@ -1,7 +1,7 @@
 // Tests: tf::cpu attention (tiled, online softmax) against the plain reference, with and without a
 // sliding window; the reference backward against float64 finite differences; the reference's window
-// rule against full attention over the keys it names; determinism across thread counts; no S x S
-// buffer.
+// rule against full attention over the keys it names; determinism across thread counts; the
+// backward's single pass against its two passes; no S x S buffer.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
@@ -207,16 +208,66 @@ TEST(Attention, BitIdenticalAcrossThreadCounts) {
   omp_set_num_threads(saved);
 }
 
-// The tiled kernels' scratch is per-thread tiles plus one float per (token, head): far below the
-// seq x seq score matrix a naive implementation would allocate.
+// The backward's single pass (a task per batch and kv head) adds every tile in the order of the two
+// passes it replaces where tasks are too few for the threads, so the two give the same bits: GQA
+// 1, 2 and 3, packed and interleaved documents, windows, sequences ending inside a tile.
+TEST(Attention, BackwardSinglePassGivesTheTwoPassesBits) {
+  const int saved = omp_get_max_threads();
+  struct Shape {
+    AttentionShape s;
+    Docs docs;
+  };
+  std::vector<Shape> shapes = {{make_shape(2, 150, 4, 2, 64), Docs::Packed},
+                               {make_shape(1, 200, 6, 2, 16), Docs::Interleaved},
+                               {make_shape(2, 130, 3, 3, 32), Docs::None},
+                               {make_shape(1, 65, 2, 1, 80), Docs::None}};
+  shapes[1].s.window = 17;
+  shapes[3].s.window = 64;
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE(sh.s.batch * 1000 + sh.s.seq);
+    const Inputs in = make_inputs(sh.s, sh.docs, 41);
+    ASSERT_TRUE(cpu::attention_backward_single_pass(sh.s, 1));
+    omp_set_num_threads(1);
+    const Outputs one = run_cpu(in);
+    // The fewest threads that make the backward take two passes.
+    int threads = 2;
+    while (cpu::attention_backward_single_pass(sh.s, threads)) ++threads;
+    omp_set_num_threads(threads);
+    const Outputs two = run_cpu(in);
+    EXPECT_EQ(0, std::memcmp(one.dq.data(), two.dq.data(), one.dq.size() * sizeof(float))) << threads;
+    EXPECT_EQ(0, std::memcmp(one.dk.data(), two.dk.data(), one.dk.size() * sizeof(float))) << threads;
+    EXPECT_EQ(0, std::memcmp(one.dv.data(), two.dv.data(), one.dv.size() * sizeof(float))) << threads;
+  }
+  omp_set_num_threads(saved);
+}
+
+// A single pass of equal tasks is kept while their rounds cost less than two passes' seven products a
+// tile against its five: 6 tasks on 2 threads (3 rounds), 3 on 2 (2 rounds: 10 against 10.5), but
+// not 1 task on 2 threads or 6 on 16.
+TEST(Attention, BackwardSinglePassWhenItsRoundsCostLessThanTwoPasses) {
+  EXPECT_TRUE(cpu::attention_backward_single_pass(make_shape(2, 512, 9, 3, 64), 2));
+  EXPECT_TRUE(cpu::attention_backward_single_pass(make_shape(1, 2048, 9, 3, 64), 2));
+  EXPECT_FALSE(cpu::attention_backward_single_pass(make_shape(1, 512, 4, 1, 64), 2));
+  EXPECT_FALSE(cpu::attention_backward_single_pass(make_shape(2, 512, 9, 3, 64), 16));
+  EXPECT_TRUE(cpu::attention_backward_single_pass(make_shape(4, 512, 32, 8, 128), 16));
+}
+
+// The tiled kernels' scratch is per-thread tiles (in the backward's single pass, which one thread
+// takes here, the keys, values and their gradients of one sequence: 4 x seq x head_dim floats) plus
+// one float per (token, head): far below the seq x seq score matrix a naive implementation would
+// allocate.
 TEST(Attention, NoSeqBySeqWorkspace) {
-  const Inputs in = make_inputs(make_shape(1, 1025, 2, 1, 64), Docs::None, 3);
+  const int seq = 2049;
+  const Inputs in = make_inputs(make_shape(1, seq, 2, 1, 64), Docs::None, 3);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
   MemTracker::instance().reset_peaks();
   const size_t before = MemTracker::instance().current(MemTag::Workspace);
   run_cpu(in);
   const size_t used = MemTracker::instance().peak(MemTag::Workspace) - before;
+  omp_set_num_threads(saved);
   EXPECT_GT(used, 0u);
-  EXPECT_LT(used, size_t(1025) * 1025 * sizeof(float) / 4);
+  EXPECT_LT(used, size_t(seq) * seq * sizeof(float) / 4);
 }
 
 // The double-precision reference backward against central differences of the double-precision

@@ -322,7 +322,8 @@ std::pair<int64_t, int64_t> scratch_in_child(const ScratchCase& sc) {
 TEST(PlanKernelScratch, IsWhatTheTrackerCountsBeyondTheMemoryPlan) {
   for (const ScratchCase& sc :
        {ScratchCase{"f32", io::QuantMode::None, 1}, ScratchCase{"f32", io::QuantMode::None, 2},
-        ScratchCase{"bf16", io::QuantMode::Bf16, 1}, ScratchCase{"nf4", io::QuantMode::Nf4, 2}}) {
+        ScratchCase{"bf16", io::QuantMode::Bf16, 1}, ScratchCase{"nf4", io::QuantMode::Nf4, 2},
+        ScratchCase{"f32, attention backward in two passes", io::QuantMode::None, 3}}) {
     const auto [measured, predicted] = scratch_in_child(sc);
     EXPECT_EQ(measured, predicted) << sc.name << ", " << sc.threads << " threads";
   }

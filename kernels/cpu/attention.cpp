@@ -1,4 +1,5 @@
-// defines: tf::cpu::attention_forward, tf::cpu::attention_backward, tf::cpu::attention_cached_forward
+// defines: tf::cpu::attention_forward, tf::cpu::attention_backward (and how it goes through the tiles:
+// attention_backward_single_pass, attention_backward_thread_floats), tf::cpu::attention_cached_forward
 //
 // Flash-attention on the CPU: queries and keys are processed in tiles of kBlockQ x kBlockK, the
 // forward keeps a running max and sum per query row (online softmax), and the backward recomputes
@@ -11,9 +12,12 @@
 //
 // Every output element is written by exactly one task and each task sums in a fixed order, so the
 // results are bit-identical for any thread count: the forward runs one task per (batch, head,
-// query block); the backward runs one pass with a task per (batch, kv head, key block) that owns
-// dk/dv of those keys, and a second with a task per (batch, head, query block) that owns dq.
-#include "kernels/cpu/ref/attention.h"
+// query block); the backward either runs one pass with a task per (batch, kv head) that owns dk/dv
+// of its keys and dq of its query heads, or, when that leaves too few tasks for the threads, two:
+// a task per (batch, kv head, key block) that owns dk/dv of those keys, then a task per (batch,
+// head, query block) that owns dq. The two ways add every tile in the same order, so the choice
+// (attention_backward_single_pass, by the thread count) leaves the bits as they are.
+#include "kernels/cpu/attention.h"
 
 #include <omp.h>
 
@@ -22,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
 
@@ -359,7 +364,187 @@ void tile_softmax_grad(float* S, float* dP, const Tile& t, TileMask mask, const 
   }
 }
 
+// dK and dV of the key block at k0 (nk keys) += the tile's P^T dO and dS^T Q: the query rows qblk and
+// d_out rows doblk of the tile t whose P and dS tile_softmax_grad left in S and dP.
+void add_key_grads(float* dK, float* dV, const float* S, const float* dP, const Tile& t, const float* qblk,
+                   const float* doblk, const Geometry& g) {
+  accumulate_rows(dV, t.nk, S, 1, kBlockK, doblk, g.q_row, t.nq, g.head_dim);
+  accumulate_rows(dK, t.nk, dP, 1, kBlockK, qblk, g.q_row, t.nq, g.head_dim);
+}
+
+// dk and dv of nk keys from token tok of kv head kvh += scale * dK and dV (rows of head_dim).
+void store_key_grads(float* dk, float* dv, const float* dK, const float* dV, int64_t tok, int64_t nk,
+                     int64_t kvh, const Geometry& g) {
+  const int64_t D = g.head_dim;
+  for (int64_t c = 0; c < nk; ++c) {
+    float* dkr = dk + (tok + c) * g.kv_row + kvh * D;
+    float* dvr = dv + (tok + c) * g.kv_row + kvh * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dkr[d] += g.scale * dK[c * D + d];
+      dvr[d] += dV[c * D + d];
+    }
+  }
+}
+
+// dq of nq query rows from (token, head) row row0 += scale * dQ.
+void store_query_grad(float* dq, const float* dQ, int64_t row0, int64_t nq, const Geometry& g) {
+  const int64_t D = g.head_dim;
+  for (int64_t r = 0; r < nq; ++r) {
+    float* dqr = dq + (row0 + r * g.n_heads) * D;
+    for (int64_t d = 0; d < D; ++d) dqr[d] += g.scale * dQ[r * D + d];
+  }
+}
+
+// The pointers of one backward call.
+struct BackwardArgs {
+  float *dq, *dk, *dv;
+  const float *d_out, *q, *k, *v, *lse, *delta;
+  const int32_t* doc_ids;
+  int64_t batch;
+};
+
+// One task per (batch, kv head), taking each tile once: the transposed keys and values of the whole
+// sequence are formed first; then for every query head of the group and query block in turn, the
+// tiles of its keys in order add to dQ of the block and to dK and dV of the sequence. Each dK and
+// dV row receives its tiles in the order pass 1 of backward_two_passes adds them (head, then query
+// block), and each dQ block in the order of its pass 2 (key block), so the bits are theirs.
+void backward_single_pass(const BackwardArgs& a, const Geometry& g, Scratch& scratch) {
+  const int64_t D = g.head_dim, n_kb = blocks(g.seq, kBlockK);
+  const int64_t n_tasks = a.batch * g.n_kv_heads;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    const int64_t b = task / g.n_kv_heads, kvh = task % g.n_kv_heads, tok0 = b * g.seq;
+    const int32_t* doc = a.doc_ids ? a.doc_ids + tok0 : nullptr;
+
+    float* Kt = scratch.thread(omp_get_thread_num());
+    float* Vt = Kt + n_kb * D * kBlockK;
+    float* dK = Vt + n_kb * D * kBlockK;
+    float* dV = dK + g.seq * D;
+    float* S = dV + g.seq * D;
+    float* dP = S + kBlockQ * kBlockK;
+    float* dQ = dP + kBlockQ * kBlockK;
+    for (int64_t kb = 0; kb < n_kb; ++kb) {
+      const int64_t k0 = kb * kBlockK, nk = std::min<int64_t>(kBlockK, g.seq - k0);
+      transpose_block(Kt + kb * D * kBlockK, a.k + (tok0 + k0) * g.kv_row + kvh * D, g.kv_row, nk, D);
+      transpose_block(Vt + kb * D * kBlockK, a.v + (tok0 + k0) * g.kv_row + kvh * D, g.kv_row, nk, D);
+    }
+    std::fill(dK, dK + 2 * g.seq * D, 0.0f);
+
+    for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
+      for (int64_t q0 = 0; q0 < g.seq; q0 += kBlockQ) {
+        const int64_t nq = std::min<int64_t>(kBlockQ, g.seq - q0);
+        const int64_t row0 = (tok0 + q0) * g.n_heads + h;
+        const float* qblk = a.q + row0 * D;
+        const float* doblk = a.d_out + row0 * D;
+        std::fill(dQ, dQ + nq * D, 0.0f);
+        for (int64_t k0 = first_key_tile(q0, g.window); k0 < q0 + nq; k0 += kBlockK) {
+          const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
+          const TileMask mask = classify(doc, t, g.window);
+          if (mask == TileMask::Skip) continue;
+          const int64_t kb = k0 / kBlockK;
+          tile_softmax_grad(S, dP, t, mask, doc, qblk, doblk, Kt + kb * D * kBlockK, Vt + kb * D * kBlockK,
+                            a.lse + row0, a.delta + row0, g);
+          add_key_grads(dK + k0 * D, dV + k0 * D, S, dP, t, qblk, doblk, g);
+          accumulate_rows(dQ, nq, dP, kBlockK, 1, a.k + (tok0 + k0) * g.kv_row + kvh * D, g.kv_row, t.nk, D);
+        }
+        store_query_grad(a.dq, dQ, row0, nq, g);
+      }
+    }
+    store_key_grads(a.dk, a.dv, dK, dV, tok0, g.seq, kvh, g);
+  }
+}
+
+// Pass 1: dk and dv, one task per (batch, kv head, key block), over every query head of the group.
+// Pass 2: dq, one task per (batch, head, query block), recomputing P and dS tile by tile.
+void backward_two_passes(const BackwardArgs& a, const Geometry& g, Scratch& scratch) {
+  const int64_t D = g.head_dim;
+  const int64_t n_qb = blocks(g.seq, kBlockQ), n_kb = blocks(g.seq, kBlockK);
+  const int64_t n_kv_tasks = a.batch * g.n_kv_heads * n_kb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_kv_tasks; ++task) {
+    const int64_t b = task / (g.n_kv_heads * n_kb), kvh = task / n_kb % g.n_kv_heads, kb = task % n_kb;
+    const int64_t k0 = kb * kBlockK, nk = std::min<int64_t>(kBlockK, g.seq - k0);
+    const int64_t tok0 = b * g.seq;
+    const int32_t* doc = a.doc_ids ? a.doc_ids + tok0 : nullptr;
+
+    float* Kt = scratch.thread(omp_get_thread_num());
+    float* Vt = Kt + D * kBlockK;
+    float* S = Vt + D * kBlockK;
+    float* dP = S + kBlockQ * kBlockK;
+    float* dK = dP + kBlockQ * kBlockK;
+    float* dV = dK + kBlockK * D;
+    transpose_block(Kt, a.k + (tok0 + k0) * g.kv_row + kvh * D, g.kv_row, nk, D);
+    transpose_block(Vt, a.v + (tok0 + k0) * g.kv_row + kvh * D, g.kv_row, nk, D);
+    std::fill(dK, dK + nk * D, 0.0f);
+    std::fill(dV, dV + nk * D, 0.0f);
+
+    const int64_t q_end = query_end(k0 + nk - 1, g.window, g.seq);
+    for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
+      for (int64_t q0 = k0 / kBlockQ * kBlockQ; q0 < q_end; q0 += kBlockQ) {
+        const Tile t{q0, std::min<int64_t>(kBlockQ, g.seq - q0), k0, nk};
+        const TileMask mask = classify(doc, t, g.window);
+        if (mask == TileMask::Skip) continue;
+        const int64_t row0 = (tok0 + q0) * g.n_heads + h;
+        const float* qblk = a.q + row0 * D;
+        const float* doblk = a.d_out + row0 * D;
+        tile_softmax_grad(S, dP, t, mask, doc, qblk, doblk, Kt, Vt, a.lse + row0, a.delta + row0, g);
+        add_key_grads(dK, dV, S, dP, t, qblk, doblk, g);
+      }
+    }
+    store_key_grads(a.dk, a.dv, dK, dV, tok0 + k0, nk, kvh, g);
+  }
+
+  const int64_t n_q_tasks = a.batch * g.n_heads * n_qb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < n_q_tasks; ++task) {
+    const QueryBlockTask qt(task, g, n_qb, a.doc_ids);
+    const int64_t q0 = qt.q0, nq = qt.nq, tok0 = qt.tok0;
+    const int64_t row0 = (tok0 + q0) * g.n_heads + qt.h;
+    const float* qblk = a.q + row0 * D;
+    const float* doblk = a.d_out + row0 * D;
+
+    float* Kt = scratch.thread(omp_get_thread_num());
+    float* Vt = Kt + D * kBlockK;
+    float* S = Vt + D * kBlockK;
+    float* dP = S + kBlockQ * kBlockK;
+    float* dQ = dP + kBlockQ * kBlockK;
+    std::fill(dQ, dQ + nq * D, 0.0f);
+
+    for (int64_t k0 = first_key_tile(q0, g.window); k0 < q0 + nq; k0 += kBlockK) {
+      const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
+      const TileMask mask = classify(qt.doc, t, g.window);
+      if (mask == TileMask::Skip) continue;
+      const float* kblk = a.k + (tok0 + k0) * g.kv_row + qt.kvh * D;
+      const float* vblk = a.v + (tok0 + k0) * g.kv_row + qt.kvh * D;
+      transpose_block(Kt, kblk, g.kv_row, t.nk, D);
+      transpose_block(Vt, vblk, g.kv_row, t.nk, D);
+      tile_softmax_grad(S, dP, t, mask, qt.doc, qblk, doblk, Kt, Vt, a.lse + row0, a.delta + row0, g);
+      accumulate_rows(dQ, nq, dP, kBlockK, 1, kblk, g.kv_row, t.nk, D);
+    }
+    store_query_grad(a.dq, dQ, row0, nq, g);
+  }
+}
+
 }  // namespace
+
+bool attention_backward_single_pass(const AttentionShape& s, int threads) {
+  // One pass forms five products a tile and two passes seven (the scores and dP twice); one pass
+  // runs in ceil(tasks / threads) rounds of equal tasks where two passes keep the threads busy.
+  const int64_t tasks = int64_t(s.batch) * s.n_kv_heads, t = std::max(threads, 1);
+  const int64_t rounds = (tasks + t - 1) / t;
+  return 5 * rounds * t <= 7 * tasks;
+}
+
+size_t attention_backward_thread_floats(const AttentionShape& s, int threads) {
+  const size_t D = size_t(s.head_dim);
+  if (attention_backward_single_pass(s, threads)) {
+    const size_t padded = size_t(blocks(s.seq, kBlockK)) * kBlockK;
+    // Kt, Vt [blocks][D][kBlockK]; dK, dV [seq][D]; S and dP [kBlockQ][kBlockK]; dQ [kBlockQ][D].
+    return 2 * padded * D + 2 * size_t(s.seq) * D + 2 * kBlockQ * kBlockK + kBlockQ * D;
+  }
+  // Kt, Vt [D][kBlockK]; S and dP [kBlockQ][kBlockK]; dK and dV [kBlockK][D], or dQ [kBlockQ][D].
+  return 2 * D * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * D;
+}
 
 void attention_backward(float* dq, float* dk, float* dv, const float* d_out, const float* q, const float* k,
                         const float* v, const float* out, const float* lse, const int32_t* doc_ids,
@@ -369,7 +554,6 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   const int64_t D = g.head_dim;
   const int64_t n_tokens = int64_t(s.batch) * g.seq;
   if (n_tokens == 0) return;
-  const int64_t n_qb = blocks(g.seq, kBlockQ), n_kb = blocks(g.seq, kBlockK);
   const int n_threads = omp_get_max_threads();
 
   // delta[t, h] = dO . O, the row sums of P * dP that the softmax backward subtracts.
@@ -383,88 +567,13 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
     delta[i] = acc;
   }
 
-  // Kt, Vt [D][kBlockK]; S and dP [kBlockQ][kBlockK]; dK and dV [kBlockK][D], or dQ [kBlockQ][D].
   static_assert(kBlockQ == kBlockK, "the accumulators are sized for either block");
-  Scratch scratch(size_t(2 * D * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * D), n_threads);
-
-  // Pass 1: dk and dv, one task per (batch, kv head, key block), over every query head of the group.
-  const int64_t n_kv_tasks = int64_t(s.batch) * g.n_kv_heads * n_kb;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < n_kv_tasks; ++task) {
-    const int64_t b = task / (g.n_kv_heads * n_kb), kvh = task / n_kb % g.n_kv_heads, kb = task % n_kb;
-    const int64_t k0 = kb * kBlockK, nk = std::min<int64_t>(kBlockK, g.seq - k0);
-    const int64_t tok0 = b * g.seq;
-    const int32_t* doc = doc_ids ? doc_ids + tok0 : nullptr;
-    const float* kblk = k + (tok0 + k0) * g.kv_row + kvh * D;
-    const float* vblk = v + (tok0 + k0) * g.kv_row + kvh * D;
-
-    float* Kt = scratch.thread(omp_get_thread_num());
-    float* Vt = Kt + D * kBlockK;
-    float* S = Vt + D * kBlockK;
-    float* dP = S + kBlockQ * kBlockK;
-    float* dK = dP + kBlockQ * kBlockK;
-    float* dV = dK + kBlockK * D;
-    transpose_block(Kt, kblk, g.kv_row, nk, D);
-    transpose_block(Vt, vblk, g.kv_row, nk, D);
-    std::fill(dK, dK + nk * D, 0.0f);
-    std::fill(dV, dV + nk * D, 0.0f);
-
-    const int64_t q_end = query_end(k0 + nk - 1, g.window, g.seq);
-    for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
-      for (int64_t q0 = k0 / kBlockQ * kBlockQ; q0 < q_end; q0 += kBlockQ) {
-        const Tile t{q0, std::min<int64_t>(kBlockQ, g.seq - q0), k0, nk};
-        const TileMask mask = classify(doc, t, g.window);
-        if (mask == TileMask::Skip) continue;
-        const int64_t row0 = (tok0 + q0) * g.n_heads + h;
-        const float* qblk = q + row0 * D;
-        const float* doblk = d_out + row0 * D;
-        tile_softmax_grad(S, dP, t, mask, doc, qblk, doblk, Kt, Vt, lse + row0, delta + row0, g);
-        accumulate_rows(dV, nk, S, 1, kBlockK, doblk, g.q_row, t.nq, D);
-        accumulate_rows(dK, nk, dP, 1, kBlockK, qblk, g.q_row, t.nq, D);
-      }
-    }
-    for (int64_t c = 0; c < nk; ++c) {
-      float* dkr = dk + (tok0 + k0 + c) * g.kv_row + kvh * D;
-      float* dvr = dv + (tok0 + k0 + c) * g.kv_row + kvh * D;
-      for (int64_t d = 0; d < D; ++d) {
-        dkr[d] += g.scale * dK[c * D + d];
-        dvr[d] += dV[c * D + d];
-      }
-    }
-  }
-
-  // Pass 2: dq, one task per (batch, head, query block), recomputing P and dS tile by tile.
-  const int64_t n_q_tasks = int64_t(s.batch) * g.n_heads * n_qb;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < n_q_tasks; ++task) {
-    const QueryBlockTask qt(task, g, n_qb, doc_ids);
-    const int64_t q0 = qt.q0, nq = qt.nq, tok0 = qt.tok0;
-    const int64_t row0 = (tok0 + q0) * g.n_heads + qt.h;
-    const float* qblk = q + row0 * D;
-    const float* doblk = d_out + row0 * D;
-
-    float* Kt = scratch.thread(omp_get_thread_num());
-    float* Vt = Kt + D * kBlockK;
-    float* S = Vt + D * kBlockK;
-    float* dP = S + kBlockQ * kBlockK;
-    float* dQ = dP + kBlockQ * kBlockK;
-    std::fill(dQ, dQ + nq * D, 0.0f);
-
-    for (int64_t k0 = first_key_tile(q0, g.window); k0 < q0 + nq; k0 += kBlockK) {
-      const Tile t{q0, nq, k0, std::min<int64_t>(kBlockK, g.seq - k0)};
-      const TileMask mask = classify(qt.doc, t, g.window);
-      if (mask == TileMask::Skip) continue;
-      const float* kblk = k + (tok0 + k0) * g.kv_row + qt.kvh * D;
-      const float* vblk = v + (tok0 + k0) * g.kv_row + qt.kvh * D;
-      transpose_block(Kt, kblk, g.kv_row, t.nk, D);
-      transpose_block(Vt, vblk, g.kv_row, t.nk, D);
-      tile_softmax_grad(S, dP, t, mask, qt.doc, qblk, doblk, Kt, Vt, lse + row0, delta + row0, g);
-      accumulate_rows(dQ, nq, dP, kBlockK, 1, kblk, g.kv_row, t.nk, D);
-    }
-    for (int64_t r = 0; r < nq; ++r) {
-      float* dqr = dq + (row0 + r * g.n_heads) * D;
-      for (int64_t d = 0; d < D; ++d) dqr[d] += g.scale * dQ[r * D + d];
-    }
+  Scratch scratch(attention_backward_thread_floats(s, n_threads), n_threads);
+  const BackwardArgs a{dq, dk, dv, d_out, q, k, v, lse, delta, doc_ids, s.batch};
+  if (attention_backward_single_pass(s, n_threads)) {
+    backward_single_pass(a, g, scratch);
+  } else {
+    backward_two_passes(a, g, scratch);
   }
 }
 
