@@ -1,8 +1,10 @@
 // Tests: determinism of the fast ops and of the reductions behind the loss, the gradient norm and
 // the update. At two threads every op, and a whole training step, repeats its bits exactly; the
 // ops that split their work by fixed chunks (all but the OpenBLAS products) give the same bits at
-// 1, 2 and 3 threads; tf::ordered_sum and the cross-entropy loss do not depend on the thread count.
+// 1, 2 and 3 threads; tf::ordered_sum and the cross-entropy loss do not depend on the thread count;
+// tf::parallel_for_if.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -271,6 +273,34 @@ TEST(OrderedSum, AddsFixedChunksInOrderForAnyThreadCount) {
   // Past kOrderedSumMaxChunks chunks of the usual size, chunks grow: every term is still counted once.
   const int64_t big = kOrderedSumChunk * kOrderedSumMaxChunks + 5;
   EXPECT_EQ(ordered_sum(big, [](int64_t) { return 1.0; }), double(big));
+}
+
+// parallel_for_if visits every index once; left to one thread it runs them in order on the caller,
+// outside any OpenMP region (what spares a small loop libgomp's team), and in parallel the
+// threads share them.
+TEST(ParallelForIf, VisitsEveryIndexOnceAndEntersARegionOnlyInParallel) {
+  const Threads t(2);
+  const int64_t n = 1000;
+  std::vector<int> visits(size_t(n), 0);
+  std::vector<int64_t> order;
+  bool inside_region = false;
+  parallel_for_if(false, n, [&](int64_t i) {
+    ++visits[size_t(i)];
+    order.push_back(i);
+    inside_region = inside_region || omp_in_parallel();
+  });
+  EXPECT_FALSE(inside_region);
+  ASSERT_EQ(order.size(), size_t(n));
+  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(order[size_t(i)], i);
+  std::vector<int> threads(size_t(n), -1);
+  parallel_for_if(true, n, [&](int64_t i) {
+    ++visits[size_t(i)];
+    threads[size_t(i)] = omp_get_thread_num();
+  });
+  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(visits[size_t(i)], 2) << i;
+  EXPECT_EQ(threads.front(), 0);
+  EXPECT_EQ(threads.back(), 1);
+  parallel_for_if(true, 0, [&](int64_t) { ADD_FAILURE() << "no index to visit"; });
 }
 
 // One 64-row chunk of logits, [64, 257] from dim 15: GEMMs this small OpenBLAS runs on the calling

@@ -160,20 +160,19 @@ void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0,
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
   const bool wide = use_avx512();
   // Callers that already split their rows over threads call this inside their parallel region.
-#pragma omp parallel for schedule(static) if (n_rows * n_cols >= kMinParallelElems && !omp_in_parallel())
-  for (int64_t r = 0; r < n_rows; ++r) decode_row(dst + r * ld_dst, W, r0 + r, c0, n_cols, wide);
+  parallel_for_if(n_rows * n_cols >= kMinParallelElems && !omp_in_parallel(), n_rows,
+                  [&](int64_t r) { decode_row(dst + r * ld_dst, W, r0 + r, c0, n_cols, wide); });
 }
 
 void dequantize_weight_tile_bf16(uint16_t* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows,
                                  int64_t c0, int64_t n_cols) {
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
   const bool wide = use_avx512();
-#pragma omp parallel for schedule(static) if (n_rows * n_cols >= kMinParallelElems && !omp_in_parallel())
-  for (int64_t r = 0; r < n_rows; ++r) {
+  parallel_for_if(n_rows * n_cols >= kMinParallelElems && !omp_in_parallel(), n_rows, [&](int64_t r) {
     uint16_t* out = dst + r * ld_dst;
     if (W.dtype == DType::BF16) {
       std::memcpy(out, static_cast<const uint16_t*>(W.data) + (r0 + r) * W.cols + c0, size_t(n_cols) * 2);
-      continue;
+      return;
     }
     float run[kBf16Run];
     for (int64_t c = 0; c < n_cols; c += kBf16Run) {
@@ -181,7 +180,7 @@ void dequantize_weight_tile_bf16(uint16_t* dst, int64_t ld_dst, WeightRef W, int
       decode_row(run, W, r0 + r, c0 + c, n, wide);
       round_to_bf16(out + c, run, n);
     }
-  }
+  });
 }
 
 }  // namespace tf::cpu

@@ -1,4 +1,5 @@
 // defines: tf::kMinParallelElems (the size below which elementwise loops stay on one thread),
+// tf::parallel_for_if (a loop that enters an OpenMP region only when it runs in parallel),
 // tf::ordered_sum (a parallel sum whose bits do not depend on the thread count)
 #pragma once
 
@@ -10,6 +11,20 @@ namespace tf {
 // Elementwise loops over fewer elements run on the calling thread: starting and joining an OpenMP
 // region costs microseconds, more than such a loop, and decoding runs thousands of them per token.
 constexpr int64_t kMinParallelElems = int64_t(1) << 15;
+
+// body(i) for every i in [0, n), split over the threads when `parallel`, else in order on the
+// calling thread without entering an OpenMP region: libgomp starts a team even for a region whose
+// `if` clause leaves it one thread (an allocation, a free and the team's bookkeeping), which a
+// loop called for every few hundred elements (a row's chunk in decoding) pays each time.
+template <typename Body>
+void parallel_for_if(bool parallel, int64_t n, Body&& body) {
+  if (!parallel) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
 
 // Indices per chunk of ordered_sum, and the most chunks it makes (their sums live on the stack, so
 // a training step allocates nothing here). The chunking depends only on n, never on the thread
