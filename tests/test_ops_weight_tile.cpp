@@ -1,5 +1,5 @@
 // Tests: tf::cpu::dequantize_weight_tile against tf::ref bit for bit for every storage dtype
-// (AVX-512 and portable paths, awkward tiles, NF4 / INT8 rows that start mid-block and mid-byte,
+// (AVX-512, AVX2 and portable paths, awkward tiles, NF4 / INT8 rows that start mid-block and mid-byte,
 // every f16 bit pattern); tf::cpu::quant_gemv and quant_gemv_t against a dequantize-then-dot
 // reference within a derived rounding bound, for 1..8 tokens and beta 0 / 1, with the same bits on
 // one and two threads; their input errors.
@@ -116,7 +116,26 @@ std::vector<float> tile(Fn&& fn, const WeightRef& W, int64_t r0, int64_t n_rows,
   return out;
 }
 
-// Every path of cpu::dequantize_weight_tile (AVX-512 where the CPU has it, and the portable one)
+// The decoders a test runs: the CPU's own (AVX-512 where it has it, else AVX2 where it has that),
+// AVX2 in place of AVX-512, and the portable ones.
+enum class Path { Default, Avx2, Portable };
+constexpr Path kPaths[] = {Path::Default, Path::Avx2, Path::Portable};
+
+const char* path_name(Path p) {
+  return p == Path::Default ? "default path" : p == Path::Avx2 ? "avx2 path" : "portable path";
+}
+
+// Runs f with the decoders of path p.
+template <class F>
+void on_path(Path p, F&& f) {
+  std::optional<cpu::ScopedAvx2Kernels> avx2;
+  std::optional<cpu::ScopedPortableKernels> portable;
+  if (p == Path::Avx2) avx2.emplace();
+  if (p == Path::Portable) portable.emplace();
+  f();
+}
+
+// Every path of cpu::dequantize_weight_tile (AVX-512 where the CPU has it, AVX2, the portable one)
 // gives the reference's bits on the tile.
 void expect_tile_matches_reference(const WeightRef& W, int64_t r0, int64_t n_rows, int64_t c0,
                                    int64_t n_cols) {
@@ -124,13 +143,14 @@ void expect_tile_matches_reference(const WeightRef& W, int64_t r0, int64_t n_row
                std::to_string(W.cols) + " tile rows [" + std::to_string(r0) + ", +" + std::to_string(n_rows) +
                ") cols [" + std::to_string(c0) + ", +" + std::to_string(n_cols) + ")");
   const auto want = bits_of(tile(ref::dequantize_weight_tile, W, r0, n_rows, c0, n_cols));
-  EXPECT_EQ(bits_of(tile(cpu::dequantize_weight_tile, W, r0, n_rows, c0, n_cols)), want) << "default path";
-  cpu::ScopedPortableKernels portable;
-  EXPECT_EQ(bits_of(tile(cpu::dequantize_weight_tile, W, r0, n_rows, c0, n_cols)), want) << "portable path";
+  for (Path p : kPaths)
+    on_path(p, [&] {
+      EXPECT_EQ(bits_of(tile(cpu::dequantize_weight_tile, W, r0, n_rows, c0, n_cols)), want) << path_name(p);
+    });
 }
 
 TEST(WeightTile, GgmlTypesMatchReferenceBitForBit) {
-  if (!cpu::cpu_has_avx512()) std::printf("note: no AVX-512 on this CPU; only the portable path runs\n");
+  if (!cpu::cpu_has_avx512()) std::printf("note: no AVX-512 on this CPU; the AVX2 and portable paths run\n");
   for (DType t : kGgmlTypes) {
     const int64_t block = dtype_block_elems(t);
     for (int64_t rows : {1, 7, 33, 1025}) {
@@ -170,15 +190,10 @@ TEST(WeightTile, Nf4DoubleQuantMatchesBitsandbytesTwoStepAbsmax) {
     std::vector<float> absmax(static_cast<size_t>(blocks)), want(static_cast<size_t>(n));
     ref::dequantize_double_absmax(w.absmax_codes.data(), w.absmax.data(), w.offset, blocks, absmax.data());
     ref::dequantize_nf4(w.data.data(), absmax.data(), n, want.data());
-    for (bool portable : {false, true}) {
-      SCOPED_TRACE(std::to_string(rows) + " rows, portable " + std::to_string(portable));
+    for (Path p : kPaths) {
+      SCOPED_TRACE(std::to_string(rows) + " rows, " + path_name(p));
       std::vector<float> got(static_cast<size_t>(n));
-      if (portable) {
-        cpu::ScopedPortableKernels force;
-        cpu::dequantize_weight_tile(got.data(), cols, w.ref(), 0, rows, 0, cols);
-      } else {
-        cpu::dequantize_weight_tile(got.data(), cols, w.ref(), 0, rows, 0, cols);
-      }
+      on_path(p, [&] { cpu::dequantize_weight_tile(got.data(), cols, w.ref(), 0, rows, 0, cols); });
       EXPECT_EQ(bits_of(got), bits_of(want));
     }
   }
@@ -352,20 +367,14 @@ TEST(QuantGemv, MatchesDequantizedDotWithinRoundingBound) {
         const std::vector<float> x = test::random_floats(size_t(n_tokens * w.cols), uint64_t(n_tokens) + 3);
         std::vector<float> y0 = test::random_floats(size_t(n_tokens * rows), uint64_t(n_tokens) + 4, 5.0f);
         for (float beta : {0.0f, 1.0f}) {
-          for (bool portable : {false, true}) {
+          for (Path p : kPaths) {
             SCOPED_TRACE(std::string(dtype_name(w.dtype)) + (w.nested ? " nested" : "") + " " +
                          std::to_string(rows) + "x" + std::to_string(w.cols) + " tokens " +
-                         std::to_string(n_tokens) + " beta " + std::to_string(beta) +
-                         (portable ? " portable" : ""));
+                         std::to_string(n_tokens) + " beta " + std::to_string(beta) + " " + path_name(p));
             std::vector<float> start = y0;
             // beta 0 overwrites y: NaNs in it must not survive.
             if (beta == 0.0f) start.assign(start.size(), std::nanf(""));
-            if (portable) {
-              cpu::ScopedPortableKernels force;
-              expect_gemv_within_bound(w.ref(), x, start, n_tokens, beta);
-            } else {
-              expect_gemv_within_bound(w.ref(), x, start, n_tokens, beta);
-            }
+            on_path(p, [&] { expect_gemv_within_bound(w.ref(), x, start, n_tokens, beta); });
           }
         }
       }
@@ -378,12 +387,16 @@ TEST(QuantGemv, SameBitsOnOneAndTwoThreads) {
   for (const TestWeight& w : gemv_weights(1025)) {
     SCOPED_TRACE(std::string(dtype_name(w.dtype)));
     const std::vector<float> x = test::random_floats(size_t(3 * w.cols), 12);
-    std::vector<float> y1(size_t(3 * w.rows)), y2(y1.size());
-    cpu::set_num_threads(1);
-    cpu::quant_gemv(y1.data(), x.data(), w.ref(), 3, 0.0f);
-    cpu::set_num_threads(2);
-    cpu::quant_gemv(y2.data(), x.data(), w.ref(), 3, 0.0f);
-    EXPECT_EQ(bits_of(y1), bits_of(y2));
+    for (Path p : kPaths) {
+      std::vector<float> y1(size_t(3 * w.rows)), y2(y1.size());
+      on_path(p, [&] {
+        cpu::set_num_threads(1);
+        cpu::quant_gemv(y1.data(), x.data(), w.ref(), 3, 0.0f);
+        cpu::set_num_threads(2);
+        cpu::quant_gemv(y2.data(), x.data(), w.ref(), 3, 0.0f);
+      });
+      EXPECT_EQ(bits_of(y1), bits_of(y2)) << path_name(p);
+    }
   }
   cpu::set_num_threads(saved);
 }

@@ -1,6 +1,7 @@
-// defines: tf::cpu::flat_block_absmax (the scale of an NF4 / INT8 block), tf::cpu::avx512 block decoders of
-// every quantized dtype (ggml blocks, NF4 / INT8 runs)
-//          that hand the dequantized values, 16 at a time in a register, to a sink; and
+// defines: tf::cpu::flat_block_absmax (the scale of an NF4 / INT8 block), for_each_flat_segment (an NF4 /
+//          INT8 run cut at its scale blocks), tf::cpu::simd (the 128-bit helpers the AVX-512 and AVX2
+//          decoders share), tf::cpu::avx512 block decoders of every quantized dtype (ggml blocks, NF4 /
+//          INT8 runs) that hand the dequantized values, 16 at a time in a register, to a sink; and
 //          TF_AVX512_BEGIN / TF_AVX512_END, which compile the code between them for AVX-512
 //
 // Shared by the weight-tile dequantizer (its sink stores) and quant_gemv (its sink multiplies and
@@ -28,6 +29,22 @@ inline float flat_block_absmax(const QuantScales& s, int64_t b) {
   return scaled + s.offset;
 }
 
+// Elements [i0, i1) of an NF4 / INT8 weight's flattened codes, split where scale blocks end: at(i) is
+// called with each segment's first element (to point a sink at its output), then segment(i, n,
+// absmax) with the segment's elements and its block's absmax (resolved through any double
+// quantization). The AVX-512 and AVX2 decoders take their segments from here.
+template <class At, class Segment>
+inline void for_each_flat_segment(const WeightRef& W, int64_t i0, int64_t i1, At&& at, Segment&& segment) {
+  const int64_t block = dtype_block_elems(W.dtype);
+  for (int64_t i = i0; i < i1;) {
+    const int64_t b = i / block;
+    const int64_t end = i1 < (b + 1) * block ? i1 : (b + 1) * block;
+    at(i);
+    segment(i, end - i, flat_block_absmax(W.scales, b));
+    i = end;
+  }
+}
+
 }  // namespace tf::cpu
 
 #if defined(TF_HAVE_AVX512_KERNELS)
@@ -43,13 +60,11 @@ inline float flat_block_absmax(const QuantScales& s, int64_t b) {
 #include "kernels/quant_blocks.h"
 #include "src/core/dtype.h"
 
-#define TF_AVX512_BEGIN \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,f16c,fma\")")
-#define TF_AVX512_END _Pragma("GCC pop_options")
+// What the AVX-512 and AVX2 decoders share, compiled for F16C alone so that either inlines it.
+#pragma GCC push_options
+#pragma GCC target("f16c")
 
-TF_AVX512_BEGIN
-
-namespace tf::cpu::avx512 {
+namespace tf::cpu::simd {
 
 // An f16 scale as f32. F16C quiets a signalling NaN where the reference keeps its bits, so a NaN goes
 // through the reference's conversion.
@@ -63,17 +78,35 @@ inline float f16_scale(const uint8_t* p) {
 inline __m128i load16(const uint8_t* p) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
-inline __m512i widen_u8(__m128i b) {
-  return _mm512_cvtepu8_epi32(b);
-}
-inline __m512 u8_to_ps(__m128i b) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
-}
 inline __m128i low_nibbles(__m128i b) {
   return _mm_and_si128(b, _mm_set1_epi8(0x0F));
 }
 inline __m128i high_nibbles(__m128i b) {
   return _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+}
+
+}  // namespace tf::cpu::simd
+
+#pragma GCC pop_options
+
+#define TF_AVX512_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,f16c,fma\")")
+#define TF_AVX512_END _Pragma("GCC pop_options")
+
+TF_AVX512_BEGIN
+
+namespace tf::cpu::avx512 {
+
+using simd::f16_scale;
+using simd::high_nibbles;
+using simd::load16;
+using simd::low_nibbles;
+
+inline __m512i widen_u8(__m128i b) {
+  return _mm512_cvtepu8_epi32(b);
+}
+inline __m512 u8_to_ps(__m128i b) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 
 // The 4- and 5-bit formats decode through a table of the block's 16 or 32 possible values, built
@@ -352,22 +385,16 @@ inline void int8_segment(const int8_t* codes, int64_t i, int64_t n, float absmax
   }
 }
 
-// Elements [i0, i1) of an NF4 / INT8 weight's flattened codes, split where scale blocks end: at(i)
-// is called with each segment's first element (to point the sink at its output) before the
-// segment goes to the sink.
+// Elements [i0, i1) of an NF4 / INT8 weight's flattened codes, each scale block's segment to the sink
+// (for_each_flat_segment).
 template <class Sink, class At>
 inline void flat_segments(const WeightRef& W, int64_t i0, int64_t i1, Sink& sink, At&& at) {
-  const int64_t block = dtype_block_elems(W.dtype);
-  for (int64_t i = i0; i < i1;) {
-    const int64_t b = i / block;
-    const int64_t end = i1 < (b + 1) * block ? i1 : (b + 1) * block;
-    at(i);
+  for_each_flat_segment(W, i0, i1, at, [&](int64_t i, int64_t n, float absmax) {
     if (W.dtype == DType::NF4)
-      nf4_segment(static_cast<const uint8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b), sink);
+      nf4_segment(static_cast<const uint8_t*>(W.data), i, n, absmax, sink);
     else
-      int8_segment(static_cast<const int8_t*>(W.data), i, end - i, flat_block_absmax(W.scales, b), sink);
-    i = end;
-  }
+      int8_segment(static_cast<const int8_t*>(W.data), i, n, absmax, sink);
+  });
 }
 
 }  // namespace tf::cpu::avx512

@@ -1,5 +1,7 @@
 // defines: tf::cpu::use_avx512 (whether the AVX-512 kernels of the quantized weight ops run),
-//          tf::cpu::use_avx2 (whether the AVX2 dropout mask and SwiGLU loops run),
+//          tf::cpu::use_avx2 (whether the AVX2 dropout mask, SwiGLU loops and, without AVX-512, the AVX2
+//          decoders of the quantized weight ops run), tf::cpu::ScopedAvx2Kernels (the AVX2 decoders in
+//          place of the AVX-512 ones, for tests),
 //          tf::cpu::cpu_has_avx512_bf16 (whether the CPU has the bf16 dot products of the bf16 GEMM),
 //          tf::cpu::ScopedPortableKernels (forces their portable versions, for tests and comparisons),
 //          TF_HAVE_AVX512_KERNELS (set where those kernels are compiled at all)
@@ -19,6 +21,7 @@ namespace tf::cpu {
 
 namespace detail {
 inline std::atomic<int> g_portable_forced{0};
+inline std::atomic<int> g_avx512_forced_off{0};
 }  // namespace detail
 
 // AVX-512 F, BW, VL and DQ (and the F16C / FMA every such CPU has) on this CPU.
@@ -45,19 +48,32 @@ inline bool cpu_has_avx512_bf16() {
 }
 
 inline bool use_avx512() {
-  return cpu_has_avx512() && detail::g_portable_forced.load(std::memory_order_relaxed) == 0;
+  return cpu_has_avx512() && detail::g_portable_forced.load(std::memory_order_relaxed) == 0 &&
+         detail::g_avx512_forced_off.load(std::memory_order_relaxed) == 0;
 }
 
-// AVX2 and FMA (the 256-bit integer ops of the dropout mask's Philox rounds, SwiGLU's exp_f32x8) on this
-// CPU; every AVX-512 CPU has them. Forced off with the AVX-512 kernels by ScopedPortableKernels.
+// AVX2, FMA and F16C (the 256-bit integer ops of the dropout mask's Philox rounds, SwiGLU's exp_f32x8, the
+// quantized weight ops' decoders where there is no AVX-512) on this CPU; every AVX-512 CPU has them.
+// Forced off with the AVX-512 kernels by ScopedPortableKernels.
 inline bool use_avx2() {
 #if defined(TF_HAVE_AVX512_KERNELS)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return has && detail::g_portable_forced.load(std::memory_order_relaxed) == 0;
 #else
   return false;
 #endif
 }
+
+// While one is alive, the kernels that have an AVX-512 version run their AVX2 one where they have one
+// and the CPU has AVX2, so that a test on an AVX-512 machine covers what a CPU without it runs.
+class ScopedAvx2Kernels {
+ public:
+  ScopedAvx2Kernels() { detail::g_avx512_forced_off.fetch_add(1); }
+  ~ScopedAvx2Kernels() { detail::g_avx512_forced_off.fetch_sub(1); }
+  ScopedAvx2Kernels(const ScopedAvx2Kernels&) = delete;
+  ScopedAvx2Kernels& operator=(const ScopedAvx2Kernels&) = delete;
+};
 
 // While one is alive, the kernels that have an AVX-512 version run their portable one instead, so that a
 // test on an AVX-512 machine covers both.

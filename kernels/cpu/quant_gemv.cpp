@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "kernels/cpu/avx2_blocks.h"
 #include "kernels/cpu/avx512_blocks.h"
 #include "kernels/cpu/isa.h"
 #include "src/core/error.h"
@@ -225,9 +226,77 @@ void avx512_cols(float* dx, const float* dy, const WeightRef& W, int64_t n_token
   }
 }
 
-// Kernel<D, T> names the kernel template for dtype D and T tokens.
+template <DType D, int T>
+struct RowsKernel {
+  static constexpr RowsFn fn = avx512_rows<D, T>;
+};
+template <DType D, int T>
+struct ColsKernel {
+  static constexpr ColsFn fn = avx512_cols<D, T>;
+};
+
+TF_AVX512_END
+
+TF_AVX2_BEGIN
+
+// As DotSink, eight lanes at a time; a partial NF4 / INT8 segment's elements go to a scalar sum
+// per token.
+template <int T>
+struct DotSink8 {
+  const float* x;
+  int64_t ldx;
+  __m256 acc[T][2];
+  float rest[T];
+
+  void operator()(int j, __m256 w) {
+    for (int t = 0; t < T; ++t)
+      acc[t][j & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + 8 * j), acc[t][j & 1]);
+  }
+  void one(int64_t o, float w) {
+    for (int t = 0; t < T; ++t) rest[t] += w * x[t * ldx + o];
+  }
+};
+
+inline float sum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+template <DType D, int T>
+void avx2_rows(float* y, const float* x, const WeightRef& W, int64_t n_tokens, float beta, int64_t r0,
+               int64_t r1) {
+  constexpr int64_t kElems = dtype_block_elems(D), kBytes = dtype_block_bytes(D);
+  const auto* data = static_cast<const uint8_t*>(W.data);
+  for (int64_t r = r0; r < r1; ++r) {
+    DotSink8<T> sink{x, W.cols, {}, {}};
+    for (int t = 0; t < T; ++t) sink.acc[t][0] = sink.acc[t][1] = _mm256_setzero_ps();
+    if constexpr (D == DType::NF4 || D == DType::INT8) {
+      const int64_t row_begin = r * W.cols;
+      avx2::flat_segments(W, row_begin, row_begin + W.cols, sink,
+                          [&](int64_t i) { sink.x = x + (i - row_begin); });
+    } else {
+      const uint8_t* row = data + dtype_bytes(D, r * W.cols);
+      for (int64_t b = 0; b < W.cols / kElems; ++b) {
+        sink.x = x + b * kElems;
+        avx2::decode_block<D>(row + b * kBytes, sink);
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      store(y[t * W.rows + r], sum8(_mm256_add_ps(sink.acc[t][0], sink.acc[t][1])) + sink.rest[t], beta);
+  }
+}
+
+template <DType D, int T>
+struct Avx2RowsKernel {
+  static constexpr RowsFn fn = avx2_rows<D, T>;
+};
+
+TF_AVX2_END
+
+// Kernel<D, T> names the kernel template (AVX-512 or AVX2) for dtype D and T tokens.
 template <template <DType, int> class Kernel, DType D>
-auto avx512_for_tokens(int64_t n_tokens) {
+auto for_tokens(int64_t n_tokens) {
   switch (n_tokens) {
     case 1: return Kernel<D, 1>::fn;
     case 2: return Kernel<D, 2>::fn;
@@ -240,34 +309,25 @@ auto avx512_for_tokens(int64_t n_tokens) {
   }
 }
 
-template <DType D, int T>
-struct RowsKernel {
-  static constexpr RowsFn fn = avx512_rows<D, T>;
-};
-template <DType D, int T>
-struct ColsKernel {
-  static constexpr ColsFn fn = avx512_cols<D, T>;
-};
-
+// Kernel<D, T>::fn for the weight's dtype D and n_tokens tokens.
 template <template <DType, int> class Kernel>
-auto avx512_kernel(DType dtype, int64_t n_tokens) {
+auto kernel_for_dtype(DType dtype, int64_t n_tokens) {
   switch (dtype) {
-    case DType::Q4_0: return avx512_for_tokens<Kernel, DType::Q4_0>(n_tokens);
-    case DType::Q4_1: return avx512_for_tokens<Kernel, DType::Q4_1>(n_tokens);
-    case DType::Q5_0: return avx512_for_tokens<Kernel, DType::Q5_0>(n_tokens);
-    case DType::Q5_1: return avx512_for_tokens<Kernel, DType::Q5_1>(n_tokens);
-    case DType::Q8_0: return avx512_for_tokens<Kernel, DType::Q8_0>(n_tokens);
-    case DType::Q2_K: return avx512_for_tokens<Kernel, DType::Q2_K>(n_tokens);
-    case DType::Q3_K: return avx512_for_tokens<Kernel, DType::Q3_K>(n_tokens);
-    case DType::Q4_K: return avx512_for_tokens<Kernel, DType::Q4_K>(n_tokens);
-    case DType::Q5_K: return avx512_for_tokens<Kernel, DType::Q5_K>(n_tokens);
-    case DType::Q6_K: return avx512_for_tokens<Kernel, DType::Q6_K>(n_tokens);
-    case DType::NF4: return avx512_for_tokens<Kernel, DType::NF4>(n_tokens);
-    default: return avx512_for_tokens<Kernel, DType::INT8>(n_tokens);
+    case DType::Q4_0: return for_tokens<Kernel, DType::Q4_0>(n_tokens);
+    case DType::Q4_1: return for_tokens<Kernel, DType::Q4_1>(n_tokens);
+    case DType::Q5_0: return for_tokens<Kernel, DType::Q5_0>(n_tokens);
+    case DType::Q5_1: return for_tokens<Kernel, DType::Q5_1>(n_tokens);
+    case DType::Q8_0: return for_tokens<Kernel, DType::Q8_0>(n_tokens);
+    case DType::Q2_K: return for_tokens<Kernel, DType::Q2_K>(n_tokens);
+    case DType::Q3_K: return for_tokens<Kernel, DType::Q3_K>(n_tokens);
+    case DType::Q4_K: return for_tokens<Kernel, DType::Q4_K>(n_tokens);
+    case DType::Q5_K: return for_tokens<Kernel, DType::Q5_K>(n_tokens);
+    case DType::Q6_K: return for_tokens<Kernel, DType::Q6_K>(n_tokens);
+    case DType::NF4: return for_tokens<Kernel, DType::NF4>(n_tokens);
+    default: return for_tokens<Kernel, DType::INT8>(n_tokens);
   }
 }
 
-TF_AVX512_END
 #endif  // TF_HAVE_AVX512_KERNELS
 
 // The checks both directions share; `op` names the caller.
@@ -291,7 +351,11 @@ void quant_gemv(float* y, const float* x, const WeightRef& W, int64_t n_tokens, 
   if (n_tokens == 0 || W.rows == 0) return;
   RowsFn rows = portable_rows;
 #if defined(TF_HAVE_AVX512_KERNELS)
-  if (use_avx512()) rows = avx512_kernel<RowsKernel>(W.dtype, n_tokens);
+  if (use_avx512()) {
+    rows = kernel_for_dtype<RowsKernel>(W.dtype, n_tokens);
+  } else if (use_avx2()) {
+    rows = kernel_for_dtype<Avx2RowsKernel>(W.dtype, n_tokens);
+  }
 #endif
   const int64_t tasks = (W.rows + kRowsPerTask - 1) / kRowsPerTask;
 #pragma omp parallel for schedule(static) if (W.rows * W.cols >= kMinParallelElems)
@@ -310,7 +374,7 @@ void quant_gemv_t(float* dx, const float* dy, const WeightRef& W, int64_t n_toke
   if (n_tokens == 0 || W.cols == 0) return;
   ColsFn cols = portable_cols;
 #if defined(TF_HAVE_AVX512_KERNELS)
-  if (use_avx512()) cols = avx512_kernel<ColsKernel>(W.dtype, n_tokens);
+  if (use_avx512()) cols = kernel_for_dtype<ColsKernel>(W.dtype, n_tokens);
 #endif
   // Ranges start on a row's ggml blocks. NF4 / INT8 blocks run over the flattened tensor and any
   // start works for them; multiples of 64 keep a range on whole blocks where rows hold whole blocks.

@@ -1,11 +1,12 @@
-// defines: tf::cpu::dequantize_weight_tile (any WeightRef dtype to f32, row by row in parallel; the
-//          same bits as tf::ref::dequantize_weight_tile) and tf::cpu::dequantize_weight_tile_bf16 (those
-//          values rounded to bf16)
+// defines: tf::cpu::dequantize_weight_tile (any WeightRef dtype to f32, row by row in parallel, by the
+//          AVX-512, AVX2 or portable decoders; the same bits as tf::ref::dequantize_weight_tile) and
+//          tf::cpu::dequantize_weight_tile_bf16 (those values rounded to bf16)
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
+#include "kernels/cpu/avx2_blocks.h"
 #include "kernels/cpu/avx512_blocks.h"
 #include "kernels/cpu/bf16_gemm.h"
 #include "kernels/cpu/dequant.h"
@@ -138,14 +139,66 @@ void avx512_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n
 }
 
 TF_AVX512_END
+
+TF_AVX2_BEGIN
+
+struct StoreSink8 {
+  float* dst;
+  void operator()(int j, __m256 v) const { _mm256_storeu_ps(dst + 8 * j, v); }
+  void one(int64_t o, float v) const { dst[o] = v; }
+};
+
+template <DType D>
+void avx2_blocks(float* dst, const uint8_t* src, int64_t n) {
+  constexpr int64_t kElems = dtype_block_elems(D), kBytes = dtype_block_bytes(D);
+  for (int64_t b = 0; b < n / kElems; ++b) {
+    StoreSink8 sink{dst + b * kElems};
+    avx2::decode_block<D>(src + b * kBytes, sink);
+  }
+}
+
+// The quantized dtypes by the AVX2 decoders, the element dtypes by the portable loops.
+void avx2_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n_cols) {
+  if (W.dtype == DType::NF4 || W.dtype == DType::INT8) {
+    StoreSink8 sink{dst};
+    const int64_t i0 = r * W.cols + c0;
+    return avx2::flat_segments(W, i0, i0 + n_cols, sink, [&](int64_t i) { sink.dst = dst + (i - i0); });
+  }
+  const auto* src =
+      static_cast<const uint8_t*>(W.data) + dtype_bytes(W.dtype, r * W.cols) + dtype_bytes(W.dtype, c0);
+  switch (W.dtype) {
+    case DType::Q4_0: return avx2_blocks<DType::Q4_0>(dst, src, n_cols);
+    case DType::Q4_1: return avx2_blocks<DType::Q4_1>(dst, src, n_cols);
+    case DType::Q5_0: return avx2_blocks<DType::Q5_0>(dst, src, n_cols);
+    case DType::Q5_1: return avx2_blocks<DType::Q5_1>(dst, src, n_cols);
+    case DType::Q8_0: return avx2_blocks<DType::Q8_0>(dst, src, n_cols);
+    case DType::Q2_K: return avx2_blocks<DType::Q2_K>(dst, src, n_cols);
+    case DType::Q3_K: return avx2_blocks<DType::Q3_K>(dst, src, n_cols);
+    case DType::Q4_K: return avx2_blocks<DType::Q4_K>(dst, src, n_cols);
+    case DType::Q5_K: return avx2_blocks<DType::Q5_K>(dst, src, n_cols);
+    case DType::Q6_K: return avx2_blocks<DType::Q6_K>(dst, src, n_cols);
+    default: return portable_row(dst, W, r, c0, n_cols);
+  }
+}
+
+TF_AVX2_END
 #endif  // TF_HAVE_AVX512_KERNELS
 
-// Columns [c0, c0 + n_cols) of row r as f32, by the AVX-512 decoders when `wide`.
-void decode_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n_cols, bool wide) {
+enum class Decoders { Avx512, Avx2, Portable };
+
+Decoders decoders() {
+  if (use_avx512()) return Decoders::Avx512;
+  if (use_avx2()) return Decoders::Avx2;
+  return Decoders::Portable;
+}
+
+// Columns [c0, c0 + n_cols) of row r as f32, by the decoders `d` names.
+void decode_row(float* dst, const WeightRef& W, int64_t r, int64_t c0, int64_t n_cols, Decoders d) {
 #if defined(TF_HAVE_AVX512_KERNELS)
-  if (wide) return avx512_row(dst, W, r, c0, n_cols);
+  if (d == Decoders::Avx512) return avx512_row(dst, W, r, c0, n_cols);
+  if (d == Decoders::Avx2) return avx2_row(dst, W, r, c0, n_cols);
 #endif
-  (void)wide;
+  (void)d;
   portable_row(dst, W, r, c0, n_cols);
 }
 
@@ -158,16 +211,16 @@ constexpr int64_t kBf16Run = 256;
 void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows, int64_t c0,
                             int64_t n_cols) {
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
-  const bool wide = use_avx512();
+  const Decoders how = decoders();
   // Callers that already split their rows over threads call this inside their parallel region.
   parallel_for_if(n_rows * n_cols >= kMinParallelElems && !omp_in_parallel(), n_rows,
-                  [&](int64_t r) { decode_row(dst + r * ld_dst, W, r0 + r, c0, n_cols, wide); });
+                  [&](int64_t r) { decode_row(dst + r * ld_dst, W, r0 + r, c0, n_cols, how); });
 }
 
 void dequantize_weight_tile_bf16(uint16_t* dst, int64_t ld_dst, WeightRef W, int64_t r0, int64_t n_rows,
                                  int64_t c0, int64_t n_cols) {
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
-  const bool wide = use_avx512();
+  const Decoders how = decoders();
   parallel_for_if(n_rows * n_cols >= kMinParallelElems && !omp_in_parallel(), n_rows, [&](int64_t r) {
     uint16_t* out = dst + r * ld_dst;
     if (W.dtype == DType::BF16) {
@@ -177,7 +230,7 @@ void dequantize_weight_tile_bf16(uint16_t* dst, int64_t ld_dst, WeightRef W, int
     float run[kBf16Run];
     for (int64_t c = 0; c < n_cols; c += kBf16Run) {
       const int64_t n = std::min(kBf16Run, n_cols - c);
-      decode_row(run, W, r0 + r, c0 + c, n, wide);
+      decode_row(run, W, r0 + r, c0 + c, n, how);
       round_to_bf16(out + c, run, n);
     }
   });
