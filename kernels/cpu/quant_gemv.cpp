@@ -269,8 +269,7 @@ void avx2_rows(float* y, const float* x, const WeightRef& W, int64_t n_tokens, f
   constexpr int64_t kElems = dtype_block_elems(D), kBytes = dtype_block_bytes(D);
   const auto* data = static_cast<const uint8_t*>(W.data);
   for (int64_t r = r0; r < r1; ++r) {
-    DotSink8<T> sink{x, W.cols, {}, {}};
-    for (int t = 0; t < T; ++t) sink.acc[t][0] = sink.acc[t][1] = _mm256_setzero_ps();
+    DotSink8<T> sink{x, W.cols, {}, {}};  // the sums start at zero
     if constexpr (D == DType::NF4 || D == DType::INT8) {
       const int64_t row_begin = r * W.cols;
       avx2::flat_segments(W, row_begin, row_begin + W.cols, sink,
