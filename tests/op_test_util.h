@@ -1,5 +1,5 @@
 // defines: helpers shared by op tests: seeded random data, relative norm error, central
-// finite differences in float64, bf16 rounding of test weights.
+// finite differences in float64, bf16 rounding of test weights, a scoped thread count.
 #pragma once
 
 #include <cmath>
@@ -7,10 +7,23 @@
 #include <functional>
 #include <vector>
 
+#include "kernels/ops.h"
 #include "src/core/dtype.h"
 #include "src/core/rng.h"
 
 namespace tf::test {
+
+// OpenMP's and OpenBLAS's thread count for the scope.
+class ScopedThreads {
+ public:
+  explicit ScopedThreads(int n) : saved_(cpu::num_threads()) { cpu::set_num_threads(n); }
+  ~ScopedThreads() { cpu::set_num_threads(saved_); }
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+
+ private:
+  int saved_;
+};
 
 // Deterministic uniform values in [-scale, scale).
 inline std::vector<float> random_floats(size_t n, uint64_t seed, float scale = 1.0f) {

@@ -23,17 +23,7 @@ using tf::test::random_floats;
 
 namespace {
 
-// OpenMP's and OpenBLAS's thread count for the scope.
-class Threads {
- public:
-  explicit Threads(int n) : saved_(cpu::num_threads()) { cpu::set_num_threads(n); }
-  ~Threads() { cpu::set_num_threads(saved_); }
-  Threads(const Threads&) = delete;
-  Threads& operator=(const Threads&) = delete;
-
- private:
-  int saved_;
-};
+using Threads = test::ScopedThreads;
 
 // The bytes of an op's outputs, compared whole.
 using Bytes = std::string;

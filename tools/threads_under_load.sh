@@ -14,7 +14,8 @@
 # at once).
 # Settings (environment): ROUNDS (3), LOAD (1), TIGHTFIT (build/tightfit), MODEL (the SmolLM2 Q4_1
 # GGUF), DATA (examples/sentiment/train.jsonl), SEQ (256), STEPS (4; the first is left out of the
-# rate), NEW (48 generated tokens), VARIANTS (as below: "threads|environment" entries).
+# rate), NEW (48 generated tokens), VARIANTS (as below: "threads|environment" or
+# "threads|environment|binary" entries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,12 +50,17 @@ done
 runs=$work/runs.tsv
 : > "$runs"
 
-# Runs tightfit with variant $1 ("threads|VAR=value ...") and the rest of the arguments.
+# Runs tightfit with variant $1 ("threads|VAR=value ...", or "threads|VAR=value ...|binary" to run
+# another build than TIGHTFIT, e.g. one before a change) and the rest of the arguments.
 run_variant() {
-  local threads=${1%%|*} setting=${1#*|}
+  local threads=${1%%|*} setting=${1#*|} binary=$tf
+  if [[ $setting == *"|"* ]]; then
+    binary=${setting#*|}
+    setting=${setting%%|*}
+  fi
   shift
   # shellcheck disable=SC2086
-  env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT OMP_NUM_THREADS="$threads" $setting "$tf" "$@" --threads "$threads"
+  env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT OMP_NUM_THREADS="$threads" $setting "$binary" "$@" --threads "$threads"
 }
 
 echo "load: $load busy processes; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -89,8 +95,9 @@ variants = list(dict.fromkeys(v for _, v, _, _ in rows))
 by = {(r, v): (float(t), float(g)) for r, v, t, g in rows}
 rounds = sorted({r for r, _, _, _ in rows}, key=int)
 def name(v):
-    threads, setting = v.split("|", 1)
-    return f"{threads} thread{'s' if threads != '1' else ''}, {setting or 'environment as is'}"
+    threads, setting, *binary = v.split("|", 2)
+    built = f", {binary[0]}" if binary else ""
+    return f"{threads} thread{'s' if threads != '1' else ''}, {setting or 'environment as is'}{built}"
 print("\n| variant | fine-tune tokens/s (median) | ratio to the first, per round | "
       "generate tokens/s (median) | ratio to the first, per round |")
 print("|---|---|---|---|---|")

@@ -29,6 +29,7 @@
 #include "kernels/cpu/ref/attention.h"
 #include "kernels/ops.h"
 #include "src/core/alloc.h"
+#include "src/core/pool.h"
 
 namespace tf::cpu {
 
@@ -626,8 +627,7 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
   // Kt [D][kBlockK], S [rows][kBlockK], then the online softmax state of the rows.
   const size_t scratch_size = size_t(D * kBlockK + max_rows * kBlockK) + OnlineSoftmax::floats(max_rows, D);
 
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < n_tasks; ++task) {
+  pool_for(n_tasks, [&](int64_t task) {
     const int64_t kvh = task / (n_slices * n_qb), slice = task / n_qb % n_slices, qb = task % n_qb;
     const int64_t h0 = kvh * group + slice * heads_per_task;
     const int64_t nh = std::min(heads_per_task, (kvh + 1) * group - h0);
@@ -682,7 +682,7 @@ void attention_cached_forward(float* out, const float* q, const float* k_cache, 
     for (int64_t r = 0; r < rows; ++r) {
       acc.store(r, out + ((q0 + r % nq) * H + h0 + r / nq) * D);
     }
-  }
+  });
 }
 
 }  // namespace tf::cpu

@@ -9,6 +9,7 @@
 #include "kernels/cpu/isa.h"
 #include "src/core/error.h"
 #include "src/core/parallel.h"
+#include "src/core/pool.h"
 
 namespace tf::cpu {
 namespace {
@@ -357,10 +358,14 @@ void quant_gemv(float* y, const float* x, const WeightRef& W, int64_t n_tokens, 
   }
 #endif
   const int64_t tasks = (W.rows + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel for schedule(static) if (W.rows * W.cols >= kMinParallelElems)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t r0 = task * kRowsPerTask;
+  const auto task = [&](int64_t t) {
+    const int64_t r0 = t * kRowsPerTask;
     rows(y, x, W, n_tokens, beta, r0, std::min(W.rows, r0 + kRowsPerTask));
+  };
+  if (W.rows * W.cols >= kMinParallelElems) {
+    pool_for(tasks, task);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
   }
 }
 
@@ -384,13 +389,17 @@ void quant_gemv_t(float* dx, const float* dy, const WeightRef& W, int64_t n_toke
   const int64_t fits = std::max(align, kAccumFloats / n_tokens / align * align);
   const int64_t width = parallel ? std::min(fits, per_thread) : fits;
   const int64_t tasks = (W.cols + width - 1) / width;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t c0 = task * width, c1 = std::min(W.cols, c0 + width);
+  const auto task = [&](int64_t i) {
+    const int64_t c0 = i * width, c1 = std::min(W.cols, c0 + width);
     for (int64_t t = 0; t < n_tokens; ++t)
       for (float* p = dx + t * W.cols + c0; p < dx + t * W.cols + c1; ++p)
         *p = beta == 0.0f ? 0.0f : beta * *p;
     cols(dx, dy, W, n_tokens, c0, c1);
+  };
+  if (parallel) {
+    pool_for(tasks, task);
+  } else {
+    for (int64_t i = 0; i < tasks; ++i) task(i);
   }
 }
 

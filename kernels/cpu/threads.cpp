@@ -13,6 +13,7 @@
 
 #include "kernels/ops.h"
 #include "src/core/error.h"
+#include "src/core/pool.h"
 
 namespace tf::cpu {
 
@@ -35,7 +36,9 @@ void apply_default_wait_policy(char** argv) {
   unsetenv(kDefaultMarker);
 }
 
-std::string wait_policy() {
+namespace {
+
+std::string openmp_wait_policy() {
   const char* policy = std::getenv("OMP_WAIT_POLICY");
   const char* marker = std::getenv(kDefaultMarker);
   if (policy && marker && std::strcmp(policy, marker) == 0 && !std::getenv("GOMP_SPINCOUNT"))
@@ -49,6 +52,15 @@ std::string wait_policy() {
   if (g_exec_error)
     why += std::string(" (tightfit could not set its own: ") + std::strerror(g_exec_error) + ")";
   return why;
+}
+
+}  // namespace
+
+std::string wait_policy() {
+  return openmp_wait_policy() +
+         "; decoding's few-token products and cached attention run on tightfit's pool, " +
+         "whose threads check for work " + std::to_string(kPoolSpinMicros) +
+         " us before they sleep and join a call only where a CPU is free";
 }
 
 // OpenMP (our loops) and OpenBLAS (its own thread pool) are set together: they never run at the

@@ -22,7 +22,8 @@ inline constexpr const char* kDefaultWaitPolicy = "passive";
 void apply_default_wait_policy(char** argv);
 
 // How idle OpenMP threads wait in this process and who chose it (tightfit's default or the
-// environment), as a line for a run's log.
+// environment), and how the pool of decoding's loops (src/core/pool.h) waits, as a line for a
+// run's log.
 std::string wait_policy();
 
 }  // namespace tf::cpu

@@ -1,7 +1,6 @@
 // defines: tf::cpu::dequantize_weight_tile (any WeightRef dtype to f32, row by row in parallel, by the
 //          AVX-512, AVX2 or portable decoders; the same bits as tf::ref::dequantize_weight_tile) and
 //          tf::cpu::dequantize_weight_tile_bf16 (those values rounded to bf16)
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -13,6 +12,7 @@
 #include "kernels/ops.h"
 #include "src/core/error.h"
 #include "src/core/parallel.h"
+#include "src/core/pool.h"
 
 namespace tf::cpu {
 namespace {
@@ -213,7 +213,7 @@ void dequantize_weight_tile(float* dst, int64_t ld_dst, WeightRef W, int64_t r0,
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
   const Decoders how = decoders();
   // Callers that already split their rows over threads call this inside their parallel region.
-  parallel_for_if(n_rows * n_cols >= kMinParallelElems && !omp_in_parallel(), n_rows,
+  parallel_for_if(n_rows * n_cols >= kMinParallelElems && !in_parallel_work(), n_rows,
                   [&](int64_t r) { decode_row(dst + r * ld_dst, W, r0 + r, c0, n_cols, how); });
 }
 
@@ -221,7 +221,7 @@ void dequantize_weight_tile_bf16(uint16_t* dst, int64_t ld_dst, WeightRef W, int
                                  int64_t c0, int64_t n_cols) {
   check_tile(W, ld_dst, r0, n_rows, c0, n_cols);
   const Decoders how = decoders();
-  parallel_for_if(n_rows * n_cols >= kMinParallelElems && !omp_in_parallel(), n_rows, [&](int64_t r) {
+  parallel_for_if(n_rows * n_cols >= kMinParallelElems && !in_parallel_work(), n_rows, [&](int64_t r) {
     uint16_t* out = dst + r * ld_dst;
     if (W.dtype == DType::BF16) {
       std::memcpy(out, static_cast<const uint16_t*>(W.data) + (r0 + r) * W.cols + c0, size_t(n_cols) * 2);
