@@ -106,7 +106,12 @@ class Pool {
       const uint32_t seen = wake_.load(std::memory_order_relaxed);
       workers_.emplace_back([this, index, seen] { worker(index, seen); });
     }
-    per_claim_ = (n_tasks + int64_t(kPoolMaxClaims) - 1) / int64_t(kPoolMaxClaims);
+    // About kPoolClaimsPerThread claims for each thread taking part: each claim is a compare-and-swap
+    // on a line all of them share, which thousands of short tasks (an lm_head's rows) would pay
+    // for more than the balance they buy.
+    per_claim_ = std::max((n_tasks + int64_t(kPoolMaxClaims) - 1) / int64_t(kPoolMaxClaims),
+                          n_tasks / (kPoolClaimsPerThread * (helpers + 1)));
+    per_claim_ = std::max<int64_t>(per_claim_, 1);
     const int32_t claims = int32_t((n_tasks + per_claim_ - 1) / per_claim_);
     task_ = task;
     body_ = body;

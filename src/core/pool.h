@@ -16,8 +16,9 @@ namespace tf {
 // loaded machine. See docs/DESIGN.md, "Threads".
 constexpr int64_t kPoolSpinMicros = 50;
 
-// The most tasks one call hands out one at a time; a call with more gives each claim a run of
-// consecutive tasks.
+// A call hands out its tasks in claims, runs of consecutive tasks: about this many for each thread
+// that takes part, and never more than kPoolMaxClaims.
+constexpr int64_t kPoolClaimsPerThread = 8;
 constexpr int64_t kPoolMaxClaims = (int64_t(1) << 20) - 1;
 
 // How often a call reads the machine's count of runnable threads (/proc/loadavg) to size itself.
@@ -41,11 +42,11 @@ void set_pool_sized_by_load(bool on);
 // body(i) for every i in [0, n_tasks), on the calling thread and up to omp_get_max_threads() - 1
 // pool threads, fewer where other programs keep the CPUs busy (detail::free_cpus, sampled every
 // kPoolLoadSampleMicros): a thread more than the free CPUs would share a CPU with the caller and
-// slow its serial work more than it helps. Tasks are claimed one at a time from a shared counter,
-// so the caller never waits for a thread that has not started: where the other threads are
-// descheduled the caller runs every task itself. It waits only for tasks already taken, briefly
-// awake and then asleep. The calling thread runs the loop alone (in order) where it is
-// inside an OpenMP region or a pool task, where another thread's call is running, or for a single
+// slow its serial work more than it helps. Tasks are claimed a run at a time from a shared counter
+// (about kPoolClaimsPerThread runs per thread), so the caller never waits for a thread that has not
+// started: where the other threads are descheduled the caller runs every run itself. It waits only
+// for runs already taken, briefly awake and then asleep. The calling thread runs the loop alone (in order)
+// where it is inside an OpenMP region or a pool task, where another thread's call is running, or for a single
 // thread. A body's exception reaches the caller after every task taken has ended (the first one
 // thrown; the tasks not yet taken are skipped). The body must not enter OpenMP regions (a team
 // started from a pool thread is a second set of threads): check in_parallel_work().
