@@ -5,7 +5,6 @@
 
 #include <cstdint>
 #include <type_traits>
-#include <utility>
 
 namespace tf {
 
@@ -13,7 +12,7 @@ namespace tf {
 // microseconds. A decoding step calls the pool about 250 times a token with a few microseconds
 // between calls, which a thread that slept at once would pay a wake-up for each time; a thread
 // that spun on (libgomp's active policy) would take the core from the thread it waits for on a
-// loaded machine. See docs/DESIGN.md, "Threads".
+// loaded machine. See docs/DESIGN.md, section 4 (Numerics and determinism), on threads.
 constexpr int64_t kPoolSpinMicros = 50;
 
 // A call hands out its tasks in claims, runs of consecutive tasks: about this many for each thread
@@ -43,13 +42,14 @@ void set_pool_sized_by_load(bool on);
 // pool threads, fewer where other programs keep the CPUs busy (detail::free_cpus, sampled every
 // kPoolLoadSampleMicros): a thread more than the free CPUs would share a CPU with the caller and
 // slow its serial work more than it helps. Tasks are claimed a run at a time from a shared counter
-// (about kPoolClaimsPerThread runs per thread), so the caller never waits for a thread that has not
-// started: where the other threads are descheduled the caller runs every run itself. It waits only
-// for runs already taken, briefly awake and then asleep. The calling thread runs the loop alone (in order)
-// where it is inside an OpenMP region or a pool task, where another thread's call is running, or for a single
-// thread. A body's exception reaches the caller after every task taken has ended (the first one
-// thrown; the tasks not yet taken are skipped). The body must not enter OpenMP regions (a team
-// started from a pool thread is a second set of threads): check in_parallel_work().
+// (about kPoolClaimsPerThread runs per thread), so the caller never waits for a thread that has
+// not started: where the other threads are descheduled the caller runs every run itself. It waits
+// only for runs already taken, briefly awake and then asleep. The calling thread runs the loop
+// alone (in order) where it is inside an OpenMP region or a pool task, where another thread's call
+// is running, or for a single thread. A body's exception reaches the caller after every run taken
+// has ended (the first one thrown; the runs not yet taken are skipped). The body must not enter
+// OpenMP regions (a team started from a pool thread is a second set of threads): check
+// in_parallel_work().
 template <typename Body>
 void pool_for(int64_t n_tasks, Body&& body) {
   using B = std::remove_reference_t<Body>;
